@@ -1,0 +1,99 @@
+"""The resolved spec: what the loader produces and every later stage reads.
+
+A resolved spec has every key filled in (presets, `extends` and defaults applied) but tile sizes may
+still be `auto`; `dit_compiler.tiling` turns them into integers when the graph is built.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Union
+
+Flavor = Literal["dit", "diffusers"]
+TileSize = Union[int, Literal["auto"]]
+
+#: The tiled axes of a DiT graph, in the order they are documented. The head dimension is never tiled.
+TILE_AXES: tuple[str, ...] = (
+    "batch",      # images in a batch
+    "tokens",     # patches per image, T = (input_size / patch_size)^2
+    "hidden",     # hidden_size
+    "mlp",        # MLP inner size, hidden_size * mlp_ratio
+    "heads",      # attention heads
+    "patch_dim",  # one input patch, in_channels * patch_size^2
+    "out_dim",    # one output patch, out_channels * patch_size^2
+    "frequency",  # sinusoidal timestep features, frequency_embedding_size
+)
+
+PRECISIONS: tuple[str, ...] = ("fp32",)  # tf32 and bf16 are planned; the schema lists only what works
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture hyper-parameters; names and defaults follow facebookresearch/DiT's `DiT` class."""
+
+    input_size: int = 32
+    in_channels: int = 4
+    patch_size: int = 2
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True
+    frequency_embedding_size: int = 256
+    norm_eps: float = 1e-6
+    flavor: Flavor = "dit"
+
+
+@dataclass(frozen=True)
+class TilingSpec:
+    """Tile size of every tiled axis: an integer (edge tiles may be smaller) or `auto`."""
+
+    batch: TileSize = "auto"
+    tokens: TileSize = "auto"
+    hidden: TileSize = "auto"
+    mlp: TileSize = "auto"
+    heads: TileSize = "auto"
+    patch_dim: TileSize = "auto"
+    out_dim: TileSize = "auto"
+    frequency: TileSize = "auto"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A complete, validated spec."""
+
+    name: str
+    source: str
+    model: ModelSpec = field(default_factory=ModelSpec)
+    batch: int = 1
+    tiling: TilingSpec = field(default_factory=TilingSpec)
+    precision: str = "fp32"
+
+    def to_dict(self) -> dict:
+        """The spec as plain data, in the key order of the spec language (source left out)."""
+        return {
+            "name": self.name,
+            "model": asdict(self.model),
+            "batch": self.batch,
+            "tiling": asdict(self.tiling),
+            "precision": self.precision,
+        }
+
+
+#: diffusers' default LayerNorm eps; flavor `diffusers` uses it for the MLP-branch norm unless set.
+DIFFUSERS_NORM_EPS = 1e-5
+
+
+def _preset(depth: int, hidden: int, heads: int, patch: int) -> dict:
+    return {"depth": depth, "hidden_size": hidden, "num_heads": heads, "patch_size": patch}
+
+
+#: The paper's 12 models (Table 1 and 4): model keys a `preset:` line fills in.
+PRESETS: dict[str, dict] = {
+    f"DiT-{size}/{patch}": _preset(depth, hidden, heads, patch)
+    for size, (depth, hidden, heads) in {
+        "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16),
+    }.items()
+    for patch in (2, 4, 8)
+}

@@ -1,0 +1,90 @@
+"""Tile sizes: the size of every tiled axis and the `auto` rule.
+
+Tiling is per axis, not per tensor: every tensor dimension names an axis, and every tensor that has
+that axis uses its one tile size. This makes NNTile's rules hold by construction (element-wise ops
+see identical tiles, slice ops see the big tensor's tiles less the broadcast axis, gemm sees matching
+tiles on contracted and batch axes); `Graph.lint` checks them again op by op.
+
+The `auto` rule (documented in the README): an axis is split into the fewest tiles `n >= n_min`
+whose size `ceil(size / n)` is at most the axis' cap, preferring an `n` that divides the axis evenly
+when one exists with at most twice the tiles. Caps keep a tile of the largest tensors (the MLP
+activations `[mlp, tokens, batch]`, the attention scores `[tokens, tokens, batch, heads]`) within
+about 4 MiB of fp32, the size at which NNTile's CPU kernels reached torch's GEMM speed on DiT-S/2
+layers; `n_min = 2` on the feature axes gives both StarPU workers of a 2-core machine a tile each.
+Heads are split into tiles that divide the head count.
+"""
+from __future__ import annotations
+
+import math
+
+from dit_compiler.spec.model import TILE_AXES, ModelSpec, TilingSpec
+
+#: (cap, n_min) of the `auto` rule per axis; an axis without an entry stays whole.
+AUTO_RULE: dict[str, tuple[int, int]] = {
+    "batch": (4, 1),
+    "tokens": (128, 1),
+    "hidden": (512, 2),
+    "mlp": (1024, 2),
+}
+
+
+def out_channels(model: ModelSpec) -> int:
+    """Output channels: noise and variance when sigma is learned."""
+    return model.in_channels * 2 if model.learn_sigma else model.in_channels
+
+
+def axis_sizes(model: ModelSpec, batch: int) -> dict[str, int]:
+    """The size of every tiled axis for a model compiled at `batch`."""
+    grid = model.input_size // model.patch_size
+    return {
+        "batch": batch,
+        "tokens": grid * grid,
+        "hidden": model.hidden_size,
+        "mlp": int(model.hidden_size * model.mlp_ratio),
+        "heads": model.num_heads,
+        "patch_dim": model.in_channels * model.patch_size ** 2,
+        "out_dim": out_channels(model) * model.patch_size ** 2,
+        "frequency": model.frequency_embedding_size,
+    }
+
+
+def auto_tile(axis: str, size: int) -> int:
+    """The tile size `auto` picks for `axis` of length `size`."""
+    if axis == "heads":
+        # Largest proper divisor of the head count (at least two head tiles when possible).
+        return max([d for d in range(1, size) if size % d == 0] or [size])
+    if axis not in AUTO_RULE:
+        return size
+    cap, n_min = AUTO_RULE[axis]
+    n = max(n_min, math.ceil(size / cap))
+    n = min(n, size)
+    for even in range(n, min(2 * n, size) + 1):
+        if size % even == 0:
+            return size // even
+    return math.ceil(size / n)
+
+
+def resolve_tiles(model: ModelSpec, batch: int, tiling: TilingSpec) -> dict[str, int]:
+    """Integer tile size of every axis; `auto` replaced by the rule above."""
+    sizes = axis_sizes(model, batch)
+    tiles = {}
+    for axis in TILE_AXES:
+        value = getattr(tiling, axis)
+        tiles[axis] = auto_tile(axis, sizes[axis]) if value == "auto" else int(value)
+    return tiles
+
+
+def tile_problems(model: ModelSpec, batch: int, tiling: TilingSpec) -> list[tuple[str, object, str]]:
+    """Tile sizes NNTile cannot run, as (axis, bad value, what is allowed). Assumes a valid model."""
+    sizes = axis_sizes(model, batch)
+    problems = []
+    for axis in TILE_AXES:
+        value = getattr(tiling, axis)
+        if value == "auto":
+            continue
+        if not 1 <= value <= sizes[axis]:
+            problems.append((axis, value, f"an integer from 1 to the axis size {sizes[axis]}, or auto"))
+        elif axis == "heads" and sizes[axis] % value:
+            divisors = [d for d in range(1, sizes[axis] + 1) if sizes[axis] % d == 0]
+            problems.append((axis, value, f"a divisor of num_heads={sizes[axis]}: {divisors}, or auto"))
+    return problems

@@ -1,0 +1,25 @@
+"""Shared fixtures. NNTile tests skip, saying why, where `import nntile` fails."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SPECS = ROOT / "specs"
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("STARPU_SILENT", "1")
+
+
+def _nntile_problem() -> str | None:
+    try:
+        import nntile  # noqa: F401
+    except Exception as error:  # a missing or broken build
+        return f"NNTile is not importable here ({type(error).__name__}: {error}); see README, 'NNTile'"
+    return None
+
+
+NNTILE_PROBLEM = _nntile_problem()
+needs_nntile = pytest.mark.skipif(NNTILE_PROBLEM is not None, reason=NNTILE_PROBLEM or "")

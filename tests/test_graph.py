@@ -1,0 +1,92 @@
+"""The operation graph: the paper's cost table, tiling rules and the `auto` rule."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from dit_compiler.graph.cost import totals
+from dit_compiler.lower import lower
+from dit_compiler.spec.model import PRESETS, ModelSpec, Spec, TilingSpec
+from dit_compiler.tiling import AUTO_RULE, axis_sizes, resolve_tiles
+
+# DiT paper, Table 4: forward GFlops at batch 1 and trainable parameters (millions, pos-embed excluded).
+PAPER_GFLOPS = {
+    "DiT-S/8": 0.36, "DiT-S/4": 1.41, "DiT-S/2": 6.06,
+    "DiT-B/8": 1.42, "DiT-B/4": 5.56, "DiT-B/2": 23.01,
+    "DiT-L/8": 5.01, "DiT-L/4": 19.70, "DiT-L/2": 80.71,
+    "DiT-XL/8": 7.39, "DiT-XL/4": 29.05, "DiT-XL/2": 118.64,
+}
+PAPER_PARAMS_M = {"DiT-S/2": 32.87, "DiT-B/2": 130.32, "DiT-L/2": 457.84, "DiT-XL/2": 674.83}
+
+
+def preset_spec(name: str, batch: int = 1, **model) -> Spec:
+    return Spec(name="p", source="p.yaml", model=ModelSpec(**(PRESETS[name] | model)), batch=batch)
+
+
+@pytest.mark.parametrize("preset", sorted(PAPER_GFLOPS))
+def test_forward_macs_reproduce_paper_table(preset):
+    assert totals(lower(preset_spec(preset))).forward_macs / 1e9 == pytest.approx(PAPER_GFLOPS[preset], abs=0.03)
+
+
+@pytest.mark.parametrize("preset", sorted(PAPER_PARAMS_M))
+def test_parameter_counts_reproduce_paper(preset):
+    assert totals(lower(preset_spec(preset))).params / 1e6 == pytest.approx(PAPER_PARAMS_M[preset], abs=0.01)
+
+
+def test_diffusers_flavor_has_per_block_embedders():
+    dit = totals(lower(preset_spec("DiT-S/2"))).params
+    hf = totals(lower(preset_spec("DiT-S/2", flavor="diffusers"))).params
+    assert hf / 1e6 == pytest.approx(39.8, abs=0.1) and hf > dit
+
+
+def test_every_tensor_tile_follows_its_axes():
+    graph = lower(preset_spec("DiT-S/2", batch=8))
+    for t in graph.tensors.values():
+        assert t.tile == tuple(graph.axes[d].tile for d in t.dims), t.name
+
+
+def test_lint_rejects_a_mismatched_tile():
+    graph = lower(preset_spec("DiT-S/2", batch=8))
+    name = "blocks.0.mod_msa"
+    graph.tensors[name] = dataclasses.replace(graph.tensors[name], tile=(96, 128, 4))
+    with pytest.raises(ValueError, match="blocks.0.mod_msa"):
+        graph.lint()
+
+
+def test_lint_rejects_use_before_definition():
+    graph = lower(preset_spec("DiT-S/8"))
+    graph.nodes.insert(0, graph.nodes.pop(5))
+    with pytest.raises(ValueError, match="before it is produced"):
+        graph.lint()
+
+
+def test_graph_marks_host_ops_and_is_json():
+    graph = lower(preset_spec("DiT-S/8"))
+    data = json.loads(graph.to_json())
+    host = {n["op"] for n in data["nodes"] if n["host"]}
+    assert host == {"patchify", "timestep_sinusoid", "unpatchify"}
+    assert len(data["nodes"]) == len(graph.nodes)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("batch", [1, 8])
+def test_auto_tiling_is_legal_and_bounded(preset, batch):
+    model = ModelSpec(**PRESETS[preset])
+    sizes = axis_sizes(model, batch)
+    tiles = resolve_tiles(model, batch, TilingSpec())
+    assert model.num_heads % tiles["heads"] == 0
+    for axis, (cap, n_min) in AUTO_RULE.items():
+        assert 1 <= tiles[axis] <= min(cap, sizes[axis])
+        assert -(-sizes[axis] // tiles[axis]) >= min(n_min, sizes[axis])
+    lower(Spec(name="p", source="p.yaml", model=model, batch=batch)).lint()
+
+
+def test_ragged_tiles_are_kept():
+    spec = Spec(name="t", source="t.yaml", model=ModelSpec(input_size=8, hidden_size=64, depth=1, num_heads=4),
+                batch=3, tiling=TilingSpec(batch=2, tokens=6, hidden=24, mlp=96, heads=2))
+    graph = lower(spec)
+    assert graph.tensors["blocks.0.fc1"].shape == (256, 16, 3)
+    assert graph.tensors["blocks.0.fc1"].tile == (96, 6, 2)
+    assert graph.axes["hidden"].ntiles == 3
