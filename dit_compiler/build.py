@@ -1,0 +1,65 @@
+"""`ditc build`: spec -> graph -> every emitter -> `generated/<name>/`, atomically and deterministically."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from dit_compiler import __version__
+from dit_compiler.emit.env import spec_digest
+from dit_compiler.emit.nntile_emitter import emit_nntile
+from dit_compiler.emit.torch_emitter import emit_torch
+from dit_compiler.graph.ir import Graph
+from dit_compiler.lower import lower
+from dit_compiler.spec.model import Spec
+
+TORCH_FILE = "torch_reference.py"
+NNTILE_FILE = "nntile_model.py"
+GRAPH_FILE = "graph.json"
+SPEC_FILE = "spec.resolved.yaml"
+
+
+@dataclass(frozen=True)
+class Build:
+    graph: Graph
+    files: dict[str, str]   # file name -> text
+
+
+def compile_spec(spec: Spec) -> Build:
+    """Run every stage in memory; nothing touches the disk."""
+    graph = lower(spec)
+    resolved = (f"# Resolved spec \"{spec.name}\" ({Path(spec.source).name}), written by ditc {__version__}; "
+                f"sha256 {spec_digest(graph)}.\n"
+                + yaml.safe_dump(spec.to_dict(), sort_keys=False, default_flow_style=False))
+    return Build(graph, {
+        TORCH_FILE: emit_torch(graph),
+        NNTILE_FILE: emit_nntile(graph),
+        GRAPH_FILE: graph.to_json(),
+        SPEC_FILE: resolved,
+    })
+
+
+def write_build(build: Build, out_root: str | os.PathLike) -> Path:
+    """Write `out_root/<name>/` atomically: a failed write leaves the previous build untouched."""
+    root = Path(out_root)
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / build.graph.spec.name
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+    try:
+        for name, text in sorted(build.files.items()):
+            (staging / name).write_text(text, encoding="utf-8")
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=root))
+            os.replace(target, old / target.name)
+            os.replace(staging, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return target

@@ -1,0 +1,73 @@
+"""NNTile emitter: graph -> an executable NNTile 1.1.0 model (`nntile_model.py`).
+
+Everything specific to NNTile 1.1.0 lives here and in `templates/nntile/`: a second target (NNTile
+main) is another emitter beside this one, reading the same graph.
+"""
+from __future__ import annotations
+
+from dit_compiler.emit.env import header, render
+from dit_compiler.graph.ir import Graph, Node
+
+NNTILE_VERSION = "1.1.0"
+
+#: Host op -> the line of `Model.forward` that feeds NNTile from it.
+_HOST_INPUT = {
+    "patchify": 'self.set_value("{out}", patchify(x))',
+    "timestep_sinusoid": 'self.set_value("{out}", timestep_sinusoid(t))',
+}
+
+
+def _kind(graph: Graph, name: str) -> str:
+    t = graph.tensors[name]
+    return "labels" if t.dtype == "int64" else t.role
+
+
+def _call_args(node: Node) -> str:
+    """Positional names then keyword attributes, in the order of the template's op methods."""
+    names = [f'"{n}"' for n in node.inputs + node.outputs]
+    if node.op == "attention":
+        names = names + [f"heads={node.attrs['heads']}"]
+    else:
+        names += [f"{key}={value!r}" for key, value in node.attrs.items()]
+    return ", ".join(names)
+
+
+def nntile_context(graph: Graph) -> dict:
+    host_nodes = [n for n in graph.nodes if n.host]
+    device_nodes = [n for n in graph.nodes if not n.host]
+    host_tensors = {n.inputs[0] for n in host_nodes if n.op != "unpatchify"} | set(graph.outputs)
+    nntile_tensors = [t for t in graph.tensors.values() if t.name not in host_tensors]
+    label_inputs = [t.name for t in graph.tensors.values() if t.role == "input" and t.dtype == "int64"]
+    unpatch = next(n for n in host_nodes if n.op == "unpatchify")
+    patch = next(n for n in host_nodes if n.op == "patchify")
+    ax, a = graph.axes, graph.attrs
+    forward_host = [_HOST_INPUT[n.op].format(out=n.outputs[0]) for n in host_nodes if n.op in _HOST_INPUT]
+    forward_host += [f'self.set_labels("{name}", {name})' for name in label_inputs]
+    return {
+        "header": header(graph, f"NNTile {NNTILE_VERSION} model"),
+        "nntile_version": NNTILE_VERSION,
+        "flavor": a["flavor"],
+        "patch_size": a["patch_size"],
+        "grid": ax["height"].size // a["patch_size"],
+        "out_channels": ax["out_channels"].size,
+        "hidden": ax["hidden"].size,
+        "frequency": ax["frequency"].size,
+        "frequency_shift": a["frequency_shift"],
+        "max_period": a["max_period"],
+        "host_nodes": host_nodes,
+        "tensors": [{"name": t.name, "shape": t.shape, "tile": t.tile, "kind": _kind(graph, t.name)}
+                    for t in nntile_tensors],
+        "params": [{"name": p.name, "key": p.source.key, "rows": p.source.rows, "layout": p.source.layout}
+                   for p in graph.params],
+        "consts": [t.name for t in graph.tensors.values() if t.role == "const"],
+        "nodes": [{"op": n.op, "args": _call_args(n),
+                   "comment": f"{n.name} = {n.op}({', '.join(n.inputs)}) [{n.component}]"} for n in device_nodes],
+        "forward_host": forward_host,
+        "output_host": f'unpatchify(self.value("{unpatch.inputs[0]}"))',
+        "backward_seed": f'self.set_grad("{unpatch.inputs[0]}", unpatchify_grad(grad_out))',
+        "input_grad": f'patchify_grad(self.grad("{patch.outputs[0]}"))',
+    }
+
+
+def emit_nntile(graph: Graph) -> str:
+    return render("nntile/model.py.j2", **nntile_context(graph))

@@ -1,0 +1,73 @@
+"""What every runner shares: loading generated modules, seeded weights and inputs, the error metric."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dit_compiler.graph.ir import Graph
+
+
+def load_module(path: str | Path, name: str | None = None) -> types.ModuleType:
+    """Import a generated file under a unique module name (several builds can live in one process)."""
+    path = Path(path).resolve()
+    name = name or f"ditc_generated_{abs(hash(str(path)))}_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def rel_error(actual, expected) -> float:
+    """Norm-wise relative error ||a - b|| / ||b|| (NNTile's layer tests use the same metric)."""
+    a = np.asarray(actual, dtype=np.float64).ravel()
+    b = np.asarray(expected, dtype=np.float64).ravel()
+    denominator = np.linalg.norm(b)
+    return float(np.linalg.norm(a - b) / denominator) if denominator > 0 else float(np.linalg.norm(a))
+
+
+def group_error(pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Relative error of several tensors taken as one vector."""
+    if not pairs:
+        return float("nan")
+    return rel_error(np.concatenate([np.ravel(a) for a, _ in pairs]), np.concatenate([np.ravel(b) for _, b in pairs]))
+
+
+@torch.no_grad()
+def randomize_(module: torch.nn.Module, seed: int) -> None:
+    """Give every trainable weight a random value (DiT zero-initialises adaLN and the output layer, so its
+    default output is exactly zero and proves nothing). Matrices get std 1/sqrt(fan_in), vectors std 0.5."""
+    generator = torch.Generator().manual_seed(seed)
+    for _, param in sorted(module.named_parameters()):
+        if not param.requires_grad:
+            continue
+        std = 1.0 / np.sqrt(np.prod(param.shape[1:])) if param.dim() > 1 else 0.5
+        param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    x: torch.Tensor          # latent [N, C, H, W]
+    t: torch.Tensor          # timesteps [N], float
+    y: torch.Tensor          # labels [N], int64, the null class included
+    grad_out: torch.Tensor   # output gradient [N, C_out, H, W]
+
+
+def make_inputs(graph: Graph, seed: int) -> Inputs:
+    """Seeded random inputs at the graph's batch and image shape."""
+    g = torch.Generator().manual_seed(seed + 1)
+    x_shape = graph.tensors[graph.inputs[0]].shape
+    out_shape = graph.tensors[graph.outputs[0]].shape
+    n = x_shape[0]
+    return Inputs(
+        x=torch.randn(x_shape, generator=g),
+        t=torch.randint(0, 1000, (n,), generator=g).float(),
+        y=torch.randint(0, graph.attrs["null_class"] + 1, (n,), generator=g),
+        grad_out=torch.randn(out_shape, generator=g),
+    )
