@@ -1,0 +1,175 @@
+"""The `ditc` command line: a thin layer over the pipeline's stages. Exit codes: 0 ok, 1 check failed,
+2 bad input (a spec or usage error, printed without a traceback)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from dit_compiler import __version__
+from dit_compiler.errors import SpecError, UsageError
+
+DEFAULT_OUT = "generated"
+
+
+def _spec_and_dir(target: str, out_root: str):
+    """A spec file, or a generated build folder (its spec.resolved.yaml), -> (spec, build folder or None)."""
+    from dit_compiler.build import SPEC_FILE
+    from dit_compiler.spec import load_spec
+
+    path = Path(target)
+    if path.is_dir():
+        if not (path / SPEC_FILE).is_file():
+            raise UsageError(f"{target}: a folder, but not a ditc build (no {SPEC_FILE}); run `ditc build SPEC` first")
+        return load_spec(path / SPEC_FILE), path
+    if not path.exists():
+        raise UsageError(f"{target}: no such spec file or build folder")
+    return load_spec(path), None
+
+
+def cmd_validate(args) -> int:
+    from dit_compiler.spec import load_spec
+
+    failed = False
+    for target in args.specs:
+        try:
+            spec = load_spec(target)
+            print(f"{target}: ok ({spec.name})")
+        except SpecError as error:
+            failed = True
+            for diagnostic in error.diagnostics:
+                print(diagnostic, file=sys.stderr)
+    return 2 if failed else 0
+
+
+def cmd_schema(args) -> int:
+    from dit_compiler.spec import schema_text
+
+    sys.stdout.write(schema_text())
+    return 0
+
+
+def build_one(spec, out_root: str) -> tuple[Path, bool]:
+    """Build `spec` into `out_root/<name>/`; returns the folder and whether anything changed."""
+    from dit_compiler.build import compile_spec, write_build
+
+    build = compile_spec(spec)
+    target = Path(out_root) / spec.name
+    if target.is_dir() and all((target / n).is_file() and (target / n).read_text(encoding="utf-8") == text
+                               for n, text in build.files.items()) \
+            and sorted(p.name for p in target.iterdir()) == sorted(build.files):
+        return target, False
+    return write_build(build, out_root), True
+
+
+def cmd_build(args) -> int:
+    from dit_compiler.spec import load_spec
+
+    specs = [load_spec(s) for s in args.specs]  # validate every spec before writing anything
+    for spec in specs:
+        target, changed = build_one(spec, args.out)
+        print(f"{spec.source}: {'wrote' if changed else 'up to date'} {target}/")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from dit_compiler.inspect import dot, inspect_json, inspect_table
+    from dit_compiler.lower import lower
+
+    spec, _ = _spec_and_dir(args.spec, DEFAULT_OUT)
+    graph = lower(spec)
+    if args.dot:
+        sys.stdout.write(dot(graph))
+    elif args.format == "json":
+        sys.stdout.write(inspect_json(graph))
+    else:
+        sys.stdout.write(inspect_table(graph, ops=not args.summary))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from dit_compiler.lower import lower
+    from dit_compiler.run.verify import format_report, nntile_status, verify
+
+    spec, build_dir = _spec_and_dir(args.target, args.out)
+    if args.require_nntile and (status := nntile_status()) != "ran":
+        print(f"error: --require-nntile: {status}", file=sys.stderr)
+        return 2
+    if build_dir is None:
+        build_dir, changed = build_one(spec, args.out)
+        print(f"[build] {'wrote' if changed else 'up to date'} {build_dir}/")
+    graph = lower(spec)
+    steps = iter(range(1, 4))
+    report = verify(graph, build_dir, seed=args.seed, ncpus=args.ncpus, oracle=not args.no_oracle,
+                    progress=lambda line: print(f"[{next(steps, '-')}/3] {line}", flush=True))
+    print(format_report(report))
+    if args.json:
+        _write_atomic(Path(args.json), report.to_json())
+    return 0 if report.passed else 1
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ditc", description=__doc__.split(".")[0] if __doc__ else None)
+    p.add_argument("--version", action="version", version=f"ditc {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("validate", help="check spec files against the schema and the semantic rules")
+    s.add_argument("specs", nargs="+", metavar="SPEC")
+    s.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("schema", help="print the spec language's JSON Schema (for editors)")
+    s.set_defaults(func=cmd_schema)
+
+    s = sub.add_parser("build", help="emit the NNTile model, the torch reference and the graph")
+    s.add_argument("specs", nargs="+", metavar="SPEC")
+    s.add_argument("-o", "--out", default=DEFAULT_OUT, help="output root (default: generated/)")
+    s.set_defaults(func=cmd_build)
+
+    s = sub.add_parser("inspect", help="ops, tensors, tiles, FLOPs and memory of a spec")
+    s.add_argument("spec", metavar="SPEC")
+    s.add_argument("--format", choices=("table", "json"), default="table")
+    s.add_argument("--summary", action="store_true", help="totals and tiling only, no per-op table")
+    s.add_argument("--dot", action="store_true", help="print a Graphviz picture of the block structure")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("verify", help="run NNTile and torch on the same random weights and compare")
+    s.add_argument("target", metavar="SPEC_OR_BUILD_DIR")
+    s.add_argument("-o", "--out", default=DEFAULT_OUT, help="where a spec is built (default: generated/)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--ncpus", type=int, default=int(os.environ.get("STARPU_NCPU", os.cpu_count() or 1)),
+                   help="StarPU CPU workers (default: $STARPU_NCPU or all cores)")
+    s.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    s.add_argument("--require-nntile", action="store_true", help="fail (exit 2) when NNTile is not importable")
+    s.add_argument("--no-oracle", action="store_true", help="skip the check against diffusers")
+    s.set_defaults(func=cmd_verify)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    # NNTile's tasks must not spawn BLAS threads of their own; StarPU's banner is noise here.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("STARPU_SILENT", "1")
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as error:
+        for diagnostic in error.diagnostics:
+            print(diagnostic, file=sys.stderr)
+        return 2
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing half-written was kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

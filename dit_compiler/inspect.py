@@ -1,0 +1,76 @@
+"""`ditc inspect`: the graph as a table, JSON, or a Graphviz picture of its block structure."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+from dit_compiler.graph.cost import gflops, node_cost, totals
+from dit_compiler.graph.ir import Graph
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _shape(values: tuple[int, ...]) -> str:
+    return "x".join(map(str, values))
+
+
+def inspect_table(graph: Graph, ops: bool = True) -> str:
+    lines = [f"spec {graph.spec.name}: {graph.attrs['flavor']} flavor, batch {graph.axes['batch'].size}, "
+             f"{len(graph.nodes)} ops, {len(graph.tensors)} tensors", "",
+             f"{'axis':<12} {'size':>6} {'tile':>6} {'tiles':>6}"]
+    lines += [f"{a.name:<12} {a.size:>6} {a.tile:>6} {a.ntiles:>6}" for a in graph.axes.values()]
+    if ops:
+        lines += ["", f"{'op':<44} {'kind':<18} {'output shape / tile':<28} {'tasks':>6} {'GMAC':>9} where"]
+        for node in graph.nodes:
+            cost = node_cost(graph, node)
+            out = graph.tensors[node.outputs[0]]
+            lines.append(f"{node.name:<44} {node.op:<18} {_shape(out.shape) + ' / ' + _shape(out.tile):<28} "
+                         f"{cost.tiles:>6} {gflops(cost.macs):>9.4f} {'host' if node.host else 'nntile'}")
+        lines += ["", f"{'tensor':<52} {'role':<10} {'shape / tile':<28} {'tiles':>6} {'bytes':>12}"]
+        for t in graph.tensors.values():
+            lines.append(f"{t.name:<52} {t.role:<10} {_shape(t.shape) + ' / ' + _shape(t.tile):<28} "
+                         f"{t.ntiles:>6} {_mib(t.numel * 4):>12}")
+    tot = totals(graph)
+    lines += ["", "totals:",
+              f"  forward            {gflops(tot.forward_macs):.2f} GMAC ('GFlops' as in the DiT paper)",
+              f"  parameters         {tot.params / 1e6:.2f} M trainable, {_mib(tot.param_bytes)}",
+              f"  activations        {_mib(tot.activation_bytes)} (every graph activation kept for backward)",
+              f"  gradients          {_mib(tot.gradient_bytes)} (parameters and activations)",
+              f"  optimizer state    {_mib(tot.optimizer_bytes)} (AdamW, two moments)",
+              f"  NNTile tasks       {tot.tasks} forward (output tiles of every op)"]
+    return "\n".join(lines) + "\n"
+
+
+def inspect_json(graph: Graph) -> str:
+    data = {
+        "spec": graph.spec.name,
+        "axes": {a.name: {"size": a.size, "tile": a.tile, "tiles": a.ntiles} for a in graph.axes.values()},
+        "ops": [{"name": n.name, "op": n.op, "component": n.component, "host": n.host,
+                 **asdict(node_cost(graph, n))} for n in graph.nodes],
+        "tensors": [{"name": t.name, "role": t.role, "shape": t.shape, "tile": t.tile, "tiles": t.ntiles}
+                    for t in graph.tensors.values()],
+        "totals": asdict(totals(graph)),
+    }
+    return json.dumps(data, indent=1) + "\n"
+
+
+def dot(graph: Graph) -> str:
+    """Embeddings, block 0 (standing for every block) and the final layer, ops linked by tensors."""
+    shown = [n for n in graph.nodes if not n.name.startswith("blocks.") or n.name.startswith("blocks.0.")]
+    producer = {o: n.name for n in shown for o in n.outputs}
+    lines = ["digraph ditc {", '  rankdir=TB; node [shape=box, fontname="Helvetica", fontsize=10];',
+             f'  label="{graph.spec.name}: blocks.0 stands for {graph.attrs["depth"]} blocks"; labelloc=t;',
+             '  subgraph cluster_block { label="DiT block (x depth)"; style=dashed;']
+    lines += [f'    "{n.name}";' for n in shown if n.name.startswith("blocks.0.")]
+    lines.append("  }")
+    for n in shown:
+        style = ", style=dashed" if n.host else ""
+        lines.append(f'  "{n.name}" [label="{n.name}\\n{n.op}"{style}];')
+        for i in n.inputs:
+            if i in producer:
+                t = graph.tensors[i]
+                lines.append(f'  "{producer[i]}" -> "{n.name}" [label="{_shape(t.shape)}", fontsize=8];')
+    lines.append("}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,83 @@
+"""The compiled NNTile model against the torch reference, on real NNTile (skipped without it)."""
+from __future__ import annotations
+
+import math
+import re
+import shutil
+
+import pytest
+
+from conftest import needs_nntile
+from dit_compiler.build import NNTILE_FILE, compile_spec, write_build
+from dit_compiler.run.verify import FORWARD_TOL, GRAD_TOL, verify
+from dit_compiler.spec.model import ModelSpec, Spec, TilingSpec
+
+pytestmark = [needs_nntile, pytest.mark.nntile]
+
+TINY = dict(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+TILINGS = {
+    "ragged": TilingSpec(batch=2, tokens=6, hidden=24, mlp=96, heads=2),
+    "single-tile": TilingSpec(batch=3, tokens=16, hidden=64, mlp=256, heads=4, frequency=256),
+    "fine": TilingSpec(batch=1, tokens=5, hidden=16, mlp=40, heads=1, patch_dim=7, out_dim=9, frequency=100),
+}
+
+
+def build(tmp_path, name="tiny", tiling="ragged", batch=3, **model):
+    spec = Spec(name=name, source=f"{name}.yaml", model=ModelSpec(**(TINY | model)), batch=batch,
+                tiling=TILINGS[tiling])
+    built = compile_spec(spec)
+    return built.graph, write_build(built, tmp_path)
+
+
+def assert_passes(report):
+    assert report.nntile == "ran"
+    assert report.passed, report.breach
+    by_name = {row.component: row for row in report.rows}
+    for component in ("embeddings", "adaLN modulation", "modulate", "attention", "gated residual",
+                      "pointwise MLP", "adaLN-Zero", "DiT block", "final layer", "model"):
+        row = by_name[component]
+        assert row.forward <= FORWARD_TOL and row.input_grad <= GRAD_TOL, row
+        assert row.param_grad <= GRAD_TOL if row.params else math.isnan(row.param_grad), row
+    assert by_name["model"].input_grad <= GRAD_TOL
+
+
+@pytest.mark.parametrize("tiling", sorted(TILINGS))
+@pytest.mark.parametrize("flavor", ["dit", "diffusers"])
+def test_nntile_matches_torch(tmp_path, tiling, flavor):
+    graph, folder = build(tmp_path, tiling=tiling, flavor=flavor)
+    assert_passes(verify(graph, folder, oracle=False, progress=lambda _: None))
+
+
+def test_every_axis_has_several_ragged_tiles_in_the_tiny_run(tmp_path):
+    graph, _ = build(tmp_path)
+    for axis in ("batch", "tokens", "hidden", "mlp", "heads"):
+        assert graph.axes[axis].ntiles > 1, axis
+    assert all(graph.axes[a].size % graph.axes[a].tile for a in ("batch", "tokens", "hidden", "mlp"))
+
+
+def test_patch_4_without_learned_sigma(tmp_path):
+    graph, folder = build(tmp_path, input_size=16, patch_size=4, learn_sigma=False, num_heads=2)
+    assert_passes(verify(graph, folder, oracle=False, progress=lambda _: None))
+
+
+def test_verify_twice_in_one_process(tmp_path):
+    """StarPU starts and stops cleanly; the second run sees the same model (task order may move the last bits)."""
+    graph, folder = build(tmp_path)
+    first = verify(graph, folder, oracle=False, progress=lambda _: None)
+    second = verify(graph, folder, oracle=False, progress=lambda _: None)
+    assert first.passed and second.passed
+    assert [r.forward for r in second.rows] == pytest.approx([r.forward for r in first.rows], rel=0.1)
+
+
+def test_a_corrupted_op_is_caught_and_named(tmp_path):
+    """Swap shift and scale of one modulate call in the generated NNTile model: verify must fail there."""
+    graph, folder = build(tmp_path)
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    source = (broken / NNTILE_FILE).read_text()
+    call = re.compile(r'self\.modulate\("blocks\.1\.norm2", "(blocks\.1\.shift_mlp)", "(blocks\.1\.scale_mlp)"')
+    assert call.search(source), "the generated model no longer has the line this test corrupts"
+    (broken / NNTILE_FILE).write_text(call.sub(r'self.modulate("blocks.1.norm2", "\2", "\1"', source))
+    report = verify(graph, broken, oracle=False, progress=lambda _: None)
+    assert not report.passed
+    assert report.breach.startswith("modulate: forward"), report.breach
