@@ -63,7 +63,8 @@ def build_axes(spec: Spec) -> dict[str, Axis]:
     # Axes that are never tiled: the head dimension, the class table and the host-side image axes.
     whole = {
         "head_dim": m.hidden_size // m.num_heads,
-        "classes": m.num_classes + 1,
+        # DiT adds the null row only when labels can drop; diffusers always has it.
+        "classes": m.num_classes + int(m.flavor == "diffusers" or m.class_dropout_prob > 0),
         "in_channels": m.in_channels,
         "out_channels": out_channels(m),
         "height": m.input_size,
@@ -113,7 +114,7 @@ class _Lowering:
             "mlp_norm_eps": m.norm_eps,
             "final_norm_eps": 1e-6 if flavor_diffusers else m.norm_eps,
             "class_dropout_prob": m.class_dropout_prob,
-            "null_class": m.num_classes,
+            "num_classes": m.num_classes,
             "patch_size": m.patch_size,
             "depth": m.depth,
         }

@@ -68,6 +68,6 @@ def make_inputs(graph: Graph, seed: int) -> Inputs:
     return Inputs(
         x=torch.randn(x_shape, generator=g),
         t=torch.randint(0, 1000, (n,), generator=g).float(),
-        y=torch.randint(0, graph.attrs["null_class"] + 1, (n,), generator=g),
+        y=torch.randint(0, graph.axes["classes"].size, (n,), generator=g),
         grad_out=torch.randn(out_shape, generator=g),
     )
