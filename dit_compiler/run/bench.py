@@ -1,0 +1,222 @@
+"""`ditc bench`: the compiled NNTile model against the torch reference, same machine, same run.
+
+Each side runs in a subprocess of its own, so the peak RSS of each is its own process's
+(StarPU's allocations are invisible to torch's counters). Both get the same weights (the torch
+reference randomised with one seed), the same inputs and the same number of threads: NNTile runs
+`ncpus` StarPU CPU workers with single-threaded BLAS, torch `ncpus` intra-op threads.
+
+A training step is forward, an MSE loss against a random target, backward and an AdamW step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dit_compiler.graph.ir import Graph
+
+LR = 1e-4
+
+
+@dataclass
+class SideResult:
+    side: str
+    threads: int
+    forward_s: list[float]
+    step_s: list[float]
+    peak_rss_mib: float
+    profile: dict[str, float]          # seconds per op kind (one forward + backward), when asked
+
+
+@dataclass
+class BenchReport:
+    spec: str
+    batch: int
+    ncpus: int
+    warmup: int
+    repeats: int
+    sides: dict[str, SideResult]
+
+    def summary(self) -> dict:
+        out = {}
+        for name, side in self.sides.items():
+            out[name] = {"forward_median_s": statistics.median(side.forward_s),
+                         "step_median_s": statistics.median(side.step_s),
+                         "images_per_s_train": self.batch / statistics.median(side.step_s),
+                         "peak_rss_mib": side.peak_rss_mib}
+        if {"nntile", "torch"} <= out.keys():
+            out["ratio"] = {k: out["nntile"][k] / out["torch"][k]
+                            for k in ("forward_median_s", "step_median_s", "peak_rss_mib")}
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps({"report": asdict(self), "summary": self.summary()}, indent=1) + "\n"
+
+
+def _stats(times: list[float]) -> str:
+    return f"{statistics.median(times):8.3f} s (min {min(times):.3f}, max {max(times):.3f})"
+
+
+def format_bench(report: BenchReport) -> str:
+    s = report.summary()
+    lines = [f"ditc bench: {report.spec}, batch {report.batch}, {report.warmup} warm-up + {report.repeats} "
+             f"measured runs"]
+    for name, side in report.sides.items():
+        what = f"{side.threads} StarPU CPU workers" if name == "nntile" else f"{side.threads} torch threads"
+        lines += [f"{name} ({what}):",
+                  f"  forward     {_stats(side.forward_s)}",
+                  f"  train step  {_stats(side.step_s)}   {s[name]['images_per_s_train']:.2f} images/s",
+                  f"  peak RSS    {side.peak_rss_mib:8.0f} MiB"]
+    if "ratio" in s:
+        r = s["ratio"]
+        lines.append(f"ratio nntile/torch: forward {r['forward_median_s']:.2f}, train step {r['step_median_s']:.2f}, "
+                     f"peak RSS {r['peak_rss_mib']:.2f}")
+    for name, side in report.sides.items():
+        if side.profile:
+            total = sum(side.profile.values())
+            lines.append(f"{name} profile (one forward + backward, {total:.3f} s):")
+            for kind, sec in sorted(side.profile.items(), key=lambda kv: -kv[1]):
+                lines.append(f"  {kind:<28} {sec:8.4f} s  {100 * sec / total:5.1f}%")
+    return "\n".join(lines)
+
+
+def bench(graph: Graph, build_dir: Path, *, ncpus: int, warmup: int = 1, repeats: int = 3, profile: bool = False,
+          sides: tuple[str, ...] = ("nntile", "torch"), progress=print) -> BenchReport:
+    results = {}
+    for side in sides:
+        progress(f"{side}: {warmup} warm-up + {repeats} measured runs in a fresh process")
+        cmd = [sys.executable, "-m", "dit_compiler.run.bench", "--worker", side, "--dir", str(build_dir),
+               "--ncpus", str(ncpus), "--warmup", str(warmup), "--repeats", str(repeats)]
+        if profile:
+            cmd.append("--profile")
+        env = os.environ | {"OMP_NUM_THREADS": "1", "STARPU_NCPU": str(ncpus), "STARPU_SILENT": "1"}
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{side} benchmark failed:\n{done.stderr[-4000:]}")
+        results[side] = SideResult(**json.loads(done.stdout.strip().splitlines()[-1]))
+    return BenchReport(graph.spec.name, graph.axes["batch"].size, ncpus, warmup, repeats, results)
+
+
+# -- the worker: one side in its own process ---------------------------------------------------------
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _worker(side: str, build_dir: Path, ncpus: int, warmup: int, repeats: int, profile: bool) -> SideResult:
+    import numpy as np
+    import torch
+
+    from dit_compiler.build import GRAPH_FILE
+    from dit_compiler.run.common import load_module, randomize_
+
+    graph_data = json.loads((build_dir / GRAPH_FILE).read_text())
+    shapes = {t["name"]: tuple(t["shape"]) for t in graph_data["tensors"]}
+    x_shape, out_shape = shapes[graph_data["inputs"][0]], shapes[graph_data["outputs"][0]]
+    n, table_rows = x_shape[0], graph_data["axes"]["classes"]["size"]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(x_shape, dtype=np.float32)
+    t = rng.integers(0, 1000, n).astype(np.float32)
+    y = rng.integers(0, table_rows, n)
+    target = rng.standard_normal(out_shape, dtype=np.float32)
+    torch.set_num_threads(ncpus)
+    reference = load_module(build_dir / "torch_reference.py").Model()
+    randomize_(reference, 0)
+
+    if side == "torch":
+        model = reference.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
+        xt, tt, yt, target_t = map(torch.from_numpy, (x, t, y, target))
+
+        def forward():
+            with torch.no_grad():
+                model(xt, tt, yt)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.mse_loss(model(xt, tt, yt), target_t)
+            loss.backward()
+            optimizer.step()
+
+        for _ in range(warmup):
+            step()
+        forward_s = [_timed(forward) for _ in range(repeats)]
+        step_s = [_timed(step) for _ in range(repeats)]
+        kinds: dict[str, float] = {}
+        if profile:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                step()
+            for event in prof.key_averages():
+                if event.key.startswith("aten::") and event.self_cpu_time_total > 0:
+                    kinds[event.key] = event.self_cpu_time_total / 1e6
+            kinds = dict(sorted(kinds.items(), key=lambda kv: -kv[1])[:15])
+        return SideResult(side, torch.get_num_threads(), forward_s, step_s, _peak_rss_mib(), kinds)
+
+    import nntile
+
+    module = load_module(build_dir / "nntile_model.py")
+    with module.nntile_runtime(ncpus):
+        model = module.Model()
+        model.load_state_dict(reference.state_dict())
+        del reference
+        optimizer = nntile.optimizer.AdamW(model.parameters, LR, model.next_tag)
+        scale = 2.0 / target.size  # d/d(out) of mean((out - target)^2)
+
+        def step():
+            out = model.forward(x, t, y)
+            model.backward(scale * (out - target), input_grad=False)
+            optimizer.step()
+            nntile.starpu.wait_for_all()
+
+        try:
+            for _ in range(warmup):
+                step()
+            forward_s = [_timed(lambda: model.forward(x, t, y)) for _ in range(repeats)]
+            step_s = [_timed(step) for _ in range(repeats)]
+            kinds = _nntile_profile(model, nntile) if profile else {}
+        finally:
+            optimizer.unregister()
+            model.unregister()
+    return SideResult(side, ncpus, forward_s, step_s, _peak_rss_mib(), kinds)
+
+
+def _nntile_profile(model, nntile) -> dict[str, float]:
+    """Per-layer timing (each layer's forward, then backward, waited on alone), summed per op kind.
+    Waiting per layer removes the overlap StarPU finds between layers, so the sum exceeds a step."""
+    kinds: dict[str, float] = defaultdict(float)
+    model.clear_gradients()
+    for layer, kind in zip(model.layers, model.layer_kinds):
+        kinds[f"{kind} forward"] += _timed(lambda: (layer.forward_async(), nntile.starpu.wait_for_all()))
+    for layer, kind in zip(reversed(model.layers), reversed(model.layer_kinds)):
+        kinds[f"{kind} backward"] += _timed(lambda: (layer.backward_async(), nntile.starpu.wait_for_all()))
+    return dict(kinds)
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _main() -> None:
+    p = argparse.ArgumentParser(description="one side of `ditc bench` (internal)")
+    p.add_argument("--worker", choices=("nntile", "torch"), required=True)
+    p.add_argument("--dir", type=Path, required=True)
+    p.add_argument("--ncpus", type=int, required=True)
+    p.add_argument("--warmup", type=int, required=True)
+    p.add_argument("--repeats", type=int, required=True)
+    p.add_argument("--profile", action="store_true")
+    a = p.parse_args()
+    result = _worker(a.worker, a.dir, a.ncpus, a.warmup, a.repeats, a.profile)
+    print(json.dumps(asdict(result)))
+
+
+if __name__ == "__main__":
+    _main()
