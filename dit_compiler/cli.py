@@ -109,6 +109,37 @@ def cmd_verify(args) -> int:
     return 0 if report.passed else 1
 
 
+def cmd_bench(args) -> int:
+    from dit_compiler.lower import lower
+    from dit_compiler.run.bench import bench, format_bench
+    from dit_compiler.run.verify import nntile_status
+
+    spec, build_dir = _spec_and_dir(args.target, args.out)
+    if build_dir is None:
+        build_dir, _ = build_one(spec, args.out)
+    sides = ("nntile", "torch") if nntile_status() == "ran" else ("torch",)
+    if sides == ("torch",):
+        print(f"note: {nntile_status()}; timing torch alone", file=sys.stderr)
+    report = bench(lower(spec), build_dir, ncpus=args.ncpus, warmup=args.warmup, repeats=args.repeats,
+                   profile=args.profile, sides=sides, progress=lambda line: print(f"[bench] {line}", flush=True))
+    print(format_bench(report))
+    if args.json:
+        _write_atomic(Path(args.json), report.to_json())
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from dit_compiler.run.sweep import run_sweep
+
+    sweep, results, out = run_sweep(args.sweep, args.out, verify_it=args.verify, bench_it=args.bench,
+                                    resume=args.resume, ncpus=args.ncpus)
+    for r in results:
+        extra = f": {r.errors[0]}" if r.errors else ""
+        print(f"{r.name:<40} {r.status}{extra}")
+    print(f"results: {out}/results.csv, {out}/results.json, plots {out}/plot-*.png")
+    return 0 if all(r.status == "ok" for r in results) else 1
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -143,13 +174,36 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("target", metavar="SPEC_OR_BUILD_DIR")
     s.add_argument("-o", "--out", default=DEFAULT_OUT, help="where a spec is built (default: generated/)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--ncpus", type=int, default=int(os.environ.get("STARPU_NCPU", os.cpu_count() or 1)),
+    s.add_argument("--ncpus", type=int, default=_default_ncpus(),
                    help="StarPU CPU workers (default: $STARPU_NCPU or all cores)")
     s.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     s.add_argument("--require-nntile", action="store_true", help="fail (exit 2) when NNTile is not importable")
     s.add_argument("--no-oracle", action="store_true", help="skip the check against diffusers")
     s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("bench", help="time NNTile against torch: forward and an AdamW training step")
+    s.add_argument("target", metavar="SPEC_OR_BUILD_DIR")
+    s.add_argument("-o", "--out", default=DEFAULT_OUT, help="where a spec is built (default: generated/)")
+    s.add_argument("--ncpus", type=int, default=_default_ncpus(), help="StarPU workers and torch threads")
+    s.add_argument("--warmup", type=int, default=1)
+    s.add_argument("--repeats", type=int, default=5)
+    s.add_argument("--profile", action="store_true", help="time per op kind (NNTile layers, torch profiler)")
+    s.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("sweep", help="validate, build, inspect (and verify, bench) every point of a sweep")
+    s.add_argument("sweep", metavar="SWEEP")
+    s.add_argument("-o", "--out", default="sweep-results", help="results root (default: sweep-results/)")
+    s.add_argument("--verify", action="store_true", help="also run ditc verify on every point")
+    s.add_argument("--bench", action="store_true", help="also run ditc bench on every point")
+    s.add_argument("--resume", action="store_true", help="skip points an earlier run finished")
+    s.add_argument("--ncpus", type=int, default=_default_ncpus())
+    s.set_defaults(func=cmd_sweep)
     return p
+
+
+def _default_ncpus() -> int:
+    return int(os.environ.get("STARPU_NCPU", os.cpu_count() or 1))
 
 
 def main(argv: list[str] | None = None) -> int:
