@@ -49,6 +49,9 @@ def write_build(build: Build, out_root: str | os.PathLike) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     target = root / build.graph.spec.name
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a build folder is an ordinary folder
     try:
         for name, text in sorted(build.files.items()):
             (staging / name).write_text(text, encoding="utf-8")

@@ -1,0 +1,132 @@
+"""`ditc build` and the CLI around it: generated code is current, deterministic, atomic; errors exit 2."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, SPECS
+from dit_compiler import __version__
+from dit_compiler.build import Build, compile_spec, write_build
+from dit_compiler.cli import main
+from dit_compiler.spec import load_spec
+
+SHIPPED = sorted(SPECS.glob("*.yaml"))
+
+
+def run_cli(*args: str, cwd: Path | None = None, exe: list[str] | None = None) -> subprocess.CompletedProcess:
+    cmd = (exe or [sys.executable, "-m", "dit_compiler.cli"]) + list(args)
+    env = os.environ | {"PYTHONPATH": str(ROOT)} if exe is None else os.environ.copy()
+    return subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("spec_path", SHIPPED, ids=lambda p: p.stem)
+def test_generated_folder_is_up_to_date(spec_path):
+    spec = load_spec(spec_path)
+    built = compile_spec(spec)
+    folder = ROOT / "generated" / spec.name
+    stale = [n for n, text in built.files.items()
+             if not (folder / n).is_file() or (folder / n).read_text(encoding="utf-8") != text]
+    assert not stale, f"generated/{spec.name}: {stale} out of date; run `ditc build specs/*.yaml`"
+
+
+def test_every_generated_folder_has_a_shipped_spec():
+    names = {load_spec(p).name for p in SHIPPED}
+    assert {p.name for p in (ROOT / "generated").iterdir() if p.is_dir()} == names
+
+
+def test_build_is_deterministic_across_processes(tmp_path):
+    outs = []
+    for seed in ("0", "1", "random"):
+        out = tmp_path / seed
+        env = os.environ | {"PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT)}
+        subprocess.run([sys.executable, "-m", "dit_compiler.cli", "build", "specs/tiny.yaml", "specs/dit-s-2.yaml",
+                        "-o", str(out)], cwd=ROOT, env=env, check=True, capture_output=True)
+        outs.append({p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
+    assert outs[0] == outs[1] == outs[2] and len(outs[0]) == 8
+
+
+def test_generated_files_say_which_spec_and_version_made_them():
+    folder = ROOT / "generated" / "tiny"
+    for name in ("torch_reference.py", "nntile_model.py", "spec.resolved.yaml"):
+        head = (folder / name).read_text().splitlines()[:3]
+        assert any('"tiny"' in line and "tiny.yaml" in line for line in head), (name, head)
+        assert any(__version__ in line for line in head), (name, head)
+
+
+def test_a_failed_build_leaves_the_previous_one_untouched(tmp_path, monkeypatch):
+    built = compile_spec(load_spec(SPECS / "tiny.yaml"))
+    folder = write_build(built, tmp_path)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    real_write = Path.write_text
+    calls = []
+
+    def failing_write(self, *args, **kwargs):
+        calls.append(self)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", failing_write)
+    with pytest.raises(OSError):
+        write_build(Build(built.graph, {k: v + "# changed\n" for k, v in built.files.items()}), tmp_path)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # no staging folder left behind
+
+
+def test_bad_spec_exits_2_with_a_located_message_and_writes_nothing(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("preset: DiT-S/2\nmodel:\n  hiden_size: 100\n")
+    done = run_cli("build", str(bad), "-o", str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "bad.yaml:3" in done.stderr and "hidden_size" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_bad_spec_among_several_writes_nothing(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2]\n")
+    assert main(["build", str(SPECS / "tiny.yaml"), str(bad), "-o", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_spec_and_non_build_folder_exit_2(tmp_path, capsys):
+    assert main(["verify", str(tmp_path / "nope.yaml")]) == 2
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "not a ditc build" in capsys.readouterr().err
+
+
+def test_inspect_formats(capsys):
+    assert main(["inspect", str(SPECS / "dit-s-2.yaml"), "--summary"]) == 0
+    assert "6.06 GMAC" in capsys.readouterr().out
+    assert main(["inspect", str(SPECS / "tiny.yaml"), "--format", "json"]) == 0
+    assert '"forward_macs"' in capsys.readouterr().out
+    assert main(["inspect", str(SPECS / "tiny.yaml"), "--dot"]) == 0
+    assert capsys.readouterr().out.startswith("digraph")
+
+
+def test_schema_command_prints_the_schema(capsys):
+    assert main(["schema"]) == 0
+    assert '"$schema": "https://json-schema.org/draft/2020-12/schema"' in capsys.readouterr().out
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = 'pip install -q ".[test]" && python -m pytest -q'
+    assert command in readme and command in ci
+
+
+@pytest.mark.skipif(shutil.which("ditc") is None, reason="the ditc console script is not installed (pip install .)")
+def test_installed_console_script_builds_from_anywhere(tmp_path):
+    """The installed package carries its templates and schema: build from a folder outside the repository."""
+    shutil.copy(SPECS / "tiny.yaml", tmp_path / "tiny.yaml")
+    done = run_cli("build", "tiny.yaml", "-o", "out", cwd=tmp_path, exe=["ditc"])
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "tiny" / "nntile_model.py").read_text() == \
+        (ROOT / "generated" / "tiny" / "nntile_model.py").read_text()
