@@ -1,0 +1,183 @@
+"""Checking merged spec data (JSON Schema, then what the schema cannot say) and building the `Spec`.
+
+Every problem becomes a `Diagnostic` located at the key it is about; all of them are reported at once.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from jsonschema import Draft202012Validator, ValidationError
+
+from dit_compiler.errors import Diagnostic
+from dit_compiler.spec.loader import Document, KeyPath, Origin, dotted, shown_value
+from dit_compiler.spec.model import DIFFUSERS_NORM_EPS, TILE_AXES, ModelSpec, Spec, TilingSpec
+from dit_compiler.tiling import tile_problems
+
+_PROBLEMS = {
+    "type": "wrong type",
+    "enum": "not one of the allowed values",
+    "minimum": "too small",
+    "exclusiveMinimum": "too small",
+    "exclusiveMaximum": "too large",
+    "multipleOf": "not a multiple of {}",
+    "pattern": "not of the allowed form",
+    "anyOf": "not an allowed value",
+}
+_BOUNDS = (("minimum", ">="), ("exclusiveMinimum", ">"), ("exclusiveMaximum", "<"))
+_KINDS = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
+          "object": "a mapping"}
+
+
+@cache
+def schema_text() -> str:
+    return resources.files(__package__).joinpath("schema.json").read_text(encoding="utf-8")
+
+
+@cache
+def _validator() -> Draft202012Validator:
+    return Draft202012Validator(json.loads(schema_text()))
+
+
+def check(doc: Document) -> list[Diagnostic]:
+    """Every problem in `doc`: schema errors, then the model's and the tiles' semantic checks."""
+    data = doc.data()
+    errors = list(_validator().iter_errors(data))
+    diagnostics = [diagnostic for error in errors for diagnostic in _schema_diagnostics(error, doc)]
+    # Values the schema rejected; unknown keys are reported but do not stop the checks of the others.
+    invalid = {tuple(error.path)[:2] for error in errors if error.validator != "additionalProperties"}
+    if not any(path[:1] == ("model",) for path in invalid):
+        model = build_model(data.get("model", {}))
+        model_problems = _model_problems(model, doc)
+        diagnostics += model_problems
+        if not model_problems and ("batch",) not in invalid:
+            diagnostics += _tile_problems(model, data, doc, invalid)
+    return sorted(diagnostics, key=lambda d: (d.file, d.line or 0, d.column or 0))
+
+
+def build_spec(data: dict, default_name: str, source: str) -> Spec:
+    """The frozen Spec of valid data; keys it does not set take their defaults."""
+    top = {key: data[key] for key in ("batch", "precision") if key in data}
+    return Spec(name=data.get("name", default_name), source=source, model=build_model(data.get("model", {})),
+                tiling=_build_tiling(data.get("tiling", {})), **_coerce((), top))
+
+
+def build_model(values: dict) -> ModelSpec:
+    """The ModelSpec of valid model keys; flavor diffusers changes the default norm_eps."""
+    values = _coerce(("model",), values)
+    if "norm_eps" not in values and values.get("flavor") == "diffusers":
+        values["norm_eps"] = DIFFUSERS_NORM_EPS
+    return ModelSpec(**values)
+
+
+def _build_tiling(values: dict) -> TilingSpec:
+    return TilingSpec(**{axis: size if size == "auto" else int(size) for axis, size in values.items()})
+
+
+def _coerce(path: KeyPath, values: dict) -> dict:
+    """The known keys' values in the types the dataclasses declare (the schema lets `2.0` be an integer
+    and `4` a number); unknown keys, reported elsewhere, are left out."""
+    types = {"integer": int, "number": float}
+    properties = _subschema(path)["properties"]
+    return {key: types.get(properties[key].get("type"), lambda v: v)(value)
+            for key, value in values.items() if key in properties}
+
+
+def _subschema(path: KeyPath) -> dict:
+    schema = _validator().schema
+    for key in path:
+        schema = schema["properties"][key]
+    return schema
+
+
+def _schema_diagnostics(error: ValidationError, doc: Document) -> list[Diagnostic]:
+    path = tuple(error.path)
+    if error.validator == "additionalProperties":
+        return [_unknown_key(path + (key,), list(error.schema["properties"]), doc)
+                for key in error.instance if key not in error.schema["properties"]]
+    problem = _PROBLEMS.get(error.validator, "not allowed").format(error.validator_value)
+    if error.instance is None:
+        problem += ": the value is empty"
+    elif isinstance(error.instance, (dict, list)):
+        problem += f": got {shown_value(error.instance)}"
+    value = None if isinstance(error.instance, (dict, list)) else error.instance
+    return [_diagnostic(doc.origin(path), path, problem, value, describe(error.schema))]
+
+
+def _unknown_key(path: KeyPath, allowed: list[str], doc: Document) -> Diagnostic:
+    guess = difflib.get_close_matches(str(path[-1]), allowed, n=1)
+    message = f"unknown key; did you mean {guess[0]!r}?" if guess else "unknown key"
+    return _diagnostic(doc.origin(path, key=True), path, message, None, ", ".join(allowed))
+
+
+def describe(schema: dict) -> str:
+    """What a (sub)schema allows, in words: `an integer >= 1`, `one of 'dit', 'diffusers'`."""
+    if "anyOf" in schema:
+        return " or ".join(describe(option) for option in schema["anyOf"])
+    if "enum" in schema:
+        return "one of " + ", ".join(repr(value) for value in schema["enum"])
+    if "const" in schema:
+        return repr(schema["const"])
+    conditions = [f"{sign} {schema[key]}" for key, sign in _BOUNDS if key in schema]
+    if "multipleOf" in schema:
+        conditions.append(f"divisible by {schema['multipleOf']}")
+    if "pattern" in schema:
+        conditions.append(f"matching {schema['pattern']}")
+    return " ".join([_KINDS[schema["type"]], " and ".join(conditions)]).strip()
+
+
+def _model_problems(model: ModelSpec, doc: Document) -> list[Diagnostic]:
+    """What the schema cannot check about a schema-valid model."""
+    diagnostics = []
+    for key, spec in _subschema(("model",))["properties"].items():
+        if spec.get("type") == "number" and not math.isfinite(getattr(model, key)):
+            diagnostics.append(_at_key(doc, key, "must be a finite number", getattr(model, key), describe(spec)))
+    diagnostics += _divisibility(model, doc, "hidden_size", "num_heads")
+    diagnostics += _divisibility(model, doc, "input_size", "patch_size")
+    if math.isfinite(model.mlp_ratio) and not (model.hidden_size * model.mlp_ratio).is_integer():
+        message = f"hidden_size * mlp_ratio = {model.hidden_size * model.mlp_ratio} is not a whole number"
+        diagnostics.append(_at_key(doc, "mlp_ratio", message, model.mlp_ratio,
+                                   f"a ratio that makes hidden_size={model.hidden_size} * mlp_ratio a whole number"))
+    return diagnostics
+
+
+def _divisibility(model: ModelSpec, doc: Document, whole: str, part: str) -> list[Diagnostic]:
+    """`whole` must be divisible by `part`; reported at `part` unless only `whole` is written."""
+    total, size = getattr(model, whole), getattr(model, part)
+    if total % size == 0:
+        return []
+    message = f"{whole}={total} is not divisible by {part}={size}"
+    if doc.has(("model", part)) or not doc.has(("model", whole)):
+        allowed = f"a divisor of {whole}={total}: " + ", ".join(map(str, _divisors(total)))
+        return [_at_key(doc, part, message, size, allowed)]
+    return [_at_key(doc, whole, message, total, f"a multiple of {part}={size}")]
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
+
+
+def _tile_problems(model: ModelSpec, data: dict, doc: Document, invalid: set[KeyPath]) -> list[Diagnostic]:
+    """Tile sizes the model cannot run; axes the schema already rejected count as auto."""
+    written = data.get("tiling", {})
+    if not isinstance(written, dict):
+        return []
+    tiling = _build_tiling({axis: size for axis, size in written.items()
+                            if axis in TILE_AXES and ("tiling", axis) not in invalid})
+    return [_diagnostic(doc.origin(("tiling", axis)), ("tiling", axis), f"tile size does not fit the {axis} axis",
+                        value, allowed)
+            for axis, value, allowed in tile_problems(model, int(data.get("batch", 1)), tiling)]
+
+
+def _at_key(doc: Document, key: str, message: str, value: Any, allowed: str) -> Diagnostic:
+    path = ("model", key)
+    return _diagnostic(doc.origin(path), path, message, value, allowed)
+
+
+def _diagnostic(origin: Origin, path: KeyPath, message: str, value: Any, allowed: str) -> Diagnostic:
+    return Diagnostic(origin.file, origin.line, origin.column, dotted(path), message, value, allowed)
