@@ -43,6 +43,13 @@ def compile_spec(spec: Spec) -> Build:
     })
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file whole or not at all (a reader never sees half of it)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write_build(build: Build, out_root: str | os.PathLike) -> Path:
     """Write `out_root/<name>/` atomically: a failed write leaves the previous build untouched."""
     root = Path(out_root)

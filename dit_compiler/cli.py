@@ -105,7 +105,9 @@ def cmd_verify(args) -> int:
                     progress=lambda line: print(f"[{next(steps, '-')}/3] {line}", flush=True))
     print(format_report(report))
     if args.json:
-        _write_atomic(Path(args.json), report.to_json())
+        from dit_compiler.build import write_text_atomic
+
+        write_text_atomic(Path(args.json), report.to_json())
     return 0 if report.passed else 1
 
 
@@ -124,7 +126,9 @@ def cmd_bench(args) -> int:
                    profile=args.profile, sides=sides, progress=lambda line: print(f"[bench] {line}", flush=True))
     print(format_bench(report))
     if args.json:
-        _write_atomic(Path(args.json), report.to_json())
+        from dit_compiler.build import write_text_atomic
+
+        write_text_atomic(Path(args.json), report.to_json())
     return 0
 
 
@@ -138,12 +142,6 @@ def cmd_sweep(args) -> int:
         print(f"{r.name:<40} {r.status}{extra}")
     print(f"results: {out}/results.csv, {out}/results.json, plots {out}/plot-*.png")
     return 0 if all(r.status == "ok" for r in results) else 1
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from dit_compiler.build import write_text_atomic
 from dit_compiler.errors import Diagnostic, SpecError, UsageError
 
 SWEEP_KEYS = {"base", "name", "grid", "zip", "points"}
@@ -105,8 +106,23 @@ def apply_overrides(base: dict, overrides: dict[str, Any], name: str) -> dict:
     return data
 
 
+def _bench_metrics(built, folder: Path, ncpus: int, torch_cache: dict) -> dict[str, float]:
+    """NNTile for every point; torch once per distinct reference (tiling does not change torch's model)."""
+    from dit_compiler.run.bench import bench
+
+    spec = built.graph.spec.to_dict()
+    key = json.dumps({k: spec[k] for k in ("model", "batch", "precision")}, sort_keys=True)
+    sides = ("nntile",) if key in torch_cache else ("nntile", "torch")
+    report = bench(built.graph, folder, ncpus=ncpus, sides=sides, progress=lambda _: None)
+    torch_cache.setdefault(key, report.sides.get("torch"))
+    report.sides["torch"] = torch_cache[key]
+    summary = report.summary()
+    metrics = {f"{side}_{k}": v for side in ("nntile", "torch") for k, v in summary[side].items()}
+    return metrics | {f"ratio_{k}": v for k, v in summary["ratio"].items()}
+
+
 def run_point(point: Point, base: dict, sweep: Sweep, out: Path, *, verify_it: bool, bench_it: bool,
-              ncpus: int) -> PointResult:
+              ncpus: int, torch_cache: dict) -> PointResult:
     from dit_compiler.build import compile_spec, write_build
     from dit_compiler.graph.cost import totals
     from dit_compiler.spec import load_spec_data
@@ -135,21 +151,10 @@ def run_point(point: Point, base: dict, sweep: Sweep, out: Path, *, verify_it: b
             if not report.passed:
                 result.status, result.errors = "failed", [report.breach or report.nntile]
         if bench_it:
-            from dit_compiler.run.bench import bench
-
-            summary = bench(built.graph, folder, ncpus=ncpus, progress=lambda _: None).summary()
-            for side in ("nntile", "torch"):
-                result.metrics.update({f"{side}_{k}": v for k, v in summary[side].items()})
-            result.metrics.update({f"ratio_{k}": v for k, v in summary["ratio"].items()})
+            result.metrics.update(_bench_metrics(built, folder, ncpus, torch_cache))
     except Exception as error:  # a point that crashes is reported, and the sweep goes on
         result.status, result.errors = "failed", [f"{type(error).__name__}: {error}"]
     return result
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_results(results: list[PointResult], sweep: Sweep, out: Path) -> None:
@@ -160,8 +165,8 @@ def write_results(results: list[PointResult], sweep: Sweep, out: Path) -> None:
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(out / "results.csv", buffer.getvalue())
-    _write_atomic(out / "results.json", json.dumps([r.__dict__ for r in results], indent=1) + "\n")
+    write_text_atomic(out / "results.csv", buffer.getvalue())
+    write_text_atomic(out / "results.json", json.dumps([r.__dict__ for r in results], indent=1) + "\n")
 
 
 def plot_results(results: list[PointResult], sweep: Sweep, out: Path) -> list[Path]:
@@ -222,12 +227,14 @@ def run_sweep(path: str | os.PathLike, out_root: str | os.PathLike, *, verify_it
     if resume and (out / "results.json").is_file():
         done = {r["name"]: PointResult(**r) for r in json.loads((out / "results.json").read_text())}
     results = []
+    torch_cache: dict = {}
     for point in tqdm(sweep.points, desc=f"sweep {sweep.name}", unit="point"):
         previous = done.get(point.name)
         if previous is not None and previous.overrides == point.overrides and previous.status != "failed":
             results.append(previous)
             continue
-        results.append(run_point(point, base, sweep, out, verify_it=verify_it, bench_it=bench_it, ncpus=ncpus))
+        results.append(run_point(point, base, sweep, out, verify_it=verify_it, bench_it=bench_it, ncpus=ncpus,
+                                 torch_cache=torch_cache))
         write_results(results, sweep, out)  # after every point: an interrupted sweep resumes from here
     write_results(results, sweep, out)
     plot_results(results, sweep, out)

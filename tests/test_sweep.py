@@ -1,0 +1,70 @@
+"""`ditc sweep` and `ditc bench` as a user runs them."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from conftest import SPECS, needs_nntile
+from dit_compiler.cli import main
+from dit_compiler.run.sweep import load_sweep
+
+
+def write_sweep(tmp_path, body: str):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(f"base: {SPECS / 'tiny.yaml'}\nname: s\n" + body)
+    return path
+
+
+def test_grid_zip_and_points_cross(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, """
+grid:
+  model.depth: [1, 2]
+zip:
+  model.hidden_size: [32, 64]
+  model.num_heads: [2, 4]
+points:
+  - {name: a, set: {batch: 1}}
+  - {name: b, set: {batch: 2}}
+"""))
+    assert len(sweep.points) == 2 * 2 * 2
+    assert {"model.depth", "model.hidden_size", "model.num_heads", "batch"} == set(sweep.swept)
+    assert sweep.points[0].overrides == {"batch": 1, "model.depth": 1, "model.hidden_size": 32, "model.num_heads": 2}
+
+
+def test_zip_lists_of_different_lengths_are_an_error(tmp_path):
+    assert main(["sweep", str(write_sweep(tmp_path, "zip:\n  model.depth: [1, 2]\n  batch: [1]\n"))]) == 2
+
+
+def test_invalid_point_is_reported_and_the_sweep_goes_on_then_resumes(tmp_path, capsys):
+    sweep = write_sweep(tmp_path, "grid:\n  model.num_heads: [4, 5]\n  model.depth: [1, 2]\n")
+    out = tmp_path / "out"
+    assert main(["sweep", str(sweep), "-o", str(out)]) == 1  # a point failed validation
+    printed = capsys.readouterr().out
+    assert "num_heads=5-depth=1" in printed and "invalid" in printed
+    rows = list(csv.DictReader((out / "s" / "results.csv").open()))
+    assert [r["status"] for r in rows] == ["ok", "ok", "invalid", "invalid"]
+    assert "not divisible" in rows[2]["errors"]
+    assert float(rows[1]["gmac"]) > float(rows[0]["gmac"])
+    assert (out / "s" / "plot-model_depth.png").stat().st_size > 0
+
+    finished = json.loads((out / "s" / "results.json").read_text())
+    build = out / "s" / "builds" / "s-num_heads4-depth1" / "nntile_model.py"
+    stamp = build.stat().st_mtime_ns
+    assert main(["sweep", str(sweep), "-o", str(out), "--resume"]) == 1
+    assert build.stat().st_mtime_ns == stamp  # finished points were skipped, not rebuilt
+    assert json.loads((out / "s" / "results.json").read_text())[:2] == finished[:2]
+
+
+@needs_nntile
+@pytest.mark.nntile
+def test_bench_prints_both_sides_and_a_ratio(tmp_path, capsys):
+    report = tmp_path / "bench.json"
+    assert main(["bench", str(SPECS / "tiny.yaml"), "-o", str(tmp_path), "--warmup", "1", "--repeats", "1",
+                 "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "ratio nntile/torch: forward" in printed and "2 StarPU CPU workers" in printed
+    summary = json.loads(report.read_text())["summary"]
+    assert summary["nntile"]["peak_rss_mib"] > 0 and summary["torch"]["step_median_s"] > 0
+    assert summary["ratio"]["step_median_s"] > 0
