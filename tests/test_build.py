@@ -130,3 +130,13 @@ def test_installed_console_script_builds_from_anywhere(tmp_path):
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "tiny" / "nntile_model.py").read_text() == \
         (ROOT / "generated" / "tiny" / "nntile_model.py").read_text()
+
+
+def test_verify_without_nntile_says_so_and_checks_what_it_can(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "nntile", None)  # `import nntile` now fails, as on a machine without it
+    assert main(["verify", str(SPECS / "tiny.yaml"), "-o", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "NNTile model not run: NNTile is not importable" in out
+    assert "torch reference vs diffusers DiTTransformer2DModel: forward" in out
+    assert main(["verify", str(SPECS / "tiny.yaml"), "-o", str(tmp_path), "--require-nntile"]) == 2
+    assert "--require-nntile" in capsys.readouterr().err

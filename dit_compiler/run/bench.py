@@ -202,7 +202,13 @@ def _nntile_profile(model, nntile) -> dict[str, float]:
 
 
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """This process's own peak RSS. Not getrusage's ru_maxrss: Linux carries the parent's peak across
+    fork and exec into it, so a worker started by a large process would report that process's peak."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # where /proc is missing
 
 
 def _main() -> None:
