@@ -9,6 +9,7 @@ import pytest
 
 from conftest import needs_nntile
 from dit_compiler.build import NNTILE_FILE, compile_spec, write_build
+from dit_compiler.cli import main
 from dit_compiler.run.verify import FORWARD_TOL, GRAD_TOL, verify
 from dit_compiler.spec.model import ModelSpec, Spec, TilingSpec
 
@@ -81,3 +82,4 @@ def test_a_corrupted_op_is_caught_and_named(tmp_path):
     report = verify(graph, broken, oracle=False, progress=lambda _: None)
     assert not report.passed
     assert report.breach.startswith("modulate: forward"), report.breach
+    assert main(["verify", str(broken), "--no-oracle"]) == 1
