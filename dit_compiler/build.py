@@ -32,8 +32,8 @@ class Build:
 def compile_spec(spec: Spec) -> Build:
     """Run every stage in memory; nothing touches the disk."""
     graph = lower(spec)
-    resolved = (f"# Resolved spec \"{spec.name}\" ({Path(spec.source).name}), written by ditc {__version__}; "
-                f"sha256 {spec_digest(graph)}.\n"
+    resolved = (f"# Resolved spec \"{spec.name}\" (sha256 {spec_digest(graph)}), written by ditc {__version__}: "
+                "every default filled in.\n"
                 + yaml.safe_dump(spec.to_dict(), sort_keys=False, default_flow_style=False))
     return Build(graph, {
         TORCH_FILE: emit_torch(graph),
@@ -41,6 +41,12 @@ def compile_spec(spec: Spec) -> Build:
         GRAPH_FILE: graph.to_json(),
         SPEC_FILE: resolved,
     })
+
+
+def stale_files(build: Build, folder: Path) -> list[str]:
+    """The files of `build` that `folder` lacks or holds with other contents."""
+    return [name for name, text in sorted(build.files.items())
+            if not (folder / name).is_file() or (folder / name).read_text(encoding="utf-8") != text]
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -52,13 +52,11 @@ def cmd_schema(args) -> int:
 
 def build_one(spec, out_root: str) -> tuple[Path, bool]:
     """Build `spec` into `out_root/<name>/`; returns the folder and whether anything changed."""
-    from dit_compiler.build import compile_spec, write_build
+    from dit_compiler.build import compile_spec, stale_files, write_build
 
     build = compile_spec(spec)
     target = Path(out_root) / spec.name
-    if target.is_dir() and all((target / n).is_file() and (target / n).read_text(encoding="utf-8") == text
-                               for n, text in build.files.items()) \
-            and sorted(p.name for p in target.iterdir()) == sorted(build.files):
+    if target.is_dir() and not stale_files(build, target):
         return target, False
     return write_build(build, out_root), True
 
@@ -99,10 +97,17 @@ def cmd_verify(args) -> int:
     if build_dir is None:
         build_dir, changed = build_one(spec, args.out)
         print(f"[build] {'wrote' if changed else 'up to date'} {build_dir}/")
+    else:
+        from dit_compiler.build import compile_spec, stale_files
+
+        if stale := stale_files(compile_spec(spec), build_dir):
+            print(f"note: {build_dir}: {', '.join(stale)} differ from a fresh build of its spec "
+                  "(edited by hand, or built by another ditc); verifying the files as they are")
     graph = lower(spec)
-    steps = iter(range(1, 4))
+    total = 1 + (not args.no_oracle) + (nntile_status() == "ran")
+    steps = iter(range(1, total + 1))
     report = verify(graph, build_dir, seed=args.seed, ncpus=args.ncpus, oracle=not args.no_oracle,
-                    progress=lambda line: print(f"[{next(steps, '-')}/3] {line}", flush=True))
+                    progress=lambda line: print(f"[{next(steps)}/{total}] {line}", flush=True))
     print(format_report(report))
     if args.json:
         from dit_compiler.build import write_text_atomic

@@ -70,7 +70,7 @@ def test_verify_twice_in_one_process(tmp_path):
     assert [r.forward for r in second.rows] == pytest.approx([r.forward for r in first.rows], rel=0.1)
 
 
-def test_a_corrupted_op_is_caught_and_named(tmp_path):
+def test_a_corrupted_op_is_caught_and_named(tmp_path, capsys):
     """Swap shift and scale of one modulate call in the generated NNTile model: verify must fail there."""
     graph, folder = build(tmp_path)
     broken = tmp_path / "broken"
@@ -83,3 +83,4 @@ def test_a_corrupted_op_is_caught_and_named(tmp_path):
     assert not report.passed
     assert report.breach.startswith("modulate: forward"), report.breach
     assert main(["verify", str(broken), "--no-oracle"]) == 1
+    assert "nntile_model.py differ from a fresh build" in capsys.readouterr().out

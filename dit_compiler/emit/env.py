@@ -38,11 +38,11 @@ def spec_digest(graph: Graph) -> str:
 
 
 def header(graph: Graph, what: str) -> dict:
-    """Facts every generated file states at its top."""
+    """Facts every generated file states at its top. Not the spec's path: a build folder re-verified from
+    its own spec.resolved.yaml must compare equal to the build it came from."""
     return {
         "what": what,
         "spec_name": graph.spec.name,
-        "spec_file": Path(graph.spec.source).name,
         "spec_digest": spec_digest(graph),
         "version": __version__,
     }
