@@ -79,10 +79,6 @@ class Tensor:
     def ntiles(self) -> int:
         return math.prod(math.ceil(s / t) for s, t in zip(self.shape, self.tile))
 
-    @property
-    def requires_grad(self) -> bool:
-        return self.role in ("param", "activation") or (self.role == "input" and self.dtype == "fp32")
-
 
 @dataclass(frozen=True)
 class Node:
@@ -130,9 +126,6 @@ class Graph:
     @property
     def params(self) -> list[Tensor]:
         return [t for t in self.tensors.values() if t.role == "param"]
-
-    def producers(self) -> dict[str, Node]:
-        return {out: node for node in self.nodes for out in node.outputs}
 
     def components(self) -> list[str]:
         """Verify-table rows in first-appearance order."""
