@@ -173,25 +173,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--dot", action="store_true", help="print a Graphviz picture of the block structure")
     s.set_defaults(func=cmd_inspect)
 
-    s = sub.add_parser("verify", help="run NNTile and torch on the same random weights and compare")
-    s.add_argument("target", metavar="SPEC_OR_BUILD_DIR")
-    s.add_argument("-o", "--out", default=DEFAULT_OUT, help="where a spec is built (default: generated/)")
+    s = _runner(sub, "verify", "run NNTile and torch on the same random weights and compare",
+                "StarPU CPU workers (default: $STARPU_NCPU or all cores)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--ncpus", type=int, default=_default_ncpus(),
-                   help="StarPU CPU workers (default: $STARPU_NCPU or all cores)")
-    s.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     s.add_argument("--require-nntile", action="store_true", help="fail (exit 2) when NNTile is not importable")
     s.add_argument("--no-oracle", action="store_true", help="skip the check against diffusers")
     s.set_defaults(func=cmd_verify)
 
-    s = sub.add_parser("bench", help="time NNTile against torch: forward and an AdamW training step")
-    s.add_argument("target", metavar="SPEC_OR_BUILD_DIR")
-    s.add_argument("-o", "--out", default=DEFAULT_OUT, help="where a spec is built (default: generated/)")
-    s.add_argument("--ncpus", type=int, default=_default_ncpus(), help="StarPU workers and torch threads")
+    s = _runner(sub, "bench", "time NNTile against torch: forward and an AdamW training step",
+                "StarPU workers and torch threads (default: $STARPU_NCPU or all cores)")
     s.add_argument("--warmup", type=int, default=1)
     s.add_argument("--repeats", type=int, default=5)
     s.add_argument("--profile", action="store_true", help="time per op kind (NNTile layers, torch profiler)")
-    s.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("sweep", help="validate, build, inspect (and verify, bench) every point of a sweep")
@@ -203,6 +196,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--ncpus", type=int, default=_default_ncpus())
     s.set_defaults(func=cmd_sweep)
     return p
+
+
+def _runner(sub, name: str, help_text: str, ncpus_help: str) -> argparse.ArgumentParser:
+    """A command that runs a build: its target, where a spec is built, workers, and a JSON report."""
+    s = sub.add_parser(name, help=help_text)
+    s.add_argument("target", metavar="SPEC_OR_BUILD_DIR")
+    s.add_argument("-o", "--out", default=DEFAULT_OUT, help="where a spec is built (default: generated/)")
+    s.add_argument("--ncpus", type=int, default=_default_ncpus(), help=ncpus_help)
+    s.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    return s
 
 
 def _default_ncpus() -> int:
