@@ -351,6 +351,7 @@ class LayerNormNoAffine(_Composed):
         add_slice_async(-1.0, self.mean, 1.0, self.tmp, 0)
         prod_slice_async(self.inv_std, 1.0, self.tmp, 0)
         add_async(1.0, self.tmp, 1.0, self.x.grad)
+        self.tmp.invalidate_submit()  # StarPU may hand its memory to the next layer's scratch
 
 
 class Modulate(_Composed):
@@ -376,6 +377,7 @@ class Modulate(_Composed):
         copy_async(self.y.grad, self.tmp)
         prod_slice_async(self.scale1, 1.0, self.tmp, 1)
         add_async(1.0, self.tmp, 1.0, self.x.grad)
+        self.tmp.invalidate_submit()  # StarPU may hand its memory to the next layer's scratch
 
 
 class GatedResidual(_Composed):
@@ -397,6 +399,7 @@ class GatedResidual(_Composed):
         copy_async(self.y.grad, self.tmp)
         prod_slice_async(self.gate.value, 1.0, self.tmp, 1)
         add_async(1.0, self.tmp, 1.0, self.h.grad)
+        self.tmp.invalidate_submit()  # StarPU may hand its memory to the next layer's scratch
 
 
 class AddConstSlice(BaseLayer):
