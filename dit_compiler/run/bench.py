@@ -17,7 +17,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -161,44 +160,22 @@ def _worker(side: str, build_dir: Path, ncpus: int, warmup: int, repeats: int, p
             kinds = dict(sorted(kinds.items(), key=lambda kv: -kv[1])[:15])
         return SideResult(side, torch.get_num_threads(), forward_s, step_s, _peak_rss_mib(), kinds)
 
-    import nntile
-
     module = load_module(build_dir / "nntile_model.py")
     with module.nntile_runtime(ncpus):
         model = module.Model()
         model.load_state_dict(reference.state_dict())
         del reference
-        optimizer = nntile.optimizer.AdamW(model.parameters, LR, model.next_tag)
-        scale = 2.0 / target.size  # d/d(out) of mean((out - target)^2)
-
-        def step():
-            out = model.forward(x, t, y)
-            model.backward(scale * (out - target), input_grad=False)
-            optimizer.step()
-            nntile.starpu.wait_for_all()
-
+        optimizer = model.adamw(LR)
         try:
             for _ in range(warmup):
-                step()
+                model.train_step(x, t, y, target, optimizer)
             forward_s = [_timed(lambda: model.forward(x, t, y)) for _ in range(repeats)]
-            step_s = [_timed(step) for _ in range(repeats)]
-            kinds = _nntile_profile(model, nntile) if profile else {}
+            step_s = [_timed(lambda: model.train_step(x, t, y, target, optimizer)) for _ in range(repeats)]
+            kinds = model.profile_layers() if profile else {}
         finally:
             optimizer.unregister()
             model.unregister()
     return SideResult(side, ncpus, forward_s, step_s, _peak_rss_mib(), kinds)
-
-
-def _nntile_profile(model, nntile) -> dict[str, float]:
-    """Per-layer timing (each layer's forward, then backward, waited on alone), summed per op kind.
-    Waiting per layer removes the overlap StarPU finds between layers, so the sum exceeds a step."""
-    kinds: dict[str, float] = defaultdict(float)
-    model.clear_gradients()
-    for layer, kind in zip(model.layers, model.layer_kinds):
-        kinds[f"{kind} forward"] += _timed(lambda: (layer.forward_async(), nntile.starpu.wait_for_all()))
-    for layer, kind in zip(reversed(model.layers), reversed(model.layer_kinds)):
-        kinds[f"{kind} backward"] += _timed(lambda: (layer.backward_async(), nntile.starpu.wait_for_all()))
-    return dict(kinds)
 
 
 def _peak_rss_mib() -> float:

@@ -23,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
+from collections import defaultdict
 
 import numpy as np
 
@@ -1588,11 +1590,18 @@ class Model(BaseModel):
 
     def gradients(self) -> dict[str, np.ndarray]:
         """Parameter gradients as a torch-style {state_dict key: array}; row blocks are reassembled."""
+        return self._torch_style("grad")
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Current weights under the torch reference's keys (a checkpoint the reference loads)."""
+        return self._torch_style("value")
+
+    def _torch_style(self, part: str) -> dict[str, np.ndarray]:
         pieces: dict[str, list[np.ndarray]] = {}
         for name, (key, rows, layout) in PARAMS.items():
             shape = self.torch_shapes[key]
             piece_shape = ((rows[1] - rows[0],) + tuple(shape[1:])) if rows else shape
-            piece = from_graph_layout(self._read(self.tensors[name].grad), layout, piece_shape)
+            piece = from_graph_layout(self._read(getattr(self.tensors[name], part)), layout, piece_shape)
             pieces.setdefault(key, []).append(piece)
         return {key: np.concatenate(parts) if len(parts) > 1 else parts[0] for key, parts in pieces.items()}
 
@@ -1613,6 +1622,36 @@ class Model(BaseModel):
         self.backward_async()
         nntile.starpu.wait_for_all()
         return patchify_grad(self.grad("x_patches")) if input_grad else None
+
+    # -- training and profiling -----------------------------------------------------------------
+    def adamw(self, lr: float, weight_decay: float = 0.0):
+        """NNTile's fused AdamW over every parameter: `.step()` after `backward`, `.unregister()` at the end."""
+        optimizer = nntile.optimizer.AdamW(self.parameters, lr, self.next_tag, weight_decay=weight_decay)
+        self.next_tag = optimizer.get_next_tag()
+        return optimizer
+
+    def train_step(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, target: np.ndarray, optimizer) -> float:
+        """One optimiser step on the mean squared error against `target` [N, C_out, H, W]; returns the loss."""
+        diff = self.forward(x, t, y) - target
+        self.backward(2.0 / target.size * diff, input_grad=False)
+        optimizer.step()
+        nntile.starpu.wait_for_all()
+        return float(np.mean(diff ** 2))
+
+    def profile_layers(self) -> dict[str, float]:
+        """Seconds per op kind of one forward and one backward, each layer run and waited on alone.
+        That removes the overlap StarPU finds between layers, so the sum exceeds a real step."""
+        seconds: dict[str, float] = defaultdict(float)
+        self.clear_gradients()
+        passes = (("forward", self.layers, self.layer_kinds),
+                  ("backward", self.layers[::-1], self.layer_kinds[::-1]))
+        for direction, layers, kinds in passes:
+            for layer, kind in zip(layers, kinds):
+                start = time.perf_counter()
+                layer.forward_async() if direction == "forward" else layer.backward_async()
+                nntile.starpu.wait_for_all()
+                seconds[f"{kind} {direction}"] += time.perf_counter() - start
+        return dict(seconds)
 
     def unregister(self) -> None:
         for layer in self.layers:
