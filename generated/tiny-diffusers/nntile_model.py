@@ -16,6 +16,10 @@ Use:
         out = model.forward(x, t, y)                           # numpy, torch layouts
         dx = model.backward(grad_out)                          # gradient of the input latent
         grads = model.gradients()                              # torch-style {key: array}
+        optimizer = model.adamw(lr=1e-4)                       # train: MSE against a target
+        loss = model.train_step(x, t, y, target, optimizer)
+        checkpoint = model.state_dict()                        # loads into the torch reference
+        optimizer.unregister()
         model.unregister()
 """
 from __future__ import annotations
