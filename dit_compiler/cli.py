@@ -182,8 +182,8 @@ def parser() -> argparse.ArgumentParser:
 
     s = _runner(sub, "bench", "time NNTile against torch: forward and an AdamW training step",
                 "StarPU workers and torch threads (default: $STARPU_NCPU or all cores)")
-    s.add_argument("--warmup", type=int, default=1)
-    s.add_argument("--repeats", type=int, default=5)
+    s.add_argument("--warmup", type=_count(0), default=1)
+    s.add_argument("--repeats", type=_count(1), default=5)
     s.add_argument("--profile", action="store_true", help="time per op kind (NNTile layers, torch profiler)")
     s.set_defaults(func=cmd_bench)
 
@@ -193,7 +193,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--verify", action="store_true", help="also run ditc verify on every point")
     s.add_argument("--bench", action="store_true", help="also run ditc bench on every point")
     s.add_argument("--resume", action="store_true", help="skip points an earlier run finished")
-    s.add_argument("--ncpus", type=int, default=_default_ncpus())
+    s.add_argument("--ncpus", type=_count(1), default=_default_ncpus())
     s.set_defaults(func=cmd_sweep)
     return p
 
@@ -203,9 +203,22 @@ def _runner(sub, name: str, help_text: str, ncpus_help: str) -> argparse.Argumen
     s = sub.add_parser(name, help=help_text)
     s.add_argument("target", metavar="SPEC_OR_BUILD_DIR")
     s.add_argument("-o", "--out", default=DEFAULT_OUT, help="where a spec is built (default: generated/)")
-    s.add_argument("--ncpus", type=int, default=_default_ncpus(), help=ncpus_help)
+    s.add_argument("--ncpus", type=_count(1), default=_default_ncpus(), help=ncpus_help)
     s.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     return s
+
+
+def _count(minimum: int):
+    """An argparse type: an integer of at least `minimum` (argparse turns the error into exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum {minimum}")
+        return value
+    return parse
 
 
 def _default_ncpus() -> int:

@@ -145,3 +145,12 @@ def test_verify_without_nntile_says_so_and_checks_what_it_can(tmp_path, monkeypa
     assert "torch reference vs diffusers DiTTransformer2DModel: forward" in out
     assert main(["verify", str(SPECS / "tiny.yaml"), "-o", str(tmp_path), "--require-nntile"]) == 2
     assert "--require-nntile" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["bench", "specs/tiny.yaml", "--ncpus", "0"],
+                                  ["verify", "specs/tiny.yaml", "--ncpus", "two"],
+                                  ["bench", "specs/tiny.yaml", "--repeats", "0"]])
+def test_bad_counts_exit_2_before_any_work(args, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2 and "argument" in capsys.readouterr().err
