@@ -22,9 +22,31 @@ def _kind(graph: Graph, name: str) -> str:
     return "labels" if t.dtype == "int64" else t.role
 
 
-def _call_args(node: Node) -> str:
+def _ones_name(graph: Graph, node: Node) -> str:
+    """The constant row of ones a linear node's bias GEMM multiplies: [1, <its batch axes>]."""
+    return "ones[" + ",".join(graph.tensors[node.outputs[0]].dims[1:]) + "]"
+
+
+def _tensor_entries(graph: Graph, tensors) -> list[dict]:
+    """TENSORS rows: the graph's shapes and tiles, except that NNTile 1.1.0 keeps a linear bias as a
+    one-column matrix, beside rows of ones, so the bias add and its gradient are GEMMs (see `Linear`)."""
+    linears = [n for n in graph.nodes if n.op == "linear"]
+    biases = {n.inputs[2] for n in linears}
+    rows = [{"name": t.name, "shape": t.shape + (1,) * (t.name in biases),
+             "tile": t.tile + (1,) * (t.name in biases), "kind": _kind(graph, t.name)} for t in tensors]
+    for node in linears:
+        y = graph.tensors[node.outputs[0]]
+        row = {"name": _ones_name(graph, node), "shape": (1,) + y.shape[1:], "tile": (1,) + y.tile[1:], "kind": "ones"}
+        if row not in rows:
+            rows.append(row)
+    return rows
+
+
+def _call_args(graph: Graph, node: Node) -> str:
     """Positional names then keyword attributes, in the order of the template's op methods."""
     names = [f'"{n}"' for n in node.inputs + node.outputs]
+    if node.op == "linear":
+        names.append(f'"{_ones_name(graph, node)}"')
     if node.op == "attention":
         names = names + [f"heads={node.attrs['heads']}"]
     else:
@@ -55,12 +77,11 @@ def nntile_context(graph: Graph) -> dict:
         "frequency_shift": a["frequency_shift"],
         "max_period": a["max_period"],
         "host_nodes": host_nodes,
-        "tensors": [{"name": t.name, "shape": t.shape, "tile": t.tile, "kind": _kind(graph, t.name)}
-                    for t in nntile_tensors],
+        "tensors": _tensor_entries(graph, nntile_tensors),
         "params": [{"name": p.name, "key": p.source.key, "rows": p.source.rows, "layout": p.source.layout}
                    for p in graph.params],
         "consts": [t.name for t in graph.tensors.values() if t.role == "const"],
-        "nodes": [{"op": n.op, "args": _call_args(n),
+        "nodes": [{"op": n.op, "args": _call_args(graph, n),
                    "comment": f"{n.name} = {n.op}({', '.join(n.inputs)}) [{n.component}]"} for n in device_nodes],
         "forward_host": forward_host,
         "output_host": f'unpatchify(self.value("{unpatch.inputs[0]}"))',
