@@ -13,7 +13,7 @@ from dit_compiler.errors import SpecError, UsageError
 DEFAULT_OUT = "generated"
 
 
-def _spec_and_dir(target: str, out_root: str):
+def _spec_and_dir(target: str):
     """A spec file, or a generated build folder (its spec.resolved.yaml), -> (spec, build folder or None)."""
     from dit_compiler.build import SPEC_FILE
     from dit_compiler.spec import load_spec
@@ -26,6 +26,21 @@ def _spec_and_dir(target: str, out_root: str):
     if not path.exists():
         raise UsageError(f"{target}: no such spec file or build folder")
     return load_spec(path), None
+
+
+def _runner_target(args):
+    """The spec and build folder `verify` and `bench` run: a spec is built into `args.out` when needed; a
+    folder is run as it is, with a note when its files differ from a fresh build of its spec."""
+    from dit_compiler.build import compile_spec, stale_files
+
+    spec, build_dir = _spec_and_dir(args.target)
+    if build_dir is None:
+        build_dir, changed = build_one(spec, args.out)
+        print(f"[build] {'wrote' if changed else 'up to date'} {build_dir}/")
+    elif stale := stale_files(compile_spec(spec), build_dir):
+        print(f"note: {build_dir}: {', '.join(stale)} differ from a fresh build of its spec "
+              "(edited by hand, or built by another ditc); running the files as they are")
+    return spec, build_dir
 
 
 def cmd_validate(args) -> int:
@@ -75,7 +90,7 @@ def cmd_inspect(args) -> int:
     from dit_compiler.inspect import dot, inspect_json, inspect_table
     from dit_compiler.lower import lower
 
-    spec, _ = _spec_and_dir(args.spec, DEFAULT_OUT)
+    spec, _ = _spec_and_dir(args.spec)
     graph = lower(spec)
     if args.dot:
         sys.stdout.write(dot(graph))
@@ -90,21 +105,13 @@ def cmd_verify(args) -> int:
     from dit_compiler.lower import lower
     from dit_compiler.run.verify import format_report, nntile_status, verify
 
-    spec, build_dir = _spec_and_dir(args.target, args.out)
-    if args.require_nntile and (status := nntile_status()) != "ran":
+    spec, build_dir = _runner_target(args)
+    status = nntile_status()
+    if args.require_nntile and status != "ran":
         print(f"error: --require-nntile: {status}", file=sys.stderr)
         return 2
-    if build_dir is None:
-        build_dir, changed = build_one(spec, args.out)
-        print(f"[build] {'wrote' if changed else 'up to date'} {build_dir}/")
-    else:
-        from dit_compiler.build import compile_spec, stale_files
-
-        if stale := stale_files(compile_spec(spec), build_dir):
-            print(f"note: {build_dir}: {', '.join(stale)} differ from a fresh build of its spec "
-                  "(edited by hand, or built by another ditc); verifying the files as they are")
     graph = lower(spec)
-    total = 1 + (not args.no_oracle) + (nntile_status() == "ran")
+    total = 1 + (not args.no_oracle) + (status == "ran")
     steps = iter(range(1, total + 1))
     report = verify(graph, build_dir, seed=args.seed, ncpus=args.ncpus, oracle=not args.no_oracle,
                     progress=lambda line: print(f"[{next(steps)}/{total}] {line}", flush=True))
@@ -121,12 +128,11 @@ def cmd_bench(args) -> int:
     from dit_compiler.run.bench import bench, format_bench
     from dit_compiler.run.verify import nntile_status
 
-    spec, build_dir = _spec_and_dir(args.target, args.out)
-    if build_dir is None:
-        build_dir, _ = build_one(spec, args.out)
-    sides = ("nntile", "torch") if nntile_status() == "ran" else ("torch",)
-    if sides == ("torch",):
-        print(f"note: {nntile_status()}; timing torch alone", file=sys.stderr)
+    spec, build_dir = _runner_target(args)
+    status = nntile_status()
+    sides = ("nntile", "torch") if status == "ran" else ("torch",)
+    if status != "ran":
+        print(f"note: {status}; timing torch alone", file=sys.stderr)
     report = bench(lower(spec), build_dir, ncpus=args.ncpus, warmup=args.warmup, repeats=args.repeats,
                    profile=args.profile, sides=sides, progress=lambda line: print(f"[bench] {line}", flush=True))
     print(format_bench(report))
