@@ -1737,6 +1737,13 @@ class _Composed(BaseLayer):
         self.temporaries.append(tensor)
         return tensor
 
+    def add_scaled(self, dy: Tensor, scale: Tensor, grad: Tensor) -> None:
+        """grad += dy * scale, scale [hidden, batch] broadcast over tokens (axis 1), through `self.tmp`."""
+        copy_async(dy, self.tmp)
+        prod_slice_async(scale, 1.0, self.tmp, 1)
+        add_async(1.0, self.tmp, 1.0, grad)
+        self.tmp.invalidate_submit()  # StarPU may hand its memory to the next layer's scratch
+
 
 class LayerNormNoAffine(_Composed):
     """y = (x - mean) / sqrt(var + eps) over axis 0 (hidden), no gamma or beta."""
@@ -1791,10 +1798,7 @@ class Modulate(_Composed):
     def backward_async(self) -> None:
         sum_slice_async(1.0, self.y.grad, 1.0, self.shift.grad, 1)
         sumprod_slice_async(1.0, self.y.grad, self.x.value, 1.0, self.scale.grad, 1)
-        copy_async(self.y.grad, self.tmp)
-        prod_slice_async(self.scale1, 1.0, self.tmp, 1)
-        add_async(1.0, self.tmp, 1.0, self.x.grad)
-        self.tmp.invalidate_submit()  # StarPU may hand its memory to the next layer's scratch
+        self.add_scaled(self.y.grad, self.scale1, self.x.grad)
 
 
 class GatedResidual(_Composed):
@@ -1813,10 +1817,7 @@ class GatedResidual(_Composed):
     def backward_async(self) -> None:
         add_async(1.0, self.y.grad, 1.0, self.x.grad)
         sumprod_slice_async(1.0, self.y.grad, self.h.value, 1.0, self.gate.grad, 1)
-        copy_async(self.y.grad, self.tmp)
-        prod_slice_async(self.gate.value, 1.0, self.tmp, 1)
-        add_async(1.0, self.tmp, 1.0, self.h.grad)
-        self.tmp.invalidate_submit()  # StarPU may hand its memory to the next layer's scratch
+        self.add_scaled(self.y.grad, self.gate.value, self.h.grad)
 
 
 class Linear(BaseLayer):
