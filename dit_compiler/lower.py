@@ -202,7 +202,7 @@ class _Lowering:
         return out
 
     def attention_params(self, key_prefix: str) -> tuple[str, ...]:
-        """q, k, v weights [heads, head_dim, hidden] and biases [head_dim, heads], output weight and bias."""
+        """q, k, v weights [heads, head_dim, hidden] and biases [heads, head_dim], output weight and bias."""
         d = self.spec.model.hidden_size
         fused = isinstance(self.keys.attn_in, str)
         weights, biases = [], []
@@ -212,7 +212,7 @@ class _Lowering:
             suffix = f".{part}" if fused else ""
             weights.append(self.param(f"{key}.weight{suffix}", ("heads", "head_dim", "hidden"), f"{key}.weight",
                                       rows, "heads_in"))
-            biases.append(self.param(f"{key}.bias{suffix}", ("head_dim", "heads"), f"{key}.bias", rows, "heads_bias"))
+            biases.append(self.param(f"{key}.bias{suffix}", ("heads", "head_dim"), f"{key}.bias", rows))
         out = self.keys.attn_out.format(b=key_prefix)
         w_o = self.param(f"{out}.weight", ("hidden", "heads", "head_dim"), f"{out}.weight", layout="heads_out")
         b_o = self.param(f"{out}.bias", ("hidden",), f"{out}.bias")

@@ -154,3 +154,21 @@ def test_bad_counts_exit_2_before_any_work(args, capsys):
     with pytest.raises(SystemExit) as stop:
         main(args)
     assert stop.value.code == 2 and "argument" in capsys.readouterr().err
+
+
+def test_backward_gradient_plan_overwrites_at_the_last_reader_and_releases_at_the_producer():
+    """The NNTile model's `GRAD_PLAN`: backward writes an activation's gradient first at its last reader
+    in forward order (which runs first in backward), and releases it after the layer that made it."""
+    from dit_compiler.emit.nntile_emitter import _grad_plan
+    graph = compile_spec(load_spec(SPECS / "tiny.yaml")).graph
+    device = [n for n in graph.nodes if not n.host]
+    plan = [{key: eval(row[key]) for key in ("first", "release")} for row in _grad_plan(graph, device)]
+    seeded = next(n.inputs[0] for n in graph.nodes if n.op == "unpatchify")
+    read = {name for n in device for name in n.inputs if graph.tensors[name].role == "activation"} - {seeded}
+    for name in read:
+        readers = [i for i, n in enumerate(device) if name in n.inputs]
+        assert [i for i, row in enumerate(plan) if name in row["first"]] == [max(readers)], name
+    for i, node in enumerate(device):
+        made = [o for o in node.outputs if graph.tensors[o].role == "activation"]
+        assert list(plan[i]["release"]) == made
+    assert not any(seeded in row["first"] for row in plan)

@@ -22,19 +22,23 @@ def _kind(graph: Graph, name: str) -> str:
     return "labels" if t.dtype == "int64" else t.role
 
 
+#: Ops whose bias inputs (by position) NNTile 1.1.0 adds as rank-1 GEMMs.
+_BIAS_INPUTS = {"linear": (2,), "attention": (4, 5, 6, 8)}
+
+
 def _ones_name(graph: Graph, node: Node) -> str:
-    """The constant row of ones a linear node's bias GEMM multiplies: [1, <its batch axes>]."""
+    """The constant row of ones a node's bias GEMMs multiply: [1, <the output's batch axes>]."""
     return "ones[" + ",".join(graph.tensors[node.outputs[0]].dims[1:]) + "]"
 
 
 def _tensor_entries(graph: Graph, tensors) -> list[dict]:
-    """TENSORS rows: the graph's shapes and tiles, except that NNTile 1.1.0 keeps a linear bias as a
+    """TENSORS rows: the graph's shapes and tiles, except that NNTile 1.1.0 keeps a bias as a
     one-column matrix, beside rows of ones, so the bias add and its gradient are GEMMs (see `Linear`)."""
-    linears = [n for n in graph.nodes if n.op == "linear"]
-    biases = {n.inputs[2] for n in linears}
+    with_bias = [n for n in graph.nodes if n.op in _BIAS_INPUTS]
+    biases = {n.inputs[i] for n in with_bias for i in _BIAS_INPUTS[n.op]}
     rows = [{"name": t.name, "shape": t.shape + (1,) * (t.name in biases),
              "tile": t.tile + (1,) * (t.name in biases), "kind": _kind(graph, t.name)} for t in tensors]
-    for node in linears:
+    for node in with_bias:
         y = graph.tensors[node.outputs[0]]
         row = {"name": _ones_name(graph, node), "shape": (1,) + y.shape[1:], "tile": (1,) + y.tile[1:], "kind": "ones"}
         if row not in rows:
@@ -45,13 +49,35 @@ def _tensor_entries(graph: Graph, tensors) -> list[dict]:
 def _call_args(graph: Graph, node: Node) -> str:
     """Positional names then keyword attributes, in the order of the template's op methods."""
     names = [f'"{n}"' for n in node.inputs + node.outputs]
-    if node.op == "linear":
+    if node.op in _BIAS_INPUTS:
         names.append(f'"{_ones_name(graph, node)}"')
-    if node.op == "attention":
-        names = names + [f"heads={node.attrs['heads']}"]
-    else:
+    if node.op != "attention":  # the head count is the first axis of the q weight
         names += [f"{key}={value!r}" for key, value in node.attrs.items()]
     return ", ".join(names)
+
+
+def _grad_plan(graph: Graph, device_nodes: list[Node]) -> list[dict]:
+    """Per device node, the activation gradients its backward writes first (it is their last reader in
+    forward order), which it overwrites instead of accumulating, and those to release after it (it made
+    them; backward never reads them again). A gradient lives only between the two, so StarPU reuses its
+    memory instead of holding every activation's gradient at once. The seeded gradient is never written."""
+    seeded = {n.inputs[0] for n in graph.nodes if n.host and n.op == "unpatchify"}
+    last_reader: dict[str, int] = {}
+    for i, node in enumerate(device_nodes):
+        if len(set(node.inputs)) != len(node.inputs):
+            raise ValueError(f"{node.name}: an input appears twice; its gradient would be overwritten")
+        for name in node.inputs:
+            if graph.tensors[name].role == "activation" and name not in seeded:
+                last_reader[name] = i
+    first: list[list[str]] = [[] for _ in device_nodes]
+    for name, i in last_reader.items():
+        first[i].append(name)
+    release = [[o for o in n.outputs if graph.tensors[o].role == "activation"] for n in device_nodes]
+    return [{"first": _py_tuple(f), "release": _py_tuple(r)} for f, r in zip(first, release)]
+
+
+def _py_tuple(names: list[str]) -> str:
+    return "(" + "".join(f'"{n}", ' for n in names).rstrip(" ") + ")"
 
 
 def nntile_context(graph: Graph) -> dict:
@@ -83,9 +109,11 @@ def nntile_context(graph: Graph) -> dict:
         "consts": [t.name for t in graph.tensors.values() if t.role == "const"],
         "nodes": [{"op": n.op, "args": _call_args(graph, n),
                    "comment": f"{n.name} = {n.op}({', '.join(n.inputs)}) [{n.component}]"} for n in device_nodes],
+        "grad_plan": _grad_plan(graph, device_nodes),
         "forward_host": forward_host,
         "output_host": f'unpatchify(self.value("{unpatch.inputs[0]}"))',
         "backward_seed": f'self.set_grad("{unpatch.inputs[0]}", unpatchify_grad(grad_out))',
+        "seeded": unpatch.inputs[0],
         "input_grad": f'patchify_grad(self.grad("{patch.outputs[0]}"))',
     }
 

@@ -52,7 +52,7 @@ class ParamSource:
 
     `rows` slices the torch tensor's first axis (adaLN chunks, fused qkv). `layout` says how the rows
     become the graph tensor: `same` (shape unchanged), `transpose` (2-D transpose), `heads_in`
-    ([H*hd, D] -> [H, hd, D]), `heads_bias` ([H*hd] -> [hd, H]), `heads_out` ([D, H*hd] -> [D, H, hd]),
+    ([H*hd, D] -> [H, hd, D]), `heads_out` ([D, H*hd] -> [D, H, hd]),
     `conv` ([d, C, p, p] -> [d, C*p*p]).
     """
 

@@ -106,7 +106,7 @@ def run_nntile(module, graph: Graph, state_dict, inputs: Inputs, names: list[str
         try:
             model.load_state_dict(state_dict)
             out = model.forward(inputs.x.numpy(), inputs.t.numpy(), inputs.y.numpy())
-            dx = model.backward(inputs.grad_out.numpy())
+            dx = model.backward(inputs.grad_out.numpy(), keep_grads=True)
             values = {n: model.value(n) for n in names}
             grads = {n: model.grad(n) for n in names}
             values[graph.outputs[0]], grads[graph.inputs[0]] = out, dx

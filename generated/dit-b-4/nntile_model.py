@@ -33,13 +33,15 @@ from collections import defaultdict
 import numpy as np
 
 import nntile
-from nntile.layer import Act, Add, Attention, Embedding
+from nntile.layer import Embedding
 from nntile.layer.base_layer import BaseLayer
 from nntile.model.base_model import BaseModel
 from nntile.tensor import (
     Tensor, Tensor_fp32, Tensor_int64, TensorMoments, TensorTraits, add_async, add_scalar_async,
-    add_slice3_async, add_slice_async, copy_async, fill_async, gemm_async, hypot_scalar_inverse_async,
-    norm_slice_async, notrans, prod_slice_async, sum_slice_async, sumprod_slice_async, trans)
+    add_slice3_async, add_slice_async, clear_async, copy_async, fill_async, gelutanh_async,
+    gelutanh_backward_async, gemm_async, hypot_scalar_inverse_async, maxsumexp_async, norm_slice_async,
+    notrans, prod_async, prod_slice_async, scal_async, silu_backward_async, silu_forward_async,
+    softmax_inplace_async, sum_slice_async, sumprod_slice_async, trans, transpose_async)
 
 PATCH_SIZE = 4
 GRID = 8
@@ -93,13 +95,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.0.mod_msa": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.0.attn": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.0.attn.qkv.weight.q": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.0.attn.qkv.bias.q": ((64, 12), (64, 6), "param"),
+    "blocks.0.attn.qkv.bias.q": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.0.attn.qkv.weight.k": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.0.attn.qkv.bias.k": ((64, 12), (64, 6), "param"),
+    "blocks.0.attn.qkv.bias.k": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.0.attn.qkv.weight.v": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.0.attn.qkv.bias.v": ((64, 12), (64, 6), "param"),
+    "blocks.0.attn.qkv.bias.v": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.0.attn.proj.weight": ((768, 12, 64), (384, 6, 64), "param"),
-    "blocks.0.attn.proj.bias": ((768,), (384,), "param"),
+    "blocks.0.attn.proj.bias": ((768, 1), (384, 1), "param"),
     "blocks.0.res_msa": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.0.norm2": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.0.mod_mlp": ((768, 64, 1), (384, 64, 1), "activation"),
@@ -133,13 +135,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.1.mod_msa": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.1.attn": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.1.attn.qkv.weight.q": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.1.attn.qkv.bias.q": ((64, 12), (64, 6), "param"),
+    "blocks.1.attn.qkv.bias.q": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.1.attn.qkv.weight.k": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.1.attn.qkv.bias.k": ((64, 12), (64, 6), "param"),
+    "blocks.1.attn.qkv.bias.k": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.1.attn.qkv.weight.v": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.1.attn.qkv.bias.v": ((64, 12), (64, 6), "param"),
+    "blocks.1.attn.qkv.bias.v": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.1.attn.proj.weight": ((768, 12, 64), (384, 6, 64), "param"),
-    "blocks.1.attn.proj.bias": ((768,), (384,), "param"),
+    "blocks.1.attn.proj.bias": ((768, 1), (384, 1), "param"),
     "blocks.1.res_msa": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.1.norm2": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.1.mod_mlp": ((768, 64, 1), (384, 64, 1), "activation"),
@@ -173,13 +175,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.2.mod_msa": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.2.attn": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.2.attn.qkv.weight.q": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.2.attn.qkv.bias.q": ((64, 12), (64, 6), "param"),
+    "blocks.2.attn.qkv.bias.q": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.2.attn.qkv.weight.k": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.2.attn.qkv.bias.k": ((64, 12), (64, 6), "param"),
+    "blocks.2.attn.qkv.bias.k": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.2.attn.qkv.weight.v": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.2.attn.qkv.bias.v": ((64, 12), (64, 6), "param"),
+    "blocks.2.attn.qkv.bias.v": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.2.attn.proj.weight": ((768, 12, 64), (384, 6, 64), "param"),
-    "blocks.2.attn.proj.bias": ((768,), (384,), "param"),
+    "blocks.2.attn.proj.bias": ((768, 1), (384, 1), "param"),
     "blocks.2.res_msa": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.2.norm2": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.2.mod_mlp": ((768, 64, 1), (384, 64, 1), "activation"),
@@ -213,13 +215,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.3.mod_msa": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.3.attn": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.3.attn.qkv.weight.q": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.3.attn.qkv.bias.q": ((64, 12), (64, 6), "param"),
+    "blocks.3.attn.qkv.bias.q": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.3.attn.qkv.weight.k": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.3.attn.qkv.bias.k": ((64, 12), (64, 6), "param"),
+    "blocks.3.attn.qkv.bias.k": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.3.attn.qkv.weight.v": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.3.attn.qkv.bias.v": ((64, 12), (64, 6), "param"),
+    "blocks.3.attn.qkv.bias.v": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.3.attn.proj.weight": ((768, 12, 64), (384, 6, 64), "param"),
-    "blocks.3.attn.proj.bias": ((768,), (384,), "param"),
+    "blocks.3.attn.proj.bias": ((768, 1), (384, 1), "param"),
     "blocks.3.res_msa": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.3.norm2": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.3.mod_mlp": ((768, 64, 1), (384, 64, 1), "activation"),
@@ -253,13 +255,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.4.mod_msa": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.4.attn": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.4.attn.qkv.weight.q": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.4.attn.qkv.bias.q": ((64, 12), (64, 6), "param"),
+    "blocks.4.attn.qkv.bias.q": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.4.attn.qkv.weight.k": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.4.attn.qkv.bias.k": ((64, 12), (64, 6), "param"),
+    "blocks.4.attn.qkv.bias.k": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.4.attn.qkv.weight.v": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.4.attn.qkv.bias.v": ((64, 12), (64, 6), "param"),
+    "blocks.4.attn.qkv.bias.v": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.4.attn.proj.weight": ((768, 12, 64), (384, 6, 64), "param"),
-    "blocks.4.attn.proj.bias": ((768,), (384,), "param"),
+    "blocks.4.attn.proj.bias": ((768, 1), (384, 1), "param"),
     "blocks.4.res_msa": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.4.norm2": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.4.mod_mlp": ((768, 64, 1), (384, 64, 1), "activation"),
@@ -293,13 +295,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.5.mod_msa": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.5.attn": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.5.attn.qkv.weight.q": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.5.attn.qkv.bias.q": ((64, 12), (64, 6), "param"),
+    "blocks.5.attn.qkv.bias.q": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.5.attn.qkv.weight.k": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.5.attn.qkv.bias.k": ((64, 12), (64, 6), "param"),
+    "blocks.5.attn.qkv.bias.k": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.5.attn.qkv.weight.v": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.5.attn.qkv.bias.v": ((64, 12), (64, 6), "param"),
+    "blocks.5.attn.qkv.bias.v": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.5.attn.proj.weight": ((768, 12, 64), (384, 6, 64), "param"),
-    "blocks.5.attn.proj.bias": ((768,), (384,), "param"),
+    "blocks.5.attn.proj.bias": ((768, 1), (384, 1), "param"),
     "blocks.5.res_msa": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.5.norm2": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.5.mod_mlp": ((768, 64, 1), (384, 64, 1), "activation"),
@@ -333,13 +335,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.6.mod_msa": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.6.attn": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.6.attn.qkv.weight.q": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.6.attn.qkv.bias.q": ((64, 12), (64, 6), "param"),
+    "blocks.6.attn.qkv.bias.q": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.6.attn.qkv.weight.k": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.6.attn.qkv.bias.k": ((64, 12), (64, 6), "param"),
+    "blocks.6.attn.qkv.bias.k": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.6.attn.qkv.weight.v": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.6.attn.qkv.bias.v": ((64, 12), (64, 6), "param"),
+    "blocks.6.attn.qkv.bias.v": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.6.attn.proj.weight": ((768, 12, 64), (384, 6, 64), "param"),
-    "blocks.6.attn.proj.bias": ((768,), (384,), "param"),
+    "blocks.6.attn.proj.bias": ((768, 1), (384, 1), "param"),
     "blocks.6.res_msa": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.6.norm2": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.6.mod_mlp": ((768, 64, 1), (384, 64, 1), "activation"),
@@ -373,13 +375,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.7.mod_msa": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.7.attn": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.7.attn.qkv.weight.q": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.7.attn.qkv.bias.q": ((64, 12), (64, 6), "param"),
+    "blocks.7.attn.qkv.bias.q": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.7.attn.qkv.weight.k": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.7.attn.qkv.bias.k": ((64, 12), (64, 6), "param"),
+    "blocks.7.attn.qkv.bias.k": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.7.attn.qkv.weight.v": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.7.attn.qkv.bias.v": ((64, 12), (64, 6), "param"),
+    "blocks.7.attn.qkv.bias.v": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.7.attn.proj.weight": ((768, 12, 64), (384, 6, 64), "param"),
-    "blocks.7.attn.proj.bias": ((768,), (384,), "param"),
+    "blocks.7.attn.proj.bias": ((768, 1), (384, 1), "param"),
     "blocks.7.res_msa": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.7.norm2": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.7.mod_mlp": ((768, 64, 1), (384, 64, 1), "activation"),
@@ -413,13 +415,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.8.mod_msa": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.8.attn": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.8.attn.qkv.weight.q": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.8.attn.qkv.bias.q": ((64, 12), (64, 6), "param"),
+    "blocks.8.attn.qkv.bias.q": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.8.attn.qkv.weight.k": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.8.attn.qkv.bias.k": ((64, 12), (64, 6), "param"),
+    "blocks.8.attn.qkv.bias.k": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.8.attn.qkv.weight.v": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.8.attn.qkv.bias.v": ((64, 12), (64, 6), "param"),
+    "blocks.8.attn.qkv.bias.v": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.8.attn.proj.weight": ((768, 12, 64), (384, 6, 64), "param"),
-    "blocks.8.attn.proj.bias": ((768,), (384,), "param"),
+    "blocks.8.attn.proj.bias": ((768, 1), (384, 1), "param"),
     "blocks.8.res_msa": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.8.norm2": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.8.mod_mlp": ((768, 64, 1), (384, 64, 1), "activation"),
@@ -453,13 +455,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.9.mod_msa": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.9.attn": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.9.attn.qkv.weight.q": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.9.attn.qkv.bias.q": ((64, 12), (64, 6), "param"),
+    "blocks.9.attn.qkv.bias.q": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.9.attn.qkv.weight.k": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.9.attn.qkv.bias.k": ((64, 12), (64, 6), "param"),
+    "blocks.9.attn.qkv.bias.k": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.9.attn.qkv.weight.v": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.9.attn.qkv.bias.v": ((64, 12), (64, 6), "param"),
+    "blocks.9.attn.qkv.bias.v": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.9.attn.proj.weight": ((768, 12, 64), (384, 6, 64), "param"),
-    "blocks.9.attn.proj.bias": ((768,), (384,), "param"),
+    "blocks.9.attn.proj.bias": ((768, 1), (384, 1), "param"),
     "blocks.9.res_msa": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.9.norm2": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.9.mod_mlp": ((768, 64, 1), (384, 64, 1), "activation"),
@@ -493,13 +495,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.10.mod_msa": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.10.attn": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.10.attn.qkv.weight.q": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.10.attn.qkv.bias.q": ((64, 12), (64, 6), "param"),
+    "blocks.10.attn.qkv.bias.q": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.10.attn.qkv.weight.k": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.10.attn.qkv.bias.k": ((64, 12), (64, 6), "param"),
+    "blocks.10.attn.qkv.bias.k": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.10.attn.qkv.weight.v": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.10.attn.qkv.bias.v": ((64, 12), (64, 6), "param"),
+    "blocks.10.attn.qkv.bias.v": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.10.attn.proj.weight": ((768, 12, 64), (384, 6, 64), "param"),
-    "blocks.10.attn.proj.bias": ((768,), (384,), "param"),
+    "blocks.10.attn.proj.bias": ((768, 1), (384, 1), "param"),
     "blocks.10.res_msa": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.10.norm2": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.10.mod_mlp": ((768, 64, 1), (384, 64, 1), "activation"),
@@ -533,13 +535,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.11.mod_msa": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.11.attn": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.11.attn.qkv.weight.q": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.11.attn.qkv.bias.q": ((64, 12), (64, 6), "param"),
+    "blocks.11.attn.qkv.bias.q": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.11.attn.qkv.weight.k": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.11.attn.qkv.bias.k": ((64, 12), (64, 6), "param"),
+    "blocks.11.attn.qkv.bias.k": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.11.attn.qkv.weight.v": ((12, 64, 768), (6, 64, 384), "param"),
-    "blocks.11.attn.qkv.bias.v": ((64, 12), (64, 6), "param"),
+    "blocks.11.attn.qkv.bias.v": ((12, 64, 1), (6, 64, 1), "param"),
     "blocks.11.attn.proj.weight": ((768, 12, 64), (384, 6, 64), "param"),
-    "blocks.11.attn.proj.bias": ((768,), (384,), "param"),
+    "blocks.11.attn.proj.bias": ((768, 1), (384, 1), "param"),
     "blocks.11.res_msa": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.11.norm2": ((768, 64, 1), (384, 64, 1), "activation"),
     "blocks.11.mod_mlp": ((768, 64, 1), (384, 64, 1), "activation"),
@@ -588,11 +590,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.0.adaLN_modulation.1.weight.gate_mlp": ("blocks.0.adaLN_modulation.1.weight", (3840, 4608), "same"),
     "blocks.0.adaLN_modulation.1.bias.gate_mlp": ("blocks.0.adaLN_modulation.1.bias", (3840, 4608), "same"),
     "blocks.0.attn.qkv.weight.q": ("blocks.0.attn.qkv.weight", (0, 768), "heads_in"),
-    "blocks.0.attn.qkv.bias.q": ("blocks.0.attn.qkv.bias", (0, 768), "heads_bias"),
+    "blocks.0.attn.qkv.bias.q": ("blocks.0.attn.qkv.bias", (0, 768), "same"),
     "blocks.0.attn.qkv.weight.k": ("blocks.0.attn.qkv.weight", (768, 1536), "heads_in"),
-    "blocks.0.attn.qkv.bias.k": ("blocks.0.attn.qkv.bias", (768, 1536), "heads_bias"),
+    "blocks.0.attn.qkv.bias.k": ("blocks.0.attn.qkv.bias", (768, 1536), "same"),
     "blocks.0.attn.qkv.weight.v": ("blocks.0.attn.qkv.weight", (1536, 2304), "heads_in"),
-    "blocks.0.attn.qkv.bias.v": ("blocks.0.attn.qkv.bias", (1536, 2304), "heads_bias"),
+    "blocks.0.attn.qkv.bias.v": ("blocks.0.attn.qkv.bias", (1536, 2304), "same"),
     "blocks.0.attn.proj.weight": ("blocks.0.attn.proj.weight", None, "heads_out"),
     "blocks.0.attn.proj.bias": ("blocks.0.attn.proj.bias", None, "same"),
     "blocks.0.mlp.fc1.weight": ("blocks.0.mlp.fc1.weight", None, "same"),
@@ -612,11 +614,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.1.adaLN_modulation.1.weight.gate_mlp": ("blocks.1.adaLN_modulation.1.weight", (3840, 4608), "same"),
     "blocks.1.adaLN_modulation.1.bias.gate_mlp": ("blocks.1.adaLN_modulation.1.bias", (3840, 4608), "same"),
     "blocks.1.attn.qkv.weight.q": ("blocks.1.attn.qkv.weight", (0, 768), "heads_in"),
-    "blocks.1.attn.qkv.bias.q": ("blocks.1.attn.qkv.bias", (0, 768), "heads_bias"),
+    "blocks.1.attn.qkv.bias.q": ("blocks.1.attn.qkv.bias", (0, 768), "same"),
     "blocks.1.attn.qkv.weight.k": ("blocks.1.attn.qkv.weight", (768, 1536), "heads_in"),
-    "blocks.1.attn.qkv.bias.k": ("blocks.1.attn.qkv.bias", (768, 1536), "heads_bias"),
+    "blocks.1.attn.qkv.bias.k": ("blocks.1.attn.qkv.bias", (768, 1536), "same"),
     "blocks.1.attn.qkv.weight.v": ("blocks.1.attn.qkv.weight", (1536, 2304), "heads_in"),
-    "blocks.1.attn.qkv.bias.v": ("blocks.1.attn.qkv.bias", (1536, 2304), "heads_bias"),
+    "blocks.1.attn.qkv.bias.v": ("blocks.1.attn.qkv.bias", (1536, 2304), "same"),
     "blocks.1.attn.proj.weight": ("blocks.1.attn.proj.weight", None, "heads_out"),
     "blocks.1.attn.proj.bias": ("blocks.1.attn.proj.bias", None, "same"),
     "blocks.1.mlp.fc1.weight": ("blocks.1.mlp.fc1.weight", None, "same"),
@@ -636,11 +638,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.2.adaLN_modulation.1.weight.gate_mlp": ("blocks.2.adaLN_modulation.1.weight", (3840, 4608), "same"),
     "blocks.2.adaLN_modulation.1.bias.gate_mlp": ("blocks.2.adaLN_modulation.1.bias", (3840, 4608), "same"),
     "blocks.2.attn.qkv.weight.q": ("blocks.2.attn.qkv.weight", (0, 768), "heads_in"),
-    "blocks.2.attn.qkv.bias.q": ("blocks.2.attn.qkv.bias", (0, 768), "heads_bias"),
+    "blocks.2.attn.qkv.bias.q": ("blocks.2.attn.qkv.bias", (0, 768), "same"),
     "blocks.2.attn.qkv.weight.k": ("blocks.2.attn.qkv.weight", (768, 1536), "heads_in"),
-    "blocks.2.attn.qkv.bias.k": ("blocks.2.attn.qkv.bias", (768, 1536), "heads_bias"),
+    "blocks.2.attn.qkv.bias.k": ("blocks.2.attn.qkv.bias", (768, 1536), "same"),
     "blocks.2.attn.qkv.weight.v": ("blocks.2.attn.qkv.weight", (1536, 2304), "heads_in"),
-    "blocks.2.attn.qkv.bias.v": ("blocks.2.attn.qkv.bias", (1536, 2304), "heads_bias"),
+    "blocks.2.attn.qkv.bias.v": ("blocks.2.attn.qkv.bias", (1536, 2304), "same"),
     "blocks.2.attn.proj.weight": ("blocks.2.attn.proj.weight", None, "heads_out"),
     "blocks.2.attn.proj.bias": ("blocks.2.attn.proj.bias", None, "same"),
     "blocks.2.mlp.fc1.weight": ("blocks.2.mlp.fc1.weight", None, "same"),
@@ -660,11 +662,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.3.adaLN_modulation.1.weight.gate_mlp": ("blocks.3.adaLN_modulation.1.weight", (3840, 4608), "same"),
     "blocks.3.adaLN_modulation.1.bias.gate_mlp": ("blocks.3.adaLN_modulation.1.bias", (3840, 4608), "same"),
     "blocks.3.attn.qkv.weight.q": ("blocks.3.attn.qkv.weight", (0, 768), "heads_in"),
-    "blocks.3.attn.qkv.bias.q": ("blocks.3.attn.qkv.bias", (0, 768), "heads_bias"),
+    "blocks.3.attn.qkv.bias.q": ("blocks.3.attn.qkv.bias", (0, 768), "same"),
     "blocks.3.attn.qkv.weight.k": ("blocks.3.attn.qkv.weight", (768, 1536), "heads_in"),
-    "blocks.3.attn.qkv.bias.k": ("blocks.3.attn.qkv.bias", (768, 1536), "heads_bias"),
+    "blocks.3.attn.qkv.bias.k": ("blocks.3.attn.qkv.bias", (768, 1536), "same"),
     "blocks.3.attn.qkv.weight.v": ("blocks.3.attn.qkv.weight", (1536, 2304), "heads_in"),
-    "blocks.3.attn.qkv.bias.v": ("blocks.3.attn.qkv.bias", (1536, 2304), "heads_bias"),
+    "blocks.3.attn.qkv.bias.v": ("blocks.3.attn.qkv.bias", (1536, 2304), "same"),
     "blocks.3.attn.proj.weight": ("blocks.3.attn.proj.weight", None, "heads_out"),
     "blocks.3.attn.proj.bias": ("blocks.3.attn.proj.bias", None, "same"),
     "blocks.3.mlp.fc1.weight": ("blocks.3.mlp.fc1.weight", None, "same"),
@@ -684,11 +686,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.4.adaLN_modulation.1.weight.gate_mlp": ("blocks.4.adaLN_modulation.1.weight", (3840, 4608), "same"),
     "blocks.4.adaLN_modulation.1.bias.gate_mlp": ("blocks.4.adaLN_modulation.1.bias", (3840, 4608), "same"),
     "blocks.4.attn.qkv.weight.q": ("blocks.4.attn.qkv.weight", (0, 768), "heads_in"),
-    "blocks.4.attn.qkv.bias.q": ("blocks.4.attn.qkv.bias", (0, 768), "heads_bias"),
+    "blocks.4.attn.qkv.bias.q": ("blocks.4.attn.qkv.bias", (0, 768), "same"),
     "blocks.4.attn.qkv.weight.k": ("blocks.4.attn.qkv.weight", (768, 1536), "heads_in"),
-    "blocks.4.attn.qkv.bias.k": ("blocks.4.attn.qkv.bias", (768, 1536), "heads_bias"),
+    "blocks.4.attn.qkv.bias.k": ("blocks.4.attn.qkv.bias", (768, 1536), "same"),
     "blocks.4.attn.qkv.weight.v": ("blocks.4.attn.qkv.weight", (1536, 2304), "heads_in"),
-    "blocks.4.attn.qkv.bias.v": ("blocks.4.attn.qkv.bias", (1536, 2304), "heads_bias"),
+    "blocks.4.attn.qkv.bias.v": ("blocks.4.attn.qkv.bias", (1536, 2304), "same"),
     "blocks.4.attn.proj.weight": ("blocks.4.attn.proj.weight", None, "heads_out"),
     "blocks.4.attn.proj.bias": ("blocks.4.attn.proj.bias", None, "same"),
     "blocks.4.mlp.fc1.weight": ("blocks.4.mlp.fc1.weight", None, "same"),
@@ -708,11 +710,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.5.adaLN_modulation.1.weight.gate_mlp": ("blocks.5.adaLN_modulation.1.weight", (3840, 4608), "same"),
     "blocks.5.adaLN_modulation.1.bias.gate_mlp": ("blocks.5.adaLN_modulation.1.bias", (3840, 4608), "same"),
     "blocks.5.attn.qkv.weight.q": ("blocks.5.attn.qkv.weight", (0, 768), "heads_in"),
-    "blocks.5.attn.qkv.bias.q": ("blocks.5.attn.qkv.bias", (0, 768), "heads_bias"),
+    "blocks.5.attn.qkv.bias.q": ("blocks.5.attn.qkv.bias", (0, 768), "same"),
     "blocks.5.attn.qkv.weight.k": ("blocks.5.attn.qkv.weight", (768, 1536), "heads_in"),
-    "blocks.5.attn.qkv.bias.k": ("blocks.5.attn.qkv.bias", (768, 1536), "heads_bias"),
+    "blocks.5.attn.qkv.bias.k": ("blocks.5.attn.qkv.bias", (768, 1536), "same"),
     "blocks.5.attn.qkv.weight.v": ("blocks.5.attn.qkv.weight", (1536, 2304), "heads_in"),
-    "blocks.5.attn.qkv.bias.v": ("blocks.5.attn.qkv.bias", (1536, 2304), "heads_bias"),
+    "blocks.5.attn.qkv.bias.v": ("blocks.5.attn.qkv.bias", (1536, 2304), "same"),
     "blocks.5.attn.proj.weight": ("blocks.5.attn.proj.weight", None, "heads_out"),
     "blocks.5.attn.proj.bias": ("blocks.5.attn.proj.bias", None, "same"),
     "blocks.5.mlp.fc1.weight": ("blocks.5.mlp.fc1.weight", None, "same"),
@@ -732,11 +734,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.6.adaLN_modulation.1.weight.gate_mlp": ("blocks.6.adaLN_modulation.1.weight", (3840, 4608), "same"),
     "blocks.6.adaLN_modulation.1.bias.gate_mlp": ("blocks.6.adaLN_modulation.1.bias", (3840, 4608), "same"),
     "blocks.6.attn.qkv.weight.q": ("blocks.6.attn.qkv.weight", (0, 768), "heads_in"),
-    "blocks.6.attn.qkv.bias.q": ("blocks.6.attn.qkv.bias", (0, 768), "heads_bias"),
+    "blocks.6.attn.qkv.bias.q": ("blocks.6.attn.qkv.bias", (0, 768), "same"),
     "blocks.6.attn.qkv.weight.k": ("blocks.6.attn.qkv.weight", (768, 1536), "heads_in"),
-    "blocks.6.attn.qkv.bias.k": ("blocks.6.attn.qkv.bias", (768, 1536), "heads_bias"),
+    "blocks.6.attn.qkv.bias.k": ("blocks.6.attn.qkv.bias", (768, 1536), "same"),
     "blocks.6.attn.qkv.weight.v": ("blocks.6.attn.qkv.weight", (1536, 2304), "heads_in"),
-    "blocks.6.attn.qkv.bias.v": ("blocks.6.attn.qkv.bias", (1536, 2304), "heads_bias"),
+    "blocks.6.attn.qkv.bias.v": ("blocks.6.attn.qkv.bias", (1536, 2304), "same"),
     "blocks.6.attn.proj.weight": ("blocks.6.attn.proj.weight", None, "heads_out"),
     "blocks.6.attn.proj.bias": ("blocks.6.attn.proj.bias", None, "same"),
     "blocks.6.mlp.fc1.weight": ("blocks.6.mlp.fc1.weight", None, "same"),
@@ -756,11 +758,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.7.adaLN_modulation.1.weight.gate_mlp": ("blocks.7.adaLN_modulation.1.weight", (3840, 4608), "same"),
     "blocks.7.adaLN_modulation.1.bias.gate_mlp": ("blocks.7.adaLN_modulation.1.bias", (3840, 4608), "same"),
     "blocks.7.attn.qkv.weight.q": ("blocks.7.attn.qkv.weight", (0, 768), "heads_in"),
-    "blocks.7.attn.qkv.bias.q": ("blocks.7.attn.qkv.bias", (0, 768), "heads_bias"),
+    "blocks.7.attn.qkv.bias.q": ("blocks.7.attn.qkv.bias", (0, 768), "same"),
     "blocks.7.attn.qkv.weight.k": ("blocks.7.attn.qkv.weight", (768, 1536), "heads_in"),
-    "blocks.7.attn.qkv.bias.k": ("blocks.7.attn.qkv.bias", (768, 1536), "heads_bias"),
+    "blocks.7.attn.qkv.bias.k": ("blocks.7.attn.qkv.bias", (768, 1536), "same"),
     "blocks.7.attn.qkv.weight.v": ("blocks.7.attn.qkv.weight", (1536, 2304), "heads_in"),
-    "blocks.7.attn.qkv.bias.v": ("blocks.7.attn.qkv.bias", (1536, 2304), "heads_bias"),
+    "blocks.7.attn.qkv.bias.v": ("blocks.7.attn.qkv.bias", (1536, 2304), "same"),
     "blocks.7.attn.proj.weight": ("blocks.7.attn.proj.weight", None, "heads_out"),
     "blocks.7.attn.proj.bias": ("blocks.7.attn.proj.bias", None, "same"),
     "blocks.7.mlp.fc1.weight": ("blocks.7.mlp.fc1.weight", None, "same"),
@@ -780,11 +782,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.8.adaLN_modulation.1.weight.gate_mlp": ("blocks.8.adaLN_modulation.1.weight", (3840, 4608), "same"),
     "blocks.8.adaLN_modulation.1.bias.gate_mlp": ("blocks.8.adaLN_modulation.1.bias", (3840, 4608), "same"),
     "blocks.8.attn.qkv.weight.q": ("blocks.8.attn.qkv.weight", (0, 768), "heads_in"),
-    "blocks.8.attn.qkv.bias.q": ("blocks.8.attn.qkv.bias", (0, 768), "heads_bias"),
+    "blocks.8.attn.qkv.bias.q": ("blocks.8.attn.qkv.bias", (0, 768), "same"),
     "blocks.8.attn.qkv.weight.k": ("blocks.8.attn.qkv.weight", (768, 1536), "heads_in"),
-    "blocks.8.attn.qkv.bias.k": ("blocks.8.attn.qkv.bias", (768, 1536), "heads_bias"),
+    "blocks.8.attn.qkv.bias.k": ("blocks.8.attn.qkv.bias", (768, 1536), "same"),
     "blocks.8.attn.qkv.weight.v": ("blocks.8.attn.qkv.weight", (1536, 2304), "heads_in"),
-    "blocks.8.attn.qkv.bias.v": ("blocks.8.attn.qkv.bias", (1536, 2304), "heads_bias"),
+    "blocks.8.attn.qkv.bias.v": ("blocks.8.attn.qkv.bias", (1536, 2304), "same"),
     "blocks.8.attn.proj.weight": ("blocks.8.attn.proj.weight", None, "heads_out"),
     "blocks.8.attn.proj.bias": ("blocks.8.attn.proj.bias", None, "same"),
     "blocks.8.mlp.fc1.weight": ("blocks.8.mlp.fc1.weight", None, "same"),
@@ -804,11 +806,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.9.adaLN_modulation.1.weight.gate_mlp": ("blocks.9.adaLN_modulation.1.weight", (3840, 4608), "same"),
     "blocks.9.adaLN_modulation.1.bias.gate_mlp": ("blocks.9.adaLN_modulation.1.bias", (3840, 4608), "same"),
     "blocks.9.attn.qkv.weight.q": ("blocks.9.attn.qkv.weight", (0, 768), "heads_in"),
-    "blocks.9.attn.qkv.bias.q": ("blocks.9.attn.qkv.bias", (0, 768), "heads_bias"),
+    "blocks.9.attn.qkv.bias.q": ("blocks.9.attn.qkv.bias", (0, 768), "same"),
     "blocks.9.attn.qkv.weight.k": ("blocks.9.attn.qkv.weight", (768, 1536), "heads_in"),
-    "blocks.9.attn.qkv.bias.k": ("blocks.9.attn.qkv.bias", (768, 1536), "heads_bias"),
+    "blocks.9.attn.qkv.bias.k": ("blocks.9.attn.qkv.bias", (768, 1536), "same"),
     "blocks.9.attn.qkv.weight.v": ("blocks.9.attn.qkv.weight", (1536, 2304), "heads_in"),
-    "blocks.9.attn.qkv.bias.v": ("blocks.9.attn.qkv.bias", (1536, 2304), "heads_bias"),
+    "blocks.9.attn.qkv.bias.v": ("blocks.9.attn.qkv.bias", (1536, 2304), "same"),
     "blocks.9.attn.proj.weight": ("blocks.9.attn.proj.weight", None, "heads_out"),
     "blocks.9.attn.proj.bias": ("blocks.9.attn.proj.bias", None, "same"),
     "blocks.9.mlp.fc1.weight": ("blocks.9.mlp.fc1.weight", None, "same"),
@@ -828,11 +830,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.10.adaLN_modulation.1.weight.gate_mlp": ("blocks.10.adaLN_modulation.1.weight", (3840, 4608), "same"),
     "blocks.10.adaLN_modulation.1.bias.gate_mlp": ("blocks.10.adaLN_modulation.1.bias", (3840, 4608), "same"),
     "blocks.10.attn.qkv.weight.q": ("blocks.10.attn.qkv.weight", (0, 768), "heads_in"),
-    "blocks.10.attn.qkv.bias.q": ("blocks.10.attn.qkv.bias", (0, 768), "heads_bias"),
+    "blocks.10.attn.qkv.bias.q": ("blocks.10.attn.qkv.bias", (0, 768), "same"),
     "blocks.10.attn.qkv.weight.k": ("blocks.10.attn.qkv.weight", (768, 1536), "heads_in"),
-    "blocks.10.attn.qkv.bias.k": ("blocks.10.attn.qkv.bias", (768, 1536), "heads_bias"),
+    "blocks.10.attn.qkv.bias.k": ("blocks.10.attn.qkv.bias", (768, 1536), "same"),
     "blocks.10.attn.qkv.weight.v": ("blocks.10.attn.qkv.weight", (1536, 2304), "heads_in"),
-    "blocks.10.attn.qkv.bias.v": ("blocks.10.attn.qkv.bias", (1536, 2304), "heads_bias"),
+    "blocks.10.attn.qkv.bias.v": ("blocks.10.attn.qkv.bias", (1536, 2304), "same"),
     "blocks.10.attn.proj.weight": ("blocks.10.attn.proj.weight", None, "heads_out"),
     "blocks.10.attn.proj.bias": ("blocks.10.attn.proj.bias", None, "same"),
     "blocks.10.mlp.fc1.weight": ("blocks.10.mlp.fc1.weight", None, "same"),
@@ -852,11 +854,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.11.adaLN_modulation.1.weight.gate_mlp": ("blocks.11.adaLN_modulation.1.weight", (3840, 4608), "same"),
     "blocks.11.adaLN_modulation.1.bias.gate_mlp": ("blocks.11.adaLN_modulation.1.bias", (3840, 4608), "same"),
     "blocks.11.attn.qkv.weight.q": ("blocks.11.attn.qkv.weight", (0, 768), "heads_in"),
-    "blocks.11.attn.qkv.bias.q": ("blocks.11.attn.qkv.bias", (0, 768), "heads_bias"),
+    "blocks.11.attn.qkv.bias.q": ("blocks.11.attn.qkv.bias", (0, 768), "same"),
     "blocks.11.attn.qkv.weight.k": ("blocks.11.attn.qkv.weight", (768, 1536), "heads_in"),
-    "blocks.11.attn.qkv.bias.k": ("blocks.11.attn.qkv.bias", (768, 1536), "heads_bias"),
+    "blocks.11.attn.qkv.bias.k": ("blocks.11.attn.qkv.bias", (768, 1536), "same"),
     "blocks.11.attn.qkv.weight.v": ("blocks.11.attn.qkv.weight", (1536, 2304), "heads_in"),
-    "blocks.11.attn.qkv.bias.v": ("blocks.11.attn.qkv.bias", (1536, 2304), "heads_bias"),
+    "blocks.11.attn.qkv.bias.v": ("blocks.11.attn.qkv.bias", (1536, 2304), "same"),
     "blocks.11.attn.proj.weight": ("blocks.11.attn.proj.weight", None, "heads_out"),
     "blocks.11.attn.proj.bias": ("blocks.11.attn.proj.bias", None, "same"),
     "blocks.11.mlp.fc1.weight": ("blocks.11.mlp.fc1.weight", None, "same"),
@@ -870,6 +872,217 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "final_layer.linear.weight": ("final_layer.linear.weight", None, "same"),
     "final_layer.linear.bias": ("final_layer.linear.bias", None, "same"),
 }
+
+
+#: Backward's gradient plan, one row per layer: the activation gradients the layer writes first in
+#: backward (it overwrites them), and those to release after it (nothing reads them again).
+GRAD_PLAN: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
+    (("x_patches",), ("x_proj",)),
+    (("x_proj",), ("x_tokens",)),
+    (("t_freq",), ("t_hidden",)),
+    (("t_hidden",), ("t_act",)),
+    (("t_act",), ("t_emb",)),
+    ((), ("y_emb",)),
+    (("t_emb", "y_emb",), ("c",)),
+    (("c",), ("c_silu",)),
+    ((), ("blocks.0.shift_msa",)),
+    ((), ("blocks.0.scale_msa",)),
+    ((), ("blocks.0.gate_msa",)),
+    ((), ("blocks.0.shift_mlp",)),
+    ((), ("blocks.0.scale_mlp",)),
+    ((), ("blocks.0.gate_mlp",)),
+    ((), ("blocks.0.norm1",)),
+    (("blocks.0.norm1", "blocks.0.shift_msa", "blocks.0.scale_msa",), ("blocks.0.mod_msa",)),
+    (("blocks.0.mod_msa",), ("blocks.0.attn",)),
+    (("x_tokens", "blocks.0.attn", "blocks.0.gate_msa",), ("blocks.0.res_msa",)),
+    ((), ("blocks.0.norm2",)),
+    (("blocks.0.norm2", "blocks.0.shift_mlp", "blocks.0.scale_mlp",), ("blocks.0.mod_mlp",)),
+    (("blocks.0.mod_mlp",), ("blocks.0.fc1",)),
+    (("blocks.0.fc1",), ("blocks.0.gelu",)),
+    (("blocks.0.gelu",), ("blocks.0.mlp",)),
+    (("blocks.0.res_msa", "blocks.0.mlp", "blocks.0.gate_mlp",), ("blocks.0.out",)),
+    ((), ("blocks.1.shift_msa",)),
+    ((), ("blocks.1.scale_msa",)),
+    ((), ("blocks.1.gate_msa",)),
+    ((), ("blocks.1.shift_mlp",)),
+    ((), ("blocks.1.scale_mlp",)),
+    ((), ("blocks.1.gate_mlp",)),
+    ((), ("blocks.1.norm1",)),
+    (("blocks.1.norm1", "blocks.1.shift_msa", "blocks.1.scale_msa",), ("blocks.1.mod_msa",)),
+    (("blocks.1.mod_msa",), ("blocks.1.attn",)),
+    (("blocks.0.out", "blocks.1.attn", "blocks.1.gate_msa",), ("blocks.1.res_msa",)),
+    ((), ("blocks.1.norm2",)),
+    (("blocks.1.norm2", "blocks.1.shift_mlp", "blocks.1.scale_mlp",), ("blocks.1.mod_mlp",)),
+    (("blocks.1.mod_mlp",), ("blocks.1.fc1",)),
+    (("blocks.1.fc1",), ("blocks.1.gelu",)),
+    (("blocks.1.gelu",), ("blocks.1.mlp",)),
+    (("blocks.1.res_msa", "blocks.1.mlp", "blocks.1.gate_mlp",), ("blocks.1.out",)),
+    ((), ("blocks.2.shift_msa",)),
+    ((), ("blocks.2.scale_msa",)),
+    ((), ("blocks.2.gate_msa",)),
+    ((), ("blocks.2.shift_mlp",)),
+    ((), ("blocks.2.scale_mlp",)),
+    ((), ("blocks.2.gate_mlp",)),
+    ((), ("blocks.2.norm1",)),
+    (("blocks.2.norm1", "blocks.2.shift_msa", "blocks.2.scale_msa",), ("blocks.2.mod_msa",)),
+    (("blocks.2.mod_msa",), ("blocks.2.attn",)),
+    (("blocks.1.out", "blocks.2.attn", "blocks.2.gate_msa",), ("blocks.2.res_msa",)),
+    ((), ("blocks.2.norm2",)),
+    (("blocks.2.norm2", "blocks.2.shift_mlp", "blocks.2.scale_mlp",), ("blocks.2.mod_mlp",)),
+    (("blocks.2.mod_mlp",), ("blocks.2.fc1",)),
+    (("blocks.2.fc1",), ("blocks.2.gelu",)),
+    (("blocks.2.gelu",), ("blocks.2.mlp",)),
+    (("blocks.2.res_msa", "blocks.2.mlp", "blocks.2.gate_mlp",), ("blocks.2.out",)),
+    ((), ("blocks.3.shift_msa",)),
+    ((), ("blocks.3.scale_msa",)),
+    ((), ("blocks.3.gate_msa",)),
+    ((), ("blocks.3.shift_mlp",)),
+    ((), ("blocks.3.scale_mlp",)),
+    ((), ("blocks.3.gate_mlp",)),
+    ((), ("blocks.3.norm1",)),
+    (("blocks.3.norm1", "blocks.3.shift_msa", "blocks.3.scale_msa",), ("blocks.3.mod_msa",)),
+    (("blocks.3.mod_msa",), ("blocks.3.attn",)),
+    (("blocks.2.out", "blocks.3.attn", "blocks.3.gate_msa",), ("blocks.3.res_msa",)),
+    ((), ("blocks.3.norm2",)),
+    (("blocks.3.norm2", "blocks.3.shift_mlp", "blocks.3.scale_mlp",), ("blocks.3.mod_mlp",)),
+    (("blocks.3.mod_mlp",), ("blocks.3.fc1",)),
+    (("blocks.3.fc1",), ("blocks.3.gelu",)),
+    (("blocks.3.gelu",), ("blocks.3.mlp",)),
+    (("blocks.3.res_msa", "blocks.3.mlp", "blocks.3.gate_mlp",), ("blocks.3.out",)),
+    ((), ("blocks.4.shift_msa",)),
+    ((), ("blocks.4.scale_msa",)),
+    ((), ("blocks.4.gate_msa",)),
+    ((), ("blocks.4.shift_mlp",)),
+    ((), ("blocks.4.scale_mlp",)),
+    ((), ("blocks.4.gate_mlp",)),
+    ((), ("blocks.4.norm1",)),
+    (("blocks.4.norm1", "blocks.4.shift_msa", "blocks.4.scale_msa",), ("blocks.4.mod_msa",)),
+    (("blocks.4.mod_msa",), ("blocks.4.attn",)),
+    (("blocks.3.out", "blocks.4.attn", "blocks.4.gate_msa",), ("blocks.4.res_msa",)),
+    ((), ("blocks.4.norm2",)),
+    (("blocks.4.norm2", "blocks.4.shift_mlp", "blocks.4.scale_mlp",), ("blocks.4.mod_mlp",)),
+    (("blocks.4.mod_mlp",), ("blocks.4.fc1",)),
+    (("blocks.4.fc1",), ("blocks.4.gelu",)),
+    (("blocks.4.gelu",), ("blocks.4.mlp",)),
+    (("blocks.4.res_msa", "blocks.4.mlp", "blocks.4.gate_mlp",), ("blocks.4.out",)),
+    ((), ("blocks.5.shift_msa",)),
+    ((), ("blocks.5.scale_msa",)),
+    ((), ("blocks.5.gate_msa",)),
+    ((), ("blocks.5.shift_mlp",)),
+    ((), ("blocks.5.scale_mlp",)),
+    ((), ("blocks.5.gate_mlp",)),
+    ((), ("blocks.5.norm1",)),
+    (("blocks.5.norm1", "blocks.5.shift_msa", "blocks.5.scale_msa",), ("blocks.5.mod_msa",)),
+    (("blocks.5.mod_msa",), ("blocks.5.attn",)),
+    (("blocks.4.out", "blocks.5.attn", "blocks.5.gate_msa",), ("blocks.5.res_msa",)),
+    ((), ("blocks.5.norm2",)),
+    (("blocks.5.norm2", "blocks.5.shift_mlp", "blocks.5.scale_mlp",), ("blocks.5.mod_mlp",)),
+    (("blocks.5.mod_mlp",), ("blocks.5.fc1",)),
+    (("blocks.5.fc1",), ("blocks.5.gelu",)),
+    (("blocks.5.gelu",), ("blocks.5.mlp",)),
+    (("blocks.5.res_msa", "blocks.5.mlp", "blocks.5.gate_mlp",), ("blocks.5.out",)),
+    ((), ("blocks.6.shift_msa",)),
+    ((), ("blocks.6.scale_msa",)),
+    ((), ("blocks.6.gate_msa",)),
+    ((), ("blocks.6.shift_mlp",)),
+    ((), ("blocks.6.scale_mlp",)),
+    ((), ("blocks.6.gate_mlp",)),
+    ((), ("blocks.6.norm1",)),
+    (("blocks.6.norm1", "blocks.6.shift_msa", "blocks.6.scale_msa",), ("blocks.6.mod_msa",)),
+    (("blocks.6.mod_msa",), ("blocks.6.attn",)),
+    (("blocks.5.out", "blocks.6.attn", "blocks.6.gate_msa",), ("blocks.6.res_msa",)),
+    ((), ("blocks.6.norm2",)),
+    (("blocks.6.norm2", "blocks.6.shift_mlp", "blocks.6.scale_mlp",), ("blocks.6.mod_mlp",)),
+    (("blocks.6.mod_mlp",), ("blocks.6.fc1",)),
+    (("blocks.6.fc1",), ("blocks.6.gelu",)),
+    (("blocks.6.gelu",), ("blocks.6.mlp",)),
+    (("blocks.6.res_msa", "blocks.6.mlp", "blocks.6.gate_mlp",), ("blocks.6.out",)),
+    ((), ("blocks.7.shift_msa",)),
+    ((), ("blocks.7.scale_msa",)),
+    ((), ("blocks.7.gate_msa",)),
+    ((), ("blocks.7.shift_mlp",)),
+    ((), ("blocks.7.scale_mlp",)),
+    ((), ("blocks.7.gate_mlp",)),
+    ((), ("blocks.7.norm1",)),
+    (("blocks.7.norm1", "blocks.7.shift_msa", "blocks.7.scale_msa",), ("blocks.7.mod_msa",)),
+    (("blocks.7.mod_msa",), ("blocks.7.attn",)),
+    (("blocks.6.out", "blocks.7.attn", "blocks.7.gate_msa",), ("blocks.7.res_msa",)),
+    ((), ("blocks.7.norm2",)),
+    (("blocks.7.norm2", "blocks.7.shift_mlp", "blocks.7.scale_mlp",), ("blocks.7.mod_mlp",)),
+    (("blocks.7.mod_mlp",), ("blocks.7.fc1",)),
+    (("blocks.7.fc1",), ("blocks.7.gelu",)),
+    (("blocks.7.gelu",), ("blocks.7.mlp",)),
+    (("blocks.7.res_msa", "blocks.7.mlp", "blocks.7.gate_mlp",), ("blocks.7.out",)),
+    ((), ("blocks.8.shift_msa",)),
+    ((), ("blocks.8.scale_msa",)),
+    ((), ("blocks.8.gate_msa",)),
+    ((), ("blocks.8.shift_mlp",)),
+    ((), ("blocks.8.scale_mlp",)),
+    ((), ("blocks.8.gate_mlp",)),
+    ((), ("blocks.8.norm1",)),
+    (("blocks.8.norm1", "blocks.8.shift_msa", "blocks.8.scale_msa",), ("blocks.8.mod_msa",)),
+    (("blocks.8.mod_msa",), ("blocks.8.attn",)),
+    (("blocks.7.out", "blocks.8.attn", "blocks.8.gate_msa",), ("blocks.8.res_msa",)),
+    ((), ("blocks.8.norm2",)),
+    (("blocks.8.norm2", "blocks.8.shift_mlp", "blocks.8.scale_mlp",), ("blocks.8.mod_mlp",)),
+    (("blocks.8.mod_mlp",), ("blocks.8.fc1",)),
+    (("blocks.8.fc1",), ("blocks.8.gelu",)),
+    (("blocks.8.gelu",), ("blocks.8.mlp",)),
+    (("blocks.8.res_msa", "blocks.8.mlp", "blocks.8.gate_mlp",), ("blocks.8.out",)),
+    ((), ("blocks.9.shift_msa",)),
+    ((), ("blocks.9.scale_msa",)),
+    ((), ("blocks.9.gate_msa",)),
+    ((), ("blocks.9.shift_mlp",)),
+    ((), ("blocks.9.scale_mlp",)),
+    ((), ("blocks.9.gate_mlp",)),
+    ((), ("blocks.9.norm1",)),
+    (("blocks.9.norm1", "blocks.9.shift_msa", "blocks.9.scale_msa",), ("blocks.9.mod_msa",)),
+    (("blocks.9.mod_msa",), ("blocks.9.attn",)),
+    (("blocks.8.out", "blocks.9.attn", "blocks.9.gate_msa",), ("blocks.9.res_msa",)),
+    ((), ("blocks.9.norm2",)),
+    (("blocks.9.norm2", "blocks.9.shift_mlp", "blocks.9.scale_mlp",), ("blocks.9.mod_mlp",)),
+    (("blocks.9.mod_mlp",), ("blocks.9.fc1",)),
+    (("blocks.9.fc1",), ("blocks.9.gelu",)),
+    (("blocks.9.gelu",), ("blocks.9.mlp",)),
+    (("blocks.9.res_msa", "blocks.9.mlp", "blocks.9.gate_mlp",), ("blocks.9.out",)),
+    ((), ("blocks.10.shift_msa",)),
+    ((), ("blocks.10.scale_msa",)),
+    ((), ("blocks.10.gate_msa",)),
+    ((), ("blocks.10.shift_mlp",)),
+    ((), ("blocks.10.scale_mlp",)),
+    ((), ("blocks.10.gate_mlp",)),
+    ((), ("blocks.10.norm1",)),
+    (("blocks.10.norm1", "blocks.10.shift_msa", "blocks.10.scale_msa",), ("blocks.10.mod_msa",)),
+    (("blocks.10.mod_msa",), ("blocks.10.attn",)),
+    (("blocks.9.out", "blocks.10.attn", "blocks.10.gate_msa",), ("blocks.10.res_msa",)),
+    ((), ("blocks.10.norm2",)),
+    (("blocks.10.norm2", "blocks.10.shift_mlp", "blocks.10.scale_mlp",), ("blocks.10.mod_mlp",)),
+    (("blocks.10.mod_mlp",), ("blocks.10.fc1",)),
+    (("blocks.10.fc1",), ("blocks.10.gelu",)),
+    (("blocks.10.gelu",), ("blocks.10.mlp",)),
+    (("blocks.10.res_msa", "blocks.10.mlp", "blocks.10.gate_mlp",), ("blocks.10.out",)),
+    ((), ("blocks.11.shift_msa",)),
+    ((), ("blocks.11.scale_msa",)),
+    ((), ("blocks.11.gate_msa",)),
+    ((), ("blocks.11.shift_mlp",)),
+    ((), ("blocks.11.scale_mlp",)),
+    ((), ("blocks.11.gate_mlp",)),
+    ((), ("blocks.11.norm1",)),
+    (("blocks.11.norm1", "blocks.11.shift_msa", "blocks.11.scale_msa",), ("blocks.11.mod_msa",)),
+    (("blocks.11.mod_msa",), ("blocks.11.attn",)),
+    (("blocks.10.out", "blocks.11.attn", "blocks.11.gate_msa",), ("blocks.11.res_msa",)),
+    ((), ("blocks.11.norm2",)),
+    (("blocks.11.norm2", "blocks.11.shift_mlp", "blocks.11.scale_mlp",), ("blocks.11.mod_mlp",)),
+    (("blocks.11.mod_mlp",), ("blocks.11.fc1",)),
+    (("blocks.11.fc1",), ("blocks.11.gelu",)),
+    (("blocks.11.gelu",), ("blocks.11.mlp",)),
+    (("blocks.11.res_msa", "blocks.11.mlp", "blocks.11.gate_mlp",), ("blocks.11.out",)),
+    ((), ("final.shift",)),
+    (("c_silu",), ("final.scale",)),
+    (("blocks.11.out",), ("final.norm",)),
+    (("final.norm", "final.shift", "final.scale",), ("final.mod",)),
+    (("final.mod",), ("final.out",)),
+]
 
 
 @contextlib.contextmanager
@@ -943,52 +1156,98 @@ def _sincos_1d(embed_dim: int, pos: np.ndarray) -> np.ndarray:
 def to_graph_layout(value: np.ndarray, layout: str, shape: tuple[int, ...]) -> np.ndarray:
     if layout == "transpose":
         value = value.T
-    elif layout == "heads_bias":
-        value = value.reshape(shape[1], shape[0]).T
     value = value.reshape(shape)  # same, conv ([d, C, p, p] -> [d, C*p*p]), heads_in, heads_out
     return np.asfortranarray(value, dtype=np.float32)
 
 
 def from_graph_layout(value: np.ndarray, layout: str, torch_shape: tuple[int, ...]) -> np.ndarray:
-    if layout in ("transpose", "heads_bias"):
+    if layout == "transpose":
         value = value.T
     return np.ascontiguousarray(value).reshape(torch_shape)
 
 
-def _distr(traits: TensorTraits) -> list[int]:
-    return [0] * traits.grid.nelems
+class Allocator:
+    """Makes NNTile tensors with unique tags, and keeps the scratch tensors that layers share.
 
+    A shared scratch tensor is one per (purpose, shape, tile) for the whole model: a layer writes it,
+    reads it and invalidates it within one pass, so StarPU recycles its memory, and the data
+    dependencies StarPU tracks order the layers that reuse it."""
 
-class _Composed(BaseLayer):
-    """Base of the layers below: allocates scratch tensors shaped and tiled like a given one."""
+    def __init__(self, next_tag: int):
+        self.next_tag = next_tag
+        self.shared: dict[tuple, Tensor] = {}
 
-    def scratch(self, like: Tensor, shape=None, tile=None) -> Tensor:
-        traits = TensorTraits(list(shape or like.shape), list(tile or like.basetile_shape))
-        tensor = type(like)(traits, _distr(traits), self.next_tag)
+    def new(self, shape, tile, dtype=Tensor_fp32) -> Tensor:
+        traits = TensorTraits(list(shape), list(tile))
+        tensor = dtype(traits, [0] * traits.grid.nelems, self.next_tag)
         self.next_tag = tensor.next_tag
+        return tensor
+
+    def scratch(self, purpose: str, shape, tile) -> Tensor:
+        key = (purpose, tuple(shape), tuple(tile))
+        if key not in self.shared:
+            self.shared[key] = self.new(shape, tile)
+        return self.shared[key]
+
+    def unregister(self) -> None:
+        for tensor in self.shared.values():
+            tensor.unregister()
+        self.shared.clear()
+
+
+class _Layer(BaseLayer):
+    """Base of the layers below. `overwrites` holds the inputs whose gradient this layer writes first in
+    backward: it overwrites them (beta 0, a write StarPU orders after the layer's own inputs), so no
+    gradient is zeroed ahead of time, and each is allocated only when backward reaches it."""
+
+    overwrites: tuple[TensorMoments, ...] = ()
+
+    def beta(self, x: TensorMoments) -> float:
+        """0.0 where this layer writes x's gradient first, else 1.0 (accumulate)."""
+        return 0.0 if any(x is t for t in self.overwrites) else 1.0
+
+
+class _Composed(_Layer):
+    """A layer with tensors of its own: those kept from forward to backward (`keep`), and scratch
+    used within one pass, shared with every other layer (`scratch`)."""
+
+    def __init__(self, inputs, outputs, params, alloc: Allocator):
+        super().__init__(inputs, outputs, params, [])
+        self.alloc = alloc
+
+    def keep(self, shape, tile) -> Tensor:
+        tensor = self.alloc.new(shape, tile)
         self.temporaries.append(tensor)
         return tensor
 
-    def add_scaled(self, dy: Tensor, scale: Tensor, grad: Tensor) -> None:
-        """grad += dy * scale, scale [hidden, batch] broadcast over tokens (axis 1), through `self.tmp`."""
-        copy_async(dy, self.tmp)
-        prod_slice_async(scale, 1.0, self.tmp, 1)
-        add_async(1.0, self.tmp, 1.0, grad)
-        self.tmp.invalidate_submit()  # StarPU may hand its memory to the next layer's scratch
+    def scratch(self, purpose: str, shape, tile) -> Tensor:
+        return self.alloc.scratch(purpose, shape, tile)
+
+    def add_scaled(self, dy: Tensor, scale: Tensor, x: TensorMoments) -> None:
+        """x.grad (+)= dy * scale, scale [hidden, batch] broadcast over tokens (axis 1)."""
+        if self.beta(x) == 0.0:
+            copy_async(dy, x.grad)
+            prod_slice_async(scale, 1.0, x.grad, 1)
+            return
+        tmp = self.scratch("tokens", dy.shape, dy.basetile_shape)
+        copy_async(dy, tmp)
+        prod_slice_async(scale, 1.0, tmp, 1)
+        add_async(1.0, tmp, 1.0, x.grad)
+        tmp.invalidate_submit()
 
 
 class LayerNormNoAffine(_Composed):
     """y = (x - mean) / sqrt(var + eps) over axis 0 (hidden), no gamma or beta."""
 
-    def __init__(self, x: TensorMoments, y: TensorMoments, eps: float, next_tag: int):
-        super().__init__([x], [y], [], [])
-        self.x, self.y, self.next_tag = x, y, next_tag
+    def __init__(self, x: TensorMoments, y: TensorMoments, eps: float, alloc: Allocator):
+        super().__init__([x], [y], [], alloc)
+        self.x, self.y = x, y
         self.size = x.value.shape[0]
         self.sqrt_eps = eps ** 0.5  # hypot(sqrt(eps), std) = sqrt(var + eps)
         stat_shape, stat_tile = x.value.shape[1:], x.value.basetile_shape[1:]
-        self.mean = self.scratch(x.value, stat_shape, stat_tile)
-        self.inv_std = self.scratch(x.value, stat_shape, stat_tile)
-        self.tmp = self.scratch(x.value)
+        self.mean = self.scratch("stat", stat_shape, stat_tile)
+        self.inv_std = self.keep(stat_shape, stat_tile)
+        self.tmp = self.scratch("tokens", x.value.shape, x.value.basetile_shape)
 
     def forward_async(self) -> None:
         sum_slice_async(1.0 / self.size, self.x.value, 0.0, self.mean, 0)
@@ -996,6 +1255,7 @@ class LayerNormNoAffine(_Composed):
         norm_slice_async(1.0 / self.size ** 0.5, self.y.value, 0.0, self.inv_std, 0)
         hypot_scalar_inverse_async(self.sqrt_eps, 1.0, self.inv_std)
         prod_slice_async(self.inv_std, 1.0, self.y.value, 0)
+        self.mean.invalidate_submit()
 
     def backward_async(self) -> None:
         # dx += inv_std * (dy - mean(dy) - y * mean(dy * y)), y the normalised output
@@ -1006,19 +1266,19 @@ class LayerNormNoAffine(_Composed):
         sum_slice_async(1.0 / self.size, self.y.grad, 0.0, self.mean, 0)
         add_slice_async(-1.0, self.mean, 1.0, self.tmp, 0)
         prod_slice_async(self.inv_std, 1.0, self.tmp, 0)
-        add_async(1.0, self.tmp, 1.0, self.x.grad)
-        self.tmp.invalidate_submit()  # StarPU may hand its memory to the next layer's scratch
+        add_async(1.0, self.tmp, self.beta(self.x), self.x.grad)
+        self.tmp.invalidate_submit()
+        self.mean.invalidate_submit()
 
 
 class Modulate(_Composed):
     """y = x * (1 + scale) + shift, with shift and scale [hidden, batch] broadcast over tokens (axis 1)."""
 
     def __init__(self, x: TensorMoments, shift: TensorMoments, scale: TensorMoments, y: TensorMoments,
-                 next_tag: int):
-        super().__init__([x, shift, scale], [y], [], [])
-        self.x, self.shift, self.scale, self.y, self.next_tag = x, shift, scale, y, next_tag
-        self.scale1 = self.scratch(scale.value)
-        self.tmp = self.scratch(x.value)
+                 alloc: Allocator):
+        super().__init__([x, shift, scale], [y], [], alloc)
+        self.x, self.shift, self.scale, self.y = x, shift, scale, y
+        self.scale1 = self.keep(scale.value.shape, scale.value.basetile_shape)  # 1 + scale
 
     def forward_async(self) -> None:
         copy_async(self.scale.value, self.scale1)
@@ -1028,18 +1288,18 @@ class Modulate(_Composed):
         add_slice_async(1.0, self.shift.value, 1.0, self.y.value, 1)
 
     def backward_async(self) -> None:
-        sum_slice_async(1.0, self.y.grad, 1.0, self.shift.grad, 1)
-        sumprod_slice_async(1.0, self.y.grad, self.x.value, 1.0, self.scale.grad, 1)
-        self.add_scaled(self.y.grad, self.scale1, self.x.grad)
+        sum_slice_async(1.0, self.y.grad, self.beta(self.shift), self.shift.grad, 1)
+        sumprod_slice_async(1.0, self.y.grad, self.x.value, self.beta(self.scale), self.scale.grad, 1)
+        self.add_scaled(self.y.grad, self.scale1, self.x)
 
 
 class GatedResidual(_Composed):
     """y = x + gate * h, with gate [hidden, batch] broadcast over tokens (axis 1)."""
 
-    def __init__(self, x: TensorMoments, h: TensorMoments, gate: TensorMoments, y: TensorMoments, next_tag: int):
-        super().__init__([x, h, gate], [y], [], [])
-        self.x, self.h, self.gate, self.y, self.next_tag = x, h, gate, y, next_tag
-        self.tmp = self.scratch(x.value)
+    def __init__(self, x: TensorMoments, h: TensorMoments, gate: TensorMoments, y: TensorMoments,
+                 alloc: Allocator):
+        super().__init__([x, h, gate], [y], [], alloc)
+        self.x, self.h, self.gate, self.y = x, h, gate, y
 
     def forward_async(self) -> None:
         copy_async(self.h.value, self.y.value)
@@ -1047,12 +1307,94 @@ class GatedResidual(_Composed):
         add_async(1.0, self.x.value, 1.0, self.y.value)
 
     def backward_async(self) -> None:
-        add_async(1.0, self.y.grad, 1.0, self.x.grad)
-        sumprod_slice_async(1.0, self.y.grad, self.h.value, 1.0, self.gate.grad, 1)
-        self.add_scaled(self.y.grad, self.gate.value, self.h.grad)
+        add_async(1.0, self.y.grad, self.beta(self.x), self.x.grad)
+        sumprod_slice_async(1.0, self.y.grad, self.h.value, self.beta(self.gate), self.gate.grad, 1)
+        self.add_scaled(self.y.grad, self.gate.value, self.h)
 
 
-class Linear(BaseLayer):
+class Attention(_Composed):
+    """Multi-head self-attention, y = W_o softmax(K^T Q / sqrt(d)) V + b_o, heads batched.
+
+    Q, K, V and the attention output are kept as [head_dim, tokens, batch, heads], so each head's
+    products are batched GEMMs. The projections come out head-major, [heads, head_dim, tokens, batch],
+    and a transpose rotates them. Biases are one-column matrices added as rank-1 GEMMs (see `Linear`).
+    Kept for backward: Q, K, V, the probabilities and the head-major output; the gradients of all
+    of them are scratch shared across blocks."""
+
+    def __init__(self, x: TensorMoments, w_q: TensorMoments, w_k: TensorMoments, w_v: TensorMoments,
+                 b_q: TensorMoments, b_k: TensorMoments, b_v: TensorMoments, w_o: TensorMoments,
+                 b_o: TensorMoments, ones: Tensor, y: TensorMoments, alloc: Allocator):
+        super().__init__([x], [y], [w_q, w_k, w_v, b_q, b_k, b_v, w_o, b_o], alloc)
+        self.x, self.y, self.ones, self.w_o, self.b_o = x, y, ones, w_o, b_o
+        self.w_in, self.b_in = (w_q, w_k, w_v), (b_q, b_k, b_v)
+        heads, head_dim, _ = w_q.value.shape
+        head_tile = w_q.value.basetile_shape[0]
+        _, tokens, batch = x.value.shape
+        _, token_tile, batch_tile = x.value.basetile_shape
+        self.scale = 1.0 / math.sqrt(head_dim)
+        split = ((head_dim, tokens, batch, heads), (head_dim, token_tile, batch_tile, head_tile))
+        merged = ((heads, head_dim, tokens, batch), (head_tile, head_dim, token_tile, batch_tile))
+        scores = ((tokens, tokens, batch, heads), (token_tile, token_tile, batch_tile, head_tile))
+        stats = ((tokens, batch, heads), (token_tile, batch_tile, head_tile))
+        self.qkv = [self.keep(*split) for _ in "qkv"]
+        self.probs = self.keep(*scores)
+        self.out_merged = self.keep(*merged)
+        self.merged = self.scratch("attention merged", *merged)
+        self.split = self.scratch("attention split", *split)
+        self.maxsumexp = self.scratch("attention maxsumexp", (2,) + stats[0], (2,) + stats[1])
+        self.sumprod = self.scratch("attention sumprod", *stats)
+        self.d_scores = self.scratch("attention scores", *scores)
+        self.d_qkv = [self.scratch(f"attention d{part}", *split) for part in "qkv"]
+
+    def forward_async(self) -> None:
+        for w, b, out in zip(self.w_in, self.b_in, self.qkv):
+            gemm_async(1.0, notrans, w.value, notrans, self.x.value, 0.0, self.merged, 1, 0)
+            gemm_async(1.0, notrans, b.value, notrans, self.ones, 1.0, self.merged, 1, 0)
+            transpose_async(1.0, self.merged, out, 1)
+        self.merged.invalidate_submit()
+        q, k, v = self.qkv
+        gemm_async(self.scale, trans, k, notrans, q, 0.0, self.probs, 1, 2)
+        clear_async(self.maxsumexp)
+        maxsumexp_async(self.probs, self.maxsumexp, 0)
+        softmax_inplace_async(self.maxsumexp, 1.0, self.probs, 0)
+        self.maxsumexp.invalidate_submit()
+        gemm_async(1.0, notrans, v, notrans, self.probs, 0.0, self.split, 1, 2)
+        transpose_async(1.0, self.split, self.out_merged, 3)
+        self.split.invalidate_submit()
+        gemm_async(1.0, notrans, self.w_o.value, notrans, self.out_merged, 0.0, self.y.value, 2, 0)
+        gemm_async(1.0, notrans, self.b_o.value, notrans, self.ones, 1.0, self.y.value, 1, 0)
+
+    def backward_async(self) -> None:
+        dy, q, k, v = self.y.grad, *self.qkv
+        gemm_async(1.0, notrans, dy, trans, self.ones, 1.0, self.b_o.grad, 2, 0)
+        gemm_async(1.0, notrans, dy, trans, self.out_merged, 1.0, self.w_o.grad, 2, 0)
+        gemm_async(1.0, trans, self.w_o.value, notrans, dy, 0.0, self.merged, 1, 0)
+        d_out = self.split
+        transpose_async(1.0, self.merged, d_out, 1)
+        d_q, d_k, d_v = self.d_qkv
+        gemm_async(1.0, trans, v, notrans, d_out, 0.0, self.d_scores, 1, 2)
+        gemm_async(1.0, notrans, d_out, trans, self.probs, 0.0, d_v, 1, 2)
+        d_out.invalidate_submit()
+        # softmax backward: dS = P * (dP - sum(P * dP))
+        sumprod_slice_async(1.0, self.probs, self.d_scores, 0.0, self.sumprod, 0)
+        add_slice_async(-1.0, self.sumprod, 1.0, self.d_scores, 0)
+        prod_async(self.probs, self.d_scores)
+        self.sumprod.invalidate_submit()
+        gemm_async(self.scale, notrans, q, trans, self.d_scores, 0.0, d_k, 1, 2)
+        gemm_async(self.scale, notrans, k, notrans, self.d_scores, 0.0, d_q, 1, 2)
+        self.d_scores.invalidate_submit()
+        x_beta = self.beta(self.x)
+        for w, b, d_part in zip(self.w_in, self.b_in, self.d_qkv):
+            transpose_async(1.0, d_part, self.merged, 3)
+            d_part.invalidate_submit()
+            gemm_async(1.0, notrans, self.merged, trans, self.ones, 1.0, b.grad, 2, 0)
+            gemm_async(1.0, notrans, self.merged, trans, self.x.value, 1.0, w.grad, 2, 0)
+            gemm_async(1.0, trans, w.value, notrans, self.merged, x_beta, self.x.grad, 2, 0)
+            x_beta = 1.0
+        self.merged.invalidate_submit()
+
+
+class Linear(_Layer):
     """y = W x + b over axis 0. The bias is a one-column matrix added as the rank-1 GEMM `b ones^T`, and
     its gradient is `dY ones`: NNTile's add_fiber and sum_fiber on the feature axis stride through memory
     (on DiT-S/2's MLP output 4.1 ms and 6.8 ms, against 0.9 ms and 1.3 ms for the GEMMs; the training
@@ -1070,10 +1412,10 @@ class Linear(BaseLayer):
         batch_axes = self.x.value.ndim - 1
         gemm_async(1.0, notrans, self.y.grad, trans, self.x.value, 1.0, self.w.grad, batch_axes, 0)
         gemm_async(1.0, notrans, self.y.grad, trans, self.ones, 1.0, self.b.grad, batch_axes, 0)
-        gemm_async(1.0, trans, self.w.value, notrans, self.y.grad, 1.0, self.x.grad, 1, 0)
+        gemm_async(1.0, trans, self.w.value, notrans, self.y.grad, self.beta(self.x), self.x.grad, 1, 0)
 
 
-class AddConstSlice(BaseLayer):
+class AddConstSlice(_Layer):
     """y = x + table, a constant broadcast over `axis` (the positional table over the batch)."""
 
     def __init__(self, x: TensorMoments, table: Tensor, y: TensorMoments, axis: int):
@@ -1084,14 +1426,50 @@ class AddConstSlice(BaseLayer):
         add_slice3_async(1.0, self.table, 1.0, self.x.value, self.y.value, self.axis)
 
     def backward_async(self) -> None:
-        add_async(1.0, self.y.grad, 1.0, self.x.grad)
+        add_async(1.0, self.y.grad, self.beta(self.x), self.x.grad)
+
+
+class Act(_Layer):
+    """y = fn(x), element-wise."""
+
+    FUNCTIONS = {"gelutanh": (gelutanh_async, gelutanh_backward_async),
+                 "silu": (silu_forward_async, silu_backward_async)}
+
+    def __init__(self, x: TensorMoments, y: TensorMoments, fn: str):
+        super().__init__([x], [y], [], [])
+        self.x, self.y = x, y
+        self.fn, self.fn_backward = self.FUNCTIONS[fn]
+
+    def forward_async(self) -> None:
+        self.fn(self.x.value, self.y.value)
+
+    def backward_async(self) -> None:
+        if self.beta(self.x) == 0.0:  # NNTile's kernel accumulates: zero first, after dy is ready
+            scal_async(0.0, self.y.grad, self.x.grad)
+        self.fn_backward(self.x.value, self.y.grad, self.x.grad)
+
+
+class Add(_Layer):
+    """y = a + b."""
+
+    def __init__(self, a: TensorMoments, b: TensorMoments, y: TensorMoments):
+        super().__init__([a, b], [y], [], [])
+        self.a, self.b, self.y = a, b, y
+
+    def forward_async(self) -> None:
+        add_async(1.0, self.a.value, 0.0, self.y.value)
+        add_async(1.0, self.b.value, 1.0, self.y.value)
+
+    def backward_async(self) -> None:
+        add_async(1.0, self.y.grad, self.beta(self.a), self.a.grad)
+        add_async(1.0, self.y.grad, self.beta(self.b), self.b.grad)
 
 
 class Model(BaseModel):
     """The compiled graph, one layer per op, in graph order."""
 
     def __init__(self, next_tag: int = 0):
-        self.next_tag = next_tag
+        self.alloc = Allocator(next_tag)
         self.tensors: dict[str, TensorMoments | Tensor] = {}
         self.torch_shapes: dict[str, tuple[int, ...]] = {}
         layers: list[BaseLayer] = []
@@ -1130,7 +1508,7 @@ class Model(BaseModel):
         # blocks.0.mod_msa = modulate(blocks.0.norm1, blocks.0.shift_msa, blocks.0.scale_msa) [modulate]
         self.modulate("blocks.0.norm1", "blocks.0.shift_msa", "blocks.0.scale_msa", "blocks.0.mod_msa")
         # blocks.0.attn = attention(blocks.0.mod_msa, blocks.0.attn.qkv.weight.q, blocks.0.attn.qkv.weight.k, blocks.0.attn.qkv.weight.v, blocks.0.attn.qkv.bias.q, blocks.0.attn.qkv.bias.k, blocks.0.attn.qkv.bias.v, blocks.0.attn.proj.weight, blocks.0.attn.proj.bias) [attention]
-        self.attention("blocks.0.mod_msa", "blocks.0.attn.qkv.weight.q", "blocks.0.attn.qkv.weight.k", "blocks.0.attn.qkv.weight.v", "blocks.0.attn.qkv.bias.q", "blocks.0.attn.qkv.bias.k", "blocks.0.attn.qkv.bias.v", "blocks.0.attn.proj.weight", "blocks.0.attn.proj.bias", "blocks.0.attn", heads=12)
+        self.attention("blocks.0.mod_msa", "blocks.0.attn.qkv.weight.q", "blocks.0.attn.qkv.weight.k", "blocks.0.attn.qkv.weight.v", "blocks.0.attn.qkv.bias.q", "blocks.0.attn.qkv.bias.k", "blocks.0.attn.qkv.bias.v", "blocks.0.attn.proj.weight", "blocks.0.attn.proj.bias", "blocks.0.attn", "ones[tokens,batch]")
         # blocks.0.res_msa = gated_residual(x_tokens, blocks.0.attn, blocks.0.gate_msa) [gated residual]
         self.gated_residual("x_tokens", "blocks.0.attn", "blocks.0.gate_msa", "blocks.0.res_msa")
         # blocks.0.norm2 = layer_norm(blocks.0.res_msa) [layer norm]
@@ -1162,7 +1540,7 @@ class Model(BaseModel):
         # blocks.1.mod_msa = modulate(blocks.1.norm1, blocks.1.shift_msa, blocks.1.scale_msa) [modulate]
         self.modulate("blocks.1.norm1", "blocks.1.shift_msa", "blocks.1.scale_msa", "blocks.1.mod_msa")
         # blocks.1.attn = attention(blocks.1.mod_msa, blocks.1.attn.qkv.weight.q, blocks.1.attn.qkv.weight.k, blocks.1.attn.qkv.weight.v, blocks.1.attn.qkv.bias.q, blocks.1.attn.qkv.bias.k, blocks.1.attn.qkv.bias.v, blocks.1.attn.proj.weight, blocks.1.attn.proj.bias) [attention]
-        self.attention("blocks.1.mod_msa", "blocks.1.attn.qkv.weight.q", "blocks.1.attn.qkv.weight.k", "blocks.1.attn.qkv.weight.v", "blocks.1.attn.qkv.bias.q", "blocks.1.attn.qkv.bias.k", "blocks.1.attn.qkv.bias.v", "blocks.1.attn.proj.weight", "blocks.1.attn.proj.bias", "blocks.1.attn", heads=12)
+        self.attention("blocks.1.mod_msa", "blocks.1.attn.qkv.weight.q", "blocks.1.attn.qkv.weight.k", "blocks.1.attn.qkv.weight.v", "blocks.1.attn.qkv.bias.q", "blocks.1.attn.qkv.bias.k", "blocks.1.attn.qkv.bias.v", "blocks.1.attn.proj.weight", "blocks.1.attn.proj.bias", "blocks.1.attn", "ones[tokens,batch]")
         # blocks.1.res_msa = gated_residual(blocks.0.out, blocks.1.attn, blocks.1.gate_msa) [gated residual]
         self.gated_residual("blocks.0.out", "blocks.1.attn", "blocks.1.gate_msa", "blocks.1.res_msa")
         # blocks.1.norm2 = layer_norm(blocks.1.res_msa) [layer norm]
@@ -1194,7 +1572,7 @@ class Model(BaseModel):
         # blocks.2.mod_msa = modulate(blocks.2.norm1, blocks.2.shift_msa, blocks.2.scale_msa) [modulate]
         self.modulate("blocks.2.norm1", "blocks.2.shift_msa", "blocks.2.scale_msa", "blocks.2.mod_msa")
         # blocks.2.attn = attention(blocks.2.mod_msa, blocks.2.attn.qkv.weight.q, blocks.2.attn.qkv.weight.k, blocks.2.attn.qkv.weight.v, blocks.2.attn.qkv.bias.q, blocks.2.attn.qkv.bias.k, blocks.2.attn.qkv.bias.v, blocks.2.attn.proj.weight, blocks.2.attn.proj.bias) [attention]
-        self.attention("blocks.2.mod_msa", "blocks.2.attn.qkv.weight.q", "blocks.2.attn.qkv.weight.k", "blocks.2.attn.qkv.weight.v", "blocks.2.attn.qkv.bias.q", "blocks.2.attn.qkv.bias.k", "blocks.2.attn.qkv.bias.v", "blocks.2.attn.proj.weight", "blocks.2.attn.proj.bias", "blocks.2.attn", heads=12)
+        self.attention("blocks.2.mod_msa", "blocks.2.attn.qkv.weight.q", "blocks.2.attn.qkv.weight.k", "blocks.2.attn.qkv.weight.v", "blocks.2.attn.qkv.bias.q", "blocks.2.attn.qkv.bias.k", "blocks.2.attn.qkv.bias.v", "blocks.2.attn.proj.weight", "blocks.2.attn.proj.bias", "blocks.2.attn", "ones[tokens,batch]")
         # blocks.2.res_msa = gated_residual(blocks.1.out, blocks.2.attn, blocks.2.gate_msa) [gated residual]
         self.gated_residual("blocks.1.out", "blocks.2.attn", "blocks.2.gate_msa", "blocks.2.res_msa")
         # blocks.2.norm2 = layer_norm(blocks.2.res_msa) [layer norm]
@@ -1226,7 +1604,7 @@ class Model(BaseModel):
         # blocks.3.mod_msa = modulate(blocks.3.norm1, blocks.3.shift_msa, blocks.3.scale_msa) [modulate]
         self.modulate("blocks.3.norm1", "blocks.3.shift_msa", "blocks.3.scale_msa", "blocks.3.mod_msa")
         # blocks.3.attn = attention(blocks.3.mod_msa, blocks.3.attn.qkv.weight.q, blocks.3.attn.qkv.weight.k, blocks.3.attn.qkv.weight.v, blocks.3.attn.qkv.bias.q, blocks.3.attn.qkv.bias.k, blocks.3.attn.qkv.bias.v, blocks.3.attn.proj.weight, blocks.3.attn.proj.bias) [attention]
-        self.attention("blocks.3.mod_msa", "blocks.3.attn.qkv.weight.q", "blocks.3.attn.qkv.weight.k", "blocks.3.attn.qkv.weight.v", "blocks.3.attn.qkv.bias.q", "blocks.3.attn.qkv.bias.k", "blocks.3.attn.qkv.bias.v", "blocks.3.attn.proj.weight", "blocks.3.attn.proj.bias", "blocks.3.attn", heads=12)
+        self.attention("blocks.3.mod_msa", "blocks.3.attn.qkv.weight.q", "blocks.3.attn.qkv.weight.k", "blocks.3.attn.qkv.weight.v", "blocks.3.attn.qkv.bias.q", "blocks.3.attn.qkv.bias.k", "blocks.3.attn.qkv.bias.v", "blocks.3.attn.proj.weight", "blocks.3.attn.proj.bias", "blocks.3.attn", "ones[tokens,batch]")
         # blocks.3.res_msa = gated_residual(blocks.2.out, blocks.3.attn, blocks.3.gate_msa) [gated residual]
         self.gated_residual("blocks.2.out", "blocks.3.attn", "blocks.3.gate_msa", "blocks.3.res_msa")
         # blocks.3.norm2 = layer_norm(blocks.3.res_msa) [layer norm]
@@ -1258,7 +1636,7 @@ class Model(BaseModel):
         # blocks.4.mod_msa = modulate(blocks.4.norm1, blocks.4.shift_msa, blocks.4.scale_msa) [modulate]
         self.modulate("blocks.4.norm1", "blocks.4.shift_msa", "blocks.4.scale_msa", "blocks.4.mod_msa")
         # blocks.4.attn = attention(blocks.4.mod_msa, blocks.4.attn.qkv.weight.q, blocks.4.attn.qkv.weight.k, blocks.4.attn.qkv.weight.v, blocks.4.attn.qkv.bias.q, blocks.4.attn.qkv.bias.k, blocks.4.attn.qkv.bias.v, blocks.4.attn.proj.weight, blocks.4.attn.proj.bias) [attention]
-        self.attention("blocks.4.mod_msa", "blocks.4.attn.qkv.weight.q", "blocks.4.attn.qkv.weight.k", "blocks.4.attn.qkv.weight.v", "blocks.4.attn.qkv.bias.q", "blocks.4.attn.qkv.bias.k", "blocks.4.attn.qkv.bias.v", "blocks.4.attn.proj.weight", "blocks.4.attn.proj.bias", "blocks.4.attn", heads=12)
+        self.attention("blocks.4.mod_msa", "blocks.4.attn.qkv.weight.q", "blocks.4.attn.qkv.weight.k", "blocks.4.attn.qkv.weight.v", "blocks.4.attn.qkv.bias.q", "blocks.4.attn.qkv.bias.k", "blocks.4.attn.qkv.bias.v", "blocks.4.attn.proj.weight", "blocks.4.attn.proj.bias", "blocks.4.attn", "ones[tokens,batch]")
         # blocks.4.res_msa = gated_residual(blocks.3.out, blocks.4.attn, blocks.4.gate_msa) [gated residual]
         self.gated_residual("blocks.3.out", "blocks.4.attn", "blocks.4.gate_msa", "blocks.4.res_msa")
         # blocks.4.norm2 = layer_norm(blocks.4.res_msa) [layer norm]
@@ -1290,7 +1668,7 @@ class Model(BaseModel):
         # blocks.5.mod_msa = modulate(blocks.5.norm1, blocks.5.shift_msa, blocks.5.scale_msa) [modulate]
         self.modulate("blocks.5.norm1", "blocks.5.shift_msa", "blocks.5.scale_msa", "blocks.5.mod_msa")
         # blocks.5.attn = attention(blocks.5.mod_msa, blocks.5.attn.qkv.weight.q, blocks.5.attn.qkv.weight.k, blocks.5.attn.qkv.weight.v, blocks.5.attn.qkv.bias.q, blocks.5.attn.qkv.bias.k, blocks.5.attn.qkv.bias.v, blocks.5.attn.proj.weight, blocks.5.attn.proj.bias) [attention]
-        self.attention("blocks.5.mod_msa", "blocks.5.attn.qkv.weight.q", "blocks.5.attn.qkv.weight.k", "blocks.5.attn.qkv.weight.v", "blocks.5.attn.qkv.bias.q", "blocks.5.attn.qkv.bias.k", "blocks.5.attn.qkv.bias.v", "blocks.5.attn.proj.weight", "blocks.5.attn.proj.bias", "blocks.5.attn", heads=12)
+        self.attention("blocks.5.mod_msa", "blocks.5.attn.qkv.weight.q", "blocks.5.attn.qkv.weight.k", "blocks.5.attn.qkv.weight.v", "blocks.5.attn.qkv.bias.q", "blocks.5.attn.qkv.bias.k", "blocks.5.attn.qkv.bias.v", "blocks.5.attn.proj.weight", "blocks.5.attn.proj.bias", "blocks.5.attn", "ones[tokens,batch]")
         # blocks.5.res_msa = gated_residual(blocks.4.out, blocks.5.attn, blocks.5.gate_msa) [gated residual]
         self.gated_residual("blocks.4.out", "blocks.5.attn", "blocks.5.gate_msa", "blocks.5.res_msa")
         # blocks.5.norm2 = layer_norm(blocks.5.res_msa) [layer norm]
@@ -1322,7 +1700,7 @@ class Model(BaseModel):
         # blocks.6.mod_msa = modulate(blocks.6.norm1, blocks.6.shift_msa, blocks.6.scale_msa) [modulate]
         self.modulate("blocks.6.norm1", "blocks.6.shift_msa", "blocks.6.scale_msa", "blocks.6.mod_msa")
         # blocks.6.attn = attention(blocks.6.mod_msa, blocks.6.attn.qkv.weight.q, blocks.6.attn.qkv.weight.k, blocks.6.attn.qkv.weight.v, blocks.6.attn.qkv.bias.q, blocks.6.attn.qkv.bias.k, blocks.6.attn.qkv.bias.v, blocks.6.attn.proj.weight, blocks.6.attn.proj.bias) [attention]
-        self.attention("blocks.6.mod_msa", "blocks.6.attn.qkv.weight.q", "blocks.6.attn.qkv.weight.k", "blocks.6.attn.qkv.weight.v", "blocks.6.attn.qkv.bias.q", "blocks.6.attn.qkv.bias.k", "blocks.6.attn.qkv.bias.v", "blocks.6.attn.proj.weight", "blocks.6.attn.proj.bias", "blocks.6.attn", heads=12)
+        self.attention("blocks.6.mod_msa", "blocks.6.attn.qkv.weight.q", "blocks.6.attn.qkv.weight.k", "blocks.6.attn.qkv.weight.v", "blocks.6.attn.qkv.bias.q", "blocks.6.attn.qkv.bias.k", "blocks.6.attn.qkv.bias.v", "blocks.6.attn.proj.weight", "blocks.6.attn.proj.bias", "blocks.6.attn", "ones[tokens,batch]")
         # blocks.6.res_msa = gated_residual(blocks.5.out, blocks.6.attn, blocks.6.gate_msa) [gated residual]
         self.gated_residual("blocks.5.out", "blocks.6.attn", "blocks.6.gate_msa", "blocks.6.res_msa")
         # blocks.6.norm2 = layer_norm(blocks.6.res_msa) [layer norm]
@@ -1354,7 +1732,7 @@ class Model(BaseModel):
         # blocks.7.mod_msa = modulate(blocks.7.norm1, blocks.7.shift_msa, blocks.7.scale_msa) [modulate]
         self.modulate("blocks.7.norm1", "blocks.7.shift_msa", "blocks.7.scale_msa", "blocks.7.mod_msa")
         # blocks.7.attn = attention(blocks.7.mod_msa, blocks.7.attn.qkv.weight.q, blocks.7.attn.qkv.weight.k, blocks.7.attn.qkv.weight.v, blocks.7.attn.qkv.bias.q, blocks.7.attn.qkv.bias.k, blocks.7.attn.qkv.bias.v, blocks.7.attn.proj.weight, blocks.7.attn.proj.bias) [attention]
-        self.attention("blocks.7.mod_msa", "blocks.7.attn.qkv.weight.q", "blocks.7.attn.qkv.weight.k", "blocks.7.attn.qkv.weight.v", "blocks.7.attn.qkv.bias.q", "blocks.7.attn.qkv.bias.k", "blocks.7.attn.qkv.bias.v", "blocks.7.attn.proj.weight", "blocks.7.attn.proj.bias", "blocks.7.attn", heads=12)
+        self.attention("blocks.7.mod_msa", "blocks.7.attn.qkv.weight.q", "blocks.7.attn.qkv.weight.k", "blocks.7.attn.qkv.weight.v", "blocks.7.attn.qkv.bias.q", "blocks.7.attn.qkv.bias.k", "blocks.7.attn.qkv.bias.v", "blocks.7.attn.proj.weight", "blocks.7.attn.proj.bias", "blocks.7.attn", "ones[tokens,batch]")
         # blocks.7.res_msa = gated_residual(blocks.6.out, blocks.7.attn, blocks.7.gate_msa) [gated residual]
         self.gated_residual("blocks.6.out", "blocks.7.attn", "blocks.7.gate_msa", "blocks.7.res_msa")
         # blocks.7.norm2 = layer_norm(blocks.7.res_msa) [layer norm]
@@ -1386,7 +1764,7 @@ class Model(BaseModel):
         # blocks.8.mod_msa = modulate(blocks.8.norm1, blocks.8.shift_msa, blocks.8.scale_msa) [modulate]
         self.modulate("blocks.8.norm1", "blocks.8.shift_msa", "blocks.8.scale_msa", "blocks.8.mod_msa")
         # blocks.8.attn = attention(blocks.8.mod_msa, blocks.8.attn.qkv.weight.q, blocks.8.attn.qkv.weight.k, blocks.8.attn.qkv.weight.v, blocks.8.attn.qkv.bias.q, blocks.8.attn.qkv.bias.k, blocks.8.attn.qkv.bias.v, blocks.8.attn.proj.weight, blocks.8.attn.proj.bias) [attention]
-        self.attention("blocks.8.mod_msa", "blocks.8.attn.qkv.weight.q", "blocks.8.attn.qkv.weight.k", "blocks.8.attn.qkv.weight.v", "blocks.8.attn.qkv.bias.q", "blocks.8.attn.qkv.bias.k", "blocks.8.attn.qkv.bias.v", "blocks.8.attn.proj.weight", "blocks.8.attn.proj.bias", "blocks.8.attn", heads=12)
+        self.attention("blocks.8.mod_msa", "blocks.8.attn.qkv.weight.q", "blocks.8.attn.qkv.weight.k", "blocks.8.attn.qkv.weight.v", "blocks.8.attn.qkv.bias.q", "blocks.8.attn.qkv.bias.k", "blocks.8.attn.qkv.bias.v", "blocks.8.attn.proj.weight", "blocks.8.attn.proj.bias", "blocks.8.attn", "ones[tokens,batch]")
         # blocks.8.res_msa = gated_residual(blocks.7.out, blocks.8.attn, blocks.8.gate_msa) [gated residual]
         self.gated_residual("blocks.7.out", "blocks.8.attn", "blocks.8.gate_msa", "blocks.8.res_msa")
         # blocks.8.norm2 = layer_norm(blocks.8.res_msa) [layer norm]
@@ -1418,7 +1796,7 @@ class Model(BaseModel):
         # blocks.9.mod_msa = modulate(blocks.9.norm1, blocks.9.shift_msa, blocks.9.scale_msa) [modulate]
         self.modulate("blocks.9.norm1", "blocks.9.shift_msa", "blocks.9.scale_msa", "blocks.9.mod_msa")
         # blocks.9.attn = attention(blocks.9.mod_msa, blocks.9.attn.qkv.weight.q, blocks.9.attn.qkv.weight.k, blocks.9.attn.qkv.weight.v, blocks.9.attn.qkv.bias.q, blocks.9.attn.qkv.bias.k, blocks.9.attn.qkv.bias.v, blocks.9.attn.proj.weight, blocks.9.attn.proj.bias) [attention]
-        self.attention("blocks.9.mod_msa", "blocks.9.attn.qkv.weight.q", "blocks.9.attn.qkv.weight.k", "blocks.9.attn.qkv.weight.v", "blocks.9.attn.qkv.bias.q", "blocks.9.attn.qkv.bias.k", "blocks.9.attn.qkv.bias.v", "blocks.9.attn.proj.weight", "blocks.9.attn.proj.bias", "blocks.9.attn", heads=12)
+        self.attention("blocks.9.mod_msa", "blocks.9.attn.qkv.weight.q", "blocks.9.attn.qkv.weight.k", "blocks.9.attn.qkv.weight.v", "blocks.9.attn.qkv.bias.q", "blocks.9.attn.qkv.bias.k", "blocks.9.attn.qkv.bias.v", "blocks.9.attn.proj.weight", "blocks.9.attn.proj.bias", "blocks.9.attn", "ones[tokens,batch]")
         # blocks.9.res_msa = gated_residual(blocks.8.out, blocks.9.attn, blocks.9.gate_msa) [gated residual]
         self.gated_residual("blocks.8.out", "blocks.9.attn", "blocks.9.gate_msa", "blocks.9.res_msa")
         # blocks.9.norm2 = layer_norm(blocks.9.res_msa) [layer norm]
@@ -1450,7 +1828,7 @@ class Model(BaseModel):
         # blocks.10.mod_msa = modulate(blocks.10.norm1, blocks.10.shift_msa, blocks.10.scale_msa) [modulate]
         self.modulate("blocks.10.norm1", "blocks.10.shift_msa", "blocks.10.scale_msa", "blocks.10.mod_msa")
         # blocks.10.attn = attention(blocks.10.mod_msa, blocks.10.attn.qkv.weight.q, blocks.10.attn.qkv.weight.k, blocks.10.attn.qkv.weight.v, blocks.10.attn.qkv.bias.q, blocks.10.attn.qkv.bias.k, blocks.10.attn.qkv.bias.v, blocks.10.attn.proj.weight, blocks.10.attn.proj.bias) [attention]
-        self.attention("blocks.10.mod_msa", "blocks.10.attn.qkv.weight.q", "blocks.10.attn.qkv.weight.k", "blocks.10.attn.qkv.weight.v", "blocks.10.attn.qkv.bias.q", "blocks.10.attn.qkv.bias.k", "blocks.10.attn.qkv.bias.v", "blocks.10.attn.proj.weight", "blocks.10.attn.proj.bias", "blocks.10.attn", heads=12)
+        self.attention("blocks.10.mod_msa", "blocks.10.attn.qkv.weight.q", "blocks.10.attn.qkv.weight.k", "blocks.10.attn.qkv.weight.v", "blocks.10.attn.qkv.bias.q", "blocks.10.attn.qkv.bias.k", "blocks.10.attn.qkv.bias.v", "blocks.10.attn.proj.weight", "blocks.10.attn.proj.bias", "blocks.10.attn", "ones[tokens,batch]")
         # blocks.10.res_msa = gated_residual(blocks.9.out, blocks.10.attn, blocks.10.gate_msa) [gated residual]
         self.gated_residual("blocks.9.out", "blocks.10.attn", "blocks.10.gate_msa", "blocks.10.res_msa")
         # blocks.10.norm2 = layer_norm(blocks.10.res_msa) [layer norm]
@@ -1482,7 +1860,7 @@ class Model(BaseModel):
         # blocks.11.mod_msa = modulate(blocks.11.norm1, blocks.11.shift_msa, blocks.11.scale_msa) [modulate]
         self.modulate("blocks.11.norm1", "blocks.11.shift_msa", "blocks.11.scale_msa", "blocks.11.mod_msa")
         # blocks.11.attn = attention(blocks.11.mod_msa, blocks.11.attn.qkv.weight.q, blocks.11.attn.qkv.weight.k, blocks.11.attn.qkv.weight.v, blocks.11.attn.qkv.bias.q, blocks.11.attn.qkv.bias.k, blocks.11.attn.qkv.bias.v, blocks.11.attn.proj.weight, blocks.11.attn.proj.bias) [attention]
-        self.attention("blocks.11.mod_msa", "blocks.11.attn.qkv.weight.q", "blocks.11.attn.qkv.weight.k", "blocks.11.attn.qkv.weight.v", "blocks.11.attn.qkv.bias.q", "blocks.11.attn.qkv.bias.k", "blocks.11.attn.qkv.bias.v", "blocks.11.attn.proj.weight", "blocks.11.attn.proj.bias", "blocks.11.attn", heads=12)
+        self.attention("blocks.11.mod_msa", "blocks.11.attn.qkv.weight.q", "blocks.11.attn.qkv.weight.k", "blocks.11.attn.qkv.weight.v", "blocks.11.attn.qkv.bias.q", "blocks.11.attn.qkv.bias.k", "blocks.11.attn.qkv.bias.v", "blocks.11.attn.proj.weight", "blocks.11.attn.proj.bias", "blocks.11.attn", "ones[tokens,batch]")
         # blocks.11.res_msa = gated_residual(blocks.10.out, blocks.11.attn, blocks.11.gate_msa) [gated residual]
         self.gated_residual("blocks.10.out", "blocks.11.attn", "blocks.11.gate_msa", "blocks.11.res_msa")
         # blocks.11.norm2 = layer_norm(blocks.11.res_msa) [layer norm]
@@ -1508,6 +1886,8 @@ class Model(BaseModel):
         # final.out = linear(final.mod, final_layer.linear.weight, final_layer.linear.bias) [final layer]
         self.linear("final.mod", "final_layer.linear.weight", "final_layer.linear.bias", "final.out", "ones[tokens,batch]")
         self.load_const("pos_embed", sincos_pos_embed(HIDDEN, GRID).T)
+        for layer, (first, _) in zip(layers, GRAD_PLAN):
+            layer.overwrites = tuple(self.tensors[name] for name in first)
         activations = [t for name, t in self.tensors.items() if TENSORS[name][2] == "activation"]
         super().__init__(activations, layers)
 
@@ -1516,27 +1896,14 @@ class Model(BaseModel):
         """The graph tensor `name`, created on first use with the graph's shape and tile."""
         if name not in self.tensors:
             shape, tile, kind = TENSORS[name]
-            traits = TensorTraits(list(shape), list(tile))
-            dtype = Tensor_int64 if kind == "labels" else Tensor_fp32
-            value = dtype(traits, [0] * traits.grid.nelems, self.next_tag)
-            self.next_tag = value.next_tag
+            value = self.alloc.new(shape, tile, Tensor_int64 if kind == "labels" else Tensor_fp32)
             if kind == "ones":
                 fill_async(1.0, value)
             if kind in ("const", "labels", "ones"):
                 self.tensors[name] = value
             else:
-                grad = Tensor_fp32(traits, [0] * traits.grid.nelems, self.next_tag)
-                self.next_tag = grad.next_tag
-                self.tensors[name] = TensorMoments(value, grad, True)
+                self.tensors[name] = TensorMoments(value, self.alloc.new(shape, tile), True)
         return self.tensors[name]
-
-    def bind(self, name: str, moments: TensorMoments) -> None:
-        """Adopt a tensor an NNTile layer made itself, checking it against the graph."""
-        shape, tile, _ = TENSORS[name]
-        if tuple(moments.value.shape) != shape or tuple(moments.value.basetile_shape) != tile:
-            raise RuntimeError(f"{name}: NNTile made {moments.value.shape}/{moments.value.basetile_shape}, "
-                               f"the graph says {shape}/{tile}")
-        self.tensors[name] = moments
 
     def load_const(self, name: str, array: np.ndarray) -> None:
         self.tensor(name).from_array(np.asfortranarray(array, dtype=np.float32))
@@ -1567,7 +1934,6 @@ class Model(BaseModel):
     def add_layer(self, layer: BaseLayer, kind: str) -> None:
         self.layers.append(layer)
         self.layer_kinds.append(kind)
-        self.next_tag = max(self.next_tag, getattr(layer, "next_tag", 0))
 
     def linear(self, x: str, w: str, b: str, y: str, ones: str) -> None:
         t = self.tensor
@@ -1586,27 +1952,21 @@ class Model(BaseModel):
         self.add_layer(AddConstSlice(self.tensor(x), self.tensor(table), self.tensor(y), axis), "add_const_slice")
 
     def layer_norm(self, x: str, y: str, eps: float) -> None:
-        self.add_layer(LayerNormNoAffine(self.tensor(x), self.tensor(y), eps, self.next_tag), "layer_norm")
+        self.add_layer(LayerNormNoAffine(self.tensor(x), self.tensor(y), eps, self.alloc), "layer_norm")
 
     def modulate(self, x: str, shift: str, scale: str, y: str) -> None:
         t = self.tensor
-        self.add_layer(Modulate(t(x), t(shift), t(scale), t(y), self.next_tag), "modulate")
+        self.add_layer(Modulate(t(x), t(shift), t(scale), t(y), self.alloc), "modulate")
 
     def gated_residual(self, x: str, h: str, gate: str, y: str) -> None:
         t = self.tensor
-        self.add_layer(GatedResidual(t(x), t(h), t(gate), t(y), self.next_tag), "gated_residual")
+        self.add_layer(GatedResidual(t(x), t(h), t(gate), t(y), self.alloc), "gated_residual")
 
     def attention(self, x: str, w_q: str, w_k: str, w_v: str, b_q: str, b_k: str, b_v: str, w_o: str,
-                  b_o: str, y: str, heads: int) -> None:
-        head_tile = TENSORS[w_q][1][0]
-        layer, self.next_tag = Attention.generate_simple(
-            self.tensor(x), self.tensor(x), self.tensor(x), heads, head_tile, self.next_tag, bias=True)
-        made = {w_q: layer.w_q, w_k: layer.w_k, w_v: layer.w_v, b_q: layer.in_proj_bias_q,
-                b_k: layer.in_proj_bias_k, b_v: layer.in_proj_bias_v, w_o: layer.w, b_o: layer.out_proj_bias,
-                y: layer.y}
-        for name, moments in made.items():
-            self.bind(name, moments)
-        self.add_layer(layer, "attention")
+                  b_o: str, y: str, ones: str) -> None:
+        t = self.tensor
+        self.add_layer(Attention(t(x), t(w_q), t(w_k), t(w_v), t(b_q), t(b_k), t(b_v), t(w_o), t(b_o), t(ones),
+                                 t(y), self.alloc), "attention")
 
     # -- parameters -----------------------------------------------------------------------------
     def load_state_dict(self, state_dict) -> None:
@@ -1646,19 +2006,28 @@ class Model(BaseModel):
         nntile.starpu.wait_for_all()
         return unpatchify(self.value("final.out"))
 
-    def backward(self, grad_out: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
-        """Back-propagate `grad_out` [N, C_out, H, W]; returns the latent's gradient [N, C, H, W]."""
-        self.clear_gradients()
+    def backward(self, grad_out: np.ndarray, input_grad: bool = True, keep_grads: bool = False) -> np.ndarray | None:
+        """Back-propagate `grad_out` [N, C_out, H, W]; returns the latent's gradient [N, C, H, W].
+        Activation gradients are released as backward passes them, unless `keep_grads` (for `grad`)."""
+        self.clear_parameters_grads()
         self.set_grad("final.out", unpatchify_grad(grad_out))
-        self.backward_async()
+        for i in reversed(range(len(self.layers))):
+            self.backward_layer(i, keep_grads)
         nntile.starpu.wait_for_all()
         return patchify_grad(self.grad("x_patches")) if input_grad else None
+
+    def backward_layer(self, i: int, keep_grads: bool = False) -> None:
+        """Submit layer i's backward, then release the gradients `GRAD_PLAN` says are done."""
+        self.layers[i].backward_async()
+        if not keep_grads:
+            for name in GRAD_PLAN[i][1]:
+                self.tensors[name].grad.invalidate_submit()
 
     # -- training and profiling -----------------------------------------------------------------
     def adamw(self, lr: float, weight_decay: float = 0.0):
         """NNTile's fused AdamW over every parameter: `.step()` after `backward`, `.unregister()` at the end."""
-        optimizer = nntile.optimizer.AdamW(self.parameters, lr, self.next_tag, weight_decay=weight_decay)
-        self.next_tag = optimizer.get_next_tag()
+        optimizer = nntile.optimizer.AdamW(self.parameters, lr, self.alloc.next_tag, weight_decay=weight_decay)
+        self.alloc.next_tag = optimizer.get_next_tag()
         return optimizer
 
     def train_step(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, target: np.ndarray, optimizer) -> float:
@@ -1673,15 +2042,15 @@ class Model(BaseModel):
         """Seconds per op kind of one forward and one backward, each layer run and waited on alone.
         That removes the overlap StarPU finds between layers, so the sum exceeds a real step."""
         seconds: dict[str, float] = defaultdict(float)
-        self.clear_gradients()
-        passes = (("forward", self.layers, self.layer_kinds),
-                  ("backward", self.layers[::-1], self.layer_kinds[::-1]))
-        for direction, layers, kinds in passes:
-            for layer, kind in zip(layers, kinds):
+        self.clear_parameters_grads()
+        clear_async(self.tensors["final.out"].grad)
+        order = list(range(len(self.layers)))
+        for direction, indices in (("forward", order), ("backward", order[::-1])):
+            for i in indices:
                 start = time.perf_counter()
-                layer.forward_async() if direction == "forward" else layer.backward_async()
+                self.layers[i].forward_async() if direction == "forward" else self.backward_layer(i)
                 nntile.starpu.wait_for_all()
-                seconds[f"{kind} {direction}"] += time.perf_counter() - start
+                seconds[f"{self.layer_kinds[i]} {direction}"] += time.perf_counter() - start
         return dict(seconds)
 
     def unregister(self) -> None:
@@ -1691,5 +2060,6 @@ class Model(BaseModel):
                     tensor.unregister()
         for tensor in self.tensors.values():
             tensor.unregister()
+        self.alloc.unregister()
         self.tensors.clear()
         self.layers.clear()

@@ -33,13 +33,15 @@ from collections import defaultdict
 import numpy as np
 
 import nntile
-from nntile.layer import Act, Add, Attention, Embedding
+from nntile.layer import Embedding
 from nntile.layer.base_layer import BaseLayer
 from nntile.model.base_model import BaseModel
 from nntile.tensor import (
     Tensor, Tensor_fp32, Tensor_int64, TensorMoments, TensorTraits, add_async, add_scalar_async,
-    add_slice3_async, add_slice_async, copy_async, fill_async, gemm_async, hypot_scalar_inverse_async,
-    norm_slice_async, notrans, prod_slice_async, sum_slice_async, sumprod_slice_async, trans)
+    add_slice3_async, add_slice_async, clear_async, copy_async, fill_async, gelutanh_async,
+    gelutanh_backward_async, gemm_async, hypot_scalar_inverse_async, maxsumexp_async, norm_slice_async,
+    notrans, prod_async, prod_slice_async, scal_async, silu_backward_async, silu_forward_async,
+    softmax_inplace_async, sum_slice_async, sumprod_slice_async, trans, transpose_async)
 
 PATCH_SIZE = 2
 GRID = 16
@@ -93,13 +95,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.0.mod_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.0.attn": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.0.attn.qkv.weight.q": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.0.attn.qkv.bias.q": ((72, 16), (72, 8), "param"),
+    "blocks.0.attn.qkv.bias.q": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.0.attn.qkv.weight.k": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.0.attn.qkv.bias.k": ((72, 16), (72, 8), "param"),
+    "blocks.0.attn.qkv.bias.k": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.0.attn.qkv.weight.v": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.0.attn.qkv.bias.v": ((72, 16), (72, 8), "param"),
+    "blocks.0.attn.qkv.bias.v": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.0.attn.proj.weight": ((1152, 16, 72), (384, 8, 72), "param"),
-    "blocks.0.attn.proj.bias": ((1152,), (384,), "param"),
+    "blocks.0.attn.proj.bias": ((1152, 1), (384, 1), "param"),
     "blocks.0.res_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.0.norm2": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.0.mod_mlp": ((1152, 256, 1), (384, 128, 1), "activation"),
@@ -133,13 +135,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.1.mod_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.1.attn": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.1.attn.qkv.weight.q": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.1.attn.qkv.bias.q": ((72, 16), (72, 8), "param"),
+    "blocks.1.attn.qkv.bias.q": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.1.attn.qkv.weight.k": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.1.attn.qkv.bias.k": ((72, 16), (72, 8), "param"),
+    "blocks.1.attn.qkv.bias.k": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.1.attn.qkv.weight.v": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.1.attn.qkv.bias.v": ((72, 16), (72, 8), "param"),
+    "blocks.1.attn.qkv.bias.v": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.1.attn.proj.weight": ((1152, 16, 72), (384, 8, 72), "param"),
-    "blocks.1.attn.proj.bias": ((1152,), (384,), "param"),
+    "blocks.1.attn.proj.bias": ((1152, 1), (384, 1), "param"),
     "blocks.1.res_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.1.norm2": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.1.mod_mlp": ((1152, 256, 1), (384, 128, 1), "activation"),
@@ -173,13 +175,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.2.mod_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.2.attn": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.2.attn.qkv.weight.q": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.2.attn.qkv.bias.q": ((72, 16), (72, 8), "param"),
+    "blocks.2.attn.qkv.bias.q": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.2.attn.qkv.weight.k": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.2.attn.qkv.bias.k": ((72, 16), (72, 8), "param"),
+    "blocks.2.attn.qkv.bias.k": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.2.attn.qkv.weight.v": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.2.attn.qkv.bias.v": ((72, 16), (72, 8), "param"),
+    "blocks.2.attn.qkv.bias.v": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.2.attn.proj.weight": ((1152, 16, 72), (384, 8, 72), "param"),
-    "blocks.2.attn.proj.bias": ((1152,), (384,), "param"),
+    "blocks.2.attn.proj.bias": ((1152, 1), (384, 1), "param"),
     "blocks.2.res_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.2.norm2": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.2.mod_mlp": ((1152, 256, 1), (384, 128, 1), "activation"),
@@ -213,13 +215,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.3.mod_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.3.attn": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.3.attn.qkv.weight.q": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.3.attn.qkv.bias.q": ((72, 16), (72, 8), "param"),
+    "blocks.3.attn.qkv.bias.q": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.3.attn.qkv.weight.k": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.3.attn.qkv.bias.k": ((72, 16), (72, 8), "param"),
+    "blocks.3.attn.qkv.bias.k": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.3.attn.qkv.weight.v": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.3.attn.qkv.bias.v": ((72, 16), (72, 8), "param"),
+    "blocks.3.attn.qkv.bias.v": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.3.attn.proj.weight": ((1152, 16, 72), (384, 8, 72), "param"),
-    "blocks.3.attn.proj.bias": ((1152,), (384,), "param"),
+    "blocks.3.attn.proj.bias": ((1152, 1), (384, 1), "param"),
     "blocks.3.res_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.3.norm2": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.3.mod_mlp": ((1152, 256, 1), (384, 128, 1), "activation"),
@@ -253,13 +255,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.4.mod_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.4.attn": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.4.attn.qkv.weight.q": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.4.attn.qkv.bias.q": ((72, 16), (72, 8), "param"),
+    "blocks.4.attn.qkv.bias.q": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.4.attn.qkv.weight.k": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.4.attn.qkv.bias.k": ((72, 16), (72, 8), "param"),
+    "blocks.4.attn.qkv.bias.k": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.4.attn.qkv.weight.v": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.4.attn.qkv.bias.v": ((72, 16), (72, 8), "param"),
+    "blocks.4.attn.qkv.bias.v": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.4.attn.proj.weight": ((1152, 16, 72), (384, 8, 72), "param"),
-    "blocks.4.attn.proj.bias": ((1152,), (384,), "param"),
+    "blocks.4.attn.proj.bias": ((1152, 1), (384, 1), "param"),
     "blocks.4.res_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.4.norm2": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.4.mod_mlp": ((1152, 256, 1), (384, 128, 1), "activation"),
@@ -293,13 +295,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.5.mod_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.5.attn": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.5.attn.qkv.weight.q": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.5.attn.qkv.bias.q": ((72, 16), (72, 8), "param"),
+    "blocks.5.attn.qkv.bias.q": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.5.attn.qkv.weight.k": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.5.attn.qkv.bias.k": ((72, 16), (72, 8), "param"),
+    "blocks.5.attn.qkv.bias.k": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.5.attn.qkv.weight.v": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.5.attn.qkv.bias.v": ((72, 16), (72, 8), "param"),
+    "blocks.5.attn.qkv.bias.v": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.5.attn.proj.weight": ((1152, 16, 72), (384, 8, 72), "param"),
-    "blocks.5.attn.proj.bias": ((1152,), (384,), "param"),
+    "blocks.5.attn.proj.bias": ((1152, 1), (384, 1), "param"),
     "blocks.5.res_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.5.norm2": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.5.mod_mlp": ((1152, 256, 1), (384, 128, 1), "activation"),
@@ -333,13 +335,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.6.mod_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.6.attn": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.6.attn.qkv.weight.q": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.6.attn.qkv.bias.q": ((72, 16), (72, 8), "param"),
+    "blocks.6.attn.qkv.bias.q": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.6.attn.qkv.weight.k": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.6.attn.qkv.bias.k": ((72, 16), (72, 8), "param"),
+    "blocks.6.attn.qkv.bias.k": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.6.attn.qkv.weight.v": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.6.attn.qkv.bias.v": ((72, 16), (72, 8), "param"),
+    "blocks.6.attn.qkv.bias.v": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.6.attn.proj.weight": ((1152, 16, 72), (384, 8, 72), "param"),
-    "blocks.6.attn.proj.bias": ((1152,), (384,), "param"),
+    "blocks.6.attn.proj.bias": ((1152, 1), (384, 1), "param"),
     "blocks.6.res_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.6.norm2": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.6.mod_mlp": ((1152, 256, 1), (384, 128, 1), "activation"),
@@ -373,13 +375,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.7.mod_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.7.attn": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.7.attn.qkv.weight.q": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.7.attn.qkv.bias.q": ((72, 16), (72, 8), "param"),
+    "blocks.7.attn.qkv.bias.q": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.7.attn.qkv.weight.k": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.7.attn.qkv.bias.k": ((72, 16), (72, 8), "param"),
+    "blocks.7.attn.qkv.bias.k": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.7.attn.qkv.weight.v": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.7.attn.qkv.bias.v": ((72, 16), (72, 8), "param"),
+    "blocks.7.attn.qkv.bias.v": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.7.attn.proj.weight": ((1152, 16, 72), (384, 8, 72), "param"),
-    "blocks.7.attn.proj.bias": ((1152,), (384,), "param"),
+    "blocks.7.attn.proj.bias": ((1152, 1), (384, 1), "param"),
     "blocks.7.res_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.7.norm2": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.7.mod_mlp": ((1152, 256, 1), (384, 128, 1), "activation"),
@@ -413,13 +415,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.8.mod_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.8.attn": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.8.attn.qkv.weight.q": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.8.attn.qkv.bias.q": ((72, 16), (72, 8), "param"),
+    "blocks.8.attn.qkv.bias.q": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.8.attn.qkv.weight.k": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.8.attn.qkv.bias.k": ((72, 16), (72, 8), "param"),
+    "blocks.8.attn.qkv.bias.k": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.8.attn.qkv.weight.v": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.8.attn.qkv.bias.v": ((72, 16), (72, 8), "param"),
+    "blocks.8.attn.qkv.bias.v": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.8.attn.proj.weight": ((1152, 16, 72), (384, 8, 72), "param"),
-    "blocks.8.attn.proj.bias": ((1152,), (384,), "param"),
+    "blocks.8.attn.proj.bias": ((1152, 1), (384, 1), "param"),
     "blocks.8.res_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.8.norm2": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.8.mod_mlp": ((1152, 256, 1), (384, 128, 1), "activation"),
@@ -453,13 +455,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.9.mod_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.9.attn": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.9.attn.qkv.weight.q": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.9.attn.qkv.bias.q": ((72, 16), (72, 8), "param"),
+    "blocks.9.attn.qkv.bias.q": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.9.attn.qkv.weight.k": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.9.attn.qkv.bias.k": ((72, 16), (72, 8), "param"),
+    "blocks.9.attn.qkv.bias.k": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.9.attn.qkv.weight.v": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.9.attn.qkv.bias.v": ((72, 16), (72, 8), "param"),
+    "blocks.9.attn.qkv.bias.v": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.9.attn.proj.weight": ((1152, 16, 72), (384, 8, 72), "param"),
-    "blocks.9.attn.proj.bias": ((1152,), (384,), "param"),
+    "blocks.9.attn.proj.bias": ((1152, 1), (384, 1), "param"),
     "blocks.9.res_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.9.norm2": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.9.mod_mlp": ((1152, 256, 1), (384, 128, 1), "activation"),
@@ -493,13 +495,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.10.mod_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.10.attn": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.10.attn.qkv.weight.q": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.10.attn.qkv.bias.q": ((72, 16), (72, 8), "param"),
+    "blocks.10.attn.qkv.bias.q": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.10.attn.qkv.weight.k": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.10.attn.qkv.bias.k": ((72, 16), (72, 8), "param"),
+    "blocks.10.attn.qkv.bias.k": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.10.attn.qkv.weight.v": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.10.attn.qkv.bias.v": ((72, 16), (72, 8), "param"),
+    "blocks.10.attn.qkv.bias.v": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.10.attn.proj.weight": ((1152, 16, 72), (384, 8, 72), "param"),
-    "blocks.10.attn.proj.bias": ((1152,), (384,), "param"),
+    "blocks.10.attn.proj.bias": ((1152, 1), (384, 1), "param"),
     "blocks.10.res_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.10.norm2": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.10.mod_mlp": ((1152, 256, 1), (384, 128, 1), "activation"),
@@ -533,13 +535,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.11.mod_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.11.attn": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.11.attn.qkv.weight.q": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.11.attn.qkv.bias.q": ((72, 16), (72, 8), "param"),
+    "blocks.11.attn.qkv.bias.q": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.11.attn.qkv.weight.k": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.11.attn.qkv.bias.k": ((72, 16), (72, 8), "param"),
+    "blocks.11.attn.qkv.bias.k": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.11.attn.qkv.weight.v": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.11.attn.qkv.bias.v": ((72, 16), (72, 8), "param"),
+    "blocks.11.attn.qkv.bias.v": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.11.attn.proj.weight": ((1152, 16, 72), (384, 8, 72), "param"),
-    "blocks.11.attn.proj.bias": ((1152,), (384,), "param"),
+    "blocks.11.attn.proj.bias": ((1152, 1), (384, 1), "param"),
     "blocks.11.res_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.11.norm2": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.11.mod_mlp": ((1152, 256, 1), (384, 128, 1), "activation"),
@@ -573,13 +575,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.12.mod_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.12.attn": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.12.attn.qkv.weight.q": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.12.attn.qkv.bias.q": ((72, 16), (72, 8), "param"),
+    "blocks.12.attn.qkv.bias.q": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.12.attn.qkv.weight.k": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.12.attn.qkv.bias.k": ((72, 16), (72, 8), "param"),
+    "blocks.12.attn.qkv.bias.k": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.12.attn.qkv.weight.v": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.12.attn.qkv.bias.v": ((72, 16), (72, 8), "param"),
+    "blocks.12.attn.qkv.bias.v": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.12.attn.proj.weight": ((1152, 16, 72), (384, 8, 72), "param"),
-    "blocks.12.attn.proj.bias": ((1152,), (384,), "param"),
+    "blocks.12.attn.proj.bias": ((1152, 1), (384, 1), "param"),
     "blocks.12.res_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.12.norm2": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.12.mod_mlp": ((1152, 256, 1), (384, 128, 1), "activation"),
@@ -613,13 +615,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.13.mod_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.13.attn": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.13.attn.qkv.weight.q": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.13.attn.qkv.bias.q": ((72, 16), (72, 8), "param"),
+    "blocks.13.attn.qkv.bias.q": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.13.attn.qkv.weight.k": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.13.attn.qkv.bias.k": ((72, 16), (72, 8), "param"),
+    "blocks.13.attn.qkv.bias.k": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.13.attn.qkv.weight.v": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.13.attn.qkv.bias.v": ((72, 16), (72, 8), "param"),
+    "blocks.13.attn.qkv.bias.v": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.13.attn.proj.weight": ((1152, 16, 72), (384, 8, 72), "param"),
-    "blocks.13.attn.proj.bias": ((1152,), (384,), "param"),
+    "blocks.13.attn.proj.bias": ((1152, 1), (384, 1), "param"),
     "blocks.13.res_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.13.norm2": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.13.mod_mlp": ((1152, 256, 1), (384, 128, 1), "activation"),
@@ -653,13 +655,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.14.mod_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.14.attn": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.14.attn.qkv.weight.q": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.14.attn.qkv.bias.q": ((72, 16), (72, 8), "param"),
+    "blocks.14.attn.qkv.bias.q": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.14.attn.qkv.weight.k": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.14.attn.qkv.bias.k": ((72, 16), (72, 8), "param"),
+    "blocks.14.attn.qkv.bias.k": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.14.attn.qkv.weight.v": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.14.attn.qkv.bias.v": ((72, 16), (72, 8), "param"),
+    "blocks.14.attn.qkv.bias.v": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.14.attn.proj.weight": ((1152, 16, 72), (384, 8, 72), "param"),
-    "blocks.14.attn.proj.bias": ((1152,), (384,), "param"),
+    "blocks.14.attn.proj.bias": ((1152, 1), (384, 1), "param"),
     "blocks.14.res_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.14.norm2": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.14.mod_mlp": ((1152, 256, 1), (384, 128, 1), "activation"),
@@ -693,13 +695,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.15.mod_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.15.attn": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.15.attn.qkv.weight.q": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.15.attn.qkv.bias.q": ((72, 16), (72, 8), "param"),
+    "blocks.15.attn.qkv.bias.q": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.15.attn.qkv.weight.k": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.15.attn.qkv.bias.k": ((72, 16), (72, 8), "param"),
+    "blocks.15.attn.qkv.bias.k": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.15.attn.qkv.weight.v": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.15.attn.qkv.bias.v": ((72, 16), (72, 8), "param"),
+    "blocks.15.attn.qkv.bias.v": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.15.attn.proj.weight": ((1152, 16, 72), (384, 8, 72), "param"),
-    "blocks.15.attn.proj.bias": ((1152,), (384,), "param"),
+    "blocks.15.attn.proj.bias": ((1152, 1), (384, 1), "param"),
     "blocks.15.res_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.15.norm2": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.15.mod_mlp": ((1152, 256, 1), (384, 128, 1), "activation"),
@@ -733,13 +735,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.16.mod_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.16.attn": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.16.attn.qkv.weight.q": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.16.attn.qkv.bias.q": ((72, 16), (72, 8), "param"),
+    "blocks.16.attn.qkv.bias.q": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.16.attn.qkv.weight.k": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.16.attn.qkv.bias.k": ((72, 16), (72, 8), "param"),
+    "blocks.16.attn.qkv.bias.k": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.16.attn.qkv.weight.v": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.16.attn.qkv.bias.v": ((72, 16), (72, 8), "param"),
+    "blocks.16.attn.qkv.bias.v": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.16.attn.proj.weight": ((1152, 16, 72), (384, 8, 72), "param"),
-    "blocks.16.attn.proj.bias": ((1152,), (384,), "param"),
+    "blocks.16.attn.proj.bias": ((1152, 1), (384, 1), "param"),
     "blocks.16.res_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.16.norm2": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.16.mod_mlp": ((1152, 256, 1), (384, 128, 1), "activation"),
@@ -773,13 +775,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.17.mod_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.17.attn": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.17.attn.qkv.weight.q": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.17.attn.qkv.bias.q": ((72, 16), (72, 8), "param"),
+    "blocks.17.attn.qkv.bias.q": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.17.attn.qkv.weight.k": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.17.attn.qkv.bias.k": ((72, 16), (72, 8), "param"),
+    "blocks.17.attn.qkv.bias.k": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.17.attn.qkv.weight.v": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.17.attn.qkv.bias.v": ((72, 16), (72, 8), "param"),
+    "blocks.17.attn.qkv.bias.v": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.17.attn.proj.weight": ((1152, 16, 72), (384, 8, 72), "param"),
-    "blocks.17.attn.proj.bias": ((1152,), (384,), "param"),
+    "blocks.17.attn.proj.bias": ((1152, 1), (384, 1), "param"),
     "blocks.17.res_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.17.norm2": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.17.mod_mlp": ((1152, 256, 1), (384, 128, 1), "activation"),
@@ -813,13 +815,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.18.mod_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.18.attn": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.18.attn.qkv.weight.q": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.18.attn.qkv.bias.q": ((72, 16), (72, 8), "param"),
+    "blocks.18.attn.qkv.bias.q": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.18.attn.qkv.weight.k": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.18.attn.qkv.bias.k": ((72, 16), (72, 8), "param"),
+    "blocks.18.attn.qkv.bias.k": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.18.attn.qkv.weight.v": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.18.attn.qkv.bias.v": ((72, 16), (72, 8), "param"),
+    "blocks.18.attn.qkv.bias.v": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.18.attn.proj.weight": ((1152, 16, 72), (384, 8, 72), "param"),
-    "blocks.18.attn.proj.bias": ((1152,), (384,), "param"),
+    "blocks.18.attn.proj.bias": ((1152, 1), (384, 1), "param"),
     "blocks.18.res_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.18.norm2": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.18.mod_mlp": ((1152, 256, 1), (384, 128, 1), "activation"),
@@ -853,13 +855,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.19.mod_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.19.attn": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.19.attn.qkv.weight.q": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.19.attn.qkv.bias.q": ((72, 16), (72, 8), "param"),
+    "blocks.19.attn.qkv.bias.q": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.19.attn.qkv.weight.k": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.19.attn.qkv.bias.k": ((72, 16), (72, 8), "param"),
+    "blocks.19.attn.qkv.bias.k": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.19.attn.qkv.weight.v": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.19.attn.qkv.bias.v": ((72, 16), (72, 8), "param"),
+    "blocks.19.attn.qkv.bias.v": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.19.attn.proj.weight": ((1152, 16, 72), (384, 8, 72), "param"),
-    "blocks.19.attn.proj.bias": ((1152,), (384,), "param"),
+    "blocks.19.attn.proj.bias": ((1152, 1), (384, 1), "param"),
     "blocks.19.res_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.19.norm2": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.19.mod_mlp": ((1152, 256, 1), (384, 128, 1), "activation"),
@@ -893,13 +895,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.20.mod_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.20.attn": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.20.attn.qkv.weight.q": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.20.attn.qkv.bias.q": ((72, 16), (72, 8), "param"),
+    "blocks.20.attn.qkv.bias.q": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.20.attn.qkv.weight.k": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.20.attn.qkv.bias.k": ((72, 16), (72, 8), "param"),
+    "blocks.20.attn.qkv.bias.k": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.20.attn.qkv.weight.v": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.20.attn.qkv.bias.v": ((72, 16), (72, 8), "param"),
+    "blocks.20.attn.qkv.bias.v": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.20.attn.proj.weight": ((1152, 16, 72), (384, 8, 72), "param"),
-    "blocks.20.attn.proj.bias": ((1152,), (384,), "param"),
+    "blocks.20.attn.proj.bias": ((1152, 1), (384, 1), "param"),
     "blocks.20.res_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.20.norm2": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.20.mod_mlp": ((1152, 256, 1), (384, 128, 1), "activation"),
@@ -933,13 +935,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.21.mod_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.21.attn": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.21.attn.qkv.weight.q": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.21.attn.qkv.bias.q": ((72, 16), (72, 8), "param"),
+    "blocks.21.attn.qkv.bias.q": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.21.attn.qkv.weight.k": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.21.attn.qkv.bias.k": ((72, 16), (72, 8), "param"),
+    "blocks.21.attn.qkv.bias.k": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.21.attn.qkv.weight.v": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.21.attn.qkv.bias.v": ((72, 16), (72, 8), "param"),
+    "blocks.21.attn.qkv.bias.v": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.21.attn.proj.weight": ((1152, 16, 72), (384, 8, 72), "param"),
-    "blocks.21.attn.proj.bias": ((1152,), (384,), "param"),
+    "blocks.21.attn.proj.bias": ((1152, 1), (384, 1), "param"),
     "blocks.21.res_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.21.norm2": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.21.mod_mlp": ((1152, 256, 1), (384, 128, 1), "activation"),
@@ -973,13 +975,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.22.mod_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.22.attn": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.22.attn.qkv.weight.q": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.22.attn.qkv.bias.q": ((72, 16), (72, 8), "param"),
+    "blocks.22.attn.qkv.bias.q": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.22.attn.qkv.weight.k": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.22.attn.qkv.bias.k": ((72, 16), (72, 8), "param"),
+    "blocks.22.attn.qkv.bias.k": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.22.attn.qkv.weight.v": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.22.attn.qkv.bias.v": ((72, 16), (72, 8), "param"),
+    "blocks.22.attn.qkv.bias.v": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.22.attn.proj.weight": ((1152, 16, 72), (384, 8, 72), "param"),
-    "blocks.22.attn.proj.bias": ((1152,), (384,), "param"),
+    "blocks.22.attn.proj.bias": ((1152, 1), (384, 1), "param"),
     "blocks.22.res_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.22.norm2": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.22.mod_mlp": ((1152, 256, 1), (384, 128, 1), "activation"),
@@ -1013,13 +1015,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.23.mod_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.23.attn": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.23.attn.qkv.weight.q": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.23.attn.qkv.bias.q": ((72, 16), (72, 8), "param"),
+    "blocks.23.attn.qkv.bias.q": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.23.attn.qkv.weight.k": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.23.attn.qkv.bias.k": ((72, 16), (72, 8), "param"),
+    "blocks.23.attn.qkv.bias.k": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.23.attn.qkv.weight.v": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.23.attn.qkv.bias.v": ((72, 16), (72, 8), "param"),
+    "blocks.23.attn.qkv.bias.v": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.23.attn.proj.weight": ((1152, 16, 72), (384, 8, 72), "param"),
-    "blocks.23.attn.proj.bias": ((1152,), (384,), "param"),
+    "blocks.23.attn.proj.bias": ((1152, 1), (384, 1), "param"),
     "blocks.23.res_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.23.norm2": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.23.mod_mlp": ((1152, 256, 1), (384, 128, 1), "activation"),
@@ -1053,13 +1055,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.24.mod_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.24.attn": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.24.attn.qkv.weight.q": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.24.attn.qkv.bias.q": ((72, 16), (72, 8), "param"),
+    "blocks.24.attn.qkv.bias.q": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.24.attn.qkv.weight.k": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.24.attn.qkv.bias.k": ((72, 16), (72, 8), "param"),
+    "blocks.24.attn.qkv.bias.k": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.24.attn.qkv.weight.v": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.24.attn.qkv.bias.v": ((72, 16), (72, 8), "param"),
+    "blocks.24.attn.qkv.bias.v": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.24.attn.proj.weight": ((1152, 16, 72), (384, 8, 72), "param"),
-    "blocks.24.attn.proj.bias": ((1152,), (384,), "param"),
+    "blocks.24.attn.proj.bias": ((1152, 1), (384, 1), "param"),
     "blocks.24.res_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.24.norm2": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.24.mod_mlp": ((1152, 256, 1), (384, 128, 1), "activation"),
@@ -1093,13 +1095,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.25.mod_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.25.attn": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.25.attn.qkv.weight.q": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.25.attn.qkv.bias.q": ((72, 16), (72, 8), "param"),
+    "blocks.25.attn.qkv.bias.q": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.25.attn.qkv.weight.k": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.25.attn.qkv.bias.k": ((72, 16), (72, 8), "param"),
+    "blocks.25.attn.qkv.bias.k": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.25.attn.qkv.weight.v": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.25.attn.qkv.bias.v": ((72, 16), (72, 8), "param"),
+    "blocks.25.attn.qkv.bias.v": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.25.attn.proj.weight": ((1152, 16, 72), (384, 8, 72), "param"),
-    "blocks.25.attn.proj.bias": ((1152,), (384,), "param"),
+    "blocks.25.attn.proj.bias": ((1152, 1), (384, 1), "param"),
     "blocks.25.res_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.25.norm2": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.25.mod_mlp": ((1152, 256, 1), (384, 128, 1), "activation"),
@@ -1133,13 +1135,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.26.mod_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.26.attn": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.26.attn.qkv.weight.q": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.26.attn.qkv.bias.q": ((72, 16), (72, 8), "param"),
+    "blocks.26.attn.qkv.bias.q": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.26.attn.qkv.weight.k": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.26.attn.qkv.bias.k": ((72, 16), (72, 8), "param"),
+    "blocks.26.attn.qkv.bias.k": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.26.attn.qkv.weight.v": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.26.attn.qkv.bias.v": ((72, 16), (72, 8), "param"),
+    "blocks.26.attn.qkv.bias.v": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.26.attn.proj.weight": ((1152, 16, 72), (384, 8, 72), "param"),
-    "blocks.26.attn.proj.bias": ((1152,), (384,), "param"),
+    "blocks.26.attn.proj.bias": ((1152, 1), (384, 1), "param"),
     "blocks.26.res_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.26.norm2": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.26.mod_mlp": ((1152, 256, 1), (384, 128, 1), "activation"),
@@ -1173,13 +1175,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.27.mod_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.27.attn": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.27.attn.qkv.weight.q": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.27.attn.qkv.bias.q": ((72, 16), (72, 8), "param"),
+    "blocks.27.attn.qkv.bias.q": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.27.attn.qkv.weight.k": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.27.attn.qkv.bias.k": ((72, 16), (72, 8), "param"),
+    "blocks.27.attn.qkv.bias.k": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.27.attn.qkv.weight.v": ((16, 72, 1152), (8, 72, 384), "param"),
-    "blocks.27.attn.qkv.bias.v": ((72, 16), (72, 8), "param"),
+    "blocks.27.attn.qkv.bias.v": ((16, 72, 1), (8, 72, 1), "param"),
     "blocks.27.attn.proj.weight": ((1152, 16, 72), (384, 8, 72), "param"),
-    "blocks.27.attn.proj.bias": ((1152,), (384,), "param"),
+    "blocks.27.attn.proj.bias": ((1152, 1), (384, 1), "param"),
     "blocks.27.res_msa": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.27.norm2": ((1152, 256, 1), (384, 128, 1), "activation"),
     "blocks.27.mod_mlp": ((1152, 256, 1), (384, 128, 1), "activation"),
@@ -1228,11 +1230,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.0.adaLN_modulation.1.weight.gate_mlp": ("blocks.0.adaLN_modulation.1.weight", (5760, 6912), "same"),
     "blocks.0.adaLN_modulation.1.bias.gate_mlp": ("blocks.0.adaLN_modulation.1.bias", (5760, 6912), "same"),
     "blocks.0.attn.qkv.weight.q": ("blocks.0.attn.qkv.weight", (0, 1152), "heads_in"),
-    "blocks.0.attn.qkv.bias.q": ("blocks.0.attn.qkv.bias", (0, 1152), "heads_bias"),
+    "blocks.0.attn.qkv.bias.q": ("blocks.0.attn.qkv.bias", (0, 1152), "same"),
     "blocks.0.attn.qkv.weight.k": ("blocks.0.attn.qkv.weight", (1152, 2304), "heads_in"),
-    "blocks.0.attn.qkv.bias.k": ("blocks.0.attn.qkv.bias", (1152, 2304), "heads_bias"),
+    "blocks.0.attn.qkv.bias.k": ("blocks.0.attn.qkv.bias", (1152, 2304), "same"),
     "blocks.0.attn.qkv.weight.v": ("blocks.0.attn.qkv.weight", (2304, 3456), "heads_in"),
-    "blocks.0.attn.qkv.bias.v": ("blocks.0.attn.qkv.bias", (2304, 3456), "heads_bias"),
+    "blocks.0.attn.qkv.bias.v": ("blocks.0.attn.qkv.bias", (2304, 3456), "same"),
     "blocks.0.attn.proj.weight": ("blocks.0.attn.proj.weight", None, "heads_out"),
     "blocks.0.attn.proj.bias": ("blocks.0.attn.proj.bias", None, "same"),
     "blocks.0.mlp.fc1.weight": ("blocks.0.mlp.fc1.weight", None, "same"),
@@ -1252,11 +1254,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.1.adaLN_modulation.1.weight.gate_mlp": ("blocks.1.adaLN_modulation.1.weight", (5760, 6912), "same"),
     "blocks.1.adaLN_modulation.1.bias.gate_mlp": ("blocks.1.adaLN_modulation.1.bias", (5760, 6912), "same"),
     "blocks.1.attn.qkv.weight.q": ("blocks.1.attn.qkv.weight", (0, 1152), "heads_in"),
-    "blocks.1.attn.qkv.bias.q": ("blocks.1.attn.qkv.bias", (0, 1152), "heads_bias"),
+    "blocks.1.attn.qkv.bias.q": ("blocks.1.attn.qkv.bias", (0, 1152), "same"),
     "blocks.1.attn.qkv.weight.k": ("blocks.1.attn.qkv.weight", (1152, 2304), "heads_in"),
-    "blocks.1.attn.qkv.bias.k": ("blocks.1.attn.qkv.bias", (1152, 2304), "heads_bias"),
+    "blocks.1.attn.qkv.bias.k": ("blocks.1.attn.qkv.bias", (1152, 2304), "same"),
     "blocks.1.attn.qkv.weight.v": ("blocks.1.attn.qkv.weight", (2304, 3456), "heads_in"),
-    "blocks.1.attn.qkv.bias.v": ("blocks.1.attn.qkv.bias", (2304, 3456), "heads_bias"),
+    "blocks.1.attn.qkv.bias.v": ("blocks.1.attn.qkv.bias", (2304, 3456), "same"),
     "blocks.1.attn.proj.weight": ("blocks.1.attn.proj.weight", None, "heads_out"),
     "blocks.1.attn.proj.bias": ("blocks.1.attn.proj.bias", None, "same"),
     "blocks.1.mlp.fc1.weight": ("blocks.1.mlp.fc1.weight", None, "same"),
@@ -1276,11 +1278,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.2.adaLN_modulation.1.weight.gate_mlp": ("blocks.2.adaLN_modulation.1.weight", (5760, 6912), "same"),
     "blocks.2.adaLN_modulation.1.bias.gate_mlp": ("blocks.2.adaLN_modulation.1.bias", (5760, 6912), "same"),
     "blocks.2.attn.qkv.weight.q": ("blocks.2.attn.qkv.weight", (0, 1152), "heads_in"),
-    "blocks.2.attn.qkv.bias.q": ("blocks.2.attn.qkv.bias", (0, 1152), "heads_bias"),
+    "blocks.2.attn.qkv.bias.q": ("blocks.2.attn.qkv.bias", (0, 1152), "same"),
     "blocks.2.attn.qkv.weight.k": ("blocks.2.attn.qkv.weight", (1152, 2304), "heads_in"),
-    "blocks.2.attn.qkv.bias.k": ("blocks.2.attn.qkv.bias", (1152, 2304), "heads_bias"),
+    "blocks.2.attn.qkv.bias.k": ("blocks.2.attn.qkv.bias", (1152, 2304), "same"),
     "blocks.2.attn.qkv.weight.v": ("blocks.2.attn.qkv.weight", (2304, 3456), "heads_in"),
-    "blocks.2.attn.qkv.bias.v": ("blocks.2.attn.qkv.bias", (2304, 3456), "heads_bias"),
+    "blocks.2.attn.qkv.bias.v": ("blocks.2.attn.qkv.bias", (2304, 3456), "same"),
     "blocks.2.attn.proj.weight": ("blocks.2.attn.proj.weight", None, "heads_out"),
     "blocks.2.attn.proj.bias": ("blocks.2.attn.proj.bias", None, "same"),
     "blocks.2.mlp.fc1.weight": ("blocks.2.mlp.fc1.weight", None, "same"),
@@ -1300,11 +1302,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.3.adaLN_modulation.1.weight.gate_mlp": ("blocks.3.adaLN_modulation.1.weight", (5760, 6912), "same"),
     "blocks.3.adaLN_modulation.1.bias.gate_mlp": ("blocks.3.adaLN_modulation.1.bias", (5760, 6912), "same"),
     "blocks.3.attn.qkv.weight.q": ("blocks.3.attn.qkv.weight", (0, 1152), "heads_in"),
-    "blocks.3.attn.qkv.bias.q": ("blocks.3.attn.qkv.bias", (0, 1152), "heads_bias"),
+    "blocks.3.attn.qkv.bias.q": ("blocks.3.attn.qkv.bias", (0, 1152), "same"),
     "blocks.3.attn.qkv.weight.k": ("blocks.3.attn.qkv.weight", (1152, 2304), "heads_in"),
-    "blocks.3.attn.qkv.bias.k": ("blocks.3.attn.qkv.bias", (1152, 2304), "heads_bias"),
+    "blocks.3.attn.qkv.bias.k": ("blocks.3.attn.qkv.bias", (1152, 2304), "same"),
     "blocks.3.attn.qkv.weight.v": ("blocks.3.attn.qkv.weight", (2304, 3456), "heads_in"),
-    "blocks.3.attn.qkv.bias.v": ("blocks.3.attn.qkv.bias", (2304, 3456), "heads_bias"),
+    "blocks.3.attn.qkv.bias.v": ("blocks.3.attn.qkv.bias", (2304, 3456), "same"),
     "blocks.3.attn.proj.weight": ("blocks.3.attn.proj.weight", None, "heads_out"),
     "blocks.3.attn.proj.bias": ("blocks.3.attn.proj.bias", None, "same"),
     "blocks.3.mlp.fc1.weight": ("blocks.3.mlp.fc1.weight", None, "same"),
@@ -1324,11 +1326,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.4.adaLN_modulation.1.weight.gate_mlp": ("blocks.4.adaLN_modulation.1.weight", (5760, 6912), "same"),
     "blocks.4.adaLN_modulation.1.bias.gate_mlp": ("blocks.4.adaLN_modulation.1.bias", (5760, 6912), "same"),
     "blocks.4.attn.qkv.weight.q": ("blocks.4.attn.qkv.weight", (0, 1152), "heads_in"),
-    "blocks.4.attn.qkv.bias.q": ("blocks.4.attn.qkv.bias", (0, 1152), "heads_bias"),
+    "blocks.4.attn.qkv.bias.q": ("blocks.4.attn.qkv.bias", (0, 1152), "same"),
     "blocks.4.attn.qkv.weight.k": ("blocks.4.attn.qkv.weight", (1152, 2304), "heads_in"),
-    "blocks.4.attn.qkv.bias.k": ("blocks.4.attn.qkv.bias", (1152, 2304), "heads_bias"),
+    "blocks.4.attn.qkv.bias.k": ("blocks.4.attn.qkv.bias", (1152, 2304), "same"),
     "blocks.4.attn.qkv.weight.v": ("blocks.4.attn.qkv.weight", (2304, 3456), "heads_in"),
-    "blocks.4.attn.qkv.bias.v": ("blocks.4.attn.qkv.bias", (2304, 3456), "heads_bias"),
+    "blocks.4.attn.qkv.bias.v": ("blocks.4.attn.qkv.bias", (2304, 3456), "same"),
     "blocks.4.attn.proj.weight": ("blocks.4.attn.proj.weight", None, "heads_out"),
     "blocks.4.attn.proj.bias": ("blocks.4.attn.proj.bias", None, "same"),
     "blocks.4.mlp.fc1.weight": ("blocks.4.mlp.fc1.weight", None, "same"),
@@ -1348,11 +1350,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.5.adaLN_modulation.1.weight.gate_mlp": ("blocks.5.adaLN_modulation.1.weight", (5760, 6912), "same"),
     "blocks.5.adaLN_modulation.1.bias.gate_mlp": ("blocks.5.adaLN_modulation.1.bias", (5760, 6912), "same"),
     "blocks.5.attn.qkv.weight.q": ("blocks.5.attn.qkv.weight", (0, 1152), "heads_in"),
-    "blocks.5.attn.qkv.bias.q": ("blocks.5.attn.qkv.bias", (0, 1152), "heads_bias"),
+    "blocks.5.attn.qkv.bias.q": ("blocks.5.attn.qkv.bias", (0, 1152), "same"),
     "blocks.5.attn.qkv.weight.k": ("blocks.5.attn.qkv.weight", (1152, 2304), "heads_in"),
-    "blocks.5.attn.qkv.bias.k": ("blocks.5.attn.qkv.bias", (1152, 2304), "heads_bias"),
+    "blocks.5.attn.qkv.bias.k": ("blocks.5.attn.qkv.bias", (1152, 2304), "same"),
     "blocks.5.attn.qkv.weight.v": ("blocks.5.attn.qkv.weight", (2304, 3456), "heads_in"),
-    "blocks.5.attn.qkv.bias.v": ("blocks.5.attn.qkv.bias", (2304, 3456), "heads_bias"),
+    "blocks.5.attn.qkv.bias.v": ("blocks.5.attn.qkv.bias", (2304, 3456), "same"),
     "blocks.5.attn.proj.weight": ("blocks.5.attn.proj.weight", None, "heads_out"),
     "blocks.5.attn.proj.bias": ("blocks.5.attn.proj.bias", None, "same"),
     "blocks.5.mlp.fc1.weight": ("blocks.5.mlp.fc1.weight", None, "same"),
@@ -1372,11 +1374,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.6.adaLN_modulation.1.weight.gate_mlp": ("blocks.6.adaLN_modulation.1.weight", (5760, 6912), "same"),
     "blocks.6.adaLN_modulation.1.bias.gate_mlp": ("blocks.6.adaLN_modulation.1.bias", (5760, 6912), "same"),
     "blocks.6.attn.qkv.weight.q": ("blocks.6.attn.qkv.weight", (0, 1152), "heads_in"),
-    "blocks.6.attn.qkv.bias.q": ("blocks.6.attn.qkv.bias", (0, 1152), "heads_bias"),
+    "blocks.6.attn.qkv.bias.q": ("blocks.6.attn.qkv.bias", (0, 1152), "same"),
     "blocks.6.attn.qkv.weight.k": ("blocks.6.attn.qkv.weight", (1152, 2304), "heads_in"),
-    "blocks.6.attn.qkv.bias.k": ("blocks.6.attn.qkv.bias", (1152, 2304), "heads_bias"),
+    "blocks.6.attn.qkv.bias.k": ("blocks.6.attn.qkv.bias", (1152, 2304), "same"),
     "blocks.6.attn.qkv.weight.v": ("blocks.6.attn.qkv.weight", (2304, 3456), "heads_in"),
-    "blocks.6.attn.qkv.bias.v": ("blocks.6.attn.qkv.bias", (2304, 3456), "heads_bias"),
+    "blocks.6.attn.qkv.bias.v": ("blocks.6.attn.qkv.bias", (2304, 3456), "same"),
     "blocks.6.attn.proj.weight": ("blocks.6.attn.proj.weight", None, "heads_out"),
     "blocks.6.attn.proj.bias": ("blocks.6.attn.proj.bias", None, "same"),
     "blocks.6.mlp.fc1.weight": ("blocks.6.mlp.fc1.weight", None, "same"),
@@ -1396,11 +1398,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.7.adaLN_modulation.1.weight.gate_mlp": ("blocks.7.adaLN_modulation.1.weight", (5760, 6912), "same"),
     "blocks.7.adaLN_modulation.1.bias.gate_mlp": ("blocks.7.adaLN_modulation.1.bias", (5760, 6912), "same"),
     "blocks.7.attn.qkv.weight.q": ("blocks.7.attn.qkv.weight", (0, 1152), "heads_in"),
-    "blocks.7.attn.qkv.bias.q": ("blocks.7.attn.qkv.bias", (0, 1152), "heads_bias"),
+    "blocks.7.attn.qkv.bias.q": ("blocks.7.attn.qkv.bias", (0, 1152), "same"),
     "blocks.7.attn.qkv.weight.k": ("blocks.7.attn.qkv.weight", (1152, 2304), "heads_in"),
-    "blocks.7.attn.qkv.bias.k": ("blocks.7.attn.qkv.bias", (1152, 2304), "heads_bias"),
+    "blocks.7.attn.qkv.bias.k": ("blocks.7.attn.qkv.bias", (1152, 2304), "same"),
     "blocks.7.attn.qkv.weight.v": ("blocks.7.attn.qkv.weight", (2304, 3456), "heads_in"),
-    "blocks.7.attn.qkv.bias.v": ("blocks.7.attn.qkv.bias", (2304, 3456), "heads_bias"),
+    "blocks.7.attn.qkv.bias.v": ("blocks.7.attn.qkv.bias", (2304, 3456), "same"),
     "blocks.7.attn.proj.weight": ("blocks.7.attn.proj.weight", None, "heads_out"),
     "blocks.7.attn.proj.bias": ("blocks.7.attn.proj.bias", None, "same"),
     "blocks.7.mlp.fc1.weight": ("blocks.7.mlp.fc1.weight", None, "same"),
@@ -1420,11 +1422,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.8.adaLN_modulation.1.weight.gate_mlp": ("blocks.8.adaLN_modulation.1.weight", (5760, 6912), "same"),
     "blocks.8.adaLN_modulation.1.bias.gate_mlp": ("blocks.8.adaLN_modulation.1.bias", (5760, 6912), "same"),
     "blocks.8.attn.qkv.weight.q": ("blocks.8.attn.qkv.weight", (0, 1152), "heads_in"),
-    "blocks.8.attn.qkv.bias.q": ("blocks.8.attn.qkv.bias", (0, 1152), "heads_bias"),
+    "blocks.8.attn.qkv.bias.q": ("blocks.8.attn.qkv.bias", (0, 1152), "same"),
     "blocks.8.attn.qkv.weight.k": ("blocks.8.attn.qkv.weight", (1152, 2304), "heads_in"),
-    "blocks.8.attn.qkv.bias.k": ("blocks.8.attn.qkv.bias", (1152, 2304), "heads_bias"),
+    "blocks.8.attn.qkv.bias.k": ("blocks.8.attn.qkv.bias", (1152, 2304), "same"),
     "blocks.8.attn.qkv.weight.v": ("blocks.8.attn.qkv.weight", (2304, 3456), "heads_in"),
-    "blocks.8.attn.qkv.bias.v": ("blocks.8.attn.qkv.bias", (2304, 3456), "heads_bias"),
+    "blocks.8.attn.qkv.bias.v": ("blocks.8.attn.qkv.bias", (2304, 3456), "same"),
     "blocks.8.attn.proj.weight": ("blocks.8.attn.proj.weight", None, "heads_out"),
     "blocks.8.attn.proj.bias": ("blocks.8.attn.proj.bias", None, "same"),
     "blocks.8.mlp.fc1.weight": ("blocks.8.mlp.fc1.weight", None, "same"),
@@ -1444,11 +1446,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.9.adaLN_modulation.1.weight.gate_mlp": ("blocks.9.adaLN_modulation.1.weight", (5760, 6912), "same"),
     "blocks.9.adaLN_modulation.1.bias.gate_mlp": ("blocks.9.adaLN_modulation.1.bias", (5760, 6912), "same"),
     "blocks.9.attn.qkv.weight.q": ("blocks.9.attn.qkv.weight", (0, 1152), "heads_in"),
-    "blocks.9.attn.qkv.bias.q": ("blocks.9.attn.qkv.bias", (0, 1152), "heads_bias"),
+    "blocks.9.attn.qkv.bias.q": ("blocks.9.attn.qkv.bias", (0, 1152), "same"),
     "blocks.9.attn.qkv.weight.k": ("blocks.9.attn.qkv.weight", (1152, 2304), "heads_in"),
-    "blocks.9.attn.qkv.bias.k": ("blocks.9.attn.qkv.bias", (1152, 2304), "heads_bias"),
+    "blocks.9.attn.qkv.bias.k": ("blocks.9.attn.qkv.bias", (1152, 2304), "same"),
     "blocks.9.attn.qkv.weight.v": ("blocks.9.attn.qkv.weight", (2304, 3456), "heads_in"),
-    "blocks.9.attn.qkv.bias.v": ("blocks.9.attn.qkv.bias", (2304, 3456), "heads_bias"),
+    "blocks.9.attn.qkv.bias.v": ("blocks.9.attn.qkv.bias", (2304, 3456), "same"),
     "blocks.9.attn.proj.weight": ("blocks.9.attn.proj.weight", None, "heads_out"),
     "blocks.9.attn.proj.bias": ("blocks.9.attn.proj.bias", None, "same"),
     "blocks.9.mlp.fc1.weight": ("blocks.9.mlp.fc1.weight", None, "same"),
@@ -1468,11 +1470,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.10.adaLN_modulation.1.weight.gate_mlp": ("blocks.10.adaLN_modulation.1.weight", (5760, 6912), "same"),
     "blocks.10.adaLN_modulation.1.bias.gate_mlp": ("blocks.10.adaLN_modulation.1.bias", (5760, 6912), "same"),
     "blocks.10.attn.qkv.weight.q": ("blocks.10.attn.qkv.weight", (0, 1152), "heads_in"),
-    "blocks.10.attn.qkv.bias.q": ("blocks.10.attn.qkv.bias", (0, 1152), "heads_bias"),
+    "blocks.10.attn.qkv.bias.q": ("blocks.10.attn.qkv.bias", (0, 1152), "same"),
     "blocks.10.attn.qkv.weight.k": ("blocks.10.attn.qkv.weight", (1152, 2304), "heads_in"),
-    "blocks.10.attn.qkv.bias.k": ("blocks.10.attn.qkv.bias", (1152, 2304), "heads_bias"),
+    "blocks.10.attn.qkv.bias.k": ("blocks.10.attn.qkv.bias", (1152, 2304), "same"),
     "blocks.10.attn.qkv.weight.v": ("blocks.10.attn.qkv.weight", (2304, 3456), "heads_in"),
-    "blocks.10.attn.qkv.bias.v": ("blocks.10.attn.qkv.bias", (2304, 3456), "heads_bias"),
+    "blocks.10.attn.qkv.bias.v": ("blocks.10.attn.qkv.bias", (2304, 3456), "same"),
     "blocks.10.attn.proj.weight": ("blocks.10.attn.proj.weight", None, "heads_out"),
     "blocks.10.attn.proj.bias": ("blocks.10.attn.proj.bias", None, "same"),
     "blocks.10.mlp.fc1.weight": ("blocks.10.mlp.fc1.weight", None, "same"),
@@ -1492,11 +1494,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.11.adaLN_modulation.1.weight.gate_mlp": ("blocks.11.adaLN_modulation.1.weight", (5760, 6912), "same"),
     "blocks.11.adaLN_modulation.1.bias.gate_mlp": ("blocks.11.adaLN_modulation.1.bias", (5760, 6912), "same"),
     "blocks.11.attn.qkv.weight.q": ("blocks.11.attn.qkv.weight", (0, 1152), "heads_in"),
-    "blocks.11.attn.qkv.bias.q": ("blocks.11.attn.qkv.bias", (0, 1152), "heads_bias"),
+    "blocks.11.attn.qkv.bias.q": ("blocks.11.attn.qkv.bias", (0, 1152), "same"),
     "blocks.11.attn.qkv.weight.k": ("blocks.11.attn.qkv.weight", (1152, 2304), "heads_in"),
-    "blocks.11.attn.qkv.bias.k": ("blocks.11.attn.qkv.bias", (1152, 2304), "heads_bias"),
+    "blocks.11.attn.qkv.bias.k": ("blocks.11.attn.qkv.bias", (1152, 2304), "same"),
     "blocks.11.attn.qkv.weight.v": ("blocks.11.attn.qkv.weight", (2304, 3456), "heads_in"),
-    "blocks.11.attn.qkv.bias.v": ("blocks.11.attn.qkv.bias", (2304, 3456), "heads_bias"),
+    "blocks.11.attn.qkv.bias.v": ("blocks.11.attn.qkv.bias", (2304, 3456), "same"),
     "blocks.11.attn.proj.weight": ("blocks.11.attn.proj.weight", None, "heads_out"),
     "blocks.11.attn.proj.bias": ("blocks.11.attn.proj.bias", None, "same"),
     "blocks.11.mlp.fc1.weight": ("blocks.11.mlp.fc1.weight", None, "same"),
@@ -1516,11 +1518,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.12.adaLN_modulation.1.weight.gate_mlp": ("blocks.12.adaLN_modulation.1.weight", (5760, 6912), "same"),
     "blocks.12.adaLN_modulation.1.bias.gate_mlp": ("blocks.12.adaLN_modulation.1.bias", (5760, 6912), "same"),
     "blocks.12.attn.qkv.weight.q": ("blocks.12.attn.qkv.weight", (0, 1152), "heads_in"),
-    "blocks.12.attn.qkv.bias.q": ("blocks.12.attn.qkv.bias", (0, 1152), "heads_bias"),
+    "blocks.12.attn.qkv.bias.q": ("blocks.12.attn.qkv.bias", (0, 1152), "same"),
     "blocks.12.attn.qkv.weight.k": ("blocks.12.attn.qkv.weight", (1152, 2304), "heads_in"),
-    "blocks.12.attn.qkv.bias.k": ("blocks.12.attn.qkv.bias", (1152, 2304), "heads_bias"),
+    "blocks.12.attn.qkv.bias.k": ("blocks.12.attn.qkv.bias", (1152, 2304), "same"),
     "blocks.12.attn.qkv.weight.v": ("blocks.12.attn.qkv.weight", (2304, 3456), "heads_in"),
-    "blocks.12.attn.qkv.bias.v": ("blocks.12.attn.qkv.bias", (2304, 3456), "heads_bias"),
+    "blocks.12.attn.qkv.bias.v": ("blocks.12.attn.qkv.bias", (2304, 3456), "same"),
     "blocks.12.attn.proj.weight": ("blocks.12.attn.proj.weight", None, "heads_out"),
     "blocks.12.attn.proj.bias": ("blocks.12.attn.proj.bias", None, "same"),
     "blocks.12.mlp.fc1.weight": ("blocks.12.mlp.fc1.weight", None, "same"),
@@ -1540,11 +1542,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.13.adaLN_modulation.1.weight.gate_mlp": ("blocks.13.adaLN_modulation.1.weight", (5760, 6912), "same"),
     "blocks.13.adaLN_modulation.1.bias.gate_mlp": ("blocks.13.adaLN_modulation.1.bias", (5760, 6912), "same"),
     "blocks.13.attn.qkv.weight.q": ("blocks.13.attn.qkv.weight", (0, 1152), "heads_in"),
-    "blocks.13.attn.qkv.bias.q": ("blocks.13.attn.qkv.bias", (0, 1152), "heads_bias"),
+    "blocks.13.attn.qkv.bias.q": ("blocks.13.attn.qkv.bias", (0, 1152), "same"),
     "blocks.13.attn.qkv.weight.k": ("blocks.13.attn.qkv.weight", (1152, 2304), "heads_in"),
-    "blocks.13.attn.qkv.bias.k": ("blocks.13.attn.qkv.bias", (1152, 2304), "heads_bias"),
+    "blocks.13.attn.qkv.bias.k": ("blocks.13.attn.qkv.bias", (1152, 2304), "same"),
     "blocks.13.attn.qkv.weight.v": ("blocks.13.attn.qkv.weight", (2304, 3456), "heads_in"),
-    "blocks.13.attn.qkv.bias.v": ("blocks.13.attn.qkv.bias", (2304, 3456), "heads_bias"),
+    "blocks.13.attn.qkv.bias.v": ("blocks.13.attn.qkv.bias", (2304, 3456), "same"),
     "blocks.13.attn.proj.weight": ("blocks.13.attn.proj.weight", None, "heads_out"),
     "blocks.13.attn.proj.bias": ("blocks.13.attn.proj.bias", None, "same"),
     "blocks.13.mlp.fc1.weight": ("blocks.13.mlp.fc1.weight", None, "same"),
@@ -1564,11 +1566,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.14.adaLN_modulation.1.weight.gate_mlp": ("blocks.14.adaLN_modulation.1.weight", (5760, 6912), "same"),
     "blocks.14.adaLN_modulation.1.bias.gate_mlp": ("blocks.14.adaLN_modulation.1.bias", (5760, 6912), "same"),
     "blocks.14.attn.qkv.weight.q": ("blocks.14.attn.qkv.weight", (0, 1152), "heads_in"),
-    "blocks.14.attn.qkv.bias.q": ("blocks.14.attn.qkv.bias", (0, 1152), "heads_bias"),
+    "blocks.14.attn.qkv.bias.q": ("blocks.14.attn.qkv.bias", (0, 1152), "same"),
     "blocks.14.attn.qkv.weight.k": ("blocks.14.attn.qkv.weight", (1152, 2304), "heads_in"),
-    "blocks.14.attn.qkv.bias.k": ("blocks.14.attn.qkv.bias", (1152, 2304), "heads_bias"),
+    "blocks.14.attn.qkv.bias.k": ("blocks.14.attn.qkv.bias", (1152, 2304), "same"),
     "blocks.14.attn.qkv.weight.v": ("blocks.14.attn.qkv.weight", (2304, 3456), "heads_in"),
-    "blocks.14.attn.qkv.bias.v": ("blocks.14.attn.qkv.bias", (2304, 3456), "heads_bias"),
+    "blocks.14.attn.qkv.bias.v": ("blocks.14.attn.qkv.bias", (2304, 3456), "same"),
     "blocks.14.attn.proj.weight": ("blocks.14.attn.proj.weight", None, "heads_out"),
     "blocks.14.attn.proj.bias": ("blocks.14.attn.proj.bias", None, "same"),
     "blocks.14.mlp.fc1.weight": ("blocks.14.mlp.fc1.weight", None, "same"),
@@ -1588,11 +1590,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.15.adaLN_modulation.1.weight.gate_mlp": ("blocks.15.adaLN_modulation.1.weight", (5760, 6912), "same"),
     "blocks.15.adaLN_modulation.1.bias.gate_mlp": ("blocks.15.adaLN_modulation.1.bias", (5760, 6912), "same"),
     "blocks.15.attn.qkv.weight.q": ("blocks.15.attn.qkv.weight", (0, 1152), "heads_in"),
-    "blocks.15.attn.qkv.bias.q": ("blocks.15.attn.qkv.bias", (0, 1152), "heads_bias"),
+    "blocks.15.attn.qkv.bias.q": ("blocks.15.attn.qkv.bias", (0, 1152), "same"),
     "blocks.15.attn.qkv.weight.k": ("blocks.15.attn.qkv.weight", (1152, 2304), "heads_in"),
-    "blocks.15.attn.qkv.bias.k": ("blocks.15.attn.qkv.bias", (1152, 2304), "heads_bias"),
+    "blocks.15.attn.qkv.bias.k": ("blocks.15.attn.qkv.bias", (1152, 2304), "same"),
     "blocks.15.attn.qkv.weight.v": ("blocks.15.attn.qkv.weight", (2304, 3456), "heads_in"),
-    "blocks.15.attn.qkv.bias.v": ("blocks.15.attn.qkv.bias", (2304, 3456), "heads_bias"),
+    "blocks.15.attn.qkv.bias.v": ("blocks.15.attn.qkv.bias", (2304, 3456), "same"),
     "blocks.15.attn.proj.weight": ("blocks.15.attn.proj.weight", None, "heads_out"),
     "blocks.15.attn.proj.bias": ("blocks.15.attn.proj.bias", None, "same"),
     "blocks.15.mlp.fc1.weight": ("blocks.15.mlp.fc1.weight", None, "same"),
@@ -1612,11 +1614,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.16.adaLN_modulation.1.weight.gate_mlp": ("blocks.16.adaLN_modulation.1.weight", (5760, 6912), "same"),
     "blocks.16.adaLN_modulation.1.bias.gate_mlp": ("blocks.16.adaLN_modulation.1.bias", (5760, 6912), "same"),
     "blocks.16.attn.qkv.weight.q": ("blocks.16.attn.qkv.weight", (0, 1152), "heads_in"),
-    "blocks.16.attn.qkv.bias.q": ("blocks.16.attn.qkv.bias", (0, 1152), "heads_bias"),
+    "blocks.16.attn.qkv.bias.q": ("blocks.16.attn.qkv.bias", (0, 1152), "same"),
     "blocks.16.attn.qkv.weight.k": ("blocks.16.attn.qkv.weight", (1152, 2304), "heads_in"),
-    "blocks.16.attn.qkv.bias.k": ("blocks.16.attn.qkv.bias", (1152, 2304), "heads_bias"),
+    "blocks.16.attn.qkv.bias.k": ("blocks.16.attn.qkv.bias", (1152, 2304), "same"),
     "blocks.16.attn.qkv.weight.v": ("blocks.16.attn.qkv.weight", (2304, 3456), "heads_in"),
-    "blocks.16.attn.qkv.bias.v": ("blocks.16.attn.qkv.bias", (2304, 3456), "heads_bias"),
+    "blocks.16.attn.qkv.bias.v": ("blocks.16.attn.qkv.bias", (2304, 3456), "same"),
     "blocks.16.attn.proj.weight": ("blocks.16.attn.proj.weight", None, "heads_out"),
     "blocks.16.attn.proj.bias": ("blocks.16.attn.proj.bias", None, "same"),
     "blocks.16.mlp.fc1.weight": ("blocks.16.mlp.fc1.weight", None, "same"),
@@ -1636,11 +1638,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.17.adaLN_modulation.1.weight.gate_mlp": ("blocks.17.adaLN_modulation.1.weight", (5760, 6912), "same"),
     "blocks.17.adaLN_modulation.1.bias.gate_mlp": ("blocks.17.adaLN_modulation.1.bias", (5760, 6912), "same"),
     "blocks.17.attn.qkv.weight.q": ("blocks.17.attn.qkv.weight", (0, 1152), "heads_in"),
-    "blocks.17.attn.qkv.bias.q": ("blocks.17.attn.qkv.bias", (0, 1152), "heads_bias"),
+    "blocks.17.attn.qkv.bias.q": ("blocks.17.attn.qkv.bias", (0, 1152), "same"),
     "blocks.17.attn.qkv.weight.k": ("blocks.17.attn.qkv.weight", (1152, 2304), "heads_in"),
-    "blocks.17.attn.qkv.bias.k": ("blocks.17.attn.qkv.bias", (1152, 2304), "heads_bias"),
+    "blocks.17.attn.qkv.bias.k": ("blocks.17.attn.qkv.bias", (1152, 2304), "same"),
     "blocks.17.attn.qkv.weight.v": ("blocks.17.attn.qkv.weight", (2304, 3456), "heads_in"),
-    "blocks.17.attn.qkv.bias.v": ("blocks.17.attn.qkv.bias", (2304, 3456), "heads_bias"),
+    "blocks.17.attn.qkv.bias.v": ("blocks.17.attn.qkv.bias", (2304, 3456), "same"),
     "blocks.17.attn.proj.weight": ("blocks.17.attn.proj.weight", None, "heads_out"),
     "blocks.17.attn.proj.bias": ("blocks.17.attn.proj.bias", None, "same"),
     "blocks.17.mlp.fc1.weight": ("blocks.17.mlp.fc1.weight", None, "same"),
@@ -1660,11 +1662,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.18.adaLN_modulation.1.weight.gate_mlp": ("blocks.18.adaLN_modulation.1.weight", (5760, 6912), "same"),
     "blocks.18.adaLN_modulation.1.bias.gate_mlp": ("blocks.18.adaLN_modulation.1.bias", (5760, 6912), "same"),
     "blocks.18.attn.qkv.weight.q": ("blocks.18.attn.qkv.weight", (0, 1152), "heads_in"),
-    "blocks.18.attn.qkv.bias.q": ("blocks.18.attn.qkv.bias", (0, 1152), "heads_bias"),
+    "blocks.18.attn.qkv.bias.q": ("blocks.18.attn.qkv.bias", (0, 1152), "same"),
     "blocks.18.attn.qkv.weight.k": ("blocks.18.attn.qkv.weight", (1152, 2304), "heads_in"),
-    "blocks.18.attn.qkv.bias.k": ("blocks.18.attn.qkv.bias", (1152, 2304), "heads_bias"),
+    "blocks.18.attn.qkv.bias.k": ("blocks.18.attn.qkv.bias", (1152, 2304), "same"),
     "blocks.18.attn.qkv.weight.v": ("blocks.18.attn.qkv.weight", (2304, 3456), "heads_in"),
-    "blocks.18.attn.qkv.bias.v": ("blocks.18.attn.qkv.bias", (2304, 3456), "heads_bias"),
+    "blocks.18.attn.qkv.bias.v": ("blocks.18.attn.qkv.bias", (2304, 3456), "same"),
     "blocks.18.attn.proj.weight": ("blocks.18.attn.proj.weight", None, "heads_out"),
     "blocks.18.attn.proj.bias": ("blocks.18.attn.proj.bias", None, "same"),
     "blocks.18.mlp.fc1.weight": ("blocks.18.mlp.fc1.weight", None, "same"),
@@ -1684,11 +1686,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.19.adaLN_modulation.1.weight.gate_mlp": ("blocks.19.adaLN_modulation.1.weight", (5760, 6912), "same"),
     "blocks.19.adaLN_modulation.1.bias.gate_mlp": ("blocks.19.adaLN_modulation.1.bias", (5760, 6912), "same"),
     "blocks.19.attn.qkv.weight.q": ("blocks.19.attn.qkv.weight", (0, 1152), "heads_in"),
-    "blocks.19.attn.qkv.bias.q": ("blocks.19.attn.qkv.bias", (0, 1152), "heads_bias"),
+    "blocks.19.attn.qkv.bias.q": ("blocks.19.attn.qkv.bias", (0, 1152), "same"),
     "blocks.19.attn.qkv.weight.k": ("blocks.19.attn.qkv.weight", (1152, 2304), "heads_in"),
-    "blocks.19.attn.qkv.bias.k": ("blocks.19.attn.qkv.bias", (1152, 2304), "heads_bias"),
+    "blocks.19.attn.qkv.bias.k": ("blocks.19.attn.qkv.bias", (1152, 2304), "same"),
     "blocks.19.attn.qkv.weight.v": ("blocks.19.attn.qkv.weight", (2304, 3456), "heads_in"),
-    "blocks.19.attn.qkv.bias.v": ("blocks.19.attn.qkv.bias", (2304, 3456), "heads_bias"),
+    "blocks.19.attn.qkv.bias.v": ("blocks.19.attn.qkv.bias", (2304, 3456), "same"),
     "blocks.19.attn.proj.weight": ("blocks.19.attn.proj.weight", None, "heads_out"),
     "blocks.19.attn.proj.bias": ("blocks.19.attn.proj.bias", None, "same"),
     "blocks.19.mlp.fc1.weight": ("blocks.19.mlp.fc1.weight", None, "same"),
@@ -1708,11 +1710,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.20.adaLN_modulation.1.weight.gate_mlp": ("blocks.20.adaLN_modulation.1.weight", (5760, 6912), "same"),
     "blocks.20.adaLN_modulation.1.bias.gate_mlp": ("blocks.20.adaLN_modulation.1.bias", (5760, 6912), "same"),
     "blocks.20.attn.qkv.weight.q": ("blocks.20.attn.qkv.weight", (0, 1152), "heads_in"),
-    "blocks.20.attn.qkv.bias.q": ("blocks.20.attn.qkv.bias", (0, 1152), "heads_bias"),
+    "blocks.20.attn.qkv.bias.q": ("blocks.20.attn.qkv.bias", (0, 1152), "same"),
     "blocks.20.attn.qkv.weight.k": ("blocks.20.attn.qkv.weight", (1152, 2304), "heads_in"),
-    "blocks.20.attn.qkv.bias.k": ("blocks.20.attn.qkv.bias", (1152, 2304), "heads_bias"),
+    "blocks.20.attn.qkv.bias.k": ("blocks.20.attn.qkv.bias", (1152, 2304), "same"),
     "blocks.20.attn.qkv.weight.v": ("blocks.20.attn.qkv.weight", (2304, 3456), "heads_in"),
-    "blocks.20.attn.qkv.bias.v": ("blocks.20.attn.qkv.bias", (2304, 3456), "heads_bias"),
+    "blocks.20.attn.qkv.bias.v": ("blocks.20.attn.qkv.bias", (2304, 3456), "same"),
     "blocks.20.attn.proj.weight": ("blocks.20.attn.proj.weight", None, "heads_out"),
     "blocks.20.attn.proj.bias": ("blocks.20.attn.proj.bias", None, "same"),
     "blocks.20.mlp.fc1.weight": ("blocks.20.mlp.fc1.weight", None, "same"),
@@ -1732,11 +1734,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.21.adaLN_modulation.1.weight.gate_mlp": ("blocks.21.adaLN_modulation.1.weight", (5760, 6912), "same"),
     "blocks.21.adaLN_modulation.1.bias.gate_mlp": ("blocks.21.adaLN_modulation.1.bias", (5760, 6912), "same"),
     "blocks.21.attn.qkv.weight.q": ("blocks.21.attn.qkv.weight", (0, 1152), "heads_in"),
-    "blocks.21.attn.qkv.bias.q": ("blocks.21.attn.qkv.bias", (0, 1152), "heads_bias"),
+    "blocks.21.attn.qkv.bias.q": ("blocks.21.attn.qkv.bias", (0, 1152), "same"),
     "blocks.21.attn.qkv.weight.k": ("blocks.21.attn.qkv.weight", (1152, 2304), "heads_in"),
-    "blocks.21.attn.qkv.bias.k": ("blocks.21.attn.qkv.bias", (1152, 2304), "heads_bias"),
+    "blocks.21.attn.qkv.bias.k": ("blocks.21.attn.qkv.bias", (1152, 2304), "same"),
     "blocks.21.attn.qkv.weight.v": ("blocks.21.attn.qkv.weight", (2304, 3456), "heads_in"),
-    "blocks.21.attn.qkv.bias.v": ("blocks.21.attn.qkv.bias", (2304, 3456), "heads_bias"),
+    "blocks.21.attn.qkv.bias.v": ("blocks.21.attn.qkv.bias", (2304, 3456), "same"),
     "blocks.21.attn.proj.weight": ("blocks.21.attn.proj.weight", None, "heads_out"),
     "blocks.21.attn.proj.bias": ("blocks.21.attn.proj.bias", None, "same"),
     "blocks.21.mlp.fc1.weight": ("blocks.21.mlp.fc1.weight", None, "same"),
@@ -1756,11 +1758,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.22.adaLN_modulation.1.weight.gate_mlp": ("blocks.22.adaLN_modulation.1.weight", (5760, 6912), "same"),
     "blocks.22.adaLN_modulation.1.bias.gate_mlp": ("blocks.22.adaLN_modulation.1.bias", (5760, 6912), "same"),
     "blocks.22.attn.qkv.weight.q": ("blocks.22.attn.qkv.weight", (0, 1152), "heads_in"),
-    "blocks.22.attn.qkv.bias.q": ("blocks.22.attn.qkv.bias", (0, 1152), "heads_bias"),
+    "blocks.22.attn.qkv.bias.q": ("blocks.22.attn.qkv.bias", (0, 1152), "same"),
     "blocks.22.attn.qkv.weight.k": ("blocks.22.attn.qkv.weight", (1152, 2304), "heads_in"),
-    "blocks.22.attn.qkv.bias.k": ("blocks.22.attn.qkv.bias", (1152, 2304), "heads_bias"),
+    "blocks.22.attn.qkv.bias.k": ("blocks.22.attn.qkv.bias", (1152, 2304), "same"),
     "blocks.22.attn.qkv.weight.v": ("blocks.22.attn.qkv.weight", (2304, 3456), "heads_in"),
-    "blocks.22.attn.qkv.bias.v": ("blocks.22.attn.qkv.bias", (2304, 3456), "heads_bias"),
+    "blocks.22.attn.qkv.bias.v": ("blocks.22.attn.qkv.bias", (2304, 3456), "same"),
     "blocks.22.attn.proj.weight": ("blocks.22.attn.proj.weight", None, "heads_out"),
     "blocks.22.attn.proj.bias": ("blocks.22.attn.proj.bias", None, "same"),
     "blocks.22.mlp.fc1.weight": ("blocks.22.mlp.fc1.weight", None, "same"),
@@ -1780,11 +1782,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.23.adaLN_modulation.1.weight.gate_mlp": ("blocks.23.adaLN_modulation.1.weight", (5760, 6912), "same"),
     "blocks.23.adaLN_modulation.1.bias.gate_mlp": ("blocks.23.adaLN_modulation.1.bias", (5760, 6912), "same"),
     "blocks.23.attn.qkv.weight.q": ("blocks.23.attn.qkv.weight", (0, 1152), "heads_in"),
-    "blocks.23.attn.qkv.bias.q": ("blocks.23.attn.qkv.bias", (0, 1152), "heads_bias"),
+    "blocks.23.attn.qkv.bias.q": ("blocks.23.attn.qkv.bias", (0, 1152), "same"),
     "blocks.23.attn.qkv.weight.k": ("blocks.23.attn.qkv.weight", (1152, 2304), "heads_in"),
-    "blocks.23.attn.qkv.bias.k": ("blocks.23.attn.qkv.bias", (1152, 2304), "heads_bias"),
+    "blocks.23.attn.qkv.bias.k": ("blocks.23.attn.qkv.bias", (1152, 2304), "same"),
     "blocks.23.attn.qkv.weight.v": ("blocks.23.attn.qkv.weight", (2304, 3456), "heads_in"),
-    "blocks.23.attn.qkv.bias.v": ("blocks.23.attn.qkv.bias", (2304, 3456), "heads_bias"),
+    "blocks.23.attn.qkv.bias.v": ("blocks.23.attn.qkv.bias", (2304, 3456), "same"),
     "blocks.23.attn.proj.weight": ("blocks.23.attn.proj.weight", None, "heads_out"),
     "blocks.23.attn.proj.bias": ("blocks.23.attn.proj.bias", None, "same"),
     "blocks.23.mlp.fc1.weight": ("blocks.23.mlp.fc1.weight", None, "same"),
@@ -1804,11 +1806,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.24.adaLN_modulation.1.weight.gate_mlp": ("blocks.24.adaLN_modulation.1.weight", (5760, 6912), "same"),
     "blocks.24.adaLN_modulation.1.bias.gate_mlp": ("blocks.24.adaLN_modulation.1.bias", (5760, 6912), "same"),
     "blocks.24.attn.qkv.weight.q": ("blocks.24.attn.qkv.weight", (0, 1152), "heads_in"),
-    "blocks.24.attn.qkv.bias.q": ("blocks.24.attn.qkv.bias", (0, 1152), "heads_bias"),
+    "blocks.24.attn.qkv.bias.q": ("blocks.24.attn.qkv.bias", (0, 1152), "same"),
     "blocks.24.attn.qkv.weight.k": ("blocks.24.attn.qkv.weight", (1152, 2304), "heads_in"),
-    "blocks.24.attn.qkv.bias.k": ("blocks.24.attn.qkv.bias", (1152, 2304), "heads_bias"),
+    "blocks.24.attn.qkv.bias.k": ("blocks.24.attn.qkv.bias", (1152, 2304), "same"),
     "blocks.24.attn.qkv.weight.v": ("blocks.24.attn.qkv.weight", (2304, 3456), "heads_in"),
-    "blocks.24.attn.qkv.bias.v": ("blocks.24.attn.qkv.bias", (2304, 3456), "heads_bias"),
+    "blocks.24.attn.qkv.bias.v": ("blocks.24.attn.qkv.bias", (2304, 3456), "same"),
     "blocks.24.attn.proj.weight": ("blocks.24.attn.proj.weight", None, "heads_out"),
     "blocks.24.attn.proj.bias": ("blocks.24.attn.proj.bias", None, "same"),
     "blocks.24.mlp.fc1.weight": ("blocks.24.mlp.fc1.weight", None, "same"),
@@ -1828,11 +1830,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.25.adaLN_modulation.1.weight.gate_mlp": ("blocks.25.adaLN_modulation.1.weight", (5760, 6912), "same"),
     "blocks.25.adaLN_modulation.1.bias.gate_mlp": ("blocks.25.adaLN_modulation.1.bias", (5760, 6912), "same"),
     "blocks.25.attn.qkv.weight.q": ("blocks.25.attn.qkv.weight", (0, 1152), "heads_in"),
-    "blocks.25.attn.qkv.bias.q": ("blocks.25.attn.qkv.bias", (0, 1152), "heads_bias"),
+    "blocks.25.attn.qkv.bias.q": ("blocks.25.attn.qkv.bias", (0, 1152), "same"),
     "blocks.25.attn.qkv.weight.k": ("blocks.25.attn.qkv.weight", (1152, 2304), "heads_in"),
-    "blocks.25.attn.qkv.bias.k": ("blocks.25.attn.qkv.bias", (1152, 2304), "heads_bias"),
+    "blocks.25.attn.qkv.bias.k": ("blocks.25.attn.qkv.bias", (1152, 2304), "same"),
     "blocks.25.attn.qkv.weight.v": ("blocks.25.attn.qkv.weight", (2304, 3456), "heads_in"),
-    "blocks.25.attn.qkv.bias.v": ("blocks.25.attn.qkv.bias", (2304, 3456), "heads_bias"),
+    "blocks.25.attn.qkv.bias.v": ("blocks.25.attn.qkv.bias", (2304, 3456), "same"),
     "blocks.25.attn.proj.weight": ("blocks.25.attn.proj.weight", None, "heads_out"),
     "blocks.25.attn.proj.bias": ("blocks.25.attn.proj.bias", None, "same"),
     "blocks.25.mlp.fc1.weight": ("blocks.25.mlp.fc1.weight", None, "same"),
@@ -1852,11 +1854,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.26.adaLN_modulation.1.weight.gate_mlp": ("blocks.26.adaLN_modulation.1.weight", (5760, 6912), "same"),
     "blocks.26.adaLN_modulation.1.bias.gate_mlp": ("blocks.26.adaLN_modulation.1.bias", (5760, 6912), "same"),
     "blocks.26.attn.qkv.weight.q": ("blocks.26.attn.qkv.weight", (0, 1152), "heads_in"),
-    "blocks.26.attn.qkv.bias.q": ("blocks.26.attn.qkv.bias", (0, 1152), "heads_bias"),
+    "blocks.26.attn.qkv.bias.q": ("blocks.26.attn.qkv.bias", (0, 1152), "same"),
     "blocks.26.attn.qkv.weight.k": ("blocks.26.attn.qkv.weight", (1152, 2304), "heads_in"),
-    "blocks.26.attn.qkv.bias.k": ("blocks.26.attn.qkv.bias", (1152, 2304), "heads_bias"),
+    "blocks.26.attn.qkv.bias.k": ("blocks.26.attn.qkv.bias", (1152, 2304), "same"),
     "blocks.26.attn.qkv.weight.v": ("blocks.26.attn.qkv.weight", (2304, 3456), "heads_in"),
-    "blocks.26.attn.qkv.bias.v": ("blocks.26.attn.qkv.bias", (2304, 3456), "heads_bias"),
+    "blocks.26.attn.qkv.bias.v": ("blocks.26.attn.qkv.bias", (2304, 3456), "same"),
     "blocks.26.attn.proj.weight": ("blocks.26.attn.proj.weight", None, "heads_out"),
     "blocks.26.attn.proj.bias": ("blocks.26.attn.proj.bias", None, "same"),
     "blocks.26.mlp.fc1.weight": ("blocks.26.mlp.fc1.weight", None, "same"),
@@ -1876,11 +1878,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.27.adaLN_modulation.1.weight.gate_mlp": ("blocks.27.adaLN_modulation.1.weight", (5760, 6912), "same"),
     "blocks.27.adaLN_modulation.1.bias.gate_mlp": ("blocks.27.adaLN_modulation.1.bias", (5760, 6912), "same"),
     "blocks.27.attn.qkv.weight.q": ("blocks.27.attn.qkv.weight", (0, 1152), "heads_in"),
-    "blocks.27.attn.qkv.bias.q": ("blocks.27.attn.qkv.bias", (0, 1152), "heads_bias"),
+    "blocks.27.attn.qkv.bias.q": ("blocks.27.attn.qkv.bias", (0, 1152), "same"),
     "blocks.27.attn.qkv.weight.k": ("blocks.27.attn.qkv.weight", (1152, 2304), "heads_in"),
-    "blocks.27.attn.qkv.bias.k": ("blocks.27.attn.qkv.bias", (1152, 2304), "heads_bias"),
+    "blocks.27.attn.qkv.bias.k": ("blocks.27.attn.qkv.bias", (1152, 2304), "same"),
     "blocks.27.attn.qkv.weight.v": ("blocks.27.attn.qkv.weight", (2304, 3456), "heads_in"),
-    "blocks.27.attn.qkv.bias.v": ("blocks.27.attn.qkv.bias", (2304, 3456), "heads_bias"),
+    "blocks.27.attn.qkv.bias.v": ("blocks.27.attn.qkv.bias", (2304, 3456), "same"),
     "blocks.27.attn.proj.weight": ("blocks.27.attn.proj.weight", None, "heads_out"),
     "blocks.27.attn.proj.bias": ("blocks.27.attn.proj.bias", None, "same"),
     "blocks.27.mlp.fc1.weight": ("blocks.27.mlp.fc1.weight", None, "same"),
@@ -1894,6 +1896,473 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "final_layer.linear.weight": ("final_layer.linear.weight", None, "same"),
     "final_layer.linear.bias": ("final_layer.linear.bias", None, "same"),
 }
+
+
+#: Backward's gradient plan, one row per layer: the activation gradients the layer writes first in
+#: backward (it overwrites them), and those to release after it (nothing reads them again).
+GRAD_PLAN: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
+    (("x_patches",), ("x_proj",)),
+    (("x_proj",), ("x_tokens",)),
+    (("t_freq",), ("t_hidden",)),
+    (("t_hidden",), ("t_act",)),
+    (("t_act",), ("t_emb",)),
+    ((), ("y_emb",)),
+    (("t_emb", "y_emb",), ("c",)),
+    (("c",), ("c_silu",)),
+    ((), ("blocks.0.shift_msa",)),
+    ((), ("blocks.0.scale_msa",)),
+    ((), ("blocks.0.gate_msa",)),
+    ((), ("blocks.0.shift_mlp",)),
+    ((), ("blocks.0.scale_mlp",)),
+    ((), ("blocks.0.gate_mlp",)),
+    ((), ("blocks.0.norm1",)),
+    (("blocks.0.norm1", "blocks.0.shift_msa", "blocks.0.scale_msa",), ("blocks.0.mod_msa",)),
+    (("blocks.0.mod_msa",), ("blocks.0.attn",)),
+    (("x_tokens", "blocks.0.attn", "blocks.0.gate_msa",), ("blocks.0.res_msa",)),
+    ((), ("blocks.0.norm2",)),
+    (("blocks.0.norm2", "blocks.0.shift_mlp", "blocks.0.scale_mlp",), ("blocks.0.mod_mlp",)),
+    (("blocks.0.mod_mlp",), ("blocks.0.fc1",)),
+    (("blocks.0.fc1",), ("blocks.0.gelu",)),
+    (("blocks.0.gelu",), ("blocks.0.mlp",)),
+    (("blocks.0.res_msa", "blocks.0.mlp", "blocks.0.gate_mlp",), ("blocks.0.out",)),
+    ((), ("blocks.1.shift_msa",)),
+    ((), ("blocks.1.scale_msa",)),
+    ((), ("blocks.1.gate_msa",)),
+    ((), ("blocks.1.shift_mlp",)),
+    ((), ("blocks.1.scale_mlp",)),
+    ((), ("blocks.1.gate_mlp",)),
+    ((), ("blocks.1.norm1",)),
+    (("blocks.1.norm1", "blocks.1.shift_msa", "blocks.1.scale_msa",), ("blocks.1.mod_msa",)),
+    (("blocks.1.mod_msa",), ("blocks.1.attn",)),
+    (("blocks.0.out", "blocks.1.attn", "blocks.1.gate_msa",), ("blocks.1.res_msa",)),
+    ((), ("blocks.1.norm2",)),
+    (("blocks.1.norm2", "blocks.1.shift_mlp", "blocks.1.scale_mlp",), ("blocks.1.mod_mlp",)),
+    (("blocks.1.mod_mlp",), ("blocks.1.fc1",)),
+    (("blocks.1.fc1",), ("blocks.1.gelu",)),
+    (("blocks.1.gelu",), ("blocks.1.mlp",)),
+    (("blocks.1.res_msa", "blocks.1.mlp", "blocks.1.gate_mlp",), ("blocks.1.out",)),
+    ((), ("blocks.2.shift_msa",)),
+    ((), ("blocks.2.scale_msa",)),
+    ((), ("blocks.2.gate_msa",)),
+    ((), ("blocks.2.shift_mlp",)),
+    ((), ("blocks.2.scale_mlp",)),
+    ((), ("blocks.2.gate_mlp",)),
+    ((), ("blocks.2.norm1",)),
+    (("blocks.2.norm1", "blocks.2.shift_msa", "blocks.2.scale_msa",), ("blocks.2.mod_msa",)),
+    (("blocks.2.mod_msa",), ("blocks.2.attn",)),
+    (("blocks.1.out", "blocks.2.attn", "blocks.2.gate_msa",), ("blocks.2.res_msa",)),
+    ((), ("blocks.2.norm2",)),
+    (("blocks.2.norm2", "blocks.2.shift_mlp", "blocks.2.scale_mlp",), ("blocks.2.mod_mlp",)),
+    (("blocks.2.mod_mlp",), ("blocks.2.fc1",)),
+    (("blocks.2.fc1",), ("blocks.2.gelu",)),
+    (("blocks.2.gelu",), ("blocks.2.mlp",)),
+    (("blocks.2.res_msa", "blocks.2.mlp", "blocks.2.gate_mlp",), ("blocks.2.out",)),
+    ((), ("blocks.3.shift_msa",)),
+    ((), ("blocks.3.scale_msa",)),
+    ((), ("blocks.3.gate_msa",)),
+    ((), ("blocks.3.shift_mlp",)),
+    ((), ("blocks.3.scale_mlp",)),
+    ((), ("blocks.3.gate_mlp",)),
+    ((), ("blocks.3.norm1",)),
+    (("blocks.3.norm1", "blocks.3.shift_msa", "blocks.3.scale_msa",), ("blocks.3.mod_msa",)),
+    (("blocks.3.mod_msa",), ("blocks.3.attn",)),
+    (("blocks.2.out", "blocks.3.attn", "blocks.3.gate_msa",), ("blocks.3.res_msa",)),
+    ((), ("blocks.3.norm2",)),
+    (("blocks.3.norm2", "blocks.3.shift_mlp", "blocks.3.scale_mlp",), ("blocks.3.mod_mlp",)),
+    (("blocks.3.mod_mlp",), ("blocks.3.fc1",)),
+    (("blocks.3.fc1",), ("blocks.3.gelu",)),
+    (("blocks.3.gelu",), ("blocks.3.mlp",)),
+    (("blocks.3.res_msa", "blocks.3.mlp", "blocks.3.gate_mlp",), ("blocks.3.out",)),
+    ((), ("blocks.4.shift_msa",)),
+    ((), ("blocks.4.scale_msa",)),
+    ((), ("blocks.4.gate_msa",)),
+    ((), ("blocks.4.shift_mlp",)),
+    ((), ("blocks.4.scale_mlp",)),
+    ((), ("blocks.4.gate_mlp",)),
+    ((), ("blocks.4.norm1",)),
+    (("blocks.4.norm1", "blocks.4.shift_msa", "blocks.4.scale_msa",), ("blocks.4.mod_msa",)),
+    (("blocks.4.mod_msa",), ("blocks.4.attn",)),
+    (("blocks.3.out", "blocks.4.attn", "blocks.4.gate_msa",), ("blocks.4.res_msa",)),
+    ((), ("blocks.4.norm2",)),
+    (("blocks.4.norm2", "blocks.4.shift_mlp", "blocks.4.scale_mlp",), ("blocks.4.mod_mlp",)),
+    (("blocks.4.mod_mlp",), ("blocks.4.fc1",)),
+    (("blocks.4.fc1",), ("blocks.4.gelu",)),
+    (("blocks.4.gelu",), ("blocks.4.mlp",)),
+    (("blocks.4.res_msa", "blocks.4.mlp", "blocks.4.gate_mlp",), ("blocks.4.out",)),
+    ((), ("blocks.5.shift_msa",)),
+    ((), ("blocks.5.scale_msa",)),
+    ((), ("blocks.5.gate_msa",)),
+    ((), ("blocks.5.shift_mlp",)),
+    ((), ("blocks.5.scale_mlp",)),
+    ((), ("blocks.5.gate_mlp",)),
+    ((), ("blocks.5.norm1",)),
+    (("blocks.5.norm1", "blocks.5.shift_msa", "blocks.5.scale_msa",), ("blocks.5.mod_msa",)),
+    (("blocks.5.mod_msa",), ("blocks.5.attn",)),
+    (("blocks.4.out", "blocks.5.attn", "blocks.5.gate_msa",), ("blocks.5.res_msa",)),
+    ((), ("blocks.5.norm2",)),
+    (("blocks.5.norm2", "blocks.5.shift_mlp", "blocks.5.scale_mlp",), ("blocks.5.mod_mlp",)),
+    (("blocks.5.mod_mlp",), ("blocks.5.fc1",)),
+    (("blocks.5.fc1",), ("blocks.5.gelu",)),
+    (("blocks.5.gelu",), ("blocks.5.mlp",)),
+    (("blocks.5.res_msa", "blocks.5.mlp", "blocks.5.gate_mlp",), ("blocks.5.out",)),
+    ((), ("blocks.6.shift_msa",)),
+    ((), ("blocks.6.scale_msa",)),
+    ((), ("blocks.6.gate_msa",)),
+    ((), ("blocks.6.shift_mlp",)),
+    ((), ("blocks.6.scale_mlp",)),
+    ((), ("blocks.6.gate_mlp",)),
+    ((), ("blocks.6.norm1",)),
+    (("blocks.6.norm1", "blocks.6.shift_msa", "blocks.6.scale_msa",), ("blocks.6.mod_msa",)),
+    (("blocks.6.mod_msa",), ("blocks.6.attn",)),
+    (("blocks.5.out", "blocks.6.attn", "blocks.6.gate_msa",), ("blocks.6.res_msa",)),
+    ((), ("blocks.6.norm2",)),
+    (("blocks.6.norm2", "blocks.6.shift_mlp", "blocks.6.scale_mlp",), ("blocks.6.mod_mlp",)),
+    (("blocks.6.mod_mlp",), ("blocks.6.fc1",)),
+    (("blocks.6.fc1",), ("blocks.6.gelu",)),
+    (("blocks.6.gelu",), ("blocks.6.mlp",)),
+    (("blocks.6.res_msa", "blocks.6.mlp", "blocks.6.gate_mlp",), ("blocks.6.out",)),
+    ((), ("blocks.7.shift_msa",)),
+    ((), ("blocks.7.scale_msa",)),
+    ((), ("blocks.7.gate_msa",)),
+    ((), ("blocks.7.shift_mlp",)),
+    ((), ("blocks.7.scale_mlp",)),
+    ((), ("blocks.7.gate_mlp",)),
+    ((), ("blocks.7.norm1",)),
+    (("blocks.7.norm1", "blocks.7.shift_msa", "blocks.7.scale_msa",), ("blocks.7.mod_msa",)),
+    (("blocks.7.mod_msa",), ("blocks.7.attn",)),
+    (("blocks.6.out", "blocks.7.attn", "blocks.7.gate_msa",), ("blocks.7.res_msa",)),
+    ((), ("blocks.7.norm2",)),
+    (("blocks.7.norm2", "blocks.7.shift_mlp", "blocks.7.scale_mlp",), ("blocks.7.mod_mlp",)),
+    (("blocks.7.mod_mlp",), ("blocks.7.fc1",)),
+    (("blocks.7.fc1",), ("blocks.7.gelu",)),
+    (("blocks.7.gelu",), ("blocks.7.mlp",)),
+    (("blocks.7.res_msa", "blocks.7.mlp", "blocks.7.gate_mlp",), ("blocks.7.out",)),
+    ((), ("blocks.8.shift_msa",)),
+    ((), ("blocks.8.scale_msa",)),
+    ((), ("blocks.8.gate_msa",)),
+    ((), ("blocks.8.shift_mlp",)),
+    ((), ("blocks.8.scale_mlp",)),
+    ((), ("blocks.8.gate_mlp",)),
+    ((), ("blocks.8.norm1",)),
+    (("blocks.8.norm1", "blocks.8.shift_msa", "blocks.8.scale_msa",), ("blocks.8.mod_msa",)),
+    (("blocks.8.mod_msa",), ("blocks.8.attn",)),
+    (("blocks.7.out", "blocks.8.attn", "blocks.8.gate_msa",), ("blocks.8.res_msa",)),
+    ((), ("blocks.8.norm2",)),
+    (("blocks.8.norm2", "blocks.8.shift_mlp", "blocks.8.scale_mlp",), ("blocks.8.mod_mlp",)),
+    (("blocks.8.mod_mlp",), ("blocks.8.fc1",)),
+    (("blocks.8.fc1",), ("blocks.8.gelu",)),
+    (("blocks.8.gelu",), ("blocks.8.mlp",)),
+    (("blocks.8.res_msa", "blocks.8.mlp", "blocks.8.gate_mlp",), ("blocks.8.out",)),
+    ((), ("blocks.9.shift_msa",)),
+    ((), ("blocks.9.scale_msa",)),
+    ((), ("blocks.9.gate_msa",)),
+    ((), ("blocks.9.shift_mlp",)),
+    ((), ("blocks.9.scale_mlp",)),
+    ((), ("blocks.9.gate_mlp",)),
+    ((), ("blocks.9.norm1",)),
+    (("blocks.9.norm1", "blocks.9.shift_msa", "blocks.9.scale_msa",), ("blocks.9.mod_msa",)),
+    (("blocks.9.mod_msa",), ("blocks.9.attn",)),
+    (("blocks.8.out", "blocks.9.attn", "blocks.9.gate_msa",), ("blocks.9.res_msa",)),
+    ((), ("blocks.9.norm2",)),
+    (("blocks.9.norm2", "blocks.9.shift_mlp", "blocks.9.scale_mlp",), ("blocks.9.mod_mlp",)),
+    (("blocks.9.mod_mlp",), ("blocks.9.fc1",)),
+    (("blocks.9.fc1",), ("blocks.9.gelu",)),
+    (("blocks.9.gelu",), ("blocks.9.mlp",)),
+    (("blocks.9.res_msa", "blocks.9.mlp", "blocks.9.gate_mlp",), ("blocks.9.out",)),
+    ((), ("blocks.10.shift_msa",)),
+    ((), ("blocks.10.scale_msa",)),
+    ((), ("blocks.10.gate_msa",)),
+    ((), ("blocks.10.shift_mlp",)),
+    ((), ("blocks.10.scale_mlp",)),
+    ((), ("blocks.10.gate_mlp",)),
+    ((), ("blocks.10.norm1",)),
+    (("blocks.10.norm1", "blocks.10.shift_msa", "blocks.10.scale_msa",), ("blocks.10.mod_msa",)),
+    (("blocks.10.mod_msa",), ("blocks.10.attn",)),
+    (("blocks.9.out", "blocks.10.attn", "blocks.10.gate_msa",), ("blocks.10.res_msa",)),
+    ((), ("blocks.10.norm2",)),
+    (("blocks.10.norm2", "blocks.10.shift_mlp", "blocks.10.scale_mlp",), ("blocks.10.mod_mlp",)),
+    (("blocks.10.mod_mlp",), ("blocks.10.fc1",)),
+    (("blocks.10.fc1",), ("blocks.10.gelu",)),
+    (("blocks.10.gelu",), ("blocks.10.mlp",)),
+    (("blocks.10.res_msa", "blocks.10.mlp", "blocks.10.gate_mlp",), ("blocks.10.out",)),
+    ((), ("blocks.11.shift_msa",)),
+    ((), ("blocks.11.scale_msa",)),
+    ((), ("blocks.11.gate_msa",)),
+    ((), ("blocks.11.shift_mlp",)),
+    ((), ("blocks.11.scale_mlp",)),
+    ((), ("blocks.11.gate_mlp",)),
+    ((), ("blocks.11.norm1",)),
+    (("blocks.11.norm1", "blocks.11.shift_msa", "blocks.11.scale_msa",), ("blocks.11.mod_msa",)),
+    (("blocks.11.mod_msa",), ("blocks.11.attn",)),
+    (("blocks.10.out", "blocks.11.attn", "blocks.11.gate_msa",), ("blocks.11.res_msa",)),
+    ((), ("blocks.11.norm2",)),
+    (("blocks.11.norm2", "blocks.11.shift_mlp", "blocks.11.scale_mlp",), ("blocks.11.mod_mlp",)),
+    (("blocks.11.mod_mlp",), ("blocks.11.fc1",)),
+    (("blocks.11.fc1",), ("blocks.11.gelu",)),
+    (("blocks.11.gelu",), ("blocks.11.mlp",)),
+    (("blocks.11.res_msa", "blocks.11.mlp", "blocks.11.gate_mlp",), ("blocks.11.out",)),
+    ((), ("blocks.12.shift_msa",)),
+    ((), ("blocks.12.scale_msa",)),
+    ((), ("blocks.12.gate_msa",)),
+    ((), ("blocks.12.shift_mlp",)),
+    ((), ("blocks.12.scale_mlp",)),
+    ((), ("blocks.12.gate_mlp",)),
+    ((), ("blocks.12.norm1",)),
+    (("blocks.12.norm1", "blocks.12.shift_msa", "blocks.12.scale_msa",), ("blocks.12.mod_msa",)),
+    (("blocks.12.mod_msa",), ("blocks.12.attn",)),
+    (("blocks.11.out", "blocks.12.attn", "blocks.12.gate_msa",), ("blocks.12.res_msa",)),
+    ((), ("blocks.12.norm2",)),
+    (("blocks.12.norm2", "blocks.12.shift_mlp", "blocks.12.scale_mlp",), ("blocks.12.mod_mlp",)),
+    (("blocks.12.mod_mlp",), ("blocks.12.fc1",)),
+    (("blocks.12.fc1",), ("blocks.12.gelu",)),
+    (("blocks.12.gelu",), ("blocks.12.mlp",)),
+    (("blocks.12.res_msa", "blocks.12.mlp", "blocks.12.gate_mlp",), ("blocks.12.out",)),
+    ((), ("blocks.13.shift_msa",)),
+    ((), ("blocks.13.scale_msa",)),
+    ((), ("blocks.13.gate_msa",)),
+    ((), ("blocks.13.shift_mlp",)),
+    ((), ("blocks.13.scale_mlp",)),
+    ((), ("blocks.13.gate_mlp",)),
+    ((), ("blocks.13.norm1",)),
+    (("blocks.13.norm1", "blocks.13.shift_msa", "blocks.13.scale_msa",), ("blocks.13.mod_msa",)),
+    (("blocks.13.mod_msa",), ("blocks.13.attn",)),
+    (("blocks.12.out", "blocks.13.attn", "blocks.13.gate_msa",), ("blocks.13.res_msa",)),
+    ((), ("blocks.13.norm2",)),
+    (("blocks.13.norm2", "blocks.13.shift_mlp", "blocks.13.scale_mlp",), ("blocks.13.mod_mlp",)),
+    (("blocks.13.mod_mlp",), ("blocks.13.fc1",)),
+    (("blocks.13.fc1",), ("blocks.13.gelu",)),
+    (("blocks.13.gelu",), ("blocks.13.mlp",)),
+    (("blocks.13.res_msa", "blocks.13.mlp", "blocks.13.gate_mlp",), ("blocks.13.out",)),
+    ((), ("blocks.14.shift_msa",)),
+    ((), ("blocks.14.scale_msa",)),
+    ((), ("blocks.14.gate_msa",)),
+    ((), ("blocks.14.shift_mlp",)),
+    ((), ("blocks.14.scale_mlp",)),
+    ((), ("blocks.14.gate_mlp",)),
+    ((), ("blocks.14.norm1",)),
+    (("blocks.14.norm1", "blocks.14.shift_msa", "blocks.14.scale_msa",), ("blocks.14.mod_msa",)),
+    (("blocks.14.mod_msa",), ("blocks.14.attn",)),
+    (("blocks.13.out", "blocks.14.attn", "blocks.14.gate_msa",), ("blocks.14.res_msa",)),
+    ((), ("blocks.14.norm2",)),
+    (("blocks.14.norm2", "blocks.14.shift_mlp", "blocks.14.scale_mlp",), ("blocks.14.mod_mlp",)),
+    (("blocks.14.mod_mlp",), ("blocks.14.fc1",)),
+    (("blocks.14.fc1",), ("blocks.14.gelu",)),
+    (("blocks.14.gelu",), ("blocks.14.mlp",)),
+    (("blocks.14.res_msa", "blocks.14.mlp", "blocks.14.gate_mlp",), ("blocks.14.out",)),
+    ((), ("blocks.15.shift_msa",)),
+    ((), ("blocks.15.scale_msa",)),
+    ((), ("blocks.15.gate_msa",)),
+    ((), ("blocks.15.shift_mlp",)),
+    ((), ("blocks.15.scale_mlp",)),
+    ((), ("blocks.15.gate_mlp",)),
+    ((), ("blocks.15.norm1",)),
+    (("blocks.15.norm1", "blocks.15.shift_msa", "blocks.15.scale_msa",), ("blocks.15.mod_msa",)),
+    (("blocks.15.mod_msa",), ("blocks.15.attn",)),
+    (("blocks.14.out", "blocks.15.attn", "blocks.15.gate_msa",), ("blocks.15.res_msa",)),
+    ((), ("blocks.15.norm2",)),
+    (("blocks.15.norm2", "blocks.15.shift_mlp", "blocks.15.scale_mlp",), ("blocks.15.mod_mlp",)),
+    (("blocks.15.mod_mlp",), ("blocks.15.fc1",)),
+    (("blocks.15.fc1",), ("blocks.15.gelu",)),
+    (("blocks.15.gelu",), ("blocks.15.mlp",)),
+    (("blocks.15.res_msa", "blocks.15.mlp", "blocks.15.gate_mlp",), ("blocks.15.out",)),
+    ((), ("blocks.16.shift_msa",)),
+    ((), ("blocks.16.scale_msa",)),
+    ((), ("blocks.16.gate_msa",)),
+    ((), ("blocks.16.shift_mlp",)),
+    ((), ("blocks.16.scale_mlp",)),
+    ((), ("blocks.16.gate_mlp",)),
+    ((), ("blocks.16.norm1",)),
+    (("blocks.16.norm1", "blocks.16.shift_msa", "blocks.16.scale_msa",), ("blocks.16.mod_msa",)),
+    (("blocks.16.mod_msa",), ("blocks.16.attn",)),
+    (("blocks.15.out", "blocks.16.attn", "blocks.16.gate_msa",), ("blocks.16.res_msa",)),
+    ((), ("blocks.16.norm2",)),
+    (("blocks.16.norm2", "blocks.16.shift_mlp", "blocks.16.scale_mlp",), ("blocks.16.mod_mlp",)),
+    (("blocks.16.mod_mlp",), ("blocks.16.fc1",)),
+    (("blocks.16.fc1",), ("blocks.16.gelu",)),
+    (("blocks.16.gelu",), ("blocks.16.mlp",)),
+    (("blocks.16.res_msa", "blocks.16.mlp", "blocks.16.gate_mlp",), ("blocks.16.out",)),
+    ((), ("blocks.17.shift_msa",)),
+    ((), ("blocks.17.scale_msa",)),
+    ((), ("blocks.17.gate_msa",)),
+    ((), ("blocks.17.shift_mlp",)),
+    ((), ("blocks.17.scale_mlp",)),
+    ((), ("blocks.17.gate_mlp",)),
+    ((), ("blocks.17.norm1",)),
+    (("blocks.17.norm1", "blocks.17.shift_msa", "blocks.17.scale_msa",), ("blocks.17.mod_msa",)),
+    (("blocks.17.mod_msa",), ("blocks.17.attn",)),
+    (("blocks.16.out", "blocks.17.attn", "blocks.17.gate_msa",), ("blocks.17.res_msa",)),
+    ((), ("blocks.17.norm2",)),
+    (("blocks.17.norm2", "blocks.17.shift_mlp", "blocks.17.scale_mlp",), ("blocks.17.mod_mlp",)),
+    (("blocks.17.mod_mlp",), ("blocks.17.fc1",)),
+    (("blocks.17.fc1",), ("blocks.17.gelu",)),
+    (("blocks.17.gelu",), ("blocks.17.mlp",)),
+    (("blocks.17.res_msa", "blocks.17.mlp", "blocks.17.gate_mlp",), ("blocks.17.out",)),
+    ((), ("blocks.18.shift_msa",)),
+    ((), ("blocks.18.scale_msa",)),
+    ((), ("blocks.18.gate_msa",)),
+    ((), ("blocks.18.shift_mlp",)),
+    ((), ("blocks.18.scale_mlp",)),
+    ((), ("blocks.18.gate_mlp",)),
+    ((), ("blocks.18.norm1",)),
+    (("blocks.18.norm1", "blocks.18.shift_msa", "blocks.18.scale_msa",), ("blocks.18.mod_msa",)),
+    (("blocks.18.mod_msa",), ("blocks.18.attn",)),
+    (("blocks.17.out", "blocks.18.attn", "blocks.18.gate_msa",), ("blocks.18.res_msa",)),
+    ((), ("blocks.18.norm2",)),
+    (("blocks.18.norm2", "blocks.18.shift_mlp", "blocks.18.scale_mlp",), ("blocks.18.mod_mlp",)),
+    (("blocks.18.mod_mlp",), ("blocks.18.fc1",)),
+    (("blocks.18.fc1",), ("blocks.18.gelu",)),
+    (("blocks.18.gelu",), ("blocks.18.mlp",)),
+    (("blocks.18.res_msa", "blocks.18.mlp", "blocks.18.gate_mlp",), ("blocks.18.out",)),
+    ((), ("blocks.19.shift_msa",)),
+    ((), ("blocks.19.scale_msa",)),
+    ((), ("blocks.19.gate_msa",)),
+    ((), ("blocks.19.shift_mlp",)),
+    ((), ("blocks.19.scale_mlp",)),
+    ((), ("blocks.19.gate_mlp",)),
+    ((), ("blocks.19.norm1",)),
+    (("blocks.19.norm1", "blocks.19.shift_msa", "blocks.19.scale_msa",), ("blocks.19.mod_msa",)),
+    (("blocks.19.mod_msa",), ("blocks.19.attn",)),
+    (("blocks.18.out", "blocks.19.attn", "blocks.19.gate_msa",), ("blocks.19.res_msa",)),
+    ((), ("blocks.19.norm2",)),
+    (("blocks.19.norm2", "blocks.19.shift_mlp", "blocks.19.scale_mlp",), ("blocks.19.mod_mlp",)),
+    (("blocks.19.mod_mlp",), ("blocks.19.fc1",)),
+    (("blocks.19.fc1",), ("blocks.19.gelu",)),
+    (("blocks.19.gelu",), ("blocks.19.mlp",)),
+    (("blocks.19.res_msa", "blocks.19.mlp", "blocks.19.gate_mlp",), ("blocks.19.out",)),
+    ((), ("blocks.20.shift_msa",)),
+    ((), ("blocks.20.scale_msa",)),
+    ((), ("blocks.20.gate_msa",)),
+    ((), ("blocks.20.shift_mlp",)),
+    ((), ("blocks.20.scale_mlp",)),
+    ((), ("blocks.20.gate_mlp",)),
+    ((), ("blocks.20.norm1",)),
+    (("blocks.20.norm1", "blocks.20.shift_msa", "blocks.20.scale_msa",), ("blocks.20.mod_msa",)),
+    (("blocks.20.mod_msa",), ("blocks.20.attn",)),
+    (("blocks.19.out", "blocks.20.attn", "blocks.20.gate_msa",), ("blocks.20.res_msa",)),
+    ((), ("blocks.20.norm2",)),
+    (("blocks.20.norm2", "blocks.20.shift_mlp", "blocks.20.scale_mlp",), ("blocks.20.mod_mlp",)),
+    (("blocks.20.mod_mlp",), ("blocks.20.fc1",)),
+    (("blocks.20.fc1",), ("blocks.20.gelu",)),
+    (("blocks.20.gelu",), ("blocks.20.mlp",)),
+    (("blocks.20.res_msa", "blocks.20.mlp", "blocks.20.gate_mlp",), ("blocks.20.out",)),
+    ((), ("blocks.21.shift_msa",)),
+    ((), ("blocks.21.scale_msa",)),
+    ((), ("blocks.21.gate_msa",)),
+    ((), ("blocks.21.shift_mlp",)),
+    ((), ("blocks.21.scale_mlp",)),
+    ((), ("blocks.21.gate_mlp",)),
+    ((), ("blocks.21.norm1",)),
+    (("blocks.21.norm1", "blocks.21.shift_msa", "blocks.21.scale_msa",), ("blocks.21.mod_msa",)),
+    (("blocks.21.mod_msa",), ("blocks.21.attn",)),
+    (("blocks.20.out", "blocks.21.attn", "blocks.21.gate_msa",), ("blocks.21.res_msa",)),
+    ((), ("blocks.21.norm2",)),
+    (("blocks.21.norm2", "blocks.21.shift_mlp", "blocks.21.scale_mlp",), ("blocks.21.mod_mlp",)),
+    (("blocks.21.mod_mlp",), ("blocks.21.fc1",)),
+    (("blocks.21.fc1",), ("blocks.21.gelu",)),
+    (("blocks.21.gelu",), ("blocks.21.mlp",)),
+    (("blocks.21.res_msa", "blocks.21.mlp", "blocks.21.gate_mlp",), ("blocks.21.out",)),
+    ((), ("blocks.22.shift_msa",)),
+    ((), ("blocks.22.scale_msa",)),
+    ((), ("blocks.22.gate_msa",)),
+    ((), ("blocks.22.shift_mlp",)),
+    ((), ("blocks.22.scale_mlp",)),
+    ((), ("blocks.22.gate_mlp",)),
+    ((), ("blocks.22.norm1",)),
+    (("blocks.22.norm1", "blocks.22.shift_msa", "blocks.22.scale_msa",), ("blocks.22.mod_msa",)),
+    (("blocks.22.mod_msa",), ("blocks.22.attn",)),
+    (("blocks.21.out", "blocks.22.attn", "blocks.22.gate_msa",), ("blocks.22.res_msa",)),
+    ((), ("blocks.22.norm2",)),
+    (("blocks.22.norm2", "blocks.22.shift_mlp", "blocks.22.scale_mlp",), ("blocks.22.mod_mlp",)),
+    (("blocks.22.mod_mlp",), ("blocks.22.fc1",)),
+    (("blocks.22.fc1",), ("blocks.22.gelu",)),
+    (("blocks.22.gelu",), ("blocks.22.mlp",)),
+    (("blocks.22.res_msa", "blocks.22.mlp", "blocks.22.gate_mlp",), ("blocks.22.out",)),
+    ((), ("blocks.23.shift_msa",)),
+    ((), ("blocks.23.scale_msa",)),
+    ((), ("blocks.23.gate_msa",)),
+    ((), ("blocks.23.shift_mlp",)),
+    ((), ("blocks.23.scale_mlp",)),
+    ((), ("blocks.23.gate_mlp",)),
+    ((), ("blocks.23.norm1",)),
+    (("blocks.23.norm1", "blocks.23.shift_msa", "blocks.23.scale_msa",), ("blocks.23.mod_msa",)),
+    (("blocks.23.mod_msa",), ("blocks.23.attn",)),
+    (("blocks.22.out", "blocks.23.attn", "blocks.23.gate_msa",), ("blocks.23.res_msa",)),
+    ((), ("blocks.23.norm2",)),
+    (("blocks.23.norm2", "blocks.23.shift_mlp", "blocks.23.scale_mlp",), ("blocks.23.mod_mlp",)),
+    (("blocks.23.mod_mlp",), ("blocks.23.fc1",)),
+    (("blocks.23.fc1",), ("blocks.23.gelu",)),
+    (("blocks.23.gelu",), ("blocks.23.mlp",)),
+    (("blocks.23.res_msa", "blocks.23.mlp", "blocks.23.gate_mlp",), ("blocks.23.out",)),
+    ((), ("blocks.24.shift_msa",)),
+    ((), ("blocks.24.scale_msa",)),
+    ((), ("blocks.24.gate_msa",)),
+    ((), ("blocks.24.shift_mlp",)),
+    ((), ("blocks.24.scale_mlp",)),
+    ((), ("blocks.24.gate_mlp",)),
+    ((), ("blocks.24.norm1",)),
+    (("blocks.24.norm1", "blocks.24.shift_msa", "blocks.24.scale_msa",), ("blocks.24.mod_msa",)),
+    (("blocks.24.mod_msa",), ("blocks.24.attn",)),
+    (("blocks.23.out", "blocks.24.attn", "blocks.24.gate_msa",), ("blocks.24.res_msa",)),
+    ((), ("blocks.24.norm2",)),
+    (("blocks.24.norm2", "blocks.24.shift_mlp", "blocks.24.scale_mlp",), ("blocks.24.mod_mlp",)),
+    (("blocks.24.mod_mlp",), ("blocks.24.fc1",)),
+    (("blocks.24.fc1",), ("blocks.24.gelu",)),
+    (("blocks.24.gelu",), ("blocks.24.mlp",)),
+    (("blocks.24.res_msa", "blocks.24.mlp", "blocks.24.gate_mlp",), ("blocks.24.out",)),
+    ((), ("blocks.25.shift_msa",)),
+    ((), ("blocks.25.scale_msa",)),
+    ((), ("blocks.25.gate_msa",)),
+    ((), ("blocks.25.shift_mlp",)),
+    ((), ("blocks.25.scale_mlp",)),
+    ((), ("blocks.25.gate_mlp",)),
+    ((), ("blocks.25.norm1",)),
+    (("blocks.25.norm1", "blocks.25.shift_msa", "blocks.25.scale_msa",), ("blocks.25.mod_msa",)),
+    (("blocks.25.mod_msa",), ("blocks.25.attn",)),
+    (("blocks.24.out", "blocks.25.attn", "blocks.25.gate_msa",), ("blocks.25.res_msa",)),
+    ((), ("blocks.25.norm2",)),
+    (("blocks.25.norm2", "blocks.25.shift_mlp", "blocks.25.scale_mlp",), ("blocks.25.mod_mlp",)),
+    (("blocks.25.mod_mlp",), ("blocks.25.fc1",)),
+    (("blocks.25.fc1",), ("blocks.25.gelu",)),
+    (("blocks.25.gelu",), ("blocks.25.mlp",)),
+    (("blocks.25.res_msa", "blocks.25.mlp", "blocks.25.gate_mlp",), ("blocks.25.out",)),
+    ((), ("blocks.26.shift_msa",)),
+    ((), ("blocks.26.scale_msa",)),
+    ((), ("blocks.26.gate_msa",)),
+    ((), ("blocks.26.shift_mlp",)),
+    ((), ("blocks.26.scale_mlp",)),
+    ((), ("blocks.26.gate_mlp",)),
+    ((), ("blocks.26.norm1",)),
+    (("blocks.26.norm1", "blocks.26.shift_msa", "blocks.26.scale_msa",), ("blocks.26.mod_msa",)),
+    (("blocks.26.mod_msa",), ("blocks.26.attn",)),
+    (("blocks.25.out", "blocks.26.attn", "blocks.26.gate_msa",), ("blocks.26.res_msa",)),
+    ((), ("blocks.26.norm2",)),
+    (("blocks.26.norm2", "blocks.26.shift_mlp", "blocks.26.scale_mlp",), ("blocks.26.mod_mlp",)),
+    (("blocks.26.mod_mlp",), ("blocks.26.fc1",)),
+    (("blocks.26.fc1",), ("blocks.26.gelu",)),
+    (("blocks.26.gelu",), ("blocks.26.mlp",)),
+    (("blocks.26.res_msa", "blocks.26.mlp", "blocks.26.gate_mlp",), ("blocks.26.out",)),
+    ((), ("blocks.27.shift_msa",)),
+    ((), ("blocks.27.scale_msa",)),
+    ((), ("blocks.27.gate_msa",)),
+    ((), ("blocks.27.shift_mlp",)),
+    ((), ("blocks.27.scale_mlp",)),
+    ((), ("blocks.27.gate_mlp",)),
+    ((), ("blocks.27.norm1",)),
+    (("blocks.27.norm1", "blocks.27.shift_msa", "blocks.27.scale_msa",), ("blocks.27.mod_msa",)),
+    (("blocks.27.mod_msa",), ("blocks.27.attn",)),
+    (("blocks.26.out", "blocks.27.attn", "blocks.27.gate_msa",), ("blocks.27.res_msa",)),
+    ((), ("blocks.27.norm2",)),
+    (("blocks.27.norm2", "blocks.27.shift_mlp", "blocks.27.scale_mlp",), ("blocks.27.mod_mlp",)),
+    (("blocks.27.mod_mlp",), ("blocks.27.fc1",)),
+    (("blocks.27.fc1",), ("blocks.27.gelu",)),
+    (("blocks.27.gelu",), ("blocks.27.mlp",)),
+    (("blocks.27.res_msa", "blocks.27.mlp", "blocks.27.gate_mlp",), ("blocks.27.out",)),
+    ((), ("final.shift",)),
+    (("c_silu",), ("final.scale",)),
+    (("blocks.27.out",), ("final.norm",)),
+    (("final.norm", "final.shift", "final.scale",), ("final.mod",)),
+    (("final.mod",), ("final.out",)),
+]
 
 
 @contextlib.contextmanager
@@ -1967,52 +2436,98 @@ def _sincos_1d(embed_dim: int, pos: np.ndarray) -> np.ndarray:
 def to_graph_layout(value: np.ndarray, layout: str, shape: tuple[int, ...]) -> np.ndarray:
     if layout == "transpose":
         value = value.T
-    elif layout == "heads_bias":
-        value = value.reshape(shape[1], shape[0]).T
     value = value.reshape(shape)  # same, conv ([d, C, p, p] -> [d, C*p*p]), heads_in, heads_out
     return np.asfortranarray(value, dtype=np.float32)
 
 
 def from_graph_layout(value: np.ndarray, layout: str, torch_shape: tuple[int, ...]) -> np.ndarray:
-    if layout in ("transpose", "heads_bias"):
+    if layout == "transpose":
         value = value.T
     return np.ascontiguousarray(value).reshape(torch_shape)
 
 
-def _distr(traits: TensorTraits) -> list[int]:
-    return [0] * traits.grid.nelems
+class Allocator:
+    """Makes NNTile tensors with unique tags, and keeps the scratch tensors that layers share.
 
+    A shared scratch tensor is one per (purpose, shape, tile) for the whole model: a layer writes it,
+    reads it and invalidates it within one pass, so StarPU recycles its memory, and the data
+    dependencies StarPU tracks order the layers that reuse it."""
 
-class _Composed(BaseLayer):
-    """Base of the layers below: allocates scratch tensors shaped and tiled like a given one."""
+    def __init__(self, next_tag: int):
+        self.next_tag = next_tag
+        self.shared: dict[tuple, Tensor] = {}
 
-    def scratch(self, like: Tensor, shape=None, tile=None) -> Tensor:
-        traits = TensorTraits(list(shape or like.shape), list(tile or like.basetile_shape))
-        tensor = type(like)(traits, _distr(traits), self.next_tag)
+    def new(self, shape, tile, dtype=Tensor_fp32) -> Tensor:
+        traits = TensorTraits(list(shape), list(tile))
+        tensor = dtype(traits, [0] * traits.grid.nelems, self.next_tag)
         self.next_tag = tensor.next_tag
+        return tensor
+
+    def scratch(self, purpose: str, shape, tile) -> Tensor:
+        key = (purpose, tuple(shape), tuple(tile))
+        if key not in self.shared:
+            self.shared[key] = self.new(shape, tile)
+        return self.shared[key]
+
+    def unregister(self) -> None:
+        for tensor in self.shared.values():
+            tensor.unregister()
+        self.shared.clear()
+
+
+class _Layer(BaseLayer):
+    """Base of the layers below. `overwrites` holds the inputs whose gradient this layer writes first in
+    backward: it overwrites them (beta 0, a write StarPU orders after the layer's own inputs), so no
+    gradient is zeroed ahead of time, and each is allocated only when backward reaches it."""
+
+    overwrites: tuple[TensorMoments, ...] = ()
+
+    def beta(self, x: TensorMoments) -> float:
+        """0.0 where this layer writes x's gradient first, else 1.0 (accumulate)."""
+        return 0.0 if any(x is t for t in self.overwrites) else 1.0
+
+
+class _Composed(_Layer):
+    """A layer with tensors of its own: those kept from forward to backward (`keep`), and scratch
+    used within one pass, shared with every other layer (`scratch`)."""
+
+    def __init__(self, inputs, outputs, params, alloc: Allocator):
+        super().__init__(inputs, outputs, params, [])
+        self.alloc = alloc
+
+    def keep(self, shape, tile) -> Tensor:
+        tensor = self.alloc.new(shape, tile)
         self.temporaries.append(tensor)
         return tensor
 
-    def add_scaled(self, dy: Tensor, scale: Tensor, grad: Tensor) -> None:
-        """grad += dy * scale, scale [hidden, batch] broadcast over tokens (axis 1), through `self.tmp`."""
-        copy_async(dy, self.tmp)
-        prod_slice_async(scale, 1.0, self.tmp, 1)
-        add_async(1.0, self.tmp, 1.0, grad)
-        self.tmp.invalidate_submit()  # StarPU may hand its memory to the next layer's scratch
+    def scratch(self, purpose: str, shape, tile) -> Tensor:
+        return self.alloc.scratch(purpose, shape, tile)
+
+    def add_scaled(self, dy: Tensor, scale: Tensor, x: TensorMoments) -> None:
+        """x.grad (+)= dy * scale, scale [hidden, batch] broadcast over tokens (axis 1)."""
+        if self.beta(x) == 0.0:
+            copy_async(dy, x.grad)
+            prod_slice_async(scale, 1.0, x.grad, 1)
+            return
+        tmp = self.scratch("tokens", dy.shape, dy.basetile_shape)
+        copy_async(dy, tmp)
+        prod_slice_async(scale, 1.0, tmp, 1)
+        add_async(1.0, tmp, 1.0, x.grad)
+        tmp.invalidate_submit()
 
 
 class LayerNormNoAffine(_Composed):
     """y = (x - mean) / sqrt(var + eps) over axis 0 (hidden), no gamma or beta."""
 
-    def __init__(self, x: TensorMoments, y: TensorMoments, eps: float, next_tag: int):
-        super().__init__([x], [y], [], [])
-        self.x, self.y, self.next_tag = x, y, next_tag
+    def __init__(self, x: TensorMoments, y: TensorMoments, eps: float, alloc: Allocator):
+        super().__init__([x], [y], [], alloc)
+        self.x, self.y = x, y
         self.size = x.value.shape[0]
         self.sqrt_eps = eps ** 0.5  # hypot(sqrt(eps), std) = sqrt(var + eps)
         stat_shape, stat_tile = x.value.shape[1:], x.value.basetile_shape[1:]
-        self.mean = self.scratch(x.value, stat_shape, stat_tile)
-        self.inv_std = self.scratch(x.value, stat_shape, stat_tile)
-        self.tmp = self.scratch(x.value)
+        self.mean = self.scratch("stat", stat_shape, stat_tile)
+        self.inv_std = self.keep(stat_shape, stat_tile)
+        self.tmp = self.scratch("tokens", x.value.shape, x.value.basetile_shape)
 
     def forward_async(self) -> None:
         sum_slice_async(1.0 / self.size, self.x.value, 0.0, self.mean, 0)
@@ -2020,6 +2535,7 @@ class LayerNormNoAffine(_Composed):
         norm_slice_async(1.0 / self.size ** 0.5, self.y.value, 0.0, self.inv_std, 0)
         hypot_scalar_inverse_async(self.sqrt_eps, 1.0, self.inv_std)
         prod_slice_async(self.inv_std, 1.0, self.y.value, 0)
+        self.mean.invalidate_submit()
 
     def backward_async(self) -> None:
         # dx += inv_std * (dy - mean(dy) - y * mean(dy * y)), y the normalised output
@@ -2030,19 +2546,19 @@ class LayerNormNoAffine(_Composed):
         sum_slice_async(1.0 / self.size, self.y.grad, 0.0, self.mean, 0)
         add_slice_async(-1.0, self.mean, 1.0, self.tmp, 0)
         prod_slice_async(self.inv_std, 1.0, self.tmp, 0)
-        add_async(1.0, self.tmp, 1.0, self.x.grad)
-        self.tmp.invalidate_submit()  # StarPU may hand its memory to the next layer's scratch
+        add_async(1.0, self.tmp, self.beta(self.x), self.x.grad)
+        self.tmp.invalidate_submit()
+        self.mean.invalidate_submit()
 
 
 class Modulate(_Composed):
     """y = x * (1 + scale) + shift, with shift and scale [hidden, batch] broadcast over tokens (axis 1)."""
 
     def __init__(self, x: TensorMoments, shift: TensorMoments, scale: TensorMoments, y: TensorMoments,
-                 next_tag: int):
-        super().__init__([x, shift, scale], [y], [], [])
-        self.x, self.shift, self.scale, self.y, self.next_tag = x, shift, scale, y, next_tag
-        self.scale1 = self.scratch(scale.value)
-        self.tmp = self.scratch(x.value)
+                 alloc: Allocator):
+        super().__init__([x, shift, scale], [y], [], alloc)
+        self.x, self.shift, self.scale, self.y = x, shift, scale, y
+        self.scale1 = self.keep(scale.value.shape, scale.value.basetile_shape)  # 1 + scale
 
     def forward_async(self) -> None:
         copy_async(self.scale.value, self.scale1)
@@ -2052,18 +2568,18 @@ class Modulate(_Composed):
         add_slice_async(1.0, self.shift.value, 1.0, self.y.value, 1)
 
     def backward_async(self) -> None:
-        sum_slice_async(1.0, self.y.grad, 1.0, self.shift.grad, 1)
-        sumprod_slice_async(1.0, self.y.grad, self.x.value, 1.0, self.scale.grad, 1)
-        self.add_scaled(self.y.grad, self.scale1, self.x.grad)
+        sum_slice_async(1.0, self.y.grad, self.beta(self.shift), self.shift.grad, 1)
+        sumprod_slice_async(1.0, self.y.grad, self.x.value, self.beta(self.scale), self.scale.grad, 1)
+        self.add_scaled(self.y.grad, self.scale1, self.x)
 
 
 class GatedResidual(_Composed):
     """y = x + gate * h, with gate [hidden, batch] broadcast over tokens (axis 1)."""
 
-    def __init__(self, x: TensorMoments, h: TensorMoments, gate: TensorMoments, y: TensorMoments, next_tag: int):
-        super().__init__([x, h, gate], [y], [], [])
-        self.x, self.h, self.gate, self.y, self.next_tag = x, h, gate, y, next_tag
-        self.tmp = self.scratch(x.value)
+    def __init__(self, x: TensorMoments, h: TensorMoments, gate: TensorMoments, y: TensorMoments,
+                 alloc: Allocator):
+        super().__init__([x, h, gate], [y], [], alloc)
+        self.x, self.h, self.gate, self.y = x, h, gate, y
 
     def forward_async(self) -> None:
         copy_async(self.h.value, self.y.value)
@@ -2071,12 +2587,94 @@ class GatedResidual(_Composed):
         add_async(1.0, self.x.value, 1.0, self.y.value)
 
     def backward_async(self) -> None:
-        add_async(1.0, self.y.grad, 1.0, self.x.grad)
-        sumprod_slice_async(1.0, self.y.grad, self.h.value, 1.0, self.gate.grad, 1)
-        self.add_scaled(self.y.grad, self.gate.value, self.h.grad)
+        add_async(1.0, self.y.grad, self.beta(self.x), self.x.grad)
+        sumprod_slice_async(1.0, self.y.grad, self.h.value, self.beta(self.gate), self.gate.grad, 1)
+        self.add_scaled(self.y.grad, self.gate.value, self.h)
 
 
-class Linear(BaseLayer):
+class Attention(_Composed):
+    """Multi-head self-attention, y = W_o softmax(K^T Q / sqrt(d)) V + b_o, heads batched.
+
+    Q, K, V and the attention output are kept as [head_dim, tokens, batch, heads], so each head's
+    products are batched GEMMs. The projections come out head-major, [heads, head_dim, tokens, batch],
+    and a transpose rotates them. Biases are one-column matrices added as rank-1 GEMMs (see `Linear`).
+    Kept for backward: Q, K, V, the probabilities and the head-major output; the gradients of all
+    of them are scratch shared across blocks."""
+
+    def __init__(self, x: TensorMoments, w_q: TensorMoments, w_k: TensorMoments, w_v: TensorMoments,
+                 b_q: TensorMoments, b_k: TensorMoments, b_v: TensorMoments, w_o: TensorMoments,
+                 b_o: TensorMoments, ones: Tensor, y: TensorMoments, alloc: Allocator):
+        super().__init__([x], [y], [w_q, w_k, w_v, b_q, b_k, b_v, w_o, b_o], alloc)
+        self.x, self.y, self.ones, self.w_o, self.b_o = x, y, ones, w_o, b_o
+        self.w_in, self.b_in = (w_q, w_k, w_v), (b_q, b_k, b_v)
+        heads, head_dim, _ = w_q.value.shape
+        head_tile = w_q.value.basetile_shape[0]
+        _, tokens, batch = x.value.shape
+        _, token_tile, batch_tile = x.value.basetile_shape
+        self.scale = 1.0 / math.sqrt(head_dim)
+        split = ((head_dim, tokens, batch, heads), (head_dim, token_tile, batch_tile, head_tile))
+        merged = ((heads, head_dim, tokens, batch), (head_tile, head_dim, token_tile, batch_tile))
+        scores = ((tokens, tokens, batch, heads), (token_tile, token_tile, batch_tile, head_tile))
+        stats = ((tokens, batch, heads), (token_tile, batch_tile, head_tile))
+        self.qkv = [self.keep(*split) for _ in "qkv"]
+        self.probs = self.keep(*scores)
+        self.out_merged = self.keep(*merged)
+        self.merged = self.scratch("attention merged", *merged)
+        self.split = self.scratch("attention split", *split)
+        self.maxsumexp = self.scratch("attention maxsumexp", (2,) + stats[0], (2,) + stats[1])
+        self.sumprod = self.scratch("attention sumprod", *stats)
+        self.d_scores = self.scratch("attention scores", *scores)
+        self.d_qkv = [self.scratch(f"attention d{part}", *split) for part in "qkv"]
+
+    def forward_async(self) -> None:
+        for w, b, out in zip(self.w_in, self.b_in, self.qkv):
+            gemm_async(1.0, notrans, w.value, notrans, self.x.value, 0.0, self.merged, 1, 0)
+            gemm_async(1.0, notrans, b.value, notrans, self.ones, 1.0, self.merged, 1, 0)
+            transpose_async(1.0, self.merged, out, 1)
+        self.merged.invalidate_submit()
+        q, k, v = self.qkv
+        gemm_async(self.scale, trans, k, notrans, q, 0.0, self.probs, 1, 2)
+        clear_async(self.maxsumexp)
+        maxsumexp_async(self.probs, self.maxsumexp, 0)
+        softmax_inplace_async(self.maxsumexp, 1.0, self.probs, 0)
+        self.maxsumexp.invalidate_submit()
+        gemm_async(1.0, notrans, v, notrans, self.probs, 0.0, self.split, 1, 2)
+        transpose_async(1.0, self.split, self.out_merged, 3)
+        self.split.invalidate_submit()
+        gemm_async(1.0, notrans, self.w_o.value, notrans, self.out_merged, 0.0, self.y.value, 2, 0)
+        gemm_async(1.0, notrans, self.b_o.value, notrans, self.ones, 1.0, self.y.value, 1, 0)
+
+    def backward_async(self) -> None:
+        dy, q, k, v = self.y.grad, *self.qkv
+        gemm_async(1.0, notrans, dy, trans, self.ones, 1.0, self.b_o.grad, 2, 0)
+        gemm_async(1.0, notrans, dy, trans, self.out_merged, 1.0, self.w_o.grad, 2, 0)
+        gemm_async(1.0, trans, self.w_o.value, notrans, dy, 0.0, self.merged, 1, 0)
+        d_out = self.split
+        transpose_async(1.0, self.merged, d_out, 1)
+        d_q, d_k, d_v = self.d_qkv
+        gemm_async(1.0, trans, v, notrans, d_out, 0.0, self.d_scores, 1, 2)
+        gemm_async(1.0, notrans, d_out, trans, self.probs, 0.0, d_v, 1, 2)
+        d_out.invalidate_submit()
+        # softmax backward: dS = P * (dP - sum(P * dP))
+        sumprod_slice_async(1.0, self.probs, self.d_scores, 0.0, self.sumprod, 0)
+        add_slice_async(-1.0, self.sumprod, 1.0, self.d_scores, 0)
+        prod_async(self.probs, self.d_scores)
+        self.sumprod.invalidate_submit()
+        gemm_async(self.scale, notrans, q, trans, self.d_scores, 0.0, d_k, 1, 2)
+        gemm_async(self.scale, notrans, k, notrans, self.d_scores, 0.0, d_q, 1, 2)
+        self.d_scores.invalidate_submit()
+        x_beta = self.beta(self.x)
+        for w, b, d_part in zip(self.w_in, self.b_in, self.d_qkv):
+            transpose_async(1.0, d_part, self.merged, 3)
+            d_part.invalidate_submit()
+            gemm_async(1.0, notrans, self.merged, trans, self.ones, 1.0, b.grad, 2, 0)
+            gemm_async(1.0, notrans, self.merged, trans, self.x.value, 1.0, w.grad, 2, 0)
+            gemm_async(1.0, trans, w.value, notrans, self.merged, x_beta, self.x.grad, 2, 0)
+            x_beta = 1.0
+        self.merged.invalidate_submit()
+
+
+class Linear(_Layer):
     """y = W x + b over axis 0. The bias is a one-column matrix added as the rank-1 GEMM `b ones^T`, and
     its gradient is `dY ones`: NNTile's add_fiber and sum_fiber on the feature axis stride through memory
     (on DiT-S/2's MLP output 4.1 ms and 6.8 ms, against 0.9 ms and 1.3 ms for the GEMMs; the training
@@ -2094,10 +2692,10 @@ class Linear(BaseLayer):
         batch_axes = self.x.value.ndim - 1
         gemm_async(1.0, notrans, self.y.grad, trans, self.x.value, 1.0, self.w.grad, batch_axes, 0)
         gemm_async(1.0, notrans, self.y.grad, trans, self.ones, 1.0, self.b.grad, batch_axes, 0)
-        gemm_async(1.0, trans, self.w.value, notrans, self.y.grad, 1.0, self.x.grad, 1, 0)
+        gemm_async(1.0, trans, self.w.value, notrans, self.y.grad, self.beta(self.x), self.x.grad, 1, 0)
 
 
-class AddConstSlice(BaseLayer):
+class AddConstSlice(_Layer):
     """y = x + table, a constant broadcast over `axis` (the positional table over the batch)."""
 
     def __init__(self, x: TensorMoments, table: Tensor, y: TensorMoments, axis: int):
@@ -2108,14 +2706,50 @@ class AddConstSlice(BaseLayer):
         add_slice3_async(1.0, self.table, 1.0, self.x.value, self.y.value, self.axis)
 
     def backward_async(self) -> None:
-        add_async(1.0, self.y.grad, 1.0, self.x.grad)
+        add_async(1.0, self.y.grad, self.beta(self.x), self.x.grad)
+
+
+class Act(_Layer):
+    """y = fn(x), element-wise."""
+
+    FUNCTIONS = {"gelutanh": (gelutanh_async, gelutanh_backward_async),
+                 "silu": (silu_forward_async, silu_backward_async)}
+
+    def __init__(self, x: TensorMoments, y: TensorMoments, fn: str):
+        super().__init__([x], [y], [], [])
+        self.x, self.y = x, y
+        self.fn, self.fn_backward = self.FUNCTIONS[fn]
+
+    def forward_async(self) -> None:
+        self.fn(self.x.value, self.y.value)
+
+    def backward_async(self) -> None:
+        if self.beta(self.x) == 0.0:  # NNTile's kernel accumulates: zero first, after dy is ready
+            scal_async(0.0, self.y.grad, self.x.grad)
+        self.fn_backward(self.x.value, self.y.grad, self.x.grad)
+
+
+class Add(_Layer):
+    """y = a + b."""
+
+    def __init__(self, a: TensorMoments, b: TensorMoments, y: TensorMoments):
+        super().__init__([a, b], [y], [], [])
+        self.a, self.b, self.y = a, b, y
+
+    def forward_async(self) -> None:
+        add_async(1.0, self.a.value, 0.0, self.y.value)
+        add_async(1.0, self.b.value, 1.0, self.y.value)
+
+    def backward_async(self) -> None:
+        add_async(1.0, self.y.grad, self.beta(self.a), self.a.grad)
+        add_async(1.0, self.y.grad, self.beta(self.b), self.b.grad)
 
 
 class Model(BaseModel):
     """The compiled graph, one layer per op, in graph order."""
 
     def __init__(self, next_tag: int = 0):
-        self.next_tag = next_tag
+        self.alloc = Allocator(next_tag)
         self.tensors: dict[str, TensorMoments | Tensor] = {}
         self.torch_shapes: dict[str, tuple[int, ...]] = {}
         layers: list[BaseLayer] = []
@@ -2154,7 +2788,7 @@ class Model(BaseModel):
         # blocks.0.mod_msa = modulate(blocks.0.norm1, blocks.0.shift_msa, blocks.0.scale_msa) [modulate]
         self.modulate("blocks.0.norm1", "blocks.0.shift_msa", "blocks.0.scale_msa", "blocks.0.mod_msa")
         # blocks.0.attn = attention(blocks.0.mod_msa, blocks.0.attn.qkv.weight.q, blocks.0.attn.qkv.weight.k, blocks.0.attn.qkv.weight.v, blocks.0.attn.qkv.bias.q, blocks.0.attn.qkv.bias.k, blocks.0.attn.qkv.bias.v, blocks.0.attn.proj.weight, blocks.0.attn.proj.bias) [attention]
-        self.attention("blocks.0.mod_msa", "blocks.0.attn.qkv.weight.q", "blocks.0.attn.qkv.weight.k", "blocks.0.attn.qkv.weight.v", "blocks.0.attn.qkv.bias.q", "blocks.0.attn.qkv.bias.k", "blocks.0.attn.qkv.bias.v", "blocks.0.attn.proj.weight", "blocks.0.attn.proj.bias", "blocks.0.attn", heads=16)
+        self.attention("blocks.0.mod_msa", "blocks.0.attn.qkv.weight.q", "blocks.0.attn.qkv.weight.k", "blocks.0.attn.qkv.weight.v", "blocks.0.attn.qkv.bias.q", "blocks.0.attn.qkv.bias.k", "blocks.0.attn.qkv.bias.v", "blocks.0.attn.proj.weight", "blocks.0.attn.proj.bias", "blocks.0.attn", "ones[tokens,batch]")
         # blocks.0.res_msa = gated_residual(x_tokens, blocks.0.attn, blocks.0.gate_msa) [gated residual]
         self.gated_residual("x_tokens", "blocks.0.attn", "blocks.0.gate_msa", "blocks.0.res_msa")
         # blocks.0.norm2 = layer_norm(blocks.0.res_msa) [layer norm]
@@ -2186,7 +2820,7 @@ class Model(BaseModel):
         # blocks.1.mod_msa = modulate(blocks.1.norm1, blocks.1.shift_msa, blocks.1.scale_msa) [modulate]
         self.modulate("blocks.1.norm1", "blocks.1.shift_msa", "blocks.1.scale_msa", "blocks.1.mod_msa")
         # blocks.1.attn = attention(blocks.1.mod_msa, blocks.1.attn.qkv.weight.q, blocks.1.attn.qkv.weight.k, blocks.1.attn.qkv.weight.v, blocks.1.attn.qkv.bias.q, blocks.1.attn.qkv.bias.k, blocks.1.attn.qkv.bias.v, blocks.1.attn.proj.weight, blocks.1.attn.proj.bias) [attention]
-        self.attention("blocks.1.mod_msa", "blocks.1.attn.qkv.weight.q", "blocks.1.attn.qkv.weight.k", "blocks.1.attn.qkv.weight.v", "blocks.1.attn.qkv.bias.q", "blocks.1.attn.qkv.bias.k", "blocks.1.attn.qkv.bias.v", "blocks.1.attn.proj.weight", "blocks.1.attn.proj.bias", "blocks.1.attn", heads=16)
+        self.attention("blocks.1.mod_msa", "blocks.1.attn.qkv.weight.q", "blocks.1.attn.qkv.weight.k", "blocks.1.attn.qkv.weight.v", "blocks.1.attn.qkv.bias.q", "blocks.1.attn.qkv.bias.k", "blocks.1.attn.qkv.bias.v", "blocks.1.attn.proj.weight", "blocks.1.attn.proj.bias", "blocks.1.attn", "ones[tokens,batch]")
         # blocks.1.res_msa = gated_residual(blocks.0.out, blocks.1.attn, blocks.1.gate_msa) [gated residual]
         self.gated_residual("blocks.0.out", "blocks.1.attn", "blocks.1.gate_msa", "blocks.1.res_msa")
         # blocks.1.norm2 = layer_norm(blocks.1.res_msa) [layer norm]
@@ -2218,7 +2852,7 @@ class Model(BaseModel):
         # blocks.2.mod_msa = modulate(blocks.2.norm1, blocks.2.shift_msa, blocks.2.scale_msa) [modulate]
         self.modulate("blocks.2.norm1", "blocks.2.shift_msa", "blocks.2.scale_msa", "blocks.2.mod_msa")
         # blocks.2.attn = attention(blocks.2.mod_msa, blocks.2.attn.qkv.weight.q, blocks.2.attn.qkv.weight.k, blocks.2.attn.qkv.weight.v, blocks.2.attn.qkv.bias.q, blocks.2.attn.qkv.bias.k, blocks.2.attn.qkv.bias.v, blocks.2.attn.proj.weight, blocks.2.attn.proj.bias) [attention]
-        self.attention("blocks.2.mod_msa", "blocks.2.attn.qkv.weight.q", "blocks.2.attn.qkv.weight.k", "blocks.2.attn.qkv.weight.v", "blocks.2.attn.qkv.bias.q", "blocks.2.attn.qkv.bias.k", "blocks.2.attn.qkv.bias.v", "blocks.2.attn.proj.weight", "blocks.2.attn.proj.bias", "blocks.2.attn", heads=16)
+        self.attention("blocks.2.mod_msa", "blocks.2.attn.qkv.weight.q", "blocks.2.attn.qkv.weight.k", "blocks.2.attn.qkv.weight.v", "blocks.2.attn.qkv.bias.q", "blocks.2.attn.qkv.bias.k", "blocks.2.attn.qkv.bias.v", "blocks.2.attn.proj.weight", "blocks.2.attn.proj.bias", "blocks.2.attn", "ones[tokens,batch]")
         # blocks.2.res_msa = gated_residual(blocks.1.out, blocks.2.attn, blocks.2.gate_msa) [gated residual]
         self.gated_residual("blocks.1.out", "blocks.2.attn", "blocks.2.gate_msa", "blocks.2.res_msa")
         # blocks.2.norm2 = layer_norm(blocks.2.res_msa) [layer norm]
@@ -2250,7 +2884,7 @@ class Model(BaseModel):
         # blocks.3.mod_msa = modulate(blocks.3.norm1, blocks.3.shift_msa, blocks.3.scale_msa) [modulate]
         self.modulate("blocks.3.norm1", "blocks.3.shift_msa", "blocks.3.scale_msa", "blocks.3.mod_msa")
         # blocks.3.attn = attention(blocks.3.mod_msa, blocks.3.attn.qkv.weight.q, blocks.3.attn.qkv.weight.k, blocks.3.attn.qkv.weight.v, blocks.3.attn.qkv.bias.q, blocks.3.attn.qkv.bias.k, blocks.3.attn.qkv.bias.v, blocks.3.attn.proj.weight, blocks.3.attn.proj.bias) [attention]
-        self.attention("blocks.3.mod_msa", "blocks.3.attn.qkv.weight.q", "blocks.3.attn.qkv.weight.k", "blocks.3.attn.qkv.weight.v", "blocks.3.attn.qkv.bias.q", "blocks.3.attn.qkv.bias.k", "blocks.3.attn.qkv.bias.v", "blocks.3.attn.proj.weight", "blocks.3.attn.proj.bias", "blocks.3.attn", heads=16)
+        self.attention("blocks.3.mod_msa", "blocks.3.attn.qkv.weight.q", "blocks.3.attn.qkv.weight.k", "blocks.3.attn.qkv.weight.v", "blocks.3.attn.qkv.bias.q", "blocks.3.attn.qkv.bias.k", "blocks.3.attn.qkv.bias.v", "blocks.3.attn.proj.weight", "blocks.3.attn.proj.bias", "blocks.3.attn", "ones[tokens,batch]")
         # blocks.3.res_msa = gated_residual(blocks.2.out, blocks.3.attn, blocks.3.gate_msa) [gated residual]
         self.gated_residual("blocks.2.out", "blocks.3.attn", "blocks.3.gate_msa", "blocks.3.res_msa")
         # blocks.3.norm2 = layer_norm(blocks.3.res_msa) [layer norm]
@@ -2282,7 +2916,7 @@ class Model(BaseModel):
         # blocks.4.mod_msa = modulate(blocks.4.norm1, blocks.4.shift_msa, blocks.4.scale_msa) [modulate]
         self.modulate("blocks.4.norm1", "blocks.4.shift_msa", "blocks.4.scale_msa", "blocks.4.mod_msa")
         # blocks.4.attn = attention(blocks.4.mod_msa, blocks.4.attn.qkv.weight.q, blocks.4.attn.qkv.weight.k, blocks.4.attn.qkv.weight.v, blocks.4.attn.qkv.bias.q, blocks.4.attn.qkv.bias.k, blocks.4.attn.qkv.bias.v, blocks.4.attn.proj.weight, blocks.4.attn.proj.bias) [attention]
-        self.attention("blocks.4.mod_msa", "blocks.4.attn.qkv.weight.q", "blocks.4.attn.qkv.weight.k", "blocks.4.attn.qkv.weight.v", "blocks.4.attn.qkv.bias.q", "blocks.4.attn.qkv.bias.k", "blocks.4.attn.qkv.bias.v", "blocks.4.attn.proj.weight", "blocks.4.attn.proj.bias", "blocks.4.attn", heads=16)
+        self.attention("blocks.4.mod_msa", "blocks.4.attn.qkv.weight.q", "blocks.4.attn.qkv.weight.k", "blocks.4.attn.qkv.weight.v", "blocks.4.attn.qkv.bias.q", "blocks.4.attn.qkv.bias.k", "blocks.4.attn.qkv.bias.v", "blocks.4.attn.proj.weight", "blocks.4.attn.proj.bias", "blocks.4.attn", "ones[tokens,batch]")
         # blocks.4.res_msa = gated_residual(blocks.3.out, blocks.4.attn, blocks.4.gate_msa) [gated residual]
         self.gated_residual("blocks.3.out", "blocks.4.attn", "blocks.4.gate_msa", "blocks.4.res_msa")
         # blocks.4.norm2 = layer_norm(blocks.4.res_msa) [layer norm]
@@ -2314,7 +2948,7 @@ class Model(BaseModel):
         # blocks.5.mod_msa = modulate(blocks.5.norm1, blocks.5.shift_msa, blocks.5.scale_msa) [modulate]
         self.modulate("blocks.5.norm1", "blocks.5.shift_msa", "blocks.5.scale_msa", "blocks.5.mod_msa")
         # blocks.5.attn = attention(blocks.5.mod_msa, blocks.5.attn.qkv.weight.q, blocks.5.attn.qkv.weight.k, blocks.5.attn.qkv.weight.v, blocks.5.attn.qkv.bias.q, blocks.5.attn.qkv.bias.k, blocks.5.attn.qkv.bias.v, blocks.5.attn.proj.weight, blocks.5.attn.proj.bias) [attention]
-        self.attention("blocks.5.mod_msa", "blocks.5.attn.qkv.weight.q", "blocks.5.attn.qkv.weight.k", "blocks.5.attn.qkv.weight.v", "blocks.5.attn.qkv.bias.q", "blocks.5.attn.qkv.bias.k", "blocks.5.attn.qkv.bias.v", "blocks.5.attn.proj.weight", "blocks.5.attn.proj.bias", "blocks.5.attn", heads=16)
+        self.attention("blocks.5.mod_msa", "blocks.5.attn.qkv.weight.q", "blocks.5.attn.qkv.weight.k", "blocks.5.attn.qkv.weight.v", "blocks.5.attn.qkv.bias.q", "blocks.5.attn.qkv.bias.k", "blocks.5.attn.qkv.bias.v", "blocks.5.attn.proj.weight", "blocks.5.attn.proj.bias", "blocks.5.attn", "ones[tokens,batch]")
         # blocks.5.res_msa = gated_residual(blocks.4.out, blocks.5.attn, blocks.5.gate_msa) [gated residual]
         self.gated_residual("blocks.4.out", "blocks.5.attn", "blocks.5.gate_msa", "blocks.5.res_msa")
         # blocks.5.norm2 = layer_norm(blocks.5.res_msa) [layer norm]
@@ -2346,7 +2980,7 @@ class Model(BaseModel):
         # blocks.6.mod_msa = modulate(blocks.6.norm1, blocks.6.shift_msa, blocks.6.scale_msa) [modulate]
         self.modulate("blocks.6.norm1", "blocks.6.shift_msa", "blocks.6.scale_msa", "blocks.6.mod_msa")
         # blocks.6.attn = attention(blocks.6.mod_msa, blocks.6.attn.qkv.weight.q, blocks.6.attn.qkv.weight.k, blocks.6.attn.qkv.weight.v, blocks.6.attn.qkv.bias.q, blocks.6.attn.qkv.bias.k, blocks.6.attn.qkv.bias.v, blocks.6.attn.proj.weight, blocks.6.attn.proj.bias) [attention]
-        self.attention("blocks.6.mod_msa", "blocks.6.attn.qkv.weight.q", "blocks.6.attn.qkv.weight.k", "blocks.6.attn.qkv.weight.v", "blocks.6.attn.qkv.bias.q", "blocks.6.attn.qkv.bias.k", "blocks.6.attn.qkv.bias.v", "blocks.6.attn.proj.weight", "blocks.6.attn.proj.bias", "blocks.6.attn", heads=16)
+        self.attention("blocks.6.mod_msa", "blocks.6.attn.qkv.weight.q", "blocks.6.attn.qkv.weight.k", "blocks.6.attn.qkv.weight.v", "blocks.6.attn.qkv.bias.q", "blocks.6.attn.qkv.bias.k", "blocks.6.attn.qkv.bias.v", "blocks.6.attn.proj.weight", "blocks.6.attn.proj.bias", "blocks.6.attn", "ones[tokens,batch]")
         # blocks.6.res_msa = gated_residual(blocks.5.out, blocks.6.attn, blocks.6.gate_msa) [gated residual]
         self.gated_residual("blocks.5.out", "blocks.6.attn", "blocks.6.gate_msa", "blocks.6.res_msa")
         # blocks.6.norm2 = layer_norm(blocks.6.res_msa) [layer norm]
@@ -2378,7 +3012,7 @@ class Model(BaseModel):
         # blocks.7.mod_msa = modulate(blocks.7.norm1, blocks.7.shift_msa, blocks.7.scale_msa) [modulate]
         self.modulate("blocks.7.norm1", "blocks.7.shift_msa", "blocks.7.scale_msa", "blocks.7.mod_msa")
         # blocks.7.attn = attention(blocks.7.mod_msa, blocks.7.attn.qkv.weight.q, blocks.7.attn.qkv.weight.k, blocks.7.attn.qkv.weight.v, blocks.7.attn.qkv.bias.q, blocks.7.attn.qkv.bias.k, blocks.7.attn.qkv.bias.v, blocks.7.attn.proj.weight, blocks.7.attn.proj.bias) [attention]
-        self.attention("blocks.7.mod_msa", "blocks.7.attn.qkv.weight.q", "blocks.7.attn.qkv.weight.k", "blocks.7.attn.qkv.weight.v", "blocks.7.attn.qkv.bias.q", "blocks.7.attn.qkv.bias.k", "blocks.7.attn.qkv.bias.v", "blocks.7.attn.proj.weight", "blocks.7.attn.proj.bias", "blocks.7.attn", heads=16)
+        self.attention("blocks.7.mod_msa", "blocks.7.attn.qkv.weight.q", "blocks.7.attn.qkv.weight.k", "blocks.7.attn.qkv.weight.v", "blocks.7.attn.qkv.bias.q", "blocks.7.attn.qkv.bias.k", "blocks.7.attn.qkv.bias.v", "blocks.7.attn.proj.weight", "blocks.7.attn.proj.bias", "blocks.7.attn", "ones[tokens,batch]")
         # blocks.7.res_msa = gated_residual(blocks.6.out, blocks.7.attn, blocks.7.gate_msa) [gated residual]
         self.gated_residual("blocks.6.out", "blocks.7.attn", "blocks.7.gate_msa", "blocks.7.res_msa")
         # blocks.7.norm2 = layer_norm(blocks.7.res_msa) [layer norm]
@@ -2410,7 +3044,7 @@ class Model(BaseModel):
         # blocks.8.mod_msa = modulate(blocks.8.norm1, blocks.8.shift_msa, blocks.8.scale_msa) [modulate]
         self.modulate("blocks.8.norm1", "blocks.8.shift_msa", "blocks.8.scale_msa", "blocks.8.mod_msa")
         # blocks.8.attn = attention(blocks.8.mod_msa, blocks.8.attn.qkv.weight.q, blocks.8.attn.qkv.weight.k, blocks.8.attn.qkv.weight.v, blocks.8.attn.qkv.bias.q, blocks.8.attn.qkv.bias.k, blocks.8.attn.qkv.bias.v, blocks.8.attn.proj.weight, blocks.8.attn.proj.bias) [attention]
-        self.attention("blocks.8.mod_msa", "blocks.8.attn.qkv.weight.q", "blocks.8.attn.qkv.weight.k", "blocks.8.attn.qkv.weight.v", "blocks.8.attn.qkv.bias.q", "blocks.8.attn.qkv.bias.k", "blocks.8.attn.qkv.bias.v", "blocks.8.attn.proj.weight", "blocks.8.attn.proj.bias", "blocks.8.attn", heads=16)
+        self.attention("blocks.8.mod_msa", "blocks.8.attn.qkv.weight.q", "blocks.8.attn.qkv.weight.k", "blocks.8.attn.qkv.weight.v", "blocks.8.attn.qkv.bias.q", "blocks.8.attn.qkv.bias.k", "blocks.8.attn.qkv.bias.v", "blocks.8.attn.proj.weight", "blocks.8.attn.proj.bias", "blocks.8.attn", "ones[tokens,batch]")
         # blocks.8.res_msa = gated_residual(blocks.7.out, blocks.8.attn, blocks.8.gate_msa) [gated residual]
         self.gated_residual("blocks.7.out", "blocks.8.attn", "blocks.8.gate_msa", "blocks.8.res_msa")
         # blocks.8.norm2 = layer_norm(blocks.8.res_msa) [layer norm]
@@ -2442,7 +3076,7 @@ class Model(BaseModel):
         # blocks.9.mod_msa = modulate(blocks.9.norm1, blocks.9.shift_msa, blocks.9.scale_msa) [modulate]
         self.modulate("blocks.9.norm1", "blocks.9.shift_msa", "blocks.9.scale_msa", "blocks.9.mod_msa")
         # blocks.9.attn = attention(blocks.9.mod_msa, blocks.9.attn.qkv.weight.q, blocks.9.attn.qkv.weight.k, blocks.9.attn.qkv.weight.v, blocks.9.attn.qkv.bias.q, blocks.9.attn.qkv.bias.k, blocks.9.attn.qkv.bias.v, blocks.9.attn.proj.weight, blocks.9.attn.proj.bias) [attention]
-        self.attention("blocks.9.mod_msa", "blocks.9.attn.qkv.weight.q", "blocks.9.attn.qkv.weight.k", "blocks.9.attn.qkv.weight.v", "blocks.9.attn.qkv.bias.q", "blocks.9.attn.qkv.bias.k", "blocks.9.attn.qkv.bias.v", "blocks.9.attn.proj.weight", "blocks.9.attn.proj.bias", "blocks.9.attn", heads=16)
+        self.attention("blocks.9.mod_msa", "blocks.9.attn.qkv.weight.q", "blocks.9.attn.qkv.weight.k", "blocks.9.attn.qkv.weight.v", "blocks.9.attn.qkv.bias.q", "blocks.9.attn.qkv.bias.k", "blocks.9.attn.qkv.bias.v", "blocks.9.attn.proj.weight", "blocks.9.attn.proj.bias", "blocks.9.attn", "ones[tokens,batch]")
         # blocks.9.res_msa = gated_residual(blocks.8.out, blocks.9.attn, blocks.9.gate_msa) [gated residual]
         self.gated_residual("blocks.8.out", "blocks.9.attn", "blocks.9.gate_msa", "blocks.9.res_msa")
         # blocks.9.norm2 = layer_norm(blocks.9.res_msa) [layer norm]
@@ -2474,7 +3108,7 @@ class Model(BaseModel):
         # blocks.10.mod_msa = modulate(blocks.10.norm1, blocks.10.shift_msa, blocks.10.scale_msa) [modulate]
         self.modulate("blocks.10.norm1", "blocks.10.shift_msa", "blocks.10.scale_msa", "blocks.10.mod_msa")
         # blocks.10.attn = attention(blocks.10.mod_msa, blocks.10.attn.qkv.weight.q, blocks.10.attn.qkv.weight.k, blocks.10.attn.qkv.weight.v, blocks.10.attn.qkv.bias.q, blocks.10.attn.qkv.bias.k, blocks.10.attn.qkv.bias.v, blocks.10.attn.proj.weight, blocks.10.attn.proj.bias) [attention]
-        self.attention("blocks.10.mod_msa", "blocks.10.attn.qkv.weight.q", "blocks.10.attn.qkv.weight.k", "blocks.10.attn.qkv.weight.v", "blocks.10.attn.qkv.bias.q", "blocks.10.attn.qkv.bias.k", "blocks.10.attn.qkv.bias.v", "blocks.10.attn.proj.weight", "blocks.10.attn.proj.bias", "blocks.10.attn", heads=16)
+        self.attention("blocks.10.mod_msa", "blocks.10.attn.qkv.weight.q", "blocks.10.attn.qkv.weight.k", "blocks.10.attn.qkv.weight.v", "blocks.10.attn.qkv.bias.q", "blocks.10.attn.qkv.bias.k", "blocks.10.attn.qkv.bias.v", "blocks.10.attn.proj.weight", "blocks.10.attn.proj.bias", "blocks.10.attn", "ones[tokens,batch]")
         # blocks.10.res_msa = gated_residual(blocks.9.out, blocks.10.attn, blocks.10.gate_msa) [gated residual]
         self.gated_residual("blocks.9.out", "blocks.10.attn", "blocks.10.gate_msa", "blocks.10.res_msa")
         # blocks.10.norm2 = layer_norm(blocks.10.res_msa) [layer norm]
@@ -2506,7 +3140,7 @@ class Model(BaseModel):
         # blocks.11.mod_msa = modulate(blocks.11.norm1, blocks.11.shift_msa, blocks.11.scale_msa) [modulate]
         self.modulate("blocks.11.norm1", "blocks.11.shift_msa", "blocks.11.scale_msa", "blocks.11.mod_msa")
         # blocks.11.attn = attention(blocks.11.mod_msa, blocks.11.attn.qkv.weight.q, blocks.11.attn.qkv.weight.k, blocks.11.attn.qkv.weight.v, blocks.11.attn.qkv.bias.q, blocks.11.attn.qkv.bias.k, blocks.11.attn.qkv.bias.v, blocks.11.attn.proj.weight, blocks.11.attn.proj.bias) [attention]
-        self.attention("blocks.11.mod_msa", "blocks.11.attn.qkv.weight.q", "blocks.11.attn.qkv.weight.k", "blocks.11.attn.qkv.weight.v", "blocks.11.attn.qkv.bias.q", "blocks.11.attn.qkv.bias.k", "blocks.11.attn.qkv.bias.v", "blocks.11.attn.proj.weight", "blocks.11.attn.proj.bias", "blocks.11.attn", heads=16)
+        self.attention("blocks.11.mod_msa", "blocks.11.attn.qkv.weight.q", "blocks.11.attn.qkv.weight.k", "blocks.11.attn.qkv.weight.v", "blocks.11.attn.qkv.bias.q", "blocks.11.attn.qkv.bias.k", "blocks.11.attn.qkv.bias.v", "blocks.11.attn.proj.weight", "blocks.11.attn.proj.bias", "blocks.11.attn", "ones[tokens,batch]")
         # blocks.11.res_msa = gated_residual(blocks.10.out, blocks.11.attn, blocks.11.gate_msa) [gated residual]
         self.gated_residual("blocks.10.out", "blocks.11.attn", "blocks.11.gate_msa", "blocks.11.res_msa")
         # blocks.11.norm2 = layer_norm(blocks.11.res_msa) [layer norm]
@@ -2538,7 +3172,7 @@ class Model(BaseModel):
         # blocks.12.mod_msa = modulate(blocks.12.norm1, blocks.12.shift_msa, blocks.12.scale_msa) [modulate]
         self.modulate("blocks.12.norm1", "blocks.12.shift_msa", "blocks.12.scale_msa", "blocks.12.mod_msa")
         # blocks.12.attn = attention(blocks.12.mod_msa, blocks.12.attn.qkv.weight.q, blocks.12.attn.qkv.weight.k, blocks.12.attn.qkv.weight.v, blocks.12.attn.qkv.bias.q, blocks.12.attn.qkv.bias.k, blocks.12.attn.qkv.bias.v, blocks.12.attn.proj.weight, blocks.12.attn.proj.bias) [attention]
-        self.attention("blocks.12.mod_msa", "blocks.12.attn.qkv.weight.q", "blocks.12.attn.qkv.weight.k", "blocks.12.attn.qkv.weight.v", "blocks.12.attn.qkv.bias.q", "blocks.12.attn.qkv.bias.k", "blocks.12.attn.qkv.bias.v", "blocks.12.attn.proj.weight", "blocks.12.attn.proj.bias", "blocks.12.attn", heads=16)
+        self.attention("blocks.12.mod_msa", "blocks.12.attn.qkv.weight.q", "blocks.12.attn.qkv.weight.k", "blocks.12.attn.qkv.weight.v", "blocks.12.attn.qkv.bias.q", "blocks.12.attn.qkv.bias.k", "blocks.12.attn.qkv.bias.v", "blocks.12.attn.proj.weight", "blocks.12.attn.proj.bias", "blocks.12.attn", "ones[tokens,batch]")
         # blocks.12.res_msa = gated_residual(blocks.11.out, blocks.12.attn, blocks.12.gate_msa) [gated residual]
         self.gated_residual("blocks.11.out", "blocks.12.attn", "blocks.12.gate_msa", "blocks.12.res_msa")
         # blocks.12.norm2 = layer_norm(blocks.12.res_msa) [layer norm]
@@ -2570,7 +3204,7 @@ class Model(BaseModel):
         # blocks.13.mod_msa = modulate(blocks.13.norm1, blocks.13.shift_msa, blocks.13.scale_msa) [modulate]
         self.modulate("blocks.13.norm1", "blocks.13.shift_msa", "blocks.13.scale_msa", "blocks.13.mod_msa")
         # blocks.13.attn = attention(blocks.13.mod_msa, blocks.13.attn.qkv.weight.q, blocks.13.attn.qkv.weight.k, blocks.13.attn.qkv.weight.v, blocks.13.attn.qkv.bias.q, blocks.13.attn.qkv.bias.k, blocks.13.attn.qkv.bias.v, blocks.13.attn.proj.weight, blocks.13.attn.proj.bias) [attention]
-        self.attention("blocks.13.mod_msa", "blocks.13.attn.qkv.weight.q", "blocks.13.attn.qkv.weight.k", "blocks.13.attn.qkv.weight.v", "blocks.13.attn.qkv.bias.q", "blocks.13.attn.qkv.bias.k", "blocks.13.attn.qkv.bias.v", "blocks.13.attn.proj.weight", "blocks.13.attn.proj.bias", "blocks.13.attn", heads=16)
+        self.attention("blocks.13.mod_msa", "blocks.13.attn.qkv.weight.q", "blocks.13.attn.qkv.weight.k", "blocks.13.attn.qkv.weight.v", "blocks.13.attn.qkv.bias.q", "blocks.13.attn.qkv.bias.k", "blocks.13.attn.qkv.bias.v", "blocks.13.attn.proj.weight", "blocks.13.attn.proj.bias", "blocks.13.attn", "ones[tokens,batch]")
         # blocks.13.res_msa = gated_residual(blocks.12.out, blocks.13.attn, blocks.13.gate_msa) [gated residual]
         self.gated_residual("blocks.12.out", "blocks.13.attn", "blocks.13.gate_msa", "blocks.13.res_msa")
         # blocks.13.norm2 = layer_norm(blocks.13.res_msa) [layer norm]
@@ -2602,7 +3236,7 @@ class Model(BaseModel):
         # blocks.14.mod_msa = modulate(blocks.14.norm1, blocks.14.shift_msa, blocks.14.scale_msa) [modulate]
         self.modulate("blocks.14.norm1", "blocks.14.shift_msa", "blocks.14.scale_msa", "blocks.14.mod_msa")
         # blocks.14.attn = attention(blocks.14.mod_msa, blocks.14.attn.qkv.weight.q, blocks.14.attn.qkv.weight.k, blocks.14.attn.qkv.weight.v, blocks.14.attn.qkv.bias.q, blocks.14.attn.qkv.bias.k, blocks.14.attn.qkv.bias.v, blocks.14.attn.proj.weight, blocks.14.attn.proj.bias) [attention]
-        self.attention("blocks.14.mod_msa", "blocks.14.attn.qkv.weight.q", "blocks.14.attn.qkv.weight.k", "blocks.14.attn.qkv.weight.v", "blocks.14.attn.qkv.bias.q", "blocks.14.attn.qkv.bias.k", "blocks.14.attn.qkv.bias.v", "blocks.14.attn.proj.weight", "blocks.14.attn.proj.bias", "blocks.14.attn", heads=16)
+        self.attention("blocks.14.mod_msa", "blocks.14.attn.qkv.weight.q", "blocks.14.attn.qkv.weight.k", "blocks.14.attn.qkv.weight.v", "blocks.14.attn.qkv.bias.q", "blocks.14.attn.qkv.bias.k", "blocks.14.attn.qkv.bias.v", "blocks.14.attn.proj.weight", "blocks.14.attn.proj.bias", "blocks.14.attn", "ones[tokens,batch]")
         # blocks.14.res_msa = gated_residual(blocks.13.out, blocks.14.attn, blocks.14.gate_msa) [gated residual]
         self.gated_residual("blocks.13.out", "blocks.14.attn", "blocks.14.gate_msa", "blocks.14.res_msa")
         # blocks.14.norm2 = layer_norm(blocks.14.res_msa) [layer norm]
@@ -2634,7 +3268,7 @@ class Model(BaseModel):
         # blocks.15.mod_msa = modulate(blocks.15.norm1, blocks.15.shift_msa, blocks.15.scale_msa) [modulate]
         self.modulate("blocks.15.norm1", "blocks.15.shift_msa", "blocks.15.scale_msa", "blocks.15.mod_msa")
         # blocks.15.attn = attention(blocks.15.mod_msa, blocks.15.attn.qkv.weight.q, blocks.15.attn.qkv.weight.k, blocks.15.attn.qkv.weight.v, blocks.15.attn.qkv.bias.q, blocks.15.attn.qkv.bias.k, blocks.15.attn.qkv.bias.v, blocks.15.attn.proj.weight, blocks.15.attn.proj.bias) [attention]
-        self.attention("blocks.15.mod_msa", "blocks.15.attn.qkv.weight.q", "blocks.15.attn.qkv.weight.k", "blocks.15.attn.qkv.weight.v", "blocks.15.attn.qkv.bias.q", "blocks.15.attn.qkv.bias.k", "blocks.15.attn.qkv.bias.v", "blocks.15.attn.proj.weight", "blocks.15.attn.proj.bias", "blocks.15.attn", heads=16)
+        self.attention("blocks.15.mod_msa", "blocks.15.attn.qkv.weight.q", "blocks.15.attn.qkv.weight.k", "blocks.15.attn.qkv.weight.v", "blocks.15.attn.qkv.bias.q", "blocks.15.attn.qkv.bias.k", "blocks.15.attn.qkv.bias.v", "blocks.15.attn.proj.weight", "blocks.15.attn.proj.bias", "blocks.15.attn", "ones[tokens,batch]")
         # blocks.15.res_msa = gated_residual(blocks.14.out, blocks.15.attn, blocks.15.gate_msa) [gated residual]
         self.gated_residual("blocks.14.out", "blocks.15.attn", "blocks.15.gate_msa", "blocks.15.res_msa")
         # blocks.15.norm2 = layer_norm(blocks.15.res_msa) [layer norm]
@@ -2666,7 +3300,7 @@ class Model(BaseModel):
         # blocks.16.mod_msa = modulate(blocks.16.norm1, blocks.16.shift_msa, blocks.16.scale_msa) [modulate]
         self.modulate("blocks.16.norm1", "blocks.16.shift_msa", "blocks.16.scale_msa", "blocks.16.mod_msa")
         # blocks.16.attn = attention(blocks.16.mod_msa, blocks.16.attn.qkv.weight.q, blocks.16.attn.qkv.weight.k, blocks.16.attn.qkv.weight.v, blocks.16.attn.qkv.bias.q, blocks.16.attn.qkv.bias.k, blocks.16.attn.qkv.bias.v, blocks.16.attn.proj.weight, blocks.16.attn.proj.bias) [attention]
-        self.attention("blocks.16.mod_msa", "blocks.16.attn.qkv.weight.q", "blocks.16.attn.qkv.weight.k", "blocks.16.attn.qkv.weight.v", "blocks.16.attn.qkv.bias.q", "blocks.16.attn.qkv.bias.k", "blocks.16.attn.qkv.bias.v", "blocks.16.attn.proj.weight", "blocks.16.attn.proj.bias", "blocks.16.attn", heads=16)
+        self.attention("blocks.16.mod_msa", "blocks.16.attn.qkv.weight.q", "blocks.16.attn.qkv.weight.k", "blocks.16.attn.qkv.weight.v", "blocks.16.attn.qkv.bias.q", "blocks.16.attn.qkv.bias.k", "blocks.16.attn.qkv.bias.v", "blocks.16.attn.proj.weight", "blocks.16.attn.proj.bias", "blocks.16.attn", "ones[tokens,batch]")
         # blocks.16.res_msa = gated_residual(blocks.15.out, blocks.16.attn, blocks.16.gate_msa) [gated residual]
         self.gated_residual("blocks.15.out", "blocks.16.attn", "blocks.16.gate_msa", "blocks.16.res_msa")
         # blocks.16.norm2 = layer_norm(blocks.16.res_msa) [layer norm]
@@ -2698,7 +3332,7 @@ class Model(BaseModel):
         # blocks.17.mod_msa = modulate(blocks.17.norm1, blocks.17.shift_msa, blocks.17.scale_msa) [modulate]
         self.modulate("blocks.17.norm1", "blocks.17.shift_msa", "blocks.17.scale_msa", "blocks.17.mod_msa")
         # blocks.17.attn = attention(blocks.17.mod_msa, blocks.17.attn.qkv.weight.q, blocks.17.attn.qkv.weight.k, blocks.17.attn.qkv.weight.v, blocks.17.attn.qkv.bias.q, blocks.17.attn.qkv.bias.k, blocks.17.attn.qkv.bias.v, blocks.17.attn.proj.weight, blocks.17.attn.proj.bias) [attention]
-        self.attention("blocks.17.mod_msa", "blocks.17.attn.qkv.weight.q", "blocks.17.attn.qkv.weight.k", "blocks.17.attn.qkv.weight.v", "blocks.17.attn.qkv.bias.q", "blocks.17.attn.qkv.bias.k", "blocks.17.attn.qkv.bias.v", "blocks.17.attn.proj.weight", "blocks.17.attn.proj.bias", "blocks.17.attn", heads=16)
+        self.attention("blocks.17.mod_msa", "blocks.17.attn.qkv.weight.q", "blocks.17.attn.qkv.weight.k", "blocks.17.attn.qkv.weight.v", "blocks.17.attn.qkv.bias.q", "blocks.17.attn.qkv.bias.k", "blocks.17.attn.qkv.bias.v", "blocks.17.attn.proj.weight", "blocks.17.attn.proj.bias", "blocks.17.attn", "ones[tokens,batch]")
         # blocks.17.res_msa = gated_residual(blocks.16.out, blocks.17.attn, blocks.17.gate_msa) [gated residual]
         self.gated_residual("blocks.16.out", "blocks.17.attn", "blocks.17.gate_msa", "blocks.17.res_msa")
         # blocks.17.norm2 = layer_norm(blocks.17.res_msa) [layer norm]
@@ -2730,7 +3364,7 @@ class Model(BaseModel):
         # blocks.18.mod_msa = modulate(blocks.18.norm1, blocks.18.shift_msa, blocks.18.scale_msa) [modulate]
         self.modulate("blocks.18.norm1", "blocks.18.shift_msa", "blocks.18.scale_msa", "blocks.18.mod_msa")
         # blocks.18.attn = attention(blocks.18.mod_msa, blocks.18.attn.qkv.weight.q, blocks.18.attn.qkv.weight.k, blocks.18.attn.qkv.weight.v, blocks.18.attn.qkv.bias.q, blocks.18.attn.qkv.bias.k, blocks.18.attn.qkv.bias.v, blocks.18.attn.proj.weight, blocks.18.attn.proj.bias) [attention]
-        self.attention("blocks.18.mod_msa", "blocks.18.attn.qkv.weight.q", "blocks.18.attn.qkv.weight.k", "blocks.18.attn.qkv.weight.v", "blocks.18.attn.qkv.bias.q", "blocks.18.attn.qkv.bias.k", "blocks.18.attn.qkv.bias.v", "blocks.18.attn.proj.weight", "blocks.18.attn.proj.bias", "blocks.18.attn", heads=16)
+        self.attention("blocks.18.mod_msa", "blocks.18.attn.qkv.weight.q", "blocks.18.attn.qkv.weight.k", "blocks.18.attn.qkv.weight.v", "blocks.18.attn.qkv.bias.q", "blocks.18.attn.qkv.bias.k", "blocks.18.attn.qkv.bias.v", "blocks.18.attn.proj.weight", "blocks.18.attn.proj.bias", "blocks.18.attn", "ones[tokens,batch]")
         # blocks.18.res_msa = gated_residual(blocks.17.out, blocks.18.attn, blocks.18.gate_msa) [gated residual]
         self.gated_residual("blocks.17.out", "blocks.18.attn", "blocks.18.gate_msa", "blocks.18.res_msa")
         # blocks.18.norm2 = layer_norm(blocks.18.res_msa) [layer norm]
@@ -2762,7 +3396,7 @@ class Model(BaseModel):
         # blocks.19.mod_msa = modulate(blocks.19.norm1, blocks.19.shift_msa, blocks.19.scale_msa) [modulate]
         self.modulate("blocks.19.norm1", "blocks.19.shift_msa", "blocks.19.scale_msa", "blocks.19.mod_msa")
         # blocks.19.attn = attention(blocks.19.mod_msa, blocks.19.attn.qkv.weight.q, blocks.19.attn.qkv.weight.k, blocks.19.attn.qkv.weight.v, blocks.19.attn.qkv.bias.q, blocks.19.attn.qkv.bias.k, blocks.19.attn.qkv.bias.v, blocks.19.attn.proj.weight, blocks.19.attn.proj.bias) [attention]
-        self.attention("blocks.19.mod_msa", "blocks.19.attn.qkv.weight.q", "blocks.19.attn.qkv.weight.k", "blocks.19.attn.qkv.weight.v", "blocks.19.attn.qkv.bias.q", "blocks.19.attn.qkv.bias.k", "blocks.19.attn.qkv.bias.v", "blocks.19.attn.proj.weight", "blocks.19.attn.proj.bias", "blocks.19.attn", heads=16)
+        self.attention("blocks.19.mod_msa", "blocks.19.attn.qkv.weight.q", "blocks.19.attn.qkv.weight.k", "blocks.19.attn.qkv.weight.v", "blocks.19.attn.qkv.bias.q", "blocks.19.attn.qkv.bias.k", "blocks.19.attn.qkv.bias.v", "blocks.19.attn.proj.weight", "blocks.19.attn.proj.bias", "blocks.19.attn", "ones[tokens,batch]")
         # blocks.19.res_msa = gated_residual(blocks.18.out, blocks.19.attn, blocks.19.gate_msa) [gated residual]
         self.gated_residual("blocks.18.out", "blocks.19.attn", "blocks.19.gate_msa", "blocks.19.res_msa")
         # blocks.19.norm2 = layer_norm(blocks.19.res_msa) [layer norm]
@@ -2794,7 +3428,7 @@ class Model(BaseModel):
         # blocks.20.mod_msa = modulate(blocks.20.norm1, blocks.20.shift_msa, blocks.20.scale_msa) [modulate]
         self.modulate("blocks.20.norm1", "blocks.20.shift_msa", "blocks.20.scale_msa", "blocks.20.mod_msa")
         # blocks.20.attn = attention(blocks.20.mod_msa, blocks.20.attn.qkv.weight.q, blocks.20.attn.qkv.weight.k, blocks.20.attn.qkv.weight.v, blocks.20.attn.qkv.bias.q, blocks.20.attn.qkv.bias.k, blocks.20.attn.qkv.bias.v, blocks.20.attn.proj.weight, blocks.20.attn.proj.bias) [attention]
-        self.attention("blocks.20.mod_msa", "blocks.20.attn.qkv.weight.q", "blocks.20.attn.qkv.weight.k", "blocks.20.attn.qkv.weight.v", "blocks.20.attn.qkv.bias.q", "blocks.20.attn.qkv.bias.k", "blocks.20.attn.qkv.bias.v", "blocks.20.attn.proj.weight", "blocks.20.attn.proj.bias", "blocks.20.attn", heads=16)
+        self.attention("blocks.20.mod_msa", "blocks.20.attn.qkv.weight.q", "blocks.20.attn.qkv.weight.k", "blocks.20.attn.qkv.weight.v", "blocks.20.attn.qkv.bias.q", "blocks.20.attn.qkv.bias.k", "blocks.20.attn.qkv.bias.v", "blocks.20.attn.proj.weight", "blocks.20.attn.proj.bias", "blocks.20.attn", "ones[tokens,batch]")
         # blocks.20.res_msa = gated_residual(blocks.19.out, blocks.20.attn, blocks.20.gate_msa) [gated residual]
         self.gated_residual("blocks.19.out", "blocks.20.attn", "blocks.20.gate_msa", "blocks.20.res_msa")
         # blocks.20.norm2 = layer_norm(blocks.20.res_msa) [layer norm]
@@ -2826,7 +3460,7 @@ class Model(BaseModel):
         # blocks.21.mod_msa = modulate(blocks.21.norm1, blocks.21.shift_msa, blocks.21.scale_msa) [modulate]
         self.modulate("blocks.21.norm1", "blocks.21.shift_msa", "blocks.21.scale_msa", "blocks.21.mod_msa")
         # blocks.21.attn = attention(blocks.21.mod_msa, blocks.21.attn.qkv.weight.q, blocks.21.attn.qkv.weight.k, blocks.21.attn.qkv.weight.v, blocks.21.attn.qkv.bias.q, blocks.21.attn.qkv.bias.k, blocks.21.attn.qkv.bias.v, blocks.21.attn.proj.weight, blocks.21.attn.proj.bias) [attention]
-        self.attention("blocks.21.mod_msa", "blocks.21.attn.qkv.weight.q", "blocks.21.attn.qkv.weight.k", "blocks.21.attn.qkv.weight.v", "blocks.21.attn.qkv.bias.q", "blocks.21.attn.qkv.bias.k", "blocks.21.attn.qkv.bias.v", "blocks.21.attn.proj.weight", "blocks.21.attn.proj.bias", "blocks.21.attn", heads=16)
+        self.attention("blocks.21.mod_msa", "blocks.21.attn.qkv.weight.q", "blocks.21.attn.qkv.weight.k", "blocks.21.attn.qkv.weight.v", "blocks.21.attn.qkv.bias.q", "blocks.21.attn.qkv.bias.k", "blocks.21.attn.qkv.bias.v", "blocks.21.attn.proj.weight", "blocks.21.attn.proj.bias", "blocks.21.attn", "ones[tokens,batch]")
         # blocks.21.res_msa = gated_residual(blocks.20.out, blocks.21.attn, blocks.21.gate_msa) [gated residual]
         self.gated_residual("blocks.20.out", "blocks.21.attn", "blocks.21.gate_msa", "blocks.21.res_msa")
         # blocks.21.norm2 = layer_norm(blocks.21.res_msa) [layer norm]
@@ -2858,7 +3492,7 @@ class Model(BaseModel):
         # blocks.22.mod_msa = modulate(blocks.22.norm1, blocks.22.shift_msa, blocks.22.scale_msa) [modulate]
         self.modulate("blocks.22.norm1", "blocks.22.shift_msa", "blocks.22.scale_msa", "blocks.22.mod_msa")
         # blocks.22.attn = attention(blocks.22.mod_msa, blocks.22.attn.qkv.weight.q, blocks.22.attn.qkv.weight.k, blocks.22.attn.qkv.weight.v, blocks.22.attn.qkv.bias.q, blocks.22.attn.qkv.bias.k, blocks.22.attn.qkv.bias.v, blocks.22.attn.proj.weight, blocks.22.attn.proj.bias) [attention]
-        self.attention("blocks.22.mod_msa", "blocks.22.attn.qkv.weight.q", "blocks.22.attn.qkv.weight.k", "blocks.22.attn.qkv.weight.v", "blocks.22.attn.qkv.bias.q", "blocks.22.attn.qkv.bias.k", "blocks.22.attn.qkv.bias.v", "blocks.22.attn.proj.weight", "blocks.22.attn.proj.bias", "blocks.22.attn", heads=16)
+        self.attention("blocks.22.mod_msa", "blocks.22.attn.qkv.weight.q", "blocks.22.attn.qkv.weight.k", "blocks.22.attn.qkv.weight.v", "blocks.22.attn.qkv.bias.q", "blocks.22.attn.qkv.bias.k", "blocks.22.attn.qkv.bias.v", "blocks.22.attn.proj.weight", "blocks.22.attn.proj.bias", "blocks.22.attn", "ones[tokens,batch]")
         # blocks.22.res_msa = gated_residual(blocks.21.out, blocks.22.attn, blocks.22.gate_msa) [gated residual]
         self.gated_residual("blocks.21.out", "blocks.22.attn", "blocks.22.gate_msa", "blocks.22.res_msa")
         # blocks.22.norm2 = layer_norm(blocks.22.res_msa) [layer norm]
@@ -2890,7 +3524,7 @@ class Model(BaseModel):
         # blocks.23.mod_msa = modulate(blocks.23.norm1, blocks.23.shift_msa, blocks.23.scale_msa) [modulate]
         self.modulate("blocks.23.norm1", "blocks.23.shift_msa", "blocks.23.scale_msa", "blocks.23.mod_msa")
         # blocks.23.attn = attention(blocks.23.mod_msa, blocks.23.attn.qkv.weight.q, blocks.23.attn.qkv.weight.k, blocks.23.attn.qkv.weight.v, blocks.23.attn.qkv.bias.q, blocks.23.attn.qkv.bias.k, blocks.23.attn.qkv.bias.v, blocks.23.attn.proj.weight, blocks.23.attn.proj.bias) [attention]
-        self.attention("blocks.23.mod_msa", "blocks.23.attn.qkv.weight.q", "blocks.23.attn.qkv.weight.k", "blocks.23.attn.qkv.weight.v", "blocks.23.attn.qkv.bias.q", "blocks.23.attn.qkv.bias.k", "blocks.23.attn.qkv.bias.v", "blocks.23.attn.proj.weight", "blocks.23.attn.proj.bias", "blocks.23.attn", heads=16)
+        self.attention("blocks.23.mod_msa", "blocks.23.attn.qkv.weight.q", "blocks.23.attn.qkv.weight.k", "blocks.23.attn.qkv.weight.v", "blocks.23.attn.qkv.bias.q", "blocks.23.attn.qkv.bias.k", "blocks.23.attn.qkv.bias.v", "blocks.23.attn.proj.weight", "blocks.23.attn.proj.bias", "blocks.23.attn", "ones[tokens,batch]")
         # blocks.23.res_msa = gated_residual(blocks.22.out, blocks.23.attn, blocks.23.gate_msa) [gated residual]
         self.gated_residual("blocks.22.out", "blocks.23.attn", "blocks.23.gate_msa", "blocks.23.res_msa")
         # blocks.23.norm2 = layer_norm(blocks.23.res_msa) [layer norm]
@@ -2922,7 +3556,7 @@ class Model(BaseModel):
         # blocks.24.mod_msa = modulate(blocks.24.norm1, blocks.24.shift_msa, blocks.24.scale_msa) [modulate]
         self.modulate("blocks.24.norm1", "blocks.24.shift_msa", "blocks.24.scale_msa", "blocks.24.mod_msa")
         # blocks.24.attn = attention(blocks.24.mod_msa, blocks.24.attn.qkv.weight.q, blocks.24.attn.qkv.weight.k, blocks.24.attn.qkv.weight.v, blocks.24.attn.qkv.bias.q, blocks.24.attn.qkv.bias.k, blocks.24.attn.qkv.bias.v, blocks.24.attn.proj.weight, blocks.24.attn.proj.bias) [attention]
-        self.attention("blocks.24.mod_msa", "blocks.24.attn.qkv.weight.q", "blocks.24.attn.qkv.weight.k", "blocks.24.attn.qkv.weight.v", "blocks.24.attn.qkv.bias.q", "blocks.24.attn.qkv.bias.k", "blocks.24.attn.qkv.bias.v", "blocks.24.attn.proj.weight", "blocks.24.attn.proj.bias", "blocks.24.attn", heads=16)
+        self.attention("blocks.24.mod_msa", "blocks.24.attn.qkv.weight.q", "blocks.24.attn.qkv.weight.k", "blocks.24.attn.qkv.weight.v", "blocks.24.attn.qkv.bias.q", "blocks.24.attn.qkv.bias.k", "blocks.24.attn.qkv.bias.v", "blocks.24.attn.proj.weight", "blocks.24.attn.proj.bias", "blocks.24.attn", "ones[tokens,batch]")
         # blocks.24.res_msa = gated_residual(blocks.23.out, blocks.24.attn, blocks.24.gate_msa) [gated residual]
         self.gated_residual("blocks.23.out", "blocks.24.attn", "blocks.24.gate_msa", "blocks.24.res_msa")
         # blocks.24.norm2 = layer_norm(blocks.24.res_msa) [layer norm]
@@ -2954,7 +3588,7 @@ class Model(BaseModel):
         # blocks.25.mod_msa = modulate(blocks.25.norm1, blocks.25.shift_msa, blocks.25.scale_msa) [modulate]
         self.modulate("blocks.25.norm1", "blocks.25.shift_msa", "blocks.25.scale_msa", "blocks.25.mod_msa")
         # blocks.25.attn = attention(blocks.25.mod_msa, blocks.25.attn.qkv.weight.q, blocks.25.attn.qkv.weight.k, blocks.25.attn.qkv.weight.v, blocks.25.attn.qkv.bias.q, blocks.25.attn.qkv.bias.k, blocks.25.attn.qkv.bias.v, blocks.25.attn.proj.weight, blocks.25.attn.proj.bias) [attention]
-        self.attention("blocks.25.mod_msa", "blocks.25.attn.qkv.weight.q", "blocks.25.attn.qkv.weight.k", "blocks.25.attn.qkv.weight.v", "blocks.25.attn.qkv.bias.q", "blocks.25.attn.qkv.bias.k", "blocks.25.attn.qkv.bias.v", "blocks.25.attn.proj.weight", "blocks.25.attn.proj.bias", "blocks.25.attn", heads=16)
+        self.attention("blocks.25.mod_msa", "blocks.25.attn.qkv.weight.q", "blocks.25.attn.qkv.weight.k", "blocks.25.attn.qkv.weight.v", "blocks.25.attn.qkv.bias.q", "blocks.25.attn.qkv.bias.k", "blocks.25.attn.qkv.bias.v", "blocks.25.attn.proj.weight", "blocks.25.attn.proj.bias", "blocks.25.attn", "ones[tokens,batch]")
         # blocks.25.res_msa = gated_residual(blocks.24.out, blocks.25.attn, blocks.25.gate_msa) [gated residual]
         self.gated_residual("blocks.24.out", "blocks.25.attn", "blocks.25.gate_msa", "blocks.25.res_msa")
         # blocks.25.norm2 = layer_norm(blocks.25.res_msa) [layer norm]
@@ -2986,7 +3620,7 @@ class Model(BaseModel):
         # blocks.26.mod_msa = modulate(blocks.26.norm1, blocks.26.shift_msa, blocks.26.scale_msa) [modulate]
         self.modulate("blocks.26.norm1", "blocks.26.shift_msa", "blocks.26.scale_msa", "blocks.26.mod_msa")
         # blocks.26.attn = attention(blocks.26.mod_msa, blocks.26.attn.qkv.weight.q, blocks.26.attn.qkv.weight.k, blocks.26.attn.qkv.weight.v, blocks.26.attn.qkv.bias.q, blocks.26.attn.qkv.bias.k, blocks.26.attn.qkv.bias.v, blocks.26.attn.proj.weight, blocks.26.attn.proj.bias) [attention]
-        self.attention("blocks.26.mod_msa", "blocks.26.attn.qkv.weight.q", "blocks.26.attn.qkv.weight.k", "blocks.26.attn.qkv.weight.v", "blocks.26.attn.qkv.bias.q", "blocks.26.attn.qkv.bias.k", "blocks.26.attn.qkv.bias.v", "blocks.26.attn.proj.weight", "blocks.26.attn.proj.bias", "blocks.26.attn", heads=16)
+        self.attention("blocks.26.mod_msa", "blocks.26.attn.qkv.weight.q", "blocks.26.attn.qkv.weight.k", "blocks.26.attn.qkv.weight.v", "blocks.26.attn.qkv.bias.q", "blocks.26.attn.qkv.bias.k", "blocks.26.attn.qkv.bias.v", "blocks.26.attn.proj.weight", "blocks.26.attn.proj.bias", "blocks.26.attn", "ones[tokens,batch]")
         # blocks.26.res_msa = gated_residual(blocks.25.out, blocks.26.attn, blocks.26.gate_msa) [gated residual]
         self.gated_residual("blocks.25.out", "blocks.26.attn", "blocks.26.gate_msa", "blocks.26.res_msa")
         # blocks.26.norm2 = layer_norm(blocks.26.res_msa) [layer norm]
@@ -3018,7 +3652,7 @@ class Model(BaseModel):
         # blocks.27.mod_msa = modulate(blocks.27.norm1, blocks.27.shift_msa, blocks.27.scale_msa) [modulate]
         self.modulate("blocks.27.norm1", "blocks.27.shift_msa", "blocks.27.scale_msa", "blocks.27.mod_msa")
         # blocks.27.attn = attention(blocks.27.mod_msa, blocks.27.attn.qkv.weight.q, blocks.27.attn.qkv.weight.k, blocks.27.attn.qkv.weight.v, blocks.27.attn.qkv.bias.q, blocks.27.attn.qkv.bias.k, blocks.27.attn.qkv.bias.v, blocks.27.attn.proj.weight, blocks.27.attn.proj.bias) [attention]
-        self.attention("blocks.27.mod_msa", "blocks.27.attn.qkv.weight.q", "blocks.27.attn.qkv.weight.k", "blocks.27.attn.qkv.weight.v", "blocks.27.attn.qkv.bias.q", "blocks.27.attn.qkv.bias.k", "blocks.27.attn.qkv.bias.v", "blocks.27.attn.proj.weight", "blocks.27.attn.proj.bias", "blocks.27.attn", heads=16)
+        self.attention("blocks.27.mod_msa", "blocks.27.attn.qkv.weight.q", "blocks.27.attn.qkv.weight.k", "blocks.27.attn.qkv.weight.v", "blocks.27.attn.qkv.bias.q", "blocks.27.attn.qkv.bias.k", "blocks.27.attn.qkv.bias.v", "blocks.27.attn.proj.weight", "blocks.27.attn.proj.bias", "blocks.27.attn", "ones[tokens,batch]")
         # blocks.27.res_msa = gated_residual(blocks.26.out, blocks.27.attn, blocks.27.gate_msa) [gated residual]
         self.gated_residual("blocks.26.out", "blocks.27.attn", "blocks.27.gate_msa", "blocks.27.res_msa")
         # blocks.27.norm2 = layer_norm(blocks.27.res_msa) [layer norm]
@@ -3044,6 +3678,8 @@ class Model(BaseModel):
         # final.out = linear(final.mod, final_layer.linear.weight, final_layer.linear.bias) [final layer]
         self.linear("final.mod", "final_layer.linear.weight", "final_layer.linear.bias", "final.out", "ones[tokens,batch]")
         self.load_const("pos_embed", sincos_pos_embed(HIDDEN, GRID).T)
+        for layer, (first, _) in zip(layers, GRAD_PLAN):
+            layer.overwrites = tuple(self.tensors[name] for name in first)
         activations = [t for name, t in self.tensors.items() if TENSORS[name][2] == "activation"]
         super().__init__(activations, layers)
 
@@ -3052,27 +3688,14 @@ class Model(BaseModel):
         """The graph tensor `name`, created on first use with the graph's shape and tile."""
         if name not in self.tensors:
             shape, tile, kind = TENSORS[name]
-            traits = TensorTraits(list(shape), list(tile))
-            dtype = Tensor_int64 if kind == "labels" else Tensor_fp32
-            value = dtype(traits, [0] * traits.grid.nelems, self.next_tag)
-            self.next_tag = value.next_tag
+            value = self.alloc.new(shape, tile, Tensor_int64 if kind == "labels" else Tensor_fp32)
             if kind == "ones":
                 fill_async(1.0, value)
             if kind in ("const", "labels", "ones"):
                 self.tensors[name] = value
             else:
-                grad = Tensor_fp32(traits, [0] * traits.grid.nelems, self.next_tag)
-                self.next_tag = grad.next_tag
-                self.tensors[name] = TensorMoments(value, grad, True)
+                self.tensors[name] = TensorMoments(value, self.alloc.new(shape, tile), True)
         return self.tensors[name]
-
-    def bind(self, name: str, moments: TensorMoments) -> None:
-        """Adopt a tensor an NNTile layer made itself, checking it against the graph."""
-        shape, tile, _ = TENSORS[name]
-        if tuple(moments.value.shape) != shape or tuple(moments.value.basetile_shape) != tile:
-            raise RuntimeError(f"{name}: NNTile made {moments.value.shape}/{moments.value.basetile_shape}, "
-                               f"the graph says {shape}/{tile}")
-        self.tensors[name] = moments
 
     def load_const(self, name: str, array: np.ndarray) -> None:
         self.tensor(name).from_array(np.asfortranarray(array, dtype=np.float32))
@@ -3103,7 +3726,6 @@ class Model(BaseModel):
     def add_layer(self, layer: BaseLayer, kind: str) -> None:
         self.layers.append(layer)
         self.layer_kinds.append(kind)
-        self.next_tag = max(self.next_tag, getattr(layer, "next_tag", 0))
 
     def linear(self, x: str, w: str, b: str, y: str, ones: str) -> None:
         t = self.tensor
@@ -3122,27 +3744,21 @@ class Model(BaseModel):
         self.add_layer(AddConstSlice(self.tensor(x), self.tensor(table), self.tensor(y), axis), "add_const_slice")
 
     def layer_norm(self, x: str, y: str, eps: float) -> None:
-        self.add_layer(LayerNormNoAffine(self.tensor(x), self.tensor(y), eps, self.next_tag), "layer_norm")
+        self.add_layer(LayerNormNoAffine(self.tensor(x), self.tensor(y), eps, self.alloc), "layer_norm")
 
     def modulate(self, x: str, shift: str, scale: str, y: str) -> None:
         t = self.tensor
-        self.add_layer(Modulate(t(x), t(shift), t(scale), t(y), self.next_tag), "modulate")
+        self.add_layer(Modulate(t(x), t(shift), t(scale), t(y), self.alloc), "modulate")
 
     def gated_residual(self, x: str, h: str, gate: str, y: str) -> None:
         t = self.tensor
-        self.add_layer(GatedResidual(t(x), t(h), t(gate), t(y), self.next_tag), "gated_residual")
+        self.add_layer(GatedResidual(t(x), t(h), t(gate), t(y), self.alloc), "gated_residual")
 
     def attention(self, x: str, w_q: str, w_k: str, w_v: str, b_q: str, b_k: str, b_v: str, w_o: str,
-                  b_o: str, y: str, heads: int) -> None:
-        head_tile = TENSORS[w_q][1][0]
-        layer, self.next_tag = Attention.generate_simple(
-            self.tensor(x), self.tensor(x), self.tensor(x), heads, head_tile, self.next_tag, bias=True)
-        made = {w_q: layer.w_q, w_k: layer.w_k, w_v: layer.w_v, b_q: layer.in_proj_bias_q,
-                b_k: layer.in_proj_bias_k, b_v: layer.in_proj_bias_v, w_o: layer.w, b_o: layer.out_proj_bias,
-                y: layer.y}
-        for name, moments in made.items():
-            self.bind(name, moments)
-        self.add_layer(layer, "attention")
+                  b_o: str, y: str, ones: str) -> None:
+        t = self.tensor
+        self.add_layer(Attention(t(x), t(w_q), t(w_k), t(w_v), t(b_q), t(b_k), t(b_v), t(w_o), t(b_o), t(ones),
+                                 t(y), self.alloc), "attention")
 
     # -- parameters -----------------------------------------------------------------------------
     def load_state_dict(self, state_dict) -> None:
@@ -3182,19 +3798,28 @@ class Model(BaseModel):
         nntile.starpu.wait_for_all()
         return unpatchify(self.value("final.out"))
 
-    def backward(self, grad_out: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
-        """Back-propagate `grad_out` [N, C_out, H, W]; returns the latent's gradient [N, C, H, W]."""
-        self.clear_gradients()
+    def backward(self, grad_out: np.ndarray, input_grad: bool = True, keep_grads: bool = False) -> np.ndarray | None:
+        """Back-propagate `grad_out` [N, C_out, H, W]; returns the latent's gradient [N, C, H, W].
+        Activation gradients are released as backward passes them, unless `keep_grads` (for `grad`)."""
+        self.clear_parameters_grads()
         self.set_grad("final.out", unpatchify_grad(grad_out))
-        self.backward_async()
+        for i in reversed(range(len(self.layers))):
+            self.backward_layer(i, keep_grads)
         nntile.starpu.wait_for_all()
         return patchify_grad(self.grad("x_patches")) if input_grad else None
+
+    def backward_layer(self, i: int, keep_grads: bool = False) -> None:
+        """Submit layer i's backward, then release the gradients `GRAD_PLAN` says are done."""
+        self.layers[i].backward_async()
+        if not keep_grads:
+            for name in GRAD_PLAN[i][1]:
+                self.tensors[name].grad.invalidate_submit()
 
     # -- training and profiling -----------------------------------------------------------------
     def adamw(self, lr: float, weight_decay: float = 0.0):
         """NNTile's fused AdamW over every parameter: `.step()` after `backward`, `.unregister()` at the end."""
-        optimizer = nntile.optimizer.AdamW(self.parameters, lr, self.next_tag, weight_decay=weight_decay)
-        self.next_tag = optimizer.get_next_tag()
+        optimizer = nntile.optimizer.AdamW(self.parameters, lr, self.alloc.next_tag, weight_decay=weight_decay)
+        self.alloc.next_tag = optimizer.get_next_tag()
         return optimizer
 
     def train_step(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, target: np.ndarray, optimizer) -> float:
@@ -3209,15 +3834,15 @@ class Model(BaseModel):
         """Seconds per op kind of one forward and one backward, each layer run and waited on alone.
         That removes the overlap StarPU finds between layers, so the sum exceeds a real step."""
         seconds: dict[str, float] = defaultdict(float)
-        self.clear_gradients()
-        passes = (("forward", self.layers, self.layer_kinds),
-                  ("backward", self.layers[::-1], self.layer_kinds[::-1]))
-        for direction, layers, kinds in passes:
-            for layer, kind in zip(layers, kinds):
+        self.clear_parameters_grads()
+        clear_async(self.tensors["final.out"].grad)
+        order = list(range(len(self.layers)))
+        for direction, indices in (("forward", order), ("backward", order[::-1])):
+            for i in indices:
                 start = time.perf_counter()
-                layer.forward_async() if direction == "forward" else layer.backward_async()
+                self.layers[i].forward_async() if direction == "forward" else self.backward_layer(i)
                 nntile.starpu.wait_for_all()
-                seconds[f"{kind} {direction}"] += time.perf_counter() - start
+                seconds[f"{self.layer_kinds[i]} {direction}"] += time.perf_counter() - start
         return dict(seconds)
 
     def unregister(self) -> None:
@@ -3227,5 +3852,6 @@ class Model(BaseModel):
                     tensor.unregister()
         for tensor in self.tensors.values():
             tensor.unregister()
+        self.alloc.unregister()
         self.tensors.clear()
         self.layers.clear()

@@ -33,13 +33,15 @@ from collections import defaultdict
 import numpy as np
 
 import nntile
-from nntile.layer import Act, Add, Attention, Embedding
+from nntile.layer import Embedding
 from nntile.layer.base_layer import BaseLayer
 from nntile.model.base_model import BaseModel
 from nntile.tensor import (
     Tensor, Tensor_fp32, Tensor_int64, TensorMoments, TensorTraits, add_async, add_scalar_async,
-    add_slice3_async, add_slice_async, copy_async, fill_async, gemm_async, hypot_scalar_inverse_async,
-    norm_slice_async, notrans, prod_slice_async, sum_slice_async, sumprod_slice_async, trans)
+    add_slice3_async, add_slice_async, clear_async, copy_async, fill_async, gelutanh_async,
+    gelutanh_backward_async, gemm_async, hypot_scalar_inverse_async, maxsumexp_async, norm_slice_async,
+    notrans, prod_async, prod_slice_async, scal_async, silu_backward_async, silu_forward_async,
+    softmax_inplace_async, sum_slice_async, sumprod_slice_async, trans, transpose_async)
 
 PATCH_SIZE = 2
 GRID = 4
@@ -93,13 +95,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.0.mod_msa": ((64, 16, 3), (24, 6, 2), "activation"),
     "blocks.0.attn": ((64, 16, 3), (24, 6, 2), "activation"),
     "blocks.0.attn.qkv.weight.q": ((4, 16, 64), (2, 16, 24), "param"),
-    "blocks.0.attn.qkv.bias.q": ((16, 4), (16, 2), "param"),
+    "blocks.0.attn.qkv.bias.q": ((4, 16, 1), (2, 16, 1), "param"),
     "blocks.0.attn.qkv.weight.k": ((4, 16, 64), (2, 16, 24), "param"),
-    "blocks.0.attn.qkv.bias.k": ((16, 4), (16, 2), "param"),
+    "blocks.0.attn.qkv.bias.k": ((4, 16, 1), (2, 16, 1), "param"),
     "blocks.0.attn.qkv.weight.v": ((4, 16, 64), (2, 16, 24), "param"),
-    "blocks.0.attn.qkv.bias.v": ((16, 4), (16, 2), "param"),
+    "blocks.0.attn.qkv.bias.v": ((4, 16, 1), (2, 16, 1), "param"),
     "blocks.0.attn.proj.weight": ((64, 4, 16), (24, 2, 16), "param"),
-    "blocks.0.attn.proj.bias": ((64,), (24,), "param"),
+    "blocks.0.attn.proj.bias": ((64, 1), (24, 1), "param"),
     "blocks.0.res_msa": ((64, 16, 3), (24, 6, 2), "activation"),
     "blocks.0.norm2": ((64, 16, 3), (24, 6, 2), "activation"),
     "blocks.0.mod_mlp": ((64, 16, 3), (24, 6, 2), "activation"),
@@ -133,13 +135,13 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "blocks.1.mod_msa": ((64, 16, 3), (24, 6, 2), "activation"),
     "blocks.1.attn": ((64, 16, 3), (24, 6, 2), "activation"),
     "blocks.1.attn.qkv.weight.q": ((4, 16, 64), (2, 16, 24), "param"),
-    "blocks.1.attn.qkv.bias.q": ((16, 4), (16, 2), "param"),
+    "blocks.1.attn.qkv.bias.q": ((4, 16, 1), (2, 16, 1), "param"),
     "blocks.1.attn.qkv.weight.k": ((4, 16, 64), (2, 16, 24), "param"),
-    "blocks.1.attn.qkv.bias.k": ((16, 4), (16, 2), "param"),
+    "blocks.1.attn.qkv.bias.k": ((4, 16, 1), (2, 16, 1), "param"),
     "blocks.1.attn.qkv.weight.v": ((4, 16, 64), (2, 16, 24), "param"),
-    "blocks.1.attn.qkv.bias.v": ((16, 4), (16, 2), "param"),
+    "blocks.1.attn.qkv.bias.v": ((4, 16, 1), (2, 16, 1), "param"),
     "blocks.1.attn.proj.weight": ((64, 4, 16), (24, 2, 16), "param"),
-    "blocks.1.attn.proj.bias": ((64,), (24,), "param"),
+    "blocks.1.attn.proj.bias": ((64, 1), (24, 1), "param"),
     "blocks.1.res_msa": ((64, 16, 3), (24, 6, 2), "activation"),
     "blocks.1.norm2": ((64, 16, 3), (24, 6, 2), "activation"),
     "blocks.1.mod_mlp": ((64, 16, 3), (24, 6, 2), "activation"),
@@ -188,11 +190,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.0.adaLN_modulation.1.weight.gate_mlp": ("blocks.0.adaLN_modulation.1.weight", (320, 384), "same"),
     "blocks.0.adaLN_modulation.1.bias.gate_mlp": ("blocks.0.adaLN_modulation.1.bias", (320, 384), "same"),
     "blocks.0.attn.qkv.weight.q": ("blocks.0.attn.qkv.weight", (0, 64), "heads_in"),
-    "blocks.0.attn.qkv.bias.q": ("blocks.0.attn.qkv.bias", (0, 64), "heads_bias"),
+    "blocks.0.attn.qkv.bias.q": ("blocks.0.attn.qkv.bias", (0, 64), "same"),
     "blocks.0.attn.qkv.weight.k": ("blocks.0.attn.qkv.weight", (64, 128), "heads_in"),
-    "blocks.0.attn.qkv.bias.k": ("blocks.0.attn.qkv.bias", (64, 128), "heads_bias"),
+    "blocks.0.attn.qkv.bias.k": ("blocks.0.attn.qkv.bias", (64, 128), "same"),
     "blocks.0.attn.qkv.weight.v": ("blocks.0.attn.qkv.weight", (128, 192), "heads_in"),
-    "blocks.0.attn.qkv.bias.v": ("blocks.0.attn.qkv.bias", (128, 192), "heads_bias"),
+    "blocks.0.attn.qkv.bias.v": ("blocks.0.attn.qkv.bias", (128, 192), "same"),
     "blocks.0.attn.proj.weight": ("blocks.0.attn.proj.weight", None, "heads_out"),
     "blocks.0.attn.proj.bias": ("blocks.0.attn.proj.bias", None, "same"),
     "blocks.0.mlp.fc1.weight": ("blocks.0.mlp.fc1.weight", None, "same"),
@@ -212,11 +214,11 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "blocks.1.adaLN_modulation.1.weight.gate_mlp": ("blocks.1.adaLN_modulation.1.weight", (320, 384), "same"),
     "blocks.1.adaLN_modulation.1.bias.gate_mlp": ("blocks.1.adaLN_modulation.1.bias", (320, 384), "same"),
     "blocks.1.attn.qkv.weight.q": ("blocks.1.attn.qkv.weight", (0, 64), "heads_in"),
-    "blocks.1.attn.qkv.bias.q": ("blocks.1.attn.qkv.bias", (0, 64), "heads_bias"),
+    "blocks.1.attn.qkv.bias.q": ("blocks.1.attn.qkv.bias", (0, 64), "same"),
     "blocks.1.attn.qkv.weight.k": ("blocks.1.attn.qkv.weight", (64, 128), "heads_in"),
-    "blocks.1.attn.qkv.bias.k": ("blocks.1.attn.qkv.bias", (64, 128), "heads_bias"),
+    "blocks.1.attn.qkv.bias.k": ("blocks.1.attn.qkv.bias", (64, 128), "same"),
     "blocks.1.attn.qkv.weight.v": ("blocks.1.attn.qkv.weight", (128, 192), "heads_in"),
-    "blocks.1.attn.qkv.bias.v": ("blocks.1.attn.qkv.bias", (128, 192), "heads_bias"),
+    "blocks.1.attn.qkv.bias.v": ("blocks.1.attn.qkv.bias", (128, 192), "same"),
     "blocks.1.attn.proj.weight": ("blocks.1.attn.proj.weight", None, "heads_out"),
     "blocks.1.attn.proj.bias": ("blocks.1.attn.proj.bias", None, "same"),
     "blocks.1.mlp.fc1.weight": ("blocks.1.mlp.fc1.weight", None, "same"),
@@ -230,6 +232,57 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
     "final_layer.linear.weight": ("final_layer.linear.weight", None, "same"),
     "final_layer.linear.bias": ("final_layer.linear.bias", None, "same"),
 }
+
+
+#: Backward's gradient plan, one row per layer: the activation gradients the layer writes first in
+#: backward (it overwrites them), and those to release after it (nothing reads them again).
+GRAD_PLAN: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
+    (("x_patches",), ("x_proj",)),
+    (("x_proj",), ("x_tokens",)),
+    (("t_freq",), ("t_hidden",)),
+    (("t_hidden",), ("t_act",)),
+    (("t_act",), ("t_emb",)),
+    ((), ("y_emb",)),
+    (("t_emb", "y_emb",), ("c",)),
+    (("c",), ("c_silu",)),
+    ((), ("blocks.0.shift_msa",)),
+    ((), ("blocks.0.scale_msa",)),
+    ((), ("blocks.0.gate_msa",)),
+    ((), ("blocks.0.shift_mlp",)),
+    ((), ("blocks.0.scale_mlp",)),
+    ((), ("blocks.0.gate_mlp",)),
+    ((), ("blocks.0.norm1",)),
+    (("blocks.0.norm1", "blocks.0.shift_msa", "blocks.0.scale_msa",), ("blocks.0.mod_msa",)),
+    (("blocks.0.mod_msa",), ("blocks.0.attn",)),
+    (("x_tokens", "blocks.0.attn", "blocks.0.gate_msa",), ("blocks.0.res_msa",)),
+    ((), ("blocks.0.norm2",)),
+    (("blocks.0.norm2", "blocks.0.shift_mlp", "blocks.0.scale_mlp",), ("blocks.0.mod_mlp",)),
+    (("blocks.0.mod_mlp",), ("blocks.0.fc1",)),
+    (("blocks.0.fc1",), ("blocks.0.gelu",)),
+    (("blocks.0.gelu",), ("blocks.0.mlp",)),
+    (("blocks.0.res_msa", "blocks.0.mlp", "blocks.0.gate_mlp",), ("blocks.0.out",)),
+    ((), ("blocks.1.shift_msa",)),
+    ((), ("blocks.1.scale_msa",)),
+    ((), ("blocks.1.gate_msa",)),
+    ((), ("blocks.1.shift_mlp",)),
+    ((), ("blocks.1.scale_mlp",)),
+    ((), ("blocks.1.gate_mlp",)),
+    ((), ("blocks.1.norm1",)),
+    (("blocks.1.norm1", "blocks.1.shift_msa", "blocks.1.scale_msa",), ("blocks.1.mod_msa",)),
+    (("blocks.1.mod_msa",), ("blocks.1.attn",)),
+    (("blocks.0.out", "blocks.1.attn", "blocks.1.gate_msa",), ("blocks.1.res_msa",)),
+    ((), ("blocks.1.norm2",)),
+    (("blocks.1.norm2", "blocks.1.shift_mlp", "blocks.1.scale_mlp",), ("blocks.1.mod_mlp",)),
+    (("blocks.1.mod_mlp",), ("blocks.1.fc1",)),
+    (("blocks.1.fc1",), ("blocks.1.gelu",)),
+    (("blocks.1.gelu",), ("blocks.1.mlp",)),
+    (("blocks.1.res_msa", "blocks.1.mlp", "blocks.1.gate_mlp",), ("blocks.1.out",)),
+    ((), ("final.shift",)),
+    (("c_silu",), ("final.scale",)),
+    (("blocks.1.out",), ("final.norm",)),
+    (("final.norm", "final.shift", "final.scale",), ("final.mod",)),
+    (("final.mod",), ("final.out",)),
+]
 
 
 @contextlib.contextmanager
@@ -303,52 +356,98 @@ def _sincos_1d(embed_dim: int, pos: np.ndarray) -> np.ndarray:
 def to_graph_layout(value: np.ndarray, layout: str, shape: tuple[int, ...]) -> np.ndarray:
     if layout == "transpose":
         value = value.T
-    elif layout == "heads_bias":
-        value = value.reshape(shape[1], shape[0]).T
     value = value.reshape(shape)  # same, conv ([d, C, p, p] -> [d, C*p*p]), heads_in, heads_out
     return np.asfortranarray(value, dtype=np.float32)
 
 
 def from_graph_layout(value: np.ndarray, layout: str, torch_shape: tuple[int, ...]) -> np.ndarray:
-    if layout in ("transpose", "heads_bias"):
+    if layout == "transpose":
         value = value.T
     return np.ascontiguousarray(value).reshape(torch_shape)
 
 
-def _distr(traits: TensorTraits) -> list[int]:
-    return [0] * traits.grid.nelems
+class Allocator:
+    """Makes NNTile tensors with unique tags, and keeps the scratch tensors that layers share.
 
+    A shared scratch tensor is one per (purpose, shape, tile) for the whole model: a layer writes it,
+    reads it and invalidates it within one pass, so StarPU recycles its memory, and the data
+    dependencies StarPU tracks order the layers that reuse it."""
 
-class _Composed(BaseLayer):
-    """Base of the layers below: allocates scratch tensors shaped and tiled like a given one."""
+    def __init__(self, next_tag: int):
+        self.next_tag = next_tag
+        self.shared: dict[tuple, Tensor] = {}
 
-    def scratch(self, like: Tensor, shape=None, tile=None) -> Tensor:
-        traits = TensorTraits(list(shape or like.shape), list(tile or like.basetile_shape))
-        tensor = type(like)(traits, _distr(traits), self.next_tag)
+    def new(self, shape, tile, dtype=Tensor_fp32) -> Tensor:
+        traits = TensorTraits(list(shape), list(tile))
+        tensor = dtype(traits, [0] * traits.grid.nelems, self.next_tag)
         self.next_tag = tensor.next_tag
+        return tensor
+
+    def scratch(self, purpose: str, shape, tile) -> Tensor:
+        key = (purpose, tuple(shape), tuple(tile))
+        if key not in self.shared:
+            self.shared[key] = self.new(shape, tile)
+        return self.shared[key]
+
+    def unregister(self) -> None:
+        for tensor in self.shared.values():
+            tensor.unregister()
+        self.shared.clear()
+
+
+class _Layer(BaseLayer):
+    """Base of the layers below. `overwrites` holds the inputs whose gradient this layer writes first in
+    backward: it overwrites them (beta 0, a write StarPU orders after the layer's own inputs), so no
+    gradient is zeroed ahead of time, and each is allocated only when backward reaches it."""
+
+    overwrites: tuple[TensorMoments, ...] = ()
+
+    def beta(self, x: TensorMoments) -> float:
+        """0.0 where this layer writes x's gradient first, else 1.0 (accumulate)."""
+        return 0.0 if any(x is t for t in self.overwrites) else 1.0
+
+
+class _Composed(_Layer):
+    """A layer with tensors of its own: those kept from forward to backward (`keep`), and scratch
+    used within one pass, shared with every other layer (`scratch`)."""
+
+    def __init__(self, inputs, outputs, params, alloc: Allocator):
+        super().__init__(inputs, outputs, params, [])
+        self.alloc = alloc
+
+    def keep(self, shape, tile) -> Tensor:
+        tensor = self.alloc.new(shape, tile)
         self.temporaries.append(tensor)
         return tensor
 
-    def add_scaled(self, dy: Tensor, scale: Tensor, grad: Tensor) -> None:
-        """grad += dy * scale, scale [hidden, batch] broadcast over tokens (axis 1), through `self.tmp`."""
-        copy_async(dy, self.tmp)
-        prod_slice_async(scale, 1.0, self.tmp, 1)
-        add_async(1.0, self.tmp, 1.0, grad)
-        self.tmp.invalidate_submit()  # StarPU may hand its memory to the next layer's scratch
+    def scratch(self, purpose: str, shape, tile) -> Tensor:
+        return self.alloc.scratch(purpose, shape, tile)
+
+    def add_scaled(self, dy: Tensor, scale: Tensor, x: TensorMoments) -> None:
+        """x.grad (+)= dy * scale, scale [hidden, batch] broadcast over tokens (axis 1)."""
+        if self.beta(x) == 0.0:
+            copy_async(dy, x.grad)
+            prod_slice_async(scale, 1.0, x.grad, 1)
+            return
+        tmp = self.scratch("tokens", dy.shape, dy.basetile_shape)
+        copy_async(dy, tmp)
+        prod_slice_async(scale, 1.0, tmp, 1)
+        add_async(1.0, tmp, 1.0, x.grad)
+        tmp.invalidate_submit()
 
 
 class LayerNormNoAffine(_Composed):
     """y = (x - mean) / sqrt(var + eps) over axis 0 (hidden), no gamma or beta."""
 
-    def __init__(self, x: TensorMoments, y: TensorMoments, eps: float, next_tag: int):
-        super().__init__([x], [y], [], [])
-        self.x, self.y, self.next_tag = x, y, next_tag
+    def __init__(self, x: TensorMoments, y: TensorMoments, eps: float, alloc: Allocator):
+        super().__init__([x], [y], [], alloc)
+        self.x, self.y = x, y
         self.size = x.value.shape[0]
         self.sqrt_eps = eps ** 0.5  # hypot(sqrt(eps), std) = sqrt(var + eps)
         stat_shape, stat_tile = x.value.shape[1:], x.value.basetile_shape[1:]
-        self.mean = self.scratch(x.value, stat_shape, stat_tile)
-        self.inv_std = self.scratch(x.value, stat_shape, stat_tile)
-        self.tmp = self.scratch(x.value)
+        self.mean = self.scratch("stat", stat_shape, stat_tile)
+        self.inv_std = self.keep(stat_shape, stat_tile)
+        self.tmp = self.scratch("tokens", x.value.shape, x.value.basetile_shape)
 
     def forward_async(self) -> None:
         sum_slice_async(1.0 / self.size, self.x.value, 0.0, self.mean, 0)
@@ -356,6 +455,7 @@ class LayerNormNoAffine(_Composed):
         norm_slice_async(1.0 / self.size ** 0.5, self.y.value, 0.0, self.inv_std, 0)
         hypot_scalar_inverse_async(self.sqrt_eps, 1.0, self.inv_std)
         prod_slice_async(self.inv_std, 1.0, self.y.value, 0)
+        self.mean.invalidate_submit()
 
     def backward_async(self) -> None:
         # dx += inv_std * (dy - mean(dy) - y * mean(dy * y)), y the normalised output
@@ -366,19 +466,19 @@ class LayerNormNoAffine(_Composed):
         sum_slice_async(1.0 / self.size, self.y.grad, 0.0, self.mean, 0)
         add_slice_async(-1.0, self.mean, 1.0, self.tmp, 0)
         prod_slice_async(self.inv_std, 1.0, self.tmp, 0)
-        add_async(1.0, self.tmp, 1.0, self.x.grad)
-        self.tmp.invalidate_submit()  # StarPU may hand its memory to the next layer's scratch
+        add_async(1.0, self.tmp, self.beta(self.x), self.x.grad)
+        self.tmp.invalidate_submit()
+        self.mean.invalidate_submit()
 
 
 class Modulate(_Composed):
     """y = x * (1 + scale) + shift, with shift and scale [hidden, batch] broadcast over tokens (axis 1)."""
 
     def __init__(self, x: TensorMoments, shift: TensorMoments, scale: TensorMoments, y: TensorMoments,
-                 next_tag: int):
-        super().__init__([x, shift, scale], [y], [], [])
-        self.x, self.shift, self.scale, self.y, self.next_tag = x, shift, scale, y, next_tag
-        self.scale1 = self.scratch(scale.value)
-        self.tmp = self.scratch(x.value)
+                 alloc: Allocator):
+        super().__init__([x, shift, scale], [y], [], alloc)
+        self.x, self.shift, self.scale, self.y = x, shift, scale, y
+        self.scale1 = self.keep(scale.value.shape, scale.value.basetile_shape)  # 1 + scale
 
     def forward_async(self) -> None:
         copy_async(self.scale.value, self.scale1)
@@ -388,18 +488,18 @@ class Modulate(_Composed):
         add_slice_async(1.0, self.shift.value, 1.0, self.y.value, 1)
 
     def backward_async(self) -> None:
-        sum_slice_async(1.0, self.y.grad, 1.0, self.shift.grad, 1)
-        sumprod_slice_async(1.0, self.y.grad, self.x.value, 1.0, self.scale.grad, 1)
-        self.add_scaled(self.y.grad, self.scale1, self.x.grad)
+        sum_slice_async(1.0, self.y.grad, self.beta(self.shift), self.shift.grad, 1)
+        sumprod_slice_async(1.0, self.y.grad, self.x.value, self.beta(self.scale), self.scale.grad, 1)
+        self.add_scaled(self.y.grad, self.scale1, self.x)
 
 
 class GatedResidual(_Composed):
     """y = x + gate * h, with gate [hidden, batch] broadcast over tokens (axis 1)."""
 
-    def __init__(self, x: TensorMoments, h: TensorMoments, gate: TensorMoments, y: TensorMoments, next_tag: int):
-        super().__init__([x, h, gate], [y], [], [])
-        self.x, self.h, self.gate, self.y, self.next_tag = x, h, gate, y, next_tag
-        self.tmp = self.scratch(x.value)
+    def __init__(self, x: TensorMoments, h: TensorMoments, gate: TensorMoments, y: TensorMoments,
+                 alloc: Allocator):
+        super().__init__([x, h, gate], [y], [], alloc)
+        self.x, self.h, self.gate, self.y = x, h, gate, y
 
     def forward_async(self) -> None:
         copy_async(self.h.value, self.y.value)
@@ -407,12 +507,94 @@ class GatedResidual(_Composed):
         add_async(1.0, self.x.value, 1.0, self.y.value)
 
     def backward_async(self) -> None:
-        add_async(1.0, self.y.grad, 1.0, self.x.grad)
-        sumprod_slice_async(1.0, self.y.grad, self.h.value, 1.0, self.gate.grad, 1)
-        self.add_scaled(self.y.grad, self.gate.value, self.h.grad)
+        add_async(1.0, self.y.grad, self.beta(self.x), self.x.grad)
+        sumprod_slice_async(1.0, self.y.grad, self.h.value, self.beta(self.gate), self.gate.grad, 1)
+        self.add_scaled(self.y.grad, self.gate.value, self.h)
 
 
-class Linear(BaseLayer):
+class Attention(_Composed):
+    """Multi-head self-attention, y = W_o softmax(K^T Q / sqrt(d)) V + b_o, heads batched.
+
+    Q, K, V and the attention output are kept as [head_dim, tokens, batch, heads], so each head's
+    products are batched GEMMs. The projections come out head-major, [heads, head_dim, tokens, batch],
+    and a transpose rotates them. Biases are one-column matrices added as rank-1 GEMMs (see `Linear`).
+    Kept for backward: Q, K, V, the probabilities and the head-major output; the gradients of all
+    of them are scratch shared across blocks."""
+
+    def __init__(self, x: TensorMoments, w_q: TensorMoments, w_k: TensorMoments, w_v: TensorMoments,
+                 b_q: TensorMoments, b_k: TensorMoments, b_v: TensorMoments, w_o: TensorMoments,
+                 b_o: TensorMoments, ones: Tensor, y: TensorMoments, alloc: Allocator):
+        super().__init__([x], [y], [w_q, w_k, w_v, b_q, b_k, b_v, w_o, b_o], alloc)
+        self.x, self.y, self.ones, self.w_o, self.b_o = x, y, ones, w_o, b_o
+        self.w_in, self.b_in = (w_q, w_k, w_v), (b_q, b_k, b_v)
+        heads, head_dim, _ = w_q.value.shape
+        head_tile = w_q.value.basetile_shape[0]
+        _, tokens, batch = x.value.shape
+        _, token_tile, batch_tile = x.value.basetile_shape
+        self.scale = 1.0 / math.sqrt(head_dim)
+        split = ((head_dim, tokens, batch, heads), (head_dim, token_tile, batch_tile, head_tile))
+        merged = ((heads, head_dim, tokens, batch), (head_tile, head_dim, token_tile, batch_tile))
+        scores = ((tokens, tokens, batch, heads), (token_tile, token_tile, batch_tile, head_tile))
+        stats = ((tokens, batch, heads), (token_tile, batch_tile, head_tile))
+        self.qkv = [self.keep(*split) for _ in "qkv"]
+        self.probs = self.keep(*scores)
+        self.out_merged = self.keep(*merged)
+        self.merged = self.scratch("attention merged", *merged)
+        self.split = self.scratch("attention split", *split)
+        self.maxsumexp = self.scratch("attention maxsumexp", (2,) + stats[0], (2,) + stats[1])
+        self.sumprod = self.scratch("attention sumprod", *stats)
+        self.d_scores = self.scratch("attention scores", *scores)
+        self.d_qkv = [self.scratch(f"attention d{part}", *split) for part in "qkv"]
+
+    def forward_async(self) -> None:
+        for w, b, out in zip(self.w_in, self.b_in, self.qkv):
+            gemm_async(1.0, notrans, w.value, notrans, self.x.value, 0.0, self.merged, 1, 0)
+            gemm_async(1.0, notrans, b.value, notrans, self.ones, 1.0, self.merged, 1, 0)
+            transpose_async(1.0, self.merged, out, 1)
+        self.merged.invalidate_submit()
+        q, k, v = self.qkv
+        gemm_async(self.scale, trans, k, notrans, q, 0.0, self.probs, 1, 2)
+        clear_async(self.maxsumexp)
+        maxsumexp_async(self.probs, self.maxsumexp, 0)
+        softmax_inplace_async(self.maxsumexp, 1.0, self.probs, 0)
+        self.maxsumexp.invalidate_submit()
+        gemm_async(1.0, notrans, v, notrans, self.probs, 0.0, self.split, 1, 2)
+        transpose_async(1.0, self.split, self.out_merged, 3)
+        self.split.invalidate_submit()
+        gemm_async(1.0, notrans, self.w_o.value, notrans, self.out_merged, 0.0, self.y.value, 2, 0)
+        gemm_async(1.0, notrans, self.b_o.value, notrans, self.ones, 1.0, self.y.value, 1, 0)
+
+    def backward_async(self) -> None:
+        dy, q, k, v = self.y.grad, *self.qkv
+        gemm_async(1.0, notrans, dy, trans, self.ones, 1.0, self.b_o.grad, 2, 0)
+        gemm_async(1.0, notrans, dy, trans, self.out_merged, 1.0, self.w_o.grad, 2, 0)
+        gemm_async(1.0, trans, self.w_o.value, notrans, dy, 0.0, self.merged, 1, 0)
+        d_out = self.split
+        transpose_async(1.0, self.merged, d_out, 1)
+        d_q, d_k, d_v = self.d_qkv
+        gemm_async(1.0, trans, v, notrans, d_out, 0.0, self.d_scores, 1, 2)
+        gemm_async(1.0, notrans, d_out, trans, self.probs, 0.0, d_v, 1, 2)
+        d_out.invalidate_submit()
+        # softmax backward: dS = P * (dP - sum(P * dP))
+        sumprod_slice_async(1.0, self.probs, self.d_scores, 0.0, self.sumprod, 0)
+        add_slice_async(-1.0, self.sumprod, 1.0, self.d_scores, 0)
+        prod_async(self.probs, self.d_scores)
+        self.sumprod.invalidate_submit()
+        gemm_async(self.scale, notrans, q, trans, self.d_scores, 0.0, d_k, 1, 2)
+        gemm_async(self.scale, notrans, k, notrans, self.d_scores, 0.0, d_q, 1, 2)
+        self.d_scores.invalidate_submit()
+        x_beta = self.beta(self.x)
+        for w, b, d_part in zip(self.w_in, self.b_in, self.d_qkv):
+            transpose_async(1.0, d_part, self.merged, 3)
+            d_part.invalidate_submit()
+            gemm_async(1.0, notrans, self.merged, trans, self.ones, 1.0, b.grad, 2, 0)
+            gemm_async(1.0, notrans, self.merged, trans, self.x.value, 1.0, w.grad, 2, 0)
+            gemm_async(1.0, trans, w.value, notrans, self.merged, x_beta, self.x.grad, 2, 0)
+            x_beta = 1.0
+        self.merged.invalidate_submit()
+
+
+class Linear(_Layer):
     """y = W x + b over axis 0. The bias is a one-column matrix added as the rank-1 GEMM `b ones^T`, and
     its gradient is `dY ones`: NNTile's add_fiber and sum_fiber on the feature axis stride through memory
     (on DiT-S/2's MLP output 4.1 ms and 6.8 ms, against 0.9 ms and 1.3 ms for the GEMMs; the training
@@ -430,10 +612,10 @@ class Linear(BaseLayer):
         batch_axes = self.x.value.ndim - 1
         gemm_async(1.0, notrans, self.y.grad, trans, self.x.value, 1.0, self.w.grad, batch_axes, 0)
         gemm_async(1.0, notrans, self.y.grad, trans, self.ones, 1.0, self.b.grad, batch_axes, 0)
-        gemm_async(1.0, trans, self.w.value, notrans, self.y.grad, 1.0, self.x.grad, 1, 0)
+        gemm_async(1.0, trans, self.w.value, notrans, self.y.grad, self.beta(self.x), self.x.grad, 1, 0)
 
 
-class AddConstSlice(BaseLayer):
+class AddConstSlice(_Layer):
     """y = x + table, a constant broadcast over `axis` (the positional table over the batch)."""
 
     def __init__(self, x: TensorMoments, table: Tensor, y: TensorMoments, axis: int):
@@ -444,14 +626,50 @@ class AddConstSlice(BaseLayer):
         add_slice3_async(1.0, self.table, 1.0, self.x.value, self.y.value, self.axis)
 
     def backward_async(self) -> None:
-        add_async(1.0, self.y.grad, 1.0, self.x.grad)
+        add_async(1.0, self.y.grad, self.beta(self.x), self.x.grad)
+
+
+class Act(_Layer):
+    """y = fn(x), element-wise."""
+
+    FUNCTIONS = {"gelutanh": (gelutanh_async, gelutanh_backward_async),
+                 "silu": (silu_forward_async, silu_backward_async)}
+
+    def __init__(self, x: TensorMoments, y: TensorMoments, fn: str):
+        super().__init__([x], [y], [], [])
+        self.x, self.y = x, y
+        self.fn, self.fn_backward = self.FUNCTIONS[fn]
+
+    def forward_async(self) -> None:
+        self.fn(self.x.value, self.y.value)
+
+    def backward_async(self) -> None:
+        if self.beta(self.x) == 0.0:  # NNTile's kernel accumulates: zero first, after dy is ready
+            scal_async(0.0, self.y.grad, self.x.grad)
+        self.fn_backward(self.x.value, self.y.grad, self.x.grad)
+
+
+class Add(_Layer):
+    """y = a + b."""
+
+    def __init__(self, a: TensorMoments, b: TensorMoments, y: TensorMoments):
+        super().__init__([a, b], [y], [], [])
+        self.a, self.b, self.y = a, b, y
+
+    def forward_async(self) -> None:
+        add_async(1.0, self.a.value, 0.0, self.y.value)
+        add_async(1.0, self.b.value, 1.0, self.y.value)
+
+    def backward_async(self) -> None:
+        add_async(1.0, self.y.grad, self.beta(self.a), self.a.grad)
+        add_async(1.0, self.y.grad, self.beta(self.b), self.b.grad)
 
 
 class Model(BaseModel):
     """The compiled graph, one layer per op, in graph order."""
 
     def __init__(self, next_tag: int = 0):
-        self.next_tag = next_tag
+        self.alloc = Allocator(next_tag)
         self.tensors: dict[str, TensorMoments | Tensor] = {}
         self.torch_shapes: dict[str, tuple[int, ...]] = {}
         layers: list[BaseLayer] = []
@@ -490,7 +708,7 @@ class Model(BaseModel):
         # blocks.0.mod_msa = modulate(blocks.0.norm1, blocks.0.shift_msa, blocks.0.scale_msa) [modulate]
         self.modulate("blocks.0.norm1", "blocks.0.shift_msa", "blocks.0.scale_msa", "blocks.0.mod_msa")
         # blocks.0.attn = attention(blocks.0.mod_msa, blocks.0.attn.qkv.weight.q, blocks.0.attn.qkv.weight.k, blocks.0.attn.qkv.weight.v, blocks.0.attn.qkv.bias.q, blocks.0.attn.qkv.bias.k, blocks.0.attn.qkv.bias.v, blocks.0.attn.proj.weight, blocks.0.attn.proj.bias) [attention]
-        self.attention("blocks.0.mod_msa", "blocks.0.attn.qkv.weight.q", "blocks.0.attn.qkv.weight.k", "blocks.0.attn.qkv.weight.v", "blocks.0.attn.qkv.bias.q", "blocks.0.attn.qkv.bias.k", "blocks.0.attn.qkv.bias.v", "blocks.0.attn.proj.weight", "blocks.0.attn.proj.bias", "blocks.0.attn", heads=4)
+        self.attention("blocks.0.mod_msa", "blocks.0.attn.qkv.weight.q", "blocks.0.attn.qkv.weight.k", "blocks.0.attn.qkv.weight.v", "blocks.0.attn.qkv.bias.q", "blocks.0.attn.qkv.bias.k", "blocks.0.attn.qkv.bias.v", "blocks.0.attn.proj.weight", "blocks.0.attn.proj.bias", "blocks.0.attn", "ones[tokens,batch]")
         # blocks.0.res_msa = gated_residual(x_tokens, blocks.0.attn, blocks.0.gate_msa) [gated residual]
         self.gated_residual("x_tokens", "blocks.0.attn", "blocks.0.gate_msa", "blocks.0.res_msa")
         # blocks.0.norm2 = layer_norm(blocks.0.res_msa) [layer norm]
@@ -522,7 +740,7 @@ class Model(BaseModel):
         # blocks.1.mod_msa = modulate(blocks.1.norm1, blocks.1.shift_msa, blocks.1.scale_msa) [modulate]
         self.modulate("blocks.1.norm1", "blocks.1.shift_msa", "blocks.1.scale_msa", "blocks.1.mod_msa")
         # blocks.1.attn = attention(blocks.1.mod_msa, blocks.1.attn.qkv.weight.q, blocks.1.attn.qkv.weight.k, blocks.1.attn.qkv.weight.v, blocks.1.attn.qkv.bias.q, blocks.1.attn.qkv.bias.k, blocks.1.attn.qkv.bias.v, blocks.1.attn.proj.weight, blocks.1.attn.proj.bias) [attention]
-        self.attention("blocks.1.mod_msa", "blocks.1.attn.qkv.weight.q", "blocks.1.attn.qkv.weight.k", "blocks.1.attn.qkv.weight.v", "blocks.1.attn.qkv.bias.q", "blocks.1.attn.qkv.bias.k", "blocks.1.attn.qkv.bias.v", "blocks.1.attn.proj.weight", "blocks.1.attn.proj.bias", "blocks.1.attn", heads=4)
+        self.attention("blocks.1.mod_msa", "blocks.1.attn.qkv.weight.q", "blocks.1.attn.qkv.weight.k", "blocks.1.attn.qkv.weight.v", "blocks.1.attn.qkv.bias.q", "blocks.1.attn.qkv.bias.k", "blocks.1.attn.qkv.bias.v", "blocks.1.attn.proj.weight", "blocks.1.attn.proj.bias", "blocks.1.attn", "ones[tokens,batch]")
         # blocks.1.res_msa = gated_residual(blocks.0.out, blocks.1.attn, blocks.1.gate_msa) [gated residual]
         self.gated_residual("blocks.0.out", "blocks.1.attn", "blocks.1.gate_msa", "blocks.1.res_msa")
         # blocks.1.norm2 = layer_norm(blocks.1.res_msa) [layer norm]
@@ -548,6 +766,8 @@ class Model(BaseModel):
         # final.out = linear(final.mod, final_layer.linear.weight, final_layer.linear.bias) [final layer]
         self.linear("final.mod", "final_layer.linear.weight", "final_layer.linear.bias", "final.out", "ones[tokens,batch]")
         self.load_const("pos_embed", sincos_pos_embed(HIDDEN, GRID).T)
+        for layer, (first, _) in zip(layers, GRAD_PLAN):
+            layer.overwrites = tuple(self.tensors[name] for name in first)
         activations = [t for name, t in self.tensors.items() if TENSORS[name][2] == "activation"]
         super().__init__(activations, layers)
 
@@ -556,27 +776,14 @@ class Model(BaseModel):
         """The graph tensor `name`, created on first use with the graph's shape and tile."""
         if name not in self.tensors:
             shape, tile, kind = TENSORS[name]
-            traits = TensorTraits(list(shape), list(tile))
-            dtype = Tensor_int64 if kind == "labels" else Tensor_fp32
-            value = dtype(traits, [0] * traits.grid.nelems, self.next_tag)
-            self.next_tag = value.next_tag
+            value = self.alloc.new(shape, tile, Tensor_int64 if kind == "labels" else Tensor_fp32)
             if kind == "ones":
                 fill_async(1.0, value)
             if kind in ("const", "labels", "ones"):
                 self.tensors[name] = value
             else:
-                grad = Tensor_fp32(traits, [0] * traits.grid.nelems, self.next_tag)
-                self.next_tag = grad.next_tag
-                self.tensors[name] = TensorMoments(value, grad, True)
+                self.tensors[name] = TensorMoments(value, self.alloc.new(shape, tile), True)
         return self.tensors[name]
-
-    def bind(self, name: str, moments: TensorMoments) -> None:
-        """Adopt a tensor an NNTile layer made itself, checking it against the graph."""
-        shape, tile, _ = TENSORS[name]
-        if tuple(moments.value.shape) != shape or tuple(moments.value.basetile_shape) != tile:
-            raise RuntimeError(f"{name}: NNTile made {moments.value.shape}/{moments.value.basetile_shape}, "
-                               f"the graph says {shape}/{tile}")
-        self.tensors[name] = moments
 
     def load_const(self, name: str, array: np.ndarray) -> None:
         self.tensor(name).from_array(np.asfortranarray(array, dtype=np.float32))
@@ -607,7 +814,6 @@ class Model(BaseModel):
     def add_layer(self, layer: BaseLayer, kind: str) -> None:
         self.layers.append(layer)
         self.layer_kinds.append(kind)
-        self.next_tag = max(self.next_tag, getattr(layer, "next_tag", 0))
 
     def linear(self, x: str, w: str, b: str, y: str, ones: str) -> None:
         t = self.tensor
@@ -626,27 +832,21 @@ class Model(BaseModel):
         self.add_layer(AddConstSlice(self.tensor(x), self.tensor(table), self.tensor(y), axis), "add_const_slice")
 
     def layer_norm(self, x: str, y: str, eps: float) -> None:
-        self.add_layer(LayerNormNoAffine(self.tensor(x), self.tensor(y), eps, self.next_tag), "layer_norm")
+        self.add_layer(LayerNormNoAffine(self.tensor(x), self.tensor(y), eps, self.alloc), "layer_norm")
 
     def modulate(self, x: str, shift: str, scale: str, y: str) -> None:
         t = self.tensor
-        self.add_layer(Modulate(t(x), t(shift), t(scale), t(y), self.next_tag), "modulate")
+        self.add_layer(Modulate(t(x), t(shift), t(scale), t(y), self.alloc), "modulate")
 
     def gated_residual(self, x: str, h: str, gate: str, y: str) -> None:
         t = self.tensor
-        self.add_layer(GatedResidual(t(x), t(h), t(gate), t(y), self.next_tag), "gated_residual")
+        self.add_layer(GatedResidual(t(x), t(h), t(gate), t(y), self.alloc), "gated_residual")
 
     def attention(self, x: str, w_q: str, w_k: str, w_v: str, b_q: str, b_k: str, b_v: str, w_o: str,
-                  b_o: str, y: str, heads: int) -> None:
-        head_tile = TENSORS[w_q][1][0]
-        layer, self.next_tag = Attention.generate_simple(
-            self.tensor(x), self.tensor(x), self.tensor(x), heads, head_tile, self.next_tag, bias=True)
-        made = {w_q: layer.w_q, w_k: layer.w_k, w_v: layer.w_v, b_q: layer.in_proj_bias_q,
-                b_k: layer.in_proj_bias_k, b_v: layer.in_proj_bias_v, w_o: layer.w, b_o: layer.out_proj_bias,
-                y: layer.y}
-        for name, moments in made.items():
-            self.bind(name, moments)
-        self.add_layer(layer, "attention")
+                  b_o: str, y: str, ones: str) -> None:
+        t = self.tensor
+        self.add_layer(Attention(t(x), t(w_q), t(w_k), t(w_v), t(b_q), t(b_k), t(b_v), t(w_o), t(b_o), t(ones),
+                                 t(y), self.alloc), "attention")
 
     # -- parameters -----------------------------------------------------------------------------
     def load_state_dict(self, state_dict) -> None:
@@ -686,19 +886,28 @@ class Model(BaseModel):
         nntile.starpu.wait_for_all()
         return unpatchify(self.value("final.out"))
 
-    def backward(self, grad_out: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
-        """Back-propagate `grad_out` [N, C_out, H, W]; returns the latent's gradient [N, C, H, W]."""
-        self.clear_gradients()
+    def backward(self, grad_out: np.ndarray, input_grad: bool = True, keep_grads: bool = False) -> np.ndarray | None:
+        """Back-propagate `grad_out` [N, C_out, H, W]; returns the latent's gradient [N, C, H, W].
+        Activation gradients are released as backward passes them, unless `keep_grads` (for `grad`)."""
+        self.clear_parameters_grads()
         self.set_grad("final.out", unpatchify_grad(grad_out))
-        self.backward_async()
+        for i in reversed(range(len(self.layers))):
+            self.backward_layer(i, keep_grads)
         nntile.starpu.wait_for_all()
         return patchify_grad(self.grad("x_patches")) if input_grad else None
+
+    def backward_layer(self, i: int, keep_grads: bool = False) -> None:
+        """Submit layer i's backward, then release the gradients `GRAD_PLAN` says are done."""
+        self.layers[i].backward_async()
+        if not keep_grads:
+            for name in GRAD_PLAN[i][1]:
+                self.tensors[name].grad.invalidate_submit()
 
     # -- training and profiling -----------------------------------------------------------------
     def adamw(self, lr: float, weight_decay: float = 0.0):
         """NNTile's fused AdamW over every parameter: `.step()` after `backward`, `.unregister()` at the end."""
-        optimizer = nntile.optimizer.AdamW(self.parameters, lr, self.next_tag, weight_decay=weight_decay)
-        self.next_tag = optimizer.get_next_tag()
+        optimizer = nntile.optimizer.AdamW(self.parameters, lr, self.alloc.next_tag, weight_decay=weight_decay)
+        self.alloc.next_tag = optimizer.get_next_tag()
         return optimizer
 
     def train_step(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, target: np.ndarray, optimizer) -> float:
@@ -713,15 +922,15 @@ class Model(BaseModel):
         """Seconds per op kind of one forward and one backward, each layer run and waited on alone.
         That removes the overlap StarPU finds between layers, so the sum exceeds a real step."""
         seconds: dict[str, float] = defaultdict(float)
-        self.clear_gradients()
-        passes = (("forward", self.layers, self.layer_kinds),
-                  ("backward", self.layers[::-1], self.layer_kinds[::-1]))
-        for direction, layers, kinds in passes:
-            for layer, kind in zip(layers, kinds):
+        self.clear_parameters_grads()
+        clear_async(self.tensors["final.out"].grad)
+        order = list(range(len(self.layers)))
+        for direction, indices in (("forward", order), ("backward", order[::-1])):
+            for i in indices:
                 start = time.perf_counter()
-                layer.forward_async() if direction == "forward" else layer.backward_async()
+                self.layers[i].forward_async() if direction == "forward" else self.backward_layer(i)
                 nntile.starpu.wait_for_all()
-                seconds[f"{kind} {direction}"] += time.perf_counter() - start
+                seconds[f"{self.layer_kinds[i]} {direction}"] += time.perf_counter() - start
         return dict(seconds)
 
     def unregister(self) -> None:
@@ -731,5 +940,6 @@ class Model(BaseModel):
                     tensor.unregister()
         for tensor in self.tensors.values():
             tensor.unregister()
+        self.alloc.unregister()
         self.tensors.clear()
         self.layers.clear()
