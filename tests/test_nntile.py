@@ -86,8 +86,9 @@ def test_a_corrupted_op_is_caught_and_named(tmp_path, capsys):
     assert "nntile_model.py differ from a fresh build" in capsys.readouterr().out
 
 
-def test_adamw_training_steps_match_torch(tmp_path):
-    """Three AdamW steps on the MSE loss: NNTile's fused optimiser and torch's end on the same weights."""
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adamw_training_steps_match_torch(tmp_path, weight_decay):
+    """Three AdamW steps on the MSE loss: the NNTile model's optimiser and torch's end on the same weights."""
     import torch
 
     from dit_compiler.run.common import group_error, load_module, make_inputs, randomize_
@@ -102,7 +103,7 @@ def test_adamw_training_steps_match_torch(tmp_path):
     with nntile_module.nntile_runtime(2):
         model = nntile_module.Model()
         model.load_state_dict(reference.state_dict())
-        optimizer = model.adamw(1e-3)
+        optimizer = model.adamw(1e-3, weight_decay)
         try:
             losses = [model.train_step(inputs.x.numpy(), inputs.t.numpy(), inputs.y.numpy(), target, optimizer)
                       for _ in range(3)]
@@ -111,7 +112,7 @@ def test_adamw_training_steps_match_torch(tmp_path):
             optimizer.unregister()
             model.unregister()
     params = [p for p in reference.parameters() if p.requires_grad]
-    torch_opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    torch_opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=weight_decay)
     torch_losses = []
     for _ in range(3):
         torch_opt.zero_grad()

@@ -38,10 +38,11 @@ from nntile.layer.base_layer import BaseLayer
 from nntile.model.base_model import BaseModel
 from nntile.tensor import (
     Tensor, Tensor_fp32, Tensor_int64, TensorMoments, TensorTraits, add_async, add_scalar_async,
-    add_slice3_async, add_slice_async, clear_async, copy_async, fill_async, gelutanh_async,
+    add_slice3_async, add_slice_async, addcdiv_async, clear_async, copy_async, fill_async, gelutanh_async,
     gelutanh_backward_async, gemm_async, hypot_scalar_inverse_async, maxsumexp_async, norm_slice_async,
-    notrans, prod_async, prod_slice_async, scal_async, silu_backward_async, silu_forward_async,
-    softmax_inplace_async, sum_slice_async, sumprod_slice_async, trans, transpose_async)
+    notrans, prod_async, prod_slice_async, scal_async, scal_inplace_async, silu_backward_async,
+    silu_forward_async, softmax_inplace_async, sqrt_async, sum_slice_async, sumprod_slice_async, trans,
+    transpose_async)
 
 PATCH_SIZE = 2
 GRID = 4
@@ -687,6 +688,47 @@ class Add(_Layer):
         add_async(1.0, self.y.grad, self.beta(self.b), self.b.grad)
 
 
+class AdamW:
+    """torch.optim.AdamW's update, composed of NNTile's element-wise kernels (a few vectorised passes,
+    about twice as fast here as NNTile 1.1.0's fused step, which calls `hypot` per element):
+        m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
+        p = p (1 - lr wd) - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+    The last line runs as one `addcdiv` with both sides multiplied by sqrt(1 - b2^t). Gradients are
+    released after the step; the next backward writes them again."""
+
+    def __init__(self, params: list[TensorMoments], alloc: Allocator, lr: float, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.params, self.alloc, self.lr, self.weight_decay = params, alloc, lr, weight_decay
+        self.betas, self.eps, self.num_iter = betas, eps, 0
+        self.moments = [(alloc.new(p.value.shape, p.value.basetile_shape),
+                         alloc.new(p.value.shape, p.value.basetile_shape)) for p in params]
+
+    def step(self) -> None:
+        self.num_iter += 1
+        (b1, b2), t = self.betas, self.num_iter
+        keep = 0.0 if t == 1 else 1.0  # the first step writes the moments
+        root = math.sqrt(1.0 - b2 ** t)
+        step_size = self.lr / (1.0 - b1 ** t) * root
+        for p, (m, v) in zip(self.params, self.moments):
+            g, tmp = p.grad, self.alloc.scratch("adamw", p.value.shape, p.value.basetile_shape)
+            if self.weight_decay:
+                scal_inplace_async(1.0 - self.lr * self.weight_decay, p.value)
+            add_async(1.0 - b1, g, b1 * keep, m)
+            copy_async(g, tmp)
+            prod_async(g, tmp)
+            add_async(1.0 - b2, tmp, b2 * keep, v)
+            sqrt_async(v, tmp)
+            addcdiv_async(-step_size, self.eps * root, m, tmp, p.value)
+            tmp.invalidate_submit()
+            g.invalidate_submit()
+
+    def unregister(self) -> None:
+        for m, v in self.moments:
+            m.unregister()
+            v.unregister()
+        self.moments.clear()
+
+
 class Model(BaseModel):
     """The compiled graph, one layer per op, in graph order."""
 
@@ -938,11 +980,9 @@ class Model(BaseModel):
                 self.tensors[name].grad.invalidate_submit()
 
     # -- training and profiling -----------------------------------------------------------------
-    def adamw(self, lr: float, weight_decay: float = 0.0):
-        """NNTile's fused AdamW over every parameter: `.step()` after `backward`, `.unregister()` at the end."""
-        optimizer = nntile.optimizer.AdamW(self.parameters, lr, self.alloc.next_tag, weight_decay=weight_decay)
-        self.alloc.next_tag = optimizer.get_next_tag()
-        return optimizer
+    def adamw(self, lr: float, weight_decay: float = 0.0) -> AdamW:
+        """AdamW over every parameter (torch's defaults): `.step()` after `backward`, `.unregister()` at the end."""
+        return AdamW(self.parameters, self.alloc, lr, weight_decay)
 
     def train_step(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, target: np.ndarray, optimizer) -> float:
         """One optimiser step on the mean squared error against `target` [N, C_out, H, W]; returns the loss."""
