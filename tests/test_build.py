@@ -156,19 +156,23 @@ def test_bad_counts_exit_2_before_any_work(args, capsys):
     assert stop.value.code == 2 and "argument" in capsys.readouterr().err
 
 
-def test_backward_gradient_plan_overwrites_at_the_last_reader_and_releases_at_the_producer():
-    """The NNTile model's `GRAD_PLAN`: backward writes an activation's gradient first at its last reader
-    in forward order (which runs first in backward), and releases it after the layer that made it."""
-    from dit_compiler.emit.nntile_emitter import _grad_plan
+def test_memory_plan_releases_each_activation_once_nothing_reads_it():
+    """The NNTile model's `MEMORY_PLAN`: backward writes an activation's gradient first at its last reader
+    in forward order (the first in backward), and releases it after the layer that made it; a value is
+    released after its last forward reader, and only if no backward reads it."""
+    from dit_compiler.emit.nntile_emitter import _BACKWARD_READS, _memory_plan
     graph = compile_spec(load_spec(SPECS / "tiny.yaml")).graph
     device = [n for n in graph.nodes if not n.host]
-    plan = [{key: eval(row[key]) for key in ("first", "release")} for row in _grad_plan(graph, device)]
-    seeded = next(n.inputs[0] for n in graph.nodes if n.op == "unpatchify")
-    read = {name for n in device for name in n.inputs if graph.tensors[name].role == "activation"} - {seeded}
+    plan = [{key: eval(text) for key, text in row.items()} for row in _memory_plan(graph, device)]
+    host_read = {name for n in graph.nodes if n.host for name in n.inputs}
+    read = {name for n in device for name in n.inputs if graph.tensors[name].role == "activation"}
     for name in read:
-        readers = [i for i, n in enumerate(device) if name in n.inputs]
-        assert [i for i, row in enumerate(plan) if name in row["first"]] == [max(readers)], name
+        last = max(i for i, n in enumerate(device) if name in n.inputs)
+        assert [i for i, row in enumerate(plan) if name in row["first"]] == ([] if name in host_read else [last])
+        if name in [v for row in plan for v in row["values"]]:
+            assert name in plan[last]["values"] and name not in host_read
+            assert not any(name == n.inputs[j] for n in device for j in _BACKWARD_READS[n.op][0])
+            assert not any(name in n.outputs and _BACKWARD_READS[n.op][1] for n in device)
+    assert {v for row in plan for v in row["values"]} >= {"blocks.0.res_msa", "blocks.0.out"}
     for i, node in enumerate(device):
-        made = [o for o in node.outputs if graph.tensors[o].role == "activation"]
-        assert list(plan[i]["release"]) == made
-    assert not any(seeded in row["first"] for row in plan)
+        assert list(plan[i]["grads"]) == [o for o in node.outputs if graph.tensors[o].role == "activation"]

@@ -56,24 +56,44 @@ def _call_args(graph: Graph, node: Node) -> str:
     return ", ".join(names)
 
 
-def _grad_plan(graph: Graph, device_nodes: list[Node]) -> list[dict]:
-    """Per device node, the activation gradients its backward writes first (it is their last reader in
-    forward order), which it overwrites instead of accumulating, and those to release after it (it made
-    them; backward never reads them again). A gradient lives only between the two, so StarPU reuses its
-    memory instead of holding every activation's gradient at once. The seeded gradient is never written."""
-    seeded = {n.inputs[0] for n in graph.nodes if n.host and n.op == "unpatchify"}
+#: What each layer's backward reads besides gradients (see `templates/nntile/layers.py.j2`): the
+#: values of these inputs, by position, and whether the value of its output.
+_BACKWARD_READS: dict[str, tuple[tuple[int, ...], bool]] = {
+    "linear": ((0,), False), "attention": ((0,), False), "layer_norm": ((), True), "modulate": ((0,), False),
+    "gated_residual": ((1, 2), False), "act": ((0,), False), "add": ((), False),
+    "add_const_slice": ((), False), "embedding": ((0,), False),
+}
+
+
+def _memory_plan(graph: Graph, device_nodes: list[Node]) -> list[dict]:
+    """Per device node, which activation tensors it may overwrite or release, so that neither values
+    nor gradients are held longer than the model needs them:
+
+    - `first`: the gradients its backward writes first (it is their last reader in forward order); it
+      overwrites them instead of accumulating, so no gradient is zeroed ahead of backward;
+    - `grads`: the gradients to release after its backward (it made them; nothing reads them again);
+    - `values`: the values to release after its forward (it is their last reader, and no backward
+      reads them: the residual stream, for one).
+    The seeded gradient is never written by a layer, and values the host reads are never released."""
+    host_read = {name for n in graph.nodes if n.host for name in n.inputs}
     last_reader: dict[str, int] = {}
+    backward_reads = set()
     for i, node in enumerate(device_nodes):
         if len(set(node.inputs)) != len(node.inputs):
             raise ValueError(f"{node.name}: an input appears twice; its gradient would be overwritten")
+        inputs, output = _BACKWARD_READS[node.op]
+        backward_reads |= {node.inputs[j] for j in inputs} | (set(node.outputs) if output else set())
         for name in node.inputs:
-            if graph.tensors[name].role == "activation" and name not in seeded:
+            if graph.tensors[name].role == "activation":
                 last_reader[name] = i
-    first: list[list[str]] = [[] for _ in device_nodes]
+    plan = [{"first": [], "grads": [o for o in n.outputs if graph.tensors[o].role == "activation"], "values": []}
+            for n in device_nodes]
     for name, i in last_reader.items():
-        first[i].append(name)
-    release = [[o for o in n.outputs if graph.tensors[o].role == "activation"] for n in device_nodes]
-    return [{"first": _py_tuple(f), "release": _py_tuple(r)} for f, r in zip(first, release)]
+        if name not in host_read:
+            plan[i]["first"].append(name)
+        if name not in backward_reads and name not in host_read:
+            plan[i]["values"].append(name)
+    return [{key: _py_tuple(names) for key, names in row.items()} for row in plan]
 
 
 def _py_tuple(names: list[str]) -> str:
@@ -109,7 +129,7 @@ def nntile_context(graph: Graph) -> dict:
         "consts": [t.name for t in graph.tensors.values() if t.role == "const"],
         "nodes": [{"op": n.op, "args": _call_args(graph, n),
                    "comment": f"{n.name} = {n.op}({', '.join(n.inputs)}) [{n.component}]"} for n in device_nodes],
-        "grad_plan": _grad_plan(graph, device_nodes),
+        "memory_plan": _memory_plan(graph, device_nodes),
         "forward_host": forward_host,
         "output_host": f'unpatchify(self.value("{unpatch.inputs[0]}"))',
         "backward_seed": f'self.set_grad("{unpatch.inputs[0]}", unpatchify_grad(grad_out))',

@@ -32,7 +32,7 @@ class SideResult:
     forward_s: list[float]
     step_s: list[float]
     peak_rss_mib: float
-    profile: dict[str, float]          # seconds per op kind (one forward + backward), when asked
+    profile: dict[str, float]          # seconds per op kind (one training step), when asked
 
 
 @dataclass
@@ -81,7 +81,7 @@ def format_bench(report: BenchReport) -> str:
     for name, side in report.sides.items():
         if side.profile:
             total = sum(side.profile.values())
-            lines.append(f"{name} profile (one forward + backward, {total:.3f} s):")
+            lines.append(f"{name} profile (one training step, {total:.3f} s):")
             for kind, sec in sorted(side.profile.items(), key=lambda kv: -kv[1]):
                 lines.append(f"  {kind:<28} {sec:8.4f} s  {100 * sec / total:5.1f}%")
     return "\n".join(lines)
@@ -171,7 +171,7 @@ def _worker(side: str, build_dir: Path, ncpus: int, warmup: int, repeats: int, p
                 model.train_step(x, t, y, target, optimizer)
             forward_s = [_timed(lambda: model.forward(x, t, y)) for _ in range(repeats)]
             step_s = [_timed(lambda: model.train_step(x, t, y, target, optimizer)) for _ in range(repeats)]
-            kinds = model.profile_layers() if profile else {}
+            kinds = model.profile_layers(optimizer) if profile else {}
         finally:
             optimizer.unregister()
             model.unregister()

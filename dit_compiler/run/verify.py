@@ -102,11 +102,11 @@ def run_torch(module, graph: Graph, inputs: Inputs, seed: int):
 
 def run_nntile(module, graph: Graph, state_dict, inputs: Inputs, names: list[str], ncpus: int) -> _Run:
     with module.nntile_runtime(ncpus):
-        model = module.Model()
+        model = module.Model(keep_intermediates=True)
         try:
             model.load_state_dict(state_dict)
             out = model.forward(inputs.x.numpy(), inputs.t.numpy(), inputs.y.numpy())
-            dx = model.backward(inputs.grad_out.numpy(), keep_grads=True)
+            dx = model.backward(inputs.grad_out.numpy())
             values = {n: model.value(n) for n in names}
             grads = {n: model.grad(n) for n in names}
             values[graph.outputs[0]], grads[graph.inputs[0]] = out, dx

@@ -875,214 +875,215 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
 }
 
 
-#: Backward's gradient plan, one row per layer: the activation gradients the layer writes first in
-#: backward (it overwrites them), and those to release after it (nothing reads them again).
-GRAD_PLAN: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
-    (("x_patches",), ("x_proj",)),
-    (("x_proj",), ("x_tokens",)),
-    (("t_freq",), ("t_hidden",)),
-    (("t_hidden",), ("t_act",)),
-    (("t_act",), ("t_emb",)),
-    ((), ("y_emb",)),
-    (("t_emb", "y_emb",), ("c",)),
-    (("c",), ("c_silu",)),
-    ((), ("blocks.0.shift_msa",)),
-    ((), ("blocks.0.scale_msa",)),
-    ((), ("blocks.0.gate_msa",)),
-    ((), ("blocks.0.shift_mlp",)),
-    ((), ("blocks.0.scale_mlp",)),
-    ((), ("blocks.0.gate_mlp",)),
-    ((), ("blocks.0.norm1",)),
-    (("blocks.0.norm1", "blocks.0.shift_msa", "blocks.0.scale_msa",), ("blocks.0.mod_msa",)),
-    (("blocks.0.mod_msa",), ("blocks.0.attn",)),
-    (("x_tokens", "blocks.0.attn", "blocks.0.gate_msa",), ("blocks.0.res_msa",)),
-    ((), ("blocks.0.norm2",)),
-    (("blocks.0.norm2", "blocks.0.shift_mlp", "blocks.0.scale_mlp",), ("blocks.0.mod_mlp",)),
-    (("blocks.0.mod_mlp",), ("blocks.0.fc1",)),
-    (("blocks.0.fc1",), ("blocks.0.gelu",)),
-    (("blocks.0.gelu",), ("blocks.0.mlp",)),
-    (("blocks.0.res_msa", "blocks.0.mlp", "blocks.0.gate_mlp",), ("blocks.0.out",)),
-    ((), ("blocks.1.shift_msa",)),
-    ((), ("blocks.1.scale_msa",)),
-    ((), ("blocks.1.gate_msa",)),
-    ((), ("blocks.1.shift_mlp",)),
-    ((), ("blocks.1.scale_mlp",)),
-    ((), ("blocks.1.gate_mlp",)),
-    ((), ("blocks.1.norm1",)),
-    (("blocks.1.norm1", "blocks.1.shift_msa", "blocks.1.scale_msa",), ("blocks.1.mod_msa",)),
-    (("blocks.1.mod_msa",), ("blocks.1.attn",)),
-    (("blocks.0.out", "blocks.1.attn", "blocks.1.gate_msa",), ("blocks.1.res_msa",)),
-    ((), ("blocks.1.norm2",)),
-    (("blocks.1.norm2", "blocks.1.shift_mlp", "blocks.1.scale_mlp",), ("blocks.1.mod_mlp",)),
-    (("blocks.1.mod_mlp",), ("blocks.1.fc1",)),
-    (("blocks.1.fc1",), ("blocks.1.gelu",)),
-    (("blocks.1.gelu",), ("blocks.1.mlp",)),
-    (("blocks.1.res_msa", "blocks.1.mlp", "blocks.1.gate_mlp",), ("blocks.1.out",)),
-    ((), ("blocks.2.shift_msa",)),
-    ((), ("blocks.2.scale_msa",)),
-    ((), ("blocks.2.gate_msa",)),
-    ((), ("blocks.2.shift_mlp",)),
-    ((), ("blocks.2.scale_mlp",)),
-    ((), ("blocks.2.gate_mlp",)),
-    ((), ("blocks.2.norm1",)),
-    (("blocks.2.norm1", "blocks.2.shift_msa", "blocks.2.scale_msa",), ("blocks.2.mod_msa",)),
-    (("blocks.2.mod_msa",), ("blocks.2.attn",)),
-    (("blocks.1.out", "blocks.2.attn", "blocks.2.gate_msa",), ("blocks.2.res_msa",)),
-    ((), ("blocks.2.norm2",)),
-    (("blocks.2.norm2", "blocks.2.shift_mlp", "blocks.2.scale_mlp",), ("blocks.2.mod_mlp",)),
-    (("blocks.2.mod_mlp",), ("blocks.2.fc1",)),
-    (("blocks.2.fc1",), ("blocks.2.gelu",)),
-    (("blocks.2.gelu",), ("blocks.2.mlp",)),
-    (("blocks.2.res_msa", "blocks.2.mlp", "blocks.2.gate_mlp",), ("blocks.2.out",)),
-    ((), ("blocks.3.shift_msa",)),
-    ((), ("blocks.3.scale_msa",)),
-    ((), ("blocks.3.gate_msa",)),
-    ((), ("blocks.3.shift_mlp",)),
-    ((), ("blocks.3.scale_mlp",)),
-    ((), ("blocks.3.gate_mlp",)),
-    ((), ("blocks.3.norm1",)),
-    (("blocks.3.norm1", "blocks.3.shift_msa", "blocks.3.scale_msa",), ("blocks.3.mod_msa",)),
-    (("blocks.3.mod_msa",), ("blocks.3.attn",)),
-    (("blocks.2.out", "blocks.3.attn", "blocks.3.gate_msa",), ("blocks.3.res_msa",)),
-    ((), ("blocks.3.norm2",)),
-    (("blocks.3.norm2", "blocks.3.shift_mlp", "blocks.3.scale_mlp",), ("blocks.3.mod_mlp",)),
-    (("blocks.3.mod_mlp",), ("blocks.3.fc1",)),
-    (("blocks.3.fc1",), ("blocks.3.gelu",)),
-    (("blocks.3.gelu",), ("blocks.3.mlp",)),
-    (("blocks.3.res_msa", "blocks.3.mlp", "blocks.3.gate_mlp",), ("blocks.3.out",)),
-    ((), ("blocks.4.shift_msa",)),
-    ((), ("blocks.4.scale_msa",)),
-    ((), ("blocks.4.gate_msa",)),
-    ((), ("blocks.4.shift_mlp",)),
-    ((), ("blocks.4.scale_mlp",)),
-    ((), ("blocks.4.gate_mlp",)),
-    ((), ("blocks.4.norm1",)),
-    (("blocks.4.norm1", "blocks.4.shift_msa", "blocks.4.scale_msa",), ("blocks.4.mod_msa",)),
-    (("blocks.4.mod_msa",), ("blocks.4.attn",)),
-    (("blocks.3.out", "blocks.4.attn", "blocks.4.gate_msa",), ("blocks.4.res_msa",)),
-    ((), ("blocks.4.norm2",)),
-    (("blocks.4.norm2", "blocks.4.shift_mlp", "blocks.4.scale_mlp",), ("blocks.4.mod_mlp",)),
-    (("blocks.4.mod_mlp",), ("blocks.4.fc1",)),
-    (("blocks.4.fc1",), ("blocks.4.gelu",)),
-    (("blocks.4.gelu",), ("blocks.4.mlp",)),
-    (("blocks.4.res_msa", "blocks.4.mlp", "blocks.4.gate_mlp",), ("blocks.4.out",)),
-    ((), ("blocks.5.shift_msa",)),
-    ((), ("blocks.5.scale_msa",)),
-    ((), ("blocks.5.gate_msa",)),
-    ((), ("blocks.5.shift_mlp",)),
-    ((), ("blocks.5.scale_mlp",)),
-    ((), ("blocks.5.gate_mlp",)),
-    ((), ("blocks.5.norm1",)),
-    (("blocks.5.norm1", "blocks.5.shift_msa", "blocks.5.scale_msa",), ("blocks.5.mod_msa",)),
-    (("blocks.5.mod_msa",), ("blocks.5.attn",)),
-    (("blocks.4.out", "blocks.5.attn", "blocks.5.gate_msa",), ("blocks.5.res_msa",)),
-    ((), ("blocks.5.norm2",)),
-    (("blocks.5.norm2", "blocks.5.shift_mlp", "blocks.5.scale_mlp",), ("blocks.5.mod_mlp",)),
-    (("blocks.5.mod_mlp",), ("blocks.5.fc1",)),
-    (("blocks.5.fc1",), ("blocks.5.gelu",)),
-    (("blocks.5.gelu",), ("blocks.5.mlp",)),
-    (("blocks.5.res_msa", "blocks.5.mlp", "blocks.5.gate_mlp",), ("blocks.5.out",)),
-    ((), ("blocks.6.shift_msa",)),
-    ((), ("blocks.6.scale_msa",)),
-    ((), ("blocks.6.gate_msa",)),
-    ((), ("blocks.6.shift_mlp",)),
-    ((), ("blocks.6.scale_mlp",)),
-    ((), ("blocks.6.gate_mlp",)),
-    ((), ("blocks.6.norm1",)),
-    (("blocks.6.norm1", "blocks.6.shift_msa", "blocks.6.scale_msa",), ("blocks.6.mod_msa",)),
-    (("blocks.6.mod_msa",), ("blocks.6.attn",)),
-    (("blocks.5.out", "blocks.6.attn", "blocks.6.gate_msa",), ("blocks.6.res_msa",)),
-    ((), ("blocks.6.norm2",)),
-    (("blocks.6.norm2", "blocks.6.shift_mlp", "blocks.6.scale_mlp",), ("blocks.6.mod_mlp",)),
-    (("blocks.6.mod_mlp",), ("blocks.6.fc1",)),
-    (("blocks.6.fc1",), ("blocks.6.gelu",)),
-    (("blocks.6.gelu",), ("blocks.6.mlp",)),
-    (("blocks.6.res_msa", "blocks.6.mlp", "blocks.6.gate_mlp",), ("blocks.6.out",)),
-    ((), ("blocks.7.shift_msa",)),
-    ((), ("blocks.7.scale_msa",)),
-    ((), ("blocks.7.gate_msa",)),
-    ((), ("blocks.7.shift_mlp",)),
-    ((), ("blocks.7.scale_mlp",)),
-    ((), ("blocks.7.gate_mlp",)),
-    ((), ("blocks.7.norm1",)),
-    (("blocks.7.norm1", "blocks.7.shift_msa", "blocks.7.scale_msa",), ("blocks.7.mod_msa",)),
-    (("blocks.7.mod_msa",), ("blocks.7.attn",)),
-    (("blocks.6.out", "blocks.7.attn", "blocks.7.gate_msa",), ("blocks.7.res_msa",)),
-    ((), ("blocks.7.norm2",)),
-    (("blocks.7.norm2", "blocks.7.shift_mlp", "blocks.7.scale_mlp",), ("blocks.7.mod_mlp",)),
-    (("blocks.7.mod_mlp",), ("blocks.7.fc1",)),
-    (("blocks.7.fc1",), ("blocks.7.gelu",)),
-    (("blocks.7.gelu",), ("blocks.7.mlp",)),
-    (("blocks.7.res_msa", "blocks.7.mlp", "blocks.7.gate_mlp",), ("blocks.7.out",)),
-    ((), ("blocks.8.shift_msa",)),
-    ((), ("blocks.8.scale_msa",)),
-    ((), ("blocks.8.gate_msa",)),
-    ((), ("blocks.8.shift_mlp",)),
-    ((), ("blocks.8.scale_mlp",)),
-    ((), ("blocks.8.gate_mlp",)),
-    ((), ("blocks.8.norm1",)),
-    (("blocks.8.norm1", "blocks.8.shift_msa", "blocks.8.scale_msa",), ("blocks.8.mod_msa",)),
-    (("blocks.8.mod_msa",), ("blocks.8.attn",)),
-    (("blocks.7.out", "blocks.8.attn", "blocks.8.gate_msa",), ("blocks.8.res_msa",)),
-    ((), ("blocks.8.norm2",)),
-    (("blocks.8.norm2", "blocks.8.shift_mlp", "blocks.8.scale_mlp",), ("blocks.8.mod_mlp",)),
-    (("blocks.8.mod_mlp",), ("blocks.8.fc1",)),
-    (("blocks.8.fc1",), ("blocks.8.gelu",)),
-    (("blocks.8.gelu",), ("blocks.8.mlp",)),
-    (("blocks.8.res_msa", "blocks.8.mlp", "blocks.8.gate_mlp",), ("blocks.8.out",)),
-    ((), ("blocks.9.shift_msa",)),
-    ((), ("blocks.9.scale_msa",)),
-    ((), ("blocks.9.gate_msa",)),
-    ((), ("blocks.9.shift_mlp",)),
-    ((), ("blocks.9.scale_mlp",)),
-    ((), ("blocks.9.gate_mlp",)),
-    ((), ("blocks.9.norm1",)),
-    (("blocks.9.norm1", "blocks.9.shift_msa", "blocks.9.scale_msa",), ("blocks.9.mod_msa",)),
-    (("blocks.9.mod_msa",), ("blocks.9.attn",)),
-    (("blocks.8.out", "blocks.9.attn", "blocks.9.gate_msa",), ("blocks.9.res_msa",)),
-    ((), ("blocks.9.norm2",)),
-    (("blocks.9.norm2", "blocks.9.shift_mlp", "blocks.9.scale_mlp",), ("blocks.9.mod_mlp",)),
-    (("blocks.9.mod_mlp",), ("blocks.9.fc1",)),
-    (("blocks.9.fc1",), ("blocks.9.gelu",)),
-    (("blocks.9.gelu",), ("blocks.9.mlp",)),
-    (("blocks.9.res_msa", "blocks.9.mlp", "blocks.9.gate_mlp",), ("blocks.9.out",)),
-    ((), ("blocks.10.shift_msa",)),
-    ((), ("blocks.10.scale_msa",)),
-    ((), ("blocks.10.gate_msa",)),
-    ((), ("blocks.10.shift_mlp",)),
-    ((), ("blocks.10.scale_mlp",)),
-    ((), ("blocks.10.gate_mlp",)),
-    ((), ("blocks.10.norm1",)),
-    (("blocks.10.norm1", "blocks.10.shift_msa", "blocks.10.scale_msa",), ("blocks.10.mod_msa",)),
-    (("blocks.10.mod_msa",), ("blocks.10.attn",)),
-    (("blocks.9.out", "blocks.10.attn", "blocks.10.gate_msa",), ("blocks.10.res_msa",)),
-    ((), ("blocks.10.norm2",)),
-    (("blocks.10.norm2", "blocks.10.shift_mlp", "blocks.10.scale_mlp",), ("blocks.10.mod_mlp",)),
-    (("blocks.10.mod_mlp",), ("blocks.10.fc1",)),
-    (("blocks.10.fc1",), ("blocks.10.gelu",)),
-    (("blocks.10.gelu",), ("blocks.10.mlp",)),
-    (("blocks.10.res_msa", "blocks.10.mlp", "blocks.10.gate_mlp",), ("blocks.10.out",)),
-    ((), ("blocks.11.shift_msa",)),
-    ((), ("blocks.11.scale_msa",)),
-    ((), ("blocks.11.gate_msa",)),
-    ((), ("blocks.11.shift_mlp",)),
-    ((), ("blocks.11.scale_mlp",)),
-    ((), ("blocks.11.gate_mlp",)),
-    ((), ("blocks.11.norm1",)),
-    (("blocks.11.norm1", "blocks.11.shift_msa", "blocks.11.scale_msa",), ("blocks.11.mod_msa",)),
-    (("blocks.11.mod_msa",), ("blocks.11.attn",)),
-    (("blocks.10.out", "blocks.11.attn", "blocks.11.gate_msa",), ("blocks.11.res_msa",)),
-    ((), ("blocks.11.norm2",)),
-    (("blocks.11.norm2", "blocks.11.shift_mlp", "blocks.11.scale_mlp",), ("blocks.11.mod_mlp",)),
-    (("blocks.11.mod_mlp",), ("blocks.11.fc1",)),
-    (("blocks.11.fc1",), ("blocks.11.gelu",)),
-    (("blocks.11.gelu",), ("blocks.11.mlp",)),
-    (("blocks.11.res_msa", "blocks.11.mlp", "blocks.11.gate_mlp",), ("blocks.11.out",)),
-    ((), ("final.shift",)),
-    (("c_silu",), ("final.scale",)),
-    (("blocks.11.out",), ("final.norm",)),
-    (("final.norm", "final.shift", "final.scale",), ("final.mod",)),
-    (("final.mod",), ("final.out",)),
+#: The memory plan from the graph, one row per layer: the activation gradients the layer's backward
+#: writes first (it overwrites them), the gradients to release after its backward, and the values to
+#: release after its forward (nothing reads them again). See `Model.keep_intermediates`.
+MEMORY_PLAN: list[tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = [
+    (("x_patches",), ("x_proj",), ()),
+    (("x_proj",), ("x_tokens",), ("x_proj",)),
+    (("t_freq",), ("t_hidden",), ()),
+    (("t_hidden",), ("t_act",), ()),
+    (("t_act",), ("t_emb",), ()),
+    ((), ("y_emb",), ()),
+    (("t_emb", "y_emb",), ("c",), ("t_emb", "y_emb",)),
+    (("c",), ("c_silu",), ()),
+    ((), ("blocks.0.shift_msa",), ()),
+    ((), ("blocks.0.scale_msa",), ()),
+    ((), ("blocks.0.gate_msa",), ()),
+    ((), ("blocks.0.shift_mlp",), ()),
+    ((), ("blocks.0.scale_mlp",), ()),
+    ((), ("blocks.0.gate_mlp",), ()),
+    ((), ("blocks.0.norm1",), ()),
+    (("blocks.0.norm1", "blocks.0.shift_msa", "blocks.0.scale_msa",), ("blocks.0.mod_msa",), ("blocks.0.shift_msa", "blocks.0.scale_msa",)),
+    (("blocks.0.mod_msa",), ("blocks.0.attn",), ()),
+    (("x_tokens", "blocks.0.attn", "blocks.0.gate_msa",), ("blocks.0.res_msa",), ("x_tokens",)),
+    ((), ("blocks.0.norm2",), ()),
+    (("blocks.0.norm2", "blocks.0.shift_mlp", "blocks.0.scale_mlp",), ("blocks.0.mod_mlp",), ("blocks.0.shift_mlp", "blocks.0.scale_mlp",)),
+    (("blocks.0.mod_mlp",), ("blocks.0.fc1",), ()),
+    (("blocks.0.fc1",), ("blocks.0.gelu",), ()),
+    (("blocks.0.gelu",), ("blocks.0.mlp",), ()),
+    (("blocks.0.res_msa", "blocks.0.mlp", "blocks.0.gate_mlp",), ("blocks.0.out",), ("blocks.0.res_msa",)),
+    ((), ("blocks.1.shift_msa",), ()),
+    ((), ("blocks.1.scale_msa",), ()),
+    ((), ("blocks.1.gate_msa",), ()),
+    ((), ("blocks.1.shift_mlp",), ()),
+    ((), ("blocks.1.scale_mlp",), ()),
+    ((), ("blocks.1.gate_mlp",), ()),
+    ((), ("blocks.1.norm1",), ()),
+    (("blocks.1.norm1", "blocks.1.shift_msa", "blocks.1.scale_msa",), ("blocks.1.mod_msa",), ("blocks.1.shift_msa", "blocks.1.scale_msa",)),
+    (("blocks.1.mod_msa",), ("blocks.1.attn",), ()),
+    (("blocks.0.out", "blocks.1.attn", "blocks.1.gate_msa",), ("blocks.1.res_msa",), ("blocks.0.out",)),
+    ((), ("blocks.1.norm2",), ()),
+    (("blocks.1.norm2", "blocks.1.shift_mlp", "blocks.1.scale_mlp",), ("blocks.1.mod_mlp",), ("blocks.1.shift_mlp", "blocks.1.scale_mlp",)),
+    (("blocks.1.mod_mlp",), ("blocks.1.fc1",), ()),
+    (("blocks.1.fc1",), ("blocks.1.gelu",), ()),
+    (("blocks.1.gelu",), ("blocks.1.mlp",), ()),
+    (("blocks.1.res_msa", "blocks.1.mlp", "blocks.1.gate_mlp",), ("blocks.1.out",), ("blocks.1.res_msa",)),
+    ((), ("blocks.2.shift_msa",), ()),
+    ((), ("blocks.2.scale_msa",), ()),
+    ((), ("blocks.2.gate_msa",), ()),
+    ((), ("blocks.2.shift_mlp",), ()),
+    ((), ("blocks.2.scale_mlp",), ()),
+    ((), ("blocks.2.gate_mlp",), ()),
+    ((), ("blocks.2.norm1",), ()),
+    (("blocks.2.norm1", "blocks.2.shift_msa", "blocks.2.scale_msa",), ("blocks.2.mod_msa",), ("blocks.2.shift_msa", "blocks.2.scale_msa",)),
+    (("blocks.2.mod_msa",), ("blocks.2.attn",), ()),
+    (("blocks.1.out", "blocks.2.attn", "blocks.2.gate_msa",), ("blocks.2.res_msa",), ("blocks.1.out",)),
+    ((), ("blocks.2.norm2",), ()),
+    (("blocks.2.norm2", "blocks.2.shift_mlp", "blocks.2.scale_mlp",), ("blocks.2.mod_mlp",), ("blocks.2.shift_mlp", "blocks.2.scale_mlp",)),
+    (("blocks.2.mod_mlp",), ("blocks.2.fc1",), ()),
+    (("blocks.2.fc1",), ("blocks.2.gelu",), ()),
+    (("blocks.2.gelu",), ("blocks.2.mlp",), ()),
+    (("blocks.2.res_msa", "blocks.2.mlp", "blocks.2.gate_mlp",), ("blocks.2.out",), ("blocks.2.res_msa",)),
+    ((), ("blocks.3.shift_msa",), ()),
+    ((), ("blocks.3.scale_msa",), ()),
+    ((), ("blocks.3.gate_msa",), ()),
+    ((), ("blocks.3.shift_mlp",), ()),
+    ((), ("blocks.3.scale_mlp",), ()),
+    ((), ("blocks.3.gate_mlp",), ()),
+    ((), ("blocks.3.norm1",), ()),
+    (("blocks.3.norm1", "blocks.3.shift_msa", "blocks.3.scale_msa",), ("blocks.3.mod_msa",), ("blocks.3.shift_msa", "blocks.3.scale_msa",)),
+    (("blocks.3.mod_msa",), ("blocks.3.attn",), ()),
+    (("blocks.2.out", "blocks.3.attn", "blocks.3.gate_msa",), ("blocks.3.res_msa",), ("blocks.2.out",)),
+    ((), ("blocks.3.norm2",), ()),
+    (("blocks.3.norm2", "blocks.3.shift_mlp", "blocks.3.scale_mlp",), ("blocks.3.mod_mlp",), ("blocks.3.shift_mlp", "blocks.3.scale_mlp",)),
+    (("blocks.3.mod_mlp",), ("blocks.3.fc1",), ()),
+    (("blocks.3.fc1",), ("blocks.3.gelu",), ()),
+    (("blocks.3.gelu",), ("blocks.3.mlp",), ()),
+    (("blocks.3.res_msa", "blocks.3.mlp", "blocks.3.gate_mlp",), ("blocks.3.out",), ("blocks.3.res_msa",)),
+    ((), ("blocks.4.shift_msa",), ()),
+    ((), ("blocks.4.scale_msa",), ()),
+    ((), ("blocks.4.gate_msa",), ()),
+    ((), ("blocks.4.shift_mlp",), ()),
+    ((), ("blocks.4.scale_mlp",), ()),
+    ((), ("blocks.4.gate_mlp",), ()),
+    ((), ("blocks.4.norm1",), ()),
+    (("blocks.4.norm1", "blocks.4.shift_msa", "blocks.4.scale_msa",), ("blocks.4.mod_msa",), ("blocks.4.shift_msa", "blocks.4.scale_msa",)),
+    (("blocks.4.mod_msa",), ("blocks.4.attn",), ()),
+    (("blocks.3.out", "blocks.4.attn", "blocks.4.gate_msa",), ("blocks.4.res_msa",), ("blocks.3.out",)),
+    ((), ("blocks.4.norm2",), ()),
+    (("blocks.4.norm2", "blocks.4.shift_mlp", "blocks.4.scale_mlp",), ("blocks.4.mod_mlp",), ("blocks.4.shift_mlp", "blocks.4.scale_mlp",)),
+    (("blocks.4.mod_mlp",), ("blocks.4.fc1",), ()),
+    (("blocks.4.fc1",), ("blocks.4.gelu",), ()),
+    (("blocks.4.gelu",), ("blocks.4.mlp",), ()),
+    (("blocks.4.res_msa", "blocks.4.mlp", "blocks.4.gate_mlp",), ("blocks.4.out",), ("blocks.4.res_msa",)),
+    ((), ("blocks.5.shift_msa",), ()),
+    ((), ("blocks.5.scale_msa",), ()),
+    ((), ("blocks.5.gate_msa",), ()),
+    ((), ("blocks.5.shift_mlp",), ()),
+    ((), ("blocks.5.scale_mlp",), ()),
+    ((), ("blocks.5.gate_mlp",), ()),
+    ((), ("blocks.5.norm1",), ()),
+    (("blocks.5.norm1", "blocks.5.shift_msa", "blocks.5.scale_msa",), ("blocks.5.mod_msa",), ("blocks.5.shift_msa", "blocks.5.scale_msa",)),
+    (("blocks.5.mod_msa",), ("blocks.5.attn",), ()),
+    (("blocks.4.out", "blocks.5.attn", "blocks.5.gate_msa",), ("blocks.5.res_msa",), ("blocks.4.out",)),
+    ((), ("blocks.5.norm2",), ()),
+    (("blocks.5.norm2", "blocks.5.shift_mlp", "blocks.5.scale_mlp",), ("blocks.5.mod_mlp",), ("blocks.5.shift_mlp", "blocks.5.scale_mlp",)),
+    (("blocks.5.mod_mlp",), ("blocks.5.fc1",), ()),
+    (("blocks.5.fc1",), ("blocks.5.gelu",), ()),
+    (("blocks.5.gelu",), ("blocks.5.mlp",), ()),
+    (("blocks.5.res_msa", "blocks.5.mlp", "blocks.5.gate_mlp",), ("blocks.5.out",), ("blocks.5.res_msa",)),
+    ((), ("blocks.6.shift_msa",), ()),
+    ((), ("blocks.6.scale_msa",), ()),
+    ((), ("blocks.6.gate_msa",), ()),
+    ((), ("blocks.6.shift_mlp",), ()),
+    ((), ("blocks.6.scale_mlp",), ()),
+    ((), ("blocks.6.gate_mlp",), ()),
+    ((), ("blocks.6.norm1",), ()),
+    (("blocks.6.norm1", "blocks.6.shift_msa", "blocks.6.scale_msa",), ("blocks.6.mod_msa",), ("blocks.6.shift_msa", "blocks.6.scale_msa",)),
+    (("blocks.6.mod_msa",), ("blocks.6.attn",), ()),
+    (("blocks.5.out", "blocks.6.attn", "blocks.6.gate_msa",), ("blocks.6.res_msa",), ("blocks.5.out",)),
+    ((), ("blocks.6.norm2",), ()),
+    (("blocks.6.norm2", "blocks.6.shift_mlp", "blocks.6.scale_mlp",), ("blocks.6.mod_mlp",), ("blocks.6.shift_mlp", "blocks.6.scale_mlp",)),
+    (("blocks.6.mod_mlp",), ("blocks.6.fc1",), ()),
+    (("blocks.6.fc1",), ("blocks.6.gelu",), ()),
+    (("blocks.6.gelu",), ("blocks.6.mlp",), ()),
+    (("blocks.6.res_msa", "blocks.6.mlp", "blocks.6.gate_mlp",), ("blocks.6.out",), ("blocks.6.res_msa",)),
+    ((), ("blocks.7.shift_msa",), ()),
+    ((), ("blocks.7.scale_msa",), ()),
+    ((), ("blocks.7.gate_msa",), ()),
+    ((), ("blocks.7.shift_mlp",), ()),
+    ((), ("blocks.7.scale_mlp",), ()),
+    ((), ("blocks.7.gate_mlp",), ()),
+    ((), ("blocks.7.norm1",), ()),
+    (("blocks.7.norm1", "blocks.7.shift_msa", "blocks.7.scale_msa",), ("blocks.7.mod_msa",), ("blocks.7.shift_msa", "blocks.7.scale_msa",)),
+    (("blocks.7.mod_msa",), ("blocks.7.attn",), ()),
+    (("blocks.6.out", "blocks.7.attn", "blocks.7.gate_msa",), ("blocks.7.res_msa",), ("blocks.6.out",)),
+    ((), ("blocks.7.norm2",), ()),
+    (("blocks.7.norm2", "blocks.7.shift_mlp", "blocks.7.scale_mlp",), ("blocks.7.mod_mlp",), ("blocks.7.shift_mlp", "blocks.7.scale_mlp",)),
+    (("blocks.7.mod_mlp",), ("blocks.7.fc1",), ()),
+    (("blocks.7.fc1",), ("blocks.7.gelu",), ()),
+    (("blocks.7.gelu",), ("blocks.7.mlp",), ()),
+    (("blocks.7.res_msa", "blocks.7.mlp", "blocks.7.gate_mlp",), ("blocks.7.out",), ("blocks.7.res_msa",)),
+    ((), ("blocks.8.shift_msa",), ()),
+    ((), ("blocks.8.scale_msa",), ()),
+    ((), ("blocks.8.gate_msa",), ()),
+    ((), ("blocks.8.shift_mlp",), ()),
+    ((), ("blocks.8.scale_mlp",), ()),
+    ((), ("blocks.8.gate_mlp",), ()),
+    ((), ("blocks.8.norm1",), ()),
+    (("blocks.8.norm1", "blocks.8.shift_msa", "blocks.8.scale_msa",), ("blocks.8.mod_msa",), ("blocks.8.shift_msa", "blocks.8.scale_msa",)),
+    (("blocks.8.mod_msa",), ("blocks.8.attn",), ()),
+    (("blocks.7.out", "blocks.8.attn", "blocks.8.gate_msa",), ("blocks.8.res_msa",), ("blocks.7.out",)),
+    ((), ("blocks.8.norm2",), ()),
+    (("blocks.8.norm2", "blocks.8.shift_mlp", "blocks.8.scale_mlp",), ("blocks.8.mod_mlp",), ("blocks.8.shift_mlp", "blocks.8.scale_mlp",)),
+    (("blocks.8.mod_mlp",), ("blocks.8.fc1",), ()),
+    (("blocks.8.fc1",), ("blocks.8.gelu",), ()),
+    (("blocks.8.gelu",), ("blocks.8.mlp",), ()),
+    (("blocks.8.res_msa", "blocks.8.mlp", "blocks.8.gate_mlp",), ("blocks.8.out",), ("blocks.8.res_msa",)),
+    ((), ("blocks.9.shift_msa",), ()),
+    ((), ("blocks.9.scale_msa",), ()),
+    ((), ("blocks.9.gate_msa",), ()),
+    ((), ("blocks.9.shift_mlp",), ()),
+    ((), ("blocks.9.scale_mlp",), ()),
+    ((), ("blocks.9.gate_mlp",), ()),
+    ((), ("blocks.9.norm1",), ()),
+    (("blocks.9.norm1", "blocks.9.shift_msa", "blocks.9.scale_msa",), ("blocks.9.mod_msa",), ("blocks.9.shift_msa", "blocks.9.scale_msa",)),
+    (("blocks.9.mod_msa",), ("blocks.9.attn",), ()),
+    (("blocks.8.out", "blocks.9.attn", "blocks.9.gate_msa",), ("blocks.9.res_msa",), ("blocks.8.out",)),
+    ((), ("blocks.9.norm2",), ()),
+    (("blocks.9.norm2", "blocks.9.shift_mlp", "blocks.9.scale_mlp",), ("blocks.9.mod_mlp",), ("blocks.9.shift_mlp", "blocks.9.scale_mlp",)),
+    (("blocks.9.mod_mlp",), ("blocks.9.fc1",), ()),
+    (("blocks.9.fc1",), ("blocks.9.gelu",), ()),
+    (("blocks.9.gelu",), ("blocks.9.mlp",), ()),
+    (("blocks.9.res_msa", "blocks.9.mlp", "blocks.9.gate_mlp",), ("blocks.9.out",), ("blocks.9.res_msa",)),
+    ((), ("blocks.10.shift_msa",), ()),
+    ((), ("blocks.10.scale_msa",), ()),
+    ((), ("blocks.10.gate_msa",), ()),
+    ((), ("blocks.10.shift_mlp",), ()),
+    ((), ("blocks.10.scale_mlp",), ()),
+    ((), ("blocks.10.gate_mlp",), ()),
+    ((), ("blocks.10.norm1",), ()),
+    (("blocks.10.norm1", "blocks.10.shift_msa", "blocks.10.scale_msa",), ("blocks.10.mod_msa",), ("blocks.10.shift_msa", "blocks.10.scale_msa",)),
+    (("blocks.10.mod_msa",), ("blocks.10.attn",), ()),
+    (("blocks.9.out", "blocks.10.attn", "blocks.10.gate_msa",), ("blocks.10.res_msa",), ("blocks.9.out",)),
+    ((), ("blocks.10.norm2",), ()),
+    (("blocks.10.norm2", "blocks.10.shift_mlp", "blocks.10.scale_mlp",), ("blocks.10.mod_mlp",), ("blocks.10.shift_mlp", "blocks.10.scale_mlp",)),
+    (("blocks.10.mod_mlp",), ("blocks.10.fc1",), ()),
+    (("blocks.10.fc1",), ("blocks.10.gelu",), ()),
+    (("blocks.10.gelu",), ("blocks.10.mlp",), ()),
+    (("blocks.10.res_msa", "blocks.10.mlp", "blocks.10.gate_mlp",), ("blocks.10.out",), ("blocks.10.res_msa",)),
+    ((), ("blocks.11.shift_msa",), ()),
+    ((), ("blocks.11.scale_msa",), ()),
+    ((), ("blocks.11.gate_msa",), ()),
+    ((), ("blocks.11.shift_mlp",), ()),
+    ((), ("blocks.11.scale_mlp",), ()),
+    ((), ("blocks.11.gate_mlp",), ()),
+    ((), ("blocks.11.norm1",), ()),
+    (("blocks.11.norm1", "blocks.11.shift_msa", "blocks.11.scale_msa",), ("blocks.11.mod_msa",), ("blocks.11.shift_msa", "blocks.11.scale_msa",)),
+    (("blocks.11.mod_msa",), ("blocks.11.attn",), ()),
+    (("blocks.10.out", "blocks.11.attn", "blocks.11.gate_msa",), ("blocks.11.res_msa",), ("blocks.10.out",)),
+    ((), ("blocks.11.norm2",), ()),
+    (("blocks.11.norm2", "blocks.11.shift_mlp", "blocks.11.scale_mlp",), ("blocks.11.mod_mlp",), ("blocks.11.shift_mlp", "blocks.11.scale_mlp",)),
+    (("blocks.11.mod_mlp",), ("blocks.11.fc1",), ()),
+    (("blocks.11.fc1",), ("blocks.11.gelu",), ()),
+    (("blocks.11.gelu",), ("blocks.11.mlp",), ()),
+    (("blocks.11.res_msa", "blocks.11.mlp", "blocks.11.gate_mlp",), ("blocks.11.out",), ("blocks.11.res_msa",)),
+    ((), ("final.shift",), ()),
+    (("c_silu",), ("final.scale",), ()),
+    (("blocks.11.out",), ("final.norm",), ("blocks.11.out",)),
+    (("final.norm", "final.shift", "final.scale",), ("final.mod",), ("final.shift", "final.scale",)),
+    (("final.mod",), ("final.out",), ()),
 ]
 
 
@@ -1510,7 +1511,10 @@ class AdamW:
 class Model(BaseModel):
     """The compiled graph, one layer per op, in graph order."""
 
-    def __init__(self, next_tag: int = 0):
+    def __init__(self, keep_intermediates: bool = False, next_tag: int = 0):
+        """`keep_intermediates` keeps every activation's value and gradient for `value` and `grad` (as
+        `ditc verify` does); otherwise `MEMORY_PLAN` releases each as soon as nothing needs it."""
+        self.keep_intermediates = keep_intermediates
         self.alloc = Allocator(next_tag)
         self.tensors: dict[str, TensorMoments | Tensor] = {}
         self.torch_shapes: dict[str, tuple[int, ...]] = {}
@@ -1928,7 +1932,7 @@ class Model(BaseModel):
         # final.out = linear(final.mod, final_layer.linear.weight, final_layer.linear.bias) [final layer]
         self.linear("final.mod", "final_layer.linear.weight", "final_layer.linear.bias", "final.out", "ones[tokens,batch]")
         self.load_const("pos_embed", sincos_pos_embed(HIDDEN, GRID).T)
-        for layer, (first, _) in zip(layers, GRAD_PLAN):
+        for layer, (first, _, _) in zip(layers, MEMORY_PLAN):
             layer.overwrites = tuple(self.tensors[name] for name in first)
         activations = [t for name, t in self.tensors.items() if TENSORS[name][2] == "activation"]
         super().__init__(activations, layers)
@@ -2044,26 +2048,28 @@ class Model(BaseModel):
         self.set_value("x_patches", patchify(x))
         self.set_value("t_freq", timestep_sinusoid(t))
         self.set_labels("y", y)
-        self.forward_async()
+        for i, layer in enumerate(self.layers):
+            layer.forward_async()
+            self.release(MEMORY_PLAN[i][2], "value")
         nntile.starpu.wait_for_all()
         return unpatchify(self.value("final.out"))
 
-    def backward(self, grad_out: np.ndarray, input_grad: bool = True, keep_grads: bool = False) -> np.ndarray | None:
-        """Back-propagate `grad_out` [N, C_out, H, W]; returns the latent's gradient [N, C, H, W].
-        Activation gradients are released as backward passes them, unless `keep_grads` (for `grad`)."""
+    def backward(self, grad_out: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        """Back-propagate `grad_out` [N, C_out, H, W]; returns the latent's gradient [N, C, H, W]."""
         self.clear_parameters_grads()
         self.set_grad("final.out", unpatchify_grad(grad_out))
         for i in reversed(range(len(self.layers))):
-            self.backward_layer(i, keep_grads)
+            self.layers[i].backward_async()
+            self.release(MEMORY_PLAN[i][1], "grad")
         nntile.starpu.wait_for_all()
         return patchify_grad(self.grad("x_patches")) if input_grad else None
 
-    def backward_layer(self, i: int, keep_grads: bool = False) -> None:
-        """Submit layer i's backward, then release the gradients `GRAD_PLAN` says are done."""
-        self.layers[i].backward_async()
-        if not keep_grads:
-            for name in GRAD_PLAN[i][1]:
-                self.tensors[name].grad.invalidate_submit()
+    def release(self, names: tuple[str, ...], part: str) -> None:
+        """Hand the memory of these activations' values or gradients back to StarPU (after the tasks
+        already submitted on them); the next pass writes them before reading."""
+        if not self.keep_intermediates:
+            for name in names:
+                getattr(self.tensors[name], part).invalidate_submit()
 
     # -- training and profiling -----------------------------------------------------------------
     def adamw(self, lr: float, weight_decay: float = 0.0) -> AdamW:
@@ -2078,19 +2084,30 @@ class Model(BaseModel):
         nntile.starpu.wait_for_all()
         return float(np.mean(diff ** 2))
 
-    def profile_layers(self) -> dict[str, float]:
-        """Seconds per op kind of one forward and one backward, each layer run and waited on alone.
-        That removes the overlap StarPU finds between layers, so the sum exceeds a real step."""
+    def profile_layers(self, optimizer: AdamW | None = None, repeats: int = 3) -> dict[str, float]:
+        """Seconds per op kind of one forward, one backward and (given an optimiser) one step, after a
+        `forward`. Each layer is submitted `repeats` times and waited on once, which amortises StarPU's
+        1 ms wait polls but removes the overlap StarPU finds between layers: the sum exceeds a step."""
         seconds: dict[str, float] = defaultdict(float)
         self.clear_parameters_grads()
         clear_async(self.tensors["final.out"].grad)
-        order = list(range(len(self.layers)))
-        for direction, indices in (("forward", order), ("backward", order[::-1])):
-            for i in indices:
+        nntile.starpu.wait_for_all()
+        for direction in ("forward", "backward"):
+            order = range(len(self.layers)) if direction == "forward" else reversed(range(len(self.layers)))
+            for i in order:
+                layer = self.layers[i]
                 start = time.perf_counter()
-                self.layers[i].forward_async() if direction == "forward" else self.backward_layer(i)
+                for _ in range(repeats):
+                    layer.forward_async() if direction == "forward" else layer.backward_async()
                 nntile.starpu.wait_for_all()
-                seconds[f"{self.layer_kinds[i]} {direction}"] += time.perf_counter() - start
+                seconds[f"{self.layer_kinds[i]} {direction}"] += (time.perf_counter() - start) / repeats
+                if direction == "backward":
+                    self.release(MEMORY_PLAN[i][1], "grad")
+        if optimizer is not None:
+            start = time.perf_counter()
+            optimizer.step()
+            nntile.starpu.wait_for_all()
+            seconds["adamw step"] = time.perf_counter() - start
         return dict(seconds)
 
     def unregister(self) -> None:

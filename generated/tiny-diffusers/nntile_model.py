@@ -251,60 +251,61 @@ PARAMS: dict[str, tuple[str, tuple[int, int] | None, str]] = {
 }
 
 
-#: Backward's gradient plan, one row per layer: the activation gradients the layer writes first in
-#: backward (it overwrites them), and those to release after it (nothing reads them again).
-GRAD_PLAN: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
-    (("x_patches",), ("x_proj",)),
-    (("x_proj",), ("x_tokens",)),
-    ((), ("blocks.0.t_hidden",)),
-    (("blocks.0.t_hidden",), ("blocks.0.t_act",)),
-    (("blocks.0.t_act",), ("blocks.0.t_emb",)),
-    ((), ("blocks.0.y_emb",)),
-    (("blocks.0.t_emb", "blocks.0.y_emb",), ("blocks.0.c",)),
-    (("blocks.0.c",), ("blocks.0.c_silu",)),
-    ((), ("blocks.0.shift_msa",)),
-    ((), ("blocks.0.scale_msa",)),
-    ((), ("blocks.0.gate_msa",)),
-    ((), ("blocks.0.shift_mlp",)),
-    ((), ("blocks.0.scale_mlp",)),
-    ((), ("blocks.0.gate_mlp",)),
-    ((), ("blocks.0.norm1",)),
-    (("blocks.0.norm1", "blocks.0.shift_msa", "blocks.0.scale_msa",), ("blocks.0.mod_msa",)),
-    (("blocks.0.mod_msa",), ("blocks.0.attn",)),
-    (("x_tokens", "blocks.0.attn", "blocks.0.gate_msa",), ("blocks.0.res_msa",)),
-    ((), ("blocks.0.norm2",)),
-    (("blocks.0.norm2", "blocks.0.shift_mlp", "blocks.0.scale_mlp",), ("blocks.0.mod_mlp",)),
-    (("blocks.0.mod_mlp",), ("blocks.0.fc1",)),
-    (("blocks.0.fc1",), ("blocks.0.gelu",)),
-    (("blocks.0.gelu",), ("blocks.0.mlp",)),
-    (("blocks.0.res_msa", "blocks.0.mlp", "blocks.0.gate_mlp",), ("blocks.0.out",)),
-    (("t_freq",), ("blocks.1.t_hidden",)),
-    (("blocks.1.t_hidden",), ("blocks.1.t_act",)),
-    (("blocks.1.t_act",), ("blocks.1.t_emb",)),
-    ((), ("blocks.1.y_emb",)),
-    (("blocks.1.t_emb", "blocks.1.y_emb",), ("blocks.1.c",)),
-    (("blocks.1.c",), ("blocks.1.c_silu",)),
-    ((), ("blocks.1.shift_msa",)),
-    ((), ("blocks.1.scale_msa",)),
-    ((), ("blocks.1.gate_msa",)),
-    ((), ("blocks.1.shift_mlp",)),
-    ((), ("blocks.1.scale_mlp",)),
-    (("blocks.1.c_silu",), ("blocks.1.gate_mlp",)),
-    ((), ("blocks.1.norm1",)),
-    (("blocks.1.norm1", "blocks.1.shift_msa", "blocks.1.scale_msa",), ("blocks.1.mod_msa",)),
-    (("blocks.1.mod_msa",), ("blocks.1.attn",)),
-    (("blocks.0.out", "blocks.1.attn", "blocks.1.gate_msa",), ("blocks.1.res_msa",)),
-    ((), ("blocks.1.norm2",)),
-    (("blocks.1.norm2", "blocks.1.shift_mlp", "blocks.1.scale_mlp",), ("blocks.1.mod_mlp",)),
-    (("blocks.1.mod_mlp",), ("blocks.1.fc1",)),
-    (("blocks.1.fc1",), ("blocks.1.gelu",)),
-    (("blocks.1.gelu",), ("blocks.1.mlp",)),
-    (("blocks.1.res_msa", "blocks.1.mlp", "blocks.1.gate_mlp",), ("blocks.1.out",)),
-    ((), ("final.shift",)),
-    (("blocks.0.c_silu",), ("final.scale",)),
-    (("blocks.1.out",), ("final.norm",)),
-    (("final.norm", "final.shift", "final.scale",), ("final.mod",)),
-    (("final.mod",), ("final.out",)),
+#: The memory plan from the graph, one row per layer: the activation gradients the layer's backward
+#: writes first (it overwrites them), the gradients to release after its backward, and the values to
+#: release after its forward (nothing reads them again). See `Model.keep_intermediates`.
+MEMORY_PLAN: list[tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = [
+    (("x_patches",), ("x_proj",), ()),
+    (("x_proj",), ("x_tokens",), ("x_proj",)),
+    ((), ("blocks.0.t_hidden",), ()),
+    (("blocks.0.t_hidden",), ("blocks.0.t_act",), ()),
+    (("blocks.0.t_act",), ("blocks.0.t_emb",), ()),
+    ((), ("blocks.0.y_emb",), ()),
+    (("blocks.0.t_emb", "blocks.0.y_emb",), ("blocks.0.c",), ("blocks.0.t_emb", "blocks.0.y_emb",)),
+    (("blocks.0.c",), ("blocks.0.c_silu",), ()),
+    ((), ("blocks.0.shift_msa",), ()),
+    ((), ("blocks.0.scale_msa",), ()),
+    ((), ("blocks.0.gate_msa",), ()),
+    ((), ("blocks.0.shift_mlp",), ()),
+    ((), ("blocks.0.scale_mlp",), ()),
+    ((), ("blocks.0.gate_mlp",), ()),
+    ((), ("blocks.0.norm1",), ()),
+    (("blocks.0.norm1", "blocks.0.shift_msa", "blocks.0.scale_msa",), ("blocks.0.mod_msa",), ("blocks.0.shift_msa", "blocks.0.scale_msa",)),
+    (("blocks.0.mod_msa",), ("blocks.0.attn",), ()),
+    (("x_tokens", "blocks.0.attn", "blocks.0.gate_msa",), ("blocks.0.res_msa",), ("x_tokens",)),
+    ((), ("blocks.0.norm2",), ()),
+    (("blocks.0.norm2", "blocks.0.shift_mlp", "blocks.0.scale_mlp",), ("blocks.0.mod_mlp",), ("blocks.0.shift_mlp", "blocks.0.scale_mlp",)),
+    (("blocks.0.mod_mlp",), ("blocks.0.fc1",), ()),
+    (("blocks.0.fc1",), ("blocks.0.gelu",), ()),
+    (("blocks.0.gelu",), ("blocks.0.mlp",), ()),
+    (("blocks.0.res_msa", "blocks.0.mlp", "blocks.0.gate_mlp",), ("blocks.0.out",), ("blocks.0.res_msa",)),
+    (("t_freq",), ("blocks.1.t_hidden",), ()),
+    (("blocks.1.t_hidden",), ("blocks.1.t_act",), ()),
+    (("blocks.1.t_act",), ("blocks.1.t_emb",), ()),
+    ((), ("blocks.1.y_emb",), ()),
+    (("blocks.1.t_emb", "blocks.1.y_emb",), ("blocks.1.c",), ("blocks.1.t_emb", "blocks.1.y_emb",)),
+    (("blocks.1.c",), ("blocks.1.c_silu",), ()),
+    ((), ("blocks.1.shift_msa",), ()),
+    ((), ("blocks.1.scale_msa",), ()),
+    ((), ("blocks.1.gate_msa",), ()),
+    ((), ("blocks.1.shift_mlp",), ()),
+    ((), ("blocks.1.scale_mlp",), ()),
+    (("blocks.1.c_silu",), ("blocks.1.gate_mlp",), ()),
+    ((), ("blocks.1.norm1",), ()),
+    (("blocks.1.norm1", "blocks.1.shift_msa", "blocks.1.scale_msa",), ("blocks.1.mod_msa",), ("blocks.1.shift_msa", "blocks.1.scale_msa",)),
+    (("blocks.1.mod_msa",), ("blocks.1.attn",), ()),
+    (("blocks.0.out", "blocks.1.attn", "blocks.1.gate_msa",), ("blocks.1.res_msa",), ("blocks.0.out",)),
+    ((), ("blocks.1.norm2",), ()),
+    (("blocks.1.norm2", "blocks.1.shift_mlp", "blocks.1.scale_mlp",), ("blocks.1.mod_mlp",), ("blocks.1.shift_mlp", "blocks.1.scale_mlp",)),
+    (("blocks.1.mod_mlp",), ("blocks.1.fc1",), ()),
+    (("blocks.1.fc1",), ("blocks.1.gelu",), ()),
+    (("blocks.1.gelu",), ("blocks.1.mlp",), ()),
+    (("blocks.1.res_msa", "blocks.1.mlp", "blocks.1.gate_mlp",), ("blocks.1.out",), ("blocks.1.res_msa",)),
+    ((), ("final.shift",), ()),
+    (("blocks.0.c_silu",), ("final.scale",), ()),
+    (("blocks.1.out",), ("final.norm",), ("blocks.1.out",)),
+    (("final.norm", "final.shift", "final.scale",), ("final.mod",), ("final.shift", "final.scale",)),
+    (("final.mod",), ("final.out",), ()),
 ]
 
 
@@ -732,7 +733,10 @@ class AdamW:
 class Model(BaseModel):
     """The compiled graph, one layer per op, in graph order."""
 
-    def __init__(self, next_tag: int = 0):
+    def __init__(self, keep_intermediates: bool = False, next_tag: int = 0):
+        """`keep_intermediates` keeps every activation's value and gradient for `value` and `grad` (as
+        `ditc verify` does); otherwise `MEMORY_PLAN` releases each as soon as nothing needs it."""
+        self.keep_intermediates = keep_intermediates
         self.alloc = Allocator(next_tag)
         self.tensors: dict[str, TensorMoments | Tensor] = {}
         self.torch_shapes: dict[str, tuple[int, ...]] = {}
@@ -842,7 +846,7 @@ class Model(BaseModel):
         # final.out = linear(final.mod, proj_out_2.weight, proj_out_2.bias) [final layer]
         self.linear("final.mod", "proj_out_2.weight", "proj_out_2.bias", "final.out", "ones[tokens,batch]")
         self.load_const("pos_embed", sincos_pos_embed(HIDDEN, GRID).T)
-        for layer, (first, _) in zip(layers, GRAD_PLAN):
+        for layer, (first, _, _) in zip(layers, MEMORY_PLAN):
             layer.overwrites = tuple(self.tensors[name] for name in first)
         activations = [t for name, t in self.tensors.items() if TENSORS[name][2] == "activation"]
         super().__init__(activations, layers)
@@ -958,26 +962,28 @@ class Model(BaseModel):
         self.set_value("x_patches", patchify(x))
         self.set_value("t_freq", timestep_sinusoid(t))
         self.set_labels("y", y)
-        self.forward_async()
+        for i, layer in enumerate(self.layers):
+            layer.forward_async()
+            self.release(MEMORY_PLAN[i][2], "value")
         nntile.starpu.wait_for_all()
         return unpatchify(self.value("final.out"))
 
-    def backward(self, grad_out: np.ndarray, input_grad: bool = True, keep_grads: bool = False) -> np.ndarray | None:
-        """Back-propagate `grad_out` [N, C_out, H, W]; returns the latent's gradient [N, C, H, W].
-        Activation gradients are released as backward passes them, unless `keep_grads` (for `grad`)."""
+    def backward(self, grad_out: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        """Back-propagate `grad_out` [N, C_out, H, W]; returns the latent's gradient [N, C, H, W]."""
         self.clear_parameters_grads()
         self.set_grad("final.out", unpatchify_grad(grad_out))
         for i in reversed(range(len(self.layers))):
-            self.backward_layer(i, keep_grads)
+            self.layers[i].backward_async()
+            self.release(MEMORY_PLAN[i][1], "grad")
         nntile.starpu.wait_for_all()
         return patchify_grad(self.grad("x_patches")) if input_grad else None
 
-    def backward_layer(self, i: int, keep_grads: bool = False) -> None:
-        """Submit layer i's backward, then release the gradients `GRAD_PLAN` says are done."""
-        self.layers[i].backward_async()
-        if not keep_grads:
-            for name in GRAD_PLAN[i][1]:
-                self.tensors[name].grad.invalidate_submit()
+    def release(self, names: tuple[str, ...], part: str) -> None:
+        """Hand the memory of these activations' values or gradients back to StarPU (after the tasks
+        already submitted on them); the next pass writes them before reading."""
+        if not self.keep_intermediates:
+            for name in names:
+                getattr(self.tensors[name], part).invalidate_submit()
 
     # -- training and profiling -----------------------------------------------------------------
     def adamw(self, lr: float, weight_decay: float = 0.0) -> AdamW:
@@ -992,19 +998,30 @@ class Model(BaseModel):
         nntile.starpu.wait_for_all()
         return float(np.mean(diff ** 2))
 
-    def profile_layers(self) -> dict[str, float]:
-        """Seconds per op kind of one forward and one backward, each layer run and waited on alone.
-        That removes the overlap StarPU finds between layers, so the sum exceeds a real step."""
+    def profile_layers(self, optimizer: AdamW | None = None, repeats: int = 3) -> dict[str, float]:
+        """Seconds per op kind of one forward, one backward and (given an optimiser) one step, after a
+        `forward`. Each layer is submitted `repeats` times and waited on once, which amortises StarPU's
+        1 ms wait polls but removes the overlap StarPU finds between layers: the sum exceeds a step."""
         seconds: dict[str, float] = defaultdict(float)
         self.clear_parameters_grads()
         clear_async(self.tensors["final.out"].grad)
-        order = list(range(len(self.layers)))
-        for direction, indices in (("forward", order), ("backward", order[::-1])):
-            for i in indices:
+        nntile.starpu.wait_for_all()
+        for direction in ("forward", "backward"):
+            order = range(len(self.layers)) if direction == "forward" else reversed(range(len(self.layers)))
+            for i in order:
+                layer = self.layers[i]
                 start = time.perf_counter()
-                self.layers[i].forward_async() if direction == "forward" else self.backward_layer(i)
+                for _ in range(repeats):
+                    layer.forward_async() if direction == "forward" else layer.backward_async()
                 nntile.starpu.wait_for_all()
-                seconds[f"{self.layer_kinds[i]} {direction}"] += time.perf_counter() - start
+                seconds[f"{self.layer_kinds[i]} {direction}"] += (time.perf_counter() - start) / repeats
+                if direction == "backward":
+                    self.release(MEMORY_PLAN[i][1], "grad")
+        if optimizer is not None:
+            start = time.perf_counter()
+            optimizer.step()
+            nntile.starpu.wait_for_all()
+            seconds["adamw step"] = time.perf_counter() - start
         return dict(seconds)
 
     def unregister(self) -> None:
