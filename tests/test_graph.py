@@ -77,9 +77,12 @@ def test_auto_tiling_is_legal_and_bounded(preset, batch):
     sizes = axis_sizes(model, batch)
     tiles = resolve_tiles(model, batch, TilingSpec())
     assert model.num_heads % tiles["heads"] == 0
+    ntiles = {axis: -(-sizes[axis] // tiles[axis]) for axis in sizes}
     for axis, (cap, n_min) in AUTO_RULE.items():
         assert 1 <= tiles[axis] <= min(cap, sizes[axis])
-        assert -(-sizes[axis] // tiles[axis]) >= min(n_min, sizes[axis])
+        assert ntiles[axis] >= min(n_min, sizes[axis])
+    # both workers of a 2-core machine get a tile of every token tensor
+    assert ntiles["hidden"] * ntiles["tokens"] * ntiles["batch"] >= 2
     lower(Spec(name="p", source="p.yaml", model=model, batch=batch)).lint()
 
 
