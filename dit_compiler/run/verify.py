@@ -195,7 +195,7 @@ def verify(graph: Graph, build_dir: Path, *, seed: int = 0, ncpus: int = 2, orac
 
 def format_report(report: Report) -> str:
     lines = [f"ditc verify: {report.spec}",
-             "tiling: " + ", ".join(f"{k} {v['size']}/{v['tile']} ({v['tiles']} tiles)" for k, v in report.tiling.items())]
+             "tiling: " + ", ".join(f"{k} {v['size']}/{v['tile']} ({v['tiles']} tile{'s' * (v['tiles'] > 1)})" for k, v in report.tiling.items())]
     if report.rows:
         lines.append(f"{'component':<20} {'forward':>10} {'input grad':>11} {'param grad':>11}")
         for row in report.rows:
