@@ -134,7 +134,8 @@ def cmd_bench(args) -> int:
     if status != "ran":
         print(f"note: {status}; timing torch alone", file=sys.stderr)
     report = bench(lower(spec), build_dir, ncpus=args.ncpus, warmup=args.warmup, repeats=args.repeats,
-                   profile=args.profile, sides=sides, progress=lambda line: print(f"[bench] {line}", flush=True))
+                   profile=args.profile, sides=sides, rounds=args.rounds,
+                   progress=lambda line: print(f"[bench] {line}", flush=True))
     print(format_bench(report))
     if args.json:
         from dit_compiler.build import write_text_atomic
@@ -190,6 +191,8 @@ def parser() -> argparse.ArgumentParser:
                 "StarPU workers and torch threads (default: $STARPU_NCPU or all cores)")
     s.add_argument("--warmup", type=_count(0), default=1)
     s.add_argument("--repeats", type=_count(1), default=5)
+    s.add_argument("--rounds", type=_count(1), default=1,
+                   help="alternate the sides this many times, fresh processes each, and pool the times")
     s.add_argument("--profile", action="store_true", help="time per op kind (NNTile layers, torch profiler)")
     s.set_defaults(func=cmd_bench)
 
