@@ -108,6 +108,8 @@ def test_adamw_training_steps_match_torch(tmp_path, weight_decay):
             losses = [model.train_step(inputs.x.numpy(), inputs.t.numpy(), inputs.y.numpy(), target, optimizer)
                       for _ in range(3)]
             trained = model.state_dict()
+            with pytest.raises(RuntimeError, match="keep_intermediates=True"):
+                model.value("blocks.0.out")  # released after use: a clear error, not a StarPU abort
         finally:
             optimizer.unregister()
             model.unregister()

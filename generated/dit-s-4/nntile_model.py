@@ -1966,10 +1966,18 @@ class Model(BaseModel):
 
     def value(self, name: str) -> np.ndarray:
         """Activation `name` in torch layout (axes reversed)."""
-        return self._read(self.tensors[name].value).T
+        return self._read(self._kept(name, "value", 2)).T
 
     def grad(self, name: str) -> np.ndarray:
-        return self._read(self.tensors[name].grad).T
+        """The gradient of activation `name` after `backward`, in torch layout."""
+        return self._read(self._kept(name, "grad", 1)).T
+
+    def _kept(self, name: str, part: str, column: int) -> Tensor:
+        """A released tensor has no data to read (StarPU would abort): say so instead."""
+        if not self.keep_intermediates and any(name in row[column] for row in MEMORY_PLAN):
+            raise RuntimeError(f"the {part} of {name} is released once used; "
+                               "build Model(keep_intermediates=True) to read it")
+        return getattr(self.tensors[name], part)
 
     @staticmethod
     def _read(tensor: Tensor) -> np.ndarray:
