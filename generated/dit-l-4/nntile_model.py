@@ -3445,17 +3445,16 @@ class Model(BaseModel):
         self.clear_parameters_grads()
         clear_async(self.tensors["final.out"].grad)
         nntile.starpu.wait_for_all()
-        for direction in ("forward", "backward"):
-            order = range(len(self.layers)) if direction == "forward" else reversed(range(len(self.layers)))
-            for i in order:
-                layer = self.layers[i]
+        order = range(len(self.layers))
+        for direction, indices, column, part in (("forward", order, 2, "value"), ("backward", order[::-1], 1, "grad")):
+            for i in indices:
+                run = getattr(self.layers[i], f"{direction}_async")
                 start = time.perf_counter()
                 for _ in range(repeats):
-                    layer.forward_async() if direction == "forward" else layer.backward_async()
+                    run()
                 nntile.starpu.wait_for_all()
                 seconds[f"{self.layer_kinds[i]} {direction}"] += (time.perf_counter() - start) / repeats
-                if direction == "backward":
-                    self.release(MEMORY_PLAN[i][1], "grad")
+                self.release(MEMORY_PLAN[i][column], part)  # after the repeats, which read what it frees
         if optimizer is not None:
             start = time.perf_counter()
             optimizer.step()
