@@ -35,6 +35,7 @@ class SideResult:
     step_s: list[float]
     peak_rss_mib: float
     profile: dict[str, float]          # seconds per op kind (one training step), when asked
+    scheduler: str = ""                # StarPU's scheduling policy (NNTile side)
 
 
 @dataclass
@@ -72,7 +73,8 @@ def format_bench(report: BenchReport) -> str:
     lines = [f"ditc bench: {report.spec}, batch {report.batch}, {report.warmup} warm-up + {report.repeats} "
              f"measured runs" + (f" in each of {report.rounds} alternating rounds" if report.rounds > 1 else "")]
     for name, side in report.sides.items():
-        what = f"{side.threads} StarPU CPU workers" if name == "nntile" else f"{side.threads} torch threads"
+        what = (f"{side.threads} StarPU CPU workers, scheduler {side.scheduler}" if name == "nntile"
+                else f"{side.threads} torch threads")
         lines += [f"{name} ({what}):",
                   f"  forward     {_stats(side.forward_s)}",
                   f"  train step  {_stats(side.step_s)}   {s[name]['images_per_s_train']:.2f} images/s",
@@ -102,7 +104,7 @@ def bench(graph: Graph, build_dir: Path, *, ncpus: int, warmup: int = 1, repeats
                 first = results[side]
                 result = SideResult(side, first.threads, first.forward_s + result.forward_s,
                                     first.step_s + result.step_s, max(first.peak_rss_mib, result.peak_rss_mib),
-                                    first.profile)
+                                    first.profile, first.scheduler)
             results[side] = result
     return BenchReport(graph.spec.name, graph.axes["batch"].size, ncpus, warmup, repeats, results, rounds)
 
@@ -190,7 +192,8 @@ def _worker(side: str, build_dir: Path, ncpus: int, warmup: int, repeats: int, p
         finally:
             optimizer.unregister()
             model.unregister()
-    return SideResult(side, ncpus, forward_s, step_s, _peak_rss_mib(), kinds)
+        scheduler = os.environ["STARPU_SCHED"]  # the runtime's default unless the caller set one
+    return SideResult(side, ncpus, forward_s, step_s, _peak_rss_mib(), kinds, scheduler)
 
 
 def _peak_rss_mib() -> float:

@@ -2049,9 +2049,14 @@ MEMORY_PLAN: list[tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = [
 
 @contextlib.contextmanager
 def nntile_runtime(ncpus: int | None = None):
-    """Start StarPU on `ncpus` CPU workers (default $STARPU_NCPU or all cores) and shut it down on exit."""
+    """Start StarPU on `ncpus` CPU workers (default $STARPU_NCPU or all cores) and shut it down on exit.
+
+    The scheduler is $STARPU_SCHED, by default `lws` (locality work stealing) rather than NNTile's
+    `dmda`: on CPU workers dmda's transfer and history models buy nothing, and lws runs a task where
+    its inputs were just written (DiT-S/2 batch 8 training step, 2 workers: 3.31 s against 3.63 s)."""
     ncpus = ncpus or int(os.environ.get("STARPU_NCPU", os.cpu_count() or 1))
     os.environ.setdefault("STARPU_SILENT", "1")
+    os.environ.setdefault("STARPU_SCHED", "lws")
     config = nntile.starpu.Config(ncpus, 0, 0)
     nntile.starpu.init()
     try:
