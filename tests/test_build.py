@@ -176,3 +176,19 @@ def test_memory_plan_releases_each_activation_once_nothing_reads_it():
     assert {v for row in plan for v in row["values"]} >= {"blocks.0.res_msa", "blocks.0.out"}
     for i, node in enumerate(device):
         assert list(plan[i]["grads"]) == [o for o in node.outputs if graph.tensors[o].role == "activation"]
+
+
+def test_memory_plan_refuses_a_parameter_two_ops_read():
+    """ditc's NNTile layers overwrite parameter gradients, which is only right while each parameter has
+    one reader: a graph where two ops share a weight is refused instead of losing a gradient."""
+    from dataclasses import replace
+
+    from dit_compiler.emit.nntile_emitter import _memory_plan
+    graph = compile_spec(load_spec(SPECS / "tiny.yaml")).graph
+    device = [n for n in graph.nodes if not n.host]
+    first, second = [i for i, n in enumerate(device) if n.op == "linear"][:2]
+    inputs = list(device[second].inputs)
+    inputs[1] = device[first].inputs[1]
+    device[second] = replace(device[second], inputs=tuple(inputs))
+    with pytest.raises(ValueError, match=device[first].inputs[1]):
+        _memory_plan(graph, device)

@@ -5,6 +5,8 @@ main) is another emitter beside this one, reading the same graph.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 from dit_compiler.emit.env import header, render
 from dit_compiler.graph.ir import Graph, Node
 
@@ -74,7 +76,12 @@ def _memory_plan(graph: Graph, device_nodes: list[Node]) -> list[dict]:
     - `grads`: the gradients to release after its backward (it made them; nothing reads them again);
     - `values`: the values to release after its forward (it is their last reader, and no backward
       reads them: the residual stream, for one).
-    The seeded gradient is never written by a layer, and values the host reads are never released."""
+    The seeded gradient is never written by a layer, and values the host reads are never released.
+    Parameter gradients are overwritten by the one layer that reads the parameter."""
+    readers = Counter(name for n in device_nodes for name in n.inputs if graph.tensors[name].role == "param")
+    shared = [name for name, count in readers.items() if count > 1]
+    if shared:
+        raise ValueError(f"parameters read by several ops: {', '.join(shared)}; their gradients would be overwritten")
     host_read = {name for n in graph.nodes if n.host for name in n.inputs}
     last_reader: dict[str, int] = {}
     backward_reads = set()

@@ -2173,7 +2173,8 @@ class Allocator:
 class _Layer(BaseLayer):
     """Base of the layers below. `overwrites` holds the inputs whose gradient this layer writes first in
     backward: it overwrites them (beta 0, a write StarPU orders after the layer's own inputs), so no
-    gradient is zeroed ahead of time, and each is allocated only when backward reaches it."""
+    gradient is zeroed ahead of time, and each is allocated only when backward reaches it. Parameter
+    gradients are overwritten too: each parameter belongs to one layer (the emitter checks)."""
 
     overwrites: tuple[TensorMoments, ...] = ()
 
@@ -2370,8 +2371,8 @@ class Attention(_Composed):
 
     def backward_async(self) -> None:
         dy, q, k, v = self.y.grad, *self.qkv
-        gemm_async(1.0, notrans, dy, trans, self.ones, 1.0, self.b_o.grad, 2, 0)
-        gemm_async(1.0, notrans, dy, trans, self.out_merged, 1.0, self.w_o.grad, 2, 0)
+        gemm_async(1.0, notrans, dy, trans, self.ones, 0.0, self.b_o.grad, 2, 0)
+        gemm_async(1.0, notrans, dy, trans, self.out_merged, 0.0, self.w_o.grad, 2, 0)
         gemm_async(1.0, trans, self.w_o.value, notrans, dy, 0.0, self.merged, 1, 0)
         d_out = self.split
         transpose_async(1.0, self.merged, d_out, 1)
@@ -2395,8 +2396,8 @@ class Attention(_Composed):
         for w, b, d_part in zip(self.w_in, self.b_in, self.d_qkv):
             transpose_async(1.0, d_part, self.merged, 3)
             d_part.invalidate_submit()
-            gemm_async(1.0, notrans, self.merged, trans, self.ones, 1.0, b.grad, 2, 0)
-            gemm_async(1.0, notrans, self.merged, trans, self.x.value, 1.0, w.grad, 2, 0)
+            gemm_async(1.0, notrans, self.merged, trans, self.ones, 0.0, b.grad, 2, 0)
+            gemm_async(1.0, notrans, self.merged, trans, self.x.value, 0.0, w.grad, 2, 0)
             gemm_async(1.0, trans, w.value, notrans, self.merged, x_beta, self.x.grad, 2, 0)
             x_beta = 1.0
         self.merged.invalidate_submit()
@@ -2418,8 +2419,8 @@ class Linear(_Layer):
 
     def backward_async(self) -> None:
         batch_axes = self.x.value.ndim - 1
-        gemm_async(1.0, notrans, self.y.grad, trans, self.x.value, 1.0, self.w.grad, batch_axes, 0)
-        gemm_async(1.0, notrans, self.y.grad, trans, self.ones, 1.0, self.b.grad, batch_axes, 0)
+        gemm_async(1.0, notrans, self.y.grad, trans, self.x.value, 0.0, self.w.grad, batch_axes, 0)
+        gemm_async(1.0, notrans, self.y.grad, trans, self.ones, 0.0, self.b.grad, batch_axes, 0)
         gemm_async(1.0, trans, self.w.value, notrans, self.y.grad, self.beta(self.x), self.x.grad, 1, 0)
 
 
@@ -3455,13 +3456,22 @@ class Model(BaseModel):
 
     def backward(self, grad_out: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """Back-propagate `grad_out` [N, C_out, H, W]; returns the latent's gradient [N, C, H, W]."""
-        self.clear_parameters_grads()
+        self.clear_accumulated_grads()
         self.set_grad("final.out", unpatchify_grad(grad_out))
         for i in reversed(range(len(self.layers))):
             self.layers[i].backward_async()
             self.release(MEMORY_PLAN[i][1], "grad")
         nntile.starpu.wait_for_all()
         return patchify_grad(self.grad("x_patches")) if input_grad else None
+
+    def clear_accumulated_grads(self) -> None:
+        """Zero the parameter gradients that a layer accumulates into: those of NNTile's own layers
+        (ditc's layers overwrite theirs, so their gradients need no clearing pass and no memory
+        before backward reaches them)."""
+        for layer in self.layers:
+            if not isinstance(layer, _Layer):
+                for param in layer.parameters:
+                    clear_async(param.grad)
 
     def release(self, names: tuple[str, ...], part: str) -> None:
         """Hand the memory of these activations' values or gradients back to StarPU (after the tasks
@@ -3488,7 +3498,7 @@ class Model(BaseModel):
         `forward`. Each layer is submitted `repeats` times and waited on once, which amortises StarPU's
         1 ms wait polls but removes the overlap StarPU finds between layers: the sum exceeds a step."""
         seconds: dict[str, float] = defaultdict(float)
-        self.clear_parameters_grads()
+        self.clear_accumulated_grads()
         clear_async(self.tensors["final.out"].grad)
         nntile.starpu.wait_for_all()
         order = range(len(self.layers))
