@@ -148,7 +148,7 @@ def cmd_sweep(args) -> int:
     from dit_compiler.run.sweep import run_sweep
 
     sweep, results, out = run_sweep(args.sweep, args.out, verify_it=args.verify, bench_it=args.bench,
-                                    resume=args.resume, ncpus=args.ncpus)
+                                    resume=args.resume, ncpus=args.ncpus, rounds=args.rounds)
     for r in results:
         extra = f": {r.errors[0]}" if r.errors else ""
         print(f"{r.name:<40} {r.status}{extra}")
@@ -202,6 +202,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--verify", action="store_true", help="also run ditc verify on every point")
     s.add_argument("--bench", action="store_true", help="also run ditc bench on every point")
     s.add_argument("--resume", action="store_true", help="skip points an earlier run finished")
+    s.add_argument("--rounds", type=_count(1), default=1,
+                   help="with --bench: benchmark every point this many times in passes over all the points, "
+                        "pooling each point's times (use 2 or more on a shared machine)")
     s.add_argument("--ncpus", type=_count(1), default=_default_ncpus())
     s.set_defaults(func=cmd_sweep)
     return p

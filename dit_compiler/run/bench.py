@@ -100,13 +100,14 @@ def bench(graph: Graph, build_dir: Path, *, ncpus: int, warmup: int = 1, repeats
             where = f" (round {round_ + 1}/{rounds})" if rounds > 1 else ""
             progress(f"{side}: {warmup} warm-up + {repeats} measured runs in a fresh process{where}")
             result = _run_worker(side, build_dir, ncpus, warmup, repeats, profile and round_ == 0)
-            if side in results:  # pool the rounds: all times, the highest peak, the first profile
-                first = results[side]
-                result = SideResult(side, first.threads, first.forward_s + result.forward_s,
-                                    first.step_s + result.step_s, max(first.peak_rss_mib, result.peak_rss_mib),
-                                    first.profile, first.scheduler)
-            results[side] = result
+            results[side] = pooled(results[side], result) if side in results else result
     return BenchReport(graph.spec.name, graph.axes["batch"].size, ncpus, warmup, repeats, results, rounds)
+
+
+def pooled(first: SideResult, more: SideResult) -> SideResult:
+    """Two runs of one side as one: all their times, the higher peak, the first profile."""
+    return SideResult(first.side, first.threads, first.forward_s + more.forward_s, first.step_s + more.step_s,
+                      max(first.peak_rss_mib, more.peak_rss_mib), first.profile, first.scheduler)
 
 
 def _run_worker(side: str, build_dir: Path, ncpus: int, warmup: int, repeats: int, profile: bool) -> SideResult:

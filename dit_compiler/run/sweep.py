@@ -23,7 +23,7 @@ import io
 import itertools
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,8 @@ class PointResult:
     status: str                                      # ok, invalid, failed
     errors: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    rounds: int = 0                                  # benchmark rounds done
+    nntile_bench: dict[str, Any] = field(default_factory=dict)  # NNTile's times pooled over the rounds
 
 
 def _fail(path: Path, message: str) -> SpecError:
@@ -106,35 +108,52 @@ def apply_overrides(base: dict, overrides: dict[str, Any], name: str) -> dict:
     return data
 
 
-def _bench_metrics(built, folder: Path, ncpus: int, torch_cache: dict) -> dict[str, float]:
-    """NNTile for every point; torch once per distinct reference (tiling does not change torch's model)."""
-    from dit_compiler.run.bench import bench
+def _bench_round(result: PointResult, graph, folder: Path, ncpus: int, torch_cache: dict) -> None:
+    """One more benchmark round of a point, pooled with its earlier rounds. NNTile runs every round;
+    torch once per round and distinct model (tiling does not change torch's module), pooled likewise."""
+    from dit_compiler.run.bench import BenchReport, SideResult, bench, pooled
 
-    spec = built.graph.spec.to_dict()
+    spec = graph.spec.to_dict()
     key = json.dumps({k: spec[k] for k in ("model", "batch", "precision")}, sort_keys=True)
-    sides = ("nntile",) if key in torch_cache else ("nntile", "torch")
-    report = bench(built.graph, folder, ncpus=ncpus, sides=sides, progress=lambda _: None)
-    torch_cache.setdefault(key, report.sides.get("torch"))
-    report.sides["torch"] = torch_cache[key]
-    summary = report.summary()
-    metrics = {f"{side}_{k}": v for side in ("nntile", "torch") for k, v in summary[side].items()}
-    return metrics | {f"ratio_{k}": v for k, v in summary["ratio"].items()}
+    round_ = result.rounds + 1
+    torch_rounds, torch_side = torch_cache.get(key, (0, None))
+    sides = ("nntile", "torch") if torch_rounds < round_ else ("nntile",)
+    report = bench(graph, folder, ncpus=ncpus, sides=sides, progress=lambda _: None)
+    if "torch" in sides:
+        torch_side = pooled(torch_side, report.sides["torch"]) if torch_side else report.sides["torch"]
+        torch_cache[key] = (round_, torch_side)
+    nntile = report.sides["nntile"]
+    if result.nntile_bench:
+        nntile = pooled(SideResult(**result.nntile_bench), nntile)
+    result.rounds, result.nntile_bench = round_, asdict(nntile)
+    pooled_report = BenchReport(report.spec, report.batch, ncpus, report.warmup, report.repeats,
+                                {"nntile": nntile, "torch": torch_side}, round_)
+    summary = pooled_report.summary()
+    result.metrics.update({f"{side}_{k}": v for side in ("nntile", "torch") for k, v in summary[side].items()})
+    result.metrics.update({f"ratio_{k}": v for k, v in summary["ratio"].items()})
+
+
+def _compile_point(point: Point, base: dict, sweep: Sweep):
+    from dit_compiler.build import compile_spec
+    from dit_compiler.spec import load_spec_data
+
+    name = f"{sweep.name}-{point.name}".replace("=", "").replace(".", "_").replace("/", "_")
+    return compile_spec(load_spec_data(apply_overrides(base, point.overrides, name),
+                                       source=f"{sweep.name}:{point.name}"))
 
 
 def run_point(point: Point, base: dict, sweep: Sweep, out: Path, *, verify_it: bool, bench_it: bool,
               ncpus: int, torch_cache: dict) -> PointResult:
-    from dit_compiler.build import compile_spec, write_build
+    """Validate, build, inspect, and (when asked) verify and bench the first round of one point."""
+    from dit_compiler.build import write_build
     from dit_compiler.graph.cost import totals
-    from dit_compiler.spec import load_spec_data
 
-    name = f"{sweep.name}-{point.name}".replace("=", "").replace(".", "_").replace("/", "_")
     result = PointResult(point.name, point.overrides, "ok")
     try:
-        spec = load_spec_data(apply_overrides(base, point.overrides, name), source=f"{sweep.name}:{point.name}")
+        built = _compile_point(point, base, sweep)
     except SpecError as error:
         result.status, result.errors = "invalid", [str(d) for d in error.diagnostics]
         return result
-    built = compile_spec(spec)
     folder = write_build(built, out / "builds")
     tot = totals(built.graph)
     result.metrics.update(gmac=tot.forward_macs / 1e9, params_m=tot.params / 1e6,
@@ -151,7 +170,7 @@ def run_point(point: Point, base: dict, sweep: Sweep, out: Path, *, verify_it: b
             if not report.passed:
                 result.status, result.errors = "failed", [report.breach or report.nntile]
         if bench_it:
-            result.metrics.update(_bench_metrics(built, folder, ncpus, torch_cache))
+            _bench_round(result, built.graph, folder, ncpus, torch_cache)
     except Exception as error:  # a point that crashes is reported, and the sweep goes on
         result.status, result.errors = "failed", [f"{type(error).__name__}: {error}"]
     return result
@@ -214,7 +233,11 @@ def plot_results(results: list[PointResult], sweep: Sweep, out: Path) -> list[Pa
 
 
 def run_sweep(path: str | os.PathLike, out_root: str | os.PathLike, *, verify_it: bool = False,
-              bench_it: bool = False, resume: bool = False, ncpus: int = 2) -> tuple[Sweep, list[PointResult], Path]:
+              bench_it: bool = False, resume: bool = False, ncpus: int = 2,
+              rounds: int = 1) -> tuple[Sweep, list[PointResult], Path]:
+    """Every point once, then (benchmarking) `rounds - 1` more benchmark passes over all the points,
+    pooled per point: a slow spell of a shared machine then spreads over every point instead of
+    ranking the ones it happened to hit."""
     from tqdm import tqdm
 
     from dit_compiler.spec import load_spec
@@ -226,16 +249,30 @@ def run_sweep(path: str | os.PathLike, out_root: str | os.PathLike, *, verify_it
     done: dict[str, PointResult] = {}
     if resume and (out / "results.json").is_file():
         done = {r["name"]: PointResult(**r) for r in json.loads((out / "results.json").read_text())}
-    results = []
+    results: list[PointResult] = []
     torch_cache: dict = {}
-    for point in tqdm(sweep.points, desc=f"sweep {sweep.name}", unit="point"):
+    rounds = rounds if bench_it else 1
+    progress = tqdm(total=len(sweep.points) * rounds, desc=f"sweep {sweep.name}", unit="point")
+    for point in sweep.points:
         previous = done.get(point.name)
         if previous is not None and previous.overrides == point.overrides and previous.status != "failed":
             results.append(previous)
-            continue
-        results.append(run_point(point, base, sweep, out, verify_it=verify_it, bench_it=bench_it, ncpus=ncpus,
-                                 torch_cache=torch_cache))
-        write_results(results, sweep, out)  # after every point: an interrupted sweep resumes from here
+        else:
+            results.append(run_point(point, base, sweep, out, verify_it=verify_it, bench_it=bench_it,
+                                     ncpus=ncpus, torch_cache=torch_cache))
+            write_results(results, sweep, out)  # after every point: an interrupted sweep resumes from here
+        progress.update()
+    for round_ in range(2, rounds + 1):
+        for point, result in zip(sweep.points, results):
+            if result.status == "ok" and result.rounds < round_:
+                try:
+                    built = _compile_point(point, base, sweep)
+                    _bench_round(result, built.graph, out / "builds" / built.graph.spec.name, ncpus, torch_cache)
+                except Exception as error:  # as in the first round: reported, and the sweep goes on
+                    result.status, result.errors = "failed", [f"{type(error).__name__}: {error}"]
+                write_results(results, sweep, out)
+            progress.update()
+    progress.close()
     write_results(results, sweep, out)
     plot_results(results, sweep, out)
     return sweep, results, out
