@@ -28,31 +28,17 @@ def _kind(graph: Graph, name: str) -> str:
 _BIAS_INPUTS = {"linear": (2,), "attention": (4, 5, 6, 8)}
 
 
-def _ones_name(graph: Graph, node: Node) -> str:
-    """The constant row of ones a node's bias GEMMs multiply: [1, <the output's batch axes>]."""
-    return "ones[" + ",".join(graph.tensors[node.outputs[0]].dims[1:]) + "]"
-
-
 def _tensor_entries(graph: Graph, tensors) -> list[dict]:
     """TENSORS rows: the graph's shapes and tiles, except that NNTile 1.1.0 keeps a bias as a
-    one-column matrix, beside rows of ones, so the bias add and its gradient are GEMMs (see `Linear`)."""
-    with_bias = [n for n in graph.nodes if n.op in _BIAS_INPUTS]
-    biases = {n.inputs[i] for n in with_bias for i in _BIAS_INPUTS[n.op]}
-    rows = [{"name": t.name, "shape": t.shape + (1,) * (t.name in biases),
+    one-column matrix, so the bias add and its gradient are GEMMs with a row of ones (see `Linear`)."""
+    biases = {n.inputs[i] for n in graph.nodes if n.op in _BIAS_INPUTS for i in _BIAS_INPUTS[n.op]}
+    return [{"name": t.name, "shape": t.shape + (1,) * (t.name in biases),
              "tile": t.tile + (1,) * (t.name in biases), "kind": _kind(graph, t.name)} for t in tensors]
-    for node in with_bias:
-        y = graph.tensors[node.outputs[0]]
-        row = {"name": _ones_name(graph, node), "shape": (1,) + y.shape[1:], "tile": (1,) + y.tile[1:], "kind": "ones"}
-        if row not in rows:
-            rows.append(row)
-    return rows
 
 
-def _call_args(graph: Graph, node: Node) -> str:
+def _call_args(node: Node) -> str:
     """Positional names then keyword attributes, in the order of the template's op methods."""
     names = [f'"{n}"' for n in node.inputs + node.outputs]
-    if node.op in _BIAS_INPUTS:
-        names.append(f'"{_ones_name(graph, node)}"')
     if node.op != "attention":  # the head count is the first axis of the q weight
         names += [f"{key}={value!r}" for key, value in node.attrs.items()]
     return ", ".join(names)
@@ -134,7 +120,7 @@ def nntile_context(graph: Graph) -> dict:
         "params": [{"name": p.name, "key": p.source.key, "rows": p.source.rows, "layout": p.source.layout}
                    for p in graph.params],
         "consts": [t.name for t in graph.tensors.values() if t.role == "const"],
-        "nodes": [{"op": n.op, "args": _call_args(graph, n),
+        "nodes": [{"op": n.op, "args": _call_args(n),
                    "comment": f"{n.name} = {n.op}({', '.join(n.inputs)}) [{n.component}]"} for n in device_nodes],
         "memory_plan": _memory_plan(graph, device_nodes),
         "forward_host": forward_host,

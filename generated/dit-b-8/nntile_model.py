@@ -53,7 +53,7 @@ FREQUENCY_SHIFT = 0
 MAX_PERIOD = 10000
 
 #: Every NNTile tensor of the graph: name -> (shape, basetile shape, kind). Linear biases are one-column
-#: matrices and `ones[...]` constant rows of ones: the bias add is a rank-1 GEMM (see `Linear`).
+#: matrices: the bias add is a rank-1 GEMM with a row of ones (see `Linear` and `Model.bias_ones`).
 TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "y": ((1,), (1,), "labels"),
     "x_patches": ((256, 16, 1), (256, 16, 1), "activation"),
@@ -565,8 +565,6 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "final_layer.linear.weight": ((512, 768), (512, 384), "param"),
     "final_layer.linear.bias": ((512, 1), (512, 1), "param"),
     "final.out": ((512, 16, 1), (512, 16, 1), "activation"),
-    "ones[tokens,batch]": ((1, 16, 1), (1, 16, 1), "ones"),
-    "ones[batch]": ((1, 1), (1, 1), "ones"),
 }
 
 #: Parameters: graph name -> (torch state_dict key, rows of the torch tensor or None, layout).
@@ -1571,15 +1569,15 @@ class Model(BaseModel):
         self.layers = layers
         self.layer_kinds: list[str] = []  # the graph op kind of each layer, for per-kind profiles
         # x_proj = linear(x_patches, x_embedder.proj.weight, x_embedder.proj.bias) [embeddings]
-        self.linear("x_patches", "x_embedder.proj.weight", "x_embedder.proj.bias", "x_proj", "ones[tokens,batch]")
+        self.linear("x_patches", "x_embedder.proj.weight", "x_embedder.proj.bias", "x_proj")
         # x_tokens = add_const_slice(x_proj, pos_embed) [embeddings]
         self.add_const_slice("x_proj", "pos_embed", "x_tokens", axis=2)
         # t_hidden = linear(t_freq, t_embedder.mlp.0.weight, t_embedder.mlp.0.bias) [embeddings]
-        self.linear("t_freq", "t_embedder.mlp.0.weight", "t_embedder.mlp.0.bias", "t_hidden", "ones[batch]")
+        self.linear("t_freq", "t_embedder.mlp.0.weight", "t_embedder.mlp.0.bias", "t_hidden")
         # t_act = act(t_hidden) [embeddings]
         self.act("t_hidden", "t_act", fn='silu')
         # t_emb = linear(t_act, t_embedder.mlp.2.weight, t_embedder.mlp.2.bias) [embeddings]
-        self.linear("t_act", "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias", "t_emb", "ones[batch]")
+        self.linear("t_act", "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias", "t_emb")
         # y_emb = embedding(y, y_embedder.embedding_table.weight) [embeddings]
         self.embedding("y", "y_embedder.embedding_table.weight", "y_emb")
         # c = add(t_emb, y_emb) [embeddings]
@@ -1587,23 +1585,23 @@ class Model(BaseModel):
         # c_silu = act(c) [adaLN modulation]
         self.act("c", "c_silu", fn='silu')
         # blocks.0.shift_msa = linear(c_silu, blocks.0.adaLN_modulation.1.weight.shift_msa, blocks.0.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.shift_msa", "blocks.0.adaLN_modulation.1.bias.shift_msa", "blocks.0.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.shift_msa", "blocks.0.adaLN_modulation.1.bias.shift_msa", "blocks.0.shift_msa")
         # blocks.0.scale_msa = linear(c_silu, blocks.0.adaLN_modulation.1.weight.scale_msa, blocks.0.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.scale_msa", "blocks.0.adaLN_modulation.1.bias.scale_msa", "blocks.0.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.scale_msa", "blocks.0.adaLN_modulation.1.bias.scale_msa", "blocks.0.scale_msa")
         # blocks.0.gate_msa = linear(c_silu, blocks.0.adaLN_modulation.1.weight.gate_msa, blocks.0.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.gate_msa", "blocks.0.adaLN_modulation.1.bias.gate_msa", "blocks.0.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.gate_msa", "blocks.0.adaLN_modulation.1.bias.gate_msa", "blocks.0.gate_msa")
         # blocks.0.shift_mlp = linear(c_silu, blocks.0.adaLN_modulation.1.weight.shift_mlp, blocks.0.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.shift_mlp", "blocks.0.adaLN_modulation.1.bias.shift_mlp", "blocks.0.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.shift_mlp", "blocks.0.adaLN_modulation.1.bias.shift_mlp", "blocks.0.shift_mlp")
         # blocks.0.scale_mlp = linear(c_silu, blocks.0.adaLN_modulation.1.weight.scale_mlp, blocks.0.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.scale_mlp", "blocks.0.adaLN_modulation.1.bias.scale_mlp", "blocks.0.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.scale_mlp", "blocks.0.adaLN_modulation.1.bias.scale_mlp", "blocks.0.scale_mlp")
         # blocks.0.gate_mlp = linear(c_silu, blocks.0.adaLN_modulation.1.weight.gate_mlp, blocks.0.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.gate_mlp", "blocks.0.adaLN_modulation.1.bias.gate_mlp", "blocks.0.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.gate_mlp", "blocks.0.adaLN_modulation.1.bias.gate_mlp", "blocks.0.gate_mlp")
         # blocks.0.norm1 = layer_norm(x_tokens) [layer norm]
         self.layer_norm("x_tokens", "blocks.0.norm1", eps=1e-06)
         # blocks.0.mod_msa = modulate(blocks.0.norm1, blocks.0.shift_msa, blocks.0.scale_msa) [modulate]
         self.modulate("blocks.0.norm1", "blocks.0.shift_msa", "blocks.0.scale_msa", "blocks.0.mod_msa")
         # blocks.0.attn = attention(blocks.0.mod_msa, blocks.0.attn.qkv.weight.q, blocks.0.attn.qkv.weight.k, blocks.0.attn.qkv.weight.v, blocks.0.attn.qkv.bias.q, blocks.0.attn.qkv.bias.k, blocks.0.attn.qkv.bias.v, blocks.0.attn.proj.weight, blocks.0.attn.proj.bias) [attention]
-        self.attention("blocks.0.mod_msa", "blocks.0.attn.qkv.weight.q", "blocks.0.attn.qkv.weight.k", "blocks.0.attn.qkv.weight.v", "blocks.0.attn.qkv.bias.q", "blocks.0.attn.qkv.bias.k", "blocks.0.attn.qkv.bias.v", "blocks.0.attn.proj.weight", "blocks.0.attn.proj.bias", "blocks.0.attn", "ones[tokens,batch]")
+        self.attention("blocks.0.mod_msa", "blocks.0.attn.qkv.weight.q", "blocks.0.attn.qkv.weight.k", "blocks.0.attn.qkv.weight.v", "blocks.0.attn.qkv.bias.q", "blocks.0.attn.qkv.bias.k", "blocks.0.attn.qkv.bias.v", "blocks.0.attn.proj.weight", "blocks.0.attn.proj.bias", "blocks.0.attn")
         # blocks.0.res_msa = gated_residual(x_tokens, blocks.0.attn, blocks.0.gate_msa) [gated residual]
         self.gated_residual("x_tokens", "blocks.0.attn", "blocks.0.gate_msa", "blocks.0.res_msa")
         # blocks.0.norm2 = layer_norm(blocks.0.res_msa) [layer norm]
@@ -1611,31 +1609,31 @@ class Model(BaseModel):
         # blocks.0.mod_mlp = modulate(blocks.0.norm2, blocks.0.shift_mlp, blocks.0.scale_mlp) [modulate]
         self.modulate("blocks.0.norm2", "blocks.0.shift_mlp", "blocks.0.scale_mlp", "blocks.0.mod_mlp")
         # blocks.0.fc1 = linear(blocks.0.mod_mlp, blocks.0.mlp.fc1.weight, blocks.0.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.0.mod_mlp", "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc1.bias", "blocks.0.fc1", "ones[tokens,batch]")
+        self.linear("blocks.0.mod_mlp", "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc1.bias", "blocks.0.fc1")
         # blocks.0.gelu = act(blocks.0.fc1) [pointwise MLP]
         self.act("blocks.0.fc1", "blocks.0.gelu", fn='gelutanh')
         # blocks.0.mlp = linear(blocks.0.gelu, blocks.0.mlp.fc2.weight, blocks.0.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.0.gelu", "blocks.0.mlp.fc2.weight", "blocks.0.mlp.fc2.bias", "blocks.0.mlp", "ones[tokens,batch]")
+        self.linear("blocks.0.gelu", "blocks.0.mlp.fc2.weight", "blocks.0.mlp.fc2.bias", "blocks.0.mlp")
         # blocks.0.out = gated_residual(blocks.0.res_msa, blocks.0.mlp, blocks.0.gate_mlp) [gated residual]
         self.gated_residual("blocks.0.res_msa", "blocks.0.mlp", "blocks.0.gate_mlp", "blocks.0.out")
         # blocks.1.shift_msa = linear(c_silu, blocks.1.adaLN_modulation.1.weight.shift_msa, blocks.1.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.shift_msa", "blocks.1.adaLN_modulation.1.bias.shift_msa", "blocks.1.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.shift_msa", "blocks.1.adaLN_modulation.1.bias.shift_msa", "blocks.1.shift_msa")
         # blocks.1.scale_msa = linear(c_silu, blocks.1.adaLN_modulation.1.weight.scale_msa, blocks.1.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.scale_msa", "blocks.1.adaLN_modulation.1.bias.scale_msa", "blocks.1.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.scale_msa", "blocks.1.adaLN_modulation.1.bias.scale_msa", "blocks.1.scale_msa")
         # blocks.1.gate_msa = linear(c_silu, blocks.1.adaLN_modulation.1.weight.gate_msa, blocks.1.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.gate_msa", "blocks.1.adaLN_modulation.1.bias.gate_msa", "blocks.1.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.gate_msa", "blocks.1.adaLN_modulation.1.bias.gate_msa", "blocks.1.gate_msa")
         # blocks.1.shift_mlp = linear(c_silu, blocks.1.adaLN_modulation.1.weight.shift_mlp, blocks.1.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.shift_mlp", "blocks.1.adaLN_modulation.1.bias.shift_mlp", "blocks.1.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.shift_mlp", "blocks.1.adaLN_modulation.1.bias.shift_mlp", "blocks.1.shift_mlp")
         # blocks.1.scale_mlp = linear(c_silu, blocks.1.adaLN_modulation.1.weight.scale_mlp, blocks.1.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.scale_mlp", "blocks.1.adaLN_modulation.1.bias.scale_mlp", "blocks.1.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.scale_mlp", "blocks.1.adaLN_modulation.1.bias.scale_mlp", "blocks.1.scale_mlp")
         # blocks.1.gate_mlp = linear(c_silu, blocks.1.adaLN_modulation.1.weight.gate_mlp, blocks.1.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.gate_mlp", "blocks.1.adaLN_modulation.1.bias.gate_mlp", "blocks.1.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.gate_mlp", "blocks.1.adaLN_modulation.1.bias.gate_mlp", "blocks.1.gate_mlp")
         # blocks.1.norm1 = layer_norm(blocks.0.out) [layer norm]
         self.layer_norm("blocks.0.out", "blocks.1.norm1", eps=1e-06)
         # blocks.1.mod_msa = modulate(blocks.1.norm1, blocks.1.shift_msa, blocks.1.scale_msa) [modulate]
         self.modulate("blocks.1.norm1", "blocks.1.shift_msa", "blocks.1.scale_msa", "blocks.1.mod_msa")
         # blocks.1.attn = attention(blocks.1.mod_msa, blocks.1.attn.qkv.weight.q, blocks.1.attn.qkv.weight.k, blocks.1.attn.qkv.weight.v, blocks.1.attn.qkv.bias.q, blocks.1.attn.qkv.bias.k, blocks.1.attn.qkv.bias.v, blocks.1.attn.proj.weight, blocks.1.attn.proj.bias) [attention]
-        self.attention("blocks.1.mod_msa", "blocks.1.attn.qkv.weight.q", "blocks.1.attn.qkv.weight.k", "blocks.1.attn.qkv.weight.v", "blocks.1.attn.qkv.bias.q", "blocks.1.attn.qkv.bias.k", "blocks.1.attn.qkv.bias.v", "blocks.1.attn.proj.weight", "blocks.1.attn.proj.bias", "blocks.1.attn", "ones[tokens,batch]")
+        self.attention("blocks.1.mod_msa", "blocks.1.attn.qkv.weight.q", "blocks.1.attn.qkv.weight.k", "blocks.1.attn.qkv.weight.v", "blocks.1.attn.qkv.bias.q", "blocks.1.attn.qkv.bias.k", "blocks.1.attn.qkv.bias.v", "blocks.1.attn.proj.weight", "blocks.1.attn.proj.bias", "blocks.1.attn")
         # blocks.1.res_msa = gated_residual(blocks.0.out, blocks.1.attn, blocks.1.gate_msa) [gated residual]
         self.gated_residual("blocks.0.out", "blocks.1.attn", "blocks.1.gate_msa", "blocks.1.res_msa")
         # blocks.1.norm2 = layer_norm(blocks.1.res_msa) [layer norm]
@@ -1643,31 +1641,31 @@ class Model(BaseModel):
         # blocks.1.mod_mlp = modulate(blocks.1.norm2, blocks.1.shift_mlp, blocks.1.scale_mlp) [modulate]
         self.modulate("blocks.1.norm2", "blocks.1.shift_mlp", "blocks.1.scale_mlp", "blocks.1.mod_mlp")
         # blocks.1.fc1 = linear(blocks.1.mod_mlp, blocks.1.mlp.fc1.weight, blocks.1.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.1.mod_mlp", "blocks.1.mlp.fc1.weight", "blocks.1.mlp.fc1.bias", "blocks.1.fc1", "ones[tokens,batch]")
+        self.linear("blocks.1.mod_mlp", "blocks.1.mlp.fc1.weight", "blocks.1.mlp.fc1.bias", "blocks.1.fc1")
         # blocks.1.gelu = act(blocks.1.fc1) [pointwise MLP]
         self.act("blocks.1.fc1", "blocks.1.gelu", fn='gelutanh')
         # blocks.1.mlp = linear(blocks.1.gelu, blocks.1.mlp.fc2.weight, blocks.1.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.1.gelu", "blocks.1.mlp.fc2.weight", "blocks.1.mlp.fc2.bias", "blocks.1.mlp", "ones[tokens,batch]")
+        self.linear("blocks.1.gelu", "blocks.1.mlp.fc2.weight", "blocks.1.mlp.fc2.bias", "blocks.1.mlp")
         # blocks.1.out = gated_residual(blocks.1.res_msa, blocks.1.mlp, blocks.1.gate_mlp) [gated residual]
         self.gated_residual("blocks.1.res_msa", "blocks.1.mlp", "blocks.1.gate_mlp", "blocks.1.out")
         # blocks.2.shift_msa = linear(c_silu, blocks.2.adaLN_modulation.1.weight.shift_msa, blocks.2.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.2.adaLN_modulation.1.weight.shift_msa", "blocks.2.adaLN_modulation.1.bias.shift_msa", "blocks.2.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.2.adaLN_modulation.1.weight.shift_msa", "blocks.2.adaLN_modulation.1.bias.shift_msa", "blocks.2.shift_msa")
         # blocks.2.scale_msa = linear(c_silu, blocks.2.adaLN_modulation.1.weight.scale_msa, blocks.2.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.2.adaLN_modulation.1.weight.scale_msa", "blocks.2.adaLN_modulation.1.bias.scale_msa", "blocks.2.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.2.adaLN_modulation.1.weight.scale_msa", "blocks.2.adaLN_modulation.1.bias.scale_msa", "blocks.2.scale_msa")
         # blocks.2.gate_msa = linear(c_silu, blocks.2.adaLN_modulation.1.weight.gate_msa, blocks.2.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.2.adaLN_modulation.1.weight.gate_msa", "blocks.2.adaLN_modulation.1.bias.gate_msa", "blocks.2.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.2.adaLN_modulation.1.weight.gate_msa", "blocks.2.adaLN_modulation.1.bias.gate_msa", "blocks.2.gate_msa")
         # blocks.2.shift_mlp = linear(c_silu, blocks.2.adaLN_modulation.1.weight.shift_mlp, blocks.2.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.2.adaLN_modulation.1.weight.shift_mlp", "blocks.2.adaLN_modulation.1.bias.shift_mlp", "blocks.2.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.2.adaLN_modulation.1.weight.shift_mlp", "blocks.2.adaLN_modulation.1.bias.shift_mlp", "blocks.2.shift_mlp")
         # blocks.2.scale_mlp = linear(c_silu, blocks.2.adaLN_modulation.1.weight.scale_mlp, blocks.2.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.2.adaLN_modulation.1.weight.scale_mlp", "blocks.2.adaLN_modulation.1.bias.scale_mlp", "blocks.2.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.2.adaLN_modulation.1.weight.scale_mlp", "blocks.2.adaLN_modulation.1.bias.scale_mlp", "blocks.2.scale_mlp")
         # blocks.2.gate_mlp = linear(c_silu, blocks.2.adaLN_modulation.1.weight.gate_mlp, blocks.2.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.2.adaLN_modulation.1.weight.gate_mlp", "blocks.2.adaLN_modulation.1.bias.gate_mlp", "blocks.2.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.2.adaLN_modulation.1.weight.gate_mlp", "blocks.2.adaLN_modulation.1.bias.gate_mlp", "blocks.2.gate_mlp")
         # blocks.2.norm1 = layer_norm(blocks.1.out) [layer norm]
         self.layer_norm("blocks.1.out", "blocks.2.norm1", eps=1e-06)
         # blocks.2.mod_msa = modulate(blocks.2.norm1, blocks.2.shift_msa, blocks.2.scale_msa) [modulate]
         self.modulate("blocks.2.norm1", "blocks.2.shift_msa", "blocks.2.scale_msa", "blocks.2.mod_msa")
         # blocks.2.attn = attention(blocks.2.mod_msa, blocks.2.attn.qkv.weight.q, blocks.2.attn.qkv.weight.k, blocks.2.attn.qkv.weight.v, blocks.2.attn.qkv.bias.q, blocks.2.attn.qkv.bias.k, blocks.2.attn.qkv.bias.v, blocks.2.attn.proj.weight, blocks.2.attn.proj.bias) [attention]
-        self.attention("blocks.2.mod_msa", "blocks.2.attn.qkv.weight.q", "blocks.2.attn.qkv.weight.k", "blocks.2.attn.qkv.weight.v", "blocks.2.attn.qkv.bias.q", "blocks.2.attn.qkv.bias.k", "blocks.2.attn.qkv.bias.v", "blocks.2.attn.proj.weight", "blocks.2.attn.proj.bias", "blocks.2.attn", "ones[tokens,batch]")
+        self.attention("blocks.2.mod_msa", "blocks.2.attn.qkv.weight.q", "blocks.2.attn.qkv.weight.k", "blocks.2.attn.qkv.weight.v", "blocks.2.attn.qkv.bias.q", "blocks.2.attn.qkv.bias.k", "blocks.2.attn.qkv.bias.v", "blocks.2.attn.proj.weight", "blocks.2.attn.proj.bias", "blocks.2.attn")
         # blocks.2.res_msa = gated_residual(blocks.1.out, blocks.2.attn, blocks.2.gate_msa) [gated residual]
         self.gated_residual("blocks.1.out", "blocks.2.attn", "blocks.2.gate_msa", "blocks.2.res_msa")
         # blocks.2.norm2 = layer_norm(blocks.2.res_msa) [layer norm]
@@ -1675,31 +1673,31 @@ class Model(BaseModel):
         # blocks.2.mod_mlp = modulate(blocks.2.norm2, blocks.2.shift_mlp, blocks.2.scale_mlp) [modulate]
         self.modulate("blocks.2.norm2", "blocks.2.shift_mlp", "blocks.2.scale_mlp", "blocks.2.mod_mlp")
         # blocks.2.fc1 = linear(blocks.2.mod_mlp, blocks.2.mlp.fc1.weight, blocks.2.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.2.mod_mlp", "blocks.2.mlp.fc1.weight", "blocks.2.mlp.fc1.bias", "blocks.2.fc1", "ones[tokens,batch]")
+        self.linear("blocks.2.mod_mlp", "blocks.2.mlp.fc1.weight", "blocks.2.mlp.fc1.bias", "blocks.2.fc1")
         # blocks.2.gelu = act(blocks.2.fc1) [pointwise MLP]
         self.act("blocks.2.fc1", "blocks.2.gelu", fn='gelutanh')
         # blocks.2.mlp = linear(blocks.2.gelu, blocks.2.mlp.fc2.weight, blocks.2.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.2.gelu", "blocks.2.mlp.fc2.weight", "blocks.2.mlp.fc2.bias", "blocks.2.mlp", "ones[tokens,batch]")
+        self.linear("blocks.2.gelu", "blocks.2.mlp.fc2.weight", "blocks.2.mlp.fc2.bias", "blocks.2.mlp")
         # blocks.2.out = gated_residual(blocks.2.res_msa, blocks.2.mlp, blocks.2.gate_mlp) [gated residual]
         self.gated_residual("blocks.2.res_msa", "blocks.2.mlp", "blocks.2.gate_mlp", "blocks.2.out")
         # blocks.3.shift_msa = linear(c_silu, blocks.3.adaLN_modulation.1.weight.shift_msa, blocks.3.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.3.adaLN_modulation.1.weight.shift_msa", "blocks.3.adaLN_modulation.1.bias.shift_msa", "blocks.3.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.3.adaLN_modulation.1.weight.shift_msa", "blocks.3.adaLN_modulation.1.bias.shift_msa", "blocks.3.shift_msa")
         # blocks.3.scale_msa = linear(c_silu, blocks.3.adaLN_modulation.1.weight.scale_msa, blocks.3.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.3.adaLN_modulation.1.weight.scale_msa", "blocks.3.adaLN_modulation.1.bias.scale_msa", "blocks.3.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.3.adaLN_modulation.1.weight.scale_msa", "blocks.3.adaLN_modulation.1.bias.scale_msa", "blocks.3.scale_msa")
         # blocks.3.gate_msa = linear(c_silu, blocks.3.adaLN_modulation.1.weight.gate_msa, blocks.3.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.3.adaLN_modulation.1.weight.gate_msa", "blocks.3.adaLN_modulation.1.bias.gate_msa", "blocks.3.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.3.adaLN_modulation.1.weight.gate_msa", "blocks.3.adaLN_modulation.1.bias.gate_msa", "blocks.3.gate_msa")
         # blocks.3.shift_mlp = linear(c_silu, blocks.3.adaLN_modulation.1.weight.shift_mlp, blocks.3.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.3.adaLN_modulation.1.weight.shift_mlp", "blocks.3.adaLN_modulation.1.bias.shift_mlp", "blocks.3.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.3.adaLN_modulation.1.weight.shift_mlp", "blocks.3.adaLN_modulation.1.bias.shift_mlp", "blocks.3.shift_mlp")
         # blocks.3.scale_mlp = linear(c_silu, blocks.3.adaLN_modulation.1.weight.scale_mlp, blocks.3.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.3.adaLN_modulation.1.weight.scale_mlp", "blocks.3.adaLN_modulation.1.bias.scale_mlp", "blocks.3.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.3.adaLN_modulation.1.weight.scale_mlp", "blocks.3.adaLN_modulation.1.bias.scale_mlp", "blocks.3.scale_mlp")
         # blocks.3.gate_mlp = linear(c_silu, blocks.3.adaLN_modulation.1.weight.gate_mlp, blocks.3.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.3.adaLN_modulation.1.weight.gate_mlp", "blocks.3.adaLN_modulation.1.bias.gate_mlp", "blocks.3.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.3.adaLN_modulation.1.weight.gate_mlp", "blocks.3.adaLN_modulation.1.bias.gate_mlp", "blocks.3.gate_mlp")
         # blocks.3.norm1 = layer_norm(blocks.2.out) [layer norm]
         self.layer_norm("blocks.2.out", "blocks.3.norm1", eps=1e-06)
         # blocks.3.mod_msa = modulate(blocks.3.norm1, blocks.3.shift_msa, blocks.3.scale_msa) [modulate]
         self.modulate("blocks.3.norm1", "blocks.3.shift_msa", "blocks.3.scale_msa", "blocks.3.mod_msa")
         # blocks.3.attn = attention(blocks.3.mod_msa, blocks.3.attn.qkv.weight.q, blocks.3.attn.qkv.weight.k, blocks.3.attn.qkv.weight.v, blocks.3.attn.qkv.bias.q, blocks.3.attn.qkv.bias.k, blocks.3.attn.qkv.bias.v, blocks.3.attn.proj.weight, blocks.3.attn.proj.bias) [attention]
-        self.attention("blocks.3.mod_msa", "blocks.3.attn.qkv.weight.q", "blocks.3.attn.qkv.weight.k", "blocks.3.attn.qkv.weight.v", "blocks.3.attn.qkv.bias.q", "blocks.3.attn.qkv.bias.k", "blocks.3.attn.qkv.bias.v", "blocks.3.attn.proj.weight", "blocks.3.attn.proj.bias", "blocks.3.attn", "ones[tokens,batch]")
+        self.attention("blocks.3.mod_msa", "blocks.3.attn.qkv.weight.q", "blocks.3.attn.qkv.weight.k", "blocks.3.attn.qkv.weight.v", "blocks.3.attn.qkv.bias.q", "blocks.3.attn.qkv.bias.k", "blocks.3.attn.qkv.bias.v", "blocks.3.attn.proj.weight", "blocks.3.attn.proj.bias", "blocks.3.attn")
         # blocks.3.res_msa = gated_residual(blocks.2.out, blocks.3.attn, blocks.3.gate_msa) [gated residual]
         self.gated_residual("blocks.2.out", "blocks.3.attn", "blocks.3.gate_msa", "blocks.3.res_msa")
         # blocks.3.norm2 = layer_norm(blocks.3.res_msa) [layer norm]
@@ -1707,31 +1705,31 @@ class Model(BaseModel):
         # blocks.3.mod_mlp = modulate(blocks.3.norm2, blocks.3.shift_mlp, blocks.3.scale_mlp) [modulate]
         self.modulate("blocks.3.norm2", "blocks.3.shift_mlp", "blocks.3.scale_mlp", "blocks.3.mod_mlp")
         # blocks.3.fc1 = linear(blocks.3.mod_mlp, blocks.3.mlp.fc1.weight, blocks.3.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.3.mod_mlp", "blocks.3.mlp.fc1.weight", "blocks.3.mlp.fc1.bias", "blocks.3.fc1", "ones[tokens,batch]")
+        self.linear("blocks.3.mod_mlp", "blocks.3.mlp.fc1.weight", "blocks.3.mlp.fc1.bias", "blocks.3.fc1")
         # blocks.3.gelu = act(blocks.3.fc1) [pointwise MLP]
         self.act("blocks.3.fc1", "blocks.3.gelu", fn='gelutanh')
         # blocks.3.mlp = linear(blocks.3.gelu, blocks.3.mlp.fc2.weight, blocks.3.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.3.gelu", "blocks.3.mlp.fc2.weight", "blocks.3.mlp.fc2.bias", "blocks.3.mlp", "ones[tokens,batch]")
+        self.linear("blocks.3.gelu", "blocks.3.mlp.fc2.weight", "blocks.3.mlp.fc2.bias", "blocks.3.mlp")
         # blocks.3.out = gated_residual(blocks.3.res_msa, blocks.3.mlp, blocks.3.gate_mlp) [gated residual]
         self.gated_residual("blocks.3.res_msa", "blocks.3.mlp", "blocks.3.gate_mlp", "blocks.3.out")
         # blocks.4.shift_msa = linear(c_silu, blocks.4.adaLN_modulation.1.weight.shift_msa, blocks.4.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.4.adaLN_modulation.1.weight.shift_msa", "blocks.4.adaLN_modulation.1.bias.shift_msa", "blocks.4.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.4.adaLN_modulation.1.weight.shift_msa", "blocks.4.adaLN_modulation.1.bias.shift_msa", "blocks.4.shift_msa")
         # blocks.4.scale_msa = linear(c_silu, blocks.4.adaLN_modulation.1.weight.scale_msa, blocks.4.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.4.adaLN_modulation.1.weight.scale_msa", "blocks.4.adaLN_modulation.1.bias.scale_msa", "blocks.4.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.4.adaLN_modulation.1.weight.scale_msa", "blocks.4.adaLN_modulation.1.bias.scale_msa", "blocks.4.scale_msa")
         # blocks.4.gate_msa = linear(c_silu, blocks.4.adaLN_modulation.1.weight.gate_msa, blocks.4.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.4.adaLN_modulation.1.weight.gate_msa", "blocks.4.adaLN_modulation.1.bias.gate_msa", "blocks.4.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.4.adaLN_modulation.1.weight.gate_msa", "blocks.4.adaLN_modulation.1.bias.gate_msa", "blocks.4.gate_msa")
         # blocks.4.shift_mlp = linear(c_silu, blocks.4.adaLN_modulation.1.weight.shift_mlp, blocks.4.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.4.adaLN_modulation.1.weight.shift_mlp", "blocks.4.adaLN_modulation.1.bias.shift_mlp", "blocks.4.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.4.adaLN_modulation.1.weight.shift_mlp", "blocks.4.adaLN_modulation.1.bias.shift_mlp", "blocks.4.shift_mlp")
         # blocks.4.scale_mlp = linear(c_silu, blocks.4.adaLN_modulation.1.weight.scale_mlp, blocks.4.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.4.adaLN_modulation.1.weight.scale_mlp", "blocks.4.adaLN_modulation.1.bias.scale_mlp", "blocks.4.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.4.adaLN_modulation.1.weight.scale_mlp", "blocks.4.adaLN_modulation.1.bias.scale_mlp", "blocks.4.scale_mlp")
         # blocks.4.gate_mlp = linear(c_silu, blocks.4.adaLN_modulation.1.weight.gate_mlp, blocks.4.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.4.adaLN_modulation.1.weight.gate_mlp", "blocks.4.adaLN_modulation.1.bias.gate_mlp", "blocks.4.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.4.adaLN_modulation.1.weight.gate_mlp", "blocks.4.adaLN_modulation.1.bias.gate_mlp", "blocks.4.gate_mlp")
         # blocks.4.norm1 = layer_norm(blocks.3.out) [layer norm]
         self.layer_norm("blocks.3.out", "blocks.4.norm1", eps=1e-06)
         # blocks.4.mod_msa = modulate(blocks.4.norm1, blocks.4.shift_msa, blocks.4.scale_msa) [modulate]
         self.modulate("blocks.4.norm1", "blocks.4.shift_msa", "blocks.4.scale_msa", "blocks.4.mod_msa")
         # blocks.4.attn = attention(blocks.4.mod_msa, blocks.4.attn.qkv.weight.q, blocks.4.attn.qkv.weight.k, blocks.4.attn.qkv.weight.v, blocks.4.attn.qkv.bias.q, blocks.4.attn.qkv.bias.k, blocks.4.attn.qkv.bias.v, blocks.4.attn.proj.weight, blocks.4.attn.proj.bias) [attention]
-        self.attention("blocks.4.mod_msa", "blocks.4.attn.qkv.weight.q", "blocks.4.attn.qkv.weight.k", "blocks.4.attn.qkv.weight.v", "blocks.4.attn.qkv.bias.q", "blocks.4.attn.qkv.bias.k", "blocks.4.attn.qkv.bias.v", "blocks.4.attn.proj.weight", "blocks.4.attn.proj.bias", "blocks.4.attn", "ones[tokens,batch]")
+        self.attention("blocks.4.mod_msa", "blocks.4.attn.qkv.weight.q", "blocks.4.attn.qkv.weight.k", "blocks.4.attn.qkv.weight.v", "blocks.4.attn.qkv.bias.q", "blocks.4.attn.qkv.bias.k", "blocks.4.attn.qkv.bias.v", "blocks.4.attn.proj.weight", "blocks.4.attn.proj.bias", "blocks.4.attn")
         # blocks.4.res_msa = gated_residual(blocks.3.out, blocks.4.attn, blocks.4.gate_msa) [gated residual]
         self.gated_residual("blocks.3.out", "blocks.4.attn", "blocks.4.gate_msa", "blocks.4.res_msa")
         # blocks.4.norm2 = layer_norm(blocks.4.res_msa) [layer norm]
@@ -1739,31 +1737,31 @@ class Model(BaseModel):
         # blocks.4.mod_mlp = modulate(blocks.4.norm2, blocks.4.shift_mlp, blocks.4.scale_mlp) [modulate]
         self.modulate("blocks.4.norm2", "blocks.4.shift_mlp", "blocks.4.scale_mlp", "blocks.4.mod_mlp")
         # blocks.4.fc1 = linear(blocks.4.mod_mlp, blocks.4.mlp.fc1.weight, blocks.4.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.4.mod_mlp", "blocks.4.mlp.fc1.weight", "blocks.4.mlp.fc1.bias", "blocks.4.fc1", "ones[tokens,batch]")
+        self.linear("blocks.4.mod_mlp", "blocks.4.mlp.fc1.weight", "blocks.4.mlp.fc1.bias", "blocks.4.fc1")
         # blocks.4.gelu = act(blocks.4.fc1) [pointwise MLP]
         self.act("blocks.4.fc1", "blocks.4.gelu", fn='gelutanh')
         # blocks.4.mlp = linear(blocks.4.gelu, blocks.4.mlp.fc2.weight, blocks.4.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.4.gelu", "blocks.4.mlp.fc2.weight", "blocks.4.mlp.fc2.bias", "blocks.4.mlp", "ones[tokens,batch]")
+        self.linear("blocks.4.gelu", "blocks.4.mlp.fc2.weight", "blocks.4.mlp.fc2.bias", "blocks.4.mlp")
         # blocks.4.out = gated_residual(blocks.4.res_msa, blocks.4.mlp, blocks.4.gate_mlp) [gated residual]
         self.gated_residual("blocks.4.res_msa", "blocks.4.mlp", "blocks.4.gate_mlp", "blocks.4.out")
         # blocks.5.shift_msa = linear(c_silu, blocks.5.adaLN_modulation.1.weight.shift_msa, blocks.5.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.5.adaLN_modulation.1.weight.shift_msa", "blocks.5.adaLN_modulation.1.bias.shift_msa", "blocks.5.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.5.adaLN_modulation.1.weight.shift_msa", "blocks.5.adaLN_modulation.1.bias.shift_msa", "blocks.5.shift_msa")
         # blocks.5.scale_msa = linear(c_silu, blocks.5.adaLN_modulation.1.weight.scale_msa, blocks.5.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.5.adaLN_modulation.1.weight.scale_msa", "blocks.5.adaLN_modulation.1.bias.scale_msa", "blocks.5.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.5.adaLN_modulation.1.weight.scale_msa", "blocks.5.adaLN_modulation.1.bias.scale_msa", "blocks.5.scale_msa")
         # blocks.5.gate_msa = linear(c_silu, blocks.5.adaLN_modulation.1.weight.gate_msa, blocks.5.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.5.adaLN_modulation.1.weight.gate_msa", "blocks.5.adaLN_modulation.1.bias.gate_msa", "blocks.5.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.5.adaLN_modulation.1.weight.gate_msa", "blocks.5.adaLN_modulation.1.bias.gate_msa", "blocks.5.gate_msa")
         # blocks.5.shift_mlp = linear(c_silu, blocks.5.adaLN_modulation.1.weight.shift_mlp, blocks.5.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.5.adaLN_modulation.1.weight.shift_mlp", "blocks.5.adaLN_modulation.1.bias.shift_mlp", "blocks.5.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.5.adaLN_modulation.1.weight.shift_mlp", "blocks.5.adaLN_modulation.1.bias.shift_mlp", "blocks.5.shift_mlp")
         # blocks.5.scale_mlp = linear(c_silu, blocks.5.adaLN_modulation.1.weight.scale_mlp, blocks.5.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.5.adaLN_modulation.1.weight.scale_mlp", "blocks.5.adaLN_modulation.1.bias.scale_mlp", "blocks.5.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.5.adaLN_modulation.1.weight.scale_mlp", "blocks.5.adaLN_modulation.1.bias.scale_mlp", "blocks.5.scale_mlp")
         # blocks.5.gate_mlp = linear(c_silu, blocks.5.adaLN_modulation.1.weight.gate_mlp, blocks.5.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.5.adaLN_modulation.1.weight.gate_mlp", "blocks.5.adaLN_modulation.1.bias.gate_mlp", "blocks.5.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.5.adaLN_modulation.1.weight.gate_mlp", "blocks.5.adaLN_modulation.1.bias.gate_mlp", "blocks.5.gate_mlp")
         # blocks.5.norm1 = layer_norm(blocks.4.out) [layer norm]
         self.layer_norm("blocks.4.out", "blocks.5.norm1", eps=1e-06)
         # blocks.5.mod_msa = modulate(blocks.5.norm1, blocks.5.shift_msa, blocks.5.scale_msa) [modulate]
         self.modulate("blocks.5.norm1", "blocks.5.shift_msa", "blocks.5.scale_msa", "blocks.5.mod_msa")
         # blocks.5.attn = attention(blocks.5.mod_msa, blocks.5.attn.qkv.weight.q, blocks.5.attn.qkv.weight.k, blocks.5.attn.qkv.weight.v, blocks.5.attn.qkv.bias.q, blocks.5.attn.qkv.bias.k, blocks.5.attn.qkv.bias.v, blocks.5.attn.proj.weight, blocks.5.attn.proj.bias) [attention]
-        self.attention("blocks.5.mod_msa", "blocks.5.attn.qkv.weight.q", "blocks.5.attn.qkv.weight.k", "blocks.5.attn.qkv.weight.v", "blocks.5.attn.qkv.bias.q", "blocks.5.attn.qkv.bias.k", "blocks.5.attn.qkv.bias.v", "blocks.5.attn.proj.weight", "blocks.5.attn.proj.bias", "blocks.5.attn", "ones[tokens,batch]")
+        self.attention("blocks.5.mod_msa", "blocks.5.attn.qkv.weight.q", "blocks.5.attn.qkv.weight.k", "blocks.5.attn.qkv.weight.v", "blocks.5.attn.qkv.bias.q", "blocks.5.attn.qkv.bias.k", "blocks.5.attn.qkv.bias.v", "blocks.5.attn.proj.weight", "blocks.5.attn.proj.bias", "blocks.5.attn")
         # blocks.5.res_msa = gated_residual(blocks.4.out, blocks.5.attn, blocks.5.gate_msa) [gated residual]
         self.gated_residual("blocks.4.out", "blocks.5.attn", "blocks.5.gate_msa", "blocks.5.res_msa")
         # blocks.5.norm2 = layer_norm(blocks.5.res_msa) [layer norm]
@@ -1771,31 +1769,31 @@ class Model(BaseModel):
         # blocks.5.mod_mlp = modulate(blocks.5.norm2, blocks.5.shift_mlp, blocks.5.scale_mlp) [modulate]
         self.modulate("blocks.5.norm2", "blocks.5.shift_mlp", "blocks.5.scale_mlp", "blocks.5.mod_mlp")
         # blocks.5.fc1 = linear(blocks.5.mod_mlp, blocks.5.mlp.fc1.weight, blocks.5.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.5.mod_mlp", "blocks.5.mlp.fc1.weight", "blocks.5.mlp.fc1.bias", "blocks.5.fc1", "ones[tokens,batch]")
+        self.linear("blocks.5.mod_mlp", "blocks.5.mlp.fc1.weight", "blocks.5.mlp.fc1.bias", "blocks.5.fc1")
         # blocks.5.gelu = act(blocks.5.fc1) [pointwise MLP]
         self.act("blocks.5.fc1", "blocks.5.gelu", fn='gelutanh')
         # blocks.5.mlp = linear(blocks.5.gelu, blocks.5.mlp.fc2.weight, blocks.5.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.5.gelu", "blocks.5.mlp.fc2.weight", "blocks.5.mlp.fc2.bias", "blocks.5.mlp", "ones[tokens,batch]")
+        self.linear("blocks.5.gelu", "blocks.5.mlp.fc2.weight", "blocks.5.mlp.fc2.bias", "blocks.5.mlp")
         # blocks.5.out = gated_residual(blocks.5.res_msa, blocks.5.mlp, blocks.5.gate_mlp) [gated residual]
         self.gated_residual("blocks.5.res_msa", "blocks.5.mlp", "blocks.5.gate_mlp", "blocks.5.out")
         # blocks.6.shift_msa = linear(c_silu, blocks.6.adaLN_modulation.1.weight.shift_msa, blocks.6.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.6.adaLN_modulation.1.weight.shift_msa", "blocks.6.adaLN_modulation.1.bias.shift_msa", "blocks.6.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.6.adaLN_modulation.1.weight.shift_msa", "blocks.6.adaLN_modulation.1.bias.shift_msa", "blocks.6.shift_msa")
         # blocks.6.scale_msa = linear(c_silu, blocks.6.adaLN_modulation.1.weight.scale_msa, blocks.6.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.6.adaLN_modulation.1.weight.scale_msa", "blocks.6.adaLN_modulation.1.bias.scale_msa", "blocks.6.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.6.adaLN_modulation.1.weight.scale_msa", "blocks.6.adaLN_modulation.1.bias.scale_msa", "blocks.6.scale_msa")
         # blocks.6.gate_msa = linear(c_silu, blocks.6.adaLN_modulation.1.weight.gate_msa, blocks.6.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.6.adaLN_modulation.1.weight.gate_msa", "blocks.6.adaLN_modulation.1.bias.gate_msa", "blocks.6.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.6.adaLN_modulation.1.weight.gate_msa", "blocks.6.adaLN_modulation.1.bias.gate_msa", "blocks.6.gate_msa")
         # blocks.6.shift_mlp = linear(c_silu, blocks.6.adaLN_modulation.1.weight.shift_mlp, blocks.6.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.6.adaLN_modulation.1.weight.shift_mlp", "blocks.6.adaLN_modulation.1.bias.shift_mlp", "blocks.6.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.6.adaLN_modulation.1.weight.shift_mlp", "blocks.6.adaLN_modulation.1.bias.shift_mlp", "blocks.6.shift_mlp")
         # blocks.6.scale_mlp = linear(c_silu, blocks.6.adaLN_modulation.1.weight.scale_mlp, blocks.6.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.6.adaLN_modulation.1.weight.scale_mlp", "blocks.6.adaLN_modulation.1.bias.scale_mlp", "blocks.6.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.6.adaLN_modulation.1.weight.scale_mlp", "blocks.6.adaLN_modulation.1.bias.scale_mlp", "blocks.6.scale_mlp")
         # blocks.6.gate_mlp = linear(c_silu, blocks.6.adaLN_modulation.1.weight.gate_mlp, blocks.6.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.6.adaLN_modulation.1.weight.gate_mlp", "blocks.6.adaLN_modulation.1.bias.gate_mlp", "blocks.6.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.6.adaLN_modulation.1.weight.gate_mlp", "blocks.6.adaLN_modulation.1.bias.gate_mlp", "blocks.6.gate_mlp")
         # blocks.6.norm1 = layer_norm(blocks.5.out) [layer norm]
         self.layer_norm("blocks.5.out", "blocks.6.norm1", eps=1e-06)
         # blocks.6.mod_msa = modulate(blocks.6.norm1, blocks.6.shift_msa, blocks.6.scale_msa) [modulate]
         self.modulate("blocks.6.norm1", "blocks.6.shift_msa", "blocks.6.scale_msa", "blocks.6.mod_msa")
         # blocks.6.attn = attention(blocks.6.mod_msa, blocks.6.attn.qkv.weight.q, blocks.6.attn.qkv.weight.k, blocks.6.attn.qkv.weight.v, blocks.6.attn.qkv.bias.q, blocks.6.attn.qkv.bias.k, blocks.6.attn.qkv.bias.v, blocks.6.attn.proj.weight, blocks.6.attn.proj.bias) [attention]
-        self.attention("blocks.6.mod_msa", "blocks.6.attn.qkv.weight.q", "blocks.6.attn.qkv.weight.k", "blocks.6.attn.qkv.weight.v", "blocks.6.attn.qkv.bias.q", "blocks.6.attn.qkv.bias.k", "blocks.6.attn.qkv.bias.v", "blocks.6.attn.proj.weight", "blocks.6.attn.proj.bias", "blocks.6.attn", "ones[tokens,batch]")
+        self.attention("blocks.6.mod_msa", "blocks.6.attn.qkv.weight.q", "blocks.6.attn.qkv.weight.k", "blocks.6.attn.qkv.weight.v", "blocks.6.attn.qkv.bias.q", "blocks.6.attn.qkv.bias.k", "blocks.6.attn.qkv.bias.v", "blocks.6.attn.proj.weight", "blocks.6.attn.proj.bias", "blocks.6.attn")
         # blocks.6.res_msa = gated_residual(blocks.5.out, blocks.6.attn, blocks.6.gate_msa) [gated residual]
         self.gated_residual("blocks.5.out", "blocks.6.attn", "blocks.6.gate_msa", "blocks.6.res_msa")
         # blocks.6.norm2 = layer_norm(blocks.6.res_msa) [layer norm]
@@ -1803,31 +1801,31 @@ class Model(BaseModel):
         # blocks.6.mod_mlp = modulate(blocks.6.norm2, blocks.6.shift_mlp, blocks.6.scale_mlp) [modulate]
         self.modulate("blocks.6.norm2", "blocks.6.shift_mlp", "blocks.6.scale_mlp", "blocks.6.mod_mlp")
         # blocks.6.fc1 = linear(blocks.6.mod_mlp, blocks.6.mlp.fc1.weight, blocks.6.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.6.mod_mlp", "blocks.6.mlp.fc1.weight", "blocks.6.mlp.fc1.bias", "blocks.6.fc1", "ones[tokens,batch]")
+        self.linear("blocks.6.mod_mlp", "blocks.6.mlp.fc1.weight", "blocks.6.mlp.fc1.bias", "blocks.6.fc1")
         # blocks.6.gelu = act(blocks.6.fc1) [pointwise MLP]
         self.act("blocks.6.fc1", "blocks.6.gelu", fn='gelutanh')
         # blocks.6.mlp = linear(blocks.6.gelu, blocks.6.mlp.fc2.weight, blocks.6.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.6.gelu", "blocks.6.mlp.fc2.weight", "blocks.6.mlp.fc2.bias", "blocks.6.mlp", "ones[tokens,batch]")
+        self.linear("blocks.6.gelu", "blocks.6.mlp.fc2.weight", "blocks.6.mlp.fc2.bias", "blocks.6.mlp")
         # blocks.6.out = gated_residual(blocks.6.res_msa, blocks.6.mlp, blocks.6.gate_mlp) [gated residual]
         self.gated_residual("blocks.6.res_msa", "blocks.6.mlp", "blocks.6.gate_mlp", "blocks.6.out")
         # blocks.7.shift_msa = linear(c_silu, blocks.7.adaLN_modulation.1.weight.shift_msa, blocks.7.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.7.adaLN_modulation.1.weight.shift_msa", "blocks.7.adaLN_modulation.1.bias.shift_msa", "blocks.7.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.7.adaLN_modulation.1.weight.shift_msa", "blocks.7.adaLN_modulation.1.bias.shift_msa", "blocks.7.shift_msa")
         # blocks.7.scale_msa = linear(c_silu, blocks.7.adaLN_modulation.1.weight.scale_msa, blocks.7.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.7.adaLN_modulation.1.weight.scale_msa", "blocks.7.adaLN_modulation.1.bias.scale_msa", "blocks.7.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.7.adaLN_modulation.1.weight.scale_msa", "blocks.7.adaLN_modulation.1.bias.scale_msa", "blocks.7.scale_msa")
         # blocks.7.gate_msa = linear(c_silu, blocks.7.adaLN_modulation.1.weight.gate_msa, blocks.7.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.7.adaLN_modulation.1.weight.gate_msa", "blocks.7.adaLN_modulation.1.bias.gate_msa", "blocks.7.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.7.adaLN_modulation.1.weight.gate_msa", "blocks.7.adaLN_modulation.1.bias.gate_msa", "blocks.7.gate_msa")
         # blocks.7.shift_mlp = linear(c_silu, blocks.7.adaLN_modulation.1.weight.shift_mlp, blocks.7.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.7.adaLN_modulation.1.weight.shift_mlp", "blocks.7.adaLN_modulation.1.bias.shift_mlp", "blocks.7.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.7.adaLN_modulation.1.weight.shift_mlp", "blocks.7.adaLN_modulation.1.bias.shift_mlp", "blocks.7.shift_mlp")
         # blocks.7.scale_mlp = linear(c_silu, blocks.7.adaLN_modulation.1.weight.scale_mlp, blocks.7.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.7.adaLN_modulation.1.weight.scale_mlp", "blocks.7.adaLN_modulation.1.bias.scale_mlp", "blocks.7.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.7.adaLN_modulation.1.weight.scale_mlp", "blocks.7.adaLN_modulation.1.bias.scale_mlp", "blocks.7.scale_mlp")
         # blocks.7.gate_mlp = linear(c_silu, blocks.7.adaLN_modulation.1.weight.gate_mlp, blocks.7.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.7.adaLN_modulation.1.weight.gate_mlp", "blocks.7.adaLN_modulation.1.bias.gate_mlp", "blocks.7.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.7.adaLN_modulation.1.weight.gate_mlp", "blocks.7.adaLN_modulation.1.bias.gate_mlp", "blocks.7.gate_mlp")
         # blocks.7.norm1 = layer_norm(blocks.6.out) [layer norm]
         self.layer_norm("blocks.6.out", "blocks.7.norm1", eps=1e-06)
         # blocks.7.mod_msa = modulate(blocks.7.norm1, blocks.7.shift_msa, blocks.7.scale_msa) [modulate]
         self.modulate("blocks.7.norm1", "blocks.7.shift_msa", "blocks.7.scale_msa", "blocks.7.mod_msa")
         # blocks.7.attn = attention(blocks.7.mod_msa, blocks.7.attn.qkv.weight.q, blocks.7.attn.qkv.weight.k, blocks.7.attn.qkv.weight.v, blocks.7.attn.qkv.bias.q, blocks.7.attn.qkv.bias.k, blocks.7.attn.qkv.bias.v, blocks.7.attn.proj.weight, blocks.7.attn.proj.bias) [attention]
-        self.attention("blocks.7.mod_msa", "blocks.7.attn.qkv.weight.q", "blocks.7.attn.qkv.weight.k", "blocks.7.attn.qkv.weight.v", "blocks.7.attn.qkv.bias.q", "blocks.7.attn.qkv.bias.k", "blocks.7.attn.qkv.bias.v", "blocks.7.attn.proj.weight", "blocks.7.attn.proj.bias", "blocks.7.attn", "ones[tokens,batch]")
+        self.attention("blocks.7.mod_msa", "blocks.7.attn.qkv.weight.q", "blocks.7.attn.qkv.weight.k", "blocks.7.attn.qkv.weight.v", "blocks.7.attn.qkv.bias.q", "blocks.7.attn.qkv.bias.k", "blocks.7.attn.qkv.bias.v", "blocks.7.attn.proj.weight", "blocks.7.attn.proj.bias", "blocks.7.attn")
         # blocks.7.res_msa = gated_residual(blocks.6.out, blocks.7.attn, blocks.7.gate_msa) [gated residual]
         self.gated_residual("blocks.6.out", "blocks.7.attn", "blocks.7.gate_msa", "blocks.7.res_msa")
         # blocks.7.norm2 = layer_norm(blocks.7.res_msa) [layer norm]
@@ -1835,31 +1833,31 @@ class Model(BaseModel):
         # blocks.7.mod_mlp = modulate(blocks.7.norm2, blocks.7.shift_mlp, blocks.7.scale_mlp) [modulate]
         self.modulate("blocks.7.norm2", "blocks.7.shift_mlp", "blocks.7.scale_mlp", "blocks.7.mod_mlp")
         # blocks.7.fc1 = linear(blocks.7.mod_mlp, blocks.7.mlp.fc1.weight, blocks.7.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.7.mod_mlp", "blocks.7.mlp.fc1.weight", "blocks.7.mlp.fc1.bias", "blocks.7.fc1", "ones[tokens,batch]")
+        self.linear("blocks.7.mod_mlp", "blocks.7.mlp.fc1.weight", "blocks.7.mlp.fc1.bias", "blocks.7.fc1")
         # blocks.7.gelu = act(blocks.7.fc1) [pointwise MLP]
         self.act("blocks.7.fc1", "blocks.7.gelu", fn='gelutanh')
         # blocks.7.mlp = linear(blocks.7.gelu, blocks.7.mlp.fc2.weight, blocks.7.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.7.gelu", "blocks.7.mlp.fc2.weight", "blocks.7.mlp.fc2.bias", "blocks.7.mlp", "ones[tokens,batch]")
+        self.linear("blocks.7.gelu", "blocks.7.mlp.fc2.weight", "blocks.7.mlp.fc2.bias", "blocks.7.mlp")
         # blocks.7.out = gated_residual(blocks.7.res_msa, blocks.7.mlp, blocks.7.gate_mlp) [gated residual]
         self.gated_residual("blocks.7.res_msa", "blocks.7.mlp", "blocks.7.gate_mlp", "blocks.7.out")
         # blocks.8.shift_msa = linear(c_silu, blocks.8.adaLN_modulation.1.weight.shift_msa, blocks.8.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.8.adaLN_modulation.1.weight.shift_msa", "blocks.8.adaLN_modulation.1.bias.shift_msa", "blocks.8.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.8.adaLN_modulation.1.weight.shift_msa", "blocks.8.adaLN_modulation.1.bias.shift_msa", "blocks.8.shift_msa")
         # blocks.8.scale_msa = linear(c_silu, blocks.8.adaLN_modulation.1.weight.scale_msa, blocks.8.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.8.adaLN_modulation.1.weight.scale_msa", "blocks.8.adaLN_modulation.1.bias.scale_msa", "blocks.8.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.8.adaLN_modulation.1.weight.scale_msa", "blocks.8.adaLN_modulation.1.bias.scale_msa", "blocks.8.scale_msa")
         # blocks.8.gate_msa = linear(c_silu, blocks.8.adaLN_modulation.1.weight.gate_msa, blocks.8.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.8.adaLN_modulation.1.weight.gate_msa", "blocks.8.adaLN_modulation.1.bias.gate_msa", "blocks.8.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.8.adaLN_modulation.1.weight.gate_msa", "blocks.8.adaLN_modulation.1.bias.gate_msa", "blocks.8.gate_msa")
         # blocks.8.shift_mlp = linear(c_silu, blocks.8.adaLN_modulation.1.weight.shift_mlp, blocks.8.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.8.adaLN_modulation.1.weight.shift_mlp", "blocks.8.adaLN_modulation.1.bias.shift_mlp", "blocks.8.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.8.adaLN_modulation.1.weight.shift_mlp", "blocks.8.adaLN_modulation.1.bias.shift_mlp", "blocks.8.shift_mlp")
         # blocks.8.scale_mlp = linear(c_silu, blocks.8.adaLN_modulation.1.weight.scale_mlp, blocks.8.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.8.adaLN_modulation.1.weight.scale_mlp", "blocks.8.adaLN_modulation.1.bias.scale_mlp", "blocks.8.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.8.adaLN_modulation.1.weight.scale_mlp", "blocks.8.adaLN_modulation.1.bias.scale_mlp", "blocks.8.scale_mlp")
         # blocks.8.gate_mlp = linear(c_silu, blocks.8.adaLN_modulation.1.weight.gate_mlp, blocks.8.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.8.adaLN_modulation.1.weight.gate_mlp", "blocks.8.adaLN_modulation.1.bias.gate_mlp", "blocks.8.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.8.adaLN_modulation.1.weight.gate_mlp", "blocks.8.adaLN_modulation.1.bias.gate_mlp", "blocks.8.gate_mlp")
         # blocks.8.norm1 = layer_norm(blocks.7.out) [layer norm]
         self.layer_norm("blocks.7.out", "blocks.8.norm1", eps=1e-06)
         # blocks.8.mod_msa = modulate(blocks.8.norm1, blocks.8.shift_msa, blocks.8.scale_msa) [modulate]
         self.modulate("blocks.8.norm1", "blocks.8.shift_msa", "blocks.8.scale_msa", "blocks.8.mod_msa")
         # blocks.8.attn = attention(blocks.8.mod_msa, blocks.8.attn.qkv.weight.q, blocks.8.attn.qkv.weight.k, blocks.8.attn.qkv.weight.v, blocks.8.attn.qkv.bias.q, blocks.8.attn.qkv.bias.k, blocks.8.attn.qkv.bias.v, blocks.8.attn.proj.weight, blocks.8.attn.proj.bias) [attention]
-        self.attention("blocks.8.mod_msa", "blocks.8.attn.qkv.weight.q", "blocks.8.attn.qkv.weight.k", "blocks.8.attn.qkv.weight.v", "blocks.8.attn.qkv.bias.q", "blocks.8.attn.qkv.bias.k", "blocks.8.attn.qkv.bias.v", "blocks.8.attn.proj.weight", "blocks.8.attn.proj.bias", "blocks.8.attn", "ones[tokens,batch]")
+        self.attention("blocks.8.mod_msa", "blocks.8.attn.qkv.weight.q", "blocks.8.attn.qkv.weight.k", "blocks.8.attn.qkv.weight.v", "blocks.8.attn.qkv.bias.q", "blocks.8.attn.qkv.bias.k", "blocks.8.attn.qkv.bias.v", "blocks.8.attn.proj.weight", "blocks.8.attn.proj.bias", "blocks.8.attn")
         # blocks.8.res_msa = gated_residual(blocks.7.out, blocks.8.attn, blocks.8.gate_msa) [gated residual]
         self.gated_residual("blocks.7.out", "blocks.8.attn", "blocks.8.gate_msa", "blocks.8.res_msa")
         # blocks.8.norm2 = layer_norm(blocks.8.res_msa) [layer norm]
@@ -1867,31 +1865,31 @@ class Model(BaseModel):
         # blocks.8.mod_mlp = modulate(blocks.8.norm2, blocks.8.shift_mlp, blocks.8.scale_mlp) [modulate]
         self.modulate("blocks.8.norm2", "blocks.8.shift_mlp", "blocks.8.scale_mlp", "blocks.8.mod_mlp")
         # blocks.8.fc1 = linear(blocks.8.mod_mlp, blocks.8.mlp.fc1.weight, blocks.8.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.8.mod_mlp", "blocks.8.mlp.fc1.weight", "blocks.8.mlp.fc1.bias", "blocks.8.fc1", "ones[tokens,batch]")
+        self.linear("blocks.8.mod_mlp", "blocks.8.mlp.fc1.weight", "blocks.8.mlp.fc1.bias", "blocks.8.fc1")
         # blocks.8.gelu = act(blocks.8.fc1) [pointwise MLP]
         self.act("blocks.8.fc1", "blocks.8.gelu", fn='gelutanh')
         # blocks.8.mlp = linear(blocks.8.gelu, blocks.8.mlp.fc2.weight, blocks.8.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.8.gelu", "blocks.8.mlp.fc2.weight", "blocks.8.mlp.fc2.bias", "blocks.8.mlp", "ones[tokens,batch]")
+        self.linear("blocks.8.gelu", "blocks.8.mlp.fc2.weight", "blocks.8.mlp.fc2.bias", "blocks.8.mlp")
         # blocks.8.out = gated_residual(blocks.8.res_msa, blocks.8.mlp, blocks.8.gate_mlp) [gated residual]
         self.gated_residual("blocks.8.res_msa", "blocks.8.mlp", "blocks.8.gate_mlp", "blocks.8.out")
         # blocks.9.shift_msa = linear(c_silu, blocks.9.adaLN_modulation.1.weight.shift_msa, blocks.9.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.9.adaLN_modulation.1.weight.shift_msa", "blocks.9.adaLN_modulation.1.bias.shift_msa", "blocks.9.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.9.adaLN_modulation.1.weight.shift_msa", "blocks.9.adaLN_modulation.1.bias.shift_msa", "blocks.9.shift_msa")
         # blocks.9.scale_msa = linear(c_silu, blocks.9.adaLN_modulation.1.weight.scale_msa, blocks.9.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.9.adaLN_modulation.1.weight.scale_msa", "blocks.9.adaLN_modulation.1.bias.scale_msa", "blocks.9.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.9.adaLN_modulation.1.weight.scale_msa", "blocks.9.adaLN_modulation.1.bias.scale_msa", "blocks.9.scale_msa")
         # blocks.9.gate_msa = linear(c_silu, blocks.9.adaLN_modulation.1.weight.gate_msa, blocks.9.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.9.adaLN_modulation.1.weight.gate_msa", "blocks.9.adaLN_modulation.1.bias.gate_msa", "blocks.9.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.9.adaLN_modulation.1.weight.gate_msa", "blocks.9.adaLN_modulation.1.bias.gate_msa", "blocks.9.gate_msa")
         # blocks.9.shift_mlp = linear(c_silu, blocks.9.adaLN_modulation.1.weight.shift_mlp, blocks.9.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.9.adaLN_modulation.1.weight.shift_mlp", "blocks.9.adaLN_modulation.1.bias.shift_mlp", "blocks.9.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.9.adaLN_modulation.1.weight.shift_mlp", "blocks.9.adaLN_modulation.1.bias.shift_mlp", "blocks.9.shift_mlp")
         # blocks.9.scale_mlp = linear(c_silu, blocks.9.adaLN_modulation.1.weight.scale_mlp, blocks.9.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.9.adaLN_modulation.1.weight.scale_mlp", "blocks.9.adaLN_modulation.1.bias.scale_mlp", "blocks.9.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.9.adaLN_modulation.1.weight.scale_mlp", "blocks.9.adaLN_modulation.1.bias.scale_mlp", "blocks.9.scale_mlp")
         # blocks.9.gate_mlp = linear(c_silu, blocks.9.adaLN_modulation.1.weight.gate_mlp, blocks.9.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.9.adaLN_modulation.1.weight.gate_mlp", "blocks.9.adaLN_modulation.1.bias.gate_mlp", "blocks.9.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.9.adaLN_modulation.1.weight.gate_mlp", "blocks.9.adaLN_modulation.1.bias.gate_mlp", "blocks.9.gate_mlp")
         # blocks.9.norm1 = layer_norm(blocks.8.out) [layer norm]
         self.layer_norm("blocks.8.out", "blocks.9.norm1", eps=1e-06)
         # blocks.9.mod_msa = modulate(blocks.9.norm1, blocks.9.shift_msa, blocks.9.scale_msa) [modulate]
         self.modulate("blocks.9.norm1", "blocks.9.shift_msa", "blocks.9.scale_msa", "blocks.9.mod_msa")
         # blocks.9.attn = attention(blocks.9.mod_msa, blocks.9.attn.qkv.weight.q, blocks.9.attn.qkv.weight.k, blocks.9.attn.qkv.weight.v, blocks.9.attn.qkv.bias.q, blocks.9.attn.qkv.bias.k, blocks.9.attn.qkv.bias.v, blocks.9.attn.proj.weight, blocks.9.attn.proj.bias) [attention]
-        self.attention("blocks.9.mod_msa", "blocks.9.attn.qkv.weight.q", "blocks.9.attn.qkv.weight.k", "blocks.9.attn.qkv.weight.v", "blocks.9.attn.qkv.bias.q", "blocks.9.attn.qkv.bias.k", "blocks.9.attn.qkv.bias.v", "blocks.9.attn.proj.weight", "blocks.9.attn.proj.bias", "blocks.9.attn", "ones[tokens,batch]")
+        self.attention("blocks.9.mod_msa", "blocks.9.attn.qkv.weight.q", "blocks.9.attn.qkv.weight.k", "blocks.9.attn.qkv.weight.v", "blocks.9.attn.qkv.bias.q", "blocks.9.attn.qkv.bias.k", "blocks.9.attn.qkv.bias.v", "blocks.9.attn.proj.weight", "blocks.9.attn.proj.bias", "blocks.9.attn")
         # blocks.9.res_msa = gated_residual(blocks.8.out, blocks.9.attn, blocks.9.gate_msa) [gated residual]
         self.gated_residual("blocks.8.out", "blocks.9.attn", "blocks.9.gate_msa", "blocks.9.res_msa")
         # blocks.9.norm2 = layer_norm(blocks.9.res_msa) [layer norm]
@@ -1899,31 +1897,31 @@ class Model(BaseModel):
         # blocks.9.mod_mlp = modulate(blocks.9.norm2, blocks.9.shift_mlp, blocks.9.scale_mlp) [modulate]
         self.modulate("blocks.9.norm2", "blocks.9.shift_mlp", "blocks.9.scale_mlp", "blocks.9.mod_mlp")
         # blocks.9.fc1 = linear(blocks.9.mod_mlp, blocks.9.mlp.fc1.weight, blocks.9.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.9.mod_mlp", "blocks.9.mlp.fc1.weight", "blocks.9.mlp.fc1.bias", "blocks.9.fc1", "ones[tokens,batch]")
+        self.linear("blocks.9.mod_mlp", "blocks.9.mlp.fc1.weight", "blocks.9.mlp.fc1.bias", "blocks.9.fc1")
         # blocks.9.gelu = act(blocks.9.fc1) [pointwise MLP]
         self.act("blocks.9.fc1", "blocks.9.gelu", fn='gelutanh')
         # blocks.9.mlp = linear(blocks.9.gelu, blocks.9.mlp.fc2.weight, blocks.9.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.9.gelu", "blocks.9.mlp.fc2.weight", "blocks.9.mlp.fc2.bias", "blocks.9.mlp", "ones[tokens,batch]")
+        self.linear("blocks.9.gelu", "blocks.9.mlp.fc2.weight", "blocks.9.mlp.fc2.bias", "blocks.9.mlp")
         # blocks.9.out = gated_residual(blocks.9.res_msa, blocks.9.mlp, blocks.9.gate_mlp) [gated residual]
         self.gated_residual("blocks.9.res_msa", "blocks.9.mlp", "blocks.9.gate_mlp", "blocks.9.out")
         # blocks.10.shift_msa = linear(c_silu, blocks.10.adaLN_modulation.1.weight.shift_msa, blocks.10.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.10.adaLN_modulation.1.weight.shift_msa", "blocks.10.adaLN_modulation.1.bias.shift_msa", "blocks.10.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.10.adaLN_modulation.1.weight.shift_msa", "blocks.10.adaLN_modulation.1.bias.shift_msa", "blocks.10.shift_msa")
         # blocks.10.scale_msa = linear(c_silu, blocks.10.adaLN_modulation.1.weight.scale_msa, blocks.10.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.10.adaLN_modulation.1.weight.scale_msa", "blocks.10.adaLN_modulation.1.bias.scale_msa", "blocks.10.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.10.adaLN_modulation.1.weight.scale_msa", "blocks.10.adaLN_modulation.1.bias.scale_msa", "blocks.10.scale_msa")
         # blocks.10.gate_msa = linear(c_silu, blocks.10.adaLN_modulation.1.weight.gate_msa, blocks.10.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.10.adaLN_modulation.1.weight.gate_msa", "blocks.10.adaLN_modulation.1.bias.gate_msa", "blocks.10.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.10.adaLN_modulation.1.weight.gate_msa", "blocks.10.adaLN_modulation.1.bias.gate_msa", "blocks.10.gate_msa")
         # blocks.10.shift_mlp = linear(c_silu, blocks.10.adaLN_modulation.1.weight.shift_mlp, blocks.10.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.10.adaLN_modulation.1.weight.shift_mlp", "blocks.10.adaLN_modulation.1.bias.shift_mlp", "blocks.10.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.10.adaLN_modulation.1.weight.shift_mlp", "blocks.10.adaLN_modulation.1.bias.shift_mlp", "blocks.10.shift_mlp")
         # blocks.10.scale_mlp = linear(c_silu, blocks.10.adaLN_modulation.1.weight.scale_mlp, blocks.10.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.10.adaLN_modulation.1.weight.scale_mlp", "blocks.10.adaLN_modulation.1.bias.scale_mlp", "blocks.10.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.10.adaLN_modulation.1.weight.scale_mlp", "blocks.10.adaLN_modulation.1.bias.scale_mlp", "blocks.10.scale_mlp")
         # blocks.10.gate_mlp = linear(c_silu, blocks.10.adaLN_modulation.1.weight.gate_mlp, blocks.10.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.10.adaLN_modulation.1.weight.gate_mlp", "blocks.10.adaLN_modulation.1.bias.gate_mlp", "blocks.10.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.10.adaLN_modulation.1.weight.gate_mlp", "blocks.10.adaLN_modulation.1.bias.gate_mlp", "blocks.10.gate_mlp")
         # blocks.10.norm1 = layer_norm(blocks.9.out) [layer norm]
         self.layer_norm("blocks.9.out", "blocks.10.norm1", eps=1e-06)
         # blocks.10.mod_msa = modulate(blocks.10.norm1, blocks.10.shift_msa, blocks.10.scale_msa) [modulate]
         self.modulate("blocks.10.norm1", "blocks.10.shift_msa", "blocks.10.scale_msa", "blocks.10.mod_msa")
         # blocks.10.attn = attention(blocks.10.mod_msa, blocks.10.attn.qkv.weight.q, blocks.10.attn.qkv.weight.k, blocks.10.attn.qkv.weight.v, blocks.10.attn.qkv.bias.q, blocks.10.attn.qkv.bias.k, blocks.10.attn.qkv.bias.v, blocks.10.attn.proj.weight, blocks.10.attn.proj.bias) [attention]
-        self.attention("blocks.10.mod_msa", "blocks.10.attn.qkv.weight.q", "blocks.10.attn.qkv.weight.k", "blocks.10.attn.qkv.weight.v", "blocks.10.attn.qkv.bias.q", "blocks.10.attn.qkv.bias.k", "blocks.10.attn.qkv.bias.v", "blocks.10.attn.proj.weight", "blocks.10.attn.proj.bias", "blocks.10.attn", "ones[tokens,batch]")
+        self.attention("blocks.10.mod_msa", "blocks.10.attn.qkv.weight.q", "blocks.10.attn.qkv.weight.k", "blocks.10.attn.qkv.weight.v", "blocks.10.attn.qkv.bias.q", "blocks.10.attn.qkv.bias.k", "blocks.10.attn.qkv.bias.v", "blocks.10.attn.proj.weight", "blocks.10.attn.proj.bias", "blocks.10.attn")
         # blocks.10.res_msa = gated_residual(blocks.9.out, blocks.10.attn, blocks.10.gate_msa) [gated residual]
         self.gated_residual("blocks.9.out", "blocks.10.attn", "blocks.10.gate_msa", "blocks.10.res_msa")
         # blocks.10.norm2 = layer_norm(blocks.10.res_msa) [layer norm]
@@ -1931,31 +1929,31 @@ class Model(BaseModel):
         # blocks.10.mod_mlp = modulate(blocks.10.norm2, blocks.10.shift_mlp, blocks.10.scale_mlp) [modulate]
         self.modulate("blocks.10.norm2", "blocks.10.shift_mlp", "blocks.10.scale_mlp", "blocks.10.mod_mlp")
         # blocks.10.fc1 = linear(blocks.10.mod_mlp, blocks.10.mlp.fc1.weight, blocks.10.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.10.mod_mlp", "blocks.10.mlp.fc1.weight", "blocks.10.mlp.fc1.bias", "blocks.10.fc1", "ones[tokens,batch]")
+        self.linear("blocks.10.mod_mlp", "blocks.10.mlp.fc1.weight", "blocks.10.mlp.fc1.bias", "blocks.10.fc1")
         # blocks.10.gelu = act(blocks.10.fc1) [pointwise MLP]
         self.act("blocks.10.fc1", "blocks.10.gelu", fn='gelutanh')
         # blocks.10.mlp = linear(blocks.10.gelu, blocks.10.mlp.fc2.weight, blocks.10.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.10.gelu", "blocks.10.mlp.fc2.weight", "blocks.10.mlp.fc2.bias", "blocks.10.mlp", "ones[tokens,batch]")
+        self.linear("blocks.10.gelu", "blocks.10.mlp.fc2.weight", "blocks.10.mlp.fc2.bias", "blocks.10.mlp")
         # blocks.10.out = gated_residual(blocks.10.res_msa, blocks.10.mlp, blocks.10.gate_mlp) [gated residual]
         self.gated_residual("blocks.10.res_msa", "blocks.10.mlp", "blocks.10.gate_mlp", "blocks.10.out")
         # blocks.11.shift_msa = linear(c_silu, blocks.11.adaLN_modulation.1.weight.shift_msa, blocks.11.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.11.adaLN_modulation.1.weight.shift_msa", "blocks.11.adaLN_modulation.1.bias.shift_msa", "blocks.11.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.11.adaLN_modulation.1.weight.shift_msa", "blocks.11.adaLN_modulation.1.bias.shift_msa", "blocks.11.shift_msa")
         # blocks.11.scale_msa = linear(c_silu, blocks.11.adaLN_modulation.1.weight.scale_msa, blocks.11.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.11.adaLN_modulation.1.weight.scale_msa", "blocks.11.adaLN_modulation.1.bias.scale_msa", "blocks.11.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.11.adaLN_modulation.1.weight.scale_msa", "blocks.11.adaLN_modulation.1.bias.scale_msa", "blocks.11.scale_msa")
         # blocks.11.gate_msa = linear(c_silu, blocks.11.adaLN_modulation.1.weight.gate_msa, blocks.11.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.11.adaLN_modulation.1.weight.gate_msa", "blocks.11.adaLN_modulation.1.bias.gate_msa", "blocks.11.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.11.adaLN_modulation.1.weight.gate_msa", "blocks.11.adaLN_modulation.1.bias.gate_msa", "blocks.11.gate_msa")
         # blocks.11.shift_mlp = linear(c_silu, blocks.11.adaLN_modulation.1.weight.shift_mlp, blocks.11.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.11.adaLN_modulation.1.weight.shift_mlp", "blocks.11.adaLN_modulation.1.bias.shift_mlp", "blocks.11.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.11.adaLN_modulation.1.weight.shift_mlp", "blocks.11.adaLN_modulation.1.bias.shift_mlp", "blocks.11.shift_mlp")
         # blocks.11.scale_mlp = linear(c_silu, blocks.11.adaLN_modulation.1.weight.scale_mlp, blocks.11.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.11.adaLN_modulation.1.weight.scale_mlp", "blocks.11.adaLN_modulation.1.bias.scale_mlp", "blocks.11.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.11.adaLN_modulation.1.weight.scale_mlp", "blocks.11.adaLN_modulation.1.bias.scale_mlp", "blocks.11.scale_mlp")
         # blocks.11.gate_mlp = linear(c_silu, blocks.11.adaLN_modulation.1.weight.gate_mlp, blocks.11.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.11.adaLN_modulation.1.weight.gate_mlp", "blocks.11.adaLN_modulation.1.bias.gate_mlp", "blocks.11.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.11.adaLN_modulation.1.weight.gate_mlp", "blocks.11.adaLN_modulation.1.bias.gate_mlp", "blocks.11.gate_mlp")
         # blocks.11.norm1 = layer_norm(blocks.10.out) [layer norm]
         self.layer_norm("blocks.10.out", "blocks.11.norm1", eps=1e-06)
         # blocks.11.mod_msa = modulate(blocks.11.norm1, blocks.11.shift_msa, blocks.11.scale_msa) [modulate]
         self.modulate("blocks.11.norm1", "blocks.11.shift_msa", "blocks.11.scale_msa", "blocks.11.mod_msa")
         # blocks.11.attn = attention(blocks.11.mod_msa, blocks.11.attn.qkv.weight.q, blocks.11.attn.qkv.weight.k, blocks.11.attn.qkv.weight.v, blocks.11.attn.qkv.bias.q, blocks.11.attn.qkv.bias.k, blocks.11.attn.qkv.bias.v, blocks.11.attn.proj.weight, blocks.11.attn.proj.bias) [attention]
-        self.attention("blocks.11.mod_msa", "blocks.11.attn.qkv.weight.q", "blocks.11.attn.qkv.weight.k", "blocks.11.attn.qkv.weight.v", "blocks.11.attn.qkv.bias.q", "blocks.11.attn.qkv.bias.k", "blocks.11.attn.qkv.bias.v", "blocks.11.attn.proj.weight", "blocks.11.attn.proj.bias", "blocks.11.attn", "ones[tokens,batch]")
+        self.attention("blocks.11.mod_msa", "blocks.11.attn.qkv.weight.q", "blocks.11.attn.qkv.weight.k", "blocks.11.attn.qkv.weight.v", "blocks.11.attn.qkv.bias.q", "blocks.11.attn.qkv.bias.k", "blocks.11.attn.qkv.bias.v", "blocks.11.attn.proj.weight", "blocks.11.attn.proj.bias", "blocks.11.attn")
         # blocks.11.res_msa = gated_residual(blocks.10.out, blocks.11.attn, blocks.11.gate_msa) [gated residual]
         self.gated_residual("blocks.10.out", "blocks.11.attn", "blocks.11.gate_msa", "blocks.11.res_msa")
         # blocks.11.norm2 = layer_norm(blocks.11.res_msa) [layer norm]
@@ -1963,23 +1961,23 @@ class Model(BaseModel):
         # blocks.11.mod_mlp = modulate(blocks.11.norm2, blocks.11.shift_mlp, blocks.11.scale_mlp) [modulate]
         self.modulate("blocks.11.norm2", "blocks.11.shift_mlp", "blocks.11.scale_mlp", "blocks.11.mod_mlp")
         # blocks.11.fc1 = linear(blocks.11.mod_mlp, blocks.11.mlp.fc1.weight, blocks.11.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.11.mod_mlp", "blocks.11.mlp.fc1.weight", "blocks.11.mlp.fc1.bias", "blocks.11.fc1", "ones[tokens,batch]")
+        self.linear("blocks.11.mod_mlp", "blocks.11.mlp.fc1.weight", "blocks.11.mlp.fc1.bias", "blocks.11.fc1")
         # blocks.11.gelu = act(blocks.11.fc1) [pointwise MLP]
         self.act("blocks.11.fc1", "blocks.11.gelu", fn='gelutanh')
         # blocks.11.mlp = linear(blocks.11.gelu, blocks.11.mlp.fc2.weight, blocks.11.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.11.gelu", "blocks.11.mlp.fc2.weight", "blocks.11.mlp.fc2.bias", "blocks.11.mlp", "ones[tokens,batch]")
+        self.linear("blocks.11.gelu", "blocks.11.mlp.fc2.weight", "blocks.11.mlp.fc2.bias", "blocks.11.mlp")
         # blocks.11.out = gated_residual(blocks.11.res_msa, blocks.11.mlp, blocks.11.gate_mlp) [gated residual]
         self.gated_residual("blocks.11.res_msa", "blocks.11.mlp", "blocks.11.gate_mlp", "blocks.11.out")
         # final.shift = linear(c_silu, final_layer.adaLN_modulation.1.weight.shift, final_layer.adaLN_modulation.1.bias.shift) [final layer]
-        self.linear("c_silu", "final_layer.adaLN_modulation.1.weight.shift", "final_layer.adaLN_modulation.1.bias.shift", "final.shift", "ones[batch]")
+        self.linear("c_silu", "final_layer.adaLN_modulation.1.weight.shift", "final_layer.adaLN_modulation.1.bias.shift", "final.shift")
         # final.scale = linear(c_silu, final_layer.adaLN_modulation.1.weight.scale, final_layer.adaLN_modulation.1.bias.scale) [final layer]
-        self.linear("c_silu", "final_layer.adaLN_modulation.1.weight.scale", "final_layer.adaLN_modulation.1.bias.scale", "final.scale", "ones[batch]")
+        self.linear("c_silu", "final_layer.adaLN_modulation.1.weight.scale", "final_layer.adaLN_modulation.1.bias.scale", "final.scale")
         # final.norm = layer_norm(blocks.11.out) [final layer]
         self.layer_norm("blocks.11.out", "final.norm", eps=1e-06)
         # final.mod = modulate(final.norm, final.shift, final.scale) [final layer]
         self.modulate("final.norm", "final.shift", "final.scale", "final.mod")
         # final.out = linear(final.mod, final_layer.linear.weight, final_layer.linear.bias) [final layer]
-        self.linear("final.mod", "final_layer.linear.weight", "final_layer.linear.bias", "final.out", "ones[tokens,batch]")
+        self.linear("final.mod", "final_layer.linear.weight", "final_layer.linear.bias", "final.out")
         self.load_const("pos_embed", sincos_pos_embed(HIDDEN, GRID).T)
         for layer, (first, _, _) in zip(layers, MEMORY_PLAN):
             layer.overwrites = tuple(self.tensors[name] for name in first)
@@ -1992,9 +1990,7 @@ class Model(BaseModel):
         if name not in self.tensors:
             shape, tile, kind = TENSORS[name]
             value = self.alloc.new(shape, tile, Tensor_int64 if kind == "labels" else Tensor_fp32)
-            if kind == "ones":
-                fill_async(1.0, value)
-            if kind in ("const", "labels", "ones"):
+            if kind in ("const", "labels"):
                 self.tensors[name] = value
             else:
                 self.tensors[name] = TensorMoments(value, self.alloc.new(shape, tile), True)
@@ -2038,9 +2034,14 @@ class Model(BaseModel):
         self.layers.append(layer)
         self.layer_kinds.append(kind)
 
-    def linear(self, x: str, w: str, b: str, y: str, ones: str) -> None:
+    def bias_ones(self, y: str) -> Tensor:
+        """The row of ones [1, <y's batch axes>] that the bias GEMMs of the layer writing y multiply."""
+        shape, tile, _ = TENSORS[y]
+        return self.alloc.ones((1,) + shape[1:], (1,) + tile[1:])
+
+    def linear(self, x: str, w: str, b: str, y: str) -> None:
         t = self.tensor
-        self.add_layer(Linear(t(x), t(w), t(b), t(ones), t(y)), "linear")
+        self.add_layer(Linear(t(x), t(w), t(b), self.bias_ones(y), t(y)), "linear")
 
     def act(self, x: str, y: str, fn: str) -> None:
         self.add_layer(Act(self.tensor(x), self.tensor(y), fn), fn)
@@ -2066,10 +2067,10 @@ class Model(BaseModel):
         self.add_layer(GatedResidual(t(x), t(h), t(gate), t(y), self.alloc), "gated_residual")
 
     def attention(self, x: str, w_q: str, w_k: str, w_v: str, b_q: str, b_k: str, b_v: str, w_o: str,
-                  b_o: str, y: str, ones: str) -> None:
+                  b_o: str, y: str) -> None:
         t = self.tensor
-        self.add_layer(Attention(t(x), t(w_q), t(w_k), t(w_v), t(b_q), t(b_k), t(b_v), t(w_o), t(b_o), t(ones),
-                                 t(y), self.alloc), "attention")
+        self.add_layer(Attention(t(x), t(w_q), t(w_k), t(w_v), t(b_q), t(b_k), t(b_v), t(w_o), t(b_o),
+                                 self.bias_ones(y), t(y), self.alloc), "attention")
 
     # -- parameters -----------------------------------------------------------------------------
     def load_state_dict(self, state_dict) -> None:

@@ -53,7 +53,7 @@ FREQUENCY_SHIFT = 0
 MAX_PERIOD = 10000
 
 #: Every NNTile tensor of the graph: name -> (shape, basetile shape, kind). Linear biases are one-column
-#: matrices and `ones[...]` constant rows of ones: the bias add is a rank-1 GEMM (see `Linear`).
+#: matrices: the bias add is a rank-1 GEMM with a row of ones (see `Linear` and `Model.bias_ones`).
 TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "y": ((1,), (1,), "labels"),
     "x_patches": ((16, 256, 1), (16, 128, 1), "activation"),
@@ -1045,8 +1045,6 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "final_layer.linear.weight": ((32, 1024), (32, 512), "param"),
     "final_layer.linear.bias": ((32, 1), (32, 1), "param"),
     "final.out": ((32, 256, 1), (32, 128, 1), "activation"),
-    "ones[tokens,batch]": ((1, 256, 1), (1, 128, 1), "ones"),
-    "ones[batch]": ((1, 1), (1, 1), "ones"),
 }
 
 #: Parameters: graph name -> (torch state_dict key, rows of the torch tensor or None, layout).
@@ -2531,15 +2529,15 @@ class Model(BaseModel):
         self.layers = layers
         self.layer_kinds: list[str] = []  # the graph op kind of each layer, for per-kind profiles
         # x_proj = linear(x_patches, x_embedder.proj.weight, x_embedder.proj.bias) [embeddings]
-        self.linear("x_patches", "x_embedder.proj.weight", "x_embedder.proj.bias", "x_proj", "ones[tokens,batch]")
+        self.linear("x_patches", "x_embedder.proj.weight", "x_embedder.proj.bias", "x_proj")
         # x_tokens = add_const_slice(x_proj, pos_embed) [embeddings]
         self.add_const_slice("x_proj", "pos_embed", "x_tokens", axis=2)
         # t_hidden = linear(t_freq, t_embedder.mlp.0.weight, t_embedder.mlp.0.bias) [embeddings]
-        self.linear("t_freq", "t_embedder.mlp.0.weight", "t_embedder.mlp.0.bias", "t_hidden", "ones[batch]")
+        self.linear("t_freq", "t_embedder.mlp.0.weight", "t_embedder.mlp.0.bias", "t_hidden")
         # t_act = act(t_hidden) [embeddings]
         self.act("t_hidden", "t_act", fn='silu')
         # t_emb = linear(t_act, t_embedder.mlp.2.weight, t_embedder.mlp.2.bias) [embeddings]
-        self.linear("t_act", "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias", "t_emb", "ones[batch]")
+        self.linear("t_act", "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias", "t_emb")
         # y_emb = embedding(y, y_embedder.embedding_table.weight) [embeddings]
         self.embedding("y", "y_embedder.embedding_table.weight", "y_emb")
         # c = add(t_emb, y_emb) [embeddings]
@@ -2547,23 +2545,23 @@ class Model(BaseModel):
         # c_silu = act(c) [adaLN modulation]
         self.act("c", "c_silu", fn='silu')
         # blocks.0.shift_msa = linear(c_silu, blocks.0.adaLN_modulation.1.weight.shift_msa, blocks.0.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.shift_msa", "blocks.0.adaLN_modulation.1.bias.shift_msa", "blocks.0.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.shift_msa", "blocks.0.adaLN_modulation.1.bias.shift_msa", "blocks.0.shift_msa")
         # blocks.0.scale_msa = linear(c_silu, blocks.0.adaLN_modulation.1.weight.scale_msa, blocks.0.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.scale_msa", "blocks.0.adaLN_modulation.1.bias.scale_msa", "blocks.0.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.scale_msa", "blocks.0.adaLN_modulation.1.bias.scale_msa", "blocks.0.scale_msa")
         # blocks.0.gate_msa = linear(c_silu, blocks.0.adaLN_modulation.1.weight.gate_msa, blocks.0.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.gate_msa", "blocks.0.adaLN_modulation.1.bias.gate_msa", "blocks.0.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.gate_msa", "blocks.0.adaLN_modulation.1.bias.gate_msa", "blocks.0.gate_msa")
         # blocks.0.shift_mlp = linear(c_silu, blocks.0.adaLN_modulation.1.weight.shift_mlp, blocks.0.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.shift_mlp", "blocks.0.adaLN_modulation.1.bias.shift_mlp", "blocks.0.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.shift_mlp", "blocks.0.adaLN_modulation.1.bias.shift_mlp", "blocks.0.shift_mlp")
         # blocks.0.scale_mlp = linear(c_silu, blocks.0.adaLN_modulation.1.weight.scale_mlp, blocks.0.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.scale_mlp", "blocks.0.adaLN_modulation.1.bias.scale_mlp", "blocks.0.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.scale_mlp", "blocks.0.adaLN_modulation.1.bias.scale_mlp", "blocks.0.scale_mlp")
         # blocks.0.gate_mlp = linear(c_silu, blocks.0.adaLN_modulation.1.weight.gate_mlp, blocks.0.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.gate_mlp", "blocks.0.adaLN_modulation.1.bias.gate_mlp", "blocks.0.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.gate_mlp", "blocks.0.adaLN_modulation.1.bias.gate_mlp", "blocks.0.gate_mlp")
         # blocks.0.norm1 = layer_norm(x_tokens) [layer norm]
         self.layer_norm("x_tokens", "blocks.0.norm1", eps=1e-06)
         # blocks.0.mod_msa = modulate(blocks.0.norm1, blocks.0.shift_msa, blocks.0.scale_msa) [modulate]
         self.modulate("blocks.0.norm1", "blocks.0.shift_msa", "blocks.0.scale_msa", "blocks.0.mod_msa")
         # blocks.0.attn = attention(blocks.0.mod_msa, blocks.0.attn.qkv.weight.q, blocks.0.attn.qkv.weight.k, blocks.0.attn.qkv.weight.v, blocks.0.attn.qkv.bias.q, blocks.0.attn.qkv.bias.k, blocks.0.attn.qkv.bias.v, blocks.0.attn.proj.weight, blocks.0.attn.proj.bias) [attention]
-        self.attention("blocks.0.mod_msa", "blocks.0.attn.qkv.weight.q", "blocks.0.attn.qkv.weight.k", "blocks.0.attn.qkv.weight.v", "blocks.0.attn.qkv.bias.q", "blocks.0.attn.qkv.bias.k", "blocks.0.attn.qkv.bias.v", "blocks.0.attn.proj.weight", "blocks.0.attn.proj.bias", "blocks.0.attn", "ones[tokens,batch]")
+        self.attention("blocks.0.mod_msa", "blocks.0.attn.qkv.weight.q", "blocks.0.attn.qkv.weight.k", "blocks.0.attn.qkv.weight.v", "blocks.0.attn.qkv.bias.q", "blocks.0.attn.qkv.bias.k", "blocks.0.attn.qkv.bias.v", "blocks.0.attn.proj.weight", "blocks.0.attn.proj.bias", "blocks.0.attn")
         # blocks.0.res_msa = gated_residual(x_tokens, blocks.0.attn, blocks.0.gate_msa) [gated residual]
         self.gated_residual("x_tokens", "blocks.0.attn", "blocks.0.gate_msa", "blocks.0.res_msa")
         # blocks.0.norm2 = layer_norm(blocks.0.res_msa) [layer norm]
@@ -2571,31 +2569,31 @@ class Model(BaseModel):
         # blocks.0.mod_mlp = modulate(blocks.0.norm2, blocks.0.shift_mlp, blocks.0.scale_mlp) [modulate]
         self.modulate("blocks.0.norm2", "blocks.0.shift_mlp", "blocks.0.scale_mlp", "blocks.0.mod_mlp")
         # blocks.0.fc1 = linear(blocks.0.mod_mlp, blocks.0.mlp.fc1.weight, blocks.0.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.0.mod_mlp", "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc1.bias", "blocks.0.fc1", "ones[tokens,batch]")
+        self.linear("blocks.0.mod_mlp", "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc1.bias", "blocks.0.fc1")
         # blocks.0.gelu = act(blocks.0.fc1) [pointwise MLP]
         self.act("blocks.0.fc1", "blocks.0.gelu", fn='gelutanh')
         # blocks.0.mlp = linear(blocks.0.gelu, blocks.0.mlp.fc2.weight, blocks.0.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.0.gelu", "blocks.0.mlp.fc2.weight", "blocks.0.mlp.fc2.bias", "blocks.0.mlp", "ones[tokens,batch]")
+        self.linear("blocks.0.gelu", "blocks.0.mlp.fc2.weight", "blocks.0.mlp.fc2.bias", "blocks.0.mlp")
         # blocks.0.out = gated_residual(blocks.0.res_msa, blocks.0.mlp, blocks.0.gate_mlp) [gated residual]
         self.gated_residual("blocks.0.res_msa", "blocks.0.mlp", "blocks.0.gate_mlp", "blocks.0.out")
         # blocks.1.shift_msa = linear(c_silu, blocks.1.adaLN_modulation.1.weight.shift_msa, blocks.1.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.shift_msa", "blocks.1.adaLN_modulation.1.bias.shift_msa", "blocks.1.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.shift_msa", "blocks.1.adaLN_modulation.1.bias.shift_msa", "blocks.1.shift_msa")
         # blocks.1.scale_msa = linear(c_silu, blocks.1.adaLN_modulation.1.weight.scale_msa, blocks.1.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.scale_msa", "blocks.1.adaLN_modulation.1.bias.scale_msa", "blocks.1.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.scale_msa", "blocks.1.adaLN_modulation.1.bias.scale_msa", "blocks.1.scale_msa")
         # blocks.1.gate_msa = linear(c_silu, blocks.1.adaLN_modulation.1.weight.gate_msa, blocks.1.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.gate_msa", "blocks.1.adaLN_modulation.1.bias.gate_msa", "blocks.1.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.gate_msa", "blocks.1.adaLN_modulation.1.bias.gate_msa", "blocks.1.gate_msa")
         # blocks.1.shift_mlp = linear(c_silu, blocks.1.adaLN_modulation.1.weight.shift_mlp, blocks.1.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.shift_mlp", "blocks.1.adaLN_modulation.1.bias.shift_mlp", "blocks.1.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.shift_mlp", "blocks.1.adaLN_modulation.1.bias.shift_mlp", "blocks.1.shift_mlp")
         # blocks.1.scale_mlp = linear(c_silu, blocks.1.adaLN_modulation.1.weight.scale_mlp, blocks.1.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.scale_mlp", "blocks.1.adaLN_modulation.1.bias.scale_mlp", "blocks.1.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.scale_mlp", "blocks.1.adaLN_modulation.1.bias.scale_mlp", "blocks.1.scale_mlp")
         # blocks.1.gate_mlp = linear(c_silu, blocks.1.adaLN_modulation.1.weight.gate_mlp, blocks.1.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.gate_mlp", "blocks.1.adaLN_modulation.1.bias.gate_mlp", "blocks.1.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.gate_mlp", "blocks.1.adaLN_modulation.1.bias.gate_mlp", "blocks.1.gate_mlp")
         # blocks.1.norm1 = layer_norm(blocks.0.out) [layer norm]
         self.layer_norm("blocks.0.out", "blocks.1.norm1", eps=1e-06)
         # blocks.1.mod_msa = modulate(blocks.1.norm1, blocks.1.shift_msa, blocks.1.scale_msa) [modulate]
         self.modulate("blocks.1.norm1", "blocks.1.shift_msa", "blocks.1.scale_msa", "blocks.1.mod_msa")
         # blocks.1.attn = attention(blocks.1.mod_msa, blocks.1.attn.qkv.weight.q, blocks.1.attn.qkv.weight.k, blocks.1.attn.qkv.weight.v, blocks.1.attn.qkv.bias.q, blocks.1.attn.qkv.bias.k, blocks.1.attn.qkv.bias.v, blocks.1.attn.proj.weight, blocks.1.attn.proj.bias) [attention]
-        self.attention("blocks.1.mod_msa", "blocks.1.attn.qkv.weight.q", "blocks.1.attn.qkv.weight.k", "blocks.1.attn.qkv.weight.v", "blocks.1.attn.qkv.bias.q", "blocks.1.attn.qkv.bias.k", "blocks.1.attn.qkv.bias.v", "blocks.1.attn.proj.weight", "blocks.1.attn.proj.bias", "blocks.1.attn", "ones[tokens,batch]")
+        self.attention("blocks.1.mod_msa", "blocks.1.attn.qkv.weight.q", "blocks.1.attn.qkv.weight.k", "blocks.1.attn.qkv.weight.v", "blocks.1.attn.qkv.bias.q", "blocks.1.attn.qkv.bias.k", "blocks.1.attn.qkv.bias.v", "blocks.1.attn.proj.weight", "blocks.1.attn.proj.bias", "blocks.1.attn")
         # blocks.1.res_msa = gated_residual(blocks.0.out, blocks.1.attn, blocks.1.gate_msa) [gated residual]
         self.gated_residual("blocks.0.out", "blocks.1.attn", "blocks.1.gate_msa", "blocks.1.res_msa")
         # blocks.1.norm2 = layer_norm(blocks.1.res_msa) [layer norm]
@@ -2603,31 +2601,31 @@ class Model(BaseModel):
         # blocks.1.mod_mlp = modulate(blocks.1.norm2, blocks.1.shift_mlp, blocks.1.scale_mlp) [modulate]
         self.modulate("blocks.1.norm2", "blocks.1.shift_mlp", "blocks.1.scale_mlp", "blocks.1.mod_mlp")
         # blocks.1.fc1 = linear(blocks.1.mod_mlp, blocks.1.mlp.fc1.weight, blocks.1.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.1.mod_mlp", "blocks.1.mlp.fc1.weight", "blocks.1.mlp.fc1.bias", "blocks.1.fc1", "ones[tokens,batch]")
+        self.linear("blocks.1.mod_mlp", "blocks.1.mlp.fc1.weight", "blocks.1.mlp.fc1.bias", "blocks.1.fc1")
         # blocks.1.gelu = act(blocks.1.fc1) [pointwise MLP]
         self.act("blocks.1.fc1", "blocks.1.gelu", fn='gelutanh')
         # blocks.1.mlp = linear(blocks.1.gelu, blocks.1.mlp.fc2.weight, blocks.1.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.1.gelu", "blocks.1.mlp.fc2.weight", "blocks.1.mlp.fc2.bias", "blocks.1.mlp", "ones[tokens,batch]")
+        self.linear("blocks.1.gelu", "blocks.1.mlp.fc2.weight", "blocks.1.mlp.fc2.bias", "blocks.1.mlp")
         # blocks.1.out = gated_residual(blocks.1.res_msa, blocks.1.mlp, blocks.1.gate_mlp) [gated residual]
         self.gated_residual("blocks.1.res_msa", "blocks.1.mlp", "blocks.1.gate_mlp", "blocks.1.out")
         # blocks.2.shift_msa = linear(c_silu, blocks.2.adaLN_modulation.1.weight.shift_msa, blocks.2.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.2.adaLN_modulation.1.weight.shift_msa", "blocks.2.adaLN_modulation.1.bias.shift_msa", "blocks.2.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.2.adaLN_modulation.1.weight.shift_msa", "blocks.2.adaLN_modulation.1.bias.shift_msa", "blocks.2.shift_msa")
         # blocks.2.scale_msa = linear(c_silu, blocks.2.adaLN_modulation.1.weight.scale_msa, blocks.2.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.2.adaLN_modulation.1.weight.scale_msa", "blocks.2.adaLN_modulation.1.bias.scale_msa", "blocks.2.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.2.adaLN_modulation.1.weight.scale_msa", "blocks.2.adaLN_modulation.1.bias.scale_msa", "blocks.2.scale_msa")
         # blocks.2.gate_msa = linear(c_silu, blocks.2.adaLN_modulation.1.weight.gate_msa, blocks.2.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.2.adaLN_modulation.1.weight.gate_msa", "blocks.2.adaLN_modulation.1.bias.gate_msa", "blocks.2.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.2.adaLN_modulation.1.weight.gate_msa", "blocks.2.adaLN_modulation.1.bias.gate_msa", "blocks.2.gate_msa")
         # blocks.2.shift_mlp = linear(c_silu, blocks.2.adaLN_modulation.1.weight.shift_mlp, blocks.2.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.2.adaLN_modulation.1.weight.shift_mlp", "blocks.2.adaLN_modulation.1.bias.shift_mlp", "blocks.2.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.2.adaLN_modulation.1.weight.shift_mlp", "blocks.2.adaLN_modulation.1.bias.shift_mlp", "blocks.2.shift_mlp")
         # blocks.2.scale_mlp = linear(c_silu, blocks.2.adaLN_modulation.1.weight.scale_mlp, blocks.2.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.2.adaLN_modulation.1.weight.scale_mlp", "blocks.2.adaLN_modulation.1.bias.scale_mlp", "blocks.2.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.2.adaLN_modulation.1.weight.scale_mlp", "blocks.2.adaLN_modulation.1.bias.scale_mlp", "blocks.2.scale_mlp")
         # blocks.2.gate_mlp = linear(c_silu, blocks.2.adaLN_modulation.1.weight.gate_mlp, blocks.2.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.2.adaLN_modulation.1.weight.gate_mlp", "blocks.2.adaLN_modulation.1.bias.gate_mlp", "blocks.2.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.2.adaLN_modulation.1.weight.gate_mlp", "blocks.2.adaLN_modulation.1.bias.gate_mlp", "blocks.2.gate_mlp")
         # blocks.2.norm1 = layer_norm(blocks.1.out) [layer norm]
         self.layer_norm("blocks.1.out", "blocks.2.norm1", eps=1e-06)
         # blocks.2.mod_msa = modulate(blocks.2.norm1, blocks.2.shift_msa, blocks.2.scale_msa) [modulate]
         self.modulate("blocks.2.norm1", "blocks.2.shift_msa", "blocks.2.scale_msa", "blocks.2.mod_msa")
         # blocks.2.attn = attention(blocks.2.mod_msa, blocks.2.attn.qkv.weight.q, blocks.2.attn.qkv.weight.k, blocks.2.attn.qkv.weight.v, blocks.2.attn.qkv.bias.q, blocks.2.attn.qkv.bias.k, blocks.2.attn.qkv.bias.v, blocks.2.attn.proj.weight, blocks.2.attn.proj.bias) [attention]
-        self.attention("blocks.2.mod_msa", "blocks.2.attn.qkv.weight.q", "blocks.2.attn.qkv.weight.k", "blocks.2.attn.qkv.weight.v", "blocks.2.attn.qkv.bias.q", "blocks.2.attn.qkv.bias.k", "blocks.2.attn.qkv.bias.v", "blocks.2.attn.proj.weight", "blocks.2.attn.proj.bias", "blocks.2.attn", "ones[tokens,batch]")
+        self.attention("blocks.2.mod_msa", "blocks.2.attn.qkv.weight.q", "blocks.2.attn.qkv.weight.k", "blocks.2.attn.qkv.weight.v", "blocks.2.attn.qkv.bias.q", "blocks.2.attn.qkv.bias.k", "blocks.2.attn.qkv.bias.v", "blocks.2.attn.proj.weight", "blocks.2.attn.proj.bias", "blocks.2.attn")
         # blocks.2.res_msa = gated_residual(blocks.1.out, blocks.2.attn, blocks.2.gate_msa) [gated residual]
         self.gated_residual("blocks.1.out", "blocks.2.attn", "blocks.2.gate_msa", "blocks.2.res_msa")
         # blocks.2.norm2 = layer_norm(blocks.2.res_msa) [layer norm]
@@ -2635,31 +2633,31 @@ class Model(BaseModel):
         # blocks.2.mod_mlp = modulate(blocks.2.norm2, blocks.2.shift_mlp, blocks.2.scale_mlp) [modulate]
         self.modulate("blocks.2.norm2", "blocks.2.shift_mlp", "blocks.2.scale_mlp", "blocks.2.mod_mlp")
         # blocks.2.fc1 = linear(blocks.2.mod_mlp, blocks.2.mlp.fc1.weight, blocks.2.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.2.mod_mlp", "blocks.2.mlp.fc1.weight", "blocks.2.mlp.fc1.bias", "blocks.2.fc1", "ones[tokens,batch]")
+        self.linear("blocks.2.mod_mlp", "blocks.2.mlp.fc1.weight", "blocks.2.mlp.fc1.bias", "blocks.2.fc1")
         # blocks.2.gelu = act(blocks.2.fc1) [pointwise MLP]
         self.act("blocks.2.fc1", "blocks.2.gelu", fn='gelutanh')
         # blocks.2.mlp = linear(blocks.2.gelu, blocks.2.mlp.fc2.weight, blocks.2.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.2.gelu", "blocks.2.mlp.fc2.weight", "blocks.2.mlp.fc2.bias", "blocks.2.mlp", "ones[tokens,batch]")
+        self.linear("blocks.2.gelu", "blocks.2.mlp.fc2.weight", "blocks.2.mlp.fc2.bias", "blocks.2.mlp")
         # blocks.2.out = gated_residual(blocks.2.res_msa, blocks.2.mlp, blocks.2.gate_mlp) [gated residual]
         self.gated_residual("blocks.2.res_msa", "blocks.2.mlp", "blocks.2.gate_mlp", "blocks.2.out")
         # blocks.3.shift_msa = linear(c_silu, blocks.3.adaLN_modulation.1.weight.shift_msa, blocks.3.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.3.adaLN_modulation.1.weight.shift_msa", "blocks.3.adaLN_modulation.1.bias.shift_msa", "blocks.3.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.3.adaLN_modulation.1.weight.shift_msa", "blocks.3.adaLN_modulation.1.bias.shift_msa", "blocks.3.shift_msa")
         # blocks.3.scale_msa = linear(c_silu, blocks.3.adaLN_modulation.1.weight.scale_msa, blocks.3.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.3.adaLN_modulation.1.weight.scale_msa", "blocks.3.adaLN_modulation.1.bias.scale_msa", "blocks.3.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.3.adaLN_modulation.1.weight.scale_msa", "blocks.3.adaLN_modulation.1.bias.scale_msa", "blocks.3.scale_msa")
         # blocks.3.gate_msa = linear(c_silu, blocks.3.adaLN_modulation.1.weight.gate_msa, blocks.3.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.3.adaLN_modulation.1.weight.gate_msa", "blocks.3.adaLN_modulation.1.bias.gate_msa", "blocks.3.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.3.adaLN_modulation.1.weight.gate_msa", "blocks.3.adaLN_modulation.1.bias.gate_msa", "blocks.3.gate_msa")
         # blocks.3.shift_mlp = linear(c_silu, blocks.3.adaLN_modulation.1.weight.shift_mlp, blocks.3.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.3.adaLN_modulation.1.weight.shift_mlp", "blocks.3.adaLN_modulation.1.bias.shift_mlp", "blocks.3.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.3.adaLN_modulation.1.weight.shift_mlp", "blocks.3.adaLN_modulation.1.bias.shift_mlp", "blocks.3.shift_mlp")
         # blocks.3.scale_mlp = linear(c_silu, blocks.3.adaLN_modulation.1.weight.scale_mlp, blocks.3.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.3.adaLN_modulation.1.weight.scale_mlp", "blocks.3.adaLN_modulation.1.bias.scale_mlp", "blocks.3.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.3.adaLN_modulation.1.weight.scale_mlp", "blocks.3.adaLN_modulation.1.bias.scale_mlp", "blocks.3.scale_mlp")
         # blocks.3.gate_mlp = linear(c_silu, blocks.3.adaLN_modulation.1.weight.gate_mlp, blocks.3.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.3.adaLN_modulation.1.weight.gate_mlp", "blocks.3.adaLN_modulation.1.bias.gate_mlp", "blocks.3.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.3.adaLN_modulation.1.weight.gate_mlp", "blocks.3.adaLN_modulation.1.bias.gate_mlp", "blocks.3.gate_mlp")
         # blocks.3.norm1 = layer_norm(blocks.2.out) [layer norm]
         self.layer_norm("blocks.2.out", "blocks.3.norm1", eps=1e-06)
         # blocks.3.mod_msa = modulate(blocks.3.norm1, blocks.3.shift_msa, blocks.3.scale_msa) [modulate]
         self.modulate("blocks.3.norm1", "blocks.3.shift_msa", "blocks.3.scale_msa", "blocks.3.mod_msa")
         # blocks.3.attn = attention(blocks.3.mod_msa, blocks.3.attn.qkv.weight.q, blocks.3.attn.qkv.weight.k, blocks.3.attn.qkv.weight.v, blocks.3.attn.qkv.bias.q, blocks.3.attn.qkv.bias.k, blocks.3.attn.qkv.bias.v, blocks.3.attn.proj.weight, blocks.3.attn.proj.bias) [attention]
-        self.attention("blocks.3.mod_msa", "blocks.3.attn.qkv.weight.q", "blocks.3.attn.qkv.weight.k", "blocks.3.attn.qkv.weight.v", "blocks.3.attn.qkv.bias.q", "blocks.3.attn.qkv.bias.k", "blocks.3.attn.qkv.bias.v", "blocks.3.attn.proj.weight", "blocks.3.attn.proj.bias", "blocks.3.attn", "ones[tokens,batch]")
+        self.attention("blocks.3.mod_msa", "blocks.3.attn.qkv.weight.q", "blocks.3.attn.qkv.weight.k", "blocks.3.attn.qkv.weight.v", "blocks.3.attn.qkv.bias.q", "blocks.3.attn.qkv.bias.k", "blocks.3.attn.qkv.bias.v", "blocks.3.attn.proj.weight", "blocks.3.attn.proj.bias", "blocks.3.attn")
         # blocks.3.res_msa = gated_residual(blocks.2.out, blocks.3.attn, blocks.3.gate_msa) [gated residual]
         self.gated_residual("blocks.2.out", "blocks.3.attn", "blocks.3.gate_msa", "blocks.3.res_msa")
         # blocks.3.norm2 = layer_norm(blocks.3.res_msa) [layer norm]
@@ -2667,31 +2665,31 @@ class Model(BaseModel):
         # blocks.3.mod_mlp = modulate(blocks.3.norm2, blocks.3.shift_mlp, blocks.3.scale_mlp) [modulate]
         self.modulate("blocks.3.norm2", "blocks.3.shift_mlp", "blocks.3.scale_mlp", "blocks.3.mod_mlp")
         # blocks.3.fc1 = linear(blocks.3.mod_mlp, blocks.3.mlp.fc1.weight, blocks.3.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.3.mod_mlp", "blocks.3.mlp.fc1.weight", "blocks.3.mlp.fc1.bias", "blocks.3.fc1", "ones[tokens,batch]")
+        self.linear("blocks.3.mod_mlp", "blocks.3.mlp.fc1.weight", "blocks.3.mlp.fc1.bias", "blocks.3.fc1")
         # blocks.3.gelu = act(blocks.3.fc1) [pointwise MLP]
         self.act("blocks.3.fc1", "blocks.3.gelu", fn='gelutanh')
         # blocks.3.mlp = linear(blocks.3.gelu, blocks.3.mlp.fc2.weight, blocks.3.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.3.gelu", "blocks.3.mlp.fc2.weight", "blocks.3.mlp.fc2.bias", "blocks.3.mlp", "ones[tokens,batch]")
+        self.linear("blocks.3.gelu", "blocks.3.mlp.fc2.weight", "blocks.3.mlp.fc2.bias", "blocks.3.mlp")
         # blocks.3.out = gated_residual(blocks.3.res_msa, blocks.3.mlp, blocks.3.gate_mlp) [gated residual]
         self.gated_residual("blocks.3.res_msa", "blocks.3.mlp", "blocks.3.gate_mlp", "blocks.3.out")
         # blocks.4.shift_msa = linear(c_silu, blocks.4.adaLN_modulation.1.weight.shift_msa, blocks.4.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.4.adaLN_modulation.1.weight.shift_msa", "blocks.4.adaLN_modulation.1.bias.shift_msa", "blocks.4.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.4.adaLN_modulation.1.weight.shift_msa", "blocks.4.adaLN_modulation.1.bias.shift_msa", "blocks.4.shift_msa")
         # blocks.4.scale_msa = linear(c_silu, blocks.4.adaLN_modulation.1.weight.scale_msa, blocks.4.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.4.adaLN_modulation.1.weight.scale_msa", "blocks.4.adaLN_modulation.1.bias.scale_msa", "blocks.4.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.4.adaLN_modulation.1.weight.scale_msa", "blocks.4.adaLN_modulation.1.bias.scale_msa", "blocks.4.scale_msa")
         # blocks.4.gate_msa = linear(c_silu, blocks.4.adaLN_modulation.1.weight.gate_msa, blocks.4.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.4.adaLN_modulation.1.weight.gate_msa", "blocks.4.adaLN_modulation.1.bias.gate_msa", "blocks.4.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.4.adaLN_modulation.1.weight.gate_msa", "blocks.4.adaLN_modulation.1.bias.gate_msa", "blocks.4.gate_msa")
         # blocks.4.shift_mlp = linear(c_silu, blocks.4.adaLN_modulation.1.weight.shift_mlp, blocks.4.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.4.adaLN_modulation.1.weight.shift_mlp", "blocks.4.adaLN_modulation.1.bias.shift_mlp", "blocks.4.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.4.adaLN_modulation.1.weight.shift_mlp", "blocks.4.adaLN_modulation.1.bias.shift_mlp", "blocks.4.shift_mlp")
         # blocks.4.scale_mlp = linear(c_silu, blocks.4.adaLN_modulation.1.weight.scale_mlp, blocks.4.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.4.adaLN_modulation.1.weight.scale_mlp", "blocks.4.adaLN_modulation.1.bias.scale_mlp", "blocks.4.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.4.adaLN_modulation.1.weight.scale_mlp", "blocks.4.adaLN_modulation.1.bias.scale_mlp", "blocks.4.scale_mlp")
         # blocks.4.gate_mlp = linear(c_silu, blocks.4.adaLN_modulation.1.weight.gate_mlp, blocks.4.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.4.adaLN_modulation.1.weight.gate_mlp", "blocks.4.adaLN_modulation.1.bias.gate_mlp", "blocks.4.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.4.adaLN_modulation.1.weight.gate_mlp", "blocks.4.adaLN_modulation.1.bias.gate_mlp", "blocks.4.gate_mlp")
         # blocks.4.norm1 = layer_norm(blocks.3.out) [layer norm]
         self.layer_norm("blocks.3.out", "blocks.4.norm1", eps=1e-06)
         # blocks.4.mod_msa = modulate(blocks.4.norm1, blocks.4.shift_msa, blocks.4.scale_msa) [modulate]
         self.modulate("blocks.4.norm1", "blocks.4.shift_msa", "blocks.4.scale_msa", "blocks.4.mod_msa")
         # blocks.4.attn = attention(blocks.4.mod_msa, blocks.4.attn.qkv.weight.q, blocks.4.attn.qkv.weight.k, blocks.4.attn.qkv.weight.v, blocks.4.attn.qkv.bias.q, blocks.4.attn.qkv.bias.k, blocks.4.attn.qkv.bias.v, blocks.4.attn.proj.weight, blocks.4.attn.proj.bias) [attention]
-        self.attention("blocks.4.mod_msa", "blocks.4.attn.qkv.weight.q", "blocks.4.attn.qkv.weight.k", "blocks.4.attn.qkv.weight.v", "blocks.4.attn.qkv.bias.q", "blocks.4.attn.qkv.bias.k", "blocks.4.attn.qkv.bias.v", "blocks.4.attn.proj.weight", "blocks.4.attn.proj.bias", "blocks.4.attn", "ones[tokens,batch]")
+        self.attention("blocks.4.mod_msa", "blocks.4.attn.qkv.weight.q", "blocks.4.attn.qkv.weight.k", "blocks.4.attn.qkv.weight.v", "blocks.4.attn.qkv.bias.q", "blocks.4.attn.qkv.bias.k", "blocks.4.attn.qkv.bias.v", "blocks.4.attn.proj.weight", "blocks.4.attn.proj.bias", "blocks.4.attn")
         # blocks.4.res_msa = gated_residual(blocks.3.out, blocks.4.attn, blocks.4.gate_msa) [gated residual]
         self.gated_residual("blocks.3.out", "blocks.4.attn", "blocks.4.gate_msa", "blocks.4.res_msa")
         # blocks.4.norm2 = layer_norm(blocks.4.res_msa) [layer norm]
@@ -2699,31 +2697,31 @@ class Model(BaseModel):
         # blocks.4.mod_mlp = modulate(blocks.4.norm2, blocks.4.shift_mlp, blocks.4.scale_mlp) [modulate]
         self.modulate("blocks.4.norm2", "blocks.4.shift_mlp", "blocks.4.scale_mlp", "blocks.4.mod_mlp")
         # blocks.4.fc1 = linear(blocks.4.mod_mlp, blocks.4.mlp.fc1.weight, blocks.4.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.4.mod_mlp", "blocks.4.mlp.fc1.weight", "blocks.4.mlp.fc1.bias", "blocks.4.fc1", "ones[tokens,batch]")
+        self.linear("blocks.4.mod_mlp", "blocks.4.mlp.fc1.weight", "blocks.4.mlp.fc1.bias", "blocks.4.fc1")
         # blocks.4.gelu = act(blocks.4.fc1) [pointwise MLP]
         self.act("blocks.4.fc1", "blocks.4.gelu", fn='gelutanh')
         # blocks.4.mlp = linear(blocks.4.gelu, blocks.4.mlp.fc2.weight, blocks.4.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.4.gelu", "blocks.4.mlp.fc2.weight", "blocks.4.mlp.fc2.bias", "blocks.4.mlp", "ones[tokens,batch]")
+        self.linear("blocks.4.gelu", "blocks.4.mlp.fc2.weight", "blocks.4.mlp.fc2.bias", "blocks.4.mlp")
         # blocks.4.out = gated_residual(blocks.4.res_msa, blocks.4.mlp, blocks.4.gate_mlp) [gated residual]
         self.gated_residual("blocks.4.res_msa", "blocks.4.mlp", "blocks.4.gate_mlp", "blocks.4.out")
         # blocks.5.shift_msa = linear(c_silu, blocks.5.adaLN_modulation.1.weight.shift_msa, blocks.5.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.5.adaLN_modulation.1.weight.shift_msa", "blocks.5.adaLN_modulation.1.bias.shift_msa", "blocks.5.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.5.adaLN_modulation.1.weight.shift_msa", "blocks.5.adaLN_modulation.1.bias.shift_msa", "blocks.5.shift_msa")
         # blocks.5.scale_msa = linear(c_silu, blocks.5.adaLN_modulation.1.weight.scale_msa, blocks.5.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.5.adaLN_modulation.1.weight.scale_msa", "blocks.5.adaLN_modulation.1.bias.scale_msa", "blocks.5.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.5.adaLN_modulation.1.weight.scale_msa", "blocks.5.adaLN_modulation.1.bias.scale_msa", "blocks.5.scale_msa")
         # blocks.5.gate_msa = linear(c_silu, blocks.5.adaLN_modulation.1.weight.gate_msa, blocks.5.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.5.adaLN_modulation.1.weight.gate_msa", "blocks.5.adaLN_modulation.1.bias.gate_msa", "blocks.5.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.5.adaLN_modulation.1.weight.gate_msa", "blocks.5.adaLN_modulation.1.bias.gate_msa", "blocks.5.gate_msa")
         # blocks.5.shift_mlp = linear(c_silu, blocks.5.adaLN_modulation.1.weight.shift_mlp, blocks.5.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.5.adaLN_modulation.1.weight.shift_mlp", "blocks.5.adaLN_modulation.1.bias.shift_mlp", "blocks.5.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.5.adaLN_modulation.1.weight.shift_mlp", "blocks.5.adaLN_modulation.1.bias.shift_mlp", "blocks.5.shift_mlp")
         # blocks.5.scale_mlp = linear(c_silu, blocks.5.adaLN_modulation.1.weight.scale_mlp, blocks.5.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.5.adaLN_modulation.1.weight.scale_mlp", "blocks.5.adaLN_modulation.1.bias.scale_mlp", "blocks.5.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.5.adaLN_modulation.1.weight.scale_mlp", "blocks.5.adaLN_modulation.1.bias.scale_mlp", "blocks.5.scale_mlp")
         # blocks.5.gate_mlp = linear(c_silu, blocks.5.adaLN_modulation.1.weight.gate_mlp, blocks.5.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.5.adaLN_modulation.1.weight.gate_mlp", "blocks.5.adaLN_modulation.1.bias.gate_mlp", "blocks.5.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.5.adaLN_modulation.1.weight.gate_mlp", "blocks.5.adaLN_modulation.1.bias.gate_mlp", "blocks.5.gate_mlp")
         # blocks.5.norm1 = layer_norm(blocks.4.out) [layer norm]
         self.layer_norm("blocks.4.out", "blocks.5.norm1", eps=1e-06)
         # blocks.5.mod_msa = modulate(blocks.5.norm1, blocks.5.shift_msa, blocks.5.scale_msa) [modulate]
         self.modulate("blocks.5.norm1", "blocks.5.shift_msa", "blocks.5.scale_msa", "blocks.5.mod_msa")
         # blocks.5.attn = attention(blocks.5.mod_msa, blocks.5.attn.qkv.weight.q, blocks.5.attn.qkv.weight.k, blocks.5.attn.qkv.weight.v, blocks.5.attn.qkv.bias.q, blocks.5.attn.qkv.bias.k, blocks.5.attn.qkv.bias.v, blocks.5.attn.proj.weight, blocks.5.attn.proj.bias) [attention]
-        self.attention("blocks.5.mod_msa", "blocks.5.attn.qkv.weight.q", "blocks.5.attn.qkv.weight.k", "blocks.5.attn.qkv.weight.v", "blocks.5.attn.qkv.bias.q", "blocks.5.attn.qkv.bias.k", "blocks.5.attn.qkv.bias.v", "blocks.5.attn.proj.weight", "blocks.5.attn.proj.bias", "blocks.5.attn", "ones[tokens,batch]")
+        self.attention("blocks.5.mod_msa", "blocks.5.attn.qkv.weight.q", "blocks.5.attn.qkv.weight.k", "blocks.5.attn.qkv.weight.v", "blocks.5.attn.qkv.bias.q", "blocks.5.attn.qkv.bias.k", "blocks.5.attn.qkv.bias.v", "blocks.5.attn.proj.weight", "blocks.5.attn.proj.bias", "blocks.5.attn")
         # blocks.5.res_msa = gated_residual(blocks.4.out, blocks.5.attn, blocks.5.gate_msa) [gated residual]
         self.gated_residual("blocks.4.out", "blocks.5.attn", "blocks.5.gate_msa", "blocks.5.res_msa")
         # blocks.5.norm2 = layer_norm(blocks.5.res_msa) [layer norm]
@@ -2731,31 +2729,31 @@ class Model(BaseModel):
         # blocks.5.mod_mlp = modulate(blocks.5.norm2, blocks.5.shift_mlp, blocks.5.scale_mlp) [modulate]
         self.modulate("blocks.5.norm2", "blocks.5.shift_mlp", "blocks.5.scale_mlp", "blocks.5.mod_mlp")
         # blocks.5.fc1 = linear(blocks.5.mod_mlp, blocks.5.mlp.fc1.weight, blocks.5.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.5.mod_mlp", "blocks.5.mlp.fc1.weight", "blocks.5.mlp.fc1.bias", "blocks.5.fc1", "ones[tokens,batch]")
+        self.linear("blocks.5.mod_mlp", "blocks.5.mlp.fc1.weight", "blocks.5.mlp.fc1.bias", "blocks.5.fc1")
         # blocks.5.gelu = act(blocks.5.fc1) [pointwise MLP]
         self.act("blocks.5.fc1", "blocks.5.gelu", fn='gelutanh')
         # blocks.5.mlp = linear(blocks.5.gelu, blocks.5.mlp.fc2.weight, blocks.5.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.5.gelu", "blocks.5.mlp.fc2.weight", "blocks.5.mlp.fc2.bias", "blocks.5.mlp", "ones[tokens,batch]")
+        self.linear("blocks.5.gelu", "blocks.5.mlp.fc2.weight", "blocks.5.mlp.fc2.bias", "blocks.5.mlp")
         # blocks.5.out = gated_residual(blocks.5.res_msa, blocks.5.mlp, blocks.5.gate_mlp) [gated residual]
         self.gated_residual("blocks.5.res_msa", "blocks.5.mlp", "blocks.5.gate_mlp", "blocks.5.out")
         # blocks.6.shift_msa = linear(c_silu, blocks.6.adaLN_modulation.1.weight.shift_msa, blocks.6.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.6.adaLN_modulation.1.weight.shift_msa", "blocks.6.adaLN_modulation.1.bias.shift_msa", "blocks.6.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.6.adaLN_modulation.1.weight.shift_msa", "blocks.6.adaLN_modulation.1.bias.shift_msa", "blocks.6.shift_msa")
         # blocks.6.scale_msa = linear(c_silu, blocks.6.adaLN_modulation.1.weight.scale_msa, blocks.6.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.6.adaLN_modulation.1.weight.scale_msa", "blocks.6.adaLN_modulation.1.bias.scale_msa", "blocks.6.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.6.adaLN_modulation.1.weight.scale_msa", "blocks.6.adaLN_modulation.1.bias.scale_msa", "blocks.6.scale_msa")
         # blocks.6.gate_msa = linear(c_silu, blocks.6.adaLN_modulation.1.weight.gate_msa, blocks.6.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.6.adaLN_modulation.1.weight.gate_msa", "blocks.6.adaLN_modulation.1.bias.gate_msa", "blocks.6.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.6.adaLN_modulation.1.weight.gate_msa", "blocks.6.adaLN_modulation.1.bias.gate_msa", "blocks.6.gate_msa")
         # blocks.6.shift_mlp = linear(c_silu, blocks.6.adaLN_modulation.1.weight.shift_mlp, blocks.6.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.6.adaLN_modulation.1.weight.shift_mlp", "blocks.6.adaLN_modulation.1.bias.shift_mlp", "blocks.6.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.6.adaLN_modulation.1.weight.shift_mlp", "blocks.6.adaLN_modulation.1.bias.shift_mlp", "blocks.6.shift_mlp")
         # blocks.6.scale_mlp = linear(c_silu, blocks.6.adaLN_modulation.1.weight.scale_mlp, blocks.6.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.6.adaLN_modulation.1.weight.scale_mlp", "blocks.6.adaLN_modulation.1.bias.scale_mlp", "blocks.6.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.6.adaLN_modulation.1.weight.scale_mlp", "blocks.6.adaLN_modulation.1.bias.scale_mlp", "blocks.6.scale_mlp")
         # blocks.6.gate_mlp = linear(c_silu, blocks.6.adaLN_modulation.1.weight.gate_mlp, blocks.6.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.6.adaLN_modulation.1.weight.gate_mlp", "blocks.6.adaLN_modulation.1.bias.gate_mlp", "blocks.6.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.6.adaLN_modulation.1.weight.gate_mlp", "blocks.6.adaLN_modulation.1.bias.gate_mlp", "blocks.6.gate_mlp")
         # blocks.6.norm1 = layer_norm(blocks.5.out) [layer norm]
         self.layer_norm("blocks.5.out", "blocks.6.norm1", eps=1e-06)
         # blocks.6.mod_msa = modulate(blocks.6.norm1, blocks.6.shift_msa, blocks.6.scale_msa) [modulate]
         self.modulate("blocks.6.norm1", "blocks.6.shift_msa", "blocks.6.scale_msa", "blocks.6.mod_msa")
         # blocks.6.attn = attention(blocks.6.mod_msa, blocks.6.attn.qkv.weight.q, blocks.6.attn.qkv.weight.k, blocks.6.attn.qkv.weight.v, blocks.6.attn.qkv.bias.q, blocks.6.attn.qkv.bias.k, blocks.6.attn.qkv.bias.v, blocks.6.attn.proj.weight, blocks.6.attn.proj.bias) [attention]
-        self.attention("blocks.6.mod_msa", "blocks.6.attn.qkv.weight.q", "blocks.6.attn.qkv.weight.k", "blocks.6.attn.qkv.weight.v", "blocks.6.attn.qkv.bias.q", "blocks.6.attn.qkv.bias.k", "blocks.6.attn.qkv.bias.v", "blocks.6.attn.proj.weight", "blocks.6.attn.proj.bias", "blocks.6.attn", "ones[tokens,batch]")
+        self.attention("blocks.6.mod_msa", "blocks.6.attn.qkv.weight.q", "blocks.6.attn.qkv.weight.k", "blocks.6.attn.qkv.weight.v", "blocks.6.attn.qkv.bias.q", "blocks.6.attn.qkv.bias.k", "blocks.6.attn.qkv.bias.v", "blocks.6.attn.proj.weight", "blocks.6.attn.proj.bias", "blocks.6.attn")
         # blocks.6.res_msa = gated_residual(blocks.5.out, blocks.6.attn, blocks.6.gate_msa) [gated residual]
         self.gated_residual("blocks.5.out", "blocks.6.attn", "blocks.6.gate_msa", "blocks.6.res_msa")
         # blocks.6.norm2 = layer_norm(blocks.6.res_msa) [layer norm]
@@ -2763,31 +2761,31 @@ class Model(BaseModel):
         # blocks.6.mod_mlp = modulate(blocks.6.norm2, blocks.6.shift_mlp, blocks.6.scale_mlp) [modulate]
         self.modulate("blocks.6.norm2", "blocks.6.shift_mlp", "blocks.6.scale_mlp", "blocks.6.mod_mlp")
         # blocks.6.fc1 = linear(blocks.6.mod_mlp, blocks.6.mlp.fc1.weight, blocks.6.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.6.mod_mlp", "blocks.6.mlp.fc1.weight", "blocks.6.mlp.fc1.bias", "blocks.6.fc1", "ones[tokens,batch]")
+        self.linear("blocks.6.mod_mlp", "blocks.6.mlp.fc1.weight", "blocks.6.mlp.fc1.bias", "blocks.6.fc1")
         # blocks.6.gelu = act(blocks.6.fc1) [pointwise MLP]
         self.act("blocks.6.fc1", "blocks.6.gelu", fn='gelutanh')
         # blocks.6.mlp = linear(blocks.6.gelu, blocks.6.mlp.fc2.weight, blocks.6.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.6.gelu", "blocks.6.mlp.fc2.weight", "blocks.6.mlp.fc2.bias", "blocks.6.mlp", "ones[tokens,batch]")
+        self.linear("blocks.6.gelu", "blocks.6.mlp.fc2.weight", "blocks.6.mlp.fc2.bias", "blocks.6.mlp")
         # blocks.6.out = gated_residual(blocks.6.res_msa, blocks.6.mlp, blocks.6.gate_mlp) [gated residual]
         self.gated_residual("blocks.6.res_msa", "blocks.6.mlp", "blocks.6.gate_mlp", "blocks.6.out")
         # blocks.7.shift_msa = linear(c_silu, blocks.7.adaLN_modulation.1.weight.shift_msa, blocks.7.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.7.adaLN_modulation.1.weight.shift_msa", "blocks.7.adaLN_modulation.1.bias.shift_msa", "blocks.7.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.7.adaLN_modulation.1.weight.shift_msa", "blocks.7.adaLN_modulation.1.bias.shift_msa", "blocks.7.shift_msa")
         # blocks.7.scale_msa = linear(c_silu, blocks.7.adaLN_modulation.1.weight.scale_msa, blocks.7.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.7.adaLN_modulation.1.weight.scale_msa", "blocks.7.adaLN_modulation.1.bias.scale_msa", "blocks.7.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.7.adaLN_modulation.1.weight.scale_msa", "blocks.7.adaLN_modulation.1.bias.scale_msa", "blocks.7.scale_msa")
         # blocks.7.gate_msa = linear(c_silu, blocks.7.adaLN_modulation.1.weight.gate_msa, blocks.7.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.7.adaLN_modulation.1.weight.gate_msa", "blocks.7.adaLN_modulation.1.bias.gate_msa", "blocks.7.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.7.adaLN_modulation.1.weight.gate_msa", "blocks.7.adaLN_modulation.1.bias.gate_msa", "blocks.7.gate_msa")
         # blocks.7.shift_mlp = linear(c_silu, blocks.7.adaLN_modulation.1.weight.shift_mlp, blocks.7.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.7.adaLN_modulation.1.weight.shift_mlp", "blocks.7.adaLN_modulation.1.bias.shift_mlp", "blocks.7.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.7.adaLN_modulation.1.weight.shift_mlp", "blocks.7.adaLN_modulation.1.bias.shift_mlp", "blocks.7.shift_mlp")
         # blocks.7.scale_mlp = linear(c_silu, blocks.7.adaLN_modulation.1.weight.scale_mlp, blocks.7.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.7.adaLN_modulation.1.weight.scale_mlp", "blocks.7.adaLN_modulation.1.bias.scale_mlp", "blocks.7.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.7.adaLN_modulation.1.weight.scale_mlp", "blocks.7.adaLN_modulation.1.bias.scale_mlp", "blocks.7.scale_mlp")
         # blocks.7.gate_mlp = linear(c_silu, blocks.7.adaLN_modulation.1.weight.gate_mlp, blocks.7.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.7.adaLN_modulation.1.weight.gate_mlp", "blocks.7.adaLN_modulation.1.bias.gate_mlp", "blocks.7.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.7.adaLN_modulation.1.weight.gate_mlp", "blocks.7.adaLN_modulation.1.bias.gate_mlp", "blocks.7.gate_mlp")
         # blocks.7.norm1 = layer_norm(blocks.6.out) [layer norm]
         self.layer_norm("blocks.6.out", "blocks.7.norm1", eps=1e-06)
         # blocks.7.mod_msa = modulate(blocks.7.norm1, blocks.7.shift_msa, blocks.7.scale_msa) [modulate]
         self.modulate("blocks.7.norm1", "blocks.7.shift_msa", "blocks.7.scale_msa", "blocks.7.mod_msa")
         # blocks.7.attn = attention(blocks.7.mod_msa, blocks.7.attn.qkv.weight.q, blocks.7.attn.qkv.weight.k, blocks.7.attn.qkv.weight.v, blocks.7.attn.qkv.bias.q, blocks.7.attn.qkv.bias.k, blocks.7.attn.qkv.bias.v, blocks.7.attn.proj.weight, blocks.7.attn.proj.bias) [attention]
-        self.attention("blocks.7.mod_msa", "blocks.7.attn.qkv.weight.q", "blocks.7.attn.qkv.weight.k", "blocks.7.attn.qkv.weight.v", "blocks.7.attn.qkv.bias.q", "blocks.7.attn.qkv.bias.k", "blocks.7.attn.qkv.bias.v", "blocks.7.attn.proj.weight", "blocks.7.attn.proj.bias", "blocks.7.attn", "ones[tokens,batch]")
+        self.attention("blocks.7.mod_msa", "blocks.7.attn.qkv.weight.q", "blocks.7.attn.qkv.weight.k", "blocks.7.attn.qkv.weight.v", "blocks.7.attn.qkv.bias.q", "blocks.7.attn.qkv.bias.k", "blocks.7.attn.qkv.bias.v", "blocks.7.attn.proj.weight", "blocks.7.attn.proj.bias", "blocks.7.attn")
         # blocks.7.res_msa = gated_residual(blocks.6.out, blocks.7.attn, blocks.7.gate_msa) [gated residual]
         self.gated_residual("blocks.6.out", "blocks.7.attn", "blocks.7.gate_msa", "blocks.7.res_msa")
         # blocks.7.norm2 = layer_norm(blocks.7.res_msa) [layer norm]
@@ -2795,31 +2793,31 @@ class Model(BaseModel):
         # blocks.7.mod_mlp = modulate(blocks.7.norm2, blocks.7.shift_mlp, blocks.7.scale_mlp) [modulate]
         self.modulate("blocks.7.norm2", "blocks.7.shift_mlp", "blocks.7.scale_mlp", "blocks.7.mod_mlp")
         # blocks.7.fc1 = linear(blocks.7.mod_mlp, blocks.7.mlp.fc1.weight, blocks.7.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.7.mod_mlp", "blocks.7.mlp.fc1.weight", "blocks.7.mlp.fc1.bias", "blocks.7.fc1", "ones[tokens,batch]")
+        self.linear("blocks.7.mod_mlp", "blocks.7.mlp.fc1.weight", "blocks.7.mlp.fc1.bias", "blocks.7.fc1")
         # blocks.7.gelu = act(blocks.7.fc1) [pointwise MLP]
         self.act("blocks.7.fc1", "blocks.7.gelu", fn='gelutanh')
         # blocks.7.mlp = linear(blocks.7.gelu, blocks.7.mlp.fc2.weight, blocks.7.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.7.gelu", "blocks.7.mlp.fc2.weight", "blocks.7.mlp.fc2.bias", "blocks.7.mlp", "ones[tokens,batch]")
+        self.linear("blocks.7.gelu", "blocks.7.mlp.fc2.weight", "blocks.7.mlp.fc2.bias", "blocks.7.mlp")
         # blocks.7.out = gated_residual(blocks.7.res_msa, blocks.7.mlp, blocks.7.gate_mlp) [gated residual]
         self.gated_residual("blocks.7.res_msa", "blocks.7.mlp", "blocks.7.gate_mlp", "blocks.7.out")
         # blocks.8.shift_msa = linear(c_silu, blocks.8.adaLN_modulation.1.weight.shift_msa, blocks.8.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.8.adaLN_modulation.1.weight.shift_msa", "blocks.8.adaLN_modulation.1.bias.shift_msa", "blocks.8.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.8.adaLN_modulation.1.weight.shift_msa", "blocks.8.adaLN_modulation.1.bias.shift_msa", "blocks.8.shift_msa")
         # blocks.8.scale_msa = linear(c_silu, blocks.8.adaLN_modulation.1.weight.scale_msa, blocks.8.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.8.adaLN_modulation.1.weight.scale_msa", "blocks.8.adaLN_modulation.1.bias.scale_msa", "blocks.8.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.8.adaLN_modulation.1.weight.scale_msa", "blocks.8.adaLN_modulation.1.bias.scale_msa", "blocks.8.scale_msa")
         # blocks.8.gate_msa = linear(c_silu, blocks.8.adaLN_modulation.1.weight.gate_msa, blocks.8.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.8.adaLN_modulation.1.weight.gate_msa", "blocks.8.adaLN_modulation.1.bias.gate_msa", "blocks.8.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.8.adaLN_modulation.1.weight.gate_msa", "blocks.8.adaLN_modulation.1.bias.gate_msa", "blocks.8.gate_msa")
         # blocks.8.shift_mlp = linear(c_silu, blocks.8.adaLN_modulation.1.weight.shift_mlp, blocks.8.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.8.adaLN_modulation.1.weight.shift_mlp", "blocks.8.adaLN_modulation.1.bias.shift_mlp", "blocks.8.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.8.adaLN_modulation.1.weight.shift_mlp", "blocks.8.adaLN_modulation.1.bias.shift_mlp", "blocks.8.shift_mlp")
         # blocks.8.scale_mlp = linear(c_silu, blocks.8.adaLN_modulation.1.weight.scale_mlp, blocks.8.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.8.adaLN_modulation.1.weight.scale_mlp", "blocks.8.adaLN_modulation.1.bias.scale_mlp", "blocks.8.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.8.adaLN_modulation.1.weight.scale_mlp", "blocks.8.adaLN_modulation.1.bias.scale_mlp", "blocks.8.scale_mlp")
         # blocks.8.gate_mlp = linear(c_silu, blocks.8.adaLN_modulation.1.weight.gate_mlp, blocks.8.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.8.adaLN_modulation.1.weight.gate_mlp", "blocks.8.adaLN_modulation.1.bias.gate_mlp", "blocks.8.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.8.adaLN_modulation.1.weight.gate_mlp", "blocks.8.adaLN_modulation.1.bias.gate_mlp", "blocks.8.gate_mlp")
         # blocks.8.norm1 = layer_norm(blocks.7.out) [layer norm]
         self.layer_norm("blocks.7.out", "blocks.8.norm1", eps=1e-06)
         # blocks.8.mod_msa = modulate(blocks.8.norm1, blocks.8.shift_msa, blocks.8.scale_msa) [modulate]
         self.modulate("blocks.8.norm1", "blocks.8.shift_msa", "blocks.8.scale_msa", "blocks.8.mod_msa")
         # blocks.8.attn = attention(blocks.8.mod_msa, blocks.8.attn.qkv.weight.q, blocks.8.attn.qkv.weight.k, blocks.8.attn.qkv.weight.v, blocks.8.attn.qkv.bias.q, blocks.8.attn.qkv.bias.k, blocks.8.attn.qkv.bias.v, blocks.8.attn.proj.weight, blocks.8.attn.proj.bias) [attention]
-        self.attention("blocks.8.mod_msa", "blocks.8.attn.qkv.weight.q", "blocks.8.attn.qkv.weight.k", "blocks.8.attn.qkv.weight.v", "blocks.8.attn.qkv.bias.q", "blocks.8.attn.qkv.bias.k", "blocks.8.attn.qkv.bias.v", "blocks.8.attn.proj.weight", "blocks.8.attn.proj.bias", "blocks.8.attn", "ones[tokens,batch]")
+        self.attention("blocks.8.mod_msa", "blocks.8.attn.qkv.weight.q", "blocks.8.attn.qkv.weight.k", "blocks.8.attn.qkv.weight.v", "blocks.8.attn.qkv.bias.q", "blocks.8.attn.qkv.bias.k", "blocks.8.attn.qkv.bias.v", "blocks.8.attn.proj.weight", "blocks.8.attn.proj.bias", "blocks.8.attn")
         # blocks.8.res_msa = gated_residual(blocks.7.out, blocks.8.attn, blocks.8.gate_msa) [gated residual]
         self.gated_residual("blocks.7.out", "blocks.8.attn", "blocks.8.gate_msa", "blocks.8.res_msa")
         # blocks.8.norm2 = layer_norm(blocks.8.res_msa) [layer norm]
@@ -2827,31 +2825,31 @@ class Model(BaseModel):
         # blocks.8.mod_mlp = modulate(blocks.8.norm2, blocks.8.shift_mlp, blocks.8.scale_mlp) [modulate]
         self.modulate("blocks.8.norm2", "blocks.8.shift_mlp", "blocks.8.scale_mlp", "blocks.8.mod_mlp")
         # blocks.8.fc1 = linear(blocks.8.mod_mlp, blocks.8.mlp.fc1.weight, blocks.8.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.8.mod_mlp", "blocks.8.mlp.fc1.weight", "blocks.8.mlp.fc1.bias", "blocks.8.fc1", "ones[tokens,batch]")
+        self.linear("blocks.8.mod_mlp", "blocks.8.mlp.fc1.weight", "blocks.8.mlp.fc1.bias", "blocks.8.fc1")
         # blocks.8.gelu = act(blocks.8.fc1) [pointwise MLP]
         self.act("blocks.8.fc1", "blocks.8.gelu", fn='gelutanh')
         # blocks.8.mlp = linear(blocks.8.gelu, blocks.8.mlp.fc2.weight, blocks.8.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.8.gelu", "blocks.8.mlp.fc2.weight", "blocks.8.mlp.fc2.bias", "blocks.8.mlp", "ones[tokens,batch]")
+        self.linear("blocks.8.gelu", "blocks.8.mlp.fc2.weight", "blocks.8.mlp.fc2.bias", "blocks.8.mlp")
         # blocks.8.out = gated_residual(blocks.8.res_msa, blocks.8.mlp, blocks.8.gate_mlp) [gated residual]
         self.gated_residual("blocks.8.res_msa", "blocks.8.mlp", "blocks.8.gate_mlp", "blocks.8.out")
         # blocks.9.shift_msa = linear(c_silu, blocks.9.adaLN_modulation.1.weight.shift_msa, blocks.9.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.9.adaLN_modulation.1.weight.shift_msa", "blocks.9.adaLN_modulation.1.bias.shift_msa", "blocks.9.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.9.adaLN_modulation.1.weight.shift_msa", "blocks.9.adaLN_modulation.1.bias.shift_msa", "blocks.9.shift_msa")
         # blocks.9.scale_msa = linear(c_silu, blocks.9.adaLN_modulation.1.weight.scale_msa, blocks.9.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.9.adaLN_modulation.1.weight.scale_msa", "blocks.9.adaLN_modulation.1.bias.scale_msa", "blocks.9.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.9.adaLN_modulation.1.weight.scale_msa", "blocks.9.adaLN_modulation.1.bias.scale_msa", "blocks.9.scale_msa")
         # blocks.9.gate_msa = linear(c_silu, blocks.9.adaLN_modulation.1.weight.gate_msa, blocks.9.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.9.adaLN_modulation.1.weight.gate_msa", "blocks.9.adaLN_modulation.1.bias.gate_msa", "blocks.9.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.9.adaLN_modulation.1.weight.gate_msa", "blocks.9.adaLN_modulation.1.bias.gate_msa", "blocks.9.gate_msa")
         # blocks.9.shift_mlp = linear(c_silu, blocks.9.adaLN_modulation.1.weight.shift_mlp, blocks.9.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.9.adaLN_modulation.1.weight.shift_mlp", "blocks.9.adaLN_modulation.1.bias.shift_mlp", "blocks.9.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.9.adaLN_modulation.1.weight.shift_mlp", "blocks.9.adaLN_modulation.1.bias.shift_mlp", "blocks.9.shift_mlp")
         # blocks.9.scale_mlp = linear(c_silu, blocks.9.adaLN_modulation.1.weight.scale_mlp, blocks.9.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.9.adaLN_modulation.1.weight.scale_mlp", "blocks.9.adaLN_modulation.1.bias.scale_mlp", "blocks.9.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.9.adaLN_modulation.1.weight.scale_mlp", "blocks.9.adaLN_modulation.1.bias.scale_mlp", "blocks.9.scale_mlp")
         # blocks.9.gate_mlp = linear(c_silu, blocks.9.adaLN_modulation.1.weight.gate_mlp, blocks.9.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.9.adaLN_modulation.1.weight.gate_mlp", "blocks.9.adaLN_modulation.1.bias.gate_mlp", "blocks.9.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.9.adaLN_modulation.1.weight.gate_mlp", "blocks.9.adaLN_modulation.1.bias.gate_mlp", "blocks.9.gate_mlp")
         # blocks.9.norm1 = layer_norm(blocks.8.out) [layer norm]
         self.layer_norm("blocks.8.out", "blocks.9.norm1", eps=1e-06)
         # blocks.9.mod_msa = modulate(blocks.9.norm1, blocks.9.shift_msa, blocks.9.scale_msa) [modulate]
         self.modulate("blocks.9.norm1", "blocks.9.shift_msa", "blocks.9.scale_msa", "blocks.9.mod_msa")
         # blocks.9.attn = attention(blocks.9.mod_msa, blocks.9.attn.qkv.weight.q, blocks.9.attn.qkv.weight.k, blocks.9.attn.qkv.weight.v, blocks.9.attn.qkv.bias.q, blocks.9.attn.qkv.bias.k, blocks.9.attn.qkv.bias.v, blocks.9.attn.proj.weight, blocks.9.attn.proj.bias) [attention]
-        self.attention("blocks.9.mod_msa", "blocks.9.attn.qkv.weight.q", "blocks.9.attn.qkv.weight.k", "blocks.9.attn.qkv.weight.v", "blocks.9.attn.qkv.bias.q", "blocks.9.attn.qkv.bias.k", "blocks.9.attn.qkv.bias.v", "blocks.9.attn.proj.weight", "blocks.9.attn.proj.bias", "blocks.9.attn", "ones[tokens,batch]")
+        self.attention("blocks.9.mod_msa", "blocks.9.attn.qkv.weight.q", "blocks.9.attn.qkv.weight.k", "blocks.9.attn.qkv.weight.v", "blocks.9.attn.qkv.bias.q", "blocks.9.attn.qkv.bias.k", "blocks.9.attn.qkv.bias.v", "blocks.9.attn.proj.weight", "blocks.9.attn.proj.bias", "blocks.9.attn")
         # blocks.9.res_msa = gated_residual(blocks.8.out, blocks.9.attn, blocks.9.gate_msa) [gated residual]
         self.gated_residual("blocks.8.out", "blocks.9.attn", "blocks.9.gate_msa", "blocks.9.res_msa")
         # blocks.9.norm2 = layer_norm(blocks.9.res_msa) [layer norm]
@@ -2859,31 +2857,31 @@ class Model(BaseModel):
         # blocks.9.mod_mlp = modulate(blocks.9.norm2, blocks.9.shift_mlp, blocks.9.scale_mlp) [modulate]
         self.modulate("blocks.9.norm2", "blocks.9.shift_mlp", "blocks.9.scale_mlp", "blocks.9.mod_mlp")
         # blocks.9.fc1 = linear(blocks.9.mod_mlp, blocks.9.mlp.fc1.weight, blocks.9.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.9.mod_mlp", "blocks.9.mlp.fc1.weight", "blocks.9.mlp.fc1.bias", "blocks.9.fc1", "ones[tokens,batch]")
+        self.linear("blocks.9.mod_mlp", "blocks.9.mlp.fc1.weight", "blocks.9.mlp.fc1.bias", "blocks.9.fc1")
         # blocks.9.gelu = act(blocks.9.fc1) [pointwise MLP]
         self.act("blocks.9.fc1", "blocks.9.gelu", fn='gelutanh')
         # blocks.9.mlp = linear(blocks.9.gelu, blocks.9.mlp.fc2.weight, blocks.9.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.9.gelu", "blocks.9.mlp.fc2.weight", "blocks.9.mlp.fc2.bias", "blocks.9.mlp", "ones[tokens,batch]")
+        self.linear("blocks.9.gelu", "blocks.9.mlp.fc2.weight", "blocks.9.mlp.fc2.bias", "blocks.9.mlp")
         # blocks.9.out = gated_residual(blocks.9.res_msa, blocks.9.mlp, blocks.9.gate_mlp) [gated residual]
         self.gated_residual("blocks.9.res_msa", "blocks.9.mlp", "blocks.9.gate_mlp", "blocks.9.out")
         # blocks.10.shift_msa = linear(c_silu, blocks.10.adaLN_modulation.1.weight.shift_msa, blocks.10.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.10.adaLN_modulation.1.weight.shift_msa", "blocks.10.adaLN_modulation.1.bias.shift_msa", "blocks.10.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.10.adaLN_modulation.1.weight.shift_msa", "blocks.10.adaLN_modulation.1.bias.shift_msa", "blocks.10.shift_msa")
         # blocks.10.scale_msa = linear(c_silu, blocks.10.adaLN_modulation.1.weight.scale_msa, blocks.10.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.10.adaLN_modulation.1.weight.scale_msa", "blocks.10.adaLN_modulation.1.bias.scale_msa", "blocks.10.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.10.adaLN_modulation.1.weight.scale_msa", "blocks.10.adaLN_modulation.1.bias.scale_msa", "blocks.10.scale_msa")
         # blocks.10.gate_msa = linear(c_silu, blocks.10.adaLN_modulation.1.weight.gate_msa, blocks.10.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.10.adaLN_modulation.1.weight.gate_msa", "blocks.10.adaLN_modulation.1.bias.gate_msa", "blocks.10.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.10.adaLN_modulation.1.weight.gate_msa", "blocks.10.adaLN_modulation.1.bias.gate_msa", "blocks.10.gate_msa")
         # blocks.10.shift_mlp = linear(c_silu, blocks.10.adaLN_modulation.1.weight.shift_mlp, blocks.10.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.10.adaLN_modulation.1.weight.shift_mlp", "blocks.10.adaLN_modulation.1.bias.shift_mlp", "blocks.10.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.10.adaLN_modulation.1.weight.shift_mlp", "blocks.10.adaLN_modulation.1.bias.shift_mlp", "blocks.10.shift_mlp")
         # blocks.10.scale_mlp = linear(c_silu, blocks.10.adaLN_modulation.1.weight.scale_mlp, blocks.10.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.10.adaLN_modulation.1.weight.scale_mlp", "blocks.10.adaLN_modulation.1.bias.scale_mlp", "blocks.10.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.10.adaLN_modulation.1.weight.scale_mlp", "blocks.10.adaLN_modulation.1.bias.scale_mlp", "blocks.10.scale_mlp")
         # blocks.10.gate_mlp = linear(c_silu, blocks.10.adaLN_modulation.1.weight.gate_mlp, blocks.10.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.10.adaLN_modulation.1.weight.gate_mlp", "blocks.10.adaLN_modulation.1.bias.gate_mlp", "blocks.10.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.10.adaLN_modulation.1.weight.gate_mlp", "blocks.10.adaLN_modulation.1.bias.gate_mlp", "blocks.10.gate_mlp")
         # blocks.10.norm1 = layer_norm(blocks.9.out) [layer norm]
         self.layer_norm("blocks.9.out", "blocks.10.norm1", eps=1e-06)
         # blocks.10.mod_msa = modulate(blocks.10.norm1, blocks.10.shift_msa, blocks.10.scale_msa) [modulate]
         self.modulate("blocks.10.norm1", "blocks.10.shift_msa", "blocks.10.scale_msa", "blocks.10.mod_msa")
         # blocks.10.attn = attention(blocks.10.mod_msa, blocks.10.attn.qkv.weight.q, blocks.10.attn.qkv.weight.k, blocks.10.attn.qkv.weight.v, blocks.10.attn.qkv.bias.q, blocks.10.attn.qkv.bias.k, blocks.10.attn.qkv.bias.v, blocks.10.attn.proj.weight, blocks.10.attn.proj.bias) [attention]
-        self.attention("blocks.10.mod_msa", "blocks.10.attn.qkv.weight.q", "blocks.10.attn.qkv.weight.k", "blocks.10.attn.qkv.weight.v", "blocks.10.attn.qkv.bias.q", "blocks.10.attn.qkv.bias.k", "blocks.10.attn.qkv.bias.v", "blocks.10.attn.proj.weight", "blocks.10.attn.proj.bias", "blocks.10.attn", "ones[tokens,batch]")
+        self.attention("blocks.10.mod_msa", "blocks.10.attn.qkv.weight.q", "blocks.10.attn.qkv.weight.k", "blocks.10.attn.qkv.weight.v", "blocks.10.attn.qkv.bias.q", "blocks.10.attn.qkv.bias.k", "blocks.10.attn.qkv.bias.v", "blocks.10.attn.proj.weight", "blocks.10.attn.proj.bias", "blocks.10.attn")
         # blocks.10.res_msa = gated_residual(blocks.9.out, blocks.10.attn, blocks.10.gate_msa) [gated residual]
         self.gated_residual("blocks.9.out", "blocks.10.attn", "blocks.10.gate_msa", "blocks.10.res_msa")
         # blocks.10.norm2 = layer_norm(blocks.10.res_msa) [layer norm]
@@ -2891,31 +2889,31 @@ class Model(BaseModel):
         # blocks.10.mod_mlp = modulate(blocks.10.norm2, blocks.10.shift_mlp, blocks.10.scale_mlp) [modulate]
         self.modulate("blocks.10.norm2", "blocks.10.shift_mlp", "blocks.10.scale_mlp", "blocks.10.mod_mlp")
         # blocks.10.fc1 = linear(blocks.10.mod_mlp, blocks.10.mlp.fc1.weight, blocks.10.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.10.mod_mlp", "blocks.10.mlp.fc1.weight", "blocks.10.mlp.fc1.bias", "blocks.10.fc1", "ones[tokens,batch]")
+        self.linear("blocks.10.mod_mlp", "blocks.10.mlp.fc1.weight", "blocks.10.mlp.fc1.bias", "blocks.10.fc1")
         # blocks.10.gelu = act(blocks.10.fc1) [pointwise MLP]
         self.act("blocks.10.fc1", "blocks.10.gelu", fn='gelutanh')
         # blocks.10.mlp = linear(blocks.10.gelu, blocks.10.mlp.fc2.weight, blocks.10.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.10.gelu", "blocks.10.mlp.fc2.weight", "blocks.10.mlp.fc2.bias", "blocks.10.mlp", "ones[tokens,batch]")
+        self.linear("blocks.10.gelu", "blocks.10.mlp.fc2.weight", "blocks.10.mlp.fc2.bias", "blocks.10.mlp")
         # blocks.10.out = gated_residual(blocks.10.res_msa, blocks.10.mlp, blocks.10.gate_mlp) [gated residual]
         self.gated_residual("blocks.10.res_msa", "blocks.10.mlp", "blocks.10.gate_mlp", "blocks.10.out")
         # blocks.11.shift_msa = linear(c_silu, blocks.11.adaLN_modulation.1.weight.shift_msa, blocks.11.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.11.adaLN_modulation.1.weight.shift_msa", "blocks.11.adaLN_modulation.1.bias.shift_msa", "blocks.11.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.11.adaLN_modulation.1.weight.shift_msa", "blocks.11.adaLN_modulation.1.bias.shift_msa", "blocks.11.shift_msa")
         # blocks.11.scale_msa = linear(c_silu, blocks.11.adaLN_modulation.1.weight.scale_msa, blocks.11.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.11.adaLN_modulation.1.weight.scale_msa", "blocks.11.adaLN_modulation.1.bias.scale_msa", "blocks.11.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.11.adaLN_modulation.1.weight.scale_msa", "blocks.11.adaLN_modulation.1.bias.scale_msa", "blocks.11.scale_msa")
         # blocks.11.gate_msa = linear(c_silu, blocks.11.adaLN_modulation.1.weight.gate_msa, blocks.11.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.11.adaLN_modulation.1.weight.gate_msa", "blocks.11.adaLN_modulation.1.bias.gate_msa", "blocks.11.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.11.adaLN_modulation.1.weight.gate_msa", "blocks.11.adaLN_modulation.1.bias.gate_msa", "blocks.11.gate_msa")
         # blocks.11.shift_mlp = linear(c_silu, blocks.11.adaLN_modulation.1.weight.shift_mlp, blocks.11.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.11.adaLN_modulation.1.weight.shift_mlp", "blocks.11.adaLN_modulation.1.bias.shift_mlp", "blocks.11.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.11.adaLN_modulation.1.weight.shift_mlp", "blocks.11.adaLN_modulation.1.bias.shift_mlp", "blocks.11.shift_mlp")
         # blocks.11.scale_mlp = linear(c_silu, blocks.11.adaLN_modulation.1.weight.scale_mlp, blocks.11.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.11.adaLN_modulation.1.weight.scale_mlp", "blocks.11.adaLN_modulation.1.bias.scale_mlp", "blocks.11.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.11.adaLN_modulation.1.weight.scale_mlp", "blocks.11.adaLN_modulation.1.bias.scale_mlp", "blocks.11.scale_mlp")
         # blocks.11.gate_mlp = linear(c_silu, blocks.11.adaLN_modulation.1.weight.gate_mlp, blocks.11.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.11.adaLN_modulation.1.weight.gate_mlp", "blocks.11.adaLN_modulation.1.bias.gate_mlp", "blocks.11.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.11.adaLN_modulation.1.weight.gate_mlp", "blocks.11.adaLN_modulation.1.bias.gate_mlp", "blocks.11.gate_mlp")
         # blocks.11.norm1 = layer_norm(blocks.10.out) [layer norm]
         self.layer_norm("blocks.10.out", "blocks.11.norm1", eps=1e-06)
         # blocks.11.mod_msa = modulate(blocks.11.norm1, blocks.11.shift_msa, blocks.11.scale_msa) [modulate]
         self.modulate("blocks.11.norm1", "blocks.11.shift_msa", "blocks.11.scale_msa", "blocks.11.mod_msa")
         # blocks.11.attn = attention(blocks.11.mod_msa, blocks.11.attn.qkv.weight.q, blocks.11.attn.qkv.weight.k, blocks.11.attn.qkv.weight.v, blocks.11.attn.qkv.bias.q, blocks.11.attn.qkv.bias.k, blocks.11.attn.qkv.bias.v, blocks.11.attn.proj.weight, blocks.11.attn.proj.bias) [attention]
-        self.attention("blocks.11.mod_msa", "blocks.11.attn.qkv.weight.q", "blocks.11.attn.qkv.weight.k", "blocks.11.attn.qkv.weight.v", "blocks.11.attn.qkv.bias.q", "blocks.11.attn.qkv.bias.k", "blocks.11.attn.qkv.bias.v", "blocks.11.attn.proj.weight", "blocks.11.attn.proj.bias", "blocks.11.attn", "ones[tokens,batch]")
+        self.attention("blocks.11.mod_msa", "blocks.11.attn.qkv.weight.q", "blocks.11.attn.qkv.weight.k", "blocks.11.attn.qkv.weight.v", "blocks.11.attn.qkv.bias.q", "blocks.11.attn.qkv.bias.k", "blocks.11.attn.qkv.bias.v", "blocks.11.attn.proj.weight", "blocks.11.attn.proj.bias", "blocks.11.attn")
         # blocks.11.res_msa = gated_residual(blocks.10.out, blocks.11.attn, blocks.11.gate_msa) [gated residual]
         self.gated_residual("blocks.10.out", "blocks.11.attn", "blocks.11.gate_msa", "blocks.11.res_msa")
         # blocks.11.norm2 = layer_norm(blocks.11.res_msa) [layer norm]
@@ -2923,31 +2921,31 @@ class Model(BaseModel):
         # blocks.11.mod_mlp = modulate(blocks.11.norm2, blocks.11.shift_mlp, blocks.11.scale_mlp) [modulate]
         self.modulate("blocks.11.norm2", "blocks.11.shift_mlp", "blocks.11.scale_mlp", "blocks.11.mod_mlp")
         # blocks.11.fc1 = linear(blocks.11.mod_mlp, blocks.11.mlp.fc1.weight, blocks.11.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.11.mod_mlp", "blocks.11.mlp.fc1.weight", "blocks.11.mlp.fc1.bias", "blocks.11.fc1", "ones[tokens,batch]")
+        self.linear("blocks.11.mod_mlp", "blocks.11.mlp.fc1.weight", "blocks.11.mlp.fc1.bias", "blocks.11.fc1")
         # blocks.11.gelu = act(blocks.11.fc1) [pointwise MLP]
         self.act("blocks.11.fc1", "blocks.11.gelu", fn='gelutanh')
         # blocks.11.mlp = linear(blocks.11.gelu, blocks.11.mlp.fc2.weight, blocks.11.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.11.gelu", "blocks.11.mlp.fc2.weight", "blocks.11.mlp.fc2.bias", "blocks.11.mlp", "ones[tokens,batch]")
+        self.linear("blocks.11.gelu", "blocks.11.mlp.fc2.weight", "blocks.11.mlp.fc2.bias", "blocks.11.mlp")
         # blocks.11.out = gated_residual(blocks.11.res_msa, blocks.11.mlp, blocks.11.gate_mlp) [gated residual]
         self.gated_residual("blocks.11.res_msa", "blocks.11.mlp", "blocks.11.gate_mlp", "blocks.11.out")
         # blocks.12.shift_msa = linear(c_silu, blocks.12.adaLN_modulation.1.weight.shift_msa, blocks.12.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.12.adaLN_modulation.1.weight.shift_msa", "blocks.12.adaLN_modulation.1.bias.shift_msa", "blocks.12.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.12.adaLN_modulation.1.weight.shift_msa", "blocks.12.adaLN_modulation.1.bias.shift_msa", "blocks.12.shift_msa")
         # blocks.12.scale_msa = linear(c_silu, blocks.12.adaLN_modulation.1.weight.scale_msa, blocks.12.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.12.adaLN_modulation.1.weight.scale_msa", "blocks.12.adaLN_modulation.1.bias.scale_msa", "blocks.12.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.12.adaLN_modulation.1.weight.scale_msa", "blocks.12.adaLN_modulation.1.bias.scale_msa", "blocks.12.scale_msa")
         # blocks.12.gate_msa = linear(c_silu, blocks.12.adaLN_modulation.1.weight.gate_msa, blocks.12.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.12.adaLN_modulation.1.weight.gate_msa", "blocks.12.adaLN_modulation.1.bias.gate_msa", "blocks.12.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.12.adaLN_modulation.1.weight.gate_msa", "blocks.12.adaLN_modulation.1.bias.gate_msa", "blocks.12.gate_msa")
         # blocks.12.shift_mlp = linear(c_silu, blocks.12.adaLN_modulation.1.weight.shift_mlp, blocks.12.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.12.adaLN_modulation.1.weight.shift_mlp", "blocks.12.adaLN_modulation.1.bias.shift_mlp", "blocks.12.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.12.adaLN_modulation.1.weight.shift_mlp", "blocks.12.adaLN_modulation.1.bias.shift_mlp", "blocks.12.shift_mlp")
         # blocks.12.scale_mlp = linear(c_silu, blocks.12.adaLN_modulation.1.weight.scale_mlp, blocks.12.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.12.adaLN_modulation.1.weight.scale_mlp", "blocks.12.adaLN_modulation.1.bias.scale_mlp", "blocks.12.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.12.adaLN_modulation.1.weight.scale_mlp", "blocks.12.adaLN_modulation.1.bias.scale_mlp", "blocks.12.scale_mlp")
         # blocks.12.gate_mlp = linear(c_silu, blocks.12.adaLN_modulation.1.weight.gate_mlp, blocks.12.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.12.adaLN_modulation.1.weight.gate_mlp", "blocks.12.adaLN_modulation.1.bias.gate_mlp", "blocks.12.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.12.adaLN_modulation.1.weight.gate_mlp", "blocks.12.adaLN_modulation.1.bias.gate_mlp", "blocks.12.gate_mlp")
         # blocks.12.norm1 = layer_norm(blocks.11.out) [layer norm]
         self.layer_norm("blocks.11.out", "blocks.12.norm1", eps=1e-06)
         # blocks.12.mod_msa = modulate(blocks.12.norm1, blocks.12.shift_msa, blocks.12.scale_msa) [modulate]
         self.modulate("blocks.12.norm1", "blocks.12.shift_msa", "blocks.12.scale_msa", "blocks.12.mod_msa")
         # blocks.12.attn = attention(blocks.12.mod_msa, blocks.12.attn.qkv.weight.q, blocks.12.attn.qkv.weight.k, blocks.12.attn.qkv.weight.v, blocks.12.attn.qkv.bias.q, blocks.12.attn.qkv.bias.k, blocks.12.attn.qkv.bias.v, blocks.12.attn.proj.weight, blocks.12.attn.proj.bias) [attention]
-        self.attention("blocks.12.mod_msa", "blocks.12.attn.qkv.weight.q", "blocks.12.attn.qkv.weight.k", "blocks.12.attn.qkv.weight.v", "blocks.12.attn.qkv.bias.q", "blocks.12.attn.qkv.bias.k", "blocks.12.attn.qkv.bias.v", "blocks.12.attn.proj.weight", "blocks.12.attn.proj.bias", "blocks.12.attn", "ones[tokens,batch]")
+        self.attention("blocks.12.mod_msa", "blocks.12.attn.qkv.weight.q", "blocks.12.attn.qkv.weight.k", "blocks.12.attn.qkv.weight.v", "blocks.12.attn.qkv.bias.q", "blocks.12.attn.qkv.bias.k", "blocks.12.attn.qkv.bias.v", "blocks.12.attn.proj.weight", "blocks.12.attn.proj.bias", "blocks.12.attn")
         # blocks.12.res_msa = gated_residual(blocks.11.out, blocks.12.attn, blocks.12.gate_msa) [gated residual]
         self.gated_residual("blocks.11.out", "blocks.12.attn", "blocks.12.gate_msa", "blocks.12.res_msa")
         # blocks.12.norm2 = layer_norm(blocks.12.res_msa) [layer norm]
@@ -2955,31 +2953,31 @@ class Model(BaseModel):
         # blocks.12.mod_mlp = modulate(blocks.12.norm2, blocks.12.shift_mlp, blocks.12.scale_mlp) [modulate]
         self.modulate("blocks.12.norm2", "blocks.12.shift_mlp", "blocks.12.scale_mlp", "blocks.12.mod_mlp")
         # blocks.12.fc1 = linear(blocks.12.mod_mlp, blocks.12.mlp.fc1.weight, blocks.12.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.12.mod_mlp", "blocks.12.mlp.fc1.weight", "blocks.12.mlp.fc1.bias", "blocks.12.fc1", "ones[tokens,batch]")
+        self.linear("blocks.12.mod_mlp", "blocks.12.mlp.fc1.weight", "blocks.12.mlp.fc1.bias", "blocks.12.fc1")
         # blocks.12.gelu = act(blocks.12.fc1) [pointwise MLP]
         self.act("blocks.12.fc1", "blocks.12.gelu", fn='gelutanh')
         # blocks.12.mlp = linear(blocks.12.gelu, blocks.12.mlp.fc2.weight, blocks.12.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.12.gelu", "blocks.12.mlp.fc2.weight", "blocks.12.mlp.fc2.bias", "blocks.12.mlp", "ones[tokens,batch]")
+        self.linear("blocks.12.gelu", "blocks.12.mlp.fc2.weight", "blocks.12.mlp.fc2.bias", "blocks.12.mlp")
         # blocks.12.out = gated_residual(blocks.12.res_msa, blocks.12.mlp, blocks.12.gate_mlp) [gated residual]
         self.gated_residual("blocks.12.res_msa", "blocks.12.mlp", "blocks.12.gate_mlp", "blocks.12.out")
         # blocks.13.shift_msa = linear(c_silu, blocks.13.adaLN_modulation.1.weight.shift_msa, blocks.13.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.13.adaLN_modulation.1.weight.shift_msa", "blocks.13.adaLN_modulation.1.bias.shift_msa", "blocks.13.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.13.adaLN_modulation.1.weight.shift_msa", "blocks.13.adaLN_modulation.1.bias.shift_msa", "blocks.13.shift_msa")
         # blocks.13.scale_msa = linear(c_silu, blocks.13.adaLN_modulation.1.weight.scale_msa, blocks.13.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.13.adaLN_modulation.1.weight.scale_msa", "blocks.13.adaLN_modulation.1.bias.scale_msa", "blocks.13.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.13.adaLN_modulation.1.weight.scale_msa", "blocks.13.adaLN_modulation.1.bias.scale_msa", "blocks.13.scale_msa")
         # blocks.13.gate_msa = linear(c_silu, blocks.13.adaLN_modulation.1.weight.gate_msa, blocks.13.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.13.adaLN_modulation.1.weight.gate_msa", "blocks.13.adaLN_modulation.1.bias.gate_msa", "blocks.13.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.13.adaLN_modulation.1.weight.gate_msa", "blocks.13.adaLN_modulation.1.bias.gate_msa", "blocks.13.gate_msa")
         # blocks.13.shift_mlp = linear(c_silu, blocks.13.adaLN_modulation.1.weight.shift_mlp, blocks.13.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.13.adaLN_modulation.1.weight.shift_mlp", "blocks.13.adaLN_modulation.1.bias.shift_mlp", "blocks.13.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.13.adaLN_modulation.1.weight.shift_mlp", "blocks.13.adaLN_modulation.1.bias.shift_mlp", "blocks.13.shift_mlp")
         # blocks.13.scale_mlp = linear(c_silu, blocks.13.adaLN_modulation.1.weight.scale_mlp, blocks.13.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.13.adaLN_modulation.1.weight.scale_mlp", "blocks.13.adaLN_modulation.1.bias.scale_mlp", "blocks.13.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.13.adaLN_modulation.1.weight.scale_mlp", "blocks.13.adaLN_modulation.1.bias.scale_mlp", "blocks.13.scale_mlp")
         # blocks.13.gate_mlp = linear(c_silu, blocks.13.adaLN_modulation.1.weight.gate_mlp, blocks.13.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.13.adaLN_modulation.1.weight.gate_mlp", "blocks.13.adaLN_modulation.1.bias.gate_mlp", "blocks.13.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.13.adaLN_modulation.1.weight.gate_mlp", "blocks.13.adaLN_modulation.1.bias.gate_mlp", "blocks.13.gate_mlp")
         # blocks.13.norm1 = layer_norm(blocks.12.out) [layer norm]
         self.layer_norm("blocks.12.out", "blocks.13.norm1", eps=1e-06)
         # blocks.13.mod_msa = modulate(blocks.13.norm1, blocks.13.shift_msa, blocks.13.scale_msa) [modulate]
         self.modulate("blocks.13.norm1", "blocks.13.shift_msa", "blocks.13.scale_msa", "blocks.13.mod_msa")
         # blocks.13.attn = attention(blocks.13.mod_msa, blocks.13.attn.qkv.weight.q, blocks.13.attn.qkv.weight.k, blocks.13.attn.qkv.weight.v, blocks.13.attn.qkv.bias.q, blocks.13.attn.qkv.bias.k, blocks.13.attn.qkv.bias.v, blocks.13.attn.proj.weight, blocks.13.attn.proj.bias) [attention]
-        self.attention("blocks.13.mod_msa", "blocks.13.attn.qkv.weight.q", "blocks.13.attn.qkv.weight.k", "blocks.13.attn.qkv.weight.v", "blocks.13.attn.qkv.bias.q", "blocks.13.attn.qkv.bias.k", "blocks.13.attn.qkv.bias.v", "blocks.13.attn.proj.weight", "blocks.13.attn.proj.bias", "blocks.13.attn", "ones[tokens,batch]")
+        self.attention("blocks.13.mod_msa", "blocks.13.attn.qkv.weight.q", "blocks.13.attn.qkv.weight.k", "blocks.13.attn.qkv.weight.v", "blocks.13.attn.qkv.bias.q", "blocks.13.attn.qkv.bias.k", "blocks.13.attn.qkv.bias.v", "blocks.13.attn.proj.weight", "blocks.13.attn.proj.bias", "blocks.13.attn")
         # blocks.13.res_msa = gated_residual(blocks.12.out, blocks.13.attn, blocks.13.gate_msa) [gated residual]
         self.gated_residual("blocks.12.out", "blocks.13.attn", "blocks.13.gate_msa", "blocks.13.res_msa")
         # blocks.13.norm2 = layer_norm(blocks.13.res_msa) [layer norm]
@@ -2987,31 +2985,31 @@ class Model(BaseModel):
         # blocks.13.mod_mlp = modulate(blocks.13.norm2, blocks.13.shift_mlp, blocks.13.scale_mlp) [modulate]
         self.modulate("blocks.13.norm2", "blocks.13.shift_mlp", "blocks.13.scale_mlp", "blocks.13.mod_mlp")
         # blocks.13.fc1 = linear(blocks.13.mod_mlp, blocks.13.mlp.fc1.weight, blocks.13.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.13.mod_mlp", "blocks.13.mlp.fc1.weight", "blocks.13.mlp.fc1.bias", "blocks.13.fc1", "ones[tokens,batch]")
+        self.linear("blocks.13.mod_mlp", "blocks.13.mlp.fc1.weight", "blocks.13.mlp.fc1.bias", "blocks.13.fc1")
         # blocks.13.gelu = act(blocks.13.fc1) [pointwise MLP]
         self.act("blocks.13.fc1", "blocks.13.gelu", fn='gelutanh')
         # blocks.13.mlp = linear(blocks.13.gelu, blocks.13.mlp.fc2.weight, blocks.13.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.13.gelu", "blocks.13.mlp.fc2.weight", "blocks.13.mlp.fc2.bias", "blocks.13.mlp", "ones[tokens,batch]")
+        self.linear("blocks.13.gelu", "blocks.13.mlp.fc2.weight", "blocks.13.mlp.fc2.bias", "blocks.13.mlp")
         # blocks.13.out = gated_residual(blocks.13.res_msa, blocks.13.mlp, blocks.13.gate_mlp) [gated residual]
         self.gated_residual("blocks.13.res_msa", "blocks.13.mlp", "blocks.13.gate_mlp", "blocks.13.out")
         # blocks.14.shift_msa = linear(c_silu, blocks.14.adaLN_modulation.1.weight.shift_msa, blocks.14.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.14.adaLN_modulation.1.weight.shift_msa", "blocks.14.adaLN_modulation.1.bias.shift_msa", "blocks.14.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.14.adaLN_modulation.1.weight.shift_msa", "blocks.14.adaLN_modulation.1.bias.shift_msa", "blocks.14.shift_msa")
         # blocks.14.scale_msa = linear(c_silu, blocks.14.adaLN_modulation.1.weight.scale_msa, blocks.14.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.14.adaLN_modulation.1.weight.scale_msa", "blocks.14.adaLN_modulation.1.bias.scale_msa", "blocks.14.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.14.adaLN_modulation.1.weight.scale_msa", "blocks.14.adaLN_modulation.1.bias.scale_msa", "blocks.14.scale_msa")
         # blocks.14.gate_msa = linear(c_silu, blocks.14.adaLN_modulation.1.weight.gate_msa, blocks.14.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.14.adaLN_modulation.1.weight.gate_msa", "blocks.14.adaLN_modulation.1.bias.gate_msa", "blocks.14.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.14.adaLN_modulation.1.weight.gate_msa", "blocks.14.adaLN_modulation.1.bias.gate_msa", "blocks.14.gate_msa")
         # blocks.14.shift_mlp = linear(c_silu, blocks.14.adaLN_modulation.1.weight.shift_mlp, blocks.14.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.14.adaLN_modulation.1.weight.shift_mlp", "blocks.14.adaLN_modulation.1.bias.shift_mlp", "blocks.14.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.14.adaLN_modulation.1.weight.shift_mlp", "blocks.14.adaLN_modulation.1.bias.shift_mlp", "blocks.14.shift_mlp")
         # blocks.14.scale_mlp = linear(c_silu, blocks.14.adaLN_modulation.1.weight.scale_mlp, blocks.14.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.14.adaLN_modulation.1.weight.scale_mlp", "blocks.14.adaLN_modulation.1.bias.scale_mlp", "blocks.14.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.14.adaLN_modulation.1.weight.scale_mlp", "blocks.14.adaLN_modulation.1.bias.scale_mlp", "blocks.14.scale_mlp")
         # blocks.14.gate_mlp = linear(c_silu, blocks.14.adaLN_modulation.1.weight.gate_mlp, blocks.14.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.14.adaLN_modulation.1.weight.gate_mlp", "blocks.14.adaLN_modulation.1.bias.gate_mlp", "blocks.14.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.14.adaLN_modulation.1.weight.gate_mlp", "blocks.14.adaLN_modulation.1.bias.gate_mlp", "blocks.14.gate_mlp")
         # blocks.14.norm1 = layer_norm(blocks.13.out) [layer norm]
         self.layer_norm("blocks.13.out", "blocks.14.norm1", eps=1e-06)
         # blocks.14.mod_msa = modulate(blocks.14.norm1, blocks.14.shift_msa, blocks.14.scale_msa) [modulate]
         self.modulate("blocks.14.norm1", "blocks.14.shift_msa", "blocks.14.scale_msa", "blocks.14.mod_msa")
         # blocks.14.attn = attention(blocks.14.mod_msa, blocks.14.attn.qkv.weight.q, blocks.14.attn.qkv.weight.k, blocks.14.attn.qkv.weight.v, blocks.14.attn.qkv.bias.q, blocks.14.attn.qkv.bias.k, blocks.14.attn.qkv.bias.v, blocks.14.attn.proj.weight, blocks.14.attn.proj.bias) [attention]
-        self.attention("blocks.14.mod_msa", "blocks.14.attn.qkv.weight.q", "blocks.14.attn.qkv.weight.k", "blocks.14.attn.qkv.weight.v", "blocks.14.attn.qkv.bias.q", "blocks.14.attn.qkv.bias.k", "blocks.14.attn.qkv.bias.v", "blocks.14.attn.proj.weight", "blocks.14.attn.proj.bias", "blocks.14.attn", "ones[tokens,batch]")
+        self.attention("blocks.14.mod_msa", "blocks.14.attn.qkv.weight.q", "blocks.14.attn.qkv.weight.k", "blocks.14.attn.qkv.weight.v", "blocks.14.attn.qkv.bias.q", "blocks.14.attn.qkv.bias.k", "blocks.14.attn.qkv.bias.v", "blocks.14.attn.proj.weight", "blocks.14.attn.proj.bias", "blocks.14.attn")
         # blocks.14.res_msa = gated_residual(blocks.13.out, blocks.14.attn, blocks.14.gate_msa) [gated residual]
         self.gated_residual("blocks.13.out", "blocks.14.attn", "blocks.14.gate_msa", "blocks.14.res_msa")
         # blocks.14.norm2 = layer_norm(blocks.14.res_msa) [layer norm]
@@ -3019,31 +3017,31 @@ class Model(BaseModel):
         # blocks.14.mod_mlp = modulate(blocks.14.norm2, blocks.14.shift_mlp, blocks.14.scale_mlp) [modulate]
         self.modulate("blocks.14.norm2", "blocks.14.shift_mlp", "blocks.14.scale_mlp", "blocks.14.mod_mlp")
         # blocks.14.fc1 = linear(blocks.14.mod_mlp, blocks.14.mlp.fc1.weight, blocks.14.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.14.mod_mlp", "blocks.14.mlp.fc1.weight", "blocks.14.mlp.fc1.bias", "blocks.14.fc1", "ones[tokens,batch]")
+        self.linear("blocks.14.mod_mlp", "blocks.14.mlp.fc1.weight", "blocks.14.mlp.fc1.bias", "blocks.14.fc1")
         # blocks.14.gelu = act(blocks.14.fc1) [pointwise MLP]
         self.act("blocks.14.fc1", "blocks.14.gelu", fn='gelutanh')
         # blocks.14.mlp = linear(blocks.14.gelu, blocks.14.mlp.fc2.weight, blocks.14.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.14.gelu", "blocks.14.mlp.fc2.weight", "blocks.14.mlp.fc2.bias", "blocks.14.mlp", "ones[tokens,batch]")
+        self.linear("blocks.14.gelu", "blocks.14.mlp.fc2.weight", "blocks.14.mlp.fc2.bias", "blocks.14.mlp")
         # blocks.14.out = gated_residual(blocks.14.res_msa, blocks.14.mlp, blocks.14.gate_mlp) [gated residual]
         self.gated_residual("blocks.14.res_msa", "blocks.14.mlp", "blocks.14.gate_mlp", "blocks.14.out")
         # blocks.15.shift_msa = linear(c_silu, blocks.15.adaLN_modulation.1.weight.shift_msa, blocks.15.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.15.adaLN_modulation.1.weight.shift_msa", "blocks.15.adaLN_modulation.1.bias.shift_msa", "blocks.15.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.15.adaLN_modulation.1.weight.shift_msa", "blocks.15.adaLN_modulation.1.bias.shift_msa", "blocks.15.shift_msa")
         # blocks.15.scale_msa = linear(c_silu, blocks.15.adaLN_modulation.1.weight.scale_msa, blocks.15.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.15.adaLN_modulation.1.weight.scale_msa", "blocks.15.adaLN_modulation.1.bias.scale_msa", "blocks.15.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.15.adaLN_modulation.1.weight.scale_msa", "blocks.15.adaLN_modulation.1.bias.scale_msa", "blocks.15.scale_msa")
         # blocks.15.gate_msa = linear(c_silu, blocks.15.adaLN_modulation.1.weight.gate_msa, blocks.15.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.15.adaLN_modulation.1.weight.gate_msa", "blocks.15.adaLN_modulation.1.bias.gate_msa", "blocks.15.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.15.adaLN_modulation.1.weight.gate_msa", "blocks.15.adaLN_modulation.1.bias.gate_msa", "blocks.15.gate_msa")
         # blocks.15.shift_mlp = linear(c_silu, blocks.15.adaLN_modulation.1.weight.shift_mlp, blocks.15.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.15.adaLN_modulation.1.weight.shift_mlp", "blocks.15.adaLN_modulation.1.bias.shift_mlp", "blocks.15.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.15.adaLN_modulation.1.weight.shift_mlp", "blocks.15.adaLN_modulation.1.bias.shift_mlp", "blocks.15.shift_mlp")
         # blocks.15.scale_mlp = linear(c_silu, blocks.15.adaLN_modulation.1.weight.scale_mlp, blocks.15.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.15.adaLN_modulation.1.weight.scale_mlp", "blocks.15.adaLN_modulation.1.bias.scale_mlp", "blocks.15.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.15.adaLN_modulation.1.weight.scale_mlp", "blocks.15.adaLN_modulation.1.bias.scale_mlp", "blocks.15.scale_mlp")
         # blocks.15.gate_mlp = linear(c_silu, blocks.15.adaLN_modulation.1.weight.gate_mlp, blocks.15.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.15.adaLN_modulation.1.weight.gate_mlp", "blocks.15.adaLN_modulation.1.bias.gate_mlp", "blocks.15.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.15.adaLN_modulation.1.weight.gate_mlp", "blocks.15.adaLN_modulation.1.bias.gate_mlp", "blocks.15.gate_mlp")
         # blocks.15.norm1 = layer_norm(blocks.14.out) [layer norm]
         self.layer_norm("blocks.14.out", "blocks.15.norm1", eps=1e-06)
         # blocks.15.mod_msa = modulate(blocks.15.norm1, blocks.15.shift_msa, blocks.15.scale_msa) [modulate]
         self.modulate("blocks.15.norm1", "blocks.15.shift_msa", "blocks.15.scale_msa", "blocks.15.mod_msa")
         # blocks.15.attn = attention(blocks.15.mod_msa, blocks.15.attn.qkv.weight.q, blocks.15.attn.qkv.weight.k, blocks.15.attn.qkv.weight.v, blocks.15.attn.qkv.bias.q, blocks.15.attn.qkv.bias.k, blocks.15.attn.qkv.bias.v, blocks.15.attn.proj.weight, blocks.15.attn.proj.bias) [attention]
-        self.attention("blocks.15.mod_msa", "blocks.15.attn.qkv.weight.q", "blocks.15.attn.qkv.weight.k", "blocks.15.attn.qkv.weight.v", "blocks.15.attn.qkv.bias.q", "blocks.15.attn.qkv.bias.k", "blocks.15.attn.qkv.bias.v", "blocks.15.attn.proj.weight", "blocks.15.attn.proj.bias", "blocks.15.attn", "ones[tokens,batch]")
+        self.attention("blocks.15.mod_msa", "blocks.15.attn.qkv.weight.q", "blocks.15.attn.qkv.weight.k", "blocks.15.attn.qkv.weight.v", "blocks.15.attn.qkv.bias.q", "blocks.15.attn.qkv.bias.k", "blocks.15.attn.qkv.bias.v", "blocks.15.attn.proj.weight", "blocks.15.attn.proj.bias", "blocks.15.attn")
         # blocks.15.res_msa = gated_residual(blocks.14.out, blocks.15.attn, blocks.15.gate_msa) [gated residual]
         self.gated_residual("blocks.14.out", "blocks.15.attn", "blocks.15.gate_msa", "blocks.15.res_msa")
         # blocks.15.norm2 = layer_norm(blocks.15.res_msa) [layer norm]
@@ -3051,31 +3049,31 @@ class Model(BaseModel):
         # blocks.15.mod_mlp = modulate(blocks.15.norm2, blocks.15.shift_mlp, blocks.15.scale_mlp) [modulate]
         self.modulate("blocks.15.norm2", "blocks.15.shift_mlp", "blocks.15.scale_mlp", "blocks.15.mod_mlp")
         # blocks.15.fc1 = linear(blocks.15.mod_mlp, blocks.15.mlp.fc1.weight, blocks.15.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.15.mod_mlp", "blocks.15.mlp.fc1.weight", "blocks.15.mlp.fc1.bias", "blocks.15.fc1", "ones[tokens,batch]")
+        self.linear("blocks.15.mod_mlp", "blocks.15.mlp.fc1.weight", "blocks.15.mlp.fc1.bias", "blocks.15.fc1")
         # blocks.15.gelu = act(blocks.15.fc1) [pointwise MLP]
         self.act("blocks.15.fc1", "blocks.15.gelu", fn='gelutanh')
         # blocks.15.mlp = linear(blocks.15.gelu, blocks.15.mlp.fc2.weight, blocks.15.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.15.gelu", "blocks.15.mlp.fc2.weight", "blocks.15.mlp.fc2.bias", "blocks.15.mlp", "ones[tokens,batch]")
+        self.linear("blocks.15.gelu", "blocks.15.mlp.fc2.weight", "blocks.15.mlp.fc2.bias", "blocks.15.mlp")
         # blocks.15.out = gated_residual(blocks.15.res_msa, blocks.15.mlp, blocks.15.gate_mlp) [gated residual]
         self.gated_residual("blocks.15.res_msa", "blocks.15.mlp", "blocks.15.gate_mlp", "blocks.15.out")
         # blocks.16.shift_msa = linear(c_silu, blocks.16.adaLN_modulation.1.weight.shift_msa, blocks.16.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.16.adaLN_modulation.1.weight.shift_msa", "blocks.16.adaLN_modulation.1.bias.shift_msa", "blocks.16.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.16.adaLN_modulation.1.weight.shift_msa", "blocks.16.adaLN_modulation.1.bias.shift_msa", "blocks.16.shift_msa")
         # blocks.16.scale_msa = linear(c_silu, blocks.16.adaLN_modulation.1.weight.scale_msa, blocks.16.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.16.adaLN_modulation.1.weight.scale_msa", "blocks.16.adaLN_modulation.1.bias.scale_msa", "blocks.16.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.16.adaLN_modulation.1.weight.scale_msa", "blocks.16.adaLN_modulation.1.bias.scale_msa", "blocks.16.scale_msa")
         # blocks.16.gate_msa = linear(c_silu, blocks.16.adaLN_modulation.1.weight.gate_msa, blocks.16.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.16.adaLN_modulation.1.weight.gate_msa", "blocks.16.adaLN_modulation.1.bias.gate_msa", "blocks.16.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.16.adaLN_modulation.1.weight.gate_msa", "blocks.16.adaLN_modulation.1.bias.gate_msa", "blocks.16.gate_msa")
         # blocks.16.shift_mlp = linear(c_silu, blocks.16.adaLN_modulation.1.weight.shift_mlp, blocks.16.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.16.adaLN_modulation.1.weight.shift_mlp", "blocks.16.adaLN_modulation.1.bias.shift_mlp", "blocks.16.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.16.adaLN_modulation.1.weight.shift_mlp", "blocks.16.adaLN_modulation.1.bias.shift_mlp", "blocks.16.shift_mlp")
         # blocks.16.scale_mlp = linear(c_silu, blocks.16.adaLN_modulation.1.weight.scale_mlp, blocks.16.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.16.adaLN_modulation.1.weight.scale_mlp", "blocks.16.adaLN_modulation.1.bias.scale_mlp", "blocks.16.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.16.adaLN_modulation.1.weight.scale_mlp", "blocks.16.adaLN_modulation.1.bias.scale_mlp", "blocks.16.scale_mlp")
         # blocks.16.gate_mlp = linear(c_silu, blocks.16.adaLN_modulation.1.weight.gate_mlp, blocks.16.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.16.adaLN_modulation.1.weight.gate_mlp", "blocks.16.adaLN_modulation.1.bias.gate_mlp", "blocks.16.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.16.adaLN_modulation.1.weight.gate_mlp", "blocks.16.adaLN_modulation.1.bias.gate_mlp", "blocks.16.gate_mlp")
         # blocks.16.norm1 = layer_norm(blocks.15.out) [layer norm]
         self.layer_norm("blocks.15.out", "blocks.16.norm1", eps=1e-06)
         # blocks.16.mod_msa = modulate(blocks.16.norm1, blocks.16.shift_msa, blocks.16.scale_msa) [modulate]
         self.modulate("blocks.16.norm1", "blocks.16.shift_msa", "blocks.16.scale_msa", "blocks.16.mod_msa")
         # blocks.16.attn = attention(blocks.16.mod_msa, blocks.16.attn.qkv.weight.q, blocks.16.attn.qkv.weight.k, blocks.16.attn.qkv.weight.v, blocks.16.attn.qkv.bias.q, blocks.16.attn.qkv.bias.k, blocks.16.attn.qkv.bias.v, blocks.16.attn.proj.weight, blocks.16.attn.proj.bias) [attention]
-        self.attention("blocks.16.mod_msa", "blocks.16.attn.qkv.weight.q", "blocks.16.attn.qkv.weight.k", "blocks.16.attn.qkv.weight.v", "blocks.16.attn.qkv.bias.q", "blocks.16.attn.qkv.bias.k", "blocks.16.attn.qkv.bias.v", "blocks.16.attn.proj.weight", "blocks.16.attn.proj.bias", "blocks.16.attn", "ones[tokens,batch]")
+        self.attention("blocks.16.mod_msa", "blocks.16.attn.qkv.weight.q", "blocks.16.attn.qkv.weight.k", "blocks.16.attn.qkv.weight.v", "blocks.16.attn.qkv.bias.q", "blocks.16.attn.qkv.bias.k", "blocks.16.attn.qkv.bias.v", "blocks.16.attn.proj.weight", "blocks.16.attn.proj.bias", "blocks.16.attn")
         # blocks.16.res_msa = gated_residual(blocks.15.out, blocks.16.attn, blocks.16.gate_msa) [gated residual]
         self.gated_residual("blocks.15.out", "blocks.16.attn", "blocks.16.gate_msa", "blocks.16.res_msa")
         # blocks.16.norm2 = layer_norm(blocks.16.res_msa) [layer norm]
@@ -3083,31 +3081,31 @@ class Model(BaseModel):
         # blocks.16.mod_mlp = modulate(blocks.16.norm2, blocks.16.shift_mlp, blocks.16.scale_mlp) [modulate]
         self.modulate("blocks.16.norm2", "blocks.16.shift_mlp", "blocks.16.scale_mlp", "blocks.16.mod_mlp")
         # blocks.16.fc1 = linear(blocks.16.mod_mlp, blocks.16.mlp.fc1.weight, blocks.16.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.16.mod_mlp", "blocks.16.mlp.fc1.weight", "blocks.16.mlp.fc1.bias", "blocks.16.fc1", "ones[tokens,batch]")
+        self.linear("blocks.16.mod_mlp", "blocks.16.mlp.fc1.weight", "blocks.16.mlp.fc1.bias", "blocks.16.fc1")
         # blocks.16.gelu = act(blocks.16.fc1) [pointwise MLP]
         self.act("blocks.16.fc1", "blocks.16.gelu", fn='gelutanh')
         # blocks.16.mlp = linear(blocks.16.gelu, blocks.16.mlp.fc2.weight, blocks.16.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.16.gelu", "blocks.16.mlp.fc2.weight", "blocks.16.mlp.fc2.bias", "blocks.16.mlp", "ones[tokens,batch]")
+        self.linear("blocks.16.gelu", "blocks.16.mlp.fc2.weight", "blocks.16.mlp.fc2.bias", "blocks.16.mlp")
         # blocks.16.out = gated_residual(blocks.16.res_msa, blocks.16.mlp, blocks.16.gate_mlp) [gated residual]
         self.gated_residual("blocks.16.res_msa", "blocks.16.mlp", "blocks.16.gate_mlp", "blocks.16.out")
         # blocks.17.shift_msa = linear(c_silu, blocks.17.adaLN_modulation.1.weight.shift_msa, blocks.17.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.17.adaLN_modulation.1.weight.shift_msa", "blocks.17.adaLN_modulation.1.bias.shift_msa", "blocks.17.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.17.adaLN_modulation.1.weight.shift_msa", "blocks.17.adaLN_modulation.1.bias.shift_msa", "blocks.17.shift_msa")
         # blocks.17.scale_msa = linear(c_silu, blocks.17.adaLN_modulation.1.weight.scale_msa, blocks.17.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.17.adaLN_modulation.1.weight.scale_msa", "blocks.17.adaLN_modulation.1.bias.scale_msa", "blocks.17.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.17.adaLN_modulation.1.weight.scale_msa", "blocks.17.adaLN_modulation.1.bias.scale_msa", "blocks.17.scale_msa")
         # blocks.17.gate_msa = linear(c_silu, blocks.17.adaLN_modulation.1.weight.gate_msa, blocks.17.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.17.adaLN_modulation.1.weight.gate_msa", "blocks.17.adaLN_modulation.1.bias.gate_msa", "blocks.17.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.17.adaLN_modulation.1.weight.gate_msa", "blocks.17.adaLN_modulation.1.bias.gate_msa", "blocks.17.gate_msa")
         # blocks.17.shift_mlp = linear(c_silu, blocks.17.adaLN_modulation.1.weight.shift_mlp, blocks.17.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.17.adaLN_modulation.1.weight.shift_mlp", "blocks.17.adaLN_modulation.1.bias.shift_mlp", "blocks.17.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.17.adaLN_modulation.1.weight.shift_mlp", "blocks.17.adaLN_modulation.1.bias.shift_mlp", "blocks.17.shift_mlp")
         # blocks.17.scale_mlp = linear(c_silu, blocks.17.adaLN_modulation.1.weight.scale_mlp, blocks.17.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.17.adaLN_modulation.1.weight.scale_mlp", "blocks.17.adaLN_modulation.1.bias.scale_mlp", "blocks.17.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.17.adaLN_modulation.1.weight.scale_mlp", "blocks.17.adaLN_modulation.1.bias.scale_mlp", "blocks.17.scale_mlp")
         # blocks.17.gate_mlp = linear(c_silu, blocks.17.adaLN_modulation.1.weight.gate_mlp, blocks.17.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.17.adaLN_modulation.1.weight.gate_mlp", "blocks.17.adaLN_modulation.1.bias.gate_mlp", "blocks.17.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.17.adaLN_modulation.1.weight.gate_mlp", "blocks.17.adaLN_modulation.1.bias.gate_mlp", "blocks.17.gate_mlp")
         # blocks.17.norm1 = layer_norm(blocks.16.out) [layer norm]
         self.layer_norm("blocks.16.out", "blocks.17.norm1", eps=1e-06)
         # blocks.17.mod_msa = modulate(blocks.17.norm1, blocks.17.shift_msa, blocks.17.scale_msa) [modulate]
         self.modulate("blocks.17.norm1", "blocks.17.shift_msa", "blocks.17.scale_msa", "blocks.17.mod_msa")
         # blocks.17.attn = attention(blocks.17.mod_msa, blocks.17.attn.qkv.weight.q, blocks.17.attn.qkv.weight.k, blocks.17.attn.qkv.weight.v, blocks.17.attn.qkv.bias.q, blocks.17.attn.qkv.bias.k, blocks.17.attn.qkv.bias.v, blocks.17.attn.proj.weight, blocks.17.attn.proj.bias) [attention]
-        self.attention("blocks.17.mod_msa", "blocks.17.attn.qkv.weight.q", "blocks.17.attn.qkv.weight.k", "blocks.17.attn.qkv.weight.v", "blocks.17.attn.qkv.bias.q", "blocks.17.attn.qkv.bias.k", "blocks.17.attn.qkv.bias.v", "blocks.17.attn.proj.weight", "blocks.17.attn.proj.bias", "blocks.17.attn", "ones[tokens,batch]")
+        self.attention("blocks.17.mod_msa", "blocks.17.attn.qkv.weight.q", "blocks.17.attn.qkv.weight.k", "blocks.17.attn.qkv.weight.v", "blocks.17.attn.qkv.bias.q", "blocks.17.attn.qkv.bias.k", "blocks.17.attn.qkv.bias.v", "blocks.17.attn.proj.weight", "blocks.17.attn.proj.bias", "blocks.17.attn")
         # blocks.17.res_msa = gated_residual(blocks.16.out, blocks.17.attn, blocks.17.gate_msa) [gated residual]
         self.gated_residual("blocks.16.out", "blocks.17.attn", "blocks.17.gate_msa", "blocks.17.res_msa")
         # blocks.17.norm2 = layer_norm(blocks.17.res_msa) [layer norm]
@@ -3115,31 +3113,31 @@ class Model(BaseModel):
         # blocks.17.mod_mlp = modulate(blocks.17.norm2, blocks.17.shift_mlp, blocks.17.scale_mlp) [modulate]
         self.modulate("blocks.17.norm2", "blocks.17.shift_mlp", "blocks.17.scale_mlp", "blocks.17.mod_mlp")
         # blocks.17.fc1 = linear(blocks.17.mod_mlp, blocks.17.mlp.fc1.weight, blocks.17.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.17.mod_mlp", "blocks.17.mlp.fc1.weight", "blocks.17.mlp.fc1.bias", "blocks.17.fc1", "ones[tokens,batch]")
+        self.linear("blocks.17.mod_mlp", "blocks.17.mlp.fc1.weight", "blocks.17.mlp.fc1.bias", "blocks.17.fc1")
         # blocks.17.gelu = act(blocks.17.fc1) [pointwise MLP]
         self.act("blocks.17.fc1", "blocks.17.gelu", fn='gelutanh')
         # blocks.17.mlp = linear(blocks.17.gelu, blocks.17.mlp.fc2.weight, blocks.17.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.17.gelu", "blocks.17.mlp.fc2.weight", "blocks.17.mlp.fc2.bias", "blocks.17.mlp", "ones[tokens,batch]")
+        self.linear("blocks.17.gelu", "blocks.17.mlp.fc2.weight", "blocks.17.mlp.fc2.bias", "blocks.17.mlp")
         # blocks.17.out = gated_residual(blocks.17.res_msa, blocks.17.mlp, blocks.17.gate_mlp) [gated residual]
         self.gated_residual("blocks.17.res_msa", "blocks.17.mlp", "blocks.17.gate_mlp", "blocks.17.out")
         # blocks.18.shift_msa = linear(c_silu, blocks.18.adaLN_modulation.1.weight.shift_msa, blocks.18.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.18.adaLN_modulation.1.weight.shift_msa", "blocks.18.adaLN_modulation.1.bias.shift_msa", "blocks.18.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.18.adaLN_modulation.1.weight.shift_msa", "blocks.18.adaLN_modulation.1.bias.shift_msa", "blocks.18.shift_msa")
         # blocks.18.scale_msa = linear(c_silu, blocks.18.adaLN_modulation.1.weight.scale_msa, blocks.18.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.18.adaLN_modulation.1.weight.scale_msa", "blocks.18.adaLN_modulation.1.bias.scale_msa", "blocks.18.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.18.adaLN_modulation.1.weight.scale_msa", "blocks.18.adaLN_modulation.1.bias.scale_msa", "blocks.18.scale_msa")
         # blocks.18.gate_msa = linear(c_silu, blocks.18.adaLN_modulation.1.weight.gate_msa, blocks.18.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.18.adaLN_modulation.1.weight.gate_msa", "blocks.18.adaLN_modulation.1.bias.gate_msa", "blocks.18.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.18.adaLN_modulation.1.weight.gate_msa", "blocks.18.adaLN_modulation.1.bias.gate_msa", "blocks.18.gate_msa")
         # blocks.18.shift_mlp = linear(c_silu, blocks.18.adaLN_modulation.1.weight.shift_mlp, blocks.18.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.18.adaLN_modulation.1.weight.shift_mlp", "blocks.18.adaLN_modulation.1.bias.shift_mlp", "blocks.18.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.18.adaLN_modulation.1.weight.shift_mlp", "blocks.18.adaLN_modulation.1.bias.shift_mlp", "blocks.18.shift_mlp")
         # blocks.18.scale_mlp = linear(c_silu, blocks.18.adaLN_modulation.1.weight.scale_mlp, blocks.18.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.18.adaLN_modulation.1.weight.scale_mlp", "blocks.18.adaLN_modulation.1.bias.scale_mlp", "blocks.18.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.18.adaLN_modulation.1.weight.scale_mlp", "blocks.18.adaLN_modulation.1.bias.scale_mlp", "blocks.18.scale_mlp")
         # blocks.18.gate_mlp = linear(c_silu, blocks.18.adaLN_modulation.1.weight.gate_mlp, blocks.18.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.18.adaLN_modulation.1.weight.gate_mlp", "blocks.18.adaLN_modulation.1.bias.gate_mlp", "blocks.18.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.18.adaLN_modulation.1.weight.gate_mlp", "blocks.18.adaLN_modulation.1.bias.gate_mlp", "blocks.18.gate_mlp")
         # blocks.18.norm1 = layer_norm(blocks.17.out) [layer norm]
         self.layer_norm("blocks.17.out", "blocks.18.norm1", eps=1e-06)
         # blocks.18.mod_msa = modulate(blocks.18.norm1, blocks.18.shift_msa, blocks.18.scale_msa) [modulate]
         self.modulate("blocks.18.norm1", "blocks.18.shift_msa", "blocks.18.scale_msa", "blocks.18.mod_msa")
         # blocks.18.attn = attention(blocks.18.mod_msa, blocks.18.attn.qkv.weight.q, blocks.18.attn.qkv.weight.k, blocks.18.attn.qkv.weight.v, blocks.18.attn.qkv.bias.q, blocks.18.attn.qkv.bias.k, blocks.18.attn.qkv.bias.v, blocks.18.attn.proj.weight, blocks.18.attn.proj.bias) [attention]
-        self.attention("blocks.18.mod_msa", "blocks.18.attn.qkv.weight.q", "blocks.18.attn.qkv.weight.k", "blocks.18.attn.qkv.weight.v", "blocks.18.attn.qkv.bias.q", "blocks.18.attn.qkv.bias.k", "blocks.18.attn.qkv.bias.v", "blocks.18.attn.proj.weight", "blocks.18.attn.proj.bias", "blocks.18.attn", "ones[tokens,batch]")
+        self.attention("blocks.18.mod_msa", "blocks.18.attn.qkv.weight.q", "blocks.18.attn.qkv.weight.k", "blocks.18.attn.qkv.weight.v", "blocks.18.attn.qkv.bias.q", "blocks.18.attn.qkv.bias.k", "blocks.18.attn.qkv.bias.v", "blocks.18.attn.proj.weight", "blocks.18.attn.proj.bias", "blocks.18.attn")
         # blocks.18.res_msa = gated_residual(blocks.17.out, blocks.18.attn, blocks.18.gate_msa) [gated residual]
         self.gated_residual("blocks.17.out", "blocks.18.attn", "blocks.18.gate_msa", "blocks.18.res_msa")
         # blocks.18.norm2 = layer_norm(blocks.18.res_msa) [layer norm]
@@ -3147,31 +3145,31 @@ class Model(BaseModel):
         # blocks.18.mod_mlp = modulate(blocks.18.norm2, blocks.18.shift_mlp, blocks.18.scale_mlp) [modulate]
         self.modulate("blocks.18.norm2", "blocks.18.shift_mlp", "blocks.18.scale_mlp", "blocks.18.mod_mlp")
         # blocks.18.fc1 = linear(blocks.18.mod_mlp, blocks.18.mlp.fc1.weight, blocks.18.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.18.mod_mlp", "blocks.18.mlp.fc1.weight", "blocks.18.mlp.fc1.bias", "blocks.18.fc1", "ones[tokens,batch]")
+        self.linear("blocks.18.mod_mlp", "blocks.18.mlp.fc1.weight", "blocks.18.mlp.fc1.bias", "blocks.18.fc1")
         # blocks.18.gelu = act(blocks.18.fc1) [pointwise MLP]
         self.act("blocks.18.fc1", "blocks.18.gelu", fn='gelutanh')
         # blocks.18.mlp = linear(blocks.18.gelu, blocks.18.mlp.fc2.weight, blocks.18.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.18.gelu", "blocks.18.mlp.fc2.weight", "blocks.18.mlp.fc2.bias", "blocks.18.mlp", "ones[tokens,batch]")
+        self.linear("blocks.18.gelu", "blocks.18.mlp.fc2.weight", "blocks.18.mlp.fc2.bias", "blocks.18.mlp")
         # blocks.18.out = gated_residual(blocks.18.res_msa, blocks.18.mlp, blocks.18.gate_mlp) [gated residual]
         self.gated_residual("blocks.18.res_msa", "blocks.18.mlp", "blocks.18.gate_mlp", "blocks.18.out")
         # blocks.19.shift_msa = linear(c_silu, blocks.19.adaLN_modulation.1.weight.shift_msa, blocks.19.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.19.adaLN_modulation.1.weight.shift_msa", "blocks.19.adaLN_modulation.1.bias.shift_msa", "blocks.19.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.19.adaLN_modulation.1.weight.shift_msa", "blocks.19.adaLN_modulation.1.bias.shift_msa", "blocks.19.shift_msa")
         # blocks.19.scale_msa = linear(c_silu, blocks.19.adaLN_modulation.1.weight.scale_msa, blocks.19.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.19.adaLN_modulation.1.weight.scale_msa", "blocks.19.adaLN_modulation.1.bias.scale_msa", "blocks.19.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.19.adaLN_modulation.1.weight.scale_msa", "blocks.19.adaLN_modulation.1.bias.scale_msa", "blocks.19.scale_msa")
         # blocks.19.gate_msa = linear(c_silu, blocks.19.adaLN_modulation.1.weight.gate_msa, blocks.19.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.19.adaLN_modulation.1.weight.gate_msa", "blocks.19.adaLN_modulation.1.bias.gate_msa", "blocks.19.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.19.adaLN_modulation.1.weight.gate_msa", "blocks.19.adaLN_modulation.1.bias.gate_msa", "blocks.19.gate_msa")
         # blocks.19.shift_mlp = linear(c_silu, blocks.19.adaLN_modulation.1.weight.shift_mlp, blocks.19.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.19.adaLN_modulation.1.weight.shift_mlp", "blocks.19.adaLN_modulation.1.bias.shift_mlp", "blocks.19.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.19.adaLN_modulation.1.weight.shift_mlp", "blocks.19.adaLN_modulation.1.bias.shift_mlp", "blocks.19.shift_mlp")
         # blocks.19.scale_mlp = linear(c_silu, blocks.19.adaLN_modulation.1.weight.scale_mlp, blocks.19.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.19.adaLN_modulation.1.weight.scale_mlp", "blocks.19.adaLN_modulation.1.bias.scale_mlp", "blocks.19.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.19.adaLN_modulation.1.weight.scale_mlp", "blocks.19.adaLN_modulation.1.bias.scale_mlp", "blocks.19.scale_mlp")
         # blocks.19.gate_mlp = linear(c_silu, blocks.19.adaLN_modulation.1.weight.gate_mlp, blocks.19.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.19.adaLN_modulation.1.weight.gate_mlp", "blocks.19.adaLN_modulation.1.bias.gate_mlp", "blocks.19.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.19.adaLN_modulation.1.weight.gate_mlp", "blocks.19.adaLN_modulation.1.bias.gate_mlp", "blocks.19.gate_mlp")
         # blocks.19.norm1 = layer_norm(blocks.18.out) [layer norm]
         self.layer_norm("blocks.18.out", "blocks.19.norm1", eps=1e-06)
         # blocks.19.mod_msa = modulate(blocks.19.norm1, blocks.19.shift_msa, blocks.19.scale_msa) [modulate]
         self.modulate("blocks.19.norm1", "blocks.19.shift_msa", "blocks.19.scale_msa", "blocks.19.mod_msa")
         # blocks.19.attn = attention(blocks.19.mod_msa, blocks.19.attn.qkv.weight.q, blocks.19.attn.qkv.weight.k, blocks.19.attn.qkv.weight.v, blocks.19.attn.qkv.bias.q, blocks.19.attn.qkv.bias.k, blocks.19.attn.qkv.bias.v, blocks.19.attn.proj.weight, blocks.19.attn.proj.bias) [attention]
-        self.attention("blocks.19.mod_msa", "blocks.19.attn.qkv.weight.q", "blocks.19.attn.qkv.weight.k", "blocks.19.attn.qkv.weight.v", "blocks.19.attn.qkv.bias.q", "blocks.19.attn.qkv.bias.k", "blocks.19.attn.qkv.bias.v", "blocks.19.attn.proj.weight", "blocks.19.attn.proj.bias", "blocks.19.attn", "ones[tokens,batch]")
+        self.attention("blocks.19.mod_msa", "blocks.19.attn.qkv.weight.q", "blocks.19.attn.qkv.weight.k", "blocks.19.attn.qkv.weight.v", "blocks.19.attn.qkv.bias.q", "blocks.19.attn.qkv.bias.k", "blocks.19.attn.qkv.bias.v", "blocks.19.attn.proj.weight", "blocks.19.attn.proj.bias", "blocks.19.attn")
         # blocks.19.res_msa = gated_residual(blocks.18.out, blocks.19.attn, blocks.19.gate_msa) [gated residual]
         self.gated_residual("blocks.18.out", "blocks.19.attn", "blocks.19.gate_msa", "blocks.19.res_msa")
         # blocks.19.norm2 = layer_norm(blocks.19.res_msa) [layer norm]
@@ -3179,31 +3177,31 @@ class Model(BaseModel):
         # blocks.19.mod_mlp = modulate(blocks.19.norm2, blocks.19.shift_mlp, blocks.19.scale_mlp) [modulate]
         self.modulate("blocks.19.norm2", "blocks.19.shift_mlp", "blocks.19.scale_mlp", "blocks.19.mod_mlp")
         # blocks.19.fc1 = linear(blocks.19.mod_mlp, blocks.19.mlp.fc1.weight, blocks.19.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.19.mod_mlp", "blocks.19.mlp.fc1.weight", "blocks.19.mlp.fc1.bias", "blocks.19.fc1", "ones[tokens,batch]")
+        self.linear("blocks.19.mod_mlp", "blocks.19.mlp.fc1.weight", "blocks.19.mlp.fc1.bias", "blocks.19.fc1")
         # blocks.19.gelu = act(blocks.19.fc1) [pointwise MLP]
         self.act("blocks.19.fc1", "blocks.19.gelu", fn='gelutanh')
         # blocks.19.mlp = linear(blocks.19.gelu, blocks.19.mlp.fc2.weight, blocks.19.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.19.gelu", "blocks.19.mlp.fc2.weight", "blocks.19.mlp.fc2.bias", "blocks.19.mlp", "ones[tokens,batch]")
+        self.linear("blocks.19.gelu", "blocks.19.mlp.fc2.weight", "blocks.19.mlp.fc2.bias", "blocks.19.mlp")
         # blocks.19.out = gated_residual(blocks.19.res_msa, blocks.19.mlp, blocks.19.gate_mlp) [gated residual]
         self.gated_residual("blocks.19.res_msa", "blocks.19.mlp", "blocks.19.gate_mlp", "blocks.19.out")
         # blocks.20.shift_msa = linear(c_silu, blocks.20.adaLN_modulation.1.weight.shift_msa, blocks.20.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.20.adaLN_modulation.1.weight.shift_msa", "blocks.20.adaLN_modulation.1.bias.shift_msa", "blocks.20.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.20.adaLN_modulation.1.weight.shift_msa", "blocks.20.adaLN_modulation.1.bias.shift_msa", "blocks.20.shift_msa")
         # blocks.20.scale_msa = linear(c_silu, blocks.20.adaLN_modulation.1.weight.scale_msa, blocks.20.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.20.adaLN_modulation.1.weight.scale_msa", "blocks.20.adaLN_modulation.1.bias.scale_msa", "blocks.20.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.20.adaLN_modulation.1.weight.scale_msa", "blocks.20.adaLN_modulation.1.bias.scale_msa", "blocks.20.scale_msa")
         # blocks.20.gate_msa = linear(c_silu, blocks.20.adaLN_modulation.1.weight.gate_msa, blocks.20.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.20.adaLN_modulation.1.weight.gate_msa", "blocks.20.adaLN_modulation.1.bias.gate_msa", "blocks.20.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.20.adaLN_modulation.1.weight.gate_msa", "blocks.20.adaLN_modulation.1.bias.gate_msa", "blocks.20.gate_msa")
         # blocks.20.shift_mlp = linear(c_silu, blocks.20.adaLN_modulation.1.weight.shift_mlp, blocks.20.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.20.adaLN_modulation.1.weight.shift_mlp", "blocks.20.adaLN_modulation.1.bias.shift_mlp", "blocks.20.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.20.adaLN_modulation.1.weight.shift_mlp", "blocks.20.adaLN_modulation.1.bias.shift_mlp", "blocks.20.shift_mlp")
         # blocks.20.scale_mlp = linear(c_silu, blocks.20.adaLN_modulation.1.weight.scale_mlp, blocks.20.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.20.adaLN_modulation.1.weight.scale_mlp", "blocks.20.adaLN_modulation.1.bias.scale_mlp", "blocks.20.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.20.adaLN_modulation.1.weight.scale_mlp", "blocks.20.adaLN_modulation.1.bias.scale_mlp", "blocks.20.scale_mlp")
         # blocks.20.gate_mlp = linear(c_silu, blocks.20.adaLN_modulation.1.weight.gate_mlp, blocks.20.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.20.adaLN_modulation.1.weight.gate_mlp", "blocks.20.adaLN_modulation.1.bias.gate_mlp", "blocks.20.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.20.adaLN_modulation.1.weight.gate_mlp", "blocks.20.adaLN_modulation.1.bias.gate_mlp", "blocks.20.gate_mlp")
         # blocks.20.norm1 = layer_norm(blocks.19.out) [layer norm]
         self.layer_norm("blocks.19.out", "blocks.20.norm1", eps=1e-06)
         # blocks.20.mod_msa = modulate(blocks.20.norm1, blocks.20.shift_msa, blocks.20.scale_msa) [modulate]
         self.modulate("blocks.20.norm1", "blocks.20.shift_msa", "blocks.20.scale_msa", "blocks.20.mod_msa")
         # blocks.20.attn = attention(blocks.20.mod_msa, blocks.20.attn.qkv.weight.q, blocks.20.attn.qkv.weight.k, blocks.20.attn.qkv.weight.v, blocks.20.attn.qkv.bias.q, blocks.20.attn.qkv.bias.k, blocks.20.attn.qkv.bias.v, blocks.20.attn.proj.weight, blocks.20.attn.proj.bias) [attention]
-        self.attention("blocks.20.mod_msa", "blocks.20.attn.qkv.weight.q", "blocks.20.attn.qkv.weight.k", "blocks.20.attn.qkv.weight.v", "blocks.20.attn.qkv.bias.q", "blocks.20.attn.qkv.bias.k", "blocks.20.attn.qkv.bias.v", "blocks.20.attn.proj.weight", "blocks.20.attn.proj.bias", "blocks.20.attn", "ones[tokens,batch]")
+        self.attention("blocks.20.mod_msa", "blocks.20.attn.qkv.weight.q", "blocks.20.attn.qkv.weight.k", "blocks.20.attn.qkv.weight.v", "blocks.20.attn.qkv.bias.q", "blocks.20.attn.qkv.bias.k", "blocks.20.attn.qkv.bias.v", "blocks.20.attn.proj.weight", "blocks.20.attn.proj.bias", "blocks.20.attn")
         # blocks.20.res_msa = gated_residual(blocks.19.out, blocks.20.attn, blocks.20.gate_msa) [gated residual]
         self.gated_residual("blocks.19.out", "blocks.20.attn", "blocks.20.gate_msa", "blocks.20.res_msa")
         # blocks.20.norm2 = layer_norm(blocks.20.res_msa) [layer norm]
@@ -3211,31 +3209,31 @@ class Model(BaseModel):
         # blocks.20.mod_mlp = modulate(blocks.20.norm2, blocks.20.shift_mlp, blocks.20.scale_mlp) [modulate]
         self.modulate("blocks.20.norm2", "blocks.20.shift_mlp", "blocks.20.scale_mlp", "blocks.20.mod_mlp")
         # blocks.20.fc1 = linear(blocks.20.mod_mlp, blocks.20.mlp.fc1.weight, blocks.20.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.20.mod_mlp", "blocks.20.mlp.fc1.weight", "blocks.20.mlp.fc1.bias", "blocks.20.fc1", "ones[tokens,batch]")
+        self.linear("blocks.20.mod_mlp", "blocks.20.mlp.fc1.weight", "blocks.20.mlp.fc1.bias", "blocks.20.fc1")
         # blocks.20.gelu = act(blocks.20.fc1) [pointwise MLP]
         self.act("blocks.20.fc1", "blocks.20.gelu", fn='gelutanh')
         # blocks.20.mlp = linear(blocks.20.gelu, blocks.20.mlp.fc2.weight, blocks.20.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.20.gelu", "blocks.20.mlp.fc2.weight", "blocks.20.mlp.fc2.bias", "blocks.20.mlp", "ones[tokens,batch]")
+        self.linear("blocks.20.gelu", "blocks.20.mlp.fc2.weight", "blocks.20.mlp.fc2.bias", "blocks.20.mlp")
         # blocks.20.out = gated_residual(blocks.20.res_msa, blocks.20.mlp, blocks.20.gate_mlp) [gated residual]
         self.gated_residual("blocks.20.res_msa", "blocks.20.mlp", "blocks.20.gate_mlp", "blocks.20.out")
         # blocks.21.shift_msa = linear(c_silu, blocks.21.adaLN_modulation.1.weight.shift_msa, blocks.21.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.21.adaLN_modulation.1.weight.shift_msa", "blocks.21.adaLN_modulation.1.bias.shift_msa", "blocks.21.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.21.adaLN_modulation.1.weight.shift_msa", "blocks.21.adaLN_modulation.1.bias.shift_msa", "blocks.21.shift_msa")
         # blocks.21.scale_msa = linear(c_silu, blocks.21.adaLN_modulation.1.weight.scale_msa, blocks.21.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.21.adaLN_modulation.1.weight.scale_msa", "blocks.21.adaLN_modulation.1.bias.scale_msa", "blocks.21.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.21.adaLN_modulation.1.weight.scale_msa", "blocks.21.adaLN_modulation.1.bias.scale_msa", "blocks.21.scale_msa")
         # blocks.21.gate_msa = linear(c_silu, blocks.21.adaLN_modulation.1.weight.gate_msa, blocks.21.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.21.adaLN_modulation.1.weight.gate_msa", "blocks.21.adaLN_modulation.1.bias.gate_msa", "blocks.21.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.21.adaLN_modulation.1.weight.gate_msa", "blocks.21.adaLN_modulation.1.bias.gate_msa", "blocks.21.gate_msa")
         # blocks.21.shift_mlp = linear(c_silu, blocks.21.adaLN_modulation.1.weight.shift_mlp, blocks.21.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.21.adaLN_modulation.1.weight.shift_mlp", "blocks.21.adaLN_modulation.1.bias.shift_mlp", "blocks.21.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.21.adaLN_modulation.1.weight.shift_mlp", "blocks.21.adaLN_modulation.1.bias.shift_mlp", "blocks.21.shift_mlp")
         # blocks.21.scale_mlp = linear(c_silu, blocks.21.adaLN_modulation.1.weight.scale_mlp, blocks.21.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.21.adaLN_modulation.1.weight.scale_mlp", "blocks.21.adaLN_modulation.1.bias.scale_mlp", "blocks.21.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.21.adaLN_modulation.1.weight.scale_mlp", "blocks.21.adaLN_modulation.1.bias.scale_mlp", "blocks.21.scale_mlp")
         # blocks.21.gate_mlp = linear(c_silu, blocks.21.adaLN_modulation.1.weight.gate_mlp, blocks.21.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.21.adaLN_modulation.1.weight.gate_mlp", "blocks.21.adaLN_modulation.1.bias.gate_mlp", "blocks.21.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.21.adaLN_modulation.1.weight.gate_mlp", "blocks.21.adaLN_modulation.1.bias.gate_mlp", "blocks.21.gate_mlp")
         # blocks.21.norm1 = layer_norm(blocks.20.out) [layer norm]
         self.layer_norm("blocks.20.out", "blocks.21.norm1", eps=1e-06)
         # blocks.21.mod_msa = modulate(blocks.21.norm1, blocks.21.shift_msa, blocks.21.scale_msa) [modulate]
         self.modulate("blocks.21.norm1", "blocks.21.shift_msa", "blocks.21.scale_msa", "blocks.21.mod_msa")
         # blocks.21.attn = attention(blocks.21.mod_msa, blocks.21.attn.qkv.weight.q, blocks.21.attn.qkv.weight.k, blocks.21.attn.qkv.weight.v, blocks.21.attn.qkv.bias.q, blocks.21.attn.qkv.bias.k, blocks.21.attn.qkv.bias.v, blocks.21.attn.proj.weight, blocks.21.attn.proj.bias) [attention]
-        self.attention("blocks.21.mod_msa", "blocks.21.attn.qkv.weight.q", "blocks.21.attn.qkv.weight.k", "blocks.21.attn.qkv.weight.v", "blocks.21.attn.qkv.bias.q", "blocks.21.attn.qkv.bias.k", "blocks.21.attn.qkv.bias.v", "blocks.21.attn.proj.weight", "blocks.21.attn.proj.bias", "blocks.21.attn", "ones[tokens,batch]")
+        self.attention("blocks.21.mod_msa", "blocks.21.attn.qkv.weight.q", "blocks.21.attn.qkv.weight.k", "blocks.21.attn.qkv.weight.v", "blocks.21.attn.qkv.bias.q", "blocks.21.attn.qkv.bias.k", "blocks.21.attn.qkv.bias.v", "blocks.21.attn.proj.weight", "blocks.21.attn.proj.bias", "blocks.21.attn")
         # blocks.21.res_msa = gated_residual(blocks.20.out, blocks.21.attn, blocks.21.gate_msa) [gated residual]
         self.gated_residual("blocks.20.out", "blocks.21.attn", "blocks.21.gate_msa", "blocks.21.res_msa")
         # blocks.21.norm2 = layer_norm(blocks.21.res_msa) [layer norm]
@@ -3243,31 +3241,31 @@ class Model(BaseModel):
         # blocks.21.mod_mlp = modulate(blocks.21.norm2, blocks.21.shift_mlp, blocks.21.scale_mlp) [modulate]
         self.modulate("blocks.21.norm2", "blocks.21.shift_mlp", "blocks.21.scale_mlp", "blocks.21.mod_mlp")
         # blocks.21.fc1 = linear(blocks.21.mod_mlp, blocks.21.mlp.fc1.weight, blocks.21.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.21.mod_mlp", "blocks.21.mlp.fc1.weight", "blocks.21.mlp.fc1.bias", "blocks.21.fc1", "ones[tokens,batch]")
+        self.linear("blocks.21.mod_mlp", "blocks.21.mlp.fc1.weight", "blocks.21.mlp.fc1.bias", "blocks.21.fc1")
         # blocks.21.gelu = act(blocks.21.fc1) [pointwise MLP]
         self.act("blocks.21.fc1", "blocks.21.gelu", fn='gelutanh')
         # blocks.21.mlp = linear(blocks.21.gelu, blocks.21.mlp.fc2.weight, blocks.21.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.21.gelu", "blocks.21.mlp.fc2.weight", "blocks.21.mlp.fc2.bias", "blocks.21.mlp", "ones[tokens,batch]")
+        self.linear("blocks.21.gelu", "blocks.21.mlp.fc2.weight", "blocks.21.mlp.fc2.bias", "blocks.21.mlp")
         # blocks.21.out = gated_residual(blocks.21.res_msa, blocks.21.mlp, blocks.21.gate_mlp) [gated residual]
         self.gated_residual("blocks.21.res_msa", "blocks.21.mlp", "blocks.21.gate_mlp", "blocks.21.out")
         # blocks.22.shift_msa = linear(c_silu, blocks.22.adaLN_modulation.1.weight.shift_msa, blocks.22.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.22.adaLN_modulation.1.weight.shift_msa", "blocks.22.adaLN_modulation.1.bias.shift_msa", "blocks.22.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.22.adaLN_modulation.1.weight.shift_msa", "blocks.22.adaLN_modulation.1.bias.shift_msa", "blocks.22.shift_msa")
         # blocks.22.scale_msa = linear(c_silu, blocks.22.adaLN_modulation.1.weight.scale_msa, blocks.22.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.22.adaLN_modulation.1.weight.scale_msa", "blocks.22.adaLN_modulation.1.bias.scale_msa", "blocks.22.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.22.adaLN_modulation.1.weight.scale_msa", "blocks.22.adaLN_modulation.1.bias.scale_msa", "blocks.22.scale_msa")
         # blocks.22.gate_msa = linear(c_silu, blocks.22.adaLN_modulation.1.weight.gate_msa, blocks.22.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.22.adaLN_modulation.1.weight.gate_msa", "blocks.22.adaLN_modulation.1.bias.gate_msa", "blocks.22.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.22.adaLN_modulation.1.weight.gate_msa", "blocks.22.adaLN_modulation.1.bias.gate_msa", "blocks.22.gate_msa")
         # blocks.22.shift_mlp = linear(c_silu, blocks.22.adaLN_modulation.1.weight.shift_mlp, blocks.22.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.22.adaLN_modulation.1.weight.shift_mlp", "blocks.22.adaLN_modulation.1.bias.shift_mlp", "blocks.22.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.22.adaLN_modulation.1.weight.shift_mlp", "blocks.22.adaLN_modulation.1.bias.shift_mlp", "blocks.22.shift_mlp")
         # blocks.22.scale_mlp = linear(c_silu, blocks.22.adaLN_modulation.1.weight.scale_mlp, blocks.22.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.22.adaLN_modulation.1.weight.scale_mlp", "blocks.22.adaLN_modulation.1.bias.scale_mlp", "blocks.22.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.22.adaLN_modulation.1.weight.scale_mlp", "blocks.22.adaLN_modulation.1.bias.scale_mlp", "blocks.22.scale_mlp")
         # blocks.22.gate_mlp = linear(c_silu, blocks.22.adaLN_modulation.1.weight.gate_mlp, blocks.22.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.22.adaLN_modulation.1.weight.gate_mlp", "blocks.22.adaLN_modulation.1.bias.gate_mlp", "blocks.22.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.22.adaLN_modulation.1.weight.gate_mlp", "blocks.22.adaLN_modulation.1.bias.gate_mlp", "blocks.22.gate_mlp")
         # blocks.22.norm1 = layer_norm(blocks.21.out) [layer norm]
         self.layer_norm("blocks.21.out", "blocks.22.norm1", eps=1e-06)
         # blocks.22.mod_msa = modulate(blocks.22.norm1, blocks.22.shift_msa, blocks.22.scale_msa) [modulate]
         self.modulate("blocks.22.norm1", "blocks.22.shift_msa", "blocks.22.scale_msa", "blocks.22.mod_msa")
         # blocks.22.attn = attention(blocks.22.mod_msa, blocks.22.attn.qkv.weight.q, blocks.22.attn.qkv.weight.k, blocks.22.attn.qkv.weight.v, blocks.22.attn.qkv.bias.q, blocks.22.attn.qkv.bias.k, blocks.22.attn.qkv.bias.v, blocks.22.attn.proj.weight, blocks.22.attn.proj.bias) [attention]
-        self.attention("blocks.22.mod_msa", "blocks.22.attn.qkv.weight.q", "blocks.22.attn.qkv.weight.k", "blocks.22.attn.qkv.weight.v", "blocks.22.attn.qkv.bias.q", "blocks.22.attn.qkv.bias.k", "blocks.22.attn.qkv.bias.v", "blocks.22.attn.proj.weight", "blocks.22.attn.proj.bias", "blocks.22.attn", "ones[tokens,batch]")
+        self.attention("blocks.22.mod_msa", "blocks.22.attn.qkv.weight.q", "blocks.22.attn.qkv.weight.k", "blocks.22.attn.qkv.weight.v", "blocks.22.attn.qkv.bias.q", "blocks.22.attn.qkv.bias.k", "blocks.22.attn.qkv.bias.v", "blocks.22.attn.proj.weight", "blocks.22.attn.proj.bias", "blocks.22.attn")
         # blocks.22.res_msa = gated_residual(blocks.21.out, blocks.22.attn, blocks.22.gate_msa) [gated residual]
         self.gated_residual("blocks.21.out", "blocks.22.attn", "blocks.22.gate_msa", "blocks.22.res_msa")
         # blocks.22.norm2 = layer_norm(blocks.22.res_msa) [layer norm]
@@ -3275,31 +3273,31 @@ class Model(BaseModel):
         # blocks.22.mod_mlp = modulate(blocks.22.norm2, blocks.22.shift_mlp, blocks.22.scale_mlp) [modulate]
         self.modulate("blocks.22.norm2", "blocks.22.shift_mlp", "blocks.22.scale_mlp", "blocks.22.mod_mlp")
         # blocks.22.fc1 = linear(blocks.22.mod_mlp, blocks.22.mlp.fc1.weight, blocks.22.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.22.mod_mlp", "blocks.22.mlp.fc1.weight", "blocks.22.mlp.fc1.bias", "blocks.22.fc1", "ones[tokens,batch]")
+        self.linear("blocks.22.mod_mlp", "blocks.22.mlp.fc1.weight", "blocks.22.mlp.fc1.bias", "blocks.22.fc1")
         # blocks.22.gelu = act(blocks.22.fc1) [pointwise MLP]
         self.act("blocks.22.fc1", "blocks.22.gelu", fn='gelutanh')
         # blocks.22.mlp = linear(blocks.22.gelu, blocks.22.mlp.fc2.weight, blocks.22.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.22.gelu", "blocks.22.mlp.fc2.weight", "blocks.22.mlp.fc2.bias", "blocks.22.mlp", "ones[tokens,batch]")
+        self.linear("blocks.22.gelu", "blocks.22.mlp.fc2.weight", "blocks.22.mlp.fc2.bias", "blocks.22.mlp")
         # blocks.22.out = gated_residual(blocks.22.res_msa, blocks.22.mlp, blocks.22.gate_mlp) [gated residual]
         self.gated_residual("blocks.22.res_msa", "blocks.22.mlp", "blocks.22.gate_mlp", "blocks.22.out")
         # blocks.23.shift_msa = linear(c_silu, blocks.23.adaLN_modulation.1.weight.shift_msa, blocks.23.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.23.adaLN_modulation.1.weight.shift_msa", "blocks.23.adaLN_modulation.1.bias.shift_msa", "blocks.23.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.23.adaLN_modulation.1.weight.shift_msa", "blocks.23.adaLN_modulation.1.bias.shift_msa", "blocks.23.shift_msa")
         # blocks.23.scale_msa = linear(c_silu, blocks.23.adaLN_modulation.1.weight.scale_msa, blocks.23.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.23.adaLN_modulation.1.weight.scale_msa", "blocks.23.adaLN_modulation.1.bias.scale_msa", "blocks.23.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.23.adaLN_modulation.1.weight.scale_msa", "blocks.23.adaLN_modulation.1.bias.scale_msa", "blocks.23.scale_msa")
         # blocks.23.gate_msa = linear(c_silu, blocks.23.adaLN_modulation.1.weight.gate_msa, blocks.23.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.23.adaLN_modulation.1.weight.gate_msa", "blocks.23.adaLN_modulation.1.bias.gate_msa", "blocks.23.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.23.adaLN_modulation.1.weight.gate_msa", "blocks.23.adaLN_modulation.1.bias.gate_msa", "blocks.23.gate_msa")
         # blocks.23.shift_mlp = linear(c_silu, blocks.23.adaLN_modulation.1.weight.shift_mlp, blocks.23.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.23.adaLN_modulation.1.weight.shift_mlp", "blocks.23.adaLN_modulation.1.bias.shift_mlp", "blocks.23.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.23.adaLN_modulation.1.weight.shift_mlp", "blocks.23.adaLN_modulation.1.bias.shift_mlp", "blocks.23.shift_mlp")
         # blocks.23.scale_mlp = linear(c_silu, blocks.23.adaLN_modulation.1.weight.scale_mlp, blocks.23.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.23.adaLN_modulation.1.weight.scale_mlp", "blocks.23.adaLN_modulation.1.bias.scale_mlp", "blocks.23.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.23.adaLN_modulation.1.weight.scale_mlp", "blocks.23.adaLN_modulation.1.bias.scale_mlp", "blocks.23.scale_mlp")
         # blocks.23.gate_mlp = linear(c_silu, blocks.23.adaLN_modulation.1.weight.gate_mlp, blocks.23.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.23.adaLN_modulation.1.weight.gate_mlp", "blocks.23.adaLN_modulation.1.bias.gate_mlp", "blocks.23.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.23.adaLN_modulation.1.weight.gate_mlp", "blocks.23.adaLN_modulation.1.bias.gate_mlp", "blocks.23.gate_mlp")
         # blocks.23.norm1 = layer_norm(blocks.22.out) [layer norm]
         self.layer_norm("blocks.22.out", "blocks.23.norm1", eps=1e-06)
         # blocks.23.mod_msa = modulate(blocks.23.norm1, blocks.23.shift_msa, blocks.23.scale_msa) [modulate]
         self.modulate("blocks.23.norm1", "blocks.23.shift_msa", "blocks.23.scale_msa", "blocks.23.mod_msa")
         # blocks.23.attn = attention(blocks.23.mod_msa, blocks.23.attn.qkv.weight.q, blocks.23.attn.qkv.weight.k, blocks.23.attn.qkv.weight.v, blocks.23.attn.qkv.bias.q, blocks.23.attn.qkv.bias.k, blocks.23.attn.qkv.bias.v, blocks.23.attn.proj.weight, blocks.23.attn.proj.bias) [attention]
-        self.attention("blocks.23.mod_msa", "blocks.23.attn.qkv.weight.q", "blocks.23.attn.qkv.weight.k", "blocks.23.attn.qkv.weight.v", "blocks.23.attn.qkv.bias.q", "blocks.23.attn.qkv.bias.k", "blocks.23.attn.qkv.bias.v", "blocks.23.attn.proj.weight", "blocks.23.attn.proj.bias", "blocks.23.attn", "ones[tokens,batch]")
+        self.attention("blocks.23.mod_msa", "blocks.23.attn.qkv.weight.q", "blocks.23.attn.qkv.weight.k", "blocks.23.attn.qkv.weight.v", "blocks.23.attn.qkv.bias.q", "blocks.23.attn.qkv.bias.k", "blocks.23.attn.qkv.bias.v", "blocks.23.attn.proj.weight", "blocks.23.attn.proj.bias", "blocks.23.attn")
         # blocks.23.res_msa = gated_residual(blocks.22.out, blocks.23.attn, blocks.23.gate_msa) [gated residual]
         self.gated_residual("blocks.22.out", "blocks.23.attn", "blocks.23.gate_msa", "blocks.23.res_msa")
         # blocks.23.norm2 = layer_norm(blocks.23.res_msa) [layer norm]
@@ -3307,23 +3305,23 @@ class Model(BaseModel):
         # blocks.23.mod_mlp = modulate(blocks.23.norm2, blocks.23.shift_mlp, blocks.23.scale_mlp) [modulate]
         self.modulate("blocks.23.norm2", "blocks.23.shift_mlp", "blocks.23.scale_mlp", "blocks.23.mod_mlp")
         # blocks.23.fc1 = linear(blocks.23.mod_mlp, blocks.23.mlp.fc1.weight, blocks.23.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.23.mod_mlp", "blocks.23.mlp.fc1.weight", "blocks.23.mlp.fc1.bias", "blocks.23.fc1", "ones[tokens,batch]")
+        self.linear("blocks.23.mod_mlp", "blocks.23.mlp.fc1.weight", "blocks.23.mlp.fc1.bias", "blocks.23.fc1")
         # blocks.23.gelu = act(blocks.23.fc1) [pointwise MLP]
         self.act("blocks.23.fc1", "blocks.23.gelu", fn='gelutanh')
         # blocks.23.mlp = linear(blocks.23.gelu, blocks.23.mlp.fc2.weight, blocks.23.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.23.gelu", "blocks.23.mlp.fc2.weight", "blocks.23.mlp.fc2.bias", "blocks.23.mlp", "ones[tokens,batch]")
+        self.linear("blocks.23.gelu", "blocks.23.mlp.fc2.weight", "blocks.23.mlp.fc2.bias", "blocks.23.mlp")
         # blocks.23.out = gated_residual(blocks.23.res_msa, blocks.23.mlp, blocks.23.gate_mlp) [gated residual]
         self.gated_residual("blocks.23.res_msa", "blocks.23.mlp", "blocks.23.gate_mlp", "blocks.23.out")
         # final.shift = linear(c_silu, final_layer.adaLN_modulation.1.weight.shift, final_layer.adaLN_modulation.1.bias.shift) [final layer]
-        self.linear("c_silu", "final_layer.adaLN_modulation.1.weight.shift", "final_layer.adaLN_modulation.1.bias.shift", "final.shift", "ones[batch]")
+        self.linear("c_silu", "final_layer.adaLN_modulation.1.weight.shift", "final_layer.adaLN_modulation.1.bias.shift", "final.shift")
         # final.scale = linear(c_silu, final_layer.adaLN_modulation.1.weight.scale, final_layer.adaLN_modulation.1.bias.scale) [final layer]
-        self.linear("c_silu", "final_layer.adaLN_modulation.1.weight.scale", "final_layer.adaLN_modulation.1.bias.scale", "final.scale", "ones[batch]")
+        self.linear("c_silu", "final_layer.adaLN_modulation.1.weight.scale", "final_layer.adaLN_modulation.1.bias.scale", "final.scale")
         # final.norm = layer_norm(blocks.23.out) [final layer]
         self.layer_norm("blocks.23.out", "final.norm", eps=1e-06)
         # final.mod = modulate(final.norm, final.shift, final.scale) [final layer]
         self.modulate("final.norm", "final.shift", "final.scale", "final.mod")
         # final.out = linear(final.mod, final_layer.linear.weight, final_layer.linear.bias) [final layer]
-        self.linear("final.mod", "final_layer.linear.weight", "final_layer.linear.bias", "final.out", "ones[tokens,batch]")
+        self.linear("final.mod", "final_layer.linear.weight", "final_layer.linear.bias", "final.out")
         self.load_const("pos_embed", sincos_pos_embed(HIDDEN, GRID).T)
         for layer, (first, _, _) in zip(layers, MEMORY_PLAN):
             layer.overwrites = tuple(self.tensors[name] for name in first)
@@ -3336,9 +3334,7 @@ class Model(BaseModel):
         if name not in self.tensors:
             shape, tile, kind = TENSORS[name]
             value = self.alloc.new(shape, tile, Tensor_int64 if kind == "labels" else Tensor_fp32)
-            if kind == "ones":
-                fill_async(1.0, value)
-            if kind in ("const", "labels", "ones"):
+            if kind in ("const", "labels"):
                 self.tensors[name] = value
             else:
                 self.tensors[name] = TensorMoments(value, self.alloc.new(shape, tile), True)
@@ -3382,9 +3378,14 @@ class Model(BaseModel):
         self.layers.append(layer)
         self.layer_kinds.append(kind)
 
-    def linear(self, x: str, w: str, b: str, y: str, ones: str) -> None:
+    def bias_ones(self, y: str) -> Tensor:
+        """The row of ones [1, <y's batch axes>] that the bias GEMMs of the layer writing y multiply."""
+        shape, tile, _ = TENSORS[y]
+        return self.alloc.ones((1,) + shape[1:], (1,) + tile[1:])
+
+    def linear(self, x: str, w: str, b: str, y: str) -> None:
         t = self.tensor
-        self.add_layer(Linear(t(x), t(w), t(b), t(ones), t(y)), "linear")
+        self.add_layer(Linear(t(x), t(w), t(b), self.bias_ones(y), t(y)), "linear")
 
     def act(self, x: str, y: str, fn: str) -> None:
         self.add_layer(Act(self.tensor(x), self.tensor(y), fn), fn)
@@ -3410,10 +3411,10 @@ class Model(BaseModel):
         self.add_layer(GatedResidual(t(x), t(h), t(gate), t(y), self.alloc), "gated_residual")
 
     def attention(self, x: str, w_q: str, w_k: str, w_v: str, b_q: str, b_k: str, b_v: str, w_o: str,
-                  b_o: str, y: str, ones: str) -> None:
+                  b_o: str, y: str) -> None:
         t = self.tensor
-        self.add_layer(Attention(t(x), t(w_q), t(w_k), t(w_v), t(b_q), t(b_k), t(b_v), t(w_o), t(b_o), t(ones),
-                                 t(y), self.alloc), "attention")
+        self.add_layer(Attention(t(x), t(w_q), t(w_k), t(w_v), t(b_q), t(b_k), t(b_v), t(w_o), t(b_o),
+                                 self.bias_ones(y), t(y), self.alloc), "attention")
 
     # -- parameters -----------------------------------------------------------------------------
     def load_state_dict(self, state_dict) -> None:

@@ -53,7 +53,7 @@ FREQUENCY_SHIFT = 1
 MAX_PERIOD = 10000
 
 #: Every NNTile tensor of the graph: name -> (shape, basetile shape, kind). Linear biases are one-column
-#: matrices and `ones[...]` constant rows of ones: the bias add is a rank-1 GEMM (see `Linear`).
+#: matrices: the bias add is a rank-1 GEMM with a row of ones (see `Linear` and `Model.bias_ones`).
 TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "y": ((3,), (2,), "labels"),
     "x_patches": ((16, 16, 3), (16, 6, 2), "activation"),
@@ -176,8 +176,6 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "proj_out_2.weight": ((32, 64), (32, 24), "param"),
     "proj_out_2.bias": ((32, 1), (32, 1), "param"),
     "final.out": ((32, 16, 3), (32, 6, 2), "activation"),
-    "ones[tokens,batch]": ((1, 16, 3), (1, 6, 2), "ones"),
-    "ones[batch]": ((1, 3), (1, 2), "ones"),
 }
 
 #: Parameters: graph name -> (torch state_dict key, rows of the torch tensor or None, layout).
@@ -793,15 +791,15 @@ class Model(BaseModel):
         self.layers = layers
         self.layer_kinds: list[str] = []  # the graph op kind of each layer, for per-kind profiles
         # x_proj = linear(x_patches, pos_embed.proj.weight, pos_embed.proj.bias) [embeddings]
-        self.linear("x_patches", "pos_embed.proj.weight", "pos_embed.proj.bias", "x_proj", "ones[tokens,batch]")
+        self.linear("x_patches", "pos_embed.proj.weight", "pos_embed.proj.bias", "x_proj")
         # x_tokens = add_const_slice(x_proj, pos_embed) [embeddings]
         self.add_const_slice("x_proj", "pos_embed", "x_tokens", axis=2)
         # blocks.0.t_hidden = linear(t_freq, transformer_blocks.0.norm1.emb.timestep_embedder.linear_1.weight, transformer_blocks.0.norm1.emb.timestep_embedder.linear_1.bias) [embeddings]
-        self.linear("t_freq", "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1.weight", "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1.bias", "blocks.0.t_hidden", "ones[batch]")
+        self.linear("t_freq", "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1.weight", "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1.bias", "blocks.0.t_hidden")
         # blocks.0.t_act = act(blocks.0.t_hidden) [embeddings]
         self.act("blocks.0.t_hidden", "blocks.0.t_act", fn='silu')
         # blocks.0.t_emb = linear(blocks.0.t_act, transformer_blocks.0.norm1.emb.timestep_embedder.linear_2.weight, transformer_blocks.0.norm1.emb.timestep_embedder.linear_2.bias) [embeddings]
-        self.linear("blocks.0.t_act", "transformer_blocks.0.norm1.emb.timestep_embedder.linear_2.weight", "transformer_blocks.0.norm1.emb.timestep_embedder.linear_2.bias", "blocks.0.t_emb", "ones[batch]")
+        self.linear("blocks.0.t_act", "transformer_blocks.0.norm1.emb.timestep_embedder.linear_2.weight", "transformer_blocks.0.norm1.emb.timestep_embedder.linear_2.bias", "blocks.0.t_emb")
         # blocks.0.y_emb = embedding(y, transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight) [embeddings]
         self.embedding("y", "transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight", "blocks.0.y_emb")
         # blocks.0.c = add(blocks.0.t_emb, blocks.0.y_emb) [embeddings]
@@ -809,23 +807,23 @@ class Model(BaseModel):
         # blocks.0.c_silu = act(blocks.0.c) [adaLN modulation]
         self.act("blocks.0.c", "blocks.0.c_silu", fn='silu')
         # blocks.0.shift_msa = linear(blocks.0.c_silu, transformer_blocks.0.norm1.linear.weight.shift_msa, transformer_blocks.0.norm1.linear.bias.shift_msa) [adaLN modulation]
-        self.linear("blocks.0.c_silu", "transformer_blocks.0.norm1.linear.weight.shift_msa", "transformer_blocks.0.norm1.linear.bias.shift_msa", "blocks.0.shift_msa", "ones[batch]")
+        self.linear("blocks.0.c_silu", "transformer_blocks.0.norm1.linear.weight.shift_msa", "transformer_blocks.0.norm1.linear.bias.shift_msa", "blocks.0.shift_msa")
         # blocks.0.scale_msa = linear(blocks.0.c_silu, transformer_blocks.0.norm1.linear.weight.scale_msa, transformer_blocks.0.norm1.linear.bias.scale_msa) [adaLN modulation]
-        self.linear("blocks.0.c_silu", "transformer_blocks.0.norm1.linear.weight.scale_msa", "transformer_blocks.0.norm1.linear.bias.scale_msa", "blocks.0.scale_msa", "ones[batch]")
+        self.linear("blocks.0.c_silu", "transformer_blocks.0.norm1.linear.weight.scale_msa", "transformer_blocks.0.norm1.linear.bias.scale_msa", "blocks.0.scale_msa")
         # blocks.0.gate_msa = linear(blocks.0.c_silu, transformer_blocks.0.norm1.linear.weight.gate_msa, transformer_blocks.0.norm1.linear.bias.gate_msa) [adaLN modulation]
-        self.linear("blocks.0.c_silu", "transformer_blocks.0.norm1.linear.weight.gate_msa", "transformer_blocks.0.norm1.linear.bias.gate_msa", "blocks.0.gate_msa", "ones[batch]")
+        self.linear("blocks.0.c_silu", "transformer_blocks.0.norm1.linear.weight.gate_msa", "transformer_blocks.0.norm1.linear.bias.gate_msa", "blocks.0.gate_msa")
         # blocks.0.shift_mlp = linear(blocks.0.c_silu, transformer_blocks.0.norm1.linear.weight.shift_mlp, transformer_blocks.0.norm1.linear.bias.shift_mlp) [adaLN modulation]
-        self.linear("blocks.0.c_silu", "transformer_blocks.0.norm1.linear.weight.shift_mlp", "transformer_blocks.0.norm1.linear.bias.shift_mlp", "blocks.0.shift_mlp", "ones[batch]")
+        self.linear("blocks.0.c_silu", "transformer_blocks.0.norm1.linear.weight.shift_mlp", "transformer_blocks.0.norm1.linear.bias.shift_mlp", "blocks.0.shift_mlp")
         # blocks.0.scale_mlp = linear(blocks.0.c_silu, transformer_blocks.0.norm1.linear.weight.scale_mlp, transformer_blocks.0.norm1.linear.bias.scale_mlp) [adaLN modulation]
-        self.linear("blocks.0.c_silu", "transformer_blocks.0.norm1.linear.weight.scale_mlp", "transformer_blocks.0.norm1.linear.bias.scale_mlp", "blocks.0.scale_mlp", "ones[batch]")
+        self.linear("blocks.0.c_silu", "transformer_blocks.0.norm1.linear.weight.scale_mlp", "transformer_blocks.0.norm1.linear.bias.scale_mlp", "blocks.0.scale_mlp")
         # blocks.0.gate_mlp = linear(blocks.0.c_silu, transformer_blocks.0.norm1.linear.weight.gate_mlp, transformer_blocks.0.norm1.linear.bias.gate_mlp) [adaLN modulation]
-        self.linear("blocks.0.c_silu", "transformer_blocks.0.norm1.linear.weight.gate_mlp", "transformer_blocks.0.norm1.linear.bias.gate_mlp", "blocks.0.gate_mlp", "ones[batch]")
+        self.linear("blocks.0.c_silu", "transformer_blocks.0.norm1.linear.weight.gate_mlp", "transformer_blocks.0.norm1.linear.bias.gate_mlp", "blocks.0.gate_mlp")
         # blocks.0.norm1 = layer_norm(x_tokens) [layer norm]
         self.layer_norm("x_tokens", "blocks.0.norm1", eps=1e-06)
         # blocks.0.mod_msa = modulate(blocks.0.norm1, blocks.0.shift_msa, blocks.0.scale_msa) [modulate]
         self.modulate("blocks.0.norm1", "blocks.0.shift_msa", "blocks.0.scale_msa", "blocks.0.mod_msa")
         # blocks.0.attn = attention(blocks.0.mod_msa, transformer_blocks.0.attn1.to_q.weight, transformer_blocks.0.attn1.to_k.weight, transformer_blocks.0.attn1.to_v.weight, transformer_blocks.0.attn1.to_q.bias, transformer_blocks.0.attn1.to_k.bias, transformer_blocks.0.attn1.to_v.bias, transformer_blocks.0.attn1.to_out.0.weight, transformer_blocks.0.attn1.to_out.0.bias) [attention]
-        self.attention("blocks.0.mod_msa", "transformer_blocks.0.attn1.to_q.weight", "transformer_blocks.0.attn1.to_k.weight", "transformer_blocks.0.attn1.to_v.weight", "transformer_blocks.0.attn1.to_q.bias", "transformer_blocks.0.attn1.to_k.bias", "transformer_blocks.0.attn1.to_v.bias", "transformer_blocks.0.attn1.to_out.0.weight", "transformer_blocks.0.attn1.to_out.0.bias", "blocks.0.attn", "ones[tokens,batch]")
+        self.attention("blocks.0.mod_msa", "transformer_blocks.0.attn1.to_q.weight", "transformer_blocks.0.attn1.to_k.weight", "transformer_blocks.0.attn1.to_v.weight", "transformer_blocks.0.attn1.to_q.bias", "transformer_blocks.0.attn1.to_k.bias", "transformer_blocks.0.attn1.to_v.bias", "transformer_blocks.0.attn1.to_out.0.weight", "transformer_blocks.0.attn1.to_out.0.bias", "blocks.0.attn")
         # blocks.0.res_msa = gated_residual(x_tokens, blocks.0.attn, blocks.0.gate_msa) [gated residual]
         self.gated_residual("x_tokens", "blocks.0.attn", "blocks.0.gate_msa", "blocks.0.res_msa")
         # blocks.0.norm2 = layer_norm(blocks.0.res_msa) [layer norm]
@@ -833,19 +831,19 @@ class Model(BaseModel):
         # blocks.0.mod_mlp = modulate(blocks.0.norm2, blocks.0.shift_mlp, blocks.0.scale_mlp) [modulate]
         self.modulate("blocks.0.norm2", "blocks.0.shift_mlp", "blocks.0.scale_mlp", "blocks.0.mod_mlp")
         # blocks.0.fc1 = linear(blocks.0.mod_mlp, transformer_blocks.0.ff.net.0.proj.weight, transformer_blocks.0.ff.net.0.proj.bias) [pointwise MLP]
-        self.linear("blocks.0.mod_mlp", "transformer_blocks.0.ff.net.0.proj.weight", "transformer_blocks.0.ff.net.0.proj.bias", "blocks.0.fc1", "ones[tokens,batch]")
+        self.linear("blocks.0.mod_mlp", "transformer_blocks.0.ff.net.0.proj.weight", "transformer_blocks.0.ff.net.0.proj.bias", "blocks.0.fc1")
         # blocks.0.gelu = act(blocks.0.fc1) [pointwise MLP]
         self.act("blocks.0.fc1", "blocks.0.gelu", fn='gelutanh')
         # blocks.0.mlp = linear(blocks.0.gelu, transformer_blocks.0.ff.net.2.weight, transformer_blocks.0.ff.net.2.bias) [pointwise MLP]
-        self.linear("blocks.0.gelu", "transformer_blocks.0.ff.net.2.weight", "transformer_blocks.0.ff.net.2.bias", "blocks.0.mlp", "ones[tokens,batch]")
+        self.linear("blocks.0.gelu", "transformer_blocks.0.ff.net.2.weight", "transformer_blocks.0.ff.net.2.bias", "blocks.0.mlp")
         # blocks.0.out = gated_residual(blocks.0.res_msa, blocks.0.mlp, blocks.0.gate_mlp) [gated residual]
         self.gated_residual("blocks.0.res_msa", "blocks.0.mlp", "blocks.0.gate_mlp", "blocks.0.out")
         # blocks.1.t_hidden = linear(t_freq, transformer_blocks.1.norm1.emb.timestep_embedder.linear_1.weight, transformer_blocks.1.norm1.emb.timestep_embedder.linear_1.bias) [embeddings]
-        self.linear("t_freq", "transformer_blocks.1.norm1.emb.timestep_embedder.linear_1.weight", "transformer_blocks.1.norm1.emb.timestep_embedder.linear_1.bias", "blocks.1.t_hidden", "ones[batch]")
+        self.linear("t_freq", "transformer_blocks.1.norm1.emb.timestep_embedder.linear_1.weight", "transformer_blocks.1.norm1.emb.timestep_embedder.linear_1.bias", "blocks.1.t_hidden")
         # blocks.1.t_act = act(blocks.1.t_hidden) [embeddings]
         self.act("blocks.1.t_hidden", "blocks.1.t_act", fn='silu')
         # blocks.1.t_emb = linear(blocks.1.t_act, transformer_blocks.1.norm1.emb.timestep_embedder.linear_2.weight, transformer_blocks.1.norm1.emb.timestep_embedder.linear_2.bias) [embeddings]
-        self.linear("blocks.1.t_act", "transformer_blocks.1.norm1.emb.timestep_embedder.linear_2.weight", "transformer_blocks.1.norm1.emb.timestep_embedder.linear_2.bias", "blocks.1.t_emb", "ones[batch]")
+        self.linear("blocks.1.t_act", "transformer_blocks.1.norm1.emb.timestep_embedder.linear_2.weight", "transformer_blocks.1.norm1.emb.timestep_embedder.linear_2.bias", "blocks.1.t_emb")
         # blocks.1.y_emb = embedding(y, transformer_blocks.1.norm1.emb.class_embedder.embedding_table.weight) [embeddings]
         self.embedding("y", "transformer_blocks.1.norm1.emb.class_embedder.embedding_table.weight", "blocks.1.y_emb")
         # blocks.1.c = add(blocks.1.t_emb, blocks.1.y_emb) [embeddings]
@@ -853,23 +851,23 @@ class Model(BaseModel):
         # blocks.1.c_silu = act(blocks.1.c) [adaLN modulation]
         self.act("blocks.1.c", "blocks.1.c_silu", fn='silu')
         # blocks.1.shift_msa = linear(blocks.1.c_silu, transformer_blocks.1.norm1.linear.weight.shift_msa, transformer_blocks.1.norm1.linear.bias.shift_msa) [adaLN modulation]
-        self.linear("blocks.1.c_silu", "transformer_blocks.1.norm1.linear.weight.shift_msa", "transformer_blocks.1.norm1.linear.bias.shift_msa", "blocks.1.shift_msa", "ones[batch]")
+        self.linear("blocks.1.c_silu", "transformer_blocks.1.norm1.linear.weight.shift_msa", "transformer_blocks.1.norm1.linear.bias.shift_msa", "blocks.1.shift_msa")
         # blocks.1.scale_msa = linear(blocks.1.c_silu, transformer_blocks.1.norm1.linear.weight.scale_msa, transformer_blocks.1.norm1.linear.bias.scale_msa) [adaLN modulation]
-        self.linear("blocks.1.c_silu", "transformer_blocks.1.norm1.linear.weight.scale_msa", "transformer_blocks.1.norm1.linear.bias.scale_msa", "blocks.1.scale_msa", "ones[batch]")
+        self.linear("blocks.1.c_silu", "transformer_blocks.1.norm1.linear.weight.scale_msa", "transformer_blocks.1.norm1.linear.bias.scale_msa", "blocks.1.scale_msa")
         # blocks.1.gate_msa = linear(blocks.1.c_silu, transformer_blocks.1.norm1.linear.weight.gate_msa, transformer_blocks.1.norm1.linear.bias.gate_msa) [adaLN modulation]
-        self.linear("blocks.1.c_silu", "transformer_blocks.1.norm1.linear.weight.gate_msa", "transformer_blocks.1.norm1.linear.bias.gate_msa", "blocks.1.gate_msa", "ones[batch]")
+        self.linear("blocks.1.c_silu", "transformer_blocks.1.norm1.linear.weight.gate_msa", "transformer_blocks.1.norm1.linear.bias.gate_msa", "blocks.1.gate_msa")
         # blocks.1.shift_mlp = linear(blocks.1.c_silu, transformer_blocks.1.norm1.linear.weight.shift_mlp, transformer_blocks.1.norm1.linear.bias.shift_mlp) [adaLN modulation]
-        self.linear("blocks.1.c_silu", "transformer_blocks.1.norm1.linear.weight.shift_mlp", "transformer_blocks.1.norm1.linear.bias.shift_mlp", "blocks.1.shift_mlp", "ones[batch]")
+        self.linear("blocks.1.c_silu", "transformer_blocks.1.norm1.linear.weight.shift_mlp", "transformer_blocks.1.norm1.linear.bias.shift_mlp", "blocks.1.shift_mlp")
         # blocks.1.scale_mlp = linear(blocks.1.c_silu, transformer_blocks.1.norm1.linear.weight.scale_mlp, transformer_blocks.1.norm1.linear.bias.scale_mlp) [adaLN modulation]
-        self.linear("blocks.1.c_silu", "transformer_blocks.1.norm1.linear.weight.scale_mlp", "transformer_blocks.1.norm1.linear.bias.scale_mlp", "blocks.1.scale_mlp", "ones[batch]")
+        self.linear("blocks.1.c_silu", "transformer_blocks.1.norm1.linear.weight.scale_mlp", "transformer_blocks.1.norm1.linear.bias.scale_mlp", "blocks.1.scale_mlp")
         # blocks.1.gate_mlp = linear(blocks.1.c_silu, transformer_blocks.1.norm1.linear.weight.gate_mlp, transformer_blocks.1.norm1.linear.bias.gate_mlp) [adaLN modulation]
-        self.linear("blocks.1.c_silu", "transformer_blocks.1.norm1.linear.weight.gate_mlp", "transformer_blocks.1.norm1.linear.bias.gate_mlp", "blocks.1.gate_mlp", "ones[batch]")
+        self.linear("blocks.1.c_silu", "transformer_blocks.1.norm1.linear.weight.gate_mlp", "transformer_blocks.1.norm1.linear.bias.gate_mlp", "blocks.1.gate_mlp")
         # blocks.1.norm1 = layer_norm(blocks.0.out) [layer norm]
         self.layer_norm("blocks.0.out", "blocks.1.norm1", eps=1e-06)
         # blocks.1.mod_msa = modulate(blocks.1.norm1, blocks.1.shift_msa, blocks.1.scale_msa) [modulate]
         self.modulate("blocks.1.norm1", "blocks.1.shift_msa", "blocks.1.scale_msa", "blocks.1.mod_msa")
         # blocks.1.attn = attention(blocks.1.mod_msa, transformer_blocks.1.attn1.to_q.weight, transformer_blocks.1.attn1.to_k.weight, transformer_blocks.1.attn1.to_v.weight, transformer_blocks.1.attn1.to_q.bias, transformer_blocks.1.attn1.to_k.bias, transformer_blocks.1.attn1.to_v.bias, transformer_blocks.1.attn1.to_out.0.weight, transformer_blocks.1.attn1.to_out.0.bias) [attention]
-        self.attention("blocks.1.mod_msa", "transformer_blocks.1.attn1.to_q.weight", "transformer_blocks.1.attn1.to_k.weight", "transformer_blocks.1.attn1.to_v.weight", "transformer_blocks.1.attn1.to_q.bias", "transformer_blocks.1.attn1.to_k.bias", "transformer_blocks.1.attn1.to_v.bias", "transformer_blocks.1.attn1.to_out.0.weight", "transformer_blocks.1.attn1.to_out.0.bias", "blocks.1.attn", "ones[tokens,batch]")
+        self.attention("blocks.1.mod_msa", "transformer_blocks.1.attn1.to_q.weight", "transformer_blocks.1.attn1.to_k.weight", "transformer_blocks.1.attn1.to_v.weight", "transformer_blocks.1.attn1.to_q.bias", "transformer_blocks.1.attn1.to_k.bias", "transformer_blocks.1.attn1.to_v.bias", "transformer_blocks.1.attn1.to_out.0.weight", "transformer_blocks.1.attn1.to_out.0.bias", "blocks.1.attn")
         # blocks.1.res_msa = gated_residual(blocks.0.out, blocks.1.attn, blocks.1.gate_msa) [gated residual]
         self.gated_residual("blocks.0.out", "blocks.1.attn", "blocks.1.gate_msa", "blocks.1.res_msa")
         # blocks.1.norm2 = layer_norm(blocks.1.res_msa) [layer norm]
@@ -877,23 +875,23 @@ class Model(BaseModel):
         # blocks.1.mod_mlp = modulate(blocks.1.norm2, blocks.1.shift_mlp, blocks.1.scale_mlp) [modulate]
         self.modulate("blocks.1.norm2", "blocks.1.shift_mlp", "blocks.1.scale_mlp", "blocks.1.mod_mlp")
         # blocks.1.fc1 = linear(blocks.1.mod_mlp, transformer_blocks.1.ff.net.0.proj.weight, transformer_blocks.1.ff.net.0.proj.bias) [pointwise MLP]
-        self.linear("blocks.1.mod_mlp", "transformer_blocks.1.ff.net.0.proj.weight", "transformer_blocks.1.ff.net.0.proj.bias", "blocks.1.fc1", "ones[tokens,batch]")
+        self.linear("blocks.1.mod_mlp", "transformer_blocks.1.ff.net.0.proj.weight", "transformer_blocks.1.ff.net.0.proj.bias", "blocks.1.fc1")
         # blocks.1.gelu = act(blocks.1.fc1) [pointwise MLP]
         self.act("blocks.1.fc1", "blocks.1.gelu", fn='gelutanh')
         # blocks.1.mlp = linear(blocks.1.gelu, transformer_blocks.1.ff.net.2.weight, transformer_blocks.1.ff.net.2.bias) [pointwise MLP]
-        self.linear("blocks.1.gelu", "transformer_blocks.1.ff.net.2.weight", "transformer_blocks.1.ff.net.2.bias", "blocks.1.mlp", "ones[tokens,batch]")
+        self.linear("blocks.1.gelu", "transformer_blocks.1.ff.net.2.weight", "transformer_blocks.1.ff.net.2.bias", "blocks.1.mlp")
         # blocks.1.out = gated_residual(blocks.1.res_msa, blocks.1.mlp, blocks.1.gate_mlp) [gated residual]
         self.gated_residual("blocks.1.res_msa", "blocks.1.mlp", "blocks.1.gate_mlp", "blocks.1.out")
         # final.shift = linear(blocks.0.c_silu, proj_out_1.weight.shift, proj_out_1.bias.shift) [final layer]
-        self.linear("blocks.0.c_silu", "proj_out_1.weight.shift", "proj_out_1.bias.shift", "final.shift", "ones[batch]")
+        self.linear("blocks.0.c_silu", "proj_out_1.weight.shift", "proj_out_1.bias.shift", "final.shift")
         # final.scale = linear(blocks.0.c_silu, proj_out_1.weight.scale, proj_out_1.bias.scale) [final layer]
-        self.linear("blocks.0.c_silu", "proj_out_1.weight.scale", "proj_out_1.bias.scale", "final.scale", "ones[batch]")
+        self.linear("blocks.0.c_silu", "proj_out_1.weight.scale", "proj_out_1.bias.scale", "final.scale")
         # final.norm = layer_norm(blocks.1.out) [final layer]
         self.layer_norm("blocks.1.out", "final.norm", eps=1e-06)
         # final.mod = modulate(final.norm, final.shift, final.scale) [final layer]
         self.modulate("final.norm", "final.shift", "final.scale", "final.mod")
         # final.out = linear(final.mod, proj_out_2.weight, proj_out_2.bias) [final layer]
-        self.linear("final.mod", "proj_out_2.weight", "proj_out_2.bias", "final.out", "ones[tokens,batch]")
+        self.linear("final.mod", "proj_out_2.weight", "proj_out_2.bias", "final.out")
         self.load_const("pos_embed", sincos_pos_embed(HIDDEN, GRID).T)
         for layer, (first, _, _) in zip(layers, MEMORY_PLAN):
             layer.overwrites = tuple(self.tensors[name] for name in first)
@@ -906,9 +904,7 @@ class Model(BaseModel):
         if name not in self.tensors:
             shape, tile, kind = TENSORS[name]
             value = self.alloc.new(shape, tile, Tensor_int64 if kind == "labels" else Tensor_fp32)
-            if kind == "ones":
-                fill_async(1.0, value)
-            if kind in ("const", "labels", "ones"):
+            if kind in ("const", "labels"):
                 self.tensors[name] = value
             else:
                 self.tensors[name] = TensorMoments(value, self.alloc.new(shape, tile), True)
@@ -952,9 +948,14 @@ class Model(BaseModel):
         self.layers.append(layer)
         self.layer_kinds.append(kind)
 
-    def linear(self, x: str, w: str, b: str, y: str, ones: str) -> None:
+    def bias_ones(self, y: str) -> Tensor:
+        """The row of ones [1, <y's batch axes>] that the bias GEMMs of the layer writing y multiply."""
+        shape, tile, _ = TENSORS[y]
+        return self.alloc.ones((1,) + shape[1:], (1,) + tile[1:])
+
+    def linear(self, x: str, w: str, b: str, y: str) -> None:
         t = self.tensor
-        self.add_layer(Linear(t(x), t(w), t(b), t(ones), t(y)), "linear")
+        self.add_layer(Linear(t(x), t(w), t(b), self.bias_ones(y), t(y)), "linear")
 
     def act(self, x: str, y: str, fn: str) -> None:
         self.add_layer(Act(self.tensor(x), self.tensor(y), fn), fn)
@@ -980,10 +981,10 @@ class Model(BaseModel):
         self.add_layer(GatedResidual(t(x), t(h), t(gate), t(y), self.alloc), "gated_residual")
 
     def attention(self, x: str, w_q: str, w_k: str, w_v: str, b_q: str, b_k: str, b_v: str, w_o: str,
-                  b_o: str, y: str, ones: str) -> None:
+                  b_o: str, y: str) -> None:
         t = self.tensor
-        self.add_layer(Attention(t(x), t(w_q), t(w_k), t(w_v), t(b_q), t(b_k), t(b_v), t(w_o), t(b_o), t(ones),
-                                 t(y), self.alloc), "attention")
+        self.add_layer(Attention(t(x), t(w_q), t(w_k), t(w_v), t(b_q), t(b_k), t(b_v), t(w_o), t(b_o),
+                                 self.bias_ones(y), t(y), self.alloc), "attention")
 
     # -- parameters -----------------------------------------------------------------------------
     def load_state_dict(self, state_dict) -> None:

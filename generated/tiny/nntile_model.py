@@ -53,7 +53,7 @@ FREQUENCY_SHIFT = 0
 MAX_PERIOD = 10000
 
 #: Every NNTile tensor of the graph: name -> (shape, basetile shape, kind). Linear biases are one-column
-#: matrices and `ones[...]` constant rows of ones: the bias add is a rank-1 GEMM (see `Linear`).
+#: matrices: the bias add is a rank-1 GEMM with a row of ones (see `Linear` and `Model.bias_ones`).
 TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "y": ((3,), (2,), "labels"),
     "x_patches": ((16, 16, 3), (16, 6, 2), "activation"),
@@ -165,8 +165,6 @@ TENSORS: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
     "final_layer.linear.weight": ((32, 64), (32, 24), "param"),
     "final_layer.linear.bias": ((32, 1), (32, 1), "param"),
     "final.out": ((32, 16, 3), (32, 6, 2), "activation"),
-    "ones[tokens,batch]": ((1, 16, 3), (1, 6, 2), "ones"),
-    "ones[batch]": ((1, 3), (1, 2), "ones"),
 }
 
 #: Parameters: graph name -> (torch state_dict key, rows of the torch tensor or None, layout).
@@ -771,15 +769,15 @@ class Model(BaseModel):
         self.layers = layers
         self.layer_kinds: list[str] = []  # the graph op kind of each layer, for per-kind profiles
         # x_proj = linear(x_patches, x_embedder.proj.weight, x_embedder.proj.bias) [embeddings]
-        self.linear("x_patches", "x_embedder.proj.weight", "x_embedder.proj.bias", "x_proj", "ones[tokens,batch]")
+        self.linear("x_patches", "x_embedder.proj.weight", "x_embedder.proj.bias", "x_proj")
         # x_tokens = add_const_slice(x_proj, pos_embed) [embeddings]
         self.add_const_slice("x_proj", "pos_embed", "x_tokens", axis=2)
         # t_hidden = linear(t_freq, t_embedder.mlp.0.weight, t_embedder.mlp.0.bias) [embeddings]
-        self.linear("t_freq", "t_embedder.mlp.0.weight", "t_embedder.mlp.0.bias", "t_hidden", "ones[batch]")
+        self.linear("t_freq", "t_embedder.mlp.0.weight", "t_embedder.mlp.0.bias", "t_hidden")
         # t_act = act(t_hidden) [embeddings]
         self.act("t_hidden", "t_act", fn='silu')
         # t_emb = linear(t_act, t_embedder.mlp.2.weight, t_embedder.mlp.2.bias) [embeddings]
-        self.linear("t_act", "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias", "t_emb", "ones[batch]")
+        self.linear("t_act", "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias", "t_emb")
         # y_emb = embedding(y, y_embedder.embedding_table.weight) [embeddings]
         self.embedding("y", "y_embedder.embedding_table.weight", "y_emb")
         # c = add(t_emb, y_emb) [embeddings]
@@ -787,23 +785,23 @@ class Model(BaseModel):
         # c_silu = act(c) [adaLN modulation]
         self.act("c", "c_silu", fn='silu')
         # blocks.0.shift_msa = linear(c_silu, blocks.0.adaLN_modulation.1.weight.shift_msa, blocks.0.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.shift_msa", "blocks.0.adaLN_modulation.1.bias.shift_msa", "blocks.0.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.shift_msa", "blocks.0.adaLN_modulation.1.bias.shift_msa", "blocks.0.shift_msa")
         # blocks.0.scale_msa = linear(c_silu, blocks.0.adaLN_modulation.1.weight.scale_msa, blocks.0.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.scale_msa", "blocks.0.adaLN_modulation.1.bias.scale_msa", "blocks.0.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.scale_msa", "blocks.0.adaLN_modulation.1.bias.scale_msa", "blocks.0.scale_msa")
         # blocks.0.gate_msa = linear(c_silu, blocks.0.adaLN_modulation.1.weight.gate_msa, blocks.0.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.gate_msa", "blocks.0.adaLN_modulation.1.bias.gate_msa", "blocks.0.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.gate_msa", "blocks.0.adaLN_modulation.1.bias.gate_msa", "blocks.0.gate_msa")
         # blocks.0.shift_mlp = linear(c_silu, blocks.0.adaLN_modulation.1.weight.shift_mlp, blocks.0.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.shift_mlp", "blocks.0.adaLN_modulation.1.bias.shift_mlp", "blocks.0.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.shift_mlp", "blocks.0.adaLN_modulation.1.bias.shift_mlp", "blocks.0.shift_mlp")
         # blocks.0.scale_mlp = linear(c_silu, blocks.0.adaLN_modulation.1.weight.scale_mlp, blocks.0.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.scale_mlp", "blocks.0.adaLN_modulation.1.bias.scale_mlp", "blocks.0.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.scale_mlp", "blocks.0.adaLN_modulation.1.bias.scale_mlp", "blocks.0.scale_mlp")
         # blocks.0.gate_mlp = linear(c_silu, blocks.0.adaLN_modulation.1.weight.gate_mlp, blocks.0.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.gate_mlp", "blocks.0.adaLN_modulation.1.bias.gate_mlp", "blocks.0.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.0.adaLN_modulation.1.weight.gate_mlp", "blocks.0.adaLN_modulation.1.bias.gate_mlp", "blocks.0.gate_mlp")
         # blocks.0.norm1 = layer_norm(x_tokens) [layer norm]
         self.layer_norm("x_tokens", "blocks.0.norm1", eps=1e-06)
         # blocks.0.mod_msa = modulate(blocks.0.norm1, blocks.0.shift_msa, blocks.0.scale_msa) [modulate]
         self.modulate("blocks.0.norm1", "blocks.0.shift_msa", "blocks.0.scale_msa", "blocks.0.mod_msa")
         # blocks.0.attn = attention(blocks.0.mod_msa, blocks.0.attn.qkv.weight.q, blocks.0.attn.qkv.weight.k, blocks.0.attn.qkv.weight.v, blocks.0.attn.qkv.bias.q, blocks.0.attn.qkv.bias.k, blocks.0.attn.qkv.bias.v, blocks.0.attn.proj.weight, blocks.0.attn.proj.bias) [attention]
-        self.attention("blocks.0.mod_msa", "blocks.0.attn.qkv.weight.q", "blocks.0.attn.qkv.weight.k", "blocks.0.attn.qkv.weight.v", "blocks.0.attn.qkv.bias.q", "blocks.0.attn.qkv.bias.k", "blocks.0.attn.qkv.bias.v", "blocks.0.attn.proj.weight", "blocks.0.attn.proj.bias", "blocks.0.attn", "ones[tokens,batch]")
+        self.attention("blocks.0.mod_msa", "blocks.0.attn.qkv.weight.q", "blocks.0.attn.qkv.weight.k", "blocks.0.attn.qkv.weight.v", "blocks.0.attn.qkv.bias.q", "blocks.0.attn.qkv.bias.k", "blocks.0.attn.qkv.bias.v", "blocks.0.attn.proj.weight", "blocks.0.attn.proj.bias", "blocks.0.attn")
         # blocks.0.res_msa = gated_residual(x_tokens, blocks.0.attn, blocks.0.gate_msa) [gated residual]
         self.gated_residual("x_tokens", "blocks.0.attn", "blocks.0.gate_msa", "blocks.0.res_msa")
         # blocks.0.norm2 = layer_norm(blocks.0.res_msa) [layer norm]
@@ -811,31 +809,31 @@ class Model(BaseModel):
         # blocks.0.mod_mlp = modulate(blocks.0.norm2, blocks.0.shift_mlp, blocks.0.scale_mlp) [modulate]
         self.modulate("blocks.0.norm2", "blocks.0.shift_mlp", "blocks.0.scale_mlp", "blocks.0.mod_mlp")
         # blocks.0.fc1 = linear(blocks.0.mod_mlp, blocks.0.mlp.fc1.weight, blocks.0.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.0.mod_mlp", "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc1.bias", "blocks.0.fc1", "ones[tokens,batch]")
+        self.linear("blocks.0.mod_mlp", "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc1.bias", "blocks.0.fc1")
         # blocks.0.gelu = act(blocks.0.fc1) [pointwise MLP]
         self.act("blocks.0.fc1", "blocks.0.gelu", fn='gelutanh')
         # blocks.0.mlp = linear(blocks.0.gelu, blocks.0.mlp.fc2.weight, blocks.0.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.0.gelu", "blocks.0.mlp.fc2.weight", "blocks.0.mlp.fc2.bias", "blocks.0.mlp", "ones[tokens,batch]")
+        self.linear("blocks.0.gelu", "blocks.0.mlp.fc2.weight", "blocks.0.mlp.fc2.bias", "blocks.0.mlp")
         # blocks.0.out = gated_residual(blocks.0.res_msa, blocks.0.mlp, blocks.0.gate_mlp) [gated residual]
         self.gated_residual("blocks.0.res_msa", "blocks.0.mlp", "blocks.0.gate_mlp", "blocks.0.out")
         # blocks.1.shift_msa = linear(c_silu, blocks.1.adaLN_modulation.1.weight.shift_msa, blocks.1.adaLN_modulation.1.bias.shift_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.shift_msa", "blocks.1.adaLN_modulation.1.bias.shift_msa", "blocks.1.shift_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.shift_msa", "blocks.1.adaLN_modulation.1.bias.shift_msa", "blocks.1.shift_msa")
         # blocks.1.scale_msa = linear(c_silu, blocks.1.adaLN_modulation.1.weight.scale_msa, blocks.1.adaLN_modulation.1.bias.scale_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.scale_msa", "blocks.1.adaLN_modulation.1.bias.scale_msa", "blocks.1.scale_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.scale_msa", "blocks.1.adaLN_modulation.1.bias.scale_msa", "blocks.1.scale_msa")
         # blocks.1.gate_msa = linear(c_silu, blocks.1.adaLN_modulation.1.weight.gate_msa, blocks.1.adaLN_modulation.1.bias.gate_msa) [adaLN modulation]
-        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.gate_msa", "blocks.1.adaLN_modulation.1.bias.gate_msa", "blocks.1.gate_msa", "ones[batch]")
+        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.gate_msa", "blocks.1.adaLN_modulation.1.bias.gate_msa", "blocks.1.gate_msa")
         # blocks.1.shift_mlp = linear(c_silu, blocks.1.adaLN_modulation.1.weight.shift_mlp, blocks.1.adaLN_modulation.1.bias.shift_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.shift_mlp", "blocks.1.adaLN_modulation.1.bias.shift_mlp", "blocks.1.shift_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.shift_mlp", "blocks.1.adaLN_modulation.1.bias.shift_mlp", "blocks.1.shift_mlp")
         # blocks.1.scale_mlp = linear(c_silu, blocks.1.adaLN_modulation.1.weight.scale_mlp, blocks.1.adaLN_modulation.1.bias.scale_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.scale_mlp", "blocks.1.adaLN_modulation.1.bias.scale_mlp", "blocks.1.scale_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.scale_mlp", "blocks.1.adaLN_modulation.1.bias.scale_mlp", "blocks.1.scale_mlp")
         # blocks.1.gate_mlp = linear(c_silu, blocks.1.adaLN_modulation.1.weight.gate_mlp, blocks.1.adaLN_modulation.1.bias.gate_mlp) [adaLN modulation]
-        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.gate_mlp", "blocks.1.adaLN_modulation.1.bias.gate_mlp", "blocks.1.gate_mlp", "ones[batch]")
+        self.linear("c_silu", "blocks.1.adaLN_modulation.1.weight.gate_mlp", "blocks.1.adaLN_modulation.1.bias.gate_mlp", "blocks.1.gate_mlp")
         # blocks.1.norm1 = layer_norm(blocks.0.out) [layer norm]
         self.layer_norm("blocks.0.out", "blocks.1.norm1", eps=1e-06)
         # blocks.1.mod_msa = modulate(blocks.1.norm1, blocks.1.shift_msa, blocks.1.scale_msa) [modulate]
         self.modulate("blocks.1.norm1", "blocks.1.shift_msa", "blocks.1.scale_msa", "blocks.1.mod_msa")
         # blocks.1.attn = attention(blocks.1.mod_msa, blocks.1.attn.qkv.weight.q, blocks.1.attn.qkv.weight.k, blocks.1.attn.qkv.weight.v, blocks.1.attn.qkv.bias.q, blocks.1.attn.qkv.bias.k, blocks.1.attn.qkv.bias.v, blocks.1.attn.proj.weight, blocks.1.attn.proj.bias) [attention]
-        self.attention("blocks.1.mod_msa", "blocks.1.attn.qkv.weight.q", "blocks.1.attn.qkv.weight.k", "blocks.1.attn.qkv.weight.v", "blocks.1.attn.qkv.bias.q", "blocks.1.attn.qkv.bias.k", "blocks.1.attn.qkv.bias.v", "blocks.1.attn.proj.weight", "blocks.1.attn.proj.bias", "blocks.1.attn", "ones[tokens,batch]")
+        self.attention("blocks.1.mod_msa", "blocks.1.attn.qkv.weight.q", "blocks.1.attn.qkv.weight.k", "blocks.1.attn.qkv.weight.v", "blocks.1.attn.qkv.bias.q", "blocks.1.attn.qkv.bias.k", "blocks.1.attn.qkv.bias.v", "blocks.1.attn.proj.weight", "blocks.1.attn.proj.bias", "blocks.1.attn")
         # blocks.1.res_msa = gated_residual(blocks.0.out, blocks.1.attn, blocks.1.gate_msa) [gated residual]
         self.gated_residual("blocks.0.out", "blocks.1.attn", "blocks.1.gate_msa", "blocks.1.res_msa")
         # blocks.1.norm2 = layer_norm(blocks.1.res_msa) [layer norm]
@@ -843,23 +841,23 @@ class Model(BaseModel):
         # blocks.1.mod_mlp = modulate(blocks.1.norm2, blocks.1.shift_mlp, blocks.1.scale_mlp) [modulate]
         self.modulate("blocks.1.norm2", "blocks.1.shift_mlp", "blocks.1.scale_mlp", "blocks.1.mod_mlp")
         # blocks.1.fc1 = linear(blocks.1.mod_mlp, blocks.1.mlp.fc1.weight, blocks.1.mlp.fc1.bias) [pointwise MLP]
-        self.linear("blocks.1.mod_mlp", "blocks.1.mlp.fc1.weight", "blocks.1.mlp.fc1.bias", "blocks.1.fc1", "ones[tokens,batch]")
+        self.linear("blocks.1.mod_mlp", "blocks.1.mlp.fc1.weight", "blocks.1.mlp.fc1.bias", "blocks.1.fc1")
         # blocks.1.gelu = act(blocks.1.fc1) [pointwise MLP]
         self.act("blocks.1.fc1", "blocks.1.gelu", fn='gelutanh')
         # blocks.1.mlp = linear(blocks.1.gelu, blocks.1.mlp.fc2.weight, blocks.1.mlp.fc2.bias) [pointwise MLP]
-        self.linear("blocks.1.gelu", "blocks.1.mlp.fc2.weight", "blocks.1.mlp.fc2.bias", "blocks.1.mlp", "ones[tokens,batch]")
+        self.linear("blocks.1.gelu", "blocks.1.mlp.fc2.weight", "blocks.1.mlp.fc2.bias", "blocks.1.mlp")
         # blocks.1.out = gated_residual(blocks.1.res_msa, blocks.1.mlp, blocks.1.gate_mlp) [gated residual]
         self.gated_residual("blocks.1.res_msa", "blocks.1.mlp", "blocks.1.gate_mlp", "blocks.1.out")
         # final.shift = linear(c_silu, final_layer.adaLN_modulation.1.weight.shift, final_layer.adaLN_modulation.1.bias.shift) [final layer]
-        self.linear("c_silu", "final_layer.adaLN_modulation.1.weight.shift", "final_layer.adaLN_modulation.1.bias.shift", "final.shift", "ones[batch]")
+        self.linear("c_silu", "final_layer.adaLN_modulation.1.weight.shift", "final_layer.adaLN_modulation.1.bias.shift", "final.shift")
         # final.scale = linear(c_silu, final_layer.adaLN_modulation.1.weight.scale, final_layer.adaLN_modulation.1.bias.scale) [final layer]
-        self.linear("c_silu", "final_layer.adaLN_modulation.1.weight.scale", "final_layer.adaLN_modulation.1.bias.scale", "final.scale", "ones[batch]")
+        self.linear("c_silu", "final_layer.adaLN_modulation.1.weight.scale", "final_layer.adaLN_modulation.1.bias.scale", "final.scale")
         # final.norm = layer_norm(blocks.1.out) [final layer]
         self.layer_norm("blocks.1.out", "final.norm", eps=1e-06)
         # final.mod = modulate(final.norm, final.shift, final.scale) [final layer]
         self.modulate("final.norm", "final.shift", "final.scale", "final.mod")
         # final.out = linear(final.mod, final_layer.linear.weight, final_layer.linear.bias) [final layer]
-        self.linear("final.mod", "final_layer.linear.weight", "final_layer.linear.bias", "final.out", "ones[tokens,batch]")
+        self.linear("final.mod", "final_layer.linear.weight", "final_layer.linear.bias", "final.out")
         self.load_const("pos_embed", sincos_pos_embed(HIDDEN, GRID).T)
         for layer, (first, _, _) in zip(layers, MEMORY_PLAN):
             layer.overwrites = tuple(self.tensors[name] for name in first)
@@ -872,9 +870,7 @@ class Model(BaseModel):
         if name not in self.tensors:
             shape, tile, kind = TENSORS[name]
             value = self.alloc.new(shape, tile, Tensor_int64 if kind == "labels" else Tensor_fp32)
-            if kind == "ones":
-                fill_async(1.0, value)
-            if kind in ("const", "labels", "ones"):
+            if kind in ("const", "labels"):
                 self.tensors[name] = value
             else:
                 self.tensors[name] = TensorMoments(value, self.alloc.new(shape, tile), True)
@@ -918,9 +914,14 @@ class Model(BaseModel):
         self.layers.append(layer)
         self.layer_kinds.append(kind)
 
-    def linear(self, x: str, w: str, b: str, y: str, ones: str) -> None:
+    def bias_ones(self, y: str) -> Tensor:
+        """The row of ones [1, <y's batch axes>] that the bias GEMMs of the layer writing y multiply."""
+        shape, tile, _ = TENSORS[y]
+        return self.alloc.ones((1,) + shape[1:], (1,) + tile[1:])
+
+    def linear(self, x: str, w: str, b: str, y: str) -> None:
         t = self.tensor
-        self.add_layer(Linear(t(x), t(w), t(b), t(ones), t(y)), "linear")
+        self.add_layer(Linear(t(x), t(w), t(b), self.bias_ones(y), t(y)), "linear")
 
     def act(self, x: str, y: str, fn: str) -> None:
         self.add_layer(Act(self.tensor(x), self.tensor(y), fn), fn)
@@ -946,10 +947,10 @@ class Model(BaseModel):
         self.add_layer(GatedResidual(t(x), t(h), t(gate), t(y), self.alloc), "gated_residual")
 
     def attention(self, x: str, w_q: str, w_k: str, w_v: str, b_q: str, b_k: str, b_v: str, w_o: str,
-                  b_o: str, y: str, ones: str) -> None:
+                  b_o: str, y: str) -> None:
         t = self.tensor
-        self.add_layer(Attention(t(x), t(w_q), t(w_k), t(w_v), t(b_q), t(b_k), t(b_v), t(w_o), t(b_o), t(ones),
-                                 t(y), self.alloc), "attention")
+        self.add_layer(Attention(t(x), t(w_q), t(w_k), t(w_v), t(b_q), t(b_k), t(b_v), t(w_o), t(b_o),
+                                 self.bias_ones(y), t(y), self.alloc), "attention")
 
     # -- parameters -----------------------------------------------------------------------------
     def load_state_dict(self, state_dict) -> None:
