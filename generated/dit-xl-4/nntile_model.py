@@ -25,6 +25,7 @@ Use:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
 import time
@@ -2365,6 +2366,27 @@ MEMORY_PLAN: list[tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = [
 ]
 
 
+def _starpu_wait():
+    """StarPU's own `starpu_task_wait_for_all`, from the libstarpu that NNTile loaded.
+
+    NNTile 1.1.0's `nntile.starpu.wait_for_all` polls: it wakes every 1 ms, and with as many
+    workers as cores each wake-up preempts a worker (about 3000 context switches in a DiT-S/2 batch 8
+    training step on 2 cores). StarPU's call sleeps until the last task ends: 130 switches, and paired
+    steps 5% faster. Falls back to the polling wait where the library is not found (no /proc)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libstarpu-" in line}
+    except OSError:
+        paths = set()
+    for path in sorted(paths):
+        if os.path.basename(path).startswith("libstarpu-"):
+            return ctypes.CDLL(path).starpu_task_wait_for_all
+    return nntile.starpu.wait_for_all
+
+
+wait_for_all = _starpu_wait()
+
+
 @contextlib.contextmanager
 def nntile_runtime(ncpus: int | None = None):
     """Start StarPU on `ncpus` CPU workers (default $STARPU_NCPU or all cores) and shut it down on exit.
@@ -2380,7 +2402,7 @@ def nntile_runtime(ncpus: int | None = None):
     try:
         yield config
     finally:
-        nntile.starpu.wait_for_all()
+        wait_for_all()
         del config  # its destructor shuts StarPU down; never shut down twice
 
 
@@ -3901,7 +3923,7 @@ class Model(BaseModel):
         for i, layer in enumerate(self.layers):
             layer.forward_async()
             self.release(MEMORY_PLAN[i][2], "value")
-        nntile.starpu.wait_for_all()
+        wait_for_all()
         return unpatchify(self.value("final.out"))
 
     def backward(self, grad_out: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
@@ -3911,7 +3933,7 @@ class Model(BaseModel):
         for i in reversed(range(len(self.layers))):
             self.layers[i].backward_async()
             self.release(MEMORY_PLAN[i][1], "grad")
-        nntile.starpu.wait_for_all()
+        wait_for_all()
         return patchify_grad(self.grad("x_patches")) if input_grad else None
 
     def clear_accumulated_grads(self) -> None:
@@ -3940,7 +3962,7 @@ class Model(BaseModel):
         diff = self.forward(x, t, y) - target
         self.backward(2.0 / target.size * diff, input_grad=False)
         optimizer.step()
-        nntile.starpu.wait_for_all()
+        wait_for_all()
         return float(np.mean(diff ** 2))
 
     def profile_layers(self, optimizer: AdamW | None = None, repeats: int = 3) -> dict[str, float]:
@@ -3950,7 +3972,7 @@ class Model(BaseModel):
         seconds: dict[str, float] = defaultdict(float)
         self.clear_accumulated_grads()
         clear_async(self.tensors["final.out"].grad)
-        nntile.starpu.wait_for_all()
+        wait_for_all()
         order = range(len(self.layers))
         for direction, indices, column, part in (("forward", order, 2, "value"), ("backward", order[::-1], 1, "grad")):
             for i in indices:
@@ -3958,13 +3980,13 @@ class Model(BaseModel):
                 start = time.perf_counter()
                 for _ in range(repeats):
                     run()
-                nntile.starpu.wait_for_all()
+                wait_for_all()
                 seconds[f"{self.layer_kinds[i]} {direction}"] += (time.perf_counter() - start) / repeats
                 self.release(MEMORY_PLAN[i][column], part)  # after the repeats, which read what it frees
         if optimizer is not None:
             start = time.perf_counter()
             optimizer.step()
-            nntile.starpu.wait_for_all()
+            wait_for_all()
             seconds["adamw step"] = time.perf_counter() - start
         return dict(seconds)
 
