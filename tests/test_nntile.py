@@ -86,6 +86,19 @@ def test_a_corrupted_op_is_caught_and_named(tmp_path, capsys):
     assert "nntile_model.py differ from a fresh build" in capsys.readouterr().out
 
 
+def test_models_wait_with_starpus_blocking_call(tmp_path):
+    """NNTile's `wait_for_all` polls every 1 ms and preempts a worker each time; the generated model
+    calls StarPU's blocking `starpu_task_wait_for_all` from the libstarpu NNTile loaded."""
+    import nntile
+
+    from dit_compiler.run.common import load_module
+
+    _, folder = build(tmp_path)
+    module = load_module(folder / NNTILE_FILE)
+    assert module.wait_for_all is not nntile.starpu.wait_for_all
+    assert module.wait_for_all.__name__ == "starpu_task_wait_for_all"
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_adamw_training_steps_match_torch(tmp_path, weight_decay):
     """Three AdamW steps on the MSE loss: the NNTile model's optimiser and torch's end on the same weights."""
