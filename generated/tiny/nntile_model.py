@@ -1055,8 +1055,8 @@ class Model(BaseModel):
 
     def profile_layers(self, optimizer: AdamW | None = None, repeats: int = 3) -> dict[str, float]:
         """Seconds per op kind of one forward, one backward and (given an optimiser) one step, after a
-        `forward`. Each layer is submitted `repeats` times and waited on once, which amortises StarPU's
-        1 ms wait polls but removes the overlap StarPU finds between layers: the sum exceeds a step."""
+        `forward`. Each layer is submitted `repeats` times and waited on once, which amortises the cost of a
+        wait but removes the overlap StarPU finds between layers: the sum exceeds a step."""
         seconds: dict[str, float] = defaultdict(float)
         self.clear_accumulated_grads()
         clear_async(self.tensors["final.out"].grad)
