@@ -59,15 +59,16 @@ def test_invalid_point_is_reported_and_the_sweep_goes_on_then_resumes(tmp_path, 
 
 @needs_nntile
 @pytest.mark.nntile
-def test_bench_prints_both_sides_and_a_ratio_pooling_alternating_rounds(tmp_path, capsys):
+def test_bench_prints_both_sides_and_a_ratio_pooling_interleaved_rounds(tmp_path, capsys):
     report = tmp_path / "bench.json"
     assert main(["bench", str(SPECS / "tiny.yaml"), "-o", str(tmp_path), "--warmup", "1", "--repeats", "1",
                  "--rounds", "2", "--json", str(report)]) == 0
     printed = capsys.readouterr().out
     assert "ratio nntile/torch: forward" in printed and "2 StarPU CPU workers" in printed
-    assert "in each of 2 alternating rounds" in printed
+    assert "in each of 2 rounds, the sides' runs interleaved" in printed and "median of paired steps" in printed
     data = json.loads(report.read_text())
     assert all(len(data["report"]["sides"][side]["step_s"]) == 2 for side in ("nntile", "torch"))
+    assert data["summary"]["paired_step_ratio"] > 0
     summary = data["summary"]
     assert summary["nntile"]["peak_rss_mib"] > 0 and summary["torch"]["step_median_s"] > 0
     assert summary["ratio"]["step_median_s"] > 0

@@ -6,19 +6,25 @@ reference randomised with one seed), the same inputs and the same number of thre
 `ncpus` StarPU CPU workers with single-threaded BLAS, torch `ncpus` intra-op threads.
 
 A training step is forward, an MSE loss against a random target, backward and an AdamW step.
-With `rounds` > 1 the sides alternate (nntile, torch, nntile, ...), each round in fresh processes, and
-the times of all rounds are pooled: a slow spell of a shared machine then hits both sides alike.
+Both sides' processes live through a round, and their measured runs interleave one by one
+(nntile, torch, torch, nntile, ...), so the two times of a pair are seconds apart: on a shared
+machine whose speed drifts by tens of percent within a minute, a slow spell hits both sides alike.
+While the torch side runs, NNTile's StarPU workers are paused (idle, they spin on both cores).
+With `rounds` > 1 each round starts fresh processes, and the times of all rounds are pooled.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -60,8 +66,18 @@ class BenchReport:
                             for k in ("forward_median_s", "step_median_s", "peak_rss_mib")}
         return out
 
+    def paired_step_ratio(self) -> float | None:
+        """The median, over interleaved pairs of training steps (run seconds apart), of NNTile's time
+        over torch's: what a drift of the machine's speed disturbs least."""
+        if {"nntile", "torch"} <= self.sides.keys():
+            nntile, torch = self.sides["nntile"].step_s, self.sides["torch"].step_s
+            if len(nntile) == len(torch):
+                return statistics.median(a / b for a, b in zip(nntile, torch))
+        return None
+
     def to_json(self) -> str:
-        return json.dumps({"report": asdict(self), "summary": self.summary()}, indent=1) + "\n"
+        summary = self.summary() | {"paired_step_ratio": self.paired_step_ratio()}
+        return json.dumps({"report": asdict(self), "summary": summary}, indent=1) + "\n"
 
 
 def _stats(times: list[float]) -> str:
@@ -71,7 +87,8 @@ def _stats(times: list[float]) -> str:
 def format_bench(report: BenchReport) -> str:
     s = report.summary()
     lines = [f"ditc bench: {report.spec}, batch {report.batch}, {report.warmup} warm-up + {report.repeats} "
-             f"measured runs" + (f" in each of {report.rounds} alternating rounds" if report.rounds > 1 else "")]
+             f"measured runs" + (f" in each of {report.rounds} rounds" if report.rounds > 1 else "")
+             + (", the sides' runs interleaved" if len(report.sides) > 1 else "")]
     for name, side in report.sides.items():
         what = (f"{side.threads} StarPU CPU workers, scheduler {side.scheduler}" if name == "nntile"
                 else f"{side.threads} torch threads")
@@ -81,8 +98,8 @@ def format_bench(report: BenchReport) -> str:
                   f"  peak RSS    {side.peak_rss_mib:8.0f} MiB"]
     if "ratio" in s:
         r = s["ratio"]
-        lines.append(f"ratio nntile/torch: forward {r['forward_median_s']:.2f}, train step {r['step_median_s']:.2f}, "
-                     f"peak RSS {r['peak_rss_mib']:.2f}")
+        lines.append(f"ratio nntile/torch: forward {r['forward_median_s']:.2f}, train step {r['step_median_s']:.2f} "
+                     f"(median of paired steps {report.paired_step_ratio():.2f}), peak RSS {r['peak_rss_mib']:.2f}")
     for name, side in report.sides.items():
         if side.profile:
             total = sum(side.profile.values())
@@ -96,10 +113,10 @@ def bench(graph: Graph, build_dir: Path, *, ncpus: int, warmup: int = 1, repeats
           sides: tuple[str, ...] = ("nntile", "torch"), rounds: int = 1, progress=print) -> BenchReport:
     results: dict[str, SideResult] = {}
     for round_ in range(rounds):
-        for side in sides:
-            where = f" (round {round_ + 1}/{rounds})" if rounds > 1 else ""
-            progress(f"{side}: {warmup} warm-up + {repeats} measured runs in a fresh process{where}")
-            result = _run_worker(side, build_dir, ncpus, warmup, repeats, profile and round_ == 0)
+        where = f" (round {round_ + 1}/{rounds})" if rounds > 1 else ""
+        progress(f"{' and '.join(sides)}: {warmup} warm-up + {repeats} measured runs each, interleaved, "
+                 f"in fresh processes{where}")
+        for side, result in _round(sides, build_dir, ncpus, warmup, repeats, profile and round_ == 0).items():
             results[side] = pooled(results[side], result) if side in results else result
     return BenchReport(graph.spec.name, graph.axes["batch"].size, ncpus, warmup, repeats, results, rounds)
 
@@ -110,16 +127,66 @@ def pooled(first: SideResult, more: SideResult) -> SideResult:
                       max(first.peak_rss_mib, more.peak_rss_mib), first.profile, first.scheduler)
 
 
-def _run_worker(side: str, build_dir: Path, ncpus: int, warmup: int, repeats: int, profile: bool) -> SideResult:
-    cmd = [sys.executable, "-m", "dit_compiler.run.bench", "--worker", side, "--dir", str(build_dir),
-           "--ncpus", str(ncpus), "--warmup", str(warmup), "--repeats", str(repeats)]
-    if profile:
-        cmd.append("--profile")
-    env = os.environ | {"OMP_NUM_THREADS": "1", "STARPU_NCPU": str(ncpus), "STARPU_SILENT": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{side} benchmark failed:\n{done.stderr[-4000:]}")
-    return SideResult(**json.loads(done.stdout.strip().splitlines()[-1]))
+def _round(sides: tuple[str, ...], build_dir: Path, ncpus: int, warmup: int, repeats: int,
+           profile: bool) -> dict[str, SideResult]:
+    """One round: a process per side, warmed up, then their measured runs interleaved. The side that
+    goes first alternates from pair to pair, so neither always runs right after the other."""
+    with contextlib.ExitStack() as stack:
+        workers = [stack.enter_context(_Worker(side, build_dir, ncpus, warmup, profile)) for side in sides]
+        for worker in workers:  # both warm up at once; nothing is measured until both are done
+            worker.reply()
+        times: dict[str, dict[str, list[float]]] = {w.side: {"forward": [], "step": []} for w in workers}
+        for what in ("forward", "step"):
+            for i in range(repeats):
+                for worker in (workers if i % 2 == 0 else workers[::-1]):
+                    times[worker.side][what].append(worker.ask(what))
+        results = {}
+        for worker in workers:
+            result = SideResult(**worker.ask("finish"))
+            results[worker.side] = SideResult(**(asdict(result) | {"forward_s": times[worker.side]["forward"],
+                                                                     "step_s": times[worker.side]["step"]}))
+        return results
+
+
+#: Marks the worker's replies on its stdout, which libraries may also print to.
+_REPLY = "@ditc-bench "
+
+
+class _Worker:
+    """One side in a subprocess (`python -m dit_compiler.run.bench --worker SIDE`), driven over its
+    stdin: `forward` and `step` run one and reply with the seconds, `finish` replies with the side's
+    `SideResult` (peak RSS, profile) and ends it. It says `ready` once warmed up."""
+
+    def __init__(self, side: str, build_dir: Path, ncpus: int, warmup: int, profile: bool):
+        self.side = side
+        cmd = [sys.executable, "-m", "dit_compiler.run.bench", "--worker", side, "--dir", str(build_dir),
+               "--ncpus", str(ncpus), "--warmup", str(warmup)] + (["--profile"] if profile else [])
+        env = os.environ | {"OMP_NUM_THREADS": "1", "STARPU_NCPU": str(ncpus), "STARPU_SILENT": "1"}
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.stderr, text=True)
+
+    def __enter__(self) -> "_Worker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.stderr.close()
+
+    def ask(self, command: str):
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.reply()
+
+    def reply(self):
+        for line in self.proc.stdout:
+            if line.startswith(_REPLY):
+                return json.loads(line[len(_REPLY):])
+        self.proc.wait()
+        self.stderr.seek(0)
+        raise RuntimeError(f"{self.side} benchmark failed:\n{self.stderr.read()[-4000:]}")
 
 
 # -- the worker: one side in its own process ---------------------------------------------------------
@@ -129,7 +196,20 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def _worker(side: str, build_dir: Path, ncpus: int, warmup: int, repeats: int, profile: bool) -> SideResult:
+@dataclass
+class _Side:
+    """What a worker runs: one forward, one training step, the per-op-kind profile."""
+    forward: Callable[[], None]
+    step: Callable[[], None]
+    profile: Callable[[], dict[str, float]]
+    threads: int
+    scheduler: str = ""
+    idle: Callable[[], None] = lambda: None      # between its measured runs, while the other side runs
+    wake: Callable[[], None] = lambda: None
+
+
+@contextlib.contextmanager
+def _side(side: str, build_dir: Path, ncpus: int) -> Iterator[_Side]:
     import numpy as np
     import torch
 
@@ -164,19 +244,19 @@ def _worker(side: str, build_dir: Path, ncpus: int, warmup: int, repeats: int, p
             loss.backward()
             optimizer.step()
 
-        for _ in range(warmup):
-            step()
-        forward_s = [_timed(forward) for _ in range(repeats)]
-        step_s = [_timed(step) for _ in range(repeats)]
-        kinds: dict[str, float] = {}
-        if profile:
+        def profile() -> dict[str, float]:
+            kinds: dict[str, float] = {}
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 step()
             for event in prof.key_averages():
                 if event.key.startswith("aten::") and event.self_cpu_time_total > 0:
                     kinds[event.key] = event.self_cpu_time_total / 1e6
-            kinds = dict(sorted(kinds.items(), key=lambda kv: -kv[1])[:15])
-        return SideResult(side, torch.get_num_threads(), forward_s, step_s, _peak_rss_mib(), kinds)
+            return dict(sorted(kinds.items(), key=lambda kv: -kv[1])[:15])
+
+        yield _Side(forward, step, profile, torch.get_num_threads())
+        return
+
+    import nntile
 
     module = load_module(build_dir / "nntile_model.py")
     with module.nntile_runtime(ncpus):
@@ -185,16 +265,35 @@ def _worker(side: str, build_dir: Path, ncpus: int, warmup: int, repeats: int, p
         del reference
         optimizer = model.adamw(LR)
         try:
-            for _ in range(warmup):
-                model.train_step(x, t, y, target, optimizer)
-            forward_s = [_timed(lambda: model.forward(x, t, y)) for _ in range(repeats)]
-            step_s = [_timed(lambda: model.train_step(x, t, y, target, optimizer)) for _ in range(repeats)]
-            kinds = model.profile_layers(optimizer) if profile else {}
+            yield _Side(lambda: model.forward(x, t, y), lambda: model.train_step(x, t, y, target, optimizer),
+                        lambda: model.profile_layers(optimizer), ncpus,
+                        os.environ["STARPU_SCHED"],  # the runtime's default unless the caller set one
+                        nntile.starpu.pause, nntile.starpu.resume)
         finally:
             optimizer.unregister()
             model.unregister()
-        scheduler = os.environ["STARPU_SCHED"]  # the runtime's default unless the caller set one
-    return SideResult(side, ncpus, forward_s, step_s, _peak_rss_mib(), kinds, scheduler)
+
+
+def _serve(side: str, build_dir: Path, ncpus: int, warmup: int, profile: bool) -> None:
+    """The worker's loop: warm up, then answer the parent's commands (see `_Worker`)."""
+    def reply(value) -> None:
+        print(_REPLY + json.dumps(value), flush=True)
+
+    with _side(side, build_dir, ncpus) as run:
+        for _ in range(warmup):
+            run.step()
+        run.idle()
+        reply("ready")
+        for line in sys.stdin:
+            command = line.strip()
+            if command == "finish":
+                break
+            run.wake()
+            reply(_timed(run.forward if command == "forward" else run.step))
+            run.idle()
+        run.wake()
+        kinds = run.profile() if profile else {}
+    reply(asdict(SideResult(side, run.threads, [], [], _peak_rss_mib(), kinds, run.scheduler)))
 
 
 def _peak_rss_mib() -> float:
@@ -208,16 +307,14 @@ def _peak_rss_mib() -> float:
 
 
 def _main() -> None:
-    p = argparse.ArgumentParser(description="one side of `ditc bench` (internal)")
+    p = argparse.ArgumentParser(description="one side of `ditc bench` (internal), driven over stdin")
     p.add_argument("--worker", choices=("nntile", "torch"), required=True)
     p.add_argument("--dir", type=Path, required=True)
     p.add_argument("--ncpus", type=int, required=True)
     p.add_argument("--warmup", type=int, required=True)
-    p.add_argument("--repeats", type=int, required=True)
     p.add_argument("--profile", action="store_true")
     a = p.parse_args()
-    result = _worker(a.worker, a.dir, a.ncpus, a.warmup, a.repeats, a.profile)
-    print(json.dumps(asdict(result)))
+    _serve(a.worker, a.dir, a.ncpus, a.warmup, a.profile)
 
 
 if __name__ == "__main__":
