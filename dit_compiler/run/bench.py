@@ -114,8 +114,8 @@ def bench(graph: Graph, build_dir: Path, *, ncpus: int, warmup: int = 1, repeats
     results: dict[str, SideResult] = {}
     for round_ in range(rounds):
         where = f" (round {round_ + 1}/{rounds})" if rounds > 1 else ""
-        progress(f"{' and '.join(sides)}: {warmup} warm-up + {repeats} measured runs each, interleaved, "
-                 f"in fresh processes{where}")
+        progress(f"{' and '.join(sides)}: {warmup} warm-up + {repeats} measured runs"
+                 + (" each, interleaved, in fresh processes" if len(sides) > 1 else " in a fresh process") + where)
         for side, result in _round(sides, build_dir, ncpus, warmup, repeats, profile and round_ == 0).items():
             results[side] = pooled(results[side], result) if side in results else result
     return BenchReport(graph.spec.name, graph.axes["batch"].size, ncpus, warmup, repeats, results, rounds)
