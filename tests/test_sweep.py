@@ -78,16 +78,17 @@ def test_bench_prints_both_sides_and_a_ratio_pooling_interleaved_rounds(tmp_path
 @pytest.mark.nntile
 def test_bench_rounds_pass_over_every_point_and_pool_its_times(tmp_path):
     """`--bench --rounds 2`: every point is benchmarked twice, in two passes over the sweep, its times
-    pooled (3 measured steps a round); torch is timed once per round for the shared model; a resumed
-    sweep that has its rounds runs nothing again."""
+    pooled (3 measured steps a round), each interleaved with as many torch steps; a resumed sweep that
+    has its rounds runs nothing again."""
     sweep = write_sweep(tmp_path, "grid:\n  tiling.tokens: [6, 16]\n")
     out = tmp_path / "out"
     assert main(["sweep", str(sweep), "-o", str(out), "--bench", "--rounds", "2", "--ncpus", "2"]) == 0
     results = json.loads((out / "s" / "results.json").read_text())
     assert [r["rounds"] for r in results] == [2, 2]
-    assert all(len(r["nntile_bench"]["step_s"]) == 6 for r in results)
+    assert all(len(r[f"{side}_bench"]["step_s"]) == 6 for r in results for side in ("nntile", "torch"))
     rows = list(csv.DictReader((out / "s" / "results.csv").open()))
     assert all(float(row["ratio_step_median_s"]) > 0 and float(row["torch_step_median_s"]) > 0 for row in rows)
+    assert all(float(row["paired_step_ratio"]) > 0 for row in rows)
     assert "nntile_bench" not in rows[0]  # raw times stay in the JSON
     assert main(["sweep", str(sweep), "-o", str(out), "--bench", "--rounds", "2", "--resume"]) == 0
     assert json.loads((out / "s" / "results.json").read_text()) == results

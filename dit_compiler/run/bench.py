@@ -129,33 +129,39 @@ def pooled(first: SideResult, more: SideResult) -> SideResult:
 
 def _round(sides: tuple[str, ...], build_dir: Path, ncpus: int, warmup: int, repeats: int,
            profile: bool) -> dict[str, SideResult]:
-    """One round: a process per side, warmed up, then their measured runs interleaved. The side that
-    goes first alternates from pair to pair, so neither always runs right after the other."""
+    """One round: a process per side, warmed up, then their measured runs interleaved."""
     with contextlib.ExitStack() as stack:
-        workers = [stack.enter_context(_Worker(side, build_dir, ncpus, warmup, profile)) for side in sides]
+        workers = [stack.enter_context(SideProcess(side, build_dir, ncpus, warmup, profile)) for side in sides]
         for worker in workers:  # both warm up at once; nothing is measured until both are done
             worker.reply()
-        times: dict[str, dict[str, list[float]]] = {w.side: {"forward": [], "step": []} for w in workers}
-        for what in ("forward", "step"):
-            for i in range(repeats):
-                for worker in (workers if i % 2 == 0 else workers[::-1]):
-                    times[worker.side][what].append(worker.ask(what))
-        results = {}
-        for worker in workers:
-            result = SideResult(**worker.ask("finish"))
-            results[worker.side] = SideResult(**(asdict(result) | {"forward_s": times[worker.side]["forward"],
-                                                                     "step_s": times[worker.side]["step"]}))
-        return results
+        times = interleave(workers, repeats)
+        return {worker.side: with_times(SideResult(**worker.ask("finish")), times[worker.side]) for worker in workers}
+
+
+def interleave(workers: list[SideProcess], repeats: int) -> dict[str, dict[str, list[float]]]:
+    """`repeats` forwards, then `repeats` training steps of every worker, one by one; the side that
+    goes first alternates from pair to pair, so neither always runs right after the other."""
+    times: dict[str, dict[str, list[float]]] = {w.side: {"forward": [], "step": []} for w in workers}
+    for what in ("forward", "step"):
+        for i in range(repeats):
+            for worker in (workers if i % 2 == 0 else workers[::-1]):
+                times[worker.side][what].append(worker.ask(what))
+    return times
+
+
+def with_times(result: SideResult, times: dict[str, list[float]]) -> SideResult:
+    return SideResult(**(asdict(result) | {"forward_s": times["forward"], "step_s": times["step"]}))
 
 
 #: Marks the worker's replies on its stdout, which libraries may also print to.
 _REPLY = "@ditc-bench "
 
 
-class _Worker:
+class SideProcess:
     """One side in a subprocess (`python -m dit_compiler.run.bench --worker SIDE`), driven over its
-    stdin: `forward` and `step` run one and reply with the seconds, `finish` replies with the side's
-    `SideResult` (peak RSS, profile) and ends it. It says `ready` once warmed up."""
+    stdin: `forward` and `step` run one and reply with the seconds, `rss` replies with the peak RSS so
+    far, `finish` replies with the side's `SideResult` (peak RSS, profile) and ends it. It says `ready`
+    once warmed up."""
 
     def __init__(self, side: str, build_dir: Path, ncpus: int, warmup: int, profile: bool):
         self.side = side
@@ -166,7 +172,7 @@ class _Worker:
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.stderr, text=True)
 
-    def __enter__(self) -> "_Worker":
+    def __enter__(self) -> "SideProcess":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -275,7 +281,7 @@ def _side(side: str, build_dir: Path, ncpus: int) -> Iterator[_Side]:
 
 
 def _serve(side: str, build_dir: Path, ncpus: int, warmup: int, profile: bool) -> None:
-    """The worker's loop: warm up, then answer the parent's commands (see `_Worker`)."""
+    """The worker's loop: warm up, then answer the parent's commands (see `SideProcess`)."""
     def reply(value) -> None:
         print(_REPLY + json.dumps(value), flush=True)
 
@@ -288,6 +294,9 @@ def _serve(side: str, build_dir: Path, ncpus: int, warmup: int, profile: bool) -
             command = line.strip()
             if command == "finish":
                 break
+            if command == "rss":
+                reply(_peak_rss_mib())
+                continue
             run.wake()
             reply(_timed(run.forward if command == "forward" else run.step))
             run.idle()

@@ -18,6 +18,7 @@ Keys are dotted spec paths (`model.depth`, `tiling.hidden`, `batch`).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import itertools
@@ -31,6 +32,9 @@ import yaml
 
 from dit_compiler.build import write_text_atomic
 from dit_compiler.errors import Diagnostic, SpecError, UsageError
+
+#: Measured forwards and training steps of each side per benchmark round of a point.
+BENCH_REPEATS = 3
 
 SWEEP_KEYS = {"base", "name", "grid", "zip", "points"}
 
@@ -58,6 +62,7 @@ class PointResult:
     metrics: dict[str, float] = field(default_factory=dict)
     rounds: int = 0                                  # benchmark rounds done
     nntile_bench: dict[str, Any] = field(default_factory=dict)  # NNTile's times pooled over the rounds
+    torch_bench: dict[str, Any] = field(default_factory=dict)   # torch's, measured interleaved with them
 
 
 def _fail(path: Path, message: str) -> SpecError:
@@ -108,29 +113,57 @@ def apply_overrides(base: dict, overrides: dict[str, Any], name: str) -> dict:
     return data
 
 
-def _bench_round(result: PointResult, graph, folder: Path, ncpus: int, torch_cache: dict) -> None:
-    """One more benchmark round of a point, pooled with its earlier rounds. NNTile runs every round;
-    torch once per round and distinct model (tiling does not change torch's module), pooled likewise."""
-    from dit_compiler.run.bench import BenchReport, SideResult, bench, pooled
+class TorchPartner:
+    """The torch process a benchmarked point's NNTile runs interleave with: one at a time, kept while
+    consecutive points share a model (tiling does not change torch's module), replaced when the model
+    changes, ended with the sweep."""
 
-    spec = graph.spec.to_dict()
-    key = json.dumps({k: spec[k] for k in ("model", "batch", "precision")}, sort_keys=True)
-    round_ = result.rounds + 1
-    torch_rounds, torch_side = torch_cache.get(key, (0, None))
-    sides = ("nntile", "torch") if torch_rounds < round_ else ("nntile",)
-    report = bench(graph, folder, ncpus=ncpus, sides=sides, progress=lambda _: None)
-    if "torch" in sides:
-        torch_side = pooled(torch_side, report.sides["torch"]) if torch_side else report.sides["torch"]
-        torch_cache[key] = (round_, torch_side)
-    nntile = report.sides["nntile"]
+    def __init__(self, ncpus: int):
+        self.ncpus, self.key, self.process = ncpus, None, None
+        self.stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "TorchPartner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stack.close()
+
+    def for_model(self, graph, folder: Path):
+        from dit_compiler.run.bench import SideProcess
+
+        spec = graph.spec.to_dict()
+        key = json.dumps({k: spec[k] for k in ("model", "batch", "precision")}, sort_keys=True)
+        if key != self.key:
+            self.stack.close()
+            self.key, self.process = key, self.stack.enter_context(SideProcess("torch", folder, self.ncpus, 1, False))
+            self.process.reply()  # warmed up
+        return self.process
+
+
+def _bench_round(result: PointResult, graph, folder: Path, torch_partner: TorchPartner) -> None:
+    """One more benchmark round of a point, pooled with its earlier rounds: a fresh NNTile process
+    whose measured runs interleave with the torch partner's, so the point's ratio compares runs made
+    seconds apart however the machine's speed drifts over the sweep."""
+    from dit_compiler.run.bench import BenchReport, SideProcess, SideResult, interleave, pooled, with_times
+
+    torch_process = torch_partner.for_model(graph, folder)
+    with SideProcess("nntile", folder, torch_partner.ncpus, 1, False) as nntile_process:
+        nntile_process.reply()
+        times = interleave([nntile_process, torch_process], BENCH_REPEATS)
+        nntile = with_times(SideResult(**nntile_process.ask("finish")), times["nntile"])
+    torch_side = SideResult("torch", torch_partner.ncpus, times["torch"]["forward"], times["torch"]["step"],
+                            torch_process.ask("rss"), {})
     if result.nntile_bench:
         nntile = pooled(SideResult(**result.nntile_bench), nntile)
-    result.rounds, result.nntile_bench = round_, asdict(nntile)
-    pooled_report = BenchReport(report.spec, report.batch, ncpus, report.warmup, report.repeats,
-                                {"nntile": nntile, "torch": torch_side}, round_)
-    summary = pooled_report.summary()
+    if result.torch_bench:
+        torch_side = pooled(SideResult(**result.torch_bench), torch_side)
+    result.rounds, result.nntile_bench, result.torch_bench = result.rounds + 1, asdict(nntile), asdict(torch_side)
+    report = BenchReport(graph.spec.name, graph.axes["batch"].size, torch_partner.ncpus, 1, BENCH_REPEATS,
+                         {"nntile": nntile, "torch": torch_side}, result.rounds)
+    summary = report.summary()
     result.metrics.update({f"{side}_{k}": v for side in ("nntile", "torch") for k, v in summary[side].items()})
     result.metrics.update({f"ratio_{k}": v for k, v in summary["ratio"].items()})
+    result.metrics["paired_step_ratio"] = report.paired_step_ratio()
 
 
 def _compile_point(point: Point, base: dict, sweep: Sweep):
@@ -143,7 +176,7 @@ def _compile_point(point: Point, base: dict, sweep: Sweep):
 
 
 def run_point(point: Point, base: dict, sweep: Sweep, out: Path, *, verify_it: bool, bench_it: bool,
-              ncpus: int, torch_cache: dict) -> PointResult:
+              ncpus: int, torch_partner: TorchPartner | None) -> PointResult:
     """Validate, build, inspect, and (when asked) verify and bench the first round of one point."""
     from dit_compiler.build import write_build
     from dit_compiler.graph.cost import totals
@@ -169,8 +202,8 @@ def run_point(point: Point, base: dict, sweep: Sweep, out: Path, *, verify_it: b
                 result.metrics.update(verify_forward=model_row.forward, verify_param_grad=model_row.param_grad)
             if not report.passed:
                 result.status, result.errors = "failed", [report.breach or report.nntile]
-        if bench_it:
-            _bench_round(result, built.graph, folder, ncpus, torch_cache)
+        if torch_partner is not None:
+            _bench_round(result, built.graph, folder, torch_partner)
     except Exception as error:  # a point that crashes is reported, and the sweep goes on
         result.status, result.errors = "failed", [f"{type(error).__name__}: {error}"]
     return result
@@ -250,28 +283,28 @@ def run_sweep(path: str | os.PathLike, out_root: str | os.PathLike, *, verify_it
     if resume and (out / "results.json").is_file():
         done = {r["name"]: PointResult(**r) for r in json.loads((out / "results.json").read_text())}
     results: list[PointResult] = []
-    torch_cache: dict = {}
     rounds = rounds if bench_it else 1
     progress = tqdm(total=len(sweep.points) * rounds, desc=f"sweep {sweep.name}", unit="point")
-    for point in sweep.points:
-        previous = done.get(point.name)
-        if previous is not None and previous.overrides == point.overrides and previous.status != "failed":
-            results.append(previous)
-        else:
-            results.append(run_point(point, base, sweep, out, verify_it=verify_it, bench_it=bench_it,
-                                     ncpus=ncpus, torch_cache=torch_cache))
-            write_results(results, sweep, out)  # after every point: an interrupted sweep resumes from here
-        progress.update()
-    for round_ in range(2, rounds + 1):
-        for point, result in zip(sweep.points, results):
-            if result.status == "ok" and result.rounds < round_:
-                try:
-                    built = _compile_point(point, base, sweep)
-                    _bench_round(result, built.graph, out / "builds" / built.graph.spec.name, ncpus, torch_cache)
-                except Exception as error:  # as in the first round: reported, and the sweep goes on
-                    result.status, result.errors = "failed", [f"{type(error).__name__}: {error}"]
-                write_results(results, sweep, out)
+    with TorchPartner(ncpus) as torch_partner:
+        for point in sweep.points:
+            previous = done.get(point.name)
+            if previous is not None and previous.overrides == point.overrides and previous.status != "failed":
+                results.append(previous)
+            else:
+                results.append(run_point(point, base, sweep, out, verify_it=verify_it, bench_it=bench_it, ncpus=ncpus,
+                                         torch_partner=torch_partner if bench_it else None))
+                write_results(results, sweep, out)  # after every point: an interrupted sweep resumes from here
             progress.update()
+        for round_ in range(2, rounds + 1):
+            for point, result in zip(sweep.points, results):
+                if result.status == "ok" and result.rounds < round_:
+                    try:
+                        built = _compile_point(point, base, sweep)
+                        _bench_round(result, built.graph, out / "builds" / built.graph.spec.name, torch_partner)
+                    except Exception as error:  # as in the first round: reported, and the sweep goes on
+                        result.status, result.errors = "failed", [f"{type(error).__name__}: {error}"]
+                    write_results(results, sweep, out)
+                progress.update()
     progress.close()
     write_results(results, sweep, out)
     plot_results(results, sweep, out)
