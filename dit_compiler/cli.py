@@ -133,9 +133,13 @@ def cmd_bench(args) -> int:
     sides = ("nntile", "torch") if status == "ran" else ("torch",)
     if status != "ran":
         print(f"note: {status}; timing torch alone", file=sys.stderr)
-    report = bench(lower(spec), build_dir, ncpus=args.ncpus, warmup=args.warmup, repeats=args.repeats,
-                   profile=args.profile, sides=sides, rounds=args.rounds,
-                   progress=lambda line: print(f"[bench] {line}", flush=True))
+    try:
+        report = bench(lower(spec), build_dir, ncpus=args.ncpus, warmup=args.warmup, repeats=args.repeats,
+                       profile=args.profile, sides=sides, rounds=args.rounds,
+                       progress=lambda line: print(f"[bench] {line}", flush=True))
+    except RuntimeError as error:  # a side's process failed: what it printed, not a traceback of ours
+        print(f"ditc bench: {error}", file=sys.stderr)
+        return 1
     print(format_bench(report))
     if args.json:
         from dit_compiler.build import write_text_atomic

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 
-from conftest import SPECS, needs_nntile
+from conftest import ROOT, SPECS, needs_nntile
 from dit_compiler.cli import main
 from dit_compiler.run.sweep import load_sweep
 
@@ -72,6 +73,17 @@ def test_bench_prints_both_sides_and_a_ratio_pooling_interleaved_rounds(tmp_path
     summary = data["summary"]
     assert summary["nntile"]["peak_rss_mib"] > 0 and summary["torch"]["step_median_s"] > 0
     assert summary["ratio"]["step_median_s"] > 0
+
+
+@needs_nntile
+@pytest.mark.nntile
+def test_bench_names_the_side_whose_process_died(tmp_path, capsys):
+    build = tmp_path / "tiny"
+    shutil.copytree(ROOT / "generated" / "tiny", build)
+    with (build / "nntile_model.py").open("a") as module:
+        module.write("\nimport os\nos._exit(3)\n")
+    assert main(["bench", str(build), "--warmup", "1", "--repeats", "1"]) == 1
+    assert "ditc bench: nntile benchmark failed (its process exited with 3)" in capsys.readouterr().err
 
 
 @needs_nntile

@@ -182,17 +182,21 @@ class SideProcess:
         self.stderr.close()
 
     def ask(self, command: str):
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # the worker has ended: `reply` reports what it printed on stderr
         return self.reply()
 
     def reply(self):
         for line in self.proc.stdout:
             if line.startswith(_REPLY):
                 return json.loads(line[len(_REPLY):])
-        self.proc.wait()
+        code = self.proc.wait()
         self.stderr.seek(0)
-        raise RuntimeError(f"{self.side} benchmark failed:\n{self.stderr.read()[-4000:]}")
+        raise RuntimeError(f"{self.side} benchmark failed (its process exited with {code}):\n"
+                           f"{self.stderr.read()[-4000:]}")
 
 
 # -- the worker: one side in its own process ---------------------------------------------------------
