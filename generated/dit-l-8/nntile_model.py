@@ -2055,13 +2055,11 @@ def _starpu_wait():
     steps 5% faster. Falls back to the polling wait where the library is not found (no /proc)."""
     try:
         with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "/libstarpu-" in line}
+            paths = sorted({path for path in (line.split()[-1] for line in maps)
+                            if os.path.basename(path).startswith("libstarpu-")})
     except OSError:
-        paths = set()
-    for path in sorted(paths):
-        if os.path.basename(path).startswith("libstarpu-"):
-            return ctypes.CDLL(path).starpu_task_wait_for_all
-    return nntile.starpu.wait_for_all
+        paths = []
+    return ctypes.CDLL(paths[0]).starpu_task_wait_for_all if paths else nntile.starpu.wait_for_all
 
 
 wait_for_all = _starpu_wait()
