@@ -31,6 +31,8 @@ from pathlib import Path
 from dit_compiler.graph.ir import Graph
 
 LR = 1e-4
+#: Warm-up runs and measured runs of each side per round, by default (a sweep's per point).
+WARMUP, REPEATS = 1, 3
 
 
 @dataclass
@@ -109,7 +111,8 @@ def format_bench(report: BenchReport) -> str:
     return "\n".join(lines)
 
 
-def bench(graph: Graph, build_dir: Path, *, ncpus: int, warmup: int = 1, repeats: int = 3, profile: bool = False,
+def bench(graph: Graph, build_dir: Path, *, ncpus: int, warmup: int = WARMUP, repeats: int = REPEATS,
+          profile: bool = False,
           sides: tuple[str, ...] = ("nntile", "torch"), rounds: int = 1, progress=print) -> BenchReport:
     results: dict[str, SideResult] = {}
     for round_ in range(rounds):

@@ -33,9 +33,6 @@ import yaml
 from dit_compiler.build import write_text_atomic
 from dit_compiler.errors import Diagnostic, SpecError, UsageError
 
-#: Measured forwards and training steps of each side per benchmark round of a point.
-BENCH_REPEATS = 3
-
 SWEEP_KEYS = {"base", "name", "grid", "zip", "points"}
 
 
@@ -129,13 +126,13 @@ class TorchPartner:
         self.stack.close()
 
     def for_model(self, graph, folder: Path):
-        from dit_compiler.run.bench import SideProcess
+        from dit_compiler.run.bench import WARMUP, SideProcess
 
         spec = graph.spec.to_dict()
         key = json.dumps({k: spec[k] for k in ("model", "batch", "precision")}, sort_keys=True)
         if key != self.key:
             self.stack.close()
-            self.key, self.process = key, self.stack.enter_context(SideProcess("torch", folder, self.ncpus, 1, False))
+            self.key, self.process = key, self.stack.enter_context(SideProcess("torch", folder, self.ncpus, WARMUP, False))
             self.process.reply()  # warmed up
         return self.process
 
@@ -144,21 +141,22 @@ def _bench_round(result: PointResult, graph, folder: Path, torch_partner: TorchP
     """One more benchmark round of a point, pooled with its earlier rounds: a fresh NNTile process
     whose measured runs interleave with the torch partner's, so the point's ratio compares runs made
     seconds apart however the machine's speed drifts over the sweep."""
-    from dit_compiler.run.bench import BenchReport, SideProcess, SideResult, interleave, pooled, with_times
+    from dit_compiler.run.bench import (REPEATS, WARMUP, BenchReport, SideProcess, SideResult, interleave, pooled,
+                                        with_times)
 
     torch_process = torch_partner.for_model(graph, folder)
-    with SideProcess("nntile", folder, torch_partner.ncpus, 1, False) as nntile_process:
+    with SideProcess("nntile", folder, torch_partner.ncpus, WARMUP, False) as nntile_process:
         nntile_process.reply()
-        times = interleave([nntile_process, torch_process], BENCH_REPEATS)
+        times = interleave([nntile_process, torch_process], REPEATS)
         nntile = with_times(SideResult(**nntile_process.ask("finish")), times["nntile"])
-    torch_side = SideResult("torch", torch_partner.ncpus, times["torch"]["forward"], times["torch"]["step"],
-                            torch_process.ask("rss"), {})
+    torch_side = with_times(SideResult("torch", torch_partner.ncpus, [], [], torch_process.ask("rss"), {}),
+                            times["torch"])
     if result.nntile_bench:
         nntile = pooled(SideResult(**result.nntile_bench), nntile)
     if result.torch_bench:
         torch_side = pooled(SideResult(**result.torch_bench), torch_side)
     result.rounds, result.nntile_bench, result.torch_bench = result.rounds + 1, asdict(nntile), asdict(torch_side)
-    report = BenchReport(graph.spec.name, graph.axes["batch"].size, torch_partner.ncpus, 1, BENCH_REPEATS,
+    report = BenchReport(graph.spec.name, graph.axes["batch"].size, torch_partner.ncpus, WARMUP, REPEATS,
                          {"nntile": nntile, "torch": torch_side}, result.rounds)
     summary = report.summary()
     result.metrics.update({f"{side}_{k}": v for side in ("nntile", "torch") for k, v in summary[side].items()})
