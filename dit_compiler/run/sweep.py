@@ -173,9 +173,19 @@ def _compile_point(point: Point, base: dict, sweep: Sweep):
                                        source=f"{sweep.name}:{point.name}"))
 
 
-def run_point(point: Point, base: dict, sweep: Sweep, out: Path, *, verify_it: bool, bench_it: bool,
-              ncpus: int, torch_partner: TorchPartner | None) -> PointResult:
-    """Validate, build, inspect, and (when asked) verify and bench the first round of one point."""
+@contextlib.contextmanager
+def _reported(result: PointResult):
+    """A point that crashes is reported as failed, and the sweep goes on."""
+    try:
+        yield
+    except Exception as error:
+        result.status, result.errors = "failed", [f"{type(error).__name__}: {error}"]
+
+
+def run_point(point: Point, base: dict, sweep: Sweep, out: Path, *, verify_it: bool, ncpus: int,
+              torch_partner: TorchPartner | None) -> PointResult:
+    """Validate, build, inspect, and (when asked) verify and, given a torch partner, bench the first round
+    of one point."""
     from dit_compiler.build import write_build
     from dit_compiler.graph.cost import totals
 
@@ -190,7 +200,7 @@ def run_point(point: Point, base: dict, sweep: Sweep, out: Path, *, verify_it: b
     result.metrics.update(gmac=tot.forward_macs / 1e9, params_m=tot.params / 1e6,
                           param_mib=tot.param_bytes / 2**20, activation_mib=tot.activation_bytes / 2**20,
                           tasks=tot.tasks)
-    try:
+    with _reported(result):
         if verify_it:
             from dit_compiler.run.verify import verify
 
@@ -202,8 +212,6 @@ def run_point(point: Point, base: dict, sweep: Sweep, out: Path, *, verify_it: b
                 result.status, result.errors = "failed", [report.breach or report.nntile]
         if torch_partner is not None:
             _bench_round(result, built.graph, folder, torch_partner)
-    except Exception as error:  # a point that crashes is reported, and the sweep goes on
-        result.status, result.errors = "failed", [f"{type(error).__name__}: {error}"]
     return result
 
 
@@ -289,18 +297,16 @@ def run_sweep(path: str | os.PathLike, out_root: str | os.PathLike, *, verify_it
             if previous is not None and previous.overrides == point.overrides and previous.status != "failed":
                 results.append(previous)
             else:
-                results.append(run_point(point, base, sweep, out, verify_it=verify_it, bench_it=bench_it, ncpus=ncpus,
+                results.append(run_point(point, base, sweep, out, verify_it=verify_it, ncpus=ncpus,
                                          torch_partner=torch_partner if bench_it else None))
                 write_results(results, sweep, out)  # after every point: an interrupted sweep resumes from here
             progress.update()
         for round_ in range(2, rounds + 1):
             for point, result in zip(sweep.points, results):
                 if result.status == "ok" and result.rounds < round_:
-                    try:
+                    with _reported(result):
                         built = _compile_point(point, base, sweep)
                         _bench_round(result, built.graph, out / "builds" / built.graph.spec.name, torch_partner)
-                    except Exception as error:  # as in the first round: reported, and the sweep goes on
-                        result.status, result.errors = "failed", [f"{type(error).__name__}: {error}"]
                     write_results(results, sweep, out)
                 progress.update()
     progress.close()
