@@ -3,10 +3,13 @@
 Runtime (ordinary, tested modules; NNTile itself is imported on first use, see `kernels`):
 `runtime` (StarPU start and stop, waiting, pausing), `alloc` (tensors), `layers` (one class per op
 kind), `optim` (AdamW), `host` (numpy-side ops), `plan` (the memory plan), `model` (the base class of
-every generated model). Compiler side: `prepare` (the graph pass that adds the layers' own tensors) and
+every generated model), `native` (ditc's own CPU kernels, and which kernel set a model runs), `blas`
+(the BLAS NNTile's GEMMs run on). Compiler side: `prepare` (the graph pass that adds the layers' own tensors) and
 `emit` (the jinja2 emitter in `emitter`, `templates/nntile-1.1/`).
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from dit_compiler import __version__
 from dit_compiler.graph.ir import Graph
@@ -14,6 +17,7 @@ from dit_compiler.posembed import sincos_pos_embed
 from dit_compiler.targets.nntile_1_1.host import (Geometry, patchify, patchify_grad, timestep_features, unpatchify,
                                                   unpatchify_grad)
 from dit_compiler.targets.nntile_1_1.model import Decl, Model, param
+from dit_compiler.targets.nntile_1_1.native import KERNEL_SETS, available as kernel_sets, kernels
 from dit_compiler.targets.nntile_1_1.runtime import nntile_runtime, pause, problem, resume, scheduler, wait_for_all
 
 NAME = "nntile-1.1"
@@ -21,9 +25,10 @@ NNTILE_VERSION = "1.1.0"
 #: Bumped whenever a generated model of an earlier ditc would not run on this runtime.
 RUNTIME_VERSION = 1
 
-__all__ = ["Decl", "Geometry", "Model", "NAME", "NNTILE_VERSION", "RUNTIME_VERSION", "emit", "nntile_runtime",
-           "param", "patchify", "patchify_grad", "pause", "prepare", "problem", "require", "resume", "scheduler",
-           "sincos_pos_embed", "timestep_features", "unpatchify", "unpatchify_grad", "wait_for_all"]
+__all__ = ["Decl", "Geometry", "KERNEL_SETS", "Model", "NAME", "NNTILE_VERSION", "RUNTIME_VERSION", "blas_report",
+           "emit", "gemm", "kernel_sets", "kernels", "nntile_runtime", "param", "patchify", "patchify_grad", "pause",
+           "prepare", "problem", "require", "resume", "scheduler", "sincos_pos_embed", "timestep_features",
+           "unpatchify", "unpatchify_grad", "wait_for_all"]
 
 
 def require(version: int) -> None:
@@ -32,6 +37,22 @@ def require(version: int) -> None:
         raise ImportError(f"this NNTile model was generated for version {version} of ditc's {NAME} runtime, "
                           f"but the installed ditc {__version__} provides version {RUNTIME_VERSION}; "
                           "rebuild it with `ditc build SPEC`")
+
+
+def gemm(m: int, n: int, k: int) -> Callable[[], None]:
+    """One fp32 GEMM [m, k] x [k, n] on the BLAS NNTile's GEMMs call, as a call to time."""
+    from dit_compiler.targets.nntile_1_1 import blas
+
+    return blas.sgemm(m, n, k)[0]
+
+
+def blas_report() -> tuple[str, str | None]:
+    """The BLAS NNTile's GEMMs call, in words, and what to do where it runs below this CPU's vector
+    instructions (None where nothing)."""
+    from dit_compiler.targets.nntile_1_1 import blas
+
+    found = blas.nntile_blas()
+    return (found.describe() if found else "BLAS not found"), blas.advice(found)
 
 
 def prepare(graph: Graph) -> None:

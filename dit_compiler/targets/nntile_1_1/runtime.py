@@ -6,13 +6,17 @@ import ctypes
 import os
 from collections.abc import Callable, Iterator
 
+from dit_compiler.targets.nntile_1_1 import blas
+
 #: What the generated models of this target need of NNTile: the 1.1 API (renamed in later versions).
 REQUIRED_API = ("starpu.Config", "starpu.pause", "tensor.add_slice3_async", "tensor.gelutanh_inplace_async",
                 "tensor.embedding_backward_async")
 
 
 def problem() -> str | None:
-    """None when NNTile 1.1 is importable here, else why not, in a sentence."""
+    """None when NNTile 1.1 is importable here, else why not, in a sentence. Applies a requested OpenBLAS
+    core first (`blas.apply_requested_core`: NNTile's BLAS reads it when it loads)."""
+    blas.apply_requested_core()
     try:
         import nntile
     except Exception as error:  # ImportError, or a broken build that fails while importing
@@ -80,12 +84,14 @@ def nntile_runtime(ncpus: int | None = None) -> Iterator[None]:
     The scheduler is $STARPU_SCHED, by default `lws` (locality work stealing) rather than NNTile's
     `dmda`: on CPU workers dmda's transfer and history models buy nothing, and lws runs a task where
     its inputs were just written (DiT-S/2 batch 8 training step, 2 workers: 3.31 s against 3.63 s)."""
+    blas.apply_requested_core()
     import nntile
 
     os.environ.setdefault("STARPU_SILENT", "1")
     os.environ.setdefault("STARPU_SCHED", "lws")
     config = nntile.starpu.Config(ncpus or os.cpu_count() or 1, 0, 0)
     nntile.starpu.init()
+    blas.warn_once()
     try:
         yield
     finally:
