@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from dit_compiler import __version__
@@ -222,6 +225,12 @@ def _runner(sub, name: str, help_text: str, ncpus_help: str) -> argparse.Argumen
     s.add_argument("-o", "--out", default=DEFAULT_OUT, help="where a spec is built (default: generated/)")
     s.add_argument("--ncpus", type=_count(1), default=_default_ncpus(), help=ncpus_help)
     s.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    s.add_argument("--kernels", choices=("auto", "ditc", "nntile"),
+                   help="NNTile target: ditc's own CPU kernels or NNTile's (default: $DITC_KERNELS, else auto: "
+                        "ditc's where they build)")
+    s.add_argument("--blas-core", metavar="CORE",
+                   help="NNTile target: run OpenBLAS's CORE kernels (OPENBLAS_CORETYPE; auto: the one for this CPU) "
+                        "once a GEMM check against numpy passes (default: $DITC_BLAS_CORE)")
     return s
 
 
@@ -242,13 +251,39 @@ def _default_ncpus() -> int:
     return int(os.environ.get("STARPU_NCPU", os.cpu_count() or 1))
 
 
+def _format_warning(message, category, filename, lineno, line=None, _default=warnings.formatwarning) -> str:
+    """ditc's own warnings (an unavailable kernel set, a slow BLAS core) as one plain line; others as Python's."""
+    if category.__module__.startswith("dit_compiler"):
+        return f"warning: {message}\n"
+    return _default(message, category, filename, lineno, line)
+
+
+@contextlib.contextmanager
+def _one_command(settings: dict[str, str]) -> Iterator[None]:
+    """The environment with `settings`, and ditc's warnings as plain lines, for one command; both as they
+    were afterwards (`main` also runs in-process, in the tests)."""
+    saved, formatwarning = dict(os.environ), warnings.formatwarning
+    os.environ.update(settings)
+    warnings.formatwarning = _format_warning
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        warnings.formatwarning = formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     # NNTile's tasks must not spawn BLAS threads of their own; StarPU's banner is noise here.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("STARPU_SILENT", "1")
     args = parser().parse_args(argv)
+    # the NNTile target reads these where it starts (its runners' subprocesses inherit them)
+    settings = {variable: getattr(args, option) for option, variable in
+                (("kernels", "DITC_KERNELS"), ("blas_core", "DITC_BLAS_CORE")) if getattr(args, option, None)}
     try:
-        return args.func(args)
+        with _one_command(settings):
+            return args.func(args)
     except SpecError as error:
         for diagnostic in error.diagnostics:
             print(diagnostic, file=sys.stderr)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import needs_nntile
+from dit_compiler.errors import UsageError
 from dit_compiler.targets.nntile_1_1 import native
 
 #: Scores [keys, queries, batch, heads] and their tiles: keys in one tile (one pass) and in three ragged
@@ -163,7 +164,7 @@ def test_without_the_extension_nntiles_kernels_run_and_say_why(no_extension):
         choice = native.kernels()
     assert (choice.name, choice.module) == ("nntile", None)
     assert "unavailable: no NNTile build tree here" in choice.note
-    with pytest.raises(native.Unavailable, match="asked for but are unavailable: no NNTile build tree here"):
+    with pytest.raises(UsageError, match="kernel set ditc: ditc's kernels are unavailable here: no NNTile build"):
         native.kernels("ditc")
 
 
@@ -171,7 +172,7 @@ def test_the_kernel_set_comes_from_the_environment(no_extension, monkeypatch):
     monkeypatch.setenv(native.ENV, "nntile")
     assert native.kernels().name == "nntile"
     monkeypatch.setenv(native.ENV, "fast")
-    with pytest.raises(ValueError, match=r"\$DITC_KERNELS kernel set 'fast': allowed are auto, ditc, nntile"):
+    with pytest.raises(UsageError, match=r"\$DITC_KERNELS kernel set 'fast': allowed are auto, ditc, nntile"):
         native.kernels()
 
 

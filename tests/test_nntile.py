@@ -80,6 +80,27 @@ def test_verify_twice_in_one_process(tmp_path):
     assert [r.forward for r in second.rows] == pytest.approx([r.forward for r in first.rows], rel=0.2)
 
 
+@pytest.mark.parametrize("default, other", [("ditc", "nntile"), ("nntile", "ditc")])
+def test_verify_runs_both_kernel_sets(tmp_path, monkeypatch, capsys, default, other):
+    """The table is the default kernel set's ($DITC_KERNELS / --kernels); the model runs again on the other
+    set, whose row must pass too. The ragged tiny spec's keys span three tiles: ditc's softmax combines them."""
+    from dit_compiler.targets.nntile_1_1 import KERNEL_SETS, native
+
+    if why := native.problem():
+        pytest.skip(f"ditc's kernels are unavailable here: {why}")
+    monkeypatch.setenv("DITC_KERNELS", default)
+    graph, folder = build(tmp_path)
+    report = quiet_verify(graph, folder)
+    assert_passes(report, TIGHT_FORWARD, TIGHT_GRAD)
+    assert report.kernels.startswith(KERNEL_SETS[default])
+    assert report.kernels.endswith(f"the model also ran on {KERNEL_SETS[other]}")
+    row = next(r for r in report.rows if r.component == f"model, {KERNEL_SETS[other]}")
+    assert row.forward <= TIGHT_FORWARD and row.input_grad <= TIGHT_GRAD and row.param_grad <= TIGHT_GRAD
+    monkeypatch.delenv("DITC_KERNELS")
+    assert main(["verify", str(folder), "--no-oracle", "--kernels", default]) == 0
+    assert f"kernels: {KERNEL_SETS[default]}" in capsys.readouterr().out
+
+
 def _broken_copy(tmp_path, folder, file: str, pattern: str, replacement: str):
     broken = tmp_path / "broken"
     shutil.copytree(folder, broken)

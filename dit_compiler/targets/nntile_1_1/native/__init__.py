@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from dit_compiler.errors import UsageError
+
 SOURCE = Path(__file__).with_name("kernels.cc")
 MODULE = "ditc_nntile_kernels"
 ENV = "DITC_KERNELS"
@@ -195,6 +197,11 @@ def problem() -> str | None:
     return None
 
 
+def available() -> dict[str, str | None]:
+    """Every kernel set: None where it can run here, else why not."""
+    return {"ditc": problem(), "nntile": None}
+
+
 @dataclass(frozen=True)
 class KernelChoice:
     """The kernel set a model runs: `name` (a key of KERNEL_SETS), the extension where it is ditc's, and
@@ -207,17 +214,18 @@ class KernelChoice:
 
 def kernels(requested: str | None = None) -> KernelChoice:
     """The kernel set to run: `requested`, else $DITC_KERNELS, else `auto` (ditc's where available, else
-    NNTile's, with a warning saying why). Asking for `ditc` where it is unavailable raises `Unavailable`."""
+    NNTile's, with a warning saying why). An unknown name, or `ditc` where it is unavailable, raises
+    UsageError."""
     name = requested or os.environ.get(ENV) or "auto"
+    source = "requested" if requested else f"${ENV}"
     if name not in (*KERNEL_SETS, "auto"):
-        source = "requested" if requested else f"${ENV}"
-        raise ValueError(f"{source} kernel set {name!r}: allowed are auto, {', '.join(KERNEL_SETS)}")
+        raise UsageError(f"{source} kernel set {name!r}: allowed are auto, {', '.join(KERNEL_SETS)}")
     if name == "nntile":
         return KernelChoice("nntile", None, "NNTile's kernels (asked for)")
     why = problem()
     if why is None:
         return KernelChoice("ditc", load(), f"ditc's kernels for {REPLACED}, NNTile's for the rest")
     if name == "ditc":
-        raise Unavailable(f"ditc's kernels were asked for but are unavailable: {why}")
+        raise UsageError(f"{source} kernel set ditc: ditc's kernels are unavailable here: {why}")
     warnings.warn(f"ditc's CPU kernels are unavailable ({why}); running NNTile's", KernelWarning, stacklevel=2)
     return KernelChoice("nntile", None, f"NNTile's kernels (ditc's are unavailable: {why})")
