@@ -146,7 +146,7 @@ def bench(graph: Graph, build_dir: Path, *, ncpus: int, warmup: int = WARMUP, re
     if "nntile" in sides:  # an unknown or unavailable kernel set is an error here, not in a worker
         from dit_compiler import targets
 
-        targets.get(graph.spec.target).kernels()
+        targets.get(graph.spec.target).choose_kernels()
     gemm = largest_tile_gemm(graph)
     results: dict[str, SideResult] = {}
     for round_ in range(rounds):

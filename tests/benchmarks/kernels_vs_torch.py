@@ -140,16 +140,18 @@ def main() -> None:
             ("GELU-tanh backward", nntile_gelu_backward, ext and (lambda: ext.gelutanh_backward_async(x, dy, 0.0, dx)),
              lambda: aten.gelu_backward.grad_input(dyt, xt, approximate="tanh", grad_input=xt_out)),
         ]
-        for name, nntile_op, ditc_op, torch_op in ops:
-            def on_nntile(op) -> float:
-                resume()
-                seconds = timed(op, wait_for_all)
-                pause()
-                return seconds
+        def on_nntile(op) -> float:
+            resume()
+            seconds = timed(op, wait_for_all)
+            pause()
+            return seconds
 
+        wait_for_all()
+        pause()  # StarPU counts pauses: every resume below follows a pause
+        for name, nntile_op, ditc_op, torch_op in ops:
             sides = [([], lambda op=op: on_nntile(op)) for op in (nntile_op, ditc_op) if op]
             sides.append(([], lambda: timed(torch_op)))
-            for _, run in sides:  # warm up, and leave StarPU paused: every resume follows a pause
+            for _, run in sides:  # warm up
                 run()
             for i in range(SAMPLES):
                 for times, run in sides[i % len(sides):] + sides[:i % len(sides)]:

@@ -17,7 +17,7 @@ from dit_compiler.posembed import sincos_pos_embed
 from dit_compiler.targets.nntile_1_1.host import (Geometry, patchify, patchify_grad, timestep_features, unpatchify,
                                                   unpatchify_grad)
 from dit_compiler.targets.nntile_1_1.model import Decl, Model, param
-from dit_compiler.targets.nntile_1_1.native import KERNEL_SETS, available as kernel_sets, kernels
+from dit_compiler.targets.nntile_1_1.native import KERNEL_SETS, available as kernel_sets, kernels as choose_kernels
 from dit_compiler.targets.nntile_1_1.runtime import nntile_runtime, pause, problem, resume, scheduler, wait_for_all
 
 NAME = "nntile-1.1"
@@ -26,8 +26,8 @@ NNTILE_VERSION = "1.1.0"
 RUNTIME_VERSION = 1
 
 __all__ = ["Decl", "Geometry", "KERNEL_SETS", "Model", "NAME", "NNTILE_VERSION", "RUNTIME_VERSION", "blas_report",
-           "emit", "gemm", "kernel_sets", "kernels", "nntile_runtime", "param", "patchify", "patchify_grad", "pause",
-           "prepare", "problem", "require", "resume", "scheduler", "sincos_pos_embed", "timestep_features",
+           "choose_kernels", "emit", "gemm", "kernel_sets", "nntile_runtime", "param", "patchify", "patchify_grad",
+           "pause", "prepare", "problem", "require", "resume", "scheduler", "sincos_pos_embed", "timestep_features",
            "unpatchify", "unpatchify_grad", "wait_for_all"]
 
 
