@@ -101,6 +101,25 @@ def test_verify_runs_both_kernel_sets(tmp_path, monkeypatch, capsys, default, ot
     assert f"kernels: {KERNEL_SETS[default]}" in capsys.readouterr().out
 
 
+def test_verify_without_ditcs_kernels_runs_nntiles_and_says_why(tmp_path, monkeypatch):
+    """Where the extension cannot be built (no NNTile build tree, no compiler), the model runs NNTile's
+    kernels, verify passes on them, and the report says why ditc's did not run."""
+    from dit_compiler.targets.nntile_1_1 import native
+
+    def unavailable():
+        raise native.Unavailable("no NNTile build tree here")
+
+    monkeypatch.setattr(native, "_loaded", None)
+    monkeypatch.setattr(native, "built_module", unavailable)
+    monkeypatch.delenv("DITC_KERNELS", raising=False)
+    graph, folder = build(tmp_path)
+    with pytest.warns(native.KernelWarning, match="no NNTile build tree here"):
+        report = quiet_verify(graph, folder)
+    assert_passes(report, TIGHT_FORWARD, TIGHT_GRAD)
+    assert report.kernels == "NNTile's kernels (ditc's are unavailable: no NNTile build tree here)"
+    assert not any("kernels" in row.component for row in report.rows)
+
+
 def _broken_copy(tmp_path, folder, file: str, pattern: str, replacement: str):
     broken = tmp_path / "broken"
     shutil.copytree(folder, broken)

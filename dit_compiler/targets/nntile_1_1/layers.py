@@ -299,7 +299,8 @@ class Attention(Layer):
 
     The projections come out head-major and a transpose rotates them into the per-head layout. Kept for
     backward: Q, K, V, the probabilities and the head-major output; every gradient is scratch shared
-    by all blocks."""
+    by all blocks. The softmax and its backward run ditc's kernels where `native` is given (the
+    `attn_maxsumexp` scratch then holds the per-column (max, sum) pairs where the keys span tiles)."""
 
     x: Moments
     w_q: Moments
