@@ -7,8 +7,8 @@ The sizes and tiles come from the build's graph. Each op runs as the target's la
 with NNTile's kernels, with ditc's (where the extension builds here) and on torch as the reference runs
 it, with as many StarPU workers as torch threads; the sides' runs interleave, the side going first
 rotating, with the StarPU workers paused while torch runs. The softmax runs on the build's tiling (keys
-in several tiles: ditc's kernel combines them in two levels) and once more with the keys in one tile
-(ditc's one-pass kernel). It prints the median time of each op per side, the ratios to torch, and what
+in several tiles: one ditc task takes all the key tiles of a query tile) and once more with the keys in
+one tile. It prints the median time of each op per side, the ratios to torch, and what
 the op costs per training step beyond torch's (times the depth) with the faster NNTile-side kernels.
 The attention scores' GEMM is there for scale.
 """
@@ -81,9 +81,8 @@ def main() -> None:
         q, q_np = tensor(("head_dim", "tokens", "batch", "heads"))
         k, k_np = tensor(("head_dim", "tokens", "batch", "heads"))
         scores, scores_np = tensor(scores_dims, 3.0)
-        stats, _ = tensor((2, "tokens", "batch", "heads"))
+        stats, _ = tensor((2, "tokens", "batch", "heads"))         # NNTile's softmax's (max, sum) pairs
         scores1, _ = tensor(scores_dims, 3.0, whole=(0,))         # keys in one tile
-        stats1, _ = tensor((2, "tokens", "batch", "heads"))
         # softmax backward runs in place, d = p * (d - sum), again and again: with p = 1 and sum = 0 the
         # values stay put (no denormals creep in) and the arithmetic is the same
         probs, probs_np = tensor(scores_dims, 0.0)
@@ -128,10 +127,10 @@ def main() -> None:
         ops = [  # name, NNTile's, ditc's (None: NNTile's kernel is the one the layer runs), torch's
             ("attention scores K^T Q (GEMM)", lambda: nt.gemm_async(scale, nt.trans, k, nt.notrans, q, 0.0, scores, 1, 2),
              None, lambda: torch.baddbmm(st_out3, qt3, kt3.transpose(1, 2), beta=0.0, alpha=scale, out=st_out3)),
-            ("attention softmax", nntile_softmax(scores, stats), ext and (lambda: ext.softmax_async(scores, stats)),
+            ("attention softmax", nntile_softmax(scores, stats), ext and (lambda: ext.softmax_async(scores)),
              lambda: aten._softmax.out(st, -1, False, out=st_out)),
-            ("  the same, keys in one tile", nntile_softmax(scores1, stats1),
-             ext and (lambda: ext.softmax_async(scores1, stats1)), lambda: aten._softmax.out(st, -1, False, out=st_out)),
+            ("  the same, keys in one tile", nntile_softmax(scores1, stats),
+             ext and (lambda: ext.softmax_async(scores1)), lambda: aten._softmax.out(st, -1, False, out=st_out)),
             ("attention softmax backward", nntile_softmax_backward,
              ext and (lambda: ext.softmax_backward_async(probs, sumprod, d_scores)),
              lambda: aten._softmax_backward_data.out(dt, pt, -1, torch.float32, grad_input=st_out)),

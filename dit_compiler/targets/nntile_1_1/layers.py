@@ -300,7 +300,7 @@ class Attention(Layer):
     The projections come out head-major and a transpose rotates them into the per-head layout. Kept for
     backward: Q, K, V, the probabilities and the head-major output; every gradient is scratch shared
     by all blocks. The softmax and its backward run ditc's kernels where `native` is given (the
-    `attn_maxsumexp` scratch then holds the per-column (max, sum) pairs where the keys span tiles)."""
+    `attn_maxsumexp` scratch is then unused)."""
 
     x: Moments
     w_q: Moments
@@ -328,8 +328,8 @@ class Attention(Layer):
         merged.invalidate_submit()
         scale = 1.0 / math.sqrt(self.q.shape[0])
         nt.gemm_async(scale, nt.trans, self.k, nt.notrans, self.q, 0.0, self.probs, 1, 2)
-        if self.native:  # one pass per tile where the keys are one tile, else a two-level combine
-            self.native.softmax_async(self.probs, self.attn_maxsumexp)
+        if self.native:  # one task per query tile, on all its key tiles: each column in one pass
+            self.native.softmax_async(self.probs)
         else:
             nt.clear_async(self.attn_maxsumexp)
             nt.maxsumexp_async(self.probs, self.attn_maxsumexp, 0)

@@ -7,7 +7,8 @@
 // with the compiler and pybind11 NNTile was built with) and submits one task per tile on the tiles'
 // StarPU handles, so StarPU orders them with NNTile's own tasks on the same data (sequential
 // consistency). Softmax and its backward run over axis 0 of a column-major tile: a "column" is the
-// contiguous run of axis-0 elements (the keys of one query, batch item and head).
+// contiguous run of axis-0 elements (the keys of one query, batch item and head); where axis 0 spans
+// several tiles, one softmax task takes all of them, so each column is still done in one pass.
 //
 // Built and cached by `dit_compiler.targets.nntile_1_1.native` (see its docstring); nothing here is
 // NNTile's code: it uses NNTile's headers for the tensor type and its header-only `Codelet`.
@@ -73,74 +74,51 @@ inline float column_max(const float *x, Index k)
     return m;
 }
 
-// softmax of each column in place: its max, then exp and sum, then the scale, while the column (a few
-// KiB at most) stays in L1: one pass over memory. A column of -inf gives NaN, as torch's softmax does.
-void softmax_tile(float *x, Index columns, Index k)
+// A column's part in one tile: exp(x - m) in place, and the sum of what it wrote.
+inline float exp_sum(float *x, Index k, float m)
 {
-    for(Index c = 0; c < columns; ++c, x += k)
-    {
-        const float m = column_max(x, k);
-        float s = 0.0f;
+    float s = 0.0f;
 #pragma omp simd reduction(+:s)
-        for(Index i = 0; i < k; ++i)
-        {
-            const float e = exp_(x[i] - m);
-            x[i] = e;
-            s += e;
-        }
-        const float inv = 1.0f / s;
+    for(Index i = 0; i < k; ++i)
+    {
+        const float e = exp_(x[i] - m);
+        x[i] = e;
+        s += e;
+    }
+    return s;
+}
+
+inline void scale(float *x, Index k, float alpha)
+{
 #pragma omp simd
-        for(Index i = 0; i < k; ++i)
-        {
-            x[i] *= inv;
-        }
+    for(Index i = 0; i < k; ++i)
+    {
+        x[i] *= alpha;
     }
 }
 
-// The first level of a softmax whose columns span several tiles: each column's (max, sum of exp(x - max))
-// over this tile, combined online into the pair in `stats` ([2, columns], written fresh for the first
-// tile). A part that is all -inf contributes (-inf, 0).
-void softmax_stats_tile(const float *x, float *stats, Index columns, Index k, bool first)
+// softmax of each column in place, the column split over `parts` tiles (column lengths k[p]): its max,
+// then exp and sum, then the scale, while the column (a few KiB) stays in L1: one pass over memory. (An
+// online running max would read it once less, from L1, for a second exp per element.) A column of -inf
+// gives NaN, as torch's softmax does.
+void softmax_columns(float *const *parts_data, const Index *k, Index parts, Index columns)
 {
-    for(Index c = 0; c < columns; ++c, x += k, stats += 2)
+    for(Index c = 0; c < columns; ++c)
     {
-        const float m = column_max(x, k);
+        float m = -INF;
+        for(Index p = 0; p < parts; ++p)
+        {
+            const float mp = column_max(parts_data[p] + c * k[p], k[p]);
+            m = mp > m ? mp : m;
+        }
         float s = 0.0f;
-        if(m != -INF)
+        for(Index p = 0; p < parts; ++p)
         {
-#pragma omp simd reduction(+:s)
-            for(Index i = 0; i < k; ++i)
-            {
-                s += exp_(x[i] - m);
-            }
+            s += exp_sum(parts_data[p] + c * k[p], k[p], m);
         }
-        if(first)
+        for(Index p = 0; p < parts; ++p)
         {
-            stats[0] = m;
-            stats[1] = s;
-        }
-        else if(m > stats[0])
-        {
-            stats[1] = stats[1] * exp_(stats[0] - m) + s;
-            stats[0] = m;
-        }
-        else if(m != -INF)
-        {
-            stats[1] += s * exp_(m - stats[0]);
-        }
-    }
-}
-
-// The second level: x = exp(x - max) / sum with the column's combined pair.
-void softmax_apply_tile(const float *stats, float *x, Index columns, Index k)
-{
-    for(Index c = 0; c < columns; ++c, x += k, stats += 2)
-    {
-        const float m = stats[0], inv = 1.0f / stats[1];
-#pragma omp simd
-        for(Index i = 0; i < k; ++i)
-        {
-            x[i] = exp_(x[i] - m) * inv;
+            scale(parts_data[p] + c * k[p], k[p], 1.0f / s);
         }
     }
 }
@@ -186,12 +164,13 @@ void gelutanh_backward_tile(const float *x, const float *dy, float *dx, Index n,
 }
 
 // -- StarPU codelets --------------------------------------------------------------------------------
+// Arguments: [columns, k, beta] for softmax backward (columns of k elements) and GELU-tanh (n elements:
+// columns = n, k = 1); for softmax [columns, parts, k of each part] (`SoftmaxArgs`).
 struct Args
 {
-    Index columns;  // columns of a tile (element-wise kernels: its elements)
-    Index k;        // elements per column (element-wise kernels: 1)
+    Index columns;
+    Index k;
     float beta;     // GELU backward: weight of the old gradient
-    int first;      // softmax statistics: the first tile of its columns (writes, does not combine)
 };
 
 inline float *ptr(void *buffer)
@@ -206,20 +185,14 @@ inline const Args &args_of(void *cl_args)
 
 void cpu_softmax(void *buffers[], void *cl_args) noexcept
 {
-    const Args &a = args_of(cl_args);
-    softmax_tile(ptr(buffers[0]), a.columns, a.k);
-}
-
-void cpu_softmax_stats(void *buffers[], void *cl_args) noexcept
-{
-    const Args &a = args_of(cl_args);
-    softmax_stats_tile(ptr(buffers[0]), ptr(buffers[1]), a.columns, a.k, a.first != 0);
-}
-
-void cpu_softmax_apply(void *buffers[], void *cl_args) noexcept
-{
-    const Args &a = args_of(cl_args);
-    softmax_apply_tile(ptr(buffers[0]), ptr(buffers[1]), a.columns, a.k);
+    const Index *a = static_cast<const Index *>(cl_args);
+    const Index columns = a[0], parts = a[1];
+    std::vector<float *> data(parts);
+    for(Index p = 0; p < parts; ++p)
+    {
+        data[p] = ptr(buffers[p]);
+    }
+    softmax_columns(data.data(), a + 2, parts, columns);
 }
 
 void cpu_softmax_backward(void *buffers[], void *cl_args) noexcept
@@ -241,18 +214,14 @@ void cpu_gelutanh_backward(void *buffers[], void *cl_args) noexcept
 
 uint32_t footprint(starpu_task *task)
 {
-    const Args &a = args_of(task->cl_arg);
-    uint32_t hash = starpu_hash_crc32c_be_n(&a.columns, sizeof(a.columns), 0);
-    return starpu_hash_crc32c_be_n(&a.k, sizeof(a.k), hash);
+    return starpu_hash_crc32c_be_n(task->cl_arg, task->cl_arg_size, 0);
 }
 
-Codelet cl_softmax, cl_softmax_stats, cl_softmax_apply, cl_softmax_backward, cl_gelutanh, cl_gelutanh_backward;
+Codelet cl_softmax, cl_softmax_backward, cl_gelutanh, cl_gelutanh_backward;
 
 void init_codelets()
 {
     cl_softmax.init("ditc_softmax_fp32", footprint, {cpu_softmax}, {});
-    cl_softmax_stats.init("ditc_softmax_stats_fp32", footprint, {cpu_softmax_stats}, {});
-    cl_softmax_apply.init("ditc_softmax_apply_fp32", footprint, {cpu_softmax_apply}, {});
     cl_softmax_backward.init("ditc_softmax_backward_fp32", footprint, {cpu_softmax_backward}, {});
     cl_gelutanh.init("ditc_gelutanh_fp32", footprint, {cpu_gelutanh}, {});
     cl_gelutanh_backward.init("ditc_gelutanh_backward_fp32", footprint, {cpu_gelutanh_backward}, {});
@@ -263,28 +232,21 @@ starpu_data_handle_t handle(const Tensor &t, Index tile)
     return static_cast<starpu_data_handle_t>(t.get_tile_handle(tile));
 }
 
-// One task; StarPU frees the arguments. `buffers` are (mode, handle) pairs.
-void submit(Codelet &cl, const Args &a, std::initializer_list<std::pair<int, starpu_data_handle_t>> buffers)
+// One task on `data` (handles and access modes), with a copy of `size` bytes of `args` (StarPU frees it).
+void submit(Codelet &cl, const void *args, size_t size, std::vector<starpu_data_descr> data)
 {
-    auto *copy = static_cast<Args *>(std::malloc(sizeof(Args)));
-    *copy = a;
-    starpu_task *task = starpu_task_create();
-    task->cl = &cl;
-    task->cl_arg = copy;
-    task->cl_arg_size = sizeof(Args);
-    task->cl_arg_free = 1;
-    task->nbuffers = static_cast<int>(buffers.size());
-    int i = 0;
-    for(const auto &[mode, h] : buffers)
-    {
-        task->handles[i] = h;
-        task->modes[i] = static_cast<starpu_data_access_mode>(mode);
-        ++i;
-    }
-    if(starpu_task_submit(task) != 0)
+    void *copy = std::malloc(size);
+    std::memcpy(copy, args, size);
+    if(starpu_task_insert(&cl, STARPU_DATA_MODE_ARRAY, data.data(), static_cast<int>(data.size()),
+                          STARPU_CL_ARGS, copy, size, 0) != 0)
     {
         throw std::runtime_error(std::string("ditc kernels: StarPU refused a ") + cl.name + " task");
     }
+}
+
+void submit(Codelet &cl, const Args &a, std::vector<starpu_data_descr> data)
+{
+    submit(cl, &a, sizeof(a), std::move(data));
 }
 
 // -- checks, with messages that name the tensors ------------------------------------------------------
@@ -313,20 +275,15 @@ void check_like(const Tensor &a, const Tensor &b, const char *what)
     }
 }
 
-// `small` is `big` with axis 0 replaced by `lead` elements in one tile (lead 0: axis 0 removed).
-void check_slice(const Tensor &small, const Tensor &big, Index lead, const char *what)
+// `small` is `big` without axis 0, tiles included.
+void check_slice(const Tensor &small, const Tensor &big, const char *what)
 {
-    std::vector<Index> shape(big.shape.begin() + 1, big.shape.end());
-    std::vector<Index> tile(big.basetile_shape.begin() + 1, big.basetile_shape.end());
-    if(lead > 0)
-    {
-        shape.insert(shape.begin(), lead);
-        tile.insert(tile.begin(), lead);
-    }
+    const std::vector<Index> shape(big.shape.begin() + 1, big.shape.end());
+    const std::vector<Index> tile(big.basetile_shape.begin() + 1, big.basetile_shape.end());
     if(small.shape != shape || small.basetile_shape != tile)
     {
         throw std::invalid_argument(std::string(what) + ": " + show(small) + " is not " + show(big) +
-                                    (lead ? " with axis 0 as 2" : " without axis 0"));
+                                    " without axis 0");
     }
 }
 
@@ -340,44 +297,35 @@ inline Index rest_of(const Tensor &t, Index i)
 inline Args columns_of(const Tensor &t, Index i)
 {
     const auto &tile = t.get_tile_traits(i);
-    return Args{tile.nelems / tile.shape[0], tile.shape[0], 0.0f, 0};
+    return Args{tile.nelems / tile.shape[0], tile.shape[0], 0.0f};
 }
 
 // -- what Python calls ------------------------------------------------------------------------------
-void softmax_async(const Tensor &x, const Tensor &stats)
+void softmax_async(const Tensor &x)
 {
-    if(x.grid.shape[0] == 1)
+    const Index parts = x.grid.shape[0];
+    for(Index first = 0; first < x.grid.nelems; first += parts)  // the tiles of axis 0 are consecutive
     {
-        for(Index i = 0; i < x.grid.nelems; ++i)
+        std::vector<Index> args{columns_of(x, first).columns, parts};
+        std::vector<starpu_data_descr> data;
+        for(Index i = first; i < first + parts; ++i)
         {
-            submit(cl_softmax, columns_of(x, i), {{STARPU_RW, handle(x, i)}});
+            args.push_back(x.get_tile_traits(i).shape[0]);
+            data.push_back({handle(x, i), STARPU_RW});
         }
-        return;
-    }
-    check_slice(stats, x, 2, "softmax statistics");
-    for(Index i = 0; i < x.grid.nelems; ++i)  // axis 0 varies fastest: the first of a column comes first
-    {
-        Args a = columns_of(x, i);
-        a.first = i % x.grid.shape[0] == 0;
-        submit(cl_softmax_stats, a, {{STARPU_R, handle(x, i)},
-                                     {a.first ? STARPU_W : STARPU_RW, handle(stats, rest_of(x, i))}});
-    }
-    for(Index i = 0; i < x.grid.nelems; ++i)
-    {
-        submit(cl_softmax_apply, columns_of(x, i), {{STARPU_R, handle(stats, rest_of(x, i))},
-                                                    {STARPU_RW, handle(x, i)}});
+        submit(cl_softmax, args.data(), args.size() * sizeof(Index), std::move(data));
     }
 }
 
 void softmax_backward_async(const Tensor &probs, const Tensor &sumprod, const Tensor &grad)
 {
     check_like(probs, grad, "softmax backward");
-    check_slice(sumprod, probs, 0, "softmax backward sums");
+    check_slice(sumprod, probs, "softmax backward sums");
     for(Index i = 0; i < probs.grid.nelems; ++i)
     {
-        submit(cl_softmax_backward, columns_of(probs, i), {{STARPU_R, handle(probs, i)},
-                                                           {STARPU_R, handle(sumprod, rest_of(probs, i))},
-                                                           {STARPU_RW, handle(grad, i)}});
+        submit(cl_softmax_backward, columns_of(probs, i), {{handle(probs, i), STARPU_R},
+                                                           {handle(sumprod, rest_of(probs, i)), STARPU_R},
+                                                           {handle(grad, i), STARPU_RW}});
     }
 }
 
@@ -386,8 +334,8 @@ void gelutanh_async(const Tensor &x, const Tensor &y)
     check_like(x, y, "gelutanh");
     for(Index i = 0; i < x.grid.nelems; ++i)
     {
-        const Args a{x.get_tile_traits(i).nelems, 1, 0.0f, 0};
-        submit(cl_gelutanh, a, {{STARPU_R, handle(x, i)}, {STARPU_W, handle(y, i)}});
+        const Args a{x.get_tile_traits(i).nelems, 1, 0.0f};
+        submit(cl_gelutanh, a, {{handle(x, i), STARPU_R}, {handle(y, i), STARPU_W}});
     }
 }
 
@@ -397,9 +345,9 @@ void gelutanh_backward_async(const Tensor &x, const Tensor &dy, float beta, cons
     check_like(x, dx, "gelutanh backward");
     for(Index i = 0; i < x.grid.nelems; ++i)
     {
-        const Args a{x.get_tile_traits(i).nelems, 1, beta, 0};
-        submit(cl_gelutanh_backward, a, {{STARPU_R, handle(x, i)}, {STARPU_R, handle(dy, i)},
-                                         {beta == 0.0f ? STARPU_W : STARPU_RW, handle(dx, i)}});
+        const Args a{x.get_tile_traits(i).nelems, 1, beta};
+        submit(cl_gelutanh_backward, a, {{handle(x, i), STARPU_R}, {handle(dy, i), STARPU_R},
+                                         {handle(dx, i), beta == 0.0f ? STARPU_W : STARPU_RW}});
     }
 }
 
@@ -410,10 +358,9 @@ PYBIND11_MODULE(ditc_nntile_kernels, m)
     py::module_::import("nntile.nntile_core");  // NNTile's tensor types, registered by its module
     init_codelets();
     m.doc() = "ditc's fp32 CPU kernels as StarPU codelets on NNTile 1.1 tensors (tasks submitted per tile)";
-    m.def("softmax_async", &softmax_async, py::arg("x"), py::arg("stats"),
-          "x = softmax(x) over axis 0, in place. Where axis 0 is one tile, one task per tile; otherwise each "
-          "column's (max, sum) pairs are combined online across its tiles into `stats` [2, x.shape[1:]] "
-          "(tiled as x without axis 0), then applied.");
+    m.def("softmax_async", &softmax_async, py::arg("x"),
+          "x = softmax(x) over axis 0, in place: one task per tile of the other axes, on all the tiles of "
+          "axis 0 there, each column in one pass.");
     m.def("softmax_backward_async", &softmax_backward_async, py::arg("probs"), py::arg("sumprod"), py::arg("grad"),
           "grad = probs * (grad - sumprod), sumprod [x.shape[1:]] the sum over axis 0 of probs * grad.");
     m.def("gelutanh_async", &gelutanh_async, py::arg("x"), py::arg("y"), "y = GELU-tanh(x).");
