@@ -70,7 +70,7 @@ def test_a_core_is_checked_in_a_subprocess_before_use():
 
 
 @needs_nntile
-def test_the_requested_core_is_applied_only_before_nntile_loads(monkeypatch):
+def test_the_requested_core_is_applied_only_before_nntile_loads(monkeypatch, capsys):
     openblas_or_skip()
     monkeypatch.setenv(blas.ENV, "NoSuchCore")
     with pytest.raises(UsageError, match="DITC_BLAS_CORE=NoSuchCore: NNTile is loaded already"):
@@ -82,6 +82,7 @@ def test_the_requested_core_is_applied_only_before_nntile_loads(monkeypatch):
     assert "OPENBLAS_CORETYPE" not in os.environ
     monkeypatch.setenv(blas.ENV, "Prescott")
     assert blas.apply_requested_core() == "Prescott" and os.environ["OPENBLAS_CORETYPE"] == "Prescott"
+    assert "NNTile's OpenBLAS runs its Prescott core (OPENBLAS_CORETYPE=Prescott)" in capsys.readouterr().err
 
 
 @needs_nntile

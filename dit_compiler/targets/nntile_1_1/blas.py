@@ -243,6 +243,8 @@ def apply_requested_core() -> str | None:
     if why := check_core(core):
         raise UsageError(f"{ENV}={requested}: core {core} not applied: {why}")
     os.environ["OPENBLAS_CORETYPE"] = core
+    print(f"ditc: NNTile's OpenBLAS runs its {core} core (OPENBLAS_CORETYPE={core}), its GEMMs checked against "
+          "float64 in a subprocess", file=sys.stderr, flush=True)
     return core
 
 
