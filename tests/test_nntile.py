@@ -162,16 +162,22 @@ def test_adamw_training_steps_match_torch(tmp_path, weight_decay):
         model = nntile_module.Model()
         model.load_state_dict(reference.state_dict())
         optimizer = model.adamw(1e-3, weight_decay)
+        ema = model.ema()
         try:
-            losses = [model.train_step(inputs.x.numpy(), inputs.t.numpy(), inputs.y.numpy(), target, optimizer)
-                      for _ in range(3)]
-            trained = model.state_dict()
+            losses = []
+            for _ in range(3):
+                losses.append(model.train_step(inputs.x.numpy(), inputs.t.numpy(), inputs.y.numpy(), target,
+                                               optimizer))
+                ema.update(0.9)
+            trained, moments, averaged = model.state_dict(), model.adamw_state(optimizer), model.to_torch(ema.shadow)
             with pytest.raises(RuntimeError, match="keep_intermediates=True"):
                 model.value("blocks.0.out")  # released after use: a clear error, not a StarPU abort
         finally:
+            ema.unregister()
             optimizer.unregister()
             model.unregister()
     params = [p for p in reference.parameters() if p.requires_grad]
+    expected_ema = {k: v.copy() for k, v in initial.items()}
     torch_opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=weight_decay)
     torch_losses = []
     for _ in range(3):
@@ -180,6 +186,8 @@ def test_adamw_training_steps_match_torch(tmp_path, weight_decay):
         loss.backward()
         torch_opt.step()
         torch_losses.append(loss.item())
+        for k, v in reference.state_dict().items():
+            expected_ema[k] = 0.9 * expected_ema[k] + 0.1 * v.numpy()
     assert losses == pytest.approx(torch_losses, rel=1e-4)
     assert losses[-1] < losses[0]
     state = reference.state_dict()
@@ -188,6 +196,15 @@ def test_adamw_training_steps_match_torch(tmp_path, weight_decay):
     # Three steps move the weights by about 1e-2 of their norm; a wrong update would show at that scale.
     assert group_error([(initial[k], state[k].numpy()) for k in trained]) > 1e-3
     assert group_error([(v, state[k].numpy()) for k, v in trained.items()]) < 1e-4
+    assert group_error([(v, expected_ema[k]) for k, v in averaged.items()]) < 1e-5
+    # The moments convert to torch's AdamW state as they are (keys in the reference's parameter order); the
+    # fused qkv bias holds the key bias, whose gradient is rounding noise (see above).
+    keys = [k for k, p in reference.named_parameters() if p.requires_grad]
+    torch_state = torch_opt.state_dict()["state"]
+    assert moments["step"] == 3
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert group_error([(moments[name][k], torch_state[i][name].numpy()) for i, k in enumerate(keys)
+                            if not k.endswith("qkv.bias")]) < 1e-4, name
 
 
 def test_blocks_written_out_when_they_do_not_fold(tmp_path, monkeypatch):

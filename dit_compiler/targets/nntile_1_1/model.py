@@ -20,7 +20,7 @@ from dit_compiler.targets.nntile_1_1 import kernels as nt
 from dit_compiler.targets.nntile_1_1.alloc import Allocator
 from dit_compiler.targets.nntile_1_1.host import Geometry, from_graph_layout, to_graph_layout
 from dit_compiler.targets.nntile_1_1.layers import LAYERS, Layer, Moments
-from dit_compiler.targets.nntile_1_1.optim import AdamW
+from dit_compiler.targets.nntile_1_1.optim import EMA, AdamW
 from dit_compiler.targets.nntile_1_1.plan import PlanRow, Step, memory_plan
 from dit_compiler.targets.nntile_1_1.runtime import wait_for_all
 
@@ -70,7 +70,8 @@ class Model:
         self.plan: list[PlanRow] = memory_plan(self.steps, activations, params, {self.OUTPUT})
         for layer, row in zip(self.layers, self.plan):
             layer.overwrites = tuple(self.tensors[name] for name in row.first)
-        self.parameters = [self.tensor(n) for n in self.decls if n in params]
+        self.param_names = [n for n in self.decls if n in params]
+        self.parameters = [self.tensor(n) for n in self.param_names]
 
     # -- what a generated model provides ----------------------------------------------------------
     def declarations(self) -> dict[str, Decl]:
@@ -190,39 +191,59 @@ class Model:
     # -- parameters, under the torch reference's state_dict keys ------------------------------------
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load torch-reference weights (numpy arrays or torch tensors) by state_dict key."""
-        for name, decl in self.decls.items():
-            if decl.role != "param":
-                continue
-            value = state_dict[decl.key]
+        self.from_torch(state_dict, [p.value for p in self.parameters])
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Current weights under the torch reference's keys (a checkpoint the reference loads)."""
+        return self.to_torch([p.value for p in self.parameters])
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        """Parameter gradients as a torch-style {state_dict key: array}; row blocks are reassembled."""
+        return self.to_torch([p.grad for p in self.parameters])
+
+    def to_torch(self, tensors: list) -> dict[str, np.ndarray]:
+        """One NNTile tensor per parameter (in `param_names` order: values, gradients, AdamW moments, EMA
+        weights) as {state_dict key: array in the torch reference's layout}."""
+        pieces: dict[str, list[np.ndarray]] = defaultdict(list)
+        for name, tensor in zip(self.param_names, tensors, strict=True):
+            decl = self.decls[name]
+            rows = decl.rows
+            shape = ((rows[1] - rows[0],) + decl.torch_shape[1:]) if rows else decl.torch_shape
+            pieces[decl.key].append(from_graph_layout(_read(tensor), decl.layout, shape))
+        return {key: np.concatenate(parts) if len(parts) > 1 else parts[0] for key, parts in pieces.items()}
+
+    def from_torch(self, state: Mapping[str, Any], tensors: list) -> None:
+        """The inverse of `to_torch`: arrays or torch tensors by state_dict key into one tensor per parameter."""
+        for name, tensor in zip(self.param_names, tensors, strict=True):
+            decl = self.decls[name]
+            value = state[decl.key]
             value = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value, dtype=np.float32)
             if value.shape != decl.torch_shape:
                 raise ValueError(f"{decl.key}: shape {value.shape}, the model needs {decl.torch_shape}")
             if decl.rows is not None:
                 value = value[decl.rows[0]:decl.rows[1]]
-            self.tensor(name).value.from_array(to_graph_layout(value, decl.layout, self.tensor(name).value.shape))
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Current weights under the torch reference's keys (a checkpoint the reference loads)."""
-        return self._torch_style("value")
-
-    def gradients(self) -> dict[str, np.ndarray]:
-        """Parameter gradients as a torch-style {state_dict key: array}; row blocks are reassembled."""
-        return self._torch_style("grad")
-
-    def _torch_style(self, part: str) -> dict[str, np.ndarray]:
-        pieces: dict[str, list[np.ndarray]] = defaultdict(list)
-        for name, decl in self.decls.items():
-            if decl.role == "param":
-                rows = decl.rows
-                shape = ((rows[1] - rows[0],) + decl.torch_shape[1:]) if rows else decl.torch_shape
-                value = _read(getattr(self.tensors[name], part))
-                pieces[decl.key].append(from_graph_layout(value, decl.layout, shape))
-        return {key: np.concatenate(parts) if len(parts) > 1 else parts[0] for key, parts in pieces.items()}
+            tensor.from_array(to_graph_layout(value, decl.layout, tuple(tensor.shape)))
 
     # -- training and profiling ---------------------------------------------------------------------
     def adamw(self, lr: float, weight_decay: float = 0.0) -> AdamW:
         """AdamW over every parameter (torch's defaults): `.step()` after `backward`, `.unregister()` at the end."""
         return AdamW(self.parameters, self.alloc, lr, weight_decay)
+
+    def adamw_state(self, optimizer: AdamW) -> dict[str, Any]:
+        """The optimiser's state by state_dict key: torch AdamW's `exp_avg` and `exp_avg_sq` as they are
+        (this AdamW keeps the second moment itself, not its square root as NNTile's fused step does)."""
+        return {"step": optimizer.num_iter, "exp_avg": self.to_torch([m for m, _ in optimizer.moments]),
+                "exp_avg_sq": self.to_torch([v for _, v in optimizer.moments])}
+
+    def load_adamw_state(self, optimizer: AdamW, state: Mapping[str, Any]) -> None:
+        """The inverse of `adamw_state`."""
+        self.from_torch(state["exp_avg"], [m for m, _ in optimizer.moments])
+        self.from_torch(state["exp_avg_sq"], [v for _, v in optimizer.moments])
+        optimizer.num_iter = int(state["step"])
+
+    def ema(self) -> EMA:
+        """An EMA of the parameters, starting from their current values (`to_torch(ema.shadow)` reads it)."""
+        return EMA(self.parameters, self.alloc)
 
     def train_step(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, target: np.ndarray, optimizer: AdamW) -> float:
         """One optimiser step on the mean squared error against `target` [N, C_out, H, W]; returns the loss."""

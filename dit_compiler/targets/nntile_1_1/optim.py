@@ -46,3 +46,23 @@ class AdamW:
             m.unregister()
             v.unregister()
         self.moments.clear()
+
+
+class EMA:
+    """An exponential moving average of the parameters (DiT's `update_ema`): shadow = decay * shadow +
+    (1 - decay) * p after each step, one NNTile task per tile; starts as a copy of the parameters."""
+
+    def __init__(self, params: list[Moments], alloc: Allocator):
+        self.params = params
+        self.shadow = [alloc.new(p.value.shape, p.value.basetile_shape) for p in params]
+        for p, e in zip(params, self.shadow):
+            nt.copy_async(p.value, e)
+
+    def update(self, decay: float) -> None:
+        for p, e in zip(self.params, self.shadow):
+            nt.add_async(1.0 - decay, p.value, decay, e)
+
+    def unregister(self) -> None:
+        for e in self.shadow:
+            e.unregister()
+        self.shadow.clear()
