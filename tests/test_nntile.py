@@ -216,3 +216,29 @@ def test_blocks_written_out_when_they_do_not_fold(tmp_path, monkeypatch):
     source = (folder / NNTILE_FILE).read_text()
     assert "def block(" not in source and 'y="blocks.1.out"' in source
     assert_passes(quiet_verify(graph, folder))
+
+
+def test_inference_model_matches_torch_holding_no_gradients(tmp_path):
+    """The forward-only model sampling runs: the same output, no gradient tensors, values released."""
+    import torch
+
+    from dit_compiler.run.common import load_module, make_inputs, randomize_, rel_error
+
+    graph, folder = build(tmp_path)
+    reference = load_module(folder / TORCH_FILE).Model().eval()
+    randomize_(reference, 0)
+    inputs = make_inputs(graph, 0)
+    with torch.no_grad():
+        expected = reference(inputs.x, inputs.t, inputs.y).numpy()
+    module = load_module(folder / NNTILE_FILE)
+    with module.nntile_runtime(2):
+        model = module.Model(inference=True)
+        try:
+            model.load_state_dict(reference.state_dict())
+            outs = [model.forward(inputs.x.numpy(), inputs.t.numpy(), inputs.y.numpy()) for _ in range(2)]
+            assert all(t.grad is None for t in model.tensors.values() if hasattr(t, "grad"))
+            with pytest.raises(RuntimeError, match="released once used"):
+                model.value("blocks.0.norm1")
+        finally:
+            model.unregister()
+    assert max(rel_error(out, expected) for out in outs) < 1e-6

@@ -54,10 +54,12 @@ class Model:
     #: The tensor whose value the host reads after forward (the output patches).
     OUTPUT: ClassVar[str]
 
-    def __init__(self, keep_intermediates: bool = False, next_tag: int = 0):
+    def __init__(self, keep_intermediates: bool = False, next_tag: int = 0, inference: bool = False):
         """`keep_intermediates` keeps every activation's value and gradient for `value` and `grad` (as
-        `ditc verify` does); otherwise the memory plan releases each as soon as nothing needs it."""
-        self.keep_intermediates = keep_intermediates
+        `ditc verify` does); otherwise the memory plan releases each as soon as nothing needs it.
+        `inference` builds a forward-only model (sampling): no gradients, and every value and kept tensor
+        released after its last forward reader."""
+        self.keep_intermediates, self.inference = keep_intermediates, inference
         self.alloc = Allocator(next_tag)
         self.decls = self.declarations()
         self.tensors: dict[str, Any] = {}
@@ -107,7 +109,7 @@ class Model:
         self.layers.append(layer)
         self.kinds.append(kind)
         self.steps.append(Step({p: ports[p] for p in op.inputs}, {p: ports[p] for p in op.outputs},
-                               cls.BACKWARD_READS))
+                               frozenset() if self.inference else cls.BACKWARD_READS))
 
     def tensor(self, name: str):
         """The graph tensor `name`, made on first use with the shape and tile of its dims' axes."""
@@ -117,7 +119,7 @@ class Model:
             tile = tuple(d if isinstance(d, int) else self.AXES[d][1] for d in decl.dims)
             value = self.alloc.new(shape, tile, decl.dtype)
             if decl.role in ("param", "activation"):
-                value = Moments(value, self.alloc.new(shape, tile) if decl.grad else None)
+                value = Moments(value, self.alloc.new(shape, tile) if decl.grad and not self.inference else None)
             self.tensors[name] = value
         return self.tensors[name]
 
@@ -170,16 +172,23 @@ class Model:
         return self.input_grad() if input_grad else None
 
     def forward_layer(self, i: int) -> None:
-        self.layers[i].forward_async()
+        layer = self.layers[i]
+        layer.forward_async()
         self.release(self.plan[i].release_values, "value")
+        if self.inference:
+            self.release_kept(layer)
+
+    def release_kept(self, layer: Layer) -> None:
+        """The layer's own kept tensors: done after its backward (or its forward, in inference)."""
+        if not self.keep_intermediates:
+            for tensor in layer.kept:
+                tensor.invalidate_submit()
 
     def backward_layer(self, i: int) -> None:
         layer = self.layers[i]
         layer.backward_async()
         self.release(self.plan[i].release_grads, "grad")
-        if not self.keep_intermediates:
-            for tensor in layer.kept:
-                tensor.invalidate_submit()
+        self.release_kept(layer)
 
     def release(self, names: tuple[str, ...], part: str) -> None:
         """Hand the memory of these activations' values or gradients back to StarPU (after the tasks
