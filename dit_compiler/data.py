@@ -132,36 +132,70 @@ def _load_npz(path: Path) -> Dataset:
     return Dataset(_scaled(images, str(path)).transpose(0, 3, 1, 2).copy(), labels.astype(np.int64), str(path))
 
 
-def _load_folder(path: Path) -> Dataset:
-    """One sub-folder per class, classes numbered in the sorted order of their names."""
+def _read_image(file: Path) -> np.ndarray:
+    """One 8-bit image file as [H, W, C] uint8 (palette images become RGB or RGBA)."""
     from PIL import Image, UnidentifiedImageError
 
+    try:
+        with Image.open(file) as image:
+            image = image.convert("L") if image.mode == "1" else image
+            image = image.convert("RGBA" if "transparency" in image.info else "RGB") if image.mode == "P" else image
+            if image.mode not in _MODE_CHANNELS:
+                raise UsageError(f"{file}: image mode {image.mode}; allowed: {', '.join(_MODE_CHANNELS)} "
+                                 "(8 bits per channel)")
+            array = np.asarray(image, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError) as error:
+        raise UsageError(f"{file}: not a readable image ({error})") from None
+    return array[..., None] if array.ndim == 2 else array
+
+
+def _read_images(files: list[Path]) -> list[np.ndarray]:
+    """Image files of one size and channel count, as [H, W, C] uint8 arrays."""
+    images: list[np.ndarray] = []
+    for file in files:
+        array = _read_image(file)
+        if images and array.shape != images[0].shape:
+            raise UsageError(f"{file}: {array.shape[1]}x{array.shape[0]} with {array.shape[2]} channel(s), "
+                             f"unlike the folder's first image ({images[0].shape[1]}x{images[0].shape[0]}, "
+                             f"{images[0].shape[2]} channel(s))")
+        images.append(array)
+    return images
+
+
+def _image_files(folder: Path, recursive: bool = False) -> list[Path]:
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(f for f in found if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _load_folder(path: Path) -> Dataset:
+    """One sub-folder per class, classes numbered in the sorted order of their names."""
     classes = sorted(p for p in path.iterdir() if p.is_dir())
-    images, labels = [], []
-    for label, folder in enumerate(classes):
-        for file in sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS):
-            try:
-                with Image.open(file) as image:
-                    image = image.convert("L") if image.mode == "1" else image
-                    image = image.convert("RGBA" if "transparency" in image.info else "RGB") \
-                        if image.mode == "P" else image
-                    if image.mode not in _MODE_CHANNELS:
-                        raise UsageError(f"{file}: image mode {image.mode}; allowed: "
-                                         f"{', '.join(_MODE_CHANNELS)} (8 bits per channel)")
-                    array = np.asarray(image, dtype=np.uint8)
-            except (OSError, UnidentifiedImageError) as error:
-                raise UsageError(f"{file}: not a readable image ({error})") from None
-            array = array[..., None] if array.ndim == 2 else array
-            if images and array.shape != images[0].shape:
-                raise UsageError(f"{file}: {array.shape[1]}x{array.shape[0]} with {array.shape[2]} channel(s), "
-                                 f"unlike the folder's first image ({images[0].shape[1]}x{images[0].shape[0]}, "
-                                 f"{images[0].shape[2]} channel(s))")
-            images.append(array)
-            labels.append(label)
+    files = [(label, f) for label, folder in enumerate(classes) for f in _image_files(folder)]
+    images = _read_images([f for _, f in files])
     if not images:
         return Dataset(np.zeros((0, 0, 0, 0), np.float32), np.zeros(0, np.int64), str(path))
     stacked = np.stack(images).transpose(0, 3, 1, 2)
-    return Dataset(_scaled(stacked, str(path)), np.array(labels, dtype=np.int64), str(path))
+    return Dataset(_scaled(stacked, str(path)), np.array([label for label, _ in files], dtype=np.int64), str(path))
+
+
+def load_images(source: str) -> np.ndarray:
+    """Unlabelled images [N, C, H, W] float32: an .npz's `images` or every image file under a folder."""
+    path = Path(source)
+    if path.is_dir():
+        images = _read_images(_image_files(path, recursive=True))
+        if not images:
+            raise UsageError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+        return _scaled(np.stack(images).transpose(0, 3, 1, 2), str(path))
+    if path.suffix == ".npz" and path.is_file():
+        with np.load(path, allow_pickle=False) as archive:
+            if "images" not in archive.files:
+                raise UsageError(f"{path}: no images array")
+            images = archive["images"]
+        if images.ndim != 4 or len(images) == 0:
+            raise UsageError(f"{path}: images has shape {images.shape}; allowed: N,C,H,W (ditc sample) or N,H,W,C")
+        channels_last = images.shape[-1] in (1, 3, 4) and images.shape[1] not in (1, 3, 4)
+        return _scaled(images.transpose(0, 3, 1, 2) if channels_last else images, str(path))
+    raise UsageError(f"{source}: no such folder or .npz file")
 
 
 class BatchLoader:

@@ -63,9 +63,9 @@ def test_scores_separate_real_digits_from_noise(classifier):
     pick = np.random.default_rng(1).choice(len(train), 300, replace=False)
     real = score_digits(clf, train.images[pick], train.labels[pick])
     noise = score_digits(clf, np.random.default_rng(0).uniform(-1, 1, (300, 1, 8, 8)), train.labels[:300])
-    assert real.accuracy > 0.97 and real.fd_digits < 2 * real.floor
-    assert noise.accuracy < 0.3 and noise.fd_digits > 10 * noise.floor
-    assert real.floor == noise.floor
+    assert real["accuracy"] > 0.97 and real["fd_digits"] < 2 * real["floor"]
+    assert noise["accuracy"] < 0.3 and noise["fd_digits"] > 10 * noise["floor"]
+    assert real["floor"] == noise["floor"] and real["n"] == 300
 
 
 def test_evaluate_command_sweeps_guidance_and_scores_a_samples_file(classifier, tmp_path, capsys):
@@ -80,3 +80,40 @@ def test_evaluate_command_sweeps_guidance_and_scores_a_samples_file(classifier, 
     assert (out / "evaluate.png").is_file() and (out / "cfg3" / "grid.png").is_file()
     assert main(["evaluate", str(out / "cfg3"), "--cache", str(classifier)]) == 0
     assert list(csv.DictReader((out / "cfg3" / "evaluate.csv").open()))[0]["fd_digits"] == rows[1]["fd_digits"]
+
+
+def test_fid_with_user_inception_weights(tmp_path, capsys):
+    """Random weights saved in pytorch-fid's layout (1008 classes): the loading and feature code is real."""
+    import torch
+
+    from dit_compiler.run.inception import InceptionFeatures
+
+    torch.manual_seed(0)
+    network = InceptionFeatures(fid=True)
+    for conv in (m for m in network.modules() if isinstance(m, torch.nn.Conv2d)):
+        torch.nn.init.kaiming_normal_(conv.weight)           # activations keep their scale through 90 layers
+    state = network.state_dict() | {"fc.weight": torch.randn(1008, 2048), "fc.bias": torch.zeros(1008)}
+    torch.save(state, tmp_path / "inception.pth")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    from PIL import Image
+
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(ref / f"{i}.png")
+    same = tmp_path / "same.npz"
+    np.savez(same, images=(images.transpose(0, 3, 1, 2) / 127.5 - 1).astype(np.float32), labels=np.zeros(2, int))
+    other = tmp_path / "other.npz"
+    np.savez(other, images=rng.uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32), labels=np.zeros(2, int))
+    flags = ["--inception", str(tmp_path / "inception.pth"), "--ref", str(ref)]
+
+    def fid(samples, name):
+        assert main(["evaluate", str(samples), "--out", str(tmp_path / name)] + flags) == 0
+        return float(next(csv.DictReader((tmp_path / name / "evaluate.csv").open()))["fid"])
+
+    assert abs(fid(same, "same")) < 1e-4 * fid(other, "other")
+    assert "FID against" in capsys.readouterr().out
+    assert main(["evaluate", str(same), "--inception", str(same), "--ref", str(ref)]) == 2
+    assert main(["evaluate", str(same), "--inception", str(tmp_path / "inception.pth")]) == 2
+    assert "--inception needs --ref" in capsys.readouterr().err

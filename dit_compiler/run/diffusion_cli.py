@@ -71,19 +71,25 @@ def add_commands(sub, count) -> None:
                        help="guided channels: `dit` the first 3 (DiT), `all` every epsilon channel (diffusers); "
                             "default dit for 4+ channels, all below")
         s.add_argument("--clip-denoised", action="store_true", help="clip x_0 predictions to [-1, 1] (DiT: off)")
+        s.add_argument("--sigma-small", action="store_true",
+                       help="a model without learned sigma samples with the posterior variance instead of beta_t "
+                            "(DiT's create_diffusion(sigma_small=True))")
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--out", help="output folder (default RUN/samples or samples/<spec name>)")
+        s.add_argument("--vae", help="a diffusers AutoencoderKL folder to decode latents with")
         if name == "sample":
             s.add_argument("--cfg", type=float, default=4.0, help="guidance scale, 1 = none (default 4, DiT's)")
             group = s.add_mutually_exclusive_group()
             group.add_argument("--classes", type=_ints, help="labels to sample, e.g. 0,3,7")
             group.add_argument("--n", type=count(1), help="number of samples, labels cycling over the classes")
-            s.add_argument("--vae", help="a diffusers AutoencoderKL folder to decode latents with")
             s.set_defaults(func=cmd_sample)
         else:
             s.add_argument("--cfg", type=_floats, default=[4.0], help="guidance scales, e.g. 1,2,4 (default 4)")
             s.add_argument("--n", type=count(2), default=1000, help="samples per scale (default 1000)")
             s.add_argument("--cache", help="where the digits classifier is cached (default ~/.cache/ditc)")
+            s.add_argument("--inception", help="Inception v3 weights (pytorch-fid's or torchvision's state_dict): "
+                                               "score FID against --ref instead of the digits scores")
+            s.add_argument("--ref", help="with --inception: reference images, a folder or an .npz")
             s.set_defaults(func=cmd_evaluate)
 
 
@@ -143,7 +149,7 @@ def _sample_config(args, cfg: float):
     from dit_compiler.run.sample import SampleConfig
 
     return SampleConfig(sampler=args.sampler, steps=args.steps, eta=args.eta, cfg=cfg, cfg_channels=args.cfg_channels,
-                        seed=args.seed, clip_denoised=args.clip_denoised)
+                        seed=args.seed, clip_denoised=args.clip_denoised, sigma_small=args.sigma_small)
 
 
 def cmd_sample(args) -> int:
@@ -160,15 +166,34 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def cmd_evaluate(args) -> int:
-    import numpy as np
+def _scorer(args):
+    """A function (images, labels) -> scores: FID against --ref with --inception, else the digits scores."""
+    if args.inception:
+        from dit_compiler.data import load_images
+        from dit_compiler.run.evaluate import features_distance
+        from dit_compiler.run.inception import inception_features, load_inception
 
-    from dit_compiler.run.evaluate import (default_cache, digits_classifier, format_table, score_digits, scores_row,
-                                           write_table)
+        if not args.ref:
+            raise UsageError("--inception needs --ref PATH: the reference images (a folder or an .npz)")
+        model = load_inception(Path(args.inception))
+        reference = inception_features(model, load_images(args.ref))
+        print(f"FID against {args.ref} ({len(reference)} images), Inception weights {args.inception}")
+        return lambda images, labels: {"n": len(images),
+                                       "fid": features_distance(inception_features(model, images), reference)}
+    from dit_compiler.run.evaluate import default_cache, digits_classifier, score_digits
 
     clf, trained = digits_classifier(Path(args.cache) if args.cache else default_cache())
     print(f"digits classifier ({'trained now' if trained else 'cached'}): held-out accuracy "
           f"{100 * clf.heldout_accuracy:.1f}%")
+    return lambda images, labels: score_digits(clf, images, labels, args.seed)
+
+
+def cmd_evaluate(args) -> int:
+    import numpy as np
+
+    from dit_compiler.run.evaluate import format_table, write_table
+
+    score = _scorer(args)
     target = Path(args.target)
     samples_file = target / "samples.npz" if target.is_dir() else target
     rows = []
@@ -178,7 +203,7 @@ def cmd_evaluate(args) -> int:
                 raise UsageError(f"{samples_file}: no `images` and `labels` (write it with `ditc sample`)")
             images, labels = f["images"], f["labels"]
         out = Path(args.out) if args.out else samples_file.parent
-        rows.append(scores_row(None, score_digits(clf, images, labels, args.seed), {"samples": str(samples_file)}))
+        rows.append({"cfg": None} | score(images, labels) | {"samples": str(samples_file)})
     else:
         from dit_compiler.run.sample import run_sample, sample_labels
 
@@ -189,9 +214,10 @@ def cmd_evaluate(args) -> int:
             try:
                 for cfg in args.cfg:
                     images, took = run_sample(backend, graph, labels, _sample_config(args, cfg), out / f"cfg{cfg:g}",
-                                              None, {"checkpoint": source, "spec": graph.spec.name})
-                    rows.append(scores_row(cfg, score_digits(clf, images, labels, args.seed),
-                                           {"sampling_s": round(took, 2), "checkpoint": source}))
+                                              Path(args.vae) if args.vae else None,
+                                              {"checkpoint": source, "spec": graph.spec.name})
+                    rows.append({"cfg": cfg} | score(images, labels) | {"sampling_s": round(took, 2),
+                                                                         "checkpoint": source})
             finally:
                 backend.close()
     write_table(rows, out)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -100,34 +100,36 @@ def digits_classifier(cache_dir: Path) -> tuple[DigitsClassifier, bool]:
     return clf, True
 
 
-@dataclass(frozen=True)
-class DigitsScores:
-    n: int
-    accuracy: float     # of the samples against their requested labels
-    fd_digits: float    # samples vs held-out digits
-    floor: float        # as many real training digits vs held-out digits
-
-    @property
-    def ratio(self) -> float:
-        return self.fd_digits / self.floor
-
-
-def score_digits(clf: DigitsClassifier, images: np.ndarray, labels: np.ndarray, seed: int = 0) -> DigitsScores:
+def score_digits(clf: DigitsClassifier, images: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
+    """accuracy, fd_digits, floor and their ratio for samples generated for `labels`."""
     if tuple(images.shape[1:]) != DIGIT_SHAPE:
-        raise UsageError(f"FD-digits scores 1x8x8 digits; these samples are {'x'.join(map(str, images.shape[1:]))}")
+        raise UsageError(f"FD-digits scores 1x8x8 digits; these samples are {'x'.join(map(str, images.shape[1:]))} "
+                         "(for other images pass --inception FILE --ref PATH)")
     train, held = digits("train"), digits("heldout")
     held_features = clf.features(held.images)
     real = np.random.default_rng(seed).choice(len(train), min(len(images), len(train)), replace=False)
-    return DigitsScores(
-        n=len(images),
-        accuracy=float(np.mean(clf.predict(images) == labels)),
-        fd_digits=features_distance(clf.features(images), held_features),
-        floor=features_distance(clf.features(train.images[real]), held_features),
-    )
+    fd = features_distance(clf.features(images), held_features)
+    floor = features_distance(clf.features(train.images[real]), held_features)
+    return {"n": len(images), "accuracy": float(np.mean(clf.predict(images) == labels)), "fd_digits": fd,
+            "floor": floor, "fd_over_floor": fd / floor}
+
+
+#: Table columns: key, header, format.
+COLUMNS = (("cfg", "cfg", "{:g}"), ("n", "n", "{:d}"), ("accuracy", "accuracy", "{:.1%}"),
+           ("fd_digits", "FD-digits", "{:.3f}"), ("floor", "floor", "{:.3f}"), ("fd_over_floor", "FD/floor", "{:.2f}"),
+           ("fid", "FID", "{:.3f}"), ("sampling_s", "sampling s", "{:.1f}"))
+
+
+def format_table(rows: list[dict]) -> str:
+    shown = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    cells = [[header for _, header, _ in shown]]
+    cells += [["-" if r.get(key) is None else fmt.format(r[key]) for key, _, fmt in shown] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(shown))]
+    return "\n".join(" ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in cells)
 
 
 def write_table(rows: list[dict], out_dir: Path) -> None:
-    """evaluate.csv and evaluate.json; with several guidance scales, evaluate.png (accuracy and FD vs cfg)."""
+    """evaluate.csv and evaluate.json; with several guidance scales, evaluate.png (scores vs cfg)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / ".evaluate.csv.tmp"
     with tmp.open("w", newline="") as f:
@@ -144,26 +146,19 @@ def write_table(rows: list[dict], out_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     cfg = [r["cfg"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
-    left.plot(cfg, [100 * r["accuracy"] for r in rows], "o-")
-    left.set(xlabel="guidance scale", ylabel="classifier accuracy (%)")
-    right.plot(cfg, [r["fd_digits"] for r in rows], "o-", label="samples vs held-out")
-    right.plot(cfg, [r["floor"] for r in rows], "--", label="real vs held-out (floor)")
-    right.set(xlabel="guidance scale", ylabel="FD-digits")
-    right.legend()
+    digits_scores = "accuracy" in rows[0]
+    fig, axes = plt.subplots(1, 2 if digits_scores else 1, figsize=(9 if digits_scores else 5, 3.6), squeeze=False)
+    right = axes[0, -1]
+    if digits_scores:
+        axes[0, 0].plot(cfg, [100 * r["accuracy"] for r in rows], "o-")
+        axes[0, 0].set(xlabel="guidance scale", ylabel="classifier accuracy (%)")
+        right.plot(cfg, [r["fd_digits"] for r in rows], "o-", label="samples vs held-out")
+        right.plot(cfg, [r["floor"] for r in rows], "--", label="real vs held-out (floor)")
+        right.set(xlabel="guidance scale", ylabel="FD-digits")
+        right.legend()
+    else:
+        right.plot(cfg, [r["fid"] for r in rows], "o-")
+        right.set(xlabel="guidance scale", ylabel="FID")
     fig.tight_layout()
     fig.savefig(out_dir / "evaluate.png", dpi=120)
     plt.close(fig)
-
-
-def scores_row(cfg: float | None, scores: DigitsScores, extra: dict) -> dict:
-    return {"cfg": cfg} | asdict(scores) | {"fd_over_floor": scores.ratio} | extra
-
-
-def format_table(rows: list[dict]) -> str:
-    lines = [f"{'cfg':>5} {'n':>6} {'accuracy':>9} {'FD-digits':>10} {'floor':>8} {'FD/floor':>9}"]
-    for r in rows:
-        cfg = "-" if r["cfg"] is None else f"{r['cfg']:g}"
-        lines.append(f"{cfg:>5} {r['n']:>6} {100 * r['accuracy']:>8.1f}% {r['fd_digits']:>10.3f} "
-                     f"{r['floor']:>8.3f} {r['fd_over_floor']:>9.2f}")
-    return "\n".join(lines)

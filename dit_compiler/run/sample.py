@@ -141,10 +141,10 @@ def _tile_sheet(tiles: list[list[np.ndarray | None]], side: int, pad: int = 2):
     return Image.fromarray(sheet[..., 0] if c == 1 else sheet)
 
 
-def image_grid(images: np.ndarray, labels: np.ndarray, side: int = 64):
-    """A row per class (in label order), that class's samples left to right."""
+def image_grid(images: np.ndarray, labels: np.ndarray, side: int = 64, columns: int = 16):
+    """A row per class (in label order), that class's first `columns` samples left to right."""
     pixels = _to_uint8(images)
-    return _tile_sheet([[pixels[i] for i in np.flatnonzero(labels == c)] for c in np.unique(labels)], side)
+    return _tile_sheet([[pixels[i] for i in np.flatnonzero(labels == c)[:columns]] for c in np.unique(labels)], side)
 
 
 def channel_preview(latents: np.ndarray, rows: int = 16, side: int = 64):
@@ -157,8 +157,9 @@ def channel_preview(latents: np.ndarray, rows: int = 16, side: int = 64):
 
 
 def write_samples(out_dir: Path, samples: np.ndarray, labels: np.ndarray, settings: dict,
-                  vae: Path | None = None) -> list[str]:
-    """grid.png (or preview.png for latents without a VAE), samples.npz and settings.json; returns notes."""
+                  vae: Path | None = None) -> tuple[np.ndarray, list[str]]:
+    """grid.png (or preview.png for latents without a VAE), samples.npz and settings.json; returns the
+    images (the latents where there are none) and notes for the user."""
     out_dir.mkdir(parents=True, exist_ok=True)
     notes, arrays = [], {"labels": labels}
     channels = samples.shape[1]
@@ -178,7 +179,7 @@ def write_samples(out_dir: Path, samples: np.ndarray, labels: np.ndarray, settin
     np.savez(tmp, **arrays)
     tmp.replace(out_dir / "samples.npz")
     write_text_atomic(out_dir / "settings.json", json.dumps(settings, indent=1) + "\n")
-    return notes
+    return arrays.get("images", samples), notes
 
 
 def sample_settings(config: SampleConfig, channels: int, labels: np.ndarray, extra: dict) -> dict:
@@ -187,14 +188,16 @@ def sample_settings(config: SampleConfig, channels: int, labels: np.ndarray, ext
 
 def run_sample(backend: Backend, graph: Graph, labels: np.ndarray, config: SampleConfig, out_dir: Path,
                vae: Path | None, extra: dict) -> tuple[np.ndarray, float]:
-    """Generate, write, and print where; returns the samples and the sampling time in seconds."""
+    """Generate, write, and print where; returns the images (decoded with a VAE) and the sampling time in
+    seconds."""
     began = time.perf_counter()
     samples = generate(backend, graph, labels, config)
     elapsed = time.perf_counter() - began
     settings = sample_settings(config, graph.axes["in_channels"].size, labels,
                                extra | {"backend": backend.name, "sampling_s": round(elapsed, 3)})
-    for note in write_samples(out_dir, samples, labels, settings, vae):
+    images, notes = write_samples(out_dir, samples, labels, settings, vae)
+    for note in notes:
         print(note, file=sys.stderr)
     print(f"sampled {len(labels)} images ({config.sampler}, {config.steps} steps, cfg {config.cfg}) on "
           f"{backend.name} in {elapsed:.1f} s -> {out_dir}/")
-    return samples, elapsed
+    return images, elapsed
