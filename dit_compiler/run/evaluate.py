@@ -145,6 +145,7 @@ def write_table(rows: list[dict], out_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = sorted(rows, key=lambda r: r["cfg"])
     cfg = [r["cfg"] for r in rows]
     digits_scores = "accuracy" in rows[0]
     fig, axes = plt.subplots(1, 2 if digits_scores else 1, figsize=(9 if digits_scores else 5, 3.6), squeeze=False)
