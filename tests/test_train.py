@@ -115,7 +115,7 @@ class Recording(TorchBackend):
 
 
 def test_host_draws_depend_on_the_seed_only(tmp_path, monkeypatch):
-    monkeypatch.setitem(backend_module.BACKENDS, "recording", Recording)
+    monkeypatch.setitem(backend_module.BACKENDS, "recording", f"{__name__}:Recording")
     runs = []
     for name in ("a", "b"):
         Recording.calls = []

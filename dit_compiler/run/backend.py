@@ -11,6 +11,7 @@ every backend converts to and from, and the one DiT's checkpoints hold.
 from __future__ import annotations
 
 import copy
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -133,14 +134,16 @@ class TorchBackend:
         self._out = None
 
 
-#: Backends by name. The NNTile backend registers itself here from its target package.
-BACKENDS: dict[str, type] = {"torch": TorchBackend}
+#: Backends by name, as "module:class", imported when opened: a backend is a class whose constructor
+#: takes (build_dir, graph, optim) and that implements `Backend`. The NNTile target adds its line here.
+BACKENDS: dict[str, str] = {"torch": "dit_compiler.run.backend:TorchBackend"}
 
 
 def open_backend(name: str, build_dir: Path, graph: Graph, optim: OptimConfig = OptimConfig()) -> Backend:
     if name not in BACKENDS:
         raise UsageError(f"--backend {name}: not available here; allowed: {', '.join(sorted(BACKENDS))}")
-    return BACKENDS[name](build_dir, graph, optim)
+    module, _, cls = BACKENDS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)(build_dir, graph, optim)
 
 
 def load_into(backend: Backend, model: StateDict, source: str, ema: StateDict | None = None,
