@@ -212,6 +212,11 @@ def parser() -> argparse.ArgumentParser:
                         "pooling each point's times (use 2 or more on a shared machine)")
     s.add_argument("--ncpus", type=_count(1), default=_default_ncpus())
     s.set_defaults(func=cmd_sweep)
+
+    # train, sample, evaluate: arguments and commands in dit_compiler/run/diffusion_cli.py
+    from dit_compiler.run.diffusion_cli import add_commands
+
+    add_commands(sub, _count)
     return p
 
 

@@ -1,0 +1,156 @@
+"""The backend interface that training and sampling run on, and the torch backend.
+
+A backend holds a compiled DiT's weights, their EMA and AdamW's moments, and runs forward and backward
+on numpy arrays. Everything else (data, timesteps, noise, label dropout, the loss and its gradient,
+the samplers) runs on the host, identically for every backend, so runs on two backends with one seed
+are comparable step by step. Weights cross the interface under the torch reference's state_dict keys,
+the optimizer state as `torch.optim.AdamW.state_dict()` (parameter indices in the order of the
+reference's `parameters()`, DiT's frozen `pos_embed` included without state): the canonical format
+every backend converts to and from, and the one DiT's checkpoints hold.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from dit_compiler.build import TORCH_FILE
+from dit_compiler.errors import UsageError
+from dit_compiler.graph.ir import Graph
+from dit_compiler.run.common import load_module
+from dit_compiler.run.weights import StateDict, to_numpy, to_torch
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW's settings, fixed when a backend is made (defaults: DiT's `train.py`)."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+class Backend(Protocol):
+    name: str
+    batch: int   # the compiled batch: `forward` and `predict` take exactly this many images
+
+    def forward(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """x [N,C,H,W] float32, t [N] float32 (integer-valued), y [N] int64 -> [N,C_out,H,W] float32,
+        keeping what `backward` needs."""
+
+    def predict(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """`forward` for sampling: no `backward` follows, so nothing is kept for it."""
+
+    def backward(self, grad_out: np.ndarray) -> None:
+        """This step's parameter gradients from d loss / d output (nothing accumulates across steps)."""
+
+    def step(self) -> None:
+        """One AdamW step."""
+
+    def ema_update(self, decay: float) -> None:
+        """ema = decay * ema + (1 - decay) * weights, for every parameter (DiT's `update_ema`)."""
+
+    def state_dict(self) -> StateDict: ...
+
+    def ema_state_dict(self) -> StateDict: ...
+
+    def optimizer_state(self) -> dict: ...
+
+    def load(self, model: StateDict, ema: StateDict | None = None, opt: dict | None = None) -> None:
+        """Set the weights; the EMA (a copy of the weights when None) and AdamW's state (fresh when None)."""
+
+    def close(self) -> None: ...
+
+
+class TorchBackend:
+    """The generated torch reference, always in eval mode (label dropout is the host's job)."""
+
+    name = "torch"
+
+    def __init__(self, build_dir: Path, graph: Graph, optim: OptimConfig):
+        self.batch = graph.axes["batch"].size
+        self.optim = optim
+        self.model = load_module(Path(build_dir) / TORCH_FILE).Model().eval()
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.opt = self._adamw()
+        self._out: torch.Tensor | None = None
+
+    def _adamw(self) -> torch.optim.AdamW:
+        o = self.optim
+        return torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+
+    def _check(self, x: np.ndarray) -> None:
+        if len(x) != self.batch:
+            raise ValueError(f"the model is compiled for batch {self.batch}, got {len(x)} images")
+
+    def forward(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
+        self._check(x)
+        self._out = self.model(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y))
+        return self._out.detach().numpy().copy()
+
+    @torch.no_grad()
+    def predict(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
+        self._check(x)
+        return self.model(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
+
+    def backward(self, grad_out: np.ndarray) -> None:
+        if self._out is None:
+            raise RuntimeError("backward without a forward")
+        self.opt.zero_grad(set_to_none=True)
+        self._out.backward(torch.from_numpy(grad_out))
+        self._out = None
+
+    def step(self) -> None:
+        self.opt.step()
+
+    @torch.no_grad()
+    def ema_update(self, decay: float) -> None:
+        for ema, param in zip(self.ema.parameters(), self.model.parameters()):
+            ema.mul_(decay).add_(param, alpha=1 - decay)
+
+    def state_dict(self) -> StateDict:
+        return to_numpy(self.model.state_dict())
+
+    def ema_state_dict(self) -> StateDict:
+        return to_numpy(self.ema.state_dict())
+
+    def optimizer_state(self) -> dict:
+        return copy.deepcopy(self.opt.state_dict())
+
+    def load(self, model: StateDict, ema: StateDict | None = None, opt: dict | None = None) -> None:
+        self.model.load_state_dict(to_torch(model))
+        self.ema.load_state_dict(to_torch(ema if ema is not None else model))
+        self.opt = self._adamw()
+        if opt is not None:
+            self.opt.load_state_dict(opt)
+
+    def close(self) -> None:
+        self._out = None
+
+
+#: Backends by name, as "module:class", imported when opened: a backend is a class whose constructor
+#: takes (build_dir, graph, optim) and that implements `Backend`. The NNTile target adds its line here.
+BACKENDS: dict[str, str] = {"torch": "dit_compiler.run.backend:TorchBackend"}
+
+
+def open_backend(name: str, build_dir: Path, graph: Graph, optim: OptimConfig = OptimConfig()) -> Backend:
+    if name not in BACKENDS:
+        raise UsageError(f"--backend {name}: not available here; allowed: {', '.join(sorted(BACKENDS))}")
+    module, _, cls = BACKENDS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)(build_dir, graph, optim)
+
+
+def load_into(backend: Backend, model: StateDict, source: str, ema: StateDict | None = None,
+              opt: dict | None = None) -> None:
+    """`backend.load`, with a state_dict that does not fit the model reported as a user error."""
+    try:
+        backend.load(model, ema, opt)
+    except (RuntimeError, KeyError, ValueError) as error:
+        first = str(error).strip().splitlines()[0]
+        raise UsageError(f"{source}: its weights do not fit this spec's model ({first})") from None

@@ -1,0 +1,226 @@
+"""The `train`, `sample` and `evaluate` subcommands: their arguments and command functions.
+
+Kept apart from `dit_compiler.cli` (which adds them in one block) and light to import: numpy, torch
+and the runners load only when a command runs.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from dit_compiler.errors import UsageError
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
+def add_commands(sub, count) -> None:
+    """Add `train`, `sample` and `evaluate` to the `ditc` subparsers; `count(m)` parses an integer >= m."""
+    s = sub.add_parser("train", help="train a compiled DiT with DiT's diffusion loss on a dataset")
+    s.add_argument("target", metavar="SPEC_OR_BUILD_DIR")
+    s.add_argument("--data", help="`digits` (built in, the default), an .npz with images and labels, or a "
+                                  "folder with a sub-folder of images per class")
+    s.add_argument("--steps", type=count(1), help="total training steps (default 4000)")
+    s.add_argument("--lr", type=_positive_float, help="AdamW learning rate (default 1e-4, DiT's)")
+    s.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0, DiT's)")
+    s.add_argument("--ema-decay", type=float, help="EMA decay (default 0.9999, DiT's)")
+    s.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
+                   help="EMA decay min(decay, (1+s)/(10+s)) at step s (default on; off is DiT's constant decay)")
+    s.add_argument("--backend", help="where the model runs (default torch)")
+    s.add_argument("--out", help="run folder (default runs/<spec name>)")
+    s.add_argument("--ckpt-every", type=count(0), help="checkpoint every N steps, 0 only at the end (default 1000)")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    s.add_argument("--seed", type=int, help="seeds the initial weights, data order, timesteps, noise, dropout")
+    s.set_defaults(func=cmd_train)
+
+    for name, help_text in (("sample", "generate images with a trained DiT (DiT's samplers)"),
+                            ("evaluate", "score generated digits: classifier accuracy, FD-digits and the floor")):
+        s = sub.add_parser(name, help=help_text)
+        s.add_argument("target", metavar="RUN_OR_SPEC" if name == "sample" else "RUN_SPEC_OR_SAMPLES")
+        s.add_argument("--ckpt", help="checkpoint (.pt or .safetensors; default: the run's last)")
+        s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                       help="use the checkpoint's EMA weights (default)")
+        s.add_argument("--backend", default="torch", help="where the model runs (default torch)")
+        s.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+        s.add_argument("--steps", type=count(1), default=250, help="respaced sampling steps (default 250)")
+        s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+        s.add_argument("--cfg-channels", choices=("dit", "all"),
+                       help="guided channels: `dit` the first 3 (DiT), `all` every epsilon channel (diffusers); "
+                            "default dit for 4+ channels, all below")
+        s.add_argument("--clip-denoised", action="store_true", help="clip x_0 predictions to [-1, 1] (DiT: off)")
+        s.add_argument("--sigma-small", action="store_true",
+                       help="a model without learned sigma samples with the posterior variance instead of beta_t "
+                            "(DiT's create_diffusion(sigma_small=True))")
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--out", help="output folder (default RUN/samples or samples/<spec name>)")
+        s.add_argument("--vae", help="a diffusers AutoencoderKL folder to decode latents with")
+        if name == "sample":
+            s.add_argument("--cfg", type=float, default=4.0, help="guidance scale, 1 = none (default 4, DiT's)")
+            group = s.add_mutually_exclusive_group()
+            group.add_argument("--classes", type=_ints, help="labels to sample, e.g. 0,3,7")
+            group.add_argument("--n", type=count(1), help="number of samples, labels cycling over the classes")
+            s.set_defaults(func=cmd_sample)
+        else:
+            s.add_argument("--cfg", type=_floats, default=[4.0], help="guidance scales, e.g. 1,2,4 (default 4)")
+            s.add_argument("--n", type=count(2), default=1000, help="samples per scale (default 1000)")
+            s.add_argument("--cache", help="where the digits classifier is cached (default ~/.cache/ditc)")
+            s.add_argument("--inception", help="Inception v3 weights (pytorch-fid's or torchvision's state_dict): "
+                                               "score FID against --ref instead of the digits scores")
+            s.add_argument("--ref", help="with --inception: reference images, a folder or an .npz")
+            s.set_defaults(func=cmd_evaluate)
+
+
+def cmd_train(args) -> int:
+    from dit_compiler.run.train import resolve_config, train
+
+    spec, _ = _load_target(args.target)
+    run_dir = Path(args.out or Path("runs") / spec.name)
+    overrides = {k: getattr(args, k) for k in ("data", "steps", "lr", "weight_decay", "ema_decay", "ema_warmup",
+                                               "backend", "seed", "ckpt_every")}
+    config = resolve_config(run_dir, overrides, args.resume)
+    return train(spec, run_dir, config, resume=args.resume)
+
+
+def _load_target(target: str):
+    from dit_compiler.cli import _spec_and_dir
+
+    return _spec_and_dir(target)
+
+
+def _open_model(args, tmp: str):
+    """The graph, a backend holding the checkpoint's weights, a description of them, and the default output."""
+    from dit_compiler.build import SPEC_FILE, compile_spec, write_build
+    from dit_compiler.lower import lower
+    from dit_compiler.run.backend import load_into, open_backend
+    from dit_compiler.run.train import RUN_FILE, checkpoints, run_build_dir
+    from dit_compiler.run.weights import load_weights
+    from dit_compiler.spec import load_spec
+
+    path = Path(args.target)
+    ckpt = Path(args.ckpt) if args.ckpt else None
+    if (path / RUN_FILE).is_file():
+        build_dir = run_build_dir(path)
+        spec = load_spec(build_dir / SPEC_FILE)
+        if ckpt is None:
+            if not checkpoints(path):
+                raise UsageError(f"{path}: the run has no checkpoint yet")
+            ckpt = checkpoints(path)[-1]
+        default_out = path / "samples"
+    else:
+        spec, build_dir = _load_target(args.target)
+        if ckpt is None:
+            raise UsageError(f"{args.target}: a spec has no trained weights; pass --ckpt FILE (a ditc run's or "
+                             "DiT's checkpoint) or give a training run folder")
+        build_dir = build_dir or write_build(compile_spec(spec), tmp)
+        default_out = Path("samples") / spec.name
+    if not ckpt.is_file():
+        raise UsageError(f"--ckpt {ckpt}: no such file")
+    graph = lower(spec)
+    backend = open_backend(args.backend, build_dir, graph)
+    weights, entry = load_weights(ckpt, args.ema)
+    load_into(backend, weights, str(ckpt))
+    return graph, backend, f"{ckpt} ({entry})", Path(args.out) if args.out else default_out
+
+
+def _sample_config(args, cfg: float):
+    from dit_compiler.run.sample import SampleConfig
+
+    return SampleConfig(sampler=args.sampler, steps=args.steps, eta=args.eta, cfg=cfg, cfg_channels=args.cfg_channels,
+                        seed=args.seed, clip_denoised=args.clip_denoised, sigma_small=args.sigma_small)
+
+
+def cmd_sample(args) -> int:
+    from dit_compiler.run.sample import run_sample, sample_labels
+
+    with tempfile.TemporaryDirectory() as tmp:
+        graph, backend, source, out = _open_model(args, tmp)
+        try:
+            labels = sample_labels(graph.facts.num_classes, args.classes, args.n)
+            run_sample(backend, graph, labels, _sample_config(args, args.cfg), out,
+                       Path(args.vae) if args.vae else None, {"checkpoint": source, "spec": graph.spec.name})
+        finally:
+            backend.close()
+    return 0
+
+
+def _scorer(args):
+    """A function (images, labels) -> scores: FID against --ref with --inception, else the digits scores."""
+    if args.inception:
+        from dit_compiler.data import load_images
+        from dit_compiler.run.evaluate import features_distance
+        from dit_compiler.run.inception import inception_features, load_inception
+
+        if not args.ref:
+            raise UsageError("--inception needs --ref PATH: the reference images (a folder or an .npz)")
+        model = load_inception(Path(args.inception))
+        reference = inception_features(model, load_images(args.ref))
+        print(f"FID against {args.ref} ({len(reference)} images), Inception weights {args.inception}")
+        return lambda images, labels: {"n": len(images),
+                                       "fid": features_distance(inception_features(model, images), reference)}
+    from dit_compiler.run.evaluate import default_cache, digits_classifier, score_digits
+
+    clf, trained = digits_classifier(Path(args.cache) if args.cache else default_cache())
+    print(f"digits classifier ({'trained now' if trained else 'cached'}): held-out accuracy "
+          f"{100 * clf.heldout_accuracy:.1f}%")
+    return lambda images, labels: score_digits(clf, images, labels, args.seed)
+
+
+def cmd_evaluate(args) -> int:
+    import numpy as np
+
+    from dit_compiler.run.evaluate import format_table, write_table
+
+    score = _scorer(args)
+    target = Path(args.target)
+    samples_file = target / "samples.npz" if target.is_dir() else target
+    rows = []
+    if samples_file.suffix == ".npz" and samples_file.is_file():
+        with np.load(samples_file) as f:
+            if "images" not in f.files or "labels" not in f.files:
+                raise UsageError(f"{samples_file}: no `images` and `labels` (write it with `ditc sample`)")
+            images, labels = f["images"], f["labels"]
+        out = Path(args.out) if args.out else samples_file.parent
+        rows.append({"cfg": None} | score(images, labels) | {"samples": str(samples_file)})
+    else:
+        from dit_compiler.run.sample import run_sample, sample_labels
+
+        with tempfile.TemporaryDirectory() as tmp:
+            graph, backend, source, default_out = _open_model(args, tmp)
+            out = Path(args.out) if args.out else default_out.with_name("evaluate")
+            labels = sample_labels(graph.facts.num_classes, None, args.n)
+            try:
+                for cfg in args.cfg:
+                    images, took = run_sample(backend, graph, labels, _sample_config(args, cfg), out / f"cfg{cfg:g}",
+                                              Path(args.vae) if args.vae else None,
+                                              {"checkpoint": source, "spec": graph.spec.name})
+                    rows.append({"cfg": cfg} | score(images, labels) | {"sampling_s": round(took, 2),
+                                                                         "checkpoint": source})
+            finally:
+                backend.close()
+    write_table(rows, out)
+    print(format_table(rows))
+    print(f"table: {out}/evaluate.csv" + (f", plot: {out}/evaluate.png" if len(rows) > 1 else ""), file=sys.stderr)
+    return 0

@@ -1,0 +1,27 @@
+"""A tiny digits-shaped DiT and a short training run, shared by the train, sample and evaluate tests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from dit_compiler.run.train import TrainConfig, train
+from dit_compiler.spec import load_spec
+
+TINY_DIGITS = """\
+name: tiny-digits
+model: {input_size: 8, in_channels: 1, patch_size: 2, hidden_size: 32, depth: 1, num_heads: 2, num_classes: 10}
+batch: 8
+"""
+
+
+def tiny_spec(folder: Path, text: str = TINY_DIGITS):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tiny-digits.yaml"
+    path.write_text(text)
+    return load_spec(path)
+
+
+def train_tiny(folder: Path, steps: int = 4, **config) -> Path:
+    """Train the tiny spec for a few steps into `folder/run`; returns the run folder."""
+    run = folder / "run"
+    assert train(tiny_spec(folder), run, TrainConfig(steps=steps, lr=1e-3, **config)) == 0
+    return run
