@@ -48,7 +48,7 @@ def test_labels():
 
 
 def test_sample_command_writes_grid_npz_settings_and_repeats(run, tmp_path, capsys):
-    args = ["sample", str(run), "--steps", "4", "--classes", "0,1,1,7", "--cfg", "2", "--seed", "3"]
+    args = ["sample", str(run), "--steps", "4", "--classes", "0,1,1,7", "--cfg", "2", "--seed", "3", "--backend", "torch"]
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
     assert main(args + ["--out", str(tmp_path / "b")]) == 0
     assert "sampled 4 images (ddpm, 4 steps, cfg 2.0) on torch" in capsys.readouterr().out

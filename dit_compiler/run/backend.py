@@ -135,14 +135,25 @@ class TorchBackend:
 
 
 #: Backends by name, as "module:class", imported when opened: a backend is a class whose constructor
-#: takes (build_dir, graph, optim) and that implements `Backend`. The NNTile target adds its line here.
-BACKENDS: dict[str, str] = {"torch": "dit_compiler.run.backend:TorchBackend"}
+#: takes (build_dir, graph, optim) and that implements `Backend`. `nntile` is the spec's target's backend.
+BACKENDS: dict[str, str] = {"torch": "dit_compiler.run.backend:TorchBackend", "nntile": ""}
+#: The default: NNTile where the spec's target's runtime is importable, else torch (saying why).
+AUTO = "auto"
 
 
-def open_backend(name: str, build_dir: Path, graph: Graph, optim: OptimConfig = OptimConfig()) -> Backend:
+def open_backend(name: str, build_dir: Path, graph: Graph, optim: OptimConfig = OptimConfig(),
+                 note=print) -> Backend:
+    from dit_compiler import targets
+
+    target = targets.get(graph.spec.target)
+    if name == AUTO:
+        reason = target.problem()
+        name = "torch" if reason else "nntile"
+        if reason:
+            note(f"note: {reason}; running on torch")
     if name not in BACKENDS:
-        raise UsageError(f"--backend {name}: not available here; allowed: {', '.join(sorted(BACKENDS))}")
-    module, _, cls = BACKENDS[name].partition(":")
+        raise UsageError(f"--backend {name}: not available here; allowed: {', '.join([AUTO, *sorted(BACKENDS)])}")
+    module, _, cls = (BACKENDS[name] or target.BACKEND).partition(":")
     return getattr(importlib.import_module(module), cls)(build_dir, graph, optim)
 
 

@@ -49,7 +49,8 @@ def add_commands(sub, count) -> None:
     s.add_argument("--ema-decay", type=float, help="EMA decay (default 0.9999, DiT's)")
     s.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
                    help="EMA decay min(decay, (1+s)/(10+s)) at step s (default on; off is DiT's constant decay)")
-    s.add_argument("--backend", help="where the model runs (default torch)")
+    s.add_argument("--backend", choices=("auto", "nntile", "torch"),
+                   help="where the model runs (default auto: NNTile where it is importable, else torch)")
     s.add_argument("--out", help="run folder (default runs/<spec name>)")
     s.add_argument("--ckpt-every", type=count(0), help="checkpoint every N steps, 0 only at the end (default 1000)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -63,7 +64,8 @@ def add_commands(sub, count) -> None:
         s.add_argument("--ckpt", help="checkpoint (.pt or .safetensors; default: the run's last)")
         s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                        help="use the checkpoint's EMA weights (default)")
-        s.add_argument("--backend", default="torch", help="where the model runs (default torch)")
+        s.add_argument("--backend", choices=("auto", "nntile", "torch"), default="auto",
+                       help="where the model runs (default auto: NNTile where it is importable, else torch)")
         s.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
         s.add_argument("--steps", type=count(1), default=250, help="respaced sampling steps (default 250)")
         s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
@@ -112,8 +114,7 @@ def _load_target(target: str):
 
 def _open_model(args, tmp: str):
     """The graph, a backend holding the checkpoint's weights, a description of them, and the default output."""
-    from dit_compiler.build import SPEC_FILE, compile_spec, write_build
-    from dit_compiler.lower import lower
+    from dit_compiler.build import SPEC_FILE, compile_spec, graph_of, write_build
     from dit_compiler.run.backend import load_into, open_backend
     from dit_compiler.run.train import RUN_FILE, checkpoints, run_build_dir
     from dit_compiler.run.weights import load_weights
@@ -138,7 +139,7 @@ def _open_model(args, tmp: str):
         default_out = Path("samples") / spec.name
     if not ckpt.is_file():
         raise UsageError(f"--ckpt {ckpt}: no such file")
-    graph = lower(spec)
+    graph = graph_of(spec)
     backend = open_backend(args.backend, build_dir, graph)
     weights, entry = load_weights(ckpt, args.ema)
     load_into(backend, weights, str(ckpt))

@@ -31,7 +31,7 @@ from typing import TextIO
 
 import numpy as np
 
-from dit_compiler.build import SPEC_FILE, compile_spec, write_build, write_text_atomic
+from dit_compiler.build import SPEC_FILE, compile_spec, graph_of, write_build, write_text_atomic
 from dit_compiler.data import BatchLoader, ImageShape, load_dataset
 from dit_compiler.diffusion import NUM_TIMESTEPS, create_diffusion, training_losses
 from dit_compiler.errors import UsageError
@@ -58,7 +58,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     ema_decay: float = 0.9999
     ema_warmup: bool = True      # not DiT's: see the module docstring
-    backend: str = "torch"
+    backend: str = "auto"
     seed: int = 0
     ckpt_every: int = 1000       # DiT: 50,000
 
@@ -189,10 +189,9 @@ def plot_loss(rows: list[dict], path: Path, title: str) -> None:
 
 def train(spec, run_dir: Path, config: TrainConfig, resume: bool = False, stream: TextIO | None = None) -> int:
     """Train `spec` into `run_dir`; returns the exit code (0, or 130/143 after a signal)."""
-    from dit_compiler.lower import lower
 
     stream = stream or sys.stderr
-    graph = lower(spec)
+    graph = graph_of(spec)
     shape = ImageShape.of_graph(graph)
     data = load_dataset(config.data, shape)        # every data error before anything is written
     build_dir = _prepare_run(spec, run_dir, config, resume)

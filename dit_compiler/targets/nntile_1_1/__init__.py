@@ -20,6 +20,8 @@ NAME = "nntile-1.1"
 NNTILE_VERSION = "1.1.0"
 #: Bumped whenever a generated model of an earlier ditc would not run on this runtime.
 RUNTIME_VERSION = 1
+#: The training and sampling backend (`dit_compiler.run.backend`), imported when opened.
+BACKEND = "dit_compiler.targets.nntile_1_1.backend:NNTileBackend"
 
 __all__ = ["Decl", "Geometry", "Model", "NAME", "NNTILE_VERSION", "RUNTIME_VERSION", "emit", "nntile_runtime",
            "param", "patchify", "patchify_grad", "pause", "prepare", "problem", "require", "resume", "scheduler",

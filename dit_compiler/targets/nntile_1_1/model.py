@@ -234,9 +234,10 @@ class Model:
             tensor.from_array(to_graph_layout(value, decl.layout, tuple(tensor.shape)))
 
     # -- training and profiling ---------------------------------------------------------------------
-    def adamw(self, lr: float, weight_decay: float = 0.0) -> AdamW:
+    def adamw(self, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+              eps: float = 1e-8) -> AdamW:
         """AdamW over every parameter (torch's defaults): `.step()` after `backward`, `.unregister()` at the end."""
-        return AdamW(self.parameters, self.alloc, lr, weight_decay)
+        return AdamW(self.parameters, self.alloc, lr, weight_decay, betas, eps)
 
     def adamw_state(self, optimizer: AdamW) -> dict[str, Any]:
         """The optimiser's state by state_dict key: torch AdamW's `exp_avg` and `exp_avg_sq` as they are

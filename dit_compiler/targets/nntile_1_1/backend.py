@@ -1,0 +1,117 @@
+"""The NNTile backend of `ditc train` and `ditc sample` (`dit_compiler.run.backend.Backend`).
+
+It runs the generated `nntile_model.py` of a build: forward and backward on NNTile, AdamW and the EMA on
+NNTile tensors (one task per tile each, no copy to the host per step). Weights, the EMA and AdamW's
+moments cross the interface in the torch reference's layout: weights and EMA by state_dict key, the
+optimizer as `torch.optim.AdamW.state_dict()`, whose parameter indices follow the reference's
+`parameters()` (read from the reference built on torch's meta device, which allocates nothing). This
+AdamW keeps `exp_avg` and `exp_avg_sq` themselves, so they convert as they are.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dit_compiler.build import NNTILE_FILE, TORCH_FILE
+from dit_compiler.graph.ir import Graph
+from dit_compiler.run.backend import OptimConfig
+from dit_compiler.run.common import load_module
+from dit_compiler.targets.nntile_1_1.runtime import nntile_runtime, problem
+
+
+class NNTileBackend:
+    name = "nntile"
+
+    def __init__(self, build_dir: Path, graph: Graph, optim: OptimConfig, ncpus: int | None = None):
+        if (reason := problem()) is not None:
+            from dit_compiler.errors import UsageError
+
+            raise UsageError(f"--backend nntile: {reason}")
+        self.batch = graph.axes["batch"].size
+        self.optim = optim
+        with torch.device("meta"):
+            reference = load_module(Path(build_dir) / TORCH_FILE).Model()
+        named = list(reference.named_parameters())
+        #: The reference's parameters() in order, and which of them train (AdamW's indices).
+        self.order = [(k, p.requires_grad) for k, p in named]
+        self.keys = list(reference.state_dict())   # the reference's state_dict order, kept in checkpoints
+        self.frozen = {k: v.numpy().copy() for k, v in reference.state_dict().items()
+                       if k not in {k for k, p in named if p.requires_grad} and v.device.type != "meta"}
+        self.param_groups = torch.optim.AdamW([p for _, p in named], lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                                              weight_decay=optim.weight_decay).state_dict()["param_groups"]
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(nntile_runtime(ncpus or int(os.environ.get("STARPU_NCPU") or os.cpu_count() or 1)))
+        module = load_module(Path(build_dir) / NNTILE_FILE)
+        self.model = module.Model()
+        self._stack.callback(self.model.unregister)
+        self.adamw = self.model.adamw(optim.lr, optim.weight_decay, optim.betas, optim.eps)
+        self._stack.callback(self.adamw.unregister)
+        self.ema = None
+
+    # -- running --------------------------------------------------------------------------------------
+    def forward(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return self.model.forward(x, t, y)
+
+    def predict(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return self.model.forward(x, t, y)
+
+    def backward(self, grad_out: np.ndarray) -> None:
+        self.model.backward(grad_out, input_grad=False)
+
+    def step(self) -> None:
+        self.adamw.step()
+
+    def ema_update(self, decay: float) -> None:
+        self._ema().update(decay)
+
+    def _ema(self):
+        """The EMA's tensors, made on first use (sampling never needs them) as a copy of the weights."""
+        if self.ema is None:
+            self.ema = self.model.ema()
+            self._stack.callback(self.ema.unregister)
+        return self.ema
+
+    # -- state, in the torch reference's layout --------------------------------------------------------
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return self._ordered(self.model.state_dict())
+
+    def ema_state_dict(self) -> dict[str, np.ndarray]:
+        return self._ordered(self.model.to_torch(self._ema().shadow))
+
+    def _ordered(self, trained: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The reference's state_dict: its frozen entries (DiT's pos_embed) and the trained ones, in its order."""
+        both = self.frozen | trained
+        return {k: both[k] for k in self.keys}
+
+    def optimizer_state(self) -> dict:
+        state = {}
+        if self.adamw.num_iter:
+            moments = self.model.adamw_state(self.adamw)
+            state = {i: {"step": torch.tensor(float(moments["step"])),
+                         "exp_avg": torch.from_numpy(moments["exp_avg"][k]),
+                         "exp_avg_sq": torch.from_numpy(moments["exp_avg_sq"][k])}
+                     for i, (k, trains) in enumerate(self.order) if trains}
+        return {"state": state, "param_groups": [dict(group) for group in self.param_groups]}
+
+    def load(self, model: dict, ema: dict | None = None, opt: dict | None = None) -> None:
+        self.model.load_state_dict(model)
+        self.model.from_torch(ema if ema is not None else model, self._ema().shadow)
+        state = (opt or {}).get("state") or {}
+        if state:
+            keys = dict(enumerate(k for k, _ in self.order))
+            steps = {int(s["step"]) for s in state.values()}
+            if len(steps) != 1:
+                raise ValueError(f"the optimizer state holds several step counts {sorted(steps)}")
+            self.model.load_adamw_state(self.adamw, {
+                "step": steps.pop(),
+                "exp_avg": {keys[i]: s["exp_avg"] for i, s in state.items()},
+                "exp_avg_sq": {keys[i]: s["exp_avg_sq"] for i, s in state.items()}})
+        else:
+            self.adamw.num_iter = 0
+
+    def close(self) -> None:
+        self._stack.close()
