@@ -174,3 +174,30 @@ def test_sigterm_checkpoints_and_exits_143_with_a_resume_hint(tmp_path):
     assert step >= 2 and len(metrics.read_text().splitlines()) == step + 1
     assert train(spec, run, TrainConfig(steps=step + 2, lr=1e-4, backend="torch"), resume=True) == 0
     assert load_checkpoint(checkpoints(run)[-1])["train_state"]["step"] == step + 2
+
+
+def test_export_writes_a_diffusers_model_that_gives_the_same_outputs(tmp_path, capsys):
+    """Random (not DiT-initialised, whose output is zero) weights of a flavor-diffusers spec, exported."""
+    from diffusers import DiTTransformer2DModel
+    from safetensors.torch import save_file
+
+    from dit_compiler.run.common import randomize_
+    from train_helpers import TINY_DIGITS
+
+    spec = tiny_spec(tmp_path, TINY_DIGITS.replace("num_classes: 10}", "num_classes: 10, flavor: diffusers}"))
+    build_dir = write_build(compile_spec(spec), tmp_path / "build")
+    reference = load_module(build_dir / TORCH_FILE).Model().eval()
+    randomize_(reference, 0)
+    save_file(dict(reference.state_dict()), str(tmp_path / "weights.safetensors"))
+    args = ["export", str(spec.source), "--ckpt", str(tmp_path / "weights.safetensors"), "--diffusers"]
+    assert main(args + [str(tmp_path / "hf")]) == 0
+    exported = DiTTransformer2DModel.from_pretrained(str(tmp_path / "hf")).eval()
+    x, t, y = torch.randn(8, 1, 8, 8), torch.tensor([1.0, 50, 999, 3, 0, 7, 500, 10]), torch.arange(8)
+    with torch.no_grad():
+        out = reference(x, t, y)
+        assert out.abs().mean() > 0.1
+        torch.testing.assert_close(exported(x, timestep=t, class_labels=y).sample, out, rtol=1e-5, atol=1e-6)
+    assert main(args + [str(tmp_path / "hf")]) == 2      # never over a folder that holds files
+    dit_run = train_tiny(tmp_path / "dit", steps=1)
+    assert main(["export", str(dit_run), "--diffusers", str(tmp_path / "hf2")]) == 2
+    assert "flavor 'dit' has no exact diffusers counterpart" in capsys.readouterr().err

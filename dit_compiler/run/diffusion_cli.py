@@ -57,6 +57,14 @@ def add_commands(sub, count) -> None:
     s.add_argument("--seed", type=int, help="seeds the initial weights, data order, timesteps, noise, dropout")
     s.set_defaults(func=cmd_train)
 
+    s = sub.add_parser("export", help="write trained weights as a diffusers DiTTransformer2DModel folder")
+    s.add_argument("target", metavar="RUN_OR_SPEC")
+    s.add_argument("--ckpt", help="checkpoint (.pt or .safetensors; default: the run's last)")
+    s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="export the checkpoint's EMA weights (default)")
+    s.add_argument("--diffusers", required=True, metavar="DIR", help="the folder to write (new or empty)")
+    s.set_defaults(func=cmd_export)
+
     for name, help_text in (("sample", "generate images with a trained DiT (DiT's samplers)"),
                             ("evaluate", "score generated digits: classifier accuracy, FD-digits and the floor")):
         s = sub.add_parser(name, help=help_text)
@@ -112,12 +120,11 @@ def _load_target(target: str):
     return _spec_and_dir(target)
 
 
-def _open_model(args, tmp: str):
-    """The graph, a backend holding the checkpoint's weights, a description of them, and the default output."""
-    from dit_compiler.build import SPEC_FILE, compile_spec, graph_of, write_build
-    from dit_compiler.run.backend import load_into, open_backend
+def _checkpoint_of(args, tmp: str):
+    """The spec, its build folder, the checkpoint (a run's last unless --ckpt) and the default samples folder
+    of a run folder or of a spec given with --ckpt."""
+    from dit_compiler.build import SPEC_FILE, compile_spec, write_build
     from dit_compiler.run.train import RUN_FILE, checkpoints, run_build_dir
-    from dit_compiler.run.weights import load_weights
     from dit_compiler.spec import load_spec
 
     path = Path(args.target)
@@ -139,11 +146,34 @@ def _open_model(args, tmp: str):
         default_out = Path("samples") / spec.name
     if not ckpt.is_file():
         raise UsageError(f"--ckpt {ckpt}: no such file")
+    return spec, build_dir, ckpt, default_out
+
+
+def _open_model(args, tmp: str):
+    """The graph, a backend holding the checkpoint's weights, a description of them, and the default output."""
+    from dit_compiler.build import graph_of
+    from dit_compiler.run.backend import load_into, open_backend
+    from dit_compiler.run.weights import load_weights
+
+    spec, build_dir, ckpt, default_out = _checkpoint_of(args, tmp)
     graph = graph_of(spec)
     backend = open_backend(args.backend, build_dir, graph)
     weights, entry = load_weights(ckpt, args.ema)
     load_into(backend, weights, str(ckpt))
     return graph, backend, f"{ckpt} ({entry})", Path(args.out) if args.out else default_out
+
+
+def cmd_export(args) -> int:
+    from dit_compiler.build import graph_of
+    from dit_compiler.run.export import export_diffusers
+    from dit_compiler.run.weights import load_weights
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, _, ckpt, _ = _checkpoint_of(args, tmp)
+        weights, entry = load_weights(ckpt, args.ema)
+        out = export_diffusers(graph_of(spec), weights, Path(args.diffusers), f"{ckpt} ({entry})")
+    print(f"exported {ckpt} ({entry}) as a diffusers DiTTransformer2DModel: {out}/")
+    return 0
 
 
 def _sample_config(args, cfg: float):
