@@ -4,6 +4,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+#: Longest value a message quotes: a value can be a whole file (`extends: /etc/passwd`).
+MAX_SHOWN = 80
+
+
+def shown(value: Any) -> str:
+    """`repr(value)`, cut to `MAX_SHOWN` characters."""
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN - 5]}...{text[-1]} ({len(text)} characters)"
+
 
 @dataclass(frozen=True)
 class Diagnostic:
@@ -25,7 +34,7 @@ class Diagnostic:
                 where += f":{self.column}"
         text = f"{where}: {self.key_path or '<top level>'}: {self.message}"
         if self.value is not None:
-            text += f" (got {self.value!r})"
+            text += f" (got {shown(self.value)})"
         if self.allowed:
             text += f"; allowed: {self.allowed}"
         return text
@@ -41,3 +50,8 @@ class SpecError(Exception):
 
 class UsageError(Exception):
     """A bad command line or path that is not a spec problem; the CLI prints it and exits 2."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout` and service managers send), handled like Ctrl-C: every `finally` and
+    `except KeyboardInterrupt` cleans up the same way."""

@@ -23,6 +23,9 @@ from dit_compiler.spec.model import PRESETS
 MAX_BYTES = 1 << 20
 #: Values one file may expand to; stops alias bombs ("billion laughs") and recursive aliases.
 MAX_VALUES = 100_000
+#: Files one `extends` chain may hold, the first one included.
+MAX_EXTENDS = 16
+EMPTY_SPEC = "the spec is empty; `preset: DiT-XL/2` selects the defaults"
 _KEY_TAGS = ("tag:yaml.org,2002:str", "tag:yaml.org,2002:merge")
 _COLLECTION_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 
@@ -84,13 +87,17 @@ class Document:
         return entry.at if depth == len(path) and not key else entry.key
 
     def _entries(self, path: KeyPath) -> tuple[Entry | None, int]:
-        """The deepest entry along `path` and how many parts of `path` lead to it."""
+        """The deepest entry along `path` and how many parts of `path` lead to it (a list item has no
+        entry of its own: a path through one stays at the list's entry, or the item's keys below it)."""
         entry, node = None, self.root
         for depth, part in enumerate(path):
-            if not isinstance(node, dict) or part not in node:
+            if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+                node = node[part]
+            elif isinstance(node, dict) and part in node:
+                entry = node[part]
+                node = entry.value
+            else:
                 return entry, depth
-            entry = node[part]
-            node = entry.value
         return entry, len(path)
 
 
@@ -102,6 +109,18 @@ def load_document(path: str | os.PathLike) -> Document:
     if diagnostics:
         raise SpecError(diagnostics)
     return Document(root, shown)
+
+
+def read_yaml(path: str | os.PathLike, what: str) -> Document:
+    """One YAML file (a `what`, e.g. "sweep file") read with the spec's limits and positions; no `extends`
+    or `preset` merging."""
+    shown = os.fspath(path)
+    diagnostics: list[Diagnostic] = []
+    text = _read(Path(shown), None, diagnostics, what)
+    own = None if text is None else _parse(text, shown, diagnostics, what)
+    if diagnostics:
+        raise SpecError(diagnostics)
+    return Document(own or {}, shown)
 
 
 def document_from_data(data: Any, source: str) -> Document:
@@ -131,9 +150,11 @@ def merge(base: Mapping, over: Mapping) -> Mapping:
 def _load_file(path: Path, named_at: Entry | None, chain: tuple[tuple[Path, str], ...],
                diagnostics: list[Diagnostic]) -> Mapping:
     """One file's merged layer; `named_at` is the `extends` entry that names it, if any."""
-    text = _read(path, named_at, diagnostics)
-    own = None if text is None else _parse(text, str(path), diagnostics)
-    if own is None:
+    text = _read(path, named_at, diagnostics, "spec")
+    own = None if text is None else _parse(text, str(path), diagnostics, "spec")
+    if own == {}:  # empty, only comments, or `{}`: never a request for the 675M-parameter defaults
+        diagnostics.append(Diagnostic(str(path), None, None, "", EMPTY_SPEC))
+    if not own:
         return {}
     return _layer(own, path.parent, chain + ((path.resolve(), str(path)),), diagnostics)
 
@@ -148,6 +169,10 @@ def _layer(own: Mapping, here: Path, chain: tuple[tuple[Path, str], ...],
         if any(target.resolve() == seen for seen, _ in chain):
             names = " -> ".join([shown for _, shown in chain] + [str(target)])
             diagnostics.append(_at(extends, "extends", f"extends cycle: {names}", extends.value))
+        elif len(chain) >= MAX_EXTENDS:
+            message = (f"the extends chain this file starts is longer than {MAX_EXTENDS} files: its file "
+                       f"{MAX_EXTENDS}, {extends.at.file}:{extends.at.line}, extends {extends.value!r} again")
+            diagnostics.append(Diagnostic(chain[0][1], None, None, "extends", message))
         else:
             base = _load_file(target, extends, chain, diagnostics)
             base.pop("name", None)
@@ -158,7 +183,7 @@ def _layer(own: Mapping, here: Path, chain: tuple[tuple[Path, str], ...],
     return merge(base, own)
 
 
-def _read(path: Path, named_at: Entry | None, diagnostics: list[Diagnostic]) -> str | None:
+def _read(path: Path, named_at: Entry | None, diagnostics: list[Diagnostic], what: str) -> str | None:
     """The file's text, or None after a diagnostic; the size is checked before anything is read."""
     try:
         with open(path, "rb") as file:
@@ -167,14 +192,14 @@ def _read(path: Path, named_at: Entry | None, diagnostics: list[Diagnostic]) -> 
     except (OSError, ValueError) as error:
         reason = getattr(error, "strerror", None) or str(error)
         if named_at is None:
-            diagnostics.append(Diagnostic(str(path), None, None, "", f"cannot read the spec: {reason}"))
+            diagnostics.append(Diagnostic(str(path), None, None, "", f"cannot read the {what}: {reason}"))
         else:
             message = f"cannot read the extended spec {str(path)!r}: {reason}"
             diagnostics.append(_at(named_at, "extends", message, named_at.value))
         return None
     size = max(size, len(raw))
     if size > MAX_BYTES:
-        diagnostics.append(Diagnostic(str(path), None, None, "", f"spec is {size} bytes; the limit is 1 MiB"))
+        diagnostics.append(Diagnostic(str(path), None, None, "", f"{what} is {size} bytes; the limit is 1 MiB"))
         return None
     try:
         return raw.decode("utf-8")
@@ -186,16 +211,16 @@ def _read(path: Path, named_at: Entry | None, diagnostics: list[Diagnostic]) -> 
         return None
 
 
-def _parse(text: str, file: str, diagnostics: list[Diagnostic]) -> Mapping | None:
-    """The top-level mapping of one file's YAML, or None after a diagnostic."""
+def _parse(text: str, file: str, diagnostics: list[Diagnostic], what: str) -> Mapping | None:
+    """The top-level mapping of one file's YAML ({} for an empty file), or None after a diagnostic."""
     try:
         loader = _Loader(text)
         node = loader.get_single_node()
-        if node is None:  # an empty file: every key takes its default
+        if node is None or node.tag == "tag:yaml.org,2002:null":  # no document, or an empty one
             return {}
         if not isinstance(node, MappingNode):
             diagnostics.append(Diagnostic(file, node.start_mark.line + 1, node.start_mark.column + 1, "",
-                                          "the top level must be a mapping of spec keys", _node_kind(node)))
+                                          f"the top level must be a mapping of {what} keys", _node_kind(node)))
             return None
         return _Walker(loader, file, diagnostics).mapping(node, ())
     except yaml.MarkedYAMLError as error:
@@ -208,9 +233,9 @@ def _parse(text: str, file: str, diagnostics: list[Diagnostic]) -> Mapping | Non
         message = f"character {chr(error.character)!r} is not allowed in YAML"
         diagnostics.append(Diagnostic(file, line, None, "", message))
     except _TooManyValues:
-        diagnostics.append(Diagnostic(file, None, None, "", f"spec expands to more than {MAX_VALUES} values"))
+        diagnostics.append(Diagnostic(file, None, None, "", f"{what} expands to more than {MAX_VALUES} values"))
     except RecursionError:
-        diagnostics.append(Diagnostic(file, None, None, "", "spec is nested too deeply"))
+        diagnostics.append(Diagnostic(file, None, None, "", f"{what} is nested too deeply"))
     return None
 
 

@@ -21,16 +21,26 @@ from dit_compiler.tiling import tile_problems
 _PROBLEMS = {
     "type": "wrong type",
     "enum": "not one of the allowed values",
+    "const": "not the allowed value",
     "minimum": "too small",
     "exclusiveMinimum": "too small",
+    "maximum": "too large",
     "exclusiveMaximum": "too large",
     "multipleOf": "not a multiple of {}",
     "pattern": "not of the allowed form",
+    "maxLength": "too long",
+    "minLength": "too short",
     "anyOf": "not an allowed value",
+    "minItems": "too few items",
+    "uniqueItems": "a value is listed twice",
 }
-_BOUNDS = (("minimum", ">="), ("exclusiveMinimum", ">"), ("exclusiveMaximum", "<"))
+_BOUNDS = (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<"))
 _KINDS = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
-          "object": "a mapping"}
+          "object": "a mapping", "array": "a list"}
+#: Relative rounding error up to which hidden_size * mlp_ratio still counts as whole (100 * 1.1 is
+#: 110.00000000000001 in binary floating point).
+_WHOLE_TOLERANCE = 1e-9
+_MAX_SHOWN_DIVISORS = 24
 
 
 @cache
@@ -43,11 +53,20 @@ def _validator() -> Draft202012Validator:
     return Draft202012Validator(json.loads(schema_text()))
 
 
-def check(doc: Document) -> list[Diagnostic]:
-    """Every problem in `doc`: schema errors, then the model's and the tiles' semantic checks."""
+def _name_rule() -> str:
+    return _subschema(())["properties"]["name"]["pattern"]
+
+
+def check(doc: Document, default_name: str | None = None) -> list[Diagnostic]:
+    """Every problem in `doc`: schema errors, then the model's and the tiles' semantic checks.
+    `default_name` (a file's stem) must be a valid `name` where the spec sets none."""
     data = doc.data()
     errors = list(_validator().iter_errors(data))
-    diagnostics = [diagnostic for error in errors for diagnostic in _schema_diagnostics(error, doc)]
+    diagnostics = schema_diagnostics(errors, doc)
+    name_schema = _subschema(())["properties"]["name"]
+    if default_name is not None and "name" not in data and not Draft202012Validator(name_schema).is_valid(default_name):
+        message = "the spec sets no `name:`, and its file name is no valid build name; add a `name:` line"
+        diagnostics.append(Diagnostic(doc.source, None, None, "name", message, default_name, describe(name_schema)))
     # Values the schema rejected; unknown keys are reported but do not stop the checks of the others.
     invalid = {tuple(error.path)[:2] for error in errors if error.validator != "additionalProperties"}
     if not any(path[:1] == ("model",) for path in invalid):
@@ -94,8 +113,17 @@ def _subschema(path: KeyPath) -> dict:
     return schema
 
 
+def schema_diagnostics(errors: list[ValidationError], doc: Document) -> list[Diagnostic]:
+    """The JSON Schema errors of `doc`'s data as Diagnostics located in its file."""
+    return [diagnostic for error in errors for diagnostic in _schema_diagnostics(error, doc)]
+
+
 def _schema_diagnostics(error: ValidationError, doc: Document) -> list[Diagnostic]:
     path = tuple(error.path)
+    if error.validator == "required":
+        missing = [key for key in error.validator_value if key not in error.instance]
+        return [_diagnostic(doc.origin(path), path, f"missing key {key!r}", None, describe(error.schema))
+                for key in missing]
     if error.validator == "additionalProperties":
         return [_unknown_key(path + (key,), list(error.schema["properties"]), doc)
                 for key in error.instance if key not in error.schema["properties"]]
@@ -122,12 +150,29 @@ def describe(schema: dict) -> str:
         return "one of " + ", ".join(repr(value) for value in schema["enum"])
     if "const" in schema:
         return repr(schema["const"])
-    conditions = [f"{sign} {schema[key]}" for key, sign in _BOUNDS if key in schema]
+    if schema.get("type") == "object" and "properties" in schema:
+        return "a mapping of " + ", ".join(schema["properties"])
+    kinds = schema.get("type", [])
+    kind = " or ".join(_KINDS[k] for k in ([kinds] if isinstance(kinds, str) else kinds))
+    bounds = [key for key, _ in _BOUNDS if key in schema]
+    if "minimum" in bounds and "maximum" in bounds:
+        bounds = [key for key in bounds if key not in ("minimum", "maximum")]
+        conditions = [f"from {schema['minimum']} to {schema['maximum']}"]
+    else:
+        conditions = []
+    conditions += [f"{sign} {schema[key]}" for key, sign in _BOUNDS if key in bounds]
     if "multipleOf" in schema:
         conditions.append(f"divisible by {schema['multipleOf']}")
-    if "pattern" in schema:
+    if schema.get("pattern") == _name_rule():
+        conditions.append(f"of 1 to {schema.get('maxLength')} letters, digits, '.', '_' or '-', starting with a "
+                          "letter or digit")
+    elif "pattern" in schema:
         conditions.append(f"matching {schema['pattern']}")
-    return " ".join([_KINDS[schema["type"]], " and ".join(conditions)]).strip()
+    if "minItems" in schema:
+        conditions.append(f"at least {schema['minItems']} long")
+    if "items" in schema:
+        conditions.append(f"of {describe(schema['items'])}")
+    return " ".join([kind, " and ".join(conditions)]).strip()
 
 
 def _model_problems(model: ModelSpec, doc: Document) -> list[Diagnostic]:
@@ -138,8 +183,9 @@ def _model_problems(model: ModelSpec, doc: Document) -> list[Diagnostic]:
             diagnostics.append(_at_key(doc, key, "must be a finite number", getattr(model, key), describe(spec)))
     diagnostics += _divisibility(model, doc, "hidden_size", "num_heads")
     diagnostics += _divisibility(model, doc, "input_size", "patch_size")
-    if math.isfinite(model.mlp_ratio) and not (model.hidden_size * model.mlp_ratio).is_integer():
-        message = f"hidden_size * mlp_ratio = {model.hidden_size * model.mlp_ratio} is not a whole number"
+    product = model.hidden_size * model.mlp_ratio
+    if math.isfinite(product) and (abs(product - model.mlp_size) > _WHOLE_TOLERANCE * product or model.mlp_size < 1):
+        message = f"hidden_size * mlp_ratio = {product:g} is not a whole number of at least 1"
         diagnostics.append(_at_key(doc, "mlp_ratio", message, model.mlp_ratio,
                                    f"a ratio that makes hidden_size={model.hidden_size} * mlp_ratio a whole number"))
     return diagnostics
@@ -152,7 +198,9 @@ def _divisibility(model: ModelSpec, doc: Document, whole: str, part: str) -> lis
         return []
     message = f"{whole}={total} is not divisible by {part}={size}"
     if doc.has(("model", part)) or not doc.has(("model", whole)):
-        allowed = f"a divisor of {whole}={total}: " + ", ".join(map(str, _divisors(total)))
+        divisors = _divisors(total)
+        shown = divisors if len(divisors) <= _MAX_SHOWN_DIVISORS else divisors[:_MAX_SHOWN_DIVISORS - 1] + ["...", total]
+        allowed = f"a divisor of {whole}={total}: " + ", ".join(map(str, shown))
         return [_at_key(doc, part, message, size, allowed)]
     return [_at_key(doc, whole, message, total, f"a multiple of {part}={size}")]
 
