@@ -78,6 +78,19 @@ def check(doc: Document, default_name: str | None = None) -> list[Diagnostic]:
     return sorted(diagnostics, key=lambda d: (d.file, d.line or 0, d.column or 0))
 
 
+def sweep_keys() -> dict[str, dict]:
+    """Dotted key -> schema of every spec value a sweep may set: `batch`, `precision`, `model.*`, `tiling.*`
+    (not `name`, which a sweep gives each point, nor `preset` or `extends`, which the resolved base spec
+    has already applied)."""
+    keys = {}
+    for key, value in _subschema(())["properties"].items():
+        if "properties" in value:
+            keys.update({f"{key}.{inner}": schema for inner, schema in value["properties"].items()})
+        elif key not in ("name", "preset", "extends"):
+            keys[key] = value
+    return keys
+
+
 def build_spec(data: dict, default_name: str, source: str) -> Spec:
     """The frozen Spec of valid data; keys it does not set take their defaults."""
     top = {key: data[key] for key in ("batch", "precision") if key in data}
@@ -115,14 +128,14 @@ def _subschema(path: KeyPath) -> dict:
 
 def schema_diagnostics(errors: list[ValidationError], doc: Document) -> list[Diagnostic]:
     """The JSON Schema errors of `doc`'s data as Diagnostics located in its file."""
-    return [diagnostic for error in errors for diagnostic in _schema_diagnostics(error, doc)]
+    return [found for error in errors for found in _schema_diagnostics(error, doc)]
 
 
 def _schema_diagnostics(error: ValidationError, doc: Document) -> list[Diagnostic]:
     path = tuple(error.path)
     if error.validator == "required":
         missing = [key for key in error.validator_value if key not in error.instance]
-        return [_diagnostic(doc.origin(path), path, f"missing key {key!r}", None, describe(error.schema))
+        return [diagnostic(doc.origin(path), path, f"missing key {key!r}", None, describe(error.schema))
                 for key in missing]
     if error.validator == "additionalProperties":
         return [_unknown_key(path + (key,), list(error.schema["properties"]), doc)
@@ -133,13 +146,13 @@ def _schema_diagnostics(error: ValidationError, doc: Document) -> list[Diagnosti
     elif isinstance(error.instance, (dict, list)):
         problem += f": got {shown_value(error.instance)}"
     value = None if isinstance(error.instance, (dict, list)) else error.instance
-    return [_diagnostic(doc.origin(path), path, problem, value, describe(error.schema))]
+    return [diagnostic(doc.origin(path), path, problem, value, describe(error.schema))]
 
 
 def _unknown_key(path: KeyPath, allowed: list[str], doc: Document) -> Diagnostic:
     guess = difflib.get_close_matches(str(path[-1]), allowed, n=1)
     message = f"unknown key; did you mean {guess[0]!r}?" if guess else "unknown key"
-    return _diagnostic(doc.origin(path, key=True), path, message, None, ", ".join(allowed))
+    return diagnostic(doc.origin(path, key=True), path, message, None, ", ".join(allowed))
 
 
 def describe(schema: dict) -> str:
@@ -217,15 +230,15 @@ def _tile_problems(model: ModelSpec, data: dict, doc: Document, invalid: set[Key
         return []
     tiling = _build_tiling({axis: size for axis, size in written.items()
                             if axis in TILE_AXES and ("tiling", axis) not in invalid})
-    return [_diagnostic(doc.origin(("tiling", axis)), ("tiling", axis), f"tile size does not fit the {axis} axis",
+    return [diagnostic(doc.origin(("tiling", axis)), ("tiling", axis), f"tile size does not fit the {axis} axis",
                         value, allowed)
             for axis, value, allowed in tile_problems(model, int(data.get("batch", 1)), tiling)]
 
 
 def _at_key(doc: Document, key: str, message: str, value: Any, allowed: str) -> Diagnostic:
     path = ("model", key)
-    return _diagnostic(doc.origin(path), path, message, value, allowed)
+    return diagnostic(doc.origin(path), path, message, value, allowed)
 
 
-def _diagnostic(origin: Origin, path: KeyPath, message: str, value: Any, allowed: str) -> Diagnostic:
+def diagnostic(origin: Origin, path: KeyPath, message: str, value: Any, allowed: str) -> Diagnostic:
     return Diagnostic(origin.file, origin.line, origin.column, dotted(path), message, value, allowed)
