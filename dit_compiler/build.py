@@ -142,7 +142,10 @@ def write_build(build: Build, out_root: str | os.PathLike) -> Path:
     existing one gets each changed file written beside it first, then renamed over it with SIGINT and
     SIGTERM held back."""
     root = Path(out_root)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"{root}: cannot make the output folder ({error.strerror})") from None
     target = root / build.graph.spec.name
     with _locked(root):
         owned = _owned(build, target)

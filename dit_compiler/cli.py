@@ -134,7 +134,7 @@ def cmd_build(args) -> int:
         check_target(build, args.out)
     for spec, build in zip(specs, builds):
         target, changed = build_one(build, args.out)
-        print(f"{spec.source}: {'wrote' if changed else 'up to date'} {target}/")
+        print(f"{spec.source}: {'wrote' if changed else 'up to date'} {target}/", flush=True)
     return 0
 
 
@@ -365,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)  # cleaned up like Ctrl-C
     try:
-        return args.func(args)
+        code = args.func(args)  # a SIGTERM while its big locals are freed lands here, still in the try
+        signal.signal(signal.SIGTERM, previous)
+        return code
     except SpecError as error:
         for diagnostic in error.diagnostics:
             print(diagnostic, file=sys.stderr)

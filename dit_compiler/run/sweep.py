@@ -261,19 +261,20 @@ def run_sweep(path: str | os.PathLike, out_root: str | os.PathLike, *, verify_it
     with TorchPartner(ncpus) as torch_partner:
         for point in sweep.points:
             old = done.get(point.name)
-            if (old is not None and old.status in FINISHED and old.spec_sha256 == data_digest(point_data(base, point))
-                    and (old.verified or not verify_it)):
-                results.append(old)
+            kept = (old is not None and old.status in FINISHED and (old.verified or not verify_it)
+                    and old.spec_sha256 == data_digest(point_data(base, point)))
+            if kept:
+                result = old
             else:
                 result = run_point(point, base, out, verify_it=verify_it, ncpus=ncpus,
                                    torch_partner=torch_partner if bench_it else None)
                 if unrun and result.status == "ok":
                     result.status = unrun
-                results.append(result)
-            if bench_it and results[-1].status == "ok" and results[-1].rounds == 0:  # finished unbenchmarked
-                _bench_again(results[-1], point, base, out, torch_partner)
+            if bench_it and result.status == "ok" and result.rounds == 0:  # kept from a sweep that did not bench
+                _bench_again(result, point, base, out, torch_partner)
+            results.append(result)
             write_results(results, sweep, out)  # after every point: an interrupted sweep resumes from here
-            progress.step(f"{point.name}: {results[-1].status}")
+            progress.step(f"{point.name}: {result.status}" + " (kept from the earlier run)" * kept)
         for round_ in range(2, rounds + 1):
             for point, result in zip(sweep.points, results):
                 if result.status == "ok" and result.rounds < round_:

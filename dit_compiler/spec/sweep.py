@@ -74,6 +74,10 @@ def load_sweep(path: str | os.PathLike, max_points: int = MAX_POINTS) -> Sweep:
                                       describe(sweep_schema()["properties"]["name"])))
     if not diagnostics:
         diagnostics = _key_problems(data, doc)
+        base = Path(doc.source).parent / data["base"]
+        if not base.is_file():
+            diagnostics.append(_at(doc, ("base",), f"no spec file at {base}", data["base"],
+                                   "a spec file's path, relative to the sweep file"))
     if diagnostics:
         raise SpecError(sorted(diagnostics, key=lambda d: (d.line or 0, d.column or 0)))
     grid, zipped = data.get("grid", {}), data.get("zip", {})
@@ -94,7 +98,7 @@ def load_sweep(path: str | os.PathLike, max_points: int = MAX_POINTS) -> Sweep:
         raise SpecError([Diagnostic(doc.source, None, None, "", "two points get the same name; give the named "
                                     "points different names, or vary values that differ in letters or digits")])
     swept = list(dict.fromkeys([*grid, *zipped, *(key for entry in named for key in entry.get("set", {}))]))
-    return Sweep(name, doc.source, (Path(doc.source).parent / data["base"]).resolve(), points, swept)
+    return Sweep(name, doc.source, base.resolve(), points, swept)
 
 
 def point_data(base: dict, point: Point) -> dict:

@@ -165,8 +165,12 @@ def describe(schema: dict) -> str:
         return repr(schema["const"])
     if schema.get("type") == "object" and "properties" in schema:
         return "a mapping of " + ", ".join(schema["properties"])
+    if schema.get("type") == "array":
+        return (f"a list of at least {schema.get('minItems', 0)} values, each {describe(schema['items'])}"
+                + ", none twice" * schema.get("uniqueItems", False))
     kinds = schema.get("type", [])
-    kind = " or ".join(_KINDS[k] for k in ([kinds] if isinstance(kinds, str) else kinds))
+    kinds = [_KINDS[k] for k in ([kinds] if isinstance(kinds, str) else kinds)]
+    kind = " or ".join([", ".join(kinds[:-1]), kinds[-1]] if len(kinds) > 2 else kinds)
     bounds = [key for key, _ in _BOUNDS if key in schema]
     if "minimum" in bounds and "maximum" in bounds:
         bounds = [key for key in bounds if key not in ("minimum", "maximum")]
@@ -181,10 +185,6 @@ def describe(schema: dict) -> str:
                           "letter or digit")
     elif "pattern" in schema:
         conditions.append(f"matching {schema['pattern']}")
-    if "minItems" in schema:
-        conditions.append(f"at least {schema['minItems']} long")
-    if "items" in schema:
-        conditions.append(f"of {describe(schema['items'])}")
     return " ".join([kind, " and ".join(conditions)]).strip()
 
 
