@@ -132,8 +132,11 @@ def _built_before_manifests(folder: Path, present: set[str], build: Build) -> bo
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a file whole or not at all (a reader never sees half of it)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_build(build: Build, out_root: str | os.PathLike) -> Path:
@@ -157,8 +160,10 @@ def write_build(build: Build, out_root: str | os.PathLike) -> Path:
 
 
 def _create(build: Build, target: Path) -> None:
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=_TEMP_SUFFIX, dir=target.parent))
+    staging = None
     try:
+        with _signals_held():  # a signal must not land between mkdtemp's mkdir and the `finally` that removes it
+            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=_TEMP_SUFFIX, dir=target.parent))
         umask = os.umask(0)
         os.umask(umask)
         staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a build folder is an ordinary folder
@@ -166,7 +171,7 @@ def _create(build: Build, target: Path) -> None:
             (staging / name).write_text(text, encoding="utf-8")
         os.rename(staging, target)
     finally:
-        if staging.exists():
+        if staging is not None and staging.exists():
             shutil.rmtree(staging)
 
 
@@ -200,8 +205,9 @@ def _locked(folder: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM wait while a build's files are renamed into place, so an interruption never
-    leaves a folder half old and half new; they arrive right after."""
+    """SIGINT and SIGTERM wait while the block runs (a build's renames, making a staging folder), so an
+    interruption never leaves a folder half old and half new, nor a staging folder no `finally` knows of;
+    they arrive right after."""
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         yield
