@@ -99,8 +99,9 @@ def check_target(build: Build, out_root: str | os.PathLike) -> Path:
     return target
 
 
-def _owned(build: Build, target: Path) -> set[str] | None:
-    """The files of `target` ditc may replace, or None where `target` does not exist yet."""
+def _owned(build: Build, target: Path) -> dict[str, str] | None:
+    """The files of `target` ditc wrote (name -> sha256 as written, "" where unknown), or None where
+    `target` does not exist yet."""
     if not os.path.lexists(target):
         return None
     advice = "move it away, or build with another `name:` or -o"
@@ -112,7 +113,7 @@ def _owned(build: Build, target: Path) -> set[str] | None:
         if listed and not _built_before_manifests(target, set(listed), build):
             raise UsageError(f"{target}/ is a folder ditc did not build (it has no {MANIFEST_FILE}); ditc does not "
                              f"write into it: {advice}")
-    owned = set(listed) | {MANIFEST_FILE}
+    owned = listed | {MANIFEST_FILE: ""}
     for name in build.files:
         path = target / name
         if os.path.lexists(path) and (name not in owned or path.is_symlink() or not path.is_file()):
@@ -175,7 +176,7 @@ def _create(build: Build, target: Path) -> None:
             shutil.rmtree(staging)
 
 
-def _update(build: Build, target: Path, owned: set[str]) -> None:
+def _update(build: Build, target: Path, owned: dict[str, str]) -> None:
     changed = [name for name in stale_files(build, target) if name != MANIFEST_FILE] + [MANIFEST_FILE]
     temps = {name: target / f".{name}{_TEMP_SUFFIX}" for name in changed}
     try:
@@ -184,12 +185,19 @@ def _update(build: Build, target: Path, owned: set[str]) -> None:
         with _signals_held():
             for name, temp in temps.items():  # the manifest last
                 os.replace(temp, target / name)
-            for name in owned - set(build.files):  # files an older build had and this one has not
-                if (target / name).is_file():
+            for name, digest in owned.items():  # files an older build wrote, this one does not, unedited
+                if name not in build.files and file_sha256(target / name) == digest:
                     (target / name).unlink()
     finally:
         for temp in temps.values():
             temp.unlink(missing_ok=True)
+
+
+def file_sha256(path: Path) -> str | None:
+    """The sha256 of a regular file's bytes; None for anything else."""
+    if path.is_symlink() or not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @contextlib.contextmanager

@@ -56,9 +56,8 @@ def _runner_target(args):
 
 def _check_build_dir(build, folder: Path) -> None:
     """A build folder to run as it is: every file present; files that differ from `build` named, and why."""
-    import hashlib
-
-    from dit_compiler.build import GRAPH_FILE, MANIFEST_FILE, NNTILE_FILE, SPEC_FILE, TORCH_FILE, stale_files
+    from dit_compiler.build import (GRAPH_FILE, MANIFEST_FILE, NNTILE_FILE, SPEC_FILE, TORCH_FILE, file_sha256,
+                                    stale_files)
 
     if folder.name == build.graph.spec.name:
         rebuild = f"`ditc build {folder / SPEC_FILE} -o {folder.parent}` rebuilds it"
@@ -70,8 +69,8 @@ def _check_build_dir(build, folder: Path) -> None:
     for name in stale_files(build, folder):
         if name == MANIFEST_FILE or not (folder / name).is_file():
             continue
-        digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
-        why = "was written by another ditc" if written.get(name) == digest else "was edited since ditc wrote it"
+        why = "was written by another ditc" if written.get(name) == file_sha256(folder / name) else \
+            "was edited since ditc wrote it"
         print(f"note: {folder / name} {why}: it differs from a fresh build of {folder / SPEC_FILE}; running the "
               f"files as they are; {rebuild}")
 

@@ -334,3 +334,29 @@ def test_sigterm_leaves_every_build_whole_and_nothing_behind(tmp_path):
         assert proc.returncode != 143 or "terminated; nothing half-written was kept" in err
         assert set(complete_builds(tmp_path / "out")) <= set(names)
     assert 143 in codes  # the signal landed while the build was writing at least once
+
+
+@pytest.mark.parametrize("args", [["validate", "pipe.yaml"], ["validate", "s.yaml"], ["sweep", "pipe.yaml"]])
+def test_a_named_pipe_is_refused_not_waited_on(args, tmp_path, monkeypatch):
+    os.mkfifo(tmp_path / "pipe.yaml")
+    (tmp_path / "s.yaml").write_text("extends: pipe.yaml\n")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = ditc(*args)
+    assert code == 2 and "pipe.yaml" in err and "not a regular file" in err
+
+
+def test_a_rebuild_removes_only_unedited_files_an_older_build_wrote(tmp_path):
+    spec = tmp_path / "m.yaml"
+    spec.write_text("preset: DiT-S/2\nmodel:\n  depth: 1\n")
+    assert ditc("build", str(spec), "-o", str(tmp_path))[0] == 0
+    folder, manifest_path = tmp_path / "m", tmp_path / "m" / "ditc-build.json"
+    manifest = json.loads(manifest_path.read_text())
+    for name, text in (("dropped.py", "# an older ditc wrote this\n"), ("edited.py", "# so did it\n")):
+        (folder / name).write_text(text)
+        manifest["files"][name] = hashlib.sha256(text.encode()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+    (folder / "edited.py").write_text("# and then its user changed it\n")
+    spec.write_text("preset: DiT-S/4\nmodel:\n  depth: 1\n")
+    assert ditc("build", str(spec), "-o", str(tmp_path))[0] == 0
+    assert not (folder / "dropped.py").exists() and (folder / "edited.py").exists()
+    assert "edited.py" not in json.loads(manifest_path.read_text())["files"]

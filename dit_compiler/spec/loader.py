@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,8 +187,12 @@ def _layer(own: Mapping, here: Path, chain: tuple[tuple[Path, str], ...],
 def _read(path: Path, named_at: Entry | None, diagnostics: list[Diagnostic], what: str) -> str | None:
     """The file's text, or None after a diagnostic; the size is checked before anything is read."""
     try:
-        with open(path, "rb") as file:
-            size = os.fstat(file.fileno()).st_size
+        # O_NONBLOCK: a named pipe opens at once (and is refused) instead of waiting for a writer forever
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+            info = os.fstat(file.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ValueError("not a regular file (a folder, a pipe or a device)")
+            size = info.st_size
             raw = b"" if size > MAX_BYTES else file.read(MAX_BYTES + 1)
     except (OSError, ValueError) as error:
         reason = getattr(error, "strerror", None) or str(error)
