@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from dit_compiler import __version__
-from dit_compiler.errors import SpecError, Terminated, UsageError
+from dit_compiler.errors import SpecError, Terminated, UsageError, printed
 
 DEFAULT_OUT = "generated"
 MAX_SEED = 2**32 - 1
@@ -94,8 +94,7 @@ def cmd_validate(args) -> int:
             print(f"{target}: ok ({spec.name})")
         except SpecError as error:
             failed = True
-            for diagnostic in error.diagnostics:
-                print(diagnostic, file=sys.stderr)
+            print(*printed(error.diagnostics), sep="\n", file=sys.stderr)
     return 2 if failed else 0
 
 
@@ -215,13 +214,13 @@ COMMANDS = ("validate", "schema", "build", "inspect", "verify", "bench", "sweep"
 
 def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and each command's own (which reports that command's mistakes)."""
-    from dit_compiler.run.limits import MAX_NCPUS
+    from dit_compiler.run.limits import cores
     from dit_compiler.spec.sweep import MAX_POINTS
 
     p = argparse.ArgumentParser(prog="ditc", description=__doc__.split(".")[0] if __doc__ else None)
     p.add_argument("--version", action="version", version=f"ditc {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands")
-    ncpus = _count(1, MAX_NCPUS)
+    ncpus = _count(1, cores())
 
     s = sub.add_parser("validate", help="check spec files against the schema and the semantic rules")
     s.add_argument("specs", nargs="+", metavar="SPEC")
@@ -368,8 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
         return code
     except SpecError as error:
-        for diagnostic in error.diagnostics:
-            print(diagnostic, file=sys.stderr)
+        print(*printed(error.diagnostics), sep="\n", file=sys.stderr)
         return 2
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -5,13 +5,13 @@ from dataclasses import dataclass
 from typing import Any
 
 #: Longest value a message quotes: a value can be a whole file (`extends: /etc/passwd`).
-MAX_SHOWN = 80
+MAX_QUOTED = 80
 
 
 def shown(value: Any) -> str:
-    """`repr(value)`, cut to `MAX_SHOWN` characters."""
+    """`repr(value)`, cut to `MAX_QUOTED` characters."""
     text = repr(value)
-    return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN - 5]}...{text[-1]} ({len(text)} characters)"
+    return text if len(text) <= MAX_QUOTED else f"{text[:MAX_QUOTED - 5]}...{text[-1]} ({len(text)} characters)"
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,18 @@ class Diagnostic:
         if self.allowed:
             text += f"; allowed: {self.allowed}"
         return text
+
+
+#: Problems printed for one command; a file of thousands of mistakes gets a count of the rest.
+MAX_SHOWN = 50
+
+
+def printed(diagnostics: list[Diagnostic]) -> list[str]:
+    """The lines a command prints for `diagnostics`: at most MAX_SHOWN, then how many more there are."""
+    lines = [str(d) for d in diagnostics[:MAX_SHOWN]]
+    if len(diagnostics) > MAX_SHOWN:
+        lines.append(f"... and {len(diagnostics) - MAX_SHOWN} more problems in {diagnostics[MAX_SHOWN].file}")
+    return lines
 
 
 class SpecError(Exception):

@@ -64,6 +64,14 @@ HOSTILE = {
     "spec of comments": ({"e.yaml": "# nothing yet\n\n"}, ["build", "e.yaml"], ["e.yaml", "the spec is empty"]),
     "extends a system file": ({"s.yaml": "extends: /etc/passwd\n"}, ["validate", "s.yaml"],
                               ["/etc/passwd:1:1", "characters)"]),
+    "an integer of 5,000 digits": ({"s.yaml": "model:\n  depth: " + "9" * 5000 + "\n"}, ["validate", "s.yaml"],
+                                         ["s.yaml:2:10: model.depth: cannot read this value"]),
+    "brackets nested 10,000 deep": ({"s.yaml": "model: " + "[" * 10000 + "]" * 10000 + "\n"}, ["validate", "s.yaml"],
+                                    ["s.yaml: <top level>: spec is nested too deeply"]),
+    "a file above the size limit": ({"s.yaml": "# padding\n" * 4000}, ["validate", "s.yaml"],
+                                    ["s.yaml: <top level>: spec is 40000 bytes; the limit is 32 KiB"]),
+    "thousands of mistakes": ({"s.yaml": "".join(f"k{i}: 1\n" for i in range(3000))}, ["validate", "s.yaml"],
+                              ["s.yaml:1:1: k0: unknown key", "... and 2950 more problems in s.yaml"]),
     "extends chain too deep": (EXTENDS_CHAIN, ["validate", "c0.yaml"],
                                ["c0.yaml: extends: the extends chain this file starts is longer than 16 files"]),
     # build: what a build may replace
@@ -209,7 +217,7 @@ def test_hostile_input_is_refused_cleanly(case, tmp_path, monkeypatch):
     assert snapshot(tmp_path) == before  # nothing written, nothing removed
 
 
-@pytest.mark.parametrize("value", ["abc", "-1", "0", "1e3"])
+@pytest.mark.parametrize("value", ["abc", "-1", "0", "1e3", "1000"])
 def test_a_bad_starpu_ncpu_is_refused_by_runners_only(value, tmp_path, monkeypatch):
     monkeypatch.setenv("STARPU_NCPU", value)
     assert ditc("--version")[0] == 0

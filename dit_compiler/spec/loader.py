@@ -21,9 +21,14 @@ from yaml.reader import ReaderError
 from dit_compiler.errors import Diagnostic, SpecError
 from dit_compiler.spec.model import PRESETS
 
-MAX_BYTES = 1 << 20
+#: The largest spec or sweep file (a spec is a few hundred bytes): any file under it validates in a
+#: fraction of a second.
+MAX_BYTES = 32 << 10
 #: Values one file may expand to; stops alias bombs ("billion laughs") and recursive aliases.
-MAX_VALUES = 100_000
+MAX_VALUES = 10_000
+#: Brackets one file may nest: PyYAML's scanner slows down quadratically with flow nesting (16,000
+#: levels took half a second before its recursion limit stopped it); a spec nests three.
+MAX_NESTING = 64
 #: Files one `extends` chain may hold, the first one included.
 MAX_EXTENDS = 16
 EMPTY_SPEC = "the spec is empty; `preset: DiT-XL/2` selects the defaults"
@@ -32,7 +37,8 @@ _COLLECTION_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-5` as a float (YAML 1.1 wants `1.0e-5`; users write `1e-5`)."""
+    """SafeLoader (libyaml's where PyYAML has it: it parses a file at the size limit in a tenth of the
+    time) that also reads `1e-5` as a float (YAML 1.1 wants `1.0e-5`; users write `1e-5`)."""
 
 
 _Loader.add_implicit_resolver(
@@ -204,7 +210,7 @@ def _read(path: Path, named_at: Entry | None, diagnostics: list[Diagnostic], wha
         return None
     size = max(size, len(raw))
     if size > MAX_BYTES:
-        diagnostics.append(Diagnostic(str(path), None, None, "", f"{what} is {size} bytes; the limit is 1 MiB"))
+        diagnostics.append(Diagnostic(str(path), None, None, "", f"{what} is {size} bytes; the limit is {MAX_BYTES // 1024} KiB"))
         return None
     try:
         return raw.decode("utf-8")
@@ -218,6 +224,10 @@ def _read(path: Path, named_at: Entry | None, diagnostics: list[Diagnostic], wha
 
 def _parse(text: str, file: str, diagnostics: list[Diagnostic], what: str) -> Mapping | None:
     """The top-level mapping of one file's YAML ({} for an empty file), or None after a diagnostic."""
+    if _nesting(text) > MAX_NESTING:
+        diagnostics.append(Diagnostic(file, None, None, "", f"{what} is nested too deeply (more than {MAX_NESTING} "
+                                      "levels of [ ] or { })"))
+        return None
     try:
         loader = _Loader(text)
         node = loader.get_single_node()
@@ -242,6 +252,16 @@ def _parse(text: str, file: str, diagnostics: list[Diagnostic], what: str) -> Ma
     except RecursionError:
         diagnostics.append(Diagnostic(file, None, None, "", f"{what} is nested too deeply"))
     return None
+
+
+def _nesting(text: str) -> int:
+    """How deep `text`'s brackets nest, counting those in strings and comments too (a bound: no spec has
+    dozens of brackets in a string)."""
+    depth = deepest = 0
+    for char in re.sub(r"[^][{}]", "", text):
+        depth = depth + 1 if char in "[{" else max(depth - 1, 0)
+        deepest = max(deepest, depth)
+    return deepest
 
 
 class _TooManyValues(Exception):
@@ -270,7 +290,11 @@ class _Walker:
             return self.mapping(node, path)
         if isinstance(node, SequenceNode):
             return [self.value(item, path + (index,)) for index, item in enumerate(node.value)]
-        return self.loader.construct_object(node)
+        try:
+            return self.loader.construct_object(node)
+        except (ValueError, OverflowError) as error:  # an integer of more than 4300 digits, a bad date
+            self.report(node, path, f"cannot read this value: {error}")
+            return None
 
     def mapping(self, node: MappingNode, path: KeyPath) -> Mapping:
         check = id(node) not in self.checked

@@ -13,7 +13,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator, ValidationError
 
-from dit_compiler.errors import Diagnostic
+from dit_compiler.errors import MAX_SHOWN, Diagnostic
 from dit_compiler.spec.loader import Document, KeyPath, Origin, dotted, shown_value
 from dit_compiler.spec.model import DIFFUSERS_NORM_EPS, TILE_AXES, ModelSpec, Spec, TilingSpec
 from dit_compiler.tiling import tile_problems
@@ -138,8 +138,9 @@ def _schema_diagnostics(error: ValidationError, doc: Document) -> list[Diagnosti
         return [diagnostic(doc.origin(path), path, f"missing key {key!r}", None, describe(error.schema))
                 for key in missing]
     if error.validator == "additionalProperties":
-        return [_unknown_key(path + (key,), list(error.schema["properties"]), doc)
-                for key in error.instance if key not in error.schema["properties"]]
+        unknown = [key for key in error.instance if key not in error.schema["properties"]]
+        return [_unknown_key(path + (key,), list(error.schema["properties"]), doc, guess=i < MAX_SHOWN)
+                for i, key in enumerate(unknown)]
     problem = _PROBLEMS.get(error.validator, "not allowed").format(error.validator_value)
     if error.instance is None:
         problem += ": the value is empty"
@@ -149,8 +150,8 @@ def _schema_diagnostics(error: ValidationError, doc: Document) -> list[Diagnosti
     return [diagnostic(doc.origin(path), path, problem, value, describe(error.schema))]
 
 
-def _unknown_key(path: KeyPath, allowed: list[str], doc: Document) -> Diagnostic:
-    guess = difflib.get_close_matches(str(path[-1]), allowed, n=1)
+def _unknown_key(path: KeyPath, allowed: list[str], doc: Document, guess: bool = True) -> Diagnostic:
+    guess = difflib.get_close_matches(str(path[-1]), allowed, n=1) if guess else []
     message = f"unknown key; did you mean {guess[0]!r}?" if guess else "unknown key"
     return diagnostic(doc.origin(path, key=True), path, message, None, ", ".join(allowed))
 
