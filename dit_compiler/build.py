@@ -24,9 +24,9 @@ from pathlib import Path
 import yaml
 
 from dit_compiler import __version__
+from dit_compiler import targets
 from dit_compiler.errors import UsageError
 from dit_compiler.emit.env import spec_digest
-from dit_compiler.emit.nntile_emitter import emit_nntile
 from dit_compiler.emit.torch_emitter import emit_torch
 from dit_compiler.graph.ir import Graph
 from dit_compiler.lower import lower
@@ -46,15 +46,23 @@ class Build:
     files: dict[str, str]   # file name -> text
 
 
+def graph_of(spec: Spec) -> Graph:
+    """The compiled graph: lowered, with the spec's target's own tensors attached, checked."""
+    graph = lower(spec)
+    targets.get(spec.target).prepare(graph)
+    graph.lint()
+    return graph
+
+
 def compile_spec(spec: Spec) -> Build:
     """Run every stage in memory; nothing touches the disk."""
-    graph = lower(spec)
+    graph = graph_of(spec)
     resolved = (f"# Resolved spec \"{spec.name}\" (sha256 {spec_digest(graph)}), written by ditc {__version__}: "
                 "every default filled in.\n"
                 + yaml.safe_dump(spec.to_dict(), sort_keys=False, default_flow_style=False))
     return Build(graph, with_manifest(spec.name, {
         TORCH_FILE: emit_torch(graph),
-        NNTILE_FILE: emit_nntile(graph),
+        NNTILE_FILE: targets.get(spec.target).emit(graph),
         GRAPH_FILE: graph.to_json(),
         SPEC_FILE: resolved,
     }))

@@ -137,11 +137,11 @@ def cmd_build(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+    from dit_compiler.build import graph_of
     from dit_compiler.inspect import dot, inspect_json, inspect_table
-    from dit_compiler.lower import lower
 
     spec, _ = _spec_and_dir(args.spec)
-    graph = lower(spec)
+    graph = graph_of(spec)
     if args.dot:
         sys.stdout.write(dot(graph))
     elif args.format == "json":
@@ -154,11 +154,11 @@ def cmd_inspect(args) -> int:
 def cmd_verify(args) -> int:
     from dit_compiler.run.verify import format_report, nntile_status, verify
 
-    status = nntile_status()
+    graph, build_dir = _runner_target(args)
+    status = nntile_status(graph)
     if args.require_nntile and status != "ran":
         print(f"error: --require-nntile: {status}", file=sys.stderr)
         return 2
-    graph, build_dir = _runner_target(args)
     total = 1 + (not args.no_oracle) + (status == "ran")
     steps = iter(range(1, total + 1))
     report = verify(graph, build_dir, seed=args.seed, ncpus=args.ncpus, oracle=not args.no_oracle,
@@ -176,7 +176,7 @@ def cmd_bench(args) -> int:
     from dit_compiler.run.verify import nntile_status
 
     graph, build_dir = _runner_target(args)
-    status = nntile_status()
+    status = nntile_status(graph)
     sides = ("nntile", "torch") if status == "ran" else ("torch",)
     if status != "ran":
         print(f"note: {status}; timing torch alone", file=sys.stderr)

@@ -17,7 +17,7 @@ def _shape(values: tuple[int, ...]) -> str:
 
 
 def inspect_table(graph: Graph, ops: bool = True) -> str:
-    lines = [f"spec {graph.spec.name}: {graph.attrs['flavor']} flavor, batch {graph.axes['batch'].size}, "
+    lines = [f"spec {graph.spec.name}: {graph.facts.flavor} flavor, batch {graph.axes['batch'].size}, "
              f"{len(graph.nodes)} ops, {len(graph.tensors)} tensors", "",
              f"{'axis':<12} {'size':>6} {'tile':>6} {'tiles':>6}"]
     lines += [f"{a.name:<12} {a.size:>6} {a.tile:>6} {a.ntiles:>6}" for a in graph.axes.values()]
@@ -25,7 +25,7 @@ def inspect_table(graph: Graph, ops: bool = True) -> str:
         lines += ["", f"{'op':<44} {'kind':<18} {'output shape / tile':<28} {'tasks':>6} {'GMAC':>9} where"]
         for node in graph.nodes:
             cost = node_cost(graph, node)
-            out = graph.tensors[node.outputs[0]]
+            out = graph.tensors[node.output_names[0]]
             lines.append(f"{node.name:<44} {node.op:<18} {_shape(out.shape) + ' / ' + _shape(out.tile):<28} "
                          f"{cost.tiles:>6} {gflops(cost.macs):>9.4f} {'host' if node.host else 'nntile'}")
         lines += ["", f"{'tensor':<52} {'role':<10} {'shape / tile':<28} {'tiles':>6} {'bytes':>12}"]
@@ -36,7 +36,9 @@ def inspect_table(graph: Graph, ops: bool = True) -> str:
     lines += ["", "totals:",
               f"  forward            {gflops(tot.forward_macs):.2f} GMAC ('GFlops' as in the DiT paper)",
               f"  parameters         {tot.params / 1e6:.2f} M trainable, {_mib(tot.param_bytes)}",
-              f"  activations        {_mib(tot.activation_bytes)} (every graph activation kept for backward)",
+              f"  activations        {_mib(tot.activation_bytes)} (graph activations "
+              f"{_mib(tot.activation_bytes - tot.kept_bytes)}, the layers' kept tensors {_mib(tot.kept_bytes)})",
+              f"  scratch            {_mib(tot.scratch_bytes)} (shared by all layers within a pass)",
               f"  gradients          {_mib(tot.gradient_bytes)} (parameters and activations)",
               f"  optimizer state    {_mib(tot.optimizer_bytes)} (AdamW, two moments)",
               f"  NNTile tasks       {tot.tasks} forward (output tiles of every op)"]
@@ -58,17 +60,17 @@ def inspect_json(graph: Graph) -> str:
 
 def dot(graph: Graph) -> str:
     """Embeddings, block 0 (standing for every block) and the final layer, ops linked by tensors."""
-    shown = [n for n in graph.nodes if not n.name.startswith("blocks.") or n.name.startswith("blocks.0.")]
-    producer = {o: n.name for n in shown for o in n.outputs}
+    shown = [n for n in graph.nodes if n.block in (None, 0)]
+    producer = {o: n.name for n in shown for o in n.output_names}
     lines = ["digraph ditc {", '  rankdir=TB; node [shape=box, fontname="Helvetica", fontsize=10];',
-             f'  label="{graph.spec.name}: blocks.0 stands for {graph.attrs["depth"]} blocks"; labelloc=t;',
+             f'  label="{graph.spec.name}: blocks.0 stands for {graph.facts.depth} blocks"; labelloc=t;',
              '  subgraph cluster_block { label="DiT block (x depth)"; style=dashed;']
-    lines += [f'    "{n.name}";' for n in shown if n.name.startswith("blocks.0.")]
+    lines += [f'    "{n.name}";' for n in shown if n.block == 0]
     lines.append("  }")
     for n in shown:
         style = ", style=dashed" if n.host else ""
         lines.append(f'  "{n.name}" [label="{n.name}\\n{n.op}"{style}];')
-        for i in n.inputs:
+        for i in n.input_names:
             if i in producer:
                 t = graph.tensors[i]
                 lines.append(f'  "{producer[i]}" -> "{n.name}" [label="{_shape(t.shape)}", fontsize=8];')

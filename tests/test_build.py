@@ -156,39 +156,43 @@ def test_bad_counts_exit_2_before_any_work(args, capsys):
     assert stop.value.code == 2 and "argument" in capsys.readouterr().err
 
 
-def test_memory_plan_releases_each_activation_once_nothing_reads_it():
-    """The NNTile model's `MEMORY_PLAN`: backward writes an activation's gradient first at its last reader
-    in forward order (the first in backward), and releases it after the layer that made it; a value is
-    released after its last forward reader, and only if no backward reads it."""
-    from dit_compiler.emit.nntile_emitter import _BACKWARD_READS, _memory_plan
-    graph = compile_spec(load_spec(SPECS / "tiny.yaml")).graph
-    device = [n for n in graph.nodes if not n.host]
-    plan = [{key: eval(text) for key, text in row.items()} for row in _memory_plan(graph, device)]
-    host_read = {name for n in graph.nodes if n.host for name in n.inputs}
-    read = {name for n in device for name in n.inputs if graph.tensors[name].role == "activation"}
-    for name in read:
-        last = max(i for i, n in enumerate(device) if name in n.inputs)
-        assert [i for i, row in enumerate(plan) if name in row["first"]] == ([] if name in host_read else [last])
-        if name in [v for row in plan for v in row["values"]]:
-            assert name in plan[last]["values"] and name not in host_read
-            assert not any(name == n.inputs[j] for n in device for j in _BACKWARD_READS[n.op][0])
-            assert not any(name in n.outputs and _BACKWARD_READS[n.op][1] for n in device)
-    assert {v for row in plan for v in row["values"]} >= {"blocks.0.res_msa", "blocks.0.out"}
-    for i, node in enumerate(device):
-        assert list(plan[i]["grads"]) == [o for o in node.outputs if graph.tensors[o].role == "activation"]
+def test_generated_nntile_models_do_not_grow_with_depth():
+    """The runtime lives in `dit_compiler.targets.nntile_1_1`; a build holds its model's tables and wiring,
+    identical blocks once, in a loop."""
+    lines = {name: len((ROOT / "generated" / name / "nntile_model.py").read_text().splitlines())
+             for name in ("dit-s-2", "dit-xl", "tiny")}
+    assert abs(lines["dit-xl"] - lines["dit-s-2"]) <= 5 and max(lines.values()) < 600, lines
+    assert "for i in range(DEPTH):" in (ROOT / "generated" / "dit-xl" / "nntile_model.py").read_text()
 
 
-def test_memory_plan_refuses_a_parameter_two_ops_read():
-    """ditc's NNTile layers overwrite parameter gradients, which is only right while each parameter has
-    one reader: a graph where two ops share a weight is refused instead of losing a gradient."""
-    from dataclasses import replace
+def test_nothing_outside_the_target_packages_imports_nntile():
+    import ast
 
-    from dit_compiler.emit.nntile_emitter import _memory_plan
-    graph = compile_spec(load_spec(SPECS / "tiny.yaml")).graph
-    device = [n for n in graph.nodes if not n.host]
-    first, second = [i for i, n in enumerate(device) if n.op == "linear"][:2]
-    inputs = list(device[second].inputs)
-    inputs[1] = device[first].inputs[1]
-    device[second] = replace(device[second], inputs=tuple(inputs))
-    with pytest.raises(ValueError, match=device[first].inputs[1]):
-        _memory_plan(graph, device)
+    offenders = []
+    for path in sorted((ROOT / "dit_compiler").rglob("*.py")):
+        if "targets" in path.relative_to(ROOT / "dit_compiler").parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] == "nntile"]
+    assert not offenders
+
+
+def test_spec_targets_are_the_target_packages():
+    from dit_compiler import targets
+    from dit_compiler.spec import schema
+
+    assert schema()["properties"]["target"]["enum"] == list(targets.TARGETS)
+    for name in targets.TARGETS:
+        assert targets.get(name).NAME == name
+
+
+def test_a_generated_model_imports_without_nntile(monkeypatch):
+    """Its tables and wiring are plain Python; NNTile is imported at the first kernel call."""
+    from dit_compiler.run.common import load_module
+
+    monkeypatch.setitem(sys.modules, "nntile", None)
+    module = load_module(ROOT / "generated" / "tiny" / "nntile_model.py")
+    assert module.AXES["hidden"] == (64, 24)
+    assert "blocks.1.attn.probs" in module.Model.declarations(module.Model)

@@ -93,3 +93,43 @@ def test_ragged_tiles_are_kept():
     assert graph.tensors["blocks.0.fc1"].shape == (256, 16, 3)
     assert graph.tensors["blocks.0.fc1"].tile == (96, 6, 2)
     assert graph.axes["hidden"].ntiles == 3
+
+
+def test_lint_rejects_an_unknown_kind_wrong_ports_and_a_kind_without_a_rule(monkeypatch):
+    from dit_compiler.graph import ops
+
+    graph = lower(preset_spec("DiT-S/8"))
+    i = next(k for k, n in enumerate(graph.nodes) if n.op == "modulate")
+    node = graph.nodes[i]
+    graph.nodes[i] = dataclasses.replace(node, op="frobnicate")
+    with pytest.raises(ValueError, match="unknown op kind 'frobnicate'"):
+        graph.lint()
+    graph.nodes[i] = dataclasses.replace(node, inputs={"x": node.inputs["x"], "scale": node.inputs["scale"],
+                                                       "shift": node.inputs["shift"]})
+    with pytest.raises(ValueError, match="ports"):
+        graph.lint()
+    graph.nodes[i] = node
+    monkeypatch.setitem(ops.OPS, "modulate", dataclasses.replace(ops.OPS["modulate"], rule=None))
+    with pytest.raises(ValueError, match="has no tiling rule"):
+        graph.lint()
+
+
+def test_every_op_kind_is_fully_defined():
+    """One registry entry per kind: ports, a rule, its torch code; device kinds name their layer."""
+    from dit_compiler.graph.ops import OPS
+
+    for kind in OPS.values():
+        assert kind.inputs and kind.outputs and callable(kind.rule) and kind.torch and kind.doc, kind.name
+        assert kind.host == (kind.layer is None)
+
+
+def test_graph_nodes_use_named_ports_and_typed_attributes():
+    from dit_compiler.graph.ops import Norm
+
+    graph = lower(preset_spec("DiT-S/8"))
+    attn = next(n for n in graph.nodes if n.op == "attention")
+    assert attn.inputs["w_o"] == "blocks.0.attn.proj.weight" and attn.block == 0
+    norm = next(n for n in graph.nodes if n.op == "layer_norm")
+    assert norm.attrs == Norm(1e-6)
+    data = json.loads(graph.to_json())
+    assert next(n for n in data["nodes"] if n["op"] == "layer_norm")["attrs"] == {"eps": 1e-6}

@@ -1,16 +1,15 @@
 """The compiled NNTile model against the torch reference, on real NNTile (skipped without it)."""
 from __future__ import annotations
 
-import math
 import re
 import shutil
 
 import pytest
 
 from conftest import needs_nntile
-from dit_compiler.build import NNTILE_FILE, compile_spec, write_build
+from dit_compiler.build import NNTILE_FILE, TORCH_FILE, compile_spec, write_build
 from dit_compiler.cli import main
-from dit_compiler.run.verify import FORWARD_TOL, GRAD_TOL, verify
+from dit_compiler.run.verify import FORWARD_TOL, GRAD_TOL, MODEL_ROW, PLAN_ROW, verify
 from dit_compiler.spec.model import ModelSpec, Spec, TilingSpec
 
 pytestmark = [needs_nntile, pytest.mark.nntile]
@@ -21,6 +20,9 @@ TILINGS = {
     "single-tile": TilingSpec(batch=3, tokens=16, hidden=64, mlp=256, heads=4, frequency=256),
     "fine": TilingSpec(batch=1, tokens=5, hidden=16, mlp=40, heads=1, patch_dim=7, out_dim=9, frequency=100),
 }
+#: What the NNTile target reaches on the ragged multi-tile tiny spec once the host timestep features are
+#: torch's own: the error left is NNTile's (with numpy's sinusoid the forward error was 3e-6).
+TIGHT_FORWARD, TIGHT_GRAD = 1e-6, 1e-5
 
 
 def build(tmp_path, name="tiny", tiling="ragged", batch=3, **model):
@@ -30,73 +32,116 @@ def build(tmp_path, name="tiny", tiling="ragged", batch=3, **model):
     return built.graph, write_build(built, tmp_path)
 
 
-def assert_passes(report):
+def quiet_verify(graph, folder):
+    return verify(graph, folder, oracle=False, progress=lambda _: None)
+
+
+def assert_passes(report, forward_tol=FORWARD_TOL, grad_tol=GRAD_TOL):
     assert report.nntile == "ran"
     assert report.passed, report.breach
     by_name = {row.component: row for row in report.rows}
     for component in ("embeddings", "adaLN modulation", "modulate", "attention", "gated residual",
-                      "pointwise MLP", "adaLN-Zero", "DiT block", "final layer", "model"):
+                      "pointwise MLP", "adaLN-Zero", "DiT block", "final layer", MODEL_ROW, PLAN_ROW):
         row = by_name[component]
-        assert row.forward <= FORWARD_TOL and row.input_grad <= GRAD_TOL, row
-        assert row.param_grad <= GRAD_TOL if row.params else math.isnan(row.param_grad), row
-    assert by_name["model"].input_grad <= GRAD_TOL
+        assert row.forward <= forward_tol, row
+        assert row.input_grad <= grad_tol, row
+        assert (row.param_grad <= grad_tol) if row.params else row.param_grad is None, row
+    assert by_name["layer norm"].param_grad is None
 
 
 @pytest.mark.parametrize("tiling", sorted(TILINGS))
 @pytest.mark.parametrize("flavor", ["dit", "diffusers"])
 def test_nntile_matches_torch(tmp_path, tiling, flavor):
     graph, folder = build(tmp_path, tiling=tiling, flavor=flavor)
-    assert_passes(verify(graph, folder, oracle=False, progress=lambda _: None))
+    assert_passes(quiet_verify(graph, folder))
 
 
-def test_every_axis_has_several_ragged_tiles_in_the_tiny_run(tmp_path):
-    graph, _ = build(tmp_path)
+def test_ragged_multi_tile_errors_are_nntiles_own(tmp_path):
+    """Every tiled axis has several tiles, four of them ragged; the errors left are NNTile's (the host
+    timestep features are bit-identical to torch's)."""
+    graph, folder = build(tmp_path)
     for axis in ("batch", "tokens", "hidden", "mlp", "heads"):
         assert graph.axes[axis].ntiles > 1, axis
     assert all(graph.axes[a].size % graph.axes[a].tile for a in ("batch", "tokens", "hidden", "mlp"))
+    report = quiet_verify(graph, folder)
+    assert_passes(report, TIGHT_FORWARD, TIGHT_GRAD)
 
 
 def test_patch_4_without_learned_sigma(tmp_path):
     graph, folder = build(tmp_path, input_size=16, patch_size=4, learn_sigma=False, num_heads=2)
-    assert_passes(verify(graph, folder, oracle=False, progress=lambda _: None))
+    assert_passes(quiet_verify(graph, folder))
 
 
 def test_verify_twice_in_one_process(tmp_path):
     """StarPU starts and stops cleanly; the second run sees the same model (task order may move the last bits)."""
     graph, folder = build(tmp_path)
-    first = verify(graph, folder, oracle=False, progress=lambda _: None)
-    second = verify(graph, folder, oracle=False, progress=lambda _: None)
+    first, second = quiet_verify(graph, folder), quiet_verify(graph, folder)
     assert first.passed and second.passed
-    assert [r.forward for r in second.rows] == pytest.approx([r.forward for r in first.rows], rel=0.1)
+    assert [r.forward for r in second.rows] == pytest.approx([r.forward for r in first.rows], rel=0.2)
+
+
+def _broken_copy(tmp_path, folder, file: str, pattern: str, replacement: str):
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    source = (broken / file).read_text()
+    assert re.search(pattern, source), f"the generated {file} no longer has the line this test corrupts"
+    (broken / file).write_text(re.sub(pattern, replacement, source, count=1))
+    return broken
 
 
 def test_a_corrupted_op_is_caught_and_named(tmp_path, capsys):
-    """Swap shift and scale of one modulate call in the generated NNTile model: verify must fail there."""
+    """Swap shift and scale of the MLP modulate in the generated NNTile model: verify fails there."""
     graph, folder = build(tmp_path)
-    broken = tmp_path / "broken"
-    shutil.copytree(folder, broken)
-    source = (broken / NNTILE_FILE).read_text()
-    call = re.compile(r'self\.modulate\("blocks\.1\.norm2", "(blocks\.1\.shift_mlp)", "(blocks\.1\.scale_mlp)"')
-    assert call.search(source), "the generated model no longer has the line this test corrupts"
-    (broken / NNTILE_FILE).write_text(call.sub(r'self.modulate("blocks.1.norm2", "\2", "\1"', source))
-    report = verify(graph, broken, oracle=False, progress=lambda _: None)
+    broken = _broken_copy(tmp_path, folder, NNTILE_FILE, r'shift=f"blocks\.\{i\}\.shift_mlp", scale=f"blocks\.\{i\}\.scale_mlp"',
+                          'shift=f"blocks.{i}.scale_mlp", scale=f"blocks.{i}.shift_mlp"')
+    report = quiet_verify(graph, broken)
     assert not report.passed
     assert report.breach.startswith("modulate: forward"), report.breach
     assert main(["verify", str(broken), "--no-oracle"]) == 1
     assert "nntile_model.py was edited since ditc wrote it" in capsys.readouterr().out
 
 
-def test_models_wait_with_starpus_blocking_call(tmp_path):
-    """NNTile's `wait_for_all` polls every 1 ms and preempts a worker each time; the generated model
-    calls StarPU's blocking `starpu_task_wait_for_all` from the libstarpu NNTile loaded."""
-    import nntile
+def test_a_renamed_trace_name_fails_naming_the_tensor(tmp_path):
+    """A torch tap under another name leaves a graph activation uncompared: that is a failure, not a '-'."""
+    graph, folder = build(tmp_path)
+    broken = _broken_copy(tmp_path, folder, TORCH_FILE, r'p \+ "norm2"', 'p + "norm_2"')
+    report = quiet_verify(graph, broken)
+    assert report.breach == "the value of blocks.0.norm2 is missing on the torch side"
 
+
+def test_a_nan_fails(tmp_path):
+    graph, folder = build(tmp_path)
+    broken = _broken_copy(tmp_path, folder, NNTILE_FILE, r'timestep_features\(t, GEOMETRY\)',
+                          'timestep_features(t, GEOMETRY) * np.float32("nan")')
+    report = quiet_verify(graph, broken)
+    assert report.breach == "embeddings: forward error is NaN (at t_freq)"
+
+
+def test_a_dropped_parameter_fails_naming_it(tmp_path):
+    """A parameter whose gradient one side does not produce is a failure naming it."""
+    graph, folder = build(tmp_path)
+    broken = _broken_copy(tmp_path, folder, TORCH_FILE, r"(        self\.final_layer = FinalLayer\(\)\n)",
+                          r"\1        self.final_layer.linear.bias.requires_grad_(False)\n")
+    report = quiet_verify(graph, broken)
+    assert report.breach == "the gradient of parameter final_layer.linear.bias is missing on the torch side"
+
+
+def test_runtime_waits_with_starpus_blocking_call():
+    """NNTile's `wait_for_all` polls every 1 ms and preempts a worker each time; the runtime calls StarPU's
+    blocking `starpu_task_wait_for_all` from the libstarpu NNTile loaded."""
+    from dit_compiler.targets.nntile_1_1 import runtime
+
+    assert runtime._starpu_wait().__name__ == "starpu_task_wait_for_all"
+
+
+def test_generated_model_refuses_another_runtime_version(tmp_path):
     from dit_compiler.run.common import load_module
 
     _, folder = build(tmp_path)
-    module = load_module(folder / NNTILE_FILE)
-    assert module.wait_for_all is not nntile.starpu.wait_for_all
-    assert module.wait_for_all.__name__ == "starpu_task_wait_for_all"
+    path = folder / NNTILE_FILE
+    path.write_text(path.read_text().replace("require(1)", "require(99)"))
+    with pytest.raises(ImportError, match="version 99 of ditc's nntile-1.1 runtime.*rebuild it"):
+        load_module(path)
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
@@ -107,7 +152,7 @@ def test_adamw_training_steps_match_torch(tmp_path, weight_decay):
     from dit_compiler.run.common import group_error, load_module, make_inputs, randomize_
 
     graph, folder = build(tmp_path)
-    reference = load_module(folder / "torch_reference.py").Model().eval()
+    reference = load_module(folder / TORCH_FILE).Model().eval()
     randomize_(reference, 0)
     initial = {k: v.numpy().copy() for k, v in reference.state_dict().items()}
     inputs = make_inputs(graph, 0)
@@ -117,16 +162,22 @@ def test_adamw_training_steps_match_torch(tmp_path, weight_decay):
         model = nntile_module.Model()
         model.load_state_dict(reference.state_dict())
         optimizer = model.adamw(1e-3, weight_decay)
+        ema = model.ema()
         try:
-            losses = [model.train_step(inputs.x.numpy(), inputs.t.numpy(), inputs.y.numpy(), target, optimizer)
-                      for _ in range(3)]
-            trained = model.state_dict()
+            losses = []
+            for _ in range(3):
+                losses.append(model.train_step(inputs.x.numpy(), inputs.t.numpy(), inputs.y.numpy(), target,
+                                               optimizer))
+                ema.update(0.9)
+            trained, moments, averaged = model.state_dict(), model.adamw_state(optimizer), model.to_torch(ema.shadow)
             with pytest.raises(RuntimeError, match="keep_intermediates=True"):
                 model.value("blocks.0.out")  # released after use: a clear error, not a StarPU abort
         finally:
+            ema.unregister()
             optimizer.unregister()
             model.unregister()
     params = [p for p in reference.parameters() if p.requires_grad]
+    expected_ema = {k: v.copy() for k, v in initial.items()}
     torch_opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=weight_decay)
     torch_losses = []
     for _ in range(3):
@@ -135,6 +186,8 @@ def test_adamw_training_steps_match_torch(tmp_path, weight_decay):
         loss.backward()
         torch_opt.step()
         torch_losses.append(loss.item())
+        for k, v in reference.state_dict().items():
+            expected_ema[k] = 0.9 * expected_ema[k] + 0.1 * v.numpy()
     assert losses == pytest.approx(torch_losses, rel=1e-4)
     assert losses[-1] < losses[0]
     state = reference.state_dict()
@@ -143,4 +196,49 @@ def test_adamw_training_steps_match_torch(tmp_path, weight_decay):
     # Three steps move the weights by about 1e-2 of their norm; a wrong update would show at that scale.
     assert group_error([(initial[k], state[k].numpy()) for k in trained]) > 1e-3
     assert group_error([(v, state[k].numpy()) for k, v in trained.items()]) < 1e-4
+    assert group_error([(v, expected_ema[k]) for k, v in averaged.items()]) < 1e-5
+    # The moments convert to torch's AdamW state as they are (keys in the reference's parameter order); the
+    # fused qkv bias holds the key bias, whose gradient is rounding noise (see above).
+    keys = [k for k, p in reference.named_parameters() if p.requires_grad]
+    torch_state = torch_opt.state_dict()["state"]
+    assert moments["step"] == 3
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert group_error([(moments[name][k], torch_state[i][name].numpy()) for i, k in enumerate(keys)
+                            if not k.endswith("qkv.bias")]) < 1e-4, name
 
+
+def test_blocks_written_out_when_they_do_not_fold(tmp_path, monkeypatch):
+    """Where blocks differ the emitter writes every block out; that code is the same model."""
+    import dit_compiler.targets.nntile_1_1.emitter as emitter
+
+    monkeypatch.setattr(emitter, "folds", lambda *args: False)
+    graph, folder = build(tmp_path)
+    source = (folder / NNTILE_FILE).read_text()
+    assert "def block(" not in source and 'y="blocks.1.out"' in source
+    assert_passes(quiet_verify(graph, folder))
+
+
+def test_inference_model_matches_torch_holding_no_gradients(tmp_path):
+    """The forward-only model sampling runs: the same output, no gradient tensors, values released."""
+    import torch
+
+    from dit_compiler.run.common import load_module, make_inputs, randomize_, rel_error
+
+    graph, folder = build(tmp_path)
+    reference = load_module(folder / TORCH_FILE).Model().eval()
+    randomize_(reference, 0)
+    inputs = make_inputs(graph, 0)
+    with torch.no_grad():
+        expected = reference(inputs.x, inputs.t, inputs.y).numpy()
+    module = load_module(folder / NNTILE_FILE)
+    with module.nntile_runtime(2):
+        model = module.Model(inference=True)
+        try:
+            model.load_state_dict(reference.state_dict())
+            outs = [model.forward(inputs.x.numpy(), inputs.t.numpy(), inputs.y.numpy()) for _ in range(2)]
+            assert all(t.grad is None for t in model.tensors.values() if hasattr(t, "grad"))
+            with pytest.raises(RuntimeError, match="released once used"):
+                model.value("blocks.0.norm1")
+        finally:
+            model.unregister()
+    assert max(rel_error(out, expected) for out in outs) < 1e-6

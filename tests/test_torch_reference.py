@@ -15,8 +15,7 @@ import torch
 from dit_compiler.emit.torch_emitter import emit_torch
 from dit_compiler.lower import lower
 from dit_compiler.run.common import load_module, make_inputs, randomize_, rel_error
-from dit_compiler.run.oracle import (OracleReport, build_diffusers, check_against_diffusers, oracle_config,
-                                     to_diffusers_state_dict)
+from dit_compiler.run.oracle import OracleReport, check_against_diffusers, oracle_config, to_diffusers_state_dict
 from dit_compiler.spec.model import PRESETS, ModelSpec, Spec
 
 diffusers = pytest.importorskip("diffusers")
@@ -101,17 +100,25 @@ def test_oracle_leaves_the_reference_alone(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_oracle_catches_a_wrong_weight(tmp_path):
-    """The check is not vacuous: perturb one reference weight after the mapping would have been made."""
-    graph, _, model = build(tmp_path, make_spec())
-    inputs = make_inputs(graph, seed=0)
-    oracle = build_diffusers(graph)
-    oracle.load_state_dict(to_diffusers_state_dict(graph, model.state_dict()), strict=True)
-    with torch.no_grad():
-        model.blocks[1].mlp.fc2.weight.mul_(1.01)
-    out_ref = reference_forward(model, inputs.x, inputs)
-    out_hf = diffusers_forward(oracle, inputs.x, inputs)
-    assert rel_error(out_ref.detach(), out_hf.detach()) > 1e-4
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_oracle_catches_a_wrong_mapped_weight(tmp_path, monkeypatch, flavor):
+    """The check is not vacuous: perturb one weight on its way into diffusers, and the oracle's own
+    report exceeds its tolerance."""
+    import dit_compiler.run.oracle as oracle
+
+    graph, _, model = build(tmp_path, make_spec(flavor=flavor))
+    mapped = oracle.to_diffusers_state_dict
+
+    def perturbed(graph_, state):
+        out = mapped(graph_, state)
+        key = next(k for k in out if k.endswith("ff.net.2.weight"))
+        out[key] = out[key] * 1.01
+        return out
+
+    monkeypatch.setattr(oracle, "to_diffusers_state_dict", perturbed)
+    report = check_against_diffusers(graph, model, make_inputs(graph, seed=0))
+    assert isinstance(report, OracleReport), report
+    assert report.forward > 1e-4 and report.param_grad > TOL
 
 
 # -- flavor diffusers: stock DiTTransformer2DModel, independently of the oracle's mapping ---------------

@@ -1,14 +1,17 @@
 """Cost model: multiply-accumulates, tiles (tasks) and bytes, per node and in total.
 
-MACs follow the DiT paper's Table 4 count: every linear (the patch projection included) costs
-`rows * in * out`, attention costs its four projections plus `2 * T^2 * d` per image. Element-wise
-ops, norms and host ops count as zero MACs (they are bandwidth-bound; their cost shows in `bytes`).
+MACs follow the DiT paper's Table 4 count (each op kind's `macs`, see `dit_compiler.graph.ops`):
+every linear (the patch projection included) costs `rows * in * out`, attention its four projections
+plus `2 * T^2 * d` per image. Element-wise ops, norms and host ops count as zero MACs (they are
+bandwidth-bound; their cost shows in `bytes`). Memory counts every graph tensor, the target layers'
+kept and scratch tensors included (`attach_internals` puts them in the graph).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from dit_compiler.graph.ir import Graph, Node
+from dit_compiler.graph.ops import OPS
 
 DTYPE_BYTES = {"fp32": 4, "int64": 8}
 #: AdamW keeps two moments per parameter.
@@ -27,40 +30,42 @@ class Totals:
     forward_macs: int
     params: int
     param_bytes: int
-    activation_bytes: int
-    gradient_bytes: int
+    activation_bytes: int       # graph activations and the layers' kept tensors
+    kept_bytes: int             # of which the layers' own (attention's q, k, v, probabilities, ...)
+    scratch_bytes: int          # shared by all layers, within one pass
+    gradient_bytes: int         # of parameters and of the activations that take a gradient
     optimizer_bytes: int
     tasks: int
 
 
+def nbytes(graph: Graph, name: str) -> int:
+    t = graph.tensors[name]
+    return t.numel * DTYPE_BYTES[t.dtype]
+
+
 def node_cost(graph: Graph, node: Node) -> NodeCost:
-    t = graph.tensors
-    outs = [t[n] for n in node.outputs]
-    macs = 0
-    if node.op == "linear":
-        macs = outs[0].numel * t[node.inputs[1]].shape[1]
-    elif node.op == "attention":
-        d, tokens, batch = t[node.inputs[0]].shape
-        macs = batch * (4 * tokens * d * d + 2 * tokens * tokens * d)
-    tiles = 0 if node.host else sum(o.ntiles for o in outs)
-    return NodeCost(macs, tiles, sum(o.numel * DTYPE_BYTES[o.dtype] for o in outs))
+    outs = node.output_names
+    tiles = 0 if node.host else sum(graph.tensors[o].ntiles for o in outs)
+    return NodeCost(OPS[node.op].macs(graph, node), tiles, sum(nbytes(graph, o) for o in outs))
 
 
 def totals(graph: Graph) -> Totals:
+    def total(roles: tuple[str, ...], grad_only: bool = False) -> int:
+        return sum(nbytes(graph, t.name) for t in graph.tensors.values()
+                   if t.role in roles and (t.grad or not grad_only))
+
     params = graph.params
-    n_params = sum(p.numel for p in params)
-    param_bytes = sum(p.numel * DTYPE_BYTES[p.dtype] for p in params)
-    acts = [x for x in graph.tensors.values() if x.role == "activation"]
-    act_bytes = sum(a.numel * DTYPE_BYTES[a.dtype] for a in acts)
-    costs = [node_cost(graph, n) for n in graph.nodes]
+    param_bytes = total(("param",))
     return Totals(
-        forward_macs=sum(c.macs for c in costs),
-        params=n_params,
+        forward_macs=sum(OPS[n.op].macs(graph, n) for n in graph.nodes),
+        params=sum(p.numel for p in params),
         param_bytes=param_bytes,
-        activation_bytes=act_bytes,
-        gradient_bytes=param_bytes + act_bytes,
+        activation_bytes=total(("activation", "kept")),
+        kept_bytes=total(("kept",)),
+        scratch_bytes=total(("scratch",)),
+        gradient_bytes=param_bytes + total(("activation",), grad_only=True),
         optimizer_bytes=OPTIMIZER_STATES * param_bytes,
-        tasks=sum(c.tiles for c in costs),
+        tasks=sum(node_cost(graph, n).tiles for n in graph.nodes),
     )
 
 

@@ -1,38 +1,26 @@
 """The operation graph: the single source of truth between the spec and every emitter and runner.
 
 Tensors use NNTile's feature-first layout: a token tensor is `[hidden, tokens, batch]`, the same
-memory as torch's `[batch, tokens, hidden]`. Every dimension names an axis (see `dit_compiler.tiling`),
-so a tensor's tile shape is the tile of each of its axes.
+memory as torch's `[batch, tokens, hidden]`. Every dimension names an axis (see `dit_compiler.tiling`)
+or is a fixed whole size, so a tensor's shape and tile shape follow from its dims.
+
+Nodes bind tensors to their op kind's named ports (`dit_compiler.graph.ops` defines every kind once).
 """
 from __future__ import annotations
 
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from dit_compiler.spec.model import Spec
 
-Role = Literal["input", "param", "const", "activation"]
-
-#: The closed set of op kinds. Host ops run in numpy on the host: NNTile has no op for them and no
-#: gradient flows through them into a parameter (patchify's input gradient is a host permutation).
-OP_KINDS: dict[str, str] = {
-    "patchify": "host: image [N, C, H, W] -> patch vectors [patch_dim, tokens, batch], (c, p, q) order",
-    "timestep_sinusoid": "host: timesteps [batch] -> [cos, sin] features [frequency, batch]",
-    "unpatchify": "host: patch outputs [out_dim, tokens, batch] -> image [N, C_out, H, W]",
-    "linear": "y = W x + b over the first axis; W keeps torch's [out, in] shape",
-    "add_const_slice": "y = x + table broadcast over one axis (the fixed positional table)",
-    "embedding": "y[:, n] = table[:, label[n]]",
-    "act": "element-wise activation (silu or gelutanh)",
-    "add": "y = a + b",
-    "layer_norm": "normalise over the hidden axis, no affine parameters",
-    "modulate": "y = x * (1 + scale) + shift, shift and scale broadcast over tokens",
-    "gated_residual": "y = x + gate * h, gate broadcast over tokens",
-    "attention": "multi-head self-attention with q, k, v and output projections",
-}
-
-HOST_OPS = frozenset({"patchify", "timestep_sinusoid", "unpatchify"})
+#: input, param and const tensors exist before the graph runs; activations are the values ops produce;
+#: `kept` tensors are a layer's own values kept from forward to backward (attention's probabilities),
+#: `scratch` tensors are shared by all layers and live within one pass. The last two come from the
+#: target's layer declarations (`attach_internals`), so the graph accounts for every byte.
+Role = Literal["input", "param", "const", "activation", "kept", "scratch"]
+Dim = str | int
 
 
 @dataclass(frozen=True)
@@ -48,15 +36,15 @@ class Axis:
 
 @dataclass(frozen=True)
 class ParamSource:
-    """Where a graph parameter lives in the torch reference's state_dict.
+    """Where a graph parameter lives in the torch reference's state_dict, and that tensor's shape.
 
     `rows` slices the torch tensor's first axis (adaLN chunks, fused qkv). `layout` says how the rows
     become the graph tensor: `same` (shape unchanged), `transpose` (2-D transpose), `heads_in`
-    ([H*hd, D] -> [H, hd, D]), `heads_out` ([D, H*hd] -> [D, H, hd]),
-    `conv` ([d, C, p, p] -> [d, C*p*p]).
+    ([H*hd, ...] -> [H, hd, ...]), `heads_out` ([D, H*hd] -> [D, H, hd]), `conv` ([d, C, p, p] -> [d, C*p*p]).
     """
 
     key: str
+    torch_shape: tuple[int, ...]   # the whole torch tensor's
     rows: tuple[int, int] | None = None
     layout: str = "same"
 
@@ -64,12 +52,16 @@ class ParamSource:
 @dataclass(frozen=True)
 class Tensor:
     name: str
-    dims: tuple[str, ...]
+    dims: tuple[Dim, ...]
     shape: tuple[int, ...]
     tile: tuple[int, ...]
     role: Role
     dtype: str = "fp32"
     source: ParamSource | None = None
+    #: Whether a gradient flows into this tensor in backward (it depends on a parameter or on the latent).
+    grad: bool = False
+    #: The block this tensor belongs to, if any.
+    block: int | None = None
 
     @property
     def numel(self) -> int:
@@ -82,40 +74,70 @@ class Tensor:
 
 @dataclass(frozen=True)
 class Node:
-    """One op. `component` is the verify-table row it belongs to; `scope` the torch module path."""
+    """One op: its kind's ports bound to tensor names. `component` is the verify-table row it belongs
+    to, `scope` the torch module path, `block` the DiT block it is part of. `internals` names the
+    graph tensors its target layer keeps or borrows (see `attach_internals`)."""
 
     name: str
     op: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
+    inputs: Mapping[str, str]
+    outputs: Mapping[str, str]
     component: str
     scope: str
-    attrs: dict[str, Any] = field(default_factory=dict)
+    block: int | None = None
+    attrs: Any = None
+    internals: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(self.inputs.values())
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(self.outputs.values())
 
     @property
     def host(self) -> bool:
-        return self.op in HOST_OPS
+        from dit_compiler.graph.ops import OPS
+
+        return OPS[self.op].host
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the emitters need besides shapes: derived once in lowering, never again."""
+
+    flavor: str
+    depth: int
+    patch_size: int
+    num_classes: int
+    class_dropout_prob: float
+    frequency_shift: int         # 0 as DiT, 1 as diffusers' Timesteps(downscale_freq_shift=1)
+    max_period: int
+    attn_norm_eps: float
+    mlp_norm_eps: float
+    final_norm_eps: float
+    block_prefixes: tuple[str, ...]  # name prefixes of block i's tensors, "{i}" in them
 
 
 @dataclass
 class Graph:
     spec: Spec
     axes: dict[str, Axis]
+    facts: ModelFacts
     tensors: dict[str, Tensor] = field(default_factory=dict)
     nodes: list[Node] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
-    #: Graph-level facts the emitters need that are not tensor shapes (eps values, frequency shift).
-    attrs: dict[str, Any] = field(default_factory=dict)
 
     # -- construction -------------------------------------------------------------------------
-    def tensor(self, name: str, dims: tuple[str, ...], role: Role, dtype: str = "fp32",
-               source: ParamSource | None = None) -> str:
+    def tensor(self, name: str, dims: tuple[Dim, ...], role: Role, dtype: str = "fp32",
+               source: ParamSource | None = None, block: int | None = None) -> str:
         if name in self.tensors:
             raise ValueError(f"tensor {name!r} defined twice")
-        shape = tuple(self.axes[d].size for d in dims)
-        tile = tuple(self.axes[d].tile for d in dims)
-        self.tensors[name] = Tensor(name, dims, shape, tile, role, dtype, source)
+        shape = tuple(d if isinstance(d, int) else self.axes[d].size for d in dims)
+        tile = tuple(d if isinstance(d, int) else self.axes[d].tile for d in dims)
+        self.tensors[name] = Tensor(name, dims, shape, tile, role, dtype, source, block=block)
         return name
 
     def add(self, node: Node) -> Node:
@@ -127,29 +149,42 @@ class Graph:
     def params(self) -> list[Tensor]:
         return [t for t in self.tensors.values() if t.role == "param"]
 
+    @property
+    def device_nodes(self) -> list[Node]:
+        return [n for n in self.nodes if not n.host]
+
     def components(self) -> list[str]:
         """Verify-table rows in first-appearance order."""
         return list(dict.fromkeys(n.component for n in self.nodes))
 
     # -- checks -------------------------------------------------------------------------------
     def lint(self) -> None:
-        """Check graph invariants and NNTile's tiling rules op by op; raise ValueError on a breach."""
-        from dit_compiler.graph.rules import check_node
+        """Check graph invariants and every node's op-kind rule (ports, attributes, NNTile's tiling
+        rules); raise ValueError on a breach."""
+        from dit_compiler.graph.ops import OPS
 
         defined = set(self.inputs) | {t.name for t in self.tensors.values() if t.role in ("param", "const")}
         for node in self.nodes:
-            for name in node.inputs:
+            kind = OPS.get(node.op)
+            if kind is None:
+                raise ValueError(f"{node.name}: unknown op kind {node.op!r}; known: {', '.join(OPS)}")
+            if not callable(kind.rule):
+                raise ValueError(f"{node.name}: op kind {node.op!r} has no tiling rule")
+            if tuple(node.inputs) != kind.inputs or tuple(node.outputs) != kind.outputs:
+                raise ValueError(f"{node.name} ({node.op}): ports {tuple(node.inputs)} -> {tuple(node.outputs)}, "
+                                 f"the kind declares {kind.inputs} -> {kind.outputs}")
+            if not isinstance(node.attrs, kind.attrs):
+                raise ValueError(f"{node.name} ({node.op}): attributes {node.attrs!r} are not {kind.attrs.__name__}")
+            for name in node.input_names:
                 if name not in self.tensors:
                     raise ValueError(f"{node.name}: unknown input {name!r}")
                 if name not in defined:
                     raise ValueError(f"{node.name}: input {name!r} used before it is produced")
-            for name in node.outputs:
+            for name in node.output_names:
                 if name in defined:
                     raise ValueError(f"{node.name}: output {name!r} produced twice")
                 defined.add(name)
-            if node.op not in OP_KINDS:
-                raise ValueError(f"{node.name}: unknown op kind {node.op!r}")
-            check_node(self, node)
+            kind.rule(self, node)
         for name in self.outputs:
             if name not in defined:
                 raise ValueError(f"graph output {name!r} is never produced")
@@ -159,11 +194,11 @@ class Graph:
         return {
             "spec": self.spec.to_dict(),
             "axes": {a.name: {"size": a.size, "tile": a.tile, "tiles": a.ntiles} for a in self.axes.values()},
-            "attrs": self.attrs,
+            "facts": asdict(self.facts),
             "inputs": self.inputs,
             "outputs": self.outputs,
             "tensors": [_tensor_dict(t) for t in self.tensors.values()],
-            "nodes": [asdict(n) | {"host": n.host} for n in self.nodes],
+            "nodes": [_node_dict(n) for n in self.nodes],
         }
 
     def to_json(self) -> str:
@@ -171,7 +206,17 @@ class Graph:
 
 
 def _tensor_dict(t: Tensor) -> dict:
-    d = asdict(t)
-    if t.source is None:
-        del d["source"]
+    return {key: value for key, value in asdict(t).items()
+            if not (key in ("source", "block") and value is None)}
+
+
+def _node_dict(n: Node) -> dict:
+    d = {"name": n.name, "op": n.op, "inputs": dict(n.inputs), "outputs": dict(n.outputs),
+         "component": n.component, "scope": n.scope, "host": n.host}
+    if n.block is not None:
+        d["block"] = n.block
+    if n.attrs is not None:
+        d["attrs"] = asdict(n.attrs)
+    if n.internals:
+        d["internals"] = dict(n.internals)
     return d

@@ -1,4 +1,4 @@
-"""NNTile's tiling rules, checked op by op on the graph (`Graph.lint`).
+"""NNTile's tiling rules as checks on a node's ports, composed per op kind in `dit_compiler.graph.ops`.
 
 - element-wise ops: identical shapes and tiles;
 - slice (broadcast) ops: the small tensor's tiles equal the big one's with the broadcast axis removed;
@@ -7,70 +7,98 @@
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from dit_compiler.graph.ir import Graph, Node, Tensor
 
-
-def _same(node: Node, a: Tensor, b: Tensor, what: str) -> None:
-    if a.shape != b.shape or a.tile != b.tile:
-        raise ValueError(f"{node.name} ({node.op}): {what}: {a.name} {a.shape}/{a.tile} "
-                         f"vs {b.name} {b.shape}/{b.tile}")
+Rule = Callable[["Graph", "Node"], None]
 
 
-def _slice_of(node: Node, small: Tensor, big: Tensor, axis: int) -> None:
-    shape = big.shape[:axis] + big.shape[axis + 1:]
-    tile = big.tile[:axis] + big.tile[axis + 1:]
-    if small.shape != shape or small.tile != tile:
-        raise ValueError(f"{node.name} ({node.op}): {small.name} {small.shape}/{small.tile} is not a slice "
-                         f"of {big.name} {big.shape}/{big.tile} along axis {axis}")
+def _tensor(graph: Graph, node: Node, port: str) -> Tensor:
+    ports = node.inputs | node.outputs
+    return graph.tensors[ports[port]]
 
 
-def check_node(graph: Graph, node: Node) -> None:
-    t = [graph.tensors[n] for n in node.inputs]
-    out = [graph.tensors[n] for n in node.outputs]
-    if node.op in ("act", "layer_norm"):
-        _same(node, t[0], out[0], "element-wise")
-    elif node.op == "add":
-        _same(node, t[0], t[1], "element-wise")
-        _same(node, t[0], out[0], "element-wise")
-    elif node.op in ("modulate", "gated_residual"):
-        x = t[0]
-        _same(node, x, out[0], "element-wise")
-        broadcast = x.dims.index("tokens")
-        for small in (t[1], t[2]) if node.op == "modulate" else (t[2],):
-            _slice_of(node, small, x, broadcast)
-        if node.op == "gated_residual":
-            _same(node, x, t[1], "element-wise")
-    elif node.op == "add_const_slice":
-        _same(node, t[0], out[0], "element-wise")
-        _slice_of(node, t[1], t[0], node.attrs["axis"])
-    elif node.op == "linear":
-        x, w, y = t[0], t[1], out[0]
+def _fail(node: Node, message: str) -> ValueError:
+    return ValueError(f"{node.name} ({node.op}): {message}")
+
+
+def _show(t: Tensor) -> str:
+    return f"{t.name} {t.shape}/{t.tile}"
+
+
+def same(*ports: str) -> Rule:
+    """Element-wise: every named port has the first one's shape and tiles."""
+    def rule(graph: Graph, node: Node) -> None:
+        first = _tensor(graph, node, ports[0])
+        for port in ports[1:]:
+            other = _tensor(graph, node, port)
+            if (other.shape, other.tile) != (first.shape, first.tile):
+                raise _fail(node, f"element-wise: {_show(first)} vs {_show(other)}")
+    return rule
+
+
+def slice_of(small_port: str, big_port: str, axis_dim: str) -> Rule:
+    """The small tensor is the big one with its `axis_dim` axis removed, tiles included."""
+    def rule(graph: Graph, node: Node) -> None:
+        small, big = _tensor(graph, node, small_port), _tensor(graph, node, big_port)
+        axis = big.dims.index(axis_dim)
+        shape, tile = big.shape[:axis] + big.shape[axis + 1:], big.tile[:axis] + big.tile[axis + 1:]
+        if (small.shape, small.tile) != (shape, tile):
+            raise _fail(node, f"{_show(small)} is not a slice of {_show(big)} along its {axis_dim} axis")
+    return rule
+
+
+def gemm(x_port: str, w_port: str, y_port: str, b_port: str | None = None) -> Rule:
+    """y = W x over the first axis of x: W's second axis contracts with it, the other axes of x are
+    batch axes of y; a bias is a vector over y's first axis."""
+    def rule(graph: Graph, node: Node) -> None:
+        x, w, y = (_tensor(graph, node, p) for p in (x_port, w_port, y_port))
         if w.shape[1] != x.shape[0] or w.tile[1] != x.tile[0]:
-            raise ValueError(f"{node.name} (linear): contracted axis {w.name} {w.shape}/{w.tile} "
-                             f"vs {x.name} {x.shape}/{x.tile}")
+            raise _fail(node, f"contracted axis {_show(w)} vs {_show(x)}")
         if y.shape != (w.shape[0],) + x.shape[1:] or y.tile != (w.tile[0],) + x.tile[1:]:
-            raise ValueError(f"{node.name} (linear): output {y.name} {y.shape}/{y.tile} does not match "
-                             f"{w.name} {w.shape}/{w.tile} and {x.name} {x.shape}/{x.tile}")
-        if len(t) > 2 and (t[2].shape, t[2].tile) != (y.shape[:1], y.tile[:1]):
-            raise ValueError(f"{node.name} (linear): bias {t[2].name} {t[2].shape}/{t[2].tile} "
-                             f"vs output {y.name} {y.shape}/{y.tile}")
-    elif node.op == "embedding":
-        labels, table, y = t[0], t[1], out[0]
+            raise _fail(node, f"output {_show(y)} does not match {_show(w)} and {_show(x)}")
+        if b_port is not None:
+            b = _tensor(graph, node, b_port)
+            if (b.shape, b.tile) != (y.shape[:1], y.tile[:1]):
+                raise _fail(node, f"bias {_show(b)} vs output {_show(y)}")
+    return rule
+
+
+def embedding(labels_port: str, table_port: str, y_port: str) -> Rule:
+    """y[:, n] = table[:, labels[n]]: the class axis is one tile, the feature tile divides y's."""
+    def rule(graph: Graph, node: Node) -> None:
+        labels, table, y = (_tensor(graph, node, p) for p in (labels_port, table_port, y_port))
         if y.shape != (table.shape[0],) + labels.shape or y.tile[0] % table.tile[0]:
-            raise ValueError(f"{node.name} (embedding): {y.name} {y.shape}/{y.tile} vs table {table.shape}/{table.tile}")
+            raise _fail(node, f"{_show(y)} vs table {_show(table)}")
         if table.tile[1] != table.shape[1]:
-            raise ValueError(f"{node.name} (embedding): the class axis of {table.name} must be one tile")
-    elif node.op == "attention":
-        x, y = t[0], out[0]
-        _same(node, x, y, "input and output")
-        w_q = t[1]
-        heads, head_dim = w_q.shape[0], w_q.shape[1]
-        if w_q.tile[1] != head_dim:
-            raise ValueError(f"{node.name} (attention): the head dimension must be one tile")
-        if heads % w_q.tile[0]:
-            raise ValueError(f"{node.name} (attention): head tile {w_q.tile[0]} does not divide {heads} heads")
-        if w_q.tile[2] != x.tile[0]:
-            raise ValueError(f"{node.name} (attention): hidden tiles of {w_q.name} and {x.name} differ")
+            raise _fail(node, f"the class axis of {table.name} must be one tile")
+    return rule
+
+
+def heads(weight_port: str, x_port: str) -> Rule:
+    """Attention: q/k/v weights [heads, head_dim, hidden]; the head dimension is whole, the head tile
+    divides the head count, the hidden tile is the input's."""
+    def rule(graph: Graph, node: Node) -> None:
+        w, x = _tensor(graph, node, weight_port), _tensor(graph, node, x_port)
+        n_heads, head_dim = w.shape[0], w.shape[1]
+        if w.tile[1] != head_dim:
+            raise _fail(node, "the head dimension must be one tile")
+        if n_heads % w.tile[0]:
+            raise _fail(node, f"head tile {w.tile[0]} does not divide {n_heads} heads")
+        if w.tile[2] != x.tile[0]:
+            raise _fail(node, f"hidden tiles of {w.name} and {x.name} differ")
+    return rule
+
+
+def host(graph: Graph, node: Node) -> None:
+    """Host ops run in numpy on whole arrays: no tiling rule applies."""
+
+
+def all_of(*rules: Rule) -> Rule:
+    def rule(graph: Graph, node: Node) -> None:
+        for r in rules:
+            r(graph, node)
+    return rule

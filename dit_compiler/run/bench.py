@@ -269,19 +269,19 @@ def _side(side: str, build_dir: Path, ncpus: int) -> Iterator[_Side]:
         yield _Side(forward, step, profile, torch.get_num_threads())
         return
 
-    import nntile
+    from dit_compiler import targets
 
+    runtime = targets.get(graph_data["spec"]["target"])
     module = load_module(build_dir / "nntile_model.py")
-    with module.nntile_runtime(ncpus):
+    with runtime.nntile_runtime(ncpus):
         model = module.Model()
         model.load_state_dict(reference.state_dict())
         del reference
         optimizer = model.adamw(LR)
         try:
             yield _Side(lambda: model.forward(x, t, y), lambda: model.train_step(x, t, y, target, optimizer),
-                        lambda: model.profile_layers(optimizer), ncpus,
-                        os.environ["STARPU_SCHED"],  # the runtime's default unless the caller set one
-                        nntile.starpu.pause, nntile.starpu.resume)
+                        lambda: model.profile_layers(x, t, y, target, optimizer), ncpus, runtime.scheduler(),
+                        runtime.pause, runtime.resume)
         finally:
             optimizer.unregister()
             model.unregister()

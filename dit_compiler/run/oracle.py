@@ -12,12 +12,13 @@ Nothing here downloads: the diffusers model is built from its config with `from_
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
 from dit_compiler.graph.ir import Graph
+from dit_compiler.naming import DIFFUSERS, DIT, StateKeys
 from dit_compiler.run.common import Inputs, group_error, rel_error
 
 #: What diffusers cannot change: the sinusoid size of `CombinedTimestepLabelEmbeddings`, its period,
@@ -47,44 +48,44 @@ class OracleReport:
 
 def oracle_config(graph: Graph) -> dict | str:
     """`DiTTransformer2DModel` kwargs for `graph`, or a sentence saying why diffusers cannot express it."""
-    ax, a = graph.axes, graph.attrs
-    flavor = a["flavor"]
+    ax, a = graph.axes, graph.facts
+    flavor = a.flavor
     hidden, heads = ax["hidden"].size, ax["heads"].size
     if flavor not in ("dit", "diffusers"):
         return f"flavor {flavor!r} has no diffusers counterpart"
     if ax["frequency"].size != DIFFUSERS_FREQUENCY:
         return (f"frequency_embedding_size {ax['frequency'].size}: diffusers fixes the timestep sinusoid "
                 f"at {DIFFUSERS_FREQUENCY}")
-    if a["max_period"] != DIFFUSERS_MAX_PERIOD:
-        return f"max_period {a['max_period']}: diffusers fixes it at {DIFFUSERS_MAX_PERIOD}"
+    if a.max_period != DIFFUSERS_MAX_PERIOD:
+        return f"max_period {a.max_period}: diffusers fixes it at {DIFFUSERS_MAX_PERIOD}"
     if ax["mlp"].size != DIFFUSERS_MLP_RATIO * hidden:
         return (f"mlp_ratio {ax['mlp'].size / hidden:g}: diffusers' FeedForward fixes it at "
                 f"{DIFFUSERS_MLP_RATIO}")
     if hidden != heads * ax["head_dim"].size:
         return f"hidden_size {hidden} is not a multiple of num_heads {heads}"
-    if ax["classes"].size != a["num_classes"] + 1:
+    if ax["classes"].size != a.num_classes + 1:
         # diffusers' LabelEmbedding always gets class_dropout_prob 0.1, hence always a null row.
-        return (f"the class table has {ax['classes'].size} rows for {a['num_classes']} classes: "
+        return (f"the class table has {ax['classes'].size} rows for {a.num_classes} classes: "
                 "diffusers always has a null row (num_classes + 1)")
     for name in ("attn_norm_eps", "final_norm_eps"):
-        if a[name] != DIFFUSERS_FIXED_EPS:
-            return (f"norm_eps {a[name]:g}: diffusers fixes the attention-branch and output LayerNorm "
+        if getattr(a, name) != DIFFUSERS_FIXED_EPS:
+            return (f"norm_eps {getattr(a, name):g}: diffusers fixes the attention-branch and output LayerNorm "
                     f"eps at {DIFFUSERS_FIXED_EPS:g}")
-    if flavor == "dit" and a["mlp_norm_eps"] != DIFFUSERS_FIXED_EPS:
-        return f"norm_eps {a['mlp_norm_eps']:g}: diffusers can only match DiT at {DIFFUSERS_FIXED_EPS:g}"
+    if flavor == "dit" and a.mlp_norm_eps != DIFFUSERS_FIXED_EPS:
+        return f"norm_eps {a.mlp_norm_eps:g}: diffusers can only match DiT at {DIFFUSERS_FIXED_EPS:g}"
     expected_shift = 1 if flavor == "diffusers" else 0
-    if a["frequency_shift"] != expected_shift:
-        return f"frequency shift {a['frequency_shift']} for flavor {flavor} (expected {expected_shift})"
+    if a.frequency_shift != expected_shift:
+        return f"frequency shift {a.frequency_shift} for flavor {flavor} (expected {expected_shift})"
     return {
         "num_attention_heads": heads,
         "attention_head_dim": ax["head_dim"].size,
         "in_channels": ax["in_channels"].size,
         "out_channels": ax["out_channels"].size,
-        "num_layers": a["depth"],
+        "num_layers": a.depth,
         "sample_size": ax["height"].size,
-        "patch_size": a["patch_size"],
-        "num_embeds_ada_norm": a["num_classes"],
-        "norm_eps": a["mlp_norm_eps"] if flavor == "diffusers" else DIFFUSERS_FIXED_EPS,
+        "patch_size": a.patch_size,
+        "num_embeds_ada_norm": a.num_classes,
+        "norm_eps": a.mlp_norm_eps if flavor == "diffusers" else DIFFUSERS_FIXED_EPS,
     }
 
 
@@ -99,7 +100,7 @@ def build_diffusers(graph: Graph):
     except Exception as error:  # not installed, or an incompatible build
         return f"diffusers is not importable ({type(error).__name__}: {error})"
     model = DiTTransformer2DModel(**config).float().eval()
-    if graph.attrs["flavor"] == "dit":
+    if graph.facts.flavor == "dit":
         for block in model.transformer_blocks:
             block.norm1.emb.time_proj.downscale_freq_shift = 0
     return model
@@ -121,34 +122,35 @@ class _Map:
 
 
 def weight_map(graph: Graph) -> list[_Map]:
-    """How every reference parameter (pos_embed aside) maps onto diffusers' state_dict keys."""
-    depth = graph.attrs["depth"]
-    if graph.attrs["flavor"] == "diffusers":
+    """How every reference parameter (pos_embed aside) maps onto diffusers' state_dict keys: for flavor
+    `dit`, DiT's key layout against diffusers' (`dit_compiler.naming`), field by field."""
+    if graph.facts.flavor == "diffusers":
         return [_Map(k, (k,)) for k in _reference_keys(graph)]
-    blocks = [f"transformer_blocks.{i}" for i in range(depth)]
+    depth = graph.facts.depth
     maps: list[_Map] = []
-
-    def linear(src: str, dst: str) -> None:
-        maps.extend(_Map(f"{src}.{p}", (f"{dst}.{p}",)) for p in ("weight", "bias"))
-
-    linear("x_embedder.proj", "pos_embed.proj")
-    for src, dst in (("t_embedder.mlp.0", "linear_1"), ("t_embedder.mlp.2", "linear_2")):
-        for p in ("weight", "bias"):
-            maps.append(_Map(f"{src}.{p}", tuple(f"{b}.norm1.emb.timestep_embedder.{dst}.{p}" for b in blocks),
-                             "shared"))
-    maps.append(_Map("y_embedder.embedding_table.weight",
-                     tuple(f"{b}.norm1.emb.class_embedder.embedding_table.weight" for b in blocks), "shared"))
-    for i, b in enumerate(blocks):
-        src = f"blocks.{i}"
-        linear(f"{src}.adaLN_modulation.1", f"{b}.norm1.linear")
-        for p in ("weight", "bias"):
-            maps.append(_Map(f"{src}.attn.qkv.{p}", tuple(f"{b}.attn1.to_{z}.{p}" for z in "qkv"), "split"))
-        linear(f"{src}.attn.proj", f"{b}.attn1.to_out.0")
-        linear(f"{src}.mlp.fc1", f"{b}.ff.net.0.proj")
-        linear(f"{src}.mlp.fc2", f"{b}.ff.net.2")
-    linear("final_layer.adaLN_modulation.1", "proj_out_1")
-    linear("final_layer.linear", "proj_out_2")
+    for f in fields(StateKeys):
+        if f.name == "block":
+            continue
+        src, dst = _as_tuple(getattr(DIT, f.name)), _as_tuple(getattr(DIFFUSERS, f.name))
+        per_block = "{b}" in src[0]
+        for i in range(depth) if per_block else (None,):
+            sources = [k.format(b=DIT.block.format(i=i)) for k in src]
+            if per_block or "{b}" not in dst[0]:
+                targets, how = [k.format(b=DIFFUSERS.block.format(i=i)) for k in dst], "copy"
+                how = "split" if len(targets) > len(sources) else how
+            else:  # one DiT module copied into every diffusers block
+                targets, how = [k.format(b=DIFFUSERS.block.format(i=j)) for j in range(depth) for k in dst], "shared"
+            for p in ("weight",) if f.name in _TABLES else ("weight", "bias"):
+                maps.append(_Map(f"{sources[0]}.{p}", tuple(f"{t}.{p}" for t in targets), how))
     return maps
+
+
+#: StateKeys fields that are embedding tables (a weight, no bias).
+_TABLES = ("y_table",)
+
+
+def _as_tuple(keys: str | tuple[str, ...]) -> tuple[str, ...]:
+    return keys if isinstance(keys, tuple) else (keys,)
 
 
 def _reference_keys(graph: Graph) -> list[str]:

@@ -3,7 +3,12 @@
 Both run the whole model once, forward and backward with the same output gradient; the torch side
 traces every intermediate under its graph name. Each row of the report compares the tensors of one
 component: its outputs (forward), the gradients of its inputs, and the gradients of its parameters,
-as norm-wise relative errors of the component's tensors taken together.
+as norm-wise relative errors of the component's tensors taken together. A second NNTile run with the
+memory plan on (values and gradients released as soon as used, as training runs) is compared at the
+model's boundary: output, input gradient and every parameter gradient.
+
+Verify fails closed: a graph activation, gradient or parameter that either side did not produce, a NaN,
+or a row with nothing in it is a failure naming the tensor, never a silent gap in the table.
 """
 from __future__ import annotations
 
@@ -15,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dit_compiler.graph.ir import Graph
+from dit_compiler import targets
+from dit_compiler.graph.ir import Graph, Node
+from dit_compiler.graph.ops import OPS
 from dit_compiler.run.common import Inputs, group_error, load_module, make_inputs, randomize_, rel_error
 
 FORWARD_TOL = 1e-5
@@ -23,14 +30,17 @@ GRAD_TOL = 1e-4
 
 #: Rows made of several components (the adaLN-Zero machinery of every block).
 ADALN_ZERO = ("adaLN modulation", "layer norm", "modulate", "gated residual")
+MODEL_ROW, PLAN_ROW = "model", "model, memory plan on"
 
 
 @dataclass
 class Row:
+    """Errors of one component; None where it has nothing of that kind (no parameters, say)."""
+
     component: str
-    forward: float
-    input_grad: float
-    param_grad: float
+    forward: float | None
+    input_grad: float | None
+    param_grad: float | None
     params: dict[str, float] = field(default_factory=dict)
 
     def forward_breach(self) -> str | None:
@@ -41,13 +51,26 @@ class Row:
                 or _over(self.component, "parameter gradient", self.param_grad, GRAD_TOL))
 
 
-def _over(component: str, what: str, value: float, tol: float) -> str | None:
-    return f"{component}: {what} error {value:.3g} > {tol:g}" if not math.isnan(value) and value > tol else None
+def _over(component: str, what: str, value: float | None, tol: float) -> str | None:
+    if value is None or value <= tol:
+        return None
+    return f"{component}: {what} error {'is NaN' if math.isnan(value) else f'{value:.3g} > {tol:g}'}"
+
+
+def forward_breach(graph: Graph, nnt: _Run, ref: _Run) -> str | None:
+    """The first op, in the order the model runs, whose output breaches the forward tolerance."""
+    values = set(expected(graph).values)
+    for node in graph.nodes:
+        outputs = [o for o in node.output_names if o in values]
+        error = group_error([(nnt.values[o], ref.values[o]) for o in outputs]) if outputs else None
+        if breach := _over(node.component, "forward", error, FORWARD_TOL):
+            return f"{breach} (at {node.name})"
+    return None
 
 
 def first_breach(rows: list[Row], n_components: int) -> str | None:
-    """Where an error starts: the first forward breach in model order, else the first gradient breach in
-    the order backward runs (the component rows reversed); aggregate rows come last either way."""
+    """Where an error starts, by rows: the first forward breach in model order, else the first gradient
+    breach in the order backward runs (the component rows reversed); aggregate rows come last either way."""
     components, aggregates = rows[:n_components], rows[n_components:]
     ordered = [r.forward_breach() for r in components + aggregates]
     ordered += [r.gradient_breach() for r in components[::-1] + aggregates]
@@ -85,6 +108,30 @@ class _Run:
     param_grads: dict[str, np.ndarray]
 
 
+@dataclass(frozen=True)
+class Expected:
+    """What both sides must produce: the values of every traced activation, the gradients of those that
+    take one (and of the latent), and every parameter's gradient by state_dict key."""
+
+    values: tuple[str, ...]
+    grads: tuple[str, ...]
+    params: tuple[str, ...]
+
+
+def expected(graph: Graph) -> Expected:
+    traced = [o for n in graph.nodes if OPS[n.op].traced for o in n.output_names]
+    return Expected(tuple(traced), tuple([graph.inputs[0]] + [n for n in traced if graph.tensors[n].grad]),
+                    tuple(dict.fromkeys(p.source.key for p in graph.params)))
+
+
+def missing(exp: Expected, side: str, run: _Run) -> list[str]:
+    """What `run` lacks of what both sides must produce, each as a sentence naming the tensor."""
+    return ([f"the value of {n} is missing on the {side} side" for n in exp.values if n not in run.values]
+            + [f"the gradient of {n} is missing on the {side} side" for n in exp.grads if n not in run.grads]
+            + [f"the gradient of parameter {k} is missing on the {side} side" for k in exp.params
+               if k not in run.param_grads])
+
+
 def run_torch(module, graph: Graph, inputs: Inputs, seed: int):
     model = module.Model().eval()
     randomize_(model, seed)
@@ -95,61 +142,65 @@ def run_torch(module, graph: Graph, inputs: Inputs, seed: int):
     values = {k: v.detach().numpy() for k, v in trace.items()}
     grads = {k: v.grad.numpy() for k, v in trace.items() if v.grad is not None}
     values[graph.outputs[0]] = out.detach().numpy()
+    grads[graph.outputs[0]] = inputs.grad_out.numpy()
     grads[graph.inputs[0]] = x.grad.numpy()
     params = {k: p.grad.numpy() for k, p in model.named_parameters() if p.grad is not None}
     return model, _Run(values, grads, params)
 
 
-def run_nntile(module, graph: Graph, state_dict, inputs: Inputs, names: list[str], ncpus: int) -> _Run:
-    with module.nntile_runtime(ncpus):
-        model = module.Model(keep_intermediates=True)
-        try:
-            model.load_state_dict(state_dict)
-            out = model.forward(inputs.x.numpy(), inputs.t.numpy(), inputs.y.numpy())
-            dx = model.backward(inputs.grad_out.numpy())
-            values = {n: model.value(n) for n in names}
-            grads = {n: model.grad(n) for n in names}
-            values[graph.outputs[0]], grads[graph.inputs[0]] = out, dx
-            return _Run(values, grads, model.gradients())
-        finally:
-            model.unregister()
+def run_nntile(module, graph: Graph, state_dict, inputs: Inputs, names: tuple[str, ...] | None) -> _Run:
+    """One forward and backward; `names`: the activations to read (kept for it), None: the memory plan on."""
+    model = module.Model(keep_intermediates=names is not None)
+    try:
+        model.load_state_dict(state_dict)
+        out = model.forward(inputs.x.numpy(), inputs.t.numpy(), inputs.y.numpy())
+        dx = model.backward(inputs.grad_out.numpy())
+        values = {n: model.value(n) for n in names or ()}
+        grads = {n: model.grad(n) for n in names or () if graph.tensors[n].grad}
+        values[graph.outputs[0]], grads[graph.inputs[0]] = out, dx
+        grads[graph.outputs[0]] = inputs.grad_out.numpy()
+        return _Run(values, grads, model.gradients())
+    finally:
+        model.unregister()
 
 
 def compare(graph: Graph, nnt: _Run, ref: _Run) -> list[Row]:
     """One row per component, then adaLN-Zero, one DiT block (all blocks), and the whole model."""
-    groups: dict[str, list] = {c: [n for n in graph.nodes if n.component == c] for c in graph.components()}
-    groups["adaLN-Zero"] = [n for n in graph.nodes if n.component in ADALN_ZERO and n.name.startswith("blocks.")]
-    groups["DiT block"] = [n for n in graph.nodes if n.name.startswith("blocks.")]
+    blocks = [n for n in graph.nodes if n.block is not None]
+    groups: dict[str, list[Node]] = {c: [n for n in graph.nodes if n.component == c] for c in graph.components()}
+    groups["adaLN-Zero"] = [n for n in blocks if n.component in ADALN_ZERO]
+    groups["DiT block"] = blocks
     rows = [_row(graph, name, nodes, nnt, ref) for name, nodes in groups.items()]
+    return rows + [model_row(graph, MODEL_ROW, nnt, ref)]
+
+
+def model_row(graph: Graph, name: str, nnt: _Run, ref: _Run) -> Row:
     out, x = graph.outputs[0], graph.inputs[0]
-    rows.append(Row("model", rel_error(nnt.values[out], ref.values[out]), rel_error(nnt.grads[x], ref.grads[x]),
-                    group_error([(nnt.param_grads[k], ref.param_grads[k]) for k in ref.param_grads]),
-                    {k: rel_error(nnt.param_grads[k], ref.param_grads[k]) for k in sorted(ref.param_grads)}))
-    return rows
+    keys = expected(graph).params
+    return Row(name, rel_error(nnt.values[out], ref.values[out]), rel_error(nnt.grads[x], ref.grads[x]),
+               group_error([(nnt.param_grads[k], ref.param_grads[k]) for k in keys]),
+               {k: rel_error(nnt.param_grads[k], ref.param_grads[k]) for k in keys})
 
 
-def _row(graph: Graph, component: str, nodes, nnt: _Run, ref: _Run) -> Row:
-    produced = {o for n in nodes for o in n.outputs}
-    outputs = [o for o in produced if o in ref.values and o in nnt.values]
-    inputs = {i for n in nodes for i in n.inputs if i not in produced and graph.tensors[i].role in ("activation", "input")}
-    inputs = [i for i in inputs if i in ref.grads and i in nnt.grads]
-    keys = sorted({graph.tensors[i].source.key for n in nodes for i in n.inputs if graph.tensors[i].role == "param"})
+def _row(graph: Graph, component: str, nodes: list[Node], nnt: _Run, ref: _Run) -> Row:
+    exp = expected(graph)
+    produced = {o for n in nodes for o in n.output_names}
+    outputs = sorted(produced & set(exp.values))
+    inputs = sorted({i for n in nodes for i in n.input_names if i not in produced} & set(exp.grads))
+    keys = sorted({graph.tensors[i].source.key for n in nodes for i in n.input_names if graph.tensors[i].role == "param"})
     return Row(
         component,
-        group_error([(nnt.values[o], ref.values[o]) for o in sorted(outputs)]),
-        group_error([(nnt.grads[i], ref.grads[i]) for i in sorted(inputs)]),
-        group_error([(nnt.param_grads[k], ref.param_grads[k]) for k in keys]),
+        group_error([(nnt.values[o], ref.values[o]) for o in outputs]) if outputs else None,
+        group_error([(nnt.grads[i], ref.grads[i]) for i in inputs]) if inputs else None,
+        group_error([(nnt.param_grads[k], ref.param_grads[k]) for k in keys]) if keys else None,
         {k: rel_error(nnt.param_grads[k], ref.param_grads[k]) for k in keys},
     )
 
 
-def nntile_status() -> str:
-    """'ran' if NNTile imports here, else the reason it does not."""
-    try:
-        import nntile  # noqa: F401
-    except Exception as error:  # ImportError, or a broken build that fails while importing
-        return f"NNTile is not importable ({type(error).__name__}: {error})"
-    return "ran"
+def nntile_status(graph: Graph | None = None) -> str:
+    """'ran' if the target's runtime (NNTile) is importable here, else the reason it is not."""
+    target = targets.get(graph.spec.target if graph is not None else targets.DEFAULT)
+    return target.problem() or "ran"
 
 
 def verify(graph: Graph, build_dir: Path, *, seed: int = 0, ncpus: int = 2, oracle: bool = True,
@@ -173,20 +224,29 @@ def verify(graph: Graph, build_dir: Path, *, seed: int = 0, ncpus: int = 2, orac
         oracle_result = result if isinstance(result, str) else asdict(result)
         seconds["diffusers"] = time.perf_counter() - clock
 
-    status = nntile_status()
+    status = nntile_status(graph)
     rows: list[Row] = []
+    problems = missing(expected(graph), "torch", ref)
     if status == "ran":
-        progress(f"NNTile model: forward and backward on {ncpus} CPU workers")
+        progress(f"NNTile model: forward and backward on {ncpus} CPU workers, all values kept, then with "
+                 "the memory plan on")
         clock = time.perf_counter()
         nntile_module = load_module(build_dir / "nntile_model.py")
-        names = sorted(ref.values.keys() - set(graph.outputs))
-        nnt = run_nntile(nntile_module, graph, model.state_dict(), inputs, names, ncpus)
+        exp = expected(graph)
+        names = tuple(n for n in exp.values if n not in graph.outputs and graph.tensors[n].role == "activation")
+        with nntile_module.nntile_runtime(ncpus):
+            nnt = run_nntile(nntile_module, graph, model.state_dict(), inputs, names)
+            planned = run_nntile(nntile_module, graph, model.state_dict(), inputs, None)
         seconds["nntile"] = time.perf_counter() - clock
-        rows = compare(graph, nnt, ref)
-    breach = first_breach(rows, len(graph.components()))
+        problems += missing(exp, "NNTile", nnt)
+        if not problems:
+            rows = compare(graph, nnt, ref) + [model_row(graph, PLAN_ROW, planned, ref)]
+            problems += [f"row {r.component} compares no value" for r in rows if r.forward is None]
+            problems += [b for b in [forward_breach(graph, nnt, ref)] if b]
+    breach = problems[0] if problems else first_breach(rows, len(graph.components()))
     if breach is None and isinstance(oracle_result, dict):
         worst = max(oracle_result["forward"], oracle_result["input_grad"], oracle_result["param_grad"])
-        if worst > 1e-5:
+        if not worst <= 1e-5:
             breach = f"torch reference vs diffusers: error {worst:.3g} > 1e-05"
     tiling = {a.name: {"size": a.size, "tile": a.tile, "tiles": a.ntiles} for a in graph.axes.values()
               if a.ntiles > 1 or a.name in ("batch", "tokens", "hidden", "mlp", "heads")}
@@ -195,14 +255,15 @@ def verify(graph: Graph, build_dir: Path, *, seed: int = 0, ncpus: int = 2, orac
 
 def format_report(report: Report) -> str:
     lines = [f"ditc verify: {report.spec}",
-             "tiling: " + ", ".join(f"{k} {v['size']}/{v['tile']} ({v['tiles']} tile{'s' * (v['tiles'] > 1)})" for k, v in report.tiling.items())]
+             "tiling: " + ", ".join(f"{k} {v['size']}/{v['tile']} ({v['tiles']} tile{'s' * (v['tiles'] > 1)})"
+                                    for k, v in report.tiling.items())]
     if report.rows:
-        lines.append(f"{'component':<20} {'forward':>10} {'input grad':>11} {'param grad':>11}")
+        lines.append(f"{'component':<22} {'forward':>10} {'input grad':>11} {'param grad':>11}")
         for row in report.rows:
-            cells = ["-" if math.isnan(v) else f"{v:.2e}" for v in (row.forward, row.input_grad, row.param_grad)]
-            lines.append(f"{row.component:<20} {cells[0]:>10} {cells[1]:>11} {cells[2]:>11}")
-        lines.append(f"tolerance            {FORWARD_TOL:>10.0e} {GRAD_TOL:>11.0e} {GRAD_TOL:>11.0e}")
-    else:
+            cells = ["-" if v is None else f"{v:.2e}" for v in (row.forward, row.input_grad, row.param_grad)]
+            lines.append(f"{row.component:<22} {cells[0]:>10} {cells[1]:>11} {cells[2]:>11}")
+        lines.append(f"{'tolerance':<22} {FORWARD_TOL:>10.0e} {GRAD_TOL:>11.0e} {GRAD_TOL:>11.0e}")
+    elif report.nntile != "ran":
         lines.append(f"NNTile model not run: {report.nntile}")
     if isinstance(report.oracle, dict):
         o = report.oracle

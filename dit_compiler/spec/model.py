@@ -75,6 +75,7 @@ class Spec:
     batch: int = 1
     tiling: TilingSpec = field(default_factory=TilingSpec)
     precision: str = "fp32"
+    target: str = "nntile-1.1"
 
     def to_dict(self) -> dict:
         """The spec as plain data, in the key order of the spec language (source left out)."""
@@ -84,6 +85,7 @@ class Spec:
             "batch": self.batch,
             "tiling": asdict(self.tiling),
             "precision": self.precision,
+            "target": self.target,
         }
 
 

@@ -93,7 +93,7 @@ def sweep_keys() -> dict[str, dict]:
 
 def build_spec(data: dict, default_name: str, source: str) -> Spec:
     """The frozen Spec of valid data; keys it does not set take their defaults."""
-    top = {key: data[key] for key in ("batch", "precision") if key in data}
+    top = {key: data[key] for key in ("batch", "precision", "target") if key in data}
     return Spec(name=data.get("name", default_name), source=source, model=build_model(data.get("model", {})),
                 tiling=_build_tiling(data.get("tiling", {})), **_coerce((), top))
 

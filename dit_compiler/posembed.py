@@ -1,3 +1,12 @@
+"""The fixed 2-D sin-cos positional table, defined once: the NNTile runtime calls it, and the torch
+emitter copies its two functions' source into every standalone torch reference (`SOURCE`)."""
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+
+
 def sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
     """Fixed 2-D sin-cos positional table [tokens, embed_dim] (MAE's `get_2d_sincos_pos_embed`)."""
     grid = np.stack(np.meshgrid(np.arange(grid_size, dtype=np.float32),
@@ -11,3 +20,7 @@ def _sincos_1d(embed_dim: int, pos: np.ndarray) -> np.ndarray:
     omega = 1.0 / 10000 ** (np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0))
     out = np.einsum("m,d->md", pos, omega)
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+#: The functions' source, for the torch reference (which imports only torch and numpy).
+SOURCE = inspect.getsource(sincos_pos_embed) + "\n\n" + inspect.getsource(_sincos_1d)

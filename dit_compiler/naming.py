@@ -1,0 +1,96 @@
+"""DiT's names, in one place.
+
+- `StateKeys`: where each weight lives in a flavor's `state_dict` (facebookresearch/DiT's `models.py`,
+  diffusers' `DiTTransformer2DModel`). Lowering gives every graph parameter its source key from here,
+  and the diffusers oracle maps DiT's keys onto diffusers' with the two layouts side by side.
+- `TRACE`: the graph name of every intermediate. Lowering names the graph's activations with these, and
+  the torch templates tap (record) the reference's intermediates under the same names, so `ditc verify`
+  compares like with like; a name changed here changes both sides.
+
+Templates: `{i}` is a block index, `{b}` a block's key prefix (`StateKeys.block` with `{i}` filled in).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StateKeys:
+    """state_dict key layout of one flavor (module paths; `.weight` and `.bias` follow)."""
+
+    patch: str
+    t_linear1: str
+    t_linear2: str
+    y_table: str
+    block: str
+    adaln: str
+    attn_in: tuple[str, ...]    # one fused qkv projection, or q, k and v
+    attn_out: str
+    fc1: str
+    fc2: str
+    final_adaln: str
+    final_linear: str
+
+    @property
+    def per_block_conditioning(self) -> bool:
+        """Whether every block owns its timestep and label embedders (diffusers) or shares one (DiT)."""
+        return "{b}" in self.t_linear1
+
+
+DIT = StateKeys(
+    patch="x_embedder.proj", t_linear1="t_embedder.mlp.0", t_linear2="t_embedder.mlp.2",
+    y_table="y_embedder.embedding_table", block="blocks.{i}", adaln="{b}.adaLN_modulation.1",
+    attn_in=("{b}.attn.qkv",), attn_out="{b}.attn.proj", fc1="{b}.mlp.fc1", fc2="{b}.mlp.fc2",
+    final_adaln="final_layer.adaLN_modulation.1", final_linear="final_layer.linear",
+)
+DIFFUSERS = StateKeys(
+    patch="pos_embed.proj", t_linear1="{b}.norm1.emb.timestep_embedder.linear_1",
+    t_linear2="{b}.norm1.emb.timestep_embedder.linear_2", y_table="{b}.norm1.emb.class_embedder.embedding_table",
+    block="transformer_blocks.{i}", adaln="{b}.norm1.linear",
+    attn_in=("{b}.attn1.to_q", "{b}.attn1.to_k", "{b}.attn1.to_v"), attn_out="{b}.attn1.to_out.0",
+    fc1="{b}.ff.net.0.proj", fc2="{b}.ff.net.2", final_adaln="proj_out_1", final_linear="proj_out_2",
+)
+KEYS: dict[str, StateKeys] = {"dit": DIT, "diffusers": DIFFUSERS}
+
+#: The adaLN projection's row blocks, in DiT's `chunk(6)` order, and the final layer's `chunk(2)`.
+ADALN_CHUNKS = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")
+FINAL_CHUNKS = ("shift", "scale")
+
+
+@dataclass(frozen=True)
+class TraceNames:
+    """Graph names of the model's intermediates. Names inside block i start with `block`."""
+
+    x: str = "x"
+    t: str = "t"
+    y: str = "y"
+    x_patches: str = "x_patches"
+    x_proj: str = "x_proj"
+    pos_embed: str = "pos_embed"
+    x_tokens: str = "x_tokens"
+    t_freq: str = "t_freq"
+    t_hidden: str = "t_hidden"
+    t_act: str = "t_act"
+    t_emb: str = "t_emb"
+    y_emb: str = "y_emb"
+    c: str = "c"
+    c_silu: str = "c_silu"
+    block: str = "blocks.{i}."
+    norm1: str = "norm1"
+    mod_msa: str = "mod_msa"
+    attn: str = "attn"
+    res_msa: str = "res_msa"
+    norm2: str = "norm2"
+    mod_mlp: str = "mod_mlp"
+    fc1: str = "fc1"
+    gelu: str = "gelu"
+    mlp: str = "mlp"
+    out: str = "out"
+    final: str = "final."
+    final_norm: str = "norm"
+    final_mod: str = "mod"
+    final_out: str = "out"
+    image_out: str = "out"
+
+
+TRACE = TraceNames()

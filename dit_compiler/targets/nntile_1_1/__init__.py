@@ -1,0 +1,51 @@
+"""ditc's NNTile 1.1 target: the runtime a generated `nntile_model.py` imports, and its emitter.
+
+Runtime (ordinary, tested modules; NNTile itself is imported on first use, see `kernels`):
+`runtime` (StarPU start and stop, waiting, pausing), `alloc` (tensors), `layers` (one class per op
+kind), `optim` (AdamW), `host` (numpy-side ops), `plan` (the memory plan), `model` (the base class of
+every generated model). Compiler side: `prepare` (the graph pass that adds the layers' own tensors) and
+`emit` (the jinja2 emitter in `emitter`, `templates/nntile-1.1/`).
+"""
+from __future__ import annotations
+
+from dit_compiler import __version__
+from dit_compiler.graph.ir import Graph
+from dit_compiler.posembed import sincos_pos_embed
+from dit_compiler.targets.nntile_1_1.host import (Geometry, patchify, patchify_grad, timestep_features, unpatchify,
+                                                  unpatchify_grad)
+from dit_compiler.targets.nntile_1_1.model import Decl, Model, param
+from dit_compiler.targets.nntile_1_1.runtime import nntile_runtime, pause, problem, resume, scheduler, wait_for_all
+
+NAME = "nntile-1.1"
+NNTILE_VERSION = "1.1.0"
+#: Bumped whenever a generated model of an earlier ditc would not run on this runtime.
+RUNTIME_VERSION = 1
+
+__all__ = ["Decl", "Geometry", "Model", "NAME", "NNTILE_VERSION", "RUNTIME_VERSION", "emit", "nntile_runtime",
+           "param", "patchify", "patchify_grad", "pause", "prepare", "problem", "require", "resume", "scheduler",
+           "sincos_pos_embed", "timestep_features", "unpatchify", "unpatchify_grad", "wait_for_all"]
+
+
+def require(version: int) -> None:
+    """Called by a generated model: fail clearly when it was made for another version of this runtime."""
+    if version != RUNTIME_VERSION:
+        raise ImportError(f"this NNTile model was generated for version {version} of ditc's {NAME} runtime, "
+                          f"but the installed ditc {__version__} provides version {RUNTIME_VERSION}; "
+                          "rebuild it with `ditc build SPEC`")
+
+
+def prepare(graph: Graph) -> None:
+    """The target's graph pass: every layer's own tensors become graph tensors (`attach_internals`)."""
+    from dit_compiler.graph.passes import attach_internals
+    from dit_compiler.targets.nntile_1_1.emitter import check_layers
+    from dit_compiler.targets.nntile_1_1.layers import LAYERS
+
+    check_layers()
+    attach_internals(graph, LAYERS)
+
+
+def emit(graph: Graph) -> str:
+    """`nntile_model.py` for a prepared graph."""
+    from dit_compiler.targets.nntile_1_1.emitter import emit_model
+
+    return emit_model(graph)

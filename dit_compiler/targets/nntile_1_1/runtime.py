@@ -1,0 +1,98 @@
+"""Starting and stopping StarPU for NNTile 1.1.0, waiting for its tasks, pausing its workers."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from collections.abc import Callable, Iterator
+
+#: What the generated models of this target need of NNTile: the 1.1 API (renamed in later versions).
+REQUIRED_API = ("starpu.Config", "starpu.pause", "tensor.add_slice3_async", "tensor.gelutanh_inplace_async",
+                "tensor.embedding_backward_async")
+
+
+def problem() -> str | None:
+    """None when NNTile 1.1 is importable here, else why not, in a sentence."""
+    try:
+        import nntile
+    except Exception as error:  # ImportError, or a broken build that fails while importing
+        return f"NNTile is not importable ({type(error).__name__}: {error})"
+    missing = [name for name in REQUIRED_API if not _has(nntile, name)]
+    if missing:
+        return f"the installed NNTile lacks {', '.join(missing)}: this target needs NNTile 1.1.x"
+    return None
+
+
+def _has(module, dotted: str) -> bool:
+    for part in dotted.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return False
+    return True
+
+
+def _starpu_wait() -> Callable[[], None]:
+    """StarPU's own `starpu_task_wait_for_all`, from the libstarpu that NNTile loaded.
+
+    NNTile 1.1.0's `nntile.starpu.wait_for_all` polls: it wakes every 1 ms, and with as many workers as
+    cores each wake-up preempts a worker (about 3000 context switches in a DiT-S/2 batch 8 training step
+    on 2 cores). StarPU's call sleeps until the last task ends: 130 switches, and paired steps 5%
+    faster. Falls back to the polling wait where the library is not found (no /proc)."""
+    import nntile
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({path for path in (line.split()[-1] for line in maps)
+                            if os.path.basename(path).startswith("libstarpu-")})
+    except OSError:
+        paths = []
+    return ctypes.CDLL(paths[0]).starpu_task_wait_for_all if paths else nntile.starpu.wait_for_all
+
+
+_wait: Callable[[], None] | None = None
+
+
+def wait_for_all() -> None:
+    """Block until every submitted task has run."""
+    global _wait
+    if _wait is None:
+        _wait = _starpu_wait()
+    _wait()
+
+
+def pause() -> None:
+    """Stop StarPU's workers from spinning (while another process is timed beside this one)."""
+    import nntile
+
+    nntile.starpu.pause()
+
+
+def resume() -> None:
+    import nntile
+
+    nntile.starpu.resume()
+
+
+@contextlib.contextmanager
+def nntile_runtime(ncpus: int | None = None) -> Iterator[None]:
+    """Start StarPU on `ncpus` CPU workers (default: all cores) and shut it down on exit.
+
+    The scheduler is $STARPU_SCHED, by default `lws` (locality work stealing) rather than NNTile's
+    `dmda`: on CPU workers dmda's transfer and history models buy nothing, and lws runs a task where
+    its inputs were just written (DiT-S/2 batch 8 training step, 2 workers: 3.31 s against 3.63 s)."""
+    import nntile
+
+    os.environ.setdefault("STARPU_SILENT", "1")
+    os.environ.setdefault("STARPU_SCHED", "lws")
+    config = nntile.starpu.Config(ncpus or os.cpu_count() or 1, 0, 0)
+    nntile.starpu.init()
+    try:
+        yield
+    finally:
+        wait_for_all()
+        del config  # its destructor shuts StarPU down; never shut down twice
+
+
+def scheduler() -> str:
+    """The scheduling policy StarPU runs (set before it starts)."""
+    return os.environ.get("STARPU_SCHED", "lws")

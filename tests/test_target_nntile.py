@@ -1,0 +1,201 @@
+"""The NNTile 1.1 target's runtime on its own: each layer against torch on small tiled tensors (single-tile
+and ragged multi-tile, the way NNTile's own layer tests do it), the memory plan, the declarations."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import SPECS, needs_nntile
+from dit_compiler.build import compile_spec
+from dit_compiler.graph.ops import OPS, Activation, Norm
+from dit_compiler.spec import load_spec
+from dit_compiler.targets.nntile_1_1.layers import LAYERS, Moments
+from dit_compiler.targets.nntile_1_1.plan import Step, memory_plan
+
+#: Axis -> (size, tile) for the layer tests: one tile per axis, and ragged tiles on every tiled axis.
+AXES = {
+    "single-tile": {"hidden": (8, 8), "tokens": (5, 5), "batch": (3, 3), "mlp": (12, 12), "heads": (2, 2),
+                    "head_dim": (4, 4), "classes": (6, 6)},
+    "multi-tile": {"hidden": (8, 3), "tokens": (5, 2), "batch": (3, 2), "mlp": (12, 5), "heads": (2, 1),
+                   "head_dim": (4, 4), "classes": (6, 6)},
+}
+TOKENS, VECTOR = ("hidden", "tokens", "batch"), ("hidden", "batch")
+
+
+def _attention(p):
+    """Feature-first attention: q, k, v [heads, head_dim, tokens, batch]; scores over keys (axis 0)."""
+    q, k, v = (torch.einsum("hdi,itb->hdtb", p[f"w_{z}"], p["x"]) + p[f"b_{z}"][..., None, None] for z in "qkv")
+    scores = torch.einsum("hdkb,hdqb->kqbh", k, q) / math.sqrt(q.shape[1])
+    out = torch.einsum("hdkb,kqbh->hdqb", v, scores.softmax(dim=0))
+    return torch.einsum("ohd,hdqb->oqb", p["w_o"], out) + p["b_o"][:, None, None]
+
+
+ATTENTION_PARAMS = tuple(f"{w}_{z}" for w in "wb" for z in "qkvo")
+#: layer -> (port dims, attributes, torch of the ports in the same feature-first layout, ports without a
+#: gradient, parameter ports: their gradients are always overwritten)
+CASES = {
+    "Linear": ({"x": TOKENS, "w": ("mlp", "hidden"), "b": ("mlp",), "y": ("mlp", "tokens", "batch")}, None,
+               lambda p: torch.einsum("oi,itb->otb", p["w"], p["x"]) + p["b"][:, None, None], (), ("w", "b")),
+    "AddConstSlice": ({"x": TOKENS, "table": ("hidden", "tokens"), "y": TOKENS}, None,
+                      lambda p: p["x"] + p["table"][..., None], ("table",), ()),
+    "Embedding": ({"labels": ("batch",), "table": ("hidden", "classes"), "y": VECTOR}, None,
+                  lambda p: p["table"][:, p["labels"]], ("labels",), ("table",)),
+    "Act-silu": ({"x": TOKENS, "y": TOKENS}, Activation("silu"), lambda p: F.silu(p["x"]), (), ()),
+    "Act-gelutanh": ({"x": ("mlp", "tokens", "batch"), "y": ("mlp", "tokens", "batch")}, Activation("gelutanh"),
+                     lambda p: F.gelu(p["x"], approximate="tanh"), (), ()),
+    "Add": ({"a": VECTOR, "b": VECTOR, "y": VECTOR}, None, lambda p: p["a"] + p["b"], (), ()),
+    "LayerNormNoAffine": ({"x": TOKENS, "y": TOKENS}, Norm(1e-6),
+                          lambda p: F.layer_norm(p["x"].permute(1, 2, 0), (8,), eps=1e-6).permute(2, 0, 1), (), ()),
+    "Modulate": ({"x": TOKENS, "shift": VECTOR, "scale": VECTOR, "y": TOKENS}, None,
+                 lambda p: p["x"] * (1 + p["scale"][:, None]) + p["shift"][:, None], (), ()),
+    "GatedResidual": ({"x": TOKENS, "h": TOKENS, "gate": VECTOR, "y": TOKENS}, None,
+                      lambda p: p["x"] + p["gate"][:, None] * p["h"], (), ()),
+    "Attention": ({"x": TOKENS, **{f"w_{z}": ("heads", "head_dim", "hidden") for z in "qkv"},
+                   **{f"b_{z}": ("heads", "head_dim") for z in "qkv"}, "w_o": ("hidden", "heads", "head_dim"),
+                   "b_o": ("hidden",), "y": TOKENS}, None, _attention, (), ATTENTION_PARAMS),
+}
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    from dit_compiler.targets.nntile_1_1 import nntile_runtime
+
+    with nntile_runtime(2):
+        yield
+
+
+def _shape(axes, dims):
+    return tuple(d if isinstance(d, int) else axes[d][0] for d in dims), \
+        tuple(d if isinstance(d, int) else axes[d][1] for d in dims)
+
+
+def _rel(a, b, floor: float = 0.0) -> float:
+    """Norm-wise relative error; `floor` stands in for a norm that is zero up to rounding (attention's key
+    bias gets no gradient: softmax ignores a shift shared by all keys): a tenth of the largest gradient of the layer."""
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(b), floor))
+
+
+@needs_nntile
+@pytest.mark.nntile
+@pytest.mark.parametrize("tiling", sorted(AXES))
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("overwrite", [True, False], ids=["overwrite", "accumulate"])
+def test_layer_matches_torch(runtime, case, tiling, overwrite):
+    """Forward, and backward into every input gradient: written fresh where the layer is its first writer,
+    added to what is there otherwise; parameter gradients are always overwritten."""
+    from dit_compiler.targets.nntile_1_1 import wait_for_all
+    from dit_compiler.targets.nntile_1_1.alloc import Allocator
+
+    dims, attrs, reference, no_grad, params = CASES[case]
+    cls, axes = LAYERS[case.split("-")[0]], AXES[tiling]
+    kind = next(k for k in OPS.values() if k.layer == cls.__name__)
+    rng = np.random.default_rng(0)
+    alloc = Allocator()
+    arrays, ports, tensors = {}, {}, []
+
+    def new(dims_, dtype="fp32"):
+        tensor = alloc.new(*_shape(axes, dims_), dtype)
+        tensors.append(tensor)
+        return tensor
+
+    for port, port_dims in dims.items():
+        shape, _ = _shape(axes, port_dims)
+        if port == "labels":
+            arrays[port] = rng.integers(0, axes["classes"][0], shape)
+            ports[port] = new(port_dims, "int64")
+            ports[port].from_array(arrays[port])
+            continue
+        arrays[port] = rng.standard_normal(shape).astype(np.float32)
+        value = new(port_dims)
+        if port in kind.inputs:
+            value.from_array(np.asfortranarray(arrays[port]))
+        ports[port] = value if port in no_grad else Moments(value, new(port_dims))
+    internals = {name: new(d) for name, d in (cls.KEEPS | cls.SCRATCH).items()}
+    layer = cls(ports, internals, attrs, alloc)
+    inputs = [p for p in kind.inputs if p not in no_grad]
+    layer.overwrites = tuple(ports[p] for p in inputs if p not in params) if overwrite else ()
+    before = {p: rng.standard_normal(arrays[p].shape).astype(np.float32) for p in inputs}
+    for p in inputs:
+        ports[p].grad.from_array(np.asfortranarray(before[p]))
+    dy = rng.standard_normal(arrays["y"].shape).astype(np.float32)
+
+    layer.forward_async()
+    ports["y"].grad.from_array(np.asfortranarray(dy))
+    layer.backward_async()
+    wait_for_all()
+
+    def read(tensor):
+        out = np.zeros(tensor.shape, order="F", dtype=np.float32 if tensor.__class__.__name__.endswith("fp32")
+                       else np.int64)
+        tensor.to_array(out)
+        return out
+
+    torch_in = {p: torch.tensor(a, requires_grad=p in inputs) for p, a in arrays.items() if p != "y"}
+    y = reference(torch_in)
+    y.backward(torch.from_numpy(dy))
+    assert _rel(read(ports["y"].value), y.detach().numpy()) < 1e-5
+    scale = max(np.linalg.norm(torch_in[p].grad.numpy()) for p in inputs)
+    for p in inputs:
+        expected = torch_in[p].grad.numpy() + (0 if overwrite or p in params else before[p])
+        assert _rel(read(ports[p].grad), expected, 0.1 * scale) < 1e-5, p
+    for tensor in tensors:
+        tensor.unregister()
+    alloc.unregister()
+
+
+def _tiny_steps():
+    graph = compile_spec(load_spec(SPECS / "tiny.yaml")).graph
+    steps = [Step(dict(n.inputs), dict(n.outputs), LAYERS[OPS[n.op].layer].BACKWARD_READS)
+             for n in graph.device_nodes]
+    activations = {t.name for t in graph.tensors.values() if t.role == "activation"}
+    return graph, steps, activations, {p.name for p in graph.params}
+
+
+def test_memory_plan_releases_each_activation_once_nothing_reads_it():
+    """Backward writes an activation's gradient first at its last reader in forward order (the first in
+    backward), and releases it after the layer that made it; a value is released after its last forward
+    reader, and only if no backward reads it and the host does not."""
+    graph, steps, activations, params = _tiny_steps()
+    plan = memory_plan(steps, activations, params, {"final.out"})
+    read = {name for s in steps for name in s.inputs.values() if name in activations}
+    backward_reads = {({**s.inputs, **s.outputs})[p] for s in steps for p in s.backward_reads}
+    for name in read:
+        last = max(i for i, s in enumerate(steps) if name in s.inputs.values())
+        assert [i for i, row in enumerate(plan) if name in row.first] == [last]
+        released = [i for i, row in enumerate(plan) if name in row.release_values]
+        assert released == ([] if name in backward_reads else [last]), name
+    assert {v for row in plan for v in row.release_values} >= {"blocks.0.res_msa", "blocks.0.out"}
+    assert not any("final.out" in row.release_values for row in plan)
+    for step, row in zip(steps, plan):
+        assert list(row.release_grads) == [o for o in step.outputs.values() if o in activations]
+
+
+def test_memory_plan_refuses_a_parameter_two_layers_read():
+    """The layers overwrite parameter gradients, which is only right while each parameter has one reader:
+    a wiring where two layers share a weight is refused instead of losing a gradient."""
+    _, steps, activations, params = _tiny_steps()
+    first, second = [i for i, s in enumerate(steps) if "w" in s.inputs][:2]
+    steps[second] = Step(dict(steps[second].inputs) | {"w": steps[first].inputs["w"]}, steps[second].outputs,
+                         steps[second].backward_reads)
+    with pytest.raises(ValueError, match=steps[first].inputs["w"]):
+        memory_plan(steps, activations, params, set())
+
+
+def test_every_device_op_kind_has_a_layer_with_its_ports():
+    from dit_compiler.targets.nntile_1_1.emitter import check_layers
+
+    check_layers()
+    assert {k.layer for k in OPS.values() if not k.host} == set(LAYERS)
+
+
+def test_layer_internals_are_graph_tensors():
+    """Attention's q, k, v, probabilities and scratch are in the graph, so `inspect` counts them."""
+    graph = compile_spec(load_spec(SPECS / "tiny.yaml")).graph
+    attn = next(n for n in graph.nodes if n.op == "attention")
+    assert set(attn.internals) == set(LAYERS["Attention"].KEEPS) | set(LAYERS["Attention"].SCRATCH)
+    probs = graph.tensors[attn.internals["probs"]]
+    assert probs.role == "kept" and probs.shape == (16, 16, 3, 4) and probs.tile == (6, 6, 2, 2)
