@@ -70,10 +70,14 @@ HOSTILE = {
                                     ["s.yaml: <top level>: spec is nested too deeply"]),
     "a file above the size limit": ({"s.yaml": "# padding\n" * 4000}, ["validate", "s.yaml"],
                                     ["s.yaml: <top level>: spec is 40000 bytes; the limit is 32 KiB"]),
+    "a chain of files above the size limit together": (
+        {"a.yaml": "extends: b.yaml\n" + "# pad\n" * 3000, "b.yaml": "batch: 2\n" + "# pad\n" * 3000},
+        ["validate", "a.yaml"], ["b.yaml: <top level>: spec is 18009 bytes, and the files extending it 18016 bytes; "
+                                 "the limit is 32 KiB"]),
     "thousands of mistakes": ({"s.yaml": "".join(f"k{i}: 1\n" for i in range(3000))}, ["validate", "s.yaml"],
-                              ["s.yaml:1:1: k0: unknown key", "... and 2950 more problems in s.yaml"]),
+                              ["s.yaml:1:1: k0: unknown key", "... and 2950 more problems"]),
     "extends chain too deep": (EXTENDS_CHAIN, ["validate", "c0.yaml"],
-                               ["c0.yaml: extends: the extends chain this file starts is longer than 16 files"]),
+                               ["c0.yaml: extends: extends chain longer than 16 files, from this file to c15.yaml, whose line 1"]),
     # build: what a build may replace
     "build over a user's folder": ({"s.yaml": "preset: DiT-S/2\nname: specs\n", "specs/notes.txt": "mine\n"},
                                    ["build", "s.yaml", "-o", "."], ["specs/ is a folder ditc did not build"]),

@@ -154,31 +154,35 @@ def merge(base: Mapping, over: Mapping) -> Mapping:
     return merged
 
 
-def _load_file(path: Path, named_at: Entry | None, chain: tuple[tuple[Path, str], ...],
-               diagnostics: list[Diagnostic]) -> Mapping:
-    """One file's merged layer; `named_at` is the `extends` entry that names it, if any."""
-    text = _read(path, named_at, diagnostics, "spec")
+#: The files an `extends` chain has read so far: (resolved path, path as written, bytes).
+Chain = tuple[tuple[Path, str, int], ...]
+
+
+def _load_file(path: Path, named_at: Entry | None, chain: Chain, diagnostics: list[Diagnostic]) -> Mapping:
+    """One file's merged layer; `named_at` is the `extends` entry that names it, if any. A chain of files
+    shares one size limit, so it validates as fast as one file."""
+    text = _read(path, named_at, diagnostics, "spec", sum(size for *_, size in chain))
     own = None if text is None else _parse(text, str(path), diagnostics, "spec")
     if own == {}:  # empty, only comments, or `{}`: never a request for the 675M-parameter defaults
         diagnostics.append(Diagnostic(str(path), None, None, "", EMPTY_SPEC))
     if not own:
         return {}
-    return _layer(own, path.parent, chain + ((path.resolve(), str(path)),), diagnostics)
+    return _layer(own, path.parent, chain + ((path.resolve(), str(path), len(text.encode())),), diagnostics)
 
 
-def _layer(own: Mapping, here: Path, chain: tuple[tuple[Path, str], ...],
+def _layer(own: Mapping, here: Path, chain: Chain,
            diagnostics: list[Diagnostic]) -> Mapping:
     """`own` on top of its preset on top of its `extends` target (which must not extend back)."""
     base: Mapping = {}
     extends = own.get("extends")
     if extends is not None and isinstance(extends.value, str):
         target = here / extends.value
-        if any(target.resolve() == seen for seen, _ in chain):
-            names = " -> ".join([shown for _, shown in chain] + [str(target)])
+        if any(target.resolve() == seen for seen, *_ in chain):
+            names = " -> ".join([shown for _, shown, _ in chain] + [str(target)])
             diagnostics.append(_at(extends, "extends", f"extends cycle: {names}", extends.value))
         elif len(chain) >= MAX_EXTENDS:
-            message = (f"the extends chain this file starts is longer than {MAX_EXTENDS} files: its file "
-                       f"{MAX_EXTENDS}, {extends.at.file}:{extends.at.line}, extends {extends.value!r} again")
+            message = (f"extends chain longer than {MAX_EXTENDS} files, from this file to {extends.at.file}, whose "
+                       f"line {extends.at.line} extends {extends.value!r}")
             diagnostics.append(Diagnostic(chain[0][1], None, None, "extends", message))
         else:
             base = _load_file(target, extends, chain, diagnostics)
@@ -190,8 +194,10 @@ def _layer(own: Mapping, here: Path, chain: tuple[tuple[Path, str], ...],
     return merge(base, own)
 
 
-def _read(path: Path, named_at: Entry | None, diagnostics: list[Diagnostic], what: str) -> str | None:
-    """The file's text, or None after a diagnostic; the size is checked before anything is read."""
+def _read(path: Path, named_at: Entry | None, diagnostics: list[Diagnostic], what: str,
+          used: int = 0) -> str | None:
+    """The file's text, or None after a diagnostic; the size (with the `used` bytes of the files that
+    extend it) is checked before anything is read."""
     try:
         # O_NONBLOCK: a named pipe opens at once (and is refused) instead of waiting for a writer forever
         with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
@@ -199,7 +205,7 @@ def _read(path: Path, named_at: Entry | None, diagnostics: list[Diagnostic], wha
             if not stat.S_ISREG(info.st_mode):
                 raise ValueError("not a regular file (a folder, a pipe or a device)")
             size = info.st_size
-            raw = b"" if size > MAX_BYTES else file.read(MAX_BYTES + 1)
+            raw = b"" if used + size > MAX_BYTES else file.read(MAX_BYTES - used + 1)
     except (OSError, ValueError) as error:
         reason = getattr(error, "strerror", None) or str(error)
         if named_at is None:
@@ -209,8 +215,10 @@ def _read(path: Path, named_at: Entry | None, diagnostics: list[Diagnostic], wha
             diagnostics.append(_at(named_at, "extends", message, named_at.value))
         return None
     size = max(size, len(raw))
-    if size > MAX_BYTES:
-        diagnostics.append(Diagnostic(str(path), None, None, "", f"{what} is {size} bytes; the limit is {MAX_BYTES // 1024} KiB"))
+    if used + size > MAX_BYTES:
+        together = f", and the files extending it {used} bytes" if used else ""
+        diagnostics.append(Diagnostic(str(path), None, None, "", f"{what} is {size} bytes{together}; the limit is "
+                                      f"{MAX_BYTES // 1024} KiB"))
         return None
     try:
         return raw.decode("utf-8")
