@@ -1,5 +1,6 @@
 """The `ditc` command line: a thin layer over the pipeline's stages. Exit codes: 0 ok, 1 check failed,
-2 bad input (a spec or usage error, printed without a traceback)."""
+2 bad input (a spec or usage error, printed without a traceback, nothing written), 130 Ctrl-C, 143
+SIGTERM (both cleaned up the same way)."""
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,11 @@ def _spec_and_dir(target: str):
     return load_spec(path), None
 
 
-def _runner_target(args):
+def _runner_target(args, check=lambda graph: None):
     """The graph and build folder `verify` and `bench` run: a spec is built into `args.out` when needed; a
     folder is run as it is, refused when a file is missing, with a note naming each file that differs from
-    a fresh build of its spec. Either way, a model this machine cannot hold is refused first."""
+    a fresh build of its spec. Either way, a model this machine cannot hold, or one `check` refuses
+    (raising UsageError), is refused before anything is written."""
     from dit_compiler.build import compile_spec
     from dit_compiler.run.limits import check_memory
 
@@ -46,6 +48,7 @@ def _runner_target(args):
         _check_folder_arg(args.out, "-o")
     build = compile_spec(spec)
     check_memory(build.graph)
+    check(build.graph)
     if build_dir is None:
         build_dir, changed = build_one(build, args.out)
         print(f"[build] {'wrote' if changed else 'up to date'} {build_dir}/")
@@ -62,7 +65,7 @@ def _check_build_dir(build, folder: Path) -> None:
     if folder.name == build.graph.spec.name:
         rebuild = f"`ditc build {folder / SPEC_FILE} -o {folder.parent}` rebuilds it"
     else:
-        rebuild = f"a rebuild of its spec (`ditc build {folder / SPEC_FILE}`) replaces it"
+        rebuild = f"`ditc build {folder / SPEC_FILE}` makes a fresh build of it"
     if missing := [name for name in (TORCH_FILE, NNTILE_FILE, GRAPH_FILE) if not (folder / name).is_file()]:
         raise UsageError(f"{folder}: {', '.join(missing)} missing, so the build cannot run; {rebuild}")
     written = _manifest_or_empty(folder)
@@ -154,11 +157,12 @@ def cmd_inspect(args) -> int:
 def cmd_verify(args) -> int:
     from dit_compiler.run.verify import format_report, nntile_status, verify
 
-    graph, build_dir = _runner_target(args)
+    def require_nntile(graph) -> None:
+        if args.require_nntile and (status := nntile_status(graph)) != "ran":
+            raise UsageError(f"--require-nntile: {status}")
+
+    graph, build_dir = _runner_target(args, require_nntile)
     status = nntile_status(graph)
-    if args.require_nntile and status != "ran":
-        print(f"error: --require-nntile: {status}", file=sys.stderr)
-        return 2
     total = 1 + (not args.no_oracle) + (status == "ran")
     steps = iter(range(1, total + 1))
     report = verify(graph, build_dir, seed=args.seed, ncpus=args.ncpus, oracle=not args.no_oracle,
