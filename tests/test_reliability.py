@@ -59,6 +59,8 @@ HOSTILE = {
     "file stem with a space": ({"my spec.yaml": "preset: DiT-S/2\n"}, ["build", "my spec.yaml"],
                                ["my spec.yaml: name:", "its file name is no valid build name", "'my spec'"]),
     "file stem '.'": ({"..yaml": "preset: DiT-S/2\n"}, ["build", "..yaml"], ["..yaml: name:", "got '.'"]),
+    "keys that are no strings": ({"s.yaml": "1: 2\n~: 3\n"}, ["validate", "s.yaml"],
+                                 ["s.yaml:1:1: <top level>: keys must be strings (got '1')", "s.yaml:2:1"]),
     "empty spec": ({"e.yaml": ""}, ["build", "e.yaml"],
                    ["e.yaml: <top level>: the spec is empty; `preset: DiT-XL/2` selects the defaults"]),
     "spec of comments": ({"e.yaml": "# nothing yet\n\n"}, ["build", "e.yaml"], ["e.yaml", "the spec is empty"]),
@@ -155,6 +157,8 @@ HOSTILE = {
                           ["grid.batch: a value is listed twice"]),
     "sweep point names twice": (SWEEP_FILES | {"w.yaml": sweep("points:\n  - {name: a}\n  - {name: a}\n")},
                                 ["sweep", "w.yaml"], ["points.1.name: two points have this name"]),
+    "sweep file stem with a space": (SWEEP_FILES | {"my sweep.yaml": "base: base.yaml\n"}, ["sweep", "my sweep.yaml"],
+                                     ["my sweep.yaml: name: the sweep sets no `name:`", "'my sweep'"]),
     "sweep name with a path": (SWEEP_FILES | {"w.yaml": "base: base.yaml\nname: ../../x\n"}, ["sweep", "w.yaml"],
                                ["w.yaml:2:7: name: not of the allowed form"]),
     "sweep alias grid": (SWEEP_FILES | {"w.yaml": sweep("grid:\n  model.depth: &v [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n"

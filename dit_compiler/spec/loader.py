@@ -161,9 +161,10 @@ Chain = tuple[tuple[Path, str, int], ...]
 def _load_file(path: Path, named_at: Entry | None, chain: Chain, diagnostics: list[Diagnostic]) -> Mapping:
     """One file's merged layer; `named_at` is the `extends` entry that names it, if any. A chain of files
     shares one size limit, so it validates as fast as one file."""
+    found = len(diagnostics)
     text = _read(path, named_at, diagnostics, "spec", sum(size for *_, size in chain))
     own = None if text is None else _parse(text, str(path), diagnostics, "spec")
-    if own == {}:  # empty, only comments, or `{}`: never a request for the 675M-parameter defaults
+    if own == {} and len(diagnostics) == found:  # empty, only comments, or `{}`: never a request for the defaults
         diagnostics.append(Diagnostic(str(path), None, None, "", EMPTY_SPEC))
     if not own:
         return {}

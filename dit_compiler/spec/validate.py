@@ -181,6 +181,8 @@ def describe(schema: dict) -> str:
     conditions += [f"{sign} {schema[key]}" for key, sign in _BOUNDS if key in bounds]
     if "multipleOf" in schema:
         conditions.append(f"divisible by {schema['multipleOf']}")
+    if "minLength" in schema:
+        conditions.append(f"at least {schema['minLength']} character long")
     if schema.get("pattern") == _name_rule():
         conditions.append(f"of 1 to {schema.get('maxLength')} letters, digits, '.', '_' or '-', starting with a "
                           "letter or digit")
