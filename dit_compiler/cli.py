@@ -203,8 +203,9 @@ def cmd_sweep(args) -> int:
     from dit_compiler.run.sweep import run_sweep
 
     _check_folder_arg(args.out, "-o")
+    ncpus = _ncpus(args) if args.verify or args.bench else 1  # $STARPU_NCPU matters only to what runs
     sweep, results, out = run_sweep(args.sweep, args.out, verify_it=args.verify, bench_it=args.bench,
-                                    resume=args.resume, ncpus=_ncpus(args), rounds=args.rounds or 1,
+                                    resume=args.resume, ncpus=ncpus, rounds=args.rounds or 1,
                                     max_points=args.max_points)
     for r in results:
         extra = f": {r.errors[0]}" if r.errors else ""
