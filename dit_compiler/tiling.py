@@ -44,7 +44,7 @@ def axis_sizes(model: ModelSpec, batch: int) -> dict[str, int]:
         "batch": batch,
         "tokens": grid * grid,
         "hidden": model.hidden_size,
-        "mlp": int(model.hidden_size * model.mlp_ratio),
+        "mlp": model.mlp_size,
         "heads": model.num_heads,
         "patch_dim": model.in_channels * model.patch_size ** 2,
         "out_dim": out_channels(model) * model.patch_size ** 2,

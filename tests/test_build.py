@@ -44,7 +44,7 @@ def test_build_is_deterministic_across_processes(tmp_path):
         subprocess.run([sys.executable, "-m", "dit_compiler.cli", "build", "specs/tiny.yaml", "specs/dit-s-2.yaml",
                         "-o", str(out)], cwd=ROOT, env=env, check=True, capture_output=True)
         outs.append({p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
-    assert outs[0] == outs[1] == outs[2] and len(outs[0]) == 8
+    assert outs[0] == outs[1] == outs[2] and len(outs[0]) == 10
 
 
 def test_generated_files_say_which_spec_and_version_made_them():

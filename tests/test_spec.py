@@ -45,9 +45,11 @@ def test_preset_only_file_is_complete(tmp_path):
     assert spec.name == "xl" and spec.batch == 1 and spec.tiling == TilingSpec() and spec.precision == "fp32"
 
 
-def test_empty_file_takes_every_default(tmp_path):
-    spec = load_spec(write(tmp_path, "empty.yaml", ""))
-    assert spec.model == ModelSpec() and spec.tiling == TilingSpec() and spec.batch == 1
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n", "---\n...\n"])
+def test_an_empty_spec_is_an_error_not_the_defaults(tmp_path, text):
+    diagnostic = only(write(tmp_path, "empty.yaml", text))
+    assert diagnostic.message == "the spec is empty; `preset: DiT-XL/2` selects the defaults"
+    assert diagnostic.file == str(tmp_path / "empty.yaml")
 
 
 def test_own_keys_override_the_preset_key_by_key(tmp_path):
@@ -100,8 +102,9 @@ def test_diagnostic_carries_file_line_column_key_value_and_allowed(tmp_path):
     path = write(tmp_path, "s.yaml", "model:\n  hidden_size: big\n")
     diagnostic = only(path)
     assert diagnostic == Diagnostic(str(path), 2, 16, "model.hidden_size", "wrong type", "big",
-                                    "an integer >= 1 and divisible by 4")
-    assert str(diagnostic) == f"{path}:2:16: model.hidden_size: wrong type (got 'big'); allowed: an integer >= 1 and divisible by 4"
+                                    "an integer from 1 to 65536 and divisible by 4")
+    assert str(diagnostic) == (f"{path}:2:16: model.hidden_size: wrong type (got 'big'); "
+                               "allowed: an integer from 1 to 65536 and divisible by 4")
 
 
 def test_every_error_is_reported_at_once(tmp_path):
@@ -165,7 +168,7 @@ def test_ten_megabyte_file_is_refused_before_parsing(tmp_path):
     start = time.perf_counter()
     diagnostic = only(huge)
     assert time.perf_counter() - start < 0.5
-    assert diagnostic.message == f"spec is {10 * 2**20} bytes; the limit is 1 MiB"
+    assert diagnostic.message == f"spec is {10 * 2**20} bytes; the limit is 32 KiB"
 
 
 def test_alias_bombs_are_refused(tmp_path):

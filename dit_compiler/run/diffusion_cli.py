@@ -12,6 +12,10 @@ from pathlib import Path
 
 from dit_compiler.errors import UsageError
 
+MAX_STEPS = 10**8
+MAX_SAMPLES = 10**6
+MAX_SEED = 2**32 - 1   # numpy's seeds
+
 
 def _floats(text: str) -> list[float]:
     try:
@@ -38,12 +42,13 @@ def _positive_float(text: str) -> float:
 
 
 def add_commands(sub, count) -> None:
-    """Add `train`, `sample` and `evaluate` to the `ditc` subparsers; `count(m)` parses an integer >= m."""
+    """Add `train`, `sample`, `evaluate` and `export` to the `ditc` subparsers; `count(lo, hi)` parses an
+    integer from lo to hi."""
     s = sub.add_parser("train", help="train a compiled DiT with DiT's diffusion loss on a dataset")
     s.add_argument("target", metavar="SPEC_OR_BUILD_DIR")
     s.add_argument("--data", help="`digits` (built in, the default), an .npz with images and labels, or a "
                                   "folder with a sub-folder of images per class")
-    s.add_argument("--steps", type=count(1), help="total training steps (default 4000)")
+    s.add_argument("--steps", type=count(1, MAX_STEPS), help="total training steps (default 4000)")
     s.add_argument("--lr", type=_positive_float, help="AdamW learning rate (default 1e-4, DiT's)")
     s.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0, DiT's)")
     s.add_argument("--ema-decay", type=float, help="EMA decay (default 0.9999, DiT's)")
@@ -52,9 +57,10 @@ def add_commands(sub, count) -> None:
     s.add_argument("--backend", choices=("auto", "nntile", "torch"),
                    help="where the model runs (default auto: NNTile where it is importable, else torch)")
     s.add_argument("--out", help="run folder (default runs/<spec name>)")
-    s.add_argument("--ckpt-every", type=count(0), help="checkpoint every N steps, 0 only at the end (default 1000)")
+    s.add_argument("--ckpt-every", type=count(0, MAX_STEPS), help="checkpoint every N steps, 0 only at the end (default 1000)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    s.add_argument("--seed", type=int, help="seeds the initial weights, data order, timesteps, noise, dropout")
+    s.add_argument("--seed", type=count(0, MAX_SEED),
+                   help="seeds the initial weights, data order, timesteps, noise, dropout (0 to 2**32-1)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("export", help="write trained weights as a diffusers DiTTransformer2DModel folder")
@@ -75,7 +81,7 @@ def add_commands(sub, count) -> None:
         s.add_argument("--backend", choices=("auto", "nntile", "torch"), default="auto",
                        help="where the model runs (default auto: NNTile where it is importable, else torch)")
         s.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
-        s.add_argument("--steps", type=count(1), default=250, help="respaced sampling steps (default 250)")
+        s.add_argument("--steps", type=count(1, 1000), default=250, help="respaced sampling steps (default 250, at most DiT's 1000)")
         s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
         s.add_argument("--cfg-channels", choices=("dit", "all"),
                        help="guided channels: `dit` the first 3 (DiT), `all` every epsilon channel (diffusers); "
@@ -84,18 +90,18 @@ def add_commands(sub, count) -> None:
         s.add_argument("--sigma-small", action="store_true",
                        help="a model without learned sigma samples with the posterior variance instead of beta_t "
                             "(DiT's create_diffusion(sigma_small=True))")
-        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--seed", type=count(0, MAX_SEED), default=0, help="0 to 2**32-1 (default 0)")
         s.add_argument("--out", help="output folder (default RUN/samples or samples/<spec name>)")
         s.add_argument("--vae", help="a diffusers AutoencoderKL folder to decode latents with")
         if name == "sample":
             s.add_argument("--cfg", type=float, default=4.0, help="guidance scale, 1 = none (default 4, DiT's)")
             group = s.add_mutually_exclusive_group()
             group.add_argument("--classes", type=_ints, help="labels to sample, e.g. 0,3,7")
-            group.add_argument("--n", type=count(1), help="number of samples, labels cycling over the classes")
+            group.add_argument("--n", type=count(1, MAX_SAMPLES), help="number of samples, labels cycling over the classes")
             s.set_defaults(func=cmd_sample)
         else:
             s.add_argument("--cfg", type=_floats, default=[4.0], help="guidance scales, e.g. 1,2,4 (default 4)")
-            s.add_argument("--n", type=count(2), default=1000, help="samples per scale (default 1000)")
+            s.add_argument("--n", type=count(2, MAX_SAMPLES), default=1000, help="samples per scale (default 1000)")
             s.add_argument("--cache", help="where the digits classifier is cached (default ~/.cache/ditc)")
             s.add_argument("--inception", help="Inception v3 weights (pytorch-fid's or torchvision's state_dict): "
                                                "score FID against --ref instead of the digits scores")

@@ -44,6 +44,12 @@ class ModelSpec:
     norm_eps: float = 1e-6
     flavor: Flavor = "dit"
 
+    @property
+    def mlp_size(self) -> int:
+        """The MLP inner size, hidden_size * mlp_ratio; validation checks the product is whole up to
+        floating-point rounding (100 * 1.1 is 110.00000000000001)."""
+        return round(self.hidden_size * self.mlp_ratio)
+
 
 @dataclass(frozen=True)
 class TilingSpec:
