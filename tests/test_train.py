@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 
 from conftest import ROOT
 from dit_compiler.build import TORCH_FILE, compile_spec, write_build
-from dit_compiler.cli import main
+from dit_compiler.cli import main, parse_args
 from dit_compiler.errors import UsageError
 from dit_compiler.lower import lower
 from dit_compiler.run import backend as backend_module
@@ -201,3 +201,21 @@ def test_export_writes_a_diffusers_model_that_gives_the_same_outputs(tmp_path, c
     dit_run = train_tiny(tmp_path / "dit", steps=1)
     assert main(["export", str(dit_run), "--diffusers", str(tmp_path / "hf2")]) == 2
     assert "flavor 'dit' has no exact diffusers counterpart" in capsys.readouterr().err
+
+
+def test_the_specs_train_and_sample_sections_are_the_defaults_flags_override(tmp_path):
+    from dit_compiler.build import graph_of
+    from dit_compiler.run.diffusion_cli import _sample_config
+    from dit_compiler.run.train import resolve_config
+    from train_helpers import TINY_DIGITS
+
+    spec = tiny_spec(tmp_path, TINY_DIGITS + "train: {steps: 7, lr: 0.002}\nsample: {cfg: 1.5, steps: 20}\n")
+    config = resolve_config(tmp_path / "run", {"steps": None, "seed": 3}, False, spec)
+    assert (config.steps, config.lr, config.seed, config.ema_decay) == (7, 0.002, 3, 0.9999)
+    assert resolve_config(tmp_path / "run", {"steps": 2}, False, spec).steps == 2
+    args = parse_args(["sample", "x", "--steps", "9"])
+    sample = _sample_config(args, graph_of(spec))
+    assert (sample.cfg, sample.steps, sample.sampler, sample.cfg_channels) == (1.5, 9, "ddpm", None)
+    # the train and sample settings are not the model: they leave the compiled files alone
+    plain = tiny_spec(tmp_path / "plain")
+    assert compile_spec(spec).files["nntile_model.py"] == compile_spec(plain).files["nntile_model.py"]

@@ -18,10 +18,25 @@ MAX_SEED = 2**32 - 1   # numpy's seeds
 
 
 def _floats(text: str) -> list[float]:
+    """Guidance scales: comma-separated numbers from 1 to 100."""
     try:
-        return [float(v) for v in text.split(",")]
+        values = [float(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    return [_bounded(1.0, 100.0)(str(v)) for v in values]
+
+
+def _bounded(lo: float, hi: float):
+    """An argparse type: a number from lo to hi (NaN and infinities are outside)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value:g} is outside {lo:g} to {hi:g}")
+        return value
+    return parse
 
 
 def _ints(text: str) -> list[int]:
@@ -80,12 +95,13 @@ def add_commands(sub, count) -> None:
                        help="use the checkpoint's EMA weights (default)")
         s.add_argument("--backend", choices=("auto", "nntile", "torch"), default="auto",
                        help="where the model runs (default auto: NNTile where it is importable, else torch)")
-        s.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
-        s.add_argument("--steps", type=count(1, 1000), default=250, help="respaced sampling steps (default 250, at most DiT's 1000)")
-        s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
-        s.add_argument("--cfg-channels", choices=("dit", "all"),
-                       help="guided channels: `dit` the first 3 (DiT), `all` every epsilon channel (diffusers); "
-                            "default dit for 4+ channels, all below")
+        s.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: the spec's `sample.sampler` (ddpm)")
+        s.add_argument("--steps", type=count(1, 1000),
+                       help="respaced sampling steps, at most DiT's 1000 (default: the spec's `sample.steps`, 250)")
+        s.add_argument("--eta", type=_bounded(0.0, 1.0), help="DDIM eta (default: the spec's `sample.eta`, 0)")
+        s.add_argument("--cfg-channels", choices=("auto", "dit", "all"),
+                       help="guided channels: `dit` the first 3 (DiT), `all` every epsilon channel (diffusers), "
+                            "`auto` dit for 4+ channels and all below (default: the spec's `sample.cfg_channels`)")
         s.add_argument("--clip-denoised", action="store_true", help="clip x_0 predictions to [-1, 1] (DiT: off)")
         s.add_argument("--sigma-small", action="store_true",
                        help="a model without learned sigma samples with the posterior variance instead of beta_t "
@@ -94,13 +110,14 @@ def add_commands(sub, count) -> None:
         s.add_argument("--out", help="output folder (default RUN/samples or samples/<spec name>)")
         s.add_argument("--vae", help="a diffusers AutoencoderKL folder to decode latents with")
         if name == "sample":
-            s.add_argument("--cfg", type=float, default=4.0, help="guidance scale, 1 = none (default 4, DiT's)")
+            s.add_argument("--cfg", type=_bounded(1.0, 100.0),
+                           help="guidance scale, 1 = none (default: the spec's `sample.cfg`, DiT's 4)")
             group = s.add_mutually_exclusive_group()
             group.add_argument("--classes", type=_ints, help="labels to sample, e.g. 0,3,7")
             group.add_argument("--n", type=count(1, MAX_SAMPLES), help="number of samples, labels cycling over the classes")
             s.set_defaults(func=cmd_sample)
         else:
-            s.add_argument("--cfg", type=_floats, default=[4.0], help="guidance scales, e.g. 1,2,4 (default 4)")
+            s.add_argument("--cfg", type=_floats, help="guidance scales, e.g. 1,2,4 (default: the spec's `sample.cfg`)")
             s.add_argument("--n", type=count(2, MAX_SAMPLES), default=1000, help="samples per scale (default 1000)")
             s.add_argument("--cache", help="where the digits classifier is cached (default ~/.cache/ditc)")
             s.add_argument("--inception", help="Inception v3 weights (pytorch-fid's or torchvision's state_dict): "
@@ -116,7 +133,7 @@ def cmd_train(args) -> int:
     run_dir = Path(args.out or Path("runs") / spec.name)
     overrides = {k: getattr(args, k) for k in ("data", "steps", "lr", "weight_decay", "ema_decay", "ema_warmup",
                                                "backend", "seed", "ckpt_every")}
-    config = resolve_config(run_dir, overrides, args.resume)
+    config = resolve_config(run_dir, overrides, args.resume, spec)
     return train(spec, run_dir, config, resume=args.resume)
 
 
@@ -182,11 +199,16 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _sample_config(args, cfg: float):
+def _sample_config(args, graph, cfg: float | None = None):
+    """The spec's `sample:` section with the flags on top (`cfg` one scale of a sweep)."""
     from dit_compiler.run.sample import SampleConfig
 
-    return SampleConfig(sampler=args.sampler, steps=args.steps, eta=args.eta, cfg=cfg, cfg_channels=args.cfg_channels,
-                        seed=args.seed, clip_denoised=args.clip_denoised, sigma_small=args.sigma_small)
+    spec = graph.spec.sample
+    channels = args.cfg_channels or spec.cfg_channels
+    return SampleConfig(sampler=args.sampler or spec.sampler, steps=args.steps or spec.steps,
+                        eta=spec.eta if args.eta is None else args.eta, cfg=cfg or spec.cfg,
+                        cfg_channels=None if channels == "auto" else channels, seed=args.seed,
+                        clip_denoised=args.clip_denoised, sigma_small=args.sigma_small)
 
 
 def cmd_sample(args) -> int:
@@ -196,7 +218,7 @@ def cmd_sample(args) -> int:
         graph, backend, source, out = _open_model(args, tmp)
         try:
             labels = sample_labels(graph.facts.num_classes, args.classes, args.n)
-            run_sample(backend, graph, labels, _sample_config(args, args.cfg), out,
+            run_sample(backend, graph, labels, _sample_config(args, graph, args.cfg), out,
                        Path(args.vae) if args.vae else None, {"checkpoint": source, "spec": graph.spec.name})
         finally:
             backend.close()
@@ -249,8 +271,8 @@ def cmd_evaluate(args) -> int:
             out = Path(args.out) if args.out else default_out.with_name("evaluate")
             labels = sample_labels(graph.facts.num_classes, None, args.n)
             try:
-                for cfg in args.cfg:
-                    images, took = run_sample(backend, graph, labels, _sample_config(args, cfg), out / f"cfg{cfg:g}",
+                for cfg in args.cfg or [graph.spec.sample.cfg]:
+                    images, took = run_sample(backend, graph, labels, _sample_config(args, graph, cfg), out / f"cfg{cfg:g}",
                                               Path(args.vae) if args.vae else None,
                                               {"checkpoint": source, "spec": graph.spec.name})
                     rows.append({"cfg": cfg} | score(images, labels) | {"sampling_s": round(took, 2),

@@ -31,7 +31,7 @@ from typing import TextIO
 
 import numpy as np
 
-from dit_compiler.build import SPEC_FILE, compile_spec, graph_of, write_build, write_text_atomic
+from dit_compiler.build import GRAPH_FILE, SPEC_FILE, compile_spec, graph_of, write_build, write_text_atomic
 from dit_compiler.data import BatchLoader, ImageShape, load_dataset
 from dit_compiler.diffusion import NUM_TIMESTEPS, create_diffusion, training_losses
 from dit_compiler.errors import UsageError
@@ -40,6 +40,7 @@ from dit_compiler.run.common import load_module
 from dit_compiler.run.progress import Progress
 from dit_compiler.run.weights import initialize_dit_weights, load_checkpoint, save_checkpoint, save_safetensors, \
     to_numpy
+from dit_compiler.spec.model import Spec, TrainSpec
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.csv"
@@ -49,27 +50,20 @@ METRICS = ("step", "loss", "mse", "vb", "lr", "images_per_s", "wall_s")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Training settings; defaults as facebookresearch/DiT's `train.py` except where noted."""
+class TrainConfig(TrainSpec):
+    """A run's settings: the spec's `train:` section (its defaults DiT's), flags on top, and the backend."""
 
-    data: str = "digits"
-    steps: int = 4000            # DiT counts epochs (1400 over ImageNet); a step count suits small data
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    ema_decay: float = 0.9999
-    ema_warmup: bool = True      # not DiT's: see the module docstring
     backend: str = "auto"
-    seed: int = 0
-    ckpt_every: int = 1000       # DiT: 50,000
 
     def ema_decay_at(self, updates: int) -> float:
         return min(self.ema_decay, (1 + updates) / (10 + updates)) if self.ema_warmup else self.ema_decay
 
 
-def resolve_config(run_dir: Path, overrides: dict, resume: bool) -> TrainConfig:
-    """A fresh run: the defaults with `overrides`. A resumed run: its own settings with `overrides`."""
+def resolve_config(run_dir: Path, overrides: dict, resume: bool, spec: Spec | None = None) -> TrainConfig:
+    """A fresh run: the spec's `train:` section with `overrides`. A resumed run: its own settings with
+    `overrides`."""
     known = {f.name for f in fields(TrainConfig)}
-    base = TrainConfig()
+    base = TrainConfig(**asdict(spec.train)) if spec is not None else TrainConfig()
     if resume:
         saved = _read_run(run_dir)["config"]
         base = TrainConfig(**{k: v for k, v in saved.items() if k in known})
@@ -115,9 +109,9 @@ def _prepare_run(spec, run_dir: Path, config: TrainConfig, resume: bool) -> Path
     if resume:
         if not existing:
             raise UsageError(f"{run_dir}: no checkpoint to resume from")
-        saved = (run_build_dir(run_dir) / SPEC_FILE).read_text()
-        if saved != build.files[SPEC_FILE]:
-            raise UsageError(f"{run_dir}: trained with another spec than {spec.source} "
+        saved = (run_build_dir(run_dir) / GRAPH_FILE).read_text()
+        if saved != build.files[GRAPH_FILE]:   # the model, not the train or sample settings
+            raise UsageError(f"{run_dir}: trained with another model than {spec.source} compiles to "
                              f"(see {run_build_dir(run_dir) / SPEC_FILE})")
     elif existing:
         raise UsageError(f"{run_dir}: already holds a run (last checkpoint {existing[-1].name}); pass --resume "

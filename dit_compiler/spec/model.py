@@ -66,6 +66,33 @@ class TilingSpec:
 
 
 @dataclass(frozen=True)
+class TrainSpec:
+    """`ditc train`'s settings (the `train:` section; flags override it). Defaults as facebookresearch/DiT's
+    `train.py` except where noted."""
+
+    data: str = "digits"
+    steps: int = 4000            # DiT counts epochs (1400 over ImageNet); a step count suits small data
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True      # not DiT's: decay min(ema_decay, (1+s)/(10+s)) at step s
+    seed: int = 0
+    ckpt_every: int = 1000       # DiT: 50,000
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """`ditc sample` and `ditc evaluate`'s defaults (the `sample:` section; flags override it). Defaults as
+    facebookresearch/DiT's `sample.py`."""
+
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    steps: int = 250
+    eta: float = 0.0
+    cfg: float = 4.0
+    cfg_channels: Literal["auto", "dit", "all"] = "auto"   # auto: dit for 4+ channels, all below
+
+
+@dataclass(frozen=True)
 class Spec:
     """A complete, validated spec."""
 
@@ -76,9 +103,11 @@ class Spec:
     tiling: TilingSpec = field(default_factory=TilingSpec)
     precision: str = "fp32"
     target: str = "nntile-1.1"
+    train: TrainSpec = field(default_factory=TrainSpec)
+    sample: SampleSpec = field(default_factory=SampleSpec)
 
-    def to_dict(self) -> dict:
-        """The spec as plain data, in the key order of the spec language (source left out)."""
+    def compiled_dict(self) -> dict:
+        """What the compiled model depends on (the build's digest and graph): all but `train` and `sample`."""
         return {
             "name": self.name,
             "model": asdict(self.model),
@@ -87,6 +116,10 @@ class Spec:
             "precision": self.precision,
             "target": self.target,
         }
+
+    def to_dict(self) -> dict:
+        """The spec as plain data, in the key order of the spec language (source left out)."""
+        return self.compiled_dict() | {"train": asdict(self.train), "sample": asdict(self.sample)}
 
 
 #: diffusers' default LayerNorm eps; flavor `diffusers` uses it for the MLP-branch norm unless set.

@@ -15,7 +15,7 @@ from jsonschema import Draft202012Validator, ValidationError
 
 from dit_compiler.errors import MAX_SHOWN, Diagnostic
 from dit_compiler.spec.loader import Document, KeyPath, Origin, dotted, shown_value
-from dit_compiler.spec.model import DIFFUSERS_NORM_EPS, TILE_AXES, ModelSpec, Spec, TilingSpec
+from dit_compiler.spec.model import SampleSpec, TrainSpec, DIFFUSERS_NORM_EPS, TILE_AXES, ModelSpec, Spec, TilingSpec
 from dit_compiler.tiling import tile_problems
 
 _PROBLEMS = {
@@ -95,7 +95,8 @@ def build_spec(data: dict, default_name: str, source: str) -> Spec:
     """The frozen Spec of valid data; keys it does not set take their defaults."""
     top = {key: data[key] for key in ("batch", "precision", "target") if key in data}
     return Spec(name=data.get("name", default_name), source=source, model=build_model(data.get("model", {})),
-                tiling=_build_tiling(data.get("tiling", {})), **_coerce((), top))
+                tiling=_build_tiling(data.get("tiling", {})), train=TrainSpec(**_coerce(("train",), data.get("train", {}))),
+                sample=SampleSpec(**_coerce(("sample",), data.get("sample", {}))), **_coerce((), top))
 
 
 def build_model(values: dict) -> ModelSpec:
