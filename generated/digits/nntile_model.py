@@ -38,7 +38,7 @@ __all__ = ["Model", "nntile_runtime"]
 
 #: Every axis: (size, tile). A tensor's shape and tile are those of the axes its dims name.
 AXES = {
-    "batch": (64, 4),
+    "batch": (64, 32),
     "tokens": (16, 16),
     "hidden": (128, 128),
     "mlp": (512, 256),
