@@ -73,7 +73,7 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, build_dir: Path, graph: Graph, optim: OptimConfig):
+    def __init__(self, build_dir: Path, graph: Graph, optim: OptimConfig, inference: bool = False):
         self.batch = graph.axes["batch"].size
         self.optim = optim
         self.model = load_module(Path(build_dir) / TORCH_FILE).Model().eval()
@@ -135,14 +135,15 @@ class TorchBackend:
 
 
 #: Backends by name, as "module:class", imported when opened: a backend is a class whose constructor
-#: takes (build_dir, graph, optim) and that implements `Backend`. `nntile` is the spec's target's backend.
+#: takes (build_dir, graph, optim, inference) and that implements `Backend`. `nntile` is the spec's target's backend.
 BACKENDS: dict[str, str] = {"torch": "dit_compiler.run.backend:TorchBackend", "nntile": ""}
 #: The default: NNTile where the spec's target's runtime is importable, else torch (saying why).
 AUTO = "auto"
 
 
 def open_backend(name: str, build_dir: Path, graph: Graph, optim: OptimConfig = OptimConfig(),
-                 note=print) -> Backend:
+                 note=print, inference: bool = False) -> Backend:
+    """The backend `name` on a build; `inference` opens it for sampling only (`predict`, `load`)."""
     from dit_compiler import targets
 
     target = targets.get(graph.spec.target)
@@ -154,7 +155,7 @@ def open_backend(name: str, build_dir: Path, graph: Graph, optim: OptimConfig = 
     if name not in BACKENDS:
         raise UsageError(f"--backend {name}: not available here; allowed: {', '.join([AUTO, *sorted(BACKENDS)])}")
     module, _, cls = (BACKENDS[name] or target.BACKEND).partition(":")
-    return getattr(importlib.import_module(module), cls)(build_dir, graph, optim)
+    return getattr(importlib.import_module(module), cls)(build_dir, graph, optim, inference)
 
 
 def load_into(backend: Backend, model: StateDict, source: str, ema: StateDict | None = None,

@@ -8,9 +8,14 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dit_compiler.errors import UsageError
+
+if TYPE_CHECKING:
+    from dit_compiler.spec.model import Spec
 
 MAX_STEPS = 10**8
 MAX_SAMPLES = 10**6
@@ -144,8 +149,9 @@ def _load_target(target: str):
 
 
 def _checkpoint_of(args, tmp: str):
-    """The spec, its build folder, the checkpoint (a run's last unless --ckpt) and the default samples folder
-    of a run folder or of a spec given with --ckpt."""
+    """The spec, its build folder, the checkpoint (a run's last unless --ckpt), the default samples folder,
+    and where builds of this model's variants go (the run folder, or `tmp`) for a run folder or for a
+    spec given with --ckpt."""
     from dit_compiler.build import SPEC_FILE, compile_spec, write_build
     from dit_compiler.run.train import RUN_FILE, checkpoints, run_build_dir
     from dit_compiler.spec import load_spec
@@ -159,31 +165,56 @@ def _checkpoint_of(args, tmp: str):
             if not checkpoints(path):
                 raise UsageError(f"{path}: the run has no checkpoint yet")
             ckpt = checkpoints(path)[-1]
-        default_out = path / "samples"
+        default_out, builds = path / "samples", path
     else:
         spec, build_dir = _load_target(args.target)
         if ckpt is None:
             raise UsageError(f"{args.target}: a spec has no trained weights; pass --ckpt FILE (a ditc run's or "
                              "DiT's checkpoint) or give a training run folder")
         build_dir = build_dir or write_build(compile_spec(spec), tmp)
-        default_out = Path("samples") / spec.name
+        default_out, builds = Path("samples") / spec.name, Path(tmp)
     if not ckpt.is_file():
         raise UsageError(f"--ckpt {ckpt}: no such file")
-    return spec, build_dir, ckpt, default_out
+    return spec, build_dir, ckpt, default_out, builds
 
 
-def _open_model(args, tmp: str):
-    """The graph, a backend holding the checkpoint's weights, a description of them, and the default output."""
-    from dit_compiler.build import graph_of
+#: The largest batch a sampling variant is compiled for; more rows a step run through it in chunks.
+MAX_SAMPLING_BATCH = 1024
+
+
+def _open_model(args, tmp: str, rows: Callable[[Spec], int]):
+    """The graph, a backend holding the checkpoint's weights for sampling, a description of them, and the
+    default output. The model is compiled for `rows(spec)` images a step (twice the samples under
+    guidance), a variant of the spec built once beside the run (or in `tmp`), so each sampling step is
+    one forward of the forward-only model."""
+    from dataclasses import replace
+
+    from dit_compiler.build import compile_spec, graph_of, write_build
     from dit_compiler.run.backend import load_into, open_backend
     from dit_compiler.run.weights import load_weights
 
-    spec, build_dir, ckpt, default_out = _checkpoint_of(args, tmp)
+    spec, build_dir, ckpt, default_out, builds = _checkpoint_of(args, tmp)
+    batch = min(rows(spec), MAX_SAMPLING_BATCH)
+    if batch != spec.batch:
+        spec = replace(spec, name=f"{spec.name}-sample-b{batch}", batch=batch,
+                       tiling=replace(spec.tiling, batch="auto"))
+        build_dir = write_build(compile_spec(spec), builds)
     graph = graph_of(spec)
-    backend = open_backend(args.backend, build_dir, graph)
+    backend = open_backend(args.backend, build_dir, graph, inference=True)
     weights, entry = load_weights(ckpt, args.ema)
     load_into(backend, weights, str(ckpt))
     return graph, backend, f"{ckpt} ({entry})", Path(args.out) if args.out else default_out
+
+
+def _rows(labels: int, scales: list[float]) -> int:
+    """Model rows a sampling step runs: each label once, twice under guidance (conditional and null)."""
+    return labels * (2 if any(s != 1 for s in scales) else 1)
+
+
+def _labels(args, spec: Spec):
+    from dit_compiler.run.sample import sample_labels
+
+    return sample_labels(spec.model.num_classes, args.classes, args.n)
 
 
 def cmd_export(args) -> int:
@@ -192,7 +223,7 @@ def cmd_export(args) -> int:
     from dit_compiler.run.weights import load_weights
 
     with tempfile.TemporaryDirectory() as tmp:
-        spec, _, ckpt, _ = _checkpoint_of(args, tmp)
+        spec, _, ckpt, _, _ = _checkpoint_of(args, tmp)
         weights, entry = load_weights(ckpt, args.ema)
         out = export_diffusers(graph_of(spec), weights, Path(args.diffusers), f"{ckpt} ({entry})")
     print(f"exported {ckpt} ({entry}) as a diffusers DiTTransformer2DModel: {out}/")
@@ -212,12 +243,13 @@ def _sample_config(args, graph, cfg: float | None = None):
 
 
 def cmd_sample(args) -> int:
-    from dit_compiler.run.sample import run_sample, sample_labels
+    from dit_compiler.run.sample import run_sample
 
     with tempfile.TemporaryDirectory() as tmp:
-        graph, backend, source, out = _open_model(args, tmp)
+        graph, backend, source, out = _open_model(
+            args, tmp, lambda spec: _rows(len(_labels(args, spec)), [args.cfg or spec.sample.cfg]))
+        labels = _labels(args, graph.spec)
         try:
-            labels = sample_labels(graph.facts.num_classes, args.classes, args.n)
             run_sample(backend, graph, labels, _sample_config(args, graph, args.cfg), out,
                        Path(args.vae) if args.vae else None, {"checkpoint": source, "spec": graph.spec.name})
         finally:
@@ -267,7 +299,8 @@ def cmd_evaluate(args) -> int:
         from dit_compiler.run.sample import run_sample, sample_labels
 
         with tempfile.TemporaryDirectory() as tmp:
-            graph, backend, source, default_out = _open_model(args, tmp)
+            graph, backend, source, default_out = _open_model(
+                args, tmp, lambda spec: _rows(args.n, args.cfg or [spec.sample.cfg]))
             out = Path(args.out) if args.out else default_out.with_name("evaluate")
             labels = sample_labels(graph.facts.num_classes, None, args.n)
             try:

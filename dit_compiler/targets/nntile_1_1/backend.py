@@ -26,7 +26,10 @@ from dit_compiler.targets.nntile_1_1.runtime import nntile_runtime, problem
 class NNTileBackend:
     name = "nntile"
 
-    def __init__(self, build_dir: Path, graph: Graph, optim: OptimConfig, ncpus: int | None = None):
+    def __init__(self, build_dir: Path, graph: Graph, optim: OptimConfig, inference: bool = False,
+                 ncpus: int | None = None):
+        """`inference`: a forward-only model (sampling): no gradients, no AdamW moments, values released
+        as soon as used; `forward`, `backward`, `step` and the EMA are then unavailable."""
         if (reason := problem()) is not None:
             from dit_compiler.errors import UsageError
 
@@ -46,10 +49,11 @@ class NNTileBackend:
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(nntile_runtime(ncpus or int(os.environ.get("STARPU_NCPU") or os.cpu_count() or 1)))
         module = load_module(Path(build_dir) / NNTILE_FILE)
-        self.model = module.Model()
+        self.model = module.Model(inference=inference)
         self._stack.callback(self.model.unregister)
-        self.adamw = self.model.adamw(optim.lr, optim.weight_decay, optim.betas, optim.eps)
-        self._stack.callback(self.adamw.unregister)
+        self.adamw = None if inference else self.model.adamw(optim.lr, optim.weight_decay, optim.betas, optim.eps)
+        if self.adamw is not None:
+            self._stack.callback(self.adamw.unregister)
         self.ema = None
 
     # -- running --------------------------------------------------------------------------------------
@@ -99,6 +103,8 @@ class NNTileBackend:
 
     def load(self, model: dict, ema: dict | None = None, opt: dict | None = None) -> None:
         self.model.load_state_dict(model)
+        if self.adamw is None:   # a sampler holds the weights it samples with, nothing else
+            return
         self.model.from_torch(ema if ema is not None else model, self._ema().shadow)
         state = (opt or {}).get("state") or {}
         if state:
