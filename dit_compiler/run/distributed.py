@@ -102,7 +102,7 @@ def digest(state: Mapping[str, np.ndarray]) -> str:
     h = hashlib.sha256()
     for key, value in state.items():
         h.update(key.encode())
-        h.update(np.ascontiguousarray(value).tobytes())
+        h.update(np.ascontiguousarray(value).data)
     return h.hexdigest()[:16]
 
 
@@ -214,7 +214,7 @@ class GradientBuckets:
     shapes: Sequence[tuple[int, ...]]
     cap_bytes: int = BUCKET_BYTES
     #: Seconds of the last `average`: reading (waiting for the producer), waiting for the collectives
-    #: after the last read (the communication not hidden), writing back.
+    #: after the last read (the communication not hidden), writing the means back.
     last: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -236,8 +236,8 @@ class GradientBuckets:
                 offset += n
 
     def average(self, read: Callable[[int, np.ndarray], None], write: Callable[[int, np.ndarray], None]) -> None:
-        """`read(i, out)` fills array i (blocking until it is ready), in index order; once every bucket is
-        reduced, `write(i, mean)` takes the mean over the ranks."""
+        """`read(i, out)` fills array i (blocking until it is ready), in index order; as each bucket is
+        reduced, `write(i, mean)` takes the mean over the ranks of each of its arrays."""
         import torch
         import torch.distributed as dist
 
@@ -249,17 +249,18 @@ class GradientBuckets:
             host = torch.from_numpy(buffer)
             on_device = host.to(self.world.device) if self.world.device != "cpu" else host
             pending.append((host, on_device, dist.all_reduce(on_device, async_op=True)))
-        read_done = time.perf_counter()
-        for host, on_device, work in pending:
+        self.last = {"read_s": time.perf_counter() - began, "wait_s": 0.0, "write_s": 0.0}
+        for (host, on_device, work), members in zip(pending, self.members):
+            began = time.perf_counter()
             work.wait()
             if on_device is not host:
                 host.copy_(on_device)
             host.mul_(1.0 / self.world.size)
-        reduced = time.perf_counter()
-        for i in range(len(self.shapes)):
-            write(i, self.views[i])
-        self.last = {"read_s": read_done - began, "wait_s": reduced - read_done,
-                     "write_s": time.perf_counter() - reduced}
+            reduced = time.perf_counter()
+            for i in members:   # while the next buckets are still being reduced
+                write(i, self.views[i])
+            self.last["wait_s"] += reduced - began
+            self.last["write_s"] += time.perf_counter() - reduced
 
     @property
     def nbytes(self) -> int:
