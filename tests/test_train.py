@@ -3,10 +3,6 @@ format, exact resume, and Ctrl-C/SIGTERM handling."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +21,7 @@ from dit_compiler.run.common import load_module
 from dit_compiler.run.train import TrainConfig, checkpoints, initial_weights, run_build_dir, train
 from dit_compiler.run.weights import initialize_dit_weights, load_checkpoint
 from dit_compiler.spec import load_spec
-from train_helpers import tiny_spec, train_tiny
+from train_helpers import terminate_training, tiny_spec, train_tiny
 
 
 def _reference(tmp_path: Path, spec):
@@ -159,19 +155,12 @@ def test_run_folder_guards(tmp_path, capsys):
 def test_sigterm_checkpoints_and_exits_143_with_a_resume_hint(tmp_path):
     spec = tiny_spec(tmp_path)
     run = tmp_path / "run"
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-m", "dit_compiler.cli", "train", str(spec.source), "--out", str(run),
-                                "--steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    metrics = run / "metrics.csv"
-    deadline = time.time() + 60
-    while time.time() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3):
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == 143, err
+    code, err = terminate_training(["train", str(spec.source), "--out", str(run), "--steps", "100000"], run,
+                                   os.environ | {"PYTHONPATH": str(ROOT)}, rows=2)
+    assert code == 143, err
     assert "stopped by SIGTERM" in err and f"--out {run} --resume" in err
     step = load_checkpoint(checkpoints(run)[-1])["train_state"]["step"]
-    assert step >= 2 and len(metrics.read_text().splitlines()) == step + 1
+    assert step >= 2 and len((run / "metrics.csv").read_text().splitlines()) == step + 1
     assert train(spec, run, TrainConfig(steps=step + 2, lr=1e-4, backend="torch"), resume=True) == 0
     assert load_checkpoint(checkpoints(run)[-1])["train_state"]["step"] == step + 2
 
