@@ -21,7 +21,7 @@ from dit_compiler.run.common import load_module
 from dit_compiler.run.train import TrainConfig, checkpoints, initial_weights, run_build_dir, train
 from dit_compiler.run.weights import initialize_dit_weights, load_checkpoint
 from dit_compiler.spec import load_spec
-from train_helpers import terminate_training, tiny_spec, train_tiny
+from train_helpers import TINY_DIGITS, terminate_training, tiny_spec, train_tiny
 
 
 def _reference(tmp_path: Path, spec):
@@ -150,6 +150,9 @@ def test_run_folder_guards(tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err
     assert main(["train", spec, "--out", str(tmp_path / "none"), "--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+    wider = tiny_spec(tmp_path / "wider", TINY_DIGITS.replace("hidden_size: 32", "hidden_size: 64"))
+    assert main(["train", str(wider.source), "--out", str(run), "--steps", "3", "--resume"]) == 2
+    assert "trained with another model" in capsys.readouterr().err   # another batch would resume (test_distributed)
 
 
 def test_sigterm_checkpoints_and_exits_143_with_a_resume_hint(tmp_path):
@@ -171,7 +174,6 @@ def test_export_writes_a_diffusers_model_that_gives_the_same_outputs(tmp_path, c
     from safetensors.torch import save_file
 
     from dit_compiler.run.common import randomize_
-    from train_helpers import TINY_DIGITS
 
     spec = tiny_spec(tmp_path, TINY_DIGITS.replace("num_classes: 10}", "num_classes: 10, flavor: diffusers}"))
     build_dir = write_build(compile_spec(spec), tmp_path / "build")
@@ -196,7 +198,6 @@ def test_the_specs_train_and_sample_sections_are_the_defaults_flags_override(tmp
     from dit_compiler.build import graph_of
     from dit_compiler.run.diffusion_cli import _sample_config
     from dit_compiler.run.train import resolve_config
-    from train_helpers import TINY_DIGITS
 
     spec = tiny_spec(tmp_path, TINY_DIGITS + "train: {steps: 7, lr: 0.002}\nsample: {cfg: 1.5, steps: 20}\n")
     config = resolve_config(tmp_path / "run", {"steps": None, "seed": 3}, False, spec)
