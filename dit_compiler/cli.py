@@ -300,6 +300,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         command.error(f"{' and '.join(outputs)} ask for different outputs; choose one")
     if args.command == "sweep" and args.rounds is not None and not args.bench:
         command.error("--rounds counts benchmark passes, so it needs --bench")
+    args.argv = list(sys.argv[1:] if argv is None else argv)   # what `train --nproc` starts its ranks with
     return args
 
 

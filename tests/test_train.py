@@ -3,10 +3,6 @@ format, exact resume, and Ctrl-C/SIGTERM handling."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +21,7 @@ from dit_compiler.run.common import load_module
 from dit_compiler.run.train import TrainConfig, checkpoints, initial_weights, run_build_dir, train
 from dit_compiler.run.weights import initialize_dit_weights, load_checkpoint
 from dit_compiler.spec import load_spec
-from train_helpers import tiny_spec, train_tiny
+from train_helpers import TINY_DIGITS, terminate_training, tiny_spec, train_tiny
 
 
 def _reference(tmp_path: Path, spec):
@@ -154,24 +150,20 @@ def test_run_folder_guards(tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err
     assert main(["train", spec, "--out", str(tmp_path / "none"), "--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+    wider = tiny_spec(tmp_path / "wider", TINY_DIGITS.replace("hidden_size: 32", "hidden_size: 64"))
+    assert main(["train", str(wider.source), "--out", str(run), "--steps", "3", "--resume"]) == 2
+    assert "trained with another model" in capsys.readouterr().err   # another batch would resume (test_distributed)
 
 
 def test_sigterm_checkpoints_and_exits_143_with_a_resume_hint(tmp_path):
     spec = tiny_spec(tmp_path)
     run = tmp_path / "run"
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-m", "dit_compiler.cli", "train", str(spec.source), "--out", str(run),
-                                "--steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    metrics = run / "metrics.csv"
-    deadline = time.time() + 60
-    while time.time() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3):
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == 143, err
+    code, err = terminate_training(["train", str(spec.source), "--out", str(run), "--steps", "100000"], run,
+                                   os.environ | {"PYTHONPATH": str(ROOT)}, rows=2)
+    assert code == 143, err
     assert "stopped by SIGTERM" in err and f"--out {run} --resume" in err
     step = load_checkpoint(checkpoints(run)[-1])["train_state"]["step"]
-    assert step >= 2 and len(metrics.read_text().splitlines()) == step + 1
+    assert step >= 2 and len((run / "metrics.csv").read_text().splitlines()) == step + 1
     assert train(spec, run, TrainConfig(steps=step + 2, lr=1e-4, backend="torch"), resume=True) == 0
     assert load_checkpoint(checkpoints(run)[-1])["train_state"]["step"] == step + 2
 
@@ -182,7 +174,6 @@ def test_export_writes_a_diffusers_model_that_gives_the_same_outputs(tmp_path, c
     from safetensors.torch import save_file
 
     from dit_compiler.run.common import randomize_
-    from train_helpers import TINY_DIGITS
 
     spec = tiny_spec(tmp_path, TINY_DIGITS.replace("num_classes: 10}", "num_classes: 10, flavor: diffusers}"))
     build_dir = write_build(compile_spec(spec), tmp_path / "build")
@@ -207,7 +198,6 @@ def test_the_specs_train_and_sample_sections_are_the_defaults_flags_override(tmp
     from dit_compiler.build import graph_of
     from dit_compiler.run.diffusion_cli import _sample_config
     from dit_compiler.run.train import resolve_config
-    from train_helpers import TINY_DIGITS
 
     spec = tiny_spec(tmp_path, TINY_DIGITS + "train: {steps: 7, lr: 0.002}\nsample: {cfg: 1.5, steps: 20}\n")
     config = resolve_config(tmp_path / "run", {"steps": None, "seed": 3}, False, spec)

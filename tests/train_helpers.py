@@ -1,6 +1,10 @@
 """A tiny digits-shaped DiT and a short training run, shared by the train, sample and evaluate tests."""
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from dit_compiler.run.train import TrainConfig, train
@@ -26,3 +30,17 @@ def train_tiny(folder: Path, steps: int = 4, backend: str = "torch", **config) -
     run = folder / "run"
     assert train(tiny_spec(folder), run, TrainConfig(steps=steps, lr=1e-3, backend=backend, **config)) == 0
     return run
+
+
+def terminate_training(args: list[str], run: Path, env: dict, rows: int = 3) -> tuple[int, str]:
+    """Start `ditc ARGS` (a training into `run`), send it SIGTERM once metrics.csv holds `rows` steps; returns
+    its exit code and stderr."""
+    process = subprocess.Popen([sys.executable, "-m", "dit_compiler.cli", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)
+    metrics = run / "metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) <= rows):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    return process.returncode, err

@@ -14,7 +14,7 @@ import copy
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from dit_compiler.errors import UsageError
 from dit_compiler.graph.ir import Graph
 from dit_compiler.run.common import load_module
 from dit_compiler.run.weights import StateDict, to_numpy, to_torch
+
+if TYPE_CHECKING:
+    from dit_compiler.run.distributed import World
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,8 @@ class Backend(Protocol):
         """`forward` for sampling: no `backward` follows, so nothing is kept for it."""
 
     def backward(self, grad_out: np.ndarray) -> None:
-        """This step's parameter gradients from d loss / d output (nothing accumulates across steps)."""
+        """This step's parameter gradients from d loss / d output (nothing accumulates across steps); in a
+        data-parallel world, their mean over the ranks."""
 
     def step(self) -> None:
         """One AdamW step."""
@@ -69,17 +73,26 @@ class Backend(Protocol):
 
 
 class TorchBackend:
-    """The generated torch reference, always in eval mode (label dropout is the host's job)."""
+    """The generated torch reference, always in eval mode (label dropout is the host's job). In a
+    data-parallel world it trains under DistributedDataParallel (on the rank's GPU where it has one)."""
 
     name = "torch"
 
-    def __init__(self, build_dir: Path, graph: Graph, optim: OptimConfig, inference: bool = False):
+    def __init__(self, build_dir: Path, graph: Graph, optim: OptimConfig, inference: bool = False,
+                 world: World | None = None):
         self.batch = graph.axes["batch"].size
         self.optim = optim
-        self.model = load_module(Path(build_dir) / TORCH_FILE).Model().eval()
+        self.device = torch.device(world.device if world is not None else "cpu")
+        self.model = load_module(Path(build_dir) / TORCH_FILE).Model().eval().to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.opt = self._adamw()
         self._out: torch.Tensor | None = None
+        self.runs = self.model   # what forward calls: the model, or DDP around it
+        if world is not None and world.size > 1 and not inference:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.runs = DistributedDataParallel(self.model, device_ids=None if self.device.index is None
+                                                else [self.device.index])
 
     def _adamw(self) -> torch.optim.AdamW:
         o = self.optim
@@ -89,21 +102,23 @@ class TorchBackend:
         if len(x) != self.batch:
             raise ValueError(f"the model is compiled for batch {self.batch}, got {len(x)} images")
 
+    def _inputs(self, *arrays: np.ndarray) -> list[torch.Tensor]:
+        self._check(arrays[0])
+        return [torch.from_numpy(a).to(self.device) for a in arrays]
+
     def forward(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
-        self._check(x)
-        self._out = self.model(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y))
-        return self._out.detach().numpy().copy()
+        self._out = self.runs(*self._inputs(x, t, y))
+        return self._out.detach().cpu().numpy().copy()
 
     @torch.no_grad()
     def predict(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
-        self._check(x)
-        return self.model(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
+        return self.model(*self._inputs(x, t, y)).cpu().numpy()
 
     def backward(self, grad_out: np.ndarray) -> None:
         if self._out is None:
             raise RuntimeError("backward without a forward")
         self.opt.zero_grad(set_to_none=True)
-        self._out.backward(torch.from_numpy(grad_out))
+        self._out.backward(*self._inputs(grad_out))   # under DDP, averaged over the ranks in buckets
         self._out = None
 
     def step(self) -> None:
@@ -132,18 +147,21 @@ class TorchBackend:
 
     def close(self) -> None:
         self._out = None
+        self.runs = self.model   # DDP holds the process group: let it go before the group ends
 
 
 #: Backends by name, as "module:class", imported when opened: a backend is a class whose constructor
-#: takes (build_dir, graph, optim, inference) and that implements `Backend`. `nntile` is the spec's target's backend.
+#: takes (build_dir, graph, optim, inference, world=None) and that implements `Backend`; given a `World`
+#: of several ranks, its `backward` averages the gradients over them. `nntile` is the spec's target's backend.
 BACKENDS: dict[str, str] = {"torch": "dit_compiler.run.backend:TorchBackend", "nntile": ""}
 #: The default: NNTile where the spec's target's runtime is importable, else torch (saying why).
 AUTO = "auto"
 
 
 def open_backend(name: str, build_dir: Path, graph: Graph, optim: OptimConfig = OptimConfig(),
-                 note=print, inference: bool = False) -> Backend:
-    """The backend `name` on a build; `inference` opens it for sampling only (`predict`, `load`)."""
+                 note=print, inference: bool = False, world: World | None = None) -> Backend:
+    """The backend `name` on a build; `inference` opens it for sampling only (`predict`, `load`); `world`
+    makes it one rank of a data-parallel run."""
     from dit_compiler import targets
 
     target = targets.get(graph.spec.target)
@@ -155,7 +173,7 @@ def open_backend(name: str, build_dir: Path, graph: Graph, optim: OptimConfig = 
     if name not in BACKENDS:
         raise UsageError(f"--backend {name}: not available here; allowed: {', '.join([AUTO, *sorted(BACKENDS)])}")
     module, _, cls = (BACKENDS[name] or target.BACKEND).partition(":")
-    return getattr(importlib.import_module(module), cls)(build_dir, graph, optim, inference)
+    return getattr(importlib.import_module(module), cls)(build_dir, graph, optim, inference, world=world)
 
 
 def load_into(backend: Backend, model: StateDict, source: str, ema: StateDict | None = None,

@@ -6,6 +6,7 @@ and the runners load only when a command runs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dit_compiler.errors import UsageError
+from dit_compiler.run.limits import DIST_TIMEOUT_S, MAX_DIST_TIMEOUT_S, cores
 
 if TYPE_CHECKING:
     from dit_compiler.spec.model import Spec
@@ -81,6 +83,11 @@ def add_commands(sub, count) -> None:
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     s.add_argument("--seed", type=count(0, MAX_SEED),
                    help="seeds the initial weights, data order, timesteps, noise, dropout (0 to 2**32-1)")
+    s.add_argument("--nproc", type=count(1, cores()), default=1,
+                   help="data-parallel ranks on this machine, each on its share of the cores; the global batch is "
+                        "N times the compiled batch (default 1; across machines start ditc under torchrun)")
+    s.add_argument("--dist-timeout", type=count(10, MAX_DIST_TIMEOUT_S), default=DIST_TIMEOUT_S, metavar="SECONDS",
+                   help=f"how long a rank waits for the others before failing (default {DIST_TIMEOUT_S})")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("export", help="write trained weights as a diffusers DiTTransformer2DModel folder")
@@ -132,14 +139,29 @@ def add_commands(sub, count) -> None:
 
 
 def cmd_train(args) -> int:
-    from dit_compiler.run.train import resolve_config, train
+    """One process; or, with --nproc N, a launcher of N ranks that run this same command line; or, where
+    torchrun (or the launcher) set WORLD_SIZE, one rank of a data-parallel run."""
+    from dit_compiler.run.distributed import LAUNCHED_BY_DITC, joined, world_from_env
+    from dit_compiler.run.train import check_run, resolve_config, train
 
     spec, _ = _load_target(args.target)
     run_dir = Path(args.out or Path("runs") / spec.name)
     overrides = {k: getattr(args, k) for k in ("data", "steps", "lr", "weight_decay", "ema_decay", "ema_warmup",
                                                "backend", "seed", "ckpt_every")}
     config = resolve_config(run_dir, overrides, args.resume, spec)
-    return train(spec, run_dir, config, resume=args.resume)
+    world = world_from_env()
+    if world is None:
+        if args.nproc == 1:
+            return train(spec, run_dir, config, resume=args.resume)
+        from dit_compiler.run.launch import launch
+
+        check_run(spec, run_dir, config, args.resume)   # a mistake reported once, before any rank starts
+        return launch([sys.executable, "-m", "dit_compiler.cli", *args.argv], args.nproc)
+    if args.nproc > 1 and LAUNCHED_BY_DITC not in os.environ:
+        raise UsageError(f"--nproc {args.nproc}: this process is already rank {world.rank} of {world.size} "
+                         "(WORLD_SIZE is set, as torchrun sets it): torchrun starts the ranks; drop --nproc")
+    with joined(world, args.dist_timeout):
+        return train(spec, run_dir, config, resume=args.resume, world=world)
 
 
 def _load_target(target: str):

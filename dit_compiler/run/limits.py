@@ -9,6 +9,12 @@ from dit_compiler.errors import UsageError
 if TYPE_CHECKING:  # the command line reads MAX_NCPUS before anything heavy is imported
     from dit_compiler.graph.ir import Graph
 
+#: How long a rank of a data-parallel run waits for the others (rendezvous, a collective) before failing,
+#: by default: long enough for rank 0 to write a DiT-XL checkpoint while the others wait at the next step.
+DIST_TIMEOUT_S = 1800
+MAX_DIST_TIMEOUT_S = 7 * 86400
+
+
 def cores() -> int:
     """The CPU cores this process may run on: the most StarPU CPU workers (and torch threads) a runner
     starts. StarPU's idle workers spin, so more workers than cores only slow a run down (on 2 cores, 4

@@ -17,6 +17,14 @@ A run folder holds the build of its spec, `run.json`, `metrics.csv`, `loss.png` 
 `checkpoints/NNNNNNN.pt` (DiT's format, see `weights`) with the EMA beside each as
 `NNNNNNN-ema.safetensors`. Ctrl-C or SIGTERM finishes the current step, writes a checkpoint and exits
 130 or 143 with the command that resumes.
+
+Data-parallel (`dit_compiler.run.distributed`): with N ranks the global batch is N times the compiled
+batch. Every rank draws the global batch's images, timesteps, noise and dropped labels from the same
+seeded generators, as one process does for its batch, and runs its own slice; the backend averages the
+gradients over the ranks, so N ranks at compiled batch B/N take the steps one process takes at B. The
+loader and generator state in a checkpoint is therefore global: a run resumes on any number of ranks.
+Rank 0 alone writes the run folder, checkpoints, metrics (the loss averaged over the ranks) and plots;
+the ranks agree after each step whether any of them was signalled, so all stop at the same step.
 """
 from __future__ import annotations
 
@@ -31,15 +39,17 @@ from typing import TextIO
 
 import numpy as np
 
-from dit_compiler.build import GRAPH_FILE, SPEC_FILE, compile_spec, graph_of, write_build, write_text_atomic
+from dit_compiler.build import SPEC_FILE, compile_spec, graph_of, write_build, write_text_atomic
 from dit_compiler.data import BatchLoader, ImageShape, load_dataset
 from dit_compiler.diffusion import NUM_TIMESTEPS, create_diffusion, training_losses
 from dit_compiler.errors import UsageError
 from dit_compiler.run.backend import OptimConfig, load_into, open_backend
 from dit_compiler.run.common import load_module
+from dit_compiler.run.distributed import World, digest
 from dit_compiler.run.progress import Progress
 from dit_compiler.run.weights import initialize_dit_weights, load_checkpoint, save_checkpoint, save_safetensors, \
     to_numpy
+from dit_compiler.spec import load_spec
 from dit_compiler.spec.model import Spec, TrainSpec
 
 RUN_FILE = "run.json"
@@ -102,25 +112,34 @@ class _StopSignals:
             signal.signal(s, handler)
 
 
-def _prepare_run(spec, run_dir: Path, config: TrainConfig, resume: bool) -> Path:
-    """Check the folder, write the build and run.json; returns the build folder."""
+def check_run(spec, run_dir: Path, config: TrainConfig, resume: bool):
+    """Everything `train` refuses before it writes anything: data that do not fit the model, a run folder
+    that cannot take this run, a resume with another model. Returns the dataset and the build."""
     build = compile_spec(spec)
+    data = load_dataset(config.data, ImageShape.of_graph(build.graph))
     existing = checkpoints(run_dir) if run_dir.is_dir() else []
     if resume:
         if not existing:
             raise UsageError(f"{run_dir}: no checkpoint to resume from")
-        saved = (run_build_dir(run_dir) / GRAPH_FILE).read_text()
-        if saved != build.files[GRAPH_FILE]:   # the model, not the train or sample settings
-            raise UsageError(f"{run_dir}: trained with another model than {spec.source} compiles to "
-                             f"(see {run_build_dir(run_dir) / SPEC_FILE})")
+        saved = load_spec(run_build_dir(run_dir) / SPEC_FILE)
+        # the model, not the train or sample settings, nor the batch and tiling (another number of ranks
+        # keeps the global batch with another compiled batch)
+        if (saved.model, saved.precision) != (spec.model, spec.precision):
+            raise UsageError(f"{run_dir}: trained with another model than {spec.source} describes (see "
+                             f"{run_build_dir(run_dir) / SPEC_FILE}); a resumed run may change the batch and "
+                             "the tiling, not the model")
     elif existing:
         raise UsageError(f"{run_dir}: already holds a run (last checkpoint {existing[-1].name}); pass --resume "
                          "to continue it, or another --out")
+    return data, build
+
+
+def _prepare_run(spec, build, run_dir: Path, config: TrainConfig) -> None:
+    """Write the build and run.json."""
     (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     build_dir = write_build(build, run_dir)
     write_text_atomic(run_dir / RUN_FILE, json.dumps(
         {"spec": str(spec.source), "build": build_dir.name, "config": asdict(config)}, indent=1) + "\n")
-    return build_dir
 
 
 def initial_weights(build_dir: Path, graph, seed: int):
@@ -181,40 +200,56 @@ def plot_loss(rows: list[dict], path: Path, title: str) -> None:
     tmp.replace(path)
 
 
-def train(spec, run_dir: Path, config: TrainConfig, resume: bool = False, stream: TextIO | None = None) -> int:
-    """Train `spec` into `run_dir`; returns the exit code (0, or 130/143 after a signal)."""
+def train(spec, run_dir: Path, config: TrainConfig, resume: bool = False, stream: TextIO | None = None,
+          world: World = World()) -> int:
+    """Train `spec` into `run_dir`; returns the exit code (0, or 130/143 after a signal). `world`: this
+    process's place in a data-parallel run (by default the only process)."""
 
     stream = stream or sys.stderr
-    graph = graph_of(spec)
+    lead = world.lead
+    if lead:   # every data and folder error before anything is written
+        data, build = check_run(spec, run_dir, config, resume)
+        graph = build.graph
+        _prepare_run(spec, build, run_dir, config)
+    else:
+        graph = graph_of(spec)
+        data = load_dataset(config.data, ImageShape.of_graph(graph))
+    world.barrier()   # the other ranks read the build and the checkpoint once rank 0 has checked them
+    build_dir = run_build_dir(run_dir)
     shape = ImageShape.of_graph(graph)
-    data = load_dataset(config.data, shape)        # every data error before anything is written
-    build_dir = _prepare_run(spec, run_dir, config, resume)
     batch = graph.axes["batch"].size
+    global_batch, mine = batch * world.size, world.slice(batch)
     dropout = graph.facts.class_dropout_prob
     diffusion = create_diffusion()
-    loader = BatchLoader(data, batch, config.seed)
+    loader = BatchLoader(data, global_batch, config.seed)
     rng = np.random.default_rng(config.seed)
-    backend = open_backend(config.backend, build_dir, graph,
-                           OptimConfig(lr=config.lr, weight_decay=config.weight_decay))
+    backend = open_backend(config.backend, build_dir, graph, OptimConfig(lr=config.lr, weight_decay=config.weight_decay),
+                           note=print if lead else lambda text: None, world=world)
     step, wall = 0, 0.0
     if resume:
         path = checkpoints(run_dir)[-1]
         ckpt = load_checkpoint(path)
         state = ckpt["train_state"]
-        load_into(backend, to_numpy(ckpt["model"]), str(path), to_numpy(ckpt["ema"]), ckpt["opt"])
+        weights = to_numpy(ckpt["model"])
+        load_into(backend, weights, str(path), to_numpy(ckpt["ema"]), ckpt["opt"])
         step, wall = state["step"], state["wall_s"]
         loader.load_state(state["data"])
         rng.bit_generator.state = state["rng"]
-        print(f"resuming {run_dir} at step {step} from {path}", file=stream)
+        if lead:
+            before = state.get("global_batch", batch)
+            change = f" (it took {before} images a step, now {global_batch})" if before != global_batch else ""
+            print(f"resuming {run_dir} at step {step} from {path}{change}", file=stream)
     else:
-        load_into(backend, initial_weights(build_dir, graph, config.seed), "initial weights")
-    metrics = _Metrics(run_dir / METRICS_FILE, step if resume else None)
+        weights = initial_weights(build_dir, graph, config.seed)
+        load_into(backend, weights, "initial weights")
+    world.check_same({"backend": backend.name, "weights": digest(weights)})
+    metrics = _Metrics(run_dir / METRICS_FILE, step if resume else None) if lead else None
 
     def checkpoint() -> Path:
         path = run_dir / CHECKPOINTS / f"{step:07d}.pt"
         ema = backend.ema_state_dict()
         train_state = {"step": step, "wall_s": wall, "data": loader.state(), "rng": rng.bit_generator.state,
-                       "backend": backend.name}
+                       "backend": backend.name, "ranks": world.size, "global_batch": global_batch}
         save_checkpoint(path, backend.state_dict(), ema, backend.optimizer_state(),
                         asdict(config) | {"spec": str(spec.source)}, train_state)
         save_safetensors(path.with_name(f"{step:07d}-ema.safetensors"), ema)
@@ -222,47 +257,65 @@ def train(spec, run_dir: Path, config: TrainConfig, resume: bool = False, stream
             plot_loss(metrics.rows, run_dir / LOSS_PLOT, f"{spec.name} on {backend.name}")
         return path
 
-    progress = Progress(config.steps, f"train {spec.name}", "step", initial=step, stream=stream)
-    start_step, session_start = step, time.perf_counter()
+    progress = Progress(config.steps, f"train {spec.name}", "step", initial=step, stream=stream) if lead else None
+    start_step, session_start, signum = step, time.perf_counter(), None
     try:
         with _StopSignals() as stop:
-            while step < config.steps and stop.signum is None:
+            while step < config.steps and signum is None:
                 began = time.perf_counter()
-                x0, y = loader.next()
-                t = rng.integers(0, NUM_TIMESTEPS, batch)
+                x0, y = loader.next()   # the global batch's draws, then this rank's slice of them
+                t = rng.integers(0, NUM_TIMESTEPS, global_batch)
                 noise = rng.standard_normal(x0.shape)
                 if dropout > 0:
-                    y = np.where(rng.random(batch) < dropout, shape.num_classes, y)
+                    y = np.where(rng.random(global_batch) < dropout, shape.num_classes, y)
+                x0, y, t, noise = x0[mine], y[mine], t[mine], noise[mine]
                 x_t = diffusion.q_sample(x0, t, noise)
                 out = backend.forward(x_t.astype(np.float32), t.astype(np.float32), y)
                 terms = training_losses(diffusion, x0, x_t, t, noise, out)
                 backend.backward(terms.grad)
                 backend.step()
                 backend.ema_update(config.ema_decay_at(step))
+                loss, mse, vb = world.mean([terms.mean, terms.mse.mean(), np.nan if terms.vb is None else terms.vb.mean()])
+                signum = world.agreed_signal(stop.signum)
                 step += 1
                 took = time.perf_counter() - began
                 wall += took
-                metrics.add({"step": step, "loss": terms.mean, "mse": float(terms.mse.mean()),
-                             "vb": None if terms.vb is None else float(terms.vb.mean()), "lr": config.lr,
-                             "images_per_s": batch / took, "wall_s": wall})
-                progress.update(loss=f"{terms.mean:.4f}", **{"img/s": f"{batch / took:.0f}"})
+                if not lead:
+                    continue
+                metrics.add({"step": step, "loss": loss, "mse": mse, "vb": None if terms.vb is None else vb,
+                             "lr": config.lr, "images_per_s": global_batch / took, "wall_s": wall})
+                progress.update(loss=f"{loss:.4f}", **{"img/s": f"{global_batch / took:.0f}"})
                 if config.ckpt_every and step % config.ckpt_every == 0 and step < config.steps:
                     checkpoint()
-            path = checkpoint()
-            if stop.signum is not None:
-                progress.close()
-                print(f"\nstopped by {signal.Signals(stop.signum).name} at step {step}; checkpoint {path}\n"
-                      f"resume with: ditc train {spec.source} --out {run_dir} --resume", file=stream)
-                return 128 + stop.signum
+            path = checkpoint() if lead else None
+            if signum is not None:
+                if lead:
+                    progress.close()
+                    print(f"\nstopped by {signal.Signals(signum).name} at step {step}; checkpoint {path}\n"
+                          f"resume with: {_resume_command(spec, run_dir, world)}", file=stream)
+                return 128 + signum
     finally:
-        progress.close()
-        metrics.close()
+        if lead:
+            progress.close()
+            metrics.close()
         backend.close()
+    if not lead:
+        return 0
     elapsed = time.perf_counter() - session_start
     done = step - start_step
     tail = [r["loss"] for r in metrics.rows[-100:]]
-    print(f"trained {spec.name} on {backend.name}: {done} steps in {elapsed:.0f} s "
-          f"({done * batch / elapsed if elapsed else 0:.0f} images/s), step {step}, "
+    ranks = f" ({world.size} ranks)" if world.size > 1 else ""
+    print(f"trained {spec.name} on {backend.name}{ranks}: {done} steps in {elapsed:.0f} s "
+          f"({done * global_batch / elapsed if elapsed else 0:.0f} images/s), step {step}, "
           f"loss {np.mean(tail) if tail else float('nan'):.4f} (mean of the last {len(tail)}); "
           f"checkpoint {path}, EMA {path.with_name(f'{step:07d}-ema.safetensors')}")
     return 0
+
+
+def _resume_command(spec, run_dir: Path, world: World) -> str:
+    command = f"ditc train {spec.source} --out {run_dir} --resume"
+    if world.launcher == "ditc":
+        return f"{command} --nproc {world.size}"
+    if world.launcher == "torchrun":
+        return f"{command}, under torchrun as this run was started (any number of ranks)"
+    return command

@@ -6,6 +6,11 @@ moments cross the interface in the torch reference's layout: weights and EMA by 
 optimizer as `torch.optim.AdamW.state_dict()`, whose parameter indices follow the reference's
 `parameters()` (read from the reference built on torch's meta device, which allocates nothing). This
 AdamW keeps `exp_avg` and `exp_avg_sq` themselves, so they convert as they are.
+
+In a data-parallel world, `backward` submits the model's backward and, while it runs, reads each
+parameter gradient as soon as the layer that makes it is done (in the model's `gradient_order`), into
+flat buckets whose all-reduce starts as each fills (`dit_compiler.run.distributed.GradientBuckets`); the
+means go back into the gradients before AdamW's step, which every rank applies alike.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from dit_compiler.build import NNTILE_FILE, TORCH_FILE
 from dit_compiler.graph.ir import Graph
 from dit_compiler.run.backend import OptimConfig
 from dit_compiler.run.common import load_module
+from dit_compiler.run.distributed import GradientBuckets, World
 from dit_compiler.targets.nntile_1_1.runtime import nntile_runtime, problem
 
 
@@ -27,7 +33,7 @@ class NNTileBackend:
     name = "nntile"
 
     def __init__(self, build_dir: Path, graph: Graph, optim: OptimConfig, inference: bool = False,
-                 ncpus: int | None = None):
+                 ncpus: int | None = None, world: World | None = None):
         """`inference`: a forward-only model (sampling): no gradients, no AdamW moments, values released
         as soon as used; `forward`, `backward`, `step` and the EMA are then unavailable."""
         if (reason := problem()) is not None:
@@ -55,6 +61,11 @@ class NNTileBackend:
         if self.adamw is not None:
             self._stack.callback(self.adamw.unregister)
         self.ema = None
+        #: Averages the gradients over the ranks of a data-parallel world (None on one process).
+        self.buckets = None
+        if world is not None and world.size > 1 and not inference:
+            self.gradients = [self.model.parameters[k].grad for k in self.model.gradient_order]
+            self.buckets = GradientBuckets(world, [tuple(g.shape) for g in self.gradients])
 
     # -- running --------------------------------------------------------------------------------------
     def forward(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -64,7 +75,12 @@ class NNTileBackend:
         return self.model.forward(x, t, y)
 
     def backward(self, grad_out: np.ndarray) -> None:
-        self.model.backward(grad_out, input_grad=False)
+        if self.buckets is None:
+            self.model.backward(grad_out, input_grad=False)
+            return
+        self.model.backward_async(grad_out)
+        self.buckets.average(lambda i, out: self.gradients[i].to_array(out),
+                             lambda i, mean: self.gradients[i].from_array(mean))
 
     def step(self) -> None:
         self.adamw.step()

@@ -74,6 +74,10 @@ class Model:
             layer.overwrites = tuple(self.tensors[name] for name in row.first)
         self.param_names = [n for n in self.decls if n in params]
         self.parameters = [self.tensor(n) for n in self.param_names]
+        reader = {name: i for i, s in enumerate(self.steps) for name in s.inputs.values() if name in params}
+        #: Indices into `param_names` in the order backward finishes their gradients: by the index of the
+        #: layer that reads the parameter, descending (each parameter has one reader, see the memory plan).
+        self.gradient_order = sorted(range(len(self.param_names)), key=lambda k: -reader[self.param_names[k]])
 
     # -- what a generated model provides ----------------------------------------------------------
     def declarations(self) -> dict[str, Decl]:
@@ -165,11 +169,16 @@ class Model:
 
     def backward(self, grad_out: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """Back-propagate `grad_out` [N, C_out, H, W]; returns the latent's gradient [N, C, H, W]."""
+        self.backward_async(grad_out)
+        wait_for_all()
+        return self.input_grad() if input_grad else None
+
+    def backward_async(self, grad_out: np.ndarray) -> None:
+        """Submit backward and return while it runs: reading a parameter gradient (`to_array`) waits for
+        that tensor's tasks only, so the host can take gradients in `gradient_order` as they finish."""
         self.set_output_grad(grad_out)
         for i in reversed(range(len(self.layers))):
             self.backward_layer(i)
-        wait_for_all()
-        return self.input_grad() if input_grad else None
 
     def forward_layer(self, i: int) -> None:
         layer = self.layers[i]
