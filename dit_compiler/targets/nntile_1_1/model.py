@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -64,6 +64,7 @@ class Model:
         self.layers: list[Layer] = []
         self.kinds: list[str] = []   # each layer's op kind, for per-kind profiles
         self.steps: list[Step] = []
+        self.layer_params: list[tuple[Moments, ...]] = []  # the parameters each layer reads
         self.build()
         activations = {n for n, d in self.decls.items() if d.role == "activation"}
         params = {n for n, d in self.decls.items() if d.role == "param"}
@@ -107,6 +108,7 @@ class Model:
         self.kinds.append(kind)
         self.steps.append(Step({p: ports[p] for p in op.inputs}, {p: ports[p] for p in op.outputs},
                                cls.BACKWARD_READS))
+        self.layer_params.append(tuple(self.tensor(n) for n in ports.values() if self.decls[n].role == "param"))
 
     def tensor(self, name: str):
         """The graph tensor `name`, made on first use with the shape and tile of its dims' axes."""
@@ -135,15 +137,15 @@ class Model:
 
     def value(self, name: str) -> np.ndarray:
         """Activation `name` in torch layout (axes reversed)."""
-        return _read(self._kept(name, "value", "release_values")).T
+        return _read(self._kept(name, "value", "release_values", "release_read")).T
 
     def grad(self, name: str) -> np.ndarray:
         """The gradient of activation `name` after `backward`, in torch layout."""
         return _read(self._kept(name, "grad", "release_grads")).T
 
-    def _kept(self, name: str, part: str, released: str):
+    def _kept(self, name: str, part: str, *released: str):
         """A released tensor has no data to read (StarPU would abort): say so instead."""
-        if not self.keep_intermediates and any(name in getattr(row, released) for row in self.plan):
+        if not self.keep_intermediates and any(name in getattr(row, r) for row in self.plan for r in released):
             raise RuntimeError(f"the {part} of {name} is released once used; "
                                "build Model(keep_intermediates=True) to read it")
         tensor = getattr(self.tensors[name], part)
@@ -173,11 +175,16 @@ class Model:
         self.release(self.plan[i].release_values, "value")
 
     def backward_layer(self, i: int) -> None:
-        layer = self.layers[i]
-        layer.backward_async()
+        self.layers[i].backward_async()
+        self.after_backward(i)
+
+    def after_backward(self, i: int) -> None:
+        """Release what layer i's backward was the last to need: the gradients it made, the values no
+        earlier backward reads, its kept tensors."""
         self.release(self.plan[i].release_grads, "grad")
+        self.release(self.plan[i].release_read, "value")
         if not self.keep_intermediates:
-            for tensor in layer.kept:
+            for tensor in self.layers[i].kept:
                 tensor.invalidate_submit()
 
     def release(self, names: tuple[str, ...], part: str) -> None:
@@ -190,16 +197,31 @@ class Model:
     # -- parameters, under the torch reference's state_dict keys ------------------------------------
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load torch-reference weights (numpy arrays or torch tensors) by state_dict key."""
+        self.load_parameters((key, state_dict[key]) for key in sorted(self.parameter_shapes()))
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The torch reference's trainable weights this model holds: {state_dict key: shape}."""
+        return {decl.key: decl.torch_shape for decl in self.decls.values() if decl.role == "param"}
+
+    def load_parameters(self, items: Iterable[tuple[str, Any]]) -> None:
+        """Load weights given as (state_dict key, value) pairs, one at a time, so that a caller streaming
+        them never holds a second copy of the model; every key of `parameter_shapes` must come once."""
+        names: dict[str, list[str]] = defaultdict(list)
         for name, decl in self.decls.items():
-            if decl.role != "param":
-                continue
-            value = state_dict[decl.key]
+            if decl.role == "param":
+                names[decl.key].append(name)
+        for key, value in items:
+            if key not in names:
+                raise ValueError(f"{key}: not a parameter of this model, or given twice")
             value = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value, dtype=np.float32)
-            if value.shape != decl.torch_shape:
-                raise ValueError(f"{decl.key}: shape {value.shape}, the model needs {decl.torch_shape}")
-            if decl.rows is not None:
-                value = value[decl.rows[0]:decl.rows[1]]
-            self.tensor(name).value.from_array(to_graph_layout(value, decl.layout, self.tensor(name).value.shape))
+            for name in names.pop(key):
+                decl = self.decls[name]
+                if value.shape != decl.torch_shape:
+                    raise ValueError(f"{key}: shape {value.shape}, the model needs {decl.torch_shape}")
+                rows = value[decl.rows[0]:decl.rows[1]] if decl.rows is not None else value
+                self.tensor(name).value.from_array(to_graph_layout(rows, decl.layout, self.tensor(name).value.shape))
+        if names:
+            raise ValueError(f"weights missing: {', '.join(sorted(names))}")
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Current weights under the torch reference's keys (a checkpoint the reference loads)."""
@@ -225,10 +247,18 @@ class Model:
         return AdamW(self.parameters, self.alloc, lr, weight_decay)
 
     def train_step(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, target: np.ndarray, optimizer: AdamW) -> float:
-        """One optimiser step on the mean squared error against `target` [N, C_out, H, W]; returns the loss."""
+        """One optimiser step on the mean squared error against `target` [N, C_out, H, W]; returns the loss.
+
+        Each layer's parameters are updated right after its backward: a parameter has one reader, so its
+        gradient is complete then (AdamW updates each parameter from its own gradient alone, so the result
+        is that of a step after the whole backward). Parameter gradients are then never all held at once,
+        and under out-of-core a parameter is updated while backward has it in memory."""
         diff = self.forward(x, t, y) - target
-        self.backward(2.0 / target.size * diff, input_grad=False)
-        optimizer.step()
+        self.set_output_grad(2.0 / target.size * diff)
+        optimizer.begin_step()
+        for i in reversed(range(len(self.layers))):
+            self.backward_layer(i)
+            optimizer.update(self.layer_params[i])
         wait_for_all()
         return float(np.mean(diff ** 2))
 
@@ -253,7 +283,7 @@ class Model:
         self.set_output_grad(2.0 / target.size * (self.output() - target))
         for i in reversed(range(len(self.layers))):
             timed(f"{self.kinds[i]} backward", self.layers[i].backward_async)
-            self.release(self.plan[i].release_grads, "grad")
+            self.after_backward(i)
         start = time.perf_counter()
         optimizer.step()
         wait_for_all()

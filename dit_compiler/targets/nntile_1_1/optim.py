@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 from dit_compiler.targets.nntile_1_1 import kernels as nt
 from dit_compiler.targets.nntile_1_1.alloc import Allocator
@@ -21,17 +22,26 @@ class AdamW:
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         self.params, self.lr, self.weight_decay = params, lr, weight_decay
         self.betas, self.eps, self.num_iter = betas, eps, 0
-        self.moments = [(alloc.new(p.value.shape, p.value.basetile_shape),
-                         alloc.new(p.value.shape, p.value.basetile_shape)) for p in params]
+        self.moments = {id(p): (alloc.new(p.value.shape, p.value.basetile_shape),
+                                alloc.new(p.value.shape, p.value.basetile_shape)) for p in params}
 
     def step(self) -> None:
+        """Update every parameter, once backward has made all their gradients."""
+        self.begin_step()
+        self.update(self.params)
+
+    def begin_step(self) -> None:
+        """Start a training step (the bias corrections move on); then `update` every parameter once, each
+        as soon as its gradient is complete."""
         self.num_iter += 1
+
+    def update(self, params: Iterable[Moments]) -> None:
         (b1, b2), t = self.betas, self.num_iter
         keep = 0.0 if t == 1 else 1.0  # the first step writes the moments
         root = math.sqrt(1.0 - b2 ** t)
         step_size = self.lr / (1.0 - b1 ** t) * root
-        for p, (m, v) in zip(self.params, self.moments):
-            g = p.grad
+        for p in params:
+            (m, v), g = self.moments[id(p)], p.grad
             if self.weight_decay:
                 nt.scal_inplace_async(1.0 - self.lr * self.weight_decay, p.value)
             nt.add_async(1.0 - b1, g, b1 * keep, m)
@@ -42,7 +52,7 @@ class AdamW:
             g.invalidate_submit()
 
     def unregister(self) -> None:
-        for m, v in self.moments:
+        for m, v in self.moments.values():
             m.unregister()
             v.unregister()
         self.moments.clear()
