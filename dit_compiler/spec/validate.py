@@ -15,7 +15,7 @@ from jsonschema import Draft202012Validator, ValidationError
 
 from dit_compiler.errors import Diagnostic
 from dit_compiler.spec.loader import Document, KeyPath, Origin, dotted, shown_value
-from dit_compiler.spec.model import DIFFUSERS_NORM_EPS, TILE_AXES, ModelSpec, Spec, TilingSpec
+from dit_compiler.spec.model import DIFFUSERS_NORM_EPS, SIZE_FORM, TILE_AXES, ModelSpec, Spec, TilingSpec, memory_bytes
 from dit_compiler.tiling import tile_problems
 
 _PROBLEMS = {
@@ -30,7 +30,7 @@ _PROBLEMS = {
 }
 _BOUNDS = (("minimum", ">="), ("exclusiveMinimum", ">"), ("exclusiveMaximum", "<"))
 _KINDS = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
-          "object": "a mapping"}
+          "object": "a mapping", "null": "null"}
 
 
 @cache
@@ -56,12 +56,14 @@ def check(doc: Document) -> list[Diagnostic]:
         diagnostics += model_problems
         if not model_problems and ("batch",) not in invalid:
             diagnostics += _tile_problems(model, data, doc, invalid)
+    if isinstance(data.get("memory_limit"), str):
+        diagnostics += _memory_limit_problems(data["memory_limit"], doc)
     return sorted(diagnostics, key=lambda d: (d.file, d.line or 0, d.column or 0))
 
 
 def build_spec(data: dict, default_name: str, source: str) -> Spec:
     """The frozen Spec of valid data; keys it does not set take their defaults."""
-    top = {key: data[key] for key in ("batch", "precision", "target") if key in data}
+    top = {key: data[key] for key in ("batch", "precision", "target", "memory_limit") if key in data}
     return Spec(name=data.get("name", default_name), source=source, model=build_model(data.get("model", {})),
                 tiling=_build_tiling(data.get("tiling", {})), **_coerce((), top))
 
@@ -172,6 +174,15 @@ def _tile_problems(model: ModelSpec, data: dict, doc: Document, invalid: set[Key
     return [_diagnostic(doc.origin(("tiling", axis)), ("tiling", axis), f"tile size does not fit the {axis} axis",
                         value, allowed)
             for axis, value, allowed in tile_problems(model, int(data.get("batch", 1)), tiling)]
+
+
+def _memory_limit_problems(text: str, doc: Document) -> list[Diagnostic]:
+    try:
+        memory_bytes(text)
+    except ValueError:
+        return [_diagnostic(doc.origin(("memory_limit",)), ("memory_limit",), "not a memory size", text,
+                            SIZE_FORM + ", or null")]
+    return []
 
 
 def _at_key(doc: Document, key: str, message: str, value: Any, allowed: str) -> Diagnostic:
