@@ -355,11 +355,11 @@ def _serve(side: str, build_dir: Path, ncpus: int, warmup: int, profile: bool, o
                 reply(_peak_rss_mib())
                 continue
             run.wake()
-            before = _disk_bytes()
+            before = disk_bytes()
             reply(_timed(run.forward if command == "forward" else run.step))
             if command == "step":
                 steps += 1
-                disk = [total + after - start for total, start, after in zip(disk, before, _disk_bytes())]
+                disk = [total + after - start for total, start, after in zip(disk, before, disk_bytes())]
             run.idle()
         run.wake()
         kinds = run.profile() if profile else {}
@@ -367,7 +367,7 @@ def _serve(side: str, build_dir: Path, ncpus: int, warmup: int, profile: bool, o
     reply(asdict(SideResult(side, run.threads, [], [], _peak_rss_mib(), kinds, run.scheduler, read, written)))
 
 
-def _disk_bytes() -> tuple[int, int]:
+def disk_bytes() -> tuple[int, int]:
     """Bytes this process has read from and written to disk (out-of-core's swap: O_DIRECT, so all of it)."""
     try:
         with open("/proc/self/io", encoding="ascii") as io:
