@@ -83,6 +83,7 @@ def nntile_runtime(ncpus: int | None = None, out_of_core: OutOfCore | None = Non
     `dmda`: on CPU workers dmda's transfer and history models buy nothing, and lws runs a task where
     its inputs were just written (DiT-S/2 batch 8 training step, 2 workers: 3.31 s against 3.63 s).
     `out_of_core` (from `ooc.out_of_core`) is applied before NNTile is imported and StarPU starts."""
+    global _swapping
     if out_of_core is not None:
         out_of_core.apply()
     import nntile
@@ -93,11 +94,21 @@ def nntile_runtime(ncpus: int | None = None, out_of_core: OutOfCore | None = Non
     nntile.starpu.init()
     if out_of_core is not None:
         out_of_core.check()
+    _swapping = out_of_core is not None
     try:
         yield
     finally:
         wait_for_all()
+        _swapping = False
         del config  # its destructor shuts StarPU down; never shut down twice
+
+
+_swapping = False
+
+
+def swapping() -> bool:
+    """Whether StarPU runs out-of-core (a disk swap behind its memory limit)."""
+    return _swapping
 
 
 def scheduler() -> str:
