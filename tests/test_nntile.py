@@ -226,7 +226,7 @@ def test_out_of_core_training_matches_torch(tmp_path):
              lr=lr, weight_decay=weight_decay, steps=steps)
     with out_of_core(graph, 2 ** 30, tmp_path) as settings:
         starpu = max(1, (unmovable_bytes(graph) + all_bytes(graph) // 3) // MIB)
-        settings = dataclasses.replace(settings, starpu_mib=starpu)
+        settings = dataclasses.replace(settings, starpu_mib=starpu, swaps=True)
         assert starpu * MIB < all_bytes(graph) / 2
         result = tmp_path / "result.npz"
         subprocess.run([sys.executable, str(ROOT / "tests" / "ooc_train.py"), str(folder),

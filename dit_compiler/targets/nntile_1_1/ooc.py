@@ -101,6 +101,7 @@ class OutOfCore:
     swap_dir: str            # STARPU_DISK_SWAP (inside `folder`)
     swap_mib: int            # STARPU_DISK_SWAP_SIZE
     pin_library: str
+    swaps: bool = True       # whether the model's tensors exceed `starpu_mib` (AdamW then writes behind)
     backend: str = BACKEND
     mmap_threshold: int = MMAP_THRESHOLD
 
@@ -191,7 +192,8 @@ def settings(graph: Graph, limit: int, folder: Path) -> OutOfCore:
     if free_mib < swap_mib:
         raise OutOfCoreError(f"{folder}: {free_mib} MiB free, out-of-core may need {swap_mib} MiB; "
                              "choose another folder for the swap")
-    return OutOfCore(limit, check.starpu // MIB, str(folder / "swap"), swap_mib, str(_compile_pin_library(folder)))
+    return OutOfCore(limit, check.starpu // MIB, str(folder / "swap"), swap_mib, str(_compile_pin_library(folder)),
+                     not check.fits)
 
 
 def _compile_pin_library(folder: Path) -> Path:

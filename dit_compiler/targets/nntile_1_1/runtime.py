@@ -94,7 +94,7 @@ def nntile_runtime(ncpus: int | None = None, out_of_core: OutOfCore | None = Non
     nntile.starpu.init()
     if out_of_core is not None:
         out_of_core.check()
-    _swapping = out_of_core is not None
+    _swapping = out_of_core is not None and out_of_core.swaps
     try:
         yield
     finally:
@@ -107,7 +107,7 @@ _swapping = False
 
 
 def swapping() -> bool:
-    """Whether StarPU runs out-of-core (a disk swap behind its memory limit)."""
+    """Whether StarPU runs out-of-core with more tensors than its memory limit holds."""
     return _swapping
 
 
