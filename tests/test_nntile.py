@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, needs_nntile
+from conftest import ROOT, needs_cc, needs_nntile
 from dit_compiler.build import NNTILE_FILE, TORCH_FILE, compile_spec, write_build
 from dit_compiler.cli import main
 from dit_compiler.run.verify import FORWARD_TOL, GRAD_TOL, MODEL_ROW, PLAN_ROW, verify
@@ -199,6 +199,7 @@ def assert_trains_like_torch(reference, inputs, losses, trained, initial, lr, we
     assert group_error([(v, state[k].numpy()) for k, v in trained.items()]) < 1e-4
 
 
+@needs_cc
 def test_out_of_core_training_matches_torch(tmp_path):
     """Two AdamW steps with StarPU allowed a third of the model's tensors in memory: tiles go to disk and back
     (O_DIRECT, the small ones pinned), and the weights still end where torch's AdamW puts them."""

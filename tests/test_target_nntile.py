@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SPECS, needs_nntile
+from conftest import SPECS, needs_cc, needs_nntile
 from dit_compiler.build import compile_spec
 from dit_compiler.graph.ops import OPS, Activation, Norm
 from dit_compiler.spec import load_spec
@@ -216,6 +216,7 @@ def test_memory_limit_check_says_fits_swaps_or_too_small():
     assert "too small" in check_limit(graph, 300 * 2 ** 20).summary()
 
 
+@needs_cc
 def test_out_of_core_swap_folder_goes_on_sigterm(tmp_path):
     """A process holding out-of-core settings and killed with SIGTERM removes its swap folder."""
     import signal
