@@ -129,6 +129,10 @@ def test_bench_refuses_a_memory_limit_it_cannot_train_under(tmp_path, capsys):
     assert main(["bench", str(SPECS / "tiny.yaml"), "-o", str(tmp_path), "--memory-limit", "2G",
                  "--swap-dir", str(tmp_path / "nowhere")]) == 2
     assert "no such folder for the out-of-core swap" in capsys.readouterr().err
+    spec = tmp_path / "limited.yaml"  # the spec's key when no flag is given
+    spec.write_text(f"extends: {SPECS / 'tiny.yaml'}\nname: limited\nmemory_limit: 300MiB\n")
+    assert main(["bench", str(spec), "-o", str(tmp_path)]) == 2
+    assert "memory limit 300 MiB" in capsys.readouterr().err
 
 
 def test_schema_command_prints_the_schema(capsys):
