@@ -145,12 +145,13 @@ def cmd_inspect(args) -> int:
 
     spec, _ = _spec_and_dir(args.spec)
     graph = graph_of(spec)
+    limit = args.memory_limit or spec.memory_limit_bytes
     if args.dot:
         sys.stdout.write(dot(graph))
     elif args.format == "json":
-        sys.stdout.write(inspect_json(graph))
+        sys.stdout.write(inspect_json(graph, limit))
     else:
-        sys.stdout.write(inspect_table(graph, ops=not args.summary))
+        sys.stdout.write(inspect_table(graph, ops=not args.summary, memory_limit=limit))
     return 0
 
 
@@ -187,7 +188,8 @@ def cmd_bench(args) -> int:
     try:
         report = bench(graph, build_dir, ncpus=args.ncpus, warmup=args.warmup, repeats=args.repeats,
                        profile=args.profile, sides=sides, rounds=args.rounds,
-                       progress=lambda line: print(f"[bench] {line}", flush=True))
+                       progress=lambda line: print(f"[bench] {line}", flush=True),
+                       memory_limit=args.memory_limit or graph.spec.memory_limit_bytes, swap_parent=args.swap_dir)
     except RuntimeError as error:  # a side's process failed: what it printed, not a traceback of ours
         print(f"ditc bench: {error}", file=sys.stderr)
         return 1
@@ -245,6 +247,8 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     s.add_argument("--format", choices=("table", "json"), help="the report as a table (default) or as JSON")
     s.add_argument("--summary", action="store_true", help="totals and tiling only, no per-op table")
     s.add_argument("--dot", action="store_true", help="print a Graphviz picture of the block structure")
+    s.add_argument("--memory-limit", type=_size, metavar="SIZE",
+                   help="compare a training step's predicted peak with SIZE (default: the spec's memory_limit)")
     s.set_defaults(func=cmd_inspect)
 
     s = _runner(sub, "verify", "run NNTile and torch on the same random weights and compare",
@@ -261,6 +265,9 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     s.add_argument("--rounds", type=_count(1, MAX_RUNS), default=1,
                    help="alternate the sides this many times, fresh processes each, and pool the times")
     s.add_argument("--profile", action="store_true", help="time per op kind (NNTile layers, torch profiler)")
+    s.add_argument("--memory-limit", type=_size, metavar="SIZE",
+                   help="NNTile trains out-of-core under SIZE, e.g. 1.5GiB (default: the spec's memory_limit)")
+    s.add_argument("--swap-dir", metavar="DIR", help="where out-of-core swaps (default: the temporary folder)")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("sweep", help="validate, build, inspect (and verify, bench) every point of a sweep")
@@ -325,6 +332,16 @@ def _count(minimum: int, maximum: int):
             raise argparse.ArgumentTypeError(f"{value} is outside {minimum} to {maximum}")
         return value
     return parse
+
+
+def _size(text: str) -> int:
+    """An argparse type: a memory size such as 1.5GiB, in bytes."""
+    from dit_compiler.spec.model import memory_bytes
+
+    try:
+        return memory_bytes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _ncpus(args) -> int:

@@ -196,6 +196,8 @@ def test_bool_is_not_an_integer(tmp_path, text):
     ("model:\n  norm_eps: .inf\n", "model.norm_eps", "a number > 0"),
     ("preset: DiT-S/2\ntiling:\n  heads: 5\n", "tiling.heads", "a divisor of num_heads=6"),
     ("preset: DiT-XL/2\ntiling:\n  tokens: 1000\n", "tiling.tokens", "an integer from 1 to the axis size 256"),
+    ("memory_limit: 1.5 gigs\n", "memory_limit", "a size such as 1.5GiB"),
+    ("memory_limit: 0MiB\n", "memory_limit", "a size such as 1.5GiB"),
 ])
 def test_semantic_checks_point_at_the_key(tmp_path, text, key_path, allowed):
     diagnostic = only(write(tmp_path, "s.yaml", text))
@@ -206,6 +208,16 @@ def test_semantic_checks_point_at_the_key(tmp_path, text, key_path, allowed):
 def test_semantic_checks_run_beside_unknown_keys(tmp_path):
     found = problems(write(tmp_path, "s.yaml", "model:\n  hidden_size: 100\n  num_heads: 3\n  dept: 2\n"))
     assert [d.key_path for d in found] == ["model.num_heads", "model.dept"]
+
+
+def test_memory_limit_is_a_binary_size_kept_as_written(tmp_path):
+    spec = load_spec(write(tmp_path, "s.yaml", "memory_limit: 1.5GiB\n"))
+    assert spec.memory_limit == "1.5GiB" and spec.memory_limit_bytes == 3 * 2 ** 29
+    assert spec.to_dict()["memory_limit"] == "1.5GiB"
+    assert load_spec(write(tmp_path, "t.yaml", "memory_limit: 1536M\n")).memory_limit_bytes == 3 * 2 ** 29
+    assert load_spec(write(tmp_path, "u.yaml", "batch: 2\n")).memory_limit_bytes is None
+    diagnostic = only(write(tmp_path, "v.yaml", "memory_limit: 1536\n"))  # MiB? bytes? ambiguous: refused
+    assert diagnostic.key_path == "memory_limit" and diagnostic.allowed == "a string or null"
 
 
 def test_diffusers_flavor_defaults_norm_eps_unless_set(tmp_path):

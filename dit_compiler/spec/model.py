@@ -5,6 +5,7 @@ still be `auto`; `dit_compiler.tiling` turns them into integers when the graph i
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Union
 
@@ -103,11 +104,17 @@ class Spec:
     tiling: TilingSpec = field(default_factory=TilingSpec)
     precision: str = "fp32"
     target: str = "nntile-1.1"
+    memory_limit: str | None = None   # as written, e.g. "1.5GiB"
     train: TrainSpec = field(default_factory=TrainSpec)
     sample: SampleSpec = field(default_factory=SampleSpec)
 
+    @property
+    def memory_limit_bytes(self) -> int | None:
+        return memory_bytes(self.memory_limit) if self.memory_limit else None
+
     def compiled_dict(self) -> dict:
-        """What the compiled model depends on (the build's digest and graph): all but `train` and `sample`."""
+        """What the compiled model depends on (the build's digest and graph): all but the run settings
+        (`memory_limit`, `train`, `sample`)."""
         return {
             "name": self.name,
             "model": asdict(self.model),
@@ -119,7 +126,24 @@ class Spec:
 
     def to_dict(self) -> dict:
         """The spec as plain data, in the key order of the spec language (source left out)."""
-        return self.compiled_dict() | {"train": asdict(self.train), "sample": asdict(self.sample)}
+        return self.compiled_dict() | {"memory_limit": self.memory_limit, "train": asdict(self.train),
+                                       "sample": asdict(self.sample)}
+
+
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?)\s*(?:([KMGT])(?:i?B)?|B)?\s*", re.IGNORECASE)
+SIZE_FORM = "a size such as 1.5GiB, 1536MiB or 2G (binary units: K, M, G, T mean KiB, MiB, GiB, TiB)"
+
+
+def memory_bytes(text: str) -> int:
+    """Bytes of a memory size written as in `SIZE_FORM` (a bare number is bytes); ValueError otherwise."""
+    match = _SIZE.fullmatch(text)
+    if not match:
+        raise ValueError(f"{text!r} is not {SIZE_FORM}")
+    number, unit = match.groups()
+    size = int(float(number) * 1024 ** (" KMGT".index(unit.upper()) if unit else 0))
+    if size <= 0:
+        raise ValueError(f"{text!r}: a memory size must be more than 0 bytes")
+    return size
 
 
 #: diffusers' default LayerNorm eps; flavor `diffusers` uses it for the MLP-branch norm unless set.

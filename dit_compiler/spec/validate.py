@@ -15,7 +15,8 @@ from jsonschema import Draft202012Validator, ValidationError
 
 from dit_compiler.errors import MAX_SHOWN, Diagnostic
 from dit_compiler.spec.loader import Document, KeyPath, Origin, dotted, shown_value
-from dit_compiler.spec.model import SampleSpec, TrainSpec, DIFFUSERS_NORM_EPS, TILE_AXES, ModelSpec, Spec, TilingSpec
+from dit_compiler.spec.model import (DIFFUSERS_NORM_EPS, SIZE_FORM, TILE_AXES, ModelSpec, SampleSpec, Spec, TilingSpec,
+                                     TrainSpec, memory_bytes)
 from dit_compiler.tiling import tile_problems
 
 _PROBLEMS = {
@@ -36,7 +37,7 @@ _PROBLEMS = {
 }
 _BOUNDS = (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<"))
 _KINDS = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
-          "object": "a mapping", "array": "a list"}
+          "object": "a mapping", "array": "a list", "null": "null"}
 #: Relative rounding error up to which hidden_size * mlp_ratio still counts as whole (100 * 1.1 is
 #: 110.00000000000001 in binary floating point).
 _WHOLE_TOLERANCE = 1e-9
@@ -75,6 +76,8 @@ def check(doc: Document, default_name: str | None = None) -> list[Diagnostic]:
         diagnostics += model_problems
         if not model_problems and ("batch",) not in invalid:
             diagnostics += _tile_problems(model, data, doc, invalid)
+    if isinstance(data.get("memory_limit"), str):
+        diagnostics += _memory_limit_problems(data["memory_limit"], doc)
     return sorted(diagnostics, key=lambda d: (d.file, d.line or 0, d.column or 0))
 
 
@@ -93,7 +96,7 @@ def sweep_keys() -> dict[str, dict]:
 
 def build_spec(data: dict, default_name: str, source: str) -> Spec:
     """The frozen Spec of valid data; keys it does not set take their defaults."""
-    top = {key: data[key] for key in ("batch", "precision", "target") if key in data}
+    top = {key: data[key] for key in ("batch", "precision", "target", "memory_limit") if key in data}
     return Spec(name=data.get("name", default_name), source=source, model=build_model(data.get("model", {})),
                 tiling=_build_tiling(data.get("tiling", {})), train=TrainSpec(**_coerce(("train",), data.get("train", {}))),
                 sample=SampleSpec(**_coerce(("sample",), data.get("sample", {}))), **_coerce((), top))
@@ -237,6 +240,15 @@ def _tile_problems(model: ModelSpec, data: dict, doc: Document, invalid: set[Key
     return [diagnostic(doc.origin(("tiling", axis)), ("tiling", axis), f"tile size does not fit the {axis} axis",
                         value, allowed)
             for axis, value, allowed in tile_problems(model, int(data.get("batch", 1)), tiling)]
+
+
+def _memory_limit_problems(text: str, doc: Document) -> list[Diagnostic]:
+    try:
+        memory_bytes(text)
+    except ValueError:
+        return [diagnostic(doc.origin(("memory_limit",)), ("memory_limit",), "not a memory size", text,
+                           SIZE_FORM + ", or null")]
+    return []
 
 
 def _at_key(doc: Document, key: str, message: str, value: Any, allowed: str) -> Diagnostic:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -66,6 +66,7 @@ class Model:
         self.layers: list[Layer] = []
         self.kinds: list[str] = []   # each layer's op kind, for per-kind profiles
         self.steps: list[Step] = []
+        self.layer_params: list[tuple[Moments, ...]] = []  # the parameters each layer reads
         self.build()
         activations = {n for n, d in self.decls.items() if d.role == "activation"}
         params = {n for n, d in self.decls.items() if d.role == "param"}
@@ -114,6 +115,7 @@ class Model:
         self.kinds.append(kind)
         self.steps.append(Step({p: ports[p] for p in op.inputs}, {p: ports[p] for p in op.outputs},
                                frozenset() if self.inference else cls.BACKWARD_READS))
+        self.layer_params.append(tuple(self.tensor(n) for n in ports.values() if self.decls[n].role == "param"))
 
     def tensor(self, name: str):
         """The graph tensor `name`, made on first use with the shape and tile of its dims' axes."""
@@ -142,15 +144,15 @@ class Model:
 
     def value(self, name: str) -> np.ndarray:
         """Activation `name` in torch layout (axes reversed)."""
-        return _read(self._kept(name, "value", "release_values")).T
+        return _read(self._kept(name, "value", "release_values", "release_read")).T
 
     def grad(self, name: str) -> np.ndarray:
         """The gradient of activation `name` after `backward`, in torch layout."""
         return _read(self._kept(name, "grad", "release_grads")).T
 
-    def _kept(self, name: str, part: str, released: str):
+    def _kept(self, name: str, part: str, *released: str):
         """A released tensor has no data to read (StarPU would abort): say so instead."""
-        if not self.keep_intermediates and any(name in getattr(row, released) for row in self.plan):
+        if not self.keep_intermediates and any(name in getattr(row, r) for row in self.plan for r in released):
             raise RuntimeError(f"the {part} of {name} is released once used; "
                                "build Model(keep_intermediates=True) to read it")
         tensor = getattr(self.tensors[name], part)
@@ -194,10 +196,15 @@ class Model:
                 tensor.invalidate_submit()
 
     def backward_layer(self, i: int) -> None:
-        layer = self.layers[i]
-        layer.backward_async()
+        self.layers[i].backward_async()
+        self.after_backward(i)
+
+    def after_backward(self, i: int) -> None:
+        """Release what layer i's backward was the last to need: the gradients it made, the values no
+        earlier backward reads, its kept tensors."""
         self.release(self.plan[i].release_grads, "grad")
-        self.release_kept(layer)
+        self.release(self.plan[i].release_read, "value")
+        self.release_kept(self.layers[i])
 
     def release(self, names: tuple[str, ...], part: str) -> None:
         """Hand the memory of these activations' values or gradients back to StarPU (after the tasks
@@ -209,7 +216,25 @@ class Model:
     # -- parameters, under the torch reference's state_dict keys ------------------------------------
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load torch-reference weights (numpy arrays or torch tensors) by state_dict key."""
-        self.from_torch(state_dict, [p.value for p in self.parameters])
+        self.load_parameters((key, state_dict[key]) for key in self.parameter_shapes())
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The torch reference's trainable weights this model holds: {state_dict key: shape}."""
+        return {decl.key: decl.torch_shape for decl in self.decls.values() if decl.role == "param"}
+
+    def load_parameters(self, items: Iterable[tuple[str, Any]]) -> None:
+        """Load weights given as (state_dict key, value) pairs, one at a time, so that a caller streaming
+        them never holds a second copy of the model; every key of `parameter_shapes` must come once."""
+        names: dict[str, list[str]] = defaultdict(list)
+        for name in self.param_names:
+            names[self.decls[name].key].append(name)
+        for key, value in items:
+            if key not in names:
+                raise ValueError(f"{key}: not a parameter of this model, or given twice")
+            for name in names.pop(key):
+                self._write(name, value, self.tensor(name).value)
+        if names:
+            raise ValueError(f"weights missing: {', '.join(sorted(names))}")
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Current weights under the torch reference's keys (a checkpoint the reference loads)."""
@@ -233,14 +258,16 @@ class Model:
     def from_torch(self, state: Mapping[str, Any], tensors: list) -> None:
         """The inverse of `to_torch`: arrays or torch tensors by state_dict key into one tensor per parameter."""
         for name, tensor in zip(self.param_names, tensors, strict=True):
-            decl = self.decls[name]
-            value = state[decl.key]
-            value = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value, dtype=np.float32)
-            if value.shape != decl.torch_shape:
-                raise ValueError(f"{decl.key}: shape {value.shape}, the model needs {decl.torch_shape}")
-            if decl.rows is not None:
-                value = value[decl.rows[0]:decl.rows[1]]
-            tensor.from_array(to_graph_layout(value, decl.layout, tuple(tensor.shape)))
+            self._write(name, state[self.decls[name].key], tensor)
+
+    def _write(self, name: str, value: Any, tensor) -> None:
+        """Parameter `name`'s rows of the torch-layout `value` (array or torch tensor) into `tensor`."""
+        decl = self.decls[name]
+        value = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value, dtype=np.float32)
+        if value.shape != decl.torch_shape:
+            raise ValueError(f"{decl.key}: shape {value.shape}, the model needs {decl.torch_shape}")
+        rows = value[decl.rows[0]:decl.rows[1]] if decl.rows is not None else value
+        tensor.from_array(to_graph_layout(rows, decl.layout, tuple(tensor.shape)))
 
     # -- training and profiling ---------------------------------------------------------------------
     def adamw(self, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
@@ -251,13 +278,15 @@ class Model:
     def adamw_state(self, optimizer: AdamW) -> dict[str, Any]:
         """The optimiser's state by state_dict key: torch AdamW's `exp_avg` and `exp_avg_sq` as they are
         (this AdamW keeps the second moment itself, not its square root as NNTile's fused step does)."""
-        return {"step": optimizer.num_iter, "exp_avg": self.to_torch([m for m, _ in optimizer.moments]),
-                "exp_avg_sq": self.to_torch([v for _, v in optimizer.moments])}
+        exp_avg, exp_avg_sq = zip(*(optimizer.moments[id(p)] for p in self.parameters))
+        return {"step": optimizer.num_iter, "exp_avg": self.to_torch(list(exp_avg)),
+                "exp_avg_sq": self.to_torch(list(exp_avg_sq))}
 
     def load_adamw_state(self, optimizer: AdamW, state: Mapping[str, Any]) -> None:
         """The inverse of `adamw_state`."""
-        self.from_torch(state["exp_avg"], [m for m, _ in optimizer.moments])
-        self.from_torch(state["exp_avg_sq"], [v for _, v in optimizer.moments])
+        exp_avg, exp_avg_sq = zip(*(optimizer.moments[id(p)] for p in self.parameters))
+        self.from_torch(state["exp_avg"], list(exp_avg))
+        self.from_torch(state["exp_avg_sq"], list(exp_avg_sq))
         optimizer.num_iter = int(state["step"])
 
     def ema(self) -> EMA:
@@ -265,10 +294,18 @@ class Model:
         return EMA(self.parameters, self.alloc)
 
     def train_step(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, target: np.ndarray, optimizer: AdamW) -> float:
-        """One optimiser step on the mean squared error against `target` [N, C_out, H, W]; returns the loss."""
+        """One optimiser step on the mean squared error against `target` [N, C_out, H, W]; returns the loss.
+
+        Each layer's parameters are updated right after its backward: a parameter has one reader, so its
+        gradient is complete then (AdamW updates each parameter from its own gradient alone, so the result
+        is that of a step after the whole backward). Parameter gradients are then never all held at once,
+        and under out-of-core a parameter is updated while backward has it in memory."""
         diff = self.forward(x, t, y) - target
-        self.backward(2.0 / target.size * diff, input_grad=False)
-        optimizer.step()
+        self.set_output_grad(2.0 / target.size * diff)
+        optimizer.begin_step()
+        for i in reversed(range(len(self.layers))):
+            self.backward_layer(i)
+            optimizer.update(self.layer_params[i])
         wait_for_all()
         return float(np.mean(diff ** 2))
 
@@ -293,7 +330,7 @@ class Model:
         self.set_output_grad(2.0 / target.size * (self.output() - target))
         for i in reversed(range(len(self.layers))):
             timed(f"{self.kinds[i]} backward", self.layers[i].backward_async)
-            self.release(self.plan[i].release_grads, "grad")
+            self.after_backward(i)
         start = time.perf_counter()
         optimizer.step()
         wait_for_all()

@@ -6,6 +6,8 @@ import ctypes
 import os
 from collections.abc import Callable, Iterator
 
+from dit_compiler.targets.nntile_1_1.ooc import OutOfCore
+
 #: What the generated models of this target need of NNTile: the 1.1 API (renamed in later versions).
 REQUIRED_API = ("starpu.Config", "starpu.pause", "tensor.add_slice3_async", "tensor.gelutanh_inplace_async",
                 "tensor.embedding_backward_async")
@@ -74,23 +76,39 @@ def resume() -> None:
 
 
 @contextlib.contextmanager
-def nntile_runtime(ncpus: int | None = None) -> Iterator[None]:
+def nntile_runtime(ncpus: int | None = None, out_of_core: OutOfCore | None = None) -> Iterator[None]:
     """Start StarPU on `ncpus` CPU workers (default: all cores) and shut it down on exit.
 
     The scheduler is $STARPU_SCHED, by default `lws` (locality work stealing) rather than NNTile's
     `dmda`: on CPU workers dmda's transfer and history models buy nothing, and lws runs a task where
-    its inputs were just written (DiT-S/2 batch 8 training step, 2 workers: 3.31 s against 3.63 s)."""
+    its inputs were just written (DiT-S/2 batch 8 training step, 2 workers: 3.31 s against 3.63 s).
+    `out_of_core` (from `ooc.out_of_core`) is applied before NNTile is imported and StarPU starts."""
+    global _swapping
+    if out_of_core is not None:
+        out_of_core.apply()
     import nntile
 
     os.environ.setdefault("STARPU_SILENT", "1")
     os.environ.setdefault("STARPU_SCHED", "lws")
     config = nntile.starpu.Config(ncpus or os.cpu_count() or 1, 0, 0)
     nntile.starpu.init()
+    if out_of_core is not None:
+        out_of_core.check()
+    _swapping = out_of_core is not None and out_of_core.swaps
     try:
         yield
     finally:
         wait_for_all()
+        _swapping = False
         del config  # its destructor shuts StarPU down; never shut down twice
+
+
+_swapping = False
+
+
+def swapping() -> bool:
+    """Whether StarPU runs out-of-core with more tensors than its memory limit holds."""
+    return _swapping
 
 
 def scheduler() -> str:
