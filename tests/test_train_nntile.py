@@ -83,3 +83,25 @@ def test_nntile_samples_what_torch_samples(tmp_path, sampler):
         finally:
             backend.close()
     assert group_error([(samples["nntile"], samples["torch"])]) < 1e-4
+
+
+def test_train_under_a_memory_limit_swaps_and_trains_as_torch_does(tmp_path):
+    """`ditc train --memory-limit`: StarPU holds 65 of the step's 133 MiB and swaps the rest to disk, in
+    a fresh process (out-of-core is set up before NNTile is imported); the losses are torch's."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    spec = tiny_spec(tmp_path, "name: wide\nmodel: {input_size: 8, in_channels: 1, patch_size: 2, hidden_size: 512, "
+                               "depth: 2, num_heads: 4, num_classes: 10}\nbatch: 8\n")
+    done = subprocess.run([sys.executable, "-m", "dit_compiler.cli", "train", str(spec.source), "--steps", "3",
+                           "--lr", "1e-3", "--out", str(tmp_path / "ooc"), "--memory-limit", "360MiB"],
+                          capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(ROOT)},
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "nntile out-of-core under 360 MiB: StarPU holds at most" in done.stderr
+    assert "trained wide on nntile" in done.stdout
+    assert train(spec, tmp_path / "torch", TrainConfig(steps=3, lr=1e-3, backend="torch")) == 0
+    assert _losses(tmp_path / "ooc") == pytest.approx(_losses(tmp_path / "torch"), rel=1e-4)

@@ -165,8 +165,8 @@ def open_backend(name: str, build_dir: Path, graph: Graph, optim: OptimConfig = 
     from dit_compiler import targets
 
     target = targets.get(graph.spec.target)
-    if name == AUTO:
-        reason = target.problem()
+    if name == AUTO:   # without importing the runtime: the backend may set it up first (out-of-core)
+        reason = target.installed()
         name = "torch" if reason else "nntile"
         if reason:
             note(f"note: {reason}; running on torch")

@@ -10,6 +10,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,17 @@ def _floats(text: str) -> list[float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
     return [_bounded(1.0, 100.0)(str(v)) for v in values]
+
+
+def _memory_size(text: str) -> str:
+    """A memory size such as 1.5GiB, kept as written (as the spec's memory_limit is)."""
+    from dit_compiler.spec.model import memory_bytes
+
+    try:
+        memory_bytes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def _bounded(lo: float, hi: float):
@@ -83,6 +95,8 @@ def add_commands(sub, count) -> None:
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     s.add_argument("--seed", type=count(0, MAX_SEED),
                    help="seeds the initial weights, data order, timesteps, noise, dropout (0 to 2**32-1)")
+    s.add_argument("--memory-limit", type=_memory_size, metavar="SIZE",
+                   help="NNTile trains out-of-core under SIZE, e.g. 1.5GiB (default: the spec's memory_limit)")
     s.add_argument("--nproc", type=count(1, cores()), default=1,
                    help="data-parallel ranks on this machine, each on its share of the cores; the global batch is "
                         "N times the compiled batch (default 1; across machines start ditc under torchrun)")
@@ -145,6 +159,8 @@ def cmd_train(args) -> int:
     from dit_compiler.run.train import check_run, resolve_config, train
 
     spec, _ = _load_target(args.target)
+    if args.memory_limit:
+        spec = replace(spec, memory_limit=args.memory_limit)
     run_dir = Path(args.out or Path("runs") / spec.name)
     overrides = {k: getattr(args, k) for k in ("data", "steps", "lr", "weight_decay", "ema_decay", "ema_warmup",
                                                "backend", "seed", "ckpt_every")}
@@ -209,8 +225,6 @@ def _open_model(args, tmp: str, rows: Callable[[Spec], int]):
     default output. The model is compiled for `rows(spec)` images a step (twice the samples under
     guidance), a variant of the spec built once beside the run (or in `tmp`), so each sampling step is
     one forward of the forward-only model."""
-    from dataclasses import replace
-
     from dit_compiler.build import compile_spec, graph_of, write_build
     from dit_compiler.run.backend import load_into, open_backend
     from dit_compiler.run.weights import load_weights

@@ -17,7 +17,8 @@ from dit_compiler.targets.nntile_1_1.host import (Geometry, patchify, patchify_g
 from dit_compiler.targets.nntile_1_1.memory import StepMemory, predict, unmovable_bytes
 from dit_compiler.targets.nntile_1_1.model import Decl, Model, param
 from dit_compiler.targets.nntile_1_1.ooc import LimitCheck, OutOfCore, OutOfCoreError, check_limit, out_of_core
-from dit_compiler.targets.nntile_1_1.runtime import nntile_runtime, pause, problem, resume, scheduler, wait_for_all
+from dit_compiler.targets.nntile_1_1.runtime import (installed, nntile_runtime, pause, problem, resume, scheduler,
+                                                     wait_for_all)
 
 NAME = "nntile-1.1"
 NNTILE_VERSION = "1.1.0"
@@ -26,10 +27,11 @@ RUNTIME_VERSION = 1
 #: The training and sampling backend (`dit_compiler.run.backend`), imported when opened.
 BACKEND = "dit_compiler.targets.nntile_1_1.backend:NNTileBackend"
 
-__all__ = ["Decl", "Geometry", "LimitCheck", "Model", "NAME", "NNTILE_VERSION", "OutOfCore", "OutOfCoreError", "RUNTIME_VERSION",
-           "StepMemory", "check_limit", "emit", "nntile_runtime", "out_of_core", "param", "patchify", "patchify_grad", "pause",
-           "predict", "prepare", "problem", "require", "resume", "scheduler", "sincos_pos_embed",
-           "timestep_features", "unmovable_bytes", "unpatchify", "unpatchify_grad", "wait_for_all"]
+__all__ = ["Decl", "Geometry", "LimitCheck", "Model", "NAME", "NNTILE_VERSION", "OutOfCore", "OutOfCoreError",
+           "RUNTIME_VERSION", "StepMemory", "check_limit", "emit", "installed", "nntile_runtime",
+           "out_of_core", "param", "patchify", "patchify_grad", "pause", "predict", "prepare", "problem",
+           "require", "resume", "scheduler", "sincos_pos_embed", "timestep_features", "unmovable_bytes",
+           "unpatchify", "unpatchify_grad", "wait_for_all"]
 
 
 def require(version: int) -> None:

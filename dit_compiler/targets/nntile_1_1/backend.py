@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from dit_compiler.graph.ir import Graph
 from dit_compiler.run.backend import OptimConfig
 from dit_compiler.run.common import load_module
 from dit_compiler.run.distributed import GradientBuckets, World
+from dit_compiler.targets.nntile_1_1.ooc import out_of_core
 from dit_compiler.targets.nntile_1_1.runtime import nntile_runtime, problem
 
 
@@ -36,7 +38,15 @@ class NNTileBackend:
                  ncpus: int | None = None, world: World | None = None):
         """`inference`: a forward-only model (sampling): no gradients, no AdamW moments, values released
         as soon as used; `forward`, `backward`, `step` and the EMA are then unavailable."""
+        self._stack = contextlib.ExitStack()
+        limit = None if inference else graph.spec.memory_limit_bytes
+        #: Out-of-core settings under the spec's memory limit: set before NNTile is imported.
+        self.out_of_core = self._stack.enter_context(out_of_core(graph, limit)) if limit else None
+        if self.out_of_core is not None:
+            self.out_of_core.apply()   # before `problem` imports NNTile (idempotent: nntile_runtime applies it too)
+            print(f"nntile {self.out_of_core.describe()}", file=sys.stderr)
         if (reason := problem()) is not None:
+            self._stack.close()
             from dit_compiler.errors import UsageError
 
             raise UsageError(f"--backend nntile: {reason}")
@@ -52,8 +62,8 @@ class NNTileBackend:
                        if k not in {k for k, p in named if p.requires_grad} and v.device.type != "meta"}
         self.param_groups = torch.optim.AdamW([p for _, p in named], lr=optim.lr, betas=optim.betas, eps=optim.eps,
                                               weight_decay=optim.weight_decay).state_dict()["param_groups"]
-        self._stack = contextlib.ExitStack()
-        self._stack.enter_context(nntile_runtime(ncpus or int(os.environ.get("STARPU_NCPU") or os.cpu_count() or 1)))
+        self._stack.enter_context(nntile_runtime(ncpus or int(os.environ.get("STARPU_NCPU") or os.cpu_count() or 1),
+                                                 self.out_of_core))
         module = load_module(Path(build_dir) / NNTILE_FILE)
         self.model = module.Model(inference=inference)
         self._stack.callback(self.model.unregister)
@@ -61,6 +71,7 @@ class NNTileBackend:
         if self.adamw is not None:
             self._stack.callback(self.adamw.unregister)
         self.ema = None
+        self._grad_out: np.ndarray | None = None   # backward's start, kept for `step` on one process
         #: Averages the gradients over the ranks of a data-parallel world (None on one process).
         self.buckets = None
         if world is not None and world.size > 1 and not inference:
@@ -75,15 +86,25 @@ class NNTileBackend:
         return self.model.forward(x, t, y)
 
     def backward(self, grad_out: np.ndarray) -> None:
+        """On one process backward waits for `step`, which runs it with AdamW layer by layer; in a
+        data-parallel world it runs now, and the gradients are averaged over the ranks as they finish."""
         if self.buckets is None:
-            self.model.backward(grad_out, input_grad=False)
+            self._grad_out = grad_out
             return
         self.model.backward_async(grad_out)
         self.buckets.average(lambda i, out: self.gradients[i].to_array(out),
                              lambda i, mean: self.gradients[i].from_array(mean))
 
     def step(self) -> None:
-        self.adamw.step()
+        """AdamW. On one process each layer's parameters are updated right after that layer's backward (the
+        same update: a parameter's gradient is complete then), so parameter gradients are never all held:
+        a training step's peak is 12 bytes a parameter instead of 16, and out-of-core updates a parameter
+        while backward has it in memory."""
+        if self.buckets is None:
+            grad_out, self._grad_out = self._grad_out, None
+            self.model.backward_update(grad_out, self.adamw)
+        else:
+            self.adamw.step()
 
     def ema_update(self, decay: float) -> None:
         self._ema().update(decay)

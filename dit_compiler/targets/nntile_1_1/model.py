@@ -182,6 +182,19 @@ class Model:
         for i in reversed(range(len(self.layers))):
             self.backward_layer(i)
 
+    def backward_update(self, grad_out: np.ndarray, optimizer: AdamW) -> None:
+        """Backward from `grad_out` with one AdamW step, each layer's parameters updated right after its
+        backward: a parameter has one reader, so its gradient is complete then, and AdamW updates each
+        parameter from its own gradient alone, so the result is that of a step after the whole backward.
+        Parameter gradients are never all held at once, and under out-of-core a parameter is updated
+        while backward has it in memory."""
+        self.set_output_grad(grad_out)
+        optimizer.begin_step()
+        for i in reversed(range(len(self.layers))):
+            self.backward_layer(i)
+            optimizer.update(self.layer_params[i])
+        wait_for_all()
+
     def forward_layer(self, i: int) -> None:
         layer = self.layers[i]
         layer.forward_async()
@@ -294,19 +307,10 @@ class Model:
         return EMA(self.parameters, self.alloc)
 
     def train_step(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, target: np.ndarray, optimizer: AdamW) -> float:
-        """One optimiser step on the mean squared error against `target` [N, C_out, H, W]; returns the loss.
-
-        Each layer's parameters are updated right after its backward: a parameter has one reader, so its
-        gradient is complete then (AdamW updates each parameter from its own gradient alone, so the result
-        is that of a step after the whole backward). Parameter gradients are then never all held at once,
-        and under out-of-core a parameter is updated while backward has it in memory."""
+        """One optimiser step (`backward_update`) on the mean squared error against `target` [N, C_out, H, W];
+        returns the loss."""
         diff = self.forward(x, t, y) - target
-        self.set_output_grad(2.0 / target.size * diff)
-        optimizer.begin_step()
-        for i in reversed(range(len(self.layers))):
-            self.backward_layer(i)
-            optimizer.update(self.layer_params[i])
-        wait_for_all()
+        self.backward_update(2.0 / target.size * diff, optimizer)
         return float(np.mean(diff ** 2))
 
     def profile_layers(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, target: np.ndarray,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import os
 from collections.abc import Callable, Iterator
 
@@ -13,8 +14,16 @@ REQUIRED_API = ("starpu.Config", "starpu.pause", "tensor.add_slice3_async", "ten
                 "tensor.embedding_backward_async")
 
 
+def installed() -> str | None:
+    """None when an `nntile` package is installed here, else why not: without importing it, so that
+    out-of-core can still be set up before the import (see `problem` for the full check)."""
+    if importlib.util.find_spec("nntile") is None:
+        return "NNTile is not importable (no module named 'nntile')"
+    return None
+
+
 def problem() -> str | None:
-    """None when NNTile 1.1 is importable here, else why not, in a sentence."""
+    """None when NNTile 1.1 is importable here, else why not, in a sentence (this imports NNTile)."""
     try:
         import nntile
     except Exception as error:  # ImportError, or a broken build that fails while importing
