@@ -1,19 +1,24 @@
 """The `ditc` command line: a thin layer over the pipeline's stages. Exit codes: 0 ok, 1 check failed,
-2 bad input (a spec or usage error, printed without a traceback)."""
+2 bad input (a spec or usage error, printed without a traceback, nothing written), 130 Ctrl-C, 143
+SIGTERM (both cleaned up the same way)."""
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 from dit_compiler import __version__
-from dit_compiler.errors import SpecError, UsageError
+from dit_compiler.errors import SpecError, Terminated, UsageError, printed
 
 DEFAULT_OUT = "generated"
+MAX_SEED = 2**32 - 1
+#: The most warm-up runs, measured runs or rounds a benchmark takes.
+MAX_RUNS = 1000
 
 
 def _spec_and_dir(target: str):
@@ -31,19 +36,58 @@ def _spec_and_dir(target: str):
     return load_spec(path), None
 
 
-def _runner_target(args):
-    """The spec and build folder `verify` and `bench` run: a spec is built into `args.out` when needed; a
-    folder is run as it is, with a note when its files differ from a fresh build of its spec."""
-    from dit_compiler.build import compile_spec, stale_files
+def _runner_target(args, check=lambda graph: None):
+    """The graph and build folder `verify` and `bench` run: a spec is built into `args.out` when needed; a
+    folder is run as it is, refused when a file is missing, with a note naming each file that differs from
+    a fresh build of its spec. Either way, a model this machine cannot hold, or one `check` refuses
+    (raising UsageError), is refused before anything is written."""
+    from dit_compiler.build import compile_spec
+    from dit_compiler.run.limits import check_memory
 
+    _check_file_arg(args.json, "--json")
+    args.ncpus = _ncpus(args)
     spec, build_dir = _spec_and_dir(args.target)
     if build_dir is None:
-        build_dir, changed = build_one(spec, args.out)
+        _check_folder_arg(args.out, "-o")
+    build = compile_spec(spec)
+    check_memory(build.graph)
+    check(build.graph)
+    if build_dir is None:
+        build_dir, changed = build_one(build, args.out)
         print(f"[build] {'wrote' if changed else 'up to date'} {build_dir}/")
-    elif stale := stale_files(compile_spec(spec), build_dir):
-        print(f"note: {build_dir}: {', '.join(stale)} differ from a fresh build of its spec "
-              "(edited by hand, or built by another ditc); running the files as they are")
-    return spec, build_dir
+    else:
+        _check_build_dir(build, build_dir)
+    return build.graph, build_dir
+
+
+def _check_build_dir(build, folder: Path) -> None:
+    """A build folder to run as it is: every file present; files that differ from `build` named, and why."""
+    from dit_compiler.build import (GRAPH_FILE, MANIFEST_FILE, NNTILE_FILE, SPEC_FILE, TORCH_FILE, file_sha256,
+                                    stale_files)
+
+    if folder.name == build.graph.spec.name:
+        rebuild = f"`ditc build {folder / SPEC_FILE} -o {folder.parent}` rebuilds it"
+    else:
+        rebuild = f"`ditc build {folder / SPEC_FILE}` makes a fresh build of it"
+    if missing := [name for name in (TORCH_FILE, NNTILE_FILE, GRAPH_FILE) if not (folder / name).is_file()]:
+        raise UsageError(f"{folder}: {', '.join(missing)} missing, so the build cannot run; {rebuild}")
+    written = _manifest_or_empty(folder)
+    for name in stale_files(build, folder):
+        if name == MANIFEST_FILE or not (folder / name).is_file():
+            continue
+        why = "was written by another ditc" if written.get(name) == file_sha256(folder / name) else \
+            "was edited since ditc wrote it"
+        print(f"note: {folder / name} {why}: it differs from a fresh build of {folder / SPEC_FILE}; running the "
+              f"files as they are; {rebuild}")
+
+
+def _manifest_or_empty(folder: Path) -> dict[str, str]:
+    from dit_compiler.build import manifest_files
+
+    try:
+        return manifest_files(folder) or {}
+    except UsageError:
+        return {}
 
 
 def cmd_validate(args) -> int:
@@ -56,8 +100,7 @@ def cmd_validate(args) -> int:
             print(f"{target}: ok ({spec.name})")
         except SpecError as error:
             failed = True
-            for diagnostic in error.diagnostics:
-                print(diagnostic, file=sys.stderr)
+            print(*printed(error.diagnostics), sep="\n", file=sys.stderr)
     return 2 if failed else 0
 
 
@@ -68,24 +111,34 @@ def cmd_schema(args) -> int:
     return 0
 
 
-def build_one(spec, out_root: str) -> tuple[Path, bool]:
-    """Build `spec` into `out_root/<name>/`; returns the folder and whether anything changed."""
-    from dit_compiler.build import compile_spec, stale_files, write_build
+def build_one(build, out_root: str) -> tuple[Path, bool]:
+    """Write `build` into `out_root/<name>/`; returns the folder and whether anything changed."""
+    from dit_compiler.build import stale_files, write_build
 
-    build = compile_spec(spec)
-    target = Path(out_root) / spec.name
+    target = Path(out_root) / build.graph.spec.name
     if target.is_dir() and not stale_files(build, target):
         return target, False
     return write_build(build, out_root), True
 
 
 def cmd_build(args) -> int:
+    from dit_compiler.build import check_target, compile_spec
     from dit_compiler.spec import load_spec
 
-    specs = [load_spec(s) for s in args.specs]  # validate every spec before writing anything
+    _check_folder_arg(args.out, "-o")
+    specs = [load_spec(s) for s in args.specs]  # validate every spec, and check every target, before writing
+    first: dict[str, str] = {}
     for spec in specs:
-        target, changed = build_one(spec, args.out)
-        print(f"{spec.source}: {'wrote' if changed else 'up to date'} {target}/")
+        if spec.name in first:
+            raise UsageError(f"{first[spec.name]} and {spec.source} both build {spec.name!r}: one command builds each "
+                             "name once; give one of them another `name:`")
+        first[spec.name] = spec.source
+    builds = [compile_spec(spec) for spec in specs]
+    for build in builds:
+        check_target(build, args.out)
+    for spec, build in zip(specs, builds):
+        target, changed = build_one(build, args.out)
+        print(f"{spec.source}: {'wrote' if changed else 'up to date'} {target}/", flush=True)
     return 0
 
 
@@ -95,25 +148,25 @@ def cmd_inspect(args) -> int:
 
     spec, _ = _spec_and_dir(args.spec)
     graph = graph_of(spec)
+    limit = args.memory_limit or spec.memory_limit_bytes
     if args.dot:
         sys.stdout.write(dot(graph))
     elif args.format == "json":
-        sys.stdout.write(inspect_json(graph))
+        sys.stdout.write(inspect_json(graph, limit))
     else:
-        sys.stdout.write(inspect_table(graph, ops=not args.summary))
+        sys.stdout.write(inspect_table(graph, ops=not args.summary, memory_limit=limit))
     return 0
 
 
 def cmd_verify(args) -> int:
-    from dit_compiler.build import graph_of
     from dit_compiler.run.verify import format_report, nntile_status, verify
 
-    spec, build_dir = _runner_target(args)
-    graph = graph_of(spec)
+    def require_nntile(graph) -> None:
+        if args.require_nntile and (status := nntile_status(graph)) != "ran":
+            raise UsageError(f"--require-nntile: {status}")
+
+    graph, build_dir = _runner_target(args, require_nntile)
     status = nntile_status(graph)
-    if args.require_nntile and status != "ran":
-        print(f"error: --require-nntile: {status}", file=sys.stderr)
-        return 2
     total = 1 + (not args.no_oracle) + (status == "ran")
     steps = iter(range(1, total + 1))
     report = verify(graph, build_dir, seed=args.seed, ncpus=args.ncpus, oracle=not args.no_oracle,
@@ -127,12 +180,10 @@ def cmd_verify(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from dit_compiler.build import graph_of
     from dit_compiler.run.bench import bench, format_bench
     from dit_compiler.run.verify import nntile_status
 
-    spec, build_dir = _runner_target(args)
-    graph = graph_of(spec)
+    graph, build_dir = _runner_target(args)
     status = nntile_status(graph)
     sides = ("nntile", "torch") if status == "ran" else ("torch",)
     if status != "ran":
@@ -140,7 +191,8 @@ def cmd_bench(args) -> int:
     try:
         report = bench(graph, build_dir, ncpus=args.ncpus, warmup=args.warmup, repeats=args.repeats,
                        profile=args.profile, sides=sides, rounds=args.rounds,
-                       progress=lambda line: print(f"[bench] {line}", flush=True))
+                       progress=lambda line: print(f"[bench] {line}", flush=True),
+                       memory_limit=args.memory_limit or graph.spec.memory_limit_bytes, swap_parent=args.swap_dir)
     except RuntimeError as error:  # a side's process failed: what it printed, not a traceback of ours
         print(f"ditc bench: {error}", file=sys.stderr)
         return 1
@@ -155,8 +207,11 @@ def cmd_bench(args) -> int:
 def cmd_sweep(args) -> int:
     from dit_compiler.run.sweep import run_sweep
 
+    _check_folder_arg(args.out, "-o")
+    ncpus = _ncpus(args) if args.verify or args.bench else 1  # $STARPU_NCPU matters only to what runs
     sweep, results, out = run_sweep(args.sweep, args.out, verify_it=args.verify, bench_it=args.bench,
-                                    resume=args.resume, ncpus=args.ncpus, rounds=args.rounds)
+                                    resume=args.resume, ncpus=ncpus, rounds=args.rounds or 1,
+                                    max_points=args.max_points)
     for r in results:
         extra = f": {r.errors[0]}" if r.errors else ""
         print(f"{r.name:<40} {r.status}{extra}")
@@ -164,10 +219,19 @@ def cmd_sweep(args) -> int:
     return 0 if all(r.status == "ok" for r in results) else 1
 
 
-def parser() -> argparse.ArgumentParser:
+COMMANDS = ("validate", "schema", "build", "inspect", "verify", "bench", "sweep", "train", "sample", "evaluate",
+            "export")
+
+
+def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and each command's own (which reports that command's mistakes)."""
+    from dit_compiler.run.limits import cores
+    from dit_compiler.spec.sweep import MAX_POINTS
+
     p = argparse.ArgumentParser(prog="ditc", description=__doc__.split(".")[0] if __doc__ else None)
     p.add_argument("--version", action="version", version=f"ditc {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    ncpus = _count(1, cores())
 
     s = sub.add_parser("validate", help="check spec files against the schema and the semantic rules")
     s.add_argument("specs", nargs="+", metavar="SPEC")
@@ -183,25 +247,30 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("inspect", help="ops, tensors, tiles, FLOPs and memory of a spec")
     s.add_argument("spec", metavar="SPEC")
-    s.add_argument("--format", choices=("table", "json"), default="table")
+    s.add_argument("--format", choices=("table", "json"), help="the report as a table (default) or as JSON")
     s.add_argument("--summary", action="store_true", help="totals and tiling only, no per-op table")
     s.add_argument("--dot", action="store_true", help="print a Graphviz picture of the block structure")
+    s.add_argument("--memory-limit", type=_size, metavar="SIZE",
+                   help="compare a training step's predicted peak with SIZE (default: the spec's memory_limit)")
     s.set_defaults(func=cmd_inspect)
 
     s = _runner(sub, "verify", "run NNTile and torch on the same random weights and compare",
-                "StarPU CPU workers (default: $STARPU_NCPU or all cores)")
-    s.add_argument("--seed", type=int, default=0)
+                "StarPU CPU workers (default: $STARPU_NCPU or all cores)", ncpus)
+    s.add_argument("--seed", type=_count(0, MAX_SEED), default=0, help=f"0 to {MAX_SEED} (default 0)")
     s.add_argument("--require-nntile", action="store_true", help="fail (exit 2) when NNTile is not importable")
     s.add_argument("--no-oracle", action="store_true", help="skip the check against diffusers")
     s.set_defaults(func=cmd_verify)
 
     s = _runner(sub, "bench", "time NNTile against torch: forward and an AdamW training step",
-                "StarPU workers and torch threads (default: $STARPU_NCPU or all cores)")
-    s.add_argument("--warmup", type=_count(0), default=1)
-    s.add_argument("--repeats", type=_count(1), default=5)
-    s.add_argument("--rounds", type=_count(1), default=1,
+                "StarPU workers and torch threads (default: $STARPU_NCPU or all cores)", ncpus)
+    s.add_argument("--warmup", type=_count(0, MAX_RUNS), default=1)
+    s.add_argument("--repeats", type=_count(1, MAX_RUNS), default=5)
+    s.add_argument("--rounds", type=_count(1, MAX_RUNS), default=1,
                    help="alternate the sides this many times, fresh processes each, and pool the times")
     s.add_argument("--profile", action="store_true", help="time per op kind (NNTile layers, torch profiler)")
+    s.add_argument("--memory-limit", type=_size, metavar="SIZE",
+                   help="NNTile trains out-of-core under SIZE, e.g. 1.5GiB (default: the spec's memory_limit)")
+    s.add_argument("--swap-dir", metavar="DIR", help="where out-of-core swaps (default: the temporary folder)")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("sweep", help="validate, build, inspect (and verify, bench) every point of a sweep")
@@ -210,20 +279,47 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--verify", action="store_true", help="also run ditc verify on every point")
     s.add_argument("--bench", action="store_true", help="also run ditc bench on every point")
     s.add_argument("--resume", action="store_true", help="skip points an earlier run finished")
-    s.add_argument("--rounds", type=_count(1), default=1,
+    s.add_argument("--rounds", type=_count(1, MAX_RUNS),
                    help="with --bench: benchmark every point this many times in passes over all the points, "
                         "pooling each point's times (use 2 or more on a shared machine)")
-    s.add_argument("--ncpus", type=_count(1), default=_default_ncpus())
+    s.add_argument("--max-points", type=_count(1, 10**6), default=MAX_POINTS,
+                   help=f"refuse a sweep of more points than this (default {MAX_POINTS})")
+    s.add_argument("--ncpus", type=ncpus, help="StarPU CPU workers (default: $STARPU_NCPU or all cores)")
     s.set_defaults(func=cmd_sweep)
-    return p
+
+    # train, sample, evaluate, export: arguments and commands in dit_compiler/run/diffusion_cli.py
+    from dit_compiler.run.diffusion_cli import add_commands
+
+    add_commands(sub, _count)
+    return p, dict(sub.choices)
 
 
-def _runner(sub, name: str, help_text: str, ncpus_help: str) -> argparse.ArgumentParser:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, each mistake reported by the parser of the command it belongs to (exit 2)."""
+    top, commands = parser()
+    args, unknown = top.parse_known_args(argv)
+    if args.command is None:
+        top.error(f"unrecognized arguments: {' '.join(unknown)}" if unknown
+                  else f"choose a command: {', '.join(COMMANDS)}")
+    command = commands[args.command]
+    if unknown:
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
+    outputs = [flag for flag, on in (("--dot", getattr(args, "dot", False)), ("--summary", getattr(args, "summary", False)),
+                                     (f"--format {getattr(args, 'format', None)}", getattr(args, "format", None))) if on]
+    if len(outputs) > 1:
+        command.error(f"{' and '.join(outputs)} ask for different outputs; choose one")
+    if args.command == "sweep" and args.rounds is not None and not args.bench:
+        command.error("--rounds counts benchmark passes, so it needs --bench")
+    args.argv = list(sys.argv[1:] if argv is None else argv)   # what `train --nproc` starts its ranks with
+    return args
+
+
+def _runner(sub, name: str, help_text: str, ncpus_help: str, ncpus) -> argparse.ArgumentParser:
     """A command that runs a build: its target, where a spec is built, workers, and a JSON report."""
     s = sub.add_parser(name, help=help_text)
     s.add_argument("target", metavar="SPEC_OR_BUILD_DIR")
     s.add_argument("-o", "--out", default=DEFAULT_OUT, help="where a spec is built (default: generated/)")
-    s.add_argument("--ncpus", type=_count(1), default=_default_ncpus(), help=ncpus_help)
+    s.add_argument("--ncpus", type=ncpus, help=ncpus_help)
     s.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     s.add_argument("--kernels", choices=("auto", "ditc", "nntile"),
                    help="NNTile target: ditc's own CPU kernels or NNTile's (default: $DITC_KERNELS, else auto: "
@@ -234,21 +330,68 @@ def _runner(sub, name: str, help_text: str, ncpus_help: str) -> argparse.Argumen
     return s
 
 
-def _count(minimum: int):
-    """An argparse type: an integer of at least `minimum` (argparse turns the error into exit 2)."""
+def _count(minimum: int, maximum: int):
+    """An argparse type: an integer from `minimum` to `maximum` (argparse turns the error into exit 2)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is below the minimum {minimum}")
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"{value} is outside {minimum} to {maximum}")
         return value
     return parse
 
 
-def _default_ncpus() -> int:
-    return int(os.environ.get("STARPU_NCPU", os.cpu_count() or 1))
+def _size(text: str) -> int:
+    """An argparse type: a memory size such as 1.5GiB, in bytes."""
+    from dit_compiler.spec.model import memory_bytes
+
+    try:
+        return memory_bytes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _ncpus(args) -> int:
+    """--ncpus, else $STARPU_NCPU, else every core; exported as STARPU_NCPU, which StarPU itself reads."""
+    from dit_compiler.run.limits import default_ncpus
+
+    ncpus = args.ncpus or default_ncpus()
+    os.environ["STARPU_NCPU"] = str(ncpus)
+    return ncpus
+
+
+def _check_folder_arg(path: str, flag: str) -> None:
+    """An output folder: refused before any work when it is a file, under a file, or not writable."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{flag} {path}: a file, not a folder; name a folder (it is made when missing)")
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {path}: {existing} is a file, so no folder can be made under it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: {existing} is not writable by you")
+
+
+def _check_file_arg(path: str | None, flag: str) -> None:
+    """A file to write: refused before any work when it is a folder or its folder is missing or not writable."""
+    if path is None:
+        return
+    file = Path(path)
+    if file.is_dir():
+        raise UsageError(f"{flag} {path}: a folder; name a file")
+    folder = file.absolute().parent
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (file.exists() and not os.access(file, os.W_OK)):
+        raise UsageError(f"{flag} {path}: not writable by you")
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
 
 
 def _format_warning(message, category, filename, lineno, line=None, _default=warnings.formatwarning) -> str:
@@ -277,28 +420,38 @@ def main(argv: list[str] | None = None) -> int:
     # NNTile's tasks must not spawn BLAS threads of their own; StarPU's banner is noise here.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("STARPU_SILENT", "1")
-    args = parser().parse_args(argv)
+    args = parse_args(argv)
     # the NNTile target reads these where it starts (its runners' subprocesses inherit them)
     settings = {variable: getattr(args, option) for option, variable in
                 (("kernels", "DITC_KERNELS"), ("blas_core", "DITC_BLAS_CORE")) if getattr(args, option, None)}
+    previous = signal.signal(signal.SIGTERM, _terminate)  # cleaned up like Ctrl-C
     try:
         with _one_command(settings):
-            return args.func(args)
+            code = args.func(args)  # a SIGTERM while its big locals are freed lands here, still in the try
+        signal.signal(signal.SIGTERM, previous)
+        return code
     except SpecError as error:
-        for diagnostic in error.diagnostics:
-            print(diagnostic, file=sys.stderr)
+        print(*printed(error.diagnostics), sep="\n", file=sys.stderr)
         return 2
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; nothing half-written was kept", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        what = "terminated" if isinstance(stop, Terminated) else "interrupted"
+        print(f"{what}; nothing half-written was kept", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
     except BrokenPipeError:
         # The reader left early (`ditc inspect SPEC | head`): not an error of ours; keep Python's
         # exit-time flush of stdout from raising again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as error:
+        if error.filename is None:
+            raise
+        print(f"error: {error.filename}: {error.strerror}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

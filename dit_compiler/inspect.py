@@ -4,9 +4,22 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
+from dit_compiler import targets
 from dit_compiler.graph.cost import gflops, node_cost, totals
 from dit_compiler.graph.ir import Graph
 
+#: The rows of a training step's predicted peak (the target's `StepMemory`), in print order: label, note.
+STEP_ROWS = {
+    "parameters": ("parameters", ""),
+    "gradients": ("parameter gradients", "each layer's, until AdamW updates its parameters"),
+    "optimizer": ("AdamW moments", ""),
+    "activations": ("activations", "values and gradients"),
+    "attention": ("attention internals", "q, k, v, probabilities, output"),
+    "kept": ("other kept tensors", "norm statistics, 1 + scale"),
+    "scratch": ("scratch", "the running layer's"),
+    "inputs": ("inputs, constants", ""),
+    "baseline": ("runtime baseline", "Python, torch, NNTile, StarPU before the model allocates"),
+}
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
@@ -16,7 +29,7 @@ def _shape(values: tuple[int, ...]) -> str:
     return "x".join(map(str, values))
 
 
-def inspect_table(graph: Graph, ops: bool = True) -> str:
+def inspect_table(graph: Graph, ops: bool = True, memory_limit: int | None = None) -> str:
     lines = [f"spec {graph.spec.name}: {graph.facts.flavor} flavor, batch {graph.axes['batch'].size}, "
              f"{len(graph.nodes)} ops, {len(graph.tensors)} tensors", "",
              f"{'axis':<12} {'size':>6} {'tile':>6} {'tiles':>6}"]
@@ -42,10 +55,23 @@ def inspect_table(graph: Graph, ops: bool = True) -> str:
               f"  gradients          {_mib(tot.gradient_bytes)} (parameters and activations)",
               f"  optimizer state    {_mib(tot.optimizer_bytes)} (AdamW, two moments)",
               f"  NNTile tasks       {tot.tasks} forward (output tiles of every op)"]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _step_memory(graph, memory_limit)) + "\n"
 
 
-def inspect_json(graph: Graph) -> str:
+def _step_memory(graph: Graph, memory_limit: int | None) -> list[str]:
+    """A training step's predicted peak by kind (the target's replay of its memory plan), and the limit."""
+    target = targets.get(graph.spec.target)
+    peak = target.predict(graph)
+    lines = ["", f"training step, predicted peak ({peak.where}):"]
+    lines += [f"  {label:<20} {_mib(getattr(peak, key)):>14}  {note}".rstrip()
+              for key, (label, note) in STEP_ROWS.items()]
+    lines.append(f"  {'total':<20} {_mib(peak.total):>14}")
+    if memory_limit:
+        lines.append(target.check_limit(graph, memory_limit).summary())
+    return lines
+
+
+def inspect_json(graph: Graph, memory_limit: int | None = None) -> str:
     data = {
         "spec": graph.spec.name,
         "axes": {a.name: {"size": a.size, "tile": a.tile, "tiles": a.ntiles} for a in graph.axes.values()},
@@ -54,7 +80,11 @@ def inspect_json(graph: Graph) -> str:
         "tensors": [{"name": t.name, "role": t.role, "shape": t.shape, "tile": t.tile, "tiles": t.ntiles}
                     for t in graph.tensors.values()],
         "totals": asdict(totals(graph)),
+        "training_step": asdict(targets.get(graph.spec.target).predict(graph)),
     }
+    if memory_limit:
+        check = targets.get(graph.spec.target).check_limit(graph, memory_limit)
+        data["memory_limit"] = asdict(check) | {"fits": check.fits, "summary": check.summary()}
     return json.dumps(data, indent=1) + "\n"
 
 

@@ -13,9 +13,11 @@ about 4 MiB of fp32, the size at which NNTile's CPU kernels reached torch's GEMM
 layers. The hidden axis is a GEMM contraction: whole up to its cap, since splitting it makes every
 GEMM accumulate partial products (on DiT-S/2 at batch 8, 116 against 127 GFLOP/s on 2 workers for the
 MLP's first GEMM). All heads share one tile, so attention's GEMMs are few and large (a DiT-S/2 step
-about 7% faster than with two head tiles, in paired profiles). Only when the token tensors would be a
-single tile are hidden and heads split in two (heads by a divisor of their count), so that both StarPU
-workers of a 2-core machine have work; `n_min = 2` on the MLP axis does the same for the MLP.
+about 7% faster than with two head tiles, in paired profiles). The batch tile takes as many images as
+keep a token tensor's tile within TOKEN_TILE_BUDGET, so small models run few large tasks (NNTile's
+per-task cost dominates them). Only when the token tensors would be a single tile is an axis split in
+two, so that both StarPU workers of a 2-core machine have work: the batch, or with one image the hidden
+axis and the heads (by a divisor of their count); `n_min = 2` on the MLP axis does the same for the MLP.
 """
 from __future__ import annotations
 
@@ -23,13 +25,17 @@ import math
 
 from dit_compiler.spec.model import TILE_AXES, ModelSpec, TilingSpec
 
-#: (cap, n_min) of the `auto` rule per axis; an axis without an entry stays whole.
+#: (cap, n_min) of the `auto` rule per axis; an axis without an entry stays whole. The batch axis's cap
+#: is not fixed: as many images as keep a token tensor's tile within TOKEN_TILE_BUDGET.
 AUTO_RULE: dict[str, tuple[int, int]] = {
-    "batch": (4, 1),
     "tokens": (128, 1),
     "hidden": (512, 1),
     "mlp": (1024, 2),
 }
+#: Elements of a token tensor's tile (hidden x tokens x batch tiles) the batch tile grows to: 1 MiB of
+#: fp32. DiT-S/2 at batch 8 gets [384, 128, 4] as before; a small model gets whole batches, so its
+#: step is a few large tasks instead of many small ones (specs/digits.yaml: 2 batch tiles, not 16).
+TOKEN_TILE_BUDGET = 2**18
 
 
 def out_channels(model: ModelSpec) -> int:
@@ -44,7 +50,7 @@ def axis_sizes(model: ModelSpec, batch: int) -> dict[str, int]:
         "batch": batch,
         "tokens": grid * grid,
         "hidden": model.hidden_size,
-        "mlp": int(model.hidden_size * model.mlp_ratio),
+        "mlp": model.mlp_size,
         "heads": model.num_heads,
         "patch_dim": model.in_channels * model.patch_size ** 2,
         "out_dim": out_channels(model) * model.patch_size ** 2,
@@ -60,7 +66,12 @@ def auto_tile(axis: str, size: int, split: bool = False) -> int:
     if axis not in AUTO_RULE:
         return size
     cap, n_min = AUTO_RULE[axis]
-    n = max(n_min, 2 if split else 1, math.ceil(size / cap))
+    return _split(size, cap, max(n_min, 2 if split else 1))
+
+
+def _split(size: int, cap: int, n_min: int = 1) -> int:
+    """The tile of the fewest tiles `n >= n_min` of at most `cap`, preferring (up to 2n) one dividing `size`."""
+    n = max(n_min, math.ceil(size / cap))
     n = min(n, size)
     for even in range(n, min(2 * n, size) + 1):
         if size % even == 0:
@@ -75,10 +86,17 @@ def resolve_tiles(model: ModelSpec, batch: int, tiling: TilingSpec) -> dict[str,
     for axis in TILE_AXES:
         value = getattr(tiling, axis)
         tiles[axis] = auto_tile(axis, sizes[axis]) if value == "auto" else int(value)
+    if tiling.batch == "auto":
+        tiles["batch"] = _split(batch, max(1, TOKEN_TILE_BUDGET // (tiles["hidden"] * tiles["tokens"])))
     if math.prod(math.ceil(sizes[a] / tiles[a]) for a in ("hidden", "tokens", "batch")) < 2:
-        for axis in ("hidden", "heads"):
-            if getattr(tiling, axis) == "auto":
-                tiles[axis] = auto_tile(axis, sizes[axis], split=True)
+        # One tile per token tensor leaves a worker idle: split the batch (no GEMM then accumulates
+        # partial products), or with one image the hidden axis and the heads.
+        if tiling.batch == "auto" and batch > 1:
+            tiles["batch"] = _split(batch, batch, 2)
+        else:
+            for axis in ("hidden", "heads"):
+                if getattr(tiling, axis) == "auto":
+                    tiles[axis] = auto_tile(axis, sizes[axis], split=True)
     return tiles
 
 

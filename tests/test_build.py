@@ -1,6 +1,7 @@
 """`ditc build` and the CLI around it: generated code is current, deterministic, atomic; errors exit 2."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -44,7 +45,7 @@ def test_build_is_deterministic_across_processes(tmp_path):
         subprocess.run([sys.executable, "-m", "dit_compiler.cli", "build", "specs/tiny.yaml", "specs/dit-s-2.yaml",
                         "-o", str(out)], cwd=ROOT, env=env, check=True, capture_output=True)
         outs.append({p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
-    assert outs[0] == outs[1] == outs[2] and len(outs[0]) == 8
+    assert outs[0] == outs[1] == outs[2] and len(outs[0]) == 10
 
 
 def test_generated_files_say_which_spec_and_version_made_them():
@@ -105,6 +106,33 @@ def test_inspect_formats(capsys):
     assert '"forward_macs"' in capsys.readouterr().out
     assert main(["inspect", str(SPECS / "tiny.yaml"), "--dot"]) == 0
     assert capsys.readouterr().out.startswith("digraph")
+
+
+def test_inspect_compares_the_predicted_training_peak_with_a_memory_limit(capsys):
+    assert main(["inspect", str(SPECS / "dit-s-2-b8.yaml"), "--summary", "--memory-limit", "1GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "training step, predicted peak (backward" in out and "AdamW moments" in out
+    assert "memory limit 1024 MiB against a predicted peak of" in out and "out-of-core" in out
+    assert main(["inspect", str(SPECS / "tiny.yaml"), "--format", "json", "--memory-limit", "8G"]) == 0
+    assert json.loads(capsys.readouterr().out)["memory_limit"]["fits"] is True
+    with pytest.raises(SystemExit) as exit_:  # argparse's own exit, with its usage line
+        main(["inspect", str(SPECS / "tiny.yaml"), "--memory-limit", "lots"])
+    assert exit_.value.code == 2 and "'lots' is not a size such as 1.5GiB" in capsys.readouterr().err
+
+
+def test_bench_refuses_a_memory_limit_it_cannot_train_under(tmp_path, capsys):
+    """Exit 2 with a sentence, and no swap folder left behind."""
+    assert main(["bench", str(SPECS / "tiny.yaml"), "-o", str(tmp_path), "--memory-limit", "300M",
+                 "--swap-dir", str(tmp_path)]) == 2
+    assert "too small: NNTile's process needs" in capsys.readouterr().err
+    assert not list(tmp_path.glob("ditc-swap-*"))
+    assert main(["bench", str(SPECS / "tiny.yaml"), "-o", str(tmp_path), "--memory-limit", "2G",
+                 "--swap-dir", str(tmp_path / "nowhere")]) == 2
+    assert "no such folder for the out-of-core swap" in capsys.readouterr().err
+    spec = tmp_path / "limited.yaml"  # the spec's key when no flag is given
+    spec.write_text(f"extends: {SPECS / 'tiny.yaml'}\nname: limited\nmemory_limit: 300MiB\n")
+    assert main(["bench", str(spec), "-o", str(tmp_path)]) == 2
+    assert "memory limit 300 MiB" in capsys.readouterr().err
 
 
 def test_schema_command_prints_the_schema(capsys):

@@ -133,3 +133,17 @@ def test_graph_nodes_use_named_ports_and_typed_attributes():
     assert norm.attrs == Norm(1e-6)
     data = json.loads(graph.to_json())
     assert next(n for n in data["nodes"] if n["op"] == "layer_norm")["attrs"] == {"eps": 1e-6}
+
+
+@pytest.mark.parametrize("model, batch, expected", [
+    (dict(PRESETS["DiT-S/2"]), 8, {"batch": 4, "hidden": 384, "tokens": 128}),       # the measured point
+    (dict(input_size=8, in_channels=1, patch_size=2, hidden_size=128, depth=4, num_heads=4), 64,
+     {"batch": 32, "hidden": 128, "tokens": 16}),                                      # digits: 2 large tiles
+    (dict(PRESETS["DiT-S/8"]), 1, {"batch": 1, "hidden": 192, "tokens": 16, "heads": 3}),  # one image: split hidden
+])
+def test_auto_batch_tile_fills_the_token_tile_budget(model, batch, expected):
+    from dit_compiler.tiling import TOKEN_TILE_BUDGET
+
+    tiles = resolve_tiles(ModelSpec(**model), batch, TilingSpec())
+    assert {k: tiles[k] for k in expected} == expected
+    assert tiles["hidden"] * tiles["tokens"] * tiles["batch"] <= TOKEN_TILE_BUDGET

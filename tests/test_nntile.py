@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
-from conftest import needs_nntile
+from conftest import ROOT, needs_cc, needs_nntile
 from dit_compiler.build import NNTILE_FILE, TORCH_FILE, compile_spec, write_build
 from dit_compiler.cli import main
+from dit_compiler.run.common import group_error
 from dit_compiler.run.verify import FORWARD_TOL, GRAD_TOL, MODEL_ROW, PLAN_ROW, verify
 from dit_compiler.spec.model import ModelSpec, Spec, TilingSpec
 
@@ -19,6 +21,7 @@ TILINGS = {
     "ragged": TilingSpec(batch=2, tokens=6, hidden=24, mlp=96, heads=2),
     "single-tile": TilingSpec(batch=3, tokens=16, hidden=64, mlp=256, heads=4, frequency=256),
     "fine": TilingSpec(batch=1, tokens=5, hidden=16, mlp=40, heads=1, patch_dim=7, out_dim=9, frequency=100),
+    "ooc": TilingSpec(batch=2, tokens=16, hidden=64, mlp=256, heads=2),
 }
 #: What the NNTile target reaches on the ragged multi-tile tiny spec once the host timestep features are
 #: torch's own: the error left is NNTile's (with numpy's sinusoid the forward error was 3e-6).
@@ -138,7 +141,7 @@ def test_a_corrupted_op_is_caught_and_named(tmp_path, capsys):
     assert not report.passed
     assert report.breach.startswith("modulate: forward"), report.breach
     assert main(["verify", str(broken), "--no-oracle"]) == 1
-    assert "nntile_model.py differ from a fresh build" in capsys.readouterr().out
+    assert "nntile_model.py was edited since ditc wrote it" in capsys.readouterr().out
 
 
 def test_a_renamed_trace_name_fails_naming_the_tensor(tmp_path):
@@ -187,9 +190,7 @@ def test_generated_model_refuses_another_runtime_version(tmp_path):
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_adamw_training_steps_match_torch(tmp_path, weight_decay):
     """Three AdamW steps on the MSE loss: the NNTile model's optimiser and torch's end on the same weights."""
-    import torch
-
-    from dit_compiler.run.common import group_error, load_module, make_inputs, randomize_
+    from dit_compiler.run.common import load_module, make_inputs, randomize_
 
     graph, folder = build(tmp_path)
     reference = load_module(folder / TORCH_FILE).Model().eval()
@@ -202,24 +203,50 @@ def test_adamw_training_steps_match_torch(tmp_path, weight_decay):
         model = nntile_module.Model()
         model.load_state_dict(reference.state_dict())
         optimizer = model.adamw(1e-3, weight_decay)
+        ema = model.ema()
         try:
-            losses = [model.train_step(inputs.x.numpy(), inputs.t.numpy(), inputs.y.numpy(), target, optimizer)
-                      for _ in range(3)]
-            trained = model.state_dict()
+            losses = []
+            for _ in range(3):
+                losses.append(model.train_step(inputs.x.numpy(), inputs.t.numpy(), inputs.y.numpy(), target,
+                                               optimizer))
+                ema.update(0.9)
+            trained, moments, averaged = model.state_dict(), model.adamw_state(optimizer), model.to_torch(ema.shadow)
             with pytest.raises(RuntimeError, match="keep_intermediates=True"):
                 model.value("blocks.0.out")  # released after use: a clear error, not a StarPU abort
         finally:
+            ema.unregister()
             optimizer.unregister()
             model.unregister()
+    torch_opt, states = assert_trains_like_torch(reference, inputs, losses, trained, initial, 1e-3, weight_decay)
+    expected_ema = {k: v.copy() for k, v in initial.items()}
+    for state in states:
+        expected_ema = {k: 0.9 * expected_ema[k] + 0.1 * v for k, v in state.items()}
+    assert group_error([(v, expected_ema[k]) for k, v in averaged.items()]) < 1e-5
+    # The moments convert to torch's AdamW state as they are (keys in the reference's parameter order); the
+    # fused qkv bias holds the key bias, whose gradient is rounding noise (see below).
+    keys = [k for k, p in reference.named_parameters() if p.requires_grad]
+    torch_state = torch_opt.state_dict()["state"]
+    assert moments["step"] == 3
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert group_error([(moments[name][k], torch_state[i][name].numpy()) for i, k in enumerate(keys)
+                            if not k.endswith("qkv.bias")]) < 1e-4, name
+
+
+def assert_trains_like_torch(reference, inputs, losses, trained, initial, lr, weight_decay):
+    """torch's AdamW on `reference` for as many steps gives `losses` and ends on `trained` (weights that moved);
+    returns torch's optimiser and the weights after each step."""
+    import torch
+
     params = [p for p in reference.parameters() if p.requires_grad]
-    torch_opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=weight_decay)
-    torch_losses = []
-    for _ in range(3):
+    torch_opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    torch_losses, states = [], []
+    for _ in losses:
         torch_opt.zero_grad()
         loss = torch.nn.functional.mse_loss(reference(inputs.x, inputs.t, inputs.y), inputs.grad_out)
         loss.backward()
         torch_opt.step()
         torch_losses.append(loss.item())
+        states.append({k: v.numpy().copy() for k, v in reference.state_dict().items()})
     assert losses == pytest.approx(torch_losses, rel=1e-4)
     assert losses[-1] < losses[0]
     state = reference.state_dict()
@@ -228,6 +255,50 @@ def test_adamw_training_steps_match_torch(tmp_path, weight_decay):
     # Three steps move the weights by about 1e-2 of their norm; a wrong update would show at that scale.
     assert group_error([(initial[k], state[k].numpy()) for k in trained]) > 1e-3
     assert group_error([(v, state[k].numpy()) for k, v in trained.items()]) < 1e-4
+    return torch_opt, states
+
+
+@needs_cc
+def test_out_of_core_training_matches_torch(tmp_path):
+    """Two AdamW steps with StarPU allowed a third of the model's tensors in memory: tiles go to disk and back
+    (O_DIRECT, the small ones pinned), and the weights still end where torch's AdamW puts them."""
+    import dataclasses
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from dit_compiler.run.common import load_module, make_inputs, randomize_
+    from dit_compiler.targets.nntile_1_1 import out_of_core, unmovable_bytes
+    from dit_compiler.targets.nntile_1_1.memory import MIB, all_bytes
+
+    # every large tile a whole number of pages, so that they can move: [256, 64] weights, [64, 16, 2] tokens
+    graph, folder = build(tmp_path, tiling="ooc", batch=2, hidden_size=128, mlp_ratio=4.0)
+    reference = load_module(folder / TORCH_FILE).Model().eval()
+    randomize_(reference, 0)
+    initial = {k: v.numpy().copy() for k, v in reference.state_dict().items()}
+    inputs = make_inputs(graph, 0)
+    lr, weight_decay, steps = 1e-3, 0.1, 2
+    data = tmp_path / "data.npz"
+    np.savez(data, x=inputs.x.numpy(), t=inputs.t.numpy(), y=inputs.y.numpy(), target=inputs.grad_out.numpy(),
+             lr=lr, weight_decay=weight_decay, steps=steps)
+    with out_of_core(graph, 2 ** 30, tmp_path) as settings:
+        starpu = max(1, (unmovable_bytes(graph) + all_bytes(graph) // 3) // MIB)
+        settings = dataclasses.replace(settings, starpu_mib=starpu, swaps=True)
+        assert starpu * MIB < all_bytes(graph) / 2
+        result = tmp_path / "result.npz"
+        subprocess.run([sys.executable, str(ROOT / "tests" / "ooc_train.py"), str(folder),
+                        json.dumps(settings.to_json()), str(data), str(result)], check=True,
+                       env=os.environ | {"PYTHONPATH": str(ROOT)})
+        swap = Path(settings.swap_dir)
+    assert not swap.parent.exists()  # the swap folder goes at exit
+    out = np.load(result)
+    read, written, pinned = out["disk"]
+    assert read > 0 and written > 0 and pinned > 0
+    trained = {key.split(":", 1)[1]: out[key] for key in out.files if key.startswith("weight:")}
+    assert_trains_like_torch(reference, inputs, list(out["losses"]), trained, initial, lr, weight_decay)
 
 
 def test_blocks_written_out_when_they_do_not_fold(tmp_path, monkeypatch):
@@ -239,3 +310,29 @@ def test_blocks_written_out_when_they_do_not_fold(tmp_path, monkeypatch):
     source = (folder / NNTILE_FILE).read_text()
     assert "def block(" not in source and 'y="blocks.1.out"' in source
     assert_passes(quiet_verify(graph, folder))
+
+
+def test_inference_model_matches_torch_holding_no_gradients(tmp_path):
+    """The forward-only model sampling runs: the same output, no gradient tensors, values released."""
+    import torch
+
+    from dit_compiler.run.common import load_module, make_inputs, randomize_, rel_error
+
+    graph, folder = build(tmp_path)
+    reference = load_module(folder / TORCH_FILE).Model().eval()
+    randomize_(reference, 0)
+    inputs = make_inputs(graph, 0)
+    with torch.no_grad():
+        expected = reference(inputs.x, inputs.t, inputs.y).numpy()
+    module = load_module(folder / NNTILE_FILE)
+    with module.nntile_runtime(2):
+        model = module.Model(inference=True)
+        try:
+            model.load_state_dict(reference.state_dict())
+            outs = [model.forward(inputs.x.numpy(), inputs.t.numpy(), inputs.y.numpy()) for _ in range(2)]
+            assert all(t.grad is None for t in model.tensors.values() if hasattr(t, "grad"))
+            with pytest.raises(RuntimeError, match="released once used"):
+                model.value("blocks.0.norm1")
+        finally:
+            model.unregister()
+    assert max(rel_error(out, expected) for out in outs) < 1e-6

@@ -45,9 +45,11 @@ def test_preset_only_file_is_complete(tmp_path):
     assert spec.name == "xl" and spec.batch == 1 and spec.tiling == TilingSpec() and spec.precision == "fp32"
 
 
-def test_empty_file_takes_every_default(tmp_path):
-    spec = load_spec(write(tmp_path, "empty.yaml", ""))
-    assert spec.model == ModelSpec() and spec.tiling == TilingSpec() and spec.batch == 1
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n", "---\n...\n"])
+def test_an_empty_spec_is_an_error_not_the_defaults(tmp_path, text):
+    diagnostic = only(write(tmp_path, "empty.yaml", text))
+    assert diagnostic.message == "the spec is empty; `preset: DiT-XL/2` selects the defaults"
+    assert diagnostic.file == str(tmp_path / "empty.yaml")
 
 
 def test_own_keys_override_the_preset_key_by_key(tmp_path):
@@ -100,8 +102,9 @@ def test_diagnostic_carries_file_line_column_key_value_and_allowed(tmp_path):
     path = write(tmp_path, "s.yaml", "model:\n  hidden_size: big\n")
     diagnostic = only(path)
     assert diagnostic == Diagnostic(str(path), 2, 16, "model.hidden_size", "wrong type", "big",
-                                    "an integer >= 1 and divisible by 4")
-    assert str(diagnostic) == f"{path}:2:16: model.hidden_size: wrong type (got 'big'); allowed: an integer >= 1 and divisible by 4"
+                                    "an integer from 1 to 65536 and divisible by 4")
+    assert str(diagnostic) == (f"{path}:2:16: model.hidden_size: wrong type (got 'big'); "
+                               "allowed: an integer from 1 to 65536 and divisible by 4")
 
 
 def test_every_error_is_reported_at_once(tmp_path):
@@ -165,7 +168,7 @@ def test_ten_megabyte_file_is_refused_before_parsing(tmp_path):
     start = time.perf_counter()
     diagnostic = only(huge)
     assert time.perf_counter() - start < 0.5
-    assert diagnostic.message == f"spec is {10 * 2**20} bytes; the limit is 1 MiB"
+    assert diagnostic.message == f"spec is {10 * 2**20} bytes; the limit is 32 KiB"
 
 
 def test_alias_bombs_are_refused(tmp_path):
@@ -193,6 +196,8 @@ def test_bool_is_not_an_integer(tmp_path, text):
     ("model:\n  norm_eps: .inf\n", "model.norm_eps", "a number > 0"),
     ("preset: DiT-S/2\ntiling:\n  heads: 5\n", "tiling.heads", "a divisor of num_heads=6"),
     ("preset: DiT-XL/2\ntiling:\n  tokens: 1000\n", "tiling.tokens", "an integer from 1 to the axis size 256"),
+    ("memory_limit: 1.5 gigs\n", "memory_limit", "a size such as 1.5GiB"),
+    ("memory_limit: 0MiB\n", "memory_limit", "a size such as 1.5GiB"),
 ])
 def test_semantic_checks_point_at_the_key(tmp_path, text, key_path, allowed):
     diagnostic = only(write(tmp_path, "s.yaml", text))
@@ -203,6 +208,16 @@ def test_semantic_checks_point_at_the_key(tmp_path, text, key_path, allowed):
 def test_semantic_checks_run_beside_unknown_keys(tmp_path):
     found = problems(write(tmp_path, "s.yaml", "model:\n  hidden_size: 100\n  num_heads: 3\n  dept: 2\n"))
     assert [d.key_path for d in found] == ["model.num_heads", "model.dept"]
+
+
+def test_memory_limit_is_a_binary_size_kept_as_written(tmp_path):
+    spec = load_spec(write(tmp_path, "s.yaml", "memory_limit: 1.5GiB\n"))
+    assert spec.memory_limit == "1.5GiB" and spec.memory_limit_bytes == 3 * 2 ** 29
+    assert spec.to_dict()["memory_limit"] == "1.5GiB"
+    assert load_spec(write(tmp_path, "t.yaml", "memory_limit: 1536M\n")).memory_limit_bytes == 3 * 2 ** 29
+    assert load_spec(write(tmp_path, "u.yaml", "batch: 2\n")).memory_limit_bytes is None
+    diagnostic = only(write(tmp_path, "v.yaml", "memory_limit: 1536\n"))  # MiB? bytes? ambiguous: refused
+    assert diagnostic.key_path == "memory_limit" and diagnostic.allowed == "a string or null"
 
 
 def test_diffusers_flavor_defaults_norm_eps_unless_set(tmp_path):

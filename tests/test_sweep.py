@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT, SPECS, needs_nntile
 from dit_compiler.cli import main
-from dit_compiler.run.sweep import load_sweep
+from dit_compiler.spec.sweep import load_sweep
 
 
 def write_sweep(tmp_path, body: str):
@@ -50,12 +50,12 @@ def test_invalid_point_is_reported_and_the_sweep_goes_on_then_resumes(tmp_path, 
     assert float(rows[1]["gmac"]) > float(rows[0]["gmac"])
     assert (out / "s" / "plot-model_depth.png").stat().st_size > 0
 
-    finished = json.loads((out / "s" / "results.json").read_text())
+    finished = json.loads((out / "s" / "results.json").read_text())["points"]
     build = out / "s" / "builds" / "s-num_heads4-depth1" / "nntile_model.py"
     stamp = build.stat().st_mtime_ns
     assert main(["sweep", str(sweep), "-o", str(out), "--resume"]) == 1
     assert build.stat().st_mtime_ns == stamp  # finished points were skipped, not rebuilt
-    assert json.loads((out / "s" / "results.json").read_text())[:2] == finished[:2]
+    assert json.loads((out / "s" / "results.json").read_text())["points"][:2] == finished[:2]
 
 
 @needs_nntile
@@ -99,7 +99,7 @@ def test_bench_rounds_pass_over_every_point_and_pool_its_times(tmp_path):
     sweep = write_sweep(tmp_path, "grid:\n  tiling.tokens: [6, 16]\n")
     out = tmp_path / "out"
     assert main(["sweep", str(sweep), "-o", str(out), "--bench", "--rounds", "2", "--ncpus", "2"]) == 0
-    results = json.loads((out / "s" / "results.json").read_text())
+    results = json.loads((out / "s" / "results.json").read_text())["points"]
     assert [r["rounds"] for r in results] == [2, 2]
     assert all(len(r[f"{side}_bench"]["step_s"]) == 6 for r in results for side in ("nntile", "torch"))
     rows = list(csv.DictReader((out / "s" / "results.csv").open()))
@@ -107,4 +107,4 @@ def test_bench_rounds_pass_over_every_point_and_pool_its_times(tmp_path):
     assert all(float(row["paired_step_ratio"]) > 0 for row in rows)
     assert "nntile_bench" not in rows[0]  # raw times stay in the JSON
     assert main(["sweep", str(sweep), "-o", str(out), "--bench", "--rounds", "2", "--resume"]) == 0
-    assert json.loads((out / "s" / "results.json").read_text()) == results
+    assert json.loads((out / "s" / "results.json").read_text())["points"] == results

@@ -3,13 +3,14 @@ and ragged multi-tile, the way NNTile's own layer tests do it), the memory plan,
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SPECS, needs_nntile
+from conftest import SPECS, needs_cc, needs_nntile
 from dit_compiler.build import compile_spec
 from dit_compiler.graph.ops import OPS, Activation, Norm
 from dit_compiler.spec import load_spec
@@ -187,6 +188,66 @@ def test_memory_plan_releases_each_activation_once_nothing_reads_it():
     assert not any("final.out" in row.release_values for row in plan)
     for step, row in zip(steps, plan):
         assert list(row.release_grads) == [o for o in step.outputs.values() if o in activations]
+
+
+def test_memory_plan_releases_every_value_by_the_end_of_backward():
+    """Each activation value is released once, after its last forward reader or after its last backward
+    reader, so that nothing of a step's activations is held through AdamW; the host's output is kept."""
+    graph, steps, activations, params = _tiny_steps()
+    plan = memory_plan(steps, activations, params, {"final.out"})
+    bound = {n for s in steps for n in (*s.inputs.values(), *s.outputs.values())} & activations
+    released = [v for row in plan for v in (*row.release_values, *row.release_read)]
+    assert sorted(released) == sorted(bound - {"final.out"})  # the host's inputs (patches) too: set each step
+    for i, row in enumerate(plan):
+        for name in row.release_read:  # the last backward to run that reads it is this layer's
+            readers = [j for j, s in enumerate(steps) if name in {({**s.inputs, **s.outputs})[p] for p in s.backward_reads}]
+            assert min(readers) == i
+
+
+def test_predicted_peak_holds_every_weight_twice_more_and_one_layers_gradients():
+    """A steady training step holds parameters and AdamW's two moments throughout, but parameter gradients
+    only from a layer's backward to its update; the replay of the plan agrees with the graph's sizes."""
+    from dit_compiler.targets.nntile_1_1.memory import BASELINE, predict, tensor_bytes
+
+    graph = compile_spec(load_spec(SPECS / "dit-s-2-b8.yaml")).graph
+    peak = predict(graph)
+    weights = sum(tensor_bytes(graph, p.name) for p in graph.params)
+    largest_layer = max(sum(tensor_bytes(graph, n) for n in node.input_names if graph.tensors[n].role == "param")
+                        for node in graph.device_nodes)
+    assert peak.parameters == weights and peak.optimizer == 2 * weights
+    assert 0 < peak.gradients <= 2 * largest_layer
+    assert peak.attention > 0 and peak.activations > peak.attention  # DiT-S/2 at batch 8: activations lead
+    assert peak.total == peak.data + BASELINE and peak.where.startswith("backward")
+
+
+def test_memory_limit_check_says_fits_swaps_or_too_small():
+    from dit_compiler.targets.nntile_1_1 import check_limit
+
+    graph = compile_spec(load_spec(SPECS / "dit-s-2-b8.yaml")).graph
+    assert check_limit(graph, 8 * 2 ** 30).fits
+    swapping = check_limit(graph, 2 ** 30)
+    assert not swapping.fits and "out-of-core" in swapping.summary()
+    assert swapping.held < swapping.peak and swapping.starpu < swapping.data
+    assert "too small" in check_limit(graph, 300 * 2 ** 20).summary()
+
+
+@needs_cc
+def test_out_of_core_swap_folder_goes_on_sigterm(tmp_path):
+    """A process holding out-of-core settings and killed with SIGTERM removes its swap folder."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from dit_compiler.build import graph_of; from dit_compiler.spec import load_spec;"
+            "from dit_compiler.targets.nntile_1_1 import out_of_core\n"
+            f"with out_of_core(graph_of(load_spec({str(SPECS / 'tiny.yaml')!r})), 2 ** 30, {str(tmp_path)!r}) as s:\n"
+            "    print(s.swap_dir, flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=SPECS.parent)
+    folder = Path(proc.stdout.readline().strip()).parent
+    assert folder.is_dir() and (folder / "libditc_pin.so").is_file()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert not folder.exists()
 
 
 def test_memory_plan_refuses_a_parameter_two_layers_read():

@@ -33,7 +33,7 @@ def environment() -> jinja2.Environment:
 
 def spec_digest(graph: Graph) -> str:
     """A short hash of the resolved spec: the same spec always gives the same header."""
-    text = json.dumps(graph.spec.to_dict(), sort_keys=True)
+    text = json.dumps(graph.spec.compiled_dict(), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

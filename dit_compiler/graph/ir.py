@@ -192,7 +192,7 @@ class Graph:
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {
-            "spec": self.spec.to_dict(),
+            "spec": self.spec.compiled_dict(),
             "axes": {a.name: {"size": a.size, "tile": a.tile, "tiles": a.ntiles} for a in self.axes.values()},
             "facts": asdict(self.facts),
             "inputs": self.inputs,

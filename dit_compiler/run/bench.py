@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import resource
@@ -32,8 +33,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from dit_compiler import targets
 from dit_compiler.graph.cost import largest_tile_gemm
 from dit_compiler.graph.ir import Graph
+
+MIB = 2 ** 20
 
 LR = 1e-4
 #: Warm-up runs and measured runs of each side per round, by default (a sweep's per point).
@@ -49,6 +53,8 @@ class SideResult:
     peak_rss_mib: float
     profile: dict[str, float]          # seconds per op kind (one training step), when asked
     scheduler: str = ""                # StarPU's scheduling policy (NNTile side)
+    disk_read_mib: float = 0.0         # read and written per measured training step (out-of-core's swap)
+    disk_written_mib: float = 0.0
     kernels: str = ""                  # which kernels ran (NNTile side)
     blas: str = ""                     # the BLAS its GEMMs call
     gemm_gflops: float = 0.0           # the representative tile GEMM on one core, best of a few timings
@@ -64,6 +70,9 @@ class BenchReport:
     repeats: int
     sides: dict[str, SideResult]
     rounds: int = 1
+    memory_limit_mib: float | None = None
+    out_of_core: str = ""              # what the NNTile side was set up with under the limit
+    predicted_peak_mib: float | None = None  # the NNTile side's, from the graph and the limit (`ditc inspect`)
     gemm: tuple[int, int, int] | None = None   # (m, n, k) of the GEMM each side timed
 
     def summary(self) -> dict:
@@ -115,16 +124,23 @@ def format_bench(report: BenchReport) -> str:
     lines = [f"ditc bench: {report.spec}, batch {report.batch}, {report.warmup} warm-up + {report.repeats} "
              f"measured runs" + (f" in each of {report.rounds} rounds" if report.rounds > 1 else "")
              + (", the sides' runs interleaved" if len(report.sides) > 1 else "")]
+    if report.out_of_core:
+        lines.append(f"nntile {report.out_of_core}")
     for name, side in report.sides.items():
         what = (f"{side.threads} StarPU CPU workers, scheduler {side.scheduler}" if name == "nntile"
                 else f"{side.threads} torch threads")
+        predicted = (f" (predicted {report.predicted_peak_mib:.0f} MiB)"
+                     if name == "nntile" and report.predicted_peak_mib else "")
         lines += [f"{name} ({what}):"] + ([f"  kernels     {side.kernels}"] if side.kernels else []) + [
                   f"  forward     {_stats(side.forward_s)}",
                   f"  train step  {_stats(side.step_s)}   {s[name]['images_per_s_train']:.2f} images/s",
-                  f"  peak RSS    {side.peak_rss_mib:8.0f} MiB"]
+                  f"  peak RSS    {side.peak_rss_mib:8.0f} MiB{predicted}"]
         if side.gemm_gflops and report.gemm:
             lines.append(f"  GEMM        {side.gemm_gflops:8.1f} GFLOP/s on one core, "
                          f"{'x'.join(map(str, report.gemm))} (m x n x k), {side.blas}")
+        if side.disk_read_mib or side.disk_written_mib:
+            lines.append(f"  disk        {side.disk_read_mib:8.0f} MiB read, {side.disk_written_mib:.0f} MiB written "
+                         "a training step")
     if "ratio" in s:
         r = s["ratio"]
         lines.append(f"ratio nntile/torch: forward {r['forward_median_s']:.2f}, train step {r['step_median_s']:.2f} "
@@ -142,35 +158,50 @@ def format_bench(report: BenchReport) -> str:
 
 def bench(graph: Graph, build_dir: Path, *, ncpus: int, warmup: int = WARMUP, repeats: int = REPEATS,
           profile: bool = False,
-          sides: tuple[str, ...] = ("nntile", "torch"), rounds: int = 1, progress=print) -> BenchReport:
+          sides: tuple[str, ...] = ("nntile", "torch"), rounds: int = 1, progress=print,
+          memory_limit: int | None = None, swap_parent: str | None = None) -> BenchReport:
+    """`memory_limit` (bytes) runs the NNTile side out-of-core under it (the target's `out_of_core`, with
+    a swap folder under `swap_parent`); torch has no such thing and runs as it is."""
+    runtime = targets.get(graph.spec.target)
     if "nntile" in sides:  # an unknown or unavailable kernel set is an error here, not in a worker
-        from dit_compiler import targets
-
-        targets.get(graph.spec.target).choose_kernels()
+        runtime.choose_kernels()
     gemm = largest_tile_gemm(graph)
     results: dict[str, SideResult] = {}
-    for round_ in range(rounds):
-        where = f" (round {round_ + 1}/{rounds})" if rounds > 1 else ""
-        progress(f"{' and '.join(sides)}: {warmup} warm-up + {repeats} measured runs"
-                 + (" each, interleaved, in fresh processes" if len(sides) > 1 else " in a fresh process") + where)
-        for side, result in _round(sides, build_dir, ncpus, warmup, repeats, profile and round_ == 0, gemm).items():
-            results[side] = pooled(results[side], result) if side in results else result
-    return BenchReport(graph.spec.name, graph.axes["batch"].size, ncpus, warmup, repeats, results, rounds, gemm)
+    with contextlib.ExitStack() as stack:
+        ooc = stack.enter_context(runtime.out_of_core(graph, memory_limit, swap_parent)) if memory_limit else None
+        if ooc is not None:
+            progress(ooc.describe())
+        for round_ in range(rounds):
+            where = f" (round {round_ + 1}/{rounds})" if rounds > 1 else ""
+            progress(f"{' and '.join(sides)}: {warmup} warm-up + {repeats} measured runs"
+                     + (" each, interleaved, in fresh processes" if len(sides) > 1 else " in a fresh process") + where)
+            for side, result in _round(sides, build_dir, ncpus, warmup, repeats, profile and round_ == 0,
+                                       ooc, gemm).items():
+                results[side] = pooled(results[side], result) if side in results else result
+    predicted = runtime.check_limit(graph, memory_limit).held if memory_limit else runtime.predict(graph).total
+    return BenchReport(graph.spec.name, graph.axes["batch"].size, ncpus, warmup, repeats, results, rounds,
+                       memory_limit / MIB if memory_limit else None, ooc.describe() if ooc else "", predicted / MIB,
+                       gemm)
 
 
 def pooled(first: SideResult, more: SideResult) -> SideResult:
-    """Two runs of one side as one: all their times, the higher peak and GEMM rate, the first profile."""
+    """Two runs of one side as one: all their times, the higher peak and GEMM rate, the first profile, the
+    mean disk traffic."""
     return replace(first, forward_s=first.forward_s + more.forward_s, step_s=first.step_s + more.step_s,
                    peak_rss_mib=max(first.peak_rss_mib, more.peak_rss_mib),
-                   gemm_gflops=max(first.gemm_gflops, more.gemm_gflops))
+                   gemm_gflops=max(first.gemm_gflops, more.gemm_gflops),
+                   disk_read_mib=(first.disk_read_mib + more.disk_read_mib) / 2,
+                   disk_written_mib=(first.disk_written_mib + more.disk_written_mib) / 2)
 
 
 def _round(sides: tuple[str, ...], build_dir: Path, ncpus: int, warmup: int, repeats: int,
-           profile: bool, gemm: tuple[int, int, int] | None = None) -> dict[str, SideResult]:
+           profile: bool, out_of_core=None, gemm: tuple[int, int, int] | None = None) -> dict[str, SideResult]:
     """One round: a process per side, warmed up, each side's GEMM timed in turn, then their measured
     runs interleaved."""
     with contextlib.ExitStack() as stack:
-        workers = [stack.enter_context(SideProcess(side, build_dir, ncpus, warmup, profile, gemm)) for side in sides]
+        workers = [stack.enter_context(SideProcess(side, build_dir, ncpus, warmup, profile,
+                                                   out_of_core if side == "nntile" else None, gemm=gemm))
+                   for side in sides]
         for worker in workers:  # both warm up at once; nothing is measured until both are done
             worker.reply()
         if gemm:
@@ -204,18 +235,23 @@ class SideProcess:
     stdin: `forward` and `step` run one and reply with the seconds, `gemm` times the GEMM given as `gemm`
     (m, n, k) on one core and replies with its GFLOP/s, `rss` replies with the peak RSS so far, `finish`
     replies with the side's `SideResult` (peak RSS, profile, GEMM rate) and ends it. It says `ready` once
-    warmed up."""
+    warmed up. `out_of_core` (the target's settings) runs NNTile out-of-core; `checkpoint` runs
+    torch with activation checkpointing of every block; `preexec_fn` runs in the child before it starts
+    (`tests/benchmarks/scale.py` moves it into a memory cgroup there)."""
 
-    def __init__(self, side: str, build_dir: Path, ncpus: int, warmup: int, profile: bool,
+    def __init__(self, side: str, build_dir: Path, ncpus: int, warmup: int, profile: bool, out_of_core=None,
+                 checkpoint: bool = False, preexec_fn: Callable[[], None] | None = None,
                  gemm: tuple[int, int, int] | None = None):
         self.side = side
         cmd = [sys.executable, "-m", "dit_compiler.run.bench", "--worker", side, "--dir", str(build_dir),
                "--ncpus", str(ncpus), "--warmup", str(warmup)] + (["--profile"] if profile else [])
+        cmd += ["--out-of-core", json.dumps(out_of_core.to_json())] if out_of_core else []
+        cmd += ["--checkpoint"] if checkpoint else []
         cmd += ["--gemm", ",".join(map(str, gemm))] if gemm else []
         env = os.environ | {"OMP_NUM_THREADS": "1", "STARPU_NCPU": str(ncpus), "STARPU_SILENT": "1"}
         self.stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.stderr, text=True)
+                                     stderr=self.stderr, text=True, preexec_fn=preexec_fn)
 
     def __enter__(self) -> "SideProcess":
         return self
@@ -276,12 +312,13 @@ class _Side:
 
 
 @contextlib.contextmanager
-def _side(side: str, build_dir: Path, ncpus: int) -> Iterator[_Side]:
+def _side(side: str, build_dir: Path, ncpus: int, out_of_core: dict | None = None,
+          checkpoint: bool = False) -> Iterator[_Side]:
     import numpy as np
     import torch
 
     from dit_compiler.build import GRAPH_FILE
-    from dit_compiler.run.common import load_module, randomize_
+    from dit_compiler.run.common import load_module, random_weights, randomize_
 
     graph_data = json.loads((build_dir / GRAPH_FILE).read_text())
     shapes = {t["name"]: tuple(t["shape"]) for t in graph_data["tensors"]}
@@ -293,11 +330,12 @@ def _side(side: str, build_dir: Path, ncpus: int) -> Iterator[_Side]:
     y = rng.integers(0, table_rows, n)
     target = rng.standard_normal(out_shape, dtype=np.float32)
     torch.set_num_threads(ncpus)
-    reference = load_module(build_dir / "torch_reference.py").Model()
-    randomize_(reference, 0)
 
     if side == "torch":
-        model = reference.train()
+        model = load_module(build_dir / "torch_reference.py").Model().train()
+        randomize_(model, 0)
+        if checkpoint:
+            _checkpoint_blocks(model, graph_data["facts"])
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
         xt, tt, yt, target_t = map(torch.from_numpy, (x, t, y, target))
 
@@ -333,14 +371,12 @@ def _side(side: str, build_dir: Path, ncpus: int) -> Iterator[_Side]:
         yield _Side(forward, step, profile, torch.get_num_threads(), gemm, f"torch {torch.__version__}, {mkl}")
         return
 
-    from dit_compiler import targets
-
     runtime = targets.get(graph_data["spec"]["target"])
     module = load_module(build_dir / "nntile_model.py")
-    with runtime.nntile_runtime(ncpus):
+    with runtime.nntile_runtime(ncpus, runtime.OutOfCore(**out_of_core) if out_of_core else None):
         model = module.Model()
-        model.load_state_dict(reference.state_dict())
-        del reference
+        # the torch reference's weights (`randomize_`), made one at a time: no second copy of the model
+        model.load_parameters(random_weights(model.parameter_shapes(), 0))
         optimizer = model.adamw(LR)
         blas, advice = runtime.blas_report()
 
@@ -356,14 +392,26 @@ def _side(side: str, build_dir: Path, ncpus: int) -> Iterator[_Side]:
             model.unregister()
 
 
-def _serve(side: str, build_dir: Path, ncpus: int, warmup: int, profile: bool,
-           gemm: tuple[int, int, int] | None) -> None:
+def _checkpoint_blocks(model, facts: dict) -> None:
+    """Activation checkpointing of every DiT block: backward runs a block's forward again instead of
+    keeping its activations (the torch variant of `tests/benchmarks/scale.py`)."""
+    from torch.utils.checkpoint import checkpoint
+
+    names = dict(model.named_modules())
+    prefix = next(p for p in facts["block_prefixes"] if p.format(i=0).rstrip(".") in names)
+    for i in range(facts["depth"]):
+        block = names[prefix.format(i=i).rstrip(".")]
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def _serve(side: str, build_dir: Path, ncpus: int, warmup: int, profile: bool, out_of_core: dict | None = None,
+           checkpoint: bool = False, gemm: tuple[int, int, int] | None = None) -> None:
     """The worker's loop: warm up, then answer the parent's commands (see `SideProcess`)."""
     def reply(value) -> None:
         print(_REPLY + json.dumps(value), flush=True)
 
-    gflops = 0.0
-    with _side(side, build_dir, ncpus) as run:
+    disk, steps, gflops = [0, 0], 0, 0.0
+    with _side(side, build_dir, ncpus, out_of_core, checkpoint) as run:
         for _ in range(warmup):
             run.step()
         run.idle()
@@ -380,12 +428,27 @@ def _serve(side: str, build_dir: Path, ncpus: int, warmup: int, profile: bool,
                 reply(gflops)
                 continue
             run.wake()
+            before = disk_bytes()
             reply(_timed(run.forward if command == "forward" else run.step))
+            if command == "step":
+                steps += 1
+                disk = [total + after - start for total, start, after in zip(disk, before, disk_bytes())]
             run.idle()
         run.wake()
         kinds = run.profile() if profile else {}
-    reply(asdict(SideResult(side, run.threads, [], [], _peak_rss_mib(), kinds, run.scheduler, run.kernels, run.blas,
-                            gflops, run.blas_advice)))
+    read, written = (total / max(steps, 1) / 2 ** 20 for total in disk)
+    reply(asdict(SideResult(side, run.threads, [], [], _peak_rss_mib(), kinds, run.scheduler, read, written,
+                            run.kernels, run.blas, gflops, run.blas_advice)))
+
+
+def disk_bytes() -> tuple[int, int]:
+    """Bytes this process has read from and written to disk (out-of-core's swap: O_DIRECT, so all of it)."""
+    try:
+        with open("/proc/self/io", encoding="ascii") as io:
+            counters = dict(line.split(":") for line in io)
+        return int(counters["read_bytes"]), int(counters["write_bytes"])
+    except OSError:
+        return 0, 0
 
 
 def _peak_rss_mib() -> float:
@@ -405,9 +468,11 @@ def _main() -> None:
     p.add_argument("--ncpus", type=int, required=True)
     p.add_argument("--warmup", type=int, required=True)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--out-of-core", type=json.loads, help="the NNTile target's OutOfCore settings, as JSON")
+    p.add_argument("--checkpoint", action="store_true", help="torch: activation checkpointing of every block")
     p.add_argument("--gemm", type=lambda text: tuple(int(v) for v in text.split(",")), help="m,n,k")
     a = p.parse_args()
-    _serve(a.worker, a.dir, a.ncpus, a.warmup, a.profile, a.gemm)
+    _serve(a.worker, a.dir, a.ncpus, a.warmup, a.profile, a.out_of_core, a.checkpoint, a.gemm)
 
 
 if __name__ == "__main__":

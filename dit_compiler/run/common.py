@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,13 +43,22 @@ def group_error(pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
 @torch.no_grad()
 def randomize_(module: torch.nn.Module, seed: int) -> None:
     """Give every trainable weight a random value (DiT zero-initialises adaLN and the output layer, so its
-    default output is exactly zero and proves nothing). Matrices get std 1/sqrt(fan_in), vectors std 0.5."""
+    default output is exactly zero and proves nothing): those of `random_weights`."""
+    params = dict(module.named_parameters())
+    shapes = {name: tuple(p.shape) for name, p in params.items() if p.requires_grad}
+    for name, value in random_weights(shapes, seed):
+        params[name].copy_(value)
+
+
+def random_weights(shapes: Mapping[str, tuple[int, ...]], seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Seeded random weights by state_dict key, one at a time (a process that must not hold a second copy
+    of a large model loads them as they come): matrices std 1/sqrt(fan_in), vectors std 0.5, drawn in
+    key order, so the same shapes and seed give the same values whatever holds them."""
     generator = torch.Generator().manual_seed(seed)
-    for _, param in sorted(module.named_parameters()):
-        if not param.requires_grad:
-            continue
-        std = 1.0 / np.sqrt(np.prod(param.shape[1:])) if param.dim() > 1 else 0.5
-        param.copy_(torch.randn(param.shape, generator=generator) * std)
+    for name in sorted(shapes):
+        shape = shapes[name]
+        std = 1.0 / np.sqrt(np.prod(shape[1:])) if len(shape) > 1 else 0.5
+        yield name, torch.randn(shape, generator=generator) * std
 
 
 @dataclass(frozen=True)

@@ -1,113 +1,44 @@
-"""`ditc sweep SWEEP.yaml`: many points around a base spec, each validated, built, inspected and
-optionally verified and benchmarked; results in CSV, JSON and plots; `--resume` skips finished points.
+"""`ditc sweep SWEEP.yaml`: many points around a base spec (`dit_compiler.spec.sweep` reads and checks the
+file), each validated, built, inspected and optionally verified and benchmarked; results in CSV, JSON and
+plots in `<out>/<name>/`; `--resume` skips the points whose spec has not changed since they finished.
 
-A sweep file:
-
-    base: ../specs/dit-s-2.yaml     # the spec every point starts from (relative to the sweep file)
-    name: depth-hidden              # results go to <out>/<name>/ (default: the sweep file's stem)
-    grid:                           # Cartesian product of every listed value
-      model.depth: [6, 12]
-      model.hidden_size: [256, 384]
-    zip:                            # lists of one length, varied together (crossed with the grid)
-      model.hidden_size: [256, 384]
-      model.num_heads: [4, 6]
-    points:                         # named points (crossed with grid and zip)
-      - {name: small, set: {batch: 2}}
-
-Keys are dotted spec paths (`model.depth`, `tiling.hidden`, `batch`).
+The results folder is the sweep's own: its `results.json` says which ditc sweep wrote it, is written
+before the first point, and a folder holding anything else is refused.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
 import io
-import itertools
 import json
 import os
-from dataclasses import asdict, dataclass, field
+import sys
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from dit_compiler import __version__
 from dit_compiler.build import write_text_atomic
-from dit_compiler.errors import Diagnostic, SpecError, UsageError
+from dit_compiler.errors import SpecError, UsageError
+from dit_compiler.spec.sweep import MAX_POINTS, Point, Sweep, data_digest, load_sweep, point_data
 
-SWEEP_KEYS = {"base", "name", "grid", "zip", "points"}
-
-
-@dataclass(frozen=True)
-class Point:
-    name: str
-    overrides: dict[str, Any]
-
-
-@dataclass
-class Sweep:
-    name: str
-    base: Path
-    points: list[Point]
-    swept: list[str]            # the keys that vary, for columns and plot axes
+RESULTS_KIND = "ditc sweep results"
+#: Statuses a resumed sweep keeps; any other point runs again.
+FINISHED = ("ok", "invalid")
 
 
 @dataclass
 class PointResult:
     name: str
     overrides: dict[str, Any]
-    status: str                                      # ok, invalid, failed
+    status: str                                      # ok, invalid, failed, unverified, not benchmarked
     errors: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    spec_sha256: str = ""                            # of the point's spec data: a changed spec runs again
+    verified: bool = False
     rounds: int = 0                                  # benchmark rounds done
     nntile_bench: dict[str, Any] = field(default_factory=dict)  # NNTile's times pooled over the rounds
     torch_bench: dict[str, Any] = field(default_factory=dict)   # torch's, measured interleaved with them
-
-
-def _fail(path: Path, message: str) -> SpecError:
-    return SpecError([Diagnostic(str(path), None, None, "", message)])
-
-
-def load_sweep(path: str | os.PathLike) -> Sweep:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise UsageError(f"{path}: cannot read the sweep file ({error.strerror})") from None
-    except yaml.YAMLError as error:
-        raise _fail(path, f"not valid YAML: {error}") from None
-    if not isinstance(data, dict) or "base" not in data:
-        raise _fail(path, "a sweep file is a mapping with at least `base:` (a spec path)")
-    unknown = sorted(set(data) - SWEEP_KEYS)
-    if unknown:
-        raise _fail(path, f"unknown keys {unknown}; allowed: {sorted(SWEEP_KEYS)}")
-    grid = data.get("grid") or {}
-    zipped = data.get("zip") or {}
-    named = data.get("points") or [{"name": "", "set": {}}]
-    lengths = {len(v) for v in zipped.values()}
-    if len(lengths) > 1:
-        raise _fail(path, f"zip: every list must have one length, got {sorted(lengths)}")
-    if any(not isinstance(v, list) or not v for v in list(grid.values()) + list(zipped.values())):
-        raise _fail(path, "grid and zip values must be non-empty lists")
-    zip_rows = [dict(zip(zipped, values)) for values in zip(*zipped.values())] or [{}]
-    points = []
-    for entry, grid_values, zip_row in itertools.product(named, itertools.product(*grid.values()), zip_rows):
-        overrides = dict(entry.get("set") or {}) | dict(zip(grid, grid_values)) | zip_row
-        label = "-".join([entry.get("name") or ""] + [f"{k.split('.')[-1]}={v}" for k, v in overrides.items()
-                                                        if k not in (entry.get("set") or {})])
-        points.append(Point(label.strip("-") or "base", overrides))
-    swept = list(dict.fromkeys([*grid, *zipped, *(k for e in named for k in (e.get("set") or {}))]))
-    return Sweep(data.get("name") or path.stem, (path.parent / data["base"]).resolve(), points, swept)
-
-
-def apply_overrides(base: dict, overrides: dict[str, Any], name: str) -> dict:
-    data = json.loads(json.dumps(base))
-    data["name"] = name
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = data
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return data
 
 
 class TorchPartner:
@@ -164,13 +95,11 @@ def _bench_round(result: PointResult, graph, folder: Path, torch_partner: TorchP
     result.metrics["paired_step_ratio"] = report.paired_step_ratio()
 
 
-def _compile_point(point: Point, base: dict, sweep: Sweep):
+def _compile_point(point: Point, base: dict):
     from dit_compiler.build import compile_spec
     from dit_compiler.spec import load_spec_data
 
-    name = f"{sweep.name}-{point.name}".replace("=", "").replace(".", "_").replace("/", "_")
-    return compile_spec(load_spec_data(apply_overrides(base, point.overrides, name),
-                                       source=f"{sweep.name}:{point.name}"))
+    return compile_spec(load_spec_data(point_data(base, point), source=point.build_name))
 
 
 @contextlib.contextmanager
@@ -182,16 +111,17 @@ def _reported(result: PointResult):
         result.status, result.errors = "failed", [f"{type(error).__name__}: {error}"]
 
 
-def run_point(point: Point, base: dict, sweep: Sweep, out: Path, *, verify_it: bool, ncpus: int,
+def run_point(point: Point, base: dict, out: Path, *, verify_it: bool, ncpus: int,
               torch_partner: TorchPartner | None) -> PointResult:
     """Validate, build, inspect, and (when asked) verify and, given a torch partner, bench the first round
     of one point."""
     from dit_compiler.build import write_build
     from dit_compiler.graph.cost import totals
+    from dit_compiler.run.limits import check_memory
 
-    result = PointResult(point.name, point.overrides, "ok")
+    result = PointResult(point.name, point.overrides, "ok", spec_sha256=data_digest(point_data(base, point)))
     try:
-        built = _compile_point(point, base, sweep)
+        built = _compile_point(point, base)
     except SpecError as error:
         result.status, result.errors = "invalid", [str(d) for d in error.diagnostics]
         return result
@@ -201,10 +131,13 @@ def run_point(point: Point, base: dict, sweep: Sweep, out: Path, *, verify_it: b
                           param_mib=tot.param_bytes / 2**20, activation_mib=tot.activation_bytes / 2**20,
                           tasks=tot.tasks)
     with _reported(result):
+        if verify_it or torch_partner is not None:
+            check_memory(built.graph)
         if verify_it:
             from dit_compiler.run.verify import verify
 
             report = verify(built.graph, folder, ncpus=ncpus, oracle=False, progress=lambda _: None)
+            result.verified = True
             model_row = next((r for r in report.rows if r.component == "model"), None)
             if model_row:
                 result.metrics.update(verify_forward=model_row.forward, verify_param_grad=model_row.param_grad)
@@ -224,7 +157,35 @@ def write_results(results: list[PointResult], sweep: Sweep, out: Path) -> None:
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(out / "results.csv", buffer.getvalue())
-    write_text_atomic(out / "results.json", json.dumps([r.__dict__ for r in results], indent=1) + "\n")
+    data = {"kind": RESULTS_KIND, "written_by": f"ditc {__version__}", "sweep": sweep.name,
+            "points": [asdict(r) for r in results]}
+    write_text_atomic(out / "results.json", json.dumps(data, indent=1) + "\n")
+
+
+def read_results(out: Path, sweep: Sweep) -> dict[str, PointResult]:
+    """The points of `out/results.json`, by name; refuses (UsageError) a file this sweep did not write,
+    and a folder holding files but no results.json."""
+    path = out / "results.json"
+    advice = "ditc does not write into it: move it away, or choose another -o"
+    if os.path.lexists(out) and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a folder; {advice}")
+    if not os.path.lexists(path):
+        if out.is_dir() and any(out.iterdir()):
+            raise UsageError(f"{out}/ holds files but no results.json, so no ditc sweep made it; {advice}")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or data.get("kind") != RESULTS_KIND or not isinstance(data.get("points"), list):
+            raise ValueError("not the results of a ditc sweep")
+        if data.get("sweep") != sweep.name:
+            raise ValueError(f"the results of sweep {data.get('sweep')!r}")
+        names = {f.name for f in fields(PointResult)}
+        if not all(isinstance(r, dict) and set(r) == names and isinstance(r["name"], str)
+                   and isinstance(r["overrides"], dict) for r in data["points"]):
+            raise ValueError("its points are not the ones this ditc writes")
+        return {r["name"]: PointResult(**r) for r in data["points"]}
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UsageError(f"{path}: not a results file ditc sweep wrote for {sweep.name!r} ({error}); {advice}") from None
 
 
 def plot_results(results: list[PointResult], sweep: Sweep, out: Path) -> list[Path]:
@@ -272,44 +233,85 @@ def plot_results(results: list[PointResult], sweep: Sweep, out: Path) -> list[Pa
 
 
 def run_sweep(path: str | os.PathLike, out_root: str | os.PathLike, *, verify_it: bool = False,
-              bench_it: bool = False, resume: bool = False, ncpus: int = 2,
-              rounds: int = 1) -> tuple[Sweep, list[PointResult], Path]:
-    """Every point once, then (benchmarking) `rounds - 1` more benchmark passes over all the points,
-    pooled per point: a slow spell of a shared machine then spreads over every point instead of
-    ranking the ones it happened to hit."""
-    from tqdm import tqdm
-
+              bench_it: bool = False, resume: bool = False, ncpus: int = 2, rounds: int = 1,
+              max_points: int = MAX_POINTS) -> tuple[Sweep, list[PointResult], Path]:
+    """Every point once, then (benchmarking) more benchmark passes over all the points until each has
+    `rounds`, pooled per point: a slow spell of a shared machine then spreads over every point instead
+    of ranking the ones it happened to hit. Without NNTile, points asked to be verified or benchmarked
+    are built and inspected and marked `unverified` / `not benchmarked`."""
+    from dit_compiler.run.verify import nntile_status
     from dit_compiler.spec import load_spec
 
-    sweep = load_sweep(path)
+    sweep = load_sweep(path, max_points)
     base = load_spec(sweep.base).to_dict()
     out = Path(out_root) / sweep.name
+    previous = read_results(out, sweep)
+    done = previous if resume else {}
+    unrun = ""
+    if (verify_it or bench_it) and (status := nntile_status()) != "ran":
+        unrun = "unverified" if verify_it else "not benchmarked"
+        print(f"note: {status}; every point is built and inspected, and marked {unrun}", file=sys.stderr)
+        verify_it = bench_it = False
     out.mkdir(parents=True, exist_ok=True)
-    done: dict[str, PointResult] = {}
-    if resume and (out / "results.json").is_file():
-        done = {r["name"]: PointResult(**r) for r in json.loads((out / "results.json").read_text())}
+    if not previous:
+        write_results([], sweep, out)  # marks the folder as this sweep's before any build lands in it
     results: list[PointResult] = []
     rounds = rounds if bench_it else 1
-    progress = tqdm(total=len(sweep.points) * rounds, desc=f"sweep {sweep.name}", unit="point")
+    progress = _Progress(len(sweep.points) * rounds, f"sweep {sweep.name}")
     with TorchPartner(ncpus) as torch_partner:
         for point in sweep.points:
-            previous = done.get(point.name)
-            if previous is not None and previous.overrides == point.overrides and previous.status != "failed":
-                results.append(previous)
+            old = done.get(point.name)
+            kept = (old is not None and old.status in FINISHED and (old.verified or not verify_it)
+                    and old.spec_sha256 == data_digest(point_data(base, point)))
+            if kept:
+                result = old
             else:
-                results.append(run_point(point, base, sweep, out, verify_it=verify_it, ncpus=ncpus,
-                                         torch_partner=torch_partner if bench_it else None))
-                write_results(results, sweep, out)  # after every point: an interrupted sweep resumes from here
-            progress.update()
+                result = run_point(point, base, out, verify_it=verify_it, ncpus=ncpus,
+                                   torch_partner=torch_partner if bench_it else None)
+                if unrun and result.status == "ok":
+                    result.status = unrun
+            if bench_it and result.status == "ok" and result.rounds == 0:  # kept from a sweep that did not bench
+                _bench_again(result, point, base, out, torch_partner)
+            results.append(result)
+            write_results(results, sweep, out)  # after every point: an interrupted sweep resumes from here
+            progress.step(f"{point.name}: {result.status}" + " (kept from the earlier run)" * kept)
         for round_ in range(2, rounds + 1):
             for point, result in zip(sweep.points, results):
                 if result.status == "ok" and result.rounds < round_:
-                    with _reported(result):
-                        built = _compile_point(point, base, sweep)
-                        _bench_round(result, built.graph, out / "builds" / built.graph.spec.name, torch_partner)
+                    _bench_again(result, point, base, out, torch_partner)
                     write_results(results, sweep, out)
-                progress.update()
+                progress.step(f"{point.name}: round {round_}, {result.status}")
     progress.close()
     write_results(results, sweep, out)
     plot_results(results, sweep, out)
     return sweep, results, out
+
+
+def _bench_again(result: PointResult, point: Point, base: dict, out: Path, torch_partner: TorchPartner) -> None:
+    """One more benchmark round of a point built earlier."""
+    with _reported(result):
+        built = _compile_point(point, base)
+        _bench_round(result, built.graph, out / "builds" / built.graph.spec.name, torch_partner)
+
+
+class _Progress:
+    """A bar on a terminal; elsewhere (a log, a pipe) one plain line per step, no carriage returns."""
+
+    def __init__(self, total: int, description: str):
+        self.total, self.description, self.count = total, description, 0
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=description, unit="point")
+
+    def step(self, line: str) -> None:
+        self.count += 1
+        if self.bar is not None:
+            self.bar.update()
+        else:
+            print(f"[{self.description} {self.count}/{self.total}] {line}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,15 +21,24 @@ from yaml.reader import ReaderError
 from dit_compiler.errors import Diagnostic, SpecError
 from dit_compiler.spec.model import PRESETS
 
-MAX_BYTES = 1 << 20
+#: The largest spec or sweep file (a spec is a few hundred bytes): any file under it validates in a
+#: fraction of a second.
+MAX_BYTES = 32 << 10
 #: Values one file may expand to; stops alias bombs ("billion laughs") and recursive aliases.
-MAX_VALUES = 100_000
+MAX_VALUES = 10_000
+#: Brackets one file may nest: PyYAML's scanner slows down quadratically with flow nesting (16,000
+#: levels took half a second before its recursion limit stopped it); a spec nests three.
+MAX_NESTING = 64
+#: Files one `extends` chain may hold, the first one included.
+MAX_EXTENDS = 16
+EMPTY_SPEC = "the spec is empty; `preset: DiT-XL/2` selects the defaults"
 _KEY_TAGS = ("tag:yaml.org,2002:str", "tag:yaml.org,2002:merge")
 _COLLECTION_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-5` as a float (YAML 1.1 wants `1.0e-5`; users write `1e-5`)."""
+    """SafeLoader (libyaml's where PyYAML has it: it parses a file at the size limit in a tenth of the
+    time) that also reads `1e-5` as a float (YAML 1.1 wants `1.0e-5`; users write `1e-5`)."""
 
 
 _Loader.add_implicit_resolver(
@@ -84,13 +94,17 @@ class Document:
         return entry.at if depth == len(path) and not key else entry.key
 
     def _entries(self, path: KeyPath) -> tuple[Entry | None, int]:
-        """The deepest entry along `path` and how many parts of `path` lead to it."""
+        """The deepest entry along `path` and how many parts of `path` lead to it (a list item has no
+        entry of its own: a path through one stays at the list's entry, or the item's keys below it)."""
         entry, node = None, self.root
         for depth, part in enumerate(path):
-            if not isinstance(node, dict) or part not in node:
+            if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+                node = node[part]
+            elif isinstance(node, dict) and part in node:
+                entry = node[part]
+                node = entry.value
+            else:
                 return entry, depth
-            entry = node[part]
-            node = entry.value
         return entry, len(path)
 
 
@@ -102,6 +116,18 @@ def load_document(path: str | os.PathLike) -> Document:
     if diagnostics:
         raise SpecError(diagnostics)
     return Document(root, shown)
+
+
+def read_yaml(path: str | os.PathLike, what: str) -> Document:
+    """One YAML file (a `what`, e.g. "sweep file") read with the spec's limits and positions; no `extends`
+    or `preset` merging."""
+    shown = os.fspath(path)
+    diagnostics: list[Diagnostic] = []
+    text = _read(Path(shown), None, diagnostics, what)
+    own = None if text is None else _parse(text, shown, diagnostics, what)
+    if diagnostics:
+        raise SpecError(diagnostics)
+    return Document(own or {}, shown)
 
 
 def document_from_data(data: Any, source: str) -> Document:
@@ -128,26 +154,37 @@ def merge(base: Mapping, over: Mapping) -> Mapping:
     return merged
 
 
-def _load_file(path: Path, named_at: Entry | None, chain: tuple[tuple[Path, str], ...],
-               diagnostics: list[Diagnostic]) -> Mapping:
-    """One file's merged layer; `named_at` is the `extends` entry that names it, if any."""
-    text = _read(path, named_at, diagnostics)
-    own = None if text is None else _parse(text, str(path), diagnostics)
-    if own is None:
+#: The files an `extends` chain has read so far: (resolved path, path as written, bytes).
+Chain = tuple[tuple[Path, str, int], ...]
+
+
+def _load_file(path: Path, named_at: Entry | None, chain: Chain, diagnostics: list[Diagnostic]) -> Mapping:
+    """One file's merged layer; `named_at` is the `extends` entry that names it, if any. A chain of files
+    shares one size limit, so it validates as fast as one file."""
+    found = len(diagnostics)
+    text = _read(path, named_at, diagnostics, "spec", sum(size for *_, size in chain))
+    own = None if text is None else _parse(text, str(path), diagnostics, "spec")
+    if own == {} and len(diagnostics) == found:  # empty, only comments, or `{}`: never a request for the defaults
+        diagnostics.append(Diagnostic(str(path), None, None, "", EMPTY_SPEC))
+    if not own:
         return {}
-    return _layer(own, path.parent, chain + ((path.resolve(), str(path)),), diagnostics)
+    return _layer(own, path.parent, chain + ((path.resolve(), str(path), len(text.encode())),), diagnostics)
 
 
-def _layer(own: Mapping, here: Path, chain: tuple[tuple[Path, str], ...],
+def _layer(own: Mapping, here: Path, chain: Chain,
            diagnostics: list[Diagnostic]) -> Mapping:
     """`own` on top of its preset on top of its `extends` target (which must not extend back)."""
     base: Mapping = {}
     extends = own.get("extends")
     if extends is not None and isinstance(extends.value, str):
         target = here / extends.value
-        if any(target.resolve() == seen for seen, _ in chain):
-            names = " -> ".join([shown for _, shown in chain] + [str(target)])
+        if any(target.resolve() == seen for seen, *_ in chain):
+            names = " -> ".join([shown for _, shown, _ in chain] + [str(target)])
             diagnostics.append(_at(extends, "extends", f"extends cycle: {names}", extends.value))
+        elif len(chain) >= MAX_EXTENDS:
+            message = (f"extends chain longer than {MAX_EXTENDS} files, from this file to {extends.at.file}, whose "
+                       f"line {extends.at.line} extends {extends.value!r}")
+            diagnostics.append(Diagnostic(chain[0][1], None, None, "extends", message))
         else:
             base = _load_file(target, extends, chain, diagnostics)
             base.pop("name", None)
@@ -158,23 +195,31 @@ def _layer(own: Mapping, here: Path, chain: tuple[tuple[Path, str], ...],
     return merge(base, own)
 
 
-def _read(path: Path, named_at: Entry | None, diagnostics: list[Diagnostic]) -> str | None:
-    """The file's text, or None after a diagnostic; the size is checked before anything is read."""
+def _read(path: Path, named_at: Entry | None, diagnostics: list[Diagnostic], what: str,
+          used: int = 0) -> str | None:
+    """The file's text, or None after a diagnostic; the size (with the `used` bytes of the files that
+    extend it) is checked before anything is read."""
     try:
-        with open(path, "rb") as file:
-            size = os.fstat(file.fileno()).st_size
-            raw = b"" if size > MAX_BYTES else file.read(MAX_BYTES + 1)
+        # O_NONBLOCK: a named pipe opens at once (and is refused) instead of waiting for a writer forever
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+            info = os.fstat(file.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ValueError("not a regular file (a folder, a pipe or a device)")
+            size = info.st_size
+            raw = b"" if used + size > MAX_BYTES else file.read(MAX_BYTES - used + 1)
     except (OSError, ValueError) as error:
         reason = getattr(error, "strerror", None) or str(error)
         if named_at is None:
-            diagnostics.append(Diagnostic(str(path), None, None, "", f"cannot read the spec: {reason}"))
+            diagnostics.append(Diagnostic(str(path), None, None, "", f"cannot read the {what}: {reason}"))
         else:
             message = f"cannot read the extended spec {str(path)!r}: {reason}"
             diagnostics.append(_at(named_at, "extends", message, named_at.value))
         return None
     size = max(size, len(raw))
-    if size > MAX_BYTES:
-        diagnostics.append(Diagnostic(str(path), None, None, "", f"spec is {size} bytes; the limit is 1 MiB"))
+    if used + size > MAX_BYTES:
+        together = f", and the files extending it {used} bytes" if used else ""
+        diagnostics.append(Diagnostic(str(path), None, None, "", f"{what} is {size} bytes{together}; the limit is "
+                                      f"{MAX_BYTES // 1024} KiB"))
         return None
     try:
         return raw.decode("utf-8")
@@ -186,16 +231,20 @@ def _read(path: Path, named_at: Entry | None, diagnostics: list[Diagnostic]) -> 
         return None
 
 
-def _parse(text: str, file: str, diagnostics: list[Diagnostic]) -> Mapping | None:
-    """The top-level mapping of one file's YAML, or None after a diagnostic."""
+def _parse(text: str, file: str, diagnostics: list[Diagnostic], what: str) -> Mapping | None:
+    """The top-level mapping of one file's YAML ({} for an empty file), or None after a diagnostic."""
+    if _nesting(text) > MAX_NESTING:
+        diagnostics.append(Diagnostic(file, None, None, "", f"{what} is nested too deeply (more than {MAX_NESTING} "
+                                      "levels of [ ] or { })"))
+        return None
     try:
         loader = _Loader(text)
         node = loader.get_single_node()
-        if node is None:  # an empty file: every key takes its default
+        if node is None or node.tag == "tag:yaml.org,2002:null":  # no document, or an empty one
             return {}
         if not isinstance(node, MappingNode):
             diagnostics.append(Diagnostic(file, node.start_mark.line + 1, node.start_mark.column + 1, "",
-                                          "the top level must be a mapping of spec keys", _node_kind(node)))
+                                          f"the top level must be a mapping of {what} keys", _node_kind(node)))
             return None
         return _Walker(loader, file, diagnostics).mapping(node, ())
     except yaml.MarkedYAMLError as error:
@@ -208,10 +257,20 @@ def _parse(text: str, file: str, diagnostics: list[Diagnostic]) -> Mapping | Non
         message = f"character {chr(error.character)!r} is not allowed in YAML"
         diagnostics.append(Diagnostic(file, line, None, "", message))
     except _TooManyValues:
-        diagnostics.append(Diagnostic(file, None, None, "", f"spec expands to more than {MAX_VALUES} values"))
+        diagnostics.append(Diagnostic(file, None, None, "", f"{what} expands to more than {MAX_VALUES} values"))
     except RecursionError:
-        diagnostics.append(Diagnostic(file, None, None, "", "spec is nested too deeply"))
+        diagnostics.append(Diagnostic(file, None, None, "", f"{what} is nested too deeply"))
     return None
+
+
+def _nesting(text: str) -> int:
+    """How deep `text`'s brackets nest, counting those in strings and comments too (a bound: no spec has
+    dozens of brackets in a string)."""
+    depth = deepest = 0
+    for char in re.sub(r"[^][{}]", "", text):
+        depth = depth + 1 if char in "[{" else max(depth - 1, 0)
+        deepest = max(deepest, depth)
+    return deepest
 
 
 class _TooManyValues(Exception):
@@ -240,7 +299,11 @@ class _Walker:
             return self.mapping(node, path)
         if isinstance(node, SequenceNode):
             return [self.value(item, path + (index,)) for index, item in enumerate(node.value)]
-        return self.loader.construct_object(node)
+        try:
+            return self.loader.construct_object(node)
+        except (ValueError, OverflowError) as error:  # an integer of more than 4300 digits, a bad date
+            self.report(node, path, f"cannot read this value: {error}")
+            return None
 
     def mapping(self, node: MappingNode, path: KeyPath) -> Mapping:
         check = id(node) not in self.checked

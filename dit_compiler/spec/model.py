@@ -5,6 +5,7 @@ still be `auto`; `dit_compiler.tiling` turns them into integers when the graph i
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Union
 
@@ -44,6 +45,12 @@ class ModelSpec:
     norm_eps: float = 1e-6
     flavor: Flavor = "dit"
 
+    @property
+    def mlp_size(self) -> int:
+        """The MLP inner size, hidden_size * mlp_ratio; validation checks the product is whole up to
+        floating-point rounding (100 * 1.1 is 110.00000000000001)."""
+        return round(self.hidden_size * self.mlp_ratio)
+
 
 @dataclass(frozen=True)
 class TilingSpec:
@@ -60,6 +67,33 @@ class TilingSpec:
 
 
 @dataclass(frozen=True)
+class TrainSpec:
+    """`ditc train`'s settings (the `train:` section; flags override it). Defaults as facebookresearch/DiT's
+    `train.py` except where noted."""
+
+    data: str = "digits"
+    steps: int = 4000            # DiT counts epochs (1400 over ImageNet); a step count suits small data
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True      # not DiT's: decay min(ema_decay, (1+s)/(10+s)) at step s
+    seed: int = 0
+    ckpt_every: int = 1000       # DiT: 50,000
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """`ditc sample` and `ditc evaluate`'s defaults (the `sample:` section; flags override it). Defaults as
+    facebookresearch/DiT's `sample.py`."""
+
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    steps: int = 250
+    eta: float = 0.0
+    cfg: float = 4.0
+    cfg_channels: Literal["auto", "dit", "all"] = "auto"   # auto: dit for 4+ channels, all below
+
+
+@dataclass(frozen=True)
 class Spec:
     """A complete, validated spec."""
 
@@ -70,9 +104,17 @@ class Spec:
     tiling: TilingSpec = field(default_factory=TilingSpec)
     precision: str = "fp32"
     target: str = "nntile-1.1"
+    memory_limit: str | None = None   # as written, e.g. "1.5GiB"
+    train: TrainSpec = field(default_factory=TrainSpec)
+    sample: SampleSpec = field(default_factory=SampleSpec)
 
-    def to_dict(self) -> dict:
-        """The spec as plain data, in the key order of the spec language (source left out)."""
+    @property
+    def memory_limit_bytes(self) -> int | None:
+        return memory_bytes(self.memory_limit) if self.memory_limit else None
+
+    def compiled_dict(self) -> dict:
+        """What the compiled model depends on (the build's digest and graph): all but the run settings
+        (`memory_limit`, `train`, `sample`)."""
         return {
             "name": self.name,
             "model": asdict(self.model),
@@ -81,6 +123,27 @@ class Spec:
             "precision": self.precision,
             "target": self.target,
         }
+
+    def to_dict(self) -> dict:
+        """The spec as plain data, in the key order of the spec language (source left out)."""
+        return self.compiled_dict() | {"memory_limit": self.memory_limit, "train": asdict(self.train),
+                                       "sample": asdict(self.sample)}
+
+
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?)\s*(?:([KMGT])(?:i?B)?|B)?\s*", re.IGNORECASE)
+SIZE_FORM = "a size such as 1.5GiB, 1536MiB or 2G (binary units: K, M, G, T mean KiB, MiB, GiB, TiB)"
+
+
+def memory_bytes(text: str) -> int:
+    """Bytes of a memory size written as in `SIZE_FORM` (a bare number is bytes); ValueError otherwise."""
+    match = _SIZE.fullmatch(text)
+    if not match:
+        raise ValueError(f"{text!r} is not {SIZE_FORM}")
+    number, unit = match.groups()
+    size = int(float(number) * 1024 ** (" KMGT".index(unit.upper()) if unit else 0))
+    if size <= 0:
+        raise ValueError(f"{text!r}: a memory size must be more than 0 bytes")
+    return size
 
 
 #: diffusers' default LayerNorm eps; flavor `diffusers` uses it for the MLP-branch norm unless set.

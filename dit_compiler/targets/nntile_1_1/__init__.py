@@ -3,8 +3,9 @@
 Runtime (ordinary, tested modules; NNTile itself is imported on first use, see `kernels`):
 `runtime` (StarPU start and stop, waiting, pausing), `alloc` (tensors), `layers` (one class per op
 kind), `optim` (AdamW), `host` (numpy-side ops), `plan` (the memory plan), `model` (the base class of
-every generated model), `native` (ditc's own CPU kernels, and which kernel set a model runs), `blas`
-(the BLAS NNTile's GEMMs run on). Compiler side: `prepare` (the graph pass that adds the layers' own tensors) and
+every generated model), `memory` (the predicted peak of a training step), `ooc` (out-of-core under a
+memory limit), `native` (ditc's own CPU kernels, and which kernel set a model runs), `blas` (the BLAS
+NNTile's GEMMs run on). Compiler side: `prepare` (the graph pass that adds the layers' own tensors) and
 `emit` (the jinja2 emitter in `emitter`, `templates/nntile-1.1/`).
 """
 from __future__ import annotations
@@ -16,18 +17,25 @@ from dit_compiler.graph.ir import Graph
 from dit_compiler.posembed import sincos_pos_embed
 from dit_compiler.targets.nntile_1_1.host import (Geometry, patchify, patchify_grad, timestep_features, unpatchify,
                                                   unpatchify_grad)
+from dit_compiler.targets.nntile_1_1.memory import StepMemory, predict, unmovable_bytes
 from dit_compiler.targets.nntile_1_1.model import Decl, Model, param
 from dit_compiler.targets.nntile_1_1.native import KERNEL_SETS, available as kernel_sets, kernels as choose_kernels
-from dit_compiler.targets.nntile_1_1.runtime import nntile_runtime, pause, problem, resume, scheduler, wait_for_all
+from dit_compiler.targets.nntile_1_1.ooc import LimitCheck, OutOfCore, OutOfCoreError, check_limit, out_of_core
+from dit_compiler.targets.nntile_1_1.runtime import (installed, nntile_runtime, pause, problem, resume, scheduler,
+                                                     wait_for_all)
 
 NAME = "nntile-1.1"
 NNTILE_VERSION = "1.1.0"
 #: Bumped whenever a generated model of an earlier ditc would not run on this runtime.
 RUNTIME_VERSION = 1
+#: The training and sampling backend (`dit_compiler.run.backend`), imported when opened.
+BACKEND = "dit_compiler.targets.nntile_1_1.backend:NNTileBackend"
 
-__all__ = ["Decl", "Geometry", "KERNEL_SETS", "Model", "NAME", "NNTILE_VERSION", "RUNTIME_VERSION", "blas_report",
-           "choose_kernels", "emit", "gemm", "kernel_sets", "nntile_runtime", "param", "patchify", "patchify_grad",
-           "pause", "prepare", "problem", "require", "resume", "scheduler", "sincos_pos_embed", "timestep_features",
+__all__ = ["Decl", "Geometry", "KERNEL_SETS", "LimitCheck", "Model", "NAME", "NNTILE_VERSION", "OutOfCore",
+           "OutOfCoreError", "RUNTIME_VERSION", "StepMemory", "blas_report", "check_limit", "choose_kernels", "emit",
+           "gemm", "installed", "kernel_sets", "nntile_runtime", "out_of_core", "param", "patchify", "patchify_grad",
+           "pause", "predict", "prepare", "problem", "require", "resume", "scheduler", "sincos_pos_embed",
+           "timestep_features", "unmovable_bytes",
            "unpatchify", "unpatchify_grad", "wait_for_all"]
 
 

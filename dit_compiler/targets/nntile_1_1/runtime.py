@@ -3,19 +3,29 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import os
 from collections.abc import Callable, Iterator
 
 from dit_compiler.targets.nntile_1_1 import blas
+from dit_compiler.targets.nntile_1_1.ooc import OutOfCore
 
 #: What the generated models of this target need of NNTile: the 1.1 API (renamed in later versions).
 REQUIRED_API = ("starpu.Config", "starpu.pause", "tensor.add_slice3_async", "tensor.gelutanh_inplace_async",
                 "tensor.embedding_backward_async")
 
 
+def installed() -> str | None:
+    """None when an `nntile` package is installed here, else why not: without importing it, so that
+    out-of-core can still be set up before the import (see `problem` for the full check)."""
+    if importlib.util.find_spec("nntile") is None:
+        return "NNTile is not importable (no module named 'nntile')"
+    return None
+
+
 def problem() -> str | None:
-    """None when NNTile 1.1 is importable here, else why not, in a sentence. Applies a requested OpenBLAS
-    core first (`blas.apply_requested_core`: NNTile's BLAS reads it when it loads)."""
+    """None when NNTile 1.1 is importable here, else why not, in a sentence (this imports NNTile). Applies
+    a requested OpenBLAS core first (`blas.apply_requested_core`: NNTile's BLAS reads it when it loads)."""
     blas.apply_requested_core()
     try:
         import nntile
@@ -78,12 +88,17 @@ def resume() -> None:
 
 
 @contextlib.contextmanager
-def nntile_runtime(ncpus: int | None = None) -> Iterator[None]:
+def nntile_runtime(ncpus: int | None = None, out_of_core: OutOfCore | None = None) -> Iterator[None]:
     """Start StarPU on `ncpus` CPU workers (default: all cores) and shut it down on exit.
 
     The scheduler is $STARPU_SCHED, by default `lws` (locality work stealing) rather than NNTile's
     `dmda`: on CPU workers dmda's transfer and history models buy nothing, and lws runs a task where
-    its inputs were just written (DiT-S/2 batch 8 training step, 2 workers: 3.31 s against 3.63 s)."""
+    its inputs were just written (DiT-S/2 batch 8 training step, 2 workers: 3.31 s against 3.63 s).
+    `out_of_core` (from `ooc.out_of_core`) is applied before NNTile is imported and StarPU starts, as is a
+    requested OpenBLAS core."""
+    global _swapping
+    if out_of_core is not None:
+        out_of_core.apply()
     blas.apply_requested_core()
     import nntile
 
@@ -91,12 +106,24 @@ def nntile_runtime(ncpus: int | None = None) -> Iterator[None]:
     os.environ.setdefault("STARPU_SCHED", "lws")
     config = nntile.starpu.Config(ncpus or os.cpu_count() or 1, 0, 0)
     nntile.starpu.init()
+    if out_of_core is not None:
+        out_of_core.check()
+    _swapping = out_of_core is not None and out_of_core.swaps
     blas.warn_once()
     try:
         yield
     finally:
         wait_for_all()
+        _swapping = False
         del config  # its destructor shuts StarPU down; never shut down twice
+
+
+_swapping = False
+
+
+def swapping() -> bool:
+    """Whether StarPU runs out-of-core with more tensors than its memory limit holds."""
+    return _swapping
 
 
 def scheduler() -> str:

@@ -1,0 +1,354 @@
+"""The `train`, `sample` and `evaluate` subcommands: their arguments and command functions.
+
+Kept apart from `dit_compiler.cli` (which adds them in one block) and light to import: numpy, torch
+and the runners load only when a command runs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dit_compiler.errors import UsageError
+from dit_compiler.run.limits import DIST_TIMEOUT_S, MAX_DIST_TIMEOUT_S, cores
+
+if TYPE_CHECKING:
+    from dit_compiler.spec.model import Spec
+
+MAX_STEPS = 10**8
+MAX_SAMPLES = 10**6
+MAX_SEED = 2**32 - 1   # numpy's seeds
+
+
+def _floats(text: str) -> list[float]:
+    """Guidance scales: comma-separated numbers from 1 to 100."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    return [_bounded(1.0, 100.0)(str(v)) for v in values]
+
+
+def _memory_size(text: str) -> str:
+    """A memory size such as 1.5GiB, kept as written (as the spec's memory_limit is)."""
+    from dit_compiler.spec.model import memory_bytes
+
+    try:
+        memory_bytes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _bounded(lo: float, hi: float):
+    """An argparse type: a number from lo to hi (NaN and infinities are outside)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value:g} is outside {lo:g} to {hi:g}")
+        return value
+    return parse
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
+def add_commands(sub, count) -> None:
+    """Add `train`, `sample`, `evaluate` and `export` to the `ditc` subparsers; `count(lo, hi)` parses an
+    integer from lo to hi."""
+    s = sub.add_parser("train", help="train a compiled DiT with DiT's diffusion loss on a dataset")
+    s.add_argument("target", metavar="SPEC_OR_BUILD_DIR")
+    s.add_argument("--data", help="`digits` (built in, the default), an .npz with images and labels, or a "
+                                  "folder with a sub-folder of images per class")
+    s.add_argument("--steps", type=count(1, MAX_STEPS), help="total training steps (default 4000)")
+    s.add_argument("--lr", type=_positive_float, help="AdamW learning rate (default 1e-4, DiT's)")
+    s.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0, DiT's)")
+    s.add_argument("--ema-decay", type=float, help="EMA decay (default 0.9999, DiT's)")
+    s.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
+                   help="EMA decay min(decay, (1+s)/(10+s)) at step s (default on; off is DiT's constant decay)")
+    s.add_argument("--backend", choices=("auto", "nntile", "torch"),
+                   help="where the model runs (default auto: NNTile where it is importable, else torch)")
+    s.add_argument("--out", help="run folder (default runs/<spec name>)")
+    s.add_argument("--ckpt-every", type=count(0, MAX_STEPS), help="checkpoint every N steps, 0 only at the end (default 1000)")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    s.add_argument("--seed", type=count(0, MAX_SEED),
+                   help="seeds the initial weights, data order, timesteps, noise, dropout (0 to 2**32-1)")
+    s.add_argument("--memory-limit", type=_memory_size, metavar="SIZE",
+                   help="NNTile trains out-of-core under SIZE, e.g. 1.5GiB (default: the spec's memory_limit)")
+    s.add_argument("--nproc", type=count(1, cores()), default=1,
+                   help="data-parallel ranks on this machine, each on its share of the cores; the global batch is "
+                        "N times the compiled batch (default 1; across machines start ditc under torchrun)")
+    s.add_argument("--dist-timeout", type=count(10, MAX_DIST_TIMEOUT_S), default=DIST_TIMEOUT_S, metavar="SECONDS",
+                   help=f"how long a rank waits for the others before failing (default {DIST_TIMEOUT_S})")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("export", help="write trained weights as a diffusers DiTTransformer2DModel folder")
+    s.add_argument("target", metavar="RUN_OR_SPEC")
+    s.add_argument("--ckpt", help="checkpoint (.pt or .safetensors; default: the run's last)")
+    s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="export the checkpoint's EMA weights (default)")
+    s.add_argument("--diffusers", required=True, metavar="DIR", help="the folder to write (new or empty)")
+    s.set_defaults(func=cmd_export)
+
+    for name, help_text in (("sample", "generate images with a trained DiT (DiT's samplers)"),
+                            ("evaluate", "score generated digits: classifier accuracy, FD-digits and the floor")):
+        s = sub.add_parser(name, help=help_text)
+        s.add_argument("target", metavar="RUN_OR_SPEC" if name == "sample" else "RUN_SPEC_OR_SAMPLES")
+        s.add_argument("--ckpt", help="checkpoint (.pt or .safetensors; default: the run's last)")
+        s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                       help="use the checkpoint's EMA weights (default)")
+        s.add_argument("--backend", choices=("auto", "nntile", "torch"), default="auto",
+                       help="where the model runs (default auto: NNTile where it is importable, else torch)")
+        s.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: the spec's `sample.sampler` (ddpm)")
+        s.add_argument("--steps", type=count(1, 1000),
+                       help="respaced sampling steps, at most DiT's 1000 (default: the spec's `sample.steps`, 250)")
+        s.add_argument("--eta", type=_bounded(0.0, 1.0), help="DDIM eta (default: the spec's `sample.eta`, 0)")
+        s.add_argument("--cfg-channels", choices=("auto", "dit", "all"),
+                       help="guided channels: `dit` the first 3 (DiT), `all` every epsilon channel (diffusers), "
+                            "`auto` dit for 4+ channels and all below (default: the spec's `sample.cfg_channels`)")
+        s.add_argument("--clip-denoised", action="store_true", help="clip x_0 predictions to [-1, 1] (DiT: off)")
+        s.add_argument("--sigma-small", action="store_true",
+                       help="a model without learned sigma samples with the posterior variance instead of beta_t "
+                            "(DiT's create_diffusion(sigma_small=True))")
+        s.add_argument("--seed", type=count(0, MAX_SEED), default=0, help="0 to 2**32-1 (default 0)")
+        s.add_argument("--out", help="output folder (default RUN/samples or samples/<spec name>)")
+        s.add_argument("--vae", help="a diffusers AutoencoderKL folder to decode latents with")
+        if name == "sample":
+            s.add_argument("--cfg", type=_bounded(1.0, 100.0),
+                           help="guidance scale, 1 = none (default: the spec's `sample.cfg`, DiT's 4)")
+            group = s.add_mutually_exclusive_group()
+            group.add_argument("--classes", type=_ints, help="labels to sample, e.g. 0,3,7")
+            group.add_argument("--n", type=count(1, MAX_SAMPLES), help="number of samples, labels cycling over the classes")
+            s.set_defaults(func=cmd_sample)
+        else:
+            s.add_argument("--cfg", type=_floats, help="guidance scales, e.g. 1,2,4 (default: the spec's `sample.cfg`)")
+            s.add_argument("--n", type=count(2, MAX_SAMPLES), default=1000, help="samples per scale (default 1000)")
+            s.add_argument("--cache", help="where the digits classifier is cached (default ~/.cache/ditc)")
+            s.add_argument("--inception", help="Inception v3 weights (pytorch-fid's or torchvision's state_dict): "
+                                               "score FID against --ref instead of the digits scores")
+            s.add_argument("--ref", help="with --inception: reference images, a folder or an .npz")
+            s.set_defaults(func=cmd_evaluate)
+
+
+def cmd_train(args) -> int:
+    """One process; or, with --nproc N, a launcher of N ranks that run this same command line; or, where
+    torchrun (or the launcher) set WORLD_SIZE, one rank of a data-parallel run."""
+    from dit_compiler.run.distributed import LAUNCHED_BY_DITC, joined, world_from_env
+    from dit_compiler.run.train import check_run, resolve_config, train
+
+    spec, _ = _load_target(args.target)
+    if args.memory_limit:
+        spec = replace(spec, memory_limit=args.memory_limit)
+    run_dir = Path(args.out or Path("runs") / spec.name)
+    overrides = {k: getattr(args, k) for k in ("data", "steps", "lr", "weight_decay", "ema_decay", "ema_warmup",
+                                               "backend", "seed", "ckpt_every")}
+    config = resolve_config(run_dir, overrides, args.resume, spec)
+    world = world_from_env()
+    if world is None:
+        if args.nproc == 1:
+            return train(spec, run_dir, config, resume=args.resume)
+        from dit_compiler.run.launch import launch
+
+        check_run(spec, run_dir, config, args.resume)   # a mistake reported once, before any rank starts
+        return launch([sys.executable, "-m", "dit_compiler.cli", *args.argv], args.nproc)
+    if args.nproc > 1 and LAUNCHED_BY_DITC not in os.environ:
+        raise UsageError(f"--nproc {args.nproc}: this process is already rank {world.rank} of {world.size} "
+                         "(WORLD_SIZE is set, as torchrun sets it): torchrun starts the ranks; drop --nproc")
+    with joined(world, args.dist_timeout):
+        return train(spec, run_dir, config, resume=args.resume, world=world)
+
+
+def _load_target(target: str):
+    from dit_compiler.cli import _spec_and_dir
+
+    return _spec_and_dir(target)
+
+
+def _checkpoint_of(args, tmp: str):
+    """The spec, its build folder, the checkpoint (a run's last unless --ckpt), the default samples folder,
+    and where builds of this model's variants go (the run folder, or `tmp`) for a run folder or for a
+    spec given with --ckpt."""
+    from dit_compiler.build import SPEC_FILE, compile_spec, write_build
+    from dit_compiler.run.train import RUN_FILE, checkpoints, run_build_dir
+    from dit_compiler.spec import load_spec
+
+    path = Path(args.target)
+    ckpt = Path(args.ckpt) if args.ckpt else None
+    if (path / RUN_FILE).is_file():
+        build_dir = run_build_dir(path)
+        spec = load_spec(build_dir / SPEC_FILE)
+        if ckpt is None:
+            if not checkpoints(path):
+                raise UsageError(f"{path}: the run has no checkpoint yet")
+            ckpt = checkpoints(path)[-1]
+        default_out, builds = path / "samples", path
+    else:
+        spec, build_dir = _load_target(args.target)
+        if ckpt is None:
+            raise UsageError(f"{args.target}: a spec has no trained weights; pass --ckpt FILE (a ditc run's or "
+                             "DiT's checkpoint) or give a training run folder")
+        build_dir = build_dir or write_build(compile_spec(spec), tmp)
+        default_out, builds = Path("samples") / spec.name, Path(tmp)
+    if not ckpt.is_file():
+        raise UsageError(f"--ckpt {ckpt}: no such file")
+    return spec, build_dir, ckpt, default_out, builds
+
+
+#: The largest batch a sampling variant is compiled for; more rows a step run through it in chunks.
+MAX_SAMPLING_BATCH = 1024
+
+
+def _open_model(args, tmp: str, rows: Callable[[Spec], int]):
+    """The graph, a backend holding the checkpoint's weights for sampling, a description of them, and the
+    default output. The model is compiled for `rows(spec)` images a step (twice the samples under
+    guidance), a variant of the spec built once beside the run (or in `tmp`), so each sampling step is
+    one forward of the forward-only model."""
+    from dit_compiler.build import compile_spec, graph_of, write_build
+    from dit_compiler.run.backend import load_into, open_backend
+    from dit_compiler.run.weights import load_weights
+
+    spec, build_dir, ckpt, default_out, builds = _checkpoint_of(args, tmp)
+    batch = min(rows(spec), MAX_SAMPLING_BATCH)
+    if batch != spec.batch:
+        spec = replace(spec, name=f"{spec.name}-sample-b{batch}", batch=batch,
+                       tiling=replace(spec.tiling, batch="auto"))
+        build_dir = write_build(compile_spec(spec), builds)
+    graph = graph_of(spec)
+    backend = open_backend(args.backend, build_dir, graph, inference=True)
+    weights, entry = load_weights(ckpt, args.ema)
+    load_into(backend, weights, str(ckpt))
+    return graph, backend, f"{ckpt} ({entry})", Path(args.out) if args.out else default_out
+
+
+def _rows(labels: int, scales: list[float]) -> int:
+    """Model rows a sampling step runs: each label once, twice under guidance (conditional and null)."""
+    return labels * (2 if any(s != 1 for s in scales) else 1)
+
+
+def _labels(args, spec: Spec):
+    from dit_compiler.run.sample import sample_labels
+
+    return sample_labels(spec.model.num_classes, args.classes, args.n)
+
+
+def cmd_export(args) -> int:
+    from dit_compiler.build import graph_of
+    from dit_compiler.run.export import export_diffusers
+    from dit_compiler.run.weights import load_weights
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, _, ckpt, _, _ = _checkpoint_of(args, tmp)
+        weights, entry = load_weights(ckpt, args.ema)
+        out = export_diffusers(graph_of(spec), weights, Path(args.diffusers), f"{ckpt} ({entry})")
+    print(f"exported {ckpt} ({entry}) as a diffusers DiTTransformer2DModel: {out}/")
+    return 0
+
+
+def _sample_config(args, graph, cfg: float | None = None):
+    """The spec's `sample:` section with the flags on top (`cfg` one scale of a sweep)."""
+    from dit_compiler.run.sample import SampleConfig
+
+    spec = graph.spec.sample
+    channels = args.cfg_channels or spec.cfg_channels
+    return SampleConfig(sampler=args.sampler or spec.sampler, steps=args.steps or spec.steps,
+                        eta=spec.eta if args.eta is None else args.eta, cfg=cfg or spec.cfg,
+                        cfg_channels=None if channels == "auto" else channels, seed=args.seed,
+                        clip_denoised=args.clip_denoised, sigma_small=args.sigma_small)
+
+
+def cmd_sample(args) -> int:
+    from dit_compiler.run.sample import run_sample
+
+    with tempfile.TemporaryDirectory() as tmp:
+        graph, backend, source, out = _open_model(
+            args, tmp, lambda spec: _rows(len(_labels(args, spec)), [args.cfg or spec.sample.cfg]))
+        labels = _labels(args, graph.spec)
+        try:
+            run_sample(backend, graph, labels, _sample_config(args, graph, args.cfg), out,
+                       Path(args.vae) if args.vae else None, {"checkpoint": source, "spec": graph.spec.name})
+        finally:
+            backend.close()
+    return 0
+
+
+def _scorer(args):
+    """A function (images, labels) -> scores: FID against --ref with --inception, else the digits scores."""
+    if args.inception:
+        from dit_compiler.data import load_images
+        from dit_compiler.run.evaluate import features_distance
+        from dit_compiler.run.inception import inception_features, load_inception
+
+        if not args.ref:
+            raise UsageError("--inception needs --ref PATH: the reference images (a folder or an .npz)")
+        model = load_inception(Path(args.inception))
+        reference = inception_features(model, load_images(args.ref))
+        print(f"FID against {args.ref} ({len(reference)} images), Inception weights {args.inception}")
+        return lambda images, labels: {"n": len(images),
+                                       "fid": features_distance(inception_features(model, images), reference)}
+    from dit_compiler.run.evaluate import default_cache, digits_classifier, score_digits
+
+    clf, trained = digits_classifier(Path(args.cache) if args.cache else default_cache())
+    print(f"digits classifier ({'trained now' if trained else 'cached'}): held-out accuracy "
+          f"{100 * clf.heldout_accuracy:.1f}%")
+    return lambda images, labels: score_digits(clf, images, labels, args.seed)
+
+
+def cmd_evaluate(args) -> int:
+    import numpy as np
+
+    from dit_compiler.run.evaluate import format_table, write_table
+
+    score = _scorer(args)
+    target = Path(args.target)
+    samples_file = target / "samples.npz" if target.is_dir() else target
+    rows = []
+    if samples_file.suffix == ".npz" and samples_file.is_file():
+        with np.load(samples_file) as f:
+            if "images" not in f.files or "labels" not in f.files:
+                raise UsageError(f"{samples_file}: no `images` and `labels` (write it with `ditc sample`)")
+            images, labels = f["images"], f["labels"]
+        out = Path(args.out) if args.out else samples_file.parent
+        rows.append({"cfg": None} | score(images, labels) | {"samples": str(samples_file)})
+    else:
+        from dit_compiler.run.sample import run_sample, sample_labels
+
+        with tempfile.TemporaryDirectory() as tmp:
+            graph, backend, source, default_out = _open_model(
+                args, tmp, lambda spec: _rows(args.n, args.cfg or [spec.sample.cfg]))
+            out = Path(args.out) if args.out else default_out.with_name("evaluate")
+            labels = sample_labels(graph.facts.num_classes, None, args.n)
+            try:
+                for cfg in args.cfg or [graph.spec.sample.cfg]:
+                    images, took = run_sample(backend, graph, labels, _sample_config(args, graph, cfg), out / f"cfg{cfg:g}",
+                                              Path(args.vae) if args.vae else None,
+                                              {"checkpoint": source, "spec": graph.spec.name})
+                    rows.append({"cfg": cfg} | score(images, labels) | {"sampling_s": round(took, 2),
+                                                                         "checkpoint": source})
+            finally:
+                backend.close()
+    write_table(rows, out)
+    print(format_table(rows))
+    print(f"table: {out}/evaluate.csv" + (f", plot: {out}/evaluate.png" if len(rows) > 1 else ""), file=sys.stderr)
+    return 0

@@ -1,0 +1,378 @@
+"""Nothing a user types loses a file, hangs, or prints a traceback.
+
+`HOSTILE` is the table of bad inputs: each runs `ditc` in a folder holding the case's files and must exit
+2 with a message naming the file (or flag) and the problem, raise nothing (an exception escaping `main`
+fails the test, as a traceback would have shown), and leave every file as it was: nothing written,
+nothing removed. Real processes and a real SIGTERM test concurrent builds and interruption.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, SPECS
+from dit_compiler.cli import main
+
+TINY = (SPECS / "tiny.yaml").read_text()
+SMALL = "preset: DiT-S/8\nmodel:\n  depth: 1\n"
+EXTENDS_CHAIN = {f"c{i}.yaml": f"extends: c{i + 1}.yaml\n" for i in range(20)} | {"c20.yaml": SMALL}
+
+
+def sweep(body: str) -> str:
+    return "base: base.yaml\nname: s\n" + body
+
+
+SWEEP_FILES = {"base.yaml": TINY}
+
+#: id -> (files written first, arguments, what stderr must say). Paths are relative to the case's folder.
+HOSTILE = {
+    # specs: bounds, names, empty files, quoting, extends chains
+    "20-digit widths": ({"s.yaml": "model:\n  hidden_size: 12345678901234567890\n  num_heads: 98765432109876543210\n"},
+                        ["validate", "s.yaml"], ["s.yaml:2:16: model.hidden_size: too large", "from 1 to 65536",
+                                                 "s.yaml:3:14: model.num_heads: too large"]),
+    "unallocatable width": ({"s.yaml": "model:\n  hidden_size: 1e9\n"}, ["build", "s.yaml"],
+                            ["s.yaml:2:16: model.hidden_size: too large"]),
+    "depth beyond its maximum": ({"s.yaml": "model:\n  depth: 10000\n"}, ["inspect", "s.yaml"],
+                                 ["s.yaml:2:10: model.depth: too large", "from 1 to 1000"]),
+    "mlp_ratio beyond its maximum": ({"s.yaml": "model:\n  mlp_ratio: 1e300\n"}, ["validate", "s.yaml"],
+                                     ["s.yaml:2:14: model.mlp_ratio: too large"]),
+    "vanishing mlp_ratio": ({"s.yaml": "model:\n  mlp_ratio: 1e-9\n"}, ["validate", "s.yaml"],
+                            ["s.yaml:2:14: model.mlp_ratio", "not a whole number of at least 1"]),
+    "classes beyond their maximum": ({"s.yaml": "model:\n  num_classes: 100000000\n"}, ["validate", "s.yaml"],
+                                     ["model.num_classes: too large"]),
+    "batch beyond its maximum": ({"s.yaml": "preset: DiT-S/2\nbatch: 1000000\n"}, ["validate", "s.yaml"],
+                                 ["s.yaml:2:8: batch: too large"]),
+    "name with a newline": ({"s.yaml": 'preset: DiT-S/2\nname: "foo\\n"\n'}, ["build", "s.yaml"],
+                            ["s.yaml:2:7: name: not of the allowed form", "letters, digits"]),
+    "name with a path": ({"s.yaml": "preset: DiT-S/2\nname: ../x\n"}, ["build", "s.yaml"], ["s.yaml:2:7: name"]),
+    "name too long": ({"s.yaml": "preset: DiT-S/2\nname: " + "a" * 65 + "\n"}, ["build", "s.yaml"],
+                      ["s.yaml:2:7: name: too long"]),
+    "file stem with a space": ({"my spec.yaml": "preset: DiT-S/2\n"}, ["build", "my spec.yaml"],
+                               ["my spec.yaml: name:", "its file name is no valid build name", "'my spec'"]),
+    "file stem '.'": ({"..yaml": "preset: DiT-S/2\n"}, ["build", "..yaml"], ["..yaml: name:", "got '.'"]),
+    "keys that are no strings": ({"s.yaml": "1: 2\n~: 3\n"}, ["validate", "s.yaml"],
+                                 ["s.yaml:1:1: <top level>: keys must be strings (got '1')", "s.yaml:2:1"]),
+    "empty spec": ({"e.yaml": ""}, ["build", "e.yaml"],
+                   ["e.yaml: <top level>: the spec is empty; `preset: DiT-XL/2` selects the defaults"]),
+    "spec of comments": ({"e.yaml": "# nothing yet\n\n"}, ["build", "e.yaml"], ["e.yaml", "the spec is empty"]),
+    "extends a system file": ({"s.yaml": "extends: /etc/passwd\n"}, ["validate", "s.yaml"],
+                              ["/etc/passwd:1:1", "characters)"]),
+    "an integer of 5,000 digits": ({"s.yaml": "model:\n  depth: " + "9" * 5000 + "\n"}, ["validate", "s.yaml"],
+                                         ["s.yaml:2:10: model.depth: cannot read this value"]),
+    "brackets nested 10,000 deep": ({"s.yaml": "model: " + "[" * 10000 + "]" * 10000 + "\n"}, ["validate", "s.yaml"],
+                                    ["s.yaml: <top level>: spec is nested too deeply"]),
+    "a file above the size limit": ({"s.yaml": "# padding\n" * 4000}, ["validate", "s.yaml"],
+                                    ["s.yaml: <top level>: spec is 40000 bytes; the limit is 32 KiB"]),
+    "a chain of files above the size limit together": (
+        {"a.yaml": "extends: b.yaml\n" + "# pad\n" * 3000, "b.yaml": "batch: 2\n" + "# pad\n" * 3000},
+        ["validate", "a.yaml"], ["b.yaml: <top level>: spec is 18009 bytes, and the files extending it 18016 bytes; "
+                                 "the limit is 32 KiB"]),
+    "thousands of mistakes": ({"s.yaml": "".join(f"k{i}: 1\n" for i in range(3000))}, ["validate", "s.yaml"],
+                              ["s.yaml:1:1: k0: unknown key", "... and 2950 more problems"]),
+    "extends chain too deep": (EXTENDS_CHAIN, ["validate", "c0.yaml"],
+                               ["c0.yaml: extends: extends chain longer than 16 files, from this file to c15.yaml, whose line 1"]),
+    # build: what a build may replace
+    "build over a user's folder": ({"s.yaml": "preset: DiT-S/2\nname: specs\n", "specs/notes.txt": "mine\n"},
+                                   ["build", "s.yaml", "-o", "."], ["specs/ is a folder ditc did not build"]),
+    "build over a user's file": ({"s.yaml": "preset: DiT-S/2\nname: m\n", "out/m": "a file\n"},
+                                 ["build", "s.yaml", "-o", "out"], ["out/m exists and is not a build folder"]),
+    "build over a file the manifest does not list": (
+        {"s.yaml": "preset: DiT-S/2\nname: m\n", "out/m/ditc-build.json": '{"written_by": "ditc 0.1.0", "files": {}}\n',
+         "out/m/graph.json": "my own graph\n"},
+        ["build", "s.yaml", "-o", "out"], ["out/m/graph.json is not a file ditc wrote"]),
+    "build over a corrupt manifest": ({"s.yaml": "preset: DiT-S/2\nname: m\n", "out/m/ditc-build.json": "[1, 2]\n"},
+                                      ["build", "s.yaml", "-o", "out"], ["out/m/ditc-build.json: not a manifest ditc wrote"]),
+    "two specs of one name": ({"a.yaml": "preset: DiT-S/2\nname: x\n", "b.yaml": "preset: DiT-S/4\nname: x\n"},
+                              ["build", "a.yaml", "b.yaml", "-o", "out"], ["a.yaml and b.yaml both build 'x'"]),
+    "-o at a file": ({"s.yaml": SMALL, "f": "x\n"}, ["build", "s.yaml", "-o", "f"], ["-o f: a file, not a folder"]),
+    "-o under a file": ({"s.yaml": SMALL, "f": "x\n"}, ["build", "s.yaml", "-o", "f/sub"],
+                        ["-o f/sub:", "is a file, so no folder can be made under it"]),
+    "-o where no folder can be made": ({"s.yaml": SMALL}, ["build", "s.yaml", "-o", "/proc/ditc-test"],
+                                       ["/proc/ditc-test:"]),  # as root: mkdir fails; else: not writable
+    "-o not writable": ({"s.yaml": SMALL}, ["build", "s.yaml", "-o", "/proc/sys/ditc-test"],
+                        ["-o /proc/sys/ditc-test: /proc/sys is not writable by you"]),  # even for root
+    # runners: paths, flags and the environment, refused before any work
+    "--json at a folder": ({"s.yaml": SMALL, "d/keep": ""}, ["verify", "s.yaml", "--json", "d"],
+                           ["--json d: a folder; name a file"]),
+    "--json in a missing folder": ({"s.yaml": SMALL}, ["bench", "s.yaml", "--json", "no/where.json"],
+                                   ["--json no/where.json: the folder", "does not exist"]),
+    "--seed below 0": ({"s.yaml": SMALL}, ["verify", "s.yaml", "--seed", "-1"], ["--seed: -1 is outside 0 to 4294967295"]),
+    "--seed above 2**32": ({"s.yaml": SMALL}, ["verify", "s.yaml", "--seed", str(2**32)], ["--seed: 4294967296 is outside"]),
+    "--ncpus of a million": ({"s.yaml": SMALL}, ["bench", "s.yaml", "--ncpus", "1000000"], ["--ncpus: 1000000 is outside 1 to"]),
+    "a model bigger than memory": ({"s.yaml": "model:\n  hidden_size: 65536\n  num_heads: 16\n  depth: 100\n"},
+                                   ["verify", "s.yaml", "-o", "out"], ["s.yaml: running 's' needs at least", "GiB"]),
+    "verify a build folder missing a file": (
+        {"b/tiny/ditc-build.json": "{}", "b/tiny/spec.resolved.yaml": (ROOT / "generated/tiny/spec.resolved.yaml").read_text(),
+         "b/tiny/torch_reference.py": (ROOT / "generated/tiny/torch_reference.py").read_text()},
+        ["verify", "b/tiny"], ["b/tiny: nntile_model.py, graph.json missing",
+                               "`ditc build b/tiny/spec.resolved.yaml -o b` rebuilds it"]),
+    # the command line
+    "unknown top-level flag": ({}, ["--bogus"], ["usage: ditc ", "unrecognized arguments: --bogus"]),
+    "unknown command flag": ({"s.yaml": SMALL}, ["build", "--bogus", "s.yaml"],
+                             ["usage: ditc build", "unrecognized arguments: --bogus"]),
+    "no command": ({}, [], ["choose a command: validate, schema, build"]),
+    "--dot with --format json": ({"s.yaml": SMALL}, ["inspect", "s.yaml", "--dot", "--format", "json"],
+                                 ["--dot and --format json ask for different outputs"]),
+    "--summary with --dot": ({"s.yaml": SMALL}, ["inspect", "s.yaml", "--summary", "--dot"],
+                             ["--dot and --summary ask for different outputs"]),
+    "--rounds without --bench": (SWEEP_FILES | {"w.yaml": sweep("")}, ["sweep", "w.yaml", "--rounds", "2"],
+                                 ["--rounds counts benchmark passes, so it needs --bench"]),
+    # sweep files
+    "sweep grid a list": (SWEEP_FILES | {"w.yaml": sweep("grid: [1, 2]\n")}, ["sweep", "w.yaml"],
+                          ["w.yaml:3:7: grid: wrong type", "allowed: a mapping"]),
+    "sweep zip value a number": (SWEEP_FILES | {"w.yaml": sweep("zip: {batch: 5}\n")}, ["sweep", "w.yaml"],
+                                 ["w.yaml:3:14: zip.batch: wrong type (got 5)", "a list of at least 1 values"]),
+    "sweep points of numbers": (SWEEP_FILES | {"w.yaml": sweep("points: [1, 2]\n")}, ["sweep", "w.yaml"],
+                                ["w.yaml:3:9: points.0: wrong type (got 1)", "points.1"]),
+    "sweep set a number": (SWEEP_FILES | {"w.yaml": sweep("points: [{name: a, set: 5}]\n")}, ["sweep", "w.yaml"],
+                           ["w.yaml:3:25: points.0.set: wrong type (got 5)"]),
+    "sweep base a number": ({"w.yaml": "base: 5\n"}, ["sweep", "w.yaml"], ["w.yaml:1:7: base: wrong type (got 5)"]),
+    "sweep base missing": ({"w.yaml": "base: nowhere.yaml\n"}, ["sweep", "w.yaml"], ["w.yaml:1:7: base: no spec file at"]),
+    "sweep without base": ({"w.yaml": "grid: {batch: [1]}\n"}, ["sweep", "w.yaml"], ["w.yaml", "missing key 'base'"]),
+    "sweep empty": ({"w.yaml": ""}, ["sweep", "w.yaml"], ["w.yaml", "missing key 'base'"]),
+    "sweep key below a value": (SWEEP_FILES | {"w.yaml": sweep("grid:\n  model.depth.x: [1]\n")}, ["sweep", "w.yaml"],
+                                ["w.yaml:4:3: grid.model.depth.x: 'model.depth.x' is no spec key a sweep can set"]),
+    "sweep key misspelt": (SWEEP_FILES | {"w.yaml": sweep("grid:\n  model.dept: [1, 2]\n")}, ["sweep", "w.yaml"],
+                           ["w.yaml:4:3: grid.model.dept:", "did you mean 'model.depth'?"]),
+    "sweep preset varied": (SWEEP_FILES | {"w.yaml": sweep("grid:\n  preset: [DiT-S/2]\n")}, ["sweep", "w.yaml"],
+                            ["w.yaml:4:3: grid.preset: 'preset' is no spec key a sweep can set"]),
+    "sweep point key misspelt": (SWEEP_FILES | {"w.yaml": sweep("points:\n  - name: a\n    sett: {batch: 2}\n")},
+                                 ["sweep", "w.yaml"], ["w.yaml:5:5: points.0.sett: unknown key; did you mean 'set'?"]),
+    "sweep value of the wrong type": (SWEEP_FILES | {"w.yaml": sweep("grid:\n  model.depth: [two, 2]\n")},
+                                      ["sweep", "w.yaml"], ["w.yaml:4:16: grid.model.depth: not a value model.depth allows"]),
+    "sweep key in grid and zip": (SWEEP_FILES | {"w.yaml": sweep("grid:\n  batch: [1, 2]\nzip:\n  batch: [3]\n")},
+                                  ["sweep", "w.yaml"], ["batch is varied in both grid and zip"]),
+    "sweep zip lists of two lengths": (SWEEP_FILES | {"w.yaml": sweep("zip:\n  batch: [1, 2]\n  model.depth: [1]\n")},
+                                       ["sweep", "w.yaml"], ["w.yaml:4:3: zip: every list in zip must have one length"]),
+    "sweep value twice": (SWEEP_FILES | {"w.yaml": sweep("grid:\n  batch: [1, 1]\n")}, ["sweep", "w.yaml"],
+                          ["grid.batch: a value is listed twice"]),
+    "sweep point names twice": (SWEEP_FILES | {"w.yaml": sweep("points:\n  - {name: a}\n  - {name: a}\n")},
+                                ["sweep", "w.yaml"], ["points.1.name: two points have this name"]),
+    "sweep file stem with a space": (SWEEP_FILES | {"my sweep.yaml": "base: base.yaml\n"}, ["sweep", "my sweep.yaml"],
+                                     ["my sweep.yaml: name: the sweep sets no `name:`", "'my sweep'"]),
+    "sweep name with a path": (SWEEP_FILES | {"w.yaml": "base: base.yaml\nname: ../../x\n"}, ["sweep", "w.yaml"],
+                               ["w.yaml:2:7: name: not of the allowed form"]),
+    "sweep alias grid": (SWEEP_FILES | {"w.yaml": sweep("grid:\n  model.depth: &v [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n"
+                                                        "  batch: *v\n  model.in_channels: *v\n  model.num_classes: *v\n")},
+                         ["sweep", "w.yaml"], ["w.yaml: <top level>: the sweep has 10,000 points; the limit is 1,000",
+                                               "--max-points N"]),
+    "sweep not UTF-8": ({"w.yaml": b"base: caf\xe9.yaml\n"}, ["sweep", "w.yaml"], ["w.yaml:1:10", "not UTF-8"]),
+    "sweep of YAML errors": ({"w.yaml": "base: [\n"}, ["sweep", "w.yaml"], ["w.yaml:2:1", "YAML syntax error"]),
+    "sweep base spec invalid": ({"base.yaml": "model:\n  depth: 0\n", "w.yaml": sweep("")}, ["sweep", "w.yaml"],
+                                ["base.yaml:2:10: model.depth: too small"]),
+    "sweep into a user's folder": (SWEEP_FILES | {"w.yaml": sweep(""), "res/s/notes.txt": "mine\n"},
+                                   ["sweep", "w.yaml", "-o", "res"], ["res/s/ holds files but no results.json"]),
+    "sweep resumes a corrupt results.json": (SWEEP_FILES | {"w.yaml": sweep(""), "res/s/results.json": "{bad"},
+                                             ["sweep", "w.yaml", "-o", "res", "--resume"],
+                                             ["res/s/results.json: not a results file ditc sweep wrote for 's'"]),
+    "sweep resumes a foreign results.json": (SWEEP_FILES | {"w.yaml": sweep(""), "res/s/results.json": "[1, 2]\n"},
+                                             ["sweep", "w.yaml", "-o", "res", "--resume"],
+                                             ["res/s/results.json: not a results file ditc sweep wrote"]),
+    "sweep resumes another sweep's results": (
+        SWEEP_FILES | {"w.yaml": sweep(""),
+                       "res/s/results.json": json.dumps({"kind": "ditc sweep results", "sweep": "t", "points": []})},
+        ["sweep", "w.yaml", "-o", "res", "--resume"], ["(the results of sweep 't')"]),
+}
+
+
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every path under `folder` with its bytes (None for a folder)."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+
+
+def ditc(*args: str) -> tuple[int, str, str]:
+    """`main` as the console script runs it: an exception escaping it fails the test."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as stop:  # argparse's own exit
+            code = stop.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def put(folder: Path, files: dict[str, str | bytes]) -> None:
+    for name, text in files.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+
+
+@pytest.mark.parametrize("case", HOSTILE, ids=list(HOSTILE))
+def test_hostile_input_is_refused_cleanly(case, tmp_path, monkeypatch):
+    files, args, expected = HOSTILE[case]
+    put(tmp_path, files)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("STARPU_NCPU", raising=False)
+    before = snapshot(tmp_path)
+    code, out, err = ditc(*args)
+    assert code == 2, (code, out, err)
+    for text in expected:
+        assert text in err, (text, err)
+    assert "Traceback" not in out + err
+    assert snapshot(tmp_path) == before  # nothing written, nothing removed
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "0", "1e3", "1000"])
+def test_a_bad_starpu_ncpu_is_refused_by_runners_only(value, tmp_path, monkeypatch):
+    monkeypatch.setenv("STARPU_NCPU", value)
+    assert ditc("--version")[0] == 0
+    assert ditc("validate", str(SPECS / "tiny.yaml"))[0] == 0
+    code, _, err = ditc("verify", str(SPECS / "tiny.yaml"), "-o", str(tmp_path))
+    assert code == 2 and f"STARPU_NCPU={value!r} in the environment is not a number of CPU workers" in err
+    assert not any(tmp_path.iterdir())
+    monkeypatch.setenv("STARPU_NCPU", "")  # empty counts as unset
+    assert ditc("validate", str(SPECS / "tiny.yaml"))[0] == 0
+
+
+def test_a_build_keeps_the_users_files_and_replaces_only_its_own(tmp_path):
+    spec = tmp_path / "m.yaml"
+    spec.write_text("preset: DiT-S/2\nmodel:\n  depth: 1\n")
+    assert ditc("build", str(spec), "-o", str(tmp_path / "out"))[0] == 0
+    folder = tmp_path / "out" / "m"
+    (folder / "checkpoint.pt").write_bytes(b"weights")
+    (folder / "plots").mkdir()
+    manifest = json.loads((folder / "ditc-build.json").read_text())
+    assert set(manifest["files"]) == {"torch_reference.py", "nntile_model.py", "graph.json", "spec.resolved.yaml"}
+    assert manifest["written_by"].startswith("ditc ")
+    spec.write_text("preset: DiT-S/4\nmodel:\n  depth: 1\n")
+    code, out, _ = ditc("build", str(spec), "-o", str(tmp_path / "out"))
+    assert code == 0 and "wrote" in out
+    assert (folder / "checkpoint.pt").read_bytes() == b"weights" and (folder / "plots").is_dir()
+    assert json.loads((folder / "ditc-build.json").read_text())["files"] != manifest["files"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m"]  # no staging or old folders
+
+
+def test_mlp_ratio_is_whole_up_to_float_rounding(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("preset: DiT-S/2\nmodel:\n  hidden_size: 100\n  num_heads: 4\n  mlp_ratio: 1.1\n")
+    from dit_compiler.build import compile_spec
+    from dit_compiler.spec import load_spec
+    graph = compile_spec(load_spec(spec)).graph
+    assert graph.axes["mlp"].size == 110
+
+
+def test_verify_names_an_edited_build_file_and_how_to_rebuild(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nntile", None)  # the torch side alone: fast
+    folder = tmp_path / "tiny"
+    shutil.copytree(ROOT / "generated" / "tiny", folder)
+    with (folder / "torch_reference.py").open("a") as file:
+        file.write("# my edit\n")
+    code, out, err = ditc("verify", str(folder), "--no-oracle")
+    assert code == 0, err
+    assert (f"note: {folder}/torch_reference.py was edited since ditc wrote it" in out
+            and f"`ditc build {folder}/spec.resolved.yaml -o {tmp_path}` rebuilds it" in out)
+
+
+def test_sweep_without_nntile_marks_points_unverified_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nntile", None)
+    put(tmp_path, {"base.yaml": TINY, "w.yaml": sweep("grid:\n  model.depth: [1, 2]\n")})
+    code, out, err = ditc("sweep", str(tmp_path / "w.yaml"), "-o", str(tmp_path / "res"), "--verify")
+    assert code == 1
+    assert err.count("NNTile is not importable") == 1 and "marked unverified" in err
+    assert [line.split()[-1] for line in out.splitlines()[:2]] == ["unverified", "unverified"]
+    assert "\r" not in err  # no progress bar where the output is not a terminal
+    code, out, err = ditc("sweep", str(tmp_path / "w.yaml"), "-o", str(tmp_path / "res"), "--bench", "--resume")
+    assert code == 1 and "marked not benchmarked" in err and "Traceback" not in out + err
+
+
+def test_resume_reruns_a_point_whose_spec_changed(tmp_path):
+    put(tmp_path, {"base.yaml": TINY, "w.yaml": sweep("grid:\n  model.depth: [1, 2]\n")})
+    args = ("sweep", str(tmp_path / "w.yaml"), "-o", str(tmp_path / "res"))
+    assert ditc(*args)[0] == 0
+    code, _, err = ditc(*args, "--resume")
+    assert code == 0 and err.count("(kept from the earlier run)") == 2
+    before = json.loads((tmp_path / "res" / "s" / "results.json").read_text())["points"]
+    (tmp_path / "base.yaml").write_text(TINY.replace("num_classes: 10", "num_classes: 7"))
+    code, _, err = ditc(*args, "--resume")
+    assert code == 0 and "kept" not in err
+    results = json.loads((tmp_path / "res" / "s" / "results.json").read_text())
+    assert results["kind"] == "ditc sweep results" and results["sweep"] == "s"
+    assert all(new["spec_sha256"] != old["spec_sha256"] for new, old in zip(results["points"], before))
+    assert "num_classes: 7" in (tmp_path / "res" / "s" / "builds" / "s-depth1" / "spec.resolved.yaml").read_text()
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.Popen:
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "dit_compiler.cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def complete_builds(out: Path) -> list[str]:
+    """The build folders under `out`, each checked whole: every file its manifest lists, with that content;
+    no staging folder or temporary file left anywhere."""
+    assert not [p for p in out.rglob(".*")], "a temporary file or folder was left behind"
+    for folder in out.iterdir():
+        listed = json.loads((folder / "ditc-build.json").read_text())["files"]
+        for name, digest in listed.items():
+            assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest, folder / name
+    return sorted(p.name for p in out.iterdir())
+
+
+def test_concurrent_builds_of_one_name_all_succeed(tmp_path):
+    for i, preset in enumerate(("DiT-S/2", "DiT-S/4", "DiT-S/8", "DiT-B/2")):
+        (tmp_path / f"s{i}.yaml").write_text(f"preset: {preset}\nname: same\nmodel:\n  depth: 20\n")
+    procs = [run_cli("build", f"s{i}.yaml", "-o", "out", cwd=tmp_path) for i in range(4)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and "Traceback" not in err, err
+    assert complete_builds(tmp_path / "out") == ["same"]
+
+
+def test_sigterm_leaves_every_build_whole_and_nothing_behind(tmp_path):
+    """SIGTERM right after the first of six folders lands, first into fresh folders, then twice over them:
+    each folder is the old build or the new one, whole, and nothing temporary is left; exit 143 and no
+    traceback (or, where the signal came after the last folder, the usual end by SIGTERM)."""
+    names = [f"k{i}" for i in range(6)]
+    codes = []
+    for preset in ("DiT-XL/2", "DiT-XL/4", "DiT-XL/8"):
+        for name in names:
+            (tmp_path / f"{name}.yaml").write_text(f"preset: {preset}\nname: {name}\nmodel:\n  depth: 40\n")
+        proc = run_cli("build", *[f"{n}.yaml" for n in names], "-o", "out", cwd=tmp_path)
+        assert proc.stdout.readline().endswith("out/k0/\n")  # the first folder landed
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        codes.append(proc.returncode)
+        assert "Traceback" not in err
+        assert proc.returncode in (143, -signal.SIGTERM), (proc.returncode, err)
+        assert proc.returncode != 143 or "terminated; nothing half-written was kept" in err
+        assert set(complete_builds(tmp_path / "out")) <= set(names)
+    assert 143 in codes  # the signal landed while the build was writing at least once
+
+
+@pytest.mark.parametrize("args", [["validate", "pipe.yaml"], ["validate", "s.yaml"], ["sweep", "pipe.yaml"]])
+def test_a_named_pipe_is_refused_not_waited_on(args, tmp_path, monkeypatch):
+    os.mkfifo(tmp_path / "pipe.yaml")
+    (tmp_path / "s.yaml").write_text("extends: pipe.yaml\n")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = ditc(*args)
+    assert code == 2 and "pipe.yaml" in err and "not a regular file" in err
+
+
+def test_a_rebuild_removes_only_unedited_files_an_older_build_wrote(tmp_path):
+    spec = tmp_path / "m.yaml"
+    spec.write_text("preset: DiT-S/2\nmodel:\n  depth: 1\n")
+    assert ditc("build", str(spec), "-o", str(tmp_path))[0] == 0
+    folder, manifest_path = tmp_path / "m", tmp_path / "m" / "ditc-build.json"
+    manifest = json.loads(manifest_path.read_text())
+    for name, text in (("dropped.py", "# an older ditc wrote this\n"), ("edited.py", "# so did it\n")):
+        (folder / name).write_text(text)
+        manifest["files"][name] = hashlib.sha256(text.encode()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+    (folder / "edited.py").write_text("# and then its user changed it\n")
+    spec.write_text("preset: DiT-S/4\nmodel:\n  depth: 1\n")
+    assert ditc("build", str(spec), "-o", str(tmp_path))[0] == 0
+    assert not (folder / "dropped.py").exists() and (folder / "edited.py").exists()
+    assert "edited.py" not in json.loads(manifest_path.read_text())["files"]
