@@ -253,7 +253,8 @@ def verify(graph: Graph, build_dir: Path, *, seed: int = 0, ncpus: int = 2, orac
         problems += missing(exp, "NNTile", nnt)
         if not problems:
             rows = compare(graph, nnt, ref) + [model_row(graph, PLAN_ROW, planned, ref)]
-            rows += [model_row(graph, f"model, {target.KERNEL_SETS[name]}", run, ref) for name, run in alternatives.items()]
+            rows += [model_row(graph, f"model, {target.KERNEL_SETS[name]}", run, ref)
+                     for name, run in alternatives.items()]
             problems += [f"row {r.component} compares no value" for r in rows if r.forward is None]
             problems += [b for b in [forward_breach(graph, nnt, ref)] if b]
     breach = problems[0] if problems else first_breach(rows, len(graph.components()))

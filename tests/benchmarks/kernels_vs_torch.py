@@ -169,7 +169,8 @@ def main() -> None:
           f"{'over torch per step':>20s}")
     for name, theirs_nntile, ours, torch_s in rows:
         best = min(t for t in (theirs_nntile, ours) if t is not None)
-        ditc_cells = (f"{ours * 1e3:8.2f}", f"{ours / torch_s:11.2f}") if ours is not None else (f"{'-':>8s}", f"{'-':>11s}")
+        ditc_cells = ((f"{ours * 1e3:8.2f}", f"{ours / torch_s:11.2f}") if ours is not None
+                      else (f"{'-':>8s}", f"{'-':>11s}"))
         print(f"{name:32s} {theirs_nntile * 1e3:10.2f} {ditc_cells[0]} {torch_s * 1e3:9.2f} "
               f"{theirs_nntile / torch_s:13.2f} {ditc_cells[1]} {(best - torch_s) * depth:18.3f} s")
 

@@ -97,8 +97,9 @@ def nntile_blas() -> Blas | None:
     if lib is None or not hasattr(lib, "cblas_sgemm"):
         return None
     library = _library_of(lib.cblas_sgemm)
-    if (core := _string(lib, "openblas_get_corename")) is not None:  # its config: "OpenBLAS 0.3.21 <options>"
-        return Blas(library, "OpenBLAS", " ".join((_string(lib, "openblas_get_config") or "OpenBLAS").split()[:2]), core)
+    if (core := _string(lib, "openblas_get_corename")) is not None:
+        config = _string(lib, "openblas_get_config") or "OpenBLAS"   # "OpenBLAS 0.3.21 <build options>"
+        return Blas(library, "OpenBLAS", " ".join(config.split()[:2]), core)
     if hasattr(lib, "mkl_get_version_string"):
         buffer = ctypes.create_string_buffer(256)
         lib.mkl_get_version_string(buffer, 256)
