@@ -4,9 +4,12 @@ SIGTERM (both cleaned up the same way)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from dit_compiler import __version__
@@ -318,6 +321,12 @@ def _runner(sub, name: str, help_text: str, ncpus_help: str, ncpus) -> argparse.
     s.add_argument("-o", "--out", default=DEFAULT_OUT, help="where a spec is built (default: generated/)")
     s.add_argument("--ncpus", type=ncpus, help=ncpus_help)
     s.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    s.add_argument("--kernels", choices=("auto", "ditc", "nntile"),
+                   help="NNTile target: ditc's own CPU kernels or NNTile's (default: $DITC_KERNELS, else auto: "
+                        "ditc's where they build)")
+    s.add_argument("--blas-core", metavar="CORE",
+                   help="NNTile target: run OpenBLAS's CORE kernels (OPENBLAS_CORETYPE; auto: the one for this CPU) "
+                        "once a GEMM check against numpy passes (default: $DITC_BLAS_CORE)")
     return s
 
 
@@ -385,14 +394,40 @@ def _terminate(signum, frame) -> None:
     raise Terminated()
 
 
+def _format_warning(message, category, filename, lineno, line=None, _default=warnings.formatwarning) -> str:
+    """ditc's own warnings (an unavailable kernel set, a slow BLAS core) as one plain line; others as Python's."""
+    if category.__module__.startswith("dit_compiler"):
+        return f"warning: {message}\n"
+    return _default(message, category, filename, lineno, line)
+
+
+@contextlib.contextmanager
+def _one_command(settings: dict[str, str]) -> Iterator[None]:
+    """The environment with `settings`, and ditc's warnings as plain lines, for one command; both as they
+    were afterwards (`main` also runs in-process, in the tests)."""
+    saved, formatwarning = dict(os.environ), warnings.formatwarning
+    os.environ.update(settings)
+    warnings.formatwarning = _format_warning
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        warnings.formatwarning = formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     # NNTile's tasks must not spawn BLAS threads of their own; StarPU's banner is noise here.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("STARPU_SILENT", "1")
     args = parse_args(argv)
+    # the NNTile target reads these where it starts (its runners' subprocesses inherit them)
+    settings = {variable: getattr(args, option) for option, variable in
+                (("kernels", "DITC_KERNELS"), ("blas_core", "DITC_BLAS_CORE")) if getattr(args, option, None)}
     previous = signal.signal(signal.SIGTERM, _terminate)  # cleaned up like Ctrl-C
     try:
-        code = args.func(args)  # a SIGTERM while its big locals are freed lands here, still in the try
+        with _one_command(settings):
+            code = args.func(args)  # a SIGTERM while its big locals are freed lands here, still in the try
         signal.signal(signal.SIGTERM, previous)
         return code
     except SpecError as error:

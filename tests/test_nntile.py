@@ -83,6 +83,46 @@ def test_verify_twice_in_one_process(tmp_path):
     assert [r.forward for r in second.rows] == pytest.approx([r.forward for r in first.rows], rel=0.2)
 
 
+@pytest.mark.parametrize("default, other", [("ditc", "nntile"), ("nntile", "ditc")])
+def test_verify_runs_both_kernel_sets(tmp_path, monkeypatch, capsys, default, other):
+    """The table is the default kernel set's ($DITC_KERNELS / --kernels); the model runs again on the other
+    set, whose row must pass too. The ragged tiny spec's keys span three tiles: ditc's softmax combines them."""
+    from dit_compiler.targets.nntile_1_1 import KERNEL_SETS, native
+
+    if why := native.problem():
+        pytest.skip(f"ditc's kernels are unavailable here: {why}")
+    monkeypatch.setenv("DITC_KERNELS", default)
+    graph, folder = build(tmp_path)
+    report = quiet_verify(graph, folder)
+    assert_passes(report, TIGHT_FORWARD, TIGHT_GRAD)
+    assert report.kernels.startswith(KERNEL_SETS[default])
+    assert report.kernels.endswith(f"the model also ran on {KERNEL_SETS[other]}")
+    row = next(r for r in report.rows if r.component == f"model, {KERNEL_SETS[other]}")
+    assert row.forward <= TIGHT_FORWARD and row.input_grad <= TIGHT_GRAD and row.param_grad <= TIGHT_GRAD
+    monkeypatch.delenv("DITC_KERNELS")
+    assert main(["verify", str(folder), "--no-oracle", "--kernels", default]) == 0
+    assert f"kernels: {KERNEL_SETS[default]}" in capsys.readouterr().out
+
+
+def test_verify_without_ditcs_kernels_runs_nntiles_and_says_why(tmp_path, monkeypatch):
+    """Where the extension cannot be built (no NNTile build tree, no compiler), the model runs NNTile's
+    kernels, verify passes on them, and the report says why ditc's did not run."""
+    from dit_compiler.targets.nntile_1_1 import native
+
+    def unavailable():
+        raise native.Unavailable("no NNTile build tree here")
+
+    monkeypatch.setattr(native, "_loaded", None)
+    monkeypatch.setattr(native, "built_module", unavailable)
+    monkeypatch.delenv("DITC_KERNELS", raising=False)
+    graph, folder = build(tmp_path)
+    with pytest.warns(native.KernelWarning, match="no NNTile build tree here"):
+        report = quiet_verify(graph, folder)
+    assert_passes(report, TIGHT_FORWARD, TIGHT_GRAD)
+    assert report.kernels == "NNTile's kernels (ditc's are unavailable: no NNTile build tree here)"
+    assert not any("kernels" in row.component for row in report.rows)
+
+
 def _broken_copy(tmp_path, folder, file: str, pattern: str, replacement: str):
     broken = tmp_path / "broken"
     shutil.copytree(folder, broken)

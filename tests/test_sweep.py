@@ -66,6 +66,9 @@ def test_bench_prints_both_sides_and_a_ratio_pooling_interleaved_rounds(tmp_path
                  "--rounds", "2", "--json", str(report)]) == 0
     printed = capsys.readouterr().out
     assert "ratio nntile/torch: forward" in printed and "2 StarPU CPU workers" in printed
+    assert "  kernels     " in printed  # which kernels the NNTile side ran
+    gemm = "96x12x24 (m x n x k)"  # a tile GEMM of tiny's largest linear op, timed on each side's BLAS
+    assert printed.count(gemm) == 2 and "GFLOP/s on one core" in printed
     assert "in each of 2 rounds, the sides' runs interleaved" in printed and "median of paired steps" in printed
     data = json.loads(report.read_text())
     assert all(len(data["report"]["sides"][side]["step_s"]) == 2 for side in ("nntile", "torch"))
@@ -73,6 +76,7 @@ def test_bench_prints_both_sides_and_a_ratio_pooling_interleaved_rounds(tmp_path
     summary = data["summary"]
     assert summary["nntile"]["peak_rss_mib"] > 0 and summary["torch"]["step_median_s"] > 0
     assert summary["ratio"]["step_median_s"] > 0
+    assert summary["nntile"]["gemm_gflops"] > 0 and summary["torch"]["gemm_gflops"] > 0
 
 
 @needs_nntile

@@ -61,12 +61,25 @@ CASES = {
 }
 
 
+#: Every layer on NNTile's kernels, and the layers that run ditc's own kernels on those too.
+KERNEL_CASES = [(case, "nntile") for case in sorted(CASES)] + [("Act-gelutanh", "ditc"), ("Attention", "ditc")]
+
+
 @pytest.fixture(scope="module")
 def runtime():
     from dit_compiler.targets.nntile_1_1 import nntile_runtime
 
     with nntile_runtime(2):
         yield
+
+
+def native_or_skip():
+    """ditc's kernel extension, or a skip saying why it cannot be built here."""
+    from dit_compiler.targets.nntile_1_1 import native
+
+    if why := native.problem():
+        pytest.skip(f"ditc's kernels are unavailable here: {why}")
+    return native.load()
 
 
 def _shape(axes, dims):
@@ -83,11 +96,13 @@ def _rel(a, b, floor: float = 0.0) -> float:
 @needs_nntile
 @pytest.mark.nntile
 @pytest.mark.parametrize("tiling", sorted(AXES))
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case, kernels", KERNEL_CASES, ids=[f"{c}-{k}" for c, k in KERNEL_CASES])
 @pytest.mark.parametrize("overwrite", [True, False], ids=["overwrite", "accumulate"])
-def test_layer_matches_torch(runtime, case, tiling, overwrite):
+def test_layer_matches_torch(runtime, case, kernels, tiling, overwrite):
     """Forward, and backward into every input gradient: written fresh where the layer is its first writer,
-    added to what is there otherwise; parameter gradients are always overwritten."""
+    added to what is there otherwise; parameter gradients are always overwritten. On the multi-tile
+    axes attention's keys span three tiles (ditc's softmax combines them in two levels), on the
+    single-tile ones they are one tile (ditc's one-pass softmax)."""
     from dit_compiler.targets.nntile_1_1 import wait_for_all
     from dit_compiler.targets.nntile_1_1.alloc import Allocator
 
@@ -116,7 +131,7 @@ def test_layer_matches_torch(runtime, case, tiling, overwrite):
             value.from_array(np.asfortranarray(arrays[port]))
         ports[port] = value if port in no_grad else Moments(value, new(port_dims))
     internals = {name: new(d) for name, d in (cls.KEEPS | cls.SCRATCH).items()}
-    layer = cls(ports, internals, attrs, alloc)
+    layer = cls(ports, internals, attrs, alloc, native_or_skip() if kernels == "ditc" else None)
     inputs = [p for p in kind.inputs if p not in no_grad]
     layer.overwrites = tuple(ports[p] for p in inputs if p not in params) if overwrite else ()
     before = {p: rng.standard_normal(arrays[p].shape).astype(np.float32) for p in inputs}

@@ -8,6 +8,7 @@ kept and scratch tensors included (`attach_internals` puts them in the graph).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from dit_compiler.graph.ir import Graph, Node
@@ -72,3 +73,12 @@ def totals(graph: Graph) -> Totals:
 def gflops(macs: int) -> float:
     """The paper's 'GFlops' are forward MACs in units of 1e9."""
     return macs / 1e9
+
+
+def largest_tile_gemm(graph: Graph) -> tuple[int, int, int]:
+    """(m, n, k) of one tile GEMM of the linear op with the most MACs, as a tiled runtime runs it: `m` the
+    output feature tile, `k` the input feature tile, `n` the product of the input's other tiles (DiT-S/2 at
+    batch 8: the MLP's first layer, 768 x 512 x 384). The shape `ditc bench` times each side's BLAS on."""
+    node = max((n for n in graph.nodes if n.op == "linear"), key=lambda n: OPS[n.op].macs(graph, n))
+    w, x = graph.tensors[node.inputs["w"]], graph.tensors[node.inputs["x"]]
+    return w.tile[0], math.prod(x.tile[1:]), w.tile[1]

@@ -11,6 +11,10 @@ Both sides' processes live through a round, and their measured runs interleave o
 machine whose speed drifts by tens of percent within a minute, a slow spell hits both sides alike.
 While the torch side runs, NNTile's StarPU workers are paused (idle, they spin on both cores).
 With `rounds` > 1 each round starts fresh processes, and the times of all rounds are pooled.
+
+Each side also times one GEMM on one core, the tile GEMM of the graph's largest linear op, on the BLAS it
+calls (NNTile's: the library NNTile links; torch's own), so that a slow BLAS is explained in the output:
+NNTile's side names its BLAS and says what to do where it runs below the CPU, and which kernels ran.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from dit_compiler import targets
+from dit_compiler.graph.cost import largest_tile_gemm
 from dit_compiler.graph.ir import Graph
 
 MIB = 2 ** 20
@@ -50,6 +55,10 @@ class SideResult:
     scheduler: str = ""                # StarPU's scheduling policy (NNTile side)
     disk_read_mib: float = 0.0         # read and written per measured training step (out-of-core's swap)
     disk_written_mib: float = 0.0
+    kernels: str = ""                  # which kernels ran (NNTile side)
+    blas: str = ""                     # the BLAS its GEMMs call
+    gemm_gflops: float = 0.0           # the representative tile GEMM on one core, best of a few timings
+    blas_advice: str = ""              # what to do where that BLAS runs below this CPU (NNTile side)
 
 
 @dataclass
@@ -64,6 +73,7 @@ class BenchReport:
     memory_limit_mib: float | None = None
     out_of_core: str = ""              # what the NNTile side was set up with under the limit
     predicted_peak_mib: float | None = None  # the NNTile side's, from the graph and the limit (`ditc inspect`)
+    gemm: tuple[int, int, int] | None = None   # (m, n, k) of the GEMM each side timed
 
     def summary(self) -> dict:
         out = {}
@@ -72,10 +82,24 @@ class BenchReport:
                          "step_median_s": statistics.median(side.step_s),
                          "images_per_s_train": self.batch / statistics.median(side.step_s),
                          "peak_rss_mib": side.peak_rss_mib}
+            if side.gemm_gflops:
+                out[name]["gemm_gflops"] = side.gemm_gflops
         if {"nntile", "torch"} <= out.keys():
             out["ratio"] = {k: out["nntile"][k] / out["torch"][k]
-                            for k in ("forward_median_s", "step_median_s", "peak_rss_mib")}
+                            for k in ("forward_median_s", "step_median_s", "peak_rss_mib", "gemm_gflops")
+                            if k in out["nntile"] and k in out["torch"]}
         return out
+
+    def gemm_note(self) -> str | None:
+        """Why NNTile's GEMM is below half of torch's, where it is; else NNTile's BLAS advice, if any."""
+        nntile, torch = self.sides.get("nntile"), self.sides.get("torch")
+        if not (nntile and nntile.gemm_gflops):
+            return None
+        if torch and torch.gemm_gflops and nntile.gemm_gflops < torch.gemm_gflops / 2:
+            return (f"NNTile's GEMM runs at {nntile.gemm_gflops:.1f} GFLOP/s, below half of torch's "
+                    f"{torch.gemm_gflops:.1f}: " + (nntile.blas_advice or f"its BLAS ({nntile.blas}) is slower than "
+                                                   "torch's on this shape; README, 'BLAS', lists faster ones"))
+        return f"note: {nntile.blas_advice}" if nntile.blas_advice else None
 
     def paired_step_ratio(self) -> float | None:
         """The median, over interleaved pairs of training steps (run seconds apart), of NNTile's time
@@ -107,10 +131,13 @@ def format_bench(report: BenchReport) -> str:
                 else f"{side.threads} torch threads")
         predicted = (f" (predicted {report.predicted_peak_mib:.0f} MiB)"
                      if name == "nntile" and report.predicted_peak_mib else "")
-        lines += [f"{name} ({what}):",
+        lines += [f"{name} ({what}):"] + ([f"  kernels     {side.kernels}"] if side.kernels else []) + [
                   f"  forward     {_stats(side.forward_s)}",
                   f"  train step  {_stats(side.step_s)}   {s[name]['images_per_s_train']:.2f} images/s",
                   f"  peak RSS    {side.peak_rss_mib:8.0f} MiB{predicted}"]
+        if side.gemm_gflops and report.gemm:
+            lines.append(f"  GEMM        {side.gemm_gflops:8.1f} GFLOP/s on one core, "
+                         f"{'x'.join(map(str, report.gemm))} (m x n x k), {side.blas}")
         if side.disk_read_mib or side.disk_written_mib:
             lines.append(f"  disk        {side.disk_read_mib:8.0f} MiB read, {side.disk_written_mib:.0f} MiB written "
                          "a training step")
@@ -118,6 +145,8 @@ def format_bench(report: BenchReport) -> str:
         r = s["ratio"]
         lines.append(f"ratio nntile/torch: forward {r['forward_median_s']:.2f}, train step {r['step_median_s']:.2f} "
                      f"(median of paired steps {report.paired_step_ratio():.2f}), peak RSS {r['peak_rss_mib']:.2f}")
+    if note := report.gemm_note():
+        lines.append(note)
     for name, side in report.sides.items():
         if side.profile:
             total = sum(side.profile.values())
@@ -134,6 +163,9 @@ def bench(graph: Graph, build_dir: Path, *, ncpus: int, warmup: int = WARMUP, re
     """`memory_limit` (bytes) runs the NNTile side out-of-core under it (the target's `out_of_core`, with
     a swap folder under `swap_parent`); torch has no such thing and runs as it is."""
     runtime = targets.get(graph.spec.target)
+    if "nntile" in sides:  # an unknown or unavailable kernel set is an error here, not in a worker
+        runtime.choose_kernels()
+    gemm = largest_tile_gemm(graph)
     results: dict[str, SideResult] = {}
     with contextlib.ExitStack() as stack:
         ooc = stack.enter_context(runtime.out_of_core(graph, memory_limit, swap_parent)) if memory_limit else None
@@ -144,30 +176,37 @@ def bench(graph: Graph, build_dir: Path, *, ncpus: int, warmup: int = WARMUP, re
             progress(f"{' and '.join(sides)}: {warmup} warm-up + {repeats} measured runs"
                      + (" each, interleaved, in fresh processes" if len(sides) > 1 else " in a fresh process") + where)
             for side, result in _round(sides, build_dir, ncpus, warmup, repeats, profile and round_ == 0,
-                                       ooc).items():
+                                       ooc, gemm).items():
                 results[side] = pooled(results[side], result) if side in results else result
     predicted = runtime.check_limit(graph, memory_limit).held if memory_limit else runtime.predict(graph).total
     return BenchReport(graph.spec.name, graph.axes["batch"].size, ncpus, warmup, repeats, results, rounds,
-                       memory_limit / MIB if memory_limit else None, ooc.describe() if ooc else "", predicted / MIB)
+                       memory_limit / MIB if memory_limit else None, ooc.describe() if ooc else "", predicted / MIB,
+                       gemm)
 
 
 def pooled(first: SideResult, more: SideResult) -> SideResult:
-    """Two runs of one side as one: all their times, the higher peak, the first profile, the mean disk traffic."""
+    """Two runs of one side as one: all their times, the higher peak and GEMM rate, the first profile, the
+    mean disk traffic."""
     return replace(first, forward_s=first.forward_s + more.forward_s, step_s=first.step_s + more.step_s,
                    peak_rss_mib=max(first.peak_rss_mib, more.peak_rss_mib),
+                   gemm_gflops=max(first.gemm_gflops, more.gemm_gflops),
                    disk_read_mib=(first.disk_read_mib + more.disk_read_mib) / 2,
                    disk_written_mib=(first.disk_written_mib + more.disk_written_mib) / 2)
 
 
 def _round(sides: tuple[str, ...], build_dir: Path, ncpus: int, warmup: int, repeats: int,
-           profile: bool, out_of_core=None) -> dict[str, SideResult]:
-    """One round: a process per side, warmed up, then their measured runs interleaved."""
+           profile: bool, out_of_core=None, gemm: tuple[int, int, int] | None = None) -> dict[str, SideResult]:
+    """One round: a process per side, warmed up, each side's GEMM timed in turn, then their measured
+    runs interleaved."""
     with contextlib.ExitStack() as stack:
         workers = [stack.enter_context(SideProcess(side, build_dir, ncpus, warmup, profile,
-                                                   out_of_core if side == "nntile" else None))
+                                                   out_of_core if side == "nntile" else None, gemm=gemm))
                    for side in sides]
         for worker in workers:  # both warm up at once; nothing is measured until both are done
             worker.reply()
+        if gemm:
+            for worker in workers:
+                worker.ask("gemm")
         times = interleave(workers, repeats)
         return {worker.side: with_times(SideResult(**worker.ask("finish")), times[worker.side]) for worker in workers}
 
@@ -193,19 +232,22 @@ _REPLY = "@ditc-bench "
 
 class SideProcess:
     """One side in a subprocess (`python -m dit_compiler.run.bench --worker SIDE`), driven over its
-    stdin: `forward` and `step` run one and reply with the seconds, `rss` replies with the peak RSS so
-    far, `finish` replies with the side's `SideResult` (peak RSS, profile) and ends it. It says `ready`
-    once warmed up. `out_of_core` (the target's settings) runs NNTile out-of-core; `checkpoint` runs
+    stdin: `forward` and `step` run one and reply with the seconds, `gemm` times the GEMM given as `gemm`
+    (m, n, k) on one core and replies with its GFLOP/s, `rss` replies with the peak RSS so far, `finish`
+    replies with the side's `SideResult` (peak RSS, profile, GEMM rate) and ends it. It says `ready` once
+    warmed up. `out_of_core` (the target's settings) runs NNTile out-of-core; `checkpoint` runs
     torch with activation checkpointing of every block; `preexec_fn` runs in the child before it starts
     (`tests/benchmarks/scale.py` moves it into a memory cgroup there)."""
 
     def __init__(self, side: str, build_dir: Path, ncpus: int, warmup: int, profile: bool, out_of_core=None,
-                 checkpoint: bool = False, preexec_fn: Callable[[], None] | None = None):
+                 checkpoint: bool = False, preexec_fn: Callable[[], None] | None = None,
+                 gemm: tuple[int, int, int] | None = None):
         self.side = side
         cmd = [sys.executable, "-m", "dit_compiler.run.bench", "--worker", side, "--dir", str(build_dir),
                "--ncpus", str(ncpus), "--warmup", str(warmup)] + (["--profile"] if profile else [])
         cmd += ["--out-of-core", json.dumps(out_of_core.to_json())] if out_of_core else []
         cmd += ["--checkpoint"] if checkpoint else []
+        cmd += ["--gemm", ",".join(map(str, gemm))] if gemm else []
         env = os.environ | {"OMP_NUM_THREADS": "1", "STARPU_NCPU": str(ncpus), "STARPU_SILENT": "1"}
         self.stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -245,6 +287,14 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def _gflops(gemm: Callable[[], None], m: int, n: int, k: int) -> float:
+    """GFLOP/s of a GEMM call, the best of five timings of about 20 ms each (the least disturbed on a
+    shared machine)."""
+    calls = max(1, int(0.02 / max(_timed(gemm), 1e-6)))
+    best = min(_timed(lambda: [gemm() for _ in range(calls)]) for _ in range(5)) / calls
+    return 2 * m * n * k / best / 1e9
+
+
 @dataclass
 class _Side:
     """What a worker runs: one forward, one training step, the per-op-kind profile."""
@@ -252,7 +302,11 @@ class _Side:
     step: Callable[[], None]
     profile: Callable[[], dict[str, float]]
     threads: int
+    gemm: Callable[[int, int, int], float]       # GFLOP/s of an (m, n, k) GEMM on one core, on its BLAS
+    blas: str
     scheduler: str = ""
+    kernels: str = ""
+    blas_advice: str = ""
     idle: Callable[[], None] = lambda: None      # between its measured runs, while the other side runs
     wake: Callable[[], None] = lambda: None
 
@@ -304,7 +358,17 @@ def _side(side: str, build_dir: Path, ncpus: int, out_of_core: dict | None = Non
                     kinds[event.key] = event.self_cpu_time_total / 1e6
             return dict(sorted(kinds.items(), key=lambda kv: -kv[1])[:15])
 
-        yield _Side(forward, step, profile, torch.get_num_threads())
+        def gemm(m: int, n: int, k: int) -> float:
+            a, b, c = torch.randn(m, k), torch.randn(k, n), torch.empty(m, n)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return _gflops(lambda: torch.mm(a, b, out=c), m, n, k)
+            finally:
+                torch.set_num_threads(threads)
+
+        mkl = "MKL" if torch.backends.mkl.is_available() else "its own BLAS"
+        yield _Side(forward, step, profile, torch.get_num_threads(), gemm, f"torch {torch.__version__}, {mkl}")
         return
 
     runtime = targets.get(graph_data["spec"]["target"])
@@ -314,10 +378,15 @@ def _side(side: str, build_dir: Path, ncpus: int, out_of_core: dict | None = Non
         # the torch reference's weights (`randomize_`), made one at a time: no second copy of the model
         model.load_parameters(random_weights(model.parameter_shapes(), 0))
         optimizer = model.adamw(LR)
+        blas, advice = runtime.blas_report()
+
+        def gemm(m: int, n: int, k: int) -> float:
+            return _gflops(runtime.gemm(m, n, k), m, n, k)
+
         try:
             yield _Side(lambda: model.forward(x, t, y), lambda: model.train_step(x, t, y, target, optimizer),
-                        lambda: model.profile_layers(x, t, y, target, optimizer), ncpus, runtime.scheduler(),
-                        runtime.pause, runtime.resume)
+                        lambda: model.profile_layers(x, t, y, target, optimizer), ncpus, gemm, blas,
+                        runtime.scheduler(), model.kernels.note, advice or "", runtime.pause, runtime.resume)
         finally:
             optimizer.unregister()
             model.unregister()
@@ -336,12 +405,12 @@ def _checkpoint_blocks(model, facts: dict) -> None:
 
 
 def _serve(side: str, build_dir: Path, ncpus: int, warmup: int, profile: bool, out_of_core: dict | None = None,
-           checkpoint: bool = False) -> None:
+           checkpoint: bool = False, gemm: tuple[int, int, int] | None = None) -> None:
     """The worker's loop: warm up, then answer the parent's commands (see `SideProcess`)."""
     def reply(value) -> None:
         print(_REPLY + json.dumps(value), flush=True)
 
-    disk, steps = [0, 0], 0
+    disk, steps, gflops = [0, 0], 0, 0.0
     with _side(side, build_dir, ncpus, out_of_core, checkpoint) as run:
         for _ in range(warmup):
             run.step()
@@ -354,6 +423,10 @@ def _serve(side: str, build_dir: Path, ncpus: int, warmup: int, profile: bool, o
             if command == "rss":
                 reply(_peak_rss_mib())
                 continue
+            if command == "gemm":  # while idle: NNTile's workers, awake, would spin beside the GEMM
+                gflops = run.gemm(*gemm)
+                reply(gflops)
+                continue
             run.wake()
             before = disk_bytes()
             reply(_timed(run.forward if command == "forward" else run.step))
@@ -364,7 +437,8 @@ def _serve(side: str, build_dir: Path, ncpus: int, warmup: int, profile: bool, o
         run.wake()
         kinds = run.profile() if profile else {}
     read, written = (total / max(steps, 1) / 2 ** 20 for total in disk)
-    reply(asdict(SideResult(side, run.threads, [], [], _peak_rss_mib(), kinds, run.scheduler, read, written)))
+    reply(asdict(SideResult(side, run.threads, [], [], _peak_rss_mib(), kinds, run.scheduler, read, written,
+                            run.kernels, run.blas, gflops, run.blas_advice)))
 
 
 def disk_bytes() -> tuple[int, int]:
@@ -396,8 +470,9 @@ def _main() -> None:
     p.add_argument("--profile", action="store_true")
     p.add_argument("--out-of-core", type=json.loads, help="the NNTile target's OutOfCore settings, as JSON")
     p.add_argument("--checkpoint", action="store_true", help="torch: activation checkpointing of every block")
+    p.add_argument("--gemm", type=lambda text: tuple(int(v) for v in text.split(",")), help="m,n,k")
     a = p.parse_args()
-    _serve(a.worker, a.dir, a.ncpus, a.warmup, a.profile, a.out_of_core, a.checkpoint)
+    _serve(a.worker, a.dir, a.ncpus, a.warmup, a.profile, a.out_of_core, a.checkpoint, a.gemm)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ traces every intermediate under its graph name. Each row of the report compares 
 component: its outputs (forward), the gradients of its inputs, and the gradients of its parameters,
 as norm-wise relative errors of the component's tensors taken together. A second NNTile run with the
 memory plan on (values and gradients released as soon as used, as training runs) is compared at the
-model's boundary: output, input gradient and every parameter gradient.
+model's boundary: output, input gradient and every parameter gradient. Where the target has several
+kernel sets that run here (the NNTile target: ditc's own kernels and NNTile's), the table is the
+default set's, and the model runs once more on each other set, compared the same way.
 
 Verify fails closed: a graph activation, gradient or parameter that either side did not produce, a NaN,
 or a row with nothing in it is a failure naming the tensor, never a silent gap in the table.
@@ -86,6 +88,7 @@ class Report:
     oracle: dict | str | None       # the torch reference against diffusers
     seconds: dict[str, float]
     breach: str | None = None
+    kernels: str = ""               # which kernels the table's run used, and which others ran
 
     @property
     def passed(self) -> bool:
@@ -148,9 +151,11 @@ def run_torch(module, graph: Graph, inputs: Inputs, seed: int):
     return model, _Run(values, grads, params)
 
 
-def run_nntile(module, graph: Graph, state_dict, inputs: Inputs, names: tuple[str, ...] | None) -> _Run:
-    """One forward and backward; `names`: the activations to read (kept for it), None: the memory plan on."""
-    model = module.Model(keep_intermediates=names is not None)
+def run_nntile(module, graph: Graph, state_dict, inputs: Inputs, names: tuple[str, ...] | None,
+               kernels: str | None = None) -> _Run:
+    """One forward and backward; `names`: the activations to read (kept for it), None: the memory plan on;
+    `kernels`: the target's kernel set (None: its default)."""
+    model = module.Model(keep_intermediates=names is not None, kernels=kernels)
     try:
         model.load_state_dict(state_dict)
         out = model.forward(inputs.x.numpy(), inputs.t.numpy(), inputs.y.numpy())
@@ -227,20 +232,29 @@ def verify(graph: Graph, build_dir: Path, *, seed: int = 0, ncpus: int = 2, orac
     status = nntile_status(graph)
     rows: list[Row] = []
     problems = missing(expected(graph), "torch", ref)
+    kernels = ""
     if status == "ran":
+        target = targets.get(graph.spec.target)
+        choice = target.choose_kernels()   # a bad or unavailable request fails here, before anything runs
+        others = [name for name, why in target.kernel_sets().items() if why is None and name != choice.name]
+        kernels = choice.note + "".join(f"; the model also ran on {target.KERNEL_SETS[name]}" for name in others)
         progress(f"NNTile model: forward and backward on {ncpus} CPU workers, all values kept, then with "
-                 "the memory plan on")
+                 "the memory plan on" + "".join(f", then on {target.KERNEL_SETS[name]}" for name in others))
         clock = time.perf_counter()
         nntile_module = load_module(build_dir / "nntile_model.py")
         exp = expected(graph)
         names = tuple(n for n in exp.values if n not in graph.outputs and graph.tensors[n].role == "activation")
         with nntile_module.nntile_runtime(ncpus):
-            nnt = run_nntile(nntile_module, graph, model.state_dict(), inputs, names)
-            planned = run_nntile(nntile_module, graph, model.state_dict(), inputs, None)
+            nnt = run_nntile(nntile_module, graph, model.state_dict(), inputs, names, choice.name)
+            planned = run_nntile(nntile_module, graph, model.state_dict(), inputs, None, choice.name)
+            alternatives = {name: run_nntile(nntile_module, graph, model.state_dict(), inputs, None, name)
+                            for name in others}
         seconds["nntile"] = time.perf_counter() - clock
         problems += missing(exp, "NNTile", nnt)
         if not problems:
             rows = compare(graph, nnt, ref) + [model_row(graph, PLAN_ROW, planned, ref)]
+            rows += [model_row(graph, f"model, {target.KERNEL_SETS[name]}", run, ref)
+                     for name, run in alternatives.items()]
             problems += [f"row {r.component} compares no value" for r in rows if r.forward is None]
             problems += [b for b in [forward_breach(graph, nnt, ref)] if b]
     breach = problems[0] if problems else first_breach(rows, len(graph.components()))
@@ -250,19 +264,21 @@ def verify(graph: Graph, build_dir: Path, *, seed: int = 0, ncpus: int = 2, orac
             breach = f"torch reference vs diffusers: error {worst:.3g} > 1e-05"
     tiling = {a.name: {"size": a.size, "tile": a.tile, "tiles": a.ntiles} for a in graph.axes.values()
               if a.ntiles > 1 or a.name in ("batch", "tokens", "hidden", "mlp", "heads")}
-    return Report(graph.spec.name, tiling, status, rows, oracle_result, seconds, breach)
+    return Report(graph.spec.name, tiling, status, rows, oracle_result, seconds, breach, kernels)
 
 
 def format_report(report: Report) -> str:
     lines = [f"ditc verify: {report.spec}",
              "tiling: " + ", ".join(f"{k} {v['size']}/{v['tile']} ({v['tiles']} tile{'s' * (v['tiles'] > 1)})"
                                     for k, v in report.tiling.items())]
+    if report.kernels:
+        lines.append(f"kernels: {report.kernels}")
     if report.rows:
-        lines.append(f"{'component':<22} {'forward':>10} {'input grad':>11} {'param grad':>11}")
+        lines.append(f"{'component':<24} {'forward':>10} {'input grad':>11} {'param grad':>11}")
         for row in report.rows:
             cells = ["-" if v is None else f"{v:.2e}" for v in (row.forward, row.input_grad, row.param_grad)]
-            lines.append(f"{row.component:<22} {cells[0]:>10} {cells[1]:>11} {cells[2]:>11}")
-        lines.append(f"{'tolerance':<22} {FORWARD_TOL:>10.0e} {GRAD_TOL:>11.0e} {GRAD_TOL:>11.0e}")
+            lines.append(f"{row.component:<24} {cells[0]:>10} {cells[1]:>11} {cells[2]:>11}")
+        lines.append(f"{'tolerance':<24} {FORWARD_TOL:>10.0e} {GRAD_TOL:>11.0e} {GRAD_TOL:>11.0e}")
     elif report.nntile != "ran":
         lines.append(f"NNTile model not run: {report.nntile}")
     if isinstance(report.oracle, dict):

@@ -4,10 +4,13 @@ Runtime (ordinary, tested modules; NNTile itself is imported on first use, see `
 `runtime` (StarPU start and stop, waiting, pausing), `alloc` (tensors), `layers` (one class per op
 kind), `optim` (AdamW), `host` (numpy-side ops), `plan` (the memory plan), `model` (the base class of
 every generated model), `memory` (the predicted peak of a training step), `ooc` (out-of-core under a
-memory limit). Compiler side: `prepare` (the graph pass that adds the layers' own tensors) and
+memory limit), `native` (ditc's own CPU kernels, and which kernel set a model runs), `blas` (the BLAS
+NNTile's GEMMs run on). Compiler side: `prepare` (the graph pass that adds the layers' own tensors) and
 `emit` (the jinja2 emitter in `emitter`, `templates/nntile-1.1/`).
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from dit_compiler import __version__
 from dit_compiler.graph.ir import Graph
@@ -16,6 +19,7 @@ from dit_compiler.targets.nntile_1_1.host import (Geometry, patchify, patchify_g
                                                   unpatchify_grad)
 from dit_compiler.targets.nntile_1_1.memory import StepMemory, predict, unmovable_bytes
 from dit_compiler.targets.nntile_1_1.model import Decl, Model, param
+from dit_compiler.targets.nntile_1_1.native import KERNEL_SETS, available as kernel_sets, kernels as choose_kernels
 from dit_compiler.targets.nntile_1_1.ooc import LimitCheck, OutOfCore, OutOfCoreError, check_limit, out_of_core
 from dit_compiler.targets.nntile_1_1.runtime import (installed, nntile_runtime, pause, problem, resume, scheduler,
                                                      wait_for_all)
@@ -27,10 +31,11 @@ RUNTIME_VERSION = 1
 #: The training and sampling backend (`dit_compiler.run.backend`), imported when opened.
 BACKEND = "dit_compiler.targets.nntile_1_1.backend:NNTileBackend"
 
-__all__ = ["Decl", "Geometry", "LimitCheck", "Model", "NAME", "NNTILE_VERSION", "OutOfCore", "OutOfCoreError",
-           "RUNTIME_VERSION", "StepMemory", "check_limit", "emit", "installed", "nntile_runtime",
-           "out_of_core", "param", "patchify", "patchify_grad", "pause", "predict", "prepare", "problem",
-           "require", "resume", "scheduler", "sincos_pos_embed", "timestep_features", "unmovable_bytes",
+__all__ = ["Decl", "Geometry", "KERNEL_SETS", "LimitCheck", "Model", "NAME", "NNTILE_VERSION", "OutOfCore",
+           "OutOfCoreError", "RUNTIME_VERSION", "StepMemory", "blas_report", "check_limit", "choose_kernels", "emit",
+           "gemm", "installed", "kernel_sets", "nntile_runtime", "out_of_core", "param", "patchify", "patchify_grad",
+           "pause", "predict", "prepare", "problem", "require", "resume", "scheduler", "sincos_pos_embed",
+           "timestep_features", "unmovable_bytes",
            "unpatchify", "unpatchify_grad", "wait_for_all"]
 
 
@@ -40,6 +45,22 @@ def require(version: int) -> None:
         raise ImportError(f"this NNTile model was generated for version {version} of ditc's {NAME} runtime, "
                           f"but the installed ditc {__version__} provides version {RUNTIME_VERSION}; "
                           "rebuild it with `ditc build SPEC`")
+
+
+def gemm(m: int, n: int, k: int) -> Callable[[], None]:
+    """One fp32 GEMM [m, k] x [k, n] on the BLAS NNTile's GEMMs call, as a call to time."""
+    from dit_compiler.targets.nntile_1_1 import blas
+
+    return blas.sgemm(m, n, k)[0]
+
+
+def blas_report() -> tuple[str, str | None]:
+    """The BLAS NNTile's GEMMs call, in words, and what to do where it runs below this CPU's vector
+    instructions (None where nothing)."""
+    from dit_compiler.targets.nntile_1_1 import blas
+
+    found = blas.nntile_blas()
+    return (found.describe() if found else "BLAS not found"), blas.advice(found)
 
 
 def prepare(graph: Graph) -> None:

@@ -14,12 +14,16 @@ Backward writes each input gradient: it overwrites a gradient it writes first (`
 memory plan; a write StarPU orders after the layer's own reads) and accumulates into the others, so no
 gradient is zeroed ahead of backward. Parameter gradients are always overwritten: each parameter has
 one reader (the memory plan refuses a shared one).
+
+`native` is ditc's own kernel extension (`native.kernels()`), or None for NNTile's kernels only: the
+attention softmax and GELU-tanh run ditc's vectorised codelets where it is given.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, ClassVar
 
 from dit_compiler.targets.nntile_1_1 import kernels as nt
@@ -47,10 +51,11 @@ class Layer:
     KEEPS: ClassVar[Mapping[str, tuple]] = {}
     SCRATCH: ClassVar[Mapping[str, tuple]] = {}
 
-    def __init__(self, ports: Mapping[str, Any], internals: Mapping[str, Any], attrs: Any, alloc: Allocator):
+    def __init__(self, ports: Mapping[str, Any], internals: Mapping[str, Any], attrs: Any, alloc: Allocator,
+                 native: ModuleType | None = None):
         for name, tensor in (ports | internals).items():
             setattr(self, name, tensor)
-        self.attrs, self.alloc = attrs, alloc
+        self.attrs, self.alloc, self.native = attrs, alloc, native
         self.overwrites: tuple[Moments, ...] = ()
         self.kept = tuple(internals[name] for name in self.KEEPS)
 
@@ -148,20 +153,25 @@ class Embedding(Layer):
 
 
 class Act(Layer):
-    """y = fn(x), element-wise: gelutanh or silu."""
+    """y = fn(x), element-wise: gelutanh or silu. GELU-tanh runs ditc's kernels where `native` is given."""
 
     x: Moments
     y: Moments
     BACKWARD_READS = frozenset({"x"})
 
     def forward_async(self) -> None:
-        if self.attrs.fn == "gelutanh":  # in place: one exp per element against two (11 vs 17 ms on DiT-S/2's MLP)
+        if self.attrs.fn == "gelutanh" and self.native:
+            self.native.gelutanh_async(self.x.value, self.y.value)
+        elif self.attrs.fn == "gelutanh":  # in place: one exp per element against two (11 vs 17 ms on DiT-S/2's MLP)
             nt.copy_async(self.x.value, self.y.value)
             nt.gelutanh_inplace_async(self.y.value)
         else:
             nt.silu_forward_async(self.x.value, self.y.value)
 
     def backward_async(self) -> None:
+        if self.attrs.fn == "gelutanh" and self.native:
+            self.native.gelutanh_backward_async(self.x.value, self.y.grad, self.beta(self.x), self.x.grad)
+            return
         if self.beta(self.x) == 0.0:  # NNTile's kernels accumulate: zero first, once dy is ready
             nt.scal_async(0.0, self.y.grad, self.x.grad)
         backward = nt.gelutanh_backward_async if self.attrs.fn == "gelutanh" else nt.silu_backward_async
@@ -289,7 +299,8 @@ class Attention(Layer):
 
     The projections come out head-major and a transpose rotates them into the per-head layout. Kept for
     backward: Q, K, V, the probabilities and the head-major output; every gradient is scratch shared
-    by all blocks."""
+    by all blocks. The softmax and its backward run ditc's kernels where `native` is given (the
+    `attn_maxsumexp` scratch is then unused)."""
 
     x: Moments
     w_q: Moments
@@ -317,9 +328,12 @@ class Attention(Layer):
         merged.invalidate_submit()
         scale = 1.0 / math.sqrt(self.q.shape[0])
         nt.gemm_async(scale, nt.trans, self.k, nt.notrans, self.q, 0.0, self.probs, 1, 2)
-        nt.clear_async(self.attn_maxsumexp)
-        nt.maxsumexp_async(self.probs, self.attn_maxsumexp, 0)
-        nt.softmax_inplace_async(self.attn_maxsumexp, 1.0, self.probs, 0)
+        if self.native:  # one task per query tile, on all its key tiles: each column in one pass
+            self.native.softmax_async(self.probs)
+        else:
+            nt.clear_async(self.attn_maxsumexp)
+            nt.maxsumexp_async(self.probs, self.attn_maxsumexp, 0)
+            nt.softmax_inplace_async(self.attn_maxsumexp, 1.0, self.probs, 0)
         self.attn_maxsumexp.invalidate_submit()
         nt.gemm_async(1.0, nt.notrans, self.v, nt.notrans, self.probs, 0.0, self.attn_split, 1, 2)
         nt.transpose_async(1.0, self.attn_split, self.out_merged, 3)
@@ -346,8 +360,11 @@ class Attention(Layer):
         nt.gemm_async(1.0, nt.notrans, d_out, nt.trans, self.probs, 0.0, d_v, 1, 2)
         d_out.invalidate_submit()
         # softmax backward: dS = P * (dP - sum(P * dP))
-        nt.add_slice_async(-1.0, self.attn_sumprod, 1.0, d_scores, 0)
-        nt.prod_async(self.probs, d_scores)
+        if self.native:
+            self.native.softmax_backward_async(self.probs, self.attn_sumprod, d_scores)
+        else:
+            nt.add_slice_async(-1.0, self.attn_sumprod, 1.0, d_scores, 0)
+            nt.prod_async(self.probs, d_scores)
         self.attn_sumprod.invalidate_submit()
         nt.gemm_async(scale, nt.notrans, q, nt.trans, d_scores, 0.0, d_k, 1, 2)
         nt.gemm_async(scale, nt.notrans, k, nt.notrans, d_scores, 0.0, d_q, 1, 2)

@@ -20,6 +20,7 @@ from dit_compiler.targets.nntile_1_1 import kernels as nt
 from dit_compiler.targets.nntile_1_1.alloc import Allocator
 from dit_compiler.targets.nntile_1_1.host import Geometry, from_graph_layout, to_graph_layout
 from dit_compiler.targets.nntile_1_1.layers import LAYERS, Layer, Moments
+from dit_compiler.targets.nntile_1_1.native import KernelChoice, kernels as choose_kernels
 from dit_compiler.targets.nntile_1_1.optim import EMA, AdamW
 from dit_compiler.targets.nntile_1_1.plan import PlanRow, Step, memory_plan
 from dit_compiler.targets.nntile_1_1.runtime import wait_for_all
@@ -54,12 +55,15 @@ class Model:
     #: The tensor whose value the host reads after forward (the output patches).
     OUTPUT: ClassVar[str]
 
-    def __init__(self, keep_intermediates: bool = False, next_tag: int = 0, inference: bool = False):
+    def __init__(self, keep_intermediates: bool = False, next_tag: int = 0, inference: bool = False,
+                 kernels: str | None = None):
         """`keep_intermediates` keeps every activation's value and gradient for `value` and `grad` (as
         `ditc verify` does); otherwise the memory plan releases each as soon as nothing needs it.
         `inference` builds a forward-only model (sampling): no gradients, and every value and kept tensor
-        released after its last forward reader."""
+        released after its last forward reader. `kernels`: `ditc` or `nntile` (see `native.kernels`;
+        default $DITC_KERNELS, else ditc's where they build); `self.kernels` says which set runs."""
         self.keep_intermediates, self.inference = keep_intermediates, inference
+        self.kernels: KernelChoice = choose_kernels(kernels)
         self.alloc = Allocator(next_tag)
         self.decls = self.declarations()
         self.tensors: dict[str, Any] = {}
@@ -110,7 +114,7 @@ class Model:
         internals = {name: kept_name(node, name) for name in cls.KEEPS}
         internals |= {purpose: scratch_name(purpose) for purpose in cls.SCRATCH}
         layer = cls({p: self.tensor(n) for p, n in ports.items()},
-                    {name: self.tensor(n) for name, n in internals.items()}, attrs, self.alloc)
+                    {name: self.tensor(n) for name, n in internals.items()}, attrs, self.alloc, self.kernels.module)
         self.layers.append(layer)
         self.kinds.append(kind)
         self.steps.append(Step({p: ports[p] for p in op.inputs}, {p: ports[p] for p in op.outputs},

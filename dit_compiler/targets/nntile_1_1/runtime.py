@@ -7,6 +7,7 @@ import importlib.util
 import os
 from collections.abc import Callable, Iterator
 
+from dit_compiler.targets.nntile_1_1 import blas
 from dit_compiler.targets.nntile_1_1.ooc import OutOfCore
 
 #: What the generated models of this target need of NNTile: the 1.1 API (renamed in later versions).
@@ -23,7 +24,9 @@ def installed() -> str | None:
 
 
 def problem() -> str | None:
-    """None when NNTile 1.1 is importable here, else why not, in a sentence (this imports NNTile)."""
+    """None when NNTile 1.1 is importable here, else why not, in a sentence (this imports NNTile). Applies
+    a requested OpenBLAS core first (`blas.apply_requested_core`: NNTile's BLAS reads it when it loads)."""
+    blas.apply_requested_core()
     try:
         import nntile
     except Exception as error:  # ImportError, or a broken build that fails while importing
@@ -91,10 +94,12 @@ def nntile_runtime(ncpus: int | None = None, out_of_core: OutOfCore | None = Non
     The scheduler is $STARPU_SCHED, by default `lws` (locality work stealing) rather than NNTile's
     `dmda`: on CPU workers dmda's transfer and history models buy nothing, and lws runs a task where
     its inputs were just written (DiT-S/2 batch 8 training step, 2 workers: 3.31 s against 3.63 s).
-    `out_of_core` (from `ooc.out_of_core`) is applied before NNTile is imported and StarPU starts."""
+    `out_of_core` (from `ooc.out_of_core`) is applied before NNTile is imported and StarPU starts, as is a
+    requested OpenBLAS core."""
     global _swapping
     if out_of_core is not None:
         out_of_core.apply()
+    blas.apply_requested_core()
     import nntile
 
     os.environ.setdefault("STARPU_SILENT", "1")
@@ -104,6 +109,7 @@ def nntile_runtime(ncpus: int | None = None, out_of_core: OutOfCore | None = Non
     if out_of_core is not None:
         out_of_core.check()
     _swapping = out_of_core is not None and out_of_core.swaps
+    blas.warn_once()
     try:
         yield
     finally:
