@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dit_compiler import __version__
+from dit_compiler.argtypes import integer, memory_size
+from dit_compiler.spec.model import memory_bytes
 from dit_compiler.errors import SpecError, Terminated, UsageError, printed
 
 DEFAULT_OUT = "generated"
@@ -148,7 +150,7 @@ def cmd_inspect(args) -> int:
 
     spec, _ = _spec_and_dir(args.spec)
     graph = graph_of(spec)
-    limit = args.memory_limit or spec.memory_limit_bytes
+    limit = memory_bytes(args.memory_limit) if args.memory_limit else spec.memory_limit_bytes
     if args.dot:
         sys.stdout.write(dot(graph))
     elif args.format == "json":
@@ -189,10 +191,11 @@ def cmd_bench(args) -> int:
     if status != "ran":
         print(f"note: {status}; timing torch alone", file=sys.stderr)
     try:
+        limit = memory_bytes(args.memory_limit) if args.memory_limit else graph.spec.memory_limit_bytes
         report = bench(graph, build_dir, ncpus=args.ncpus, warmup=args.warmup, repeats=args.repeats,
                        profile=args.profile, sides=sides, rounds=args.rounds,
                        progress=lambda line: print(f"[bench] {line}", flush=True),
-                       memory_limit=args.memory_limit or graph.spec.memory_limit_bytes, swap_parent=args.swap_dir)
+                       memory_limit=limit, swap_parent=args.swap_dir)
     except RuntimeError as error:  # a side's process failed: what it printed, not a traceback of ours
         print(f"ditc bench: {error}", file=sys.stderr)
         return 1
@@ -231,7 +234,7 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     p = argparse.ArgumentParser(prog="ditc", description=__doc__.split(".")[0] if __doc__ else None)
     p.add_argument("--version", action="version", version=f"ditc {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands")
-    ncpus = _count(1, cores())
+    ncpus = integer(1, cores())
 
     s = sub.add_parser("validate", help="check spec files against the schema and the semantic rules")
     s.add_argument("specs", nargs="+", metavar="SPEC")
@@ -250,25 +253,25 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     s.add_argument("--format", choices=("table", "json"), help="the report as a table (default) or as JSON")
     s.add_argument("--summary", action="store_true", help="totals and tiling only, no per-op table")
     s.add_argument("--dot", action="store_true", help="print a Graphviz picture of the block structure")
-    s.add_argument("--memory-limit", type=_size, metavar="SIZE",
+    s.add_argument("--memory-limit", type=memory_size, metavar="SIZE",
                    help="compare a training step's predicted peak with SIZE (default: the spec's memory_limit)")
     s.set_defaults(func=cmd_inspect)
 
     s = _runner(sub, "verify", "run NNTile and torch on the same random weights and compare",
                 "StarPU CPU workers (default: $STARPU_NCPU or all cores)", ncpus)
-    s.add_argument("--seed", type=_count(0, MAX_SEED), default=0, help=f"0 to {MAX_SEED} (default 0)")
+    s.add_argument("--seed", type=integer(0, MAX_SEED), default=0, help=f"0 to {MAX_SEED} (default 0)")
     s.add_argument("--require-nntile", action="store_true", help="fail (exit 2) when NNTile is not importable")
     s.add_argument("--no-oracle", action="store_true", help="skip the check against diffusers")
     s.set_defaults(func=cmd_verify)
 
     s = _runner(sub, "bench", "time NNTile against torch: forward and an AdamW training step",
                 "StarPU workers and torch threads (default: $STARPU_NCPU or all cores)", ncpus)
-    s.add_argument("--warmup", type=_count(0, MAX_RUNS), default=1)
-    s.add_argument("--repeats", type=_count(1, MAX_RUNS), default=5)
-    s.add_argument("--rounds", type=_count(1, MAX_RUNS), default=1,
+    s.add_argument("--warmup", type=integer(0, MAX_RUNS), default=1)
+    s.add_argument("--repeats", type=integer(1, MAX_RUNS), default=5)
+    s.add_argument("--rounds", type=integer(1, MAX_RUNS), default=1,
                    help="alternate the sides this many times, fresh processes each, and pool the times")
     s.add_argument("--profile", action="store_true", help="time per op kind (NNTile layers, torch profiler)")
-    s.add_argument("--memory-limit", type=_size, metavar="SIZE",
+    s.add_argument("--memory-limit", type=memory_size, metavar="SIZE",
                    help="NNTile trains out-of-core under SIZE, e.g. 1.5GiB (default: the spec's memory_limit)")
     s.add_argument("--swap-dir", metavar="DIR", help="where out-of-core swaps (default: the temporary folder)")
     s.set_defaults(func=cmd_bench)
@@ -279,10 +282,10 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     s.add_argument("--verify", action="store_true", help="also run ditc verify on every point")
     s.add_argument("--bench", action="store_true", help="also run ditc bench on every point")
     s.add_argument("--resume", action="store_true", help="skip points an earlier run finished")
-    s.add_argument("--rounds", type=_count(1, MAX_RUNS),
+    s.add_argument("--rounds", type=integer(1, MAX_RUNS),
                    help="with --bench: benchmark every point this many times in passes over all the points, "
                         "pooling each point's times (use 2 or more on a shared machine)")
-    s.add_argument("--max-points", type=_count(1, 10**6), default=MAX_POINTS,
+    s.add_argument("--max-points", type=integer(1, 10**6), default=MAX_POINTS,
                    help=f"refuse a sweep of more points than this (default {MAX_POINTS})")
     s.add_argument("--ncpus", type=ncpus, help="StarPU CPU workers (default: $STARPU_NCPU or all cores)")
     s.set_defaults(func=cmd_sweep)
@@ -290,7 +293,7 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     # train, sample, evaluate, export: arguments and commands in dit_compiler/run/diffusion_cli.py
     from dit_compiler.run.diffusion_cli import add_commands
 
-    add_commands(sub, _count)
+    add_commands(sub)
     return p, dict(sub.choices)
 
 
@@ -330,27 +333,6 @@ def _runner(sub, name: str, help_text: str, ncpus_help: str, ncpus) -> argparse.
     return s
 
 
-def _count(minimum: int, maximum: int):
-    """An argparse type: an integer from `minimum` to `maximum` (argparse turns the error into exit 2)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if not minimum <= value <= maximum:
-            raise argparse.ArgumentTypeError(f"{value} is outside {minimum} to {maximum}")
-        return value
-    return parse
-
-
-def _size(text: str) -> int:
-    """An argparse type: a memory size such as 1.5GiB, in bytes."""
-    from dit_compiler.spec.model import memory_bytes
-
-    try:
-        return memory_bytes(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _ncpus(args) -> int:

@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dit_compiler.argtypes import integer, memory_size, number
 from dit_compiler.errors import UsageError
 from dit_compiler.run.limits import DIST_TIMEOUT_S, MAX_DIST_TIMEOUT_S, cores
 
@@ -31,31 +32,9 @@ def _floats(text: str) -> list[float]:
         values = [float(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
-    return [_bounded(1.0, 100.0)(str(v)) for v in values]
+    return [number(1.0, 100.0)(str(v)) for v in values]
 
 
-def _memory_size(text: str) -> str:
-    """A memory size such as 1.5GiB, kept as written (as the spec's memory_limit is)."""
-    from dit_compiler.spec.model import memory_bytes
-
-    try:
-        memory_bytes(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
-
-
-def _bounded(lo: float, hi: float):
-    """An argparse type: a number from lo to hi (NaN and infinities are outside)."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"{value:g} is outside {lo:g} to {hi:g}")
-        return value
-    return parse
 
 
 def _ints(text: str) -> list[int]:
@@ -65,42 +44,36 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} is not positive")
-    return value
 
-
-def add_commands(sub, count) -> None:
-    """Add `train`, `sample`, `evaluate` and `export` to the `ditc` subparsers; `count(lo, hi)` parses an
-    integer from lo to hi."""
+def add_commands(sub) -> None:
+    """Add `train`, `sample`, `evaluate` and `export` to the `ditc` subparsers."""
     s = sub.add_parser("train", help="train a compiled DiT with DiT's diffusion loss on a dataset")
     s.add_argument("target", metavar="SPEC_OR_BUILD_DIR")
     s.add_argument("--data", help="`digits` (built in, the default), an .npz with images and labels, or a "
                                   "folder with a sub-folder of images per class")
-    s.add_argument("--steps", type=count(1, MAX_STEPS), help="total training steps (default 4000)")
-    s.add_argument("--lr", type=_positive_float, help="AdamW learning rate (default 1e-4, DiT's)")
-    s.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0, DiT's)")
-    s.add_argument("--ema-decay", type=float, help="EMA decay (default 0.9999, DiT's)")
+    s.add_argument("--steps", type=integer(1, MAX_STEPS), help="total training steps (default 4000)")
+    s.add_argument("--lr", type=number(0.0, 1.0, above=True),
+                   help="AdamW learning rate, more than 0 to 1 (default: the spec's train.lr, DiT's 1e-4)")
+    s.add_argument("--weight-decay", type=number(0.0, 1.0),
+                   help="AdamW weight decay, 0 to 1 (default: the spec's train.weight_decay, DiT's 0)")
+    s.add_argument("--ema-decay", type=number(0.0, 1.0),
+                   help="EMA decay, 0 to 1 (default: the spec's train.ema_decay, DiT's 0.9999)")
     s.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
                    help="EMA decay min(decay, (1+s)/(10+s)) at step s (default on; off is DiT's constant decay)")
     s.add_argument("--backend", choices=("auto", "nntile", "torch"),
                    help="where the model runs (default auto: NNTile where it is importable, else torch)")
     s.add_argument("--out", help="run folder (default runs/<spec name>)")
-    s.add_argument("--ckpt-every", type=count(0, MAX_STEPS), help="checkpoint every N steps, 0 only at the end (default 1000)")
+    s.add_argument("--ckpt-every", type=integer(0, MAX_STEPS),
+                   help="checkpoint every N steps, 0 only at the end (default 1000)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    s.add_argument("--seed", type=count(0, MAX_SEED),
+    s.add_argument("--seed", type=integer(0, MAX_SEED),
                    help="seeds the initial weights, data order, timesteps, noise, dropout (0 to 2**32-1)")
-    s.add_argument("--memory-limit", type=_memory_size, metavar="SIZE",
+    s.add_argument("--memory-limit", type=memory_size, metavar="SIZE",
                    help="NNTile trains out-of-core under SIZE, e.g. 1.5GiB (default: the spec's memory_limit)")
-    s.add_argument("--nproc", type=count(1, cores()), default=1,
+    s.add_argument("--nproc", type=integer(1, cores()), default=1,
                    help="data-parallel ranks on this machine, each on its share of the cores; the global batch is "
                         "N times the compiled batch (default 1; across machines start ditc under torchrun)")
-    s.add_argument("--dist-timeout", type=count(10, MAX_DIST_TIMEOUT_S), default=DIST_TIMEOUT_S, metavar="SECONDS",
+    s.add_argument("--dist-timeout", type=integer(10, MAX_DIST_TIMEOUT_S), default=DIST_TIMEOUT_S, metavar="SECONDS",
                    help=f"how long a rank waits for the others before failing (default {DIST_TIMEOUT_S})")
     s.set_defaults(func=cmd_train)
 
@@ -122,9 +95,9 @@ def add_commands(sub, count) -> None:
         s.add_argument("--backend", choices=("auto", "nntile", "torch"), default="auto",
                        help="where the model runs (default auto: NNTile where it is importable, else torch)")
         s.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: the spec's `sample.sampler` (ddpm)")
-        s.add_argument("--steps", type=count(1, 1000),
+        s.add_argument("--steps", type=integer(1, 1000),
                        help="respaced sampling steps, at most DiT's 1000 (default: the spec's `sample.steps`, 250)")
-        s.add_argument("--eta", type=_bounded(0.0, 1.0), help="DDIM eta (default: the spec's `sample.eta`, 0)")
+        s.add_argument("--eta", type=number(0.0, 1.0), help="DDIM eta (default: the spec's `sample.eta`, 0)")
         s.add_argument("--cfg-channels", choices=("auto", "dit", "all"),
                        help="guided channels: `dit` the first 3 (DiT), `all` every epsilon channel (diffusers), "
                             "`auto` dit for 4+ channels and all below (default: the spec's `sample.cfg_channels`)")
@@ -132,19 +105,20 @@ def add_commands(sub, count) -> None:
         s.add_argument("--sigma-small", action="store_true",
                        help="a model without learned sigma samples with the posterior variance instead of beta_t "
                             "(DiT's create_diffusion(sigma_small=True))")
-        s.add_argument("--seed", type=count(0, MAX_SEED), default=0, help="0 to 2**32-1 (default 0)")
+        s.add_argument("--seed", type=integer(0, MAX_SEED), default=0, help="0 to 2**32-1 (default 0)")
         s.add_argument("--out", help="output folder (default RUN/samples or samples/<spec name>)")
         s.add_argument("--vae", help="a diffusers AutoencoderKL folder to decode latents with")
         if name == "sample":
-            s.add_argument("--cfg", type=_bounded(1.0, 100.0),
+            s.add_argument("--cfg", type=number(1.0, 100.0),
                            help="guidance scale, 1 = none (default: the spec's `sample.cfg`, DiT's 4)")
             group = s.add_mutually_exclusive_group()
             group.add_argument("--classes", type=_ints, help="labels to sample, e.g. 0,3,7")
-            group.add_argument("--n", type=count(1, MAX_SAMPLES), help="number of samples, labels cycling over the classes")
+            group.add_argument("--n", type=integer(1, MAX_SAMPLES),
+                               help="number of samples, labels cycling over the classes")
             s.set_defaults(func=cmd_sample)
         else:
             s.add_argument("--cfg", type=_floats, help="guidance scales, e.g. 1,2,4 (default: the spec's `sample.cfg`)")
-            s.add_argument("--n", type=count(2, MAX_SAMPLES), default=1000, help="samples per scale (default 1000)")
+            s.add_argument("--n", type=integer(2, MAX_SAMPLES), default=1000, help="samples per scale (default 1000)")
             s.add_argument("--cache", help="where the digits classifier is cached (default ~/.cache/ditc)")
             s.add_argument("--inception", help="Inception v3 weights (pytorch-fid's or torchvision's state_dict): "
                                                "score FID against --ref instead of the digits scores")
@@ -341,7 +315,8 @@ def cmd_evaluate(args) -> int:
             labels = sample_labels(graph.facts.num_classes, None, args.n)
             try:
                 for cfg in args.cfg or [graph.spec.sample.cfg]:
-                    images, took = run_sample(backend, graph, labels, _sample_config(args, graph, cfg), out / f"cfg{cfg:g}",
+                    images, took = run_sample(backend, graph, labels, _sample_config(args, graph, cfg),
+                                              out / f"cfg{cfg:g}",
                                               Path(args.vae) if args.vae else None,
                                               {"checkpoint": source, "spec": graph.spec.name})
                     rows.append({"cfg": cfg} | score(images, labels) | {"sampling_s": round(took, 2),
