@@ -399,8 +399,7 @@ def _one_command(settings: dict[str, str]) -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # NNTile's tasks must not spawn BLAS threads of their own; StarPU's banner is noise here.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # StarPU's banner is noise here (NNTile's runtime keeps its BLAS and torch to one thread a call itself)
     os.environ.setdefault("STARPU_SILENT", "1")
     args = parse_args(argv)
     # the NNTile target reads these where it starts (its runners' subprocesses inherit them)

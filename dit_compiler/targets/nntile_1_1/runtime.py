@@ -7,6 +7,8 @@ import importlib.util
 import os
 from collections.abc import Callable, Iterator
 
+import torch
+
 from dit_compiler.targets.nntile_1_1 import blas
 from dit_compiler.targets.nntile_1_1.ooc import OutOfCore
 
@@ -95,7 +97,8 @@ def nntile_runtime(ncpus: int | None = None, out_of_core: OutOfCore | None = Non
     `dmda`: on CPU workers dmda's transfer and history models buy nothing, and lws runs a task where
     its inputs were just written (DiT-S/2 batch 8 training step, 2 workers: 3.31 s against 3.63 s).
     `out_of_core` (from `ooc.out_of_core`) is applied before NNTile is imported and StarPU starts, as is a
-    requested OpenBLAS core."""
+    requested OpenBLAS core. While it runs, NNTile's BLAS and the host's torch run each call on the calling
+    thread: StarPU's workers have the cores (`blas.one_thread_per_call`)."""
     global _swapping
     if out_of_core is not None:
         out_of_core.apply()
@@ -104,16 +107,22 @@ def nntile_runtime(ncpus: int | None = None, out_of_core: OutOfCore | None = Non
 
     os.environ.setdefault("STARPU_SILENT", "1")
     os.environ.setdefault("STARPU_SCHED", "lws")
+    blas.one_thread_per_call()
     config = nntile.starpu.Config(ncpus or os.cpu_count() or 1, 0, 0)
     nntile.starpu.init()
     if out_of_core is not None:
         out_of_core.check()
     _swapping = out_of_core is not None and out_of_core.swaps
     blas.warn_once()
+    # the host's torch (timestep features) on the calling thread: its OpenMP threads spin after each call,
+    # on the cores StarPU's workers run on (a 200-row digits forward: 52 ms beside them, 45 ms without)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         yield
     finally:
         wait_for_all()
+        torch.set_num_threads(torch_threads)
         _swapping = False
         del config  # its destructor shuts StarPU down; never shut down twice
 
