@@ -12,6 +12,8 @@ fixed: in scikit-learn's order, the images whose index among the images of their
 """
 from __future__ import annotations
 
+import zipfile
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,6 +25,10 @@ from dit_compiler.errors import UsageError
 DIGITS = "digits"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _MODE_CHANNELS = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}
+#: Models with this many channels or more take latents (DiT's VAE latents, 4 channels) rather than pixels.
+LATENT_CHANNELS = 4
+#: The largest magnitude a training latent may have (DiT's scaled VAE latents have about unit variance).
+LATENT_BOUND = 100.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,14 @@ def check_fits(data: Dataset, expect: ImageShape) -> None:
         raise UsageError(f"{data.source}: images are {h}x{w}, the spec's model takes {expect.size}x{expect.size}")
     if c != expect.channels:
         raise UsageError(f"{data.source}: images have {c} channel(s), the spec's model takes {expect.channels}")
+    # pixels in [-1, 1], the range the samplers start from; latents (4+ channels, as DiT's VAE scales them)
+    # about unit variance: a value past LATENT_BOUND is a mistake, not a latent
+    bound = 1.0 if c < LATENT_CHANNELS else LATENT_BOUND
+    low, high = float(data.images.min()), float(data.images.max())
+    if low < -bound or high > bound:
+        kind = "pixel values" if c < LATENT_CHANNELS else "latents"
+        raise UsageError(f"{data.source}: images hold values from {low:g} to {high:g}; allowed as {kind}: "
+                         f"-{bound:g} to {bound:g} (or uint8 pixels 0..255)")
     bad = (data.labels < 0) | (data.labels >= expect.num_classes)
     if bad.any():
         raise UsageError(f"{data.source}: label {int(data.labels[bad][0])} is out of range; allowed: "
@@ -113,6 +127,8 @@ def _scaled(images: np.ndarray, source: str) -> np.ndarray:
 
 
 def _load_npz(path: Path) -> Dataset:
+    if not zipfile.is_zipfile(path):
+        raise UsageError(f"{path}: not an .npz file (a zip of .npy arrays, as numpy.savez writes)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             missing = {"images", "labels"} - set(archive.files)

@@ -121,3 +121,25 @@ def test_latent_spec_decodes_with_a_vae_folder_or_writes_latents(tmp_path, capsy
     assert (tmp_path / "latent" / "preview.png").is_file()
     assert set(np.load(tmp_path / "latent" / "samples.npz").files) == {"latents", "labels"}
     assert main(common + ["--vae", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_outputs_and_inputs_are_checked_before_sampling(run, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "grid.png").write_text("mine")
+    junk = tmp_path / "junk.pt"
+    junk.write_text("junk")
+    before = sorted(p.name for p in run.iterdir())
+    for argv, says in ((["--out", str(mine)], "a folder ditc did not write"),
+                       (["--ckpt", str(junk), "--out", str(tmp_path / "s")], "not a checkpoint torch can read"),
+                       (["--vae", str(tmp_path / "none"), "--out", str(tmp_path / "s")], "--vae"),
+                       (["--out", str(junk)], "a file, not a folder")):
+        assert main(["sample", str(run), "--backend", "torch", "--steps", "2", "--n", "2", *argv]) == 2
+        assert says in capsys.readouterr().err
+    assert (mine / "grid.png").read_text() == "mine" and not (tmp_path / "s").exists()
+    assert sorted(p.name for p in run.iterdir()) == before   # no sampling variant built for a refused command
+    out = tmp_path / "again"
+    for _ in range(2):   # ditc's own samples folder is rewritten
+        assert main(["sample", str(run), "--backend", "torch", "--steps", "2", "--n", "2", "--out", str(out)]) == 0
+    assert main(["evaluate", str(run), "--backend", "torch", "--steps", "2", "--n", "2", "--ref", str(out)]) == 2
+    assert "needs --inception" in capsys.readouterr().err

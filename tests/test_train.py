@@ -209,3 +209,34 @@ def test_the_specs_train_and_sample_sections_are_the_defaults_flags_override(tmp
     # the train and sample settings are not the model: they leave the compiled files alone
     plain = tiny_spec(tmp_path / "plain")
     assert compile_spec(spec).files["nntile_model.py"] == compile_spec(plain).files["nntile_model.py"]
+
+
+def test_a_folder_of_the_users_or_a_bad_dataset_is_refused_before_anything_is_written(tmp_path, capsys):
+    spec = str(tiny_spec(tmp_path).source)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.csv").write_text("mine\n")
+    assert main(["train", spec, "--out", str(mine), "--steps", "2"]) == 2
+    assert "--out" in capsys.readouterr().err and (mine / "metrics.csv").read_text() == "mine\n"
+    assert sorted(p.name for p in mine.iterdir()) == ["metrics.csv"]
+    (tmp_path / "a-file").write_text("x")
+    assert main(["train", spec, "--out", str(tmp_path / "a-file"), "--steps", "2"]) == 2
+    assert "a file, not a folder" in capsys.readouterr().err
+    assert main(["train", spec, "--out", str(tmp_path / "r"), "--backend", "torch", "--memory-limit", "1GiB"]) == 2
+    assert "the torch backend cannot run under a memory limit" in capsys.readouterr().err
+    np.savez(tmp_path / "huge.npz", images=np.full((4, 8, 8), 1e30, np.float32), labels=np.zeros(4, np.int64))
+    (tmp_path / "text.npz").write_text("not a zip")
+    for data, says in (("huge.npz", "values from 1e+30 to 1e+30; allowed as pixel values: -1 to 1"), ("text.npz", "not an .npz file")):
+        assert main(["train", spec, "--out", str(tmp_path / "r"), "--data", str(tmp_path / data)]) == 2
+        assert says in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_backend_that_cannot_start_leaves_no_run_behind(tmp_path, monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise UsageError("no backend today")
+
+    monkeypatch.setattr("dit_compiler.run.train.open_backend", refuse)
+    spec = str(tiny_spec(tmp_path).source)
+    assert main(["train", spec, "--out", str(tmp_path / "r"), "--steps", "2"]) == 2
+    assert "no backend today" in capsys.readouterr().err and not (tmp_path / "r").exists()

@@ -45,6 +45,38 @@ def _ints(text: str) -> list[int]:
 
 
 
+#: Files that mark a folder as one ditc wrote, per kind of output: it may write there again.
+RUN_MARKERS = ("run.json",)
+SAMPLES_MARKERS = ("settings.json",)
+EVALUATE_MARKERS = ("evaluate.json", "settings.json")
+
+
+def _output_folder(path: Path, flag: str, markers: tuple[str, ...]) -> Path:
+    """An output folder, checked before any work: not a file or a broken link, writable, and new, empty or
+    one ditc wrote (holding one of `markers`), so that no file of the user's is overwritten."""
+    from dit_compiler.cli import _check_folder_arg
+
+    if path.is_symlink() and not path.exists():
+        raise UsageError(f"{flag} {path}: a link to nothing ({os.readlink(path)}); name a folder")
+    _check_folder_arg(str(path), flag)
+    if path.is_dir() and any(path.iterdir()) and not any((path / m).is_file() for m in markers):
+        raise UsageError(f"{flag} {path}: a folder ditc did not write (it has no {' or '.join(markers)}); name a "
+                         "new or empty folder, so that none of your files is replaced")
+    return path
+
+
+def _input_folder(path: str | None, flag: str, needs: str | None = None) -> Path | None:
+    """A folder the command reads (and, with `needs`, that file in it), checked before any work."""
+    if path is None:
+        return None
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {path}: no such folder")
+    if needs and not (folder / needs).is_file():
+        raise UsageError(f"{flag} {path}: no {needs} in it")
+    return folder
+
+
 def add_commands(sub) -> None:
     """Add `train`, `sample`, `evaluate` and `export` to the `ditc` subparsers."""
     s = sub.add_parser("train", help="train a compiled DiT with DiT's diffusion loss on a dataset")
@@ -135,7 +167,10 @@ def cmd_train(args) -> int:
     spec, _ = _load_target(args.target)
     if args.memory_limit:
         spec = replace(spec, memory_limit=args.memory_limit)
-    run_dir = Path(args.out or Path("runs") / spec.name)
+    run_dir = _output_folder(Path(args.out or Path("runs") / spec.name), "--out", RUN_MARKERS)
+    if args.memory_limit and args.backend == "torch":
+        raise UsageError(f"--memory-limit {args.memory_limit}: the torch backend cannot run under a memory limit "
+                         "(it has no out-of-core); use --backend nntile or drop --memory-limit")
     overrides = {k: getattr(args, k) for k in ("data", "steps", "lr", "weight_decay", "ema_decay", "ema_warmup",
                                                "backend", "seed", "ckpt_every")}
     config = resolve_config(run_dir, overrides, args.resume, spec)
@@ -194,9 +229,10 @@ def _checkpoint_of(args, tmp: str):
 MAX_SAMPLING_BATCH = 1024
 
 
-def _open_model(args, tmp: str, rows: Callable[[Spec], int]):
+def _open_model(args, tmp: str, rows: Callable[[Spec], int], output: Callable[[Path], Path]):
     """The graph, a backend holding the checkpoint's weights for sampling, a description of them, and the
-    default output. The model is compiled for `rows(spec)` images a step (twice the samples under
+    output folder (`output` of the default one: checked, like the checkpoint, before anything is built
+    or written). The model is compiled for `rows(spec)` images a step (twice the samples under
     guidance), a variant of the spec built once beside the run (or in `tmp`), so each sampling step is
     one forward of the forward-only model."""
     from dit_compiler.build import compile_spec, graph_of, write_build
@@ -204,6 +240,8 @@ def _open_model(args, tmp: str, rows: Callable[[Spec], int]):
     from dit_compiler.run.weights import load_weights
 
     spec, build_dir, ckpt, default_out, builds = _checkpoint_of(args, tmp)
+    out = output(default_out)
+    weights, entry = load_weights(ckpt, args.ema)   # a bad checkpoint is refused before a variant is built
     batch = min(rows(spec), MAX_SAMPLING_BATCH)
     if batch != spec.batch:
         spec = replace(spec, name=f"{spec.name}-sample-b{batch}", batch=batch,
@@ -211,9 +249,8 @@ def _open_model(args, tmp: str, rows: Callable[[Spec], int]):
         build_dir = write_build(compile_spec(spec), builds)
     graph = graph_of(spec)
     backend = open_backend(args.backend, build_dir, graph, inference=True)
-    weights, entry = load_weights(ckpt, args.ema)
     load_into(backend, weights, str(ckpt))
-    return graph, backend, f"{ckpt} ({entry})", Path(args.out) if args.out else default_out
+    return graph, backend, f"{ckpt} ({entry})", out
 
 
 def _rows(labels: int, scales: list[float]) -> int:
@@ -232,6 +269,9 @@ def cmd_export(args) -> int:
     from dit_compiler.run.export import export_diffusers
     from dit_compiler.run.weights import load_weights
 
+    from dit_compiler.cli import _check_folder_arg
+
+    _check_folder_arg(args.diffusers, "--diffusers")
     with tempfile.TemporaryDirectory() as tmp:
         spec, _, ckpt, _, _ = _checkpoint_of(args, tmp)
         weights, entry = load_weights(ckpt, args.ema)
@@ -255,13 +295,15 @@ def _sample_config(args, graph, cfg: float | None = None):
 def cmd_sample(args) -> int:
     from dit_compiler.run.sample import run_sample
 
+    vae = _input_folder(args.vae, "--vae", "config.json")
     with tempfile.TemporaryDirectory() as tmp:
         graph, backend, source, out = _open_model(
-            args, tmp, lambda spec: _rows(len(_labels(args, spec)), [args.cfg or spec.sample.cfg]))
+            args, tmp, lambda spec: _rows(len(_labels(args, spec)), [args.cfg or spec.sample.cfg]),
+            lambda default: _output_folder(Path(args.out) if args.out else default, "--out", SAMPLES_MARKERS))
         labels = _labels(args, graph.spec)
         try:
-            run_sample(backend, graph, labels, _sample_config(args, graph, args.cfg), out,
-                       Path(args.vae) if args.vae else None, {"checkpoint": source, "spec": graph.spec.name})
+            run_sample(backend, graph, labels, _sample_config(args, graph, args.cfg), out, vae,
+                       {"checkpoint": source, "spec": graph.spec.name})
         finally:
             backend.close()
     return 0
@@ -269,6 +311,9 @@ def cmd_sample(args) -> int:
 
 def _scorer(args):
     """A function (images, labels) -> scores: FID against --ref with --inception, else the digits scores."""
+    if args.ref and not args.inception:
+        raise UsageError(f"--ref {args.ref}: reference images are for FID, which needs --inception FILE (the "
+                         "Inception weights); without it the digits scores need no reference")
     if args.inception:
         from dit_compiler.data import load_images
         from dit_compiler.run.evaluate import features_distance
@@ -283,6 +328,10 @@ def _scorer(args):
                                        "fid": features_distance(inception_features(model, images), reference)}
     from dit_compiler.run.evaluate import default_cache, digits_classifier, score_digits
 
+    if args.cache:   # a cache folder: the classifier's one file goes beside whatever is there
+        from dit_compiler.cli import _check_folder_arg
+
+        _check_folder_arg(args.cache, "--cache")
     clf, trained = digits_classifier(Path(args.cache) if args.cache else default_cache())
     print(f"digits classifier ({'trained now' if trained else 'cached'}): held-out accuracy "
           f"{100 * clf.heldout_accuracy:.1f}%")
@@ -294,6 +343,7 @@ def cmd_evaluate(args) -> int:
 
     from dit_compiler.run.evaluate import format_table, write_table
 
+    vae = _input_folder(args.vae, "--vae", "config.json")
     score = _scorer(args)
     target = Path(args.target)
     samples_file = target / "samples.npz" if target.is_dir() else target
@@ -303,21 +353,24 @@ def cmd_evaluate(args) -> int:
             if "images" not in f.files or "labels" not in f.files:
                 raise UsageError(f"{samples_file}: no `images` and `labels` (write it with `ditc sample`)")
             images, labels = f["images"], f["labels"]
-        out = Path(args.out) if args.out else samples_file.parent
+        if images.ndim != 4:
+            raise UsageError(f"{samples_file}: images has shape {images.shape}; allowed: N,C,H,W (as `ditc sample` "
+                             "writes them)")
+        out = _output_folder(Path(args.out) if args.out else samples_file.parent, "--out", EVALUATE_MARKERS)
         rows.append({"cfg": None} | score(images, labels) | {"samples": str(samples_file)})
     else:
         from dit_compiler.run.sample import run_sample, sample_labels
 
         with tempfile.TemporaryDirectory() as tmp:
-            graph, backend, source, default_out = _open_model(
-                args, tmp, lambda spec: _rows(args.n, args.cfg or [spec.sample.cfg]))
-            out = Path(args.out) if args.out else default_out.with_name("evaluate")
+            graph, backend, source, out = _open_model(
+                args, tmp, lambda spec: _rows(args.n, args.cfg or [spec.sample.cfg]),
+                lambda default: _output_folder(Path(args.out) if args.out else default.with_name("evaluate"),
+                                               "--out", EVALUATE_MARKERS))
             labels = sample_labels(graph.facts.num_classes, None, args.n)
             try:
                 for cfg in args.cfg or [graph.spec.sample.cfg]:
                     images, took = run_sample(backend, graph, labels, _sample_config(args, graph, cfg),
-                                              out / f"cfg{cfg:g}",
-                                              Path(args.vae) if args.vae else None,
+                                              out / f"cfg{cfg:g}", vae,
                                               {"checkpoint": source, "spec": graph.spec.name})
                     rows.append({"cfg": cfg} | score(images, labels) | {"sampling_s": round(took, 2),
                                                                          "checkpoint": source})

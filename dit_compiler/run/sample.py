@@ -20,6 +20,7 @@ from typing import TextIO
 import numpy as np
 
 from dit_compiler.build import write_text_atomic
+from dit_compiler.data import LATENT_CHANNELS
 from dit_compiler.diffusion import create_diffusion, guided, sample_loop
 from dit_compiler.diffusion.sampling import CfgChannels, ModelFn, Sampler
 from dit_compiler.errors import UsageError
@@ -28,7 +29,6 @@ from dit_compiler.run.backend import Backend
 from dit_compiler.run.progress import Progress
 
 VAE_SCALE = 0.18215   # DiT's latent scale: decode `latents / 0.18215`
-LATENT_CHANNELS = 4
 
 
 @dataclass(frozen=True)

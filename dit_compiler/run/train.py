@@ -28,11 +28,14 @@ the ranks agree after each step whether any of them was signalled, so all stop a
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TextIO
@@ -134,12 +137,22 @@ def check_run(spec, run_dir: Path, config: TrainConfig, resume: bool):
     return data, build
 
 
-def _prepare_run(spec, build, run_dir: Path, config: TrainConfig) -> None:
-    """Write the build and run.json."""
+def _prepare_run(spec, build, run_dir: Path, config: TrainConfig) -> Callable[[], None]:
+    """Write the build and run.json; returns what removes them again (and the folder, if this made it)."""
+    made = not run_dir.exists()
     (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     build_dir = write_build(build, run_dir)
     write_text_atomic(run_dir / RUN_FILE, json.dumps(
         {"spec": str(spec.source), "build": build_dir.name, "config": asdict(config)}, indent=1) + "\n")
+
+    def undo() -> None:
+        (run_dir / RUN_FILE).unlink(missing_ok=True)
+        shutil.rmtree(build_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):   # only while empty: nothing of anyone's is removed
+            (run_dir / CHECKPOINTS).rmdir()
+            if made:
+                run_dir.rmdir()
+    return undo
 
 
 def initial_weights(build_dir: Path, graph, seed: int):
@@ -207,10 +220,13 @@ def train(spec, run_dir: Path, config: TrainConfig, resume: bool = False, stream
 
     stream = stream or sys.stderr
     lead = world.lead
+    undo: Callable[[], None] = lambda: None
     if lead:   # every data and folder error before anything is written
         data, build = check_run(spec, run_dir, config, resume)
         graph = build.graph
-        _prepare_run(spec, build, run_dir, config)
+        prepared = _prepare_run(spec, build, run_dir, config)
+        if not resume:   # a resumed run keeps its folder whatever happens
+            undo = prepared
     else:
         graph = graph_of(spec)
         data = load_dataset(config.data, ImageShape.of_graph(graph))
@@ -223,8 +239,13 @@ def train(spec, run_dir: Path, config: TrainConfig, resume: bool = False, stream
     diffusion = create_diffusion()
     loader = BatchLoader(data, global_batch, config.seed)
     rng = np.random.default_rng(config.seed)
-    backend = open_backend(config.backend, build_dir, graph, OptimConfig(lr=config.lr, weight_decay=config.weight_decay),
-                           note=print if lead else lambda text: None, world=world)
+    try:   # a backend that cannot start (no NNTile, a memory limit below the model) leaves no run behind
+        backend = open_backend(config.backend, build_dir, graph, OptimConfig(lr=config.lr,
+                               weight_decay=config.weight_decay), note=print if lead else lambda text: None,
+                               world=world)
+    except BaseException:
+        undo()
+        raise
     step, wall = 0, 0.0
     if resume:
         path = checkpoints(run_dir)[-1]
@@ -239,6 +260,9 @@ def train(spec, run_dir: Path, config: TrainConfig, resume: bool = False, stream
             before = state.get("global_batch", batch)
             change = f" (it took {before} images a step, now {global_batch})" if before != global_batch else ""
             print(f"resuming {run_dir} at step {step} from {path}{change}", file=stream)
+            if step >= config.steps:
+                print(f"note: the run is at step {step} already and --steps (or train.steps) is {config.steps}: "
+                      "nothing to train; raise --steps to go on", file=stream)
     else:
         weights = initial_weights(build_dir, graph, config.seed)
         load_into(backend, weights, "initial weights")

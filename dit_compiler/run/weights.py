@@ -8,6 +8,8 @@ training settings as a plain dict, so `torch.load(weights_only=True)` reads it),
 """
 from __future__ import annotations
 
+import warnings
+
 import os
 from pathlib import Path
 
@@ -83,9 +85,17 @@ def save_safetensors(path: Path, state: StateDict) -> None:
 def load_checkpoint(path: Path) -> dict:
     """A DiT-format `.pt` (or any torch-saved dict), read without executing code."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():   # torch's notes on pickle protocols are not the user's concern
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated file, not a torch file, pickled code
-        raise UsageError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
+        text = str(error)
+        if "WeightsUnpickler error:" in text:   # torch's advice to load unsafely is not repeated
+            detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0]
+            raise UsageError(f"{path}: holds Python objects besides tensors and plain containers; ditc never "
+                             f"runs code from a checkpoint ({detail})") from None
+        first = (text.strip().splitlines() or [""])[0]
+        raise UsageError(f"{path}: not a checkpoint torch can read ({type(error).__name__}: {first})") from None
     if not isinstance(checkpoint, dict):
         raise UsageError(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint dict")
     return checkpoint

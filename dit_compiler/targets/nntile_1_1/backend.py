@@ -27,7 +27,7 @@ from dit_compiler.graph.ir import Graph
 from dit_compiler.run.backend import OptimConfig
 from dit_compiler.run.common import load_module
 from dit_compiler.run.distributed import GradientBuckets, World
-from dit_compiler.targets.nntile_1_1.ooc import out_of_core
+from dit_compiler.targets.nntile_1_1.ooc import OutOfCoreError, out_of_core
 from dit_compiler.targets.nntile_1_1.runtime import nntile_runtime, problem
 
 
@@ -41,7 +41,11 @@ class NNTileBackend:
         self._stack = contextlib.ExitStack()
         limit = None if inference else graph.spec.memory_limit_bytes
         #: Out-of-core settings under the spec's memory limit: set before NNTile is imported.
-        self.out_of_core = self._stack.enter_context(out_of_core(graph, limit)) if limit else None
+        try:
+            self.out_of_core = self._stack.enter_context(out_of_core(graph, limit)) if limit else None
+        except OutOfCoreError as error:
+            raise OutOfCoreError(f"memory_limit {graph.spec.memory_limit} (the spec's, or --memory-limit): {error}") \
+                from None
         if self.out_of_core is not None:
             self.out_of_core.apply()   # before `problem` imports NNTile (idempotent: nntile_runtime applies it too)
             print(f"nntile {self.out_of_core.describe()}", file=sys.stderr)

@@ -166,7 +166,8 @@ class LimitCheck:
         return self.peak - self.data + min(self.data, self.starpu)
 
     def summary(self) -> str:
-        head = f"memory limit {self.limit / MIB:.0f} MiB against a predicted peak of {self.peak / MIB:.0f} MiB: "
+        limit = f"{self.limit / MIB:.0f} MiB" if self.limit >= MIB else f"{self.limit} bytes"
+        head = f"memory limit {limit} against a predicted peak of {self.peak / MIB:.0f} MiB: "
         if self.starpu < MIN_STARPU or self.unmovable > self.starpu:
             return head + (f"too small: NNTile's process needs {BASELINE / MIB:.0f} MiB before the model allocates, "
                            f"and StarPU at least {max(MIN_STARPU, self.unmovable) / MIB:.0f} MiB more")
