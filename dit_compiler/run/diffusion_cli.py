@@ -167,14 +167,16 @@ def cmd_train(args) -> int:
     spec, _ = _load_target(args.target)
     if args.memory_limit:
         spec = replace(spec, memory_limit=args.memory_limit)
-    run_dir = _output_folder(Path(args.out or Path("runs") / spec.name), "--out", RUN_MARKERS)
+    run_dir = Path(args.out or Path("runs") / spec.name)
+    world = world_from_env()
+    if world is None or world.lead:   # the other ranks find the folder as the first rank makes it
+        _output_folder(run_dir, "--out", RUN_MARKERS)
     if args.memory_limit and args.backend == "torch":
         raise UsageError(f"--memory-limit {args.memory_limit}: the torch backend cannot run under a memory limit "
                          "(it has no out-of-core); use --backend nntile or drop --memory-limit")
     overrides = {k: getattr(args, k) for k in ("data", "steps", "lr", "weight_decay", "ema_decay", "ema_warmup",
                                                "backend", "seed", "ckpt_every")}
     config = resolve_config(run_dir, overrides, args.resume, spec)
-    world = world_from_env()
     if world is None:
         if args.nproc == 1:
             return train(spec, run_dir, config, resume=args.resume)
