@@ -15,8 +15,8 @@ from jsonschema import Draft202012Validator, ValidationError
 
 from dit_compiler.errors import MAX_SHOWN, Diagnostic
 from dit_compiler.spec.loader import Document, KeyPath, Origin, dotted, shown_value
-from dit_compiler.spec.model import (DIFFUSERS_NORM_EPS, SIZE_FORM, TILE_AXES, ModelSpec, SampleSpec, Spec, TilingSpec,
-                                     TrainSpec, memory_bytes)
+from dit_compiler.spec.model import (DIFFUSERS_NORM_EPS, SIZE_FORM, SIZE_RANGE, TILE_AXES, ModelSpec, SampleSpec, Spec,
+                                     TilingSpec, TrainSpec, memory_bytes)
 from dit_compiler.tiling import tile_problems
 
 _PROBLEMS = {
@@ -246,8 +246,8 @@ def _memory_limit_problems(text: str, doc: Document) -> list[Diagnostic]:
     try:
         memory_bytes(text)
     except ValueError:
-        return [diagnostic(doc.origin(("memory_limit",)), ("memory_limit",), "not a memory size", text,
-                           SIZE_FORM + ", or null")]
+        return [diagnostic(doc.origin(("memory_limit",)), ("memory_limit",), "not an allowed memory size", text,
+                           f"{SIZE_FORM}, {SIZE_RANGE}; or null")]
     return []
 
 
