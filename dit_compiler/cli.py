@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dit_compiler import __version__
-from dit_compiler.argtypes import integer, memory_size
+from dit_compiler.argtypes import integer, memory_size, path
 from dit_compiler.spec.model import memory_bytes
 from dit_compiler.errors import SpecError, Terminated, UsageError, printed
 
@@ -245,7 +245,7 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
 
     s = sub.add_parser("build", help="emit the NNTile model, the torch reference and the graph")
     s.add_argument("specs", nargs="+", metavar="SPEC")
-    s.add_argument("-o", "--out", default=DEFAULT_OUT, help="output root (default: generated/)")
+    s.add_argument("-o", "--out", default=DEFAULT_OUT, type=path, help="output root (default: generated/)")
     s.set_defaults(func=cmd_build)
 
     s = sub.add_parser("inspect", help="ops, tensors, tiles, FLOPs and memory of a spec")
@@ -273,12 +273,13 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     s.add_argument("--profile", action="store_true", help="time per op kind (NNTile layers, torch profiler)")
     s.add_argument("--memory-limit", type=memory_size, metavar="SIZE",
                    help="NNTile trains out-of-core under SIZE, e.g. 1.5GiB (default: the spec's memory_limit)")
-    s.add_argument("--swap-dir", metavar="DIR", help="where out-of-core swaps (default: the temporary folder)")
+    s.add_argument("--swap-dir", metavar="DIR", type=path,
+                   help="where out-of-core swaps (default: the temporary folder)")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("sweep", help="validate, build, inspect (and verify, bench) every point of a sweep")
     s.add_argument("sweep", metavar="SWEEP")
-    s.add_argument("-o", "--out", default="sweep-results", help="results root (default: sweep-results/)")
+    s.add_argument("-o", "--out", default="sweep-results", type=path, help="results root (default: sweep-results/)")
     s.add_argument("--verify", action="store_true", help="also run ditc verify on every point")
     s.add_argument("--bench", action="store_true", help="also run ditc bench on every point")
     s.add_argument("--resume", action="store_true", help="skip points an earlier run finished")
@@ -321,9 +322,9 @@ def _runner(sub, name: str, help_text: str, ncpus_help: str, ncpus) -> argparse.
     """A command that runs a build: its target, where a spec is built, workers, and a JSON report."""
     s = sub.add_parser(name, help=help_text)
     s.add_argument("target", metavar="SPEC_OR_BUILD_DIR")
-    s.add_argument("-o", "--out", default=DEFAULT_OUT, help="where a spec is built (default: generated/)")
+    s.add_argument("-o", "--out", default=DEFAULT_OUT, type=path, help="where a spec is built (default: generated/)")
     s.add_argument("--ncpus", type=ncpus, help=ncpus_help)
-    s.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    s.add_argument("--json", metavar="FILE", type=path, help="also write the report as JSON")
     s.add_argument("--kernels", choices=("auto", "ditc", "nntile"),
                    help="NNTile target: ditc's own CPU kernels or NNTile's (default: $DITC_KERNELS, else auto: "
                         "ditc's where they build)")
@@ -366,6 +367,8 @@ def _check_file_arg(path: str | None, flag: str) -> None:
     if file.is_dir():
         raise UsageError(f"{flag} {path}: a folder; name a file")
     folder = file.absolute().parent
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{flag} {path}: {folder} is a file, not a folder")
     if not folder.is_dir():
         raise UsageError(f"{flag} {path}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK) or (file.exists() and not os.access(file, os.W_OK)):
