@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import signal
 import sys
 import warnings
@@ -21,6 +22,8 @@ DEFAULT_OUT = "generated"
 MAX_SEED = 2**32 - 1
 #: The most warm-up runs, measured runs or rounds a benchmark takes.
 MAX_RUNS = 1000
+#: An argument that starts like a negative number (-5GiB, -1,2, -.5): a value, as no flag starts so.
+NEGATIVE = re.compile(r"-\.?[0-9]")
 
 
 def _spec_and_dir(target: str):
@@ -301,7 +304,7 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line, each mistake reported by the parser of the command it belongs to (exit 2)."""
     top, commands = parser()
-    args, unknown = top.parse_known_args(argv)
+    args, unknown = top.parse_known_args(_negatives_attached(sys.argv[1:] if argv is None else argv))
     if args.command is None:
         top.error(f"unrecognized arguments: {' '.join(unknown)}" if unknown
                   else f"choose a command: {', '.join(COMMANDS)}")
@@ -316,6 +319,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         command.error("--rounds counts benchmark passes, so it needs --bench")
     args.argv = list(sys.argv[1:] if argv is None else argv)   # what `train --nproc` starts its ranks with
     return args
+
+
+def _negatives_attached(argv: list[str]) -> list[str]:
+    """`--flag -5GiB` as `--flag=-5GiB`: argparse takes a value that starts with `-` and is not a plain
+    number for a flag ("expected one argument"); attached, the flag's type refuses it, saying what is allowed."""
+    attached: list[str] = []
+    for arg in argv:
+        if attached and NEGATIVE.match(arg) and attached[-1].startswith("--") and "=" not in attached[-1] \
+                and attached[-1] != "--":
+            attached[-1] += f"={arg}"
+        else:
+            attached.append(arg)
+    return attached
 
 
 def _runner(sub, name: str, help_text: str, ncpus_help: str, ncpus) -> argparse.ArgumentParser:
