@@ -56,6 +56,7 @@ def _runner_target(args, check=lambda graph: None):
         _check_folder_arg(args.out, "-o")
     build = compile_spec(spec)
     check_memory(build.graph)
+    _check_requests(args, build.graph)
     check(build.graph)
     if build_dir is None:
         build_dir, changed = build_one(build, args.out)
@@ -63,6 +64,20 @@ def _runner_target(args, check=lambda graph: None):
     else:
         _check_build_dir(build, build_dir)
     return build.graph, build_dir
+
+
+def _check_requests(args, graph) -> None:
+    """The BLAS core and kernel set asked for (by flag or environment), checked as the run checks them but
+    before anything is written: the core is applied now, and the kernel set chosen where the target runs."""
+    from dit_compiler import targets
+    from dit_compiler.run.verify import nntile_status
+
+    target = targets.get(graph.spec.target)
+    target.apply_blas_core("--blas-core" if args.blas_core else None)
+    if nntile_status(graph) == "ran":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ditc's kernels unavailable: the run says so itself
+            target.choose_kernels()
 
 
 def _check_build_dir(build, folder: Path) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SPECS
+from conftest import ROOT, SPECS, needs_nntile
 from dit_compiler.cli import main
 
 TINY = (SPECS / "tiny.yaml").read_text()
@@ -115,6 +115,8 @@ HOSTILE = {
     "-o empty for verify": ({"s.yaml": SMALL}, ["verify", "s.yaml", "--out="], ["argument -o/--out: an empty path"]),
     "-o empty for a sweep": (SWEEP_FILES | {"w.yaml": sweep("")}, ["sweep", "w.yaml", "-o", ""],
                              ["argument -o/--out: an empty path"]),
+    "--blas-core unknown": ({"s.yaml": SMALL}, ["verify", "s.yaml", "-o", "out", "--blas-core", "NOTACORE"],
+                            ["error: --blas-core NOTACORE: "]),  # NNTile is loaded in this process, or not found
     "--seed below 0": ({"s.yaml": SMALL}, ["verify", "s.yaml", "--seed", "-1"], ["--seed: -1 is outside 0 to 4294967295"]),
     "--seed above 2**32": ({"s.yaml": SMALL}, ["verify", "s.yaml", "--seed", str(2**32)], ["--seed: 4294967296 is outside"]),
     "--memory-limit beyond 1 PiB": ({"s.yaml": SMALL}, ["inspect", "s.yaml", "--memory-limit", "99999999999999999999TiB"],
@@ -242,6 +244,20 @@ def test_hostile_input_is_refused_cleanly(case, tmp_path, monkeypatch):
         assert text in err, (text, err)
     assert "Traceback" not in out + err
     assert snapshot(tmp_path) == before  # nothing written, nothing removed
+
+
+@needs_nntile
+@pytest.mark.parametrize("variable, value, expected", [
+    ("DITC_KERNELS", "turbo", "$DITC_KERNELS kernel set 'turbo': allowed are auto, ditc, nntile"),
+    ("DITC_BLAS_CORE", "NOTACORE", "DITC_BLAS_CORE=NOTACORE: "),
+])
+def test_a_bad_runtime_request_is_refused_before_the_build_is_written(variable, value, expected, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.setenv(variable, value)
+    for command in ("verify", "bench"):
+        code, _, err = ditc(command, str(SPECS / "tiny.yaml"), "-o", str(tmp_path))
+        assert code == 2 and expected in err, err
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("value", ["abc", "-1", "0", "1e3", "1000"])
