@@ -200,10 +200,23 @@ def cmd_verify(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from dit_compiler import targets
     from dit_compiler.run.bench import bench, format_bench
     from dit_compiler.run.verify import nntile_status
 
-    graph, build_dir = _runner_target(args)
+    def check_limit(graph) -> None:
+        """The memory limit NNTile runs out-of-core under, and --swap-dir, which only that uses."""
+        limit = args.memory_limit or graph.spec.memory_limit
+        if args.swap_dir is not None:
+            if limit is None:
+                raise UsageError(f"--swap-dir {args.swap_dir}: needs a memory limit (only out-of-core swaps); give "
+                                 "--memory-limit SIZE too, or set the spec's memory_limit")
+            _check_folder_arg(args.swap_dir, "--swap-dir", made=False)
+        if limit and (check := targets.get(graph.spec.target).check_limit(graph, memory_bytes(limit))).too_small:
+            asked = "--memory-limit" if args.memory_limit else f"{graph.spec.source}: memory_limit"
+            raise UsageError(f"{asked} {limit}: {check.summary()}")
+
+    graph, build_dir = _runner_target(args, check_limit)
     status = nntile_status(graph)
     sides = ("nntile", "torch") if status == "ran" else ("torch",)
     if status != "ran":
@@ -376,11 +389,15 @@ def _ncpus(args) -> int:
     return ncpus
 
 
-def _check_folder_arg(path: str, flag: str) -> None:
-    """An output folder: refused before any work when it is a file, under a file, or not writable."""
+def _check_folder_arg(path: str, flag: str, made: bool = True) -> None:
+    """An output folder: refused before any work when it is a file, under a file, or not writable; or,
+    unless it is `made` when missing, when it does not exist."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
-        raise UsageError(f"{flag} {path}: a file, not a folder; name a folder (it is made when missing)")
+        raise UsageError(f"{flag} {path}: a file, not a folder; name a folder"
+                         + (" (it is made when missing)" if made else ""))
+    if not made and not folder.exists():
+        raise UsageError(f"{flag} {path}: no such folder")
     existing = folder.absolute()
     while not existing.exists():
         existing = existing.parent
