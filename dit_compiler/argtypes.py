@@ -42,3 +42,10 @@ def memory_size(text: str) -> str:
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return text
+
+
+def path(text: str) -> str:
+    """A path, never empty (`-o ''` would otherwise mean the current folder)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path; name one ('.' for the current folder)")
+    return text

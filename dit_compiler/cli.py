@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import signal
 import sys
 import warnings
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dit_compiler import __version__
-from dit_compiler.argtypes import integer, memory_size
+from dit_compiler.argtypes import integer, memory_size, path
 from dit_compiler.spec.model import memory_bytes
 from dit_compiler.errors import SpecError, Terminated, UsageError, printed
 
@@ -21,6 +22,8 @@ DEFAULT_OUT = "generated"
 MAX_SEED = 2**32 - 1
 #: The most warm-up runs, measured runs or rounds a benchmark takes.
 MAX_RUNS = 1000
+#: An argument that starts like a negative number (-5GiB, -1,2, -.5): a value, as no flag starts so.
+NEGATIVE = re.compile(r"-\.?[0-9]")
 
 
 def _spec_and_dir(target: str):
@@ -53,6 +56,7 @@ def _runner_target(args, check=lambda graph: None):
         _check_folder_arg(args.out, "-o")
     build = compile_spec(spec)
     check_memory(build.graph)
+    _check_requests(args, build.graph)
     check(build.graph)
     if build_dir is None:
         build_dir, changed = build_one(build, args.out)
@@ -60,6 +64,20 @@ def _runner_target(args, check=lambda graph: None):
     else:
         _check_build_dir(build, build_dir)
     return build.graph, build_dir
+
+
+def _check_requests(args, graph) -> None:
+    """The BLAS core and kernel set asked for (by flag or environment), checked as the run checks them but
+    before anything is written: the core is applied now, and the kernel set chosen where the target runs."""
+    from dit_compiler import targets
+    from dit_compiler.run.verify import nntile_status
+
+    target = targets.get(graph.spec.target)
+    target.apply_blas_core("--blas-core" if args.blas_core else None)
+    if nntile_status(graph) == "ran":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ditc's kernels unavailable: the run says so itself
+            target.choose_kernels()
 
 
 def _check_build_dir(build, folder: Path) -> None:
@@ -182,10 +200,23 @@ def cmd_verify(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from dit_compiler import targets
     from dit_compiler.run.bench import bench, format_bench
     from dit_compiler.run.verify import nntile_status
 
-    graph, build_dir = _runner_target(args)
+    def check_limit(graph) -> None:
+        """The memory limit NNTile runs out-of-core under, and --swap-dir, which only that uses."""
+        limit = args.memory_limit or graph.spec.memory_limit
+        if args.swap_dir is not None:
+            if limit is None:
+                raise UsageError(f"--swap-dir {args.swap_dir}: needs a memory limit (only out-of-core swaps); give "
+                                 "--memory-limit SIZE too, or set the spec's memory_limit")
+            _check_folder_arg(args.swap_dir, "--swap-dir", made=False)
+        if limit and (check := targets.get(graph.spec.target).check_limit(graph, memory_bytes(limit))).too_small:
+            asked = "--memory-limit" if args.memory_limit else f"{graph.spec.source}: memory_limit"
+            raise UsageError(f"{asked} {limit}: {check.summary()}")
+
+    graph, build_dir = _runner_target(args, check_limit)
     status = nntile_status(graph)
     sides = ("nntile", "torch") if status == "ran" else ("torch",)
     if status != "ran":
@@ -245,7 +276,7 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
 
     s = sub.add_parser("build", help="emit the NNTile model, the torch reference and the graph")
     s.add_argument("specs", nargs="+", metavar="SPEC")
-    s.add_argument("-o", "--out", default=DEFAULT_OUT, help="output root (default: generated/)")
+    s.add_argument("-o", "--out", default=DEFAULT_OUT, type=path, help="output root (default: generated/)")
     s.set_defaults(func=cmd_build)
 
     s = sub.add_parser("inspect", help="ops, tensors, tiles, FLOPs and memory of a spec")
@@ -273,12 +304,13 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     s.add_argument("--profile", action="store_true", help="time per op kind (NNTile layers, torch profiler)")
     s.add_argument("--memory-limit", type=memory_size, metavar="SIZE",
                    help="NNTile trains out-of-core under SIZE, e.g. 1.5GiB (default: the spec's memory_limit)")
-    s.add_argument("--swap-dir", metavar="DIR", help="where out-of-core swaps (default: the temporary folder)")
+    s.add_argument("--swap-dir", metavar="DIR", type=path,
+                   help="where out-of-core swaps (default: the temporary folder)")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("sweep", help="validate, build, inspect (and verify, bench) every point of a sweep")
     s.add_argument("sweep", metavar="SWEEP")
-    s.add_argument("-o", "--out", default="sweep-results", help="results root (default: sweep-results/)")
+    s.add_argument("-o", "--out", default="sweep-results", type=path, help="results root (default: sweep-results/)")
     s.add_argument("--verify", action="store_true", help="also run ditc verify on every point")
     s.add_argument("--bench", action="store_true", help="also run ditc bench on every point")
     s.add_argument("--resume", action="store_true", help="skip points an earlier run finished")
@@ -300,7 +332,7 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line, each mistake reported by the parser of the command it belongs to (exit 2)."""
     top, commands = parser()
-    args, unknown = top.parse_known_args(argv)
+    args, unknown = top.parse_known_args(_negatives_attached(sys.argv[1:] if argv is None else argv))
     if args.command is None:
         top.error(f"unrecognized arguments: {' '.join(unknown)}" if unknown
                   else f"choose a command: {', '.join(COMMANDS)}")
@@ -317,13 +349,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _negatives_attached(argv: list[str]) -> list[str]:
+    """`--flag -5GiB` as `--flag=-5GiB`: argparse takes a value that starts with `-` and is not a plain
+    number for a flag ("expected one argument"); attached, the flag's type refuses it, saying what is allowed."""
+    attached: list[str] = []
+    for arg in argv:
+        if attached and NEGATIVE.match(arg) and attached[-1].startswith("--") and "=" not in attached[-1] \
+                and attached[-1] != "--":
+            attached[-1] += f"={arg}"
+        else:
+            attached.append(arg)
+    return attached
+
+
 def _runner(sub, name: str, help_text: str, ncpus_help: str, ncpus) -> argparse.ArgumentParser:
     """A command that runs a build: its target, where a spec is built, workers, and a JSON report."""
     s = sub.add_parser(name, help=help_text)
     s.add_argument("target", metavar="SPEC_OR_BUILD_DIR")
-    s.add_argument("-o", "--out", default=DEFAULT_OUT, help="where a spec is built (default: generated/)")
+    s.add_argument("-o", "--out", default=DEFAULT_OUT, type=path, help="where a spec is built (default: generated/)")
     s.add_argument("--ncpus", type=ncpus, help=ncpus_help)
-    s.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    s.add_argument("--json", metavar="FILE", type=path, help="also write the report as JSON")
     s.add_argument("--kernels", choices=("auto", "ditc", "nntile"),
                    help="NNTile target: ditc's own CPU kernels or NNTile's (default: $DITC_KERNELS, else auto: "
                         "ditc's where they build)")
@@ -344,11 +389,15 @@ def _ncpus(args) -> int:
     return ncpus
 
 
-def _check_folder_arg(path: str, flag: str) -> None:
-    """An output folder: refused before any work when it is a file, under a file, or not writable."""
+def _check_folder_arg(path: str, flag: str, made: bool = True) -> None:
+    """An output folder: refused before any work when it is a file, under a file, or not writable; or,
+    unless it is `made` when missing, when it does not exist."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
-        raise UsageError(f"{flag} {path}: a file, not a folder; name a folder (it is made when missing)")
+        raise UsageError(f"{flag} {path}: a file, not a folder; name a folder"
+                         + (" (it is made when missing)" if made else ""))
+    if not made and not folder.exists():
+        raise UsageError(f"{flag} {path}: no such folder")
     existing = folder.absolute()
     while not existing.exists():
         existing = existing.parent
@@ -366,6 +415,8 @@ def _check_file_arg(path: str | None, flag: str) -> None:
     if file.is_dir():
         raise UsageError(f"{flag} {path}: a folder; name a file")
     folder = file.absolute().parent
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{flag} {path}: {folder} is a file, not a folder")
     if not folder.is_dir():
         raise UsageError(f"{flag} {path}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK) or (file.exists() and not os.access(file, os.W_OK)):

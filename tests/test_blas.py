@@ -80,6 +80,9 @@ def test_the_requested_core_is_applied_only_before_nntile_loads(monkeypatch, cap
     with pytest.raises(UsageError, match="core NoSuchCore not applied: OpenBLAS ran its"):
         blas.apply_requested_core()
     assert "OPENBLAS_CORETYPE" not in os.environ
+    with pytest.raises(UsageError, match="--blas-core NoSuchCore: core NoSuchCore not applied: .*; allowed: auto, "
+                                         "or an OpenBLAS core such as skylakex, cooperlake"):
+        blas.apply_requested_core("--blas-core")   # the flag that set the variable is named
     monkeypatch.setenv(blas.ENV, "Prescott")
     assert blas.apply_requested_core() == "Prescott" and os.environ["OPENBLAS_CORETYPE"] == "Prescott"
     assert "NNTile's OpenBLAS runs its Prescott core (OPENBLAS_CORETYPE=Prescott)" in capsys.readouterr().err

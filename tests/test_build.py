@@ -121,14 +121,15 @@ def test_inspect_compares_the_predicted_training_peak_with_a_memory_limit(capsys
 
 
 def test_bench_refuses_a_memory_limit_it_cannot_train_under(tmp_path, capsys):
-    """Exit 2 with a sentence, and no swap folder left behind."""
+    """Exit 2 with a sentence, before the build is written, and no swap folder left behind."""
     assert main(["bench", str(SPECS / "tiny.yaml"), "-o", str(tmp_path), "--memory-limit", "300M",
                  "--swap-dir", str(tmp_path)]) == 2
     assert "too small: NNTile's process needs" in capsys.readouterr().err
     assert not list(tmp_path.glob("ditc-swap-*"))
     assert main(["bench", str(SPECS / "tiny.yaml"), "-o", str(tmp_path), "--memory-limit", "2G",
                  "--swap-dir", str(tmp_path / "nowhere")]) == 2
-    assert "no such folder for the out-of-core swap" in capsys.readouterr().err
+    assert "--swap-dir " + str(tmp_path / "nowhere") + ": no such folder" in capsys.readouterr().err
+    assert not (tmp_path / "tiny").exists()
     spec = tmp_path / "limited.yaml"  # the spec's key when no flag is given
     spec.write_text(f"extends: {SPECS / 'tiny.yaml'}\nname: limited\nmemory_limit: 300MiB\n")
     assert main(["bench", str(spec), "-o", str(tmp_path)]) == 2

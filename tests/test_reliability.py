@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SPECS
+from conftest import ROOT, SPECS, needs_nntile
 from dit_compiler.cli import main
 
 TINY = (SPECS / "tiny.yaml").read_text()
@@ -78,6 +78,9 @@ HOSTILE = {
                                  "the limit is 32 KiB"]),
     "thousands of mistakes": ({"s.yaml": "".join(f"k{i}: 1\n" for i in range(3000))}, ["validate", "s.yaml"],
                               ["s.yaml:1:1: k0: unknown key", "... and 2950 more problems"]),
+    "memory_limit beyond 1 PiB": ({"s.yaml": SMALL + "memory_limit: 99999999999999999999TiB\n"}, ["inspect", "s.yaml"],
+                                  ["s.yaml:4:15: memory_limit: not an allowed memory size (got '99999999999999999999TiB')",
+                                   "from 1 byte to 1 PiB"]),
     "extends chain too deep": (EXTENDS_CHAIN, ["validate", "c0.yaml"],
                                ["c0.yaml: extends: extends chain longer than 16 files, from this file to c15.yaml, whose line 1"]),
     # build: what a build may replace
@@ -105,8 +108,35 @@ HOSTILE = {
                            ["--json d: a folder; name a file"]),
     "--json in a missing folder": ({"s.yaml": SMALL}, ["bench", "s.yaml", "--json", "no/where.json"],
                                    ["--json no/where.json: the folder", "does not exist"]),
+    "--json under a file": ({"s.yaml": SMALL, "f": "x\n"}, ["verify", "s.yaml", "-o", "out", "--json", "f/r.json"],
+                            ["--json f/r.json:", "/f is a file, not a folder"]),
+    "-o empty": ({"s.yaml": SMALL}, ["build", "-o", "", "s.yaml"],
+                 ["usage: ditc build", "argument -o/--out: an empty path; name one ('.' for the current folder)"]),
+    "-o empty for verify": ({"s.yaml": SMALL}, ["verify", "s.yaml", "--out="], ["argument -o/--out: an empty path"]),
+    "-o empty for a sweep": (SWEEP_FILES | {"w.yaml": sweep("")}, ["sweep", "w.yaml", "-o", ""],
+                             ["argument -o/--out: an empty path"]),
+    "--blas-core unknown": ({"s.yaml": SMALL}, ["verify", "s.yaml", "-o", "out", "--blas-core", "NOTACORE"],
+                            ["error: --blas-core NOTACORE: "]),  # NNTile is loaded in this process, or not found
+    "--swap-dir at a file": ({"s.yaml": SMALL, "f": "x\n"},
+                             ["bench", "s.yaml", "-o", "out", "--memory-limit", "1GiB", "--swap-dir", "f"],
+                             ["--swap-dir f: a file, not a folder"]),
+    "--swap-dir missing": ({"s.yaml": SMALL}, ["bench", "s.yaml", "-o", "out", "--memory-limit", "1GiB", "--swap-dir", "no"],
+                           ["--swap-dir no: no such folder"]),
+    "--swap-dir without a memory limit": ({"s.yaml": SMALL, "d/keep": ""}, ["bench", "s.yaml", "-o", "out", "--swap-dir", "d"],
+                                          ["--swap-dir d: needs a memory limit", "--memory-limit SIZE"]),
+    "--memory-limit too small to run": ({"s.yaml": SMALL}, ["bench", "s.yaml", "-o", "out", "--memory-limit", "1KiB"],
+                                        ["--memory-limit 1KiB: memory limit 0 MiB", "too small"]),
+    "memory_limit too small to run": ({"s.yaml": SMALL + "memory_limit: 1KiB\n"}, ["bench", "s.yaml", "-o", "out"],
+                                      ["s.yaml: memory_limit 1KiB: memory limit 0 MiB", "too small"]),
     "--seed below 0": ({"s.yaml": SMALL}, ["verify", "s.yaml", "--seed", "-1"], ["--seed: -1 is outside 0 to 4294967295"]),
     "--seed above 2**32": ({"s.yaml": SMALL}, ["verify", "s.yaml", "--seed", str(2**32)], ["--seed: 4294967296 is outside"]),
+    "--memory-limit beyond 1 PiB": ({"s.yaml": SMALL}, ["inspect", "s.yaml", "--memory-limit", "99999999999999999999TiB"],
+                                    ["--memory-limit: '99999999999999999999TiB' is outside", "from 1 byte to 1 PiB"]),
+    "--memory-limit of 400 digits": ({"s.yaml": SMALL}, ["inspect", "s.yaml", "--memory-limit", "9" * 400],
+                                     ["--memory-limit:", "is outside the memory sizes allowed"]),
+    "--memory-limit negative": ({"s.yaml": SMALL}, ["inspect", "s.yaml", "--memory-limit", "-5GiB"],
+                                ["argument --memory-limit: '-5GiB' is not a size such as 1.5GiB"]),
+    "--cfg negative": ({}, ["evaluate", "run1", "--cfg", "-1,2"], ["argument --cfg:", "-1"]),
     "--ncpus of a million": ({"s.yaml": SMALL}, ["bench", "s.yaml", "--ncpus", "1000000"], ["--ncpus: 1000000 is outside 1 to"]),
     "a model bigger than memory": ({"s.yaml": "model:\n  hidden_size: 65536\n  num_heads: 16\n  depth: 100\n"},
                                    ["verify", "s.yaml", "-o", "out"], ["s.yaml: running 's' needs at least", "GiB"]),
@@ -154,7 +184,9 @@ HOSTILE = {
     "sweep zip lists of two lengths": (SWEEP_FILES | {"w.yaml": sweep("zip:\n  batch: [1, 2]\n  model.depth: [1]\n")},
                                        ["sweep", "w.yaml"], ["w.yaml:4:3: zip: every list in zip must have one length"]),
     "sweep value twice": (SWEEP_FILES | {"w.yaml": sweep("grid:\n  batch: [1, 1]\n")}, ["sweep", "w.yaml"],
-                          ["grid.batch: a value is listed twice"]),
+                          ["w.yaml:4:10: grid.batch: the value 1 is listed twice"]),
+    "sweep value twice, apart": (SWEEP_FILES | {"w.yaml": sweep("grid:\n  model.num_heads: [1,2,1]\n")}, ["sweep", "w.yaml"],
+                                 ["w.yaml:4:20: grid.model.num_heads: the value 1 is listed twice; allowed: a list"]),
     "sweep point names twice": (SWEEP_FILES | {"w.yaml": sweep("points:\n  - {name: a}\n  - {name: a}\n")},
                                 ["sweep", "w.yaml"], ["points.1.name: two points have this name"]),
     "sweep file stem with a space": (SWEEP_FILES | {"my sweep.yaml": "base: base.yaml\n"}, ["sweep", "my sweep.yaml"],
@@ -223,6 +255,20 @@ def test_hostile_input_is_refused_cleanly(case, tmp_path, monkeypatch):
         assert text in err, (text, err)
     assert "Traceback" not in out + err
     assert snapshot(tmp_path) == before  # nothing written, nothing removed
+
+
+@needs_nntile
+@pytest.mark.parametrize("variable, value, expected", [
+    ("DITC_KERNELS", "turbo", "$DITC_KERNELS kernel set 'turbo': allowed are auto, ditc, nntile"),
+    ("DITC_BLAS_CORE", "NOTACORE", "DITC_BLAS_CORE=NOTACORE: "),
+])
+def test_a_bad_runtime_request_is_refused_before_the_build_is_written(variable, value, expected, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.setenv(variable, value)
+    for command in ("verify", "bench"):
+        code, _, err = ditc(command, str(SPECS / "tiny.yaml"), "-o", str(tmp_path))
+        assert code == 2 and expected in err, err
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("value", ["abc", "-1", "0", "1e3", "1000"])

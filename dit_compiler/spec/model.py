@@ -132,18 +132,22 @@ class Spec:
 
 _SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?)\s*(?:([KMGT])(?:i?B)?|B)?\s*", re.IGNORECASE)
 SIZE_FORM = "a size such as 1.5GiB, 1536MiB or 2G (binary units: K, M, G, T mean KiB, MiB, GiB, TiB)"
+#: The largest memory size (`memory_limit`, `--memory-limit`): 1 PiB.
+MAX_MEMORY = 1024 ** 5
+SIZE_RANGE = "from 1 byte to 1 PiB (1024TiB)"
 
 
 def memory_bytes(text: str) -> int:
-    """Bytes of a memory size written as in `SIZE_FORM` (a bare number is bytes); ValueError otherwise."""
+    """Bytes of a memory size written as in `SIZE_FORM` (a bare number is bytes), in `SIZE_RANGE`;
+    ValueError, naming the text and what is allowed, otherwise."""
     match = _SIZE.fullmatch(text)
     if not match:
         raise ValueError(f"{text!r} is not {SIZE_FORM}")
     number, unit = match.groups()
-    size = int(float(number) * 1024 ** (" KMGT".index(unit.upper()) if unit else 0))
-    if size <= 0:
-        raise ValueError(f"{text!r}: a memory size must be more than 0 bytes")
-    return size
+    size = float(number) * 1024 ** (" KMGT".index(unit.upper()) if unit else 0)  # inf for 400 digits
+    if not 1 <= size <= MAX_MEMORY:
+        raise ValueError(f"{text!r} is outside the memory sizes allowed, {SIZE_RANGE}")
+    return int(size)
 
 
 #: diffusers' default LayerNorm eps; flavor `diffusers` uses it for the MLP-branch norm unless set.

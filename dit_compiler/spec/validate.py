@@ -13,10 +13,10 @@ from typing import Any
 
 from jsonschema import Draft202012Validator, ValidationError
 
-from dit_compiler.errors import MAX_SHOWN, Diagnostic
+from dit_compiler.errors import MAX_SHOWN, Diagnostic, shown
 from dit_compiler.spec.loader import Document, KeyPath, Origin, dotted, shown_value
-from dit_compiler.spec.model import (DIFFUSERS_NORM_EPS, SIZE_FORM, TILE_AXES, ModelSpec, SampleSpec, Spec, TilingSpec,
-                                     TrainSpec, memory_bytes)
+from dit_compiler.spec.model import (DIFFUSERS_NORM_EPS, SIZE_FORM, SIZE_RANGE, TILE_AXES, ModelSpec, SampleSpec, Spec,
+                                     TilingSpec, TrainSpec, memory_bytes)
 from dit_compiler.tiling import tile_problems
 
 _PROBLEMS = {
@@ -146,12 +146,26 @@ def _schema_diagnostics(error: ValidationError, doc: Document) -> list[Diagnosti
         return [_unknown_key(path + (key,), list(error.schema["properties"]), doc, guess=i < MAX_SHOWN)
                 for i, key in enumerate(unknown)]
     problem = _PROBLEMS.get(error.validator, "not allowed").format(error.validator_value)
-    if error.instance is None:
+    if error.validator == "uniqueItems" and (index := _repeated(error.instance)) is not None:
+        problem = f"the value {shown(error.instance[index])} is listed twice"
+    elif error.instance is None:
         problem += ": the value is empty"
     elif isinstance(error.instance, (dict, list)):
         problem += f": got {shown_value(error.instance)}"
     value = None if isinstance(error.instance, (dict, list)) else error.instance
     return [diagnostic(doc.origin(path), path, problem, value, describe(error.schema))]
+
+
+def _repeated(items: list) -> int | None:
+    """The index of the first item equal to an earlier one, as JSON Schema compares scalars (1 and 1.0 are
+    equal, 1 and true are not), in one pass (a list can be 10,000 values long); None where none is."""
+    seen = set()
+    for index, item in enumerate(items):
+        key = json.dumps(item, sort_keys=True) if isinstance(item, (dict, list)) else (isinstance(item, bool), item)
+        if key in seen:
+            return index
+        seen.add(key)
+    return None
 
 
 def _unknown_key(path: KeyPath, allowed: list[str], doc: Document, guess: bool = True) -> Diagnostic:
@@ -246,8 +260,8 @@ def _memory_limit_problems(text: str, doc: Document) -> list[Diagnostic]:
     try:
         memory_bytes(text)
     except ValueError:
-        return [diagnostic(doc.origin(("memory_limit",)), ("memory_limit",), "not a memory size", text,
-                           SIZE_FORM + ", or null")]
+        return [diagnostic(doc.origin(("memory_limit",)), ("memory_limit",), "not an allowed memory size", text,
+                           f"{SIZE_FORM}, {SIZE_RANGE}; or null")]
     return []
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dit_compiler import __version__
 from dit_compiler.graph.ir import Graph
 from dit_compiler.posembed import sincos_pos_embed
+from dit_compiler.targets.nntile_1_1.blas import apply_requested_core as apply_blas_core
 from dit_compiler.targets.nntile_1_1.host import (Geometry, patchify, patchify_grad, timestep_features, unpatchify,
                                                   unpatchify_grad)
 from dit_compiler.targets.nntile_1_1.memory import StepMemory, predict, unmovable_bytes
@@ -32,7 +33,7 @@ RUNTIME_VERSION = 1
 BACKEND = "dit_compiler.targets.nntile_1_1.backend:NNTileBackend"
 
 __all__ = ["Decl", "Geometry", "KERNEL_SETS", "LimitCheck", "Model", "NAME", "NNTILE_VERSION", "OutOfCore",
-           "OutOfCoreError", "RUNTIME_VERSION", "StepMemory", "blas_report", "check_limit", "choose_kernels", "emit",
+           "OutOfCoreError", "RUNTIME_VERSION", "StepMemory", "apply_blas_core", "blas_report", "check_limit", "choose_kernels", "emit",
            "gemm", "installed", "kernel_sets", "nntile_runtime", "out_of_core", "param", "patchify", "patchify_grad",
            "pause", "predict", "prepare", "problem", "require", "resume", "scheduler", "sincos_pos_embed",
            "timestep_features", "unmovable_bytes",

@@ -239,25 +239,29 @@ def check_core(core: str, timeout: float = 120.0) -> str | None:
     return None
 
 
-def apply_requested_core() -> str | None:
+def apply_requested_core(flag: str | None = None) -> str | None:
     """Apply $DITC_BLAS_CORE (`auto`: `suggested_core`) as $OPENBLAS_CORETYPE once `check_core` passes; the
     core applied, or None where none is asked for. Must run before NNTile loads its BLAS. Raises
-    UsageError, naming the core and why, where it cannot be applied."""
+    UsageError, naming the request (`flag`, such as --blas-core, where one set the variable) and why,
+    where it cannot be applied."""
     requested = os.environ.get(ENV)
     if not requested:
         return None
+    asked = f"{flag} {requested}" if flag else f"{ENV}={requested}"
     core = suggested_core(*cpu()) if requested == "auto" else requested
     if core is None:
-        raise UsageError(f"{ENV}=auto: no OpenBLAS core is known to suit this CPU ({cpu()[0]}); name one")
+        raise UsageError(f"{asked}: no OpenBLAS core is known to suit this CPU ({cpu()[0]}); name one")
     if os.environ.get("OPENBLAS_CORETYPE", "").lower() == core.lower():
         return core  # applied already (by the process that started this one, or by hand)
     if "nntile" in sys.modules:
         if (loaded := nntile_blas()) and (loaded.core or "").lower() == core.lower():
             return core
-        raise UsageError(f"{ENV}={requested}: NNTile is loaded already, with its BLAS's "
+        raise UsageError(f"{asked}: NNTile is loaded already, with its BLAS's "
                          f"{loaded.core if loaded else 'own'} core; set {ENV} before NNTile loads")
     if why := check_core(core):
-        raise UsageError(f"{ENV}={requested}: core {core} not applied: {why}")
+        known = "" if core.lower() in CORE_ISA else \
+            f"; allowed: auto, or an OpenBLAS core such as {', '.join(CORE_ISA)}, prescott (generic)"
+        raise UsageError(f"{asked}: core {core} not applied: {why}{known}")
     os.environ["OPENBLAS_CORETYPE"] = core
     print(f"ditc: NNTile's OpenBLAS runs its {core} core (OPENBLAS_CORETYPE={core}), its GEMMs checked against "
           "float64 in a subprocess", file=sys.stderr, flush=True)

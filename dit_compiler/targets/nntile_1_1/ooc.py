@@ -161,6 +161,11 @@ class LimitCheck:
         return self.data <= self.starpu
 
     @property
+    def too_small(self) -> bool:
+        """Whether the limit leaves StarPU too little to run at all."""
+        return self.starpu < MIN_STARPU or self.unmovable > self.starpu
+
+    @property
     def held(self) -> int:
         """The process's predicted peak under the limit: StarPU swaps what exceeds its share."""
         return self.peak - self.data + min(self.data, self.starpu)
@@ -168,7 +173,7 @@ class LimitCheck:
     def summary(self) -> str:
         limit = f"{self.limit / MIB:.0f} MiB" if self.limit >= MIB else f"{self.limit} bytes"
         head = f"memory limit {limit} against a predicted peak of {self.peak / MIB:.0f} MiB: "
-        if self.starpu < MIN_STARPU or self.unmovable > self.starpu:
+        if self.too_small:
             return head + (f"too small: NNTile's process needs {BASELINE / MIB:.0f} MiB before the model allocates, "
                            f"and StarPU at least {max(MIN_STARPU, self.unmovable) / MIB:.0f} MiB more")
         if self.fits:
@@ -186,7 +191,7 @@ def check_limit(graph: Graph, limit: int) -> LimitCheck:
 def settings(graph: Graph, limit: int, folder: Path) -> OutOfCore:
     """The settings for `graph` under `limit` bytes, swapping into `folder` (which must exist)."""
     check = check_limit(graph, limit)
-    if check.starpu < MIN_STARPU or check.unmovable > check.starpu:
+    if check.too_small:
         raise OutOfCoreError(check.summary())
     swap_mib = max(64, int(1.5 * all_bytes(graph) / MIB))
     free_mib = shutil.disk_usage(folder).free // MIB
@@ -218,7 +223,8 @@ def out_of_core(graph: Graph, limit: int, parent: str | os.PathLike | None = Non
     hands the settings to `nntile_runtime` in the process that trains: this one, or a child it starts,
     whose swap files go with the folder even when the child is killed outright (by the OOM killer)."""
     if parent is not None and not Path(parent).is_dir():
-        raise OutOfCoreError(f"{parent}: no such folder for the out-of-core swap")
+        what = "a file, not a folder" if Path(parent).exists() else "no such folder"
+        raise OutOfCoreError(f"{parent}: {what} for the out-of-core swap")
     folder = Path(tempfile.mkdtemp(prefix="ditc-swap-", dir=parent))
     ours = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and threading.current_thread() is threading.main_thread()
     if ours:
