@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dit_compiler.argtypes import integer, memory_size, number
+from dit_compiler.argtypes import integer, memory_size, number, path
 from dit_compiler.errors import UsageError
 from dit_compiler.run.limits import DIST_TIMEOUT_S, MAX_DIST_TIMEOUT_S, cores
 
@@ -81,7 +81,7 @@ def add_commands(sub) -> None:
     """Add `train`, `sample`, `evaluate` and `export` to the `ditc` subparsers."""
     s = sub.add_parser("train", help="train a compiled DiT with DiT's diffusion loss on a dataset")
     s.add_argument("target", metavar="SPEC_OR_BUILD_DIR")
-    s.add_argument("--data", help="`digits` (built in, the default), an .npz with images and labels, or a "
+    s.add_argument("--data", type=path, help="`digits` (built in, the default), an .npz with images and labels, or a "
                                   "folder with a sub-folder of images per class")
     s.add_argument("--steps", type=integer(1, MAX_STEPS), help="total training steps (default 4000)")
     s.add_argument("--lr", type=number(0.0, 1.0, above=True),
@@ -94,7 +94,7 @@ def add_commands(sub) -> None:
                    help="EMA decay min(decay, (1+s)/(10+s)) at step s (default on; off is DiT's constant decay)")
     s.add_argument("--backend", choices=("auto", "nntile", "torch"),
                    help="where the model runs (default auto: NNTile where it is importable, else torch)")
-    s.add_argument("--out", help="run folder (default runs/<spec name>)")
+    s.add_argument("--out", type=path, help="run folder (default runs/<spec name>)")
     s.add_argument("--ckpt-every", type=integer(0, MAX_STEPS),
                    help="checkpoint every N steps, 0 only at the end (default 1000)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -111,17 +111,17 @@ def add_commands(sub) -> None:
 
     s = sub.add_parser("export", help="write trained weights as a diffusers DiTTransformer2DModel folder")
     s.add_argument("target", metavar="RUN_OR_SPEC")
-    s.add_argument("--ckpt", help="checkpoint (.pt or .safetensors; default: the run's last)")
+    s.add_argument("--ckpt", type=path, help="checkpoint (.pt or .safetensors; default: the run's last)")
     s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="export the checkpoint's EMA weights (default)")
-    s.add_argument("--diffusers", required=True, metavar="DIR", help="the folder to write (new or empty)")
+    s.add_argument("--diffusers", type=path, required=True, metavar="DIR", help="the folder to write (new or empty)")
     s.set_defaults(func=cmd_export)
 
     for name, help_text in (("sample", "generate images with a trained DiT (DiT's samplers)"),
                             ("evaluate", "score generated digits: classifier accuracy, FD-digits and the floor")):
         s = sub.add_parser(name, help=help_text)
         s.add_argument("target", metavar="RUN_OR_SPEC" if name == "sample" else "RUN_SPEC_OR_SAMPLES")
-        s.add_argument("--ckpt", help="checkpoint (.pt or .safetensors; default: the run's last)")
+        s.add_argument("--ckpt", type=path, help="checkpoint (.pt or .safetensors; default: the run's last)")
         s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                        help="use the checkpoint's EMA weights (default)")
         s.add_argument("--backend", choices=("auto", "nntile", "torch"), default="auto",
@@ -138,8 +138,8 @@ def add_commands(sub) -> None:
                        help="a model without learned sigma samples with the posterior variance instead of beta_t "
                             "(DiT's create_diffusion(sigma_small=True))")
         s.add_argument("--seed", type=integer(0, MAX_SEED), default=0, help="0 to 2**32-1 (default 0)")
-        s.add_argument("--out", help="output folder (default RUN/samples or samples/<spec name>)")
-        s.add_argument("--vae", help="a diffusers AutoencoderKL folder to decode latents with")
+        s.add_argument("--out", type=path, help="output folder (default RUN/samples or samples/<spec name>)")
+        s.add_argument("--vae", type=path, help="a diffusers AutoencoderKL folder to decode latents with")
         if name == "sample":
             s.add_argument("--cfg", type=number(1.0, 100.0),
                            help="guidance scale, 1 = none (default: the spec's `sample.cfg`, DiT's 4)")
@@ -151,10 +151,11 @@ def add_commands(sub) -> None:
         else:
             s.add_argument("--cfg", type=_floats, help="guidance scales, e.g. 1,2,4 (default: the spec's `sample.cfg`)")
             s.add_argument("--n", type=integer(2, MAX_SAMPLES), default=1000, help="samples per scale (default 1000)")
-            s.add_argument("--cache", help="where the digits classifier is cached (default ~/.cache/ditc)")
-            s.add_argument("--inception", help="Inception v3 weights (pytorch-fid's or torchvision's state_dict): "
-                                               "score FID against --ref instead of the digits scores")
-            s.add_argument("--ref", help="with --inception: reference images, a folder or an .npz")
+            s.add_argument("--cache", type=path, help="where the digits classifier is cached (default ~/.cache/ditc)")
+            s.add_argument("--inception", type=path,
+                           help="Inception v3 weights (pytorch-fid's or torchvision's state_dict): score FID against "
+                                "--ref instead of the digits scores")
+            s.add_argument("--ref", type=path, help="with --inception: reference images, a folder or an .npz")
             s.set_defaults(func=cmd_evaluate)
 
 
