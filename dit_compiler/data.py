@@ -86,6 +86,9 @@ def load_dataset(source: str, expect: ImageShape) -> Dataset:
             data = _load_folder(path)
         elif path.suffix == ".npz" and path.is_file():
             data = _load_npz(path)
+        elif path.exists() and not path.is_file():
+            raise UsageError(f"{source}: not a regular file or a folder (a pipe or a device?); allowed: `{DIGITS}`, "
+                             "an .npz file with `images` and `labels`, or a folder with one sub-folder per class")
         else:
             raise UsageError(f"{source}: no such dataset; allowed: `{DIGITS}`, an .npz file with `images` and "
                              "`labels`, or a folder with one sub-folder of images per class")

@@ -85,6 +85,8 @@ def test_a_rank_reads_its_place_from_torchruns_variables():
         world_from_env(env | {"RANK": "4"})
     with pytest.raises(UsageError, match="MASTER_ADDR is unset"):
         world_from_env({k: v for k, v in env.items() if k != "MASTER_ADDR"})
+    with pytest.raises(UsageError, match=r"MASTER_PORT='99999' .*allowed: an integer from 1 to 65535"):
+        world_from_env(env | {"MASTER_PORT": "99999"})
 
 
 def test_ranks_of_a_machine_get_equal_cores_and_never_share_one():

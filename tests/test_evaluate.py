@@ -111,3 +111,15 @@ def test_fid_with_user_inception_weights(tmp_path, capsys):
     assert main(["evaluate", str(other), "--inception", str(other), "--ref", str(ref)]) == 2
     assert main(["evaluate", str(other), "--inception", str(tmp_path / "inception.pth")]) == 2
     assert "--inception needs --ref" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("images,labels,says", [
+    (np.full((2, 1, 8, 8), np.nan, np.float32), [1, 2], "finite floats"),
+    (np.zeros((1, 1, 8, 8), np.float32), [1], "N at least 2"),
+    (np.zeros((2, 1, 8, 8), np.float32), [50, -3], "integers from 0 to 9"),
+    (np.zeros((2, 1, 8, 8), np.float32), [1.5, 2.0], "integers from 0 to 9"),
+])
+def test_a_samples_file_that_cannot_be_scored_is_refused(tmp_path, capsys, images, labels, says):
+    np.savez(tmp_path / "s.npz", images=images, labels=np.array(labels))
+    assert main(["evaluate", str(tmp_path / "s.npz"), "--out", str(tmp_path / "e")]) == 2
+    assert says in capsys.readouterr().err and not (tmp_path / "e").exists()

@@ -14,10 +14,10 @@ from dit_compiler.errors import UsageError
 from dit_compiler.lower import lower
 from dit_compiler.run.backend import open_backend
 from dit_compiler.run.sample import FixedBatch, SampleConfig, generate, sample_labels
-from dit_compiler.run.train import run_build_dir
+from dit_compiler.run.train import TrainConfig, run_build_dir, train
 from dit_compiler.run.weights import load_checkpoint
 from dit_compiler.spec import load_spec
-from train_helpers import train_tiny
+from train_helpers import TINY_DIGITS, tiny_spec, train_tiny
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_outputs_and_inputs_are_checked_before_sampling(run, tmp_path, capsys):
     junk.write_text("junk")
     before = sorted(p.name for p in run.iterdir())
     for argv, says in ((["--out", str(mine)], "a folder ditc did not write"),
-                       (["--ckpt", str(junk), "--out", str(tmp_path / "s")], "not a checkpoint torch can read"),
+                       (["--ckpt", str(junk), "--out", str(tmp_path / "s")], "not a checkpoint"),
                        (["--vae", str(tmp_path / "none"), "--out", str(tmp_path / "s")], "--vae"),
                        (["--out", str(junk)], "a file, not a folder")):
         assert main(["sample", str(run), "--backend", "torch", "--steps", "2", "--n", "2", *argv]) == 2
@@ -143,3 +143,15 @@ def test_outputs_and_inputs_are_checked_before_sampling(run, tmp_path, capsys):
         assert main(["sample", str(run), "--backend", "torch", "--steps", "2", "--n", "2", "--out", str(out)]) == 0
     assert main(["evaluate", str(run), "--backend", "torch", "--steps", "2", "--n", "2", "--ref", str(out)]) == 2
     assert "needs --inception" in capsys.readouterr().err
+
+
+def test_weights_of_another_model_are_refused_before_a_variant_is_built(run, tmp_path, capsys):
+    other = tmp_path / "other"
+    wider = tiny_spec(tmp_path, TINY_DIGITS.replace("hidden_size: 32", "hidden_size: 64"))
+    assert train(wider, other, TrainConfig(steps=1, lr=1e-3, backend="torch")) == 0
+    before = sorted(p.name for p in other.iterdir())
+    ckpt = str(sorted((run / "checkpoints").glob("*.pt"))[-1])
+    assert main(["sample", str(other), "--ckpt", ckpt, "--backend", "torch", "--steps", "2", "--n", "2",
+                 "--out", str(tmp_path / "s")]) == 2
+    assert "do not fit this spec's model" in capsys.readouterr().err
+    assert sorted(p.name for p in other.iterdir()) == before

@@ -240,3 +240,16 @@ def test_a_backend_that_cannot_start_leaves_no_run_behind(tmp_path, monkeypatch,
     spec = str(tiny_spec(tmp_path).source)
     assert main(["train", spec, "--out", str(tmp_path / "r"), "--steps", "2"]) == 2
     assert "no backend today" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_a_resume_that_cannot_go_on_changes_nothing(tmp_path, capsys):
+    run = train_tiny(tmp_path, steps=2)
+    spec = str(tmp_path / "tiny-digits.yaml")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main(["train", spec, "--out", str(run), "--resume", "--steps", "2"]) == 0
+    assert "nothing to train, nothing changed" in capsys.readouterr().err
+    (run / "checkpoints" / "0000002.pt").write_text("garbage")
+    before[run / "checkpoints" / "0000002.pt"] = b"garbage"
+    assert main(["train", spec, "--out", str(run), "--resume", "--steps", "3"]) == 2
+    assert "not a checkpoint" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

@@ -224,7 +224,7 @@ def _checkpoint_of(args, tmp: str):
         build_dir = build_dir or write_build(compile_spec(spec), tmp)
         default_out, builds = Path("samples") / spec.name, Path(tmp)
     if not ckpt.is_file():
-        raise UsageError(f"--ckpt {ckpt}: no such file")
+        raise UsageError(f"--ckpt {ckpt}: " + ("a folder, not a checkpoint file" if ckpt.is_dir() else "no such file"))
     return spec, build_dir, ckpt, default_out, builds
 
 
@@ -245,6 +245,7 @@ def _open_model(args, tmp: str, rows: Callable[[Spec], int], output: Callable[[P
     spec, build_dir, ckpt, default_out, builds = _checkpoint_of(args, tmp)
     out = output(default_out)
     weights, entry = load_weights(ckpt, args.ema)   # a bad checkpoint is refused before a variant is built
+    _check_weights_fit(build_dir, weights, f"{ckpt} ({entry})")
     batch = min(rows(spec), MAX_SAMPLING_BATCH)
     if batch != spec.batch:
         spec = replace(spec, name=f"{spec.name}-sample-b{batch}", batch=batch,
@@ -254,6 +255,27 @@ def _open_model(args, tmp: str, rows: Callable[[Spec], int], output: Callable[[P
     backend = open_backend(args.backend, build_dir, graph, inference=True)
     load_into(backend, weights, str(ckpt))
     return graph, backend, f"{ckpt} ({entry})", out
+
+
+def _check_weights_fit(build_dir: Path, weights: dict, source: str) -> None:
+    """Refuse weights with a key the model lacks, without one of its trained parameters, or of another shape."""
+    import torch
+
+    from dit_compiler.build import TORCH_FILE
+    from dit_compiler.run.common import load_module
+
+    with torch.device("meta"):   # shapes only: nothing is allocated
+        model = load_module(build_dir / TORCH_FILE).Model()
+    extra = sorted(set(weights) - set(model.state_dict()))
+    if extra:
+        raise UsageError(f"{source}: its weights do not fit this spec's model ({len(extra)} it does not have, such as "
+                         f"{extra[0]})")
+    for key, param in model.named_parameters():
+        if key not in weights and param.requires_grad:
+            raise UsageError(f"{source}: its weights do not fit this spec's model (no {key})")
+        if key in weights and tuple(weights[key].shape) != tuple(param.shape):
+            raise UsageError(f"{source}: its weights do not fit this spec's model ({key} is "
+                             f"{list(weights[key].shape)}, the model's {list(param.shape)})")
 
 
 def _rows(labels: int, scales: list[float]) -> int:
@@ -341,6 +363,24 @@ def _scorer(args):
     return lambda images, labels: score_digits(clf, images, labels, args.seed)
 
 
+def _check_samples(path: Path, images, labels, classes: int | None) -> None:
+    """Samples that can be scored: N,C,H,W finite images (at least two: a Frechet distance needs a
+    covariance) and, for the digits scores, N class labels. An undertrained model's samples may lie far
+    outside [-1, 1]: they are scored, not refused."""
+    import numpy as np
+
+    if images.ndim != 4 or len(images) < 2:
+        raise UsageError(f"{path}: images has shape {images.shape}; allowed: N,C,H,W with N at least 2 (as "
+                         "`ditc sample` writes them)")
+    if not np.issubdtype(images.dtype, np.floating) or not np.isfinite(images).all():
+        raise UsageError(f"{path}: images must be finite floats (samples as `ditc sample` writes them), got "
+                         f"{images.dtype} from {images.min():g} to {images.max():g}")
+    if classes is not None and (labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer)
+                                or labels.min() < 0 or labels.max() >= classes):
+        raise UsageError(f"{path}: labels must be {len(images)} integers from 0 to {classes - 1} (the classes "
+                         f"the samples were generated for), got {labels.dtype} of shape {labels.shape}")
+
+
 def cmd_evaluate(args) -> int:
     import numpy as np
 
@@ -356,9 +396,7 @@ def cmd_evaluate(args) -> int:
             if "images" not in f.files or "labels" not in f.files:
                 raise UsageError(f"{samples_file}: no `images` and `labels` (write it with `ditc sample`)")
             images, labels = f["images"], f["labels"]
-        if images.ndim != 4:
-            raise UsageError(f"{samples_file}: images has shape {images.shape}; allowed: N,C,H,W (as `ditc sample` "
-                             "writes them)")
+        _check_samples(samples_file, images, labels, None if args.inception else 10)
         out = _output_folder(Path(args.out) if args.out else samples_file.parent, "--out", EVALUATE_MARKERS)
         rows.append({"cfg": None} | score(images, labels) | {"samples": str(samples_file)})
     else:

@@ -132,6 +132,7 @@ def world_from_env(environ: Mapping[str, str] = os.environ) -> World | None:
             if not environ.get(name):
                 raise UsageError(f"WORLD_SIZE={size} but {name} is unset: start the ranks with torchrun or "
                                  "`ditc train --nproc N`")
+        _env_int(environ, "MASTER_PORT", 1, 65535)
     return World(rank, size, local_rank, local_size, _device(local_rank, local_size),
                  "ditc" if LAUNCHED_BY_DITC in environ else "torchrun")
 
@@ -187,8 +188,14 @@ def joined(world: World, timeout_s: float = DIST_TIMEOUT_S) -> Iterator[World]:
 
     if world.device.startswith("cuda"):
         torch.cuda.set_device(world.device)
-    dist.init_process_group("nccl" if world.device.startswith("cuda") else "gloo",
-                            timeout=timedelta(seconds=timeout_s))
+    try:
+        dist.init_process_group("nccl" if world.device.startswith("cuda") else "gloo",
+                                timeout=timedelta(seconds=timeout_s))
+    except dist.DistError as error:   # the other ranks never came, or the address is not this machine's
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        raise UsageError(f"rank {world.rank} of {world.size}: the ranks did not meet at {where} within "
+                         f"--dist-timeout {timeout_s:g} s ({str(error).strip().splitlines()[0]}); start every "
+                         "rank with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE") from None
     try:
         yield world
     except BaseException:

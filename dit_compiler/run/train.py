@@ -117,7 +117,8 @@ class _StopSignals:
 
 def check_run(spec, run_dir: Path, config: TrainConfig, resume: bool):
     """Everything `train` refuses before it writes anything: data that do not fit the model, a run folder
-    that cannot take this run, a resume with another model. Returns the dataset and the build."""
+    that cannot take this run, a resume with another model or from a checkpoint that cannot be read.
+    Returns the dataset, the build and (on resume) the checkpoint."""
     build = compile_spec(spec)
     data = load_dataset(config.data, ImageShape.of_graph(build.graph))
     existing = checkpoints(run_dir) if run_dir.is_dir() else []
@@ -131,10 +132,15 @@ def check_run(spec, run_dir: Path, config: TrainConfig, resume: bool):
             raise UsageError(f"{run_dir}: trained with another model than {spec.source} describes (see "
                              f"{run_build_dir(run_dir) / SPEC_FILE}); a resumed run may change the batch and "
                              "the tiling, not the model")
+        ckpt = load_checkpoint(existing[-1])
+        if not isinstance(ckpt.get("train_state"), dict):
+            raise UsageError(f"{existing[-1]}: no `train_state` to resume from (a checkpoint `ditc train` did not "
+                             "write); start a new run, or sample from it with --ckpt")
+        return data, build, ckpt
     elif existing:
         raise UsageError(f"{run_dir}: already holds a run (last checkpoint {existing[-1].name}); pass --resume "
                          "to continue it, or another --out")
-    return data, build
+    return data, build, None
 
 
 def _prepare_run(spec, build, run_dir: Path, config: TrainConfig) -> Callable[[], None]:
@@ -221,9 +227,14 @@ def train(spec, run_dir: Path, config: TrainConfig, resume: bool = False, stream
     stream = stream or sys.stderr
     lead = world.lead
     undo: Callable[[], None] = lambda: None
+    ckpt = None
     if lead:   # every data and folder error before anything is written
-        data, build = check_run(spec, run_dir, config, resume)
+        data, build, ckpt = check_run(spec, run_dir, config, resume)
         graph = build.graph
+        if ckpt is not None and world.size == 1 and ckpt["train_state"]["step"] >= config.steps:
+            print(f"{run_dir} is at step {ckpt['train_state']['step']} already and --steps (or train.steps) is "
+                  f"{config.steps}: nothing to train, nothing changed; raise --steps to go on", file=stream)
+            return 0
         prepared = _prepare_run(spec, build, run_dir, config)
         if not resume:   # a resumed run keeps its folder whatever happens
             undo = prepared
@@ -249,7 +260,7 @@ def train(spec, run_dir: Path, config: TrainConfig, resume: bool = False, stream
     step, wall = 0, 0.0
     if resume:
         path = checkpoints(run_dir)[-1]
-        ckpt = load_checkpoint(path)
+        ckpt = ckpt or load_checkpoint(path)   # the other ranks read it here
         state = ckpt["train_state"]
         weights = to_numpy(ckpt["model"])
         load_into(backend, weights, str(path), to_numpy(ckpt["ema"]), ckpt["opt"])
@@ -260,9 +271,6 @@ def train(spec, run_dir: Path, config: TrainConfig, resume: bool = False, stream
             before = state.get("global_batch", batch)
             change = f" (it took {before} images a step, now {global_batch})" if before != global_batch else ""
             print(f"resuming {run_dir} at step {step} from {path}{change}", file=stream)
-            if step >= config.steps:
-                print(f"note: the run is at step {step} already and --steps (or train.steps) is {config.steps}: "
-                      "nothing to train; raise --steps to go on", file=stream)
     else:
         weights = initial_weights(build_dir, graph, config.seed)
         load_into(backend, weights, "initial weights")

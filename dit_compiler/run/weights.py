@@ -9,6 +9,7 @@ training settings as a plain dict, so `torch.load(weights_only=True)` reads it),
 from __future__ import annotations
 
 import warnings
+import zipfile
 
 import os
 from pathlib import Path
@@ -84,6 +85,13 @@ def save_safetensors(path: Path, state: StateDict) -> None:
 
 def load_checkpoint(path: Path) -> dict:
     """A DiT-format `.pt` (or any torch-saved dict), read without executing code."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1)
+    except OSError as error:
+        raise UsageError(f"{path}: cannot be read ({error.strerror})") from None
+    if not zipfile.is_zipfile(path) and head != b"\x80":   # torch's zip format, or a pickle (older torch)
+        raise UsageError(f"{path}: not a checkpoint (neither torch's zip format nor a pickle)")
     try:
         with warnings.catch_warnings():   # torch's notes on pickle protocols are not the user's concern
             warnings.simplefilter("ignore")

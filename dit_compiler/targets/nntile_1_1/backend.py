@@ -15,7 +15,6 @@ means go back into the gradients before AdamW's step, which every rank applies a
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from dit_compiler.graph.ir import Graph
 from dit_compiler.run.backend import OptimConfig
 from dit_compiler.run.common import load_module
 from dit_compiler.run.distributed import GradientBuckets, World
+from dit_compiler.run.limits import default_ncpus
 from dit_compiler.targets.nntile_1_1.ooc import OutOfCoreError, out_of_core
 from dit_compiler.targets.nntile_1_1.runtime import nntile_runtime, problem
 
@@ -38,6 +38,7 @@ class NNTileBackend:
                  ncpus: int | None = None, world: World | None = None):
         """`inference`: a forward-only model (sampling): no gradients, no AdamW moments, values released
         as soon as used; `forward`, `backward`, `step` and the EMA are then unavailable."""
+        ncpus = ncpus or default_ncpus()   # a bad $STARPU_NCPU refused before StarPU reads it
         self._stack = contextlib.ExitStack()
         limit = None if inference else graph.spec.memory_limit_bytes
         #: Out-of-core settings under the spec's memory limit: set before NNTile is imported.
@@ -66,8 +67,7 @@ class NNTileBackend:
                        if k not in {k for k, p in named if p.requires_grad} and v.device.type != "meta"}
         self.param_groups = torch.optim.AdamW([p for _, p in named], lr=optim.lr, betas=optim.betas, eps=optim.eps,
                                               weight_decay=optim.weight_decay).state_dict()["param_groups"]
-        self._stack.enter_context(nntile_runtime(ncpus or int(os.environ.get("STARPU_NCPU") or os.cpu_count() or 1),
-                                                 self.out_of_core))
+        self._stack.enter_context(nntile_runtime(ncpus, self.out_of_core))
         module = load_module(Path(build_dir) / NNTILE_FILE)
         self.model = module.Model(inference=inference)
         self._stack.callback(self.model.unregister)
