@@ -125,8 +125,9 @@ def _owned(build: Build, target: Path) -> dict[str, str] | None:
     for name in build.files:
         path = target / name
         if os.path.lexists(path) and (name not in owned or path.is_symlink() or not path.is_file()):
-            raise UsageError(f"{path} is not a file ditc wrote (its {MANIFEST_FILE} does not list it); ditc does not "
-                             "replace it: move it away and build again")
+            what = "a link" if path.is_symlink() else "a folder" if path.is_dir() else \
+                f"not a file ditc wrote (its {MANIFEST_FILE} does not list it)" if name not in owned else "not a file"
+            raise UsageError(f"{path} is {what}; ditc does not replace it: move it away and build again")
     return owned
 
 
