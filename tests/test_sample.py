@@ -143,6 +143,8 @@ def test_outputs_and_inputs_are_checked_before_sampling(run, tmp_path, capsys):
         assert main(["sample", str(run), "--backend", "torch", "--steps", "2", "--n", "2", "--out", str(out)]) == 0
     assert main(["evaluate", str(run), "--backend", "torch", "--steps", "2", "--n", "2", "--ref", str(out)]) == 2
     assert "needs --inception" in capsys.readouterr().err
+    assert main(["sample", str(run), "--backend", "torch", "--steps", "2", "--n", "2", "--eta", "0.5"]) == 2
+    assert "eta is DDIM's" in capsys.readouterr().err
 
 
 def test_weights_of_another_model_are_refused_before_a_variant_is_built(run, tmp_path, capsys):

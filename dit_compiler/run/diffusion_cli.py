@@ -311,6 +311,9 @@ def _sample_config(args, graph, cfg: float | None = None):
 
     spec = graph.spec.sample
     channels = args.cfg_channels or spec.cfg_channels
+    if args.eta is not None and (args.sampler or spec.sampler) != "ddim":
+        raise UsageError(f"--eta {args.eta:g}: eta is DDIM's; the sampler here is {args.sampler or spec.sampler} "
+                         "(add --sampler ddim, or drop --eta)")
     return SampleConfig(sampler=args.sampler or spec.sampler, steps=args.steps or spec.steps,
                         eta=spec.eta if args.eta is None else args.eta, cfg=cfg or spec.cfg,
                         cfg_channels=None if channels == "auto" else channels, seed=args.seed,
