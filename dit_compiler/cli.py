@@ -379,8 +379,6 @@ def _runner(sub, name: str, help_text: str, ncpus_help: str, ncpus) -> argparse.
     return s
 
 
-
-
 def _ncpus(args) -> int:
     """--ncpus, else $STARPU_NCPU, else every core; exported as STARPU_NCPU, which StarPU itself reads."""
     from dit_compiler.run.limits import default_ncpus
@@ -391,9 +389,11 @@ def _ncpus(args) -> int:
 
 
 def _check_folder_arg(path: str, flag: str, made: bool = True) -> None:
-    """An output folder: refused before any work when it is a file, under a file, or not writable; or,
-    unless it is `made` when missing, when it does not exist."""
+    """An output folder: refused before any work when it is a file, a broken link, under a file, or not
+    writable; or, unless it is `made` when missing, when it does not exist."""
     folder = Path(path)
+    if folder.is_symlink() and not folder.exists():
+        raise UsageError(f"{flag} {path}: a link to nothing ({os.readlink(folder)}); name a folder")
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{flag} {path}: a file, not a folder; name a folder"
                          + (" (it is made when missing)" if made else ""))

@@ -13,7 +13,6 @@ fixed: in scikit-learn's order, the images whose index among the images of their
 from __future__ import annotations
 
 import zipfile
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal

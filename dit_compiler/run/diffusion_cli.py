@@ -35,14 +35,11 @@ def _floats(text: str) -> list[float]:
     return [number(1.0, 100.0)(str(v)) for v in values]
 
 
-
-
 def _ints(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-
 
 
 #: Files that mark a folder as one ditc wrote, per kind of output: it may write there again.
@@ -52,12 +49,10 @@ EVALUATE_MARKERS = ("evaluate.json", "settings.json")
 
 
 def _output_folder(path: Path, flag: str, markers: tuple[str, ...]) -> Path:
-    """An output folder, checked before any work: not a file or a broken link, writable, and new, empty or
-    one ditc wrote (holding one of `markers`), so that no file of the user's is overwritten."""
+    """An output folder, checked before any work (`cli._check_folder_arg`), and new, empty or one ditc
+    wrote (holding one of `markers`), so that no file of the user's is overwritten."""
     from dit_compiler.cli import _check_folder_arg
 
-    if path.is_symlink() and not path.exists():
-        raise UsageError(f"{flag} {path}: a link to nothing ({os.readlink(path)}); name a folder")
     _check_folder_arg(str(path), flag)
     if path.is_dir() and any(path.iterdir()) and not any((path / m).is_file() for m in markers):
         raise UsageError(f"{flag} {path}: a folder ditc did not write (it has no {' or '.join(markers)}); name a "

@@ -109,8 +109,8 @@ def nntile_blas() -> Blas | None:
     return Blas(library, "unknown BLAS", "", None)
 
 
-def one_thread_per_call() -> bool:
-    """Make NNTile's BLAS run each call on the calling thread; whether it could be told.
+def one_thread_per_call() -> None:
+    """Make NNTile's BLAS run each call on the calling thread (where it says how: OpenBLAS, MKL, BLIS).
 
     StarPU already runs one task per core; a BLAS that also spawns a thread per core for each GEMM (OpenBLAS
     does unless $OPENBLAS_NUM_THREADS or $OMP_NUM_THREADS is 1) puts two threads on every core. Measured on 2
@@ -120,8 +120,7 @@ def one_thread_per_call() -> bool:
     for name in ("openblas_set_num_threads", "mkl_set_num_threads", "bli_thread_set_num_threads"):
         if lib is not None and (setter := getattr(lib, name, None)) is not None:
             setter(1)
-            return True
-    return False
+            return
 
 
 def cpu() -> tuple[str, str]:
