@@ -11,6 +11,7 @@ from dit_compiler.graph.ir import Graph, Node, Tensor
 from dit_compiler.graph.ops import OPS
 from dit_compiler.naming import TRACE
 from dit_compiler.targets.nntile_1_1 import NNTILE_VERSION, RUNTIME_VERSION
+from dit_compiler.targets.nntile_1_1.memory import held_tensors
 
 #: Host ops: the line of `forward` (or `backward`) that runs each on the host, by op kind.
 _FORWARD_HOST = {
@@ -77,14 +78,8 @@ def _ops(nodes: list[Node], name: Render) -> list[str]:
     return lines
 
 
-def _bound(graph: Graph) -> set[str]:
-    """The tensors NNTile holds: those its layers bind (host-only tensors stay numpy)."""
-    return {n for node in graph.device_nodes for n in (*node.input_names, *node.output_names,
-                                                       *node.internals.values())}
-
-
 def model_context(graph: Graph) -> dict:
-    bound = _bound(graph)
+    bound = set(held_tensors(graph))   # host-only tensors stay numpy
     blocks: Blocks = split_blocks(graph)
     tensors = [t for t in graph.tensors.values() if t.name in bound]
 

@@ -20,13 +20,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
-from dit_compiler.graph.ir import Graph, Node
+from dit_compiler.graph.cost import DTYPE_BYTES
+from dit_compiler.graph.cost import nbytes as tensor_bytes
+from dit_compiler.graph.ir import Graph, Node, Tensor
 from dit_compiler.graph.ops import OPS
 from dit_compiler.targets.nntile_1_1.layers import LAYERS
 from dit_compiler.targets.nntile_1_1.plan import PlanRow, Step, memory_plan
 
 MIB = 2 ** 20
-DTYPE_BYTES = {"fp32": 4, "int64": 8}
 #: What a process running a model holds before the model allocates anything: Python, numpy, torch (NNTile
 #: imports transformers, which imports torch), NNTile, StarPU's workers and ditc. `ditc bench`'s NNTile
 #: worker peaked at 290-291 MiB on specs/tiny.yaml (2.7 MiB of tensors), 2 workers, NNTile 1.1.0, torch 2.13.
@@ -63,11 +64,6 @@ class StepMemory:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "where"}
 
 
-def tensor_bytes(graph: Graph, name: str) -> int:
-    t = graph.tensors[name]
-    return t.numel * DTYPE_BYTES[t.dtype]
-
-
 def held_tensors(graph: Graph) -> list[str]:
     """The graph tensors NNTile holds: those its layers bind, ports and internals (host-only ones stay numpy)."""
     names = dict.fromkeys(n for node in graph.device_nodes
@@ -75,14 +71,15 @@ def held_tensors(graph: Graph) -> list[str]:
     return list(names)
 
 
+def _copies(t: Tensor) -> int:
+    """How many tensors of its shape a training step holds for `t`: a parameter's value, gradient and AdamW's
+    two moments; an activation's value and gradient; else the value."""
+    return 4 if t.role == "param" else 2 if t.grad and t.role == "activation" else 1
+
+
 def all_bytes(graph: Graph) -> int:
     """Everything a training step ever allocates, at once: values, gradients, AdamW's moments."""
-    total = 0
-    for name in held_tensors(graph):
-        t = graph.tensors[name]
-        copies = 4 if t.role == "param" else 2 if t.grad and t.role == "activation" else 1
-        total += copies * tensor_bytes(graph, name)
-    return total
+    return sum(_copies(graph.tensors[name]) * tensor_bytes(graph, name) for name in held_tensors(graph))
 
 
 def unmovable_bytes(graph: Graph) -> int:
@@ -91,11 +88,9 @@ def unmovable_bytes(graph: Graph) -> int:
     total = 0
     for name in held_tensors(graph):
         t = graph.tensors[name]
-        copies = 4 if t.role == "param" else 2 if t.grad and t.role == "activation" else 1
-        itemsize = DTYPE_BYTES[t.dtype]
-        for tile_bytes, count in _tile_sizes(t.shape, t.tile, itemsize):
+        for tile_bytes, count in _tile_sizes(t.shape, t.tile, DTYPE_BYTES[t.dtype]):
             if tile_bytes % PAGE:
-                total += copies * tile_bytes * count
+                total += _copies(t) * tile_bytes * count
     return total
 
 

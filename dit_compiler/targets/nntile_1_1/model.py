@@ -16,7 +16,6 @@ import numpy as np
 
 from dit_compiler.graph.ops import OPS
 from dit_compiler.graph.passes import kept_name, scratch_name
-from dit_compiler.targets.nntile_1_1 import kernels as nt
 from dit_compiler.targets.nntile_1_1.alloc import Allocator
 from dit_compiler.targets.nntile_1_1.host import Geometry, from_graph_layout, to_graph_layout
 from dit_compiler.targets.nntile_1_1.layers import LAYERS, Layer, Moments

@@ -168,22 +168,29 @@ def built_module(progress=None) -> Path:
     return target
 
 
-_loaded: ModuleType | None = None
+#: The extension once loaded, or why it could not be: a failed build is not tried again in this process.
+_loaded: ModuleType | Unavailable | None = None
 
 
 def load() -> ModuleType:
     """The extension module, compiled and imported on first use (raises `Unavailable`)."""
     global _loaded
+    if isinstance(_loaded, Unavailable):
+        raise Unavailable(str(_loaded))
     if _loaded is None:
-        path = built_module()
-        import nntile.nntile_core  # noqa: F401  NNTile's types first: the extension's arguments are them
-
-        spec = importlib.util.spec_from_file_location(MODULE, path)
-        module = importlib.util.module_from_spec(spec)
         try:
-            spec.loader.exec_module(module)
-        except ImportError as error:
-            raise Unavailable(f"{path} does not load ({error})") from None
+            path = built_module()
+            import nntile.nntile_core  # noqa: F401  NNTile's types first: the extension's arguments are them
+
+            spec = importlib.util.spec_from_file_location(MODULE, path)
+            module = importlib.util.module_from_spec(spec)
+            try:
+                spec.loader.exec_module(module)
+            except ImportError as error:
+                raise Unavailable(f"{path} does not load ({error})") from None
+        except Unavailable as error:
+            _loaded = error
+            raise
         _loaded = module
     return _loaded
 
