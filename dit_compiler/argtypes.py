@@ -6,6 +6,9 @@ import argparse
 import math
 from collections.abc import Callable
 
+#: The largest seed: numpy's seeds are 32-bit.
+MAX_SEED = 2**32 - 1
+
 
 def integer(lo: int, hi: int) -> Callable[[str], int]:
     """An integer from `lo` to `hi`."""

@@ -15,12 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dit_compiler import __version__
-from dit_compiler.argtypes import integer, memory_size, path
+from dit_compiler.argtypes import MAX_SEED, integer, memory_size, path
 from dit_compiler.spec.model import memory_bytes
 from dit_compiler.errors import SpecError, Terminated, UsageError, printed
 
 DEFAULT_OUT = "generated"
-MAX_SEED = 2**32 - 1
 #: The most warm-up runs, measured runs or rounds a benchmark takes.
 MAX_RUNS = 1000
 #: An argument that starts like a negative number (-5GiB, -1,2, -.5): a value, as no flag starts so.

@@ -84,8 +84,9 @@ class TorchBackend:
         self.optim = optim
         self.device = torch.device(world.device if world is not None else "cpu")
         self.model = load_module(Path(build_dir) / TORCH_FILE).Model().eval().to(self.device)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.opt = self._adamw()
+        # a sampler holds the weights it samples with, nothing else
+        self.ema = None if inference else copy.deepcopy(self.model).requires_grad_(False)
+        self.opt = None if inference else self._adamw()
         self._out: torch.Tensor | None = None
         self.runs = self.model   # what forward calls: the model, or DDP around it
         if world is not None and world.size > 1 and not inference:
@@ -140,6 +141,8 @@ class TorchBackend:
 
     def load(self, model: StateDict, ema: StateDict | None = None, opt: dict | None = None) -> None:
         self.model.load_state_dict(to_torch(model))
+        if self.ema is None:
+            return
         self.ema.load_state_dict(to_torch(ema if ema is not None else model))
         self.opt = self._adamw()
         if opt is not None:

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dit_compiler.argtypes import integer, memory_size, number, path
+from dit_compiler.argtypes import MAX_SEED, integer, memory_size, number, path
 from dit_compiler.errors import UsageError
 from dit_compiler.run.limits import DIST_TIMEOUT_S, MAX_DIST_TIMEOUT_S, cores
 
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 
 MAX_STEPS = 10**8
 MAX_SAMPLES = 10**6
-MAX_SEED = 2**32 - 1   # numpy's seeds
 
 
 def _floats(text: str) -> list[float]:
@@ -245,8 +244,10 @@ def _open_model(args, tmp: str, rows: Callable[[Spec], int], output: Callable[[P
     if batch != spec.batch:
         spec = replace(spec, name=f"{spec.name}-sample-b{batch}", batch=batch,
                        tiling=replace(spec.tiling, batch="auto"))
-        build_dir = write_build(compile_spec(spec), builds)
-    graph = graph_of(spec)
+        build = compile_spec(spec)
+        build_dir, graph = write_build(build, builds), build.graph
+    else:
+        graph = graph_of(spec)
     backend = open_backend(args.backend, build_dir, graph, inference=True)
     load_into(backend, weights, str(ckpt))
     return graph, backend, f"{ckpt} ({entry})", out
@@ -286,10 +287,9 @@ def _labels(args, spec: Spec):
 
 def cmd_export(args) -> int:
     from dit_compiler.build import graph_of
+    from dit_compiler.cli import _check_folder_arg
     from dit_compiler.run.export import export_diffusers
     from dit_compiler.run.weights import load_weights
-
-    from dit_compiler.cli import _check_folder_arg
 
     _check_folder_arg(args.diffusers, "--diffusers")
     with tempfile.TemporaryDirectory() as tmp:

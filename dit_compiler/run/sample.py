@@ -10,6 +10,7 @@ writes its latents and a per-channel preview instead of images.
 """
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -102,15 +103,22 @@ def generate(backend: Backend, graph: Graph, labels: np.ndarray, config: SampleC
     return x.astype(np.float32)
 
 
-def decode_latents(latents: np.ndarray, vae_dir: Path, chunk: int = 16) -> np.ndarray:
-    """A diffusers AutoencoderKL folder decodes `latents / 0.18215` to images in about [-1, 1]."""
-    import torch
+@functools.lru_cache(maxsize=1)
+def _load_vae(vae_dir: Path):
+    """The AutoencoderKL, read once per process (`ditc evaluate` decodes once per guidance scale)."""
     from diffusers.models import AutoencoderKL
 
     try:
-        vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
+        return AutoencoderKL.from_pretrained(str(vae_dir)).eval()
     except (OSError, ValueError) as error:
         raise UsageError(f"--vae {vae_dir}: not a diffusers AutoencoderKL folder ({error})") from None
+
+
+def decode_latents(latents: np.ndarray, vae_dir: Path, chunk: int = 16) -> np.ndarray:
+    """A diffusers AutoencoderKL folder decodes `latents / 0.18215` to images in about [-1, 1]."""
+    import torch
+
+    vae = _load_vae(Path(vae_dir))
     if vae.config.latent_channels != latents.shape[1]:
         raise UsageError(f"--vae {vae_dir}: decodes {vae.config.latent_channels}-channel latents, the model makes "
                          f"{latents.shape[1]} channels")
