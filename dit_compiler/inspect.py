@@ -67,7 +67,7 @@ def _step_memory(graph: Graph, memory_limit: int | None) -> list[str]:
               for key, (label, note) in STEP_ROWS.items()]
     lines.append(f"  {'total':<20} {_mib(peak.total):>14}")
     if memory_limit:
-        lines.append(target.check_limit(graph, memory_limit).summary())
+        lines.append(target.check_limit(graph, memory_limit, peak).summary())
     return lines
 
 
@@ -80,10 +80,12 @@ def inspect_json(graph: Graph, memory_limit: int | None = None) -> str:
         "tensors": [{"name": t.name, "role": t.role, "shape": t.shape, "tile": t.tile, "tiles": t.ntiles}
                     for t in graph.tensors.values()],
         "totals": asdict(totals(graph)),
-        "training_step": asdict(targets.get(graph.spec.target).predict(graph)),
     }
+    target = targets.get(graph.spec.target)
+    peak = target.predict(graph)
+    data["training_step"] = asdict(peak)
     if memory_limit:
-        check = targets.get(graph.spec.target).check_limit(graph, memory_limit)
+        check = target.check_limit(graph, memory_limit, peak)
         data["memory_limit"] = asdict(check) | {"fits": check.fits, "summary": check.summary()}
     return json.dumps(data, indent=1) + "\n"
 

@@ -57,8 +57,9 @@ def totals(graph: Graph) -> Totals:
 
     params = graph.params
     param_bytes = total(("param",))
+    costs = [node_cost(graph, n) for n in graph.nodes]
     return Totals(
-        forward_macs=sum(OPS[n.op].macs(graph, n) for n in graph.nodes),
+        forward_macs=sum(c.macs for c in costs),
         params=sum(p.numel for p in params),
         param_bytes=param_bytes,
         activation_bytes=total(("activation", "kept")),
@@ -66,7 +67,7 @@ def totals(graph: Graph) -> Totals:
         scratch_bytes=total(("scratch",)),
         gradient_bytes=param_bytes + total(("activation",), grad_only=True),
         optimizer_bytes=OPTIMIZER_STATES * param_bytes,
-        tasks=sum(node_cost(graph, n).tiles for n in graph.nodes),
+        tasks=sum(c.tiles for c in costs),
     )
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from dit_compiler.errors import UsageError
 from dit_compiler.graph.ir import Graph
-from dit_compiler.targets.nntile_1_1.memory import BASELINE, MIB, all_bytes, predict, unmovable_bytes
+from dit_compiler.targets.nntile_1_1.memory import BASELINE, MIB, StepMemory, all_bytes, predict, unmovable_bytes
 
 BACKEND = "unistd_o_direct"
 MMAP_THRESHOLD = 128 * 1024
@@ -183,8 +183,9 @@ class LimitCheck:
                        "tiles that are not whole pages stay in memory)")
 
 
-def check_limit(graph: Graph, limit: int) -> LimitCheck:
-    peak = predict(graph)
+def check_limit(graph: Graph, limit: int, peak: StepMemory | None = None) -> LimitCheck:
+    """`limit` against the step's predicted peak (`peak`, where the caller has predicted it already)."""
+    peak = peak or predict(graph)
     return LimitCheck(limit, peak.total, starpu_share(limit), peak.data, unmovable_bytes(graph))
 
 

@@ -7,8 +7,6 @@ import importlib.util
 import os
 from collections.abc import Callable, Iterator
 
-import torch
-
 from dit_compiler.targets.nntile_1_1 import blas
 from dit_compiler.targets.nntile_1_1.ooc import OutOfCore
 
@@ -116,6 +114,8 @@ def nntile_runtime(ncpus: int | None = None, out_of_core: OutOfCore | None = Non
     blas.warn_once()
     # the host's torch (timestep features) on the calling thread: its OpenMP threads spin after each call,
     # on the cores StarPU's workers run on (a 200-row digits forward: 52 ms beside them, 45 ms without)
+    import torch
+
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
