@@ -20,7 +20,7 @@ from dit_compiler.run.common import group_error
 from dit_compiler.run.distributed import rank_cores, world_from_env
 from dit_compiler.run.train import TrainConfig, checkpoints, train
 from dit_compiler.run.weights import load_checkpoint
-from train_helpers import TINY_DIGITS, terminate_training, tiny_spec
+from train_helpers import TINY_DIGITS, terminate_training, tiny_spec, train_tiny
 
 HALF = TINY_DIGITS.replace("batch: 8", "batch: 4")   # the compiled batch of each of 2 ranks
 #: The ranks take their share of the cores themselves (a STARPU_NCPU of the caller's would override it).
@@ -37,12 +37,6 @@ def _train_two_ranks(spec, run: Path, steps: int, backend: str, *flags: str) -> 
                    "--nproc", 2, *flags)
     assert result.returncode == 0, result.stderr
     return result
-
-
-def _one_process(folder: Path, backend: str, steps: int, **config) -> Path:
-    run = folder / "run"
-    assert train(tiny_spec(folder), run, TrainConfig(steps=steps, lr=1e-3, backend=backend, **config)) == 0
-    return run
 
 
 def _losses(run: Path) -> np.ndarray:
@@ -161,7 +155,7 @@ def nntile_runs(tmp_path_factory):
     """One process at batch 8, and 2 ranks at batch 4 (`ditc train --nproc 2`), 10 steps with a
     checkpoint at 7, on NNTile."""
     tmp = tmp_path_factory.mktemp("nntile")
-    one = _one_process(tmp / "one", "nntile", 10, ckpt_every=7)
+    one = train_tiny(tmp / "one", 10, "nntile", ckpt_every=7)
     two = tmp / "two" / "run"
     result = _train_two_ranks(tiny_spec(tmp / "two", HALF), two, 10, "nntile", "--ckpt-every", "7")
     return one, two, result.stdout
@@ -190,15 +184,14 @@ def test_a_distributed_run_resumes_on_two_ranks_and_on_one_process(tmp_path, nnt
     result = _train_two_ranks(tiny_spec(tmp_path / "two", HALF), tmp_path / "two" / "run", 10, "nntile", "--resume")
     assert "resuming" in result.stderr and "at step 7" in result.stderr
     _agree(tmp_path / "two" / "run", two, rtol=1e-6)
-    run = tmp_path / "one" / "run"
-    assert train(tiny_spec(tmp_path / "one"), run, TrainConfig(steps=10, lr=1e-3, backend="nntile"), resume=True) == 0
+    run = train_tiny(tmp_path / "one", 10, "nntile", resume=True)
     assert _checkpoint(run)["train_state"]["ranks"] == 1
     _agree(run, one, rtol=1e-5)
 
 
 def test_two_torch_ranks_under_torchrun_take_the_steps_of_one_process(tmp_path):
     """The torch backend under DistributedDataParallel, started by torchrun."""
-    one = _one_process(tmp_path / "one", "torch", 10)
+    one = train_tiny(tmp_path / "one", 10, "torch")
     spec, two = tiny_spec(tmp_path / "two", HALF), tmp_path / "two" / "run"
     result = _ditc("--standalone", "--nproc-per-node", 2, "-m", "dit_compiler.cli", "train", spec.source, "--out", two,
                    "--steps", 10, "--lr", "1e-3", "--backend", "torch", command=[sys.executable, "-m", "torch.distributed.run"])
@@ -218,7 +211,7 @@ def test_sigterm_stops_every_rank_at_one_step_and_the_run_resumes_on_one_process
     step = _checkpoint(run)["train_state"]["step"]
     assert step >= 3 and len(_losses(run)) == step
     assert train(tiny_spec(tmp_path / "b8"), run, TrainConfig(steps=step + 2, lr=1e-3, backend="torch"), resume=True) == 0
-    _agree(run, _one_process(tmp_path / "one", "torch", step + 2), rtol=1e-5)
+    _agree(run, train_tiny(tmp_path / "one", step + 2, "torch"), rtol=1e-5)
 
 
 RANK_SCRIPT = """\

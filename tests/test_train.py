@@ -131,7 +131,7 @@ def test_host_draws_depend_on_the_seed_only(tmp_path, monkeypatch):
 def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     whole = train_tiny(tmp_path / "whole", steps=6)
     half = train_tiny(tmp_path / "half", steps=3)
-    assert train(tiny_spec(tmp_path / "half"), half, TrainConfig(steps=6, lr=1e-3, backend="torch"), resume=True) == 0
+    assert train_tiny(tmp_path / "half", steps=6, resume=True) == half
     a, b = (load_checkpoint(checkpoints(r)[-1]) for r in (whole, half))
     for part in ("model", "ema"):
         assert all(torch.equal(v, b[part][k]) for k, v in a[part].items()), part
@@ -176,8 +176,7 @@ def test_export_writes_a_diffusers_model_that_gives_the_same_outputs(tmp_path, c
     from dit_compiler.run.common import randomize_
 
     spec = tiny_spec(tmp_path, TINY_DIGITS.replace("num_classes: 10}", "num_classes: 10, flavor: diffusers}"))
-    build_dir = write_build(compile_spec(spec), tmp_path / "build")
-    reference = load_module(build_dir / TORCH_FILE).Model().eval()
+    build_dir, _, reference = _reference(tmp_path, spec)
     randomize_(reference, 0)
     save_file(dict(reference.state_dict()), str(tmp_path / "weights.safetensors"))
     args = ["export", str(spec.source), "--ckpt", str(tmp_path / "weights.safetensors"), "--diffusers"]

@@ -9,19 +9,13 @@ from conftest import needs_nntile
 from dit_compiler.run.common import group_error
 from dit_compiler.run.train import TrainConfig, checkpoints, train
 from dit_compiler.run.weights import load_checkpoint
-from train_helpers import tiny_spec
+from train_helpers import tiny_spec, train_tiny
 
 pytestmark = [needs_nntile, pytest.mark.nntile]
 
 
 def _losses(run) -> list[float]:
     return [float(line.split(",")[1]) for line in (run / "metrics.csv").read_text().splitlines()[1:]]
-
-
-def _run(folder, backend: str, steps: int, resume: bool = False):
-    run = folder / "run"
-    assert train(tiny_spec(folder), run, TrainConfig(steps=steps, lr=1e-3, backend=backend), resume=resume) == 0
-    return run
 
 
 def _final(run) -> dict:
@@ -35,7 +29,7 @@ def _weights_error(a: dict, b: dict) -> float:
 def test_nntile_trains_as_torch_does(tmp_path):
     """From one initialisation, with the same data, timesteps, noise and dropped labels: every step's loss
     within 1e-4, the weights, the EMA and AdamW's moments within 1e-3 after 10 steps."""
-    nnt, ref = _run(tmp_path / "nntile", "nntile", 10), _run(tmp_path / "torch", "torch", 10)
+    nnt, ref = train_tiny(tmp_path / "nntile", 10, "nntile"), train_tiny(tmp_path / "torch", 10, "torch")
     assert _losses(nnt) == pytest.approx(_losses(ref), rel=1e-4)
     a, b = _final(nnt), _final(ref)
     assert a["train_state"]["backend"] == "nntile" and b["train_state"]["backend"] == "torch"
@@ -53,9 +47,9 @@ def test_nntile_trains_as_torch_does(tmp_path):
 @pytest.mark.parametrize("first, then", [("nntile", "torch"), ("torch", "nntile")])
 def test_a_run_resumes_on_the_other_backend(tmp_path, first, then):
     """A checkpoint written on one backend resumes on the other and ends where an uninterrupted run ends."""
-    whole = _run(tmp_path / "whole", then, 6)
-    half = _run(tmp_path / "half", first, 3)
-    _run(tmp_path / "half", then, 6, resume=True)
+    whole = train_tiny(tmp_path / "whole", 6, then)
+    half = train_tiny(tmp_path / "half", 3, first)
+    train_tiny(tmp_path / "half", 6, then, resume=True)
     a, b = _final(half), _final(whole)
     assert a["train_state"]["step"] == 6
     assert _losses(half) == pytest.approx(_losses(whole), rel=1e-4)
@@ -70,7 +64,7 @@ def test_nntile_samples_what_torch_samples(tmp_path, sampler):
     from dit_compiler.run.sample import SampleConfig, generate
     from dit_compiler.run.train import run_build_dir
 
-    run = _run(tmp_path, "torch", 3)
+    run = train_tiny(tmp_path, 3, "torch")
     spec, build_dir = tiny_spec(tmp_path), run_build_dir(run)
     graph, weights = graph_of(spec), {k: v.numpy() for k, v in _final(run)["ema"].items()}
     labels = np.array([0, 3, 7, 9, 1], dtype=np.int64)

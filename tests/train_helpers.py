@@ -24,11 +24,12 @@ def tiny_spec(folder: Path, text: str = TINY_DIGITS):
     return load_spec(path)
 
 
-def train_tiny(folder: Path, steps: int = 4, backend: str = "torch", **config) -> Path:
-    """Train the tiny spec for a few steps into `folder/run`; returns the run folder. On torch by default:
-    its runs are bit-reproducible, which the resume tests rely on."""
+def train_tiny(folder: Path, steps: int = 4, backend: str = "torch", resume: bool = False, **config) -> Path:
+    """Train the tiny spec for a few steps into `folder/run` (or, with `resume`, on to `steps`); returns the
+    run folder. On torch by default: its runs are bit-reproducible, which the resume tests rely on."""
     run = folder / "run"
-    assert train(tiny_spec(folder), run, TrainConfig(steps=steps, lr=1e-3, backend=backend, **config)) == 0
+    assert train(tiny_spec(folder), run, TrainConfig(steps=steps, lr=1e-3, backend=backend, **config),
+                 resume=resume) == 0
     return run
 
 
