@@ -162,13 +162,20 @@ def cmd_build(args) -> int:
     return 0
 
 
+def _memory_limit(args, spec) -> tuple[str | None, int | None]:
+    """The memory limit as written (--memory-limit, else the spec's memory_limit) and in bytes; None, None
+    without one."""
+    text = args.memory_limit or spec.memory_limit
+    return text, memory_bytes(text) if text else None
+
+
 def cmd_inspect(args) -> int:
     from dit_compiler.build import graph_of
     from dit_compiler.inspect import dot, inspect_json, inspect_table
 
     spec, _ = _spec_and_dir(args.spec)
     graph = graph_of(spec)
-    limit = memory_bytes(args.memory_limit) if args.memory_limit else spec.memory_limit_bytes
+    _, limit = _memory_limit(args, spec)
     if args.dot:
         sys.stdout.write(dot(graph))
     elif args.format == "json":
@@ -206,13 +213,13 @@ def cmd_bench(args) -> int:
 
     def check_limit(graph) -> None:
         """The memory limit NNTile runs out-of-core under, and --swap-dir, which only that uses."""
-        limit = args.memory_limit or graph.spec.memory_limit
+        limit, size = _memory_limit(args, graph.spec)
         if args.swap_dir is not None:
             if limit is None:
                 raise UsageError(f"--swap-dir {args.swap_dir}: needs a memory limit (only out-of-core swaps); give "
                                  "--memory-limit SIZE too, or set the spec's memory_limit")
             _check_folder_arg(args.swap_dir, "--swap-dir", made=False)
-        if limit and (check := targets.get(graph.spec.target).check_limit(graph, memory_bytes(limit))).too_small:
+        if size and (check := targets.get(graph.spec.target).check_limit(graph, size)).too_small:
             asked = "--memory-limit" if args.memory_limit else f"{graph.spec.source}: memory_limit"
             raise UsageError(f"{asked} {limit}: {check.summary()}")
 
@@ -222,7 +229,7 @@ def cmd_bench(args) -> int:
     if status != "ran":
         print(f"note: {status}; timing torch alone", file=sys.stderr)
     try:
-        limit = memory_bytes(args.memory_limit) if args.memory_limit else graph.spec.memory_limit_bytes
+        _, limit = _memory_limit(args, graph.spec)
         report = bench(graph, build_dir, ncpus=args.ncpus, warmup=args.warmup, repeats=args.repeats,
                        profile=args.profile, sides=sides, rounds=args.rounds,
                        progress=lambda line: print(f"[bench] {line}", flush=True),
