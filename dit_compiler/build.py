@@ -17,7 +17,7 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,14 +139,20 @@ def _built_before_manifests(folder: Path, present: set[str], build: Build) -> bo
         and spec.open(encoding="utf-8", errors="replace").readline().startswith("# Resolved spec ")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a file whole or not at all (a reader never sees half of it)."""
-    tmp = path.with_name(f".{path.name}.tmp")
+def write_atomic(path: Path, write: Callable[[Path], object], suffix: str = "") -> None:
+    """Write a file whole or not at all (a reader never sees half of it): `write(tmp)` writes a temporary
+    file beside it, renamed over `path` once written. `suffix` ends the temporary name where the writer
+    picks a format by it (`np.savez` adds `.npz` to a name without it, `savefig` reads `.png`)."""
+    tmp = path.with_name(f".{path.name}.tmp{suffix}")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_build(build: Build, out_root: str | os.PathLike) -> Path:

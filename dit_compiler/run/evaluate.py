@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dit_compiler.build import write_text_atomic
+from dit_compiler.build import write_atomic, write_text_atomic
 from dit_compiler.data import digits
 from dit_compiler.errors import UsageError
 
@@ -93,10 +93,9 @@ def digits_classifier(cache_dir: Path) -> tuple[DigitsClassifier, bool]:
     accuracy = float(mlp.score(held.images.reshape(len(held), -1), held.labels))
     clf = DigitsClassifier(tuple(mlp.coefs_), tuple(mlp.intercepts_), accuracy)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, heldout_accuracy=accuracy, **{f"w{i}": w for i, w in enumerate(clf.weights)},
-             **{f"b{i}": b for i, b in enumerate(clf.biases)})
-    tmp.replace(path)
+    write_atomic(path, lambda tmp: np.savez(tmp, heldout_accuracy=accuracy,
+                                            **{f"w{i}": w for i, w in enumerate(clf.weights)},
+                                            **{f"b{i}": b for i, b in enumerate(clf.biases)}), suffix=".npz")
     return clf, True
 
 
@@ -131,12 +130,13 @@ def format_table(rows: list[dict]) -> str:
 def write_table(rows: list[dict], out_dir: Path) -> None:
     """evaluate.csv and evaluate.json; with several guidance scales, evaluate.png (scores vs cfg)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".evaluate.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(out_dir / "evaluate.csv")
+    def write_csv(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_atomic(out_dir / "evaluate.csv", write_csv)
     write_text_atomic(out_dir / "evaluate.json", json.dumps(rows, indent=1) + "\n")
     if len(rows) < 2:
         return

@@ -20,7 +20,7 @@ from typing import TextIO
 
 import numpy as np
 
-from dit_compiler.build import write_text_atomic
+from dit_compiler.build import write_atomic, write_text_atomic
 from dit_compiler.data import LATENT_CHANNELS
 from dit_compiler.diffusion import create_diffusion, guided, sample_loop
 from dit_compiler.diffusion.sampling import CfgChannels, ModelFn, Sampler
@@ -183,9 +183,7 @@ def write_samples(out_dir: Path, samples: np.ndarray, labels: np.ndarray, settin
         image_grid(arrays["images"], labels).save(out_dir / "grid.png")
     else:
         channel_preview(samples).save(out_dir / "preview.png")
-    tmp = out_dir / ".samples.tmp.npz"
-    np.savez(tmp, **arrays)
-    tmp.replace(out_dir / "samples.npz")
+    write_atomic(out_dir / "samples.npz", lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
     write_text_atomic(out_dir / "settings.json", json.dumps(settings, indent=1) + "\n")
     return arrays.get("images", samples), notes
 

@@ -42,7 +42,7 @@ from typing import TextIO
 
 import numpy as np
 
-from dit_compiler.build import SPEC_FILE, compile_spec, graph_of, write_build, write_text_atomic
+from dit_compiler.build import SPEC_FILE, compile_spec, graph_of, write_atomic, write_build, write_text_atomic
 from dit_compiler.data import BatchLoader, ImageShape, load_dataset
 from dit_compiler.diffusion import NUM_TIMESTEPS, create_diffusion, training_losses
 from dit_compiler.errors import UsageError
@@ -213,10 +213,8 @@ def plot_loss(rows: list[dict], path: Path, title: str) -> None:
     ax.set(xlabel="step", ylabel="loss (mse + vb)", yscale="log", title=title)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120), suffix=".png")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def train(spec, run_dir: Path, config: TrainConfig, resume: bool = False, stream: TextIO | None = None,

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import warnings
 import zipfile
-
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from dit_compiler.build import write_atomic
 from dit_compiler.errors import UsageError
 from dit_compiler.naming import KEYS
 
@@ -66,21 +65,15 @@ def to_torch(state: StateDict) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(path: Path, model: StateDict, ema: StateDict, opt: dict, args: dict, train_state: dict) -> None:
     payload = {"model": to_torch(model), "ema": to_torch(ema), "opt": opt, "args": args, "train_state": train_state}
-    _atomic(path, lambda tmp: torch.save(payload, tmp))
+    write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
 
 def save_safetensors(path: Path, state: StateDict) -> None:
     from safetensors.numpy import save_file
 
-    _atomic(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp)))
+    write_atomic(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp)))
 
 
 def load_checkpoint(path: Path) -> dict:
