@@ -176,15 +176,25 @@ def write_build(build: Build, out_root: str | os.PathLike) -> Path:
 
 
 def _create(build: Build, target: Path) -> None:
+    def write(staging: Path) -> None:
+        for name, text in sorted(build.files.items()):
+            (staging / name).write_text(text, encoding="utf-8")
+
+    write_folder_atomic(target, write)
+
+
+def write_folder_atomic(target: Path, write: Callable[[Path], object]) -> None:
+    """Make the folder `target` whole or not at all: `write(staging)` fills a staging folder beside it,
+    renamed to `target` (which must be missing or an empty folder) once written; on any failure or
+    interruption the staging folder is removed and `target` is as it was."""
     staging = None
     try:
         with _signals_held():  # a signal must not land between mkdtemp's mkdir and the `finally` that removes it
             staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=_TEMP_SUFFIX, dir=target.parent))
         umask = os.umask(0)
         os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a build folder is an ordinary folder
-        for name, text in sorted(build.files.items()):
-            (staging / name).write_text(text, encoding="utf-8")
+        staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the folder made is an ordinary folder
+        write(staging)
         os.rename(staging, target)
     finally:
         if staging is not None and staging.exists():

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,3 +29,13 @@ needs_nntile = pytest.mark.skipif(NNTILE_PROBLEM is not None, reason=NNTILE_PROB
 #: Out-of-core compiles a small C library (`dit_compiler.targets.nntile_1_1.ooc`).
 needs_cc = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None,
                               reason="out-of-core compiles a small C library, and there is no C compiler ($CC or cc)")
+
+
+def ditc_without_transformers(args: list[str]) -> subprocess.CompletedProcess:
+    """`ditc ARGS` in a new process where `transformers` and `accelerate` cannot be imported, as on a machine
+    without NNTile (whose imports load transformers, and with it `safetensors.torch`, hiding a diffusers that
+    uses it unimported)."""
+    code = ("import sys; sys.modules['transformers'] = sys.modules['accelerate'] = None; "
+            "from dit_compiler.cli import main; sys.exit(main(sys.argv[1:]))")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          env=os.environ | {"PYTHONPATH": str(ROOT)})

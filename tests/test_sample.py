@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import SPECS
+from conftest import SPECS, ditc_without_transformers
 from dit_compiler.cli import main
 from dit_compiler.diffusion import create_diffusion, guided, sample_loop
 from dit_compiler.errors import UsageError
@@ -96,19 +97,24 @@ def test_spec_without_checkpoint_or_null_class_is_refused(tmp_path, capsys):
 
 
 def test_latent_spec_decodes_with_a_vae_folder_or_writes_latents(tmp_path, capsys):
-    from diffusers.models import AutoencoderKL
+    from dit_compiler.run.common import import_diffusers
 
+    AutoencoderKL = import_diffusers().AutoencoderKL
     torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(32,), latent_channels=4, norm_num_groups=8, layers_per_block=1)
-    vae.save_pretrained(tmp_path / "vae")
+    for name, channels in (("vae", 4), ("vae2", 2)):
+        AutoencoderKL(block_out_channels=(32,), latent_channels=channels, norm_num_groups=8,
+                      layers_per_block=1).save_pretrained(tmp_path / name)
     from dit_compiler.build import TORCH_FILE, compile_spec, write_build
     from dit_compiler.run.common import load_module, randomize_
 
     model = load_module(write_build(compile_spec(load_spec(SPECS / "tiny.yaml")), tmp_path / "b") / TORCH_FILE).Model()
     randomize_(model, 0)
     torch.save({"model": model.state_dict()}, tmp_path / "ckpt.pt")
-    common = ["sample", str(SPECS / "tiny.yaml"), "--ckpt", str(tmp_path / "ckpt.pt"), "--steps", "2", "--n", "3"]
-    assert main(common + ["--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "decoded")]) == 0
+    common = ["sample", str(SPECS / "tiny.yaml"), "--ckpt", str(tmp_path / "ckpt.pt"), "--steps", "2", "--n", "3",
+              "--backend", "torch"]
+    # as without NNTile: diffusers reads the VAE's safetensors with nothing else having imported safetensors.torch
+    done = ditc_without_transformers(common + ["--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "decoded")])
+    assert done.returncode == 0, done.stderr
     f = np.load(tmp_path / "decoded" / "samples.npz")
     assert f["latents"].shape == (3, 4, 8, 8) and f["images"].shape == (3, 3, 8, 8)
     with torch.no_grad():
@@ -121,6 +127,13 @@ def test_latent_spec_decodes_with_a_vae_folder_or_writes_latents(tmp_path, capsy
     assert (tmp_path / "latent" / "preview.png").is_file()
     assert set(np.load(tmp_path / "latent" / "samples.npz").files) == {"latents", "labels"}
     assert main(common + ["--vae", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert main(common + ["--vae", str(tmp_path / "vae2"), "--out", str(tmp_path / "x")]) == 2
+    assert "decodes 2-channel latents, the model makes 4 channels" in capsys.readouterr().err
+    shutil.copytree(tmp_path / "vae", tmp_path / "broken")
+    (tmp_path / "broken" / "diffusion_pytorch_model.safetensors").write_bytes(b"not weights")
+    assert main(common + ["--vae", str(tmp_path / "broken"), "--out", str(tmp_path / "x")]) == 2
+    assert "not a diffusers AutoencoderKL folder" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()   # a VAE that cannot decode leaves no --out folder behind
 
 
 def test_outputs_and_inputs_are_checked_before_sampling(run, tmp_path, capsys):

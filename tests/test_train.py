@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from conftest import ROOT
+from conftest import ROOT, ditc_without_transformers
 from dit_compiler.build import TORCH_FILE, compile_spec, write_build
 from dit_compiler.cli import main, parse_args
 from dit_compiler.errors import UsageError
@@ -168,20 +168,33 @@ def test_sigterm_checkpoints_and_exits_143_with_a_resume_hint(tmp_path):
     assert load_checkpoint(checkpoints(run)[-1])["train_state"]["step"] == step + 2
 
 
-def test_export_writes_a_diffusers_model_that_gives_the_same_outputs(tmp_path, capsys):
+def test_export_writes_a_diffusers_model_that_gives_the_same_outputs(tmp_path, capsys, monkeypatch):
     """Random (not DiT-initialised, whose output is zero) weights of a flavor-diffusers spec, exported."""
-    from diffusers import DiTTransformer2DModel
+    import safetensors.torch
     from safetensors.torch import save_file
 
-    from dit_compiler.run.common import randomize_
+    from dit_compiler.run.common import import_diffusers, randomize_
 
     spec = tiny_spec(tmp_path, TINY_DIGITS.replace("num_classes: 10}", "num_classes: 10, flavor: diffusers}"))
     build_dir, _, reference = _reference(tmp_path, spec)
     randomize_(reference, 0)
     save_file(dict(reference.state_dict()), str(tmp_path / "weights.safetensors"))
     args = ["export", str(spec.source), "--ckpt", str(tmp_path / "weights.safetensors"), "--diffusers"]
-    assert main(args + [str(tmp_path / "hf")]) == 0
-    exported = DiTTransformer2DModel.from_pretrained(str(tmp_path / "hf")).eval()
+
+    def disk_full(tensors, filename, metadata=None):   # the weights half written when the disk fills
+        Path(filename).write_bytes(b"\0" * 100)
+        raise OSError(28, "No space left on device", filename)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(safetensors.torch, "save_file", disk_full)
+        assert main(args + [str(tmp_path / "hf")]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert "hf" not in before and not any(".ditc-tmp" in name for name in before)   # nothing left behind
+    # the rerun, as without NNTile: nothing else has imported safetensors.torch for diffusers
+    done = ditc_without_transformers(args + [str(tmp_path / "hf")])
+    assert done.returncode == 0, done.stderr
+    exported = import_diffusers().DiTTransformer2DModel.from_pretrained(str(tmp_path / "hf")).eval()
     x, t, y = torch.randn(8, 1, 8, 8), torch.tensor([1.0, 50, 999, 3, 0, 7, 500, 10]), torch.arange(8)
     with torch.no_grad():
         out = reference(x, t, y)

@@ -25,6 +25,20 @@ def load_module(path: str | Path, name: str | None = None) -> types.ModuleType:
     return module
 
 
+def import_diffusers() -> types.ModuleType:
+    """diffusers, able to save and load weights: every use of diffusers in ditc (and its tests) imports it here.
+
+    diffusers 0.32 saves and loads safetensors files through `safetensors.torch` without importing that
+    submodule; it works only where something else imported it first (accelerate or transformers, which
+    NNTile imports). Without them `save_pretrained` and `from_pretrained` fail with "module 'safetensors'
+    has no attribute 'torch'", so it is imported here, before diffusers is used."""
+    import safetensors.torch  # noqa: F401  (see the docstring: diffusers needs it imported)
+
+    import diffusers
+
+    return diffusers
+
+
 def rel_error(actual, expected) -> float:
     """Norm-wise relative error ||a - b|| / ||b|| (NNTile's layer tests use the same metric)."""
     a = np.asarray(actual, dtype=np.float64).ravel()

@@ -71,6 +71,16 @@ def _input_folder(path: str | None, flag: str, needs: str | None = None) -> Path
     return folder
 
 
+def _vae_folder(path: str | None) -> Path | None:
+    """--vae: a diffusers AutoencoderKL folder, read now, so that one that is not is refused before sampling."""
+    folder = _input_folder(path, "--vae", "config.json")
+    if folder is not None:
+        from dit_compiler.run.sample import load_vae
+
+        load_vae(folder)
+    return folder
+
+
 def add_commands(sub) -> None:
     """Add `train`, `sample`, `evaluate` and `export` to the `ditc` subparsers."""
     s = sub.add_parser("train", help="train a compiled DiT with DiT's diffusion loss on a dataset")
@@ -318,7 +328,7 @@ def _sample_config(args, graph, cfg: float | None = None):
 def cmd_sample(args) -> int:
     from dit_compiler.run.sample import run_sample
 
-    vae = _input_folder(args.vae, "--vae", "config.json")
+    vae = _vae_folder(args.vae)
     with tempfile.TemporaryDirectory() as tmp:
         graph, backend, source, out = _open_model(
             args, tmp, lambda spec: _rows(len(_labels(args, spec)), [args.cfg or spec.sample.cfg]),
@@ -384,7 +394,7 @@ def cmd_evaluate(args) -> int:
 
     from dit_compiler.run.evaluate import format_table, write_table
 
-    vae = _input_folder(args.vae, "--vae", "config.json")
+    vae = _vae_folder(args.vae)
     score = _scorer(args)
     target = Path(args.target)
     samples_file = target / "samples.npz" if target.is_dir() else target

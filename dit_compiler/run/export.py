@@ -11,13 +11,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dit_compiler.build import write_folder_atomic
 from dit_compiler.errors import UsageError
 from dit_compiler.graph.ir import Graph
 from dit_compiler.run.oracle import build_diffusers
 
 
 def export_diffusers(graph: Graph, weights: dict[str, np.ndarray], out: Path, source: str) -> Path:
-    """Write `out/` with `save_pretrained`; `DiTTransformer2DModel.from_pretrained(out)` gives the same outputs."""
+    """Write `out/` with `save_pretrained`, whole or not at all (a failed export leaves no folder to refuse a
+    rerun); `DiTTransformer2DModel.from_pretrained(out)` gives the same outputs."""
     if graph.facts.flavor != "diffusers":
         raise UsageError(f"{source}: flavor {graph.facts.flavor!r} has no exact diffusers counterpart (DiT's "
                          "timestep frequencies use shift 0, diffusers' embedder fixes 1); export needs a spec with "
@@ -31,5 +33,6 @@ def export_diffusers(graph: Graph, weights: dict[str, np.ndarray], out: Path, so
         model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}, strict=True)
     except RuntimeError as error:
         raise UsageError(f"{source}: its weights do not fit this spec's model ({str(error).splitlines()[0]})") from None
-    model.save_pretrained(str(out), safe_serialization=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_folder_atomic(out, lambda staging: model.save_pretrained(str(staging), safe_serialization=True))
     return out

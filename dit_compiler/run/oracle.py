@@ -19,7 +19,7 @@ import torch
 
 from dit_compiler.graph.ir import Graph
 from dit_compiler.naming import DIFFUSERS, DIT, StateKeys
-from dit_compiler.run.common import Inputs, group_error, rel_error
+from dit_compiler.run.common import Inputs, group_error, import_diffusers, rel_error
 
 #: What diffusers cannot change: the sinusoid size of `CombinedTimestepLabelEmbeddings`, its period,
 #: the FeedForward multiplier, and the eps of the attention-branch and output LayerNorms.
@@ -96,7 +96,7 @@ def build_diffusers(graph: Graph):
     if isinstance(config, str):
         return config
     try:
-        from diffusers import DiTTransformer2DModel
+        DiTTransformer2DModel = import_diffusers().DiTTransformer2DModel
     except Exception as error:  # not installed, or an incompatible build
         return f"diffusers is not importable ({type(error).__name__}: {error})"
     model = DiTTransformer2DModel(**config).float().eval()

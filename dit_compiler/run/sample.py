@@ -104,12 +104,13 @@ def generate(backend: Backend, graph: Graph, labels: np.ndarray, config: SampleC
 
 
 @functools.lru_cache(maxsize=1)
-def _load_vae(vae_dir: Path):
-    """The AutoencoderKL, read once per process (`ditc evaluate` decodes once per guidance scale)."""
-    from diffusers.models import AutoencoderKL
+def load_vae(vae_dir: Path):
+    """The AutoencoderKL, read once per process (the commands read it before sampling, so a folder that
+    is not one is refused before any work; `ditc evaluate` decodes once per guidance scale)."""
+    from dit_compiler.run.common import import_diffusers
 
     try:
-        return AutoencoderKL.from_pretrained(str(vae_dir)).eval()
+        return import_diffusers().AutoencoderKL.from_pretrained(str(vae_dir), low_cpu_mem_usage=False).eval()
     except (OSError, ValueError) as error:
         raise UsageError(f"--vae {vae_dir}: not a diffusers AutoencoderKL folder ({error})") from None
 
@@ -118,7 +119,7 @@ def decode_latents(latents: np.ndarray, vae_dir: Path, chunk: int = 16) -> np.nd
     """A diffusers AutoencoderKL folder decodes `latents / 0.18215` to images in about [-1, 1]."""
     import torch
 
-    vae = _load_vae(Path(vae_dir))
+    vae = load_vae(Path(vae_dir))
     if vae.config.latent_channels != latents.shape[1]:
         raise UsageError(f"--vae {vae_dir}: decodes {vae.config.latent_channels}-channel latents, the model makes "
                          f"{latents.shape[1]} channels")
@@ -168,10 +169,9 @@ def write_samples(out_dir: Path, samples: np.ndarray, labels: np.ndarray, settin
                   vae: Path | None = None) -> tuple[np.ndarray, list[str]]:
     """grid.png (or preview.png for latents without a VAE), samples.npz and settings.json; returns the
     images (the latents where there are none) and notes for the user."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     notes, arrays = [], {"labels": labels}
     channels = samples.shape[1]
-    if vae is not None:
+    if vae is not None:   # before the folder is made: a VAE that cannot decode them leaves none
         arrays |= {"latents": samples, "images": decode_latents(samples, vae)}
     elif channels >= LATENT_CHANNELS:
         arrays["latents"] = samples
@@ -179,6 +179,7 @@ def write_samples(out_dir: Path, samples: np.ndarray, labels: np.ndarray, settin
                      f"preview ({out_dir / 'preview.png'}), not images; pass --vae DIR to decode them")
     else:
         arrays["images"] = samples
+    out_dir.mkdir(parents=True, exist_ok=True)
     if "images" in arrays:
         image_grid(arrays["images"], labels).save(out_dir / "grid.png")
     else:
