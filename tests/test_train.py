@@ -100,6 +100,39 @@ def test_checkpoint_is_dits_format_and_loads_into_the_reference(tmp_path):
     assert rows[0] == "step,loss,mse,vb,lr,images_per_s,wall_s" and len(rows) == 4
 
 
+def test_a_checkpoint_of_dits_own_train_py_loads_as_it_is(tmp_path, capsys):
+    """facebookresearch/DiT's train.py saves {"model", "ema", "opt", "args"}, `args` its argparse.Namespace."""
+    import argparse
+    import copy
+    from fractions import Fraction
+
+    from dit_compiler.run.common import randomize_
+    from dit_compiler.run.weights import load_weights
+
+    spec = tiny_spec(tmp_path)
+    _, _, model = _reference(tmp_path, spec)
+    randomize_(model, 0)
+    ema = copy.deepcopy(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    model.train()
+    model(torch.randn(2, 1, 8, 8), torch.tensor([3.0, 700.0]), torch.tensor([1, 2])).square().mean().backward()
+    opt.step()
+    args = argparse.Namespace(data_path="/data/imagenet/train", results_dir="results", model="DiT-XL/2",
+                              image_size=256, num_classes=1000, epochs=1400, global_batch_size=256, global_seed=0,
+                              vae="ema", num_workers=4, log_every=100, ckpt_every=50_000)
+    ckpt = tmp_path / "0050000.pt"
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "args": args}, ckpt)
+    assert load_checkpoint(ckpt)["args"] == args
+    weights, entry = load_weights(ckpt, ema=True)
+    assert entry == "ema" and all(np.array_equal(weights[k], v.numpy()) for k, v in ema.state_dict().items())
+    assert main(["sample", str(spec.source), "--ckpt", str(ckpt), "--backend", "torch", "--steps", "2", "--n", "2",
+                 "--out", str(tmp_path / "samples")]) == 0
+    # only the attribute holder is allowed: any other class in a checkpoint is still refused
+    torch.save({"model": model.state_dict(), "args": Fraction(1, 3)}, tmp_path / "other.pt")
+    assert main(["sample", str(spec.source), "--ckpt", str(tmp_path / "other.pt"), "--backend", "torch"]) == 2
+    assert "holds Python objects besides tensors" in capsys.readouterr().err
+
+
 class Recording(TorchBackend):
     """The torch backend, recording what the loop feeds it."""
 

@@ -2,12 +2,14 @@
 
 A checkpoint is a `torch.save`d dict `{"model", "ema", "opt", "args"}` as DiT's `train.py` writes
 (`model`/`ema`: the reference's state_dict; `opt`: `torch.optim.AdamW.state_dict()`; `args`: the
-training settings as a plain dict, so `torch.load(weights_only=True)` reads it), plus `train_state`
+training settings as a plain dict; DiT's own runs save an `argparse.Namespace`, which the loader also
+reads), plus `train_state`
 (step, data order, random generator, wall time) for an exact `--resume`. DiT's own loaders take
 `ckpt["ema"]` and ignore the rest. Every write is atomic: a temporary file, then a rename.
 """
 from __future__ import annotations
 
+import argparse
 import warnings
 import zipfile
 from pathlib import Path
@@ -88,7 +90,10 @@ def load_checkpoint(path: Path) -> dict:
     try:
         with warnings.catch_warnings():   # torch's notes on pickle protocols are not the user's concern
             warnings.simplefilter("ignore")
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            # DiT's train.py saves its settings as an argparse.Namespace: a plain attribute holder, allowed as the
+            # one global besides tensors and containers
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated file, not a torch file, pickled code
         text = str(error)
         if "WeightsUnpickler error:" in text:   # torch's advice to load unsafely is not repeated
