@@ -54,6 +54,10 @@ class ImageShape:
         return cls(graph.axes["in_channels"].size, graph.axes["height"].size, graph.facts.num_classes)
 
 
+#: The built-in digits: grey 8x8 images of 10 classes.
+DIGITS_SHAPE = ImageShape(channels=1, size=8, num_classes=10)
+
+
 def digits(split: Literal["train", "heldout"]) -> Dataset:
     """The built-in digits, training or held-out split (see the module docstring)."""
     from sklearn.datasets import load_digits

@@ -274,6 +274,10 @@ def test_a_folder_of_the_users_or_a_bad_dataset_is_refused_before_anything_is_wr
     for data, says in (("huge.npz", "values from 1e+30 to 1e+30; allowed as pixel values: -1 to 1"), ("text.npz", "not an .npz file")):
         assert main(["train", spec, "--out", str(tmp_path / "r"), "--data", str(tmp_path / data)]) == 2
         assert says in capsys.readouterr().err
+    # a spec the built-in digits cannot feed (DiT-XL/2: 4-channel 32x32 latents) says it needs --data
+    assert main(["train", str(ROOT / "specs" / "dit-xl.yaml"), "--out", str(tmp_path / "r")]) == 2
+    assert "dit-xl.yaml: its model takes 4-channel 32x32 images, and the built-in `digits` (train.data's default) " \
+        "are 1-channel 8x8: this spec needs --data" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 

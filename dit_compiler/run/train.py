@@ -43,7 +43,7 @@ from typing import TextIO
 import numpy as np
 
 from dit_compiler.build import SPEC_FILE, compile_spec, graph_of, write_atomic, write_build, write_text_atomic
-from dit_compiler.data import BatchLoader, ImageShape, load_dataset
+from dit_compiler.data import DIGITS, DIGITS_SHAPE, BatchLoader, ImageShape, load_dataset
 from dit_compiler.diffusion import NUM_TIMESTEPS, create_diffusion, training_losses
 from dit_compiler.errors import UsageError
 from dit_compiler.run.backend import OptimConfig, load_into, open_backend
@@ -120,7 +120,13 @@ def check_run(spec, run_dir: Path, config: TrainConfig, resume: bool):
     that cannot take this run, a resume with another model or from a checkpoint that cannot be read.
     Returns the dataset, the build and (on resume) the checkpoint."""
     build = compile_spec(spec)
-    data = load_dataset(config.data, ImageShape.of_graph(build.graph))
+    shape = ImageShape.of_graph(build.graph)
+    if config.data == DIGITS and (shape.channels, shape.size) != (DIGITS_SHAPE.channels, DIGITS_SHAPE.size):
+        raise UsageError(f"{spec.source}: its model takes {shape.channels}-channel {shape.size}x{shape.size} images, "
+                         f"and the built-in `{DIGITS}` (train.data's default) are {DIGITS_SHAPE.channels}-channel "
+                         f"{DIGITS_SHAPE.size}x{DIGITS_SHAPE.size}: this spec needs --data (an .npz with `images` and "
+                         "`labels`, or a folder with a sub-folder of images per class) or train.data set")
+    data = load_dataset(config.data, shape)
     existing = checkpoints(run_dir) if run_dir.is_dir() else []
     if resume:
         if not existing:
