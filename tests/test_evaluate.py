@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import warnings
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import scipy.linalg
 
 from dit_compiler.cli import main
 from dit_compiler.data import digits
-from dit_compiler.run.evaluate import digits_classifier, frechet_distance, score_digits
+from dit_compiler.run.evaluate import FewSamplesWarning, digits_classifier, frechet_distance, score_digits
 from train_helpers import train_tiny
 
 
@@ -61,7 +63,9 @@ def test_scores_separate_real_digits_from_noise(classifier):
     clf, _ = digits_classifier(classifier)
     train = digits("train")
     pick = np.random.default_rng(1).choice(len(train), 300, replace=False)
-    real = score_digits(clf, train.images[pick], train.labels[pick])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FewSamplesWarning)   # 300 samples for 64 features: no warning
+        real = score_digits(clf, train.images[pick], train.labels[pick])
     noise = score_digits(clf, np.random.default_rng(0).uniform(-1, 1, (300, 1, 8, 8)), train.labels[:300])
     assert real["accuracy"] > 0.97 and real["fd_digits"] < 2 * real["floor"]
     assert noise["accuracy"] < 0.3 and noise["fd_digits"] > 10 * noise["floor"]
@@ -71,15 +75,18 @@ def test_scores_separate_real_digits_from_noise(classifier):
 def test_evaluate_command_sweeps_guidance_and_scores_a_samples_file(classifier, tmp_path, capsys):
     run = train_tiny(tmp_path, steps=2)
     out = tmp_path / "eval"
-    assert main(["evaluate", str(run), "--cfg", "1,3", "--n", "12", "--steps", "2", "--cache", str(classifier),
-                 "--out", str(out)]) == 0
+    with pytest.warns(FewSamplesWarning, match="12 samples for 64 features: FD-digits .and its floor. is unreliable"):
+        assert main(["evaluate", str(run), "--cfg", "1,3", "--n", "12", "--steps", "2", "--cache", str(classifier),
+                     "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "held-out accuracy" in text and "FD-digits" in text
     rows = list(csv.DictReader((out / "evaluate.csv").open()))
     assert [float(r["cfg"]) for r in rows] == [1.0, 3.0] and all(int(r["n"]) == 12 for r in rows)
     assert (out / "evaluate.png").is_file() and (out / "cfg3" / "grid.png").is_file()
-    assert main(["evaluate", str(out / "cfg3"), "--cache", str(classifier)]) == 0
+    with pytest.warns(FewSamplesWarning):
+        assert main(["evaluate", str(out / "cfg3"), "--cache", str(classifier)]) == 0
     assert list(csv.DictReader((out / "cfg3" / "evaluate.csv").open()))[0]["fd_digits"] == rows[1]["fd_digits"]
+    assert json.loads((out / "cfg3" / "evaluate.json").read_text())[0]["cfg"] == 3   # from its settings.json
 
 
 def test_fid_with_user_inception_weights(tmp_path, capsys):
@@ -105,7 +112,8 @@ def test_fid_with_user_inception_weights(tmp_path, capsys):
     other = tmp_path / "other.npz"
     np.savez(other, images=rng.uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32), labels=np.zeros(2, int))
     flags = ["--inception", str(tmp_path / "inception.pth"), "--ref", str(ref)]
-    assert main(["evaluate", str(other), "--out", str(tmp_path / "other")] + flags) == 0
+    with pytest.warns(FewSamplesWarning, match="2 samples for 2048 features: FID is unreliable"):
+        assert main(["evaluate", str(other), "--out", str(tmp_path / "other")] + flags) == 0
     fid = float(next(csv.DictReader((tmp_path / "other" / "evaluate.csv").open()))["fid"])
     assert "FID against" in capsys.readouterr().out and 0 < fid < np.inf
     assert main(["evaluate", str(other), "--inception", str(other), "--ref", str(ref)]) == 2

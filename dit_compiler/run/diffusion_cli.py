@@ -349,7 +349,7 @@ def _scorer(args):
                          "Inception weights); without it the digits scores need no reference")
     if args.inception:
         from dit_compiler.data import load_images
-        from dit_compiler.run.evaluate import features_distance
+        from dit_compiler.run.evaluate import features_distance, warn_if_few
         from dit_compiler.run.inception import inception_features, load_inception
 
         if not args.ref:
@@ -357,8 +357,12 @@ def _scorer(args):
         model = load_inception(Path(args.inception))
         reference = inception_features(model, load_images(args.ref))
         print(f"FID against {args.ref} ({len(reference)} images), Inception weights {args.inception}")
-        return lambda images, labels: {"n": len(images),
-                                       "fid": features_distance(inception_features(model, images), reference)}
+
+        def fid(images, labels) -> dict:
+            features = inception_features(model, images)
+            warn_if_few(min(len(features), len(reference)), features.shape[1], "FID")
+            return {"n": len(images), "fid": features_distance(features, reference)}
+        return fid
     from dit_compiler.run.evaluate import default_cache, digits_classifier, score_digits
 
     if args.cache:   # a cache folder: the classifier's one file goes beside whatever is there
@@ -389,6 +393,17 @@ def _check_samples(path: Path, images, labels, classes: int | None) -> None:
                          f"the samples were generated for), got {labels.dtype} of shape {labels.shape}")
 
 
+def _samples_cfg(samples_file: Path) -> float | None:
+    """The guidance scale `ditc sample` recorded beside a samples file (its settings.json), None where unknown."""
+    import json
+
+    try:
+        cfg = json.loads(samples_file.with_name("settings.json").read_text(encoding="utf-8")).get("cfg")
+    except (OSError, ValueError, AttributeError):   # no settings.json, or not the one `ditc sample` writes
+        return None
+    return cfg if isinstance(cfg, (int, float)) and not isinstance(cfg, bool) else None
+
+
 def cmd_evaluate(args) -> int:
     import numpy as np
 
@@ -406,7 +421,7 @@ def cmd_evaluate(args) -> int:
             images, labels = f["images"], f["labels"]
         _check_samples(samples_file, images, labels, None if args.inception else 10)
         out = _output_folder(Path(args.out) if args.out else samples_file.parent, "--out", EVALUATE_MARKERS)
-        rows.append({"cfg": None} | score(images, labels) | {"samples": str(samples_file)})
+        rows.append({"cfg": _samples_cfg(samples_file)} | score(images, labels) | {"samples": str(samples_file)})
     else:
         from dit_compiler.run.sample import run_sample, sample_labels
 
