@@ -275,19 +275,19 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     ncpus = integer(1, cores())
 
     s = sub.add_parser("validate", help="check spec files against the schema and the semantic rules")
-    s.add_argument("specs", nargs="+", metavar="SPEC")
+    s.add_argument("specs", nargs="+", metavar="SPEC", help="spec files (YAML); every error of each is reported")
     s.set_defaults(func=cmd_validate)
 
     s = sub.add_parser("schema", help="print the spec language's JSON Schema (for editors)")
     s.set_defaults(func=cmd_schema)
 
     s = sub.add_parser("build", help="emit the NNTile model, the torch reference and the graph")
-    s.add_argument("specs", nargs="+", metavar="SPEC")
+    s.add_argument("specs", nargs="+", metavar="SPEC", help="spec files (YAML), each built into OUT/<its name>/")
     s.add_argument("-o", "--out", default=DEFAULT_OUT, type=path, help="output root (default: generated/)")
     s.set_defaults(func=cmd_build)
 
     s = sub.add_parser("inspect", help="ops, tensors, tiles, FLOPs and memory of a spec")
-    s.add_argument("spec", metavar="SPEC")
+    s.add_argument("spec", metavar="SPEC", help="a spec file (YAML)")
     s.add_argument("--format", choices=("table", "json"), help="the report as a table (default) or as JSON")
     s.add_argument("--summary", action="store_true", help="totals and tiling only, no per-op table")
     s.add_argument("--dot", action="store_true", help="print a Graphviz picture of the block structure")
@@ -304,10 +304,14 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
 
     s = _runner(sub, "bench", "time NNTile against torch: forward and an AdamW training step",
                 "StarPU workers and torch threads (default: $STARPU_NCPU or all cores)", ncpus)
-    s.add_argument("--warmup", type=integer(0, MAX_RUNS), default=1)
-    s.add_argument("--repeats", type=integer(1, MAX_RUNS), default=5)
+    s.add_argument("--warmup", type=integer(0, MAX_RUNS), default=1,
+                   help="untimed forwards and training steps each side runs first, per process (default 1)")
+    s.add_argument("--repeats", type=integer(1, MAX_RUNS), default=5,
+                   help="timed forwards and training steps of each side, per process; the median is reported "
+                        "(default 5)")
     s.add_argument("--rounds", type=integer(1, MAX_RUNS), default=1,
-                   help="alternate the sides this many times, fresh processes each, and pool the times")
+                   help="alternate the sides this many times, fresh processes each, and pool the times (default 1; "
+                        "use 3 or more on a shared machine)")
     s.add_argument("--profile", action="store_true", help="time per op kind (NNTile layers, torch profiler)")
     s.add_argument("--memory-limit", type=memory_size, metavar="SIZE",
                    help="NNTile trains out-of-core under SIZE, e.g. 1.5GiB (default: the spec's memory_limit)")
@@ -316,14 +320,14 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("sweep", help="validate, build, inspect (and verify, bench) every point of a sweep")
-    s.add_argument("sweep", metavar="SWEEP")
+    s.add_argument("sweep", metavar="SWEEP", help="a sweep file (YAML): a base spec and the keys it varies")
     s.add_argument("-o", "--out", default="sweep-results", type=path, help="results root (default: sweep-results/)")
     s.add_argument("--verify", action="store_true", help="also run ditc verify on every point")
     s.add_argument("--bench", action="store_true", help="also run ditc bench on every point")
     s.add_argument("--resume", action="store_true", help="skip points an earlier run finished")
     s.add_argument("--rounds", type=integer(1, MAX_RUNS),
                    help="with --bench: benchmark every point this many times in passes over all the points, "
-                        "pooling each point's times (use 2 or more on a shared machine)")
+                        "pooling each point's times (default 1; use 3 or more on a shared machine)")
     s.add_argument("--max-points", type=integer(1, 10**6), default=MAX_POINTS,
                    help=f"refuse a sweep of more points than this (default {MAX_POINTS})")
     s.add_argument("--ncpus", type=ncpus, help="StarPU CPU workers (default: $STARPU_NCPU or all cores)")
@@ -372,7 +376,8 @@ def _negatives_attached(argv: list[str]) -> list[str]:
 def _runner(sub, name: str, help_text: str, ncpus_help: str, ncpus) -> argparse.ArgumentParser:
     """A command that runs a build: its target, where a spec is built, workers, and a JSON report."""
     s = sub.add_parser(name, help=help_text)
-    s.add_argument("target", metavar="SPEC_OR_BUILD_DIR")
+    s.add_argument("target", metavar="SPEC_OR_BUILD_DIR",
+                   help="a spec file (built into -o first) or a build folder `ditc build` wrote")
     s.add_argument("-o", "--out", default=DEFAULT_OUT, type=path, help="where a spec is built (default: generated/)")
     s.add_argument("--ncpus", type=ncpus, help=ncpus_help)
     s.add_argument("--json", metavar="FILE", type=path, help="also write the report as JSON")

@@ -1,8 +1,10 @@
 """`ditc build` and the CLI around it: generated code is current, deterministic, atomic; errors exit 2."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -225,3 +227,21 @@ def test_a_generated_model_imports_without_nntile(monkeypatch):
     module = load_module(ROOT / "generated" / "tiny" / "nntile_model.py")
     assert module.AXES["hidden"] == (64, 24)
     assert "blocks.1.attn.probs" in module.Model.declarations(module.Model)
+
+
+def test_every_argument_has_help_and_the_readme_command_tables_list_every_flag():
+    from dit_compiler.cli import parser
+
+    readme = (ROOT / "README.md").read_text().replace("--[no-]", "--")
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `ditc (\w+)[^\n]*", readme, re.M)}
+    _, commands = parser()
+    assert set(rows) == set(commands)
+    for name, command in commands.items():
+        row = rows[name] + (rows["sample"] if "[sampling flags]" in rows[name] else "")
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"ditc {name} {action.option_strings or action.metavar}: no help"
+            if action.option_strings:
+                assert any(re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", row) for flag in action.option_strings), \
+                    f"README's row of ditc {name} lacks {action.option_strings[-1]}"

@@ -84,7 +84,7 @@ def _vae_folder(path: str | None) -> Path | None:
 def add_commands(sub) -> None:
     """Add `train`, `sample`, `evaluate` and `export` to the `ditc` subparsers."""
     s = sub.add_parser("train", help="train a compiled DiT with DiT's diffusion loss on a dataset")
-    s.add_argument("target", metavar="SPEC_OR_BUILD_DIR")
+    s.add_argument("target", metavar="SPEC_OR_BUILD_DIR", help="a spec file or a build folder `ditc build` wrote")
     s.add_argument("--data", type=path, help="`digits` (built in, the default), an .npz with images and labels, or a "
                                   "folder with a sub-folder of images per class")
     s.add_argument("--steps", type=integer(1, MAX_STEPS), help="total training steps (default 4000)")
@@ -114,7 +114,7 @@ def add_commands(sub) -> None:
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("export", help="write trained weights as a diffusers DiTTransformer2DModel folder")
-    s.add_argument("target", metavar="RUN_OR_SPEC")
+    s.add_argument("target", metavar="RUN_OR_SPEC", help="a training run folder, or a spec with --ckpt")
     s.add_argument("--ckpt", type=path, help="checkpoint (.pt or .safetensors; default: the run's last)")
     s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="export the checkpoint's EMA weights (default)")
@@ -124,7 +124,12 @@ def add_commands(sub) -> None:
     for name, help_text in (("sample", "generate images with a trained DiT (DiT's samplers)"),
                             ("evaluate", "score generated digits: classifier accuracy, FD-digits and the floor")):
         s = sub.add_parser(name, help=help_text)
-        s.add_argument("target", metavar="RUN_OR_SPEC" if name == "sample" else "RUN_SPEC_OR_SAMPLES")
+        if name == "sample":
+            s.add_argument("target", metavar="RUN_OR_SPEC", help="a training run folder, or a spec with --ckpt")
+        else:
+            s.add_argument("target", metavar="RUN_SPEC_OR_SAMPLES",
+                           help="a training run folder, a spec with --ckpt (both sample first), or samples to score: "
+                                "a folder `ditc sample` wrote or its samples.npz")
         s.add_argument("--ckpt", type=path, help="checkpoint (.pt or .safetensors; default: the run's last)")
         s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                        help="use the checkpoint's EMA weights (default)")
@@ -142,7 +147,9 @@ def add_commands(sub) -> None:
                        help="a model without learned sigma samples with the posterior variance instead of beta_t "
                             "(DiT's create_diffusion(sigma_small=True))")
         s.add_argument("--seed", type=integer(0, MAX_SEED), default=0, help="0 to 2**32-1 (default 0)")
-        s.add_argument("--out", type=path, help="output folder (default RUN/samples or samples/<spec name>)")
+        s.add_argument("--out", type=path, help="output folder (default RUN/samples or samples/<spec name>)"
+                       if name == "sample" else "output folder (default RUN/evaluate, samples/evaluate for a spec, "
+                       "the samples' own folder for samples)")
         s.add_argument("--vae", type=path, help="a diffusers AutoencoderKL folder to decode latents with")
         if name == "sample":
             s.add_argument("--cfg", type=number(1.0, 100.0),
@@ -150,7 +157,8 @@ def add_commands(sub) -> None:
             group = s.add_mutually_exclusive_group()
             group.add_argument("--classes", type=_ints, help="labels to sample, e.g. 0,3,7")
             group.add_argument("--n", type=integer(1, MAX_SAMPLES),
-                               help="number of samples, labels cycling over the classes")
+                               help="number of samples, labels cycling over the classes (default: 8 of each of the "
+                                    "first 10 classes)")
             s.set_defaults(func=cmd_sample)
         else:
             s.add_argument("--cfg", type=_floats, help="guidance scales, e.g. 1,2,4 (default: the spec's `sample.cfg`)")
