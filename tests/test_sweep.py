@@ -34,6 +34,34 @@ points:
     assert sweep.points[0].overrides == {"batch": 1, "model.depth": 1, "model.hidden_size": 32, "model.num_heads": 2}
 
 
+def test_plots_draw_a_line_per_combination_of_the_independent_keys(tmp_path):
+    """Zipped keys move together along a plot's axis: against hidden_size (zipped with num_heads), a line per
+    depth and batch, each through both zipped values, not a line per point."""
+    from dit_compiler.run.sweep import PointResult, plot_groups, plot_results
+
+    sweep = load_sweep(write_sweep(tmp_path, """
+grid:
+  model.depth: [1, 2, 3]
+zip:
+  model.hidden_size: [32, 64, 96]
+  model.num_heads: [2, 4, 6]
+points:
+  - {name: a, set: {batch: 1}}
+  - {name: b, set: {batch: 2}}
+"""))
+    results = [PointResult(p.name, p.overrides, "ok", metrics={"gmac": float(i)}) for i, p in enumerate(sweep.points)]
+    for key in ("model.hidden_size", "model.num_heads"):
+        groups = plot_groups(results, sweep, key)
+        assert sorted(groups) == sorted(f"depth={d}, batch={b}" for b in (1, 2) for d in (1, 2, 3))
+        assert all(len(members) == 3 for members in groups.values())
+    groups = plot_groups(results, sweep, "model.depth")   # a grid key: a line per zipped row and batch
+    assert len(groups) == 6 and "hidden_size=64, num_heads=4, batch=2" in groups
+    assert all(len(members) == 3 for members in groups.values())
+    plots = plot_results(results, sweep, tmp_path)
+    assert {p.name for p in plots} == {"plot-model_depth.png", "plot-model_hidden_size.png",
+                                       "plot-model_num_heads.png", "plot-batch.png"}
+
+
 def test_zip_lists_of_different_lengths_are_an_error(tmp_path):
     assert main(["sweep", str(write_sweep(tmp_path, "zip:\n  model.depth: [1, 2]\n  batch: [1]\n"))]) == 2
 

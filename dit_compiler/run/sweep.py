@@ -188,6 +188,21 @@ def read_results(out: Path, sweep: Sweep) -> dict[str, PointResult]:
         raise UsageError(f"{path}: not a results file ditc sweep wrote for {sweep.name!r} ({error}); {advice}") from None
 
 
+def _zipped_with(sweep: Sweep, key: str) -> list[str]:
+    """The keys `zip:` varies together with `key` (none where `key` is not zipped)."""
+    return [k for k in sweep.zipped if k != key] if key in sweep.zipped else []
+
+
+def plot_groups(points: list[PointResult], sweep: Sweep, key: str) -> dict[str, list[PointResult]]:
+    """The lines of a plot against `key`: one per combination of the keys that vary independently of it,
+    labelled with their values; the keys zipped with `key` move along its axis, so they make no lines."""
+    others = [k for k in sweep.swept if k != key and k not in _zipped_with(sweep, key)]
+    groups: dict[str, list[PointResult]] = {}
+    for r in points:
+        groups.setdefault(", ".join(f"{k.split('.')[-1]}={r.overrides.get(k)}" for k in others), []).append(r)
+    return groups
+
+
 def plot_results(results: list[PointResult], sweep: Sweep, out: Path) -> list[Path]:
     """One PNG per swept key: time, memory and GMACs against its values, NNTile and torch on the same axes."""
     import matplotlib
@@ -207,10 +222,9 @@ def plot_results(results: list[PointResult], sweep: Sweep, out: Path) -> list[Pa
         points = sorted((r for r in ok if isinstance(r.overrides.get(key), (int, float))), key=lambda r: r.overrides[key])
         if not points:
             continue
-        others = [k for k in sweep.swept if k != key]
-        groups: dict[str, list[PointResult]] = {}
-        for r in points:  # one line per value of the other swept keys
-            groups.setdefault(", ".join(f"{k.split('.')[-1]}={r.overrides.get(k)}" for k in others), []).append(r)
+        groups = plot_groups(points, sweep, key)
+        together = _zipped_with(sweep, key)
+        xlabel = key + (f" (with {', '.join(together)})" if together else "")
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
         for ax, (ylabel, series) in zip(axes[0], panels):
             for metric, label in series:
@@ -218,7 +232,7 @@ def plot_results(results: list[PointResult], sweep: Sweep, out: Path) -> list[Pa
                     pts = [(r.overrides[key], r.metrics[metric]) for r in members if metric in r.metrics]
                     if pts:
                         ax.plot(*zip(*pts), marker="o", label=f"{label} ({group})" if group else label)
-            ax.set_xlabel(key)
+            ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
             if ax.lines:

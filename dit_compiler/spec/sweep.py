@@ -55,6 +55,7 @@ class Sweep:
     base: Path
     points: list[Point]
     swept: list[str]             # the keys that vary, for columns and plot axes
+    zipped: tuple[str, ...] = ()  # the keys of `zip:`, which vary together
 
 
 @cache
@@ -98,7 +99,7 @@ def load_sweep(path: str | os.PathLike, max_points: int = MAX_POINTS) -> Sweep:
         raise SpecError([Diagnostic(doc.source, None, None, "", "two points get the same name; give the named "
                                     "points different names, or vary values that differ in letters or digits")])
     swept = list(dict.fromkeys([*grid, *zipped, *(key for entry in named for key in entry.get("set", {}))]))
-    return Sweep(name, doc.source, base.resolve(), points, swept)
+    return Sweep(name, doc.source, base.resolve(), points, swept, tuple(zipped))
 
 
 def point_data(base: dict, point: Point) -> dict:
