@@ -239,6 +239,31 @@ def test_export_writes_a_diffusers_model_that_gives_the_same_outputs(tmp_path, c
     assert "flavor 'dit' has no exact diffusers counterpart" in capsys.readouterr().err
 
 
+class Threads(TorchBackend):
+    """The torch backend, recording the torch threads and StarPU workers (what NNTile's backend reads) it got."""
+
+    seen: list = []
+
+    def __init__(self, *args, **kwargs):
+        Threads.seen.append((torch.get_num_threads(), os.environ.get("STARPU_NCPU")))
+        super().__init__(*args, **kwargs)
+
+
+def test_train_ncpus_sets_the_workers_and_threads(tmp_path, monkeypatch, capsys):
+    from dit_compiler.run.limits import cores
+
+    monkeypatch.setitem(backend_module.BACKENDS, "torch", f"{__name__}:Threads")
+    monkeypatch.delenv("STARPU_NCPU", raising=False)
+    before = torch.get_num_threads()
+    spec = str(tiny_spec(tmp_path).source)
+    Threads.seen = []
+    assert main(["train", spec, "--out", str(tmp_path / "run"), "--steps", "1", "--backend", "torch",
+                 "--ncpus", "1"]) == 0
+    assert Threads.seen == [(1, "1")] and torch.get_num_threads() == before and "STARPU_NCPU" not in os.environ
+    assert main(["train", spec, "--out", str(tmp_path / "r2"), "--ncpus", str(cores()), "--nproc", "2"]) == 2
+    assert f"--ncpus {cores()} with --nproc 2" in capsys.readouterr().err and not (tmp_path / "r2").exists()
+
+
 def test_the_specs_train_and_sample_sections_are_the_defaults_flags_override(tmp_path):
     from dit_compiler.build import graph_of
     from dit_compiler.run.diffusion_cli import _sample_config

@@ -6,10 +6,11 @@ and the runners load only when a command runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -109,6 +110,9 @@ def add_commands(sub) -> None:
     s.add_argument("--nproc", type=integer(1, cores()), default=1,
                    help="data-parallel ranks on this machine, each on its share of the cores; the global batch is "
                         "N times the compiled batch (default 1; across machines start ditc under torchrun)")
+    s.add_argument("--ncpus", type=integer(1, cores()),
+                   help="StarPU workers and torch threads of each process (default: $STARPU_NCPU or all cores; with "
+                        "--nproc, the cores' share of each rank)")
     s.add_argument("--dist-timeout", type=integer(10, MAX_DIST_TIMEOUT_S), default=DIST_TIMEOUT_S, metavar="SECONDS",
                    help=f"how long a rank waits for the others before failing (default {DIST_TIMEOUT_S})")
     s.set_defaults(func=cmd_train)
@@ -174,8 +178,8 @@ def add_commands(sub) -> None:
 def cmd_train(args) -> int:
     """One process; or, with --nproc N, a launcher of N ranks that run this same command line; or, where
     torchrun (or the launcher) set WORLD_SIZE, one rank of a data-parallel run."""
-    from dit_compiler.run.distributed import LAUNCHED_BY_DITC, joined, world_from_env
-    from dit_compiler.run.train import check_run, resolve_config, train
+    from dit_compiler.run.distributed import world_from_env
+    from dit_compiler.run.train import resolve_config
 
     spec, _ = _load_target(args.target)
     if args.memory_limit:
@@ -187,9 +191,42 @@ def cmd_train(args) -> int:
     if args.memory_limit and args.backend == "torch":
         raise UsageError(f"--memory-limit {args.memory_limit}: the torch backend cannot run under a memory limit "
                          "(it has no out-of-core); use --backend nntile or drop --memory-limit")
+    if args.ncpus and args.nproc * args.ncpus > cores():
+        raise UsageError(f"--ncpus {args.ncpus} with --nproc {args.nproc}: {args.nproc * args.ncpus} workers on "
+                         f"{cores()} cores (StarPU's idle workers spin, so shared cores slow every rank down); "
+                         f"allowed: at most {cores() // args.nproc} a rank")
     overrides = {k: getattr(args, k) for k in ("data", "steps", "lr", "weight_decay", "ema_decay", "ema_warmup",
                                                "backend", "seed", "ckpt_every")}
     config = resolve_config(run_dir, overrides, args.resume, spec)
+    with _threads(args):
+        return _train(args, spec, run_dir, config, world)
+
+
+@contextlib.contextmanager
+def _threads(args) -> Iterator[None]:
+    """With --ncpus N: N StarPU workers (as verify and bench set them) and N torch threads for the command;
+    torch's count as it was afterwards (`main` also runs in-process, in the tests). Under --nproc, every
+    rank runs this too, and a rank whose workers are set is not bound to a share of the cores."""
+    if not args.ncpus:
+        yield
+        return
+    import torch
+
+    from dit_compiler.cli import _ncpus
+
+    _ncpus(args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.ncpus)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(args, spec, run_dir: Path, config, world) -> int:
+    from dit_compiler.run.distributed import LAUNCHED_BY_DITC, joined
+    from dit_compiler.run.train import check_run, train
+
     if world is None:
         if args.nproc == 1:
             return train(spec, run_dir, config, resume=args.resume)
