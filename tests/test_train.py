@@ -125,8 +125,12 @@ def test_a_checkpoint_of_dits_own_train_py_loads_as_it_is(tmp_path, capsys):
     assert load_checkpoint(ckpt)["args"] == args
     weights, entry = load_weights(ckpt, ema=True)
     assert entry == "ema" and all(np.array_equal(weights[k], v.numpy()) for k, v in ema.state_dict().items())
-    assert main(["sample", str(spec.source), "--ckpt", str(ckpt), "--backend", "torch", "--steps", "2", "--n", "2",
-                 "--out", str(tmp_path / "samples")]) == 0
+    assert main(["sample", str(spec.source), "--ckpt", str(ckpt), "--backend", "torch", "--steps", "1", "--n", "1",
+                 "--cfg", "1", "--out", str(tmp_path / "samples")]) == 2   # DDPM's variance needs a next step
+    assert "DDPM takes at least 2 steps" in capsys.readouterr().err and not (tmp_path / "samples").exists()
+    assert main(["sample", str(spec.source), "--ckpt", str(ckpt), "--backend", "torch", "--steps", "1", "--n", "1",
+                 "--cfg", "1", "--sampler", "ddim", "--out", str(tmp_path / "samples")]) == 0
+    assert "sampled 1 image (ddim, 1 step, cfg 1.0)" in capsys.readouterr().out
     # only the attribute holder is allowed: any other class in a checkpoint is still refused
     torch.save({"model": model.state_dict(), "args": Fraction(1, 3)}, tmp_path / "other.pt")
     assert main(["sample", str(spec.source), "--ckpt", str(tmp_path / "other.pt"), "--backend", "torch"]) == 2
@@ -260,6 +264,7 @@ def test_train_ncpus_sets_the_workers_and_threads(tmp_path, monkeypatch, capsys)
     assert main(["train", spec, "--out", str(tmp_path / "run"), "--steps", "1", "--backend", "torch",
                  "--ncpus", "1"]) == 0
     assert Threads.seen == [(1, "1")] and torch.get_num_threads() == before and "STARPU_NCPU" not in os.environ
+    assert "trained tiny-digits on torch: 1 step in" in capsys.readouterr().out   # not "1 steps"
     assert main(["train", spec, "--out", str(tmp_path / "r2"), "--ncpus", str(cores()), "--nproc", "2"]) == 2
     assert f"--ncpus {cores()} with --nproc 2" in capsys.readouterr().err and not (tmp_path / "r2").exists()
 

@@ -364,6 +364,9 @@ def _sample_config(args, graph, cfg: float | None = None):
     if args.eta is not None and (args.sampler or spec.sampler) != "ddim":
         raise UsageError(f"--eta {args.eta:g}: eta is DDIM's; the sampler here is {args.sampler or spec.sampler} "
                          "(add --sampler ddim, or drop --eta)")
+    if (args.steps or spec.steps) == 1 and (args.sampler or spec.sampler) == "ddpm":
+        raise UsageError("sampling steps 1: a DDPM step's variance comes from the step after it (as in DiT), so DDPM "
+                         "takes at least 2 steps; use --steps 2 or more, or --sampler ddim")
     return SampleConfig(sampler=args.sampler or spec.sampler, steps=args.steps or spec.steps,
                         eta=spec.eta if args.eta is None else args.eta, cfg=cfg or spec.cfg,
                         cfg_channels=None if channels == "auto" else channels, seed=args.seed,

@@ -7,6 +7,11 @@ import time
 from typing import TextIO
 
 
+def counted(n: int, noun: str) -> str:
+    """`n noun`, the noun plural unless n is 1: "1 step", "2 steps"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

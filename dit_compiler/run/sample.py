@@ -27,7 +27,7 @@ from dit_compiler.diffusion.sampling import CfgChannels, ModelFn, Sampler
 from dit_compiler.errors import UsageError
 from dit_compiler.graph.ir import Graph
 from dit_compiler.run.backend import Backend
-from dit_compiler.run.progress import Progress
+from dit_compiler.run.progress import Progress, counted
 
 VAE_SCALE = 0.18215   # DiT's latent scale: decode `latents / 0.18215`
 
@@ -205,6 +205,6 @@ def run_sample(backend: Backend, graph: Graph, labels: np.ndarray, config: Sampl
     images, notes = write_samples(out_dir, samples, labels, settings, vae)
     for note in notes:
         print(note, file=sys.stderr)
-    print(f"sampled {len(labels)} images ({config.sampler}, {config.steps} steps, cfg {config.cfg}) on "
-          f"{backend.name} in {elapsed:.1f} s -> {out_dir}/")
+    print(f"sampled {counted(len(labels), 'image')} ({config.sampler}, {counted(config.steps, 'step')}, "
+          f"cfg {config.cfg}) on {backend.name} in {elapsed:.1f} s -> {out_dir}/")
     return images, elapsed

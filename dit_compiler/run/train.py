@@ -49,7 +49,7 @@ from dit_compiler.errors import UsageError
 from dit_compiler.run.backend import OptimConfig, load_into, open_backend
 from dit_compiler.run.common import load_module
 from dit_compiler.run.distributed import World, digest
-from dit_compiler.run.progress import Progress
+from dit_compiler.run.progress import Progress, counted
 from dit_compiler.run.weights import initialize_dit_weights, load_checkpoint, save_checkpoint, save_safetensors, \
     to_numpy
 from dit_compiler.spec import load_spec
@@ -342,7 +342,7 @@ def train(spec, run_dir: Path, config: TrainConfig, resume: bool = False, stream
     done = step - start_step
     tail = [r["loss"] for r in metrics.rows[-100:]]
     ranks = f" ({world.size} ranks)" if world.size > 1 else ""
-    print(f"trained {spec.name} on {backend.name}{ranks}: {done} steps in {elapsed:.0f} s "
+    print(f"trained {spec.name} on {backend.name}{ranks}: {counted(done, 'step')} in {elapsed:.0f} s "
           f"({done * global_batch / elapsed if elapsed else 0:.0f} images/s), step {step}, "
           f"loss {np.mean(tail) if tail else float('nan'):.4f} (mean of the last {len(tail)}); "
           f"checkpoint {path}, EMA {path.with_name(f'{step:07d}-ema.safetensors')}")
