@@ -186,7 +186,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from dit_compiler.run.verify import format_report, nntile_status, verify
+    from dit_compiler.run.verify import format_header, format_report, nntile_status, tiling_of, verify
 
     def require_nntile(graph) -> None:
         if args.require_nntile and (status := nntile_status(graph)) != "ran":
@@ -196,9 +196,10 @@ def cmd_verify(args) -> int:
     status = nntile_status(graph)
     total = 1 + (not args.no_oracle) + (status == "ran")
     steps = iter(range(1, total + 1))
+    print(format_header(graph.spec.name, tiling_of(graph)), flush=True)
     report = verify(graph, build_dir, seed=args.seed, ncpus=args.ncpus, oracle=not args.no_oracle,
                     progress=lambda line: print(f"[{next(steps)}/{total}] {line}", flush=True))
-    print(format_report(report))
+    print(format_report(report, header=False))
     if args.json:
         from dit_compiler.build import write_text_atomic
 

@@ -262,15 +262,24 @@ def verify(graph: Graph, build_dir: Path, *, seed: int = 0, ncpus: int = 2, orac
         worst = max(oracle_result["forward"], oracle_result["input_grad"], oracle_result["param_grad"])
         if not worst <= 1e-5:
             breach = f"torch reference vs diffusers: error {worst:.3g} > 1e-05"
-    tiling = {a.name: {"size": a.size, "tile": a.tile, "tiles": a.ntiles} for a in graph.axes.values()
-              if a.ntiles > 1 or a.name in ("batch", "tokens", "hidden", "mlp", "heads")}
-    return Report(graph.spec.name, tiling, status, rows, oracle_result, seconds, breach, kernels)
+    return Report(graph.spec.name, tiling_of(graph), status, rows, oracle_result, seconds, breach, kernels)
 
 
-def format_report(report: Report) -> str:
-    lines = [f"ditc verify: {report.spec}",
-             "tiling: " + ", ".join(f"{k} {v['size']}/{v['tile']} ({v['tiles']} tile{'s' * (v['tiles'] > 1)})"
-                                    for k, v in report.tiling.items())]
+def tiling_of(graph: Graph) -> dict[str, dict[str, int]]:
+    """Each tiled axis (and the named ones): its size, tile and number of tiles."""
+    return {a.name: {"size": a.size, "tile": a.tile, "tiles": a.ntiles} for a in graph.axes.values()
+            if a.ntiles > 1 or a.name in ("batch", "tokens", "hidden", "mlp", "heads")}
+
+
+def format_header(spec: str, tiling: dict[str, dict[str, int]]) -> str:
+    """The report's first lines: what is verified (printed before the run's progress lines)."""
+    return f"ditc verify: {spec}\ntiling: " + ", ".join(
+        f"{k} {v['size']}/{v['tile']} ({v['tiles']} tile{'s' * (v['tiles'] > 1)})" for k, v in tiling.items())
+
+
+def format_report(report: Report, header: bool = True) -> str:
+    """The report; without its `header` where that was printed before the run."""
+    lines = [format_header(report.spec, report.tiling)] if header else []
     if report.kernels:
         lines.append(f"kernels: {report.kernels}")
     if report.rows:
