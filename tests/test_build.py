@@ -234,6 +234,12 @@ def test_a_generated_model_imports_without_nntile(monkeypatch):
     assert "blocks.1.attn.probs" in module.Model.declarations(module.Model)
 
 
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="not a git checkout")
+def test_the_default_outputs_of_train_and_sample_are_ignored_by_git():
+    for path in ("runs/digits/run.json", "samples/tiny/grid.png"):
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0, path
+
+
 def test_every_argument_has_help_and_the_readme_command_tables_list_every_flag():
     from dit_compiler.cli import parser
 

@@ -91,6 +91,19 @@ def test_extends_cycle_names_the_chain(tmp_path):
     assert diagnostic.line == 2 and diagnostic.file.endswith("b.yaml")
 
 
+def test_extends_into_a_symlink_loop_is_a_located_error(tmp_path, capsys):
+    from dit_compiler.cli import main
+
+    (tmp_path / "a.yaml").symlink_to("b.yaml")
+    (tmp_path / "b.yaml").symlink_to("a.yaml")
+    top = write(tmp_path, "top.yaml", "batch: 2\nextends: a.yaml\n")
+    diagnostic = only(top)
+    assert (diagnostic.file, diagnostic.line, diagnostic.key_path) == (str(top), 2, "extends")
+    assert "Too many levels of symbolic links" in diagnostic.message
+    assert main(["validate", str(top)]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_missing_extends_target_names_the_extends_line(tmp_path):
     top = write(tmp_path, "top.yaml", "batch: 2\nextends: nowhere/base.yaml\n")
     diagnostic = only(top)

@@ -178,7 +178,7 @@ def _layer(own: Mapping, here: Path, chain: Chain,
     extends = own.get("extends")
     if extends is not None and isinstance(extends.value, str):
         target = here / extends.value
-        if any(target.resolve() == seen for seen, *_ in chain):
+        if any(_resolved(target) == seen for seen, *_ in chain):
             names = " -> ".join([shown for _, shown, _ in chain] + [str(target)])
             diagnostics.append(_at(extends, "extends", f"extends cycle: {names}", extends.value))
         elif len(chain) >= MAX_EXTENDS:
@@ -193,6 +193,15 @@ def _layer(own: Mapping, here: Path, chain: Chain,
         filled = {key: Entry(value, preset.key, preset.at) for key, value in PRESETS[preset.value].items()}
         base = merge(base, {"model": Entry(filled, preset.key, preset.at)})
     return merge(base, own)
+
+
+def _resolved(path: Path) -> Path | None:
+    """`path` resolved, or None where it cannot be: a symlink loop (RuntimeError before Python 3.13, OSError
+    since), which reading it then reports."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return None
 
 
 def _read(path: Path, named_at: Entry | None, diagnostics: list[Diagnostic], what: str,
