@@ -249,7 +249,7 @@ def test_the_cache_is_per_library_written_whole_never_through_a_link_and_a_bad_e
     entry["library"]["stat"][1] += 1
     cache.path.write_text(json.dumps(entry))
     assert blas._cache().entry is None
-    for bad in ("{", "[]", json.dumps(entry | {"verdicts": {core: 5}}), "\x00" * 10):
+    for bad in ("{", "[]", json.dumps(entry | {"verdicts": {core: 5}}), "\x00" * 10, "[" * 60000):
         cache.path.write_text(bad)
         assert blas._cache().entry is None
     # a link in the entry's place: never read nor written through; the new entry replaces the link

@@ -266,7 +266,10 @@ def _run_self_check(coretype: str | None, timeout: float) -> dict | str:
         return Unfinished(f"the check did not finish in {timeout:.0f} s")
     if result.returncode != 0:
         return f"the check failed: {(result.stderr.strip().splitlines() or ['(no output)'])[-1]}"
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    try:
+        return json.loads(result.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return f"the check printed no result ({result.stdout.strip()[-200:] or 'nothing'})"
 
 
 def check_core(core: str, timeout: float = 120.0) -> str | None:
@@ -322,7 +325,7 @@ class _Cache:
                      and _stat(library["path"]) == library["stat"]
                      and isinstance(entry["core"], str) and isinstance(entry["verdicts"], dict)
                      and all(why is None or isinstance(why, str) for why in entry["verdicts"].values()))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):   # RecursionError: "[[[[..."
             return None
         return entry if fresh else None
 
