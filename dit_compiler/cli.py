@@ -386,8 +386,10 @@ def _runner(sub, name: str, help_text: str, ncpus_help: str, ncpus) -> argparse.
                    help="NNTile target: ditc's own CPU kernels or NNTile's (default: $DITC_KERNELS, else auto: "
                         "ditc's where they build)")
     s.add_argument("--blas-core", metavar="CORE",
-                   help="NNTile target: run OpenBLAS's CORE kernels (OPENBLAS_CORETYPE; auto: the one for this CPU) "
-                        "once a GEMM check against numpy passes (default: $DITC_BLAS_CORE)")
+                   help="NNTile target: run OpenBLAS's CORE kernels (OPENBLAS_CORETYPE; auto: the one for this CPU; "
+                        "none: the library's or $OPENBLAS_CORETYPE's) once a GEMM check against float64 passes "
+                        "(default: $DITC_BLAS_CORE; unset, with OPENBLAS_CORETYPE unset, the best checked core where the "
+                        "library's is below this CPU)")
     return s
 
 

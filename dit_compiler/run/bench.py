@@ -15,6 +15,9 @@ With `rounds` > 1 each round starts fresh processes, and the times of all rounds
 Each side also times one GEMM on one core, the tile GEMM of the graph's largest linear op, on the BLAS it
 calls (NNTile's: the library NNTile links; torch's own), so that a slow BLAS is explained in the output:
 NNTile's side names its BLAS and says what to do where it runs below the CPU, and which kernels ran.
+Where NNTile ran a BLAS core the library or the machine chose and the target knows a faster one that
+passes its check, a process of its own times the same GEMM on that core after the rounds, and the
+report says how much faster it ran.
 """
 from __future__ import annotations
 
@@ -59,6 +62,9 @@ class SideResult:
     blas: str = ""                     # the BLAS its GEMMs call
     gemm_gflops: float = 0.0           # the representative tile GEMM on one core, best of a few timings
     blas_advice: str = ""              # what to do where that BLAS runs below this CPU (NNTile side)
+    blas_core: str = ""                # the core of that BLAS, where it has cores (OpenBLAS)
+    faster_core: str = ""              # a checked faster core than the one the machine chose (NNTile side)
+    faster_core_gflops: float = 0.0    # the same GEMM on it, in a process of its own
 
 
 @dataclass
@@ -91,10 +97,17 @@ class BenchReport:
         return out
 
     def gemm_note(self) -> str | None:
-        """Why NNTile's GEMM is below half of torch's, where it is; else NNTile's BLAS advice, if any."""
+        """How much faster NNTile's GEMM ran on a checked faster core, where one was found; else why it is
+        below half of torch's, where it is; else NNTile's BLAS advice, if any."""
         nntile, torch = self.sides.get("nntile"), self.sides.get("torch")
         if not (nntile and nntile.gemm_gflops):
             return None
+        if nntile.faster_core:
+            return (f"note: NNTile's OpenBLAS ran its {nntile.blas_core} core (as the library or this machine "
+                    f"chose); its {nntile.faster_core} core, checked against float64, ran the same GEMM at "
+                    f"{nntile.faster_core_gflops:.1f} GFLOP/s against {nntile.gemm_gflops:.1f}, "
+                    f"{nntile.faster_core_gflops / nntile.gemm_gflops:.2f}x as fast: --blas-core "
+                    f"{nntile.faster_core} runs it")
         if torch and torch.gemm_gflops and nntile.gemm_gflops < torch.gemm_gflops / 2:
             return (f"NNTile's GEMM runs at {nntile.gemm_gflops:.1f} GFLOP/s, below half of torch's "
                     f"{torch.gemm_gflops:.1f}: " + (nntile.blas_advice or f"its BLAS ({nntile.blas}) is slower than "
@@ -178,10 +191,38 @@ def bench(graph: Graph, build_dir: Path, *, ncpus: int, warmup: int = WARMUP, re
             for side, result in _round(sides, build_dir, ncpus, warmup, repeats, profile and round_ == 0,
                                        ooc, gemm).items():
                 results[side] = pooled(results[side], result) if side in results else result
+    if "nntile" in results:
+        results["nntile"] = _faster_core(results["nntile"], runtime, build_dir, gemm)
     predicted = runtime.check_limit(graph, memory_limit).held if memory_limit else runtime.predict(graph).total
     return BenchReport(graph.spec.name, graph.axes["batch"].size, ncpus, warmup, repeats, results, rounds,
                        memory_limit / MIB if memory_limit else None, ooc.describe() if ooc else "", predicted / MIB,
                        gemm)
+
+
+#: How much faster a core's GEMM must run to be reported: above the spread of repeated timings.
+FASTER = 1.1
+
+
+def _faster_core(result: SideResult, runtime, build_dir: Path, gemm: tuple[int, int, int]) -> SideResult:
+    """`result` with the faster core the target offers over the one it ran, and that core's rate on the
+    same GEMM in a process of its own (`--worker gemm`), where it is `FASTER`."""
+    found = runtime.faster_blas(result.blas_core) if result.blas_core and result.gemm_gflops else None
+    if found is None:
+        return result
+    core, env = found
+    cmd = [sys.executable, "-m", "dit_compiler.run.bench", "--worker", "gemm", "--dir", str(build_dir),
+           "--ncpus", "1", "--warmup", "0", "--gemm", ",".join(map(str, gemm))]
+    try:
+        done = subprocess.run(cmd, env=os.environ | env | {"OMP_NUM_THREADS": "1"}, capture_output=True,
+                              text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return result
+    replies = [json.loads(line[len(_REPLY):]) for line in done.stdout.splitlines() if line.startswith(_REPLY)]
+    if done.returncode != 0 or not replies or replies[-1]["core"] != core:
+        return result   # the check passed a moment ago: nothing to report that the advice does not say
+    gflops = replies[-1]["gflops"]
+    return replace(result, faster_core=core, faster_core_gflops=gflops) if gflops > FASTER * result.gemm_gflops \
+        else result
 
 
 def pooled(first: SideResult, more: SideResult) -> SideResult:
@@ -307,6 +348,7 @@ class _Side:
     scheduler: str = ""
     kernels: str = ""
     blas_advice: str = ""
+    blas_core: str = ""
     idle: Callable[[], None] = lambda: None      # between its measured runs, while the other side runs
     wake: Callable[[], None] = lambda: None
 
@@ -378,7 +420,7 @@ def _side(side: str, build_dir: Path, ncpus: int, out_of_core: dict | None = Non
         # the torch reference's weights (`randomize_`), made one at a time: no second copy of the model
         model.load_parameters(random_weights(model.parameter_shapes(), 0))
         optimizer = model.adamw(LR)
-        blas, advice = runtime.blas_report()
+        blas, advice, core = runtime.blas_report()
 
         def gemm(m: int, n: int, k: int) -> float:
             return _gflops(runtime.gemm(m, n, k), m, n, k)
@@ -386,7 +428,8 @@ def _side(side: str, build_dir: Path, ncpus: int, out_of_core: dict | None = Non
         try:
             yield _Side(lambda: model.forward(x, t, y), lambda: model.train_step(x, t, y, target, optimizer),
                         lambda: model.profile_layers(x, t, y, target, optimizer), ncpus, gemm, blas,
-                        runtime.scheduler(), model.kernels.note, advice or "", runtime.pause, runtime.resume)
+                        runtime.scheduler(), model.kernels.note, advice or "", core or "", runtime.pause,
+                        runtime.resume)
         finally:
             optimizer.unregister()
             model.unregister()
@@ -438,7 +481,17 @@ def _serve(side: str, build_dir: Path, ncpus: int, warmup: int, profile: bool, o
         kinds = run.profile() if profile else {}
     read, written = (total / max(steps, 1) / 2 ** 20 for total in disk)
     reply(asdict(SideResult(side, run.threads, [], [], _peak_rss_mib(), kinds, run.scheduler, read, written,
-                            run.kernels, run.blas, gflops, run.blas_advice)))
+                            run.kernels, run.blas, gflops, run.blas_advice, run.blas_core)))
+
+
+def _serve_gemm(build_dir: Path, gemm: tuple[int, int, int]) -> None:
+    """`--worker gemm`: time the GEMM on the BLAS the build's target runs, with this process's environment,
+    and reply with its GFLOP/s and the BLAS's core."""
+    from dit_compiler.build import GRAPH_FILE
+
+    runtime = targets.get(json.loads((build_dir / GRAPH_FILE).read_text())["spec"]["target"])
+    gflops = _gflops(runtime.gemm(*gemm), *gemm)
+    print(_REPLY + json.dumps({"gflops": gflops, "core": runtime.blas_report()[2]}), flush=True)
 
 
 def disk_bytes() -> tuple[int, int]:
@@ -463,7 +516,8 @@ def _peak_rss_mib() -> float:
 
 def _main() -> None:
     p = argparse.ArgumentParser(description="one side of `ditc bench` (internal), driven over stdin")
-    p.add_argument("--worker", choices=("nntile", "torch"), required=True)
+    p.add_argument("--worker", choices=("nntile", "torch", "gemm"), required=True,
+                   help="gemm: only time --gemm on the target's BLAS")
     p.add_argument("--dir", type=Path, required=True)
     p.add_argument("--ncpus", type=int, required=True)
     p.add_argument("--warmup", type=int, required=True)
@@ -472,6 +526,9 @@ def _main() -> None:
     p.add_argument("--checkpoint", action="store_true", help="torch: activation checkpointing of every block")
     p.add_argument("--gemm", type=lambda text: tuple(int(v) for v in text.split(",")), help="m,n,k")
     a = p.parse_args()
+    if a.worker == "gemm":
+        _serve_gemm(a.dir, a.gemm)
+        return
     _serve(a.worker, a.dir, a.ncpus, a.warmup, a.profile, a.out_of_core, a.checkpoint, a.gemm)
 
 

@@ -34,7 +34,7 @@ BACKEND = "dit_compiler.targets.nntile_1_1.backend:NNTileBackend"
 
 __all__ = ["Decl", "Geometry", "KERNEL_SETS", "LimitCheck", "Model", "NAME", "NNTILE_VERSION", "OutOfCore",
            "OutOfCoreError", "RUNTIME_VERSION", "StepMemory", "apply_blas_core", "blas_report", "check_limit", "choose_kernels", "emit",
-           "gemm", "installed", "kernel_sets", "nntile_runtime", "out_of_core", "param", "patchify", "patchify_grad",
+           "faster_blas", "gemm", "installed", "kernel_sets", "nntile_runtime", "out_of_core", "param", "patchify", "patchify_grad",
            "pause", "predict", "prepare", "problem", "require", "resume", "scheduler", "sincos_pos_embed",
            "timestep_features", "unmovable_bytes",
            "unpatchify", "unpatchify_grad", "wait_for_all"]
@@ -49,19 +49,30 @@ def require(version: int) -> None:
 
 
 def gemm(m: int, n: int, k: int) -> Callable[[], None]:
-    """One fp32 GEMM [m, k] x [k, n] on the BLAS NNTile's GEMMs call, as a call to time."""
+    """One fp32 GEMM [m, k] x [k, n] on the BLAS NNTile's GEMMs call, on the calling thread, as a call to time."""
     from dit_compiler.targets.nntile_1_1 import blas
 
+    blas.one_thread_per_call()
     return blas.sgemm(m, n, k)[0]
 
 
-def blas_report() -> tuple[str, str | None]:
-    """The BLAS NNTile's GEMMs call, in words, and what to do where it runs below this CPU's vector
-    instructions (None where nothing)."""
+def blas_report() -> tuple[str, str | None, str | None]:
+    """The BLAS NNTile's GEMMs call, in words, what to do where it runs below this CPU's vector
+    instructions (None where nothing), and its OpenBLAS core (None where not OpenBLAS)."""
     from dit_compiler.targets.nntile_1_1 import blas
 
     found = blas.nntile_blas()
-    return (found.describe() if found else "BLAS not found"), blas.advice(found)
+    return (found.describe() if found else "BLAS not found"), blas.advice(found), found.core if found else None
+
+
+def faster_blas(core: str) -> tuple[str, dict[str, str]] | None:
+    """Where NNTile ran OpenBLAS's `core` as the library or the machine chose it (not ditc, not
+    --blas-core), the best core above it for this CPU that passes the GEMM check, and the environment
+    variables that run it; else None. Run before NNTile loads here, or in a process that does not load it."""
+    from dit_compiler.targets.nntile_1_1 import blas
+
+    faster = blas.faster_core(core)
+    return (faster, {"OPENBLAS_CORETYPE": faster, blas.ENV: faster}) if faster else None
 
 
 def prepare(graph: Graph) -> None:
