@@ -6,11 +6,15 @@ embedder fixes 1), so it is refused with the reason rather than exported approxi
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dit_compiler.build import current_umask
 from dit_compiler.errors import UsageError
 from dit_compiler.graph.ir import Graph
 from dit_compiler.run.oracle import build_diffusers
@@ -25,11 +29,22 @@ def export_diffusers(graph: Graph, weights: dict[str, np.ndarray], out: Path, so
     model = build_diffusers(graph)
     if isinstance(model, str):
         raise UsageError(f"{source}: diffusers cannot express this model ({model})")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
         raise UsageError(f"--diffusers {out}: exists and is not an empty folder; choose a new one")
     try:
         model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}, strict=True)
     except RuntimeError as error:
         raise UsageError(f"{source}: its weights do not fit this spec's model ({str(error).splitlines()[0]})") from None
-    model.save_pretrained(str(out), safe_serialization=True)
+    # written into a private staging folder (no name in it can be a link of anyone's), which then
+    # replaces the new or empty `out` by one rename
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".ditc-tmp", dir=out.parent))
+    try:
+        model.save_pretrained(str(staging), safe_serialization=True)
+        staging.chmod(0o777 & ~current_umask())
+        os.rename(staging, out)
+    except OSError as error:
+        raise UsageError(f"--diffusers {out}: cannot be written ({error.strerror})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -30,6 +30,8 @@ from dit_compiler.run.backend import Backend
 from dit_compiler.run.progress import Progress
 
 VAE_SCALE = 0.18215   # DiT's latent scale: decode `latents / 0.18215`
+#: The kind of folder `ditc sample` writes (its marker, `build.OUTPUT_MARKER`, says so).
+SAMPLES = "samples"
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,6 @@ def write_samples(out_dir: Path, samples: np.ndarray, labels: np.ndarray, settin
                   vae: Path | None = None) -> tuple[np.ndarray, list[str]]:
     """grid.png (or preview.png for latents without a VAE), samples.npz and settings.json; returns the
     images (the latents where there are none) and notes for the user."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     notes, arrays = [], {"labels": labels}
     channels = samples.shape[1]
     if vae is not None:
@@ -179,12 +180,11 @@ def write_samples(out_dir: Path, samples: np.ndarray, labels: np.ndarray, settin
                      f"preview ({out_dir / 'preview.png'}), not images; pass --vae DIR to decode them")
     else:
         arrays["images"] = samples
-    if "images" in arrays:
-        image_grid(arrays["images"], labels).save(out_dir / "grid.png")
-    else:
-        channel_preview(samples).save(out_dir / "preview.png")
-    write_atomic(out_dir / "samples.npz", lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
-    write_text_atomic(out_dir / "settings.json", json.dumps(settings, indent=1) + "\n")
+    sheet, name = (image_grid(arrays["images"], labels), "grid.png") if "images" in arrays else \
+        (channel_preview(samples), "preview.png")
+    write_atomic(out_dir / name, lambda file: sheet.save(file, format="PNG"), SAMPLES)
+    write_atomic(out_dir / "samples.npz", lambda file: np.savez(file, **arrays), SAMPLES)
+    write_text_atomic(out_dir / "settings.json", json.dumps(settings, indent=1) + "\n", SAMPLES)
     return arrays.get("images", samples), notes
 
 
