@@ -238,8 +238,13 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object],
 
 
 def _commit(tmp: Path, file: BinaryIO, path: Path, keep_open: bool) -> None:
+    """Rename the staged `tmp` (still open as `file`) over `path`: only the file ditc wrote, and only over
+    a regular file or nothing."""
     try:
         check_destination(path)   # again: os.replace would replace a link made since, not write through it
+        written, there = os.fstat(file.fileno()), os.lstat(tmp)
+        if (written.st_dev, written.st_ino) != (there.st_dev, there.st_ino):
+            raise UsageError(f"{tmp}: replaced by something else while ditc wrote it; {path} was not written")
         os.replace(tmp, path)
     except BaseException:
         file.close()
@@ -406,17 +411,16 @@ def _update(build: Build, target: Path, owned: dict[str, str]) -> None:
         for name in changed:
             text = build.files[name]
             tmp, file, _ = _stage(target / name, lambda f: f.write(text.encode("utf-8")))
-            file.close()
             staged[name] = (tmp, file)
         with _signals_held():
-            for name, (tmp, _) in staged.items():  # the manifest last
-                check_destination(target / name)
-                os.replace(tmp, target / name)
+            for name, (tmp, file) in staged.items():  # the manifest last
+                _commit(tmp, file, target / name, False)
             for name, digest in owned.items():  # files an older build wrote, this one does not, unedited
                 if name not in build.files and file_sha256(target / name) == digest:
                     (target / name).unlink()
     finally:
-        for tmp, _ in staged.values():
+        for tmp, file in staged.values():
+            file.close()
             tmp.unlink(missing_ok=True)
 
 
