@@ -203,6 +203,8 @@ def _prepare_run(spec, build, run_dir: Path, config: TrainConfig) -> Callable[[]
     try:
         write_text_atomic(run_dir / RUN_FILE, json.dumps(
             {"spec": str(spec.source), "build": spec.name, "config": asdict(config)}, indent=1) + "\n", RUN)
+        if (run_dir / CHECKPOINTS).is_symlink():
+            raise UsageError(f"{run_dir / CHECKPOINTS}: a link; a run's checkpoints are written only inside the run")
         (run_dir / CHECKPOINTS).mkdir(exist_ok=True)
         built.append(write_build(build, run_dir))
     except BaseException:
