@@ -75,6 +75,7 @@ def _check_requests(args, graph) -> None:
     target = targets.get(graph.spec.target)
     target.apply_blas_core("--blas-core" if args.blas_core else None)
     if nntile_status(graph) == "ran":
+        target.check_environment()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # ditc's kernels unavailable: the run says so itself
             target.choose_kernels()
@@ -423,17 +424,25 @@ def _check_folder_arg(path: str, flag: str, made: bool = True) -> None:
 
 
 def _check_file_arg(path: str | None, flag: str) -> None:
-    """A file to write: refused before any work when it is a folder or its folder is missing or not writable."""
+    """A file to write: refused before any work when it is a folder, a link, a device, a FIFO or a socket
+    (ditc replaces a regular file whole, and writes through nothing: `build.check_destination`), or when
+    its folder is missing or not writable."""
+    from dit_compiler.build import check_destination
+
     if path is None:
         return
     file = Path(path)
-    if file.is_dir():
+    if file.is_dir() and not file.is_symlink():
         raise UsageError(f"{flag} {path}: a folder; name a file")
     folder = file.absolute().parent
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{flag} {path}: {folder} is a file, not a folder")
     if not folder.is_dir():
         raise UsageError(f"{flag} {path}: the folder {folder} does not exist")
+    try:
+        check_destination(file)
+    except UsageError as error:
+        raise UsageError(f"{flag} {error}") from None
     if not os.access(folder, os.W_OK | os.X_OK) or (file.exists() and not os.access(file, os.W_OK)):
         raise UsageError(f"{flag} {path}: not writable by you")
 

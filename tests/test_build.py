@@ -62,16 +62,16 @@ def test_a_failed_build_leaves_the_previous_one_untouched(tmp_path, monkeypatch)
     built = compile_spec(load_spec(SPECS / "tiny.yaml"))
     folder = write_build(built, tmp_path)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    real_write = Path.write_text
+    real_fsync = os.fsync
     calls = []
 
-    def failing_write(self, *args, **kwargs):
-        calls.append(self)
+    def failing_fsync(fd):   # the disk fills up while the third file is written
+        calls.append(fd)
         if len(calls) == 3:
             raise OSError(28, "No space left on device")
-        return real_write(self, *args, **kwargs)
+        return real_fsync(fd)
 
-    monkeypatch.setattr(Path, "write_text", failing_write)
+    monkeypatch.setattr(os, "fsync", failing_fsync)
     with pytest.raises(OSError):
         write_build(Build(built.graph, {k: v + "# changed\n" for k, v in built.files.items()}), tmp_path)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

@@ -3,6 +3,8 @@ ragged tiles, and the choice between them and NNTile's. The kernel tests skip, s
 extension cannot be built; the choice tests run everywhere."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -188,3 +190,35 @@ def test_the_cache_key_follows_the_source(monkeypatch, tmp_path):
     edited.write_text(native.SOURCE.read_text() + "\n// edited\n")
     monkeypatch.setattr(native, "SOURCE", edited)
     assert native._key(build) != key
+
+
+def test_a_damaged_cached_module_is_compiled_again_not_loaded(monkeypatch, tmp_path):
+    """A truncated module killed every NNTile command with SIGBUS, a garbage one failed to import: the
+    sha256 recorded at compile time finds both, and the module is compiled again."""
+    import shutil
+    import subprocess
+    import sys
+
+    try:
+        original = native.built_module(progress=lambda line: None)   # the user's cache: compiled at most once
+    except native.Unavailable as why:
+        pytest.skip(f"ditc's kernels cannot be built here: {why}")
+    monkeypatch.setenv("DITC_CACHE_DIR", str(tmp_path))
+    copy = tmp_path / "nntile-1.1-kernels" / original.parent.name
+    shutil.copytree(original.parent, copy)
+    module = copy / original.name
+    record = module.with_name(module.name + ".sha256")
+    for damage in (module.read_bytes()[:4096], b"\x7fELF garbage"):
+        module.write_bytes(damage)
+        compiled: list[str] = []
+        assert native.built_module(progress=compiled.append) == module
+        assert compiled and native._intact(module, record)
+    record.unlink()   # a module without its record (an older ditc's cache) is compiled again too
+    compiled = []
+    native.built_module(progress=compiled.append)
+    assert compiled and native._intact(module, record)
+    module.write_bytes(module.read_bytes()[:4096])
+    loaded = subprocess.run([sys.executable, "-c", "from dit_compiler.targets.nntile_1_1 import native; native.load()"],
+                            capture_output=True, text=True, env=os.environ | {"DITC_CACHE_DIR": str(tmp_path)})
+    assert loaded.returncode == 0, loaded.stderr
+    assert native._intact(module, record)

@@ -31,6 +31,8 @@ def sweep(body: str) -> str:
 
 
 SWEEP_FILES = {"base.yaml": TINY}
+#: The marker a sweep's results folder holds (any results in it are then read, and checked).
+SWEEP_MARKER = {"res/s/ditc-output.json": json.dumps({"written_by": "ditc 0", "kind": "sweep", "files": {}})}
 
 #: id -> (files written first, arguments, what stderr must say). Paths are relative to the case's folder.
 HOSTILE = {
@@ -201,16 +203,28 @@ HOSTILE = {
     "sweep base spec invalid": ({"base.yaml": "model:\n  depth: 0\n", "w.yaml": sweep("")}, ["sweep", "w.yaml"],
                                 ["base.yaml:2:10: model.depth: too small"]),
     "sweep into a user's folder": (SWEEP_FILES | {"w.yaml": sweep(""), "res/s/notes.txt": "mine\n"},
-                                   ["sweep", "w.yaml", "-o", "res"], ["res/s/ holds files but no results.json"]),
-    "sweep resumes a corrupt results.json": (SWEEP_FILES | {"w.yaml": sweep(""), "res/s/results.json": "{bad"},
+                                   ["sweep", "w.yaml", "-o", "res"], ["res/s/: a folder ditc did not write"]),
+    "sweep into a folder of a user's results.json": (
+        SWEEP_FILES | {"w.yaml": sweep(""), "res/s/results.json": json.dumps({"kind": "ditc sweep results", "sweep": "s",
+                                                                               "points": []})},
+        ["sweep", "w.yaml", "-o", "res", "--resume"], ["res/s/: a folder ditc did not write (it has no ditc-output.json)"]),
+    "sweep into a folder marked as another kind": (
+        SWEEP_FILES | {"w.yaml": sweep(""),
+                       "res/s/ditc-output.json": json.dumps({"written_by": "ditc 0", "kind": "run", "files": {}})},
+        ["sweep", "w.yaml", "-o", "res"], ["ditc wrote it as a run folder, not a sweep folder"]),
+    "sweep into a folder with a forged marker": (
+        SWEEP_FILES | {"w.yaml": sweep(""), "res/s/ditc-output.json": '{"kind": "sweep", "files": {"../x": ""}}'},
+        ["sweep", "w.yaml", "-o", "res"], ["ditc-output.json: not a marker ditc wrote"]),
+    "sweep resumes a corrupt results.json": (SWEEP_FILES | SWEEP_MARKER | {"w.yaml": sweep(""), "res/s/results.json": "{bad"},
                                              ["sweep", "w.yaml", "-o", "res", "--resume"],
                                              ["res/s/results.json: not a results file ditc sweep wrote for 's'"]),
-    "sweep resumes a foreign results.json": (SWEEP_FILES | {"w.yaml": sweep(""), "res/s/results.json": "[1, 2]\n"},
+    "sweep resumes a foreign results.json": (SWEEP_FILES | SWEEP_MARKER | {"w.yaml": sweep(""),
+                                                                           "res/s/results.json": "[1, 2]\n"},
                                              ["sweep", "w.yaml", "-o", "res", "--resume"],
                                              ["res/s/results.json: not a results file ditc sweep wrote"]),
     "sweep resumes another sweep's results": (
-        SWEEP_FILES | {"w.yaml": sweep(""),
-                       "res/s/results.json": json.dumps({"kind": "ditc sweep results", "sweep": "t", "points": []})},
+        SWEEP_FILES | SWEEP_MARKER | {"w.yaml": sweep(""), "res/s/results.json": json.dumps(
+            {"kind": "ditc sweep results", "sweep": "t", "points": []})},
         ["sweep", "w.yaml", "-o", "res", "--resume"], ["(the results of sweep 't')"]),
 }
 

@@ -42,21 +42,23 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
-#: Files that mark a folder as one ditc wrote, per kind of output: it may write there again.
-RUN_MARKERS = ("run.json",)
-SAMPLES_MARKERS = ("settings.json",)
-EVALUATE_MARKERS = ("evaluate.json", "settings.json")
+#: The kinds of folder (by the marker ditc writes in it, `build.OUTPUT_MARKER`) each command writes into.
+RUN_KINDS = ("run",)
+SAMPLES_KINDS = ("samples",)
+EVALUATE_KINDS = ("evaluate", "samples")
 
 
-def _output_folder(path: Path, flag: str, markers: tuple[str, ...]) -> Path:
-    """An output folder, checked before any work (`cli._check_folder_arg`), and new, empty or one ditc
-    wrote (holding one of `markers`), so that no file of the user's is overwritten."""
+def _output_folder(path: Path, flag: str, kinds: tuple[str, ...]) -> Path:
+    """An output folder, checked before any work (`cli._check_folder_arg`), and new, empty or marked by
+    ditc as one of `kinds` (`build.check_owned`), so that no file of the user's is overwritten."""
+    from dit_compiler.build import check_owned
     from dit_compiler.cli import _check_folder_arg
 
     _check_folder_arg(str(path), flag)
-    if path.is_dir() and any(path.iterdir()) and not any((path / m).is_file() for m in markers):
-        raise UsageError(f"{flag} {path}: a folder ditc did not write (it has no {' or '.join(markers)}); name a "
-                         "new or empty folder, so that none of your files is replaced")
+    if path.is_symlink():
+        raise UsageError(f"{flag} {path}: a link; ditc writes only into the folder itself, never through a link: "
+                         f"name the folder it points to")
+    check_owned(path, kinds, f"{flag} {path}")
     return path
 
 
@@ -187,7 +189,7 @@ def cmd_train(args) -> int:
     run_dir = Path(args.out or Path("runs") / spec.name)
     world = world_from_env()
     if world is None or world.lead:   # the other ranks find the folder as the first rank makes it
-        _output_folder(run_dir, "--out", RUN_MARKERS)
+        _output_folder(run_dir, "--out", RUN_KINDS)
     if args.memory_limit and args.backend == "torch":
         raise UsageError(f"--memory-limit {args.memory_limit}: the torch backend cannot run under a memory limit "
                          "(it has no out-of-core); use --backend nntile or drop --memory-limit")
@@ -251,19 +253,19 @@ def _checkpoint_of(args, tmp: str):
     """The spec, its build folder, the checkpoint (a run's last unless --ckpt), the default samples folder,
     and where builds of this model's variants go (the run folder, or `tmp`) for a run folder or for a
     spec given with --ckpt."""
-    from dit_compiler.build import SPEC_FILE, compile_spec, write_build
-    from dit_compiler.run.train import RUN_FILE, checkpoints, run_build_dir
-    from dit_compiler.spec import load_spec
+    from dit_compiler.build import compile_spec, write_build
+    from dit_compiler.run.train import RUN_FILE, checkpoints, trusted_build
 
     path = Path(args.target)
     ckpt = Path(args.ckpt) if args.ckpt else None
-    if (path / RUN_FILE).is_file():
-        build_dir = run_build_dir(path)
-        spec = load_spec(build_dir / SPEC_FILE)
+    if os.path.lexists(path / RUN_FILE):
+        spec, build_dir = trusted_build(path)
         if ckpt is None:
             if not checkpoints(path):
                 raise UsageError(f"{path}: the run has no checkpoint yet")
             ckpt = checkpoints(path)[-1]
+            if ckpt.is_symlink() or (path / "checkpoints").is_symlink():
+                raise UsageError(f"{ckpt}: a link; ditc reads a run's checkpoints only from inside the run")
         default_out, builds = path / "samples", path
     else:
         spec, build_dir = _load_target(args.target)
@@ -380,7 +382,7 @@ def cmd_sample(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         graph, backend, source, out = _open_model(
             args, tmp, lambda spec: _rows(len(_labels(args, spec)), [args.cfg or spec.sample.cfg]),
-            lambda default: _output_folder(Path(args.out) if args.out else default, "--out", SAMPLES_MARKERS))
+            lambda default: _output_folder(Path(args.out) if args.out else default, "--out", SAMPLES_KINDS))
         labels = _labels(args, graph.spec)
         try:
             run_sample(backend, graph, labels, _sample_config(args, graph, args.cfg), out, vae,
@@ -411,13 +413,14 @@ def _scorer(args):
             warn_if_few(min(len(features), len(reference)), features.shape[1], "FID")
             return {"n": len(images), "fid": features_distance(features, reference)}
         return fid
-    from dit_compiler.run.evaluate import default_cache, digits_classifier, score_digits
+    from dit_compiler.build import cache_root
+    from dit_compiler.run.evaluate import digits_classifier, score_digits
 
     if args.cache:   # a cache folder: the classifier's one file goes beside whatever is there
         from dit_compiler.cli import _check_folder_arg
 
         _check_folder_arg(args.cache, "--cache")
-    clf, trained = digits_classifier(Path(args.cache) if args.cache else default_cache())
+    clf, trained = digits_classifier(Path(args.cache) if args.cache else cache_root())
     print(f"digits classifier ({'trained now' if trained else 'cached'}): held-out accuracy "
           f"{100 * clf.heldout_accuracy:.1f}%")
     return lambda images, labels: score_digits(clf, images, labels, args.seed)
@@ -468,16 +471,18 @@ def cmd_evaluate(args) -> int:
                 raise UsageError(f"{samples_file}: no `images` and `labels` (write it with `ditc sample`)")
             images, labels = f["images"], f["labels"]
         _check_samples(samples_file, images, labels, None if args.inception else 10)
-        out = _output_folder(Path(args.out) if args.out else samples_file.parent, "--out", EVALUATE_MARKERS)
+        out = _output_folder(Path(args.out) if args.out else samples_file.parent, "--out", EVALUATE_KINDS)
         rows.append({"cfg": _samples_cfg(samples_file)} | score(images, labels) | {"samples": str(samples_file)})
     else:
+        from dit_compiler.build import mark_folder
         from dit_compiler.run.sample import run_sample, sample_labels
 
         with tempfile.TemporaryDirectory() as tmp:
             graph, backend, source, out = _open_model(
                 args, tmp, lambda spec: _rows(args.n, args.cfg or [spec.sample.cfg]),
                 lambda default: _output_folder(Path(args.out) if args.out else default.with_name("evaluate"),
-                                               "--out", EVALUATE_MARKERS))
+                                               "--out", EVALUATE_KINDS))
+            mark_folder(out, EVALUATE_KINDS)   # before its cfg*/ samples folders
             labels = sample_labels(graph.facts.num_classes, None, args.n)
             try:
                 for cfg in args.cfg or [graph.spec.sample.cfg]:

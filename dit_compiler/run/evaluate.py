@@ -12,6 +12,7 @@ generator that reproduced the training distribution exactly would get. Samples a
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import warnings
@@ -25,6 +26,8 @@ from dit_compiler.data import digits
 from dit_compiler.errors import UsageError
 
 HIDDEN = (128, 64)
+#: The kinds of folder `ditc evaluate` writes into: its own, or the samples folder it scores.
+EVALUATE = ("evaluate", "samples")
 DIGIT_SHAPE = (1, 8, 8)
 
 
@@ -86,10 +89,6 @@ class DigitsClassifier:
         return np.argmax(self.features(images) @ self.weights[-1] + self.biases[-1], axis=1)
 
 
-def default_cache() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ditc"
-
-
 def digits_classifier(cache_dir: Path) -> tuple[DigitsClassifier, bool]:
     """The cached classifier, trained first when the cache lacks it; returns it and whether it was trained."""
     import sklearn
@@ -107,10 +106,9 @@ def digits_classifier(cache_dir: Path) -> tuple[DigitsClassifier, bool]:
     mlp.fit(train.images.reshape(len(train), -1), train.labels)
     accuracy = float(mlp.score(held.images.reshape(len(held), -1), held.labels))
     clf = DigitsClassifier(tuple(mlp.coefs_), tuple(mlp.intercepts_), accuracy)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda tmp: np.savez(tmp, heldout_accuracy=accuracy,
-                                            **{f"w{i}": w for i, w in enumerate(clf.weights)},
-                                            **{f"b{i}": b for i, b in enumerate(clf.biases)}), suffix=".npz")
+    write_atomic(path, lambda file: np.savez(file, heldout_accuracy=accuracy,
+                                             **{f"w{i}": w for i, w in enumerate(clf.weights)},
+                                             **{f"b{i}": b for i, b in enumerate(clf.biases)}))
     return clf, True
 
 
@@ -145,15 +143,12 @@ def format_table(rows: list[dict]) -> str:
 
 def write_table(rows: list[dict], out_dir: Path) -> None:
     """evaluate.csv and evaluate.json; with several guidance scales, evaluate.png (scores vs cfg)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    def write_csv(tmp: Path) -> None:
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-
-    write_atomic(out_dir / "evaluate.csv", write_csv)
-    write_text_atomic(out_dir / "evaluate.json", json.dumps(rows, indent=1) + "\n")
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(out_dir / "evaluate.csv", table.getvalue(), EVALUATE)
+    write_text_atomic(out_dir / "evaluate.json", json.dumps(rows, indent=1) + "\n", EVALUATE)
     if len(rows) < 2:
         return
     import matplotlib
@@ -177,5 +172,5 @@ def write_table(rows: list[dict], out_dir: Path) -> None:
         right.plot(cfg, [r["fid"] for r in rows], "o-")
         right.set(xlabel="guidance scale", ylabel="FID")
     fig.tight_layout()
-    fig.savefig(out_dir / "evaluate.png", dpi=120)
+    write_atomic(out_dir / "evaluate.png", lambda file: fig.savefig(file, format="png", dpi=120), EVALUATE)
     plt.close(fig)

@@ -27,12 +27,15 @@ def export_diffusers(graph: Graph, weights: dict[str, np.ndarray], out: Path, so
     model = build_diffusers(graph)
     if isinstance(model, str):
         raise UsageError(f"{source}: diffusers cannot express this model ({model})")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
         raise UsageError(f"--diffusers {out}: exists and is not an empty folder; choose a new one")
     try:
         model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}, strict=True)
     except RuntimeError as error:
         raise UsageError(f"{source}: its weights do not fit this spec's model ({str(error).splitlines()[0]})") from None
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_folder_atomic(out, lambda staging: model.save_pretrained(str(staging), safe_serialization=True))
+    try:
+        write_folder_atomic(out, lambda staging: model.save_pretrained(str(staging), safe_serialization=True))
+    except OSError as error:
+        raise UsageError(f"--diffusers {out}: cannot be written ({error.strerror})") from None
     return out

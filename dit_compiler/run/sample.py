@@ -30,6 +30,8 @@ from dit_compiler.run.backend import Backend
 from dit_compiler.run.progress import Progress, counted
 
 VAE_SCALE = 0.18215   # DiT's latent scale: decode `latents / 0.18215`
+#: The kind of folder `ditc sample` writes (its marker, `build.OUTPUT_MARKER`, says so).
+SAMPLES = "samples"
 
 
 @dataclass(frozen=True)
@@ -180,12 +182,11 @@ def write_samples(out_dir: Path, samples: np.ndarray, labels: np.ndarray, settin
     else:
         arrays["images"] = samples
     out_dir.mkdir(parents=True, exist_ok=True)
-    if "images" in arrays:
-        image_grid(arrays["images"], labels).save(out_dir / "grid.png")
-    else:
-        channel_preview(samples).save(out_dir / "preview.png")
-    write_atomic(out_dir / "samples.npz", lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
-    write_text_atomic(out_dir / "settings.json", json.dumps(settings, indent=1) + "\n")
+    sheet, name = (image_grid(arrays["images"], labels), "grid.png") if "images" in arrays else \
+        (channel_preview(samples), "preview.png")
+    write_atomic(out_dir / name, lambda file: sheet.save(file, format="PNG"), SAMPLES)
+    write_atomic(out_dir / "samples.npz", lambda file: np.savez(file, **arrays), SAMPLES)
+    write_text_atomic(out_dir / "settings.json", json.dumps(settings, indent=1) + "\n", SAMPLES)
     return arrays.get("images", samples), notes
 
 

@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from dit_compiler import __version__
-from dit_compiler.build import write_text_atomic
+from dit_compiler.build import check_owned, write_atomic, write_text_atomic
 from dit_compiler.errors import SpecError, UsageError
 from dit_compiler.spec.sweep import MAX_POINTS, Point, Sweep, data_digest, load_sweep, point_data
 
 RESULTS_KIND = "ditc sweep results"
+#: The kind of folder a sweep's results are (its marker, `build.OUTPUT_MARKER`, says so).
+SWEEP = "sweep"
 #: Statuses a resumed sweep keeps; any other point runs again.
 FINISHED = ("ok", "invalid")
 
@@ -156,22 +158,19 @@ def write_results(results: list[PointResult], sweep: Sweep, out: Path) -> None:
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    write_text_atomic(out / "results.csv", buffer.getvalue())
+    write_text_atomic(out / "results.csv", buffer.getvalue(), SWEEP)
     data = {"kind": RESULTS_KIND, "written_by": f"ditc {__version__}", "sweep": sweep.name,
             "points": [asdict(r) for r in results]}
-    write_text_atomic(out / "results.json", json.dumps(data, indent=1) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(data, indent=1) + "\n", SWEEP)
 
 
 def read_results(out: Path, sweep: Sweep) -> dict[str, PointResult]:
-    """The points of `out/results.json`, by name; refuses (UsageError) a file this sweep did not write,
-    and a folder holding files but no results.json."""
+    """The points of `out/results.json`, by name; refuses (UsageError) a folder ditc did not mark as a
+    sweep's (`build.check_owned`) and a results file this sweep did not write."""
     path = out / "results.json"
     advice = "ditc does not write into it: move it away, or choose another -o"
-    if os.path.lexists(out) and not out.is_dir():
-        raise UsageError(f"{out} exists and is not a folder; {advice}")
+    check_owned(out, (SWEEP,), f"{out}/")
     if not os.path.lexists(path):
-        if out.is_dir() and any(out.iterdir()):
-            raise UsageError(f"{out}/ holds files but no results.json, so no ditc sweep made it; {advice}")
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -240,7 +239,7 @@ def plot_results(results: list[PointResult], sweep: Sweep, out: Path) -> list[Pa
         fig.suptitle(f"sweep {sweep.name}: {key}")
         fig.tight_layout()
         path = out / f"plot-{key.replace('.', '_')}.png"
-        fig.savefig(path, dpi=90)
+        write_atomic(path, lambda file: fig.savefig(file, format="png", dpi=90), SWEEP)
         plt.close(fig)
         written.append(path)
     return written

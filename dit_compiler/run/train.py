@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import shutil
 import signal
@@ -42,10 +43,11 @@ from typing import TextIO
 
 import numpy as np
 
-from dit_compiler.build import SPEC_FILE, compile_spec, graph_of, write_atomic, write_build, write_text_atomic
+from dit_compiler.build import OUTPUT_MARKER, SPEC_FILE, compile_spec, graph_of, read_marker, read_small, \
+    write_atomic, write_build, write_text_atomic
 from dit_compiler.data import DIGITS, DIGITS_SHAPE, BatchLoader, ImageShape, load_dataset
 from dit_compiler.diffusion import NUM_TIMESTEPS, create_diffusion, training_losses
-from dit_compiler.errors import UsageError
+from dit_compiler.errors import UsageError, shown
 from dit_compiler.run.backend import OptimConfig, load_into, open_backend
 from dit_compiler.run.common import load_module
 from dit_compiler.run.distributed import World, digest
@@ -55,6 +57,8 @@ from dit_compiler.run.weights import initialize_dit_weights, load_checkpoint, sa
 from dit_compiler.spec import load_spec
 from dit_compiler.spec.model import Spec, TrainSpec
 
+#: The kind of folder `ditc train` writes (its marker, `build.OUTPUT_MARKER`, says so).
+RUN = "run"
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.csv"
 LOSS_PLOT = "loss.png"
@@ -96,7 +100,42 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 
 def run_build_dir(run_dir: Path) -> Path:
-    return run_dir / _read_run(run_dir)["build"]
+    """The run's build folder, as its run.json names it: refused (UsageError) unless it is a folder right
+    inside the run, not a link (a run.json may not point anywhere else)."""
+    name = _read_run(run_dir).get("build")
+    if not (isinstance(name, str) and name not in ("", ".", "..") and "\0" not in name and Path(name).name == name):
+        raise UsageError(f"{run_dir / RUN_FILE}: `build` {shown(name)} is not the name of a folder in the run; "
+                         "ditc reads nothing outside a run folder for it")
+    folder = run_dir / name
+    if folder.is_symlink() or not folder.is_dir():
+        raise UsageError(f"{folder}: {'a link' if folder.is_symlink() else 'not a folder'}, where {run_dir / RUN_FILE} "
+                         "names the run's build; ditc reads nothing outside a run folder for it")
+    return folder
+
+
+def trusted_build(run_dir: Path) -> tuple[Spec, Path]:
+    """The spec and build folder of a training run, checked before any of its code is imported: a run
+    folder is data, so its build must be, byte for byte, what its recorded spec compiles to with this ditc
+    (which also checks the build's manifest and the sha256 it lists). A build that differs (edited, or
+    written by another ditc) is refused, naming the file and how to rebuild it; nothing of it is run."""
+    folder = run_build_dir(run_dir)
+    spec = load_spec(folder / SPEC_FILE)   # YAML read as data: loading a spec runs nothing
+    fresh = compile_spec(spec)
+    rebuild = (f"ditc runs no code from a run folder that differs from a fresh build; `ditc build {folder / SPEC_FILE} "
+               f"-o {run_dir}` rebuilds it")
+    if spec.name != folder.name:
+        raise UsageError(f"{folder / SPEC_FILE}: builds {spec.name!r}, not {folder.name!r}; {rebuild}")
+    for name, text in sorted(fresh.files.items()):
+        path = folder / name
+        expected = text.encode("utf-8")
+        try:
+            same = read_small(path, len(expected)) == expected
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            raise UsageError(f"{path}: not the file ditc compiles from {folder / SPEC_FILE} (edited, missing, or "
+                             f"written by another ditc); {rebuild}")
+    return spec, folder
 
 
 class _StopSignals:
@@ -150,20 +189,33 @@ def check_run(spec, run_dir: Path, config: TrainConfig, resume: bool):
 
 
 def _prepare_run(spec, build, run_dir: Path, config: TrainConfig) -> Callable[[], None]:
-    """Write the build and run.json; returns what removes them again (and the folder, if this made it)."""
+    """Write run.json (marking the folder as a run's) and the build; returns what removes them again (and
+    the folder, if this made it)."""
     made = not run_dir.exists()
-    (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-    build_dir = write_build(build, run_dir)
-    write_text_atomic(run_dir / RUN_FILE, json.dumps(
-        {"spec": str(spec.source), "build": build_dir.name, "config": asdict(config)}, indent=1) + "\n")
+    marked = not made and read_marker(run_dir) is not None
+    built: list[Path] = []   # the build folder, once written: never a folder of anyone else's
 
     def undo() -> None:
         (run_dir / RUN_FILE).unlink(missing_ok=True)
-        shutil.rmtree(build_dir, ignore_errors=True)
+        if not marked:
+            (run_dir / OUTPUT_MARKER).unlink(missing_ok=True)
+        for build_dir in built:
+            shutil.rmtree(build_dir, ignore_errors=True)
         with contextlib.suppress(OSError):   # only while empty: nothing of anyone's is removed
             (run_dir / CHECKPOINTS).rmdir()
             if made:
                 run_dir.rmdir()
+
+    try:
+        write_text_atomic(run_dir / RUN_FILE, json.dumps(
+            {"spec": str(spec.source), "build": spec.name, "config": asdict(config)}, indent=1) + "\n", RUN)
+        if (run_dir / CHECKPOINTS).is_symlink():
+            raise UsageError(f"{run_dir / CHECKPOINTS}: a link; a run's checkpoints are written only inside the run")
+        (run_dir / CHECKPOINTS).mkdir(exist_ok=True)
+        built.append(write_build(build, run_dir))
+    except BaseException:
+        undo()
+        raise
     return undo
 
 
@@ -185,12 +237,14 @@ class _Metrics:
             with path.open(newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
         self.rows = [{k: float(v) if v else None for k, v in r.items()} for r in rows]
-        self.file = path.open("w", newline="")
+        kept = io.StringIO()
+        writer = csv.DictWriter(kept, fieldnames=METRICS)
+        writer.writeheader()
+        writer.writerows(rows)
+        # written whole, then appended to through the same descriptor: never reopened by name
+        self.file = io.TextIOWrapper(write_atomic(path, lambda file: file.write(kept.getvalue().encode()), RUN,
+                                                  keep_open=True), encoding="utf-8", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=METRICS)
-        self.writer.writeheader()
-        for row in rows:
-            self.writer.writerow(row)
-        self.file.flush()
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
@@ -219,7 +273,7 @@ def plot_loss(rows: list[dict], path: Path, title: str) -> None:
     ax.set(xlabel="step", ylabel="loss (mse + vb)", yscale="log", title=title)
     ax.legend()
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120), suffix=".png")
+    write_atomic(path, lambda file: fig.savefig(file, format="png", dpi=120), RUN)
     plt.close(fig)
 
 

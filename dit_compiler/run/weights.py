@@ -10,6 +10,7 @@ reads), plus `train_state`
 from __future__ import annotations
 
 import argparse
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -67,15 +68,20 @@ def to_torch(state: StateDict) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
 
 
+#: The kind of folder checkpoints are written into (its marker, `build.OUTPUT_MARKER`, says so).
+CHECKPOINTS = "checkpoints"
+
+
 def save_checkpoint(path: Path, model: StateDict, ema: StateDict, opt: dict, args: dict, train_state: dict) -> None:
     payload = {"model": to_torch(model), "ema": to_torch(ema), "opt": opt, "args": args, "train_state": train_state}
-    write_atomic(path, lambda tmp: torch.save(payload, tmp))
+    write_atomic(path, lambda file: torch.save(payload, file), CHECKPOINTS)
 
 
 def save_safetensors(path: Path, state: StateDict) -> None:
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
-    write_atomic(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp)))
+    write_atomic(path, lambda file: file.write(save({k: np.ascontiguousarray(v) for k, v in state.items()})),
+                 CHECKPOINTS)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -96,10 +102,13 @@ def load_checkpoint(path: Path) -> dict:
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated file, not a torch file, pickled code
         text = str(error)
-        if "WeightsUnpickler error:" in text:   # torch's advice to load unsafely is not repeated
-            detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0]
-            raise UsageError(f"{path}: holds Python objects besides tensors and plain containers; ditc never "
-                             f"runs code from a checkpoint ({detail})") from None
+        if "Weights only load failed" in text or "WeightsUnpickler" in text:
+            # torch's advice (load with weights_only=False, allowlist the global) is not repeated: only
+            # what the file refers to
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            refers = f" (it refers to {found.group(1)})" if found else ""
+            raise UsageError(f"{path}: holds Python objects besides tensors and plain containers{refers}; ditc "
+                             "never runs code from a checkpoint") from None
         first = (text.strip().splitlines() or [""])[0]
         raise UsageError(f"{path}: not a checkpoint torch can read ({type(error).__name__}: {first})") from None
     if not isinstance(checkpoint, dict):

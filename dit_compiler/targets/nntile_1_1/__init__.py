@@ -22,8 +22,8 @@ from dit_compiler.targets.nntile_1_1.memory import StepMemory, predict, unmovabl
 from dit_compiler.targets.nntile_1_1.model import Decl, Model, param
 from dit_compiler.targets.nntile_1_1.native import KERNEL_SETS, available as kernel_sets, kernels as choose_kernels
 from dit_compiler.targets.nntile_1_1.ooc import LimitCheck, OutOfCore, OutOfCoreError, check_limit, out_of_core
-from dit_compiler.targets.nntile_1_1.runtime import (installed, nntile_runtime, pause, problem, resume, scheduler,
-                                                     wait_for_all)
+from dit_compiler.targets.nntile_1_1.runtime import (check_starpu_home as check_environment, installed, nntile_runtime,
+                                                     pause, problem, resume, scheduler, wait_for_all)
 
 NAME = "nntile-1.1"
 NNTILE_VERSION = "1.1.0"
@@ -33,8 +33,9 @@ RUNTIME_VERSION = 1
 BACKEND = "dit_compiler.targets.nntile_1_1.backend:NNTileBackend"
 
 __all__ = ["Decl", "Geometry", "KERNEL_SETS", "LimitCheck", "Model", "NAME", "NNTILE_VERSION", "OutOfCore",
-           "OutOfCoreError", "RUNTIME_VERSION", "StepMemory", "apply_blas_core", "blas_report", "check_limit", "choose_kernels", "emit",
-           "faster_blas", "gemm", "installed", "kernel_sets", "nntile_runtime", "out_of_core", "param", "patchify", "patchify_grad",
+           "OutOfCoreError", "RUNTIME_VERSION", "StepMemory", "apply_blas_core", "blas_report", "check_environment",
+           "check_limit", "choose_kernels", "emit", "faster_blas", "gemm", "installed", "kernel_sets", "nntile_runtime",
+           "out_of_core", "param", "patchify", "patchify_grad",
            "pause", "predict", "prepare", "problem", "require", "resume", "scheduler", "sincos_pos_embed",
            "timestep_features", "unmovable_bytes",
            "unpatchify", "unpatchify_grad", "wait_for_all"]

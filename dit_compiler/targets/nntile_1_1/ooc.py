@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dit_compiler.build import write_text_atomic
 from dit_compiler.errors import UsageError
 from dit_compiler.graph.ir import Graph
 from dit_compiler.targets.nntile_1_1.memory import BASELINE, MIB, StepMemory, all_bytes, predict, unmovable_bytes
@@ -205,7 +206,7 @@ def settings(graph: Graph, limit: int, folder: Path) -> OutOfCore:
 
 def _compile_pin_library(folder: Path) -> Path:
     source, library = folder / "ditc_pin.c", folder / PIN_LIBRARY
-    source.write_text(PIN_SOURCE)
+    write_text_atomic(source, PIN_SOURCE)
     compiler = os.environ.get("CC", "cc")
     try:
         subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(library), str(source), "-ldl"],

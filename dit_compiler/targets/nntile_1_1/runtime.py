@@ -7,6 +7,7 @@ import importlib.util
 import os
 from collections.abc import Callable, Iterator
 
+from dit_compiler.errors import UsageError
 from dit_compiler.targets.nntile_1_1 import blas
 from dit_compiler.targets.nntile_1_1.ooc import OutOfCore
 
@@ -98,6 +99,7 @@ def nntile_runtime(ncpus: int | None = None, out_of_core: OutOfCore | None = Non
     requested OpenBLAS core. While it runs, NNTile's BLAS and the host's torch run each call on the calling
     thread: StarPU's workers have the cores (`blas.one_thread_per_call`)."""
     global _swapping
+    check_starpu_home()
     if out_of_core is not None:
         out_of_core.apply()
     blas.apply_requested_core()
@@ -128,6 +130,25 @@ def nntile_runtime(ncpus: int | None = None, out_of_core: OutOfCore | None = Non
 
 
 _swapping = False
+
+
+def check_starpu_home() -> None:
+    """Refuse (UsageError) a folder StarPU cannot keep its performance models in: StarPU makes
+    $STARPU_PERF_MODEL_DIR, else $STARPU_HOME/.starpu/sampling, else $HOME/.starpu/sampling, when it starts,
+    and aborts the process (SIGABRT, no message of ours) where it cannot. Made here first, as StarPU would."""
+    if models := os.environ.get("STARPU_PERF_MODEL_DIR"):
+        folder, variable = models, "STARPU_PERF_MODEL_DIR"
+    else:
+        variable = "STARPU_HOME" if os.environ.get("STARPU_HOME") else "HOME"
+        folder = os.path.join(os.environ.get(variable) or os.path.expanduser("~"), ".starpu", "sampling")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as error:
+        raise UsageError(f"${variable}={os.environ.get(variable)}: StarPU keeps its performance models in {folder} "
+                         f"and cannot make or write it ({error.strerror or error}); set {variable} to a writable "
+                         "folder, or unset it") from None
 
 
 def swapping() -> bool:

@@ -25,6 +25,7 @@ import fcntl
 import hashlib
 import importlib.util
 import os
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from dit_compiler.build import cache_root, read_small, write_text_atomic
 from dit_compiler.errors import UsageError
 
 SOURCE = Path(__file__).with_name("kernels.cc")
@@ -105,12 +107,6 @@ def nntile_build() -> NNTileBuild:
     return NNTileBuild(cache, entries["CMAKE_CXX_COMPILER"], includes, link, library)
 
 
-def cache_root() -> Path:
-    if root := os.environ.get("DITC_CACHE_DIR"):
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ditc"
-
-
 def _cpu_flags() -> str:
     """The CPU's feature flags (`-march=native` compiles for them)."""
     with contextlib.suppress(OSError):
@@ -140,32 +136,69 @@ def _key(build: NNTileBuild) -> str:
 
 def built_module(progress=None) -> Path:
     """The compiled extension's path, compiling it first where the cache lacks it (raises `Unavailable`).
-    `progress` (default: a line on stderr) hears about a compile, which takes seconds."""
+    `progress` (default: a line on stderr) hears about a compile, which takes seconds.
+
+    The compile records the module's sha256 beside it (`<module>.sha256`); a cached module is used only
+    when its bytes still have that hash, so a truncated or overwritten one (which would kill the process
+    with SIGBUS, or fail to import) is compiled again instead of loaded."""
     build = nntile_build()
     folder = cache_root() / "nntile-1.1-kernels" / _key(build)
     target = folder / (MODULE + sysconfig.get_config_var("EXT_SUFFIX"))
-    if target.is_file():
+    record = target.with_name(target.name + ".sha256")
+    if _intact(target, record):
         return target
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        lock = open(folder / ".lock", "w")
+        # never through a link; O_NONBLOCK: a FIFO there must not block the open (it is refused below)
+        lock = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
     except OSError as error:
-        raise Unavailable(f"cannot write the kernel cache {folder} ({error}); set DITC_CACHE_DIR") from None
-    with lock:
+        raise Unavailable(f"cannot write the kernel cache {folder} ({error.strerror}); set DITC_CACHE_DIR") from None
+    try:
+        if not stat.S_ISREG(os.fstat(lock).st_mode):
+            raise Unavailable(f"{folder / '.lock'} is not a regular file; remove it, or set DITC_CACHE_DIR")
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be compiling the same module
-        if target.is_file():
+        if _intact(target, record):
             return target
         (progress or (lambda line: print(line, file=sys.stderr, flush=True)))(
             f"ditc: compiling its NNTile CPU kernels into {folder} (once per NNTile build)")
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:   # a private folder: the compiler writes there
             partial = Path(tmp) / target.name
             result = subprocess.run(_command(build, partial), capture_output=True, text=True)
-            (folder / "build.log").write_text(" ".join(_command(build, target)) + "\n" + result.stdout + result.stderr)
+            try:
+                write_text_atomic(folder / "build.log",
+                                  " ".join(_command(build, target)) + "\n" + result.stdout + result.stderr)
+            except UsageError as error:
+                raise Unavailable(str(error)) from None
             if result.returncode != 0:
                 first = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr[-300:])
                 raise Unavailable(f"compiling {SOURCE.name} failed ({first.strip()}); see {folder / 'build.log'}")
+            digest = _sha256(partial)
+            if target.is_symlink() or (target.exists() and not target.is_file()):
+                raise Unavailable(f"{target} is not a regular file; remove it, or set DITC_CACHE_DIR")
             os.replace(partial, target)  # atomic: an interrupted compile leaves nothing behind
+            try:
+                write_text_atomic(record, digest + "\n")   # last: a module without it is compiled again
+            except UsageError as error:
+                raise Unavailable(str(error)) from None
+    except OSError as error:
+        raise Unavailable(f"cannot write the kernel cache {folder} ({error.strerror}); set DITC_CACHE_DIR") from None
+    finally:
+        os.close(lock)
     return target
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def _intact(module: Path, record: Path) -> bool:
+    """Whether `module` is a regular file whose sha256 is the one its compile recorded in `record`."""
+    try:
+        recorded = read_small(record, 100).decode("ascii", errors="replace").strip()
+        return not module.is_symlink() and module.is_file() and recorded == _sha256(module)
+    except (OSError, ValueError):
+        return False
 
 
 #: The extension once loaded, or why it could not be: a failed build is not tried again in this process.
