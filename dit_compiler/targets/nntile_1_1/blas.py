@@ -27,7 +27,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dit_compiler.build import cache_root, write_text_atomic
 from dit_compiler.errors import UsageError
-from dit_compiler.targets.nntile_1_1.native import cache_root
 
 ENV = "DITC_BLAS_CORE"
 #: Tests only (README, "BLAS"): the probe for the core the library picks loads it with
@@ -358,25 +357,17 @@ class _Cache:
         return None, failed
 
     def save(self) -> str | None:
-        """Write the entry where it changed: whole (a temporary file of an unpredictable name, made
-        exclusively, renamed over the entry, so a link there is replaced, never followed) or not at all;
-        None, or why it could not be written."""
+        """Write the entry where it changed, whole or not at all (`build.write_text_atomic`: never through
+        a link); None, or why it could not be written."""
         if not self.changed:
             return None
-        tmp = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=self.path.parent)
-            with os.fdopen(fd, "w") as file:
-                json.dump(self.entry, file)
-            os.replace(tmp, self.path)
-            tmp = None
+            write_text_atomic(self.path, json.dumps(self.entry))
         except OSError as error:
             return f"{self.path.parent}: {error.strerror}"
-        finally:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+        except UsageError as error:   # a link or a special file where the entry goes
+            return str(error)
         self.changed = False
         return None
 
