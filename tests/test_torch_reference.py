@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from dit_compiler.emit.torch_emitter import emit_torch
+from dit_compiler.targets.torch.emitter import emit_torch
 from dit_compiler.lower import lower
 from dit_compiler.run.common import load_module, make_inputs, randomize_, rel_error
 from dit_compiler.run.oracle import OracleReport, check_against_diffusers, oracle_config, to_diffusers_state_dict

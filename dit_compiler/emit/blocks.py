@@ -1,7 +1,8 @@
 """Rendering graph names in generated code, and folding a model's identical DiT blocks into one loop.
 
-Block i's tensors are named with one of the graph's block prefixes (`ModelFacts.block_prefixes`, `{i}`
-in them). Rendered relative to its block, a name becomes an f-string (`f"blocks.{i}.norm1"`); a block
+Block i's tensors (`Tensor.block`) hold i as one dotted part of their names (`blocks.3.norm1`,
+`transformer_blocks.3.attn1.to_q.weight`). Rendered relative to its block, a name becomes an f-string
+(`f"blocks.{i}.norm1"`); a block
 reads one tensor the previous block made (the residual stream), which becomes the variable `x`. When
 every block renders to the same lines, generated code holds them once, in a function of `i`, and a
 loop; otherwise every block is written out. Folding is checked, never assumed: the comparison of the
@@ -23,12 +24,13 @@ def literal(name: str) -> str:
 
 
 def block_template(graph: Graph, name: str, i: int) -> str | None:
-    """`name` with block i's prefix written as `{i}`, if it is block i's."""
-    for prefix in graph.facts.block_prefixes:
-        head = prefix.format(i=i)
-        if name.startswith(head):
-            return prefix + name[len(head):]
-    return None
+    """`name` with its first dotted part equal to i written as `{i}`, if it is a tensor of block i."""
+    tensor = graph.tensors.get(name)
+    parts = name.split(".")
+    if tensor is None or tensor.block != i or str(i) not in parts:
+        return None
+    k = parts.index(str(i))
+    return ".".join(parts[:k] + ["{i}"] + parts[k + 1:])
 
 
 @dataclass(frozen=True)
@@ -42,9 +44,10 @@ class Blocks:
     chain_out: str | None     # template of what block i passes on, `{i}` in it
 
 
-def split_blocks(graph: Graph) -> Blocks:
-    nodes = graph.device_nodes
-    depth = graph.facts.depth
+def split_blocks(graph: Graph, host: bool = False) -> Blocks:
+    """The blocks of the graph's device nodes (with `host`, of all its nodes, host ops included)."""
+    nodes = graph.nodes if host else graph.device_nodes
+    depth = graph.depth
     blocks: list[list[Node]] = [[] for _ in range(depth)]
     for n in nodes:
         if n.block is not None:
