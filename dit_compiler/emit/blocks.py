@@ -24,10 +24,13 @@ def literal(name: str) -> str:
 
 
 def block_template(graph: Graph, name: str, i: int) -> str | None:
-    """`name` with its first dotted part equal to i written as `{i}`, if it is a tensor of block i."""
+    """`name` with its first dotted part equal to i written as `{i}`, if it names a tensor of block i or
+    the state_dict key of one."""
     tensor = graph.tensors.get(name)
+    block = tensor.block if tensor is not None else next(
+        (t.block for t in graph.params if t.source.key == name), None)
     parts = name.split(".")
-    if tensor is None or tensor.block != i or str(i) not in parts:
+    if block != i or str(i) not in parts:
         return None
     k = parts.index(str(i))
     return ".".join(parts[:k] + ["{i}"] + parts[k + 1:])
