@@ -147,8 +147,12 @@ class DiT(nn.Module):
         self.t_embedder = Group(mlp=nn.ModuleList([nn.Linear(256, 384), nn.Identity(), nn.Linear(384, 384)]))
         self.y_embedder = Group(embedding_table=nn.Embedding(1001, 384))
         self.blocks = nn.ModuleList(DiTBlock(i) for i in range(12))
-        self.final_layer = Group(adaLN_modulation=nn.ModuleList([nn.Identity(), nn.Linear(384, 768)]), linear=nn.Linear(384, 32))
-        self.pos_embed = nn.Parameter(torch.from_numpy(sincos_pos_embed(384, 16)).float().unsqueeze(0), requires_grad=False)
+        self.final_layer = Group(
+            adaLN_modulation=nn.ModuleList([nn.Identity(), nn.Linear(384, 768)]),
+            linear=nn.Linear(384, 32),
+        )
+        self.pos_embed = nn.Parameter(
+            torch.from_numpy(sincos_pos_embed(384, 16)).float().unsqueeze(0), requires_grad=False)
 
     def forward(
             self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, trace: dict | None = None

@@ -136,7 +136,8 @@ class BasicTransformerBlock(nn.Module):
         t_hidden = tap(trace, f"blocks.{i}.t_hidden", t_hidden)
         t_act = tap(trace, f"blocks.{i}.t_act", F.silu(t_hidden))  # [N, D]
         t_emb = tap(trace, f"blocks.{i}.t_emb", self.norm1.emb.timestep_embedder.linear_2(t_act))  # [N, D]
-        y_emb = label_embedding(self.norm1.emb.class_embedder.embedding_table, class_labels, 10, 0.1, self.training)  # [N, D]
+        y_emb = label_embedding(
+            self.norm1.emb.class_embedder.embedding_table, class_labels, 10, 0.1, self.training)  # [N, D]
         y_emb = tap(trace, f"blocks.{i}.y_emb", y_emb)
         c = tap(trace, f"blocks.{i}.c", t_emb + y_emb)  # [N, D]
         c_silu = tap(trace, f"blocks.{i}.c_silu", F.silu(c))  # [N, D]
@@ -149,7 +150,8 @@ class BasicTransformerBlock(nn.Module):
         gate_mlp = tap(trace, f"blocks.{i}.gate_mlp", chunks[5])
         norm1 = tap(trace, f"blocks.{i}.norm1", layer_norm(x, eps=1e-06))  # [N, T, D]
         mod_msa = tap(trace, f"blocks.{i}.mod_msa", modulate(norm1, shift_msa, scale_msa))  # [N, T, D]
-        attn = self.attn1.to_out[0](attention(self.attn1.to_q(mod_msa), self.attn1.to_k(mod_msa), self.attn1.to_v(mod_msa), heads=4))  # [N, T, D]
+        attn = self.attn1.to_out[0](attention(
+            self.attn1.to_q(mod_msa), self.attn1.to_k(mod_msa), self.attn1.to_v(mod_msa), heads=4))  # [N, T, D]
         attn = tap(trace, f"blocks.{i}.attn", attn)
         res_msa = tap(trace, f"blocks.{i}.res_msa", gated_residual(x, attn, gate_msa))  # [N, T, D]
         norm2 = tap(trace, f"blocks.{i}.norm2", layer_norm(res_msa, eps=1e-05))  # [N, T, D]
@@ -168,10 +170,15 @@ class DiTTransformer2DModel(nn.Module):
         self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(i) for i in range(2))
         self.proj_out_1 = nn.Linear(64, 128)
         self.proj_out_2 = nn.Linear(64, 32)
-        self.pos_embed.register_buffer("pos_embed", torch.from_numpy(sincos_pos_embed(64, 4)).float().unsqueeze(0), persistent=False)
+        self.pos_embed.register_buffer(
+            "pos_embed", torch.from_numpy(sincos_pos_embed(64, 4)).float().unsqueeze(0), persistent=False)
 
     def forward(
-            self, hidden_states: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor, trace: dict | None = None
+            self,
+            hidden_states: torch.Tensor,
+            timestep: torch.Tensor,
+            class_labels: torch.Tensor,
+            trace: dict | None = None
     ) -> torch.Tensor:
         x_proj = tap(trace, "x_proj", patch_tokens(self.pos_embed.proj, hidden_states))  # [N, T, D]
         x_tokens = tap(trace, "x_tokens", x_proj + self.pos_embed.pos_embed)  # [N, T, D]

@@ -147,8 +147,12 @@ class DiT(nn.Module):
         self.t_embedder = Group(mlp=nn.ModuleList([nn.Linear(256, 64), nn.Identity(), nn.Linear(64, 64)]))
         self.y_embedder = Group(embedding_table=nn.Embedding(11, 64))
         self.blocks = nn.ModuleList(DiTBlock(i) for i in range(2))
-        self.final_layer = Group(adaLN_modulation=nn.ModuleList([nn.Identity(), nn.Linear(64, 128)]), linear=nn.Linear(64, 32))
-        self.pos_embed = nn.Parameter(torch.from_numpy(sincos_pos_embed(64, 4)).float().unsqueeze(0), requires_grad=False)
+        self.final_layer = Group(
+            adaLN_modulation=nn.ModuleList([nn.Identity(), nn.Linear(64, 128)]),
+            linear=nn.Linear(64, 32),
+        )
+        self.pos_embed = nn.Parameter(
+            torch.from_numpy(sincos_pos_embed(64, 4)).float().unsqueeze(0), requires_grad=False)
 
     def forward(
             self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, trace: dict | None = None

@@ -80,6 +80,14 @@ class Layer:
         raise NotImplementedError
 
     # -- shared steps -----------------------------------------------------------------------------
+    def inverse_rms(self, src, dst) -> None:
+        """dst [tokens, batch] = 1 / sqrt(mean(src^2) + eps) over axis 0 (uses the `tokens` scratch)."""
+        nt.copy_async(src, self.tokens)
+        nt.prod_async(src, self.tokens)
+        self.mean_of(1.0, self.tokens, dst)
+        nt.add_scalar_async(self.attrs.eps, 1.0, dst)
+        nt.pow_async(1.0, -0.5, dst)
+
     def mean_of(self, alpha: float, src, dst) -> None:
         """dst [tokens, batch] = alpha * the mean of src over axis 0 (hidden), a GEMM with ones."""
         ones = self.alloc.ones(src.shape[:1], src.basetile_shape[:1])
@@ -229,11 +237,7 @@ class LayerNormNoAffine(Layer):
         x, y = self.x.value, self.y.value
         self.mean_of(1.0, x, self.stat)
         nt.add_slice3_async(-1.0, self.stat, 1.0, x, y, 0)
-        nt.copy_async(y, self.tokens)
-        nt.prod_async(y, self.tokens)
-        self.mean_of(1.0, self.tokens, self.inv_std)  # the variance, then 1 / sqrt(var + eps)
-        nt.add_scalar_async(self.attrs.eps, 1.0, self.inv_std)
-        nt.pow_async(1.0, -0.5, self.inv_std)
+        self.inverse_rms(y, self.inv_std)   # 1 / sqrt(var + eps)
         nt.prod_slice_async(self.inv_std, 1.0, y, 0)
         self.tokens.invalidate_submit()
         self.stat.invalidate_submit()
@@ -271,15 +275,11 @@ class RMSNorm(Layer):
     SCRATCH = {"stat": STATS, "tokens": TOKENS}
 
     def forward_async(self) -> None:
-        x, y, tmp = self.x.value, self.y.value, self.tokens
-        nt.copy_async(x, tmp)
-        nt.prod_async(x, tmp)
-        self.mean_of(1.0, tmp, self.inv_rms)  # the mean square, then 1 / sqrt(it + eps)
-        nt.add_scalar_async(self.attrs.eps, 1.0, self.inv_rms)
-        nt.pow_async(1.0, -0.5, self.inv_rms)
+        x, y = self.x.value, self.y.value
+        self.inverse_rms(x, self.inv_rms)
         nt.prod_fiber3_async(self.weight.value, 1.0, x, y, 0)
         nt.prod_slice_async(self.inv_rms, 1.0, y, 0)
-        tmp.invalidate_submit()
+        self.tokens.invalidate_submit()
 
     def backward_async(self) -> None:
         x, dy, tmp, stat, r = self.x.value, self.y.grad, self.tokens, self.stat, self.inv_rms

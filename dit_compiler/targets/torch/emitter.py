@@ -152,8 +152,27 @@ def body(graph: Graph, scope: Scope, nodes: list[Node]) -> list[str]:
             if len(line) + len(comment) + 8 <= WIDTH:
                 lines.append(line + comment)
             else:   # too long for one line: compute, then record
-                lines += [f"{var} = {expr}{comment}", f"{var} = tap(trace, {scope.tap_name(out)}, {var})"]
+                lines += [fit(f"{var} = {expr}", comment), f"{var} = tap(trace, {scope.tap_name(out)}, {var})"]
     return lines
+
+
+def fit(line: str, comment: str, indent: int = 8) -> str:
+    """`line` + `comment`, or where that is longer than WIDTH, broken after the outermost parenthesis
+    that holds a comma: its arguments go on a continuation line."""
+    if indent + len(line) + len(comment) <= WIDTH:
+        return line + comment
+    opened, commas = [], []     # open brackets; (depth, the bracket around it) of each comma
+    for k, ch in enumerate(line):
+        if ch in "([":
+            opened.append(k)
+        elif ch in ")]":
+            opened.pop()
+        elif ch == "," and opened:
+            commas.append((len(opened), opened[-1]))
+    if not commas:
+        return line + comment
+    at = min(commas)[1]
+    return line[:at + 1] + "\n    " + line[at + 1:] + comment
 
 
 def _tree(entries: list[tuple[str, object]]) -> dict:
@@ -212,9 +231,9 @@ def _consts(node: dict, path: str = "") -> list[str]:
 
 def init_lines(tree: dict, indent: int = 8) -> list[str]:
     """`__init__`'s statements (written at `indent`; continuation lines relative to the statement's)."""
-    lines = [f"self.{name} = {_expr(child, indent)}".replace("\n" + " " * indent, "\n")
+    lines = [f"self.{name} = {_expr(child, indent + len(name) + 8)}".replace("\n" + " " * (indent + len(name) + 8), "\n")
              for name, child in tree.items() if not isinstance(child, _Const)]
-    return lines + _consts(tree)
+    return lines + [fit(line, "", indent) for line in _consts(tree)]
 
 
 def signature(name: str, args: list[str], returns: str, indent: int) -> str:
@@ -222,7 +241,9 @@ def signature(name: str, args: list[str], returns: str, indent: int) -> str:
     line = f"def {name}({', '.join(args)}) -> {returns}:"
     if indent + len(line) <= WIDTH:
         return line
-    return f"def {name}(\n{' ' * (indent + 8)}{', '.join(args)}\n{' ' * indent}) -> {returns}:"
+    pad = " " * (indent + 8)
+    joined = ", ".join(args) if indent + 8 + len(", ".join(args)) <= WIDTH else f",\n{pad}".join(args)
+    return f"def {name}(\n{pad}{joined}\n{' ' * indent}) -> {returns}:"
 
 
 def module_entries(graph: Graph, nodes: list[Node], scope: Scope,
@@ -301,7 +322,7 @@ def block_class(graph: Graph, blocks: Blocks, frame: _BlockFrame, i: int, name: 
             "",
             "    " + signature("forward", ["self", *args, "trace: dict | None = None"], out, 4),
             "        i = self.i",
-            *(" " * 8 + line for line in lines),
+            *(" " * 8 + line for line in "\n".join(lines).split("\n")),
             f"        return {', '.join(returned)}"]
     return "\n".join(text)
 
