@@ -18,9 +18,9 @@ from dit_compiler.tiling import axis_sizes, out_channels, resolve_tiles
 TOKENS = ("hidden", "tokens", "batch")
 VECTOR = ("hidden", "batch")
 
-#: Verify-table rows, in the order a reader meets them in the model.
-COMPONENTS = ("embeddings", "adaLN modulation", "layer norm", "modulate", "attention", "gated residual",
-              "pointwise MLP", "final layer")
+#: `ditc verify`'s rows made of several components (a node's `component` names its own row): the
+#: adaLN-Zero machinery of every block.
+GROUPS = {"adaLN-Zero": ("adaLN modulation", "layer norm", "modulate", "gated residual")}
 MAX_PERIOD = 10000
 
 
