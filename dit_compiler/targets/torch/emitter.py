@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from dit_compiler.emit.blocks import Blocks, split_blocks
+from dit_compiler.emit.blocks import Blocks, block_template, split_blocks
 from dit_compiler.emit.env import header, render
 from dit_compiler.graph.ir import Graph, Node, Tensor
 from dit_compiler.graph.ops import OPS
@@ -105,11 +105,7 @@ class Scope:
         return key[len(self.root) + 1:]
 
     def tap_name(self, tensor: str) -> str:
-        if self.index is None:
-            return f'"{tensor}"'
-        parts = tensor.split(".")
-        k = parts.index(str(self.index))
-        return 'f"' + ".".join(parts[:k] + ["{i}"] + parts[k + 1:]) + '"'
+        return f'"{tensor}"' if self.index is None else f'f"{block_template(self.graph, tensor, self.index)}"'
 
 
 def _row_split(graph: Graph, nodes: list[Node], k: int) -> list[Node]:
@@ -274,14 +270,6 @@ def _sizes(graph: Graph) -> dict[str, int]:
     return {"hidden": graph.axes["hidden"].size, "grid": math.isqrt(graph.axes["tokens"].size)}
 
 
-@dataclass(frozen=True)
-class _BlockFrame:
-    """What every block shares: where the block list lives, what a block reads and hands back."""
-
-    attr: str                   # the block list's attribute (`blocks`)
-    exports: list[str]          # templates (`{i}`) of block tensors read after the blocks, besides the chain
-
-
 def _block_root(graph: Graph, i: int) -> str:
     keys = {t.source.key for t in graph.tensors.values() if t.block == i and t.role == "param"}
     roots = {".".join(k.split(".")[:k.split(".").index(str(i)) + 1]) for k in keys if str(i) in k.split(".")}
@@ -299,8 +287,9 @@ def _reads(graph: Graph, nodes: list[Node]) -> list[str]:
                               if i not in made and graph.tensors[i].role in ("activation", "input")))
 
 
-def block_class(graph: Graph, blocks: Blocks, frame: _BlockFrame, i: int, name: str, inputs: dict[str, str]) -> str:
-    """The class of block i (named `name`), `i` kept symbolic: identical blocks give identical text."""
+def block_class(graph: Graph, blocks: Blocks, exports: list[str], i: int, name: str, inputs: dict[str, str]) -> str:
+    """The class of block i (named `name`), `i` kept symbolic: identical blocks give identical text. It
+    returns what the next block reads and the `exports` (templates of tensors read after the blocks)."""
     nodes = blocks.blocks[i]
     scope = Scope(graph, _block_root(graph, i), i)
     chained = blocks.chain_in if i == 0 else blocks.chain_out.format(i=i - 1)
@@ -309,7 +298,7 @@ def block_class(graph: Graph, blocks: Blocks, frame: _BlockFrame, i: int, name: 
     args = [f"{a}: torch.Tensor" for a in args]
     lines = body(graph, scope, nodes)
     returned = [scope.names[blocks.chain_out.format(i=i)]]
-    returned += [scope.names[e.replace("{i}", str(i))] for e in frame.exports]
+    returned += [scope.names[e.format(i=i)] for e in exports]
     init = init_lines(_tree(module_entries(graph, nodes, scope)))
     out = "torch.Tensor" if len(returned) == 1 else f"tuple[{', '.join(['torch.Tensor'] * len(returned))}]"
     text = [f"class {name}(nn.Module):",
@@ -343,17 +332,11 @@ def torch_context(graph: Graph) -> dict:
     after_reads = [r for r in _reads(graph, blocks.after) if r in made_in_blocks]
     last = blocks.chain_out.format(i=len(blocks.blocks) - 1)
     exports = [r for r in after_reads if r != last]
-    templates = []
-    for e in exports:
-        j = graph.tensors[e].block
-        parts = e.split(".")
-        k = parts.index(str(j))
-        templates.append(".".join(parts[:k] + ["{i}"] + parts[k + 1:]))
-    frame = _BlockFrame(attr, templates)
+    templates = [block_template(graph, e, graph.tensors[e].block) for e in exports]
     kinds: dict[str, str] = {}     # class text with its name left out -> class name
     order: list[str] = []
     for i in range(len(blocks.blocks)):
-        text = block_class(graph, blocks, frame, i, "{name}", inputs)
+        text = block_class(graph, blocks, templates, i, "{name}", inputs)
         if text not in kinds:
             kinds[text] = flavor.block_class + (str(len(kinds) + 1) if kinds else "")
         order.append(kinds[text])
@@ -361,8 +344,7 @@ def torch_context(graph: Graph) -> dict:
     # the loop over the blocks: each reads the chain and what block 0 reads from outside
     h = scope.bind(last, "h")
     others = [scope.value(r) for r in _reads(graph, blocks.blocks[0]) if r != blocks.chain_in]
-    results = [h] + [scope.bind(f"export {t}", Scope(graph, index=0).relative(t.replace("{i}", "0")))
-                     for t in templates]
+    results = [h] + [scope.bind(f"export {t}", Scope(graph, index=0).relative(t.format(i=0))) for t in templates]
     loop = [f"{h} = {scope.value(blocks.chain_in)}"]
     call = f"{', '.join(results)} = block({', '.join([h] + others + ['trace'])})"
     if exports:
