@@ -147,7 +147,7 @@ def test_a_corrupted_op_is_caught_and_named(tmp_path, capsys):
 def test_a_renamed_trace_name_fails_naming_the_tensor(tmp_path):
     """A torch tap under another name leaves a graph activation uncompared: that is a failure, not a '-'."""
     graph, folder = build(tmp_path)
-    broken = _broken_copy(tmp_path, folder, TORCH_FILE, r'p \+ "norm2"', 'p + "norm_2"')
+    broken = _broken_copy(tmp_path, folder, TORCH_FILE, r'f"blocks\.\{i\}\.norm2"', 'f"blocks.{i}.norm_2"')
     report = quiet_verify(graph, broken)
     assert report.breach == "the value of blocks.0.norm2 is missing on the torch side"
 
@@ -163,8 +163,8 @@ def test_a_nan_fails(tmp_path):
 def test_a_dropped_parameter_fails_naming_it(tmp_path):
     """A parameter whose gradient one side does not produce is a failure naming it."""
     graph, folder = build(tmp_path)
-    broken = _broken_copy(tmp_path, folder, TORCH_FILE, r"(        self\.final_layer = FinalLayer\(\)\n)",
-                          r"\1        self.final_layer.linear.bias.requires_grad_(False)\n")
+    broken = _broken_copy(tmp_path, folder, TORCH_FILE, r"(        self\.pos_embed = nn\.Parameter\()",
+                          r"        self.final_layer.linear.bias.requires_grad_(False)\n\1")
     report = quiet_verify(graph, broken)
     assert report.breach == "the gradient of parameter final_layer.linear.bias is missing on the torch side"
 

@@ -73,6 +73,8 @@ def _chain(graph: Graph, blocks: list[list[Node]]) -> tuple[str | None, str | No
     """The one input position where the blocks read different tensors: block 0 a tensor from before the
     blocks, block i >= 1 the same tensor of block i - 1. (None, None) where every block reads the same."""
     inputs = [_external_inputs(graph, b) for b in blocks]
+    if len(blocks) == 1:
+        return _single_chain(graph, blocks[0], inputs[0])
     if len({len(e) for e in inputs}) > 1:
         return None, None
     differing = [k for k in range(len(inputs[0])) if len({e[k] for e in inputs}) > 1]
@@ -83,6 +85,18 @@ def _chain(graph: Graph, blocks: list[list[Node]]) -> tuple[str | None, str | No
     if len(templates) != 1 or None in templates or graph.tensors[inputs[0][k]].block is not None:
         return None, None
     return inputs[0][k], templates.pop()
+
+
+def _single_chain(graph: Graph, block: list[Node], inputs: list[str]) -> tuple[str | None, str | None]:
+    """One block: the chain is the one input from before the block with the dims of the one block output
+    read after it that has them (the residual stream), if exactly one such pair exists."""
+    made = {o for n in block for o in n.output_names}
+    after = {i for n in graph.nodes if n.block is None for i in n.input_names} & made
+    pairs = [(i, o) for i in inputs for o in after
+             if graph.tensors[i].block is None and graph.tensors[i].dims == graph.tensors[o].dims]
+    if len(pairs) != 1:
+        return None, None
+    return pairs[0][0], block_template(graph, pairs[0][1], 0)
 
 
 def block_renderer(graph: Graph, blocks: Blocks, i: int) -> Render:
