@@ -29,7 +29,7 @@ from dit_compiler import __version__
 from dit_compiler import targets
 from dit_compiler.errors import UsageError
 from dit_compiler.emit.env import spec_digest
-from dit_compiler.emit.torch_emitter import emit_torch
+from dit_compiler.targets.torch.emitter import emit_torch
 from dit_compiler.graph.ir import Graph
 from dit_compiler.lower import lower
 from dit_compiler.spec.model import Spec

@@ -51,7 +51,7 @@ class ImageShape:
     @classmethod
     def of_graph(cls, graph) -> "ImageShape":
         """Read from the operation graph (never re-derived from the spec)."""
-        return cls(graph.axes["in_channels"].size, graph.axes["height"].size, graph.facts.num_classes)
+        return cls(graph.axes["in_channels"].size, graph.axes["height"].size, graph.spec.model.num_classes)
 
 
 #: The built-in digits: grey 8x8 images of 10 classes.

@@ -30,7 +30,7 @@ def _shape(values: tuple[int, ...]) -> str:
 
 
 def inspect_table(graph: Graph, ops: bool = True, memory_limit: int | None = None) -> str:
-    lines = [f"spec {graph.spec.name}: {graph.facts.flavor} flavor, batch {graph.axes['batch'].size}, "
+    lines = [f"spec {graph.spec.name}: {graph.spec.model.flavor} flavor, batch {graph.axes['batch'].size}, "
              f"{len(graph.nodes)} ops, {len(graph.tensors)} tensors", "",
              f"{'axis':<12} {'size':>6} {'tile':>6} {'tiles':>6}"]
     lines += [f"{a.name:<12} {a.size:>6} {a.tile:>6} {a.ntiles:>6}" for a in graph.axes.values()]
@@ -95,7 +95,7 @@ def dot(graph: Graph) -> str:
     shown = [n for n in graph.nodes if n.block in (None, 0)]
     producer = {o: n.name for n in shown for o in n.output_names}
     lines = ["digraph ditc {", '  rankdir=TB; node [shape=box, fontname="Helvetica", fontsize=10];',
-             f'  label="{graph.spec.name}: blocks.0 stands for {graph.facts.depth} blocks"; labelloc=t;',
+             f'  label="{graph.spec.name}: blocks.0 stands for {graph.depth} blocks"; labelloc=t;',
              '  subgraph cluster_block { label="DiT block (x depth)"; style=dashed;']
     lines += [f'    "{n.name}";' for n in shown if n.block == 0]
     lines.append("  }")

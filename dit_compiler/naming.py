@@ -1,5 +1,8 @@
 """DiT's names, in one place.
 
+- `Flavor`: a flavor is a naming map, nothing else: its state_dict keys, the positional table's place,
+  the reference's class names and its forward's argument names. Both flavors lower to the same ops.
+
 - `StateKeys`: where each weight lives in a flavor's `state_dict` (facebookresearch/DiT's `models.py`,
   diffusers' `DiTTransformer2DModel`). Lowering gives every graph parameter its source key from here,
   and the diffusers oracle maps DiT's keys onto diffusers' with the two layouts side by side.
@@ -51,6 +54,33 @@ DIFFUSERS = StateKeys(
     fc1="{b}.ff.net.0.proj", fc2="{b}.ff.net.2", final_adaln="proj_out_1", final_linear="proj_out_2",
 )
 KEYS: dict[str, StateKeys] = {"dit": DIT, "diffusers": DIFFUSERS}
+
+
+@dataclass(frozen=True)
+class Flavor:
+    """What a flavor names besides its parameters' keys (`StateKeys`)."""
+
+    keys: StateKeys
+    pos_table: str          # the fixed positional table's attribute path in the torch module
+    pos_table_saved: bool   # in state_dict (DiT: a frozen Parameter) or not (diffusers: a non-persistent buffer)
+    model_class: str
+    block_class: str
+    inputs: tuple[str, str, str]   # forward's arguments: latent, timesteps, labels
+    about: str                     # what the reference's docstring says of the flavor
+
+
+FLAVORS: dict[str, Flavor] = {
+    "dit": Flavor(DIT, "pos_embed", True, "DiT", "DiTBlock", ("x", "t", "y"),
+                  "facebookresearch/DiT semantics (`models.py`): its state_dict keys, so a DiT checkpoint "
+                  "loads as is. SiLU(c) is computed once and read by every adaLN projection (DiT applies "
+                  "the same SiLU inside each block; the result is identical)."),
+    "diffusers": Flavor(DIFFUSERS, "pos_embed.pos_embed", False, "DiTTransformer2DModel", "BasicTransformerBlock",
+                        ("hidden_states", "timestep", "class_labels"),
+                        "diffusers `DiTTransformer2DModel` semantics as shipped: its state_dict keys, so its "
+                        "checkpoints load as is. Every block owns its timestep and label embedders; diffusers "
+                        "re-runs block 0's for the output head, this module reuses block 0's result (the same "
+                        "values and gradients)."),
+}
 
 #: The adaLN projection's row blocks, in DiT's `chunk(6)` order, and the final layer's `chunk(2)`.
 ADALN_CHUNKS = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")

@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from dit_compiler.emit.torch_emitter import emit_torch
-from dit_compiler.lower import lower
+from dit_compiler.targets.torch.emitter import emit_torch
+from dit_compiler.lower import Lowering, lower
 from dit_compiler.run.common import load_module, make_inputs, randomize_, rel_error
 from dit_compiler.run.oracle import OracleReport, check_against_diffusers, oracle_config, to_diffusers_state_dict
 from dit_compiler.spec.model import PRESETS, ModelSpec, Spec
@@ -235,3 +235,55 @@ def test_oracle_config_follows_the_flavor():
     assert dit == hf | {"norm_eps": 1e-6}
     assert hf == {"num_attention_heads": 3, "attention_head_dim": 16, "in_channels": 4, "out_channels": 8,
                   "num_layers": 2, "sample_size": 8, "patch_size": 2, "num_embeds_ada_norm": 10, "norm_eps": 1e-5}
+
+
+# -- every op kind's torch code; RMSNorm, an op no shipped spec uses yet ----------------------------
+
+def test_every_op_kind_has_torch_code_and_its_functions():
+    from dit_compiler.graph.ops import OPS
+    from dit_compiler.targets.torch.emitter import functions
+    from dit_compiler.targets.torch.ops import TORCH_OPS
+
+    assert {kind.torch for kind in OPS.values()} == set(TORCH_OPS)
+    assert {u for op in TORCH_OPS.values() for u in op.uses} <= set(functions())
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-2])
+def test_rms_norm_is_torchs(eps):
+    from dit_compiler.targets.torch.functions import rms_norm
+
+    x = torch.randn(3, 5, 24, dtype=torch.float64) * 3
+    norm = torch.nn.RMSNorm(24, eps=eps, dtype=torch.float64)
+    torch.nn.init.normal_(norm.weight)
+    with torch.no_grad():
+        assert rel_error(rms_norm(x, norm.weight, eps), norm(x)) <= 1e-12
+
+
+class RMSNormAfterBlocks(Lowering):
+    """DiT with an RMSNorm (its own weight) after every block's output."""
+
+    def block(self, i: int, key_prefix: str, x: str, c_silu: str) -> str:
+        out = super().block(i, key_prefix, x, c_silu)
+        return self.norm("rms_norm", out, f"blocks.{i}.rms", 1e-5, "rms norm", f"blocks.{i}",
+                         weight_key=f"{key_prefix}.norm_out")
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_a_lowered_rms_norm_computes_torchs(tmp_path, flavor):
+    """Lowering places the op, the reference holds its weight at the flavor's key and computes nn.RMSNorm."""
+    graph = lower(make_spec(flavor=flavor), RMSNormAfterBlocks)
+    prefix = "blocks" if flavor == "dit" else "transformer_blocks"
+    assert [n.name for n in graph.nodes if n.op == "rms_norm"] == ["blocks.0.rms", "blocks.1.rms"]
+    path = tmp_path / f"rms_{flavor}.py"
+    path.write_text(emit_torch(graph))
+    model = load_module(path).Model().eval()
+    randomize_(model, 0)
+    assert f"{prefix}.1.norm_out.weight" in model.state_dict()
+    inputs, trace = make_inputs(graph, seed=0), {}
+    with torch.no_grad():
+        model(inputs.x, inputs.t, inputs.y, trace)
+    for i in range(2):
+        norm = torch.nn.RMSNorm(48, eps=1e-5)
+        norm.load_state_dict({"weight": model.state_dict()[f"{prefix}.{i}.norm_out.weight"]})
+        with torch.no_grad():
+            assert rel_error(trace[f"blocks.{i}.rms"], norm(trace[f"blocks.{i}.out"])) <= TOL

@@ -33,7 +33,7 @@ def _reference(tmp_path: Path, spec):
 def test_initialisation_is_dits(tmp_path, flavor):
     spec = load_spec(ROOT / "specs" / ("tiny.yaml" if flavor == "dit" else "tiny-diffusers.yaml"))
     _, graph, model = _reference(tmp_path, spec)
-    initialize_dit_weights(model, flavor, graph.facts.depth, seed=0)
+    initialize_dit_weights(model, flavor, graph.depth, seed=0)
     state = model.state_dict()
     zero = [k for k in state if any(p in k for p in ("adaLN_modulation.1", "norm1.linear", "final_layer.linear",
                                                       "proj_out"))]
@@ -50,7 +50,7 @@ def test_initialisation_is_dits(tmp_path, flavor):
     out = model(x, torch.tensor([1.0, 500.0, 999.0]), torch.tensor([0, 3, 10]))
     assert not out.any()                                  # adaLN-Zero: a fresh DiT outputs exactly zero
     again = load_module(tmp_path / "build" / spec.name / TORCH_FILE).Model()
-    initialize_dit_weights(again, flavor, graph.facts.depth, seed=0)
+    initialize_dit_weights(again, flavor, graph.depth, seed=0)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in state.items())
 
 

@@ -1,7 +1,8 @@
 """Rendering graph names in generated code, and folding a model's identical DiT blocks into one loop.
 
-Block i's tensors are named with one of the graph's block prefixes (`ModelFacts.block_prefixes`, `{i}`
-in them). Rendered relative to its block, a name becomes an f-string (`f"blocks.{i}.norm1"`); a block
+Block i's tensors (`Tensor.block`) hold i as one dotted part of their names (`blocks.3.norm1`,
+`transformer_blocks.3.attn1.to_q.weight`). Rendered relative to its block, a name becomes an f-string
+(`f"blocks.{i}.norm1"`); a block
 reads one tensor the previous block made (the residual stream), which becomes the variable `x`. When
 every block renders to the same lines, generated code holds them once, in a function of `i`, and a
 loop; otherwise every block is written out. Folding is checked, never assumed: the comparison of the
@@ -23,12 +24,16 @@ def literal(name: str) -> str:
 
 
 def block_template(graph: Graph, name: str, i: int) -> str | None:
-    """`name` with block i's prefix written as `{i}`, if it is block i's."""
-    for prefix in graph.facts.block_prefixes:
-        head = prefix.format(i=i)
-        if name.startswith(head):
-            return prefix + name[len(head):]
-    return None
+    """`name` with its first dotted part equal to i written as `{i}`, if it names a tensor of block i or
+    the state_dict key of one."""
+    tensor = graph.tensors.get(name)
+    block = tensor.block if tensor is not None else next(
+        (t.block for t in graph.params if t.source.key == name), None)
+    parts = name.split(".")
+    if block != i or str(i) not in parts:
+        return None
+    k = parts.index(str(i))
+    return ".".join(parts[:k] + ["{i}"] + parts[k + 1:])
 
 
 @dataclass(frozen=True)
@@ -42,9 +47,10 @@ class Blocks:
     chain_out: str | None     # template of what block i passes on, `{i}` in it
 
 
-def split_blocks(graph: Graph) -> Blocks:
-    nodes = graph.device_nodes
-    depth = graph.facts.depth
+def split_blocks(graph: Graph, host: bool = False) -> Blocks:
+    """The blocks of the graph's device nodes (with `host`, of all its nodes, host ops included)."""
+    nodes = graph.nodes if host else graph.device_nodes
+    depth = graph.depth
     blocks: list[list[Node]] = [[] for _ in range(depth)]
     for n in nodes:
         if n.block is not None:
@@ -67,6 +73,8 @@ def _chain(graph: Graph, blocks: list[list[Node]]) -> tuple[str | None, str | No
     """The one input position where the blocks read different tensors: block 0 a tensor from before the
     blocks, block i >= 1 the same tensor of block i - 1. (None, None) where every block reads the same."""
     inputs = [_external_inputs(graph, b) for b in blocks]
+    if len(blocks) == 1:
+        return _single_chain(graph, blocks[0], inputs[0])
     if len({len(e) for e in inputs}) > 1:
         return None, None
     differing = [k for k in range(len(inputs[0])) if len({e[k] for e in inputs}) > 1]
@@ -77,6 +85,18 @@ def _chain(graph: Graph, blocks: list[list[Node]]) -> tuple[str | None, str | No
     if len(templates) != 1 or None in templates or graph.tensors[inputs[0][k]].block is not None:
         return None, None
     return inputs[0][k], templates.pop()
+
+
+def _single_chain(graph: Graph, block: list[Node], inputs: list[str]) -> tuple[str | None, str | None]:
+    """One block: the chain is the one input from before the block with the dims of the one block output
+    read after it that has them (the residual stream), if exactly one such pair exists."""
+    made = {o for n in block for o in n.output_names}
+    after = {i for n in graph.nodes if n.block is None for i in n.input_names} & made
+    pairs = [(i, o) for i in inputs for o in after
+             if graph.tensors[i].block is None and graph.tensors[i].dims == graph.tensors[o].dims]
+    if len(pairs) != 1:
+        return None, None
+    return pairs[0][0], block_template(graph, pairs[0][1], 0)
 
 
 def block_renderer(graph: Graph, blocks: Blocks, i: int) -> Render:

@@ -40,13 +40,16 @@ class ParamSource:
 
     `rows` slices the torch tensor's first axis (adaLN chunks, fused qkv). `layout` says how the rows
     become the graph tensor: `same` (shape unchanged), `transpose` (2-D transpose), `heads_in`
-    ([H*hd, ...] -> [H, hd, ...]), `heads_out` ([D, H*hd] -> [D, H, hd]), `conv` ([d, C, p, p] -> [d, C*p*p]).
+    ([H*hd, ...] -> [H, hd, ...]), `heads_out` ([D, H*hd] -> [D, H, hd]), `conv` ([d, C, p, p] -> [d, C*p*p]),
+    `table` ([1, T, D] -> [D, T], a constant table). `saved`: whether state_dict holds it (a constant
+    may be a non-persistent buffer).
     """
 
     key: str
     torch_shape: tuple[int, ...]   # the whole torch tensor's
     rows: tuple[int, int] | None = None
     layout: str = "same"
+    saved: bool = True
 
 
 @dataclass(frozen=True)
@@ -103,28 +106,10 @@ class Node:
         return OPS[self.op].host
 
 
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the emitters need besides shapes: derived once in lowering, never again."""
-
-    flavor: str
-    depth: int
-    patch_size: int
-    num_classes: int
-    class_dropout_prob: float
-    frequency_shift: int         # 0 as DiT, 1 as diffusers' Timesteps(downscale_freq_shift=1)
-    max_period: int
-    attn_norm_eps: float
-    mlp_norm_eps: float
-    final_norm_eps: float
-    block_prefixes: tuple[str, ...]  # name prefixes of block i's tensors, "{i}" in them
-
-
 @dataclass
 class Graph:
     spec: Spec
     axes: dict[str, Axis]
-    facts: ModelFacts
     tensors: dict[str, Tensor] = field(default_factory=dict)
     nodes: list[Node] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)
@@ -148,6 +133,15 @@ class Graph:
     @property
     def params(self) -> list[Tensor]:
         return [t for t in self.tensors.values() if t.role == "param"]
+
+    @property
+    def depth(self) -> int:
+        """The number of blocks (the nodes' block indices)."""
+        return 1 + max((n.block for n in self.nodes if n.block is not None), default=-1)
+
+    def first(self, op: str) -> Node:
+        """The first node of op kind `op` (where a model fact lives in its attributes: the patch size)."""
+        return next(n for n in self.nodes if n.op == op)
 
     @property
     def device_nodes(self) -> list[Node]:
@@ -194,7 +188,6 @@ class Graph:
         return {
             "spec": self.spec.compiled_dict(),
             "axes": {a.name: {"size": a.size, "tile": a.tile, "tiles": a.ntiles} for a in self.axes.values()},
-            "facts": asdict(self.facts),
             "inputs": self.inputs,
             "outputs": self.outputs,
             "tensors": [_tensor_dict(t) for t in self.tensors.values()],
@@ -206,8 +199,10 @@ class Graph:
 
 
 def _tensor_dict(t: Tensor) -> dict:
-    return {key: value for key, value in asdict(t).items()
-            if not (key in ("source", "block") and value is None)}
+    d = {key: value for key, value in asdict(t).items() if not (key in ("source", "block") and value is None)}
+    if t.source is not None and t.source.saved:
+        del d["source"]["saved"]
+    return d
 
 
 def _node_dict(n: Node) -> dict:

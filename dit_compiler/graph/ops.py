@@ -1,9 +1,11 @@
 """Every op kind, defined once: its named ports, typed attributes, tiling rule, cost, and where its
 implementations live (the NNTile target's layer class, the torch reference's code).
 
-Adding an op is one `OpKind` here, one layer class in each target's `layers.py` (named by `layer`), and
-its torch code; lowering then uses it. `Graph.lint` rejects a node whose kind is unknown, whose ports or
-attributes differ from its kind's, or that breaks its kind's rule.
+Adding an op is one `OpKind` here, one layer class in the NNTile target's `layers.py` (registered under
+the name `layer` gives), its torch code in `dit_compiler/targets/torch/ops.py` (registered under the name
+`torch` gives), its use in lowering, and its tests. `Graph.lint` rejects a node whose kind is unknown,
+whose ports or attributes differ from its kind's, or that breaks its kind's rule; the targets' tests
+check that every kind has its layer and its torch code.
 """
 from __future__ import annotations
 
@@ -27,6 +29,16 @@ class Activation:
 @dataclass(frozen=True)
 class Norm:
     eps: float
+
+
+@dataclass(frozen=True)
+class LabelDrop:
+    """Classifier-free guidance's label dropout: in training a label drops to row `null_class` with
+    probability `prob`. Training drops labels itself (for every backend); the torch reference also does
+    in train mode, as DiT's LabelEmbedder does."""
+
+    null_class: int
+    prob: float
 
 
 @dataclass(frozen=True)
@@ -61,7 +73,7 @@ class OpKind:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     rule: Rule
-    torch: str                                   # where the torch reference computes it
+    torch: str                                   # its torch code: a key of `targets.torch.ops.TORCH_OPS`
     layer: str | None = None                     # the target layer class; None for host ops
     attrs: type = type(None)
     macs: Callable[[Graph, Node], int] = _no_macs
@@ -78,34 +90,37 @@ _ATTENTION_INPUTS = ("x", "w_q", "w_k", "w_v", "b_q", "b_k", "b_v", "w_o", "b_o"
 
 OPS: dict[str, OpKind] = {kind.name: kind for kind in (
     OpKind("patchify", "host: image [N, C, H, W] -> patch vectors [patch_dim, tokens, batch], (c, p, q) order",
-           ("x",), ("y",), rules.host, "PatchEmbed's Conv2d (as one GEMM with linear)", attrs=Patch,
+           ("x",), ("y",), rules.host, "patchify", attrs=Patch,
            traced=False),
     OpKind("timestep_sinusoid", "host: timesteps [batch] -> [cos, sin] features [frequency, batch]",
-           ("t",), ("y",), rules.host, "timestep_embedding()", attrs=Sinusoid),
+           ("t",), ("y",), rules.host, "timestep_sinusoid", attrs=Sinusoid),
     OpKind("unpatchify", "host: patch outputs [out_dim, tokens, batch] -> image [N, C_out, H, W]",
-           ("x",), ("y",), rules.host, "unpatchify()", attrs=Patch),
+           ("x",), ("y",), rules.host, "unpatchify", attrs=Patch),
     OpKind("linear", "y = W x + b over the first axis; W keeps torch's [out, in] shape",
-           ("x", "w", "b"), ("y",), rules.gemm("x", "w", "y", "b"), "nn.Linear", "Linear", macs=_linear_macs),
+           ("x", "w", "b"), ("y",), rules.gemm("x", "w", "y", "b"), "linear", "Linear", macs=_linear_macs),
     OpKind("add_const_slice", "y = x + table, the constant table broadcast over the batch",
            ("x", "table"), ("y",), rules.all_of(rules.same("x", "y"), rules.slice_of("table", "x", "batch")),
-           "x + pos_embed", "AddConstSlice"),
+           "add_const_slice", "AddConstSlice"),
     OpKind("embedding", "y[:, n] = table[:, labels[n]]",
-           ("labels", "table"), ("y",), rules.embedding("labels", "table", "y"), "nn.Embedding", "Embedding"),
+           ("labels", "table"), ("y",), rules.embedding("labels", "table", "y"), "embedding", "Embedding", attrs=LabelDrop),
     OpKind("act", "element-wise activation (silu or gelutanh)",
-           ("x",), ("y",), rules.same("x", "y"), "F.silu / nn.GELU(approximate='tanh')", "Act", attrs=Activation),
-    OpKind("add", "y = a + b", ("a", "b"), ("y",), rules.same("a", "b", "y"), "t_emb + y_emb", "Add"),
+           ("x",), ("y",), rules.same("x", "y"), "act", "Act", attrs=Activation),
+    OpKind("add", "y = a + b", ("a", "b"), ("y",), rules.same("a", "b", "y"), "add", "Add"),
     OpKind("layer_norm", "normalise over the hidden axis, no affine parameters",
-           ("x",), ("y",), rules.same("x", "y"), "nn.LayerNorm(elementwise_affine=False)", "LayerNormNoAffine",
+           ("x",), ("y",), rules.same("x", "y"), "layer_norm", "LayerNormNoAffine",
            attrs=Norm),
+    OpKind("rms_norm", "y = x / sqrt(mean(x^2) + eps) * weight over the hidden axis (RMSNorm)",
+           ("x", "weight"), ("y",), rules.all_of(rules.same("x", "y"), rules.fiber_of("weight", "x", "hidden")),
+           "rms_norm", "RMSNorm", attrs=Norm),
     OpKind("modulate", "y = x * (1 + scale) + shift, shift and scale broadcast over tokens",
            ("x", "shift", "scale"), ("y",),
            rules.all_of(rules.same("x", "y"), rules.slice_of("shift", "x", "tokens"),
-                        rules.slice_of("scale", "x", "tokens")), "modulate()", "Modulate"),
+                        rules.slice_of("scale", "x", "tokens")), "modulate", "Modulate"),
     OpKind("gated_residual", "y = x + gate * h, gate broadcast over tokens",
            ("x", "h", "gate"), ("y",), rules.all_of(rules.same("x", "h", "y"), rules.slice_of("gate", "x", "tokens")),
-           "gated_residual()", "GatedResidual"),
+           "gated_residual", "GatedResidual"),
     OpKind("attention", "multi-head self-attention with q, k, v and output projections",
            _ATTENTION_INPUTS, ("y",),
            rules.all_of(rules.same("x", "y"), *(rules.heads(w, "x") for w in ("w_q", "w_k", "w_v"))),
-           "attention() with the flavor's projections", "Attention", macs=_attention_macs),
+           "attention", "Attention", macs=_attention_macs),
 )}

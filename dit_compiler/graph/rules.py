@@ -2,6 +2,7 @@
 
 - element-wise ops: identical shapes and tiles;
 - slice (broadcast) ops: the small tensor's tiles equal the big one's with the broadcast axis removed;
+- fiber ops: the small tensor is one axis of the big one, with its tiles;
 - gemm (linear): matching tiles on the contracted axis and on the batch axes;
 - attention: the head dimension is whole and the head tile divides the head count.
 """
@@ -48,6 +49,16 @@ def slice_of(small_port: str, big_port: str, axis_dim: str) -> Rule:
         shape, tile = big.shape[:axis] + big.shape[axis + 1:], big.tile[:axis] + big.tile[axis + 1:]
         if (small.shape, small.tile) != (shape, tile):
             raise _fail(node, f"{_show(small)} is not a slice of {_show(big)} along its {axis_dim} axis")
+    return rule
+
+
+def fiber_of(small_port: str, big_port: str, axis_dim: str) -> Rule:
+    """The small tensor is the big one's `axis_dim` axis alone, tiles included (a per-feature weight)."""
+    def rule(graph: Graph, node: Node) -> None:
+        small, big = _tensor(graph, node, small_port), _tensor(graph, node, big_port)
+        axis = big.dims.index(axis_dim)
+        if (small.shape, small.tile) != ((big.shape[axis],), (big.tile[axis],)):
+            raise _fail(node, f"{_show(small)} is not the {axis_dim} fiber of {_show(big)}")
     return rule
 
 

@@ -374,10 +374,11 @@ def _side(side: str, build_dir: Path, ncpus: int, out_of_core: dict | None = Non
     torch.set_num_threads(ncpus)
 
     if side == "torch":
-        model = load_module(build_dir / "torch_reference.py").Model().train()
+        reference = load_module(build_dir / "torch_reference.py")
+        model = reference.Model().train()
         randomize_(model, 0)
         if checkpoint:
-            _checkpoint_blocks(model, graph_data["facts"])
+            _checkpoint_blocks(model.get_submodule(reference.BLOCKS))
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
         xt, tt, yt, target_t = map(torch.from_numpy, (x, t, y, target))
 
@@ -435,15 +436,12 @@ def _side(side: str, build_dir: Path, ncpus: int, out_of_core: dict | None = Non
             model.unregister()
 
 
-def _checkpoint_blocks(model, facts: dict) -> None:
-    """Activation checkpointing of every DiT block: backward runs a block's forward again instead of
-    keeping its activations (the torch variant of `tests/benchmarks/scale.py`)."""
+def _checkpoint_blocks(blocks) -> None:
+    """Activation checkpointing of every block of the reference's block list: backward runs a block's
+    forward again instead of keeping its activations (the torch variant of `tests/benchmarks/scale.py`)."""
     from torch.utils.checkpoint import checkpoint
 
-    names = dict(model.named_modules())
-    prefix = next(p for p in facts["block_prefixes"] if p.format(i=0).rstrip(".") in names)
-    for i in range(facts["depth"]):
-        block = names[prefix.format(i=i).rstrip(".")]
+    for block in blocks:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 

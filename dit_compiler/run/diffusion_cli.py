@@ -483,7 +483,7 @@ def cmd_evaluate(args) -> int:
                 lambda default: _output_folder(Path(args.out) if args.out else default.with_name("evaluate"),
                                                "--out", EVALUATE_KINDS))
             mark_folder(out, EVALUATE_KINDS)   # before its cfg*/ samples folders
-            labels = sample_labels(graph.facts.num_classes, None, args.n)
+            labels = sample_labels(graph.spec.model.num_classes, None, args.n)
             try:
                 for cfg in args.cfg or [graph.spec.sample.cfg]:
                     images, took = run_sample(backend, graph, labels, _sample_config(args, graph, cfg),

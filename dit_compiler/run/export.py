@@ -20,8 +20,8 @@ from dit_compiler.run.oracle import build_diffusers
 def export_diffusers(graph: Graph, weights: dict[str, np.ndarray], out: Path, source: str) -> Path:
     """Write `out/` with `save_pretrained`, whole or not at all (a failed export leaves no folder to refuse a
     rerun); `DiTTransformer2DModel.from_pretrained(out)` gives the same outputs."""
-    if graph.facts.flavor != "diffusers":
-        raise UsageError(f"{source}: flavor {graph.facts.flavor!r} has no exact diffusers counterpart (DiT's "
+    if graph.spec.model.flavor != "diffusers":
+        raise UsageError(f"{source}: flavor {graph.spec.model.flavor!r} has no exact diffusers counterpart (DiT's "
                          "timestep frequencies use shift 0, diffusers' embedder fixes 1); export needs a spec with "
                          "model.flavor: diffusers")
     model = build_diffusers(graph)

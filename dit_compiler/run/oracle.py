@@ -46,13 +46,43 @@ class OracleReport:
 
 # -- the config -------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class _GraphFacts:
+    """What the config needs beyond axes, read off the graph's nodes: block 0's two LayerNorms (attention
+    branch, MLP branch), the output LayerNorm after the blocks, the sinusoid's and the label table's
+    attributes."""
+
+    attn_norm_eps: float
+    mlp_norm_eps: float
+    final_norm_eps: float
+    frequency_shift: int
+    max_period: int
+    num_classes: int
+
+    @classmethod
+    def of(cls, graph: Graph) -> _GraphFacts | str:
+        block = [n.attrs.eps for n in graph.nodes if n.op == "layer_norm" and n.block == 0]
+        after = [n.attrs.eps for n in graph.nodes if n.op == "layer_norm" and n.block is None]
+        if len(block) != 2 or len(after) != 1 or any(n.op not in _DIT_OPS for n in graph.nodes):
+            return "the graph is not DiT's (two LayerNorms a block, one after, DiT's op kinds only)"
+        sinusoid = graph.first("timestep_sinusoid").attrs
+        return cls(*block, *after, sinusoid.shift, sinusoid.max_period, graph.first("embedding").attrs.null_class)
+
+
+#: The op kinds diffusers' DiT has.
+_DIT_OPS = frozenset({"patchify", "timestep_sinusoid", "unpatchify", "linear", "add_const_slice", "embedding",
+                      "act", "add", "layer_norm", "modulate", "gated_residual", "attention"})
+
+
 def oracle_config(graph: Graph) -> dict | str:
     """`DiTTransformer2DModel` kwargs for `graph`, or a sentence saying why diffusers cannot express it."""
-    ax, a = graph.axes, graph.facts
-    flavor = a.flavor
+    ax, flavor = graph.axes, graph.spec.model.flavor
     hidden, heads = ax["hidden"].size, ax["heads"].size
     if flavor not in ("dit", "diffusers"):
         return f"flavor {flavor!r} has no diffusers counterpart"
+    a = _GraphFacts.of(graph)
+    if isinstance(a, str):
+        return a
     if ax["frequency"].size != DIFFUSERS_FREQUENCY:
         return (f"frequency_embedding_size {ax['frequency'].size}: diffusers fixes the timestep sinusoid "
                 f"at {DIFFUSERS_FREQUENCY}")
@@ -81,9 +111,9 @@ def oracle_config(graph: Graph) -> dict | str:
         "attention_head_dim": ax["head_dim"].size,
         "in_channels": ax["in_channels"].size,
         "out_channels": ax["out_channels"].size,
-        "num_layers": a.depth,
+        "num_layers": graph.depth,
         "sample_size": ax["height"].size,
-        "patch_size": a.patch_size,
+        "patch_size": graph.first("patchify").attrs.patch_size,
         "num_embeds_ada_norm": a.num_classes,
         "norm_eps": a.mlp_norm_eps if flavor == "diffusers" else DIFFUSERS_FIXED_EPS,
     }
@@ -100,7 +130,7 @@ def build_diffusers(graph: Graph):
     except Exception as error:  # not installed, or an incompatible build
         return f"diffusers is not importable ({type(error).__name__}: {error})"
     model = DiTTransformer2DModel(**config).float().eval()
-    if graph.facts.flavor == "dit":
+    if graph.spec.model.flavor == "dit":
         for block in model.transformer_blocks:
             block.norm1.emb.time_proj.downscale_freq_shift = 0
     return model
@@ -124,9 +154,9 @@ class _Map:
 def weight_map(graph: Graph) -> list[_Map]:
     """How every reference parameter (pos_embed aside) maps onto diffusers' state_dict keys: for flavor
     `dit`, DiT's key layout against diffusers' (`dit_compiler.naming`), field by field."""
-    if graph.facts.flavor == "diffusers":
+    if graph.spec.model.flavor == "diffusers":
         return [_Map(k, (k,)) for k in _reference_keys(graph)]
-    depth = graph.facts.depth
+    depth = graph.depth
     maps: list[_Map] = []
     for f in fields(StateKeys):
         if f.name == "block":

@@ -86,7 +86,7 @@ def sample_labels(num_classes: int, classes: list[int] | None, n: int | None) ->
 def generate(backend: Backend, graph: Graph, labels: np.ndarray, config: SampleConfig,
              stream: TextIO | None = None) -> np.ndarray:
     """Samples [N, C, H, W] (float32) for `labels` with the backend's current weights."""
-    num_classes = graph.facts.num_classes
+    num_classes = graph.spec.model.num_classes
     if config.cfg != 1.0 and graph.axes["classes"].size == num_classes:
         raise UsageError(f"--cfg {config.cfg}: the model has no null class (class_dropout_prob 0), so it cannot "
                          "be guided; use --cfg 1")

@@ -224,7 +224,7 @@ def initial_weights(build_dir: Path, graph, seed: int):
     from dit_compiler.build import TORCH_FILE
 
     module = load_module(build_dir / TORCH_FILE).Model()
-    initialize_dit_weights(module, graph.facts.flavor, graph.facts.depth, seed)
+    initialize_dit_weights(module, graph.spec.model.flavor, graph.depth, seed)
     return to_numpy(module.state_dict())
 
 
@@ -304,7 +304,7 @@ def train(spec, run_dir: Path, config: TrainConfig, resume: bool = False, stream
     shape = ImageShape.of_graph(graph)
     batch = graph.axes["batch"].size
     global_batch, mine = batch * world.size, world.slice(batch)
-    dropout = graph.facts.class_dropout_prob
+    dropout = graph.spec.model.class_dropout_prob
     diffusion = create_diffusion()
     loader = BatchLoader(data, global_batch, config.seed)
     rng = np.random.default_rng(config.seed)

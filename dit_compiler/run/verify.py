@@ -25,13 +25,12 @@ import numpy as np
 from dit_compiler import targets
 from dit_compiler.graph.ir import Graph, Node
 from dit_compiler.graph.ops import OPS
+from dit_compiler.lower import GROUPS
 from dit_compiler.run.common import Inputs, group_error, load_module, make_inputs, randomize_, rel_error
 
 FORWARD_TOL = 1e-5
 GRAD_TOL = 1e-4
 
-#: Rows made of several components (the adaLN-Zero machinery of every block).
-ADALN_ZERO = ("adaLN modulation", "layer norm", "modulate", "gated residual")
 MODEL_ROW, PLAN_ROW = "model", "model, memory plan on"
 
 
@@ -170,10 +169,11 @@ def run_nntile(module, graph: Graph, state_dict, inputs: Inputs, names: tuple[st
 
 
 def compare(graph: Graph, nnt: _Run, ref: _Run) -> list[Row]:
-    """One row per component, then adaLN-Zero, one DiT block (all blocks), and the whole model."""
+    """One row per component, then lowering's groups of components (adaLN-Zero), the blocks, and the
+    whole model."""
     blocks = [n for n in graph.nodes if n.block is not None]
     groups: dict[str, list[Node]] = {c: [n for n in graph.nodes if n.component == c] for c in graph.components()}
-    groups["adaLN-Zero"] = [n for n in blocks if n.component in ADALN_ZERO]
+    groups |= {name: [n for n in blocks if n.component in members] for name, members in GROUPS.items()}
     groups["DiT block"] = blocks
     rows = [_row(graph, name, nodes, nnt, ref) for name, nodes in groups.items()]
     return rows + [model_row(graph, MODEL_ROW, nnt, ref)]

@@ -262,7 +262,7 @@ class Model(RuntimeModel):
         op(
             "embedding", labels="y",
             table=f"transformer_blocks.{i}.norm1.emb.class_embedder.embedding_table.weight",
-            y=f"blocks.{i}.y_emb")
+            y=f"blocks.{i}.y_emb", null_class=10, prob=0.1)
         op("add", a=f"blocks.{i}.t_emb", b=f"blocks.{i}.y_emb", y=f"blocks.{i}.c")
         # adaLN modulation
         op("act", x=f"blocks.{i}.c", y=f"blocks.{i}.c_silu", fn="silu")

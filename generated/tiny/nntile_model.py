@@ -218,7 +218,9 @@ class Model(RuntimeModel):
         op("linear", x="t_freq", w="t_embedder.mlp.0.weight", b="t_embedder.mlp.0.bias", y="t_hidden")
         op("act", x="t_hidden", y="t_act", fn="silu")
         op("linear", x="t_act", w="t_embedder.mlp.2.weight", b="t_embedder.mlp.2.bias", y="t_emb")
-        op("embedding", labels="y", table="y_embedder.embedding_table.weight", y="y_emb")
+        op(
+            "embedding", labels="y", table="y_embedder.embedding_table.weight", y="y_emb", null_class=10,
+            prob=0.1)
         op("add", a="t_emb", b="y_emb", y="c")
         # adaLN modulation
         op("act", x="c", y="c_silu", fn="silu")

@@ -1,7 +1,8 @@
 """Benchmark: the kernels of one DiT block where NNTile loses to torch, on the block's own tensors:
 NNTile 1.1.0's kernels, ditc's own (the NNTile target's native extension) and torch's.
 
-Run: python tests/benchmarks/kernels_vs_torch.py [BUILD_DIR] [--ncpus N] (default generated/dit-s-2-b8).
+Run: python tests/benchmarks/kernels_vs_torch.py [BUILD_DIR] [--ncpus N] (default generated/dit-s-2-b8, which
+`ditc build specs/dit-s-2-b8.yaml` writes).
 The sizes and tiles come from the build's graph. Each op runs as the target's layers issue it
 (`Attention`'s softmax and its backward, `Act`'s GELU-tanh, in `dit_compiler/targets/nntile_1_1/layers.py`):
 with NNTile's kernels, with ditc's (where the extension builds here) and on torch as the reference runs
@@ -55,8 +56,10 @@ def main() -> None:
     ext_problem = native.problem()
     ext = None if ext_problem else native.load()
 
+    if not (args.build / "graph.json").is_file():
+        raise SystemExit(f"kernels_vs_torch: {args.build} holds no build; `ditc build` its spec first")
     graph = json.loads((args.build / "graph.json").read_text())
-    axes, depth = graph["axes"], graph["facts"]["depth"]
+    axes, depth = graph["axes"], graph["spec"]["model"]["depth"]
     size = {name: axis["size"] for name, axis in axes.items()}
     tile = {name: axis["tile"] for name, axis in axes.items()}
     torch.set_num_threads(args.ncpus)

@@ -62,7 +62,7 @@ def sampling_parity(spec_path: Path, weights: dict, build_root: Path, label: str
     spec = load_spec(spec_path)
     build_dir = write_build(compile_spec(spec), build_root)
     graph = graph_of(spec)
-    labels = sample_labels(graph.facts.num_classes, None, graph.axes["batch"].size)[:8]
+    labels = sample_labels(graph.spec.model.num_classes, None, graph.axes["batch"].size)[:8]
     for sampler in ("ddpm", "ddim"):
         samples = {}
         for name in ("nntile", "torch"):

@@ -122,7 +122,7 @@ def attempt(variant: str, graph: Graph, build_dir: Path, cap: int, args, tag: st
     side, checkpoint, ooc = VARIANTS[variant]
     runtime = targets.get(graph.spec.target)
     group = MemoryCgroup(cap, f"ditc-scale-{os.getpid()}-{tag}")
-    result = Attempt(variant, graph.facts.depth, totals(graph).params, False, [])
+    result = Attempt(variant, graph.depth, totals(graph).params, False, [])
     try:
         with contextlib.ExitStack() as stack:
             settings = stack.enter_context(runtime.out_of_core(graph, cap, args.swap_dir)) if ooc else None
@@ -210,7 +210,7 @@ def main() -> None:
         builds = ladder(args, Path(root))
         for variant in args.variants:
             for graph, folder in builds:
-                result = attempt(variant, graph, folder, cap, args, f"{variant}-{graph.facts.depth}")
+                result = attempt(variant, graph, folder, cap, args, f"{variant}-{graph.depth}")
                 print(_row(result), flush=True)
                 if not result.fits:
                     break
@@ -230,7 +230,7 @@ def summary(largest: dict[str, Attempt], builds, cap: int, args) -> None:
     ooc = largest.get("nntile-ooc")
     if ooc is None:
         return
-    graph, folder = next(b for b in builds if b[0].facts.depth == ooc.depth)
+    graph, folder = next(b for b in builds if b[0].depth == ooc.depth)
     room = 2 * targets.get(graph.spec.target).predict(graph).total
     free = attempt("nntile", graph, folder, room, args, f"uncapped-{ooc.depth}")
     print(f"\n{_row(free)}  (in memory, cgroup at {room / MIB:.0f} MiB)")

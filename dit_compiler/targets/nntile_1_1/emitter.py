@@ -93,20 +93,21 @@ def model_context(graph: Graph) -> dict:
     host = {n.op: n for n in graph.nodes if n.host}
     patches, output = host["patchify"].outputs["y"], host["unpatchify"].inputs["x"]
     ax = graph.axes
+    patch, sinusoid = graph.first("patchify").attrs, graph.first("timestep_sinusoid").attrs
     context = {
         "header": header(graph, f"NNTile {NNTILE_VERSION} model"),
-        "flavor": graph.facts.flavor,
+        "flavor": graph.spec.model.flavor,
         "nntile_version": NNTILE_VERSION,
         "runtime_version": RUNTIME_VERSION,
         "host_ops": [n.op for n in graph.nodes if n.host],
         "axes": [(a.name, a.size, a.tile) for a in ax.values()],
         "geometry": {
-            "patch_size": graph.facts.patch_size, "grid": ax["height"].size // graph.facts.patch_size,
+            "patch_size": patch.patch_size, "grid": ax["height"].size // patch.patch_size,
             "in_channels": ax["in_channels"].size, "out_channels": ax["out_channels"].size,
             "hidden": ax["hidden"].size, "frequency": ax["frequency"].size,
-            "frequency_shift": graph.facts.frequency_shift, "max_period": graph.facts.max_period,
+            "frequency_shift": sinusoid.shift, "max_period": sinusoid.max_period,
         },
-        "depth": graph.facts.depth,
+        "depth": graph.depth,
         "output": literal(output),
         "folded": folded,
         "forward_host": [_FORWARD_HOST[n.op].format(**{p: literal(v) for p, v in n.outputs.items()},

@@ -33,6 +33,16 @@ TOKENS = ("hidden", "tokens", "batch")
 STATS = ("tokens", "batch")
 
 
+#: Layer classes by name (an op kind's `layer`), each registered where it is defined (`@layer`).
+LAYERS: dict[str, type[Layer]] = {}
+
+
+def layer(cls: type[Layer]) -> type[Layer]:
+    """Register a layer class under its name."""
+    LAYERS[cls.__name__] = cls
+    return cls
+
+
 @dataclass
 class Moments:
     """A value and, where a gradient flows into it, its gradient."""
@@ -70,6 +80,19 @@ class Layer:
         raise NotImplementedError
 
     # -- shared steps -----------------------------------------------------------------------------
+    def inverse_rms(self, src, dst) -> None:
+        """dst [tokens, batch] = 1 / sqrt(mean(src^2) + eps) over axis 0 (uses the `tokens` scratch)."""
+        nt.copy_async(src, self.tokens)
+        nt.prod_async(src, self.tokens)
+        self.mean_of(1.0, self.tokens, dst)
+        nt.add_scalar_async(self.attrs.eps, 1.0, dst)
+        nt.pow_async(1.0, -0.5, dst)
+
+    def mean_of(self, alpha: float, src, dst) -> None:
+        """dst [tokens, batch] = alpha * the mean of src over axis 0 (hidden), a GEMM with ones."""
+        ones = self.alloc.ones(src.shape[:1], src.basetile_shape[:1])
+        nt.gemm_async(alpha / src.shape[0], nt.trans, ones, nt.notrans, src, 0.0, dst, 1, 0)
+
     def ones_over(self, tensor, first_axis: int):
         """The shared ones over `tensor`'s axes from `first_axis` on (its batch axes for a bias GEMM)."""
         return self.alloc.ones(tensor.shape[first_axis:], tensor.basetile_shape[first_axis:])
@@ -97,6 +120,7 @@ class Layer:
         self.tokens.invalidate_submit()
 
 
+@layer
 class Linear(Layer):
     """y = W x + b over axis 0. The bias add is the rank-1 GEMM `b ones^T` and the bias gradient `dY ones`:
     NNTile's add_fiber and sum_fiber on the feature axis stride through memory (on DiT-S/2's MLP output
@@ -121,6 +145,7 @@ class Linear(Layer):
             nt.gemm_async(1.0, nt.trans, self.w.value, nt.notrans, dy, self.beta(self.x), self.x.grad, 1, 0)
 
 
+@layer
 class AddConstSlice(Layer):
     """y = x + table, the constant table broadcast over the batch (the last axis)."""
 
@@ -135,6 +160,7 @@ class AddConstSlice(Layer):
         nt.add_async(1.0, self.y.grad, self.beta(self.x), self.x.grad)
 
 
+@layer
 class Embedding(Layer):
     """y[:, n] = table[:, labels[n]]."""
 
@@ -152,6 +178,7 @@ class Embedding(Layer):
         nt.embedding_backward_async(self.labels, self.y.grad, self.table.grad, 0, redux=0)
 
 
+@layer
 class Act(Layer):
     """y = fn(x), element-wise: gelutanh or silu. GELU-tanh runs ditc's kernels where `native` is given."""
 
@@ -178,6 +205,7 @@ class Act(Layer):
         backward(self.x.value, self.y.grad, self.x.grad)
 
 
+@layer
 class Add(Layer):
     """y = a + b."""
 
@@ -194,6 +222,7 @@ class Add(Layer):
         nt.add_async(1.0, self.y.grad, self.beta(self.b), self.b.grad)
 
 
+@layer
 class LayerNormNoAffine(Layer):
     """y = (x - mean) / sqrt(var + eps) over axis 0 (hidden), no gamma or beta. Means are GEMMs with a
     ones vector; forward 3.0 ms against 5.6 ms with NNTile's slice reductions (DiT-S/2 batch 8)."""
@@ -204,20 +233,11 @@ class LayerNormNoAffine(Layer):
     KEEPS = {"inv_std": STATS}
     SCRATCH = {"stat": STATS, "tokens": TOKENS}
 
-    def mean_of(self, alpha: float, src, dst) -> None:
-        """dst [tokens, batch] = alpha * mean of src over axis 0."""
-        ones = self.alloc.ones(src.shape[:1], src.basetile_shape[:1])
-        nt.gemm_async(alpha / src.shape[0], nt.trans, ones, nt.notrans, src, 0.0, dst, 1, 0)
-
     def forward_async(self) -> None:
         x, y = self.x.value, self.y.value
         self.mean_of(1.0, x, self.stat)
         nt.add_slice3_async(-1.0, self.stat, 1.0, x, y, 0)
-        nt.copy_async(y, self.tokens)
-        nt.prod_async(y, self.tokens)
-        self.mean_of(1.0, self.tokens, self.inv_std)  # the variance, then 1 / sqrt(var + eps)
-        nt.add_scalar_async(self.attrs.eps, 1.0, self.inv_std)
-        nt.pow_async(1.0, -0.5, self.inv_std)
+        self.inverse_rms(y, self.inv_std)   # 1 / sqrt(var + eps)
         nt.prod_slice_async(self.inv_std, 1.0, y, 0)
         self.tokens.invalidate_submit()
         self.stat.invalidate_submit()
@@ -240,6 +260,46 @@ class LayerNormNoAffine(Layer):
         mean.invalidate_submit()
 
 
+@layer
+class RMSNorm(Layer):
+    """y = x * r * weight, r = 1 / sqrt(mean(x^2) + eps) over axis 0 (hidden), weight a [hidden] fiber.
+    NNTile 1.1.0 has no RMSNorm: the mean square is a GEMM with ones (as LayerNormNoAffine's means), the
+    weight a fiber product. Backward, with dy' = weight * dy: dx = r dy' - r^3 x mean(dy' x), and
+    dweight = the sum over tokens and batch of dy * x * r."""
+
+    x: Moments
+    weight: Moments
+    y: Moments
+    BACKWARD_READS = frozenset({"x"})
+    KEEPS = {"inv_rms": STATS}
+    SCRATCH = {"stat": STATS, "tokens": TOKENS}
+
+    def forward_async(self) -> None:
+        x, y = self.x.value, self.y.value
+        self.inverse_rms(x, self.inv_rms)
+        nt.prod_fiber3_async(self.weight.value, 1.0, x, y, 0)
+        nt.prod_slice_async(self.inv_rms, 1.0, y, 0)
+        self.tokens.invalidate_submit()
+
+    def backward_async(self) -> None:
+        x, dy, tmp, stat, r = self.x.value, self.y.grad, self.tokens, self.stat, self.inv_rms
+        nt.copy_async(x, tmp)
+        nt.prod_slice_async(r, 1.0, tmp, 0)                                   # x * r
+        nt.sumprod_fiber_async(1.0, dy, tmp, 0.0, self.weight.grad, 0)        # dweight
+        nt.prod_fiber3_async(self.weight.value, 1.0, dy, tmp, 0)              # dy' = weight * dy
+        nt.sumprod_slice_async(-1.0 / x.shape[0], tmp, x, 0.0, stat, 0)       # -mean(dy' x)
+        for _ in range(3):
+            nt.prod_async(r, stat)                                            # -r^3 mean(dy' x)
+        nt.prod_slice_async(r, 1.0, tmp, 0)
+        nt.add_async(1.0, tmp, self.beta(self.x), self.x.grad)                # (+)= r dy'
+        nt.copy_async(x, tmp)
+        nt.prod_slice_async(stat, 1.0, tmp, 0)
+        nt.add_async(1.0, tmp, 1.0, self.x.grad)                              # += -r^3 x mean(dy' x)
+        tmp.invalidate_submit()
+        stat.invalidate_submit()
+
+
+@layer
 class Modulate(Layer):
     """y = x * (1 + scale) + shift, with shift and scale [hidden, batch] broadcast over tokens (axis 1)."""
 
@@ -266,6 +326,7 @@ class Modulate(Layer):
         self.add_scaled(self.y.grad, self.scale1, self.x)
 
 
+@layer
 class GatedResidual(Layer):
     """y = x + gate * h, with gate [hidden, batch] broadcast over tokens (axis 1)."""
 
@@ -294,6 +355,7 @@ MERGED = ("heads", "head_dim", "tokens", "batch")
 SCORES = ("tokens", "tokens", "batch", "heads")
 
 
+@layer
 class Attention(Layer):
     """Multi-head self-attention, y = W_o softmax(K^T Q / sqrt(d)) V + b_o, heads batched.
 
@@ -379,9 +441,3 @@ class Attention(Layer):
             nt.gemm_async(1.0, nt.trans, w.value, nt.notrans, merged, x_beta, self.x.grad, 2, 0)
             x_beta = 1.0
         merged.invalidate_submit()
-
-
-#: Layer classes by name (an op kind's `layer`).
-LAYERS: dict[str, type[Layer]] = {cls.__name__: cls for cls in
-                                  (Linear, AddConstSlice, Embedding, Act, Add, LayerNormNoAffine, Modulate,
-                                   GatedResidual, Attention)}

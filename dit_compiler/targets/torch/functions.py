@@ -1,0 +1,88 @@
+"""The torch code the op kinds run in the generated reference (`torch_reference.py`).
+
+The emitter copies the functions a model uses into its reference by their source, so the reference
+imports only torch, numpy and math; tests import them from here to hold each against torch's own
+(`rms_norm` against `torch.nn.RMSNorm`). Tensors are batch-first: a token tensor is [N, T, D].
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def tap(trace: dict | None, name: str, value: torch.Tensor) -> torch.Tensor:
+    """Record an intermediate under its graph name (and keep its gradient) when `ditc verify` traces."""
+    if trace is not None:
+        if value.requires_grad:
+            value.retain_grad()
+        trace[name] = value
+    return value
+
+
+class Group(nn.Module):
+    """A module path of the checkpoint layout that holds only other modules (`attn` of `attn.qkv`)."""
+
+    def __init__(self, **children: nn.Module) -> None:
+        super().__init__()
+        for name, child in children.items():
+            self.add_module(name, child)
+
+
+def patch_tokens(proj: nn.Conv2d, image: torch.Tensor) -> torch.Tensor:
+    """Patchify and project in one: a Conv2d with stride p, [N, C, H, W] -> [N, T, D]."""
+    return proj(image).flatten(2).transpose(1, 2)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: int, shift: int) -> torch.Tensor:
+    """Sinusoidal timestep features [N, dim], cos first; shift 0 is DiT's, 1 diffusers'."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+                      / (half - shift))
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def label_embedding(table: nn.Embedding, y: torch.Tensor, null_class: int, prob: float,
+                    training: bool) -> torch.Tensor:
+    """The class table's rows; in training a label drops to the null row with probability `prob`."""
+    if training and prob > 0:
+        drop = torch.rand(y.shape[0], device=y.device) < prob
+        y = torch.where(drop, null_class, y)
+    return table(y)
+
+
+def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last axis without affine parameters (`nn.LayerNorm(elementwise_affine=False)`)."""
+    return F.layer_norm(x, x.shape[-1:], eps=eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis (`nn.RMSNorm`)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def gated_residual(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return x + gate.unsqueeze(1) * h
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) v per head; q, k, v and the result are [N, T, D]."""
+    n, tokens, hidden = q.shape
+    q, k, v = (z.reshape(n, tokens, heads, hidden // heads).transpose(1, 2) for z in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v)                          # [N, H, T, hd]
+    return out.transpose(1, 2).reshape(n, tokens, hidden)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
+    """[N, T, p*p*C] -> [N, C, H, W]."""
+    grid = math.isqrt(x.shape[1])
+    x = x.reshape(x.shape[0], grid, grid, patch_size, patch_size, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(x.shape[0], channels, grid * patch_size, grid * patch_size)
