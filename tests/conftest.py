@@ -26,7 +26,7 @@ def _nntile_problem() -> str | None:
 
 NNTILE_PROBLEM = _nntile_problem()
 needs_nntile = pytest.mark.skipif(NNTILE_PROBLEM is not None, reason=NNTILE_PROBLEM or "")
-#: Out-of-core compiles a small C library (`dit_compiler.targets.nntile_1_1.ooc`).
+#: Out-of-core compiles a small C library (`dit_compiler.compiler.targets.nntile_1_1.ooc`).
 needs_cc = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None,
                               reason="out-of-core compiles a small C library, and there is no C compiler ($CC or cc)")
 

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from dit_compiler.run.bench import disk_bytes
-from dit_compiler.run.common import load_module, random_weights
+from dit_compiler.checks.bench import disk_bytes
+from dit_compiler.checks.common import load_module, random_weights
 
 
 def main(build_dir: str, settings: str, data_file: str, out_file: str) -> None:
     data = np.load(data_file)
     module = load_module(Path(build_dir) / "nntile_model.py")
-    from dit_compiler.targets.nntile_1_1 import OutOfCore
+    from dit_compiler.compiler.targets.nntile_1_1 import OutOfCore
 
     ooc = OutOfCore(**json.loads(settings))
     with module.nntile_runtime(2, ooc):

@@ -12,13 +12,13 @@ from dataclasses import replace
 import pytest
 
 from conftest import ROOT, needs_nntile
-from dit_compiler.build import compile_spec
+from dit_compiler.compiler.build import compile_spec
 from dit_compiler.errors import UsageError
-from dit_compiler.graph.cost import largest_tile_gemm
-from dit_compiler.run import bench
-from dit_compiler.run.bench import BenchReport, SideResult, format_bench
-from dit_compiler.spec import load_spec
-from dit_compiler.targets.nntile_1_1 import blas
+from dit_compiler.compiler.graph.cost import largest_tile_gemm
+from dit_compiler.checks import bench
+from dit_compiler.checks.bench import BenchReport, SideResult, format_bench
+from dit_compiler.compiler.spec import load_spec
+from dit_compiler.compiler.targets.nntile_1_1 import blas
 
 
 #: /proc/cpuinfo lines of real CPUs: this project's AMD EPYC (family 25, AVX2, no AVX-512), and an Intel
@@ -138,7 +138,7 @@ def test_the_runtime_applies_the_requested_core_before_loading_nntile():
     openblas_or_skip()
     env = os.environ | {blas.ENV: "Prescott", "PYTHONPATH": str(ROOT)}
     env.pop("OPENBLAS_CORETYPE", None)
-    code = ("from dit_compiler.targets.nntile_1_1 import blas, problem\n"
+    code = ("from dit_compiler.compiler.targets.nntile_1_1 import blas, problem\n"
             "assert problem() is None\nprint(blas.nntile_blas().core)")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -177,7 +177,7 @@ def _without_blas_variables(**more: str) -> dict[str, str]:
 
 #: In a fresh process: apply the default (`problem` does, as every NNTile command does), then print
 #: OPENBLAS_CORETYPE and the core NNTile's OpenBLAS runs.
-APPLY_AND_LOAD = ("import os, sys\nfrom dit_compiler.targets.nntile_1_1 import blas, problem\n"
+APPLY_AND_LOAD = ("import os, sys\nfrom dit_compiler.compiler.targets.nntile_1_1 import blas, problem\n"
                   "if len(sys.argv) > 1: import subprocess; subprocess.run = None   # no subprocess may run\n"
                   "assert problem() is None\nprint(os.environ.get('OPENBLAS_CORETYPE'), blas.nntile_blas().core)")
 
@@ -279,7 +279,7 @@ def test_bench_times_the_faster_core_only_where_the_machine_chose_the_core(tmp_p
     openblas_or_skip()
     if not blas.candidates("Prescott", *blas.cpu()):
         pytest.skip("this CPU has no vector instructions above a generic core's")
-    from dit_compiler import targets
+    from dit_compiler.compiler import targets
 
     monkeypatch.setenv("DITC_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", str(ROOT))

@@ -14,9 +14,9 @@ import pytest
 
 from conftest import ROOT, SPECS
 from dit_compiler import __version__
-from dit_compiler.build import Build, compile_spec, stale_files, write_build
+from dit_compiler.compiler.build import Build, compile_spec, stale_files, write_build
 from dit_compiler.cli import main
-from dit_compiler.spec import load_spec
+from dit_compiler.compiler.spec import load_spec
 
 SHIPPED = sorted(SPECS.glob("*.yaml"))
 
@@ -202,7 +202,7 @@ def test_bad_counts_exit_2_before_any_work(args, capsys):
 @pytest.mark.parametrize("file, loop", [("nntile_model.py", "for i in range(DEPTH):"),
                                         ("torch_reference.py", "for block in self.blocks:")])
 def test_generated_models_do_not_grow_with_depth(file, loop):
-    """The runtime lives in `dit_compiler.targets.nntile_1_1`, the torch code in the reference's functions;
+    """The runtime lives in `dit_compiler.compiler.targets.nntile_1_1`, the torch code in the reference's functions;
     a build holds its model's tables and wiring, identical blocks once, in a loop."""
     files = {name: compile_spec(load_spec(SPECS / f"{name}.yaml")).files[file] for name in ("dit-s-2", "dit-xl", "tiny")}
     lines = {name: len(text.splitlines()) for name, text in files.items()}
@@ -225,8 +225,8 @@ def test_nothing_outside_the_target_packages_imports_nntile():
 
 
 def test_spec_targets_are_the_target_packages():
-    from dit_compiler import targets
-    from dit_compiler.spec import schema
+    from dit_compiler.compiler import targets
+    from dit_compiler.compiler.spec import schema
 
     assert schema()["properties"]["target"]["enum"] == list(targets.TARGETS)
     for name in targets.TARGETS:
@@ -235,7 +235,7 @@ def test_spec_targets_are_the_target_packages():
 
 def test_a_generated_model_imports_without_nntile(monkeypatch):
     """Its tables and wiring are plain Python; NNTile is imported at the first kernel call."""
-    from dit_compiler.run.common import load_module
+    from dit_compiler.checks.common import load_module
 
     monkeypatch.setitem(sys.modules, "nntile", None)
     module = load_module(ROOT / "generated" / "tiny" / "nntile_model.py")

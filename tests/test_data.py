@@ -7,7 +7,7 @@ from PIL import Image
 
 from conftest import SPECS
 from dit_compiler.cli import main
-from dit_compiler.data import BatchLoader, Dataset, ImageShape, digits, digits_heldout_mask, load_dataset
+from dit_compiler.app.data import BatchLoader, Dataset, ImageShape, digits, digits_heldout_mask, load_dataset
 from dit_compiler.errors import UsageError
 
 GREY8 = ImageShape(channels=1, size=8, num_classes=10)

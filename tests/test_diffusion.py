@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from dit_compiler.diffusion import create_diffusion, guided, sample_loop, space_timesteps, training_losses
-from dit_compiler.diffusion.schedule import linear_betas
+from dit_compiler.app.diffusion import create_diffusion, guided, sample_loop, space_timesteps, training_losses
+from dit_compiler.app.diffusion.schedule import linear_betas
 
 
 class Dit:

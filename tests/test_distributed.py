@@ -16,10 +16,10 @@ import pytest
 
 from conftest import ROOT, SPECS, needs_nntile
 from dit_compiler.errors import UsageError
-from dit_compiler.run.common import group_error
-from dit_compiler.run.distributed import rank_cores, world_from_env
-from dit_compiler.run.train import TrainConfig, checkpoints, train
-from dit_compiler.run.weights import load_checkpoint
+from dit_compiler.checks.common import group_error
+from dit_compiler.app.distributed import rank_cores, world_from_env
+from dit_compiler.app.train import TrainConfig, checkpoints, train
+from dit_compiler.app.weights import load_checkpoint
 from train_helpers import TINY_DIGITS, terminate_training, tiny_spec, train_tiny
 
 HALF = TINY_DIGITS.replace("batch: 8", "batch: 4")   # the compiled batch of each of 2 ranks
@@ -106,10 +106,10 @@ def test_nproc_is_refused_beyond_the_cores_and_under_torchrun(tmp_path):
 def test_gradients_read_while_backward_runs_are_those_of_a_whole_backward(tmp_path):
     """`backward_async` returns at once; `to_array` of a parameter gradient, in `gradient_order`, waits for
     that gradient only, and reads what a waited-for backward gives."""
-    from dit_compiler.build import NNTILE_FILE, TORCH_FILE, compile_spec, write_build
-    from dit_compiler.run.common import load_module, randomize_
-    from dit_compiler.spec import load_spec
-    from dit_compiler.targets.nntile_1_1 import nntile_runtime, wait_for_all
+    from dit_compiler.compiler.build import NNTILE_FILE, TORCH_FILE, compile_spec, write_build
+    from dit_compiler.checks.common import load_module, randomize_
+    from dit_compiler.compiler.spec import load_spec
+    from dit_compiler.compiler.targets.nntile_1_1 import nntile_runtime, wait_for_all
 
     build_dir = write_build(compile_spec(load_spec(SPECS / "tiny.yaml")), tmp_path)   # ragged multi-tile
     reference = load_module(build_dir / TORCH_FILE).Model()
@@ -217,7 +217,7 @@ def test_sigterm_stops_every_rank_at_one_step_and_the_run_resumes_on_one_process
 RANK_SCRIPT = """\
 import os, sys, time
 import torch, torch.distributed as dist
-from dit_compiler.run.distributed import joined, world_from_env
+from dit_compiler.app.distributed import joined, world_from_env
 
 world = world_from_env()
 with joined(world, 60):
@@ -237,7 +237,7 @@ def test_a_failing_rank_ends_every_rank_with_its_error(tmp_path, how, code, said
     code and leaves no rank behind, in seconds."""
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
-    launcher = f"import sys; from dit_compiler.run.launch import launch; sys.exit(launch([sys.executable, {str(script)!r}, {how!r}], 2))"
+    launcher = f"import sys; from dit_compiler.app.launch import launch; sys.exit(launch([sys.executable, {str(script)!r}, {how!r}], 2))"
     began = time.monotonic()
     result = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, env=ENV, timeout=120)
     assert time.monotonic() - began < 60

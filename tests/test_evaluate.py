@@ -10,8 +10,8 @@ import pytest
 import scipy.linalg
 
 from dit_compiler.cli import main
-from dit_compiler.data import digits
-from dit_compiler.run.evaluate import FewSamplesWarning, digits_classifier, frechet_distance, score_digits
+from dit_compiler.app.data import digits
+from dit_compiler.app.evaluate import FewSamplesWarning, digits_classifier, frechet_distance, score_digits
 from train_helpers import train_tiny
 
 
@@ -93,7 +93,7 @@ def test_fid_with_user_inception_weights(tmp_path, capsys):
     """Random weights saved in pytorch-fid's layout (1008 classes): the loading and feature code is real."""
     import torch
 
-    from dit_compiler.run.inception import InceptionFeatures
+    from dit_compiler.app.inception import InceptionFeatures
 
     torch.manual_seed(0)
     network = InceptionFeatures(fid=True)

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from dit_compiler.graph.cost import totals
-from dit_compiler.lower import lower
-from dit_compiler.spec.model import PRESETS, ModelSpec, Spec, TilingSpec
-from dit_compiler.tiling import AUTO_RULE, axis_sizes, resolve_tiles
+from dit_compiler.compiler.graph.cost import totals
+from dit_compiler.compiler.lower import lower
+from dit_compiler.compiler.spec.model import PRESETS, ModelSpec, Spec, TilingSpec
+from dit_compiler.compiler.tiling import AUTO_RULE, axis_sizes, resolve_tiles
 
 # DiT paper, Table 4: forward GFlops at batch 1 and trainable parameters (millions, pos-embed excluded).
 PAPER_GFLOPS = {
@@ -96,7 +96,7 @@ def test_ragged_tiles_are_kept():
 
 
 def test_lint_rejects_an_unknown_kind_wrong_ports_and_a_kind_without_a_rule(monkeypatch):
-    from dit_compiler.graph import ops
+    from dit_compiler.compiler.graph import ops
 
     graph = lower(preset_spec("DiT-S/8"))
     i = next(k for k, n in enumerate(graph.nodes) if n.op == "modulate")
@@ -116,7 +116,7 @@ def test_lint_rejects_an_unknown_kind_wrong_ports_and_a_kind_without_a_rule(monk
 
 def test_every_op_kind_is_fully_defined():
     """One registry entry per kind: ports, a rule, its torch code; device kinds name their layer."""
-    from dit_compiler.graph.ops import OPS
+    from dit_compiler.compiler.graph.ops import OPS
 
     for kind in OPS.values():
         assert kind.inputs and kind.outputs and callable(kind.rule) and kind.torch and kind.doc, kind.name
@@ -124,7 +124,7 @@ def test_every_op_kind_is_fully_defined():
 
 
 def test_graph_nodes_use_named_ports_and_typed_attributes():
-    from dit_compiler.graph.ops import Norm
+    from dit_compiler.compiler.graph.ops import Norm
 
     graph = lower(preset_spec("DiT-S/8"))
     attn = next(n for n in graph.nodes if n.op == "attention")
@@ -142,7 +142,7 @@ def test_graph_nodes_use_named_ports_and_typed_attributes():
     (dict(PRESETS["DiT-S/8"]), 1, {"batch": 1, "hidden": 192, "tokens": 16, "heads": 3}),  # one image: split hidden
 ])
 def test_auto_batch_tile_fills_the_token_tile_budget(model, batch, expected):
-    from dit_compiler.tiling import TOKEN_TILE_BUDGET
+    from dit_compiler.compiler.tiling import TOKEN_TILE_BUDGET
 
     tiles = resolve_tiles(ModelSpec(**model), batch, TilingSpec())
     assert {k: tiles[k] for k in expected} == expected

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from conftest import needs_nntile
 from dit_compiler.errors import UsageError
-from dit_compiler.targets.nntile_1_1 import native
+from dit_compiler.compiler.targets.nntile_1_1 import native
 
 #: Scores [keys, queries, batch, heads] and their tiles: the keys in one tile, in three ragged tiles, and
 #: in more tiles than a StarPU task has static buffers (one softmax task takes all the key tiles).
@@ -22,7 +22,7 @@ SCORE_TILES = {"keys-one-tile": (19, 2, 2, 1), "keys-three-tiles": (7, 2, 2, 1),
 
 @pytest.fixture(scope="module")
 def ext():
-    from dit_compiler.targets.nntile_1_1 import nntile_runtime
+    from dit_compiler.compiler.targets.nntile_1_1 import nntile_runtime
 
     if native.problem():  # NNTile missing, or no build tree or compiler beside it
         pytest.skip(f"ditc's kernels are unavailable here: {native.problem()}")
@@ -34,7 +34,7 @@ class Tensors:
     """NNTile fp32 tensors from numpy arrays and back, unregistered at the end."""
 
     def __init__(self):
-        from dit_compiler.targets.nntile_1_1.alloc import Allocator
+        from dit_compiler.compiler.targets.nntile_1_1.alloc import Allocator
 
         self.alloc, self.made = Allocator(), []
 
@@ -46,7 +46,7 @@ class Tensors:
 
     @staticmethod
     def read(tensor) -> np.ndarray:
-        from dit_compiler.targets.nntile_1_1 import wait_for_all
+        from dit_compiler.compiler.targets.nntile_1_1 import wait_for_all
 
         wait_for_all()
         out = np.zeros(tensor.shape, np.float32, order="F")
@@ -218,7 +218,7 @@ def test_a_damaged_cached_module_is_compiled_again_not_loaded(monkeypatch, tmp_p
     native.built_module(progress=compiled.append)
     assert compiled and native._intact(module, record)
     module.write_bytes(module.read_bytes()[:4096])
-    loaded = subprocess.run([sys.executable, "-c", "from dit_compiler.targets.nntile_1_1 import native; native.load()"],
+    loaded = subprocess.run([sys.executable, "-c", "from dit_compiler.compiler.targets.nntile_1_1 import native; native.load()"],
                             capture_output=True, text=True, env=os.environ | {"DITC_CACHE_DIR": str(tmp_path)})
     assert loaded.returncode == 0, loaded.stderr
     assert native._intact(module, record)

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, needs_cc, needs_nntile
-from dit_compiler.build import NNTILE_FILE, TORCH_FILE, compile_spec, write_build
+from dit_compiler.compiler.build import NNTILE_FILE, TORCH_FILE, compile_spec, write_build
 from dit_compiler.cli import main
-from dit_compiler.run.common import group_error
-from dit_compiler.run.verify import FORWARD_TOL, GRAD_TOL, MODEL_ROW, PLAN_ROW, verify
-from dit_compiler.spec.model import ModelSpec, Spec, TilingSpec
+from dit_compiler.checks.common import group_error
+from dit_compiler.checks.verify import FORWARD_TOL, GRAD_TOL, MODEL_ROW, PLAN_ROW, verify
+from dit_compiler.compiler.spec.model import ModelSpec, Spec, TilingSpec
 
 pytestmark = [needs_nntile, pytest.mark.nntile]
 
@@ -87,7 +87,7 @@ def test_verify_twice_in_one_process(tmp_path):
 def test_verify_runs_both_kernel_sets(tmp_path, monkeypatch, capsys, default, other):
     """The table is the default kernel set's ($DITC_KERNELS / --kernels); the model runs again on the other
     set, whose row must pass too. The ragged tiny spec's keys span three tiles: ditc's softmax combines them."""
-    from dit_compiler.targets.nntile_1_1 import KERNEL_SETS, native
+    from dit_compiler.compiler.targets.nntile_1_1 import KERNEL_SETS, native
 
     if why := native.problem():
         pytest.skip(f"ditc's kernels are unavailable here: {why}")
@@ -107,7 +107,7 @@ def test_verify_runs_both_kernel_sets(tmp_path, monkeypatch, capsys, default, ot
 def test_verify_without_ditcs_kernels_runs_nntiles_and_says_why(tmp_path, monkeypatch):
     """Where the extension cannot be built (no NNTile build tree, no compiler), the model runs NNTile's
     kernels, verify passes on them, and the report says why ditc's did not run."""
-    from dit_compiler.targets.nntile_1_1 import native
+    from dit_compiler.compiler.targets.nntile_1_1 import native
 
     def unavailable():
         raise native.Unavailable("no NNTile build tree here")
@@ -172,13 +172,13 @@ def test_a_dropped_parameter_fails_naming_it(tmp_path):
 def test_runtime_waits_with_starpus_blocking_call():
     """NNTile's `wait_for_all` polls every 1 ms and preempts a worker each time; the runtime calls StarPU's
     blocking `starpu_task_wait_for_all` from the libstarpu NNTile loaded."""
-    from dit_compiler.targets.nntile_1_1 import runtime
+    from dit_compiler.compiler.targets.nntile_1_1 import runtime
 
     assert runtime._starpu_wait().__name__ == "starpu_task_wait_for_all"
 
 
 def test_generated_model_refuses_another_runtime_version(tmp_path):
-    from dit_compiler.run.common import load_module
+    from dit_compiler.checks.common import load_module
 
     _, folder = build(tmp_path)
     path = folder / NNTILE_FILE
@@ -190,7 +190,7 @@ def test_generated_model_refuses_another_runtime_version(tmp_path):
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_adamw_training_steps_match_torch(tmp_path, weight_decay):
     """Three AdamW steps on the MSE loss: the NNTile model's optimiser and torch's end on the same weights."""
-    from dit_compiler.run.common import load_module, make_inputs, randomize_
+    from dit_compiler.checks.common import load_module, make_inputs, randomize_
 
     graph, folder = build(tmp_path)
     reference = load_module(folder / TORCH_FILE).Model().eval()
@@ -270,9 +270,9 @@ def test_out_of_core_training_matches_torch(tmp_path):
 
     import numpy as np
 
-    from dit_compiler.run.common import load_module, make_inputs, randomize_
-    from dit_compiler.targets.nntile_1_1 import out_of_core, unmovable_bytes
-    from dit_compiler.targets.nntile_1_1.memory import MIB, all_bytes
+    from dit_compiler.checks.common import load_module, make_inputs, randomize_
+    from dit_compiler.compiler.targets.nntile_1_1 import out_of_core, unmovable_bytes
+    from dit_compiler.compiler.targets.nntile_1_1.memory import MIB, all_bytes
 
     # every large tile a whole number of pages, so that they can move: [256, 64] weights, [64, 16, 2] tokens
     graph, folder = build(tmp_path, tiling="ooc", batch=2, hidden_size=128, mlp_ratio=4.0)
@@ -303,7 +303,7 @@ def test_out_of_core_training_matches_torch(tmp_path):
 
 def test_blocks_written_out_when_they_do_not_fold(tmp_path, monkeypatch):
     """Where blocks differ the emitter writes every block out; that code is the same model."""
-    import dit_compiler.targets.nntile_1_1.emitter as emitter
+    import dit_compiler.compiler.targets.nntile_1_1.emitter as emitter
 
     monkeypatch.setattr(emitter, "folds", lambda *args: False)
     graph, folder = build(tmp_path)
@@ -316,7 +316,7 @@ def test_inference_model_matches_torch_holding_no_gradients(tmp_path):
     """The forward-only model sampling runs: the same output, no gradient tensors, values released."""
     import torch
 
-    from dit_compiler.run.common import load_module, make_inputs, randomize_, rel_error
+    from dit_compiler.checks.common import load_module, make_inputs, randomize_, rel_error
 
     graph, folder = build(tmp_path)
     reference = load_module(folder / TORCH_FILE).Model().eval()
@@ -341,9 +341,9 @@ def test_inference_model_matches_torch_holding_no_gradients(tmp_path):
 def test_an_rms_norm_graph_verifies(tmp_path):
     """An op no shipped spec uses yet, end to end: lowered after every block on ragged multi-tile axes,
     both targets emitted from the graph, NNTile against the torch reference within verify's tolerances."""
-    from dit_compiler import targets
-    from dit_compiler.lower import lower
-    from dit_compiler.targets.torch.emitter import emit_torch
+    from dit_compiler.compiler import targets
+    from dit_compiler.compiler.lower import lower
+    from dit_compiler.compiler.targets.torch.emitter import emit_torch
     from test_torch_reference import RMSNormAfterBlocks
 
     spec = Spec(name="rms", source="rms.yaml", model=ModelSpec(**TINY), batch=3, tiling=TILINGS["ragged"])

@@ -317,8 +317,8 @@ def test_a_build_keeps_the_users_files_and_replaces_only_its_own(tmp_path):
 def test_mlp_ratio_is_whole_up_to_float_rounding(tmp_path):
     spec = tmp_path / "s.yaml"
     spec.write_text("preset: DiT-S/2\nmodel:\n  hidden_size: 100\n  num_heads: 4\n  mlp_ratio: 1.1\n")
-    from dit_compiler.build import compile_spec
-    from dit_compiler.spec import load_spec
+    from dit_compiler.compiler.build import compile_spec
+    from dit_compiler.compiler.spec import load_spec
     graph = compile_spec(load_spec(spec)).graph
     assert graph.axes["mlp"].size == 110
 

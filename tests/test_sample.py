@@ -10,14 +10,14 @@ import torch
 
 from conftest import SPECS, ditc_without_transformers
 from dit_compiler.cli import main
-from dit_compiler.diffusion import create_diffusion, guided, sample_loop
+from dit_compiler.app.diffusion import create_diffusion, guided, sample_loop
 from dit_compiler.errors import UsageError
-from dit_compiler.lower import lower
-from dit_compiler.run.backend import open_backend
-from dit_compiler.run.sample import FixedBatch, SampleConfig, generate, sample_labels
-from dit_compiler.run.train import TrainConfig, run_build_dir, train
-from dit_compiler.run.weights import load_checkpoint
-from dit_compiler.spec import load_spec
+from dit_compiler.compiler.lower import lower
+from dit_compiler.app.backend import open_backend
+from dit_compiler.app.sample import FixedBatch, SampleConfig, generate, sample_labels
+from dit_compiler.app.train import TrainConfig, run_build_dir, train
+from dit_compiler.app.weights import load_checkpoint
+from dit_compiler.compiler.spec import load_spec
 from train_helpers import TINY_DIGITS, tiny_spec, train_tiny
 
 
@@ -89,7 +89,7 @@ def test_spec_without_checkpoint_or_null_class_is_refused(tmp_path, capsys):
     spec = tmp_path / "no-null.yaml"
     spec.write_text(f"extends: {SPECS / 'tiny.yaml'}\nname: no-null\nmodel: {{class_dropout_prob: 0}}\n")
     graph = lower(load_spec(spec))
-    from dit_compiler.build import compile_spec, write_build
+    from dit_compiler.compiler.build import compile_spec, write_build
 
     backend = open_backend("torch", write_build(compile_spec(load_spec(spec)), tmp_path), graph)
     with pytest.raises(UsageError, match="no null class"):
@@ -97,15 +97,15 @@ def test_spec_without_checkpoint_or_null_class_is_refused(tmp_path, capsys):
 
 
 def test_latent_spec_decodes_with_a_vae_folder_or_writes_latents(tmp_path, capsys):
-    from dit_compiler.run.common import import_diffusers
+    from dit_compiler.checks.common import import_diffusers
 
     AutoencoderKL = import_diffusers().AutoencoderKL
     torch.manual_seed(0)
     for name, channels in (("vae", 4), ("vae2", 2)):
         AutoencoderKL(block_out_channels=(32,), latent_channels=channels, norm_num_groups=8,
                       layers_per_block=1).save_pretrained(tmp_path / name)
-    from dit_compiler.build import TORCH_FILE, compile_spec, write_build
-    from dit_compiler.run.common import load_module, randomize_
+    from dit_compiler.compiler.build import TORCH_FILE, compile_spec, write_build
+    from dit_compiler.checks.common import load_module, randomize_
 
     model = load_module(write_build(compile_spec(load_spec(SPECS / "tiny.yaml")), tmp_path / "b") / TORCH_FILE).Model()
     randomize_(model, 0)

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from conftest import SPECS, needs_nntile
-from dit_compiler.build import (MANIFEST_FILE, OUTPUT_MARKER, TORCH_FILE, cache_root, check_owned, compile_spec,
+from dit_compiler.compiler.build import (MANIFEST_FILE, OUTPUT_MARKER, TORCH_FILE, cache_root, check_owned, compile_spec,
                                 mark_folder, write_atomic, write_build, write_text_atomic)
 from dit_compiler.cli import main
 from dit_compiler.errors import UsageError
-from dit_compiler.run.train import RUN_FILE, run_build_dir
-from dit_compiler.run.weights import load_checkpoint
-from dit_compiler.spec import load_spec
+from dit_compiler.app.train import RUN_FILE, run_build_dir
+from dit_compiler.app.weights import load_checkpoint
+from dit_compiler.compiler.spec import load_spec
 from train_helpers import train_tiny
 
 VICTIM = "the user's file\n"

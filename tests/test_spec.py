@@ -10,8 +10,8 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from dit_compiler.errors import Diagnostic
-from dit_compiler.spec import SpecError, load_spec, load_spec_data, schema, schema_text
-from dit_compiler.spec.model import PRESETS, TILE_AXES, ModelSpec, TilingSpec
+from dit_compiler.compiler.spec import SpecError, load_spec, load_spec_data, schema, schema_text
+from dit_compiler.compiler.spec.model import PRESETS, TILE_AXES, ModelSpec, TilingSpec
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 

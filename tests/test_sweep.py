@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT, SPECS, needs_nntile
 from dit_compiler.cli import main
-from dit_compiler.spec.sweep import load_sweep
+from dit_compiler.compiler.spec.sweep import load_sweep
 
 
 def write_sweep(tmp_path, body: str):
@@ -37,7 +37,7 @@ points:
 def test_plots_draw_a_line_per_combination_of_the_independent_keys(tmp_path):
     """Zipped keys move together along a plot's axis: against hidden_size (zipped with num_heads), a line per
     depth and batch, each through both zipped values, not a line per point."""
-    from dit_compiler.run.sweep import PointResult, plot_groups, plot_results
+    from dit_compiler.checks.sweep import PointResult, plot_groups, plot_results
 
     sweep = load_sweep(write_sweep(tmp_path, """
 grid:

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import SPECS, needs_cc, needs_nntile
-from dit_compiler.build import compile_spec
-from dit_compiler.graph.ops import OPS, Activation, Norm
-from dit_compiler.spec import load_spec
-from dit_compiler.targets.nntile_1_1.layers import LAYERS, Moments
-from dit_compiler.targets.nntile_1_1.plan import Step, memory_plan
+from dit_compiler.compiler.build import compile_spec
+from dit_compiler.compiler.graph.ops import OPS, Activation, Norm
+from dit_compiler.compiler.spec import load_spec
+from dit_compiler.compiler.targets.nntile_1_1.layers import LAYERS, Moments
+from dit_compiler.compiler.targets.nntile_1_1.plan import Step, memory_plan
 
 #: Axis -> (size, tile) for the layer tests: one tile per axis, and ragged tiles on every tiled axis.
 AXES = {
@@ -70,7 +70,7 @@ KERNEL_CASES = [(case, "nntile") for case in sorted(CASES)] + [("Act-gelutanh", 
 
 @pytest.fixture(scope="module")
 def runtime():
-    from dit_compiler.targets.nntile_1_1 import nntile_runtime
+    from dit_compiler.compiler.targets.nntile_1_1 import nntile_runtime
 
     with nntile_runtime(2):
         yield
@@ -78,7 +78,7 @@ def runtime():
 
 def native_or_skip():
     """ditc's kernel extension, or a skip saying why it cannot be built here."""
-    from dit_compiler.targets.nntile_1_1 import native
+    from dit_compiler.compiler.targets.nntile_1_1 import native
 
     if why := native.problem():
         pytest.skip(f"ditc's kernels are unavailable here: {why}")
@@ -106,8 +106,8 @@ def test_layer_matches_torch(runtime, case, kernels, tiling, overwrite):
     added to what is there otherwise; parameter gradients are always overwritten. On the multi-tile
     axes attention's keys span three tiles (ditc's softmax combines them in two levels), on the
     single-tile ones they are one tile (ditc's one-pass softmax)."""
-    from dit_compiler.targets.nntile_1_1 import wait_for_all
-    from dit_compiler.targets.nntile_1_1.alloc import Allocator
+    from dit_compiler.compiler.targets.nntile_1_1 import wait_for_all
+    from dit_compiler.compiler.targets.nntile_1_1.alloc import Allocator
 
     dims, attrs, reference, no_grad, params = CASES[case]
     cls, axes = LAYERS[case.split("-")[0]], AXES[tiling]
@@ -210,7 +210,7 @@ def test_memory_plan_releases_every_value_by_the_end_of_backward():
 def test_predicted_peak_holds_every_weight_twice_more_and_one_layers_gradients():
     """A steady training step holds parameters and AdamW's two moments throughout, but parameter gradients
     only from a layer's backward to its update; the replay of the plan agrees with the graph's sizes."""
-    from dit_compiler.targets.nntile_1_1.memory import BASELINE, predict, tensor_bytes
+    from dit_compiler.compiler.targets.nntile_1_1.memory import BASELINE, predict, tensor_bytes
 
     graph = compile_spec(load_spec(SPECS / "dit-s-2-b8.yaml")).graph
     peak = predict(graph)
@@ -224,7 +224,7 @@ def test_predicted_peak_holds_every_weight_twice_more_and_one_layers_gradients()
 
 
 def test_memory_limit_check_says_fits_swaps_or_too_small():
-    from dit_compiler.targets.nntile_1_1 import check_limit
+    from dit_compiler.compiler.targets.nntile_1_1 import check_limit
 
     graph = compile_spec(load_spec(SPECS / "dit-s-2-b8.yaml")).graph
     assert check_limit(graph, 8 * 2 ** 30).fits
@@ -241,8 +241,8 @@ def test_out_of_core_swap_folder_goes_on_sigterm(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys, time; from dit_compiler.build import graph_of; from dit_compiler.spec import load_spec;"
-            "from dit_compiler.targets.nntile_1_1 import out_of_core\n"
+    code = ("import sys, time; from dit_compiler.compiler.build import graph_of; from dit_compiler.compiler.spec import load_spec;"
+            "from dit_compiler.compiler.targets.nntile_1_1 import out_of_core\n"
             f"with out_of_core(graph_of(load_spec({str(SPECS / 'tiny.yaml')!r})), 2 ** 30, {str(tmp_path)!r}) as s:\n"
             "    print(s.swap_dir, flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=SPECS.parent)
@@ -265,7 +265,7 @@ def test_memory_plan_refuses_a_parameter_two_layers_read():
 
 
 def test_every_device_op_kind_has_a_layer_with_its_ports():
-    from dit_compiler.targets.nntile_1_1.emitter import check_layers
+    from dit_compiler.compiler.targets.nntile_1_1.emitter import check_layers
 
     check_layers()
     assert {k.layer for k in OPS.values() if not k.host} == set(LAYERS)

@@ -12,11 +12,11 @@ import sys
 import pytest
 import torch
 
-from dit_compiler.targets.torch.emitter import emit_torch
-from dit_compiler.lower import Lowering, lower
-from dit_compiler.run.common import load_module, make_inputs, randomize_, rel_error
-from dit_compiler.run.oracle import OracleReport, check_against_diffusers, oracle_config, to_diffusers_state_dict
-from dit_compiler.spec.model import PRESETS, ModelSpec, Spec
+from dit_compiler.compiler.targets.torch.emitter import emit_torch
+from dit_compiler.compiler.lower import Lowering, lower
+from dit_compiler.checks.common import load_module, make_inputs, randomize_, rel_error
+from dit_compiler.checks.oracle import OracleReport, check_against_diffusers, oracle_config, to_diffusers_state_dict
+from dit_compiler.compiler.spec.model import PRESETS, ModelSpec, Spec
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -104,7 +104,7 @@ def test_oracle_leaves_the_reference_alone(tmp_path):
 def test_oracle_catches_a_wrong_mapped_weight(tmp_path, monkeypatch, flavor):
     """The check is not vacuous: perturb one weight on its way into diffusers, and the oracle's own
     report exceeds its tolerance."""
-    import dit_compiler.run.oracle as oracle
+    import dit_compiler.checks.oracle as oracle
 
     graph, _, model = build(tmp_path, make_spec(flavor=flavor))
     mapped = oracle.to_diffusers_state_dict
@@ -240,9 +240,9 @@ def test_oracle_config_follows_the_flavor():
 # -- every op kind's torch code; RMSNorm, an op no shipped spec uses yet ----------------------------
 
 def test_every_op_kind_has_torch_code_and_its_functions():
-    from dit_compiler.graph.ops import OPS
-    from dit_compiler.targets.torch.emitter import functions
-    from dit_compiler.targets.torch.ops import TORCH_OPS
+    from dit_compiler.compiler.graph.ops import OPS
+    from dit_compiler.compiler.targets.torch.emitter import functions
+    from dit_compiler.compiler.targets.torch.ops import TORCH_OPS
 
     assert {kind.torch for kind in OPS.values()} == set(TORCH_OPS)
     assert {u for op in TORCH_OPS.values() for u in op.uses} <= set(functions())
@@ -250,7 +250,7 @@ def test_every_op_kind_has_torch_code_and_its_functions():
 
 @pytest.mark.parametrize("eps", [1e-6, 1e-2])
 def test_rms_norm_is_torchs(eps):
-    from dit_compiler.targets.torch.functions import rms_norm
+    from dit_compiler.compiler.targets.torch.functions import rms_norm
 
     x = torch.randn(3, 5, 24, dtype=torch.float64) * 3
     norm = torch.nn.RMSNorm(24, eps=eps, dtype=torch.float64)

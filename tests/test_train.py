@@ -11,16 +11,16 @@ import torch
 from safetensors.numpy import load_file
 
 from conftest import ROOT, ditc_without_transformers
-from dit_compiler.build import TORCH_FILE, compile_spec, write_build
+from dit_compiler.compiler.build import TORCH_FILE, compile_spec, write_build
 from dit_compiler.cli import main, parse_args
 from dit_compiler.errors import UsageError
-from dit_compiler.lower import lower
-from dit_compiler.run import backend as backend_module
-from dit_compiler.run.backend import OptimConfig, TorchBackend, open_backend
-from dit_compiler.run.common import load_module
-from dit_compiler.run.train import TrainConfig, checkpoints, initial_weights, run_build_dir, train
-from dit_compiler.run.weights import initialize_dit_weights, load_checkpoint
-from dit_compiler.spec import load_spec
+from dit_compiler.compiler.lower import lower
+from dit_compiler.app import backend as backend_module
+from dit_compiler.app.backend import OptimConfig, TorchBackend, open_backend
+from dit_compiler.checks.common import load_module
+from dit_compiler.app.train import TrainConfig, checkpoints, initial_weights, run_build_dir, train
+from dit_compiler.app.weights import initialize_dit_weights, load_checkpoint
+from dit_compiler.compiler.spec import load_spec
 from train_helpers import TINY_DIGITS, terminate_training, tiny_spec, train_tiny
 
 
@@ -106,8 +106,8 @@ def test_a_checkpoint_of_dits_own_train_py_loads_as_it_is(tmp_path, capsys):
     import copy
     from fractions import Fraction
 
-    from dit_compiler.run.common import randomize_
-    from dit_compiler.run.weights import load_weights
+    from dit_compiler.checks.common import randomize_
+    from dit_compiler.app.weights import load_weights
 
     spec = tiny_spec(tmp_path)
     _, _, model = _reference(tmp_path, spec)
@@ -210,7 +210,7 @@ def test_export_writes_a_diffusers_model_that_gives_the_same_outputs(tmp_path, c
     import safetensors.torch
     from safetensors.torch import save_file
 
-    from dit_compiler.run.common import import_diffusers, randomize_
+    from dit_compiler.checks.common import import_diffusers, randomize_
 
     spec = tiny_spec(tmp_path, TINY_DIGITS.replace("num_classes: 10}", "num_classes: 10, flavor: diffusers}"))
     build_dir, _, reference = _reference(tmp_path, spec)
@@ -254,7 +254,7 @@ class Threads(TorchBackend):
 
 
 def test_train_ncpus_sets_the_workers_and_threads(tmp_path, monkeypatch, capsys):
-    from dit_compiler.run.limits import cores
+    from dit_compiler.limits import cores
 
     monkeypatch.setitem(backend_module.BACKENDS, "torch", f"{__name__}:Threads")
     monkeypatch.delenv("STARPU_NCPU", raising=False)
@@ -270,9 +270,9 @@ def test_train_ncpus_sets_the_workers_and_threads(tmp_path, monkeypatch, capsys)
 
 
 def test_the_specs_train_and_sample_sections_are_the_defaults_flags_override(tmp_path):
-    from dit_compiler.build import graph_of
-    from dit_compiler.run.diffusion_cli import _sample_config
-    from dit_compiler.run.train import resolve_config
+    from dit_compiler.compiler.build import graph_of
+    from dit_compiler.cli.app import _sample_config
+    from dit_compiler.app.train import resolve_config
 
     spec = tiny_spec(tmp_path, TINY_DIGITS + "train: {steps: 7, lr: 0.002}\nsample: {cfg: 1.5, steps: 20}\n")
     config = resolve_config(tmp_path / "run", {"steps": None, "seed": 3}, False, spec)
@@ -315,7 +315,7 @@ def test_a_backend_that_cannot_start_leaves_no_run_behind(tmp_path, monkeypatch,
     def refuse(*args, **kwargs):
         raise UsageError("no backend today")
 
-    monkeypatch.setattr("dit_compiler.run.train.open_backend", refuse)
+    monkeypatch.setattr("dit_compiler.app.train.open_backend", refuse)
     spec = str(tiny_spec(tmp_path).source)
     assert main(["train", spec, "--out", str(tmp_path / "r"), "--steps", "2"]) == 2
     assert "no backend today" in capsys.readouterr().err and not (tmp_path / "r").exists()

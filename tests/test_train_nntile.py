@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import needs_nntile
-from dit_compiler.run.common import group_error
-from dit_compiler.run.train import TrainConfig, checkpoints, train
-from dit_compiler.run.weights import load_checkpoint
+from dit_compiler.checks.common import group_error
+from dit_compiler.app.train import TrainConfig, checkpoints, train
+from dit_compiler.app.weights import load_checkpoint
 from train_helpers import tiny_spec, train_tiny
 
 pytestmark = [needs_nntile, pytest.mark.nntile]
@@ -59,10 +59,10 @@ def test_a_run_resumes_on_the_other_backend(tmp_path, first, then):
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_nntile_samples_what_torch_samples(tmp_path, sampler):
     """From the same initial and per-step noise, NNTile's and torch's trajectories end on the same samples."""
-    from dit_compiler.build import graph_of
-    from dit_compiler.run.backend import load_into, open_backend
-    from dit_compiler.run.sample import SampleConfig, generate
-    from dit_compiler.run.train import run_build_dir
+    from dit_compiler.compiler.build import graph_of
+    from dit_compiler.app.backend import load_into, open_backend
+    from dit_compiler.app.sample import SampleConfig, generate
+    from dit_compiler.app.train import run_build_dir
 
     run = train_tiny(tmp_path, 3, "torch")
     spec, build_dir = tiny_spec(tmp_path), run_build_dir(run)

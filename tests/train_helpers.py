@@ -7,8 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from dit_compiler.run.train import TrainConfig, train
-from dit_compiler.spec import load_spec
+from dit_compiler.app.train import TrainConfig, train
+from dit_compiler.compiler.spec import load_spec
 
 TINY_DIGITS = """\
 name: tiny-digits

@@ -37,11 +37,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from dit_compiler.build import SPEC_FILE, compile_spec, graph_of, write_build  # noqa: E402
-from dit_compiler.data import ImageShape  # noqa: E402
-from dit_compiler.graph.cost import totals  # noqa: E402
-from dit_compiler.run.distributed import BUCKET_BYTES  # noqa: E402
-from dit_compiler.spec import load_spec, load_spec_data  # noqa: E402
+from dit_compiler.compiler.build import SPEC_FILE, compile_spec, graph_of, write_build  # noqa: E402
+from dit_compiler.app.data import ImageShape  # noqa: E402
+from dit_compiler.compiler.graph.cost import totals  # noqa: E402
+from dit_compiler.app.distributed import BUCKET_BYTES  # noqa: E402
+from dit_compiler.compiler.spec import load_spec, load_spec_data  # noqa: E402
 
 RANKS = (2, 8, 64)
 
@@ -51,13 +51,13 @@ def rank_main(build_dir: Path, steps: int, out: Path) -> None:
     import torch
     import torch.distributed as dist
 
-    from dit_compiler.build import TORCH_FILE
-    from dit_compiler.run.backend import OptimConfig
-    from dit_compiler.run.common import load_module, randomize_
-    from dit_compiler.run.distributed import joined, world_from_env
-    from dit_compiler.run.weights import to_numpy
-    from dit_compiler.targets.nntile_1_1.backend import NNTileBackend
-    from dit_compiler.targets.nntile_1_1.runtime import wait_for_all
+    from dit_compiler.compiler.build import TORCH_FILE
+    from dit_compiler.app.backend import OptimConfig
+    from dit_compiler.checks.common import load_module, randomize_
+    from dit_compiler.app.distributed import joined, world_from_env
+    from dit_compiler.app.weights import to_numpy
+    from dit_compiler.compiler.targets.nntile_1_1.backend import NNTileBackend
+    from dit_compiler.compiler.targets.nntile_1_1.runtime import wait_for_all
 
     world = world_from_env()
     graph = graph_of(load_spec(build_dir / SPEC_FILE))
@@ -105,7 +105,7 @@ def rank_main(build_dir: Path, steps: int, out: Path) -> None:
 
 
 def measure(preset: str, batch: int, steps: int, tmp: Path) -> dict:
-    from dit_compiler.run.launch import launch
+    from dit_compiler.app.launch import launch
 
     spec = load_spec_data({"preset": preset, "batch": batch, "name": preset.lower().replace("/", "-") + f"-b{batch}"},
                           source=preset)

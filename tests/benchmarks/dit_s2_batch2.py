@@ -9,10 +9,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from dit_compiler.build import compile_spec, write_build
-from dit_compiler.run.bench import bench, format_bench
-from dit_compiler.run.verify import format_report, verify
-from dit_compiler.spec import load_spec_data
+from dit_compiler.compiler.build import compile_spec, write_build
+from dit_compiler.checks.bench import bench, format_bench
+from dit_compiler.checks.verify import format_report, verify
+from dit_compiler.compiler.spec import load_spec_data
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -47,9 +47,9 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("STARPU_SILENT", "1")
-    from dit_compiler.targets.nntile_1_1 import native, nntile_runtime, pause, problem, resume, wait_for_all
-    from dit_compiler.targets.nntile_1_1 import kernels as nt
-    from dit_compiler.targets.nntile_1_1.alloc import Allocator
+    from dit_compiler.compiler.targets.nntile_1_1 import native, nntile_runtime, pause, problem, resume, wait_for_all
+    from dit_compiler.compiler.targets.nntile_1_1 import kernels as nt
+    from dit_compiler.compiler.targets.nntile_1_1.alloc import Allocator
 
     if why := problem():
         raise SystemExit(f"kernels_vs_torch: {why}")

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from dit_compiler.build import compile_spec, graph_of, write_build
-from dit_compiler.run.backend import load_into, open_backend
-from dit_compiler.run.common import group_error, load_module, randomize_
-from dit_compiler.run.sample import SampleConfig, generate, sample_labels
-from dit_compiler.run.train import TrainConfig, checkpoints, train
-from dit_compiler.run.weights import load_checkpoint, to_numpy
-from dit_compiler.spec import load_spec
+from dit_compiler.compiler.build import compile_spec, graph_of, write_build
+from dit_compiler.app.backend import load_into, open_backend
+from dit_compiler.checks.common import group_error, load_module, randomize_
+from dit_compiler.app.sample import SampleConfig, generate, sample_labels
+from dit_compiler.app.train import TrainConfig, checkpoints, train
+from dit_compiler.app.weights import load_checkpoint, to_numpy
+from dit_compiler.compiler.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -30,13 +30,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from dit_compiler import targets
-from dit_compiler.build import compile_spec, write_build
-from dit_compiler.graph.cost import totals
-from dit_compiler.graph.ir import Graph
-from dit_compiler.run.bench import SideProcess
-from dit_compiler.spec import load_spec_data
-from dit_compiler.spec.model import memory_bytes
+from dit_compiler.compiler import targets
+from dit_compiler.compiler.build import compile_spec, write_build
+from dit_compiler.compiler.graph.cost import totals
+from dit_compiler.compiler.graph.ir import Graph
+from dit_compiler.checks.bench import SideProcess
+from dit_compiler.compiler.spec import load_spec_data
+from dit_compiler.compiler.spec.model import memory_bytes
 
 MIB = 2 ** 20
 #: variant -> (side, torch activation checkpointing, NNTile out-of-core)

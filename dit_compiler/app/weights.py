@@ -1,0 +1,134 @@
+"""DiT's initialisation of the torch reference, and checkpoints in facebookresearch/DiT's format.
+
+A checkpoint is a `torch.save`d dict `{"model", "ema", "opt", "args"}` as DiT's `train.py` writes
+(`model`/`ema`: the reference's state_dict; `opt`: `torch.optim.AdamW.state_dict()`; `args`: the
+training settings as a plain dict; DiT's own runs save an `argparse.Namespace`, which the loader also
+reads), plus `train_state`
+(step, data order, random generator, wall time) for an exact `--resume`. DiT's own loaders take
+`ckpt["ema"]` and ignore the rest. Every write is atomic: a temporary file, then a rename.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from dit_compiler.compiler.build import write_atomic
+from dit_compiler.errors import UsageError
+from dit_compiler.compiler.naming import KEYS
+
+StateDict = dict[str, np.ndarray]
+
+
+@torch.no_grad()
+def initialize_dit_weights(module: nn.Module, flavor: str, depth: int, seed: int) -> None:
+    """DiT's `initialize_weights` on a reference module of either flavor's key layout.
+
+    Every Linear xavier-uniform with zero bias; the patch projection xavier-uniform as a Linear over
+    the patch vector, zero bias; label tables N(0, 0.02); the timestep MLP's weights N(0, 0.02); every
+    adaLN projection and the output Linear zero. (The fixed positional table is built by the module.)
+    Draws come from a generator seeded with `seed`, in the module's registration order.
+    """
+    keys = KEYS[flavor]
+    generator = torch.Generator().manual_seed(seed)
+    modules = dict(module.named_modules())
+    blocks = [keys.block.format(i=i) for i in range(depth)]
+
+    def every(pattern: str) -> list[nn.Module]:
+        return [modules[name] for name in dict.fromkeys(pattern.format(b=b) for b in blocks)]
+
+    for m in modules.values():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight, generator=generator)
+            nn.init.zeros_(m.bias)
+    patch = modules[keys.patch]
+    nn.init.xavier_uniform_(patch.weight.view(patch.weight.shape[0], -1), generator=generator)
+    nn.init.zeros_(patch.bias)
+    for table in every(keys.y_table):
+        nn.init.normal_(table.weight, std=0.02, generator=generator)
+    for linear in every(keys.t_linear1) + every(keys.t_linear2):
+        nn.init.normal_(linear.weight, std=0.02, generator=generator)
+    for linear in every(keys.adaln) + [modules[keys.final_adaln], modules[keys.final_linear]]:
+        nn.init.zeros_(linear.weight)
+        nn.init.zeros_(linear.bias)
+
+
+def to_numpy(state: dict) -> StateDict:
+    return {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)).copy()
+            for k, v in state.items()}
+
+
+def to_torch(state: StateDict) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+
+
+#: The kind of folder checkpoints are written into (its marker, `build.OUTPUT_MARKER`, says so).
+CHECKPOINTS = "checkpoints"
+
+
+def save_checkpoint(path: Path, model: StateDict, ema: StateDict, opt: dict, args: dict, train_state: dict) -> None:
+    payload = {"model": to_torch(model), "ema": to_torch(ema), "opt": opt, "args": args, "train_state": train_state}
+    write_atomic(path, lambda file: torch.save(payload, file), CHECKPOINTS)
+
+
+def save_safetensors(path: Path, state: StateDict) -> None:
+    from safetensors.numpy import save
+
+    write_atomic(path, lambda file: file.write(save({k: np.ascontiguousarray(v) for k, v in state.items()})),
+                 CHECKPOINTS)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A DiT-format `.pt` (or any torch-saved dict), read without executing code."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1)
+    except OSError as error:
+        raise UsageError(f"{path}: cannot be read ({error.strerror})") from None
+    if not zipfile.is_zipfile(path) and head != b"\x80":   # torch's zip format, or a pickle (older torch)
+        raise UsageError(f"{path}: not a checkpoint (neither torch's zip format nor a pickle)")
+    try:
+        with warnings.catch_warnings():   # torch's notes on pickle protocols are not the user's concern
+            warnings.simplefilter("ignore")
+            # DiT's train.py saves its settings as an argparse.Namespace: a plain attribute holder, allowed as the
+            # one global besides tensors and containers
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated file, not a torch file, pickled code
+        text = str(error)
+        if "Weights only load failed" in text or "WeightsUnpickler" in text:
+            # torch's advice (load with weights_only=False, allowlist the global) is not repeated: only
+            # what the file refers to
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            refers = f" (it refers to {found.group(1)})" if found else ""
+            raise UsageError(f"{path}: holds Python objects besides tensors and plain containers{refers}; ditc "
+                             "never runs code from a checkpoint") from None
+        first = (text.strip().splitlines() or [""])[0]
+        raise UsageError(f"{path}: not a checkpoint torch can read ({type(error).__name__}: {first})") from None
+    if not isinstance(checkpoint, dict):
+        raise UsageError(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    return checkpoint
+
+
+def load_weights(path: Path, ema: bool) -> tuple[StateDict, str]:
+    """Model weights from a DiT-format checkpoint (its `ema` or `model` entry), a bare state_dict (DiT's
+    released `.pt` files) or a `.safetensors` file; returns them and which entry was read."""
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        try:
+            return load_file(str(path)), "safetensors"
+        except Exception as error:
+            raise UsageError(f"{path}: not a readable safetensors file ({error})") from None
+    checkpoint = load_checkpoint(path)
+    entry = "ema" if ema and "ema" in checkpoint else "model" if "model" in checkpoint else None
+    state = checkpoint[entry] if entry else checkpoint
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"{path}: no `model` or `ema` weights in it (keys: {', '.join(map(str, checkpoint))})")
+    return to_numpy(state), entry or "state_dict"

@@ -1,0 +1,1 @@
+"""The diffusion checks of the compiler: verify (NNTile against torch against diffusers), the oracle, bench, sweep."""

@@ -1,0 +1,269 @@
+"""The torch reference against the real thing: diffusers' `DiTTransformer2DModel`, built from a config.
+
+Flavor `diffusers` is diffusers' model as shipped: the state_dict keys are identical and load as is.
+Flavor `dit` (facebookresearch/DiT) is diffusers' model with `norm_eps=1e-6`, the timestep frequency
+shift set to 0 in every block, and the weights mapped as diffusers' `scripts/convert_dit_to_diffusers.py`
+maps a DiT checkpoint: DiT's one timestep and label embedder is copied into every block, the fused
+qkv is split into q, k and v. Gradients map back the other way: a copied embedder's gradient is the
+sum over the blocks, the qkv gradient the concatenation of q, k and v.
+
+Nothing here downloads: the diffusers model is built from its config with `from_config`-style kwargs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from dit_compiler.compiler.graph.ir import Graph
+from dit_compiler.compiler.naming import DIFFUSERS, DIT, StateKeys
+from dit_compiler.checks.common import Inputs, group_error, import_diffusers, rel_error
+
+#: What diffusers cannot change: the sinusoid size of `CombinedTimestepLabelEmbeddings`, its period,
+#: the FeedForward multiplier, and the eps of the attention-branch and output LayerNorms.
+DIFFUSERS_FREQUENCY = 256
+DIFFUSERS_MAX_PERIOD = 10000
+DIFFUSERS_MLP_RATIO = 4
+DIFFUSERS_FIXED_EPS = 1e-6
+
+#: A parameter's gradient counts for `worst_param` when its norm is at least this share of the largest
+#: (the attention key bias has an analytically zero gradient: softmax is shift invariant).
+WORST_PARAM_FLOOR = 1e-3
+
+
+@dataclass(frozen=True)
+class OracleReport:
+    """Norm-wise relative errors of the torch reference against diffusers (diffusers is the expected side)."""
+
+    forward: float
+    input_grad: float
+    param_grad: float          # all reference parameters taken as one vector
+    worst_param: str           # reference key of the worst parameter gradient (among the non-negligible)
+    worst_param_error: float
+
+
+# -- the config -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _GraphFacts:
+    """What the config needs beyond axes, read off the graph's nodes: block 0's two LayerNorms (attention
+    branch, MLP branch), the output LayerNorm after the blocks, the sinusoid's and the label table's
+    attributes."""
+
+    attn_norm_eps: float
+    mlp_norm_eps: float
+    final_norm_eps: float
+    frequency_shift: int
+    max_period: int
+    num_classes: int
+
+    @classmethod
+    def of(cls, graph: Graph) -> _GraphFacts | str:
+        block = [n.attrs.eps for n in graph.nodes if n.op == "layer_norm" and n.block == 0]
+        after = [n.attrs.eps for n in graph.nodes if n.op == "layer_norm" and n.block is None]
+        if len(block) != 2 or len(after) != 1 or any(n.op not in _DIT_OPS for n in graph.nodes):
+            return "the graph is not DiT's (two LayerNorms a block, one after, DiT's op kinds only)"
+        sinusoid = graph.first("timestep_sinusoid").attrs
+        return cls(*block, *after, sinusoid.shift, sinusoid.max_period, graph.first("embedding").attrs.null_class)
+
+
+#: The op kinds diffusers' DiT has.
+_DIT_OPS = frozenset({"patchify", "timestep_sinusoid", "unpatchify", "linear", "add_const_slice", "embedding",
+                      "act", "add", "layer_norm", "modulate", "gated_residual", "attention"})
+
+
+def oracle_config(graph: Graph) -> dict | str:
+    """`DiTTransformer2DModel` kwargs for `graph`, or a sentence saying why diffusers cannot express it."""
+    ax, flavor = graph.axes, graph.spec.model.flavor
+    hidden, heads = ax["hidden"].size, ax["heads"].size
+    if flavor not in ("dit", "diffusers"):
+        return f"flavor {flavor!r} has no diffusers counterpart"
+    a = _GraphFacts.of(graph)
+    if isinstance(a, str):
+        return a
+    if ax["frequency"].size != DIFFUSERS_FREQUENCY:
+        return (f"frequency_embedding_size {ax['frequency'].size}: diffusers fixes the timestep sinusoid "
+                f"at {DIFFUSERS_FREQUENCY}")
+    if a.max_period != DIFFUSERS_MAX_PERIOD:
+        return f"max_period {a.max_period}: diffusers fixes it at {DIFFUSERS_MAX_PERIOD}"
+    if ax["mlp"].size != DIFFUSERS_MLP_RATIO * hidden:
+        return (f"mlp_ratio {ax['mlp'].size / hidden:g}: diffusers' FeedForward fixes it at "
+                f"{DIFFUSERS_MLP_RATIO}")
+    if hidden != heads * ax["head_dim"].size:
+        return f"hidden_size {hidden} is not a multiple of num_heads {heads}"
+    if ax["classes"].size != a.num_classes + 1:
+        # diffusers' LabelEmbedding always gets class_dropout_prob 0.1, hence always a null row.
+        return (f"the class table has {ax['classes'].size} rows for {a.num_classes} classes: "
+                "diffusers always has a null row (num_classes + 1)")
+    for name in ("attn_norm_eps", "final_norm_eps"):
+        if getattr(a, name) != DIFFUSERS_FIXED_EPS:
+            return (f"norm_eps {getattr(a, name):g}: diffusers fixes the attention-branch and output LayerNorm "
+                    f"eps at {DIFFUSERS_FIXED_EPS:g}")
+    if flavor == "dit" and a.mlp_norm_eps != DIFFUSERS_FIXED_EPS:
+        return f"norm_eps {a.mlp_norm_eps:g}: diffusers can only match DiT at {DIFFUSERS_FIXED_EPS:g}"
+    expected_shift = 1 if flavor == "diffusers" else 0
+    if a.frequency_shift != expected_shift:
+        return f"frequency shift {a.frequency_shift} for flavor {flavor} (expected {expected_shift})"
+    return {
+        "num_attention_heads": heads,
+        "attention_head_dim": ax["head_dim"].size,
+        "in_channels": ax["in_channels"].size,
+        "out_channels": ax["out_channels"].size,
+        "num_layers": graph.depth,
+        "sample_size": ax["height"].size,
+        "patch_size": graph.first("patchify").attrs.patch_size,
+        "num_embeds_ada_norm": a.num_classes,
+        "norm_eps": a.mlp_norm_eps if flavor == "diffusers" else DIFFUSERS_FIXED_EPS,
+    }
+
+
+def build_diffusers(graph: Graph):
+    """A randomly initialised `DiTTransformer2DModel` with the graph's semantics (eval mode, float32),
+    or the reason it cannot have them."""
+    config = oracle_config(graph)
+    if isinstance(config, str):
+        return config
+    try:
+        DiTTransformer2DModel = import_diffusers().DiTTransformer2DModel
+    except Exception as error:  # not installed, or an incompatible build
+        return f"diffusers is not importable ({type(error).__name__}: {error})"
+    model = DiTTransformer2DModel(**config).float().eval()
+    if graph.spec.model.flavor == "dit":
+        for block in model.transformer_blocks:
+            block.norm1.emb.time_proj.downscale_freq_shift = 0
+    return model
+
+
+# -- the weight mapping -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Map:
+    """One reference tensor and the diffusers tensors it becomes.
+
+    `copy`: one target, same tensor; `shared`: the same tensor in every target (gradient: the sum);
+    `split`: row blocks of equal size, one per target (gradient: the concatenation).
+    """
+
+    key: str
+    targets: tuple[str, ...]
+    how: str = "copy"
+
+
+def weight_map(graph: Graph) -> list[_Map]:
+    """How every reference parameter (pos_embed aside) maps onto diffusers' state_dict keys: for flavor
+    `dit`, DiT's key layout against diffusers' (`dit_compiler.compiler.naming`), field by field."""
+    if graph.spec.model.flavor == "diffusers":
+        return [_Map(k, (k,)) for k in _reference_keys(graph)]
+    depth = graph.depth
+    maps: list[_Map] = []
+    for f in fields(StateKeys):
+        if f.name == "block":
+            continue
+        src, dst = _as_tuple(getattr(DIT, f.name)), _as_tuple(getattr(DIFFUSERS, f.name))
+        per_block = "{b}" in src[0]
+        for i in range(depth) if per_block else (None,):
+            sources = [k.format(b=DIT.block.format(i=i)) for k in src]
+            if per_block or "{b}" not in dst[0]:
+                targets, how = [k.format(b=DIFFUSERS.block.format(i=i)) for k in dst], "copy"
+                how = "split" if len(targets) > len(sources) else how
+            else:  # one DiT module copied into every diffusers block
+                targets, how = [k.format(b=DIFFUSERS.block.format(i=j)) for j in range(depth) for k in dst], "shared"
+            for p in ("weight",) if f.name in _TABLES else ("weight", "bias"):
+                maps.append(_Map(f"{sources[0]}.{p}", tuple(f"{t}.{p}" for t in targets), how))
+    return maps
+
+
+#: StateKeys fields that are embedding tables (a weight, no bias).
+_TABLES = ("y_table",)
+
+
+def _as_tuple(keys: str | tuple[str, ...]) -> tuple[str, ...]:
+    return keys if isinstance(keys, tuple) else (keys,)
+
+
+def _reference_keys(graph: Graph) -> list[str]:
+    return list(dict.fromkeys(t.source.key for t in graph.params))
+
+
+def to_diffusers_state_dict(graph: Graph, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The reference's state_dict (or any tensors keyed alike) in diffusers' key space."""
+    out: dict[str, torch.Tensor] = {}
+    for m in weight_map(graph):
+        value = state[m.key]
+        if m.how == "split":
+            out.update(zip(m.targets, value.chunk(len(m.targets), dim=0)))
+        else:
+            out.update((target, value) for target in m.targets)
+    return {k: v.detach().clone() for k, v in out.items()}
+
+
+def to_reference_grads(graph: Graph, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Gradients in diffusers' key space -> the reference's key space (sum shared, concatenate split)."""
+    out: dict[str, torch.Tensor] = {}
+    for m in weight_map(graph):
+        parts = [grads[t] for t in m.targets]
+        if m.how == "split":
+            out[m.key] = torch.cat(parts, dim=0)
+        elif m.how == "shared":
+            out[m.key] = torch.stack(parts).sum(dim=0)
+        else:
+            out[m.key] = parts[0]
+    return out
+
+
+# -- the check --------------------------------------------------------------------------------------
+
+def _forward_backward(model, forward, inputs: Inputs) -> tuple[np.ndarray, np.ndarray, dict[str, torch.Tensor]]:
+    """Output, input gradient and parameter gradients, without touching any `.grad` of the model."""
+    x = inputs.x.detach().clone().float().requires_grad_(True)
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    out = forward(x)
+    grads = torch.autograd.grad(out, [x] + [p for _, p in named], grad_outputs=inputs.grad_out.float(),
+                                allow_unused=True)
+    params = {k: (torch.zeros_like(p) if g is None else g) for (k, p), g in zip(named, grads[1:])}
+    return out.detach().numpy(), grads[0].numpy(), params
+
+
+def check_against_diffusers(graph: Graph, reference: torch.nn.Module, inputs: Inputs) -> OracleReport | str:
+    """Run the reference (with its current weights) and diffusers on the same mapped weights and inputs,
+    forward and backward with `inputs.grad_out`; the errors, or why diffusers cannot be compared."""
+    oracle = build_diffusers(graph)
+    if isinstance(oracle, str):
+        return oracle
+    ref_params = {k: p for k, p in reference.named_parameters() if p.requires_grad}
+    state = reference.state_dict()
+    missing = sorted(set(_reference_keys(graph)) - set(state))
+    if missing:
+        return f"the reference lacks graph parameters {missing[:3]}"
+    oracle.load_state_dict(to_diffusers_state_dict(graph, state), strict=True)
+
+    was_training = reference.training
+    reference.eval()
+    try:
+        with torch.enable_grad():
+            ref_out, ref_dx, ref_grads = _forward_backward(
+                reference, lambda x: reference(x, inputs.t, inputs.y), inputs)
+            hf_out, hf_dx, hf_grads = _forward_backward(
+                oracle, lambda x: oracle(x, timestep=inputs.t, class_labels=inputs.y, return_dict=False)[0], inputs)
+    finally:
+        reference.train(was_training)
+
+    mapped = to_reference_grads(graph, hf_grads)
+    keys = sorted(ref_params)
+    unmapped = [k for k in keys if k not in mapped]
+    if unmapped:
+        return f"no diffusers counterpart for reference parameters {unmapped[:3]}"
+    pairs = {k: (ref_grads[k].numpy(), mapped[k].numpy()) for k in keys}
+    norms = {k: float(np.linalg.norm(expected)) for k, (_, expected) in pairs.items()}
+    floor = WORST_PARAM_FLOOR * max(norms.values(), default=0.0)
+    per_param = {k: rel_error(*pairs[k]) for k in keys if norms[k] >= floor and norms[k] > 0}
+    worst = max(per_param, key=per_param.get) if per_param else ""
+    return OracleReport(
+        forward=rel_error(ref_out, hf_out),
+        input_grad=rel_error(ref_dx, hf_dx),
+        param_grad=group_error([pairs[k] for k in keys]),
+        worst_param=worst,
+        worst_param_error=per_param.get(worst, math.nan),
+    )

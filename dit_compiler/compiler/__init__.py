@@ -1,0 +1,1 @@
+"""The compiler: spec -> graph -> lowering -> targets (the NNTile model, the torch reference), and the build folder."""

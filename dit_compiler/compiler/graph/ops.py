@@ -1,0 +1,126 @@
+"""Every op kind, defined once: its named ports, typed attributes, tiling rule, cost, and where its
+implementations live (the NNTile target's layer class, the torch reference's code).
+
+Adding an op is one `OpKind` here, one layer class in the NNTile target's `layers.py` (registered under
+the name `layer` gives), its torch code in `dit_compiler/targets/torch/ops.py` (registered under the name
+`torch` gives), its use in lowering, and its tests. `Graph.lint` rejects a node whose kind is unknown,
+whose ports or attributes differ from its kind's, or that breaks its kind's rule; the targets' tests
+check that every kind has its layer and its torch code.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from dit_compiler.compiler.graph import rules
+from dit_compiler.compiler.graph.rules import Rule
+
+if TYPE_CHECKING:
+    from dit_compiler.compiler.graph.ir import Graph, Node
+
+
+# -- typed attributes -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Activation:
+    fn: Literal["silu", "gelutanh"]
+
+
+@dataclass(frozen=True)
+class Norm:
+    eps: float
+
+
+@dataclass(frozen=True)
+class LabelDrop:
+    """Classifier-free guidance's label dropout: in training a label drops to row `null_class` with
+    probability `prob`. Training drops labels itself (for every backend); the torch reference also does
+    in train mode, as DiT's LabelEmbedder does."""
+
+    null_class: int
+    prob: float
+
+
+@dataclass(frozen=True)
+class Patch:
+    patch_size: int
+
+
+@dataclass(frozen=True)
+class Sinusoid:
+    max_period: int
+    shift: int        # divide by (half - shift): 0 as DiT, 1 as diffusers
+
+
+def _no_macs(graph: Graph, node: Node) -> int:
+    return 0
+
+
+def _linear_macs(graph: Graph, node: Node) -> int:
+    return graph.tensors[node.outputs["y"]].numel * graph.tensors[node.inputs["w"]].shape[1]
+
+
+def _attention_macs(graph: Graph, node: Node) -> int:
+    """Four projections and the two score GEMMs, as the DiT paper's Table 4 counts them."""
+    d, tokens, batch = graph.tensors[node.inputs["x"]].shape
+    return batch * (4 * tokens * d * d + 2 * tokens * tokens * d)
+
+
+@dataclass(frozen=True)
+class OpKind:
+    name: str
+    doc: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    rule: Rule
+    torch: str                                   # its torch code: a key of `targets.torch.ops.TORCH_OPS`
+    layer: str | None = None                     # the target layer class; None for host ops
+    attrs: type = type(None)
+    macs: Callable[[Graph, Node], int] = _no_macs
+    #: The torch reference records this op's outputs under their graph names (`tap`); host ops whose
+    #: output has no torch counterpart say False and are checked through the tensors around them.
+    traced: bool = True
+
+    @property
+    def host(self) -> bool:
+        return self.layer is None
+
+
+_ATTENTION_INPUTS = ("x", "w_q", "w_k", "w_v", "b_q", "b_k", "b_v", "w_o", "b_o")
+
+OPS: dict[str, OpKind] = {kind.name: kind for kind in (
+    OpKind("patchify", "host: image [N, C, H, W] -> patch vectors [patch_dim, tokens, batch], (c, p, q) order",
+           ("x",), ("y",), rules.host, "patchify", attrs=Patch,
+           traced=False),
+    OpKind("timestep_sinusoid", "host: timesteps [batch] -> [cos, sin] features [frequency, batch]",
+           ("t",), ("y",), rules.host, "timestep_sinusoid", attrs=Sinusoid),
+    OpKind("unpatchify", "host: patch outputs [out_dim, tokens, batch] -> image [N, C_out, H, W]",
+           ("x",), ("y",), rules.host, "unpatchify", attrs=Patch),
+    OpKind("linear", "y = W x + b over the first axis; W keeps torch's [out, in] shape",
+           ("x", "w", "b"), ("y",), rules.gemm("x", "w", "y", "b"), "linear", "Linear", macs=_linear_macs),
+    OpKind("add_const_slice", "y = x + table, the constant table broadcast over the batch",
+           ("x", "table"), ("y",), rules.all_of(rules.same("x", "y"), rules.slice_of("table", "x", "batch")),
+           "add_const_slice", "AddConstSlice"),
+    OpKind("embedding", "y[:, n] = table[:, labels[n]]",
+           ("labels", "table"), ("y",), rules.embedding("labels", "table", "y"), "embedding", "Embedding", attrs=LabelDrop),
+    OpKind("act", "element-wise activation (silu or gelutanh)",
+           ("x",), ("y",), rules.same("x", "y"), "act", "Act", attrs=Activation),
+    OpKind("add", "y = a + b", ("a", "b"), ("y",), rules.same("a", "b", "y"), "add", "Add"),
+    OpKind("layer_norm", "normalise over the hidden axis, no affine parameters",
+           ("x",), ("y",), rules.same("x", "y"), "layer_norm", "LayerNormNoAffine",
+           attrs=Norm),
+    OpKind("rms_norm", "y = x / sqrt(mean(x^2) + eps) * weight over the hidden axis (RMSNorm)",
+           ("x", "weight"), ("y",), rules.all_of(rules.same("x", "y"), rules.fiber_of("weight", "x", "hidden")),
+           "rms_norm", "RMSNorm", attrs=Norm),
+    OpKind("modulate", "y = x * (1 + scale) + shift, shift and scale broadcast over tokens",
+           ("x", "shift", "scale"), ("y",),
+           rules.all_of(rules.same("x", "y"), rules.slice_of("shift", "x", "tokens"),
+                        rules.slice_of("scale", "x", "tokens")), "modulate", "Modulate"),
+    OpKind("gated_residual", "y = x + gate * h, gate broadcast over tokens",
+           ("x", "h", "gate"), ("y",), rules.all_of(rules.same("x", "h", "y"), rules.slice_of("gate", "x", "tokens")),
+           "gated_residual", "GatedResidual"),
+    OpKind("attention", "multi-head self-attention with q, k, v and output projections",
+           _ATTENTION_INPUTS, ("y",),
+           rules.all_of(rules.same("x", "y"), *(rules.heads(w, "x") for w in ("w_q", "w_k", "w_v"))),
+           "attention", "Attention", macs=_attention_macs),
+)}

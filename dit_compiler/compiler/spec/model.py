@@ -1,0 +1,168 @@
+"""The resolved spec: what the loader produces and every later stage reads.
+
+A resolved spec has every key filled in (presets, `extends` and defaults applied) but tile sizes may
+still be `auto`; `dit_compiler.compiler.tiling` turns them into integers when the graph is built.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Union
+
+Flavor = Literal["dit", "diffusers"]
+TileSize = Union[int, Literal["auto"]]
+
+#: The tiled axes of a DiT graph, in the order they are documented. The head dimension is never tiled.
+TILE_AXES: tuple[str, ...] = (
+    "batch",      # images in a batch
+    "tokens",     # patches per image, T = (input_size / patch_size)^2
+    "hidden",     # hidden_size
+    "mlp",        # MLP inner size, hidden_size * mlp_ratio
+    "heads",      # attention heads
+    "patch_dim",  # one input patch, in_channels * patch_size^2
+    "out_dim",    # one output patch, out_channels * patch_size^2
+    "frequency",  # sinusoidal timestep features, frequency_embedding_size
+)
+
+PRECISIONS: tuple[str, ...] = ("fp32",)  # tf32 and bf16 are planned; the schema lists only what works
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture hyper-parameters; names and defaults follow facebookresearch/DiT's `DiT` class."""
+
+    input_size: int = 32
+    in_channels: int = 4
+    patch_size: int = 2
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True
+    frequency_embedding_size: int = 256
+    norm_eps: float = 1e-6
+    flavor: Flavor = "dit"
+
+    @property
+    def mlp_size(self) -> int:
+        """The MLP inner size, hidden_size * mlp_ratio; validation checks the product is whole up to
+        floating-point rounding (100 * 1.1 is 110.00000000000001)."""
+        return round(self.hidden_size * self.mlp_ratio)
+
+
+@dataclass(frozen=True)
+class TilingSpec:
+    """Tile size of every tiled axis: an integer (edge tiles may be smaller) or `auto`."""
+
+    batch: TileSize = "auto"
+    tokens: TileSize = "auto"
+    hidden: TileSize = "auto"
+    mlp: TileSize = "auto"
+    heads: TileSize = "auto"
+    patch_dim: TileSize = "auto"
+    out_dim: TileSize = "auto"
+    frequency: TileSize = "auto"
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """`ditc train`'s settings (the `train:` section; flags override it). Defaults as facebookresearch/DiT's
+    `train.py` except where noted."""
+
+    data: str = "digits"
+    steps: int = 4000            # DiT counts epochs (1400 over ImageNet); a step count suits small data
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True      # not DiT's: decay min(ema_decay, (1+s)/(10+s)) at step s
+    seed: int = 0
+    ckpt_every: int = 1000       # DiT: 50,000
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """`ditc sample` and `ditc evaluate`'s defaults (the `sample:` section; flags override it). Defaults as
+    facebookresearch/DiT's `sample.py`."""
+
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    steps: int = 250
+    eta: float = 0.0
+    cfg: float = 4.0
+    cfg_channels: Literal["auto", "dit", "all"] = "auto"   # auto: dit for 4+ channels, all below
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A complete, validated spec."""
+
+    name: str
+    source: str
+    model: ModelSpec = field(default_factory=ModelSpec)
+    batch: int = 1
+    tiling: TilingSpec = field(default_factory=TilingSpec)
+    precision: str = "fp32"
+    target: str = "nntile-1.1"
+    memory_limit: str | None = None   # as written, e.g. "1.5GiB"
+    train: TrainSpec = field(default_factory=TrainSpec)
+    sample: SampleSpec = field(default_factory=SampleSpec)
+
+    @property
+    def memory_limit_bytes(self) -> int | None:
+        return memory_bytes(self.memory_limit) if self.memory_limit else None
+
+    def compiled_dict(self) -> dict:
+        """What the compiled model depends on (the build's digest and graph): all but the run settings
+        (`memory_limit`, `train`, `sample`)."""
+        return {
+            "name": self.name,
+            "model": asdict(self.model),
+            "batch": self.batch,
+            "tiling": asdict(self.tiling),
+            "precision": self.precision,
+            "target": self.target,
+        }
+
+    def to_dict(self) -> dict:
+        """The spec as plain data, in the key order of the spec language (source left out)."""
+        return self.compiled_dict() | {"memory_limit": self.memory_limit, "train": asdict(self.train),
+                                       "sample": asdict(self.sample)}
+
+
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?)\s*(?:([KMGT])(?:i?B)?|B)?\s*", re.IGNORECASE)
+SIZE_FORM = "a size such as 1.5GiB, 1536MiB or 2G (binary units: K, M, G, T mean KiB, MiB, GiB, TiB)"
+#: The largest memory size (`memory_limit`, `--memory-limit`): 1 PiB.
+MAX_MEMORY = 1024 ** 5
+SIZE_RANGE = "from 1 byte to 1 PiB (1024TiB)"
+
+
+def memory_bytes(text: str) -> int:
+    """Bytes of a memory size written as in `SIZE_FORM` (a bare number is bytes), in `SIZE_RANGE`;
+    ValueError, naming the text and what is allowed, otherwise."""
+    match = _SIZE.fullmatch(text)
+    if not match:
+        raise ValueError(f"{text!r} is not {SIZE_FORM}")
+    number, unit = match.groups()
+    size = float(number) * 1024 ** (" KMGT".index(unit.upper()) if unit else 0)  # inf for 400 digits
+    if not 1 <= size <= MAX_MEMORY:
+        raise ValueError(f"{text!r} is outside the memory sizes allowed, {SIZE_RANGE}")
+    return int(size)
+
+
+#: diffusers' default LayerNorm eps; flavor `diffusers` uses it for the MLP-branch norm unless set.
+DIFFUSERS_NORM_EPS = 1e-5
+
+
+def _preset(depth: int, hidden: int, heads: int, patch: int) -> dict:
+    return {"depth": depth, "hidden_size": hidden, "num_heads": heads, "patch_size": patch}
+
+
+#: The paper's 12 models (Table 1 and 4): model keys a `preset:` line fills in.
+PRESETS: dict[str, dict] = {
+    f"DiT-{size}/{patch}": _preset(depth, hidden, heads, patch)
+    for size, (depth, hidden, heads) in {
+        "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16),
+    }.items()
+    for patch in (2, 4, 8)
+}

@@ -1,0 +1,274 @@
+"""Checking merged spec data (JSON Schema, then what the schema cannot say) and building the `Spec`.
+
+Every problem becomes a `Diagnostic` located at the key it is about; all of them are reported at once.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from jsonschema import Draft202012Validator, ValidationError
+
+from dit_compiler.errors import MAX_SHOWN, Diagnostic, shown
+from dit_compiler.compiler.spec.loader import Document, KeyPath, Origin, dotted, shown_value
+from dit_compiler.compiler.spec.model import (DIFFUSERS_NORM_EPS, SIZE_FORM, SIZE_RANGE, TILE_AXES, ModelSpec, SampleSpec, Spec,
+                                     TilingSpec, TrainSpec, memory_bytes)
+from dit_compiler.compiler.tiling import tile_problems
+
+_PROBLEMS = {
+    "type": "wrong type",
+    "enum": "not one of the allowed values",
+    "const": "not the allowed value",
+    "minimum": "too small",
+    "exclusiveMinimum": "too small",
+    "maximum": "too large",
+    "exclusiveMaximum": "too large",
+    "multipleOf": "not a multiple of {}",
+    "pattern": "not of the allowed form",
+    "maxLength": "too long",
+    "minLength": "too short",
+    "anyOf": "not an allowed value",
+    "minItems": "too few items",
+    "uniqueItems": "a value is listed twice",
+}
+_BOUNDS = (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<"))
+_KINDS = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
+          "object": "a mapping", "array": "a list", "null": "null"}
+#: Relative rounding error up to which hidden_size * mlp_ratio still counts as whole (100 * 1.1 is
+#: 110.00000000000001 in binary floating point).
+_WHOLE_TOLERANCE = 1e-9
+_MAX_SHOWN_DIVISORS = 24
+
+
+@cache
+def schema_text() -> str:
+    return resources.files(__package__).joinpath("schema.json").read_text(encoding="utf-8")
+
+
+@cache
+def _validator() -> Draft202012Validator:
+    return Draft202012Validator(json.loads(schema_text()))
+
+
+def _name_rule() -> str:
+    return _subschema(())["properties"]["name"]["pattern"]
+
+
+def check(doc: Document, default_name: str | None = None) -> list[Diagnostic]:
+    """Every problem in `doc`: schema errors, then the model's and the tiles' semantic checks.
+    `default_name` (a file's stem) must be a valid `name` where the spec sets none."""
+    data = doc.data()
+    errors = list(_validator().iter_errors(data))
+    diagnostics = schema_diagnostics(errors, doc)
+    name_schema = _subschema(())["properties"]["name"]
+    if default_name is not None and "name" not in data and not Draft202012Validator(name_schema).is_valid(default_name):
+        message = "the spec sets no `name:`, and its file name is no valid build name; add a `name:` line"
+        diagnostics.append(Diagnostic(doc.source, None, None, "name", message, default_name, describe(name_schema)))
+    # Values the schema rejected; unknown keys are reported but do not stop the checks of the others.
+    invalid = {tuple(error.path)[:2] for error in errors if error.validator != "additionalProperties"}
+    if not any(path[:1] == ("model",) for path in invalid):
+        model = build_model(data.get("model", {}))
+        model_problems = _model_problems(model, doc)
+        diagnostics += model_problems
+        if not model_problems and ("batch",) not in invalid:
+            diagnostics += _tile_problems(model, data, doc, invalid)
+    if isinstance(data.get("memory_limit"), str):
+        diagnostics += _memory_limit_problems(data["memory_limit"], doc)
+    return sorted(diagnostics, key=lambda d: (d.file, d.line or 0, d.column or 0))
+
+
+def sweep_keys() -> dict[str, dict]:
+    """Dotted key -> schema of every spec value a sweep may set: `batch`, `precision`, `model.*`, `tiling.*`
+    (not `name`, which a sweep gives each point, nor `preset` or `extends`, which the resolved base spec
+    has already applied)."""
+    keys = {}
+    for key, value in _subschema(())["properties"].items():
+        if "properties" in value:
+            keys.update({f"{key}.{inner}": schema for inner, schema in value["properties"].items()})
+        elif key not in ("name", "preset", "extends"):
+            keys[key] = value
+    return keys
+
+
+def build_spec(data: dict, default_name: str, source: str) -> Spec:
+    """The frozen Spec of valid data; keys it does not set take their defaults."""
+    top = {key: data[key] for key in ("batch", "precision", "target", "memory_limit") if key in data}
+    return Spec(name=data.get("name", default_name), source=source, model=build_model(data.get("model", {})),
+                tiling=_build_tiling(data.get("tiling", {})), train=TrainSpec(**_coerce(("train",), data.get("train", {}))),
+                sample=SampleSpec(**_coerce(("sample",), data.get("sample", {}))), **_coerce((), top))
+
+
+def build_model(values: dict) -> ModelSpec:
+    """The ModelSpec of valid model keys; flavor diffusers changes the default norm_eps."""
+    values = _coerce(("model",), values)
+    if "norm_eps" not in values and values.get("flavor") == "diffusers":
+        values["norm_eps"] = DIFFUSERS_NORM_EPS
+    return ModelSpec(**values)
+
+
+def _build_tiling(values: dict) -> TilingSpec:
+    return TilingSpec(**{axis: size if size == "auto" else int(size) for axis, size in values.items()})
+
+
+def _coerce(path: KeyPath, values: dict) -> dict:
+    """The known keys' values in the types the dataclasses declare (the schema lets `2.0` be an integer
+    and `4` a number); unknown keys, reported elsewhere, are left out."""
+    types = {"integer": int, "number": float}
+    properties = _subschema(path)["properties"]
+    return {key: types.get(properties[key].get("type"), lambda v: v)(value)
+            for key, value in values.items() if key in properties}
+
+
+def _subschema(path: KeyPath) -> dict:
+    schema = _validator().schema
+    for key in path:
+        schema = schema["properties"][key]
+    return schema
+
+
+def schema_diagnostics(errors: list[ValidationError], doc: Document) -> list[Diagnostic]:
+    """The JSON Schema errors of `doc`'s data as Diagnostics located in its file."""
+    return [found for error in errors for found in _schema_diagnostics(error, doc)]
+
+
+def _schema_diagnostics(error: ValidationError, doc: Document) -> list[Diagnostic]:
+    path = tuple(error.path)
+    if error.validator == "required":
+        missing = [key for key in error.validator_value if key not in error.instance]
+        return [diagnostic(doc.origin(path), path, f"missing key {key!r}", None, describe(error.schema))
+                for key in missing]
+    if error.validator == "additionalProperties":
+        unknown = [key for key in error.instance if key not in error.schema["properties"]]
+        return [_unknown_key(path + (key,), list(error.schema["properties"]), doc, guess=i < MAX_SHOWN)
+                for i, key in enumerate(unknown)]
+    problem = _PROBLEMS.get(error.validator, "not allowed").format(error.validator_value)
+    if error.validator == "uniqueItems" and (index := _repeated(error.instance)) is not None:
+        problem = f"the value {shown(error.instance[index])} is listed twice"
+    elif error.instance is None:
+        problem += ": the value is empty"
+    elif isinstance(error.instance, (dict, list)):
+        problem += f": got {shown_value(error.instance)}"
+    value = None if isinstance(error.instance, (dict, list)) else error.instance
+    return [diagnostic(doc.origin(path), path, problem, value, describe(error.schema))]
+
+
+def _repeated(items: list) -> int | None:
+    """The index of the first item equal to an earlier one, as JSON Schema compares scalars (1 and 1.0 are
+    equal, 1 and true are not), in one pass (a list can be 10,000 values long); None where none is."""
+    seen = set()
+    for index, item in enumerate(items):
+        key = json.dumps(item, sort_keys=True) if isinstance(item, (dict, list)) else (isinstance(item, bool), item)
+        if key in seen:
+            return index
+        seen.add(key)
+    return None
+
+
+def _unknown_key(path: KeyPath, allowed: list[str], doc: Document, guess: bool = True) -> Diagnostic:
+    guess = difflib.get_close_matches(str(path[-1]), allowed, n=1) if guess else []
+    message = f"unknown key; did you mean {guess[0]!r}?" if guess else "unknown key"
+    return diagnostic(doc.origin(path, key=True), path, message, None, ", ".join(allowed))
+
+
+def describe(schema: dict) -> str:
+    """What a (sub)schema allows, in words: `an integer >= 1`, `one of 'dit', 'diffusers'`."""
+    if "anyOf" in schema:
+        return " or ".join(describe(option) for option in schema["anyOf"])
+    if "enum" in schema:
+        return "one of " + ", ".join(repr(value) for value in schema["enum"])
+    if "const" in schema:
+        return repr(schema["const"])
+    if schema.get("type") == "object" and "properties" in schema:
+        return "a mapping of " + ", ".join(schema["properties"])
+    if schema.get("type") == "array":
+        return (f"a list of at least {schema.get('minItems', 0)} values, each {describe(schema['items'])}"
+                + ", none twice" * schema.get("uniqueItems", False))
+    kinds = schema.get("type", [])
+    kinds = [_KINDS[k] for k in ([kinds] if isinstance(kinds, str) else kinds)]
+    kind = " or ".join([", ".join(kinds[:-1]), kinds[-1]] if len(kinds) > 2 else kinds)
+    bounds = [key for key, _ in _BOUNDS if key in schema]
+    if "minimum" in bounds and "maximum" in bounds:
+        bounds = [key for key in bounds if key not in ("minimum", "maximum")]
+        conditions = [f"from {schema['minimum']} to {schema['maximum']}"]
+    else:
+        conditions = []
+    conditions += [f"{sign} {schema[key]}" for key, sign in _BOUNDS if key in bounds]
+    if "multipleOf" in schema:
+        conditions.append(f"divisible by {schema['multipleOf']}")
+    if "minLength" in schema:
+        conditions.append(f"at least {schema['minLength']} character long")
+    if schema.get("pattern") == _name_rule():
+        conditions.append(f"of 1 to {schema.get('maxLength')} letters, digits, '.', '_' or '-', starting with a "
+                          "letter or digit")
+    elif "pattern" in schema:
+        conditions.append(f"matching {schema['pattern']}")
+    return " ".join([kind, " and ".join(conditions)]).strip()
+
+
+def _model_problems(model: ModelSpec, doc: Document) -> list[Diagnostic]:
+    """What the schema cannot check about a schema-valid model."""
+    diagnostics = []
+    for key, spec in _subschema(("model",))["properties"].items():
+        if spec.get("type") == "number" and not math.isfinite(getattr(model, key)):
+            diagnostics.append(_at_key(doc, key, "must be a finite number", getattr(model, key), describe(spec)))
+    diagnostics += _divisibility(model, doc, "hidden_size", "num_heads")
+    diagnostics += _divisibility(model, doc, "input_size", "patch_size")
+    product = model.hidden_size * model.mlp_ratio
+    if math.isfinite(product) and (abs(product - model.mlp_size) > _WHOLE_TOLERANCE * product or model.mlp_size < 1):
+        message = f"hidden_size * mlp_ratio = {product:g} is not a whole number of at least 1"
+        diagnostics.append(_at_key(doc, "mlp_ratio", message, model.mlp_ratio,
+                                   f"a ratio that makes hidden_size={model.hidden_size} * mlp_ratio a whole number"))
+    return diagnostics
+
+
+def _divisibility(model: ModelSpec, doc: Document, whole: str, part: str) -> list[Diagnostic]:
+    """`whole` must be divisible by `part`; reported at `part` unless only `whole` is written."""
+    total, size = getattr(model, whole), getattr(model, part)
+    if total % size == 0:
+        return []
+    message = f"{whole}={total} is not divisible by {part}={size}"
+    if doc.has(("model", part)) or not doc.has(("model", whole)):
+        divisors = _divisors(total)
+        shown = divisors if len(divisors) <= _MAX_SHOWN_DIVISORS else divisors[:_MAX_SHOWN_DIVISORS - 1] + ["...", total]
+        allowed = f"a divisor of {whole}={total}: " + ", ".join(map(str, shown))
+        return [_at_key(doc, part, message, size, allowed)]
+    return [_at_key(doc, whole, message, total, f"a multiple of {part}={size}")]
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
+
+
+def _tile_problems(model: ModelSpec, data: dict, doc: Document, invalid: set[KeyPath]) -> list[Diagnostic]:
+    """Tile sizes the model cannot run; axes the schema already rejected count as auto."""
+    written = data.get("tiling", {})
+    if not isinstance(written, dict):
+        return []
+    tiling = _build_tiling({axis: size for axis, size in written.items()
+                            if axis in TILE_AXES and ("tiling", axis) not in invalid})
+    return [diagnostic(doc.origin(("tiling", axis)), ("tiling", axis), f"tile size does not fit the {axis} axis",
+                        value, allowed)
+            for axis, value, allowed in tile_problems(model, int(data.get("batch", 1)), tiling)]
+
+
+def _memory_limit_problems(text: str, doc: Document) -> list[Diagnostic]:
+    try:
+        memory_bytes(text)
+    except ValueError:
+        return [diagnostic(doc.origin(("memory_limit",)), ("memory_limit",), "not an allowed memory size", text,
+                           f"{SIZE_FORM}, {SIZE_RANGE}; or null")]
+    return []
+
+
+def _at_key(doc: Document, key: str, message: str, value: Any, allowed: str) -> Diagnostic:
+    path = ("model", key)
+    return diagnostic(doc.origin(path), path, message, value, allowed)
+
+
+def diagnostic(origin: Origin, path: KeyPath, message: str, value: Any, allowed: str) -> Diagnostic:
+    return Diagnostic(origin.file, origin.line, origin.column, dotted(path), message, value, allowed)

@@ -1,0 +1,177 @@
+"""The torch code of every op kind, registered under the name an op kind's `torch` gives (`TORCH_OPS`).
+
+Each entry says how the reference's forward computes a node (`call`: a Python expression of the node's
+inputs), which functions of `functions.py` that expression calls (`uses`: the emitter copies them into
+the reference), and which torch module holds each of the node's parameters (`modules`: the checkpoint
+layout's module at the parameter's state_dict key).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from dit_compiler.compiler.graph.ir import Graph, Node, ParamSource
+
+
+class Code(Protocol):
+    """What a node's torch code refers to, as the emitter names it in the code being written."""
+
+    graph: Graph
+
+    def value(self, tensor: str) -> str:
+        """The variable holding a tensor (or the expression standing for it)."""
+
+    def module(self, tensor: str) -> str:
+        """The module holding a parameter (`self.attn.qkv`)."""
+
+    def const(self, tensor: str) -> str:
+        """The attribute holding a constant table (`self.pos_embed`)."""
+
+
+@dataclass(frozen=True)
+class TorchOp:
+    call: Callable[[Node, Code], str]
+    uses: tuple[str, ...] = ()
+    modules: Callable[[Node, Graph], dict[str, str]] = lambda node, graph: {}
+
+
+#: An op kind's torch code by the name its `torch` gives.
+TORCH_OPS: dict[str, TorchOp] = {}
+
+
+def torch_op(name: str, uses: tuple[str, ...] = (),
+             modules: Callable[[Node, Graph], dict[str, str]] | None = None):
+    """Register the decorated expression builder as the torch code `name`."""
+    def register(call: Callable[[Node, Code], str]) -> Callable[[Node, Code], str]:
+        TORCH_OPS[name] = TorchOp(call, uses, modules or (lambda node, graph: {}))
+        return call
+    return register
+
+
+def _source(graph: Graph, node: Node, port: str) -> ParamSource:
+    return graph.tensors[node.inputs[port]].source
+
+
+def _linear_module(source: ParamSource) -> str:
+    """The module of a linear weight: `nn.Linear`, or the `nn.Conv2d` a `conv` layout weight comes from."""
+    if source.layout == "conv":
+        out, channels, p, _ = source.torch_shape
+        return f"nn.Conv2d({channels}, {out}, kernel_size={p}, stride={p})"
+    out, inputs = source.torch_shape
+    return f"nn.Linear({inputs}, {out})"
+
+
+def module_path(key: str) -> str:
+    """The module of a state_dict key: the key without its last part (`.weight`, `.bias`)."""
+    return key.rpartition(".")[0]
+
+
+def _weights(*ports: str) -> Callable[[Node, Graph], dict[str, str]]:
+    """Linear modules for the weights at `ports` (their biases live in the same modules)."""
+    def modules(node: Node, graph: Graph) -> dict[str, str]:
+        return {module_path(_source(graph, node, p).key): _linear_module(_source(graph, node, p)) for p in ports}
+    return modules
+
+
+# -- host ops ---------------------------------------------------------------------------------------
+
+@torch_op("patchify")
+def _patchify(node: Node, code: Code) -> str:
+    """No code of its own: the Conv2d of the projection (a `conv` layout linear) patchifies as it projects,
+    so patchify's output stands for the image it reads."""
+    return code.value(node.inputs["x"])
+
+
+@torch_op("timestep_sinusoid", uses=("timestep_embedding",))
+def _timestep_sinusoid(node: Node, code: Code) -> str:
+    dim = code.graph.tensors[node.outputs["y"]].shape[0]
+    a = node.attrs
+    return f"timestep_embedding({code.value(node.inputs['t'])}, {dim}, max_period={a.max_period}, shift={a.shift})"
+
+
+@torch_op("unpatchify", uses=("unpatchify",))
+def _unpatchify(node: Node, code: Code) -> str:
+    channels = code.graph.tensors[node.outputs["y"]].shape[1]
+    return f"unpatchify({code.value(node.inputs['x'])}, patch_size={node.attrs.patch_size}, channels={channels})"
+
+
+# -- device ops -------------------------------------------------------------------------------------
+
+@torch_op("linear", uses=("patch_tokens",), modules=_weights("w"))
+def _linear(node: Node, code: Code) -> str:
+    x, module = code.value(node.inputs["x"]), code.module(node.inputs["w"])
+    if _source(code.graph, node, "w").layout == "conv":
+        return f"patch_tokens({module}, {x})"
+    return f"{module}({x})"
+
+
+@torch_op("add_const_slice")
+def _add_const_slice(node: Node, code: Code) -> str:
+    return f"{code.value(node.inputs['x'])} + {code.const(node.inputs['table'])}"
+
+
+def _embedding_module(node: Node, graph: Graph) -> dict[str, str]:
+    rows, dim = _source(graph, node, "table").torch_shape
+    return {module_path(_source(graph, node, "table").key): f"nn.Embedding({rows}, {dim})"}
+
+
+@torch_op("embedding", uses=("label_embedding",), modules=_embedding_module)
+def _embedding(node: Node, code: Code) -> str:
+    a = node.attrs
+    return (f"label_embedding({code.module(node.inputs['table'])}, {code.value(node.inputs['labels'])}, "
+            f"{a.null_class}, {a.prob!r}, self.training)")
+
+
+@torch_op("act")
+def _act(node: Node, code: Code) -> str:
+    x = code.value(node.inputs["x"])
+    return {"silu": f"F.silu({x})", "gelutanh": f'F.gelu({x}, approximate="tanh")'}[node.attrs.fn]
+
+
+@torch_op("add")
+def _add(node: Node, code: Code) -> str:
+    return f"{code.value(node.inputs['a'])} + {code.value(node.inputs['b'])}"
+
+
+@torch_op("layer_norm", uses=("layer_norm",))
+def _layer_norm(node: Node, code: Code) -> str:
+    return f"layer_norm({code.value(node.inputs['x'])}, eps={node.attrs.eps!r})"
+
+
+def _rms_norm_module(node: Node, graph: Graph) -> dict[str, str]:
+    source = _source(graph, node, "weight")
+    return {module_path(source.key): f"nn.RMSNorm({source.torch_shape[0]}, eps={node.attrs.eps!r})"}
+
+
+@torch_op("rms_norm", uses=("rms_norm",), modules=_rms_norm_module)
+def _rms_norm(node: Node, code: Code) -> str:
+    """The weight lives in an `nn.RMSNorm` (the checkpoint layout of one); `rms_norm` computes."""
+    weight = code.module(node.inputs["weight"]) + ".weight"
+    return f"rms_norm({code.value(node.inputs['x'])}, {weight}, eps={node.attrs.eps!r})"
+
+
+@torch_op("modulate", uses=("modulate",))
+def _modulate(node: Node, code: Code) -> str:
+    x, shift, scale = (code.value(node.inputs[p]) for p in ("x", "shift", "scale"))
+    return f"modulate({x}, {shift}, {scale})"
+
+
+@torch_op("gated_residual", uses=("gated_residual",))
+def _gated_residual(node: Node, code: Code) -> str:
+    x, h, gate = (code.value(node.inputs[p]) for p in ("x", "h", "gate"))
+    return f"gated_residual({x}, {h}, {gate})"
+
+
+@torch_op("attention", uses=("attention",), modules=_weights("w_q", "w_k", "w_v", "w_o"))
+def _attention(node: Node, code: Code) -> str:
+    """One fused qkv projection split in three where q, k and v are row blocks of one weight (DiT),
+    three projections otherwise (diffusers)."""
+    x = code.value(node.inputs["x"])
+    heads = code.graph.tensors[node.inputs["w_q"]].shape[0]
+    keys = {_source(code.graph, node, f"w_{z}").key for z in "qkv"}
+    if len(keys) == 1:
+        qkv = f"*{code.module(node.inputs['w_q'])}({x}).chunk(3, dim=-1)"
+    else:
+        qkv = ", ".join(f"{code.module(node.inputs[f'w_{z}'])}({x})" for z in "qkv")
+    return f"{code.module(node.inputs['w_o'])}(attention({qkv}, heads={heads}))"
