@@ -262,5 +262,5 @@ def test_schema_is_valid_and_in_step_with_the_model():
 
 
 def test_schema_text_is_the_shipped_file():
-    shipped = (Path(__file__).resolve().parent.parent / "dit_compiler/spec/schema.json").read_text()
+    shipped = (Path(__file__).resolve().parent.parent / "dit_compiler/compiler/spec/schema.json").read_text()
     assert schema_text() == shipped == json.dumps(schema(), indent=2) + "\n"

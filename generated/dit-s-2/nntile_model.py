@@ -5,7 +5,7 @@
 
 Every op inside the network runs as NNTile tasks on tiled tensors; each tensor's shape and tile come
 from the axes of the ditc operation graph. The layers, the allocator, AdamW, the host ops and the
-StarPU runtime are ditc's NNTile 1.1 runtime, `dit_compiler.targets.nntile_1_1`. Host-side work
+StarPU runtime are ditc's NNTile 1.1 runtime, `dit_compiler.compiler.targets.nntile_1_1`. Host-side work
 (numpy): patchify, timestep_sinusoid, unpatchify.
 
 Layout: NNTile is column-major and feature-first, so a token tensor is [hidden, tokens, batch], the
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dit_compiler.targets.nntile_1_1 import (Decl, Geometry, Model as RuntimeModel, nntile_runtime, param,
+from dit_compiler.compiler.targets.nntile_1_1 import (Decl, Geometry, Model as RuntimeModel, nntile_runtime, param,
                                              patchify, patchify_grad, require, sincos_pos_embed,
                                              timestep_features, unpatchify, unpatchify_grad)
 

@@ -14,7 +14,7 @@ from dit_compiler.compiler.graph.ir import Graph
 
 def template_dir() -> Path:
     """`templates/` ships inside the installed package; in a source checkout it sits beside it."""
-    package = Path(__file__).resolve().parent.parent
+    package = Path(__file__).resolve().parents[2]
     installed = package / "templates"
     return installed if installed.is_dir() else package.parent / "templates"
 
