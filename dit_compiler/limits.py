@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from dit_compiler.compiler.graph.cost import totals
 from dit_compiler.errors import UsageError
 
 if TYPE_CHECKING:  # the command line reads MAX_NCPUS before anything heavy is imported
@@ -16,9 +17,9 @@ MAX_DIST_TIMEOUT_S = 7 * 86400
 
 
 def cores() -> int:
-    """The CPU cores this process may run on: the most StarPU CPU workers (and torch threads) a runner
-    starts. StarPU's idle workers spin, so more workers than cores only slow a run down (on 2 cores, 4
-    workers made the tiny spec's NNTile pass 12 times slower, 100 workers 350 times)."""
+    """The CPU cores this process may run on: the most CPU workers of a target's runtime (and torch
+    threads) a runner starts. Idle NNTile workers spin, so more workers than cores only slow a run down
+    (on 2 cores, 4 workers made the tiny spec's NNTile pass 12 times slower, 100 workers 350 times)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -27,9 +28,7 @@ def cores() -> int:
 
 def check_memory(graph: Graph) -> None:
     """Refuse a model whose parameters, activations and gradients alone exceed this machine's memory:
-    torch or StarPU would fail while allocating it, or the kernel would kill the process."""
-    from dit_compiler.compiler.graph.cost import totals
-
+    torch or the target's runtime would fail while allocating it, or the kernel would kill the process."""
     tot = totals(graph)
     need = tot.param_bytes + tot.activation_bytes + tot.gradient_bytes
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -37,19 +36,3 @@ def check_memory(graph: Graph) -> None:
         raise UsageError(f"{graph.spec.source}: running {graph.spec.name!r} needs at least {need / 2**30:,.1f} GiB "
                          f"(parameters, activations and their gradients); this machine has {have / 2**30:,.1f} GiB. "
                          "`ditc inspect` shows where the memory goes")
-
-
-def default_ncpus() -> int:
-    """$STARPU_NCPU when set (refused unless a count from 1 to the cores), else every core."""
-    text = os.environ.get("STARPU_NCPU", "").strip()
-    if not text:
-        return cores()
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= cores():
-        raise UsageError(f"STARPU_NCPU={text!r} in the environment is not a number of CPU workers; allowed: an "
-                         f"integer from 1 to {cores()} (this machine's cores), or unset for all of them; --ncpus N "
-                         "overrides it")
-    return value

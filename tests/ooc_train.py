@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from dit_compiler.checks.bench import disk_bytes
-from dit_compiler.checks.common import load_module, random_weights
+from dit_compiler.checks.common import random_weights
+from dit_compiler.compiler.build import load_module
 
 
 def main(build_dir: str, settings: str, data_file: str, out_file: str) -> None:

@@ -107,7 +107,8 @@ def test_gradients_read_while_backward_runs_are_those_of_a_whole_backward(tmp_pa
     """`backward_async` returns at once; `to_array` of a parameter gradient, in `gradient_order`, waits for
     that gradient only, and reads what a waited-for backward gives."""
     from dit_compiler.compiler.build import NNTILE_FILE, TORCH_FILE, compile_spec, write_build
-    from dit_compiler.checks.common import load_module, randomize_
+    from dit_compiler.checks.common import randomize_
+    from dit_compiler.compiler.build import load_module
     from dit_compiler.compiler.spec import load_spec
     from dit_compiler.compiler.targets.nntile_1_1 import nntile_runtime, wait_for_all
 

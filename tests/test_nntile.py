@@ -178,7 +178,7 @@ def test_runtime_waits_with_starpus_blocking_call():
 
 
 def test_generated_model_refuses_another_runtime_version(tmp_path):
-    from dit_compiler.checks.common import load_module
+    from dit_compiler.compiler.build import load_module
 
     _, folder = build(tmp_path)
     path = folder / NNTILE_FILE
@@ -190,7 +190,8 @@ def test_generated_model_refuses_another_runtime_version(tmp_path):
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_adamw_training_steps_match_torch(tmp_path, weight_decay):
     """Three AdamW steps on the MSE loss: the NNTile model's optimiser and torch's end on the same weights."""
-    from dit_compiler.checks.common import load_module, make_inputs, randomize_
+    from dit_compiler.checks.common import make_inputs, randomize_
+    from dit_compiler.compiler.build import load_module
 
     graph, folder = build(tmp_path)
     reference = load_module(folder / TORCH_FILE).Model().eval()
@@ -270,7 +271,9 @@ def test_out_of_core_training_matches_torch(tmp_path):
 
     import numpy as np
 
-    from dit_compiler.checks.common import load_module, make_inputs, randomize_
+    from dit_compiler.checks.common import make_inputs, randomize_
+
+    from dit_compiler.compiler.build import load_module
     from dit_compiler.compiler.targets.nntile_1_1 import out_of_core, unmovable_bytes
     from dit_compiler.compiler.targets.nntile_1_1.memory import MIB, all_bytes
 
@@ -316,7 +319,9 @@ def test_inference_model_matches_torch_holding_no_gradients(tmp_path):
     """The forward-only model sampling runs: the same output, no gradient tensors, values released."""
     import torch
 
-    from dit_compiler.checks.common import load_module, make_inputs, randomize_, rel_error
+    from dit_compiler.checks.common import make_inputs, randomize_, rel_error
+
+    from dit_compiler.compiler.build import load_module
 
     graph, folder = build(tmp_path)
     reference = load_module(folder / TORCH_FILE).Model().eval()

@@ -97,7 +97,7 @@ def test_spec_without_checkpoint_or_null_class_is_refused(tmp_path, capsys):
 
 
 def test_latent_spec_decodes_with_a_vae_folder_or_writes_latents(tmp_path, capsys):
-    from dit_compiler.checks.common import import_diffusers
+    from dit_compiler.compiler.targets.torch import import_diffusers
 
     AutoencoderKL = import_diffusers().AutoencoderKL
     torch.manual_seed(0)
@@ -105,7 +105,8 @@ def test_latent_spec_decodes_with_a_vae_folder_or_writes_latents(tmp_path, capsy
         AutoencoderKL(block_out_channels=(32,), latent_channels=channels, norm_num_groups=8,
                       layers_per_block=1).save_pretrained(tmp_path / name)
     from dit_compiler.compiler.build import TORCH_FILE, compile_spec, write_build
-    from dit_compiler.checks.common import load_module, randomize_
+    from dit_compiler.checks.common import randomize_
+    from dit_compiler.compiler.build import load_module
 
     model = load_module(write_build(compile_spec(load_spec(SPECS / "tiny.yaml")), tmp_path / "b") / TORCH_FILE).Model()
     randomize_(model, 0)

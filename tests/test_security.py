@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import SPECS, needs_nntile
-from dit_compiler.compiler.build import (MANIFEST_FILE, OUTPUT_MARKER, TORCH_FILE, cache_root, check_owned, compile_spec,
-                                mark_folder, write_atomic, write_build, write_text_atomic)
+from dit_compiler.compiler.build import MANIFEST_FILE, TORCH_FILE, compile_spec, write_build
+from dit_compiler.files import OUTPUT_MARKER, cache_root, check_owned, mark_folder, write_atomic, write_text_atomic
 from dit_compiler.cli import main
 from dit_compiler.errors import UsageError
 from dit_compiler.app.train import RUN_FILE, run_build_dir

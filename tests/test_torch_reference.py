@@ -14,7 +14,8 @@ import torch
 
 from dit_compiler.compiler.targets.torch.emitter import emit_torch
 from dit_compiler.compiler.lower import Lowering, lower
-from dit_compiler.checks.common import load_module, make_inputs, randomize_, rel_error
+from dit_compiler.checks.common import make_inputs, randomize_, rel_error
+from dit_compiler.compiler.build import load_module
 from dit_compiler.checks.oracle import OracleReport, check_against_diffusers, oracle_config, to_diffusers_state_dict
 from dit_compiler.compiler.spec.model import PRESETS, ModelSpec, Spec
 

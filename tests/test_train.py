@@ -16,8 +16,9 @@ from dit_compiler.cli import main, parse_args
 from dit_compiler.errors import UsageError
 from dit_compiler.compiler.lower import lower
 from dit_compiler.app import backend as backend_module
-from dit_compiler.app.backend import OptimConfig, TorchBackend, open_backend
-from dit_compiler.checks.common import load_module
+from dit_compiler.app.backend import TorchBackend, open_backend
+from dit_compiler.compiler.targets.base import OptimConfig
+from dit_compiler.compiler.build import load_module
 from dit_compiler.app.train import TrainConfig, checkpoints, initial_weights, run_build_dir, train
 from dit_compiler.app.weights import initialize_dit_weights, load_checkpoint
 from dit_compiler.compiler.spec import load_spec
@@ -210,7 +211,9 @@ def test_export_writes_a_diffusers_model_that_gives_the_same_outputs(tmp_path, c
     import safetensors.torch
     from safetensors.torch import save_file
 
-    from dit_compiler.checks.common import import_diffusers, randomize_
+    from dit_compiler.checks.common import randomize_
+
+    from dit_compiler.compiler.targets.torch import import_diffusers
 
     spec = tiny_spec(tmp_path, TINY_DIGITS.replace("num_classes: 10}", "num_classes: 10, flavor: diffusers}"))
     build_dir, _, reference = _reference(tmp_path, spec)

@@ -12,31 +12,21 @@ from __future__ import annotations
 
 import copy
 import importlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
-from dit_compiler.compiler.build import TORCH_FILE
-from dit_compiler.errors import UsageError
-from dit_compiler.compiler.graph.ir import Graph
-from dit_compiler.checks.common import load_module
 from dit_compiler.app.weights import StateDict, to_numpy, to_torch
+from dit_compiler.compiler import targets
+from dit_compiler.compiler.build import TORCH_FILE, load_module
+from dit_compiler.compiler.graph.ir import Graph
+from dit_compiler.compiler.targets.base import OptimConfig
+from dit_compiler.errors import UsageError
 
 if TYPE_CHECKING:
     from dit_compiler.app.distributed import World
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """AdamW's settings, fixed when a backend is made (defaults: DiT's `train.py`)."""
-
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
 
 
 class Backend(Protocol):
@@ -165,8 +155,6 @@ def open_backend(name: str, build_dir: Path, graph: Graph, optim: OptimConfig = 
                  note=print, inference: bool = False, world: World | None = None) -> Backend:
     """The backend `name` on a build; `inference` opens it for sampling only (`predict`, `load`); `world`
     makes it one rank of a data-parallel run."""
-    from dit_compiler.compiler import targets
-
     target = targets.get(graph.spec.target)
     if name == AUTO:   # without importing the runtime: the backend may set it up first (out-of-core)
         reason = target.installed()

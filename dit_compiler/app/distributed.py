@@ -1,7 +1,7 @@
 """Data-parallel training on torch.distributed: a rank's place in the world, its share of the cores, the
 process group, and gradients averaged in buckets.
 
-NNTile 1.1 does not run across MPI ranks (its StarPU-MPI registration is commented out), so ditc trains
+NNTile 1.1 does not run across MPI ranks (its MPI registration is commented out), so ditc trains
 on several processes the standard way: every rank holds the whole model, runs it on its slice of the
 global batch, and the ranks average their parameter gradients with torch.distributed (gloo on CPU, NCCL
 where every rank of a machine has a GPU) before each applies the same AdamW step. A rank learns its
@@ -22,6 +22,8 @@ from math import prod
 
 import numpy as np
 
+from dit_compiler.compiler import targets
+from dit_compiler.compiler.targets.base import Target
 from dit_compiler.errors import UsageError
 from dit_compiler.limits import DIST_TIMEOUT_S, cores
 
@@ -78,6 +80,10 @@ class World:
 
     def barrier(self) -> None:
         self._reduce([0.0], "SUM")
+
+    def gradient_buckets(self, shapes: Sequence[tuple[int, ...]]) -> GradientBuckets:
+        """Gradients of `shapes` averaged over the ranks in buckets (what a target's backend averages with)."""
+        return GradientBuckets(self, shapes)
 
     def check_same(self, facts: Mapping[str, str]) -> None:
         """Refuse to go on when a rank's `facts` (the backend, a digest of the weights) differ from rank 0's."""
@@ -149,40 +155,41 @@ def _device(local_rank: int, local_size: int) -> str:
 
 def rank_cores(local_rank: int, local_size: int, available: Sequence[int]) -> list[int]:
     """The cores of a rank: an equal share of `available` (the machine's, sorted), consecutive, so ranks
-    never share a core (StarPU's idle workers spin). Cores left over by the division stay unused: the
+    never share a core (idle runtime workers spin). Cores left over by the division stay unused: the
     slowest rank sets the pace of every step."""
     if local_size > len(available):
         raise UsageError(f"{local_size} ranks on a machine with {len(available)} cores: at most one rank per core "
-                         "(StarPU's idle workers spin, so ranks sharing cores slow each other down many times)")
+                         "(idle runtime workers spin, so ranks sharing cores slow each other down many times)")
     share = len(available) // local_size
     return list(available[local_rank * share:(local_rank + 1) * share])
 
 
-def share_cores(world: World) -> None:
-    """Bind this rank to its share of the machine's cores before StarPU and torch start threads: StarPU
-    takes its workers from the process's binding (STARPU_WORKERS_GETBIND), torch as many threads. A
-    STARPU_NCPU set by the user is left alone and nothing is bound: the user placed the ranks."""
-    if os.environ.get("STARPU_NCPU"):
+def share_cores(world: World, target: Target) -> None:
+    """Bind this rank to its share of the machine's cores before the target's runtime and torch start
+    threads, and run as many workers (`target.worker_environment`) and torch threads. A worker count the
+    user set in the environment (`target.requested_workers`) is left alone and nothing is bound: the user
+    placed the ranks."""
+    if target.requested_workers():
         return
     binds = hasattr(os, "sched_setaffinity")   # Linux
     available = sorted(os.sched_getaffinity(0)) if binds else list(range(cores()))
     mine = rank_cores(world.local_rank, world.local_size, available)
     if binds:
         os.sched_setaffinity(0, mine)
-    os.environ["STARPU_NCPU"] = str(len(mine))
+    os.environ.update(target.worker_environment(len(mine)))
     import torch
 
     torch.set_num_threads(len(mine))
 
 
 @contextlib.contextmanager
-def joined(world: World, timeout_s: float = DIST_TIMEOUT_S) -> Iterator[World]:
+def joined(world: World, timeout_s: float = DIST_TIMEOUT_S, target: str = targets.DEFAULT) -> Iterator[World]:
     """This rank on its cores and in the process group (gloo, or NCCL on GPUs) for the block; collectives
-    that wait longer than `timeout_s` fail instead of hanging."""
+    that wait longer than `timeout_s` fail instead of hanging. `target` (a spec's `target:`) runs the model."""
     if world.size == 1:
         yield world
         return
-    share_cores(world)
+    share_cores(world, targets.get(target))
     import torch
     import torch.distributed as dist
 

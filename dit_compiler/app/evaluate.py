@@ -14,16 +14,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from dit_compiler.compiler.build import write_atomic, write_text_atomic
 from dit_compiler.app.data import digits
 from dit_compiler.errors import UsageError
+from dit_compiler.files import write_atomic, write_text_atomic
 
 HIDDEN = (128, 64)
 #: The kinds of folder `ditc evaluate` writes into: its own, or the samples folder it scores.

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dit_compiler.compiler.build import write_folder_atomic
-from dit_compiler.errors import UsageError
-from dit_compiler.compiler.graph.ir import Graph
 from dit_compiler.checks.oracle import build_diffusers
+from dit_compiler.compiler.graph.ir import Graph
+from dit_compiler.errors import UsageError
+from dit_compiler.files import write_folder_atomic
 
 
 def export_diffusers(graph: Graph, weights: dict[str, np.ndarray], out: Path, source: str) -> Path:

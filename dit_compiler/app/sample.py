@@ -20,17 +20,18 @@ from typing import TextIO
 
 import numpy as np
 
-from dit_compiler.compiler.build import write_atomic, write_text_atomic
+from dit_compiler.app.backend import Backend
 from dit_compiler.app.data import LATENT_CHANNELS
 from dit_compiler.app.diffusion import create_diffusion, guided, sample_loop
 from dit_compiler.app.diffusion.sampling import CfgChannels, ModelFn, Sampler
-from dit_compiler.errors import UsageError
-from dit_compiler.compiler.graph.ir import Graph
-from dit_compiler.app.backend import Backend
 from dit_compiler.app.progress import Progress, counted
+from dit_compiler.compiler.graph.ir import Graph
+from dit_compiler.compiler.targets.torch import import_diffusers
+from dit_compiler.errors import UsageError
+from dit_compiler.files import write_atomic, write_text_atomic
 
 VAE_SCALE = 0.18215   # DiT's latent scale: decode `latents / 0.18215`
-#: The kind of folder `ditc sample` writes (its marker, `build.OUTPUT_MARKER`, says so).
+#: The kind of folder `ditc sample` writes (its marker, `files.OUTPUT_MARKER`, says so).
 SAMPLES = "samples"
 
 
@@ -109,8 +110,6 @@ def generate(backend: Backend, graph: Graph, labels: np.ndarray, config: SampleC
 def load_vae(vae_dir: Path):
     """The AutoencoderKL, read once per process (the commands read it before sampling, so a folder that
     is not one is refused before any work; `ditc evaluate` decodes once per guidance scale)."""
-    from dit_compiler.checks.common import import_diffusers
-
     try:
         return import_diffusers().AutoencoderKL.from_pretrained(str(vae_dir), low_cpu_mem_usage=False).eval()
     except (OSError, ValueError) as error:

@@ -43,21 +43,21 @@ from typing import TextIO
 
 import numpy as np
 
-from dit_compiler.compiler.build import OUTPUT_MARKER, SPEC_FILE, compile_spec, graph_of, read_marker, read_small, \
-    write_atomic, write_build, write_text_atomic
+from dit_compiler.app.backend import load_into, open_backend
 from dit_compiler.app.data import DIGITS, DIGITS_SHAPE, BatchLoader, ImageShape, load_dataset
 from dit_compiler.app.diffusion import NUM_TIMESTEPS, create_diffusion, training_losses
-from dit_compiler.errors import UsageError, shown
-from dit_compiler.app.backend import OptimConfig, load_into, open_backend
-from dit_compiler.checks.common import load_module
 from dit_compiler.app.distributed import World, digest
 from dit_compiler.app.progress import Progress, counted
 from dit_compiler.app.weights import initialize_dit_weights, load_checkpoint, save_checkpoint, save_safetensors, \
     to_numpy
+from dit_compiler.compiler.build import SPEC_FILE, TORCH_FILE, compile_spec, graph_of, load_module, write_build
 from dit_compiler.compiler.spec import load_spec
 from dit_compiler.compiler.spec.model import Spec, TrainSpec
+from dit_compiler.compiler.targets.base import OptimConfig
+from dit_compiler.errors import UsageError, shown
+from dit_compiler.files import OUTPUT_MARKER, read_marker, read_small, write_atomic, write_text_atomic
 
-#: The kind of folder `ditc train` writes (its marker, `build.OUTPUT_MARKER`, says so).
+#: The kind of folder `ditc train` writes (its marker, `files.OUTPUT_MARKER`, says so).
 RUN = "run"
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.csv"
@@ -221,8 +221,6 @@ def _prepare_run(spec, build, run_dir: Path, config: TrainConfig) -> Callable[[]
 
 def initial_weights(build_dir: Path, graph, seed: int):
     """DiT's initialisation of the reference module, as a state_dict every backend loads."""
-    from dit_compiler.compiler.build import TORCH_FILE
-
     module = load_module(build_dir / TORCH_FILE).Model()
     initialize_dit_weights(module, graph.spec.model.flavor, graph.depth, seed)
     return to_numpy(module.state_dict())

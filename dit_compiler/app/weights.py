@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dit_compiler.compiler.build import write_atomic
-from dit_compiler.errors import UsageError
 from dit_compiler.compiler.naming import KEYS
+from dit_compiler.errors import UsageError
+from dit_compiler.files import write_atomic
 
 StateDict = dict[str, np.ndarray]
 
@@ -68,7 +68,7 @@ def to_torch(state: StateDict) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
 
 
-#: The kind of folder checkpoints are written into (its marker, `build.OUTPUT_MARKER`, says so).
+#: The kind of folder checkpoints are written into (its marker, `files.OUTPUT_MARKER`, says so).
 CHECKPOINTS = "checkpoints"
 
 

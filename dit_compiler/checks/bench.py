@@ -1,15 +1,15 @@
 """`ditc bench`: the compiled NNTile model against the torch reference, same machine, same run.
 
 Each side runs in a subprocess of its own, so the peak RSS of each is its own process's
-(StarPU's allocations are invisible to torch's counters). Both get the same weights (the torch
+(the NNTile runtime's allocations are invisible to torch's counters). Both get the same weights (the torch
 reference randomised with one seed), the same inputs and the same number of threads: NNTile runs
-`ncpus` StarPU CPU workers with single-threaded BLAS, torch `ncpus` intra-op threads.
+`ncpus` NNTile CPU workers with single-threaded BLAS, torch `ncpus` intra-op threads.
 
 A training step is forward, an MSE loss against a random target, backward and an AdamW step.
 Both sides' processes live through a round, and their measured runs interleave one by one
 (nntile, torch, torch, nntile, ...), so the two times of a pair are seconds apart: on a shared
 machine whose speed drifts by tens of percent within a minute, a slow spell hits both sides alike.
-While the torch side runs, NNTile's StarPU workers are paused (idle, they spin on both cores).
+While the torch side runs, NNTile's workers are paused (idle, they spin on both cores).
 With `rounds` > 1 each round starts fresh processes, and the times of all rounds are pooled.
 
 Each side also times one GEMM on one core, the tile GEMM of the graph's largest linear op, on the BLAS it
@@ -35,8 +35,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from types import ModuleType
+
+import numpy as np
 
 from dit_compiler.compiler import targets
+from dit_compiler.compiler.build import GRAPH_FILE, load_module
 from dit_compiler.compiler.graph.cost import largest_tile_gemm
 from dit_compiler.compiler.graph.ir import Graph
 
@@ -55,7 +59,7 @@ class SideResult:
     step_s: list[float]
     peak_rss_mib: float
     profile: dict[str, float]          # seconds per op kind (one training step), when asked
-    scheduler: str = ""                # StarPU's scheduling policy (NNTile side)
+    scheduler: str = ""                # the runtime's scheduling policy (NNTile side)
     disk_read_mib: float = 0.0         # read and written per measured training step (out-of-core's swap)
     disk_written_mib: float = 0.0
     kernels: str = ""                  # which kernels ran (NNTile side)
@@ -65,6 +69,7 @@ class SideResult:
     blas_core: str = ""                # the core of that BLAS, where it has cores (OpenBLAS)
     faster_core: str = ""              # a checked faster core than the one the machine chose (NNTile side)
     faster_core_gflops: float = 0.0    # the same GEMM on it, in a process of its own
+    workers: str = ""                  # what its workers are, in words (NNTile side: the target's `WORKERS`)
 
 
 @dataclass
@@ -140,7 +145,7 @@ def format_bench(report: BenchReport) -> str:
     if report.out_of_core:
         lines.append(f"nntile {report.out_of_core}")
     for name, side in report.sides.items():
-        what = (f"{side.threads} StarPU CPU workers, scheduler {side.scheduler}" if name == "nntile"
+        what = (f"{side.threads} {side.workers}, scheduler {side.scheduler}" if name == "nntile"
                 else f"{side.threads} torch threads")
         predicted = (f" (predicted {report.predicted_peak_mib:.0f} MiB)"
                      if name == "nntile" and report.predicted_peak_mib else "")
@@ -289,7 +294,7 @@ class SideProcess:
         cmd += ["--out-of-core", json.dumps(out_of_core.to_json())] if out_of_core else []
         cmd += ["--checkpoint"] if checkpoint else []
         cmd += ["--gemm", ",".join(map(str, gemm))] if gemm else []
-        env = os.environ | {"OMP_NUM_THREADS": "1", "STARPU_NCPU": str(ncpus), "STARPU_SILENT": "1"}
+        env = os.environ | {"OMP_NUM_THREADS": "1"} | _target_of(build_dir).worker_environment(ncpus)
         self.stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.stderr, text=True, preexec_fn=preexec_fn)
@@ -351,16 +356,15 @@ class _Side:
     blas_core: str = ""
     idle: Callable[[], None] = lambda: None      # between its measured runs, while the other side runs
     wake: Callable[[], None] = lambda: None
+    workers: str = ""
 
 
 @contextlib.contextmanager
 def _side(side: str, build_dir: Path, ncpus: int, out_of_core: dict | None = None,
           checkpoint: bool = False) -> Iterator[_Side]:
-    import numpy as np
     import torch
 
-    from dit_compiler.compiler.build import GRAPH_FILE
-    from dit_compiler.checks.common import load_module, random_weights, randomize_
+    from dit_compiler.checks.common import random_weights, randomize_
 
     graph_data = json.loads((build_dir / GRAPH_FILE).read_text())
     shapes = {t["name"]: tuple(t["shape"]) for t in graph_data["tensors"]}
@@ -430,7 +434,7 @@ def _side(side: str, build_dir: Path, ncpus: int, out_of_core: dict | None = Non
             yield _Side(lambda: model.forward(x, t, y), lambda: model.train_step(x, t, y, target, optimizer),
                         lambda: model.profile_layers(x, t, y, target, optimizer), ncpus, gemm, blas,
                         runtime.scheduler(), model.kernels.note, advice or "", core or "", runtime.pause,
-                        runtime.resume)
+                        runtime.resume, runtime.WORKERS)
         finally:
             optimizer.unregister()
             model.unregister()
@@ -479,15 +483,18 @@ def _serve(side: str, build_dir: Path, ncpus: int, warmup: int, profile: bool, o
         kinds = run.profile() if profile else {}
     read, written = (total / max(steps, 1) / 2 ** 20 for total in disk)
     reply(asdict(SideResult(side, run.threads, [], [], _peak_rss_mib(), kinds, run.scheduler, read, written,
-                            run.kernels, run.blas, gflops, run.blas_advice, run.blas_core)))
+                            run.kernels, run.blas, gflops, run.blas_advice, run.blas_core, workers=run.workers)))
+
+
+def _target_of(build_dir: Path) -> ModuleType:
+    """The target package the build in `build_dir` was made for (its graph's spec names it)."""
+    return targets.get(json.loads((build_dir / GRAPH_FILE).read_text())["spec"]["target"])
 
 
 def _serve_gemm(build_dir: Path, gemm: tuple[int, int, int]) -> None:
     """`--worker gemm`: time the GEMM on the BLAS the build's target runs, with this process's environment,
     and reply with its GFLOP/s and the BLAS's core."""
-    from dit_compiler.compiler.build import GRAPH_FILE
-
-    runtime = targets.get(json.loads((build_dir / GRAPH_FILE).read_text())["spec"]["target"])
+    runtime = _target_of(build_dir)
     gflops = _gflops(runtime.gemm(*gemm), *gemm)
     print(_REPLY + json.dumps({"gflops": gflops, "core": runtime.blas_report()[2]}), flush=True)
 

@@ -1,42 +1,13 @@
-"""What every runner shares: loading generated modules, seeded weights and inputs, the error metric."""
+"""What the checks share: seeded weights and inputs, the error metric."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from dit_compiler.compiler.graph.ir import Graph
-
-
-def load_module(path: str | Path, name: str | None = None) -> types.ModuleType:
-    """Import a generated file under a unique module name (several builds can live in one process)."""
-    path = Path(path).resolve()
-    name = name or f"ditc_generated_{abs(hash(str(path)))}_{path.stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def import_diffusers() -> types.ModuleType:
-    """diffusers, able to save and load weights: every use of diffusers in ditc (and its tests) imports it here.
-
-    diffusers 0.32 saves and loads safetensors files through `safetensors.torch` without importing that
-    submodule; it works only where something else imported it first (accelerate or transformers, which
-    NNTile imports). Without them `save_pretrained` and `from_pretrained` fail with "module 'safetensors'
-    has no attribute 'torch'", so it is imported here, before diffusers is used."""
-    import safetensors.torch  # noqa: F401  (see the docstring: diffusers needs it imported)
-
-    import diffusers
-
-    return diffusers
 
 
 def rel_error(actual, expected) -> float:

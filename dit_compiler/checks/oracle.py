@@ -17,9 +17,10 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from dit_compiler.checks.common import Inputs, group_error, rel_error
 from dit_compiler.compiler.graph.ir import Graph
 from dit_compiler.compiler.naming import DIFFUSERS, DIT, StateKeys
-from dit_compiler.checks.common import Inputs, group_error, import_diffusers, rel_error
+from dit_compiler.compiler.targets.torch import import_diffusers
 
 #: What diffusers cannot change: the sinusoid size of `CombinedTimestepLabelEmbeddings`, its period,
 #: the FeedForward multiplier, and the eps of the attention-branch and output LayerNorms.

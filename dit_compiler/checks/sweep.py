@@ -18,12 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from dit_compiler import __version__
-from dit_compiler.compiler.build import check_owned, write_atomic, write_text_atomic
-from dit_compiler.errors import SpecError, UsageError
+from dit_compiler.checks.bench import (REPEATS, WARMUP, BenchReport, SideProcess, SideResult, interleave, pooled,
+                                       with_times)
+from dit_compiler.compiler.build import compile_spec, write_build
+from dit_compiler.compiler.graph.cost import totals
+from dit_compiler.compiler.spec import load_spec, load_spec_data
 from dit_compiler.compiler.spec.sweep import MAX_POINTS, Point, Sweep, data_digest, load_sweep, point_data
+from dit_compiler.errors import SpecError, UsageError
+from dit_compiler.files import check_owned, write_atomic, write_text_atomic
+from dit_compiler.limits import check_memory
 
 RESULTS_KIND = "ditc sweep results"
-#: The kind of folder a sweep's results are (its marker, `build.OUTPUT_MARKER`, says so).
+#: The kind of folder a sweep's results are (its marker, `files.OUTPUT_MARKER`, says so).
 SWEEP = "sweep"
 #: Statuses a resumed sweep keeps; any other point runs again.
 FINISHED = ("ok", "invalid")
@@ -59,8 +65,6 @@ class TorchPartner:
         self.stack.close()
 
     def for_model(self, graph, folder: Path):
-        from dit_compiler.checks.bench import WARMUP, SideProcess
-
         spec = graph.spec.to_dict()
         key = json.dumps({k: spec[k] for k in ("model", "batch", "precision")}, sort_keys=True)
         if key != self.key:
@@ -74,9 +78,6 @@ def _bench_round(result: PointResult, graph, folder: Path, torch_partner: TorchP
     """One more benchmark round of a point, pooled with its earlier rounds: a fresh NNTile process
     whose measured runs interleave with the torch partner's, so the point's ratio compares runs made
     seconds apart however the machine's speed drifts over the sweep."""
-    from dit_compiler.checks.bench import (REPEATS, WARMUP, BenchReport, SideProcess, SideResult, interleave, pooled,
-                                        with_times)
-
     torch_process = torch_partner.for_model(graph, folder)
     with SideProcess("nntile", folder, torch_partner.ncpus, WARMUP, False) as nntile_process:
         nntile_process.reply()
@@ -98,9 +99,6 @@ def _bench_round(result: PointResult, graph, folder: Path, torch_partner: TorchP
 
 
 def _compile_point(point: Point, base: dict):
-    from dit_compiler.compiler.build import compile_spec
-    from dit_compiler.compiler.spec import load_spec_data
-
     return compile_spec(load_spec_data(point_data(base, point), source=point.build_name))
 
 
@@ -117,10 +115,6 @@ def run_point(point: Point, base: dict, out: Path, *, verify_it: bool, ncpus: in
               torch_partner: TorchPartner | None) -> PointResult:
     """Validate, build, inspect, and (when asked) verify and, given a torch partner, bench the first round
     of one point."""
-    from dit_compiler.compiler.build import write_build
-    from dit_compiler.compiler.graph.cost import totals
-    from dit_compiler.limits import check_memory
-
     result = PointResult(point.name, point.overrides, "ok", spec_sha256=data_digest(point_data(base, point)))
     try:
         built = _compile_point(point, base)
@@ -136,7 +130,7 @@ def run_point(point: Point, base: dict, out: Path, *, verify_it: bool, ncpus: in
         if verify_it or torch_partner is not None:
             check_memory(built.graph)
         if verify_it:
-            from dit_compiler.checks.verify import verify
+            from dit_compiler.checks.verify import verify   # imports torch
 
             report = verify(built.graph, folder, ncpus=ncpus, oracle=False, progress=lambda _: None)
             result.verified = True
@@ -166,7 +160,7 @@ def write_results(results: list[PointResult], sweep: Sweep, out: Path) -> None:
 
 def read_results(out: Path, sweep: Sweep) -> dict[str, PointResult]:
     """The points of `out/results.json`, by name; refuses (UsageError) a folder ditc did not mark as a
-    sweep's (`build.check_owned`) and a results file this sweep did not write."""
+    sweep's (`files.check_owned`) and a results file this sweep did not write."""
     path = out / "results.json"
     advice = "ditc does not write into it: move it away, or choose another -o"
     check_owned(out, (SWEEP,), f"{out}/")
@@ -252,8 +246,7 @@ def run_sweep(path: str | os.PathLike, out_root: str | os.PathLike, *, verify_it
     `rounds`, pooled per point: a slow spell of a shared machine then spreads over every point instead
     of ranking the ones it happened to hit. Without NNTile, points asked to be verified or benchmarked
     are built and inspected and marked `unverified` / `not benchmarked`."""
-    from dit_compiler.checks.verify import nntile_status
-    from dit_compiler.compiler.spec import load_spec
+    from dit_compiler.checks.verify import nntile_status   # its module imports torch
 
     sweep = load_sweep(path, max_points)
     base = load_spec(sweep.base).to_dict()

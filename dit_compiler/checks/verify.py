@@ -22,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from dit_compiler.checks.common import Inputs, group_error, make_inputs, randomize_, rel_error
 from dit_compiler.compiler import targets
+from dit_compiler.compiler.build import load_module
 from dit_compiler.compiler.graph.ir import Graph, Node
 from dit_compiler.compiler.graph.ops import OPS
 from dit_compiler.compiler.lower import GROUPS
-from dit_compiler.checks.common import Inputs, group_error, load_module, make_inputs, randomize_, rel_error
 
 FORWARD_TOL = 1e-5
 GRAD_TOL = 1e-4

@@ -1,26 +1,32 @@
-"""The `train`, `sample` and `evaluate` subcommands: their arguments and command functions.
-
-Kept apart from `dit_compiler.cli` (which adds them in one block) and light to import: numpy, torch
-and the runners load only when a command runs.
-"""
+"""The diffusion application's commands, `train`, `sample`, `evaluate` and `export`: their arguments and
+command functions. Light to import: torch and the modules that import it (the backends, training,
+sampling, weights, export, Inception) load only when a command runs."""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from dit_compiler.cli.args import MAX_SEED, integer, memory_size, number, path
+import numpy as np
+
+from dit_compiler.app.data import load_images
+from dit_compiler.app.distributed import LAUNCHED_BY_DITC, joined, world_from_env
+from dit_compiler.app.evaluate import (digits_classifier, features_distance, format_table, score_digits, warn_if_few,
+                                       write_table)
+from dit_compiler.app.launch import launch
+from dit_compiler.cli.args import (MAX_SEED, check_folder_arg, integer, memory_size, number, path, runner_target,
+                                   spec_and_dir, workers)
+from dit_compiler.compiler.build import TORCH_FILE, compile_spec, graph_of, load_module, write_build
+from dit_compiler.compiler.spec.model import Spec
 from dit_compiler.errors import UsageError
+from dit_compiler.files import cache_root, check_owned, mark_folder
 from dit_compiler.limits import DIST_TIMEOUT_S, MAX_DIST_TIMEOUT_S, cores
-
-if TYPE_CHECKING:
-    from dit_compiler.compiler.spec.model import Spec
 
 MAX_STEPS = 10**8
 MAX_SAMPLES = 10**6
@@ -42,7 +48,7 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
-#: The kinds of folder (by the marker ditc writes in it, `build.OUTPUT_MARKER`) each command writes into.
+#: The kinds of folder (by the marker ditc writes in it, `files.OUTPUT_MARKER`) each command writes into.
 RUN_KINDS = ("run",)
 SAMPLES_KINDS = ("samples",)
 EVALUATE_KINDS = ("evaluate", "samples")
@@ -50,11 +56,8 @@ EVALUATE_KINDS = ("evaluate", "samples")
 
 def _output_folder(path: Path, flag: str, kinds: tuple[str, ...]) -> Path:
     """An output folder, checked before any work (`cli._check_folder_arg`), and new, empty or marked by
-    ditc as one of `kinds` (`build.check_owned`), so that no file of the user's is overwritten."""
-    from dit_compiler.compiler.build import check_owned
-    from dit_compiler.cli import _check_folder_arg
-
-    _check_folder_arg(str(path), flag)
+    ditc as one of `kinds` (`files.check_owned`), so that no file of the user's is overwritten."""
+    check_folder_arg(str(path), flag)
     if path.is_symlink():
         raise UsageError(f"{flag} {path}: a link; ditc writes only into the folder itself, never through a link: "
                          f"name the folder it points to")
@@ -113,8 +116,8 @@ def add_commands(sub) -> None:
                    help="data-parallel ranks on this machine, each on its share of the cores; the global batch is "
                         "N times the compiled batch (default 1; across machines start ditc under torchrun)")
     s.add_argument("--ncpus", type=integer(1, cores()),
-                   help="StarPU workers and torch threads of each process (default: $STARPU_NCPU or all cores; with "
-                        "--nproc, the cores' share of each rank)")
+                   help=f"{runner_target().WORKERS_HELP}, and as many torch threads, of each process (with --nproc, "
+                        "default: the cores' share of each rank)")
     s.add_argument("--dist-timeout", type=integer(10, MAX_DIST_TIMEOUT_S), default=DIST_TIMEOUT_S, metavar="SECONDS",
                    help=f"how long a rank waits for the others before failing (default {DIST_TIMEOUT_S})")
     s.set_defaults(func=cmd_train)
@@ -180,7 +183,6 @@ def add_commands(sub) -> None:
 def cmd_train(args) -> int:
     """One process; or, with --nproc N, a launcher of N ranks that run this same command line; or, where
     torchrun (or the launcher) set WORLD_SIZE, one rank of a data-parallel run."""
-    from dit_compiler.app.distributed import world_from_env
     from dit_compiler.app.train import resolve_config
 
     spec, _ = _load_target(args.target)
@@ -195,7 +197,7 @@ def cmd_train(args) -> int:
                          "(it has no out-of-core); use --backend nntile or drop --memory-limit")
     if args.ncpus and args.nproc * args.ncpus > cores():
         raise UsageError(f"--ncpus {args.ncpus} with --nproc {args.nproc}: {args.nproc * args.ncpus} workers on "
-                         f"{cores()} cores (StarPU's idle workers spin, so shared cores slow every rank down); "
+                         f"{cores()} cores (idle runtime workers spin, so shared cores slow every rank down); "
                          f"allowed: at most {cores() // args.nproc} a rank")
     overrides = {k: getattr(args, k) for k in ("data", "steps", "lr", "weight_decay", "ema_decay", "ema_warmup",
                                                "backend", "seed", "ckpt_every")}
@@ -206,7 +208,7 @@ def cmd_train(args) -> int:
 
 @contextlib.contextmanager
 def _threads(args) -> Iterator[None]:
-    """With --ncpus N: N StarPU workers (as verify and bench set them) and N torch threads for the command;
+    """With --ncpus N: N workers of the target's runtime (as verify and bench set them) and N torch threads for the command;
     torch's count as it was afterwards (`main` also runs in-process, in the tests). Under --nproc, every
     rank runs this too, and a rank whose workers are set is not bound to a share of the cores."""
     if not args.ncpus:
@@ -214,9 +216,7 @@ def _threads(args) -> Iterator[None]:
         return
     import torch
 
-    from dit_compiler.cli import _ncpus
-
-    _ncpus(args)
+    workers(args)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.ncpus)
     try:
@@ -226,34 +226,29 @@ def _threads(args) -> Iterator[None]:
 
 
 def _train(args, spec, run_dir: Path, config, world) -> int:
-    from dit_compiler.app.distributed import LAUNCHED_BY_DITC, joined
     from dit_compiler.app.train import check_run, train
 
     if world is None:
         if args.nproc == 1:
             return train(spec, run_dir, config, resume=args.resume)
-        from dit_compiler.app.launch import launch
 
         check_run(spec, run_dir, config, args.resume)   # a mistake reported once, before any rank starts
         return launch([sys.executable, "-m", "dit_compiler.cli", *args.argv], args.nproc)
     if args.nproc > 1 and LAUNCHED_BY_DITC not in os.environ:
         raise UsageError(f"--nproc {args.nproc}: this process is already rank {world.rank} of {world.size} "
                          "(WORLD_SIZE is set, as torchrun sets it): torchrun starts the ranks; drop --nproc")
-    with joined(world, args.dist_timeout):
+    with joined(world, args.dist_timeout, spec.target):
         return train(spec, run_dir, config, resume=args.resume, world=world)
 
 
 def _load_target(target: str):
-    from dit_compiler.cli import _spec_and_dir
-
-    return _spec_and_dir(target)
+    return spec_and_dir(target)
 
 
 def _checkpoint_of(args, tmp: str):
     """The spec, its build folder, the checkpoint (a run's last unless --ckpt), the default samples folder,
     and where builds of this model's variants go (the run folder, or `tmp`) for a run folder or for a
     spec given with --ckpt."""
-    from dit_compiler.compiler.build import compile_spec, write_build
     from dit_compiler.app.train import RUN_FILE, checkpoints, trusted_build
 
     path = Path(args.target)
@@ -289,7 +284,6 @@ def _open_model(args, tmp: str, rows: Callable[[Spec], int], output: Callable[[P
     or written). The model is compiled for `rows(spec)` images a step (twice the samples under
     guidance), a variant of the spec built once beside the run (or in `tmp`), so each sampling step is
     one forward of the forward-only model."""
-    from dit_compiler.compiler.build import compile_spec, graph_of, write_build
     from dit_compiler.app.backend import load_into, open_backend
     from dit_compiler.app.weights import load_weights
 
@@ -313,9 +307,6 @@ def _open_model(args, tmp: str, rows: Callable[[Spec], int], output: Callable[[P
 def _check_weights_fit(build_dir: Path, weights: dict, source: str) -> None:
     """Refuse weights with a key the model lacks, without one of its trained parameters, or of another shape."""
     import torch
-
-    from dit_compiler.compiler.build import TORCH_FILE
-    from dit_compiler.checks.common import load_module
 
     with torch.device("meta"):   # shapes only: nothing is allocated
         model = load_module(build_dir / TORCH_FILE).Model()
@@ -343,12 +334,10 @@ def _labels(args, spec: Spec):
 
 
 def cmd_export(args) -> int:
-    from dit_compiler.compiler.build import graph_of
-    from dit_compiler.cli import _check_folder_arg
     from dit_compiler.app.export import export_diffusers
     from dit_compiler.app.weights import load_weights
 
-    _check_folder_arg(args.diffusers, "--diffusers")
+    check_folder_arg(args.diffusers, "--diffusers")
     with tempfile.TemporaryDirectory() as tmp:
         spec, _, ckpt, _, _ = _checkpoint_of(args, tmp)
         weights, entry = load_weights(ckpt, args.ema)
@@ -398,8 +387,6 @@ def _scorer(args):
         raise UsageError(f"--ref {args.ref}: reference images are for FID, which needs --inception FILE (the "
                          "Inception weights); without it the digits scores need no reference")
     if args.inception:
-        from dit_compiler.app.data import load_images
-        from dit_compiler.app.evaluate import features_distance, warn_if_few
         from dit_compiler.app.inception import inception_features, load_inception
 
         if not args.ref:
@@ -413,13 +400,10 @@ def _scorer(args):
             warn_if_few(min(len(features), len(reference)), features.shape[1], "FID")
             return {"n": len(images), "fid": features_distance(features, reference)}
         return fid
-    from dit_compiler.compiler.build import cache_root
-    from dit_compiler.app.evaluate import digits_classifier, score_digits
 
     if args.cache:   # a cache folder: the classifier's one file goes beside whatever is there
-        from dit_compiler.cli import _check_folder_arg
 
-        _check_folder_arg(args.cache, "--cache")
+        check_folder_arg(args.cache, "--cache")
     clf, trained = digits_classifier(Path(args.cache) if args.cache else cache_root())
     print(f"digits classifier ({'trained now' if trained else 'cached'}): held-out accuracy "
           f"{100 * clf.heldout_accuracy:.1f}%")
@@ -430,8 +414,6 @@ def _check_samples(path: Path, images, labels, classes: int | None) -> None:
     """Samples that can be scored: N,C,H,W finite images (at least two: a Frechet distance needs a
     covariance) and, for the digits scores, N class labels. An undertrained model's samples may lie far
     outside [-1, 1]: they are scored, not refused."""
-    import numpy as np
-
     if images.ndim != 4 or len(images) < 2:
         raise UsageError(f"{path}: images has shape {images.shape}; allowed: N,C,H,W with N at least 2 (as "
                          "`ditc sample` writes them)")
@@ -446,8 +428,6 @@ def _check_samples(path: Path, images, labels, classes: int | None) -> None:
 
 def _samples_cfg(samples_file: Path) -> float | None:
     """The guidance scale `ditc sample` recorded beside a samples file (its settings.json), None where unknown."""
-    import json
-
     try:
         cfg = json.loads(samples_file.with_name("settings.json").read_text(encoding="utf-8")).get("cfg")
     except (OSError, ValueError, AttributeError):   # no settings.json, or not the one `ditc sample` writes
@@ -456,10 +436,6 @@ def _samples_cfg(samples_file: Path) -> float | None:
 
 
 def cmd_evaluate(args) -> int:
-    import numpy as np
-
-    from dit_compiler.app.evaluate import format_table, write_table
-
     vae = _vae_folder(args.vae)
     score = _scorer(args)
     target = Path(args.target)
@@ -474,7 +450,6 @@ def cmd_evaluate(args) -> int:
         out = _output_folder(Path(args.out) if args.out else samples_file.parent, "--out", EVALUATE_KINDS)
         rows.append({"cfg": _samples_cfg(samples_file)} | score(images, labels) | {"samples": str(samples_file)})
     else:
-        from dit_compiler.compiler.build import mark_folder
         from dit_compiler.app.sample import run_sample, sample_labels
 
         with tempfile.TemporaryDirectory() as tmp:

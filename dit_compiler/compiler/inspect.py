@@ -18,7 +18,7 @@ STEP_ROWS = {
     "kept": ("other kept tensors", "norm statistics, 1 + scale"),
     "scratch": ("scratch", "the running layer's"),
     "inputs": ("inputs, constants", ""),
-    "baseline": ("runtime baseline", "Python, torch, NNTile, StarPU before the model allocates"),
+    "baseline": ("runtime baseline", "Python, torch and the NNTile runtime before the model allocates"),
 }
 
 def _mib(n: int) -> str:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from dit_compiler.compiler.graph.ir import Axis, Graph, Node, ParamSource
 from dit_compiler.compiler.graph.ops import Activation, LabelDrop, Norm, Patch, Sinusoid
+from dit_compiler.compiler.graph.passes import mark_gradients
 from dit_compiler.compiler.naming import ADALN_CHUNKS, FINAL_CHUNKS, FLAVORS, TRACE
 from dit_compiler.compiler.spec.model import Spec
 from dit_compiler.compiler.tiling import axis_sizes, out_channels, resolve_tiles
@@ -252,8 +253,6 @@ class Lowering:
 
 def lower(spec: Spec, lowering: type[Lowering] = Lowering) -> Graph:
     """Build the operation graph of `spec` (target-independent; see `dit_compiler.compiler.build.graph_of`)."""
-    from dit_compiler.compiler.graph.passes import mark_gradients
-
     graph = lowering(spec).lower()
     mark_gradients(graph)
     graph.lint()

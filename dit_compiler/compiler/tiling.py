@@ -16,7 +16,7 @@ MLP's first GEMM). All heads share one tile, so attention's GEMMs are few and la
 about 7% faster than with two head tiles, in paired profiles). The batch tile takes as many images as
 keep a token tensor's tile within TOKEN_TILE_BUDGET, so small models run few large tasks (NNTile's
 per-task cost dominates them). Only when the token tensors would be a single tile is an axis split in
-two, so that both StarPU workers of a 2-core machine have work: the batch, or with one image the hidden
+two, so that both CPU workers of a 2-core machine have work: the batch, or with one image the hidden
 axis and the heads (by a divisor of their count); `n_min = 2` on the MLP axis does the same for the MLP.
 """
 from __future__ import annotations

@@ -52,8 +52,9 @@ def rank_main(build_dir: Path, steps: int, out: Path) -> None:
     import torch.distributed as dist
 
     from dit_compiler.compiler.build import TORCH_FILE
-    from dit_compiler.app.backend import OptimConfig
-    from dit_compiler.checks.common import load_module, randomize_
+    from dit_compiler.compiler.targets.base import OptimConfig
+    from dit_compiler.checks.common import randomize_
+    from dit_compiler.compiler.build import load_module
     from dit_compiler.app.distributed import joined, world_from_env
     from dit_compiler.app.weights import to_numpy
     from dit_compiler.compiler.targets.nntile_1_1.backend import NNTileBackend

@@ -23,7 +23,8 @@ import numpy as np
 
 from dit_compiler.compiler.build import compile_spec, graph_of, write_build
 from dit_compiler.app.backend import load_into, open_backend
-from dit_compiler.checks.common import group_error, load_module, randomize_
+from dit_compiler.checks.common import group_error, randomize_
+from dit_compiler.compiler.build import load_module
 from dit_compiler.app.sample import SampleConfig, generate, sample_labels
 from dit_compiler.app.train import TrainConfig, checkpoints, train
 from dit_compiler.app.weights import load_checkpoint, to_numpy

@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping
 
+from dit_compiler.compiler.graph.ops import OPS
 from dit_compiler.compiler.spec.model import Spec
 
 #: input, param and const tensors exist before the graph runs; activations are the values ops produce;
@@ -101,8 +102,6 @@ class Node:
 
     @property
     def host(self) -> bool:
-        from dit_compiler.compiler.graph.ops import OPS
-
         return OPS[self.op].host
 
 
@@ -155,8 +154,6 @@ class Graph:
     def lint(self) -> None:
         """Check graph invariants and every node's op-kind rule (ports, attributes, NNTile's tiling
         rules); raise ValueError on a breach."""
-        from dit_compiler.compiler.graph.ops import OPS
-
         defined = set(self.inputs) | {t.name for t in self.tensors.values() if t.role in ("param", "const")}
         for node in self.nodes:
             kind = OPS.get(node.op)

@@ -1,4 +1,4 @@
-"""The NNTile backend of `ditc train` and `ditc sample` (`dit_compiler.app.backend.Backend`).
+"""The NNTile backend of `ditc train` and `ditc sample` (the interface `dit_compiler.app.backend.Backend`).
 
 It runs the generated `nntile_model.py` of a build: forward and backward on NNTile, AdamW and the EMA on
 NNTile tensors (one task per tile each, no copy to the host per step). Weights, the EMA and AdamW's
@@ -9,7 +9,7 @@ AdamW keeps `exp_avg` and `exp_avg_sq` themselves, so they convert as they are.
 
 In a data-parallel world, `backward` submits the model's backward and, while it runs, reads each
 parameter gradient as soon as the layer that makes it is done (in the model's `gradient_order`), into
-flat buckets whose all-reduce starts as each fills (`dit_compiler.app.distributed.GradientBuckets`); the
+flat buckets whose all-reduce starts as each fills (`world.gradient_buckets`, `base.DataParallel`); the
 means go back into the gradients before AdamW's step, which every rank applies alike.
 """
 from __future__ import annotations
@@ -21,24 +21,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dit_compiler.compiler.build import NNTILE_FILE, TORCH_FILE
+from dit_compiler.compiler.build import NNTILE_FILE, TORCH_FILE, load_module
 from dit_compiler.compiler.graph.ir import Graph
-from dit_compiler.app.backend import OptimConfig
-from dit_compiler.checks.common import load_module
-from dit_compiler.app.distributed import GradientBuckets, World
-from dit_compiler.limits import default_ncpus
+from dit_compiler.compiler.targets.base import DataParallel, OptimConfig
 from dit_compiler.compiler.targets.nntile_1_1.ooc import OutOfCoreError, out_of_core
-from dit_compiler.compiler.targets.nntile_1_1.runtime import nntile_runtime, problem
+from dit_compiler.compiler.targets.nntile_1_1.runtime import default_workers, nntile_runtime, problem
+from dit_compiler.errors import UsageError
 
 
 class NNTileBackend:
     name = "nntile"
 
     def __init__(self, build_dir: Path, graph: Graph, optim: OptimConfig, inference: bool = False,
-                 ncpus: int | None = None, world: World | None = None):
+                 ncpus: int | None = None, world: DataParallel | None = None):
         """`inference`: a forward-only model (sampling): no gradients, no AdamW moments, values released
         as soon as used; `forward`, `backward`, `step` and the EMA are then unavailable."""
-        ncpus = ncpus or default_ncpus()   # a bad $STARPU_NCPU refused before StarPU reads it
+        ncpus = ncpus or default_workers()   # a bad $STARPU_NCPU refused before StarPU reads it
         self._stack = contextlib.ExitStack()
         limit = None if inference else graph.spec.memory_limit_bytes
         #: Out-of-core settings under the spec's memory limit: set before NNTile is imported.
@@ -52,7 +50,6 @@ class NNTileBackend:
             print(f"nntile {self.out_of_core.describe()}", file=sys.stderr)
         if (reason := problem()) is not None:
             self._stack.close()
-            from dit_compiler.errors import UsageError
 
             raise UsageError(f"--backend nntile: {reason}")
         self.batch = graph.axes["batch"].size
@@ -80,7 +77,7 @@ class NNTileBackend:
         self.buckets = None
         if world is not None and world.size > 1 and not inference:
             self.gradients = [self.model.parameters[k].grad for k in self.model.gradient_order]
-            self.buckets = GradientBuckets(world, [tuple(g.shape) for g in self.gradients])
+            self.buckets = world.gradient_buckets([tuple(g.shape) for g in self.gradients])
 
     # -- running --------------------------------------------------------------------------------------
     def forward(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dit_compiler.compiler.build import cache_root, write_text_atomic
 from dit_compiler.errors import UsageError
+from dit_compiler.files import cache_root, write_text_atomic
 
 ENV = "DITC_BLAS_CORE"
 #: Tests only (README, "BLAS"): the probe for the core the library picks loads it with
@@ -357,7 +357,7 @@ class _Cache:
         return None, failed
 
     def save(self) -> str | None:
-        """Write the entry where it changed, whole or not at all (`build.write_text_atomic`: never through
+        """Write the entry where it changed, whole or not at all (`files.write_text_atomic`: never through
         a link); None, or why it could not be written."""
         if not self.changed:
             return None

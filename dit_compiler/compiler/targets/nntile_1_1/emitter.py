@@ -10,8 +10,9 @@ from dit_compiler.compiler.emit.env import header, render
 from dit_compiler.compiler.graph.ir import Graph, Node, Tensor
 from dit_compiler.compiler.graph.ops import OPS
 from dit_compiler.compiler.naming import TRACE
-from dit_compiler.compiler.targets.nntile_1_1 import NNTILE_VERSION, RUNTIME_VERSION
+from dit_compiler.compiler.targets.nntile_1_1.layers import LAYERS
 from dit_compiler.compiler.targets.nntile_1_1.memory import held_tensors
+from dit_compiler.compiler.targets.nntile_1_1.runtime import NNTILE_VERSION, RUNTIME_VERSION
 
 #: Host ops: the line of `forward` (or `backward`) that runs each on the host, by op kind.
 _FORWARD_HOST = {
@@ -140,8 +141,6 @@ def emit_model(graph: Graph) -> str:
 
 def check_layers() -> None:
     """Every device op kind has a layer here whose ports are the kind's (see `tests/test_targets.py`)."""
-    from dit_compiler.compiler.targets.nntile_1_1.layers import LAYERS
-
     for kind in OPS.values():
         if kind.host:
             continue

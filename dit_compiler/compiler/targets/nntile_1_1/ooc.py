@@ -34,10 +34,12 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dit_compiler.compiler.build import write_text_atomic
-from dit_compiler.errors import UsageError
 from dit_compiler.compiler.graph.ir import Graph
-from dit_compiler.compiler.targets.nntile_1_1.memory import BASELINE, MIB, StepMemory, all_bytes, predict, unmovable_bytes
+from dit_compiler.compiler.targets.nntile_1_1 import kernels
+from dit_compiler.compiler.targets.nntile_1_1.memory import (BASELINE, MIB, StepMemory, all_bytes, predict,
+                                                             unmovable_bytes)
+from dit_compiler.errors import UsageError
+from dit_compiler.files import write_text_atomic
 
 BACKEND = "unistd_o_direct"
 MMAP_THRESHOLD = 128 * 1024
@@ -131,8 +133,6 @@ class OutOfCore:
     def check(self) -> None:
         """After StarPU started: a tile made now goes through the pinning library (else O_DIRECT would
         abort on the first small tile StarPU evicts)."""
-        from dit_compiler.compiler.targets.nntile_1_1 import kernels
-
         pin = ctypes.CDLL(self.pin_library)
         before = pin.ditc_registered_tiles()
         kernels.Tensor_fp32(kernels.TensorTraits([1], [1]), [0], 0).unregister()

@@ -7,9 +7,15 @@ import importlib.util
 import os
 from collections.abc import Callable, Iterator
 
-from dit_compiler.errors import UsageError
 from dit_compiler.compiler.targets.nntile_1_1 import blas
 from dit_compiler.compiler.targets.nntile_1_1.ooc import OutOfCore
+from dit_compiler.errors import UsageError
+from dit_compiler.limits import cores
+
+NAME = "nntile-1.1"
+NNTILE_VERSION = "1.1.0"
+#: Bumped whenever a generated model of an earlier ditc would not run on this runtime.
+RUNTIME_VERSION = 1
 
 #: What the generated models of this target need of NNTile: the 1.1 API (renamed in later versions).
 REQUIRED_API = ("starpu.Config", "starpu.pause", "tensor.add_slice3_async", "tensor.gelutanh_inplace_async",
@@ -159,3 +165,36 @@ def swapping() -> bool:
 def scheduler() -> str:
     """The scheduling policy StarPU runs (set before it starts)."""
     return os.environ.get("STARPU_SCHED", "lws")
+
+
+#: What a worker of this runtime is (reports), and --ncpus's help (where its default comes from).
+WORKERS = "StarPU CPU workers"
+WORKERS_HELP = f"{WORKERS} (default: $STARPU_NCPU or all cores)"
+
+
+def requested_workers() -> int | None:
+    """$STARPU_NCPU when set (refused unless a count from 1 to the cores), else None."""
+    text = os.environ.get("STARPU_NCPU", "").strip()
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= cores():
+        raise UsageError(f"STARPU_NCPU={text!r} in the environment is not a number of CPU workers; allowed: an "
+                         f"integer from 1 to {cores()} (this machine's cores), or unset for all of them; --ncpus N "
+                         "overrides it")
+    return value
+
+
+def default_workers() -> int:
+    """$STARPU_NCPU when set (checked, `requested_workers`), else every core."""
+    return requested_workers() or cores()
+
+
+def worker_environment(ncpus: int) -> dict[str, str]:
+    """What runs `ncpus` StarPU CPU workers in this process and the processes it starts (StarPU reads it),
+    without StarPU's banner (noise in a command's output) unless the user asked for it."""
+    return {"STARPU_NCPU": str(ncpus), "STARPU_SILENT": os.environ.get("STARPU_SILENT", "1")}
+

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from dit_compiler.compiler.build import cache_root, read_small, write_text_atomic
 from dit_compiler.errors import UsageError
+from dit_compiler.files import cache_root, read_small, write_text_atomic
 
 SOURCE = Path(__file__).with_name("kernels.cc")
 MODULE = "ditc_nntile_kernels"
