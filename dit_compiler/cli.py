@@ -75,6 +75,10 @@ def _check_requests(args, graph) -> None:
     target = targets.get(graph.spec.target)
     target.apply_blas_core("--blas-core" if args.blas_core else None)
     if nntile_status(graph) == "ran":
+        if args.func is cmd_verify:
+            target.check_environment(graph, "verify")
+        elif not _memory_limit(args, graph.spec)[1]:   # under a limit, bench sets StarPU's own
+            target.check_environment(graph, "train")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # ditc's kernels unavailable: the run says so itself
             target.choose_kernels()

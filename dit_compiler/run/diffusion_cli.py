@@ -389,11 +389,11 @@ def cmd_evaluate(args) -> int:
     target = Path(args.target)
     samples_file = target / "samples.npz" if target.is_dir() else target
     rows = []
-    if samples_file.suffix == ".npz" and samples_file.is_file():
-        with np.load(samples_file) as f:
-            if "images" not in f.files or "labels" not in f.files:
-                raise UsageError(f"{samples_file}: no `images` and `labels` (write it with `ditc sample`)")
-            images, labels = f["images"], f["labels"]
+    if samples_file.suffix == ".npz" and os.path.lexists(samples_file) and not samples_file.is_dir():
+        from dit_compiler.userfiles import load_npz
+
+        arrays = load_npz(samples_file, ("images", "labels"), "samples (as `ditc sample` writes them)")
+        images, labels = arrays["images"], arrays["labels"]
         _check_samples(samples_file, images, labels, None if args.inception else 10)
         out = _output_folder(Path(args.out) if args.out else samples_file.parent, "--out", EVALUATE_MARKERS)
         rows.append({"cfg": None} | score(images, labels) | {"samples": str(samples_file)})

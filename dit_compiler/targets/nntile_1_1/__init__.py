@@ -21,7 +21,8 @@ from dit_compiler.targets.nntile_1_1.host import (Geometry, patchify, patchify_g
 from dit_compiler.targets.nntile_1_1.memory import StepMemory, predict, unmovable_bytes
 from dit_compiler.targets.nntile_1_1.model import Decl, Model, param
 from dit_compiler.targets.nntile_1_1.native import KERNEL_SETS, available as kernel_sets, kernels as choose_kernels
-from dit_compiler.targets.nntile_1_1.ooc import LimitCheck, OutOfCore, OutOfCoreError, check_limit, out_of_core
+from dit_compiler.targets.nntile_1_1.ooc import (LimitCheck, OutOfCore, OutOfCoreError, check_environment, check_limit,
+                                                 out_of_core)
 from dit_compiler.targets.nntile_1_1.runtime import (installed, nntile_runtime, pause, problem, resume, scheduler,
                                                      wait_for_all)
 
@@ -33,7 +34,7 @@ RUNTIME_VERSION = 1
 BACKEND = "dit_compiler.targets.nntile_1_1.backend:NNTileBackend"
 
 __all__ = ["Decl", "Geometry", "KERNEL_SETS", "LimitCheck", "Model", "NAME", "NNTILE_VERSION", "OutOfCore",
-           "OutOfCoreError", "RUNTIME_VERSION", "StepMemory", "apply_blas_core", "blas_report", "check_limit", "choose_kernels", "emit",
+           "OutOfCoreError", "RUNTIME_VERSION", "StepMemory", "apply_blas_core", "blas_report", "check_environment", "check_limit", "choose_kernels", "emit",
            "gemm", "installed", "kernel_sets", "nntile_runtime", "out_of_core", "param", "patchify", "patchify_grad",
            "pause", "predict", "prepare", "problem", "require", "resume", "scheduler", "sincos_pos_embed",
            "timestep_features", "unmovable_bytes",
