@@ -77,9 +77,20 @@ def with_manifest(name: str, files: dict[str, str]) -> dict[str, str]:
 
 
 def stale_files(build: Build, folder: Path) -> list[str]:
-    """The files of `build` that `folder` lacks or holds with other contents."""
-    return [name for name, text in sorted(build.files.items())
-            if not (folder / name).is_file() or (folder / name).read_text(encoding="utf-8") != text]
+    """The files of `build` that `folder` lacks or holds with other contents (compared as bytes: a file
+    edited into something that is not UTF-8 is just different; one of another size is not read)."""
+    return [name for name, text in sorted(build.files.items()) if not _holds(folder / name, text.encode())]
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    """Whether `path` is a regular file of exactly the bytes `data`."""
+    try:
+        if not path.is_file() or path.stat().st_size != len(data):
+            return False
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+            return file.read(len(data) + 1) == data
+    except OSError:
+        return False
 
 
 def manifest_files(folder: Path) -> dict[str, str] | None:
@@ -212,7 +223,8 @@ def file_sha256(path: Path) -> str | None:
     """The sha256 of a regular file's bytes; None for anything else."""
     if path.is_symlink() or not path.is_file():
         return None
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    with path.open("rb") as file:   # in chunks: a build file can be edited into a huge one
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 @contextlib.contextmanager

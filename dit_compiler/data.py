@@ -140,6 +140,8 @@ def _load_npz(path: Path) -> Dataset:
     if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
         raise UsageError(f"{path}: labels must be {len(images)} integers (one per image), got {labels.dtype} "
                          f"of shape {labels.shape}")
+    if len(labels) and labels.max() > np.iinfo(np.int64).max:   # uint64 past int64 would wrap to a negative label
+        raise UsageError(f"{path}: label {int(labels.max())} is out of range; allowed: labels of the spec's classes")
     return Dataset(_scaled(images, str(path)).transpose(0, 3, 1, 2).copy(), labels.astype(np.int64), str(path))
 
 

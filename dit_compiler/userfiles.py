@@ -6,14 +6,18 @@ on and a huge (sparse) file never reaches a parser. Every failure is one `UsageE
 Limits (README, "Guarantees"): metadata files (`run.json`, manifests) 1 MiB, a sweep's
 `results.json` 256 MiB, `metrics.csv` 1 GiB; array files (`.npz`) are read member by member, each
 member's declared shape checked against the bytes it holds and against the machine's memory before
-anything is allocated.
+anything is allocated. `writing` makes errors of writing a file (a full disk) name it.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import stat
+import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +87,10 @@ def read_json(path: Path, limit: int, what: str) -> Any:
     try:
         return json.loads(read_text(path, limit, what), parse_constant=constant)
     except (ValueError, RecursionError) as error:
-        raise UsageError(f"{path}: the {what} is not JSON ({str(error) or type(error).__name__})") from None
+        reason = str(error) or type(error).__name__
+        if "int_max_str_digits" in reason:   # Python's advice to raise its limit is not the user's
+            reason = f"an integer of more than {sys.get_int_max_str_digits()} digits"
+        raise UsageError(f"{path}: the {what} is not JSON ({reason})") from None
 
 
 def available_memory() -> int:
@@ -132,3 +139,29 @@ def _member(archive: zipfile.ZipFile, member: str, path: Path, what: str) -> np.
         if file.readinto(memoryview(array.reshape(-1)).cast("B")) != nbytes or file.read(1):   # the CRC at the end
             raise ValueError(f"{member} is not as long as its header says")
     return array.T if fortran else array
+
+
+@contextlib.contextmanager
+def writing(path: Path | str) -> Iterator[None]:
+    """Errors while the block writes `path` name it: a full disk reaches ditc as an OSError without a file
+    name (numpy, a file's write) or as torch's and safetensors' own errors; each becomes an OSError naming
+    `path`, which `ditc` reports in one line (exit 1)."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None and Path(error.filename).name == Path(path).name:
+            raise
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from None
+    except Exception as error:   # torch.save's "[enforce fail at inline_container.cc...]", a SafetensorError
+        if isinstance(error, UsageError) or type(error).__name__ not in ("RuntimeError", "SafetensorError"):
+            raise
+        code = errno.ENOSPC if "No space left" in str(error) or _full(path) else errno.EIO
+        raise OSError(code, os.strerror(code), str(path)) from None
+
+
+def _full(path: Path | str) -> bool:
+    """Whether the file system `path` is written to has no room left (torch's error does not say why)."""
+    try:
+        return os.statvfs(Path(path).parent).f_bavail == 0
+    except OSError:
+        return False

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dit_compiler.argtypes import MAX_SEED, integer, memory_size, number, path
-from dit_compiler.errors import UsageError
+from dit_compiler.errors import UsageError, shown
 from dit_compiler.run.limits import DIST_TIMEOUT_S, MAX_DIST_TIMEOUT_S, cores
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ def _floats(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a comma-separated list of numbers") from None
     return [number(1.0, 100.0)(str(v)) for v in values]
 
 
@@ -38,7 +38,7 @@ def _ints(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a comma-separated list of integers") from None
 
 
 #: Files that mark a folder as one ditc wrote, per kind of output: it may write there again.
@@ -316,7 +316,7 @@ def _sample_config(args, graph, cfg: float | None = None):
 
 
 def cmd_sample(args) -> int:
-    from dit_compiler.run.sample import run_sample
+    from dit_compiler.run.sample import check_vae, run_sample
 
     vae = _input_folder(args.vae, "--vae", "config.json")
     with tempfile.TemporaryDirectory() as tmp:
@@ -325,6 +325,8 @@ def cmd_sample(args) -> int:
             lambda default: _output_folder(Path(args.out) if args.out else default, "--out", SAMPLES_MARKERS))
         labels = _labels(args, graph.spec)
         try:
+            if vae is not None:
+                check_vae(vae, graph.axes["in_channels"].size)
             run_sample(backend, graph, labels, _sample_config(args, graph, args.cfg), out, vae,
                        {"checkpoint": source, "spec": graph.spec.name})
         finally:
@@ -380,9 +382,8 @@ def _check_samples(path: Path, images, labels, classes: int | None) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    import numpy as np
-
     from dit_compiler.run.evaluate import format_table, write_table
+    from dit_compiler.userfiles import load_npz
 
     vae = _input_folder(args.vae, "--vae", "config.json")
     score = _scorer(args)
@@ -390,15 +391,13 @@ def cmd_evaluate(args) -> int:
     samples_file = target / "samples.npz" if target.is_dir() else target
     rows = []
     if samples_file.suffix == ".npz" and os.path.lexists(samples_file) and not samples_file.is_dir():
-        from dit_compiler.userfiles import load_npz
-
         arrays = load_npz(samples_file, ("images", "labels"), "samples (as `ditc sample` writes them)")
         images, labels = arrays["images"], arrays["labels"]
         _check_samples(samples_file, images, labels, None if args.inception else 10)
         out = _output_folder(Path(args.out) if args.out else samples_file.parent, "--out", EVALUATE_MARKERS)
         rows.append({"cfg": None} | score(images, labels) | {"samples": str(samples_file)})
     else:
-        from dit_compiler.run.sample import run_sample, sample_labels
+        from dit_compiler.run.sample import check_vae, run_sample, sample_labels
 
         with tempfile.TemporaryDirectory() as tmp:
             graph, backend, source, out = _open_model(
@@ -407,6 +406,8 @@ def cmd_evaluate(args) -> int:
                                                "--out", EVALUATE_MARKERS))
             labels = sample_labels(graph.facts.num_classes, None, args.n)
             try:
+                if vae is not None:
+                    check_vae(vae, graph.axes["in_channels"].size)
                 for cfg in args.cfg or [graph.spec.sample.cfg]:
                     images, took = run_sample(backend, graph, labels, _sample_config(args, graph, cfg),
                                               out / f"cfg{cfg:g}", vae,

@@ -28,6 +28,7 @@ from dit_compiler.errors import UsageError
 from dit_compiler.graph.ir import Graph
 from dit_compiler.run.backend import Backend
 from dit_compiler.run.progress import Progress
+from dit_compiler.userfiles import writing
 
 VAE_SCALE = 0.18215   # DiT's latent scale: decode `latents / 0.18215`
 
@@ -110,18 +111,27 @@ def _load_vae(vae_dir: Path):
 
     try:
         return AutoencoderKL.from_pretrained(str(vae_dir)).eval()
-    except (OSError, ValueError) as error:
-        raise UsageError(f"--vae {vae_dir}: not a diffusers AutoencoderKL folder ({error})") from None
+    except Exception as error:   # diffusers raises OSError, ValueError, JSON and safetensors errors...
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UsageError(f"--vae {vae_dir}: not a diffusers AutoencoderKL folder with its weights ({first})") \
+            from None
+
+
+def check_vae(vae_dir: Path, channels: int):
+    """The AutoencoderKL in `vae_dir`, loaded (a folder without weights, or for other latents, is refused
+    before any sampling) and checked to decode `channels`-channel latents."""
+    vae = _load_vae(Path(vae_dir))
+    if vae.config.latent_channels != channels:
+        raise UsageError(f"--vae {vae_dir}: decodes {vae.config.latent_channels}-channel latents, the model makes "
+                         f"{channels} channels")
+    return vae
 
 
 def decode_latents(latents: np.ndarray, vae_dir: Path, chunk: int = 16) -> np.ndarray:
     """A diffusers AutoencoderKL folder decodes `latents / 0.18215` to images in about [-1, 1]."""
     import torch
 
-    vae = _load_vae(Path(vae_dir))
-    if vae.config.latent_channels != latents.shape[1]:
-        raise UsageError(f"--vae {vae_dir}: decodes {vae.config.latent_channels}-channel latents, the model makes "
-                         f"{latents.shape[1]} channels")
+    vae = check_vae(vae_dir, latents.shape[1])
     with torch.no_grad():
         parts = [vae.decode(torch.from_numpy(latents[i:i + chunk] / VAE_SCALE).float()).sample.numpy()
                  for i in range(0, len(latents), chunk)]
@@ -183,8 +193,10 @@ def write_samples(out_dir: Path, samples: np.ndarray, labels: np.ndarray, settin
         image_grid(arrays["images"], labels).save(out_dir / "grid.png")
     else:
         channel_preview(samples).save(out_dir / "preview.png")
-    write_atomic(out_dir / "samples.npz", lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
-    write_text_atomic(out_dir / "settings.json", json.dumps(settings, indent=1) + "\n")
+    with writing(out_dir / "samples.npz"):
+        write_atomic(out_dir / "samples.npz", lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
+    with writing(out_dir / "settings.json"):
+        write_text_atomic(out_dir / "settings.json", json.dumps(settings, indent=1) + "\n")
     return arrays.get("images", samples), notes
 
 

@@ -58,7 +58,7 @@ from dit_compiler.run.weights import check_weights, initialize_dit_weights, load
 from dit_compiler.spec import load_spec
 from dit_compiler.spec.model import Spec, TrainSpec
 from dit_compiler.spec.validate import section_problems
-from dit_compiler.userfiles import MAX_METADATA, MAX_METRICS, read_json, regular_size
+from dit_compiler.userfiles import MAX_METADATA, MAX_METRICS, read_json, regular_size, writing
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.csv"
@@ -244,9 +244,11 @@ def _prepare_run(spec, build, run_dir: Path, config: TrainConfig) -> Callable[[]
     """Write the build and run.json; returns what removes them again (and the folder, if this made it)."""
     made = not run_dir.exists()
     (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-    build_dir = write_build(build, run_dir)
-    write_text_atomic(run_dir / RUN_FILE, json.dumps(
-        {"spec": str(spec.source), "build": build_dir.name, "config": asdict(config)}, indent=1) + "\n")
+    with writing(run_dir / build.graph.spec.name):
+        build_dir = write_build(build, run_dir)
+    with writing(run_dir / RUN_FILE):
+        write_text_atomic(run_dir / RUN_FILE, json.dumps(
+            {"spec": str(spec.source), "build": build_dir.name, "config": asdict(config)}, indent=1) + "\n")
 
     def undo() -> None:
         (run_dir / RUN_FILE).unlink(missing_ok=True)
@@ -272,19 +274,22 @@ class _Metrics:
 
     def __init__(self, path: Path, resume_step: int | None):
         self.rows = read_metrics(path, resume_step) if resume_step is not None and os.path.lexists(path) else []
+        self.path = path
         self.file = path.open("w", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=METRICS)
-        self.writer.writeheader()
-        for row in self.rows:
-            self.add(row, keep=False)
-        self.file.flush()
+        with writing(path):
+            self.writer.writeheader()
+            for row in self.rows:
+                self.add(row, keep=False)
+            self.file.flush()
 
     def add(self, row: dict, keep: bool = True) -> None:
         if keep:
             self.rows.append(row)
-        self.writer.writerow({k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v)
-                              for k, v in row.items()})
-        self.file.flush()
+        with writing(self.path):
+            self.writer.writerow({k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v)
+                                  for k, v in row.items()})
+            self.file.flush()
 
     def close(self) -> None:
         self.file.close()
@@ -334,7 +339,8 @@ def plot_loss(rows: list[dict], path: Path, title: str) -> None:
     ax.set(xlabel="step", ylabel="loss (mse + vb)", yscale="log", title=title)
     ax.legend()
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120), suffix=".png")
+    with writing(path):
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120), suffix=".png")
     plt.close(fig)
 
 

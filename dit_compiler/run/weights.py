@@ -19,7 +19,7 @@ import torch.nn as nn
 from dit_compiler.build import write_atomic
 from dit_compiler.errors import UsageError
 from dit_compiler.naming import KEYS
-from dit_compiler.userfiles import regular_size
+from dit_compiler.userfiles import regular_size, writing
 
 StateDict = dict[str, np.ndarray]
 
@@ -68,13 +68,15 @@ def to_torch(state: StateDict) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(path: Path, model: StateDict, ema: StateDict, opt: dict, args: dict, train_state: dict) -> None:
     payload = {"model": to_torch(model), "ema": to_torch(ema), "opt": opt, "args": args, "train_state": train_state}
-    write_atomic(path, lambda tmp: torch.save(payload, tmp))
+    with writing(path):
+        write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
 
 def save_safetensors(path: Path, state: StateDict) -> None:
     from safetensors.numpy import save_file
 
-    write_atomic(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp)))
+    with writing(path):
+        write_atomic(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp)))
 
 
 def check_weights(state: StateDict, source: str) -> None:
