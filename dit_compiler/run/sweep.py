@@ -187,9 +187,8 @@ def read_results(out: Path, sweep: Sweep) -> dict[str, PointResult]:
                    for r in data["points"]):
             raise ValueError("its points are not the ones this ditc writes")
         return {r["name"]: PointResult(**r) for r in data["points"]}
-    except UsageError as error:   # not a readable regular file of JSON
-        raise UsageError(f"{error}; {advice}") from None
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, UsageError) as error:   # UsageError: not a readable regular file of JSON
+        error = str(error).removeprefix(f"{path}: ")
         raise UsageError(f"{path}: not a results file ditc sweep wrote for {sweep.name!r} ({error}); {advice}") from None
 
 

@@ -216,9 +216,9 @@ def _train_state_problem(state: dict, path: Path) -> str | None:
 def run_lock(run_dir: Path) -> Iterator[None]:
     """This process alone trains into `run_dir` while the block runs: a second `ditc train` into the same
     folder is refused (UsageError) instead of interleaving its checkpoints with this one's. The lock is
-    held on `run_dir/.ditc-train.lock` (flock, released when the process ends however it ends); a folder
-    this made and left holding nothing else is removed again."""
-    made = not run_dir.exists()
+    held on `run_dir/.ditc-train.lock` (flock, released when the process ends however it ends); folders
+    this made, left holding nothing else, are removed again."""
+    made = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
     try:
@@ -236,8 +236,9 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         os.close(fd)
         if made and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
             path.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                run_dir.rmdir()
+            with contextlib.suppress(OSError):   # only while empty: nothing of anyone's is removed
+                for folder in made:
+                    folder.rmdir()
 
 
 def _prepare_run(spec, build, run_dir: Path, config: TrainConfig) -> Callable[[], None]:
