@@ -31,6 +31,7 @@ from dit_compiler.emit.torch_emitter import emit_torch
 from dit_compiler.graph.ir import Graph
 from dit_compiler.lower import lower
 from dit_compiler.spec.model import Spec
+from dit_compiler.userfiles import MAX_METADATA, read_json
 
 TORCH_FILE = "torch_reference.py"
 NNTILE_FILE = "nntile_model.py"
@@ -99,12 +100,13 @@ def manifest_files(folder: Path) -> dict[str, str] | None:
     if not path.is_file():
         return None
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = read_json(path, MAX_METADATA, "manifest")
         files = manifest["files"]
         if not (str(manifest["written_by"]).startswith("ditc ") and isinstance(files, dict)
                 and all(isinstance(k, str) and "/" not in k and isinstance(v, str) for k, v in files.items())):
             raise ValueError("unexpected contents")
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+    except (UsageError, ValueError, KeyError, TypeError) as error:
+        error = str(error).removeprefix(f"{path}: ")
         raise UsageError(f"{path}: not a manifest ditc wrote ({error}); ditc does not write into {folder}/: "
                          "move it away, or build with another `name:` or -o") from None
     return files

@@ -772,3 +772,16 @@ def test_images_past_pils_pixel_limit_and_a_corrupt_classifier_cache(tmp_path):
         again, retrained = digits_classifier(cache)
     assert trained and retrained and again.heldout_accuracy == clf.heldout_accuracy
     assert digits_classifier(cache)[1] is False   # the cache was made whole again
+
+
+def test_a_second_signal_stops_a_training_step_that_does_not_end():
+    from dit_compiler.errors import Terminated
+    from dit_compiler.run.train import _StopSignals
+
+    with _StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)   # the first: the loop finishes its step and checkpoints
+        assert stop.signum == signal.SIGTERM
+        with pytest.raises(Terminated):   # the second: at once, wherever the step is
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10**7):   # a step that never ends; the signal lands within it
+                pass
