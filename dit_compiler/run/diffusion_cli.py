@@ -202,7 +202,7 @@ def _checkpoint_of(args, tmp: str):
 
     path = Path(args.target)
     ckpt = Path(args.ckpt) if args.ckpt else None
-    if (path / RUN_FILE).is_file():
+    if os.path.lexists(path / RUN_FILE):   # a run folder: its run.json is checked where it is read
         build_dir = run_build_dir(path)
         spec = load_spec(build_dir / SPEC_FILE)
         if ckpt is None:
