@@ -27,8 +27,9 @@ def load_module(path: str | Path, name: str | None = None) -> types.ModuleType:
     except (SyntaxError, ImportError, OSError) as error:   # a build file edited into something Python cannot run
         del sys.modules[name]
         where = f", line {error.lineno}" if isinstance(error, SyntaxError) and error.lineno else ""
-        raise UsageError(f"{path}: cannot be imported ({type(error).__name__}{where}: "
-                         f"{getattr(error, 'msg', None) or error}); rebuild it with `ditc build`") from None
+        why = str(getattr(error, "msg", None) or error)
+        raise UsageError(f"{path}: cannot be imported ({type(error).__name__}{where}: {why})"
+                         + ("" if "rebuild it" in why else "; rebuild it with `ditc build`")) from None
     return module
 
 
