@@ -104,6 +104,8 @@ def load_npz(path: Path, names: tuple[str, ...], what: str, optional: tuple[str,
     bytes the member does not hold or the machine's memory cannot; a member whose CRC does not match is
     refused as it is read. A missing name is refused naming what the file has."""
     regular_size(path, None, what)
+    if not zipfile.is_zipfile(path):
+        raise UsageError(f"{path}: the {what} is not an .npz file (a zip of .npy arrays, as numpy.savez writes)")
     try:
         with zipfile.ZipFile(path) as archive:
             members = {name.removesuffix(".npy"): name for name in archive.namelist()}
