@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dit_compiler.argtypes import MAX_SEED, integer, memory_size, number, path
-from dit_compiler.errors import UsageError
+from dit_compiler.errors import UsageError, shown
 from dit_compiler.run.limits import DIST_TIMEOUT_S, MAX_DIST_TIMEOUT_S, cores
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ def _floats(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a comma-separated list of numbers") from None
     return [number(1.0, 100.0)(str(v)) for v in values]
 
 
@@ -39,7 +39,7 @@ def _ints(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a comma-separated list of integers") from None
 
 
 #: The kinds of folder (by the marker ditc writes in it, `build.OUTPUT_MARKER`) each command writes into.
@@ -376,7 +376,7 @@ def _sample_config(args, graph, cfg: float | None = None):
 
 
 def cmd_sample(args) -> int:
-    from dit_compiler.run.sample import run_sample
+    from dit_compiler.run.sample import check_vae, run_sample
 
     vae = _vae_folder(args.vae)
     with tempfile.TemporaryDirectory() as tmp:
@@ -385,6 +385,8 @@ def cmd_sample(args) -> int:
             lambda default: _output_folder(Path(args.out) if args.out else default, "--out", SAMPLES_KINDS))
         labels = _labels(args, graph.spec)
         try:
+            if vae is not None:
+                check_vae(vae, graph.axes["in_channels"].size)
             run_sample(backend, graph, labels, _sample_config(args, graph, args.cfg), out, vae,
                        {"checkpoint": source, "spec": graph.spec.name})
         finally:
@@ -456,26 +458,23 @@ def _samples_cfg(samples_file: Path) -> float | None:
 
 
 def cmd_evaluate(args) -> int:
-    import numpy as np
-
     from dit_compiler.run.evaluate import format_table, write_table
+    from dit_compiler.userfiles import load_npz
 
     vae = _vae_folder(args.vae)
     score = _scorer(args)
     target = Path(args.target)
     samples_file = target / "samples.npz" if target.is_dir() else target
     rows = []
-    if samples_file.suffix == ".npz" and samples_file.is_file():
-        with np.load(samples_file) as f:
-            if "images" not in f.files or "labels" not in f.files:
-                raise UsageError(f"{samples_file}: no `images` and `labels` (write it with `ditc sample`)")
-            images, labels = f["images"], f["labels"]
+    if samples_file.suffix == ".npz" and os.path.lexists(samples_file) and not samples_file.is_dir():
+        arrays = load_npz(samples_file, ("images", "labels"), "samples (as `ditc sample` writes them)")
+        images, labels = arrays["images"], arrays["labels"]
         _check_samples(samples_file, images, labels, None if args.inception else 10)
         out = _output_folder(Path(args.out) if args.out else samples_file.parent, "--out", EVALUATE_KINDS)
         rows.append({"cfg": _samples_cfg(samples_file)} | score(images, labels) | {"samples": str(samples_file)})
     else:
         from dit_compiler.build import mark_folder
-        from dit_compiler.run.sample import run_sample, sample_labels
+        from dit_compiler.run.sample import check_vae, run_sample, sample_labels
 
         with tempfile.TemporaryDirectory() as tmp:
             graph, backend, source, out = _open_model(
@@ -485,6 +484,8 @@ def cmd_evaluate(args) -> int:
             mark_folder(out, EVALUATE_KINDS)   # before its cfg*/ samples folders
             labels = sample_labels(graph.spec.model.num_classes, None, args.n)
             try:
+                if vae is not None:
+                    check_vae(vae, graph.axes["in_channels"].size)
                 for cfg in args.cfg or [graph.spec.sample.cfg]:
                     images, took = run_sample(backend, graph, labels, _sample_config(args, graph, cfg),
                                               out / f"cfg{cfg:g}", vae,

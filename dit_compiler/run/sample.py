@@ -113,18 +113,27 @@ def load_vae(vae_dir: Path):
 
     try:
         return import_diffusers().AutoencoderKL.from_pretrained(str(vae_dir), low_cpu_mem_usage=False).eval()
-    except (OSError, ValueError) as error:
-        raise UsageError(f"--vae {vae_dir}: not a diffusers AutoencoderKL folder ({error})") from None
+    except Exception as error:   # diffusers raises OSError, ValueError, JSON and safetensors errors...
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UsageError(f"--vae {vae_dir}: not a diffusers AutoencoderKL folder with its weights ({first})") \
+            from None
+
+
+def check_vae(vae_dir: Path, channels: int):
+    """The AutoencoderKL in `vae_dir`, loaded (a folder without weights, or for other latents, is refused
+    before any sampling) and checked to decode `channels`-channel latents."""
+    vae = load_vae(Path(vae_dir))
+    if vae.config.latent_channels != channels:
+        raise UsageError(f"--vae {vae_dir}: decodes {vae.config.latent_channels}-channel latents, the model makes "
+                         f"{channels} channels")
+    return vae
 
 
 def decode_latents(latents: np.ndarray, vae_dir: Path, chunk: int = 16) -> np.ndarray:
     """A diffusers AutoencoderKL folder decodes `latents / 0.18215` to images in about [-1, 1]."""
     import torch
 
-    vae = load_vae(Path(vae_dir))
-    if vae.config.latent_channels != latents.shape[1]:
-        raise UsageError(f"--vae {vae_dir}: decodes {vae.config.latent_channels}-channel latents, the model makes "
-                         f"{latents.shape[1]} channels")
+    vae = check_vae(vae_dir, latents.shape[1])
     with torch.no_grad():
         parts = [vae.decode(torch.from_numpy(latents[i:i + chunk] / VAE_SCALE).float()).sample.numpy()
                  for i in range(0, len(latents), chunk)]

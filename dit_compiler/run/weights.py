@@ -22,6 +22,7 @@ import torch.nn as nn
 from dit_compiler.build import write_atomic
 from dit_compiler.errors import UsageError
 from dit_compiler.naming import KEYS
+from dit_compiler.userfiles import regular_size, writing
 
 StateDict = dict[str, np.ndarray]
 
@@ -84,8 +85,21 @@ def save_safetensors(path: Path, state: StateDict) -> None:
                  CHECKPOINTS)
 
 
+def check_weights(state: StateDict, source: str) -> None:
+    """Refuse (UsageError) weights a model cannot run on: a tensor that is not real floating point
+    (complex, integer, boolean), or that holds NaN or an infinity, named; they would sample NaN images."""
+    for key, value in state.items():
+        if not np.issubdtype(value.dtype, np.floating):
+            raise UsageError(f"{source}: weight {key} is {value.dtype}; allowed: real floating-point tensors")
+        if not np.isfinite(value).all():
+            bad = int(np.size(value) - np.isfinite(value).sum())
+            raise UsageError(f"{source}: weight {key} holds {bad} NaN or infinite value(s) of {np.size(value)}; "
+                             "a model with them samples NaN images (a diverged run? resume from an earlier checkpoint)")
+
+
 def load_checkpoint(path: Path) -> dict:
     """A DiT-format `.pt` (or any torch-saved dict), read without executing code."""
+    regular_size(path, None, "checkpoint")
     try:
         with open(path, "rb") as f:
             head = f.read(1)
@@ -122,13 +136,17 @@ def load_weights(path: Path, ema: bool) -> tuple[StateDict, str]:
     if path.suffix == ".safetensors":
         from safetensors.numpy import load_file
 
+        regular_size(path, None, "checkpoint")
         try:
-            return load_file(str(path)), "safetensors"
+            state, entry = load_file(str(path)), "safetensors"
         except Exception as error:
             raise UsageError(f"{path}: not a readable safetensors file ({error})") from None
-    checkpoint = load_checkpoint(path)
-    entry = "ema" if ema and "ema" in checkpoint else "model" if "model" in checkpoint else None
-    state = checkpoint[entry] if entry else checkpoint
-    if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UsageError(f"{path}: no `model` or `ema` weights in it (keys: {', '.join(map(str, checkpoint))})")
-    return to_numpy(state), entry or "state_dict"
+    else:
+        checkpoint = load_checkpoint(path)
+        entry = "ema" if ema and "ema" in checkpoint else "model" if "model" in checkpoint else None
+        state = checkpoint[entry] if entry else checkpoint
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise UsageError(f"{path}: no `model` or `ema` weights in it (keys: {', '.join(map(str, checkpoint))})")
+        state, entry = to_numpy(state), entry or "state_dict"
+    check_weights(state, f"{path} ({entry})")
+    return state, entry

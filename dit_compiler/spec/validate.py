@@ -11,7 +11,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from jsonschema import Draft202012Validator, ValidationError
+from jsonschema import Draft202012Validator, ValidationError, validators
 
 from dit_compiler.errors import MAX_SHOWN, Diagnostic, shown
 from dit_compiler.spec.loader import Document, KeyPath, Origin, dotted, shown_value
@@ -44,6 +44,17 @@ _WHOLE_TOLERANCE = 1e-9
 _MAX_SHOWN_DIVISORS = 24
 
 
+def _finite_number(checker, instance: Any) -> bool:
+    """JSON Schema's "number", finite: YAML's `.nan` and `.inf` are floats, and NaN passes every bound
+    (each comparison with NaN is false), so a plain schema would let `lr: .nan` through."""
+    return Draft202012Validator.TYPE_CHECKER.is_type(instance, "number") and math.isfinite(instance)
+
+
+#: The validator of spec and sweep files: Draft 2020-12 whose numbers are finite.
+Validator = validators.extend(Draft202012Validator,
+                              type_checker=Draft202012Validator.TYPE_CHECKER.redefine("number", _finite_number))
+
+
 @cache
 def schema_text() -> str:
     return resources.files(__package__).joinpath("schema.json").read_text(encoding="utf-8")
@@ -51,7 +62,7 @@ def schema_text() -> str:
 
 @cache
 def _validator() -> Draft202012Validator:
-    return Draft202012Validator(json.loads(schema_text()))
+    return Validator(json.loads(schema_text()))
 
 
 def _name_rule() -> str:
@@ -92,6 +103,15 @@ def sweep_keys() -> dict[str, dict]:
         elif key not in ("name", "preset", "extends"):
             keys[key] = value
     return keys
+
+
+def section_problems(section: str, values: dict) -> list[str]:
+    """What the schema refuses in `values`, keys of the spec's `section` (`train`, `sample`) that ditc
+    also records elsewhere (a run's `run.json`): one line per problem, `key: problem (got value); allowed`."""
+    schema = _subschema((section,))
+    return [f"{dotted(tuple(error.path)) or section}: "
+            f"{_problem(error)} (got {shown(shown_value(error.instance))}); allowed: {describe(error.schema)}"
+            for error in Validator(schema).iter_errors(values)]
 
 
 def build_spec(data: dict, default_name: str, source: str) -> Spec:
@@ -145,7 +165,7 @@ def _schema_diagnostics(error: ValidationError, doc: Document) -> list[Diagnosti
         unknown = [key for key in error.instance if key not in error.schema["properties"]]
         return [_unknown_key(path + (key,), list(error.schema["properties"]), doc, guess=i < MAX_SHOWN)
                 for i, key in enumerate(unknown)]
-    problem = _PROBLEMS.get(error.validator, "not allowed").format(error.validator_value)
+    problem = _problem(error)
     if error.validator == "uniqueItems" and (index := _repeated(error.instance)) is not None:
         problem = f"the value {shown(error.instance[index])} is listed twice"
     elif error.instance is None:
@@ -154,6 +174,13 @@ def _schema_diagnostics(error: ValidationError, doc: Document) -> list[Diagnosti
         problem += f": got {shown_value(error.instance)}"
     value = None if isinstance(error.instance, (dict, list)) else error.instance
     return [diagnostic(doc.origin(path), path, problem, value, describe(error.schema))]
+
+
+def _problem(error: ValidationError) -> str:
+    """What is wrong with the value `error` is about, in words."""
+    if isinstance(error.instance, float) and not math.isfinite(error.instance):
+        return "must be a finite number"
+    return _PROBLEMS.get(error.validator, "not allowed").format(error.validator_value)
 
 
 def _repeated(items: list) -> int | None:
@@ -211,11 +238,7 @@ def describe(schema: dict) -> str:
 
 def _model_problems(model: ModelSpec, doc: Document) -> list[Diagnostic]:
     """What the schema cannot check about a schema-valid model."""
-    diagnostics = []
-    for key, spec in _subschema(("model",))["properties"].items():
-        if spec.get("type") == "number" and not math.isfinite(getattr(model, key)):
-            diagnostics.append(_at_key(doc, key, "must be a finite number", getattr(model, key), describe(spec)))
-    diagnostics += _divisibility(model, doc, "hidden_size", "num_heads")
+    diagnostics = _divisibility(model, doc, "hidden_size", "num_heads")
     diagnostics += _divisibility(model, doc, "input_size", "patch_size")
     product = model.hidden_size * model.mlp_ratio
     if math.isfinite(product) and (abs(product - model.mlp_size) > _WHOLE_TOLERANCE * product or model.mlp_size < 1):

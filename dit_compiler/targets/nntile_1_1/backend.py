@@ -28,7 +28,7 @@ from dit_compiler.run.common import load_module
 from dit_compiler.run.distributed import GradientBuckets, World
 from dit_compiler.run.limits import default_ncpus
 from dit_compiler.targets.nntile_1_1.ooc import OutOfCoreError, out_of_core
-from dit_compiler.targets.nntile_1_1.runtime import nntile_runtime, problem
+from dit_compiler.targets.nntile_1_1.runtime import check_environment, nntile_runtime, problem
 
 
 class NNTileBackend:
@@ -50,6 +50,8 @@ class NNTileBackend:
         if self.out_of_core is not None:
             self.out_of_core.apply()   # before `problem` imports NNTile (idempotent: nntile_runtime applies it too)
             print(f"nntile {self.out_of_core.describe()}", file=sys.stderr)
+        if self.out_of_core is None:   # ditc's own out-of-core sets StarPU's limit itself
+            check_environment(graph, "sample" if inference else "train")
         if (reason := problem()) is not None:
             self._stack.close()
             from dit_compiler.errors import UsageError
