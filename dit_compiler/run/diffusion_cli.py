@@ -120,9 +120,12 @@ def add_commands(sub) -> None:
                        help="use the checkpoint's EMA weights (default)")
         s.add_argument("--backend", choices=("auto", "nntile", "torch"), default="auto",
                        help="where the model runs (default auto: NNTile where it is importable, else torch)")
-        s.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: the spec's `sample.sampler` (ddpm)")
+        s.add_argument("--sampler", choices=("ddpm", "ddim", "euler", "heun"),
+                       help="ddpm or ddim for objective ddpm, euler or heun for rectified_flow (default: the spec's "
+                            "`sample.sampler`: ddpm, or euler for a flow)")
         s.add_argument("--steps", type=integer(1, 1000),
-                       help="respaced sampling steps, at most DiT's 1000 (default: the spec's `sample.steps`, 250)")
+                       help="sampling steps, at most 1000: ddpm/ddim respace DiT's 1000 (default: the spec's "
+                            "`sample.steps`: 250, or 50 for a flow)")
         s.add_argument("--eta", type=number(0.0, 1.0), help="DDIM eta (default: the spec's `sample.eta`, 0)")
         s.add_argument("--cfg-channels", choices=("auto", "dit", "all"),
                        help="guided channels: `dit` the first 3 (DiT), `all` every epsilon channel (diffusers), "
@@ -304,11 +307,21 @@ def _sample_config(args, graph, cfg: float | None = None):
     """The spec's `sample:` section with the flags on top (`cfg` one scale of a sweep)."""
     from dit_compiler.run.sample import SampleConfig
 
+    from dit_compiler.spec.model import SAMPLERS
+
     spec = graph.spec.sample
     channels = args.cfg_channels or spec.cfg_channels
+    objective = graph.spec.diffusion.objective
+    if args.sampler and args.sampler not in SAMPLERS[objective]:
+        raise UsageError(f"--sampler {args.sampler}: the model was trained with the {objective} objective (its "
+                         f"spec's diffusion.objective); allowed: {', '.join(SAMPLERS[objective])}")
     if args.eta is not None and (args.sampler or spec.sampler) != "ddim":
         raise UsageError(f"--eta {args.eta:g}: eta is DDIM's; the sampler here is {args.sampler or spec.sampler} "
                          "(add --sampler ddim, or drop --eta)")
+    for flag, given in (("--clip-denoised", args.clip_denoised), ("--sigma-small", args.sigma_small)):
+        if given and graph.spec.diffusion.flow:
+            raise UsageError(f"{flag}: DDPM's and DDIM's option; a rectified-flow model samples an ODE with euler "
+                             "or heun, which has no x_0 prediction to clip nor a variance (drop it)")
     return SampleConfig(sampler=args.sampler or spec.sampler, steps=args.steps or spec.steps,
                         eta=spec.eta if args.eta is None else args.eta, cfg=cfg or spec.cfg,
                         cfg_channels=None if channels == "auto" else channels, seed=args.seed,

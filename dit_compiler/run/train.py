@@ -44,7 +44,7 @@ import numpy as np
 
 from dit_compiler.build import SPEC_FILE, compile_spec, graph_of, write_atomic, write_build, write_text_atomic
 from dit_compiler.data import BatchLoader, ImageShape, load_dataset
-from dit_compiler.diffusion import NUM_TIMESTEPS, create_diffusion, training_losses
+from dit_compiler.diffusion.objective import objective_of
 from dit_compiler.errors import UsageError
 from dit_compiler.run.backend import OptimConfig, load_into, open_backend
 from dit_compiler.run.common import load_module
@@ -128,10 +128,10 @@ def check_run(spec, run_dir: Path, config: TrainConfig, resume: bool):
         saved = load_spec(run_build_dir(run_dir) / SPEC_FILE)
         # the model, not the train or sample settings, nor the batch and tiling (another number of ranks
         # keeps the global batch with another compiled batch)
-        if (saved.model, saved.precision) != (spec.model, spec.precision):
-            raise UsageError(f"{run_dir}: trained with another model than {spec.source} describes (see "
-                             f"{run_build_dir(run_dir) / SPEC_FILE}); a resumed run may change the batch and "
-                             "the tiling, not the model")
+        if (saved.model, saved.precision, saved.diffusion) != (spec.model, spec.precision, spec.diffusion):
+            raise UsageError(f"{run_dir}: trained with another model or diffusion objective than {spec.source} "
+                             f"describes (see {run_build_dir(run_dir) / SPEC_FILE}); a resumed run may change the "
+                             "batch and the tiling, not the model or the objective")
         ckpt = load_checkpoint(existing[-1])
         if not isinstance(ckpt.get("train_state"), dict):
             raise UsageError(f"{existing[-1]}: no `train_state` to resume from (a checkpoint `ditc train` did not "
@@ -149,7 +149,8 @@ def _prepare_run(spec, build, run_dir: Path, config: TrainConfig) -> Callable[[]
     (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     build_dir = write_build(build, run_dir)
     write_text_atomic(run_dir / RUN_FILE, json.dumps(
-        {"spec": str(spec.source), "build": build_dir.name, "config": asdict(config)}, indent=1) + "\n")
+        {"spec": str(spec.source), "build": build_dir.name, "config": asdict(config),
+         "diffusion": asdict(spec.diffusion)}, indent=1) + "\n")
 
     def undo() -> None:
         (run_dir / RUN_FILE).unlink(missing_ok=True)
@@ -245,7 +246,7 @@ def train(spec, run_dir: Path, config: TrainConfig, resume: bool = False, stream
     batch = graph.axes["batch"].size
     global_batch, mine = batch * world.size, world.slice(batch)
     dropout = graph.facts.class_dropout_prob
-    diffusion = create_diffusion()
+    objective = objective_of(spec.diffusion)
     loader = BatchLoader(data, global_batch, config.seed)
     rng = np.random.default_rng(config.seed)
     try:   # a backend that cannot start (no NNTile, a memory limit below the model) leaves no run behind
@@ -282,7 +283,7 @@ def train(spec, run_dir: Path, config: TrainConfig, resume: bool = False, stream
         train_state = {"step": step, "wall_s": wall, "data": loader.state(), "rng": rng.bit_generator.state,
                        "backend": backend.name, "ranks": world.size, "global_batch": global_batch}
         save_checkpoint(path, backend.state_dict(), ema, backend.optimizer_state(),
-                        asdict(config) | {"spec": str(spec.source)}, train_state)
+                        asdict(config) | {"spec": str(spec.source), "diffusion": asdict(spec.diffusion)}, train_state)
         save_safetensors(path.with_name(f"{step:07d}-ema.safetensors"), ema)
         if metrics.rows:
             plot_loss(metrics.rows, run_dir / LOSS_PLOT, f"{spec.name} on {backend.name}")
@@ -295,14 +296,14 @@ def train(spec, run_dir: Path, config: TrainConfig, resume: bool = False, stream
             while step < config.steps and signum is None:
                 began = time.perf_counter()
                 x0, y = loader.next()   # the global batch's draws, then this rank's slice of them
-                t = rng.integers(0, NUM_TIMESTEPS, global_batch)
+                t = objective.draw(rng, global_batch)
                 noise = rng.standard_normal(x0.shape)
                 if dropout > 0:
                     y = np.where(rng.random(global_batch) < dropout, shape.num_classes, y)
                 x0, y, t, noise = x0[mine], y[mine], t[mine], noise[mine]
-                x_t = diffusion.q_sample(x0, t, noise)
-                out = backend.forward(x_t.astype(np.float32), t.astype(np.float32), y)
-                terms = training_losses(diffusion, x0, x_t, t, noise, out)
+                x_t, model_t = objective.noised(x0, t, noise)
+                out = backend.forward(x_t.astype(np.float32), model_t.astype(np.float32), y)
+                terms = objective.losses(x0, x_t, t, noise, out)
                 backend.backward(terms.grad)
                 backend.step()
                 backend.ema_update(config.ema_decay_at(step))
