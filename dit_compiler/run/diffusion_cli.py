@@ -80,6 +80,17 @@ def add_commands(sub) -> None:
     s.add_argument("--steps", type=integer(1, MAX_STEPS), help="total training steps (default 4000)")
     s.add_argument("--lr", type=number(0.0, 1.0, above=True),
                    help="AdamW learning rate, more than 0 to 1 (default: the spec's train.lr, DiT's 1e-4)")
+    s.add_argument("--lr-schedule", choices=("constant", "cosine"),
+                   help="after the warm-up: constant (DiT's) or cosine down to 0 at the last step (default: the spec's "
+                        "train.lr_schedule, constant)")
+    s.add_argument("--warmup-steps", type=integer(0, MAX_STEPS), metavar="N",
+                   help="the learning rate rises linearly over the first N steps (default: the spec's "
+                        "train.warmup_steps, 0)")
+    s.add_argument("--grad-clip", type=number(0.0, 1e6), metavar="NORM",
+                   help="clip the global gradient norm to NORM, 0 off (default: the spec's train.grad_clip, 0)")
+    s.add_argument("--accumulation", type=integer(1, 4096), metavar="N",
+                   help="micro-batches of the compiled batch per step: a step takes batch x N x ranks images "
+                        "(default: the spec's train.accumulation, 1)")
     s.add_argument("--weight-decay", type=number(0.0, 1.0),
                    help="AdamW weight decay, 0 to 1 (default: the spec's train.weight_decay, DiT's 0)")
     s.add_argument("--ema-decay", type=number(0.0, 1.0),
@@ -173,7 +184,8 @@ def cmd_train(args) -> int:
         raise UsageError(f"--memory-limit {args.memory_limit}: the torch backend cannot run under a memory limit "
                          "(it has no out-of-core); use --backend nntile or drop --memory-limit")
     overrides = {k: getattr(args, k) for k in ("data", "steps", "lr", "weight_decay", "ema_decay", "ema_warmup",
-                                               "backend", "seed", "ckpt_every")}
+                                               "backend", "seed", "ckpt_every", "lr_schedule", "warmup_steps",
+                                               "grad_clip", "accumulation")}
     config = resolve_config(run_dir, overrides, args.resume, spec)
     if world is None:
         if args.nproc == 1:

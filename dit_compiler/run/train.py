@@ -50,6 +50,7 @@ from dit_compiler.run.backend import OptimConfig, load_into, open_backend
 from dit_compiler.run.common import load_module
 from dit_compiler.run.distributed import World, digest
 from dit_compiler.run.progress import Progress
+from dit_compiler.run.schedules import lr_at, micro_batches
 from dit_compiler.run.weights import initialize_dit_weights, load_checkpoint, save_checkpoint, save_safetensors, \
     to_numpy
 from dit_compiler.spec import load_spec
@@ -244,15 +245,15 @@ def train(spec, run_dir: Path, config: TrainConfig, resume: bool = False, stream
     build_dir = run_build_dir(run_dir)
     shape = ImageShape.of_graph(graph)
     batch = graph.axes["batch"].size
-    global_batch, mine = batch * world.size, world.slice(batch)
+    global_batch, mine = batch * world.size * config.accumulation, world.slice(batch)
     dropout = graph.facts.class_dropout_prob
     objective = objective_of(spec.diffusion)
     loader = BatchLoader(data, global_batch, config.seed)
     rng = np.random.default_rng(config.seed)
     try:   # a backend that cannot start (no NNTile, a memory limit below the model) leaves no run behind
-        backend = open_backend(config.backend, build_dir, graph, OptimConfig(lr=config.lr,
-                               weight_decay=config.weight_decay), note=print if lead else lambda text: None,
-                               world=world)
+        backend = open_backend(config.backend, build_dir, graph, OptimConfig(
+            lr=config.lr, weight_decay=config.weight_decay, accumulation=config.accumulation,
+            max_grad_norm=config.grad_clip), note=print if lead else lambda text: None, world=world)
     except BaseException:
         undo()
         raise
@@ -300,14 +301,20 @@ def train(spec, run_dir: Path, config: TrainConfig, resume: bool = False, stream
                 noise = rng.standard_normal(x0.shape)
                 if dropout > 0:
                     y = np.where(rng.random(global_batch) < dropout, shape.num_classes, y)
-                x0, y, t, noise = x0[mine], y[mine], t[mine], noise[mine]
-                x_t, model_t = objective.noised(x0, t, noise)
-                out = backend.forward(x_t.astype(np.float32), model_t.astype(np.float32), y)
-                terms = objective.losses(x0, x_t, t, noise, out)
-                backend.backward(terms.grad)
+                parts = []
+                for k, rows in enumerate(micro_batches(global_batch, config.accumulation, mine)):
+                    x_t, model_t = objective.noised(x0[rows], t[rows], noise[rows])
+                    out = backend.forward(x_t.astype(np.float32), model_t.astype(np.float32), y[rows])
+                    terms = objective.losses(x0[rows], x_t, t[rows], noise[rows], out)
+                    backend.backward(terms.grad / config.accumulation, accumulate=k > 0)
+                    parts.append([terms.mean, terms.mse.mean(), np.nan if terms.vb is None else terms.vb.mean()])
+                if config.grad_clip:
+                    backend.clip_grad_norm(config.grad_clip)
+                lr = lr_at(step, config.lr, config.lr_schedule, config.warmup_steps, config.steps)
+                backend.set_lr(lr)
                 backend.step()
                 backend.ema_update(config.ema_decay_at(step))
-                loss, mse, vb = world.mean([terms.mean, terms.mse.mean(), np.nan if terms.vb is None else terms.vb.mean()])
+                loss, mse, vb = world.mean(list(np.mean(parts, axis=0)))
                 signum = world.agreed_signal(stop.signum)
                 step += 1
                 took = time.perf_counter() - began
@@ -315,7 +322,7 @@ def train(spec, run_dir: Path, config: TrainConfig, resume: bool = False, stream
                 if not lead:
                     continue
                 metrics.add({"step": step, "loss": loss, "mse": mse, "vb": None if terms.vb is None else vb,
-                             "lr": config.lr, "images_per_s": global_batch / took, "wall_s": wall})
+                             "lr": lr, "images_per_s": global_batch / took, "wall_s": wall})
                 progress.update(loss=f"{loss:.4f}", **{"img/s": f"{global_batch / took:.0f}"})
                 if config.ckpt_every and step % config.ckpt_every == 0 and step < config.steps:
                     checkpoint()

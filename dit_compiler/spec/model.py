@@ -74,6 +74,10 @@ class TrainSpec:
     data: str = "digits"
     steps: int = 4000            # DiT counts epochs (1400 over ImageNet); a step count suits small data
     lr: float = 1e-4
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    grad_clip: float = 0.0       # the largest global gradient norm; 0: no clipping
+    accumulation: int = 1        # micro-batches of the compiled batch per step
     weight_decay: float = 0.0
     ema_decay: float = 0.9999
     ema_warmup: bool = True      # not DiT's: decay min(ema_decay, (1+s)/(10+s)) at step s
