@@ -103,6 +103,10 @@ def add_commands(sub) -> None:
     s.add_argument("--ckpt-every", type=integer(0, MAX_STEPS),
                    help="checkpoint every N steps, 0 only at the end (default 1000)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    s.add_argument("--init", type=path, metavar="WEIGHTS",
+                   help="start a new run from these weights (the EMA too; the optimizer fresh): a facebookresearch/DiT "
+                        "checkpoint (a released state_dict or train.py's; its EMA), a ditc checkpoint (its EMA) or "
+                        "an EMA .safetensors")
     s.add_argument("--seed", type=integer(0, MAX_SEED),
                    help="seeds the initial weights, data order, timesteps, noise, dropout (0 to 2**32-1)")
     s.add_argument("--memory-limit", type=memory_size, metavar="SIZE",
@@ -185,7 +189,10 @@ def cmd_train(args) -> int:
                          "(it has no out-of-core); use --backend nntile or drop --memory-limit")
     overrides = {k: getattr(args, k) for k in ("data", "steps", "lr", "weight_decay", "ema_decay", "ema_warmup",
                                                "backend", "seed", "ckpt_every", "lr_schedule", "warmup_steps",
-                                               "grad_clip", "accumulation")}
+                                               "grad_clip", "accumulation", "init")}
+    if args.init and args.resume:
+        raise UsageError(f"--init {args.init}: starts a new run from weights, --resume continues {run_dir} from its "
+                         "checkpoint; drop one")
     config = resolve_config(run_dir, overrides, args.resume, spec)
     if world is None:
         if args.nproc == 1:
@@ -249,12 +256,12 @@ def _open_model(args, tmp: str, rows: Callable[[Spec], int], output: Callable[[P
     one forward of the forward-only model."""
     from dit_compiler.build import compile_spec, graph_of, write_build
     from dit_compiler.run.backend import load_into, open_backend
-    from dit_compiler.run.weights import load_weights
+    from dit_compiler.run.weights import check_weights_fit, load_weights
 
     spec, build_dir, ckpt, default_out, builds = _checkpoint_of(args, tmp)
     out = output(default_out)
     weights, entry = load_weights(ckpt, args.ema)   # a bad checkpoint is refused before a variant is built
-    _check_weights_fit(build_dir, weights, f"{ckpt} ({entry})")
+    check_weights_fit(build_dir, weights, f"{ckpt} ({entry})")
     batch = min(rows(spec), MAX_SAMPLING_BATCH)
     if batch != spec.batch:
         spec = replace(spec, name=f"{spec.name}-sample-b{batch}", batch=batch,
@@ -266,27 +273,6 @@ def _open_model(args, tmp: str, rows: Callable[[Spec], int], output: Callable[[P
     backend = open_backend(args.backend, build_dir, graph, inference=True)
     load_into(backend, weights, str(ckpt))
     return graph, backend, f"{ckpt} ({entry})", out
-
-
-def _check_weights_fit(build_dir: Path, weights: dict, source: str) -> None:
-    """Refuse weights with a key the model lacks, without one of its trained parameters, or of another shape."""
-    import torch
-
-    from dit_compiler.build import TORCH_FILE
-    from dit_compiler.run.common import load_module
-
-    with torch.device("meta"):   # shapes only: nothing is allocated
-        model = load_module(build_dir / TORCH_FILE).Model()
-    extra = sorted(set(weights) - set(model.state_dict()))
-    if extra:
-        raise UsageError(f"{source}: its weights do not fit this spec's model ({len(extra)} it does not have, such as "
-                         f"{extra[0]})")
-    for key, param in model.named_parameters():
-        if key not in weights and param.requires_grad:
-            raise UsageError(f"{source}: its weights do not fit this spec's model (no {key})")
-        if key in weights and tuple(weights[key].shape) != tuple(param.shape):
-            raise UsageError(f"{source}: its weights do not fit this spec's model ({key} is "
-                             f"{list(weights[key].shape)}, the model's {list(param.shape)})")
 
 
 def _rows(labels: int, scales: list[float]) -> int:

@@ -51,8 +51,8 @@ from dit_compiler.run.common import load_module
 from dit_compiler.run.distributed import World, digest
 from dit_compiler.run.progress import Progress
 from dit_compiler.run.schedules import lr_at, micro_batches
-from dit_compiler.run.weights import initialize_dit_weights, load_checkpoint, save_checkpoint, save_safetensors, \
-    to_numpy
+from dit_compiler.run.weights import init_weights, initialize_dit_weights, load_checkpoint, load_weights, \
+    save_checkpoint, save_safetensors, to_numpy
 from dit_compiler.spec import load_spec
 from dit_compiler.spec.model import Spec, TrainSpec
 
@@ -68,6 +68,7 @@ class TrainConfig(TrainSpec):
     """A run's settings: the spec's `train:` section (its defaults DiT's), flags on top, and the backend."""
 
     backend: str = "auto"
+    init: str | None = None   # `--init`: the checkpoint a new run starts from (None: DiT's initialisation)
 
     def ema_decay_at(self, updates: int) -> float:
         return min(self.ema_decay, (1 + updates) / (10 + updates)) if self.ema_warmup else self.ema_decay
@@ -122,6 +123,8 @@ def check_run(spec, run_dir: Path, config: TrainConfig, resume: bool):
     Returns the dataset, the build and (on resume) the checkpoint."""
     build = compile_spec(spec)
     data = load_dataset(config.data, ImageShape.of_graph(build.graph))
+    if config.init and not resume:
+        init_weights(Path(config.init), build)
     existing = checkpoints(run_dir) if run_dir.is_dir() else []
     if resume:
         if not existing:
@@ -271,6 +274,11 @@ def train(spec, run_dir: Path, config: TrainConfig, resume: bool = False, stream
             before = state.get("global_batch", batch)
             change = f" (it took {before} images a step, now {global_batch})" if before != global_batch else ""
             print(f"resuming {run_dir} at step {step} from {path}{change}", file=stream)
+    elif config.init:   # checked by `check_run`; the optimizer fresh, the EMA a copy of the weights
+        weights, entry = load_weights(Path(config.init), ema=True)
+        load_into(backend, weights, f"--init {config.init} ({entry})")
+        if lead:
+            print(f"starting from {config.init} ({entry})", file=stream)
     else:
         weights = initial_weights(build_dir, graph, config.seed)
         load_into(backend, weights, "initial weights")
