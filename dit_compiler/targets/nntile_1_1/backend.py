@@ -132,7 +132,7 @@ class NNTileBackend:
         if self.sums is None:
             raise RuntimeError("clip_grad_norm needs a backend opened with OptimConfig.max_grad_norm set")
         self._reduce()
-        norm = float(np.sqrt(sum(np.dot(s.ravel().astype(np.float64), s.ravel()) for s in self.sums)))
+        norm = float(np.sqrt(sum(np.square(s, dtype=np.float64).sum() for s in self.sums)))
         scale = clip_scale(norm, max_norm)
         if scale < 1.0:
             for s in self.sums:
