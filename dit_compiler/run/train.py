@@ -49,14 +49,15 @@ import numpy as np
 from dit_compiler.build import OUTPUT_MARKER, SPEC_FILE, compile_spec, graph_of, read_marker, read_small, \
     write_atomic, write_build, write_text_atomic
 from dit_compiler.data import DIGITS, DIGITS_SHAPE, BatchLoader, ImageShape, load_dataset
-from dit_compiler.diffusion import NUM_TIMESTEPS, create_diffusion, training_losses
+from dit_compiler.diffusion.objective import objective_of
 from dit_compiler.errors import Terminated, UsageError, shown
 from dit_compiler.run.backend import AUTO, OptimConfig, load_into, open_backend
 from dit_compiler.run.common import load_module
 from dit_compiler.run.distributed import World, digest
 from dit_compiler.run.progress import Progress, counted
-from dit_compiler.run.weights import check_weights, initialize_dit_weights, load_checkpoint, save_checkpoint, \
-    save_safetensors, to_numpy
+from dit_compiler.run.schedules import lr_at, micro_batches
+from dit_compiler.run.weights import check_weights, init_weights, initialize_dit_weights, load_checkpoint, \
+    load_weights, save_checkpoint, save_safetensors, to_numpy
 from dit_compiler.spec import load_spec
 from dit_compiler.spec.model import Spec, TrainSpec
 from dit_compiler.spec.validate import section_problems
@@ -77,6 +78,7 @@ class TrainConfig(TrainSpec):
     """A run's settings: the spec's `train:` section (its defaults DiT's), flags on top, and the backend."""
 
     backend: str = "auto"
+    init: str | None = None   # `--init`: the checkpoint a new run starts from (None: DiT's initialisation)
 
     def ema_decay_at(self, updates: int) -> float:
         return min(self.ema_decay, (1 + updates) / (10 + updates)) if self.ema_warmup else self.ema_decay
@@ -196,6 +198,8 @@ def check_run(spec, run_dir: Path, config: TrainConfig, resume: bool):
                          f"{DIGITS_SHAPE.size}x{DIGITS_SHAPE.size}: this spec needs --data (an .npz with `images` and "
                          "`labels`, or a folder with a sub-folder of images per class) or train.data set")
     data = load_dataset(config.data, shape)
+    if config.init and not resume:
+        init_weights(Path(config.init), build)
     existing = checkpoints(run_dir) if run_dir.is_dir() else []
     if resume:
         if not existing:
@@ -203,10 +207,10 @@ def check_run(spec, run_dir: Path, config: TrainConfig, resume: bool):
         saved = load_spec(run_build_dir(run_dir) / SPEC_FILE)
         # the model, not the train or sample settings, nor the batch and tiling (another number of ranks
         # keeps the global batch with another compiled batch)
-        if (saved.model, saved.precision) != (spec.model, spec.precision):
-            raise UsageError(f"{run_dir}: trained with another model than {spec.source} describes (see "
-                             f"{run_build_dir(run_dir) / SPEC_FILE}); a resumed run may change the batch and "
-                             "the tiling, not the model")
+        if (saved.model, saved.precision, saved.diffusion) != (spec.model, spec.precision, spec.diffusion):
+            raise UsageError(f"{run_dir}: trained with another model or diffusion objective than {spec.source} "
+                             f"describes (see {run_build_dir(run_dir) / SPEC_FILE}); a resumed run may change the "
+                             "batch and the tiling, not the model or the objective")
         ckpt = load_checkpoint(existing[-1])
         check_train_state(ckpt, existing[-1])
         if os.path.lexists(run_dir / METRICS_FILE):
@@ -305,7 +309,8 @@ def _prepare_run(spec, build, run_dir: Path, config: TrainConfig) -> Callable[[]
 
     try:
         write_text_atomic(run_dir / RUN_FILE, json.dumps(
-            {"spec": str(spec.source), "build": spec.name, "config": asdict(config)}, indent=1) + "\n", RUN)
+            {"spec": str(spec.source), "build": spec.name, "config": asdict(config),
+             "diffusion": asdict(spec.diffusion)}, indent=1) + "\n", RUN)
         if (run_dir / CHECKPOINTS).is_symlink():
             raise UsageError(f"{run_dir / CHECKPOINTS}: a link; a run's checkpoints are written only inside the run")
         (run_dir / CHECKPOINTS).mkdir(exist_ok=True)
@@ -431,15 +436,15 @@ def _train(spec, run_dir: Path, config: TrainConfig, resume: bool, stream: TextI
     build_dir = run_build_dir(run_dir)
     shape = ImageShape.of_graph(graph)
     batch = graph.axes["batch"].size
-    global_batch, mine = batch * world.size, world.slice(batch)
+    global_batch, mine = batch * world.size * config.accumulation, world.slice(batch)
     dropout = graph.spec.model.class_dropout_prob
-    diffusion = create_diffusion()
+    objective = objective_of(spec.diffusion)
     loader = BatchLoader(data, global_batch, config.seed)
     rng = np.random.default_rng(config.seed)
     try:   # a backend that cannot start (no NNTile, a memory limit below the model) leaves no run behind
-        backend = open_backend(config.backend, build_dir, graph, OptimConfig(lr=config.lr,
-                               weight_decay=config.weight_decay), note=print if lead else lambda text: None,
-                               world=world)
+        backend = open_backend(config.backend, build_dir, graph, OptimConfig(
+            lr=config.lr, weight_decay=config.weight_decay, accumulation=config.accumulation,
+            max_grad_norm=config.grad_clip), note=print if lead else lambda text: None, world=world)
     except BaseException:
         undo()
         raise
@@ -460,6 +465,11 @@ def _train(spec, run_dir: Path, config: TrainConfig, resume: bool, stream: TextI
             before = state.get("global_batch", batch)
             change = f" (it took {before} images a step, now {global_batch})" if before != global_batch else ""
             print(f"resuming {run_dir} at step {step} from {path}{change}", file=stream)
+    elif config.init:   # checked by `check_run`; the optimizer fresh, the EMA a copy of the weights
+        weights, entry = load_weights(Path(config.init), ema=True)
+        load_into(backend, weights, f"--init {config.init} ({entry})")
+        if lead:
+            print(f"starting from {config.init} ({entry})", file=stream)
     else:
         weights = initial_weights(build_dir, graph, config.seed)
         load_into(backend, weights, "initial weights")
@@ -473,7 +483,7 @@ def _train(spec, run_dir: Path, config: TrainConfig, resume: bool, stream: TextI
         train_state = {"step": step, "wall_s": wall, "data": loader.state(), "rng": rng.bit_generator.state,
                        "backend": backend.name, "ranks": world.size, "global_batch": global_batch}
         save_checkpoint(path, backend.state_dict(), ema, backend.optimizer_state(),
-                        asdict(config) | {"spec": str(spec.source)}, train_state)
+                        asdict(config) | {"spec": str(spec.source), "diffusion": asdict(spec.diffusion)}, train_state)
         save_safetensors(path.with_name(f"{step:07d}-ema.safetensors"), ema)
         if metrics.rows:
             plot_loss(metrics.rows, run_dir / LOSS_PLOT, f"{spec.name} on {backend.name}")
@@ -486,18 +496,24 @@ def _train(spec, run_dir: Path, config: TrainConfig, resume: bool, stream: TextI
             while step < config.steps and signum is None:
                 began = time.perf_counter()
                 x0, y = loader.next()   # the global batch's draws, then this rank's slice of them
-                t = rng.integers(0, NUM_TIMESTEPS, global_batch)
+                t = objective.draw(rng, global_batch)
                 noise = rng.standard_normal(x0.shape)
                 if dropout > 0:
                     y = np.where(rng.random(global_batch) < dropout, shape.num_classes, y)
-                x0, y, t, noise = x0[mine], y[mine], t[mine], noise[mine]
-                x_t = diffusion.q_sample(x0, t, noise)
-                out = backend.forward(x_t.astype(np.float32), t.astype(np.float32), y)
-                terms = training_losses(diffusion, x0, x_t, t, noise, out)
-                backend.backward(terms.grad)
+                parts = []
+                for k, rows in enumerate(micro_batches(global_batch, config.accumulation, mine)):
+                    x_t, model_t = objective.noised(x0[rows], t[rows], noise[rows])
+                    out = backend.forward(x_t.astype(np.float32), model_t.astype(np.float32), y[rows])
+                    terms = objective.losses(x0[rows], x_t, t[rows], noise[rows], out)
+                    backend.backward(terms.grad / config.accumulation, accumulate=k > 0)
+                    parts.append([terms.mean, terms.mse.mean(), np.nan if terms.vb is None else terms.vb.mean()])
+                if config.grad_clip:
+                    backend.clip_grad_norm(config.grad_clip)
+                lr = lr_at(step, config.lr, config.lr_schedule, config.warmup_steps, config.steps)
+                backend.set_lr(lr)
                 backend.step()
                 backend.ema_update(config.ema_decay_at(step))
-                loss, mse, vb = world.mean([terms.mean, terms.mse.mean(), np.nan if terms.vb is None else terms.vb.mean()])
+                loss, mse, vb = world.mean(list(np.mean(parts, axis=0)))
                 signum = world.agreed_signal(stop.signum)
                 step += 1
                 took = time.perf_counter() - began
@@ -505,7 +521,7 @@ def _train(spec, run_dir: Path, config: TrainConfig, resume: bool, stream: TextI
                 if not lead:
                     continue
                 metrics.add({"step": step, "loss": loss, "mse": mse, "vb": None if terms.vb is None else vb,
-                             "lr": config.lr, "images_per_s": global_batch / took, "wall_s": wall})
+                             "lr": lr, "images_per_s": global_batch / took, "wall_s": wall})
                 progress.update(loss=f"{loss:.4f}", **{"img/s": f"{global_batch / took:.0f}"})
                 if config.ckpt_every and step % config.ckpt_every == 0 and step < config.steps:
                     checkpoint()

@@ -108,12 +108,10 @@ def load_checkpoint(path: Path) -> dict:
     if not zipfile.is_zipfile(path) and head != b"\x80":   # torch's zip format, or a pickle (older torch)
         raise UsageError(f"{path}: not a checkpoint (neither torch's zip format nor a pickle)")
     try:
-        with warnings.catch_warnings():   # torch's notes on pickle protocols are not the user's concern
-            warnings.simplefilter("ignore")
-            # DiT's train.py saves its settings as an argparse.Namespace: a plain attribute holder, allowed as the
-            # one global besides tensors and containers
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # DiT's train.py saves its `args` as an argparse.Namespace: a plain attribute holder, no code
+        with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]):
+            warnings.simplefilter("ignore")   # torch's notes on pickle protocols are not the user's concern
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated file, not a torch file, pickled code
         text = str(error)
         if "Weights only load failed" in text or "WeightsUnpickler" in text:
@@ -150,3 +148,40 @@ def load_weights(path: Path, ema: bool) -> tuple[StateDict, str]:
         state, entry = to_numpy(state), entry or "state_dict"
     check_weights(state, f"{path} ({entry})")
     return state, entry
+
+
+def check_weights_fit(build_dir: Path, weights: dict, source: str) -> None:
+    """Refuse weights with a key the model lacks, without one of its trained parameters, or of another shape."""
+    from dit_compiler.build import TORCH_FILE
+    from dit_compiler.run.common import load_module
+
+    with torch.device("meta"):   # shapes only: nothing is allocated
+        model = load_module(build_dir / TORCH_FILE).Model()
+    extra = sorted(set(weights) - set(model.state_dict()))
+    if extra:
+        raise UsageError(f"{source}: its weights do not fit this spec's model ({len(extra)} it does not have, such as "
+                         f"{extra[0]})")
+    for key, param in model.named_parameters():
+        if key not in weights and param.requires_grad:
+            raise UsageError(f"{source}: its weights do not fit this spec's model (no {key})")
+        if key in weights and tuple(weights[key].shape) != tuple(param.shape):
+            raise UsageError(f"{source}: its weights do not fit this spec's model ({key} is "
+                             f"{list(weights[key].shape)}, the model's {list(param.shape)})")
+
+
+def init_weights(path: Path, build) -> tuple[StateDict, str]:
+    """The weights `ditc train --init PATH` starts from: a facebookresearch/DiT checkpoint (a released bare
+    state_dict, or `train.py`'s {"model", "ema", "opt", "args"}: its EMA), a ditc checkpoint (its EMA) or
+    an EMA `.safetensors`, read safely and checked against the model of `build` (a `dit_compiler.build.Build`)
+    before anything is written; returns them and the entry read."""
+    import tempfile
+
+    from dit_compiler.build import TORCH_FILE
+
+    if not path.is_file():
+        raise UsageError(f"--init {path}: " + ("a folder, not a checkpoint file" if path.is_dir() else "no such file"))
+    weights, entry = load_weights(path, ema=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / TORCH_FILE).write_text(build.files[TORCH_FILE])
+        check_weights_fit(Path(tmp), weights, f"--init {path} ({entry})")
+    return weights, entry

@@ -15,8 +15,8 @@ from jsonschema import Draft202012Validator, ValidationError, validators
 
 from dit_compiler.errors import MAX_SHOWN, Diagnostic, shown
 from dit_compiler.spec.loader import Document, KeyPath, Origin, dotted, shown_value
-from dit_compiler.spec.model import (DIFFUSERS_NORM_EPS, SIZE_FORM, SIZE_RANGE, TILE_AXES, ModelSpec, SampleSpec, Spec,
-                                     TilingSpec, TrainSpec, memory_bytes)
+from dit_compiler.spec.model import (DEFAULT_SAMPLE_STEPS, DIFFUSERS_NORM_EPS, SAMPLERS, SIZE_FORM, SIZE_RANGE, TILE_AXES,
+                                     DiffusionSpec, ModelSpec, SampleSpec, Spec, TilingSpec, TrainSpec, memory_bytes)
 from dit_compiler.tiling import tile_problems
 
 _PROBLEMS = {
@@ -89,6 +89,7 @@ def check(doc: Document, default_name: str | None = None) -> list[Diagnostic]:
             diagnostics += _tile_problems(model, data, doc, invalid)
     if isinstance(data.get("memory_limit"), str):
         diagnostics += _memory_limit_problems(data["memory_limit"], doc)
+    diagnostics += _diffusion_problems(data, doc, invalid)
     return sorted(diagnostics, key=lambda d: (d.file, d.line or 0, d.column or 0))
 
 
@@ -117,9 +118,13 @@ def section_problems(section: str, values: dict) -> list[str]:
 def build_spec(data: dict, default_name: str, source: str) -> Spec:
     """The frozen Spec of valid data; keys it does not set take their defaults."""
     top = {key: data[key] for key in ("batch", "precision", "target", "memory_limit") if key in data}
+    diffusion = DiffusionSpec(**_coerce(("diffusion",), data.get("diffusion", {})))
+    sample = {"sampler": SAMPLERS[diffusion.objective][0], "steps": DEFAULT_SAMPLE_STEPS[diffusion.objective]} \
+        | _coerce(("sample",), data.get("sample", {}))
     return Spec(name=data.get("name", default_name), source=source, model=build_model(data.get("model", {})),
-                tiling=_build_tiling(data.get("tiling", {})), train=TrainSpec(**_coerce(("train",), data.get("train", {}))),
-                sample=SampleSpec(**_coerce(("sample",), data.get("sample", {}))), **_coerce((), top))
+                tiling=_build_tiling(data.get("tiling", {})), diffusion=diffusion,
+                train=TrainSpec(**_coerce(("train",), data.get("train", {}))), sample=SampleSpec(**sample),
+                **_coerce((), top))
 
 
 def build_model(values: dict) -> ModelSpec:
@@ -286,6 +291,57 @@ def _memory_limit_problems(text: str, doc: Document) -> list[Diagnostic]:
         return [diagnostic(doc.origin(("memory_limit",)), ("memory_limit",), "not an allowed memory size", text,
                            f"{SIZE_FORM}, {SIZE_RANGE}; or null")]
     return []
+
+
+#: Keys of the `diffusion:` section that only rectified flow reads, and those only its logit-normal reads.
+_FLOW_KEYS = ("timestep_sampling", "logit_mean", "logit_std", "shift")
+_LOGIT_NORMAL_KEYS = ("logit_mean", "logit_std")
+_DEFAULT_DIFFUSION = DiffusionSpec()
+
+
+def _diffusion_problems(data: dict, doc: Document, invalid: set[KeyPath]) -> list[Diagnostic]:
+    """Settings that do not fit the objective: flow keys under ddpm, logit-normal keys under uniform
+    sampling (each unless at its default), learned sigma under rectified flow (a velocity has no variance), another objective's sampler.
+    Values the schema already rejected are not judged again."""
+    section = data.get("diffusion", {})
+    if not isinstance(section, dict) or ("diffusion", "objective") in invalid:
+        return []
+    objective = section.get("objective", "ddpm")
+    found = []
+
+    def at(path: KeyPath, message: str, allowed: str) -> None:
+        value = data.get(path[0], {}).get(path[1])
+        found.append(diagnostic(doc.origin(path), path, message, value, allowed))
+
+    def ignored(key: str) -> bool:   # set, not to its default (as a resolved spec has it), and unread
+        return ("diffusion", key) not in invalid and section.get(key, getattr(_DEFAULT_DIFFUSION, key)) \
+            != getattr(_DEFAULT_DIFFUSION, key)
+
+    if objective == "ddpm":
+        for key in _FLOW_KEYS:
+            if ignored(key):
+                at(("diffusion", key), "rectified flow's setting; the objective here is ddpm",
+                   "only with diffusion.objective: rectified_flow (or drop the key)")
+    else:
+        if section.get("timestep_sampling", "uniform") == "uniform":
+            for key in _LOGIT_NORMAL_KEYS:
+                if ignored(key):
+                    at(("diffusion", key), "the logit-normal's setting; timestep_sampling here is uniform",
+                       "only with diffusion.timestep_sampling: logit_normal (or drop the key)")
+        model = data.get("model", {})
+        if isinstance(model, dict) and ("model", "learn_sigma") not in invalid and model.get("learn_sigma", True) is True:
+            if doc.has(("model", "learn_sigma")):
+                at(("model", "learn_sigma"), "rectified_flow predicts a velocity, which has no variance to learn",
+                   "false with diffusion.objective: rectified_flow")
+            else:
+                at(("diffusion", "objective"), "rectified_flow needs model.learn_sigma: false (its default is true)",
+                   "add `learn_sigma: false` under model:, or objective ddpm")
+    sample = data.get("sample", {})
+    sampler = sample.get("sampler") if isinstance(sample, dict) and ("sample", "sampler") not in invalid else None
+    if sampler is not None and sampler not in SAMPLERS[objective]:
+        at(("sample", "sampler"), f"not a sampler of the objective {objective}",
+           "one of " + ", ".join(repr(s) for s in SAMPLERS[objective]))
+    return found
 
 
 def _at_key(doc: Document, key: str, message: str, value: Any, allowed: str) -> Diagnostic:
