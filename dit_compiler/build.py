@@ -322,6 +322,11 @@ def read_marker(folder: Path) -> dict | None:
     return marker
 
 
+#: The lock `ditc train` holds in its run folder while it runs (taken before the folder is checked, so that
+#: two runs never check and write one folder at once); a folder holding only it counts as empty.
+RUN_LOCK = ".ditc-train.lock"
+
+
 def check_owned(folder: str | os.PathLike, kinds: tuple[str, ...], what: str) -> dict | None:
     """Refuse (UsageError, starting with `what`: the flag and path) an output folder ditc may not write
     into: anything but a folder, and a folder that is neither empty nor marked by ditc as one of `kinds`
@@ -333,7 +338,7 @@ def check_owned(folder: str | os.PathLike, kinds: tuple[str, ...], what: str) ->
         raise UsageError(f"{what}: not a folder; name a folder (it is made when missing)")
     marker = read_marker(folder)
     if marker is None:
-        if any(folder.iterdir()):
+        if any(entry.name != RUN_LOCK for entry in folder.iterdir()):
             raise UsageError(f"{what}: a folder ditc did not write (it has no {OUTPUT_MARKER}); name a new or empty "
                              "folder, so that none of your files is replaced")
         return None

@@ -46,7 +46,7 @@ from typing import TextIO
 
 import numpy as np
 
-from dit_compiler.build import OUTPUT_MARKER, SPEC_FILE, compile_spec, graph_of, read_marker, read_small, \
+from dit_compiler.build import OUTPUT_MARKER, RUN_LOCK, SPEC_FILE, compile_spec, graph_of, read_marker, read_small, \
     write_atomic, write_build, write_text_atomic
 from dit_compiler.data import DIGITS, DIGITS_SHAPE, BatchLoader, ImageShape, load_dataset
 from dit_compiler.diffusion.objective import objective_of
@@ -69,7 +69,6 @@ RUN_FILE = "run.json"
 METRICS_FILE = "metrics.csv"
 LOSS_PLOT = "loss.png"
 CHECKPOINTS = "checkpoints"
-LOCK_FILE = ".ditc-train.lock"
 METRICS = ("step", "loss", "mse", "vb", "lr", "images_per_s", "wall_s")
 
 
@@ -268,7 +267,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     this made, left holding nothing else, are removed again."""
     made = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_FILE
+    path = run_dir / RUN_LOCK
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as error:
@@ -282,7 +281,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-        if made and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
+        if made and [p.name for p in run_dir.iterdir()] == [RUN_LOCK]:
             path.unlink(missing_ok=True)
             with contextlib.suppress(OSError):   # only while empty: nothing of anyone's is removed
                 for folder in made:
