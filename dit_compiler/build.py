@@ -195,10 +195,11 @@ def _stage(path: Path, write: Callable[[BinaryIO], object], digest: bool = False
             tmp = Path(name)
         file = os.fdopen(fd, "w+b")
         try:
-            write(file)
-            file.flush()
-            os.fchmod(fd, 0o666 & ~current_umask())
-            os.fsync(fd)
+            with writing(path):   # named while the temporary file still fills the disk (`writing` looks)
+                write(file)
+                file.flush()
+                os.fchmod(fd, 0o666 & ~current_umask())
+                os.fsync(fd)
             sha = ""
             if digest:
                 file.seek(0)

@@ -145,7 +145,7 @@ def ditc_trajectory(backend, graph, labels: np.ndarray, sampler: str, steps: int
     """ditc's sampler over the backend: what each guided model call sees, then the samples, and the
     timesteps passed; with the initial noise drawn from the seed."""
     seen, times = [], []
-    model = guided(FixedBatch(backend.predict, backend.batch), cfg, graph.facts.num_classes, "all")
+    model = guided(FixedBatch(backend.predict, backend.batch), cfg, graph.spec.model.num_classes, "all")
 
     def recorded(x, t, y):
         seen.append(x.astype(np.float64))
@@ -175,7 +175,7 @@ def test_sampling_follows_diffusers_flow_schedulers_on_torch(flow_model, sampler
     mine, my_times = ditc_trajectory(backend, graph, labels, sampler, steps, cfg, seed=4)
     noise = np.random.default_rng(4).standard_normal(mine[0].shape)
     theirs, their_times = diffusers_trajectory(scheduler(shift=2.5), FixedBatch(backend.predict, backend.batch),
-                                               noise, labels, steps, cfg, graph.facts.num_classes)
+                                               noise, labels, steps, cfg, graph.spec.model.num_classes)
     assert my_times == their_times and len(mine) == (steps if sampler == "euler" else 2 * steps - 1) + 1
     assert _trajectory_error(mine, theirs) <= 1e-5
     assert rel_error(mine[-1], mine[0]) > 0.1   # the model moved the samples
@@ -232,12 +232,12 @@ def test_nntile_sampling_follows_diffusers_flow_schedulers(flow_model, sampler, 
         mine, _ = ditc_trajectory(nnt, graph, labels, sampler, 20, 2.0, seed=4)
         noise = np.random.default_rng(4).standard_normal(mine[0].shape)
         theirs, _ = diffusers_trajectory(scheduler(shift=2.5), FixedBatch(nnt.predict, nnt.batch), noise, labels,
-                                         20, 2.0, graph.facts.num_classes)
+                                         20, 2.0, graph.spec.model.num_classes)
         assert _trajectory_error(mine, theirs) <= 1e-5
         config = SampleConfig(sampler=sampler, steps=20, cfg=2.0, seed=4)
         samples = generate(nnt, graph, labels, config)
         reference, _ = diffusers_trajectory(scheduler(shift=2.5), FixedBatch(backends["torch"].predict, nnt.batch),
-                                            noise, labels, 20, 2.0, graph.facts.num_classes)
+                                            noise, labels, 20, 2.0, graph.spec.model.num_classes)
         assert rel_error(samples, reference[-1]) <= 1e-5
     finally:
         for backend in backends.values():

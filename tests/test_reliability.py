@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, SPECS, needs_nntile
+from dit_compiler.build import mark_folder
 from dit_compiler.cli import main
 
 TINY = (SPECS / "tiny.yaml").read_text()
@@ -162,7 +163,7 @@ HOSTILE = {
     "run.json of an impossible config": (
         {"s.yaml": SMALL, "run/run.json": '{"spec": "s", "build": "b", "config": {"lr": 5, "steps": "x"}}',
          "run/checkpoints/0000001.pt": "x"},
-        ["train", "s.yaml", "--out", "run", "--resume"], ["run/run.json: not a run record ditc wrote (config.steps: wrong type (got 'x')"]),
+        ["sample", "run"], ["run/run.json: not a run record ditc wrote (config.steps: wrong type (got 'x')"]),
     "run.json of a 5,000-digit integer": ({"run/run.json": '{"spec": ' + "9" * 5000 + "}"}, ["sample", "run"],
                                           ["run/run.json: the run record is not JSON (an integer of more than 4300"]),
     "a dataset with a bad CRC": ({"s.yaml": DIGITS_SPEC, "d.npz": BAD_CRC}, ["train", "s.yaml", "--data", "d.npz"],
@@ -549,6 +550,7 @@ def test_every_spec_number_refuses_nan_and_infinities(tmp_path):
 def test_a_special_file_named_results_json_is_refused_not_waited_on(tmp_path, monkeypatch):
     put(tmp_path, SWEEP_FILES | {"w.yaml": sweep("")})
     (tmp_path / "res" / "s").mkdir(parents=True)
+    mark_folder(tmp_path / "res" / "s", ("sweep",))   # ditc's sweep folder: its results.json is read
     os.mkfifo(tmp_path / "res" / "s" / "results.json")
     monkeypatch.chdir(tmp_path)
     for args in (["--resume"], []):

@@ -107,6 +107,7 @@ def digits_classifier(cache_dir: Path) -> tuple[DigitsClassifier, bool]:
     mlp.fit(train.images.reshape(len(train), -1), train.labels)
     accuracy = float(mlp.score(held.images.reshape(len(held), -1), held.labels))
     clf = DigitsClassifier(tuple(mlp.coefs_), tuple(mlp.intercepts_), accuracy)
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda file: np.savez(file, heldout_accuracy=accuracy,
                                              **{f"w{i}": w for i, w in enumerate(clf.weights)},
                                              **{f"b{i}": b for i, b in enumerate(clf.biases)}))
