@@ -57,7 +57,7 @@ points:
     groups = plot_groups(results, sweep, "model.depth")   # a grid key: a line per zipped row and batch
     assert len(groups) == 6 and "hidden_size=64, num_heads=4, batch=2" in groups
     assert all(len(members) == 3 for members in groups.values())
-    plots = plot_results(results, sweep, tmp_path)
+    plots = plot_results(results, sweep, tmp_path / "results")   # a new folder: the sweep file is in tmp_path
     assert {p.name for p in plots} == {"plot-model_depth.png", "plot-model_hidden_size.png",
                                        "plot-model_num_heads.png", "plot-batch.png"}
 

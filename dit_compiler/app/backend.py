@@ -37,6 +37,14 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
+    accumulation: int = 1       # backward calls whose gradients add up before a step
+    max_grad_norm: float = 0.0  # clip the global gradient norm to this before a step; 0: never
+
+    @property
+    def whole_gradients(self) -> bool:
+        """Whether a step needs every gradient at once (summed over micro-batches, or its norm): a backend
+        that otherwise updates each layer as its backward ends cannot do that then."""
+        return self.accumulation > 1 or self.max_grad_norm > 0
 
 
 class Backend(Protocol):
@@ -50,9 +58,17 @@ class Backend(Protocol):
     def predict(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
         """`forward` for sampling: no `backward` follows, so nothing is kept for it."""
 
-    def backward(self, grad_out: np.ndarray) -> None:
-        """This step's parameter gradients from d loss / d output (nothing accumulates across steps); in a
-        data-parallel world, their mean over the ranks."""
+    def backward(self, grad_out: np.ndarray, accumulate: bool = False) -> None:
+        """This step's parameter gradients from d loss / d output, added to those of the step's earlier
+        micro-batches with `accumulate` (nothing carries across steps); in a data-parallel world, by the
+        step, their mean over the ranks."""
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """The global norm of the step's gradients (over the ranks' mean), which are then scaled by
+        `schedules.clip_scale(norm, max_norm)`; needs `OptimConfig.max_grad_norm` set when opened."""
+
+    def set_lr(self, lr: float) -> None:
+        """AdamW's learning rate from the next step on."""
 
     def step(self) -> None:
         """One AdamW step."""
@@ -115,12 +131,20 @@ class TorchBackend:
     def predict(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
         return self.model(*self._inputs(x, t, y)).cpu().numpy()
 
-    def backward(self, grad_out: np.ndarray) -> None:
+    def backward(self, grad_out: np.ndarray, accumulate: bool = False) -> None:
         if self._out is None:
             raise RuntimeError("backward without a forward")
-        self.opt.zero_grad(set_to_none=True)
+        if not accumulate:
+            self.opt.zero_grad(set_to_none=True)
         self._out.backward(*self._inputs(grad_out))   # under DDP, averaged over the ranks in buckets
         self._out = None
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
 
     def step(self) -> None:
         self.opt.step()

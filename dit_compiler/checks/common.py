@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dit_compiler.errors import UsageError
 from dit_compiler.compiler.graph.ir import Graph
 
 
@@ -21,7 +22,14 @@ def load_module(path: str | Path, name: str | None = None) -> types.ModuleType:
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except (SyntaxError, ImportError, OSError) as error:   # a build file edited into something Python cannot run
+        del sys.modules[name]
+        where = f", line {error.lineno}" if isinstance(error, SyntaxError) and error.lineno else ""
+        why = str(getattr(error, "msg", None) or error)
+        raise UsageError(f"{path}: cannot be imported ({type(error).__name__}{where}: {why})"
+                         + ("" if "rebuild it" in why else "; rebuild it with `ditc build`")) from None
     return module
 
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import io
 import os
 import re
 import signal
 import sys
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,7 +77,9 @@ def _check_requests(args, graph) -> None:
     target = targets.get(graph.spec.target)
     target.apply_blas_core("--blas-core" if args.blas_core else None)
     if nntile_status(graph) == "ran":
-        target.check_environment()
+        # under a memory limit, bench sets StarPU's memory variables itself
+        work = "verify" if args.func is cmd_verify else None if _memory_limit(args, graph.spec)[1] else "train"
+        target.check_environment(graph, work)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # ditc's kernels unavailable: the run says so itself
             target.choose_kernels()
@@ -139,7 +143,10 @@ def build_one(build, out_root: str) -> tuple[Path, bool]:
     target = Path(out_root) / build.graph.spec.name
     if target.is_dir() and not stale_files(build, target):
         return target, False
-    return write_build(build, out_root), True
+    from dit_compiler.userfiles import writing
+
+    with writing(target):
+        return write_build(build, out_root), True
 
 
 def cmd_build(args) -> int:
@@ -445,6 +452,12 @@ def _check_file_arg(path: str | None, flag: str) -> None:
         raise UsageError(f"{flag} {error}") from None
     if not os.access(folder, os.W_OK | os.X_OK) or (file.exists() and not os.access(file, os.W_OK)):
         raise UsageError(f"{flag} {path}: not writable by you")
+    try:   # as the file will be written: a temporary file beside it (root may "access" /proc, not write there)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".ditc-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise UsageError(f"{flag} {path}: no file can be written in {folder} ({error.strerror})") from None
 
 
 def _terminate(signum, frame) -> None:
@@ -474,14 +487,17 @@ def _one_command(settings: dict[str, str]) -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # StarPU's banner is noise here (NNTile's runtime keeps its BLAS and torch to one thread a call itself)
-    os.environ.setdefault("STARPU_SILENT", "1")
-    args = parse_args(argv)
-    # the NNTile target reads these where it starts (its runners' subprocesses inherit them)
-    settings = {variable: getattr(args, option) for option, variable in
-                (("kernels", "DITC_KERNELS"), ("blas_core", "DITC_BLAS_CORE")) if getattr(args, option, None)}
-    previous = signal.signal(signal.SIGTERM, _terminate)  # cleaned up like Ctrl-C
+    previous = signal.signal(signal.SIGTERM, _terminate)  # cleaned up like Ctrl-C, from the start
+    for stream in (sys.stdout, sys.stderr):   # a path the terminal's encoding lacks is escaped, not a traceback
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="backslashreplace")
     try:
+        # StarPU's banner is noise here (NNTile's runtime keeps its BLAS and torch to one thread a call itself)
+        os.environ.setdefault("STARPU_SILENT", "1")
+        args = parse_args(argv)
+        # the NNTile target reads these where it starts (its runners' subprocesses inherit them)
+        settings = {variable: getattr(args, option) for option, variable in
+                    (("kernels", "DITC_KERNELS"), ("blas_core", "DITC_BLAS_CORE")) if getattr(args, option, None)}
         with _one_command(settings):
             code = args.func(args)  # a SIGTERM while its big locals are freed lands here, still in the try
         signal.signal(signal.SIGTERM, previous)
@@ -502,6 +518,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except OSError as error:
+        if error.filename is not None and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+            # not bad input: the disk is full (what was being written was not kept)
+            print(f"error: {error.filename}: {error.strerror}; nothing half-written was kept", file=sys.stderr)
+            return 1
         if error.filename is None and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
             # standard output cannot be written (`> /dev/full`, a full disk): say so once, not at exit again
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -6,6 +6,8 @@ import argparse
 import math
 from collections.abc import Callable
 
+from dit_compiler.errors import shown
+
 #: The largest seed: numpy's seeds are 32-bit.
 MAX_SEED = 2**32 - 1
 
@@ -16,7 +18,7 @@ def integer(lo: int, hi: int) -> Callable[[str], int]:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+            raise argparse.ArgumentTypeError(f"{shown(text)} is not an integer from {lo} to {hi}") from None
         if not lo <= value <= hi:
             raise argparse.ArgumentTypeError(f"{value} is outside {lo} to {hi}")
         return value
@@ -29,7 +31,7 @@ def number(lo: float, hi: float, above: bool = False) -> Callable[[str], float]:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            raise argparse.ArgumentTypeError(f"{shown(text)} is not a number") from None
         if not (lo < value if above else lo <= value) or not value <= hi or not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{value:g} is outside {'more than ' if above else ''}{lo:g} to {hi:g}")
         return value

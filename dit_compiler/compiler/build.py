@@ -33,6 +33,7 @@ from dit_compiler.compiler.targets.torch.emitter import emit_torch
 from dit_compiler.compiler.graph.ir import Graph
 from dit_compiler.compiler.lower import lower
 from dit_compiler.compiler.spec.model import Spec
+from dit_compiler.userfiles import MAX_METADATA, read_json, writing
 
 TORCH_FILE = "torch_reference.py"
 NNTILE_FILE = "nntile_model.py"
@@ -79,9 +80,20 @@ def with_manifest(name: str, files: dict[str, str]) -> dict[str, str]:
 
 
 def stale_files(build: Build, folder: Path) -> list[str]:
-    """The files of `build` that `folder` lacks or holds with other contents."""
-    return [name for name, text in sorted(build.files.items())
-            if not (folder / name).is_file() or (folder / name).read_text(encoding="utf-8") != text]
+    """The files of `build` that `folder` lacks or holds with other contents (compared as bytes: a file
+    edited into something that is not UTF-8 is just different; one of another size is not read)."""
+    return [name for name, text in sorted(build.files.items()) if not _holds(folder / name, text.encode())]
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    """Whether `path` is a regular file of exactly the bytes `data`."""
+    try:
+        if not path.is_file() or path.stat().st_size != len(data):
+            return False
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+            return file.read(len(data) + 1) == data
+    except OSError:
+        return False
 
 
 def manifest_files(folder: Path) -> dict[str, str] | None:
@@ -90,12 +102,13 @@ def manifest_files(folder: Path) -> dict[str, str] | None:
     if not path.is_file():
         return None
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = read_json(path, MAX_METADATA, "manifest")
         files = manifest["files"]
         if not (str(manifest["written_by"]).startswith("ditc ") and isinstance(files, dict)
                 and all(isinstance(k, str) and "/" not in k and isinstance(v, str) for k, v in files.items())):
             raise ValueError("unexpected contents")
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+    except (UsageError, ValueError, KeyError, TypeError) as error:
+        error = str(error).removeprefix(f"{path}: ")
         raise UsageError(f"{path}: not a manifest ditc wrote ({error}); ditc does not write into {folder}/: "
                          "move it away, or build with another `name:` or -o") from None
     return files
@@ -182,10 +195,11 @@ def _stage(path: Path, write: Callable[[BinaryIO], object], digest: bool = False
             tmp = Path(name)
         file = os.fdopen(fd, "w+b")
         try:
-            write(file)
-            file.flush()
-            os.fchmod(fd, 0o666 & ~current_umask())
-            os.fsync(fd)
+            with writing(path):   # named while the temporary file still fills the disk (`writing` looks)
+                write(file)
+                file.flush()
+                os.fchmod(fd, 0o666 & ~current_umask())
+                os.fsync(fd)
             sha = ""
             if digest:
                 file.seek(0)
@@ -223,7 +237,11 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object],
     open at its end, for appending after the rename (metrics a run adds step by step)."""
     path = Path(path)
     check_destination(path)
-    if kind is not None:
+    with writing(path):   # a full disk named as this file
+        if kind is None:
+            tmp, file, _ = _stage(path, write)
+            _commit(tmp, file, path, keep_open)
+            return file if keep_open else None
         kinds = (kind,) if isinstance(kind, str) else kind
         with _locked(_made(path.parent)):
             marker = _claim(path, kinds)
@@ -232,9 +250,6 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object],
             # an appended file's later bytes are not known here: listed without a hash
             _write_marker(path.parent, marker, {path.name: sha})
         return file if keep_open else None
-    tmp, file, _ = _stage(path, write)
-    _commit(tmp, file, path, keep_open)
-    return file if keep_open else None
 
 
 def _commit(tmp: Path, file: BinaryIO, path: Path, keep_open: bool) -> None:
@@ -308,6 +323,11 @@ def read_marker(folder: Path) -> dict | None:
     return marker
 
 
+#: The lock `ditc train` holds in its run folder while it runs (taken before the folder is checked, so that
+#: two runs never check and write one folder at once); a folder holding only it counts as empty.
+RUN_LOCK = ".ditc-train.lock"
+
+
 def check_owned(folder: str | os.PathLike, kinds: tuple[str, ...], what: str) -> dict | None:
     """Refuse (UsageError, starting with `what`: the flag and path) an output folder ditc may not write
     into: anything but a folder, and a folder that is neither empty nor marked by ditc as one of `kinds`
@@ -319,7 +339,7 @@ def check_owned(folder: str | os.PathLike, kinds: tuple[str, ...], what: str) ->
         raise UsageError(f"{what}: not a folder; name a folder (it is made when missing)")
     marker = read_marker(folder)
     if marker is None:
-        if any(folder.iterdir()):
+        if any(entry.name != RUN_LOCK for entry in folder.iterdir()):
             raise UsageError(f"{what}: a folder ditc did not write (it has no {OUTPUT_MARKER}); name a new or empty "
                              "folder, so that none of your files is replaced")
         return None
@@ -438,7 +458,8 @@ def file_sha256(path: Path) -> str | None:
     """The sha256 of a regular file's bytes; None for anything else."""
     if path.is_symlink() or not path.is_file():
         return None
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    with path.open("rb") as file:   # in chunks: a build file can be edited into a huge one
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 @contextlib.contextmanager

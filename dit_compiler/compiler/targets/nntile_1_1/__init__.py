@@ -22,7 +22,7 @@ from dit_compiler.compiler.targets.nntile_1_1.memory import StepMemory, predict,
 from dit_compiler.compiler.targets.nntile_1_1.model import Decl, Model, param
 from dit_compiler.compiler.targets.nntile_1_1.native import KERNEL_SETS, available as kernel_sets, kernels as choose_kernels
 from dit_compiler.compiler.targets.nntile_1_1.ooc import LimitCheck, OutOfCore, OutOfCoreError, check_limit, out_of_core
-from dit_compiler.compiler.targets.nntile_1_1.runtime import (check_starpu_home as check_environment, installed, nntile_runtime,
+from dit_compiler.compiler.targets.nntile_1_1.runtime import (check_environment, installed, nntile_runtime,
                                                      pause, problem, resume, scheduler, wait_for_all)
 
 NAME = "nntile-1.1"

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 from dit_compiler.errors import UsageError
 from dit_compiler.compiler.targets.nntile_1_1 import blas
-from dit_compiler.compiler.targets.nntile_1_1.ooc import OutOfCore
+from dit_compiler.compiler.targets.nntile_1_1.ooc import OutOfCore, check_memory_variables
 
 #: What the generated models of this target need of NNTile: the 1.1 API (renamed in later versions).
 REQUIRED_API = ("starpu.Config", "starpu.pause", "tensor.add_slice3_async", "tensor.gelutanh_inplace_async",
@@ -130,6 +130,15 @@ def nntile_runtime(ncpus: int | None = None, out_of_core: OutOfCore | None = Non
 
 
 _swapping = False
+
+
+def check_environment(graph, work: str | None = "train") -> None:
+    """Refuse (UsageError) an environment StarPU would abort or hang in, before it starts: a folder it
+    cannot keep its performance models in, a memory limit under what `work` on `graph` holds at once
+    (None: ditc sets StarPU's memory variables itself)."""
+    check_starpu_home()
+    if work is not None:
+        check_memory_variables(graph, work)
 
 
 def check_starpu_home() -> None:
