@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 from dit_compiler import __version__
 from dit_compiler.errors import UsageError
+from dit_compiler.userfiles import writing
 
 _TEMP_SUFFIX = ".ditc-tmp"
 
@@ -65,10 +66,11 @@ def stage(path: Path, write: Callable[[BinaryIO], object], digest: bool = False)
             tmp = Path(name)
         file = os.fdopen(fd, "w+b")
         try:
-            write(file)
-            file.flush()
-            os.fchmod(fd, 0o666 & ~current_umask())
-            os.fsync(fd)
+            with writing(path):   # named while the temporary file still fills the disk (`writing` looks)
+                write(file)
+                file.flush()
+                os.fchmod(fd, 0o666 & ~current_umask())
+                os.fsync(fd)
             sha = ""
             if digest:
                 file.seek(0)
@@ -106,7 +108,11 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object],
     open at its end, for appending after the rename (metrics a run adds step by step)."""
     path = Path(path)
     check_destination(path)
-    if kind is not None:
+    with writing(path):   # a full disk named as this file
+        if kind is None:
+            tmp, file, _ = stage(path, write)
+            commit(tmp, file, path, keep_open)
+            return file if keep_open else None
         kinds = (kind,) if isinstance(kind, str) else kind
         with locked(_made(path.parent)):
             marker = _claim(path, kinds)
@@ -115,9 +121,6 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object],
             # an appended file's later bytes are not known here: listed without a hash
             _write_marker(path.parent, marker, {path.name: sha})
         return file if keep_open else None
-    tmp, file, _ = stage(path, write)
-    commit(tmp, file, path, keep_open)
-    return file if keep_open else None
 
 
 def commit(tmp: Path, file: BinaryIO, path: Path, keep_open: bool) -> None:
@@ -193,6 +196,11 @@ def read_marker(folder: Path) -> dict | None:
     return marker
 
 
+#: The lock `ditc train` holds in its run folder while it runs (taken before the folder is checked, so that
+#: two runs never check and write one folder at once); a folder holding only it counts as empty.
+RUN_LOCK = ".ditc-train.lock"
+
+
 def check_owned(folder: str | os.PathLike, kinds: tuple[str, ...], what: str) -> dict | None:
     """Refuse (UsageError, starting with `what`: the flag and path) an output folder ditc may not write
     into: anything but a folder, and a folder that is neither empty nor marked by ditc as one of `kinds`
@@ -204,7 +212,7 @@ def check_owned(folder: str | os.PathLike, kinds: tuple[str, ...], what: str) ->
         raise UsageError(f"{what}: not a folder; name a folder (it is made when missing)")
     marker = read_marker(folder)
     if marker is None:
-        if any(folder.iterdir()):
+        if any(entry.name != RUN_LOCK for entry in folder.iterdir()):
             raise UsageError(f"{what}: a folder ditc did not write (it has no {OUTPUT_MARKER}); name a new or empty "
                              "folder, so that none of your files is replaced")
         return None
@@ -275,7 +283,8 @@ def file_sha256(path: Path) -> str | None:
     """The sha256 of a regular file's bytes; None for anything else."""
     if path.is_symlink() or not path.is_file():
         return None
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    with path.open("rb") as file:   # in chunks: a build file can be edited into a huge one
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 @contextlib.contextmanager

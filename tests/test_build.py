@@ -41,8 +41,14 @@ def test_generated_folder_is_up_to_date(name):
 
 
 def test_generated_holds_the_kept_builds_under_60k_lines():
-    assert sorted(p.name for p in (ROOT / "generated").iterdir()) == sorted(KEPT)
-    lines = sum(len(p.read_text().splitlines()) for p in (ROOT / "generated").rglob("*") if p.is_file())
+    """The repository keeps these builds; anything else a user builds into generated/ (the README's
+    `ditc build specs/dit-xl.yaml`) is git-ignored, not a failure here."""
+    listed = subprocess.run(["git", "ls-files", "generated"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout: the kept builds are what git tracks")
+    files = [ROOT / line for line in listed.stdout.splitlines()]
+    assert sorted({f.relative_to(ROOT / "generated").parts[0] for f in files}) == sorted(KEPT)
+    lines = sum(len(f.read_text().splitlines()) for f in files)
     assert lines < 60_000, lines
 
 

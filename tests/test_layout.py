@@ -22,6 +22,8 @@ TARGETS = PACKAGE / "compiler" / "targets"
 #: What `ditc` keeps out of its start-up: a function-local import is allowed only where it keeps one out.
 #: Besides torch and what imports it, Pillow, tqdm and safetensors each take 20 to 100 ms to import and
 #: serve one command each (`python -X importtime`, 2-core EPYC).
+#: Function-local imports kept for another reason than start-up time, each with it.
+DELIBERATE = {("dit_compiler.__main__", "dit_compiler.cli"): "a Ctrl-C while ditc's modules import exits 130"}
 HEAVY = {"torch", "diffusers", "matplotlib", "sklearn", "nntile", "PIL", "tqdm", "safetensors"}
 
 
@@ -142,8 +144,8 @@ def test_function_local_imports_keep_a_heavy_package_out_of_start_up():
             return _loads_heavy_at_import(target)
         return target.split(".")[0] in HEAVY
 
-    offenders = [f"{module.path.relative_to(ROOT)}:{line}: {target}" for module in MODULES.values()
-                 for line, target in module.local if not heavy(target)]
+    offenders = [f"{module.path.relative_to(ROOT)}:{line}: {target}" for name, module in MODULES.items()
+                 for line, target in module.local if not heavy(target) and (name, target) not in DELIBERATE]
     assert offenders == []
 
 

@@ -10,6 +10,7 @@ import pytest
 from conftest import ROOT, needs_cc, needs_nntile
 from dit_compiler.compiler.build import NNTILE_FILE, TORCH_FILE, compile_spec, write_build
 from dit_compiler.cli import main
+from dit_compiler.errors import UsageError
 from dit_compiler.checks.common import group_error
 from dit_compiler.checks.verify import FORWARD_TOL, GRAD_TOL, MODEL_ROW, PLAN_ROW, verify
 from dit_compiler.compiler.spec.model import ModelSpec, Spec, TilingSpec
@@ -183,7 +184,8 @@ def test_generated_model_refuses_another_runtime_version(tmp_path):
     _, folder = build(tmp_path)
     path = folder / NNTILE_FILE
     path.write_text(path.read_text().replace("require(1)", "require(99)"))
-    with pytest.raises(ImportError, match="version 99 of ditc's nntile-1.1 runtime.*rebuild it"):
+    with pytest.raises(UsageError, match="nntile_model.py: cannot be imported .*version 99 of ditc's nntile-1.1 "
+                                         "runtime.*rebuild it with `ditc build SPEC`\\)$"):
         load_module(path)
 
 

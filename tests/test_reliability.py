@@ -8,22 +8,63 @@ nothing removed. Real processes and a real SIGTERM test concurrent builds and in
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, SPECS, needs_nntile
+from dit_compiler.compiler.build import mark_folder
 from dit_compiler.cli import main
 
 TINY = (SPECS / "tiny.yaml").read_text()
 SMALL = "preset: DiT-S/8\nmodel:\n  depth: 1\n"
 EXTENDS_CHAIN = {f"c{i}.yaml": f"extends: c{i + 1}.yaml\n" for i in range(20)} | {"c20.yaml": SMALL}
+
+
+DIGITS_SPEC = "name: d\nmodel: {input_size: 8, in_channels: 1, patch_size: 2, hidden_size: 32, depth: 1, num_heads: 2}\n"
+
+
+def npz(**arrays) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def torch_saved(value) -> bytes:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def _bad_crc() -> bytes:
+    data = bytearray(npz(images=np.zeros((4, 8, 8), np.uint8), labels=np.zeros(4, np.int64)))
+    data[data.index(b"\x93NUMPY") + 200] ^= 0xFF   # a byte of the first member's pixels
+    return bytes(data)
+
+
+def _huge_shape() -> bytes:
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10**6, 10**6, 8)})
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("images.npy", header.getvalue() + bytes(64))
+        archive.writestr("labels.npy", header.getvalue())
+    return buffer.getvalue()
+
+
+BAD_CRC, HUGE_SHAPE = _bad_crc(), _huge_shape()
+SAMPLES = npz(images=np.zeros((2, 1, 8, 8), np.float32), labels=np.zeros(2, np.int64))
 
 
 def sweep(body: str) -> str:
@@ -68,7 +109,13 @@ HOSTILE = {
     "extends a system file": ({"s.yaml": "extends: /etc/passwd\n"}, ["validate", "s.yaml"],
                               ["/etc/passwd:1:1", "characters)"]),
     "an integer of 5,000 digits": ({"s.yaml": "model:\n  depth: " + "9" * 5000 + "\n"}, ["validate", "s.yaml"],
-                                         ["s.yaml:2:10: model.depth: cannot read this value"]),
+                                         ["s.yaml:2:10: model.depth: an integer of 5000 digits"]),
+    "extends with a NUL byte": ({"s.yaml": 'extends: "a\\0b.yaml"\n'}, ["build", "s.yaml"],
+                                ["s.yaml:1:10: extends: not a path a file can have: it holds a NUL byte"]),
+    "extends with a lone surrogate": ({"s.yaml": 'extends: "a\\ud800.yaml"\n'}, ["validate", "s.yaml"],
+                                      ["s.yaml:1:10: extends: not a path a file can have", "cannot be encoded"]),
+    "a spec that is not UTF-8": ({"s.yaml": b"preset: DiT-S/2\nname: \xff\n"}, ["build", "s.yaml"],
+                                 ["s.yaml:2:7: <top level>: not UTF-8 text: byte 0xff"]),
     "brackets nested 10,000 deep": ({"s.yaml": "model: " + "[" * 10000 + "]" * 10000 + "\n"}, ["validate", "s.yaml"],
                                     ["s.yaml: <top level>: spec is nested too deeply"]),
     "a file above the size limit": ({"s.yaml": "# padding\n" * 4000}, ["validate", "s.yaml"],
@@ -105,6 +152,41 @@ HOSTILE = {
     "-o not writable": ({"s.yaml": SMALL}, ["build", "s.yaml", "-o", "/proc/sys/ditc-test"],
                         ["-o /proc/sys/ditc-test: /proc/sys is not writable by you"]),  # even for root
     # runners: paths, flags and the environment, refused before any work
+    "--json where no file can be written": ({"s.yaml": SMALL}, ["verify", "s.yaml", "-o", "out", "--json", "/proc/x"],
+                                            ["--json /proc/x: no file can be written in /proc"]),
+    # runs, datasets and checkpoints ditc reads
+    "run.json not JSON": ({"run/run.json": "{bad"}, ["sample", "run"], ["run/run.json: the run record is not JSON"]),
+    "run.json of wrong types": ({"run/run.json": '{"spec": 1, "build": "b", "config": {}}'}, ["sample", "run"],
+                                ["run/run.json: not a run record ditc wrote (`spec` is not a file name)"]),
+    "run.json with NaN": ({"run/run.json": '{"spec": "s", "build": "b", "config": {"lr": NaN}}'}, ["sample", "run"],
+                          ["run/run.json: the run record is not JSON (NaN is not JSON)"]),
+    "run.json of an impossible config": (
+        {"s.yaml": SMALL, "run/run.json": '{"spec": "s", "build": "b", "config": {"lr": 5, "steps": "x"}}',
+         "run/checkpoints/0000001.pt": "x"},
+        ["sample", "run"], ["run/run.json: not a run record ditc wrote (config.steps: wrong type (got 'x')"]),
+    "run.json of a 5,000-digit integer": ({"run/run.json": '{"spec": ' + "9" * 5000 + "}"}, ["sample", "run"],
+                                          ["run/run.json: the run record is not JSON (an integer of more than 4300"]),
+    "a dataset with a bad CRC": ({"s.yaml": DIGITS_SPEC, "d.npz": BAD_CRC}, ["train", "s.yaml", "--data", "d.npz"],
+                                 ["d.npz: the dataset is not a readable .npz file (Bad CRC-32 for file 'images.npy')"]),
+    "a dataset of object arrays": ({"s.yaml": DIGITS_SPEC, "d.npz": npz(images=np.array([None, 1], dtype=object),
+                                                                        labels=np.zeros(2, np.int64))},
+                                   ["train", "s.yaml", "--data", "d.npz"],
+                                   ["d.npz: images.npy in the dataset holds Python objects"]),
+    "a dataset declaring a huge shape": ({"s.yaml": DIGITS_SPEC, "d.npz": HUGE_SHAPE},
+                                         ["train", "s.yaml", "--data", "d.npz"],
+                                         ["d.npz: images.npy in the dataset declares shape (1000000, 1000000, 8)"]),
+    "a dataset label of 2**63": ({"s.yaml": DIGITS_SPEC, "d.npz": npz(images=np.zeros((2, 8, 8), np.uint8),
+                                                                      labels=np.array([1, 2**63], np.uint64))},
+                                 ["train", "s.yaml", "--data", "d.npz"], ["d.npz: label 9223372036854775808 is out of range"]),
+    "corrupt --inception weights": ({"i.pt": b"PK\x03\x04 not really", "r.npz": SAMPLES, "s.npz": SAMPLES},
+                                    ["evaluate", "s.npz", "--inception", "i.pt", "--ref", "r.npz"],
+                                    ["--inception i.pt: not a checkpoint"]),
+    "--inception weights that are no tensors": ({"i.pt": torch_saved({"fc.weight": [1, 2]}), "r.npz": SAMPLES,
+                                                 "s.npz": SAMPLES},
+                                                ["evaluate", "s.npz", "--inception", "i.pt", "--ref", "r.npz"],
+                                                ["--inception i.pt: not an Inception v3 state_dict"]),
+    "samples with a huge declared shape": ({"s.npz": HUGE_SHAPE}, ["evaluate", "s.npz"],
+                                           ["s.npz: images.npy in the samples", "declares shape (1000000, 1000000, 8)"]),
     "--json at a folder": ({"s.yaml": SMALL, "d/keep": ""}, ["verify", "s.yaml", "--json", "d"],
                            ["--json d: a folder; name a file"]),
     "--json in a missing folder": ({"s.yaml": SMALL}, ["bench", "s.yaml", "--json", "no/where.json"],
@@ -266,7 +348,7 @@ def test_hostile_input_is_refused_cleanly(case, tmp_path, monkeypatch):
     assert code == 2, (code, out, err)
     for text in expected:
         assert text in err, (text, err)
-    assert "Traceback" not in out + err
+    assert "Traceback" not in out + err and "set_int_max_str_digits" not in err
     assert snapshot(tmp_path) == before  # nothing written, nothing removed
 
 
@@ -435,3 +517,287 @@ def test_a_rebuild_removes_only_unedited_files_an_older_build_wrote(tmp_path):
     assert ditc("build", str(spec), "-o", str(tmp_path))[0] == 0
     assert not (folder / "dropped.py").exists() and (folder / "edited.py").exists()
     assert "edited.py" not in json.loads(manifest_path.read_text())["files"]
+
+
+def _numbers(schema: dict, path: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys of every number or integer in the spec's schema (alone or among `anyOf` options)."""
+    kinds = {schema.get("type")} | {option.get("type") for option in schema.get("anyOf", [])}
+    found = [".".join(path)] if kinds & {"number", "integer"} else []
+    for key, inner in schema.get("properties", {}).items():
+        found += _numbers(inner, path + (key,))
+    return found
+
+
+def test_every_spec_number_refuses_nan_and_infinities(tmp_path):
+    from dit_compiler.compiler.spec.validate import _validator
+
+    keys = _numbers(_validator().schema)
+    assert {"train.lr", "train.weight_decay", "train.ema_decay", "sample.cfg", "sample.eta", "batch"} <= set(keys)
+    spec = tmp_path / "s.yaml"
+    for key in keys:
+        for value in (".nan", ".inf", "-.inf"):
+            *parents, leaf = key.split(".")
+            spec.write_text("preset: DiT-S/8\n" + "".join(f"{'  ' * i}{p}:\n" for i, p in enumerate(parents))
+                            + f"{'  ' * len(parents)}{leaf}: {value}\n")
+            code, _, err = ditc("validate", str(spec))
+            assert code == 2 and f"{key}: must be a finite number" in err, (key, value, err)
+    (tmp_path / "base.yaml").write_text(SMALL)
+    (tmp_path / "w.yaml").write_text("base: base.yaml\nname: w\ngrid:\n  model.mlp_ratio: [2, .nan]\n")
+    code, _, err = ditc("sweep", str(tmp_path / "w.yaml"), "-o", str(tmp_path / "res"))
+    assert code == 2 and "must be a finite number (got nan)" in err and not (tmp_path / "res").exists()
+
+
+def test_a_special_file_named_results_json_is_refused_not_waited_on(tmp_path, monkeypatch):
+    put(tmp_path, SWEEP_FILES | {"w.yaml": sweep("")})
+    (tmp_path / "res" / "s").mkdir(parents=True)
+    mark_folder(tmp_path / "res" / "s", ("sweep",))   # ditc's sweep folder: its results.json is read
+    os.mkfifo(tmp_path / "res" / "s" / "results.json")
+    monkeypatch.chdir(tmp_path)
+    for args in (["--resume"], []):
+        code, _, err = ditc("sweep", "w.yaml", "-o", "res", *args)
+        assert code == 2 and "res/s/results.json: not a results file" in err and "not a regular file" in err
+
+
+@needs_nntile
+@pytest.mark.parametrize("value, expected", [("1", "STARPU_LIMIT_CPU_MEM=1 in the environment leaves StarPU 1 MiB; "
+                                                   "'tiny' needs at least 64 MiB"),
+                                             ("lots", "STARPU_LIMIT_CPU_MEM='lots' in the environment is not a number")])
+def test_a_starpu_memory_limit_the_model_cannot_run_under_is_refused_before_starpu_starts(value, expected, tmp_path,
+                                                                                      monkeypatch):
+    monkeypatch.setenv("STARPU_LIMIT_CPU_MEM", value)
+    code, _, err = ditc("verify", str(SPECS / "tiny.yaml"), "-o", str(tmp_path))
+    assert code == 2 and expected in err, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_build_file_edited_into_bytes_that_are_not_utf8_is_named(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(SMALL + "name: m\n")
+    assert ditc("build", str(spec), "-o", str(tmp_path))[0] == 0
+    with (tmp_path / "m" / "torch_reference.py").open("ab") as f:
+        f.write(b"\xff\xfe\n")
+    code, _, err = ditc("verify", str(tmp_path / "m"), "--no-oracle")
+    assert code == 2 and "m/torch_reference.py: cannot be imported (SyntaxError" in err, err
+    code, out, _ = ditc("build", str(spec), "-o", str(tmp_path))
+    assert code == 0 and "wrote" in out   # the edited file differs: a build replaces it
+
+
+def test_ctrl_c_while_ditc_starts_exits_130_without_a_traceback(tmp_path):
+    # a real SIGINT, sent by the process to itself while it imports ditc's command line
+    hook = ("import os, signal, sys\n"
+            "class Interrupt:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'dit_compiler.cli':\n"
+            "            os.kill(os.getpid(), signal.SIGINT)\n"
+            "sys.meta_path.insert(0, Interrupt())\n"
+            "from dit_compiler.__main__ import run\n"
+            "sys.exit(run())\n")
+    proc = subprocess.run([sys.executable, "-c", hook, "validate", str(SPECS / "tiny.yaml")], capture_output=True,
+                          text=True, env=os.environ | {"PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 130 and "interrupted" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_non_ascii_path_prints_under_an_ascii_terminal(tmp_path):
+    folder = tmp_path / "spécs"
+    folder.mkdir()
+    (folder / "s.yaml").write_text(SMALL)
+    env = os.environ | {"PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "ascii"}
+    for args, code in ((["build", "s.yaml", "-o", "out"], 0), (["validate", "s.yaml"], 0), (["verify", "none.yaml"], 2)):
+        proc = subprocess.run([sys.executable, "-m", "dit_compiler.cli", *args], cwd=folder, capture_output=True,
+                              text=True, env=env, timeout=300)
+        assert proc.returncode == code and "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "dit_compiler.cli", "validate", str(folder / "s.yaml")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and "sp\\xe9cs" in proc.stdout
+
+
+@pytest.mark.parametrize("name", ["run.json", "metrics.csv"])
+def test_a_huge_sparse_run_file_is_refused_before_it_is_read(name, tmp_path):
+    from train_helpers import train_tiny
+
+    run = train_tiny(tmp_path, steps=1)
+    with (run / name).open("ab") as f:
+        f.truncate(1 << 40)   # a terabyte of holes: reading it whole would exhaust memory
+    code, _, err = ditc("train", str(tmp_path / "tiny-digits.yaml"), "--out", str(run), "--resume", "--steps", "2",
+                        "--backend", "torch")
+    assert code == 2 and f"{run / name}: the " in err and "is 1,048,576 MiB; the limit is" in err, err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A 2-step tiny digits run (torch), copied by each test that changes it."""
+    from train_helpers import train_tiny
+
+    return train_tiny(tmp_path_factory.mktemp("trained"), steps=2)
+
+
+def _copy(run: Path, tmp_path: Path) -> tuple[Path, str]:
+    shutil.copytree(run.parent, tmp_path / "copy")
+    return tmp_path / "copy" / "run", str(tmp_path / "copy" / "tiny-digits.yaml")
+
+
+def _files(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_resume_on_a_smaller_dataset_starts_its_next_epoch(trained, tmp_path):
+    run, spec = _copy(trained, tmp_path)   # 2 steps of 8 digits: the data position is 16
+    np.savez(tmp_path / "few.npz", images=np.zeros((5, 8, 8), np.uint8), labels=np.arange(5))
+    proc = subprocess.run([sys.executable, "-m", "dit_compiler.cli", "train", spec, "--out", str(run), "--resume",
+                           "--steps", "3", "--data", str(tmp_path / "few.npz"), "--backend", "torch"],
+                          capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(ROOT)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "the run stopped at image 16 of an epoch;" in proc.stdout + proc.stderr
+    assert (run / "checkpoints" / "0000003.pt").is_file()
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("step", -1, "train_state.step is -1, not 2, the step its name says"),
+    ("step", 7, "train_state.step is 7, not 2"),
+    ("wall_s", float("nan"), "train_state.wall_s is nan"),
+    ("data", {"seed": 0, "epoch": -3, "position": 1}, "train_state.data is"),
+    ("rng", {"bit_generator": "PCG64"}, "train_state.rng is"),
+    ("global_batch", 0, "train_state.global_batch is 0"),
+    ("ema", "not weights", "no `ema` weights"),
+])
+def test_a_checkpoint_whose_train_state_is_odd_is_refused_and_nothing_changes(field, value, says, trained, tmp_path):
+    import torch
+
+    run, spec = _copy(trained, tmp_path)
+    path = run / "checkpoints" / "0000002.pt"
+    ckpt = torch.load(path, weights_only=True)
+    if field == "ema":
+        ckpt["ema"] = value
+    else:
+        ckpt["train_state"][field] = value
+    torch.save(ckpt, path)
+    before = _files(run)
+    code, _, err = ditc("train", spec, "--out", str(run), "--resume", "--steps", "4", "--backend", "torch")
+    assert code == 2 and f"{path}: cannot resume from it: {says}" in err, err
+    assert _files(run) == before
+
+
+@pytest.mark.parametrize("row, says", [("2,x,1,1,1,1,1", "line 3 holds a value that is not a number"),
+                                       ("2,1,1", "line 3 has not 7 values"), ("-5,1,1,1,1,1,1", "line 3: step '-5' is not a step number")])
+def test_a_bad_metrics_row_is_refused_naming_the_line(row, says, trained, tmp_path):
+    run, spec = _copy(trained, tmp_path)
+    lines = (run / "metrics.csv").read_text().splitlines()
+    (run / "metrics.csv").write_text("\n".join(lines[:2] + [row]) + "\n")
+    before = _files(run)
+    code, _, err = ditc("train", spec, "--out", str(run), "--resume", "--steps", "4", "--backend", "torch")
+    assert code == 2 and f"{run / 'metrics.csv'}: not the metrics table ditc writes ({says}" in err, err
+    assert _files(run) == before
+
+
+def test_two_trainings_into_one_run_folder_are_refused(trained, tmp_path):
+    from train_helpers import terminate_training
+
+    run, spec = _copy(trained, tmp_path)
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen([sys.executable, "-c", "import time, sys\n"
+                              "from dit_compiler.app.train import run_lock\n"
+                              "from pathlib import Path\n"
+                              f"with run_lock(Path({str(run)!r})):\n"
+                              "    print('locked', flush=True); time.sleep(120)"],
+                             stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert first.stdout.readline().strip() == "locked"
+        before = _files(run)
+        for extra in (["--resume", "--steps", "4"], ["--steps", "4"]):
+            code, _, err = ditc("train", spec, "--out", str(run), "--backend", "torch", *extra)
+            assert code == 2 and "another `ditc train` is writing this run now" in err, err
+        assert _files(run) == before
+    finally:
+        first.kill()
+        first.wait()
+    # the lock goes with the process that held it, however it ended
+    code, err = terminate_training(["train", spec, "--out", str(run), "--resume", "--steps", "100000",
+                                    "--backend", "torch"], run, env, rows=3)
+    assert code == 143, err
+
+
+@pytest.mark.parametrize("poison, says", [(float("nan"), "holds 1 NaN or infinite value(s)"),
+                                          (float("inf"), "holds 1 NaN or infinite value(s)"),
+                                          ("complex", "is complex64; allowed: real floating-point tensors")])
+def test_weights_that_are_not_finite_reals_are_refused_before_sampling_or_resuming(poison, says, trained, tmp_path):
+    import torch
+
+    run, spec = _copy(trained, tmp_path)
+    path = run / "checkpoints" / "0000002.pt"
+    ckpt = torch.load(path, weights_only=True)
+    key = sorted(ckpt["ema"])[0]
+    for entry in ("ema", "model"):
+        if poison == "complex":
+            ckpt[entry][key] = ckpt[entry][key].to(torch.complex64)
+        else:
+            ckpt[entry][key].view(-1)[0] = poison
+    torch.save(ckpt, path)
+    code, _, err = ditc("sample", str(run), "--out", str(tmp_path / "samples"), "--steps", "2", "--n", "2")
+    assert code == 2 and f"{path} (ema): weight {key} {says}" in err, err
+    assert not (tmp_path / "samples").exists()
+    code, _, err = ditc("train", spec, "--out", str(run), "--resume", "--steps", "4", "--backend", "torch")
+    assert code == 2 and f"{path} (model): weight {key} {says}" in err, err
+
+
+def test_a_vae_folder_without_weights_is_refused_before_sampling(trained, tmp_path):
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text('{"_class_name": "AutoencoderKL", "latent_channels": 1}')
+    code, _, err = ditc("sample", str(trained), "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "s"),
+                        "--steps", "2", "--n", "2")
+    assert code == 2 and f"--vae {tmp_path / 'vae'}: not a diffusers AutoencoderKL folder with its weights" in err
+    assert "sampling" not in err and not (tmp_path / "s").exists()
+
+
+def test_a_full_disk_names_the_checkpoint_and_keeps_nothing_half_written(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("a 1 MiB tmpfs cannot be mounted here (mounting needs root)")
+    try:
+        from train_helpers import tiny_spec
+
+        spec = tiny_spec(tmp_path)
+        code, _, err = ditc("train", str(spec.source), "--out", str(disk / "run"), "--steps", "4", "--ckpt-every", "1",
+                            "--backend", "torch")
+        assert code == 1 and "No space left on device; nothing half-written was kept" in err, err
+        full = err.split("error: ")[-1].split(":")[0]
+        assert full.startswith(str(disk / "run")) and not os.path.exists(full)
+        assert not [p for p in disk.rglob("*") if ".tmp" in p.name or "ditc-tmp" in p.name]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_images_past_pils_pixel_limit_and_a_corrupt_classifier_cache(tmp_path):
+    from PIL import Image
+
+    from dit_compiler.app.evaluate import digits_classifier
+
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    Image.new("L", (10_000, 10_000)).save(tmp_path / "data" / "a" / "bomb.png")   # 100 million pixels, 100 KiB
+    (tmp_path / "s.yaml").write_text(DIGITS_SPEC)
+    code, _, err = ditc("train", str(tmp_path / "s.yaml"), "--data", str(tmp_path / "data"), "--out",
+                        str(tmp_path / "r"))
+    assert code == 2 and "bomb.png: an image of 100,000,000 pixels; allowed: at most 89,478,485" in err, err
+    assert not (tmp_path / "r").exists()
+
+    cache = tmp_path / "cache"
+    clf, trained = digits_classifier(cache)
+    path = next(cache.iterdir())
+    path.write_bytes(npz(w0=np.zeros((3, 3)), b0=np.zeros(3)))   # not the classifier's layers
+    with pytest.warns(UserWarning, match="training the classifier again"):
+        again, retrained = digits_classifier(cache)
+    assert trained and retrained and again.heldout_accuracy == clf.heldout_accuracy
+    assert digits_classifier(cache)[1] is False   # the cache was made whole again
+
+
+def test_a_second_signal_stops_a_training_step_that_does_not_end():
+    from dit_compiler.errors import Terminated
+    from dit_compiler.app.train import _StopSignals
+
+    with _StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)   # the first: the loop finishes its step and checkpoints
+        assert stop.signum == signal.SIGTERM
+        with pytest.raises(Terminated):   # the second: at once, wherever the step is
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10**7):   # a step that never ends; the signal lands within it
+                pass

@@ -40,9 +40,17 @@ class Backend(Protocol):
     def predict(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
         """`forward` for sampling: no `backward` follows, so nothing is kept for it."""
 
-    def backward(self, grad_out: np.ndarray) -> None:
-        """This step's parameter gradients from d loss / d output (nothing accumulates across steps); in a
-        data-parallel world, their mean over the ranks."""
+    def backward(self, grad_out: np.ndarray, accumulate: bool = False) -> None:
+        """This step's parameter gradients from d loss / d output, added to those of the step's earlier
+        micro-batches with `accumulate` (nothing carries across steps); in a data-parallel world, by the
+        step, their mean over the ranks."""
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """The global norm of the step's gradients (over the ranks' mean), which are then scaled by
+        `compiler.targets.base.clip_scale(norm, max_norm)`; needs `OptimConfig.max_grad_norm` set when opened."""
+
+    def set_lr(self, lr: float) -> None:
+        """AdamW's learning rate from the next step on."""
 
     def step(self) -> None:
         """One AdamW step."""
@@ -105,12 +113,20 @@ class TorchBackend:
     def predict(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
         return self.model(*self._inputs(x, t, y)).cpu().numpy()
 
-    def backward(self, grad_out: np.ndarray) -> None:
+    def backward(self, grad_out: np.ndarray, accumulate: bool = False) -> None:
         if self._out is None:
             raise RuntimeError("backward without a forward")
-        self.opt.zero_grad(set_to_none=True)
+        if not accumulate:
+            self.opt.zero_grad(set_to_none=True)
         self._out.backward(*self._inputs(grad_out))   # under DDP, averaged over the ranks in buckets
         self._out = None
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
 
     def step(self) -> None:
         self.opt.step()

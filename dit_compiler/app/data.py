@@ -12,7 +12,8 @@ fixed: in scikit-learn's order, the images whose index among the images of their
 """
 from __future__ import annotations
 
-import zipfile
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -20,6 +21,7 @@ from typing import Literal
 import numpy as np
 
 from dit_compiler.errors import UsageError
+from dit_compiler.userfiles import load_npz, regular_size
 
 DIGITS = "digits"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -133,17 +135,8 @@ def _scaled(images: np.ndarray, source: str) -> np.ndarray:
 
 
 def _load_npz(path: Path) -> Dataset:
-    if not zipfile.is_zipfile(path):
-        raise UsageError(f"{path}: not an .npz file (a zip of .npy arrays, as numpy.savez writes)")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = {"images", "labels"} - set(archive.files)
-            if missing:
-                raise UsageError(f"{path}: no {' and no '.join(sorted(missing))} array (it has: "
-                                 f"{', '.join(archive.files) or 'nothing'})")
-            images, labels = archive["images"], archive["labels"]
-    except (OSError, ValueError) as error:
-        raise UsageError(f"{path}: not a readable .npz file ({error})") from None
+    arrays = load_npz(path, ("images", "labels"), "dataset")
+    images, labels = arrays["images"], arrays["labels"]
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4:
@@ -151,23 +144,34 @@ def _load_npz(path: Path) -> Dataset:
     if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
         raise UsageError(f"{path}: labels must be {len(images)} integers (one per image), got {labels.dtype} "
                          f"of shape {labels.shape}")
+    if len(labels) and labels.max() > np.iinfo(np.int64).max:   # uint64 past int64 would wrap to a negative label
+        raise UsageError(f"{path}: label {int(labels.max())} is out of range; allowed: labels of the spec's classes")
     return Dataset(_scaled(images, str(path)).transpose(0, 3, 1, 2).copy(), labels.astype(np.int64), str(path))
 
 
 def _read_image(file: Path) -> np.ndarray:
-    """One 8-bit image file as [H, W, C] uint8 (palette images become RGB or RGBA)."""
-    from PIL import Image, UnidentifiedImageError
+    """One 8-bit image file as [H, W, C] uint8 (palette images become RGB or RGBA). A file of more than
+    PIL's MAX_IMAGE_PIXELS (89 million: a decompression bomb, or no image a DiT trains on) is refused."""
+    from PIL import Image
 
+    regular_size(file, None, "image")
     try:
-        with Image.open(file) as image:
-            image = image.convert("L") if image.mode == "1" else image
-            image = image.convert("RGBA" if "transparency" in image.info else "RGB") if image.mode == "P" else image
-            if image.mode not in _MODE_CHANNELS:
-                raise UsageError(f"{file}: image mode {image.mode}; allowed: {', '.join(_MODE_CHANNELS)} "
-                                 "(8 bits per channel)")
-            array = np.asarray(image, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError) as error:
-        raise UsageError(f"{file}: not a readable image ({error})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(file) as image:
+                image = image.convert("L") if image.mode == "1" else image
+                if image.mode == "P":
+                    image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+                mode = image.mode
+                array = np.asarray(image, dtype=np.uint8) if mode in _MODE_CHANNELS else None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        pixels = re.search(r"\((\d+) pixels\)", str(error))
+        raise UsageError(f"{file}: an image of {int(pixels[1]) if pixels else 'too many':,} pixels; allowed: at most "
+                         f"{Image.MAX_IMAGE_PIXELS:,} (PIL's limit against decompression bombs)") from None
+    except Exception as error:   # PIL's decoders raise OSError, ValueError, SyntaxError, struct.error...
+        raise UsageError(f"{file}: not a readable image ({type(error).__name__}: {error})") from None
+    if array is None:
+        raise UsageError(f"{file}: image mode {mode}; allowed: {', '.join(_MODE_CHANNELS)} (8 bits per channel)")
     return array[..., None] if array.ndim == 2 else array
 
 
@@ -209,10 +213,7 @@ def load_images(source: str) -> np.ndarray:
             raise UsageError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)})")
         return _scaled(np.stack(images).transpose(0, 3, 1, 2), str(path))
     if path.suffix == ".npz" and path.is_file():
-        with np.load(path, allow_pickle=False) as archive:
-            if "images" not in archive.files:
-                raise UsageError(f"{path}: no images array")
-            images = archive["images"]
+        images = load_npz(path, ("images",), "reference images")["images"]
         if images.ndim != 4 or len(images) == 0:
             raise UsageError(f"{path}: images has shape {images.shape}; allowed: N,C,H,W (ditc sample) or N,H,W,C")
         channels_last = images.shape[-1] in (1, 3, 4) and images.shape[1] not in (1, 3, 4)
@@ -256,5 +257,9 @@ class BatchLoader:
         return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
 
     def load_state(self, state: dict) -> None:
+        """Go on from `state`; a position past the end of this dataset's epoch (a run resumed on a smaller
+        dataset) starts the next epoch."""
         self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
+        if not 0 <= self.position < len(self.dataset):
+            self.epoch, self.position = self.epoch + 1, 0
         self._order = self._permutation(self.epoch)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 from dit_compiler.app.data import digits
 from dit_compiler.errors import UsageError
 from dit_compiler.files import write_atomic, write_text_atomic
+from dit_compiler.userfiles import load_npz
 
 HIDDEN = (128, 64)
 #: The kinds of folder `ditc evaluate` writes into: its own, or the samples folder it scores.
@@ -93,11 +95,11 @@ def digits_classifier(cache_dir: Path) -> tuple[DigitsClassifier, bool]:
     import sklearn
 
     path = Path(cache_dir) / f"digits-classifier-{'x'.join(map(str, HIDDEN))}-sklearn{sklearn.__version__}.npz"
-    if path.is_file():
-        with np.load(path) as f:
-            layers = len(HIDDEN) + 1
-            return DigitsClassifier(tuple(f[f"w{i}"] for i in range(layers)), tuple(f[f"b{i}"] for i in range(layers)),
-                                    float(f["heldout_accuracy"])), False
+    if os.path.lexists(path):
+        try:
+            return _cached_classifier(path), False
+        except UsageError as error:   # a cache is ditc's own: one it cannot read is made again
+            warnings.warn(f"{error}; training the classifier again", CacheWarning, stacklevel=2)
     from sklearn.neural_network import MLPClassifier
 
     train, held = digits("train"), digits("heldout")
@@ -105,10 +107,35 @@ def digits_classifier(cache_dir: Path) -> tuple[DigitsClassifier, bool]:
     mlp.fit(train.images.reshape(len(train), -1), train.labels)
     accuracy = float(mlp.score(held.images.reshape(len(held), -1), held.labels))
     clf = DigitsClassifier(tuple(mlp.coefs_), tuple(mlp.intercepts_), accuracy)
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda file: np.savez(file, heldout_accuracy=accuracy,
                                              **{f"w{i}": w for i, w in enumerate(clf.weights)},
                                              **{f"b{i}": b for i, b in enumerate(clf.biases)}))
     return clf, True
+
+
+class CacheWarning(UserWarning):
+    """A cached file ditc could not use and makes again."""
+
+
+def _cached_classifier(path: Path) -> DigitsClassifier:
+    """The classifier in the cache file `path`, refused (UsageError) unless its layers have the shapes of
+    HIDDEN's and hold finite numbers."""
+    layers = len(HIDDEN) + 1
+    names = (*(f"w{i}" for i in range(layers)), *(f"b{i}" for i in range(layers)), "heldout_accuracy")
+    arrays = load_npz(path, names, "cached digits classifier")
+    sizes = (int(np.prod(DIGIT_SHAPE)), *HIDDEN, 10)
+    for i in range(layers):
+        w, b = arrays[f"w{i}"], arrays[f"b{i}"]
+        if w.shape != sizes[i:i + 2] or b.shape != sizes[i + 1:i + 2] or w.dtype.kind != "f" or b.dtype.kind != "f" \
+                or not (np.isfinite(w).all() and np.isfinite(b).all()):
+            raise UsageError(f"{path}: layer {i} of the cached digits classifier is not a finite {sizes[i]}x"
+                             f"{sizes[i + 1]} layer")
+    accuracy = arrays["heldout_accuracy"]
+    if accuracy.shape != () or accuracy.dtype.kind != "f" or not 0 <= float(accuracy) <= 1:
+        raise UsageError(f"{path}: the cached digits classifier's accuracy is not a number from 0 to 1")
+    return DigitsClassifier(tuple(arrays[f"w{i}"] for i in range(layers)),
+                            tuple(arrays[f"b{i}"] for i in range(layers)), float(accuracy))
 
 
 def score_digits(clf: DigitsClassifier, images: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dit_compiler.errors import UsageError
+from dit_compiler.app.weights import load_checkpoint
 
 FID_CLASSES = 1008   # pytorch-fid's FID weights; torchvision's ImageNet weights have 1000
 
@@ -167,12 +168,15 @@ class InceptionFeatures(nn.Module):
 def load_inception(path: Path) -> InceptionFeatures:
     """The feature network with the weights in `path`; the variant follows the file's class count."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UsageError(f"--inception {path}: not a readable torch state_dict ({type(error).__name__})") from None
-    if not isinstance(state, dict) or "fc.weight" not in state:
+        state = load_checkpoint(path)
+    except UsageError as error:
+        raise UsageError(f"--inception {error}") from None
+    if "fc.weight" not in state:
         raise UsageError(f"--inception {path}: not an Inception v3 state_dict (pytorch-fid's or torchvision's): "
                          "no fc.weight")
+    if not all(isinstance(v, torch.Tensor) for v in state.values()) or state["fc.weight"].ndim != 2:
+        raise UsageError(f"--inception {path}: not an Inception v3 state_dict (a value is no tensor, or fc.weight "
+                         "is no matrix)")
     model = InceptionFeatures(fid=state["fc.weight"].shape[0] == FID_CLASSES)
     wanted = model.state_dict()
     missing = [k for k in wanted if k not in state]

@@ -22,8 +22,9 @@ import numpy as np
 
 from dit_compiler.app.backend import Backend
 from dit_compiler.app.data import LATENT_CHANNELS
-from dit_compiler.app.diffusion import create_diffusion, guided, sample_loop
-from dit_compiler.app.diffusion.sampling import CfgChannels, ModelFn, Sampler
+from dit_compiler.app.diffusion import guided
+from dit_compiler.app.diffusion.objective import objective_of
+from dit_compiler.app.diffusion.sampling import CfgChannels, ModelFn
 from dit_compiler.app.progress import Progress, counted
 from dit_compiler.compiler.graph.ir import Graph
 from dit_compiler.compiler.targets.torch import import_diffusers
@@ -37,9 +38,11 @@ SAMPLES = "samples"
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """Sampling settings; defaults as facebookresearch/DiT's `sample.py` (250 DDPM steps, guidance 4)."""
+    """Sampling settings; defaults as facebookresearch/DiT's `sample.py` (250 DDPM steps, guidance 4).
+    `eta` is DDIM's, `clip_denoised` and `sigma_small` DDPM's and DDIM's; the flow samplers (euler, heun)
+    have none."""
 
-    sampler: Sampler = "ddpm"
+    sampler: str = "ddpm"   # ddpm, ddim (objective ddpm); euler, heun (rectified_flow)
     steps: int = 250
     eta: float = 0.0
     cfg: float = 4.0
@@ -49,7 +52,9 @@ class SampleConfig:
     sigma_small: bool = False
 
     def channels_for(self, in_channels: int) -> CfgChannels:
-        return self.cfg_channels or ("dit" if in_channels >= LATENT_CHANNELS else "all")
+        """`dit` only for DDPM's epsilon of latents; a flow's velocity has no variance channels: `all`."""
+        dit = in_channels >= LATENT_CHANNELS and self.sampler in ("ddpm", "ddim")
+        return self.cfg_channels or ("dit" if dit else "all")
 
 
 class FixedBatch:
@@ -92,15 +97,15 @@ def generate(backend: Backend, graph: Graph, labels: np.ndarray, config: SampleC
         raise UsageError(f"--cfg {config.cfg}: the model has no null class (class_dropout_prob 0), so it cannot "
                          "be guided; use --cfg 1")
     channels, size = graph.axes["in_channels"].size, graph.axes["height"].size
-    diffusion = create_diffusion(config.steps)
+    objective = objective_of(graph.spec.diffusion)
+    options = {} if graph.spec.diffusion.flow else {"eta": config.eta, "clip_denoised": config.clip_denoised,
+                                                     "sigma_small": config.sigma_small}
     model = guided(FixedBatch(backend.predict, backend.batch), config.cfg, num_classes,
                    config.channels_for(channels))
-    progress = Progress(diffusion.num_timesteps, f"sample {len(labels)}", "step", stream=stream or sys.stderr)
+    progress = Progress(config.steps, f"sample {len(labels)}", "step", stream=stream or sys.stderr)
     try:
-        x = sample_loop(diffusion, model, labels, (len(labels), channels, size, size),
-                        np.random.default_rng(config.seed), sampler=config.sampler, eta=config.eta,
-                        clip_denoised=config.clip_denoised, sigma_small=config.sigma_small,
-                        progress=progress.update)
+        x = objective.sample(model, labels, (len(labels), channels, size, size), np.random.default_rng(config.seed),
+                             sampler=config.sampler, steps=config.steps, progress=progress.update, **options)
     finally:
         progress.close()
     return x.astype(np.float32)
@@ -112,18 +117,27 @@ def load_vae(vae_dir: Path):
     is not one is refused before any work; `ditc evaluate` decodes once per guidance scale)."""
     try:
         return import_diffusers().AutoencoderKL.from_pretrained(str(vae_dir), low_cpu_mem_usage=False).eval()
-    except (OSError, ValueError) as error:
-        raise UsageError(f"--vae {vae_dir}: not a diffusers AutoencoderKL folder ({error})") from None
+    except Exception as error:   # diffusers raises OSError, ValueError, JSON and safetensors errors...
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UsageError(f"--vae {vae_dir}: not a diffusers AutoencoderKL folder with its weights ({first})") \
+            from None
+
+
+def check_vae(vae_dir: Path, channels: int):
+    """The AutoencoderKL in `vae_dir`, loaded (a folder without weights, or for other latents, is refused
+    before any sampling) and checked to decode `channels`-channel latents."""
+    vae = load_vae(Path(vae_dir))
+    if vae.config.latent_channels != channels:
+        raise UsageError(f"--vae {vae_dir}: decodes {vae.config.latent_channels}-channel latents, the model makes "
+                         f"{channels} channels")
+    return vae
 
 
 def decode_latents(latents: np.ndarray, vae_dir: Path, chunk: int = 16) -> np.ndarray:
     """A diffusers AutoencoderKL folder decodes `latents / 0.18215` to images in about [-1, 1]."""
     import torch
 
-    vae = load_vae(Path(vae_dir))
-    if vae.config.latent_channels != latents.shape[1]:
-        raise UsageError(f"--vae {vae_dir}: decodes {vae.config.latent_channels}-channel latents, the model makes "
-                         f"{latents.shape[1]} channels")
+    vae = check_vae(vae_dir, latents.shape[1])
     with torch.no_grad():
         parts = [vae.decode(torch.from_numpy(latents[i:i + chunk] / VAE_SCALE).float()).sample.numpy()
                  for i in range(0, len(latents), chunk)]

@@ -30,32 +30,38 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import io
 import json
+import math
+import os
 import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
 
-from dit_compiler.app.backend import load_into, open_backend
+from dit_compiler.app.backend import AUTO, load_into, open_backend
 from dit_compiler.app.data import DIGITS, DIGITS_SHAPE, BatchLoader, ImageShape, load_dataset
-from dit_compiler.app.diffusion import NUM_TIMESTEPS, create_diffusion, training_losses
+from dit_compiler.app.diffusion.objective import objective_of
 from dit_compiler.app.distributed import World, digest
 from dit_compiler.app.progress import Progress, counted
-from dit_compiler.app.weights import initialize_dit_weights, load_checkpoint, save_checkpoint, save_safetensors, \
-    to_numpy
+from dit_compiler.app.schedules import lr_at, micro_batches
+from dit_compiler.app.weights import check_weights, init_weights, initialize_dit_weights, load_checkpoint, \
+    load_weights, save_checkpoint, save_safetensors, to_numpy
 from dit_compiler.compiler.build import SPEC_FILE, TORCH_FILE, compile_spec, graph_of, load_module, write_build
 from dit_compiler.compiler.spec import load_spec
 from dit_compiler.compiler.spec.model import Spec, TrainSpec
+from dit_compiler.compiler.spec.validate import section_problems
 from dit_compiler.compiler.targets.base import OptimConfig
-from dit_compiler.errors import UsageError, shown
-from dit_compiler.files import OUTPUT_MARKER, read_marker, read_small, write_atomic, write_text_atomic
+from dit_compiler.errors import Terminated, UsageError, shown
+from dit_compiler.files import OUTPUT_MARKER, RUN_LOCK, read_marker, read_small, write_atomic, write_text_atomic
+from dit_compiler.userfiles import MAX_METADATA, MAX_METRICS, read_json, regular_size, writing
 
 #: The kind of folder `ditc train` writes (its marker, `files.OUTPUT_MARKER`, says so).
 RUN = "run"
@@ -71,6 +77,7 @@ class TrainConfig(TrainSpec):
     """A run's settings: the spec's `train:` section (its defaults DiT's), flags on top, and the backend."""
 
     backend: str = "auto"
+    init: str | None = None   # `--init`: the checkpoint a new run starts from (None: DiT's initialisation)
 
     def ema_decay_at(self, updates: int) -> float:
         return min(self.ema_decay, (1 + updates) / (10 + updates)) if self.ema_warmup else self.ema_decay
@@ -88,10 +95,32 @@ def resolve_config(run_dir: Path, overrides: dict, resume: bool, spec: Spec | No
 
 
 def _read_run(run_dir: Path) -> dict:
+    """The run's record, checked: `spec` and `build` strings and a `config` of valid train settings."""
     path = run_dir / RUN_FILE
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise UsageError(f"{run_dir}: not a training run (no {RUN_FILE}); nothing to resume")
-    return json.loads(path.read_text())
+    record = read_json(path, MAX_METADATA, "run record")
+    if problem := _run_problem(record):
+        raise UsageError(f"{path}: not a run record ditc wrote ({problem}); it cannot be resumed or sampled: "
+                         "start a new run with another --out")
+    return record
+
+
+def _run_problem(record) -> str | None:
+    """What is wrong with a run.json's contents, or None."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    for key in ("spec", "build"):
+        if not isinstance(record.get(key), str) or not record[key]:
+            return f"`{key}` is not a file name"
+    config = record.get("config")
+    if not isinstance(config, dict):
+        return "`config` is not an object"
+    if not isinstance(config.get("backend", AUTO), str):   # a name open_backend does not know is refused there
+        return f"config.backend: not a backend's name (got {shown(config['backend'])})"
+    train_keys = {f.name for f in fields(TrainSpec)}
+    problems = section_problems("train", {k: v for k, v in config.items() if k in train_keys})
+    return f"config.{problems[0]}" if problems else None
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -147,6 +176,8 @@ class _StopSignals:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if self.signum is not None:   # a second signal: the step in flight is not waited for
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
         self.signum = signum
 
     def __exit__(self, *exc) -> None:
@@ -166,6 +197,8 @@ def check_run(spec, run_dir: Path, config: TrainConfig, resume: bool):
                          f"{DIGITS_SHAPE.size}x{DIGITS_SHAPE.size}: this spec needs --data (an .npz with `images` and "
                          "`labels`, or a folder with a sub-folder of images per class) or train.data set")
     data = load_dataset(config.data, shape)
+    if config.init and not resume:
+        init_weights(Path(config.init), build)
     existing = checkpoints(run_dir) if run_dir.is_dir() else []
     if resume:
         if not existing:
@@ -173,19 +206,86 @@ def check_run(spec, run_dir: Path, config: TrainConfig, resume: bool):
         saved = load_spec(run_build_dir(run_dir) / SPEC_FILE)
         # the model, not the train or sample settings, nor the batch and tiling (another number of ranks
         # keeps the global batch with another compiled batch)
-        if (saved.model, saved.precision) != (spec.model, spec.precision):
-            raise UsageError(f"{run_dir}: trained with another model than {spec.source} describes (see "
-                             f"{run_build_dir(run_dir) / SPEC_FILE}); a resumed run may change the batch and "
-                             "the tiling, not the model")
+        if (saved.model, saved.precision, saved.diffusion) != (spec.model, spec.precision, spec.diffusion):
+            raise UsageError(f"{run_dir}: trained with another model or diffusion objective than {spec.source} "
+                             f"describes (see {run_build_dir(run_dir) / SPEC_FILE}); a resumed run may change the "
+                             "batch and the tiling, not the model or the objective")
         ckpt = load_checkpoint(existing[-1])
-        if not isinstance(ckpt.get("train_state"), dict):
-            raise UsageError(f"{existing[-1]}: no `train_state` to resume from (a checkpoint `ditc train` did not "
-                             "write); start a new run, or sample from it with --ckpt")
+        check_train_state(ckpt, existing[-1])
+        if os.path.lexists(run_dir / METRICS_FILE):
+            read_metrics(run_dir / METRICS_FILE, ckpt["train_state"]["step"])
+        for entry in ("model", "ema"):
+            check_weights(to_numpy(ckpt[entry]), f"{existing[-1]} ({entry})")
         return data, build, ckpt
     elif existing:
         raise UsageError(f"{run_dir}: already holds a run (last checkpoint {existing[-1].name}); pass --resume "
                          "to continue it, or another --out")
     return data, build, None
+
+
+def check_train_state(ckpt: dict, path: Path) -> None:
+    """Refuse (UsageError) a checkpoint whose `train_state` `ditc train` cannot resume from: missing, or
+    with a field missing or of the wrong type or range. Its step must be the one its file is named for
+    (a step of another number would renumber and overwrite the run's checkpoints)."""
+    state = ckpt.get("train_state")
+    if not isinstance(state, dict):
+        raise UsageError(f"{path}: no `train_state` to resume from (a checkpoint `ditc train` did not write); start "
+                         "a new run, or sample from it with --ckpt")
+    problem = _train_state_problem(state, path) or next(
+        (f"no `{k}` weights" for k in ("model", "ema") if not isinstance(ckpt.get(k), dict)), None) or \
+        (None if isinstance(ckpt.get("opt"), dict) else "no optimizer state `opt`")
+    if problem:
+        raise UsageError(f"{path}: cannot resume from it: {problem}; resume from an earlier checkpoint (move this "
+                         "one away) or start a new run")
+
+
+def _train_state_problem(state: dict, path: Path) -> str | None:
+    def whole(value, low: int = 0) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+    step, wall, data = state.get("step"), state.get("wall_s"), state.get("data")
+    if not whole(step) or step != int(path.stem):
+        return f"train_state.step is {shown(step)}, not {int(path.stem)}, the step its name says"
+    if not isinstance(wall, (int, float)) or isinstance(wall, bool) or not math.isfinite(wall) or wall < 0:
+        return f"train_state.wall_s is {shown(wall)}, not a number of seconds"
+    if not isinstance(data, dict) or not all(whole(data.get(k)) for k in ("seed", "epoch", "position")):
+        return f"train_state.data is {shown(data)}, not a data position (seed, epoch and position, whole numbers)"
+    if "global_batch" in state and not whole(state["global_batch"], 1):
+        return f"train_state.global_batch is {shown(state['global_batch'])}, not a batch size"
+    try:
+        np.random.default_rng().bit_generator.state = state.get("rng")
+    except (TypeError, ValueError, KeyError, OverflowError):
+        return f"train_state.rng is {shown(state.get('rng'))}, not the state of numpy's PCG64 generator"
+    return None
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """This process alone trains into `run_dir` while the block runs: a second `ditc train` into the same
+    folder is refused (UsageError) instead of interleaving its checkpoints with this one's. The lock is
+    held on `run_dir/.ditc-train.lock` (flock, released when the process ends however it ends); folders
+    this made, left holding nothing else, are removed again."""
+    made = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / RUN_LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        raise UsageError(f"{path}: cannot lock the run folder ({error.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"{run_dir}: another `ditc train` is writing this run now; wait for it to end, or "
+                             "train into another --out") from None
+        yield
+    finally:
+        os.close(fd)
+        if made and [p.name for p in run_dir.iterdir()] == [RUN_LOCK]:
+            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):   # only while empty: nothing of anyone's is removed
+                for folder in made:
+                    folder.rmdir()
 
 
 def _prepare_run(spec, build, run_dir: Path, config: TrainConfig) -> Callable[[], None]:
@@ -208,7 +308,8 @@ def _prepare_run(spec, build, run_dir: Path, config: TrainConfig) -> Callable[[]
 
     try:
         write_text_atomic(run_dir / RUN_FILE, json.dumps(
-            {"spec": str(spec.source), "build": spec.name, "config": asdict(config)}, indent=1) + "\n", RUN)
+            {"spec": str(spec.source), "build": spec.name, "config": asdict(config),
+             "diffusion": asdict(spec.diffusion)}, indent=1) + "\n", RUN)
         if (run_dir / CHECKPOINTS).is_symlink():
             raise UsageError(f"{run_dir / CHECKPOINTS}: a link; a run's checkpoints are written only inside the run")
         (run_dir / CHECKPOINTS).mkdir(exist_ok=True)
@@ -230,15 +331,12 @@ class _Metrics:
     """metrics.csv, one row per step, flushed as it goes; a resumed run drops rows past its checkpoint."""
 
     def __init__(self, path: Path, resume_step: int | None):
-        rows: list[dict] = []
-        if resume_step is not None and path.is_file():
-            with path.open(newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        self.rows = [{k: float(v) if v else None for k, v in r.items()} for r in rows]
+        self.rows = read_metrics(path, resume_step) if resume_step is not None and os.path.lexists(path) else []
+        self.path = path
         kept = io.StringIO()
-        writer = csv.DictWriter(kept, fieldnames=METRICS)
-        writer.writeheader()
-        writer.writerows(rows)
+        self.writer = csv.DictWriter(kept, fieldnames=METRICS)
+        self.writer.writeheader()
+        self.writer.writerows(map(_csv_row, self.rows))
         # written whole, then appended to through the same descriptor: never reopened by name
         self.file = io.TextIOWrapper(write_atomic(path, lambda file: file.write(kept.getvalue().encode()), RUN,
                                                   keep_open=True), encoding="utf-8", newline="")
@@ -246,12 +344,43 @@ class _Metrics:
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
-        self.writer.writerow({k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v)
-                              for k, v in row.items()})
-        self.file.flush()
+        with writing(self.path):
+            self.writer.writerow(_csv_row(row))
+            self.file.flush()
 
     def close(self) -> None:
         self.file.close()
+
+
+def _csv_row(row: dict) -> dict:
+    return {k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+
+
+def read_metrics(path: Path, last_step: int) -> list[dict]:
+    """The rows of a run's metrics.csv up to `last_step`; a file that is not the table ditc writes is
+    refused, naming the line."""
+    regular_size(path, MAX_METRICS, "metrics table")
+    rows = []
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != list(METRICS):
+                raise ValueError(f"its header is not {','.join(METRICS)}")
+            for row in reader:
+                if None in row or None in row.values():
+                    raise ValueError(f"line {reader.line_num} has not {len(METRICS)} values")
+                try:
+                    values = {k: float(v) if v else None for k, v in row.items()}
+                except ValueError:
+                    raise ValueError(f"line {reader.line_num} holds a value that is not a number") from None
+                if values["step"] is None or not values["step"].is_integer() or values["step"] < 1:
+                    raise ValueError(f"line {reader.line_num}: step {row['step']!r} is not a step number")
+                if values["step"] <= last_step:
+                    rows.append(values | {"step": int(values["step"])})
+    except (ValueError, UnicodeDecodeError, csv.Error) as error:
+        raise UsageError(f"{path}: not the metrics table ditc writes ({error}); move it away to resume without "
+                         "the earlier steps' metrics") from None
+    return rows
 
 
 def plot_loss(rows: list[dict], path: Path, title: str) -> None:
@@ -279,8 +408,11 @@ def train(spec, run_dir: Path, config: TrainConfig, resume: bool = False, stream
           world: World = World()) -> int:
     """Train `spec` into `run_dir`; returns the exit code (0, or 130/143 after a signal). `world`: this
     process's place in a data-parallel run (by default the only process)."""
+    with run_lock(run_dir) if world.lead else contextlib.nullcontext():
+        return _train(spec, run_dir, config, resume, stream or sys.stderr, world)
 
-    stream = stream or sys.stderr
+
+def _train(spec, run_dir: Path, config: TrainConfig, resume: bool, stream: TextIO, world: World) -> int:
     lead = world.lead
     undo: Callable[[], None] = lambda: None
     ckpt = None
@@ -301,15 +433,15 @@ def train(spec, run_dir: Path, config: TrainConfig, resume: bool = False, stream
     build_dir = run_build_dir(run_dir)
     shape = ImageShape.of_graph(graph)
     batch = graph.axes["batch"].size
-    global_batch, mine = batch * world.size, world.slice(batch)
+    global_batch, mine = batch * world.size * config.accumulation, world.slice(batch)
     dropout = graph.spec.model.class_dropout_prob
-    diffusion = create_diffusion()
+    objective = objective_of(spec.diffusion)
     loader = BatchLoader(data, global_batch, config.seed)
     rng = np.random.default_rng(config.seed)
     try:   # a backend that cannot start (no NNTile, a memory limit below the model) leaves no run behind
-        backend = open_backend(config.backend, build_dir, graph, OptimConfig(lr=config.lr,
-                               weight_decay=config.weight_decay), note=print if lead else lambda text: None,
-                               world=world)
+        backend = open_backend(config.backend, build_dir, graph, OptimConfig(
+            lr=config.lr, weight_decay=config.weight_decay, accumulation=config.accumulation,
+            max_grad_norm=config.grad_clip), note=print if lead else lambda text: None, world=world)
     except BaseException:
         undo()
         raise
@@ -321,12 +453,20 @@ def train(spec, run_dir: Path, config: TrainConfig, resume: bool = False, stream
         weights = to_numpy(ckpt["model"])
         load_into(backend, weights, str(path), to_numpy(ckpt["ema"]), ckpt["opt"])
         step, wall = state["step"], state["wall_s"]
+        if lead and state["data"]["position"] >= len(data):
+            print(f"note: the run stopped at image {state['data']['position']} of an epoch; {config.data} has "
+                  f"{len(data)} images, so it resumes at the start of the next epoch", file=stream)
         loader.load_state(state["data"])
         rng.bit_generator.state = state["rng"]
         if lead:
             before = state.get("global_batch", batch)
             change = f" (it took {before} images a step, now {global_batch})" if before != global_batch else ""
             print(f"resuming {run_dir} at step {step} from {path}{change}", file=stream)
+    elif config.init:   # checked by `check_run`; the optimizer fresh, the EMA a copy of the weights
+        weights, entry = load_weights(Path(config.init), ema=True)
+        load_into(backend, weights, f"--init {config.init} ({entry})")
+        if lead:
+            print(f"starting from {config.init} ({entry})", file=stream)
     else:
         weights = initial_weights(build_dir, graph, config.seed)
         load_into(backend, weights, "initial weights")
@@ -340,7 +480,7 @@ def train(spec, run_dir: Path, config: TrainConfig, resume: bool = False, stream
         train_state = {"step": step, "wall_s": wall, "data": loader.state(), "rng": rng.bit_generator.state,
                        "backend": backend.name, "ranks": world.size, "global_batch": global_batch}
         save_checkpoint(path, backend.state_dict(), ema, backend.optimizer_state(),
-                        asdict(config) | {"spec": str(spec.source)}, train_state)
+                        asdict(config) | {"spec": str(spec.source), "diffusion": asdict(spec.diffusion)}, train_state)
         save_safetensors(path.with_name(f"{step:07d}-ema.safetensors"), ema)
         if metrics.rows:
             plot_loss(metrics.rows, run_dir / LOSS_PLOT, f"{spec.name} on {backend.name}")
@@ -353,18 +493,24 @@ def train(spec, run_dir: Path, config: TrainConfig, resume: bool = False, stream
             while step < config.steps and signum is None:
                 began = time.perf_counter()
                 x0, y = loader.next()   # the global batch's draws, then this rank's slice of them
-                t = rng.integers(0, NUM_TIMESTEPS, global_batch)
+                t = objective.draw(rng, global_batch)
                 noise = rng.standard_normal(x0.shape)
                 if dropout > 0:
                     y = np.where(rng.random(global_batch) < dropout, shape.num_classes, y)
-                x0, y, t, noise = x0[mine], y[mine], t[mine], noise[mine]
-                x_t = diffusion.q_sample(x0, t, noise)
-                out = backend.forward(x_t.astype(np.float32), t.astype(np.float32), y)
-                terms = training_losses(diffusion, x0, x_t, t, noise, out)
-                backend.backward(terms.grad)
+                parts = []
+                for k, rows in enumerate(micro_batches(global_batch, config.accumulation, mine)):
+                    x_t, model_t = objective.noised(x0[rows], t[rows], noise[rows])
+                    out = backend.forward(x_t.astype(np.float32), model_t.astype(np.float32), y[rows])
+                    terms = objective.losses(x0[rows], x_t, t[rows], noise[rows], out)
+                    backend.backward(terms.grad / config.accumulation, accumulate=k > 0)
+                    parts.append([terms.mean, terms.mse.mean(), np.nan if terms.vb is None else terms.vb.mean()])
+                if config.grad_clip:
+                    backend.clip_grad_norm(config.grad_clip)
+                lr = lr_at(step, config.lr, config.lr_schedule, config.warmup_steps, config.steps)
+                backend.set_lr(lr)
                 backend.step()
                 backend.ema_update(config.ema_decay_at(step))
-                loss, mse, vb = world.mean([terms.mean, terms.mse.mean(), np.nan if terms.vb is None else terms.vb.mean()])
+                loss, mse, vb = world.mean(list(np.mean(parts, axis=0)))
                 signum = world.agreed_signal(stop.signum)
                 step += 1
                 took = time.perf_counter() - began
@@ -372,7 +518,7 @@ def train(spec, run_dir: Path, config: TrainConfig, resume: bool = False, stream
                 if not lead:
                     continue
                 metrics.add({"step": step, "loss": loss, "mse": mse, "vb": None if terms.vb is None else vb,
-                             "lr": config.lr, "images_per_s": global_batch / took, "wall_s": wall})
+                             "lr": lr, "images_per_s": global_batch / took, "wall_s": wall})
                 progress.update(loss=f"{loss:.4f}", **{"img/s": f"{global_batch / took:.0f}"})
                 if config.ckpt_every and step % config.ckpt_every == 0 and step < config.steps:
                     checkpoint()

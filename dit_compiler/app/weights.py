@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -20,8 +21,10 @@ import torch
 import torch.nn as nn
 
 from dit_compiler.compiler.naming import KEYS
+from dit_compiler.compiler.build import TORCH_FILE, load_module
 from dit_compiler.errors import UsageError
 from dit_compiler.files import write_atomic
+from dit_compiler.userfiles import regular_size
 
 StateDict = dict[str, np.ndarray]
 
@@ -84,8 +87,21 @@ def save_safetensors(path: Path, state: StateDict) -> None:
                  CHECKPOINTS)
 
 
+def check_weights(state: StateDict, source: str) -> None:
+    """Refuse (UsageError) weights a model cannot run on: a tensor that is not real floating point
+    (complex, integer, boolean), or that holds NaN or an infinity, named; they would sample NaN images."""
+    for key, value in state.items():
+        if not np.issubdtype(value.dtype, np.floating):
+            raise UsageError(f"{source}: weight {key} is {value.dtype}; allowed: real floating-point tensors")
+        if not np.isfinite(value).all():
+            bad = int(np.size(value) - np.isfinite(value).sum())
+            raise UsageError(f"{source}: weight {key} holds {bad} NaN or infinite value(s) of {np.size(value)}; "
+                             "a model with them samples NaN images (a diverged run? resume from an earlier checkpoint)")
+
+
 def load_checkpoint(path: Path) -> dict:
     """A DiT-format `.pt` (or any torch-saved dict), read without executing code."""
+    regular_size(path, None, "checkpoint")
     try:
         with open(path, "rb") as f:
             head = f.read(1)
@@ -94,12 +110,10 @@ def load_checkpoint(path: Path) -> dict:
     if not zipfile.is_zipfile(path) and head != b"\x80":   # torch's zip format, or a pickle (older torch)
         raise UsageError(f"{path}: not a checkpoint (neither torch's zip format nor a pickle)")
     try:
-        with warnings.catch_warnings():   # torch's notes on pickle protocols are not the user's concern
-            warnings.simplefilter("ignore")
-            # DiT's train.py saves its settings as an argparse.Namespace: a plain attribute holder, allowed as the
-            # one global besides tensors and containers
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # DiT's train.py saves its `args` as an argparse.Namespace: a plain attribute holder, no code
+        with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]):
+            warnings.simplefilter("ignore")   # torch's notes on pickle protocols are not the user's concern
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated file, not a torch file, pickled code
         text = str(error)
         if "Weights only load failed" in text or "WeightsUnpickler" in text:
@@ -122,13 +136,47 @@ def load_weights(path: Path, ema: bool) -> tuple[StateDict, str]:
     if path.suffix == ".safetensors":
         from safetensors.numpy import load_file
 
+        regular_size(path, None, "checkpoint")
         try:
-            return load_file(str(path)), "safetensors"
+            state, entry = load_file(str(path)), "safetensors"
         except Exception as error:
             raise UsageError(f"{path}: not a readable safetensors file ({error})") from None
-    checkpoint = load_checkpoint(path)
-    entry = "ema" if ema and "ema" in checkpoint else "model" if "model" in checkpoint else None
-    state = checkpoint[entry] if entry else checkpoint
-    if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UsageError(f"{path}: no `model` or `ema` weights in it (keys: {', '.join(map(str, checkpoint))})")
-    return to_numpy(state), entry or "state_dict"
+    else:
+        checkpoint = load_checkpoint(path)
+        entry = "ema" if ema and "ema" in checkpoint else "model" if "model" in checkpoint else None
+        state = checkpoint[entry] if entry else checkpoint
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise UsageError(f"{path}: no `model` or `ema` weights in it (keys: {', '.join(map(str, checkpoint))})")
+        state, entry = to_numpy(state), entry or "state_dict"
+    check_weights(state, f"{path} ({entry})")
+    return state, entry
+
+
+def check_weights_fit(build_dir: Path, weights: dict, source: str) -> None:
+    """Refuse weights with a key the model lacks, without one of its trained parameters, or of another shape."""
+    with torch.device("meta"):   # shapes only: nothing is allocated
+        model = load_module(build_dir / TORCH_FILE).Model()
+    extra = sorted(set(weights) - set(model.state_dict()))
+    if extra:
+        raise UsageError(f"{source}: its weights do not fit this spec's model ({len(extra)} it does not have, such as "
+                         f"{extra[0]})")
+    for key, param in model.named_parameters():
+        if key not in weights and param.requires_grad:
+            raise UsageError(f"{source}: its weights do not fit this spec's model (no {key})")
+        if key in weights and tuple(weights[key].shape) != tuple(param.shape):
+            raise UsageError(f"{source}: its weights do not fit this spec's model ({key} is "
+                             f"{list(weights[key].shape)}, the model's {list(param.shape)})")
+
+
+def init_weights(path: Path, build) -> tuple[StateDict, str]:
+    """The weights `ditc train --init PATH` starts from: a facebookresearch/DiT checkpoint (a released bare
+    state_dict, or `train.py`'s {"model", "ema", "opt", "args"}: its EMA), a ditc checkpoint (its EMA) or
+    an EMA `.safetensors`, read safely and checked against the model of `build` (a `dit_compiler.compiler.build.Build`)
+    before anything is written; returns them and the entry read."""
+    if not path.is_file():
+        raise UsageError(f"--init {path}: " + ("a folder, not a checkpoint file" if path.is_dir() else "no such file"))
+    weights, entry = load_weights(path, ema=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / TORCH_FILE).write_text(build.files[TORCH_FILE])
+        check_weights_fit(Path(tmp), weights, f"--init {path} ({entry})")
+    return weights, entry

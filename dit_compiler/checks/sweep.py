@@ -13,7 +13,8 @@ import io
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field, fields
+import typing
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,11 @@ from dit_compiler.checks.bench import (REPEATS, WARMUP, BenchReport, SideProcess
 from dit_compiler.compiler.build import compile_spec, write_build
 from dit_compiler.compiler.graph.cost import totals
 from dit_compiler.compiler.spec import load_spec, load_spec_data
-from dit_compiler.compiler.spec.sweep import MAX_POINTS, Point, Sweep, data_digest, load_sweep, point_data
 from dit_compiler.errors import SpecError, UsageError
 from dit_compiler.files import check_owned, write_atomic, write_text_atomic
+from dit_compiler.compiler.spec.sweep import MAX_POINTS, Point, Sweep, data_digest, load_sweep, point_data
 from dit_compiler.limits import check_memory
+from dit_compiler.userfiles import MAX_RESULTS, read_json
 
 RESULTS_KIND = "ditc sweep results"
 #: The kind of folder a sweep's results are (its marker, `files.OUTPUT_MARKER`, says so).
@@ -167,17 +169,19 @@ def read_results(out: Path, sweep: Sweep) -> dict[str, PointResult]:
     if not os.path.lexists(path):
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path, MAX_RESULTS, "results file")
         if not isinstance(data, dict) or data.get("kind") != RESULTS_KIND or not isinstance(data.get("points"), list):
             raise ValueError("not the results of a ditc sweep")
         if data.get("sweep") != sweep.name:
             raise ValueError(f"the results of sweep {data.get('sweep')!r}")
-        names = {f.name for f in fields(PointResult)}
-        if not all(isinstance(r, dict) and set(r) == names and isinstance(r["name"], str)
-                   and isinstance(r["overrides"], dict) for r in data["points"]):
+        kinds = {name: typing.get_origin(kind) or kind for name, kind in typing.get_type_hints(PointResult).items()}
+        if not all(isinstance(r, dict) and set(r) == set(kinds) and all(
+                isinstance(r[k], kind) and (kind is bool or not isinstance(r[k], bool)) for k, kind in kinds.items())
+                   for r in data["points"]):
             raise ValueError("its points are not the ones this ditc writes")
         return {r["name"]: PointResult(**r) for r in data["points"]}
-    except (OSError, UnicodeDecodeError, ValueError) as error:
+    except (ValueError, TypeError, UsageError) as error:   # UsageError: not a readable regular file of JSON
+        error = str(error).removeprefix(f"{path}: ")
         raise UsageError(f"{path}: not a results file ditc sweep wrote for {sweep.name!r} ({error}); {advice}") from None
 
 

@@ -237,6 +237,7 @@ def verify(graph: Graph, build_dir: Path, *, seed: int = 0, ncpus: int = 2, orac
     if status == "ran":
         target = targets.get(graph.spec.target)
         choice = target.choose_kernels()   # a bad or unavailable request fails here, before anything runs
+        target.check_environment(graph, "verify")
         others = [name for name, why in target.kernel_sets().items() if why is None and name != choice.name]
         kernels = choice.note + "".join(f"; the model also ran on {target.KERNEL_SETS[name]}" for name in others)
         progress(f"NNTile model: forward and backward on {ncpus} CPU workers, all values kept, then with "

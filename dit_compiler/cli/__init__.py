@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import io
 import os
 import re
 import signal
@@ -99,10 +100,13 @@ def _one_command(settings: dict[str, str]) -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    settings = runner_target().settings(args)   # the target's own options, as the environment it reads
-    previous = signal.signal(signal.SIGTERM, _terminate)  # cleaned up like Ctrl-C
+    previous = signal.signal(signal.SIGTERM, _terminate)  # cleaned up like Ctrl-C, from the start
+    for stream in (sys.stdout, sys.stderr):   # a path the terminal's encoding lacks is escaped, not a traceback
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="backslashreplace")
     try:
+        args = parse_args(argv)
+        settings = runner_target().settings(args)   # the target's own options, as the environment it reads
         with _one_command(settings):
             code = args.func(args)  # a SIGTERM while its big locals are freed lands here, still in the try
         signal.signal(signal.SIGTERM, previous)
@@ -123,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except OSError as error:
+        if error.filename is not None and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+            # not bad input: the disk is full (what was being written was not kept)
+            print(f"error: {error.filename}: {error.strerror}; nothing half-written was kept", file=sys.stderr)
+            return 1
         if error.filename is None and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
             # standard output cannot be written (`> /dev/full`, a full disk): say so once, not at exit again
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -22,10 +22,11 @@ from dit_compiler.app.evaluate import (digits_classifier, features_distance, for
 from dit_compiler.app.launch import launch
 from dit_compiler.cli.args import (MAX_SEED, check_folder_arg, integer, memory_size, number, path, runner_target,
                                    spec_and_dir, workers)
-from dit_compiler.compiler.build import TORCH_FILE, compile_spec, graph_of, load_module, write_build
-from dit_compiler.compiler.spec.model import Spec
-from dit_compiler.errors import UsageError
+from dit_compiler.compiler.build import compile_spec, graph_of, write_build
+from dit_compiler.compiler.spec.model import SAMPLERS, Spec
+from dit_compiler.errors import UsageError, shown
 from dit_compiler.files import cache_root, check_owned, mark_folder
+from dit_compiler.userfiles import load_npz
 from dit_compiler.limits import DIST_TIMEOUT_S, MAX_DIST_TIMEOUT_S, cores
 
 MAX_STEPS = 10**8
@@ -37,7 +38,7 @@ def _floats(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a comma-separated list of numbers") from None
     return [number(1.0, 100.0)(str(v)) for v in values]
 
 
@@ -45,7 +46,7 @@ def _ints(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a comma-separated list of integers") from None
 
 
 #: The kinds of folder (by the marker ditc writes in it, `files.OUTPUT_MARKER`) each command writes into.
@@ -96,6 +97,17 @@ def add_commands(sub) -> None:
     s.add_argument("--steps", type=integer(1, MAX_STEPS), help="total training steps (default 4000)")
     s.add_argument("--lr", type=number(0.0, 1.0, above=True),
                    help="AdamW learning rate, more than 0 to 1 (default: the spec's train.lr, DiT's 1e-4)")
+    s.add_argument("--lr-schedule", choices=("constant", "cosine"),
+                   help="after the warm-up: constant (DiT's) or cosine down to 0 at the last step (default: the spec's "
+                        "train.lr_schedule, constant)")
+    s.add_argument("--warmup-steps", type=integer(0, MAX_STEPS), metavar="N",
+                   help="the learning rate rises linearly over the first N steps (default: the spec's "
+                        "train.warmup_steps, 0)")
+    s.add_argument("--grad-clip", type=number(0.0, 1e6), metavar="NORM",
+                   help="clip the global gradient norm to NORM, 0 off (default: the spec's train.grad_clip, 0)")
+    s.add_argument("--accumulation", type=integer(1, 4096), metavar="N",
+                   help="micro-batches of the compiled batch per step: a step takes batch x N x ranks images "
+                        "(default: the spec's train.accumulation, 1)")
     s.add_argument("--weight-decay", type=number(0.0, 1.0),
                    help="AdamW weight decay, 0 to 1 (default: the spec's train.weight_decay, DiT's 0)")
     s.add_argument("--ema-decay", type=number(0.0, 1.0),
@@ -108,6 +120,10 @@ def add_commands(sub) -> None:
     s.add_argument("--ckpt-every", type=integer(0, MAX_STEPS),
                    help="checkpoint every N steps, 0 only at the end (default 1000)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    s.add_argument("--init", type=path, metavar="WEIGHTS",
+                   help="start a new run from these weights (the EMA too; the optimizer fresh): a facebookresearch/DiT "
+                        "checkpoint (a released state_dict or train.py's; its EMA), a ditc checkpoint (its EMA) or "
+                        "an EMA .safetensors")
     s.add_argument("--seed", type=integer(0, MAX_SEED),
                    help="seeds the initial weights, data order, timesteps, noise, dropout (0 to 2**32-1)")
     s.add_argument("--memory-limit", type=memory_size, metavar="SIZE",
@@ -144,9 +160,12 @@ def add_commands(sub) -> None:
                        help="use the checkpoint's EMA weights (default)")
         s.add_argument("--backend", choices=("auto", "nntile", "torch"), default="auto",
                        help="where the model runs (default auto: NNTile where it is importable, else torch)")
-        s.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: the spec's `sample.sampler` (ddpm)")
+        s.add_argument("--sampler", choices=("ddpm", "ddim", "euler", "heun"),
+                       help="ddpm or ddim for objective ddpm, euler or heun for rectified_flow (default: the spec's "
+                            "`sample.sampler`: ddpm, or euler for a flow)")
         s.add_argument("--steps", type=integer(1, 1000),
-                       help="respaced sampling steps, at most DiT's 1000 (default: the spec's `sample.steps`, 250)")
+                       help="sampling steps, at most 1000: ddpm/ddim respace DiT's 1000 (default: the spec's "
+                            "`sample.steps`: 250, or 50 for a flow)")
         s.add_argument("--eta", type=number(0.0, 1.0), help="DDIM eta (default: the spec's `sample.eta`, 0)")
         s.add_argument("--cfg-channels", choices=("auto", "dit", "all"),
                        help="guided channels: `dit` the first 3 (DiT), `all` every epsilon channel (diffusers), "
@@ -200,7 +219,11 @@ def cmd_train(args) -> int:
                          f"{cores()} cores (idle runtime workers spin, so shared cores slow every rank down); "
                          f"allowed: at most {cores() // args.nproc} a rank")
     overrides = {k: getattr(args, k) for k in ("data", "steps", "lr", "weight_decay", "ema_decay", "ema_warmup",
-                                               "backend", "seed", "ckpt_every")}
+                                               "backend", "seed", "ckpt_every", "lr_schedule", "warmup_steps",
+                                               "grad_clip", "accumulation", "init")}
+    if args.init and args.resume:
+        raise UsageError(f"--init {args.init}: starts a new run from weights, --resume continues {run_dir} from its "
+                         "checkpoint; drop one")
     config = resolve_config(run_dir, overrides, args.resume, spec)
     with _threads(args):
         return _train(args, spec, run_dir, config, world)
@@ -285,12 +308,12 @@ def _open_model(args, tmp: str, rows: Callable[[Spec], int], output: Callable[[P
     guidance), a variant of the spec built once beside the run (or in `tmp`), so each sampling step is
     one forward of the forward-only model."""
     from dit_compiler.app.backend import load_into, open_backend
-    from dit_compiler.app.weights import load_weights
+    from dit_compiler.app.weights import check_weights_fit, load_weights
 
     spec, build_dir, ckpt, default_out, builds = _checkpoint_of(args, tmp)
     out = output(default_out)
     weights, entry = load_weights(ckpt, args.ema)   # a bad checkpoint is refused before a variant is built
-    _check_weights_fit(build_dir, weights, f"{ckpt} ({entry})")
+    check_weights_fit(build_dir, weights, f"{ckpt} ({entry})")
     batch = min(rows(spec), MAX_SAMPLING_BATCH)
     if batch != spec.batch:
         spec = replace(spec, name=f"{spec.name}-sample-b{batch}", batch=batch,
@@ -302,24 +325,6 @@ def _open_model(args, tmp: str, rows: Callable[[Spec], int], output: Callable[[P
     backend = open_backend(args.backend, build_dir, graph, inference=True)
     load_into(backend, weights, str(ckpt))
     return graph, backend, f"{ckpt} ({entry})", out
-
-
-def _check_weights_fit(build_dir: Path, weights: dict, source: str) -> None:
-    """Refuse weights with a key the model lacks, without one of its trained parameters, or of another shape."""
-    import torch
-
-    with torch.device("meta"):   # shapes only: nothing is allocated
-        model = load_module(build_dir / TORCH_FILE).Model()
-    extra = sorted(set(weights) - set(model.state_dict()))
-    if extra:
-        raise UsageError(f"{source}: its weights do not fit this spec's model ({len(extra)} it does not have, such as "
-                         f"{extra[0]})")
-    for key, param in model.named_parameters():
-        if key not in weights and param.requires_grad:
-            raise UsageError(f"{source}: its weights do not fit this spec's model (no {key})")
-        if key in weights and tuple(weights[key].shape) != tuple(param.shape):
-            raise UsageError(f"{source}: its weights do not fit this spec's model ({key} is "
-                             f"{list(weights[key].shape)}, the model's {list(param.shape)})")
 
 
 def _rows(labels: int, scales: list[float]) -> int:
@@ -352,12 +357,20 @@ def _sample_config(args, graph, cfg: float | None = None):
 
     spec = graph.spec.sample
     channels = args.cfg_channels or spec.cfg_channels
+    objective = graph.spec.diffusion.objective
+    if args.sampler and args.sampler not in SAMPLERS[objective]:
+        raise UsageError(f"--sampler {args.sampler}: the model was trained with the {objective} objective (its "
+                         f"spec's diffusion.objective); allowed: {', '.join(SAMPLERS[objective])}")
     if args.eta is not None and (args.sampler or spec.sampler) != "ddim":
         raise UsageError(f"--eta {args.eta:g}: eta is DDIM's; the sampler here is {args.sampler or spec.sampler} "
                          "(add --sampler ddim, or drop --eta)")
     if (args.steps or spec.steps) == 1 and (args.sampler or spec.sampler) == "ddpm":
         raise UsageError("sampling steps 1: a DDPM step's variance comes from the step after it (as in DiT), so DDPM "
                          "takes at least 2 steps; use --steps 2 or more, or --sampler ddim")
+    for flag, given in (("--clip-denoised", args.clip_denoised), ("--sigma-small", args.sigma_small)):
+        if given and graph.spec.diffusion.flow:
+            raise UsageError(f"{flag}: DDPM's and DDIM's option; a rectified-flow model samples an ODE with euler "
+                             "or heun, which has no x_0 prediction to clip nor a variance (drop it)")
     return SampleConfig(sampler=args.sampler or spec.sampler, steps=args.steps or spec.steps,
                         eta=spec.eta if args.eta is None else args.eta, cfg=cfg or spec.cfg,
                         cfg_channels=None if channels == "auto" else channels, seed=args.seed,
@@ -365,7 +378,7 @@ def _sample_config(args, graph, cfg: float | None = None):
 
 
 def cmd_sample(args) -> int:
-    from dit_compiler.app.sample import run_sample
+    from dit_compiler.app.sample import check_vae, run_sample
 
     vae = _vae_folder(args.vae)
     with tempfile.TemporaryDirectory() as tmp:
@@ -374,6 +387,8 @@ def cmd_sample(args) -> int:
             lambda default: _output_folder(Path(args.out) if args.out else default, "--out", SAMPLES_KINDS))
         labels = _labels(args, graph.spec)
         try:
+            if vae is not None:
+                check_vae(vae, graph.axes["in_channels"].size)
             run_sample(backend, graph, labels, _sample_config(args, graph, args.cfg), out, vae,
                        {"checkpoint": source, "spec": graph.spec.name})
         finally:
@@ -441,16 +456,14 @@ def cmd_evaluate(args) -> int:
     target = Path(args.target)
     samples_file = target / "samples.npz" if target.is_dir() else target
     rows = []
-    if samples_file.suffix == ".npz" and samples_file.is_file():
-        with np.load(samples_file) as f:
-            if "images" not in f.files or "labels" not in f.files:
-                raise UsageError(f"{samples_file}: no `images` and `labels` (write it with `ditc sample`)")
-            images, labels = f["images"], f["labels"]
+    if samples_file.suffix == ".npz" and os.path.lexists(samples_file) and not samples_file.is_dir():
+        arrays = load_npz(samples_file, ("images", "labels"), "samples (as `ditc sample` writes them)")
+        images, labels = arrays["images"], arrays["labels"]
         _check_samples(samples_file, images, labels, None if args.inception else 10)
         out = _output_folder(Path(args.out) if args.out else samples_file.parent, "--out", EVALUATE_KINDS)
         rows.append({"cfg": _samples_cfg(samples_file)} | score(images, labels) | {"samples": str(samples_file)})
     else:
-        from dit_compiler.app.sample import run_sample, sample_labels
+        from dit_compiler.app.sample import check_vae, run_sample, sample_labels
 
         with tempfile.TemporaryDirectory() as tmp:
             graph, backend, source, out = _open_model(
@@ -460,6 +473,8 @@ def cmd_evaluate(args) -> int:
             mark_folder(out, EVALUATE_KINDS)   # before its cfg*/ samples folders
             labels = sample_labels(graph.spec.model.num_classes, None, args.n)
             try:
+                if vae is not None:
+                    check_vae(vae, graph.axes["in_channels"].size)
                 for cfg in args.cfg or [graph.spec.sample.cfg]:
                     images, took = run_sample(backend, graph, labels, _sample_config(args, graph, cfg),
                                               out / f"cfg{cfg:g}", vae,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -14,7 +15,7 @@ from dit_compiler.compiler import targets
 from dit_compiler.compiler.build import SPEC_FILE
 from dit_compiler.compiler.spec import load_spec
 from dit_compiler.compiler.spec.model import Spec, memory_bytes
-from dit_compiler.errors import UsageError
+from dit_compiler.errors import UsageError, shown
 from dit_compiler.files import check_destination
 
 #: Where `ditc build` (and a runner given a spec) writes.
@@ -29,7 +30,7 @@ def integer(lo: int, hi: int) -> Callable[[str], int]:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+            raise argparse.ArgumentTypeError(f"{shown(text)} is not an integer from {lo} to {hi}") from None
         if not lo <= value <= hi:
             raise argparse.ArgumentTypeError(f"{value} is outside {lo} to {hi}")
         return value
@@ -42,7 +43,7 @@ def number(lo: float, hi: float, above: bool = False) -> Callable[[str], float]:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            raise argparse.ArgumentTypeError(f"{shown(text)} is not a number") from None
         if not (lo < value if above else lo <= value) or not value <= hi or not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{value:g} is outside {'more than ' if above else ''}{lo:g} to {hi:g}")
         return value
@@ -132,3 +133,9 @@ def check_file_arg(path: str | None, flag: str) -> None:
         raise UsageError(f"{flag} {error}") from None
     if not os.access(folder, os.W_OK | os.X_OK) or (file.exists() and not os.access(file, os.W_OK)):
         raise UsageError(f"{flag} {path}: not writable by you")
+    try:   # as the file will be written: a temporary file beside it (root may "access" /proc, not write there)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".ditc-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise UsageError(f"{flag} {path}: no file can be written in {folder} ({error.strerror})") from None

@@ -99,7 +99,9 @@ def _check_requests(args: argparse.Namespace, graph: Graph) -> None:
     target = runner_target(graph.spec.target)
     target.apply_blas_core("--blas-core" if args.blas_core else None)
     if nntile_status(graph) == "ran":
-        target.check_environment()
+        # under a memory limit, bench sets the runtime's own memory limits itself
+        work = "verify" if args.command == "verify" else None if memory_limit(args, graph.spec)[1] else "train"
+        target.check_environment(graph, work)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # ditc's kernels unavailable: the run says so itself
             target.choose_kernels()

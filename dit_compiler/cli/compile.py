@@ -11,6 +11,7 @@ from dit_compiler.compiler.inspect import dot, inspect_json, inspect_table
 from dit_compiler.compiler.spec import load_spec, schema_text
 from dit_compiler.compiler.spec.model import Spec, memory_bytes
 from dit_compiler.errors import SpecError, UsageError, printed
+from dit_compiler.userfiles import writing
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -59,7 +60,8 @@ def build_one(build: Build, out_root: str) -> tuple[Path, bool]:
     target = Path(out_root) / build.graph.spec.name
     if target.is_dir() and not stale_files(build, target):
         return target, False
-    return write_build(build, out_root), True
+    with writing(target):
+        return write_build(build, out_root), True
 
 
 def cmd_build(args) -> int:

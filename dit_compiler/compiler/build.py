@@ -31,6 +31,7 @@ from dit_compiler.compiler.targets.torch.emitter import emit_torch
 from dit_compiler.errors import UsageError
 from dit_compiler.files import (commit, file_sha256, locked, signals_held, stage, write_folder_atomic,
                                 write_text_atomic)
+from dit_compiler.userfiles import MAX_METADATA, read_json
 
 TORCH_FILE = "torch_reference.py"
 NNTILE_FILE = "nntile_model.py"
@@ -76,9 +77,20 @@ def with_manifest(name: str, files: dict[str, str]) -> dict[str, str]:
 
 
 def stale_files(build: Build, folder: Path) -> list[str]:
-    """The files of `build` that `folder` lacks or holds with other contents."""
-    return [name for name, text in sorted(build.files.items())
-            if not (folder / name).is_file() or (folder / name).read_text(encoding="utf-8") != text]
+    """The files of `build` that `folder` lacks or holds with other contents (compared as bytes: a file
+    edited into something that is not UTF-8 is just different; one of another size is not read)."""
+    return [name for name, text in sorted(build.files.items()) if not _holds(folder / name, text.encode())]
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    """Whether `path` is a regular file of exactly the bytes `data`."""
+    try:
+        if not path.is_file() or path.stat().st_size != len(data):
+            return False
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+            return file.read(len(data) + 1) == data
+    except OSError:
+        return False
 
 
 def manifest_files(folder: Path) -> dict[str, str] | None:
@@ -87,12 +99,13 @@ def manifest_files(folder: Path) -> dict[str, str] | None:
     if not path.is_file():
         return None
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = read_json(path, MAX_METADATA, "manifest")
         files = manifest["files"]
         if not (str(manifest["written_by"]).startswith("ditc ") and isinstance(files, dict)
                 and all(isinstance(k, str) and "/" not in k and isinstance(v, str) for k, v in files.items())):
             raise ValueError("unexpected contents")
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+    except (UsageError, ValueError, KeyError, TypeError) as error:
+        error = str(error).removeprefix(f"{path}: ")
         raise UsageError(f"{path}: not a manifest ditc wrote ({error}); ditc does not write into {folder}/: "
                          "move it away, or build with another `name:` or -o") from None
     return files
@@ -193,5 +206,12 @@ def load_module(path: str | Path, name: str | None = None) -> types.ModuleType:
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except (SyntaxError, ImportError, OSError) as error:   # a build file edited into something Python cannot run
+        del sys.modules[name]
+        where = f", line {error.lineno}" if isinstance(error, SyntaxError) and error.lineno else ""
+        why = str(getattr(error, "msg", None) or error)
+        raise UsageError(f"{path}: cannot be imported ({type(error).__name__}{where}: {why})"
+                         + ("" if "rebuild it" in why else "; rebuild it with `ditc build`")) from None
     return module

@@ -6,7 +6,9 @@ wall time and the peak RSS of
 - `ditc validate` on the most expensive files under the size limit (thousands of unknown keys or
   duplicate keys, a list of 10,000 values, brackets nested to the limit and beyond, an alias bomb);
 - `ditc build` and `ditc inspect --summary` of the spec at every maximum (depth 1000, hidden_size 65536, ...):
-  the largest graph a spec can ask for.
+  the largest graph a spec can ask for;
+- `ditc inspect` (summary, table, JSON) of DiT-S/8 at depths 125 to 1000: the time should double with the
+  depth, not quadruple (a replay of the memory plan once summed every live tensor at every op).
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 LIMIT = 32 << 10
+#: Depths `ditc inspect` is timed at, up to the maximum (1000).
+DEPTHS = (125, 250, 500, 1000)
 
 MAXED = """name: maxed
 model:
@@ -86,6 +90,12 @@ def main() -> None:
             extra = f", {size / 2**20:.0f} MiB written" if size else ""
             print(f"{'ditc ' + ' '.join(args[:2]) + ' (every maximum)':<48} {wall:6.2f} s wall {cpu:6.2f} s CPU "
                   f"{rss:7.0f} MiB{extra}")
+        for depth in DEPTHS:
+            (here / "deep.yaml").write_text(f"preset: DiT-S/8\nname: deep\nmodel:\n  depth: {depth}\n")
+            for flags in (["--summary"], [], ["--format", "json"]):
+                wall, cpu, rss = timed(["inspect", "deep.yaml", *flags], here)
+                label = f"ditc inspect {' '.join(flags) or '(table)'} depth {depth}"
+                print(f"{label:<48} {wall:6.2f} s wall {cpu:6.2f} s CPU {rss:7.0f} MiB")
 
 
 if __name__ == "__main__":

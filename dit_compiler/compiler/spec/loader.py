@@ -178,7 +178,9 @@ def _layer(own: Mapping, here: Path, chain: Chain,
     extends = own.get("extends")
     if extends is not None and isinstance(extends.value, str):
         target = here / extends.value
-        if any(_resolved(target) == seen for seen, *_ in chain):
+        if (problem := path_problem(extends.value)) is not None:
+            diagnostics.append(_at(extends, "extends", f"not a path a file can have: {problem}", extends.value))
+        elif any(_resolved(target) == seen for seen, *_ in chain):
             names = " -> ".join([shown for _, shown, _ in chain] + [str(target)])
             diagnostics.append(_at(extends, "extends", f"extends cycle: {names}", extends.value))
         elif len(chain) >= MAX_EXTENDS:
@@ -202,6 +204,17 @@ def _resolved(path: Path) -> Path | None:
         return path.resolve()
     except (OSError, RuntimeError):
         return None
+
+
+def path_problem(text: str) -> str | None:
+    """Why `text` cannot name a file (a NUL byte, a lone surrogate the file system cannot encode), or None."""
+    if "\0" in text:
+        return "it holds a NUL byte"
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError as error:
+        return f"character {error.object[error.start]!r} cannot be encoded"
+    return None
 
 
 def _read(path: Path, named_at: Entry | None, diagnostics: list[Diagnostic], what: str,
@@ -311,7 +324,11 @@ class _Walker:
         try:
             return self.loader.construct_object(node)
         except (ValueError, OverflowError) as error:  # an integer of more than 4300 digits, a bad date
-            self.report(node, path, f"cannot read this value: {error}")
+            if "int_max_str_digits" in str(error):   # Python's advice to raise its limit is not the user's
+                digits = sum(c.isdigit() for c in node.value)
+                self.report(node, path, f"an integer of {digits} digits; no spec number has more than a few")
+            else:
+                self.report(node, path, f"cannot read this value: {error}")
             return None
 
     def mapping(self, node: MappingNode, path: KeyPath) -> Mapping:

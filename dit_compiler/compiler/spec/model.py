@@ -74,6 +74,10 @@ class TrainSpec:
     data: str = "digits"
     steps: int = 4000            # DiT counts epochs (1400 over ImageNet); a step count suits small data
     lr: float = 1e-4
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    grad_clip: float = 0.0       # the largest global gradient norm; 0: no clipping
+    accumulation: int = 1        # micro-batches of the compiled batch per step
     weight_decay: float = 0.0
     ema_decay: float = 0.9999
     ema_warmup: bool = True      # not DiT's: decay min(ema_decay, (1+s)/(10+s)) at step s
@@ -81,13 +85,36 @@ class TrainSpec:
     ckpt_every: int = 1000       # DiT: 50,000
 
 
+Objective = Literal["ddpm", "rectified_flow"]
+#: The samplers of each objective, its default first.
+SAMPLERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddpm", "ddim"), "rectified_flow": ("euler", "heun")}
+#: Sampling steps by default, per objective: DiT's 250 respaced DDPM steps; 50 Euler steps for a flow.
+DEFAULT_SAMPLE_STEPS: dict[str, int] = {"ddpm": 250, "rectified_flow": 50}
+
+
+@dataclass(frozen=True)
+class DiffusionSpec:
+    """The training objective and its timestep distribution (the `diffusion:` section): a run setting, not
+    part of the compiled model. `timestep_sampling`, `logit_*` and `shift` are rectified flow's."""
+
+    objective: Objective = "ddpm"
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 1.0
+
+    @property
+    def flow(self) -> bool:
+        return self.objective == "rectified_flow"
+
+
 @dataclass(frozen=True)
 class SampleSpec:
     """`ditc sample` and `ditc evaluate`'s defaults (the `sample:` section; flags override it). Defaults as
     facebookresearch/DiT's `sample.py`."""
 
-    sampler: Literal["ddpm", "ddim"] = "ddpm"
-    steps: int = 250
+    sampler: Literal["ddpm", "ddim", "euler", "heun"] = "ddpm"   # a flow's default: euler
+    steps: int = 250                                            # a flow's default: 50
     eta: float = 0.0
     cfg: float = 4.0
     cfg_channels: Literal["auto", "dit", "all"] = "auto"   # auto: dit for 4+ channels, all below
@@ -105,6 +132,7 @@ class Spec:
     precision: str = "fp32"
     target: str = "nntile-1.1"
     memory_limit: str | None = None   # as written, e.g. "1.5GiB"
+    diffusion: DiffusionSpec = field(default_factory=DiffusionSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     sample: SampleSpec = field(default_factory=SampleSpec)
 
@@ -114,7 +142,7 @@ class Spec:
 
     def compiled_dict(self) -> dict:
         """What the compiled model depends on (the build's digest and graph): all but the run settings
-        (`memory_limit`, `train`, `sample`)."""
+        (`memory_limit`, `diffusion`, `train`, `sample`)."""
         return {
             "name": self.name,
             "model": asdict(self.model),
@@ -126,7 +154,8 @@ class Spec:
 
     def to_dict(self) -> dict:
         """The spec as plain data, in the key order of the spec language (source left out)."""
-        return self.compiled_dict() | {"memory_limit": self.memory_limit, "train": asdict(self.train),
+        return self.compiled_dict() | {"memory_limit": self.memory_limit, "diffusion": asdict(self.diffusion),
+                                       "train": asdict(self.train),
                                        "sample": asdict(self.sample)}
 
 

@@ -34,7 +34,7 @@ from jsonschema import Draft202012Validator
 
 from dit_compiler.errors import Diagnostic, SpecError
 from dit_compiler.compiler.spec.loader import Document, KeyPath, read_yaml
-from dit_compiler.compiler.spec.validate import describe, diagnostic, schema_diagnostics, sweep_keys
+from dit_compiler.compiler.spec.validate import Validator, describe, diagnostic, schema_diagnostics, sweep_keys
 
 #: The most points a sweep may have unless `ditc sweep --max-points N` allows more.
 MAX_POINTS = 1000
@@ -67,7 +67,7 @@ def load_sweep(path: str | os.PathLike, max_points: int = MAX_POINTS) -> Sweep:
     """The sweep in the YAML file at `path`; raises SpecError with every problem found."""
     doc = read_yaml(path, "sweep file")
     data = doc.data()
-    diagnostics = schema_diagnostics(list(Draft202012Validator(sweep_schema()).iter_errors(data)), doc)
+    diagnostics = schema_diagnostics(list(Validator(sweep_schema()).iter_errors(data)), doc)
     name = data.get("name", Path(doc.source).stem)
     if "name" not in data and not Draft202012Validator(sweep_schema()["properties"]["name"]).is_valid(name):
         diagnostics.append(Diagnostic(doc.source, None, None, "name", "the sweep sets no `name:`, and its file name is "
@@ -146,7 +146,7 @@ def _key_problems(data: dict, doc: Document) -> list[Diagnostic]:
             message = f"{key!r} is no spec key a sweep can set" + (f"; did you mean {guess[0]!r}?" if guess else "")
             diagnostics.append(_at(doc, path, message, None, ", ".join(keys), key=True))
             continue
-        checker = Draft202012Validator(keys[key])
+        checker = Validator(keys[key])
         diagnostics += [_at(doc, path, f"not a value {key} allows", value, describe(keys[key]))
                         for value in values if not checker.is_valid(value)]
     lengths = {len(values) for values in data.get("zip", {}).values()}

@@ -11,12 +11,12 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from jsonschema import Draft202012Validator, ValidationError
+from jsonschema import Draft202012Validator, ValidationError, validators
 
 from dit_compiler.errors import MAX_SHOWN, Diagnostic, shown
 from dit_compiler.compiler.spec.loader import Document, KeyPath, Origin, dotted, shown_value
-from dit_compiler.compiler.spec.model import (DIFFUSERS_NORM_EPS, SIZE_FORM, SIZE_RANGE, TILE_AXES, ModelSpec, SampleSpec, Spec,
-                                     TilingSpec, TrainSpec, memory_bytes)
+from dit_compiler.compiler.spec.model import (DEFAULT_SAMPLE_STEPS, DIFFUSERS_NORM_EPS, SAMPLERS, SIZE_FORM, SIZE_RANGE, TILE_AXES,
+                                     DiffusionSpec, ModelSpec, SampleSpec, Spec, TilingSpec, TrainSpec, memory_bytes)
 from dit_compiler.compiler.tiling import tile_problems
 
 _PROBLEMS = {
@@ -44,6 +44,17 @@ _WHOLE_TOLERANCE = 1e-9
 _MAX_SHOWN_DIVISORS = 24
 
 
+def _finite_number(checker, instance: Any) -> bool:
+    """JSON Schema's "number", finite: YAML's `.nan` and `.inf` are floats, and NaN passes every bound
+    (each comparison with NaN is false), so a plain schema would let `lr: .nan` through."""
+    return Draft202012Validator.TYPE_CHECKER.is_type(instance, "number") and math.isfinite(instance)
+
+
+#: The validator of spec and sweep files: Draft 2020-12 whose numbers are finite.
+Validator = validators.extend(Draft202012Validator,
+                              type_checker=Draft202012Validator.TYPE_CHECKER.redefine("number", _finite_number))
+
+
 @cache
 def schema_text() -> str:
     return resources.files(__package__).joinpath("schema.json").read_text(encoding="utf-8")
@@ -51,7 +62,7 @@ def schema_text() -> str:
 
 @cache
 def _validator() -> Draft202012Validator:
-    return Draft202012Validator(json.loads(schema_text()))
+    return Validator(json.loads(schema_text()))
 
 
 def _name_rule() -> str:
@@ -78,6 +89,7 @@ def check(doc: Document, default_name: str | None = None) -> list[Diagnostic]:
             diagnostics += _tile_problems(model, data, doc, invalid)
     if isinstance(data.get("memory_limit"), str):
         diagnostics += _memory_limit_problems(data["memory_limit"], doc)
+    diagnostics += _diffusion_problems(data, doc, invalid)
     return sorted(diagnostics, key=lambda d: (d.file, d.line or 0, d.column or 0))
 
 
@@ -94,12 +106,25 @@ def sweep_keys() -> dict[str, dict]:
     return keys
 
 
+def section_problems(section: str, values: dict) -> list[str]:
+    """What the schema refuses in `values`, keys of the spec's `section` (`train`, `sample`) that ditc
+    also records elsewhere (a run's `run.json`): one line per problem, `key: problem (got value); allowed`."""
+    schema = _subschema((section,))
+    return [f"{dotted(tuple(error.path)) or section}: "
+            f"{_problem(error)} (got {shown(shown_value(error.instance))}); allowed: {describe(error.schema)}"
+            for error in Validator(schema).iter_errors(values)]
+
+
 def build_spec(data: dict, default_name: str, source: str) -> Spec:
     """The frozen Spec of valid data; keys it does not set take their defaults."""
     top = {key: data[key] for key in ("batch", "precision", "target", "memory_limit") if key in data}
+    diffusion = DiffusionSpec(**_coerce(("diffusion",), data.get("diffusion", {})))
+    sample = {"sampler": SAMPLERS[diffusion.objective][0], "steps": DEFAULT_SAMPLE_STEPS[diffusion.objective]} \
+        | _coerce(("sample",), data.get("sample", {}))
     return Spec(name=data.get("name", default_name), source=source, model=build_model(data.get("model", {})),
-                tiling=_build_tiling(data.get("tiling", {})), train=TrainSpec(**_coerce(("train",), data.get("train", {}))),
-                sample=SampleSpec(**_coerce(("sample",), data.get("sample", {}))), **_coerce((), top))
+                tiling=_build_tiling(data.get("tiling", {})), diffusion=diffusion,
+                train=TrainSpec(**_coerce(("train",), data.get("train", {}))), sample=SampleSpec(**sample),
+                **_coerce((), top))
 
 
 def build_model(values: dict) -> ModelSpec:
@@ -145,7 +170,7 @@ def _schema_diagnostics(error: ValidationError, doc: Document) -> list[Diagnosti
         unknown = [key for key in error.instance if key not in error.schema["properties"]]
         return [_unknown_key(path + (key,), list(error.schema["properties"]), doc, guess=i < MAX_SHOWN)
                 for i, key in enumerate(unknown)]
-    problem = _PROBLEMS.get(error.validator, "not allowed").format(error.validator_value)
+    problem = _problem(error)
     if error.validator == "uniqueItems" and (index := _repeated(error.instance)) is not None:
         problem = f"the value {shown(error.instance[index])} is listed twice"
     elif error.instance is None:
@@ -154,6 +179,13 @@ def _schema_diagnostics(error: ValidationError, doc: Document) -> list[Diagnosti
         problem += f": got {shown_value(error.instance)}"
     value = None if isinstance(error.instance, (dict, list)) else error.instance
     return [diagnostic(doc.origin(path), path, problem, value, describe(error.schema))]
+
+
+def _problem(error: ValidationError) -> str:
+    """What is wrong with the value `error` is about, in words."""
+    if isinstance(error.instance, float) and not math.isfinite(error.instance):
+        return "must be a finite number"
+    return _PROBLEMS.get(error.validator, "not allowed").format(error.validator_value)
 
 
 def _repeated(items: list) -> int | None:
@@ -211,11 +243,7 @@ def describe(schema: dict) -> str:
 
 def _model_problems(model: ModelSpec, doc: Document) -> list[Diagnostic]:
     """What the schema cannot check about a schema-valid model."""
-    diagnostics = []
-    for key, spec in _subschema(("model",))["properties"].items():
-        if spec.get("type") == "number" and not math.isfinite(getattr(model, key)):
-            diagnostics.append(_at_key(doc, key, "must be a finite number", getattr(model, key), describe(spec)))
-    diagnostics += _divisibility(model, doc, "hidden_size", "num_heads")
+    diagnostics = _divisibility(model, doc, "hidden_size", "num_heads")
     diagnostics += _divisibility(model, doc, "input_size", "patch_size")
     product = model.hidden_size * model.mlp_ratio
     if math.isfinite(product) and (abs(product - model.mlp_size) > _WHOLE_TOLERANCE * product or model.mlp_size < 1):
@@ -263,6 +291,57 @@ def _memory_limit_problems(text: str, doc: Document) -> list[Diagnostic]:
         return [diagnostic(doc.origin(("memory_limit",)), ("memory_limit",), "not an allowed memory size", text,
                            f"{SIZE_FORM}, {SIZE_RANGE}; or null")]
     return []
+
+
+#: Keys of the `diffusion:` section that only rectified flow reads, and those only its logit-normal reads.
+_FLOW_KEYS = ("timestep_sampling", "logit_mean", "logit_std", "shift")
+_LOGIT_NORMAL_KEYS = ("logit_mean", "logit_std")
+_DEFAULT_DIFFUSION = DiffusionSpec()
+
+
+def _diffusion_problems(data: dict, doc: Document, invalid: set[KeyPath]) -> list[Diagnostic]:
+    """Settings that do not fit the objective: flow keys under ddpm, logit-normal keys under uniform
+    sampling (each unless at its default), learned sigma under rectified flow (a velocity has no variance), another objective's sampler.
+    Values the schema already rejected are not judged again."""
+    section = data.get("diffusion", {})
+    if not isinstance(section, dict) or ("diffusion", "objective") in invalid:
+        return []
+    objective = section.get("objective", "ddpm")
+    found = []
+
+    def at(path: KeyPath, message: str, allowed: str) -> None:
+        value = data.get(path[0], {}).get(path[1])
+        found.append(diagnostic(doc.origin(path), path, message, value, allowed))
+
+    def ignored(key: str) -> bool:   # set, not to its default (as a resolved spec has it), and unread
+        return ("diffusion", key) not in invalid and section.get(key, getattr(_DEFAULT_DIFFUSION, key)) \
+            != getattr(_DEFAULT_DIFFUSION, key)
+
+    if objective == "ddpm":
+        for key in _FLOW_KEYS:
+            if ignored(key):
+                at(("diffusion", key), "rectified flow's setting; the objective here is ddpm",
+                   "only with diffusion.objective: rectified_flow (or drop the key)")
+    else:
+        if section.get("timestep_sampling", "uniform") == "uniform":
+            for key in _LOGIT_NORMAL_KEYS:
+                if ignored(key):
+                    at(("diffusion", key), "the logit-normal's setting; timestep_sampling here is uniform",
+                       "only with diffusion.timestep_sampling: logit_normal (or drop the key)")
+        model = data.get("model", {})
+        if isinstance(model, dict) and ("model", "learn_sigma") not in invalid and model.get("learn_sigma", True) is True:
+            if doc.has(("model", "learn_sigma")):
+                at(("model", "learn_sigma"), "rectified_flow predicts a velocity, which has no variance to learn",
+                   "false with diffusion.objective: rectified_flow")
+            else:
+                at(("diffusion", "objective"), "rectified_flow needs model.learn_sigma: false (its default is true)",
+                   "add `learn_sigma: false` under model:, or objective ddpm")
+    sample = data.get("sample", {})
+    sampler = sample.get("sampler") if isinstance(sample, dict) and ("sample", "sampler") not in invalid else None
+    if sampler is not None and sampler not in SAMPLERS[objective]:
+        at(("sample", "sampler"), f"not a sampler of the objective {objective}",
+           "one of " + ", ".join(repr(s) for s in SAMPLERS[objective]))
+    return found
 
 
 def _at_key(doc: Document, key: str, message: str, value: Any, allowed: str) -> Diagnostic:

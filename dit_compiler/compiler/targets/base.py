@@ -26,6 +26,22 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
+    accumulation: int = 1       # backward calls whose gradients add up before a step
+    max_grad_norm: float = 0.0  # clip the global gradient norm to this before a step; 0: never
+
+    @property
+    def whole_gradients(self) -> bool:
+        """Whether a step needs every gradient at once (summed over micro-batches, or its norm): a backend
+        that otherwise updates each layer as its backward ends cannot do that then."""
+        return self.accumulation > 1 or self.max_grad_norm > 0
+
+
+def clip_scale(norm: float, max_norm: float) -> float:
+    """The factor gradients of global norm `norm` are scaled by under clipping to `max_norm` (0: none), as
+    torch's `clip_grad_norm_`: max_norm / (norm + 1e-6), at most 1. Every backend clips with it."""
+    if max_norm <= 0:
+        return 1.0
+    return min(1.0, max_norm / (norm + 1e-6))
 
 
 class GradientAverager(Protocol):
@@ -80,7 +96,7 @@ class Target(Protocol):
     def requested_workers(self) -> int | None: ...            # the worker count the environment sets, else None
     def default_workers(self) -> int: ...                     # the environment's worker count, else every core
     def worker_environment(self, ncpus: int) -> dict[str, str]: ...        # what runs `ncpus` workers
-    def check_environment(self) -> None: ...                  # refuse (UsageError) what the runtime cannot start in
+    def check_environment(self, graph: Graph, work: str | None = "train") -> None: ...  # refuse (UsageError) an environment `work` cannot start in
 
     # -- kernel sets
     KERNEL_SETS: Sequence[str]

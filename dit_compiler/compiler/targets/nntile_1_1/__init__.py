@@ -32,7 +32,7 @@ from dit_compiler.compiler.targets.nntile_1_1.native import (KERNEL_SETS, availa
 from dit_compiler.compiler.targets.nntile_1_1.ooc import (LimitCheck, OutOfCore, OutOfCoreError, check_limit,
                                                           out_of_core)
 from dit_compiler.compiler.targets.nntile_1_1.runtime import (NAME, NNTILE_VERSION, RUNTIME_VERSION, WORKERS,
-                                                              WORKERS_HELP, check_starpu_home as check_environment,
+                                                              WORKERS_HELP, check_environment,
                                                               default_workers, installed, nntile_runtime, pause,
                                                               problem, requested_workers, resume, scheduler,
                                                               wait_for_all, worker_environment)

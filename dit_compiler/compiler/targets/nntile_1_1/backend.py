@@ -23,9 +23,9 @@ import torch
 
 from dit_compiler.compiler.build import NNTILE_FILE, TORCH_FILE, load_module
 from dit_compiler.compiler.graph.ir import Graph
-from dit_compiler.compiler.targets.base import DataParallel, OptimConfig
+from dit_compiler.compiler.targets.base import DataParallel, OptimConfig, clip_scale
 from dit_compiler.compiler.targets.nntile_1_1.ooc import OutOfCoreError, out_of_core
-from dit_compiler.compiler.targets.nntile_1_1.runtime import default_workers, nntile_runtime, problem
+from dit_compiler.compiler.targets.nntile_1_1.runtime import check_environment, default_workers, nntile_runtime, problem
 from dit_compiler.errors import UsageError
 
 
@@ -48,6 +48,8 @@ class NNTileBackend:
         if self.out_of_core is not None:
             self.out_of_core.apply()   # before `problem` imports NNTile (idempotent: nntile_runtime applies it too)
             print(f"nntile {self.out_of_core.describe()}", file=sys.stderr)
+        if self.out_of_core is None:   # ditc's own out-of-core sets StarPU's limit itself
+            check_environment(graph, "sample" if inference else "train")
         if (reason := problem()) is not None:
             self._stack.close()
 
@@ -75,9 +77,17 @@ class NNTileBackend:
         self._grad_out: np.ndarray | None = None   # backward's start, kept for `step` on one process
         #: Averages the gradients over the ranks of a data-parallel world (None on one process).
         self.buckets = None
-        if world is not None and world.size > 1 and not inference:
+        #: Under accumulation or clipping: the step's gradients on the host, summed over its micro-batches
+        #: (and, once `_reduced`, averaged over the ranks and clipped), written back before AdamW's step.
+        self.sums: list[np.ndarray] | None = None
+        self._reduced = False
+        if not inference and ((world is not None and world.size > 1) or optim.whole_gradients):
             self.gradients = [self.model.parameters[k].grad for k in self.model.gradient_order]
-            self.buckets = world.gradient_buckets([tuple(g.shape) for g in self.gradients])
+            if world is not None and world.size > 1:
+                self.buckets = world.gradient_buckets([tuple(g.shape) for g in self.gradients])
+            if optim.whole_gradients:
+                self.sums = [np.zeros(tuple(g.shape), dtype=np.float32, order="F") for g in self.gradients]
+                self._scratch = [np.empty_like(s) for s in self.sums]
 
     # -- running --------------------------------------------------------------------------------------
     def forward(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -86,9 +96,22 @@ class NNTileBackend:
     def predict(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
         return self.model.forward(x, t, y)
 
-    def backward(self, grad_out: np.ndarray) -> None:
+    def backward(self, grad_out: np.ndarray, accumulate: bool = False) -> None:
         """On one process backward waits for `step`, which runs it with AdamW layer by layer; in a
-        data-parallel world it runs now, and the gradients are averaged over the ranks as they finish."""
+        data-parallel world it runs now, and the gradients are averaged over the ranks as they finish.
+        Under accumulation or clipping it runs now and each gradient, as it finishes, is copied to the host
+        and added to the step's sum (NNTile's backward overwrites its gradients); the sum is averaged over
+        the ranks once, by `clip_grad_norm` or `step`."""
+        if self.sums is not None:
+            self.model.backward_async(grad_out)
+            for i, gradient in enumerate(self.gradients):
+                if accumulate:
+                    gradient.to_array(self._scratch[i])
+                    self.sums[i] += self._scratch[i]
+                else:
+                    gradient.to_array(self.sums[i])
+            self._reduced = False
+            return
         if self.buckets is None:
             self._grad_out = grad_out
             return
@@ -96,12 +119,40 @@ class NNTileBackend:
         self.buckets.average(lambda i, out: self.gradients[i].to_array(out),
                              lambda i, mean: self.gradients[i].from_array(mean))
 
+    def _reduce(self) -> None:
+        """The host sums averaged over the ranks (once a step)."""
+        if self.buckets is not None and not self._reduced:
+            self.buckets.average(lambda i, out: np.copyto(out, self.sums[i]),
+                                 lambda i, mean: np.copyto(self.sums[i], mean))
+        self._reduced = True
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        if self.sums is None:
+            raise RuntimeError("clip_grad_norm needs a backend opened with OptimConfig.max_grad_norm set")
+        self._reduce()
+        norm = float(np.sqrt(sum(np.square(s, dtype=np.float64).sum() for s in self.sums)))
+        scale = clip_scale(norm, max_norm)
+        if scale < 1.0:
+            for s in self.sums:
+                s *= np.float32(scale)
+        return norm
+
+    def set_lr(self, lr: float) -> None:
+        self.adamw.lr = lr
+        for group in self.param_groups:
+            group["lr"] = lr
+
     def step(self) -> None:
         """AdamW. On one process each layer's parameters are updated right after that layer's backward (the
         same update: a parameter's gradient is complete then), so parameter gradients are never all held:
         a training step's peak is 12 bytes a parameter instead of 16, and out-of-core updates a parameter
         while backward has it in memory."""
-        if self.buckets is None:
+        if self.sums is not None:
+            self._reduce()
+            for gradient, total in zip(self.gradients, self.sums):
+                gradient.from_array(total)
+            self.adamw.step()
+        elif self.buckets is None:
             grad_out, self._grad_out = self._grad_out, None
             self.model.backward_update(grad_out, self.adamw)
         else:

@@ -146,6 +146,9 @@ class _Replay:
         self.held = held_tensors(graph)
         self.attention_kept = {n for node in self.nodes if node.op == "attention" for n in node.internals.values()}
         self.live: dict[tuple[str, str], tuple[int, str]] = {}
+        # bytes live per kind, kept as tensors come and go: summing `live` at every check made the replay
+        # quadratic in depth (depth 500 took 113 s)
+        self.by_kind: dict[str, int] = {}
         self.peak: tuple[int, dict[str, int], str] = (-1, {}, "")
 
     def kind(self, name: str, part: str) -> str:
@@ -158,19 +161,21 @@ class _Replay:
 
     def hold(self, name: str, part: str) -> None:
         if (name, part) not in self.live:
-            self.live[(name, part)] = (tensor_bytes(self.graph, name), self.kind(name, part))
+            size, kind = self.live[(name, part)] = (tensor_bytes(self.graph, name), self.kind(name, part))
+            self.by_kind[kind] = self.by_kind.get(kind, 0) + size
 
     def drop(self, name: str, part: str) -> None:
-        self.live.pop((name, part), None)
+        if (held := self.live.pop((name, part), None)) is not None:
+            size, kind = held
+            self.by_kind[kind] -= size
 
     def check(self, where: str, extra: tuple[str, ...] = ()) -> None:
         """Record the bytes held now (plus `extra` scratch tensors, live only within the running layer)."""
-        by_kind: dict[str, int] = {}
-        for size, kind in self.live.values():
-            by_kind[kind] = by_kind.get(kind, 0) + size
-        by_kind["scratch"] = by_kind.get("scratch", 0) + sum(tensor_bytes(self.graph, n) for n in extra)
-        total = sum(by_kind.values())
+        scratch = sum(tensor_bytes(self.graph, n) for n in extra)
+        total = sum(self.by_kind.values()) + scratch
         if total > self.peak[0]:
+            by_kind = dict(self.by_kind)
+            by_kind["scratch"] = by_kind.get("scratch", 0) + scratch
             self.peak = (total, by_kind, where)
 
     def run(self) -> StepMemory:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -188,6 +189,39 @@ def check_limit(graph: Graph, limit: int, peak: StepMemory | None = None) -> Lim
     """`limit` against the step's predicted peak (`peak`, where the caller has predicted it already)."""
     peak = peak or predict(graph)
     return LimitCheck(limit, peak.total, starpu_share(limit), peak.data, unmovable_bytes(graph))
+
+
+#: StarPU's variables that cap what its CPU memory nodes hold, in MiB (read when StarPU starts).
+MEMORY_VARIABLES = re.compile(r"STARPU_LIMIT_CPU(_NUMA)?(_[0-9]+)?_MEM")
+
+
+def check_memory_variables(graph: Graph, work: str = "train") -> None:
+    """Refuse (OutOfCoreError) a StarPU memory limit in the environment under which `graph` cannot run:
+    StarPU would wait forever for memory no task frees (`STARPU_LIMIT_CPU_MEM=1 ditc verify` hung). The
+    least is what the `work` ("train", "verify" or "sample") holds at once: a training step's tensors
+    (verify: less AdamW's moments; sample: the parameters and inputs), or with StarPU's disk swap
+    (`STARPU_DISK_SWAP`) the tiles that cannot go to disk; never less than MIN_STARPU."""
+    for variable, text in sorted(os.environ.items()):
+        if not MEMORY_VARIABLES.fullmatch(variable):
+            continue
+        try:
+            mib = int(text.strip())
+        except ValueError:
+            raise OutOfCoreError(f"{variable}={text!r} in the environment is not a number of MiB; allowed: an "
+                                 "integer (StarPU reads it as MiB), or unset") from None
+        if mib < 0:   # StarPU's "no limit"
+            continue
+        if os.environ.get("STARPU_DISK_SWAP"):
+            need, what = max(MIN_STARPU, unmovable_bytes(graph)), "the tiles that cannot be swapped to disk"
+        else:
+            peak = predict(graph)
+            need = {"train": peak.data, "verify": peak.data - peak.optimizer,
+                    "sample": peak.parameters + peak.inputs}[work]
+            need, what = max(MIN_STARPU, need), f"the tensors {work} holds at once"
+        if mib * MIB < need:
+            raise OutOfCoreError(f"{variable}={text} in the environment leaves StarPU {mib} MiB; {graph.spec.name!r} "
+                                 f"needs at least {-(-need // MIB)} MiB ({what}), or StarPU waits forever: unset it, "
+                                 "raise it, or train out-of-core with --memory-limit")
 
 
 def settings(graph: Graph, limit: int, folder: Path) -> OutOfCore:

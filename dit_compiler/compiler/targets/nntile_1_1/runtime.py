@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable, Iterator
 
 from dit_compiler.compiler.targets.nntile_1_1 import blas
-from dit_compiler.compiler.targets.nntile_1_1.ooc import OutOfCore
+from dit_compiler.compiler.targets.nntile_1_1.ooc import OutOfCore, check_memory_variables
 from dit_compiler.errors import UsageError
 from dit_compiler.limits import cores
 
@@ -136,6 +136,15 @@ def nntile_runtime(ncpus: int | None = None, out_of_core: OutOfCore | None = Non
 
 
 _swapping = False
+
+
+def check_environment(graph, work: str | None = "train") -> None:
+    """Refuse (UsageError) an environment StarPU would abort or hang in, before it starts: a folder it
+    cannot keep its performance models in, a memory limit under what `work` on `graph` holds at once
+    (None: ditc sets StarPU's memory variables itself)."""
+    check_starpu_home()
+    if work is not None:
+        check_memory_variables(graph, work)
 
 
 def check_starpu_home() -> None:
