@@ -17,7 +17,8 @@ from dit_compiler.app.diffusion import guided
 from dit_compiler.app.diffusion.flow import RectifiedFlow, flow_sigmas
 from dit_compiler.app.diffusion.objective import DDPM, objective_of
 from dit_compiler.app.backend import load_into, open_backend
-from dit_compiler.checks.common import group_error, load_module, randomize_, rel_error
+from dit_compiler.checks.common import group_error, randomize_, rel_error
+from dit_compiler.compiler.build import load_module
 from dit_compiler.app.sample import FixedBatch, SampleConfig, generate
 from dit_compiler.app.train import TrainConfig, checkpoints, train
 from dit_compiler.app.weights import load_checkpoint

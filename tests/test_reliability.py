@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, SPECS, needs_nntile
-from dit_compiler.compiler.build import mark_folder
+from dit_compiler.files import mark_folder
 from dit_compiler.cli import main
 
 TINY = (SPECS / "tiny.yaml").read_text()

@@ -29,7 +29,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteSche
 
 from dit_compiler.compiler.build import TORCH_FILE, compile_spec, write_build  # noqa: E402
 from dit_compiler.app.backend import load_into, open_backend  # noqa: E402
-from dit_compiler.checks.common import group_error, load_module, randomize_, rel_error  # noqa: E402
+from dit_compiler.checks.common import group_error, randomize_, rel_error  # noqa: E402
+from dit_compiler.compiler.build import load_module  # noqa: E402
 from dit_compiler.app.sample import FixedBatch  # noqa: E402
 from dit_compiler.app.train import TrainConfig, checkpoints, train  # noqa: E402
 from dit_compiler.app.weights import load_checkpoint  # noqa: E402
