@@ -16,14 +16,15 @@ import io
 import json
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from dit_compiler.app.data import digits
+from dit_compiler.app.data import digits, load_images
 from dit_compiler.errors import UsageError
-from dit_compiler.files import write_atomic, write_text_atomic
+from dit_compiler.files import cache_root, write_atomic, write_text_atomic
 from dit_compiler.userfiles import load_npz
 
 HIDDEN = (128, 64)
@@ -151,6 +152,29 @@ def score_digits(clf: DigitsClassifier, images: np.ndarray, labels: np.ndarray, 
     floor = features_distance(clf.features(train.images[real]), held_features)
     return {"n": len(images), "accuracy": float(np.mean(clf.predict(images) == labels)), "fd_digits": fd,
             "floor": floor, "fd_over_floor": fd / floor}
+
+
+def make_scorer(inception: Path | None, ref: str | None, cache: Path | None, seed: int = 0,
+                say: Callable[[str], None] = print) -> Callable[[np.ndarray, np.ndarray], dict]:
+    """A function (images, labels) -> scores: FID against the reference images `ref` with the Inception
+    weights `inception`, else the digits scores (the classifier cached in `cache`, default ditc's cache)."""
+    if inception:
+        from dit_compiler.app.inception import inception_features, load_inception
+
+        model = load_inception(Path(inception))
+        reference = inception_features(model, load_images(ref))
+        say(f"FID against {ref} ({len(reference)} images), Inception weights {inception}")
+
+        def fid(images, labels) -> dict:
+            features = inception_features(model, images)
+            warn_if_few(min(len(features), len(reference)), features.shape[1], "FID")
+            return {"n": len(images), "fid": features_distance(features, reference)}
+        return fid
+
+    clf, trained = digits_classifier(cache or cache_root())
+    say(f"digits classifier ({'trained now' if trained else 'cached'}): held-out accuracy "
+        f"{100 * clf.heldout_accuracy:.1f}%")
+    return lambda images, labels: score_digits(clf, images, labels, seed)
 
 
 #: Table columns: key, header, format.

@@ -14,23 +14,27 @@ import functools
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
 
-from dit_compiler.app.backend import Backend
+from dit_compiler.app.backend import Backend, load_into, open_backend
 from dit_compiler.app.data import LATENT_CHANNELS
 from dit_compiler.app.diffusion import guided
 from dit_compiler.app.diffusion.objective import objective_of
 from dit_compiler.app.diffusion.sampling import CfgChannels, ModelFn
 from dit_compiler.app.progress import Progress, counted
+from dit_compiler.compiler.build import compile_spec, graph_of, write_build
 from dit_compiler.compiler.graph.ir import Graph
+from dit_compiler.compiler.spec.model import SampleSpec, Spec
 from dit_compiler.compiler.targets.torch import import_diffusers
 from dit_compiler.errors import UsageError
 from dit_compiler.files import write_atomic, write_text_atomic
 
+#: The largest batch a sampling variant is compiled for; more rows a step run through it in chunks.
+MAX_SAMPLING_BATCH = 1024
 VAE_SCALE = 0.18215   # DiT's latent scale: decode `latents / 0.18215`
 #: The kind of folder `ditc sample` writes (its marker, `files.OUTPUT_MARKER`, says so).
 SAMPLES = "samples"
@@ -55,6 +59,34 @@ class SampleConfig:
         """`dit` only for DDPM's epsilon of latents; a flow's velocity has no variance channels: `all`."""
         dit = in_channels >= LATENT_CHANNELS and self.sampler in ("ddpm", "ddim")
         return self.cfg_channels or ("dit" if dit else "all")
+
+
+def sample_config(spec: SampleSpec, seed: int = 0) -> SampleConfig:
+    """A spec's `sample:` section as the sampler's settings (`auto` guided channels decided per model)."""
+    return SampleConfig(sampler=spec.sampler, steps=spec.steps, eta=spec.eta, cfg=spec.cfg,
+                        cfg_channels=None if spec.cfg_channels == "auto" else spec.cfg_channels, seed=seed)
+
+
+def open_sampler(spec: Spec, build_dir: Path, weights, source: str, backend: str, rows: int,
+                 builds: Path) -> tuple[Graph, Backend]:
+    """The graph and a backend holding `weights` for sampling `rows` images a step: a variant of the spec
+    compiled for that batch (at most MAX_SAMPLING_BATCH) and built once in `builds`, so each sampling step is
+    one forward of the forward-only model."""
+    batch = min(rows, MAX_SAMPLING_BATCH)
+    if batch != spec.batch:
+        spec = replace(spec, name=f"{spec.name}-sample-b{batch}", batch=batch,
+                       tiling=replace(spec.tiling, batch="auto"))
+        build = compile_spec(spec)
+        build_dir, graph = write_build(build, builds), build.graph
+    else:
+        graph = graph_of(spec)
+    opened = open_backend(backend, build_dir, graph, inference=True)
+    try:
+        load_into(opened, weights, source)
+    except BaseException:
+        opened.close()
+        raise
+    return graph, opened
 
 
 class FixedBatch:

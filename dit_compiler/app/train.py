@@ -405,23 +405,27 @@ def plot_loss(rows: list[dict], path: Path, title: str) -> None:
 
 
 def train(spec, run_dir: Path, config: TrainConfig, resume: bool = False, stream: TextIO | None = None,
-          world: World = World()) -> int:
+          world: World = World(), stop_at: int | None = None) -> int:
     """Train `spec` into `run_dir`; returns the exit code (0, or 130/143 after a signal). `world`: this
-    process's place in a data-parallel run (by default the only process)."""
+    process's place in a data-parallel run (by default the only process). `stop_at`: end at this step
+    with a checkpoint, a part of a run of `config.steps` (whose learning-rate schedule it follows), which
+    a later call resumes."""
     with run_lock(run_dir) if world.lead else contextlib.nullcontext():
-        return _train(spec, run_dir, config, resume, stream or sys.stderr, world)
+        return _train(spec, run_dir, config, resume, stream or sys.stderr, world,
+                      config.steps if stop_at is None else min(stop_at, config.steps))
 
 
-def _train(spec, run_dir: Path, config: TrainConfig, resume: bool, stream: TextIO, world: World) -> int:
+def _train(spec, run_dir: Path, config: TrainConfig, resume: bool, stream: TextIO, world: World, end: int) -> int:
     lead = world.lead
     undo: Callable[[], None] = lambda: None
     ckpt = None
     if lead:   # every data and folder error before anything is written
         data, build, ckpt = check_run(spec, run_dir, config, resume)
         graph = build.graph
-        if ckpt is not None and world.size == 1 and ckpt["train_state"]["step"] >= config.steps:
-            print(f"{run_dir} is at step {ckpt['train_state']['step']} already and --steps (or train.steps) is "
-                  f"{config.steps}: nothing to train, nothing changed; raise --steps to go on", file=stream)
+        if ckpt is not None and world.size == 1 and ckpt["train_state"]["step"] >= end:
+            print(f"{run_dir} is at step {ckpt['train_state']['step']} already and training ends at step {end} "
+                  "(--steps, --stop-at or train.steps): nothing to train, nothing changed; raise it to go on",
+                  file=stream)
             return 0
         prepared = _prepare_run(spec, build, run_dir, config)
         if not resume:   # a resumed run keeps its folder whatever happens
@@ -486,11 +490,11 @@ def _train(spec, run_dir: Path, config: TrainConfig, resume: bool, stream: TextI
             plot_loss(metrics.rows, run_dir / LOSS_PLOT, f"{spec.name} on {backend.name}")
         return path
 
-    progress = Progress(config.steps, f"train {spec.name}", "step", initial=step, stream=stream) if lead else None
+    progress = Progress(end, f"train {spec.name}", "step", initial=step, stream=stream) if lead else None
     start_step, session_start, signum = step, time.perf_counter(), None
     try:
         with _StopSignals() as stop:
-            while step < config.steps and signum is None:
+            while step < end and signum is None:
                 began = time.perf_counter()
                 x0, y = loader.next()   # the global batch's draws, then this rank's slice of them
                 t = objective.draw(rng, global_batch)
@@ -520,7 +524,7 @@ def _train(spec, run_dir: Path, config: TrainConfig, resume: bool, stream: TextI
                 metrics.add({"step": step, "loss": loss, "mse": mse, "vb": None if terms.vb is None else vb,
                              "lr": lr, "images_per_s": global_batch / took, "wall_s": wall})
                 progress.update(loss=f"{loss:.4f}", **{"img/s": f"{global_batch / took:.0f}"})
-                if config.ckpt_every and step % config.ckpt_every == 0 and step < config.steps:
+                if config.ckpt_every and step % config.ckpt_every == 0 and step < end:
                     checkpoint()
             path = checkpoint() if lead else None
             if signum is not None:

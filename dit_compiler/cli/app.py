@@ -15,17 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from dit_compiler.app.data import load_images
 from dit_compiler.app.distributed import LAUNCHED_BY_DITC, joined, world_from_env
-from dit_compiler.app.evaluate import (digits_classifier, features_distance, format_table, score_digits, warn_if_few,
-                                       write_table)
+from dit_compiler.app.evaluate import format_table, make_scorer, write_table
 from dit_compiler.app.launch import launch
 from dit_compiler.cli.args import (MAX_SEED, check_folder_arg, integer, memory_size, number, path, runner_target,
                                    spec_and_dir, workers)
 from dit_compiler.compiler.build import compile_spec, graph_of, write_build
 from dit_compiler.compiler.spec.model import SAMPLERS, Spec
 from dit_compiler.errors import UsageError, shown
-from dit_compiler.files import cache_root, check_owned, mark_folder
+from dit_compiler.files import check_owned, mark_folder
 from dit_compiler.userfiles import load_npz
 from dit_compiler.limits import DIST_TIMEOUT_S, MAX_DIST_TIMEOUT_S, cores
 
@@ -120,6 +118,9 @@ def add_commands(sub) -> None:
     s.add_argument("--ckpt-every", type=integer(0, MAX_STEPS),
                    help="checkpoint every N steps, 0 only at the end (default 1000)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    s.add_argument("--stop-at", type=integer(1, MAX_STEPS), metavar="STEP",
+                   help="end at this step with a checkpoint, a part of the run: the learning-rate schedule still runs "
+                        "to --steps, and --resume goes on (as `ditc sweep --train` trains between evaluations)")
     s.add_argument("--init", type=path, metavar="WEIGHTS",
                    help="start a new run from these weights (the EMA too; the optimizer fresh): a facebookresearch/DiT "
                         "checkpoint (a released state_dict or train.py's; its EMA), a ditc checkpoint (its EMA) or "
@@ -253,7 +254,7 @@ def _train(args, spec, run_dir: Path, config, world) -> int:
 
     if world is None:
         if args.nproc == 1:
-            return train(spec, run_dir, config, resume=args.resume)
+            return train(spec, run_dir, config, resume=args.resume, stop_at=args.stop_at)
 
         check_run(spec, run_dir, config, args.resume)   # a mistake reported once, before any rank starts
         return launch([sys.executable, "-m", "dit_compiler.cli", *args.argv], args.nproc)
@@ -261,7 +262,7 @@ def _train(args, spec, run_dir: Path, config, world) -> int:
         raise UsageError(f"--nproc {args.nproc}: this process is already rank {world.rank} of {world.size} "
                          "(WORLD_SIZE is set, as torchrun sets it): torchrun starts the ranks; drop --nproc")
     with joined(world, args.dist_timeout, spec.target):
-        return train(spec, run_dir, config, resume=args.resume, world=world)
+        return train(spec, run_dir, config, resume=args.resume, world=world, stop_at=args.stop_at)
 
 
 def _load_target(target: str):
@@ -297,33 +298,19 @@ def _checkpoint_of(args, tmp: str):
     return spec, build_dir, ckpt, default_out, builds
 
 
-#: The largest batch a sampling variant is compiled for; more rows a step run through it in chunks.
-MAX_SAMPLING_BATCH = 1024
-
-
 def _open_model(args, tmp: str, rows: Callable[[Spec], int], output: Callable[[Path], Path]):
     """The graph, a backend holding the checkpoint's weights for sampling, a description of them, and the
     output folder (`output` of the default one: checked, like the checkpoint, before anything is built
-    or written). The model is compiled for `rows(spec)` images a step (twice the samples under
-    guidance), a variant of the spec built once beside the run (or in `tmp`), so each sampling step is
-    one forward of the forward-only model."""
-    from dit_compiler.app.backend import load_into, open_backend
+    or written); `app.sample.open_sampler` compiles the variant for `rows(spec)` images a step beside the
+    run (or in `tmp`)."""
+    from dit_compiler.app.sample import open_sampler
     from dit_compiler.app.weights import check_weights_fit, load_weights
 
     spec, build_dir, ckpt, default_out, builds = _checkpoint_of(args, tmp)
     out = output(default_out)
     weights, entry = load_weights(ckpt, args.ema)   # a bad checkpoint is refused before a variant is built
     check_weights_fit(build_dir, weights, f"{ckpt} ({entry})")
-    batch = min(rows(spec), MAX_SAMPLING_BATCH)
-    if batch != spec.batch:
-        spec = replace(spec, name=f"{spec.name}-sample-b{batch}", batch=batch,
-                       tiling=replace(spec.tiling, batch="auto"))
-        build = compile_spec(spec)
-        build_dir, graph = write_build(build, builds), build.graph
-    else:
-        graph = graph_of(spec)
-    backend = open_backend(args.backend, build_dir, graph, inference=True)
-    load_into(backend, weights, str(ckpt))
+    graph, backend = open_sampler(spec, build_dir, weights, str(ckpt), args.backend, rows(spec), builds)
     return graph, backend, f"{ckpt} ({entry})", out
 
 
@@ -401,28 +388,12 @@ def _scorer(args):
     if args.ref and not args.inception:
         raise UsageError(f"--ref {args.ref}: reference images are for FID, which needs --inception FILE (the "
                          "Inception weights); without it the digits scores need no reference")
-    if args.inception:
-        from dit_compiler.app.inception import inception_features, load_inception
-
-        if not args.ref:
-            raise UsageError("--inception needs --ref PATH: the reference images (a folder or an .npz)")
-        model = load_inception(Path(args.inception))
-        reference = inception_features(model, load_images(args.ref))
-        print(f"FID against {args.ref} ({len(reference)} images), Inception weights {args.inception}")
-
-        def fid(images, labels) -> dict:
-            features = inception_features(model, images)
-            warn_if_few(min(len(features), len(reference)), features.shape[1], "FID")
-            return {"n": len(images), "fid": features_distance(features, reference)}
-        return fid
-
+    if args.inception and not args.ref:
+        raise UsageError("--inception needs --ref PATH: the reference images (a folder or an .npz)")
     if args.cache:   # a cache folder: the classifier's one file goes beside whatever is there
-
         check_folder_arg(args.cache, "--cache")
-    clf, trained = digits_classifier(Path(args.cache) if args.cache else cache_root())
-    print(f"digits classifier ({'trained now' if trained else 'cached'}): held-out accuracy "
-          f"{100 * clf.heldout_accuracy:.1f}%")
-    return lambda images, labels: score_digits(clf, images, labels, args.seed)
+    return make_scorer(args.inception and Path(args.inception), args.ref, Path(args.cache) if args.cache else None,
+                       args.seed)
 
 
 def _check_samples(path: Path, images, labels, classes: int | None) -> None:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from dit_compiler.checks.bench import bench, format_bench
 from dit_compiler.checks.sweep import run_sweep
+from dit_compiler.cli.app import MAX_SAMPLES, MAX_STEPS
 from dit_compiler.cli.args import (DEFAULT_OUT, MAX_SEED, check_file_arg, check_folder_arg, integer, memory_size,
-                                   path, runner_target, spec_and_dir, workers)
+                                   number, path, runner_target, spec_and_dir, workers)
 from dit_compiler.cli.compile import build_one, memory_limit
 from dit_compiler.compiler.build import (GRAPH_FILE, MANIFEST_FILE, NNTILE_FILE, SPEC_FILE, TORCH_FILE, Build,
                                          compile_spec, manifest_files, stale_files)
@@ -64,7 +65,27 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "pooling each point's times (default 1; use 3 or more on a shared machine)")
     s.add_argument("--max-points", type=integer(1, 10**6), default=MAX_POINTS,
                    help=f"refuse a sweep of more points than this (default {MAX_POINTS})")
-    s.add_argument("--ncpus", type=ncpus, help=target.WORKERS_HELP)
+    s.add_argument("--ncpus", type=ncpus, help=f"{target.WORKERS_HELP}; with --train, as many torch threads, per rank")
+    t = s.add_argument_group("training sweeps (--train)")
+    t.add_argument("--train", action="store_true",
+                   help="train every point with its spec's train: section, and sample and score it (its sample: "
+                        "section, `ditc evaluate`'s scores) at checkpoints along training")
+    t.add_argument("--steps", type=integer(1, MAX_STEPS), help="training steps of every point (default: its train.steps)")
+    t.add_argument("--every", type=integer(1, MAX_STEPS), metavar="N",
+                   help="evaluate every N steps and at the last (default: a quarter of the steps)")
+    t.add_argument("--budget", type=number(0.0, 1e9, above=True), metavar="SECONDS",
+                   help="a point stops training at its first evaluation past this many training seconds")
+    t.add_argument("--seeds", type=integer(1, 100), default=1, metavar="N",
+                   help="train every point with N seeds, SEED to SEED+N-1, for a spread (default 1)")
+    t.add_argument("--seed", type=integer(0, MAX_SEED - 100), help="the first seed (default: the spec's train.seed)")
+    t.add_argument("--backend", choices=("auto", "nntile", "torch"), default="auto",
+                   help="where the points train and sample (default auto: NNTile where it is importable, else torch)")
+    t.add_argument("--n", type=integer(2, MAX_SAMPLES), default=500, help="samples per evaluation (default 500)")
+    t.add_argument("--nproc", type=integer(1, cores()), default=1,
+                   help="data-parallel ranks training each point, as `ditc train --nproc` (default 1)")
+    t.add_argument("--inception", type=path, help="Inception v3 weights: score FID against --ref, as `ditc evaluate`")
+    t.add_argument("--ref", type=path, help="with --inception: reference images, a folder or an .npz")
+    t.add_argument("--cache", type=path, help="where the digits classifier is cached (default ~/.cache/ditc)")
     s.set_defaults(func=cmd_sweep)
 
 
@@ -187,8 +208,17 @@ def cmd_bench(args) -> int:
     return 0
 
 
+#: The flags of a training sweep, and the value each has when not given.
+TRAIN_FLAGS = {"steps": None, "every": None, "budget": None, "seeds": 1, "seed": None, "backend": "auto", "n": 500,
+               "nproc": 1, "inception": None, "ref": None, "cache": None}
+
+
 def cmd_sweep(args) -> int:
     check_folder_arg(args.out, "-o")
+    if args.train:
+        return cmd_train_sweep(args)
+    if given := [f"--{k}" for k, default in TRAIN_FLAGS.items() if getattr(args, k) != default]:
+        raise UsageError(f"{', '.join(given)}: a training sweep's flags; add --train, or drop them")
     ncpus = workers(args) if args.verify or args.bench else 1  # the target's worker count matters only to what runs
     sweep, results, out = run_sweep(args.sweep, args.out, verify_it=args.verify, bench_it=args.bench,
                                     resume=args.resume, ncpus=ncpus, rounds=args.rounds or 1,
@@ -213,3 +243,53 @@ def runner(sub: argparse._SubParsersAction, name: str, help_text: str, ncpus_hel
     return s
 
 
+
+
+def cmd_train_sweep(args) -> int:
+    """`ditc sweep SWEEP --train`: `app.sweep.run_train_sweep`, with the flags checked before any work."""
+    from dit_compiler.app.sweep import TrainOptions, run_train_sweep, summary   # imports torch
+
+    if args.verify or args.bench or args.rounds:
+        raise UsageError("--train: trains and scores the points; --verify, --bench and --rounds check builds, in a "
+                         "sweep without --train")
+    if args.ref and not args.inception:
+        raise UsageError(f"--ref {args.ref}: reference images are for FID, which needs --inception FILE")
+    if args.inception and not args.ref:
+        raise UsageError("--inception needs --ref PATH: the reference images (a folder or an .npz)")
+    if args.cache:
+        check_folder_arg(args.cache, "--cache")
+    if args.ncpus and args.nproc * args.ncpus > cores():
+        raise UsageError(f"--ncpus {args.ncpus} with --nproc {args.nproc}: {args.nproc * args.ncpus} workers on "
+                         f"{cores()} cores; allowed: at most {cores() // args.nproc} a rank")
+    options = TrainOptions(steps=args.steps, every=args.every, budget_s=args.budget, backend=args.backend,
+                           seeds=args.seeds, seed=args.seed, n=args.n, nproc=args.nproc, ncpus=args.ncpus,
+                           inception=Path(args.inception) if args.inception else None, ref=args.ref,
+                           cache=Path(args.cache) if args.cache else None)
+    if args.ncpus and args.nproc == 1:
+        import torch
+
+        workers(args)
+        torch.set_num_threads(args.ncpus)
+    try:
+        sweep, runs, out = run_train_sweep(args.sweep, args.out, options, resume=args.resume,
+                                           max_points=args.max_points)
+    except KeyboardInterrupt:
+        argv = " ".join(a for a in args.argv if a != "--resume")
+        print(f"the finished checkpoints' results are kept; resume with: ditc {argv} --resume",
+              file=sys.stderr)
+        raise
+    report = summary(runs, sweep)
+    key = report["quality"]
+    print(f"{'point':<40} {'seeds':>5} {'step':>6} {key:>12} {'spread':>17} {'GMAC/img':>9} {'params M':>8}")
+    for p in report["points"]:
+        print(f"{p['point']:<40} {p['seeds']:>5} {p['step']:>6} {p[key]:>12.4g} "
+              f"{p[key + '_min']:>8.4g}-{p[key + '_max']:<8.4g} {p['gmac_per_image']:>9.4g} {p['params_m']:>8.3f}")
+    for r in runs:
+        if r.status != "ok":
+            print(f"{r.run_name:<40} {r.status}" + (f": {r.errors[0]}" if r.errors else ""))
+    total = report["train_s"] + report["sample_s"] + report["eval_s"]
+    print(f"Spearman rank correlation of {key} with GMACs per image: {report[f'spearman_{key}_gmac']:.3f}")
+    print(f"time: training {report['train_s']:.0f} s, sampling {report['sample_s']:.0f} s, evaluation "
+          f"{report['eval_s']:.0f} s ({total:.0f} s)")
+    print(f"results: {out}/results.csv, {out}/results.json, plots {out}/plot-*.png, runs {out}/runs/")
+    return 0 if all(r.status == "ok" for r in runs) else 1

@@ -46,6 +46,7 @@ class Point:
     name: str                    # the label results show: "b8-hidden=192-tokens=64"
     overrides: dict[str, Any]    # dotted spec key -> value
     build_name: str              # its build folder and spec name: "<sweep>-<label>", a valid spec name
+    group: str = ""              # the named point (`points:`) it comes from: "" where the sweep names none
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def load_sweep(path: str | os.PathLike, max_points: int = MAX_POINTS) -> Sweep:
         varied = dict(zip(grid, grid_values)) | zip_row
         label = "-".join([entry["name"]] + [f"{key.split('.')[-1]}={value}" for key, value in varied.items()])
         label = label.strip("-") or "base"
-        points.append(Point(label, entry.get("set", {}) | varied, _build_name(f"{name}-{label}")))
+        points.append(Point(label, entry.get("set", {}) | varied, _build_name(f"{name}-{label}"), entry["name"]))
     if len({point.build_name for point in points}) < len(points):
         raise SpecError([Diagnostic(doc.source, None, None, "", "two points get the same name; give the named "
                                     "points different names, or vary values that differ in letters or digits")])
