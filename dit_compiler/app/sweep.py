@@ -193,7 +193,7 @@ class TrainedSweep:
         """Train `run` to each step of `steps` in turn, evaluating its checkpoint there; rows already in
         `run` (of the same evaluation settings) are kept, checkpoints already in its folder not trained again."""
         run_dir = self.out / RUNS / run.run_name
-        spec = load_spec_data(data, source=str(run_dir / f"{data['name']}.yaml"))
+        spec = load_spec_data(data, source=str(run_dir / data["name"]))   # the build `ditc train` writes there
         for target in steps:
             if any(row["step"] == target for row in run.rows):
                 continue
