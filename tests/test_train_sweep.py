@@ -76,7 +76,7 @@ points:
     assert len(rows) == 2 * 2 + 1
     ok = [r for r in rows if r["status"] == "ok"]
     for column in ("accuracy", "fd_digits", "fd_over_floor", "params_m", "gmac_per_image", "train_gflop", "step_s",
-                   "peak_rss_mib", "train_memory_mib", "seed", "model.hidden_size", "train_s", "sample_s", "eval_s"):
+                   "peak_rss_mib", "train_memory_mib", "seed", "model.hidden_size", "train_s", "part_s", "sample_s", "eval_s"):
         assert all(r[column] != "" for r in ok), column
     for plot in ("plot-steps.png", "plot-gmacs.png", "plot-compute.png"):
         assert (folder / plot).stat().st_size > 1000

@@ -202,10 +202,12 @@ class TrainedSweep:
                          f"{run.rows[-1]['step']}")
                 break
             have = checkpoints(run_dir) if run_dir.is_dir() else []
+            began = time.perf_counter()
             if not have or int(have[-1].stem) < target:
                 self.say(f"{run.run_name}: training to step {target} of {steps[-1]}")
                 self._train(spec, run_dir, bool(have), steps[-1], target)
-            run.rows.append(self._evaluate(run, spec, run_dir, target))
+            part_s = time.perf_counter() - began
+            run.rows.append(self._evaluate(run, spec, run_dir, target) | {"part_s": part_s})
             run.rows.sort(key=lambda row: row["step"])
             self.save()
             self.say(f"{run.run_name}: step {target}: " + ", ".join(
@@ -244,7 +246,7 @@ class TrainedSweep:
         graph, backend = open_sampler(spec, run_build_dir(run_dir), weights, f"{path} ({entry})", self.options.backend,
                                       self.options.n * (2 if config.cfg != 1 else 1), run_dir)
         try:
-            images, sample_s = run_sample(backend, graph, labels, config, run_dir / "samples" / f"{step:07d}", None,
+            images, _ = run_sample(backend, graph, labels, config, run_dir / "samples" / f"{step:07d}", None,
                                           {"checkpoint": f"{path} ({entry})", "spec": spec.name})
         finally:
             backend.close()
@@ -388,7 +390,7 @@ def summary(runs: list[PointRun], sweep: Sweep) -> dict:
                            "accuracy": s.mean.get("accuracy", [float("nan")])[-1], **s.cost})
     return {"quality": key, "points": points,
             f"spearman_{key}_gmac": spearman([p["gmac_per_image"] for p in points], [p[key] for p in points]),
-            "train_s": sum(r.rows[-1]["train_s"] for r in runs if r.rows),
+            "train_s": sum(row["part_s"] for r in runs for row in r.rows),
             "sample_s": sum(row["sample_s"] for r in runs for row in r.rows),
             "eval_s": sum(row["eval_s"] for r in runs for row in r.rows)}
 
