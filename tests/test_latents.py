@@ -113,11 +113,15 @@ def _train(files: Path, out: Path, *extra: str) -> int:
                  "--steps", "5", "--out", str(out), *extra])
 
 
+def _losses(run: Path) -> list[float]:
+    return [float(line.split(",")[1]) for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+
+
 def test_train_five_steps_then_sample_decodes_with_the_run_vae(files, cache, tmp_path, capsys):
     assert _train(files, tmp_path / "run", "--backend", "torch") == 0
     config = json.loads((tmp_path / "run" / "run.json").read_text())["config"]
     assert config["vae"] == str((files / "vae").resolve()) and config["encode"] == "cached"
-    losses = [float(line.split(",")[1]) for line in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]]
+    losses = _losses(tmp_path / "run")
     assert len(losses) == 5 and all(np.isfinite(losses))
 
     assert main(["sample", str(tmp_path / "run"), "--steps", "2", "--n", "3", "--backend", "torch"]) == 0
@@ -129,8 +133,11 @@ def test_train_five_steps_then_sample_decodes_with_the_run_vae(files, cache, tmp
     np.testing.assert_allclose(samples["images"], want, rtol=1e-5, atol=1e-5)
 
     assert _train(files, tmp_path / "fly", "--backend", "torch", "--encode", "on-the-fly") == 0
-    fly = [float(line.split(",")[1]) for line in (tmp_path / "fly" / "metrics.csv").read_text().splitlines()[1:]]
-    np.testing.assert_allclose(fly, losses, rtol=1e-4)   # the same draws: the same latents either way
+    np.testing.assert_allclose(_losses(tmp_path / "fly"), losses, rtol=1e-4)   # the same draws: the same latents
+
+    assert _train(files, tmp_path / "resumed", "--backend", "torch", "--steps", "3") == 0
+    assert main(["train", str(SPECS / "tiny.yaml"), "--out", str(tmp_path / "resumed"), "--resume", "--steps", "5"]) == 0
+    np.testing.assert_array_equal(_losses(tmp_path / "resumed"), losses)   # the run's VAE, flips and samples go on
 
 
 @needs_nntile

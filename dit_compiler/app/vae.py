@@ -42,13 +42,21 @@ def load_vae(vae_dir: Path):
     for name in WEIGHT_FILES:
         if (vae_dir / name).exists():
             regular_size(vae_dir / name, None, "VAE weights")
+    diffusers = import_diffusers()
+    verbosity = diffusers.utils.logging.get_verbosity()
+    # diffusers' messages while it looks for the weights ("An error occurred while trying to fetch" the
+    # safetensors, "Defaulting to unsafe serialization" of a `.bin` torch reads weights-only) are not the
+    # user's: what is wrong is reported below, in one line
+    diffusers.utils.logging.set_verbosity(diffusers.utils.logging.CRITICAL)
     try:
-        vae, info = import_diffusers().AutoencoderKL.from_pretrained(str(vae_dir), low_cpu_mem_usage=False,
-                                                                     output_loading_info=True)
+        vae, info = diffusers.AutoencoderKL.from_pretrained(str(vae_dir), low_cpu_mem_usage=False,
+                                                            output_loading_info=True)
     except Exception as error:   # diffusers raises OSError, ValueError, JSON and safetensors errors...
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UsageError(f"--vae {vae_dir}: not a diffusers AutoencoderKL folder with its weights ({first})") \
             from None
+    finally:
+        diffusers.utils.logging.set_verbosity(verbosity)
     unfit = info["missing_keys"] or info["mismatched_keys"]
     if unfit:
         raise UsageError(f"--vae {vae_dir}: not a diffusers AutoencoderKL folder with its weights (its weights lack "

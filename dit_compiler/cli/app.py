@@ -20,6 +20,7 @@ from dit_compiler.app.distributed import LAUNCHED_BY_DITC, joined, world_from_en
 from dit_compiler.app.evaluate import (digits_classifier, features_distance, format_table, score_digits, warn_if_few,
                                        write_table)
 from dit_compiler.app.launch import launch
+from dit_compiler.app.vae import check_vae, load_vae
 from dit_compiler.cli.args import (MAX_SEED, check_folder_arg, integer, memory_size, number, path, runner_target,
                                    spec_and_dir, workers)
 from dit_compiler.compiler.build import compile_spec, graph_of, write_build
@@ -82,8 +83,6 @@ def _vae_folder(path: str | None) -> Path | None:
     """--vae: a diffusers AutoencoderKL folder, read now, so that one that is not is refused before sampling."""
     folder = _input_folder(path, "--vae", "config.json")
     if folder is not None:
-        from dit_compiler.app.vae import load_vae
-
         load_vae(folder)
     return folder
 
@@ -409,7 +408,6 @@ def _sample_config(args, graph, cfg: float | None = None):
 
 def cmd_sample(args) -> int:
     from dit_compiler.app.sample import run_sample
-    from dit_compiler.app.vae import check_vae
 
     vae = _sample_vae(args)
     with tempfile.TemporaryDirectory() as tmp:
@@ -495,7 +493,6 @@ def cmd_evaluate(args) -> int:
         rows.append({"cfg": _samples_cfg(samples_file)} | score(images, labels) | {"samples": str(samples_file)})
     else:
         from dit_compiler.app.sample import run_sample, sample_labels
-        from dit_compiler.app.vae import check_vae
 
         with tempfile.TemporaryDirectory() as tmp:
             graph, backend, source, out = _open_model(
