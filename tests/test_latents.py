@@ -136,7 +136,8 @@ def test_train_five_steps_then_sample_decodes_with_the_run_vae(files, cache, tmp
     np.testing.assert_allclose(_losses(tmp_path / "fly"), losses, rtol=1e-4)   # the same draws: the same latents
 
     assert _train(files, tmp_path / "resumed", "--backend", "torch", "--steps", "3") == 0
-    assert main(["train", str(SPECS / "tiny.yaml"), "--out", str(tmp_path / "resumed"), "--resume", "--steps", "5"]) == 0
+    assert main(["train", str(SPECS / "tiny.yaml"), "--out", str(tmp_path / "resumed"), "--resume",
+                 "--steps", "5"]) == 0
     np.testing.assert_array_equal(_losses(tmp_path / "resumed"), losses)   # the run's VAE, flips and samples go on
 
 

@@ -115,7 +115,8 @@ def check_fits(data: Dataset, expect: ImageShape) -> None:
     if (h, w) != (expect.size, expect.size):
         raise UsageError(f"{data.source}: images are {h}x{w}, the spec's model takes {expect.size}x{expect.size}")
     if c != expect.channels:
-        hint = "; to train on their VAE latents add --vae VAE_DIR" if expect.channels >= LATENT_CHANNELS and c <= 3 else ""
+        latent = expect.channels >= LATENT_CHANNELS and c <= 3
+        hint = "; to train on their VAE latents add --vae VAE_DIR" if latent else ""
         raise UsageError(f"{data.source}: images have {c} channel(s), the spec's model takes {expect.channels}{hint}")
     # pixels in [-1, 1], the range the samplers start from; latents (4+ channels, as DiT's VAE scales them)
     # about unit variance: a value past LATENT_BOUND is a mistake, not a latent

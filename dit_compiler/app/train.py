@@ -1,7 +1,8 @@
 """`ditc train`: DiT's training loop over any backend, with checkpoints that resume exactly.
 
-Per step, on the host: the next full batch from the loader, timesteps uniform in [0, 1000), Gaussian
-noise, label dropout (a label becomes the null class `num_classes` with the spec's
+Per step, on the host: the next full batch from the loader (with `--vae`, its images' latents, each
+flipped or not and sampled from the VAE's posterior: `dit_compiler.app.latents`), timesteps uniform in
+[0, 1000), Gaussian noise, label dropout (a label becomes the null class `num_classes` with the spec's
 `class_dropout_prob`), `q_sample`; the backend's forward; DiT's loss and its gradient with respect to
 the output (`dit_compiler.app.diffusion.losses`); the backend's backward, AdamW step and EMA update. All the
 host's draws come from one numpy generator seeded with `--seed`, the data order from the loader's

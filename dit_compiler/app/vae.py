@@ -18,7 +18,7 @@ import numpy as np
 
 from dit_compiler.compiler.targets.torch import import_diffusers
 from dit_compiler.errors import UsageError, shown
-from dit_compiler.userfiles import MAX_METADATA, read_json, regular_size
+from dit_compiler.userfiles import MAX_METADATA, available_memory, read_json, regular_size
 
 #: The weight files diffusers reads from a model folder (safetensors first; `.bin` through torch's
 #: weights-only loader, which runs no code).
@@ -31,8 +31,9 @@ CHUNK = 16
 def load_vae(vae_dir: Path):
     """The AutoencoderKL, read once per process (the commands read it before sampling or training, so a
     folder that is not one is refused before any work). Refused: a config.json that is not an
-    AutoencoderKL's (or over 1 MiB), weights that are not regular files, and weights that do not fill
-    the model its config describes (diffusers would leave the rest randomly initialised, with a warning)."""
+    AutoencoderKL's (or over 1 MiB), weight files that are not regular files or larger than the machine's
+    memory, and weights that do not fill the model its config describes (diffusers would leave the rest
+    randomly initialised, with a warning)."""
     config = read_json(vae_dir / "config.json", MAX_METADATA, "VAE config")
     kind = config.get("_class_name") if isinstance(config, dict) else None
     if kind != "AutoencoderKL":
@@ -41,7 +42,7 @@ def load_vae(vae_dir: Path):
                          "stabilityai/sd-vae-ft-ema")
     for name in WEIGHT_FILES:
         if (vae_dir / name).exists():
-            regular_size(vae_dir / name, None, "VAE weights")
+            regular_size(vae_dir / name, available_memory(), "VAE weights")
     diffusers = import_diffusers()
     verbosity = diffusers.utils.logging.get_verbosity()
     # diffusers' messages while it looks for the weights ("An error occurred while trying to fetch" the
