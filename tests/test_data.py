@@ -100,12 +100,12 @@ def _numbered(n: int) -> Dataset:
 
 def test_loader_full_batches_shuffled_per_epoch_remainder_wraps():
     loader = BatchLoader(_numbered(10), batch=4, seed=0)
-    seen = np.concatenate([loader.next()[1] for _ in range(5)])    # 20 images: exactly two epochs
+    seen = np.concatenate([loader.next() for _ in range(5)])    # 20 images: exactly two epochs
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
     assert list(seen[:10]) != list(seen[10:])
     assert loader.state() == {"seed": 0, "epoch": 2, "position": 0}
     small = BatchLoader(_numbered(3), batch=8, seed=0)              # smaller than a batch: still full batches
-    assert len(small.next()[1]) == 8
+    assert len(small.next()) == 8
 
 
 def test_loader_state_restores_the_order_exactly():
@@ -113,11 +113,11 @@ def test_loader_state_restores_the_order_exactly():
     for _ in range(3):
         first.next()
     state = first.state()
-    expected = [first.next()[1] for _ in range(4)]
+    expected = [first.next() for _ in range(4)]
     second = BatchLoader(_numbered(10), batch=4, seed=5)
     second.load_state(state)
     for want in expected:
-        np.testing.assert_array_equal(second.next()[1], want)
+        np.testing.assert_array_equal(second.next(), want)
 
 
 def test_train_cli_rejects_bad_data_before_writing(tmp_path, capsys):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -40,6 +41,11 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def batch(self, index: np.ndarray, rng: np.random.Generator, rows: np.ndarray) -> np.ndarray:
+        """The images at `index` (a training batch; `rng` and `rows` are for data drawn per step, as
+        `latents.LatentDataset`'s)."""
+        return self.images[index]
 
 
 @dataclass(frozen=True)
@@ -109,7 +115,9 @@ def check_fits(data: Dataset, expect: ImageShape) -> None:
     if (h, w) != (expect.size, expect.size):
         raise UsageError(f"{data.source}: images are {h}x{w}, the spec's model takes {expect.size}x{expect.size}")
     if c != expect.channels:
-        raise UsageError(f"{data.source}: images have {c} channel(s), the spec's model takes {expect.channels}")
+        latent = expect.channels >= LATENT_CHANNELS and c <= 3
+        hint = "; to train on their VAE latents add --vae VAE_DIR" if latent else ""
+        raise UsageError(f"{data.source}: images have {c} channel(s), the spec's model takes {expect.channels}{hint}")
     # pixels in [-1, 1], the range the samplers start from; latents (4+ channels, as DiT's VAE scales them)
     # about unit variance: a value past LATENT_BOUND is a mistake, not a latent
     bound = 1.0 if c < LATENT_CHANNELS else LATENT_BOUND
@@ -118,9 +126,14 @@ def check_fits(data: Dataset, expect: ImageShape) -> None:
         kind = "pixel values" if c < LATENT_CHANNELS else "latents"
         raise UsageError(f"{data.source}: images hold values from {low:g} to {high:g}; allowed as {kind}: "
                          f"-{bound:g} to {bound:g} (or uint8 pixels 0..255)")
-    bad = (data.labels < 0) | (data.labels >= expect.num_classes)
+    check_labels(data.labels, data.source, expect)
+
+
+def check_labels(labels: np.ndarray, source: str, expect: ImageShape) -> None:
+    """Refuse (UsageError naming `source`) a label outside the model's classes."""
+    bad = (labels < 0) | (labels >= expect.num_classes)
     if bad.any():
-        raise UsageError(f"{data.source}: label {int(data.labels[bad][0])} is out of range; allowed: "
+        raise UsageError(f"{source}: label {int(labels[bad][0])} is out of range; allowed: "
                          f"0..{expect.num_classes - 1} (the spec's num_classes {expect.num_classes})")
 
 
@@ -149,9 +162,11 @@ def _load_npz(path: Path) -> Dataset:
     return Dataset(_scaled(images, str(path)).transpose(0, 3, 1, 2).copy(), labels.astype(np.int64), str(path))
 
 
-def _read_image(file: Path) -> np.ndarray:
-    """One 8-bit image file as [H, W, C] uint8 (palette images become RGB or RGBA). A file of more than
-    PIL's MAX_IMAGE_PIXELS (89 million: a decompression bomb, or no image a DiT trains on) is refused."""
+def read_image(file: Path, fit: Callable | None = None) -> np.ndarray:
+    """One 8-bit image file as [H, W, C] uint8 (palette images become RGB or RGBA; `fit`, a function of
+    the PIL image, instead makes what a VAE takes of it). A file of more than PIL's MAX_IMAGE_PIXELS (89
+    million: a decompression bomb, or no image a DiT trains on) is refused, and so is one PIL cannot
+    decode, naming it."""
     from PIL import Image
 
     regular_size(file, None, "image")
@@ -159,6 +174,8 @@ def _read_image(file: Path) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(file) as image:
+                if fit is not None:
+                    image = fit(image)
                 image = image.convert("L") if image.mode == "1" else image
                 if image.mode == "P":
                     image = image.convert("RGBA" if "transparency" in image.info else "RGB")
@@ -179,7 +196,7 @@ def _read_images(files: list[Path]) -> list[np.ndarray]:
     """Image files of one size and channel count, as [H, W, C] uint8 arrays."""
     images: list[np.ndarray] = []
     for file in files:
-        array = _read_image(file)
+        array = read_image(file)
         if images and array.shape != images[0].shape:
             raise UsageError(f"{file}: {array.shape[1]}x{array.shape[0]} with {array.shape[2]} channel(s), "
                              f"unlike the folder's first image ({images[0].shape[1]}x{images[0].shape[0]}, "
@@ -193,10 +210,16 @@ def _image_files(folder: Path, recursive: bool = False) -> list[Path]:
     return sorted(f for f in found if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def _load_folder(path: Path) -> Dataset:
-    """One sub-folder per class, classes numbered in the sorted order of their names."""
+def class_files(path: Path) -> list[tuple[int, Path]]:
+    """The image files of a folder with one sub-folder per class, as (label, file): classes numbered in the
+    sorted order of their names (as torchvision's ImageFolder numbers them), files sorted by name."""
     classes = sorted(p for p in path.iterdir() if p.is_dir())
-    files = [(label, f) for label, folder in enumerate(classes) for f in _image_files(folder)]
+    return [(label, f) for label, folder in enumerate(classes) for f in _image_files(folder)]
+
+
+def _load_folder(path: Path) -> Dataset:
+    """One sub-folder per class (`class_files`)."""
+    files = class_files(path)
     images = _read_images([f for _, f in files])
     if not images:
         return Dataset(np.zeros((0, 0, 0, 0), np.float32), np.zeros(0, np.int64), str(path))
@@ -222,7 +245,8 @@ def load_images(source: str) -> np.ndarray:
 
 
 class BatchLoader:
-    """Full batches of `batch` images in a shuffled order that a small state restores exactly.
+    """Full batches of `batch` images (their indices in the dataset) in a shuffled order that a small state
+    restores exactly.
 
     Epoch e visits the images in the order `default_rng([seed, e]).permutation(N)`. The remainder
     wraps: a batch that runs past an epoch's end takes its rest from the start of the next epoch's
@@ -238,8 +262,8 @@ class BatchLoader:
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
 
-    def next(self) -> tuple[np.ndarray, np.ndarray]:
-        """The next batch: images [batch, C, H, W] float32 and labels [batch] int64."""
+    def next(self) -> np.ndarray:
+        """The indices of the next batch's images in the dataset ([batch] int64)."""
         picked = []
         need = self.batch
         while need:
@@ -250,8 +274,7 @@ class BatchLoader:
             if self.position == len(self._order):
                 self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._permutation(self.epoch)
-        index = np.concatenate(picked)
-        return self.dataset.images[index], self.dataset.labels[index]
+        return np.concatenate(picked)
 
     def state(self) -> dict:
         return {"seed": self.seed, "epoch": self.epoch, "position": self.position}

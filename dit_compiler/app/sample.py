@@ -10,7 +10,6 @@ writes its latents and a per-channel preview instead of images.
 """
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import time
@@ -26,16 +25,15 @@ from dit_compiler.app.diffusion import guided
 from dit_compiler.app.diffusion.objective import objective_of
 from dit_compiler.app.diffusion.sampling import CfgChannels, ModelFn
 from dit_compiler.app.progress import Progress, counted
+from dit_compiler.app.vae import decode_latents
 from dit_compiler.compiler.build import compile_spec, graph_of, write_build
 from dit_compiler.compiler.graph.ir import Graph
 from dit_compiler.compiler.spec.model import SampleSpec, Spec
-from dit_compiler.compiler.targets.torch import import_diffusers
 from dit_compiler.errors import UsageError
 from dit_compiler.files import write_atomic, write_text_atomic
 
 #: The largest batch a sampling variant is compiled for; more rows a step run through it in chunks.
 MAX_SAMPLING_BATCH = 1024
-VAE_SCALE = 0.18215   # DiT's latent scale: decode `latents / 0.18215`
 #: The kind of folder `ditc sample` writes (its marker, `files.OUTPUT_MARKER`, says so).
 SAMPLES = "samples"
 
@@ -141,39 +139,6 @@ def generate(backend: Backend, graph: Graph, labels: np.ndarray, config: SampleC
     finally:
         progress.close()
     return x.astype(np.float32)
-
-
-@functools.lru_cache(maxsize=1)
-def load_vae(vae_dir: Path):
-    """The AutoencoderKL, read once per process (the commands read it before sampling, so a folder that
-    is not one is refused before any work; `ditc evaluate` decodes once per guidance scale)."""
-    try:
-        return import_diffusers().AutoencoderKL.from_pretrained(str(vae_dir), low_cpu_mem_usage=False).eval()
-    except Exception as error:   # diffusers raises OSError, ValueError, JSON and safetensors errors...
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UsageError(f"--vae {vae_dir}: not a diffusers AutoencoderKL folder with its weights ({first})") \
-            from None
-
-
-def check_vae(vae_dir: Path, channels: int):
-    """The AutoencoderKL in `vae_dir`, loaded (a folder without weights, or for other latents, is refused
-    before any sampling) and checked to decode `channels`-channel latents."""
-    vae = load_vae(Path(vae_dir))
-    if vae.config.latent_channels != channels:
-        raise UsageError(f"--vae {vae_dir}: decodes {vae.config.latent_channels}-channel latents, the model makes "
-                         f"{channels} channels")
-    return vae
-
-
-def decode_latents(latents: np.ndarray, vae_dir: Path, chunk: int = 16) -> np.ndarray:
-    """A diffusers AutoencoderKL folder decodes `latents / 0.18215` to images in about [-1, 1]."""
-    import torch
-
-    vae = check_vae(vae_dir, latents.shape[1])
-    with torch.no_grad():
-        parts = [vae.decode(torch.from_numpy(latents[i:i + chunk] / VAE_SCALE).float()).sample.numpy()
-                 for i in range(0, len(latents), chunk)]
-    return np.concatenate(parts).astype(np.float32)
 
 
 def _to_uint8(images: np.ndarray) -> np.ndarray:

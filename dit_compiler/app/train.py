@@ -1,7 +1,8 @@
 """`ditc train`: DiT's training loop over any backend, with checkpoints that resume exactly.
 
-Per step, on the host: the next full batch from the loader, timesteps uniform in [0, 1000), Gaussian
-noise, label dropout (a label becomes the null class `num_classes` with the spec's
+Per step, on the host: the next full batch from the loader (with `--vae`, its images' latents, each
+flipped or not and sampled from the VAE's posterior: `dit_compiler.app.latents`), timesteps uniform in
+[0, 1000), Gaussian noise, label dropout (a label becomes the null class `num_classes` with the spec's
 `class_dropout_prob`), `q_sample`; the backend's forward; DiT's loss and its gradient with respect to
 the output (`dit_compiler.app.diffusion.losses`); the backend's backward, AdamW step and EMA update. All the
 host's draws come from one numpy generator seeded with `--seed`, the data order from the loader's
@@ -47,7 +48,8 @@ from typing import TextIO
 import numpy as np
 
 from dit_compiler.app.backend import AUTO, load_into, open_backend
-from dit_compiler.app.data import DIGITS, DIGITS_SHAPE, BatchLoader, ImageShape, load_dataset
+from dit_compiler.app.data import DIGITS, DIGITS_SHAPE, BatchLoader, Dataset, ImageShape, load_dataset
+from dit_compiler.app.latents import ENCODINGS, LatentDataset, load_latent_folder
 from dit_compiler.app.diffusion.objective import objective_of
 from dit_compiler.app.distributed import World, digest
 from dit_compiler.app.progress import Progress, counted
@@ -78,6 +80,8 @@ class TrainConfig(TrainSpec):
 
     backend: str = "auto"
     init: str | None = None   # `--init`: the checkpoint a new run starts from (None: DiT's initialisation)
+    vae: str | None = None    # `--vae`: the AutoencoderKL folder (absolute) that encodes an image folder
+    encode: str = "cached"    # `--encode`: how (`latents.ENCODINGS`)
 
     def ema_decay_at(self, updates: int) -> float:
         return min(self.ema_decay, (1 + updates) / (10 + updates)) if self.ema_warmup else self.ema_decay
@@ -118,9 +122,16 @@ def _run_problem(record) -> str | None:
         return "`config` is not an object"
     if not isinstance(config.get("backend", AUTO), str):   # a name open_backend does not know is refused there
         return f"config.backend: not a backend's name (got {shown(config['backend'])})"
+    if not isinstance(config.get("vae"), (str, type(None))) or config.get("encode", ENCODINGS[0]) not in ENCODINGS:
+        return f"config.vae or config.encode is not a VAE folder and one of {', '.join(ENCODINGS)}"
     train_keys = {f.name for f in fields(TrainSpec)}
     problems = section_problems("train", {k: v for k, v in config.items() if k in train_keys})
     return f"config.{problems[0]}" if problems else None
+
+
+def run_vae(run_dir: Path) -> str | None:
+    """The AutoencoderKL folder the run's latents came from (`train --vae`), None for a run without one."""
+    return _read_run(run_dir)["config"].get("vae")
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -196,7 +207,7 @@ def check_run(spec, run_dir: Path, config: TrainConfig, resume: bool):
                          f"and the built-in `{DIGITS}` (train.data's default) are {DIGITS_SHAPE.channels}-channel "
                          f"{DIGITS_SHAPE.size}x{DIGITS_SHAPE.size}: this spec needs --data (an .npz with `images` and "
                          "`labels`, or a folder with a sub-folder of images per class) or train.data set")
-    data = load_dataset(config.data, shape)
+    data = training_data(config, shape)
     if config.init and not resume:
         init_weights(Path(config.init), build)
     existing = checkpoints(run_dir) if run_dir.is_dir() else []
@@ -221,6 +232,16 @@ def check_run(spec, run_dir: Path, config: TrainConfig, resume: bool):
         raise UsageError(f"{run_dir}: already holds a run (last checkpoint {existing[-1].name}); pass --resume "
                          "to continue it, or another --out")
     return data, build, None
+
+
+def training_data(config: TrainConfig, shape: ImageShape) -> Dataset | LatentDataset:
+    """The run's dataset: `--data` as it is, or (with `--vae`) an image folder's VAE latents."""
+    if config.vae is None:
+        return load_dataset(config.data, shape)
+    if not Path(config.data).is_dir():
+        raise UsageError(f"--vae {config.vae}: encodes a folder of images (a sub-folder per class); --data "
+                         f"{config.data} is not a folder: drop --vae to train on its images as they are")
+    return load_latent_folder(Path(config.data), Path(config.vae), shape, config.encode)
 
 
 def check_train_state(ckpt: dict, path: Path) -> None:
@@ -432,12 +453,14 @@ def _train(spec, run_dir: Path, config: TrainConfig, resume: bool, stream: TextI
             undo = prepared
     else:
         graph = graph_of(spec)
-        data = load_dataset(config.data, ImageShape.of_graph(graph))
-    world.barrier()   # the other ranks read the build and the checkpoint once rank 0 has checked them
+    world.barrier()   # the other ranks read the build, the checkpoint and a latent cache once rank 0 has checked them
+    if not lead:
+        data = training_data(config, ImageShape.of_graph(graph))
     build_dir = run_build_dir(run_dir)
     shape = ImageShape.of_graph(graph)
     batch = graph.axes["batch"].size
     global_batch, mine = batch * world.size * config.accumulation, world.slice(batch)
+    my_rows = np.concatenate(list(micro_batches(global_batch, config.accumulation, mine)))
     dropout = graph.spec.model.class_dropout_prob
     objective = objective_of(spec.diffusion)
     loader = BatchLoader(data, global_batch, config.seed)
@@ -496,7 +519,8 @@ def _train(spec, run_dir: Path, config: TrainConfig, resume: bool, stream: TextI
         with _StopSignals() as stop:
             while step < end and signum is None:
                 began = time.perf_counter()
-                x0, y = loader.next()   # the global batch's draws, then this rank's slice of them
+                index = loader.next()   # the global batch's draws, then this rank's slice of them
+                x0, y = data.batch(index, rng, my_rows), data.labels[index]
                 t = objective.draw(rng, global_batch)
                 noise = rng.standard_normal(x0.shape)
                 if dropout > 0:

@@ -18,6 +18,7 @@ import numpy as np
 from dit_compiler.app.distributed import LAUNCHED_BY_DITC, joined, world_from_env
 from dit_compiler.app.evaluate import format_table, make_scorer, write_table
 from dit_compiler.app.launch import launch
+from dit_compiler.app.vae import check_vae, load_vae
 from dit_compiler.cli.args import (MAX_SEED, check_folder_arg, integer, memory_size, number, path, runner_target,
                                    spec_and_dir, workers)
 from dit_compiler.compiler.build import compile_spec, graph_of, write_build
@@ -80,10 +81,26 @@ def _vae_folder(path: str | None) -> Path | None:
     """--vae: a diffusers AutoencoderKL folder, read now, so that one that is not is refused before sampling."""
     folder = _input_folder(path, "--vae", "config.json")
     if folder is not None:
-        from dit_compiler.app.sample import load_vae
-
         load_vae(folder)
     return folder
+
+
+def _sample_vae(args) -> Path | None:
+    """--vae; without it, the VAE a training run (the target) encoded its images with (`train --vae`), where
+    that folder still is."""
+    from dit_compiler.app.train import RUN_FILE, run_vae
+
+    if args.vae or not os.path.lexists(Path(args.target) / RUN_FILE):
+        return _vae_folder(args.vae)
+    recorded = run_vae(Path(args.target))
+    if recorded is None:
+        return None
+    if not Path(recorded).is_dir():
+        print(f"note: {args.target} was trained on the latents of the VAE {recorded}, which is not there any more: "
+              "pass --vae DIR to decode", file=sys.stderr)
+        return None
+    print(f"decoding with the VAE the run trained with: {recorded} (--vae DIR for another)", file=sys.stderr)
+    return _vae_folder(recorded)
 
 
 def add_commands(sub) -> None:
@@ -92,6 +109,13 @@ def add_commands(sub) -> None:
     s.add_argument("target", metavar="SPEC_OR_BUILD_DIR", help="a spec file or a build folder `ditc build` wrote")
     s.add_argument("--data", type=path, help="`digits` (built in, the default), an .npz with images and labels, or a "
                                   "folder with a sub-folder of images per class")
+    s.add_argument("--vae", type=path, metavar="VAE_DIR",
+                   help="a diffusers AutoencoderKL folder: --data FOLDER's images, centre-cropped to the spec's "
+                        "input_size times the VAE's downsampling, randomly flipped, train as its latents (as DiT's "
+                        "train.py); recorded in the run, so `ditc sample RUN` decodes with it")
+    s.add_argument("--encode", choices=("cached", "on-the-fly"),
+                   help="with --vae: encode every image once (both flips) into a cache later runs reuse, or each "
+                        "step's images as the step runs (default cached)")
     s.add_argument("--steps", type=integer(1, MAX_STEPS), help="total training steps (default 4000)")
     s.add_argument("--lr", type=number(0.0, 1.0, above=True),
                    help="AdamW learning rate, more than 0 to 1 (default: the spec's train.lr, DiT's 1e-4)")
@@ -221,11 +245,16 @@ def cmd_train(args) -> int:
                          f"allowed: at most {cores() // args.nproc} a rank")
     overrides = {k: getattr(args, k) for k in ("data", "steps", "lr", "weight_decay", "ema_decay", "ema_warmup",
                                                "backend", "seed", "ckpt_every", "lr_schedule", "warmup_steps",
-                                               "grad_clip", "accumulation", "init")}
+                                               "grad_clip", "accumulation", "init", "encode")}
+    if args.vae:
+        overrides["vae"] = str(_vae_folder(args.vae).resolve())   # recorded: sampling finds it from anywhere
     if args.init and args.resume:
         raise UsageError(f"--init {args.init}: starts a new run from weights, --resume continues {run_dir} from its "
                          "checkpoint; drop one")
     config = resolve_config(run_dir, overrides, args.resume, spec)
+    if args.encode and config.vae is None:
+        raise UsageError(f"--encode {args.encode}: how --vae encodes an image folder; without --vae the images "
+                         "train as they are (add --vae VAE_DIR, or drop --encode)")
     with _threads(args):
         return _train(args, spec, run_dir, config, world)
 
@@ -365,9 +394,9 @@ def _sample_config(args, graph, cfg: float | None = None):
 
 
 def cmd_sample(args) -> int:
-    from dit_compiler.app.sample import check_vae, run_sample
+    from dit_compiler.app.sample import run_sample
 
-    vae = _vae_folder(args.vae)
+    vae = _sample_vae(args)
     with tempfile.TemporaryDirectory() as tmp:
         graph, backend, source, out = _open_model(
             args, tmp, lambda spec: _rows(len(_labels(args, spec)), [args.cfg or spec.sample.cfg]),
@@ -422,7 +451,7 @@ def _samples_cfg(samples_file: Path) -> float | None:
 
 
 def cmd_evaluate(args) -> int:
-    vae = _vae_folder(args.vae)
+    vae = _sample_vae(args)
     score = _scorer(args)
     target = Path(args.target)
     samples_file = target / "samples.npz" if target.is_dir() else target
@@ -434,7 +463,7 @@ def cmd_evaluate(args) -> int:
         out = _output_folder(Path(args.out) if args.out else samples_file.parent, "--out", EVALUATE_KINDS)
         rows.append({"cfg": _samples_cfg(samples_file)} | score(images, labels) | {"samples": str(samples_file)})
     else:
-        from dit_compiler.app.sample import check_vae, run_sample, sample_labels
+        from dit_compiler.app.sample import run_sample, sample_labels
 
         with tempfile.TemporaryDirectory() as tmp:
             graph, backend, source, out = _open_model(
