@@ -24,7 +24,7 @@ TARGETS = PACKAGE / "compiler" / "targets"
 #: serve one command each (`python -X importtime`, 2-core EPYC).
 #: Function-local imports kept for another reason than start-up time, each with it.
 DELIBERATE = {("dit_compiler.__main__", "dit_compiler.cli"): "a Ctrl-C while ditc's modules import exits 130"}
-HEAVY = {"torch", "diffusers", "matplotlib", "sklearn", "nntile", "PIL", "tqdm", "safetensors"}
+HEAVY = {"torch", "diffusers", "matplotlib", "sklearn", "nntile", "PIL", "tqdm", "safetensors", "scipy"}
 
 
 @dataclass
