@@ -459,7 +459,7 @@ def plot_results(runs: list[PointRun], sweep: Sweep, out: Path) -> list[Path]:
                     marker=marker, color=colours[s.colour], capsize=3, ls="none")
     rho = spearman([s.cost["gmac_per_image"] for s in all_series], [s.mean[key][-1] for s in all_series])
     ax.set(xscale="log", yscale="log", xlabel="forward GMACs per image", ylabel=label,
-           title=f"at the last step; Spearman rho {rho:.2f}")
+           title=f"at each point's last evaluation; Spearman rho {rho:.2f}")
     ax.grid(alpha=0.3, which="both")
     legend(ax)
     written.append(save(fig, "plot-gmacs.png"))
