@@ -224,7 +224,7 @@ def verify(graph: Graph, build_dir: Path, *, seed: int = 0, ncpus: int = 2, orac
     if oracle:
         from dit_compiler.checks.oracle import check_against_diffusers
 
-        progress("torch reference against diffusers' DiTTransformer2DModel")
+        progress("torch reference against diffusers")
         clock = time.perf_counter()
         result = check_against_diffusers(graph, model, inputs)
         oracle_result = result if isinstance(result, str) else asdict(result)
@@ -294,7 +294,7 @@ def format_report(report: Report, header: bool = True) -> str:
         lines.append(f"NNTile model not run: {report.nntile}")
     if isinstance(report.oracle, dict):
         o = report.oracle
-        lines.append(f"torch reference vs diffusers DiTTransformer2DModel: forward {o['forward']:.2e}, "
+        lines.append(f"torch reference vs diffusers {o['oracle']}: forward {o['forward']:.2e}, "
                      f"input grad {o['input_grad']:.2e}, param grad {o['param_grad']:.2e}")
     elif report.oracle:
         lines.append(f"torch reference vs diffusers: skipped ({report.oracle})")
