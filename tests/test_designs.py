@@ -1,0 +1,102 @@
+"""The DiT paper's Figure 5 block designs (`model.conditioning`): each lowered, its torch reference against
+diffusers (the whole DiTTransformer2DModel, or block 0 against BasicTransformerBlock), and NNTile against
+the reference on tiny specs whose every tiled axis, the context included, is ragged and multi-tile."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import needs_nntile
+from dit_compiler.checks import oracle as oracle_module
+from dit_compiler.checks.common import make_inputs, randomize_
+from dit_compiler.checks.oracle import check_against_diffusers
+from dit_compiler.checks.verify import FORWARD_TOL, GRAD_TOL, MODEL_ROW, verify
+from dit_compiler.compiler.build import compile_spec, load_module, write_build
+from dit_compiler.compiler.spec import SpecError, load_spec_data
+from dit_compiler.compiler.spec.model import ModelSpec, Spec, TilingSpec
+
+pytest.importorskip("diffusers")
+
+DESIGNS = ("adaln_zero", "adaln", "in_context", "cross_attention")
+TINY = dict(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+#: Ragged tiles on every tiled axis: tokens 16 (in_context 18) by 6, hidden 64 by 24, MLP 256 by 96,
+#: batch 3 by 2, the context's 2 tokens by 1.
+RAGGED = TilingSpec(batch=2, tokens=6, hidden=24, mlp=96, heads=2)
+
+
+def spec_of(design: str, tiling: TilingSpec = RAGGED) -> Spec:
+    if design == "cross_attention" and tiling.context == "auto":
+        tiling = TilingSpec(**{**tiling.__dict__, "context": 1})
+    return Spec(name=f"t-{design}", source="t.yaml", model=ModelSpec(**TINY, conditioning=design), batch=3,
+                tiling=tiling)
+
+
+def reference_of(tmp_path, design: str):
+    built = compile_spec(spec_of(design))
+    folder = write_build(built, tmp_path)
+    model = load_module(folder / "torch_reference.py").Model()
+    randomize_(model, 0)
+    return built.graph, model
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_the_reference_matches_diffusers(tmp_path, design):
+    """Every weight random (adaln's gates are 1 by definition: weight 0, bias 1 in diffusers' rows)."""
+    graph, model = reference_of(tmp_path, design)
+    report = check_against_diffusers(graph, model, make_inputs(graph, seed=0))
+    assert not isinstance(report, str), report
+    expected = "BasicTransformerBlock (block 0)" if design in ("in_context", "cross_attention") \
+        else "DiTTransformer2DModel"
+    assert report.oracle == expected
+    assert max(report.forward, report.input_grad, report.param_grad) < 1e-6, report
+
+
+def test_the_block_oracle_can_fail(tmp_path, monkeypatch):
+    """The cross-attention's keys mapped onto diffusers' values: the block check sees it."""
+    graph, model = reference_of(tmp_path, "cross_attention")
+    swapped = oracle_module._BLOCK_KEYS | {"cross_attn.k": ("attn2.to_v",), "cross_attn.v": ("attn2.to_k",)}
+    monkeypatch.setattr(oracle_module, "_BLOCK_KEYS", swapped)
+    report = check_against_diffusers(graph, model, make_inputs(graph, seed=0))
+    assert report.forward > 1e-2
+
+
+def test_the_designs_differ_where_the_paper_says(tmp_path):
+    """adaln: 4 modulation chunks, no gates; in_context: 2 more tokens, dropped before the output;
+    cross_attention: a 2-token context every block attends to with its own projections."""
+    for design in DESIGNS:
+        graph = compile_spec(spec_of(design)).graph
+        ops = [n.op for n in graph.nodes if n.block == 0]
+        if design == "adaln":
+            assert "gated_residual" not in ops and ops.count("modulate") == 2
+            assert graph.tensors["blocks.0.adaLN_modulation.1.weight.shift_msa"].source.torch_shape == (4 * 64, 64)
+        if design == "in_context":
+            assert graph.axes["tokens"].size == 18 and graph.axes["patches"].size == 16
+            assert "modulate" not in ops and graph.tensors["final.patches"].shape == (16 * 2, 16, 3)
+        if design == "cross_attention":
+            assert ops.count("cross_attention") == 1 and graph.tensors["context"].shape == (64, 2, 3)
+            assert graph.axes["context"].tile == 1
+
+
+def test_flavor_diffusers_has_no_dit_only_design():
+    with pytest.raises(SpecError) as caught:
+        load_spec_data({"model": {"conditioning": "in_context", "flavor": "diffusers"}})
+    [problem] = caught.value.diagnostics
+    assert problem.key_path == "model.flavor" and "in_context" in problem.message
+
+
+@needs_nntile
+@pytest.mark.nntile
+@pytest.mark.parametrize("design", DESIGNS)
+def test_nntile_matches_the_reference(tmp_path, design):
+    """Forward and backward, per component and end to end, within 1e-6 and 1e-5 (verify's tolerances are
+    1e-5 and 1e-4); the model row also with the memory plan on."""
+    built = compile_spec(spec_of(design))
+    report = verify(built.graph, write_build(built, tmp_path), oracle=False, progress=lambda _: None)
+    assert report.nntile == "ran" and report.passed, report.breach
+    for row in report.rows:
+        assert row.forward <= FORWARD_TOL / 10 and row.input_grad <= GRAD_TOL / 10, row
+        assert row.param_grad is None or row.param_grad <= GRAD_TOL / 10, row
+    components = {row.component for row in report.rows}
+    assert MODEL_ROW in components
+    assert {"in_context": "conditioning tokens", "cross_attention": "cross-attention", "adaln": "adaLN",
+            "adaln_zero": "adaLN-Zero"}[design] in components
