@@ -8,12 +8,12 @@ import torch
 
 from conftest import needs_nntile
 from dit_compiler.checks import oracle as oracle_module
-from dit_compiler.checks.common import make_inputs, randomize_
+from dit_compiler.checks.common import make_inputs, randomize_, rel_error
 from dit_compiler.checks.oracle import check_against_diffusers
 from dit_compiler.checks.verify import FORWARD_TOL, GRAD_TOL, MODEL_ROW, verify
 from dit_compiler.compiler.build import compile_spec, load_module, write_build
 from dit_compiler.compiler.spec import SpecError, load_spec_data
-from dit_compiler.compiler.spec.model import ModelSpec, Spec, TilingSpec
+from dit_compiler.compiler.spec.model import AttentionSpec, ModelSpec, Spec, TilingSpec
 
 pytest.importorskip("diffusers")
 
@@ -24,11 +24,11 @@ TINY = dict(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, nu
 RAGGED = TilingSpec(batch=2, tokens=6, hidden=24, mlp=96, heads=2)
 
 
-def spec_of(design: str, tiling: TilingSpec = RAGGED) -> Spec:
+def spec_of(design: str, tiling: TilingSpec = RAGGED, qk_norm: str = "none") -> Spec:
     if design == "cross_attention" and tiling.context == "auto":
         tiling = TilingSpec(**{**tiling.__dict__, "context": 1})
-    return Spec(name=f"t-{design}", source="t.yaml", model=ModelSpec(**TINY, conditioning=design), batch=3,
-                tiling=tiling)
+    model = ModelSpec(**TINY, conditioning=design, attention=AttentionSpec(qk_norm=qk_norm))
+    return Spec(name=f"t-{design}", source="t.yaml", model=model, batch=3, tiling=tiling)
 
 
 def reference_of(tmp_path, design: str):
@@ -84,13 +84,43 @@ def test_flavor_diffusers_has_no_dit_only_design():
     assert problem.key_path == "model.flavor" and "in_context" in problem.message
 
 
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+def test_qk_norm_normalises_each_heads_queries_and_keys_as_diffusers_attention(kind):
+    """The reference's attention with nn.LayerNorm / nn.RMSNorm over head_dim against diffusers'
+    Attention(qk_norm=...) with the same random weights (its norms included), forward."""
+    from dit_compiler.compiler.targets.torch import import_diffusers
+    from dit_compiler.compiler.targets.torch.functions import attention
+
+    import_diffusers()
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    hf = Attention(query_dim=32, heads=4, dim_head=8, qk_norm=kind, eps=1e-6, bias=True, out_bias=True).eval()
+    norms = {}
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_()
+        for side in "qk":
+            theirs = getattr(hf, f"norm_{side}")
+            ours = torch.nn.LayerNorm(8, eps=1e-6) if kind == "layer_norm" else torch.nn.RMSNorm(8, eps=1e-6)
+            ours.load_state_dict(theirs.state_dict())
+            norms[f"{side}_norm"] = ours
+        x = torch.randn(2, 5, 32)
+        ours = hf.to_out[0](attention(hf.to_q(x), hf.to_k(x), hf.to_v(x), heads=4, **norms))
+        plain = hf.to_out[0](attention(hf.to_q(x), hf.to_k(x), hf.to_v(x), heads=4))
+        expected = hf(x)
+    assert rel_error(ours.numpy(), expected.numpy()) < 1e-6
+    assert rel_error(plain.numpy(), expected.numpy()) > 1e-2     # the norms matter here
+
+
 @needs_nntile
 @pytest.mark.nntile
-@pytest.mark.parametrize("design", DESIGNS)
-def test_nntile_matches_the_reference(tmp_path, design):
+@pytest.mark.parametrize("design, qk_norm", [(d, "none") for d in DESIGNS]
+                         + [("adaln_zero", "rms_norm"), ("cross_attention", "layer_norm")])
+def test_nntile_matches_the_reference(tmp_path, design, qk_norm):
     """Forward and backward, per component and end to end, within 1e-6 and 1e-5 (verify's tolerances are
-    1e-5 and 1e-4); the model row also with the memory plan on."""
-    built = compile_spec(spec_of(design))
+    1e-5 and 1e-4); the model row also with the memory plan on. QK norm in self- and cross-attention."""
+    built = compile_spec(spec_of(design, qk_norm=qk_norm))
     report = verify(built.graph, write_build(built, tmp_path), oracle=False, progress=lambda _: None)
     assert report.nntile == "ran" and report.passed, report.breach
     for row in report.rows:

@@ -90,6 +90,8 @@ def oracle_config(graph: Graph) -> dict | str:
         return f"flavor {flavor!r} has no diffusers counterpart"
     if graph.spec.model.conditioning not in _MODEL_DESIGNS:
         return f"conditioning {graph.spec.model.conditioning}: DiTTransformer2DModel is adaLN-Zero's"
+    if graph.spec.model.attention.qk_norm != "none":
+        return "QK norm: diffusers' DiT has none"
     a = _GraphFacts.of(graph)
     if isinstance(a, str):
         return a
@@ -333,6 +335,8 @@ def build_block(graph: Graph):
     m, ax = graph.spec.model, graph.axes
     if m.flavor != "dit":
         return f"flavor {m.flavor}: the block oracle maps DiT's keys"
+    if m.attention.qk_norm != "none":
+        return "QK norm: diffusers' BasicTransformerBlock has none"
     eps = {n.attrs.eps for n in graph.nodes if n.op == "layer_norm" and n.block == 0}
     if len(eps) != 1:
         return f"block 0's LayerNorms have several eps {sorted(eps)}: BasicTransformerBlock has one norm_eps"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from dit_compiler.compiler.graph.ir import Axis, Graph, Node, ParamSource
-from dit_compiler.compiler.graph.ops import Activation, LabelDrop, Norm, Patch, Sinusoid
+from dit_compiler.compiler.graph.ops import Activation, Heads, LabelDrop, Norm, Patch, Sinusoid
 from dit_compiler.compiler.naming import FINAL_CHUNKS, FLAVORS, TRACE
 from dit_compiler.compiler.spec.model import Spec
 from dit_compiler.compiler.tiling import axis_sizes, out_channels, resolve_tiles
@@ -221,8 +221,28 @@ class Lowering:
     def self_attention(self, h: str, p: str, key_prefix: str, scope: str) -> str:
         """Multi-head self-attention of the tokens `h` (block prefix `p`)."""
         attn = self.act(p + TRACE.attn)
-        self.node("attention", {"x": h} | self.attention_params(key_prefix), {"y": attn}, "attention", f"{scope}.attn")
+        ports = self.attention_params(key_prefix) | self.qk_norm_params(self.keys.qk_norm, key_prefix)
+        self.node("attention", {"x": h} | ports, {"y": attn}, "attention", f"{scope}.attn", self.heads())
         return attn
+
+    def heads(self) -> Heads:
+        """Attention's options: model.attention.qk_norm, with eps model.norm_eps."""
+        m = self.spec.model
+        return Heads(qk_norm=m.attention.qk_norm, qk_eps=m.norm_eps)
+
+    def qk_norm_params(self, keys: tuple[str, str], key_prefix: str) -> dict[str, str]:
+        """QK norm's weights [head_dim] (and biases for layer_norm) at `keys` (the query's and the key's
+        norm modules), or none without QK norm."""
+        kind = self.spec.model.attention.qk_norm
+        if kind == "none":
+            return {}
+        ports = {}
+        for side, key in zip("qk", keys):
+            module = key.format(b=key_prefix)
+            ports[f"{side}_norm_w"] = self.param(f"{module}.weight", ("head_dim",), f"{module}.weight")
+            if kind == "layer_norm":
+                ports[f"{side}_norm_b"] = self.param(f"{module}.bias", ("head_dim",), f"{module}.bias")
+        return {port: ports[port] for port in ("q_norm_w", "q_norm_b", "k_norm_w", "k_norm_b") if port in ports}
 
     def mlp(self, h: str, p: str, key_prefix: str, scope: str) -> str:
         """The pointwise MLP: fc1, the activation, fc2."""

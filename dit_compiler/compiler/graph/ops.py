@@ -54,8 +54,12 @@ class Sinusoid:
 
 @dataclass(frozen=True)
 class Heads:
-    """Attention's multi-head split (cross-attention: its key padding mask's bias, diffusers' -10000)."""
+    """Attention's options: `qk_norm` normalises queries and keys per head over head_dim before the scores
+    (diffusers' Attention(qk_norm=...): LayerNorm with weight and bias, or RMSNorm with weight; eps
+    `qk_eps`); cross-attention adds `mask_bias` (diffusers' -10000) to a padded key's scores."""
 
+    qk_norm: Literal["none", "layer_norm", "rms_norm"] = "none"
+    qk_eps: float = 1e-6
     mask_bias: float = -10000.0
 
 
@@ -107,8 +111,11 @@ class OpKind:
         return self.layer is None
 
 
-_ATTENTION_INPUTS = ("x", "w_q", "w_k", "w_v", "b_q", "b_k", "b_v", "w_o", "b_o")
-_CROSS_ATTENTION_INPUTS = ("x", "context", "mask", "w_q", "w_k", "w_v", "b_q", "b_k", "b_v", "w_o", "b_o")
+#: QK norm's weights and biases [head_dim] (optional ports: present with qk_norm, biases with layer_norm).
+_QK_NORM = ("q_norm_w", "q_norm_b", "k_norm_w", "k_norm_b")
+_ATTENTION_INPUTS = ("x", "w_q", "w_k", "w_v", "b_q", "b_k", "b_v", "w_o", "b_o") + _QK_NORM
+_CROSS_ATTENTION_INPUTS = ("x", "context", "mask", "w_q", "w_k", "w_v", "b_q", "b_k", "b_v", "w_o", "b_o") + _QK_NORM
+_QK_NORM_RULES = tuple(rules.fiber_of(port, f"w_{port[0]}", "head_dim", optional=True) for port in _QK_NORM)
 
 OPS: dict[str, OpKind] = {kind.name: kind for kind in (
     OpKind("patchify", "host: image [N, C, H, W] -> patch vectors [patch_dim, tokens, batch], (c, p, q) order",
@@ -141,17 +148,19 @@ OPS: dict[str, OpKind] = {kind.name: kind for kind in (
     OpKind("gated_residual", "y = x + gate * h, gate broadcast over tokens",
            ("x", "h", "gate"), ("y",), rules.all_of(rules.same("x", "h", "y"), rules.slice_of("gate", "x", "tokens")),
            "gated_residual", "GatedResidual"),
-    OpKind("attention", "multi-head self-attention with q, k, v and output projections",
+    OpKind("attention", "multi-head self-attention with q, k, v and output projections; optional QK norm "
+           "(its weights and biases over head_dim)",
            _ATTENTION_INPUTS, ("y",),
-           rules.all_of(rules.same("x", "y"), *(rules.heads(w, "x") for w in ("w_q", "w_k", "w_v"))),
-           "attention", "Attention", macs=_attention_macs),
+           rules.all_of(rules.same("x", "y"), *(rules.heads(w, "x") for w in ("w_q", "w_k", "w_v")), *_QK_NORM_RULES),
+           "attention", "Attention", attrs=Heads, macs=_attention_macs, optional=_QK_NORM),
     OpKind("cross_attention", "multi-head attention of the tokens x [hidden, tokens, batch] (queries) to a context "
            "[width, context, batch] (keys and values) with q, k, v and output projections; mask [context, batch] "
            "(1 keep, 0 padded; optional) adds mask_bias to a padded key's scores, as diffusers' Attention",
            _CROSS_ATTENTION_INPUTS, ("y",),
            rules.all_of(rules.same("x", "y"), rules.heads("w_q", "x"), rules.heads("w_k", "context"),
-                        rules.heads("w_v", "context"), rules.mask_of("mask", "context")),
-           "cross_attention", "CrossAttention", attrs=Heads, macs=_cross_attention_macs, optional=("mask",)),
+                        rules.heads("w_v", "context"), rules.mask_of("mask", "context"), *_QK_NORM_RULES),
+           "cross_attention", "CrossAttention", attrs=Heads, macs=_cross_attention_macs,
+           optional=("mask",) + _QK_NORM),
     OpKind("append_tokens", "y = [x, a, b] along the token axis: the vectors a and b [hidden, batch] become two "
            "more tokens after x's (without x: y = [a, b])",
            ("x", "a", "b"), ("y",), rules.token_concat("x", ("a", "b"), "y"), "append_tokens", "AppendTokens",

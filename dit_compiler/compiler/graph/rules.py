@@ -52,9 +52,12 @@ def slice_of(small_port: str, big_port: str, axis_dim: str) -> Rule:
     return rule
 
 
-def fiber_of(small_port: str, big_port: str, axis_dim: str) -> Rule:
-    """The small tensor is the big one's `axis_dim` axis alone, tiles included (a per-feature weight)."""
+def fiber_of(small_port: str, big_port: str, axis_dim: str, optional: bool = False) -> Rule:
+    """The small tensor is the big one's `axis_dim` axis alone, tiles included (a per-feature weight);
+    `optional`: no rule where the node leaves the small port out."""
     def rule(graph: Graph, node: Node) -> None:
+        if optional and small_port not in node.inputs:
+            return
         small, big = _tensor(graph, node, small_port), _tensor(graph, node, big_port)
         axis = big.dims.index(axis_dim)
         if (small.shape, small.tile) != ((big.shape[axis],), (big.tile[axis],)):

@@ -163,7 +163,28 @@ def _gated_residual(node: Node, code: Code) -> str:
     return f"gated_residual({x}, {h}, {gate})"
 
 
-@torch_op("attention", uses=("attention",), modules=_weights("w_q", "w_k", "w_v", "w_o"))
+def _attention_modules(*ports: str) -> Callable[[Node, Graph], dict[str, str]]:
+    """The projections' Linear modules, and QK norm's `nn.LayerNorm` or `nn.RMSNorm` (over head_dim)."""
+    linears = _weights(*ports)
+
+    def modules(node: Node, graph: Graph) -> dict[str, str]:
+        found = linears(node, graph)
+        norm = {"layer_norm": "nn.LayerNorm", "rms_norm": "nn.RMSNorm"}.get(node.attrs.qk_norm)
+        for side in "qk" if norm else ():
+            source = _source(graph, node, f"{side}_norm_w")
+            found[module_path(source.key)] = f"{norm}({source.torch_shape[0]}, eps={node.attrs.qk_eps!r})"
+        return found
+    return modules
+
+
+def _qk_norm(node: Node, code: Code) -> str:
+    """attention()'s QK norm arguments, if the node has QK norm."""
+    if node.attrs.qk_norm == "none":
+        return ""
+    return "".join(f", {side}_norm={code.module(node.inputs[f'{side}_norm_w'])}" for side in "qk")
+
+
+@torch_op("attention", uses=("attention",), modules=_attention_modules("w_q", "w_k", "w_v", "w_o"))
 def _attention(node: Node, code: Code) -> str:
     """One fused qkv projection split in three where q, k and v are row blocks of one weight (DiT),
     three projections otherwise (diffusers)."""
@@ -174,17 +195,17 @@ def _attention(node: Node, code: Code) -> str:
         qkv = f"*{code.module(node.inputs['w_q'])}({x}).chunk(3, dim=-1)"
     else:
         qkv = ", ".join(f"{code.module(node.inputs[f'w_{z}'])}({x})" for z in "qkv")
-    return f"{code.module(node.inputs['w_o'])}(attention({qkv}, heads={heads}))"
+    return f"{code.module(node.inputs['w_o'])}(attention({qkv}, heads={heads}{_qk_norm(node, code)}))"
 
 
-@torch_op("cross_attention", uses=("attention",), modules=_weights("w_q", "w_k", "w_v", "w_o"))
+@torch_op("cross_attention", uses=("attention",), modules=_attention_modules("w_q", "w_k", "w_v", "w_o"))
 def _cross_attention(node: Node, code: Code) -> str:
     """Queries from the tokens, keys and values from the context, each its own projection."""
     x, context = code.value(node.inputs["x"]), code.value(node.inputs["context"])
     heads = code.graph.tensors[node.inputs["w_q"]].shape[0]
     q, k, v = (f"{code.module(node.inputs[f'w_{z}'])}({source})" for z, source in zip("qkv", (x, context, context)))
     mask = f", mask={code.value(node.inputs['mask'])}, mask_bias={node.attrs.mask_bias!r}" if "mask" in node.inputs else ""
-    return f"{code.module(node.inputs['w_o'])}(attention({q}, {k}, {v}, heads={heads}{mask}))"
+    return f"{code.module(node.inputs['w_o'])}(attention({q}, {k}, {v}, heads={heads}{mask}{_qk_norm(node, code)}))"
 
 
 @torch_op("append_tokens")
