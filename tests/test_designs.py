@@ -13,7 +13,7 @@ from dit_compiler.checks.oracle import check_against_diffusers
 from dit_compiler.checks.verify import FORWARD_TOL, GRAD_TOL, MODEL_ROW, verify
 from dit_compiler.compiler.build import compile_spec, load_module, write_build
 from dit_compiler.compiler.spec import SpecError, load_spec_data
-from dit_compiler.compiler.spec.model import AttentionSpec, ModelSpec, Spec, TilingSpec
+from dit_compiler.compiler.spec.model import AttentionSpec, MlpSpec, ModelSpec, Spec, TilingSpec
 
 pytest.importorskip("diffusers")
 
@@ -24,25 +24,33 @@ TINY = dict(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, nu
 RAGGED = TilingSpec(batch=2, tokens=6, hidden=24, mlp=96, heads=2)
 
 
-def spec_of(design: str, tiling: TilingSpec = RAGGED, qk_norm: str = "none") -> Spec:
+#: The block options besides QK norm, off their defaults.
+OPTIONS = dict(attention=AttentionSpec(bias=False), mlp=MlpSpec(activation="gelu", bias=False))
+
+
+def spec_of(design: str, tiling: TilingSpec = RAGGED, qk_norm: str = "none", **options) -> Spec:
     if design == "cross_attention" and tiling.context == "auto":
         tiling = TilingSpec(**{**tiling.__dict__, "context": 1})
-    model = ModelSpec(**TINY, conditioning=design, attention=AttentionSpec(qk_norm=qk_norm))
+    options.setdefault("attention", AttentionSpec())
+    options["attention"] = AttentionSpec(qk_norm=qk_norm, bias=options["attention"].bias)
+    model = ModelSpec(**TINY, conditioning=design, **options)
     return Spec(name=f"t-{design}", source="t.yaml", model=model, batch=3, tiling=tiling)
 
 
-def reference_of(tmp_path, design: str):
-    built = compile_spec(spec_of(design))
+def reference_of(tmp_path, design: str, **options):
+    built = compile_spec(spec_of(design, **options))
     folder = write_build(built, tmp_path)
     model = load_module(folder / "torch_reference.py").Model()
     randomize_(model, 0)
     return built.graph, model
 
 
-@pytest.mark.parametrize("design", DESIGNS)
-def test_the_reference_matches_diffusers(tmp_path, design):
-    """Every weight random (adaln's gates are 1 by definition: weight 0, bias 1 in diffusers' rows)."""
-    graph, model = reference_of(tmp_path, design)
+@pytest.mark.parametrize("design, options", [(d, {}) for d in DESIGNS]
+                         + [("in_context", OPTIONS), ("cross_attention", OPTIONS)])
+def test_the_reference_matches_diffusers(tmp_path, design, options):
+    """Every weight random (adaln's gates are 1 by definition: weight 0, bias 1 in diffusers' rows);
+    BasicTransformerBlock also without projection and MLP biases, with exact GELU."""
+    graph, model = reference_of(tmp_path, design, **options)
     report = check_against_diffusers(graph, model, make_inputs(graph, seed=0))
     assert not isinstance(report, str), report
     expected = "BasicTransformerBlock (block 0)" if design in ("in_context", "cross_attention") \
@@ -115,12 +123,13 @@ def test_qk_norm_normalises_each_heads_queries_and_keys_as_diffusers_attention(k
 
 @needs_nntile
 @pytest.mark.nntile
-@pytest.mark.parametrize("design, qk_norm", [(d, "none") for d in DESIGNS]
-                         + [("adaln_zero", "rms_norm"), ("cross_attention", "layer_norm")])
-def test_nntile_matches_the_reference(tmp_path, design, qk_norm):
+@pytest.mark.parametrize("design, qk_norm, options", [(d, "none", {}) for d in DESIGNS]
+                         + [("adaln_zero", "rms_norm", {}), ("cross_attention", "layer_norm", OPTIONS)])
+def test_nntile_matches_the_reference(tmp_path, design, qk_norm, options):
     """Forward and backward, per component and end to end, within 1e-6 and 1e-5 (verify's tolerances are
-    1e-5 and 1e-4); the model row also with the memory plan on. QK norm in self- and cross-attention."""
-    built = compile_spec(spec_of(design, qk_norm=qk_norm))
+    1e-5 and 1e-4); the model row also with the memory plan on. QK norm in self- and cross-attention,
+    and the block without biases, with exact GELU."""
+    built = compile_spec(spec_of(design, qk_norm=qk_norm, **options))
     report = verify(built.graph, write_build(built, tmp_path), oracle=False, progress=lambda _: None)
     assert report.nntile == "ran" and report.passed, report.breach
     for row in report.rows:

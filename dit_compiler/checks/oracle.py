@@ -90,8 +90,9 @@ def oracle_config(graph: Graph) -> dict | str:
         return f"flavor {flavor!r} has no diffusers counterpart"
     if graph.spec.model.conditioning not in _MODEL_DESIGNS:
         return f"conditioning {graph.spec.model.conditioning}: DiTTransformer2DModel is adaLN-Zero's"
-    if graph.spec.model.attention.qk_norm != "none":
-        return "QK norm: diffusers' DiT has none"
+    m = graph.spec.model
+    if (m.attention.qk_norm, m.attention.bias, m.mlp.activation, m.mlp.bias) != ("none", True, "gelu_tanh", True):
+        return "diffusers' DiT has no QK norm, and always projection and MLP biases and a GELU-tanh MLP"
     a = _GraphFacts.of(graph)
     if isinstance(a, str):
         return a
@@ -347,8 +348,10 @@ def build_block(graph: Graph):
         return f"diffusers is not importable ({type(error).__name__}: {error})"
     return block_class(ax["hidden"].size, ax["heads"].size, ax["head_dim"].size,
                        cross_attention_dim=ax["hidden"].size if m.conditioning == "cross_attention" else None,
-                       activation_fn="gelu-approximate", attention_bias=True, norm_elementwise_affine=False,
-                       norm_type="layer_norm", norm_eps=eps.pop(), ff_inner_dim=ax["mlp"].size).float().eval()
+                       activation_fn={"gelu_tanh": "gelu-approximate", "gelu": "gelu"}[m.mlp.activation],
+                       attention_bias=m.attention.bias, attention_out_bias=m.attention.bias, ff_bias=m.mlp.bias,
+                       norm_elementwise_affine=False, norm_type="layer_norm", norm_eps=eps.pop(),
+                       ff_inner_dim=ax["mlp"].size).float().eval()
 
 
 def check_block_against_diffusers(graph: Graph, reference: torch.nn.Module, inputs: Inputs) -> OracleReport | str:

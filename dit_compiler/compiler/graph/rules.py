@@ -74,7 +74,7 @@ def gemm(x_port: str, w_port: str, y_port: str, b_port: str | None = None) -> Ru
             raise _fail(node, f"contracted axis {_show(w)} vs {_show(x)}")
         if y.shape != (w.shape[0],) + x.shape[1:] or y.tile != (w.tile[0],) + x.tile[1:]:
             raise _fail(node, f"output {_show(y)} does not match {_show(w)} and {_show(x)}")
-        if b_port is not None:
+        if b_port is not None and b_port in node.inputs:
             b = _tensor(graph, node, b_port)
             if (b.shape, b.tile) != (y.shape[:1], y.tile[:1]):
                 raise _fail(node, f"bias {_show(b)} vs output {_show(y)}")

@@ -138,14 +138,20 @@ class Linear(Layer):
     y: Moments
     BACKWARD_READS = frozenset({"x", "w"})
 
+    def __init__(self, ports: Mapping[str, Any], *args: Any, **kwargs: Any):
+        super().__init__({"b": None} | dict(ports), *args, **kwargs)   # no bias: model.mlp.bias false
+
     def forward_async(self) -> None:
         nt.gemm_async(1.0, nt.notrans, self.w.value, nt.notrans, self.x.value, 0.0, self.y.value, 1, 0)
-        nt.gemm_async(1.0, nt.notrans, self.b.value, nt.notrans, self.ones_over(self.y.value, 1), 1.0, self.y.value, 0, 0)
+        if self.b is not None:
+            nt.gemm_async(1.0, nt.notrans, self.b.value, nt.notrans, self.ones_over(self.y.value, 1), 1.0,
+                         self.y.value, 0, 0)
 
     def backward_async(self) -> None:
         dy, batch_axes = self.y.grad, self.x.value.ndim - 1
         nt.gemm_async(1.0, nt.notrans, dy, nt.trans, self.x.value, 0.0, self.w.grad, batch_axes, 0)
-        nt.gemm_async(1.0, nt.notrans, dy, nt.notrans, self.ones_over(dy, 1), 0.0, self.b.grad, batch_axes, 0)
+        if self.b is not None:
+            nt.gemm_async(1.0, nt.notrans, dy, nt.notrans, self.ones_over(dy, 1), 0.0, self.b.grad, batch_axes, 0)
         if self.x.grad is not None:
             nt.gemm_async(1.0, nt.trans, self.w.value, nt.notrans, dy, self.beta(self.x), self.x.grad, 1, 0)
 
@@ -197,6 +203,9 @@ class Act(Layer):
         elif self.attrs.fn == "gelutanh":  # in place: one exp per element against two (11 vs 17 ms on DiT-S/2's MLP)
             nt.copy_async(self.x.value, self.y.value)
             nt.gelutanh_inplace_async(self.y.value)
+        elif self.attrs.fn == "gelu":
+            nt.copy_async(self.x.value, self.y.value)
+            nt.gelu_async(self.y.value)
         else:
             nt.silu_forward_async(self.x.value, self.y.value)
 
@@ -206,7 +215,8 @@ class Act(Layer):
             return
         if self.beta(self.x) == 0.0:  # NNTile's kernels accumulate: zero first, once dy is ready
             nt.scal_async(0.0, self.y.grad, self.x.grad)
-        backward = nt.gelutanh_backward_async if self.attrs.fn == "gelutanh" else nt.silu_backward_async
+        backward = {"gelutanh": nt.gelutanh_backward_async, "gelu": nt.gelu_backward_async,
+                    "silu": nt.silu_backward_async}[self.attrs.fn]
         backward(self.x.value, self.y.grad, self.x.grad)
 
 
@@ -366,6 +376,7 @@ CONTEXT_SCORES = ("context", "tokens", "batch", "heads")
 HEAD_STATS = ("tokens", "batch", "heads")
 CONTEXT_HEAD_STATS = ("context", "batch", "heads")
 QK_NORM_PORTS = ("q_norm_w", "q_norm_b", "k_norm_w", "k_norm_b")
+BIAS_PORTS = ("b_q", "b_k", "b_v", "b_o")
 
 
 @layer
@@ -404,8 +415,8 @@ class Attention(Layer):
     #: QK norm's, per side: normalised and weighted (what the scores read), normalised, two statistics.
     QK_SCRATCH = {"attn_qn": SPLIT, "attn_qhat": SPLIT, "attn_qstat": HEAD_STATS, "attn_qmean": HEAD_STATS,
                   "attn_kn": SPLIT, "attn_khat": SPLIT, "attn_kstat": HEAD_STATS, "attn_kmean": HEAD_STATS}
-    #: Ports a node may leave out.
-    OPTIONAL: tuple[str, ...] = QK_NORM_PORTS
+    #: Ports a node may leave out: the biases (model.attention.bias false), QK norm's.
+    OPTIONAL: tuple[str, ...] = BIAS_PORTS + QK_NORM_PORTS
 
     def __init__(self, ports: Mapping[str, Any], *args: Any, **kwargs: Any):
         super().__init__(dict.fromkeys(self.OPTIONAL) | dict(ports), *args, **kwargs)
@@ -493,7 +504,8 @@ class Attention(Layer):
     def project(self, w: Moments, b: Moments, source, merged, out) -> None:
         """out [head_dim, n, batch, heads] = the per-head layout of W source + b (via head-major `merged`)."""
         nt.gemm_async(1.0, nt.notrans, w.value, nt.notrans, source, 0.0, merged, 1, 0)
-        nt.gemm_async(1.0, nt.notrans, b.value, nt.notrans, self.ones_over(merged, 2), 1.0, merged, 0, 0)
+        if b is not None:
+            nt.gemm_async(1.0, nt.notrans, b.value, nt.notrans, self.ones_over(merged, 2), 1.0, merged, 0, 0)
         nt.transpose_async(1.0, merged, out, 1)
 
     def forward_async(self) -> None:
@@ -519,15 +531,17 @@ class Attention(Layer):
         nt.transpose_async(1.0, self.attn_split, self.out_merged, 3)
         self.attn_split.invalidate_submit()
         nt.gemm_async(1.0, nt.notrans, self.w_o.value, nt.notrans, self.out_merged, 0.0, self.y.value, 2, 0)
-        nt.gemm_async(1.0, nt.notrans, self.b_o.value, nt.notrans, self.ones_over(self.y.value, 1), 1.0, self.y.value,
-                     0, 0)
+        if self.b_o is not None:
+            nt.gemm_async(1.0, nt.notrans, self.b_o.value, nt.notrans, self.ones_over(self.y.value, 1), 1.0,
+                         self.y.value, 0, 0)
 
     def backward_async(self) -> None:
         dy, v, merged = self.y.grad, self.v, self.attn_merged
         q, k = self.scores_reads()
         kv_merged, d_scores, d_k, d_v = self.kv_scratch()
         scale = 1.0 / math.sqrt(q.shape[0])
-        nt.gemm_async(1.0, nt.notrans, dy, nt.notrans, self.ones_over(dy, 1), 0.0, self.b_o.grad, 2, 0)
+        if self.b_o is not None:
+            nt.gemm_async(1.0, nt.notrans, dy, nt.notrans, self.ones_over(dy, 1), 0.0, self.b_o.grad, 2, 0)
         nt.gemm_async(1.0, nt.notrans, dy, nt.trans, self.out_merged, 0.0, self.w_o.grad, 2, 0)
         nt.gemm_async(1.0, nt.trans, self.w_o.value, nt.notrans, dy, 0.0, merged, 1, 0)
         d_out = self.attn_split
@@ -561,7 +575,9 @@ class Attention(Layer):
                                                  (self.w_v, self.b_v, d_v, self.kv, kv_merged)):
             nt.transpose_async(1.0, d_part, head_major, 3)
             d_part.invalidate_submit()
-            nt.gemm_async(1.0, nt.notrans, head_major, nt.notrans, self.ones_over(head_major, 2), 0.0, b.grad, 2, 0)
+            if b is not None:
+                nt.gemm_async(1.0, nt.notrans, head_major, nt.notrans, self.ones_over(head_major, 2), 0.0, b.grad, 2,
+                              0)
             nt.gemm_async(1.0, nt.notrans, head_major, nt.trans, source.value, 0.0, w.grad, 2, 0)
             if source.grad is not None:
                 beta = betas.setdefault(id(source), self.beta(source))
@@ -605,7 +621,7 @@ class CrossAttention(Attention):
     QK_SCRATCH = {"attn_qn": SPLIT, "attn_qhat": SPLIT, "attn_qstat": HEAD_STATS, "attn_qmean": HEAD_STATS,
                   "xattn_kn": CONTEXT_SPLIT, "xattn_khat": CONTEXT_SPLIT, "xattn_kstat": CONTEXT_HEAD_STATS,
                   "xattn_kmean": CONTEXT_HEAD_STATS}
-    OPTIONAL = ("mask",) + QK_NORM_PORTS
+    OPTIONAL = ("mask",) + BIAS_PORTS + QK_NORM_PORTS
 
     def k_norm_scratch(self) -> tuple[Any, Any, Any, Any]:
         return self.xattn_kn, self.xattn_khat, self.xattn_kstat, self.xattn_kmean

@@ -53,13 +53,14 @@ def _source(graph: Graph, node: Node, port: str) -> ParamSource:
     return graph.tensors[node.inputs[port]].source
 
 
-def _linear_module(source: ParamSource) -> str:
-    """The module of a linear weight: `nn.Linear`, or the `nn.Conv2d` a `conv` layout weight comes from."""
+def _linear_module(source: ParamSource, bias: bool = True) -> str:
+    """The module of a linear weight: `nn.Linear` (without a bias where the node has none), or the
+    `nn.Conv2d` a `conv` layout weight comes from."""
     if source.layout == "conv":
         out, channels, p, _ = source.torch_shape
         return f"nn.Conv2d({channels}, {out}, kernel_size={p}, stride={p})"
     out, inputs = source.torch_shape
-    return f"nn.Linear({inputs}, {out})"
+    return f"nn.Linear({inputs}, {out})" if bias else f"nn.Linear({inputs}, {out}, bias=False)"
 
 
 def module_path(key: str) -> str:
@@ -68,9 +69,11 @@ def module_path(key: str) -> str:
 
 
 def _weights(*ports: str) -> Callable[[Node, Graph], dict[str, str]]:
-    """Linear modules for the weights at `ports` (their biases live in the same modules)."""
+    """Linear modules for the weights at `ports`; their biases (port `b...` for `w...`) live in the same
+    modules, where the node has them."""
     def modules(node: Node, graph: Graph) -> dict[str, str]:
-        return {module_path(_source(graph, node, p).key): _linear_module(_source(graph, node, p)) for p in ports}
+        return {module_path(_source(graph, node, p).key): _linear_module(_source(graph, node, p), "b" + p[1:] in node.inputs)
+                for p in ports}
     return modules
 
 
@@ -126,7 +129,7 @@ def _embedding(node: Node, code: Code) -> str:
 @torch_op("act")
 def _act(node: Node, code: Code) -> str:
     x = code.value(node.inputs["x"])
-    return {"silu": f"F.silu({x})", "gelutanh": f'F.gelu({x}, approximate="tanh")'}[node.attrs.fn]
+    return {"silu": f"F.silu({x})", "gelutanh": f'F.gelu({x}, approximate="tanh")', "gelu": f"F.gelu({x})"}[node.attrs.fn]
 
 
 @torch_op("add")
