@@ -7,6 +7,10 @@ maps a DiT checkpoint: DiT's one timestep and label embedder is copied into ever
 qkv is split into q, k and v. Gradients map back the other way: a copied embedder's gradient is the
 sum over the blocks, the qkv gradient the concatenation of q, k and v.
 
+Designs other than DiT's (`model.conditioning`): adaln is DiTTransformer2DModel with its gates fixed at 1
+(gate rows of weight 0 and bias 1); in_context's and cross_attention's block 0 is compared with diffusers'
+BasicTransformerBlock (norm_type layer_norm, no affine norms) on the stream the reference's block 0 reads.
+
 Nothing here downloads: the diffusers model is built from its config with `from_config`-style kwargs.
 """
 from __future__ import annotations
