@@ -8,7 +8,7 @@ import torch
 
 from conftest import needs_nntile
 from dit_compiler.checks import oracle as oracle_module
-from dit_compiler.checks.common import make_inputs, randomize_, rel_error
+from dit_compiler.checks.common import group_error, make_inputs, randomize_, rel_error
 from dit_compiler.checks.oracle import check_against_diffusers
 from dit_compiler.checks.verify import FORWARD_TOL, GRAD_TOL, MODEL_ROW, verify
 from dit_compiler.compiler.build import compile_spec, load_module, write_build
@@ -146,8 +146,10 @@ def test_nntile_matches_the_reference(tmp_path, design, qk_norm, options):
 @pytest.mark.parametrize("design", DESIGNS)
 def test_twenty_training_steps_match_torch(tmp_path, design):
     """20 AdamW steps on the MSE loss (every weight random at the start): NNTile's losses equal torch's
-    within 1e-4 relative, and both end on the same weights."""
-    from test_nntile import assert_trains_like_torch
+    within 1e-4 relative. The weights end within 1e-3 of torch's (they moved by far more): Adam turns
+    the key bias's rounding-noise gradient into lr-sized steps, so after 20 steps the weights of any two
+    implementations differ by about 1e-4 (1.04e-4 seen), more than test_nntile's 3-step bound."""
+    import torch
 
     built = compile_spec(spec_of(design))
     folder = write_build(built, tmp_path)
@@ -167,4 +169,16 @@ def test_twenty_training_steps_match_torch(tmp_path, design):
         finally:
             optimizer.unregister()
             model.unregister()
-    assert_trains_like_torch(reference, inputs, losses, trained, initial, 1e-3, 0.0)
+    torch_opt = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    expected = []
+    for _ in losses:
+        torch_opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(reference(inputs.x, inputs.t, inputs.y), inputs.grad_out)
+        loss.backward()
+        torch_opt.step()
+        expected.append(loss.item())
+    assert losses == pytest.approx(expected, rel=1e-4)
+    assert losses[-1] < 0.9 * losses[0]
+    state = reference.state_dict()
+    assert group_error([(initial[k], state[k].numpy()) for k in trained]) > 1e-2
+    assert group_error([(v, state[k].numpy()) for k, v in trained.items()]) < 1e-3
