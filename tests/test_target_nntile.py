@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from conftest import SPECS, needs_cc, needs_nntile
 from dit_compiler.compiler.build import compile_spec
-from dit_compiler.compiler.graph.ops import OPS, Activation, Norm
+from dit_compiler.compiler.graph.ops import OPS, Activation, Heads, Norm
 from dit_compiler.compiler.spec import load_spec
 from dit_compiler.compiler.targets.nntile_1_1.layers import LAYERS, Moments
 from dit_compiler.compiler.targets.nntile_1_1.plan import Step, memory_plan
@@ -20,27 +20,61 @@ from dit_compiler.compiler.targets.nntile_1_1.plan import Step, memory_plan
 #: Axis -> (size, tile) for the layer tests: one tile per axis, and ragged tiles on every tiled axis.
 AXES = {
     "single-tile": {"hidden": (8, 8), "tokens": (5, 5), "batch": (3, 3), "mlp": (12, 12), "heads": (2, 2),
-                    "head_dim": (4, 4), "classes": (6, 6)},
+                    "head_dim": (4, 4), "classes": (6, 6), "context": (7, 7), "patches": (3, 3)},
     "multi-tile": {"hidden": (8, 3), "tokens": (5, 2), "batch": (3, 2), "mlp": (12, 5), "heads": (2, 1),
-                   "head_dim": (4, 4), "classes": (6, 6)},
+                   "head_dim": (4, 4), "classes": (6, 6), "context": (7, 3), "patches": (3, 2)},
 }
 TOKENS, VECTOR = ("hidden", "tokens", "batch"), ("hidden", "batch")
 
 
-def _attention(p):
-    """Feature-first attention: q, k, v [heads, head_dim, tokens, batch]; scores over keys (axis 0)."""
-    q, k, v = (torch.einsum("hdi,itb->hdtb", p[f"w_{z}"], p["x"]) + p[f"b_{z}"][..., None, None] for z in "qkv")
+def _head_norm(z, p, side: str, kind: str):
+    """QK norm of z [heads, head_dim, tokens, batch] over head_dim, eps 1e-6."""
+    last = z.permute(0, 2, 3, 1)
+    weight, bias = p[f"{side}_norm_w"], p.get(f"{side}_norm_b")
+    normed = F.layer_norm(last, last.shape[-1:], weight, bias, eps=1e-6) if kind == "layer_norm" \
+        else F.rms_norm(last, last.shape[-1:], weight, eps=1e-6)
+    return normed.permute(0, 3, 1, 2)
+
+
+def _attention(p, kv="x", qk_norm=None):
+    """Feature-first attention: q, k, v [heads, head_dim, tokens, batch]; scores over keys (axis 0); keys
+    and values from `kv`, a key mask [keys, batch] adding -10000 (1 - mask) as diffusers' Attention,
+    queries and keys normalised per head where `qk_norm` says."""
+    q, k, v = (torch.einsum("hdi,itb->hdtb", p[f"w_{z}"], p[source]) + p[f"b_{z}"][..., None, None]
+               for z, source in zip("qkv", ("x", kv, kv)))
+    if qk_norm:
+        q, k = _head_norm(q, p, "q", qk_norm), _head_norm(k, p, "k", qk_norm)
     scores = torch.einsum("hdkb,hdqb->kqbh", k, q) / math.sqrt(q.shape[1])
+    if "mask" in p:
+        scores = scores - 10000.0 * (1 - p["mask"])[:, None, :, None]
     out = torch.einsum("hdkb,kqbh->hdqb", v, scores.softmax(dim=0))
     return torch.einsum("ohd,hdqb->oqb", p["w_o"], out) + p["b_o"][:, None, None]
 
 
 ATTENTION_PARAMS = tuple(f"{w}_{z}" for w in "wb" for z in "qkvo")
+ATTENTION = {"x": TOKENS, **{f"w_{z}": ("heads", "head_dim", "hidden") for z in "qkv"},
+             **{f"b_{z}": ("heads", "head_dim") for z in "qkv"}, "w_o": ("hidden", "heads", "head_dim"),
+             "b_o": ("hidden",), "y": TOKENS}
+#: QK norm's ports: weights, and biases for layer_norm; y stays last.
+QK = {"rms_norm": ("q_norm_w", "k_norm_w"), "layer_norm": ("q_norm_w", "q_norm_b", "k_norm_w", "k_norm_b")}
+
+
+def with_qk_norm(dims: dict, kind: str) -> dict:
+    out = {p: d for p, d in dims.items() if p != "y"} | {p: ("head_dim",) for p in QK[kind]}
+    return out | {"y": dims["y"]}
+
+
+CROSS_ATTENTION = {"x": TOKENS, "context": ("hidden", "context", "batch"),
+                   **{f"w_{z}": ("heads", "head_dim", "hidden") for z in "qkv"},
+                   **{f"b_{z}": ("heads", "head_dim") for z in "qkv"}, "w_o": ("hidden", "heads", "head_dim"),
+                   "b_o": ("hidden",), "y": TOKENS}
 #: layer -> (port dims, attributes, torch of the ports in the same feature-first layout, ports without a
 #: gradient, parameter ports: their gradients are always overwritten)
 CASES = {
     "Linear": ({"x": TOKENS, "w": ("mlp", "hidden"), "b": ("mlp",), "y": ("mlp", "tokens", "batch")}, None,
                lambda p: torch.einsum("oi,itb->otb", p["w"], p["x"]) + p["b"][:, None, None], (), ("w", "b")),
+    "Linear-nobias": ({"x": TOKENS, "w": ("mlp", "hidden"), "y": ("mlp", "tokens", "batch")}, None,
+                      lambda p: torch.einsum("oi,itb->otb", p["w"], p["x"]), (), ("w",)),
     "AddConstSlice": ({"x": TOKENS, "table": ("hidden", "tokens"), "y": TOKENS}, None,
                       lambda p: p["x"] + p["table"][..., None], ("table",), ()),
     "Embedding": ({"labels": ("batch",), "table": ("hidden", "classes"), "y": VECTOR}, None,
@@ -48,6 +82,8 @@ CASES = {
     "Act-silu": ({"x": TOKENS, "y": TOKENS}, Activation("silu"), lambda p: F.silu(p["x"]), (), ()),
     "Act-gelutanh": ({"x": ("mlp", "tokens", "batch"), "y": ("mlp", "tokens", "batch")}, Activation("gelutanh"),
                      lambda p: F.gelu(p["x"], approximate="tanh"), (), ()),
+    "Act-gelu": ({"x": ("mlp", "tokens", "batch"), "y": ("mlp", "tokens", "batch")}, Activation("gelu"),
+                 lambda p: F.gelu(p["x"]), (), ()),
     "Add": ({"a": VECTOR, "b": VECTOR, "y": VECTOR}, None, lambda p: p["a"] + p["b"], (), ()),
     "LayerNormNoAffine": ({"x": TOKENS, "y": TOKENS}, Norm(1e-6),
                           lambda p: F.layer_norm(p["x"].permute(1, 2, 0), (8,), eps=1e-6).permute(2, 0, 1), (), ()),
@@ -58,14 +94,36 @@ CASES = {
                  lambda p: p["x"] * (1 + p["scale"][:, None]) + p["shift"][:, None], (), ()),
     "GatedResidual": ({"x": TOKENS, "h": TOKENS, "gate": VECTOR, "y": TOKENS}, None,
                       lambda p: p["x"] + p["gate"][:, None] * p["h"], (), ()),
-    "Attention": ({"x": TOKENS, **{f"w_{z}": ("heads", "head_dim", "hidden") for z in "qkv"},
-                   **{f"b_{z}": ("heads", "head_dim") for z in "qkv"}, "w_o": ("hidden", "heads", "head_dim"),
-                   "b_o": ("hidden",), "y": TOKENS}, None, _attention, (), ATTENTION_PARAMS),
+    "Attention": (ATTENTION, Heads(), _attention, (), ATTENTION_PARAMS),
+    "Attention-nobias": ({p: d for p, d in ATTENTION.items() if not p.startswith("b_")}, Heads(),
+                         lambda p: _attention(p | {f"b_{z}": torch.zeros_like(p[f"w_{z}"][:, :, 0]) for z in "qkv"}
+                                              | {"b_o": torch.zeros_like(p["w_o"][:, 0, 0])}), (),
+                         tuple(p for p in ATTENTION_PARAMS if p.startswith("w_"))),
+    "Attention-qk_rms_norm": (with_qk_norm(ATTENTION, "rms_norm"), Heads("rms_norm"),
+                              lambda p: _attention(p, qk_norm="rms_norm"), (), ATTENTION_PARAMS + QK["rms_norm"]),
+    "Attention-qk_layer_norm": (with_qk_norm(ATTENTION, "layer_norm"), Heads("layer_norm"),
+                                lambda p: _attention(p, qk_norm="layer_norm"), (),
+                                ATTENTION_PARAMS + QK["layer_norm"]),
+    "CrossAttention-qk_layer_norm": (with_qk_norm(CROSS_ATTENTION | {"mask": ("context", "batch")}, "layer_norm"),
+                                     Heads("layer_norm"), lambda p: _attention(p, "context", "layer_norm"),
+                                     ("mask",), ATTENTION_PARAMS + QK["layer_norm"]),
+    "CrossAttention": (CROSS_ATTENTION, Heads(), lambda p: _attention(p, "context"), (), ATTENTION_PARAMS),
+    "CrossAttention-masked": (CROSS_ATTENTION | {"mask": ("context", "batch")}, Heads(),
+                              lambda p: _attention(p, "context"), ("mask",), ATTENTION_PARAMS),
+    "AppendTokens": ({"x": ("hidden", "patches", "batch"), "a": VECTOR, "b": VECTOR, "y": TOKENS}, None,
+                     lambda p: torch.cat([p["x"], p["a"][:, None], p["b"][:, None]], dim=1), (), ()),
+    "AppendTokens-pair": ({"a": VECTOR, "b": VECTOR, "y": ("hidden", 2, "batch")}, None,
+                          lambda p: torch.stack([p["a"], p["b"]], dim=1), (), ()),
+    "TakeTokens": ({"x": TOKENS, "y": ("hidden", "patches", "batch")}, None, lambda p: p["x"][:, :3], (), ()),
 }
+#: Layers that write their x's gradient first always (lowering gives that x one reader).
+WRITES_FIRST = {"AppendTokens": "x", "TakeTokens": "x"}
 
 
 #: Every layer on NNTile's kernels, and the layers that run ditc's own kernels on those too.
-KERNEL_CASES = [(case, "nntile") for case in sorted(CASES)] + [("Act-gelutanh", "ditc"), ("Attention", "ditc")]
+KERNEL_CASES = [(case, "nntile") for case in sorted(CASES)] + [("Act-gelutanh", "ditc"), ("Attention", "ditc"),
+                                                                ("CrossAttention-masked", "ditc"),
+                                                                ("Attention-qk_rms_norm", "ditc")]
 
 
 @pytest.fixture(scope="module")
@@ -128,15 +186,20 @@ def test_layer_matches_torch(runtime, case, kernels, tiling, overwrite):
             ports[port] = new(port_dims, "int64")
             ports[port].from_array(arrays[port])
             continue
-        arrays[port] = rng.standard_normal(shape).astype(np.float32)
+        if port == "mask":   # keys kept (1) and padded (0), at least one kept per image
+            arrays[port] = (rng.random(shape) < 0.6).astype(np.float32)
+            arrays[port][0] = 1.0
+        else:
+            arrays[port] = rng.standard_normal(shape).astype(np.float32)
         value = new(port_dims)
         if port in kind.inputs:
             value.from_array(np.asfortranarray(arrays[port]))
         ports[port] = value if port in no_grad else Moments(value, new(port_dims))
-    internals = {name: new(d) for name, d in (cls.KEEPS | cls.SCRATCH).items()}
+    internals = {name: new(d) for name, d in (cls.KEEPS | cls.scratch_of(attrs)).items()}
     layer = cls(ports, internals, attrs, alloc, native_or_skip() if kernels == "ditc" else None)
-    inputs = [p for p in kind.inputs if p not in no_grad]
-    layer.overwrites = tuple(ports[p] for p in inputs if p not in params) if overwrite else ()
+    inputs = [p for p in kind.inputs if p in dims and p not in no_grad]
+    first = {WRITES_FIRST[cls.__name__]} & set(dims) if cls.__name__ in WRITES_FIRST else set()
+    layer.overwrites = tuple(ports[p] for p in inputs if p not in params and (overwrite or p in first))
     before = {p: rng.standard_normal(arrays[p].shape).astype(np.float32) for p in inputs}
     for p in inputs:
         ports[p].grad.from_array(np.asfortranarray(before[p]))
@@ -159,7 +222,7 @@ def test_layer_matches_torch(runtime, case, kernels, tiling, overwrite):
     assert _rel(read(ports["y"].value), y.detach().numpy()) < 1e-5
     scale = max(np.linalg.norm(torch_in[p].grad.numpy()) for p in inputs)
     for p in inputs:
-        expected = torch_in[p].grad.numpy() + (0 if overwrite or p in params else before[p])
+        expected = torch_in[p].grad.numpy() + (0 if overwrite or p in params or p in first else before[p])
         assert _rel(read(ports[p].grad), expected, 0.1 * scale) < 1e-5, p
     for tensor in tensors:
         tensor.unregister()

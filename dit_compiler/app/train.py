@@ -344,7 +344,7 @@ def _prepare_run(spec, build, run_dir: Path, config: TrainConfig) -> Callable[[]
 def initial_weights(build_dir: Path, graph, seed: int):
     """DiT's initialisation of the reference module, as a state_dict every backend loads."""
     module = load_module(build_dir / TORCH_FILE).Model()
-    initialize_dit_weights(module, graph.spec.model.flavor, graph.depth, seed)
+    initialize_dit_weights(module, graph.spec.model.flavor, graph.depth, seed, graph.spec.model.conditioning)
     return to_numpy(module.state_dict())
 
 

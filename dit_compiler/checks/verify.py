@@ -27,7 +27,7 @@ from dit_compiler.compiler import targets
 from dit_compiler.compiler.build import load_module
 from dit_compiler.compiler.graph.ir import Graph, Node
 from dit_compiler.compiler.graph.ops import OPS
-from dit_compiler.compiler.lower import GROUPS
+from dit_compiler.compiler.lower import groups as design_groups
 
 FORWARD_TOL = 1e-5
 GRAD_TOL = 1e-4
@@ -174,7 +174,7 @@ def compare(graph: Graph, nnt: _Run, ref: _Run) -> list[Row]:
     whole model."""
     blocks = [n for n in graph.nodes if n.block is not None]
     groups: dict[str, list[Node]] = {c: [n for n in graph.nodes if n.component == c] for c in graph.components()}
-    groups |= {name: [n for n in blocks if n.component in members] for name, members in GROUPS.items()}
+    groups |= {name: [n for n in blocks if n.component in members] for name, members in design_groups(graph.spec).items()}
     groups["DiT block"] = blocks
     rows = [_row(graph, name, nodes, nnt, ref) for name, nodes in groups.items()]
     return rows + [model_row(graph, MODEL_ROW, nnt, ref)]
@@ -224,7 +224,7 @@ def verify(graph: Graph, build_dir: Path, *, seed: int = 0, ncpus: int = 2, orac
     if oracle:
         from dit_compiler.checks.oracle import check_against_diffusers
 
-        progress("torch reference against diffusers' DiTTransformer2DModel")
+        progress("torch reference against diffusers")
         clock = time.perf_counter()
         result = check_against_diffusers(graph, model, inputs)
         oracle_result = result if isinstance(result, str) else asdict(result)
@@ -294,7 +294,7 @@ def format_report(report: Report, header: bool = True) -> str:
         lines.append(f"NNTile model not run: {report.nntile}")
     if isinstance(report.oracle, dict):
         o = report.oracle
-        lines.append(f"torch reference vs diffusers DiTTransformer2DModel: forward {o['forward']:.2e}, "
+        lines.append(f"torch reference vs diffusers {o['oracle']}: forward {o['forward']:.2e}, "
                      f"input grad {o['input_grad']:.2e}, param grad {o['param_grad']:.2e}")
     elif report.oracle:
         lines.append(f"torch reference vs diffusers: skipped ({report.oracle})")
