@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,7 +21,10 @@ import torch
 from dit_compiler.checks.common import Inputs, group_error, rel_error
 from dit_compiler.compiler.graph.ir import Graph
 from dit_compiler.compiler.naming import DIFFUSERS, DIT, StateKeys
+from dit_compiler.compiler.spec.importer import IMPORTERS, WEIGHTS_FILE, read_config
 from dit_compiler.compiler.targets.torch import import_diffusers
+from dit_compiler.errors import UsageError
+from dit_compiler.userfiles import regular_size
 
 #: What diffusers cannot change: the sinusoid size of `CombinedTimestepLabelEmbeddings`, its period,
 #: the FeedForward multiplier, and the eps of the attention-branch and output LayerNorms.
@@ -43,6 +47,11 @@ class OracleReport:
     param_grad: float          # all reference parameters taken as one vector
     worst_param: str           # reference key of the worst parameter gradient (among the non-negligible)
     worst_param_error: float
+    model_class: str = "DiTTransformer2DModel"
+    source: str = "built from the spec's config, the reference's weights mapped onto it"
+    #: The NNTile model against diffusers (forward, input gradient), where `ditc verify` ran both.
+    nntile_forward: float | None = None
+    nntile_input_grad: float | None = None
 
 
 # -- the config -------------------------------------------------------------------------------------
@@ -227,10 +236,35 @@ def _forward_backward(model, forward, inputs: Inputs) -> tuple[np.ndarray, np.nd
     return out.detach().numpy(), grads[0].numpy(), params
 
 
-def check_against_diffusers(graph: Graph, reference: torch.nn.Module, inputs: Inputs) -> OracleReport | str:
+def load_pretrained(folder: Path) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The diffusers model of a model folder (`from_pretrained`, local files only) and the weights of its
+    `diffusion_pytorch_model.safetensors` (read with a size check first: a regular file), or a UsageError."""
+    config, path = read_config(folder)
+    class_name = config.get("_class_name")
+    if class_name not in IMPORTERS:
+        raise UsageError(f"--weights {folder}: a {class_name} folder; ditc verifies {', '.join(IMPORTERS)}")
+    weights = path.parent / WEIGHTS_FILE
+    regular_size(weights, None, "diffusers weights")
+    import safetensors.torch
+
+    try:
+        model = getattr(import_diffusers(), class_name).from_pretrained(
+            str(path.parent), local_files_only=True, low_cpu_mem_usage=False)
+        state = safetensors.torch.load_file(str(weights))
+    except Exception as error:   # diffusers raises OSError, ValueError, JSON and safetensors errors...
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UsageError(f"--weights {folder}: not a readable diffusers {class_name} folder ({first})") from None
+    return model.float().eval(), state
+
+
+def check_against_diffusers(graph: Graph, reference: torch.nn.Module, inputs: Inputs,
+                            pretrained: torch.nn.Module | None = None,
+                            expected: dict[str, np.ndarray] | None = None) -> OracleReport | str:
     """Run the reference (with its current weights) and diffusers on the same mapped weights and inputs,
-    forward and backward with `inputs.grad_out`; the errors, or why diffusers cannot be compared."""
-    oracle = build_diffusers(graph)
+    forward and backward with `inputs.grad_out`; the errors, or why diffusers cannot be compared.
+    `pretrained`: a diffusers model loaded from a folder, run with its own weights (the reference holds
+    the same ones); `expected` receives diffusers' output and input gradient ("out", "dx")."""
+    oracle = build_diffusers(graph) if pretrained is None else pretrained
     if isinstance(oracle, str):
         return oracle
     ref_params = {k: p for k, p in reference.named_parameters() if p.requires_grad}
@@ -238,7 +272,8 @@ def check_against_diffusers(graph: Graph, reference: torch.nn.Module, inputs: In
     missing = sorted(set(_reference_keys(graph)) - set(state))
     if missing:
         return f"the reference lacks graph parameters {missing[:3]}"
-    oracle.load_state_dict(to_diffusers_state_dict(graph, state), strict=True)
+    if pretrained is None:
+        oracle.load_state_dict(to_diffusers_state_dict(graph, state), strict=True)
 
     was_training = reference.training
     reference.eval()
@@ -251,6 +286,8 @@ def check_against_diffusers(graph: Graph, reference: torch.nn.Module, inputs: In
     finally:
         reference.train(was_training)
 
+    if expected is not None:
+        expected.update(out=hf_out, dx=hf_dx)
     mapped = to_reference_grads(graph, hf_grads)
     keys = sorted(ref_params)
     unmapped = [k for k in keys if k not in mapped]
@@ -267,4 +304,7 @@ def check_against_diffusers(graph: Graph, reference: torch.nn.Module, inputs: In
         param_grad=group_error([pairs[k] for k in keys]),
         worst_param=worst,
         worst_param_error=per_param.get(worst, math.nan),
+        model_class=type(oracle).__name__,
+        source="built from the spec's config, the reference's weights mapped onto it" if pretrained is None
+        else "loaded from the model folder with its own weights",
     )
