@@ -20,7 +20,7 @@ import torch
 
 from dit_compiler.checks.common import Inputs, group_error, rel_error
 from dit_compiler.compiler.graph.ir import Graph
-from dit_compiler.compiler.naming import DIFFUSERS, DIT, StateKeys
+from dit_compiler.compiler.naming import DIFFUSERS, DIT, TRACE, StateKeys
 from dit_compiler.compiler.spec.importer import IMPORTERS, WEIGHTS_FILE, read_config
 from dit_compiler.compiler.targets.torch import import_diffusers
 from dit_compiler.errors import UsageError
@@ -129,17 +129,48 @@ def oracle_config(graph: Graph) -> dict | str:
     }
 
 
+def pixart_config(graph: Graph) -> dict | str:
+    """`PixArtTransformer2DModel` kwargs for a graph of conditioning adaln_single (flavor diffusers), or why
+    diffusers cannot express it."""
+    ax, m = graph.axes, graph.spec.model
+    if m.flavor != "diffusers":
+        return f"flavor {m.flavor}: PixArt's diffusers class names its weights as flavor diffusers does"
+    if ax["frequency"].size != DIFFUSERS_FREQUENCY or ax["mlp"].size != DIFFUSERS_MLP_RATIO * ax["hidden"].size:
+        return (f"diffusers fixes the timestep sinusoid at {DIFFUSERS_FREQUENCY} and the MLP at "
+                f"{DIFFUSERS_MLP_RATIO} x hidden_size")
+    block = {n.attrs.eps for n in graph.nodes if n.op == "layer_norm" and n.block == 0}
+    final = [n.attrs.eps for n in graph.nodes if n.op == "layer_norm" and n.block is None]
+    if len(block) != 1 or final != [DIFFUSERS_FIXED_EPS]:
+        return f"diffusers' PixArt has one block LayerNorm eps and a final one of {DIFFUSERS_FIXED_EPS:g}"
+    return {
+        "num_attention_heads": ax["heads"].size, "attention_head_dim": ax["head_dim"].size,
+        "in_channels": ax["in_channels"].size, "out_channels": ax["out_channels"].size, "num_layers": graph.depth,
+        "sample_size": ax["height"].size, "patch_size": graph.first("patchify").attrs.patch_size,
+        "cross_attention_dim": ax["hidden"].size, "caption_channels": ax["caption"].size,
+        "norm_eps": block.pop(), "use_additional_conditions": bool(m.size_conditioning),
+    }
+
+
+#: The diffusers class of each design that has one, and its config from the graph.
+_ORACLES = {"adaln_zero": ("DiTTransformer2DModel", oracle_config),
+            "adaln_single": ("PixArtTransformer2DModel", pixart_config)}
+
+
 def build_diffusers(graph: Graph):
-    """A randomly initialised `DiTTransformer2DModel` with the graph's semantics (eval mode, float32),
-    or the reason it cannot have them."""
-    config = oracle_config(graph)
+    """A randomly initialised diffusers model (`DiTTransformer2DModel`, `PixArtTransformer2DModel`) with
+    the graph's semantics (eval mode, float32), or the reason it cannot have them."""
+    design = graph.spec.model.conditioning
+    if design not in _ORACLES:
+        return f"diffusers has no model of conditioning {design}"
+    class_name, configure = _ORACLES[design]
+    config = configure(graph)
     if isinstance(config, str):
         return config
     try:
-        DiTTransformer2DModel = import_diffusers().DiTTransformer2DModel
+        model_class = getattr(import_diffusers(), class_name)
     except Exception as error:  # not installed, or an incompatible build
         return f"diffusers is not importable ({type(error).__name__}: {error})"
-    model = DiTTransformer2DModel(**config).float().eval()
+    model = model_class(**config).float().eval()
     if graph.spec.model.flavor == "dit":
         for block in model.transformer_blocks:
             block.norm1.emb.time_proj.downscale_freq_shift = 0
@@ -257,6 +288,17 @@ def load_pretrained(folder: Path) -> tuple[torch.nn.Module, dict[str, torch.Tens
     return model.float().eval(), state
 
 
+def oracle_kwargs(oracle: torch.nn.Module, inputs: Inputs) -> dict:
+    """The keyword arguments of the diffusers model's forward besides the latent."""
+    if type(oracle).__name__ != "PixArtTransformer2DModel":
+        return {"timestep": inputs.t, "class_labels": inputs.y, "return_dict": False}
+    c = inputs.context
+    size = {"resolution": c[TRACE.resolution], "aspect_ratio": c[TRACE.aspect_ratio][:, None]} \
+        if TRACE.resolution in c else None
+    return {"encoder_hidden_states": c[TRACE.caption], "timestep": inputs.t,
+            "encoder_attention_mask": c.get(TRACE.caption_mask), "added_cond_kwargs": size, "return_dict": False}
+
+
 def check_against_diffusers(graph: Graph, reference: torch.nn.Module, inputs: Inputs,
                             pretrained: torch.nn.Module | None = None,
                             expected: dict[str, np.ndarray] | None = None) -> OracleReport | str:
@@ -280,9 +322,9 @@ def check_against_diffusers(graph: Graph, reference: torch.nn.Module, inputs: In
     try:
         with torch.enable_grad():
             ref_out, ref_dx, ref_grads = _forward_backward(
-                reference, lambda x: reference(x, inputs.t, inputs.y), inputs)
-            hf_out, hf_dx, hf_grads = _forward_backward(
-                oracle, lambda x: oracle(x, timestep=inputs.t, class_labels=inputs.y, return_dict=False)[0], inputs)
+                reference, lambda x: reference(x, *inputs.args(graph)[1:]), inputs)
+            hf_out, hf_dx, hf_grads = _forward_backward(oracle, lambda x: oracle(x, **oracle_kwargs(oracle, inputs))[0],
+                                                        inputs)
     finally:
         reference.train(was_training)
 

@@ -146,7 +146,7 @@ def run_torch(module, graph: Graph, inputs: Inputs, seed: int, weights: dict | N
         load_strict(model, weights)
     x = inputs.x.clone().requires_grad_(True)
     trace: dict = {}
-    out = model(x, inputs.t, inputs.y, trace)
+    out = model(x, *inputs.args(graph)[1:], trace=trace)
     out.backward(inputs.grad_out)
     values = {k: v.detach().numpy() for k, v in trace.items()}
     grads = {k: v.grad.numpy() for k, v in trace.items() if v.grad is not None}
@@ -180,7 +180,7 @@ def run_nntile(module, graph: Graph, state_dict, inputs: Inputs, names: tuple[st
     model = module.Model(keep_intermediates=names is not None, kernels=kernels)
     try:
         model.load_state_dict(state_dict)
-        out = model.forward(inputs.x.numpy(), inputs.t.numpy(), inputs.y.numpy())
+        out = model.forward(*(value.numpy() for value in inputs.args(graph)))
         dx = model.backward(inputs.grad_out.numpy())
         values = {n: model.value(n) for n in names or ()}
         grads = {n: model.grad(n) for n in names or () if graph.tensors[n].grad}
