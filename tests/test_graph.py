@@ -9,6 +9,7 @@ import pytest
 from dit_compiler.compiler.graph.cost import totals
 from dit_compiler.compiler.lower import lower
 from dit_compiler.compiler.spec.model import PRESETS, ModelSpec, Spec, TilingSpec
+from dit_compiler.compiler.spec.validate import build_model
 from dit_compiler.compiler.tiling import AUTO_RULE, axis_sizes, resolve_tiles
 
 # DiT paper, Table 4: forward GFlops at batch 1 and trainable parameters (millions, pos-embed excluded).
@@ -73,7 +74,7 @@ def test_graph_marks_host_ops_and_is_json():
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 @pytest.mark.parametrize("batch", [1, 8])
 def test_auto_tiling_is_legal_and_bounded(preset, batch):
-    model = ModelSpec(**PRESETS[preset])
+    model = build_model(PRESETS[preset])
     sizes = axis_sizes(model, batch)
     tiles = resolve_tiles(model, batch, TilingSpec())
     assert model.num_heads % tiles["heads"] == 0

@@ -2,6 +2,7 @@
 design of `model.conditioning` (a module of `dit_compiler.compiler.designs` each) builds the graph."""
 from __future__ import annotations
 
+from dit_compiler.compiler.designs.adaln_single import AdaLNSingle
 from dit_compiler.compiler.designs.adaln_zero import AdaLNZero
 from dit_compiler.compiler.designs.base import Lowering
 from dit_compiler.compiler.graph.ir import Graph
@@ -11,6 +12,7 @@ from dit_compiler.compiler.spec.model import Spec
 #: The lowering of each `model.conditioning` value (validation refuses the others, spec.designs).
 DESIGNS: dict[str, type[Lowering]] = {
     "adaln_zero": AdaLNZero,
+    "adaln_single": AdaLNSingle,
 }
 
 #: `ditc verify`'s rows made of several components (a node's `component` names its own row): the

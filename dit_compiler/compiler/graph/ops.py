@@ -132,6 +132,9 @@ OPS: dict[str, OpKind] = {kind.name: kind for kind in (
     OpKind("gated_residual", "y = x + gate * h, gate broadcast over tokens",
            ("x", "h", "gate"), ("y",), rules.all_of(rules.same("x", "h", "y"), rules.slice_of("gate", "x", "tokens")),
            "gated_residual", "GatedResidual"),
+    OpKind("cross_attention", "TEMPORARY (until i24-core's op): multi-head attention of x's tokens to context's, "
+           "padded context tokens masked", ("x", "context", "mask") + _ATTENTION_INPUTS[1:], ("y",),
+           rules.same("x", "y"), "cross_attention", None),
     OpKind("attention", "multi-head self-attention with q, k, v and output projections",
            _ATTENTION_INPUTS, ("y",),
            rules.all_of(rules.same("x", "y"), *(rules.heads(w, "x") for w in ("w_q", "w_k", "w_v"))),

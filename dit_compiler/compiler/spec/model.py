@@ -256,3 +256,16 @@ PRESETS: dict[str, dict] = {
     }.items()
     for patch in (2, 4, 8)
 }
+
+
+def _pixart(input_size: int, size_conditioning: bool) -> dict:
+    """PixArt-alpha XL/2 (arXiv:2310.00426; diffusers' PixArtTransformer2DModel defaults): DiT-XL/2's sizes,
+    T5-XXL captions of 120 tokens, no class labels; the 1024 model also embeds resolution and aspect ratio."""
+    return _preset(28, 1152, 16, 2) | {
+        "input_size": input_size, "in_channels": 4, "mlp_ratio": 4.0, "learn_sigma": True, "num_classes": 0,
+        "conditioning": "adaln_single", "flavor": "diffusers", "norm_eps": 1e-6,
+        "caption": {"width": 4096, "length": 120, "mask": True}, "size_conditioning": size_conditioning,
+    }
+
+
+PRESETS |= {"PixArt-alpha-XL/2-256": _pixart(32, False), "PixArt-alpha-XL/2-1024": _pixart(128, True)}

@@ -89,6 +89,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     return out.transpose(1, 2).reshape(n, tokens, hidden)
 
 
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """TEMPORARY until i24-core's op: q [N, T, D] to k, v [N, L, D], mask [N, L] (1 keep, 0 drop)."""
+    n, tokens, hidden = q.shape
+    q = q.reshape(n, tokens, heads, hidden // heads).transpose(1, 2)
+    k, v = (z.reshape(n, z.shape[1], heads, hidden // heads).transpose(1, 2) for z in (k, v))
+    bias = ((1 - mask) * -10000.0)[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return out.transpose(1, 2).reshape(n, tokens, hidden)
+
+
 def unpatchify(x: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
     """[N, T, p*p*C] -> [N, C, H, W]."""
     grid = math.isqrt(x.shape[1])

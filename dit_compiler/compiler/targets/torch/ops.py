@@ -198,3 +198,12 @@ def _attention(node: Node, code: Code) -> str:
     else:
         qkv = ", ".join(f"{code.module(node.inputs[f'w_{z}'])}({x})" for z in "qkv")
     return f"{code.module(node.inputs['w_o'])}(attention({qkv}, heads={heads}))"
+
+
+@torch_op("cross_attention", uses=("cross_attention",), modules=_weights("w_q", "w_k", "w_v", "w_o"))
+def _cross_attention(node: Node, code: Code) -> str:
+    """TEMPORARY until i24-core's op."""
+    x, c, mask = (code.value(node.inputs[p]) for p in ("x", "context", "mask"))
+    heads = code.graph.tensors[node.inputs["w_q"]].shape[0]
+    q, k, v = (f"{code.module(node.inputs[f'w_{z}'])}({x if z == 'q' else c})" for z in "qkv")
+    return f"{code.module(node.inputs['w_o'])}(cross_attention({q}, {k}, {v}, {mask}, heads={heads}))"
