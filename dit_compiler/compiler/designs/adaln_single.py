@@ -153,13 +153,13 @@ class AdaLNSingle(Lowering):
         d = self.spec.model.hidden_size
         ports = {}
         for j, part in enumerate("qkv"):
-            key = k.cross_in[j].format(b=key_prefix)
+            key = k.cross_attn_in[j].format(b=key_prefix)
             ports[f"w_{part}"] = self.param(f"{key}.weight", ("heads", "head_dim", "hidden"), f"{key}.weight",
                                             layout="heads_in")
         for j, part in enumerate("qkv"):
-            key = k.cross_in[j].format(b=key_prefix)
+            key = k.cross_attn_in[j].format(b=key_prefix)
             ports[f"b_{part}"] = self.param(f"{key}.bias", ("heads", "head_dim"), f"{key}.bias", layout="heads_in")
-        out = k.cross_out.format(b=key_prefix)
+        out = k.cross_attn_out.format(b=key_prefix)
         ports["w_o"] = self.param(f"{out}.weight", ("hidden", "heads", "head_dim"), f"{out}.weight", layout="heads_out")
         ports["b_o"] = self.param(f"{out}.bias", ("hidden",), f"{out}.bias")
         self.node("cross_attention", {"x": x, "context": context, "mask": mask} | ports, {"y": attn}, "cross-attention",
