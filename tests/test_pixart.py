@@ -46,10 +46,11 @@ def _reference(spec, tmp_path):
     return build.graph, load_module(tmp_path / TORCH_FILE).Model().eval()
 
 
-@pytest.mark.parametrize("size_conditioning", [True, False])
-def test_tiny_pixart_reference_equals_diffusers_pixart(tmp_path, size_conditioning):
-    spec = load_spec_data({"extends": str(SPECS / "tiny-pixart.yaml"), "model": {"size_conditioning": size_conditioning}},
-                          str(tmp_path / "t.yaml"))
+@pytest.mark.parametrize("model", [{}, {"size_conditioning": False},
+                                   # 1024's positional table: positions halved (interpolation_scale 2)
+                                   {"input_size": 128, "patch_size": 16}])
+def test_tiny_pixart_reference_equals_diffusers_pixart(tmp_path, model):
+    spec = load_spec_data({"extends": str(SPECS / "tiny-pixart.yaml"), "model": model}, str(tmp_path / "t.yaml"))
     graph, model = _reference(spec, tmp_path)
     assert any(k.endswith("scale_shift_table") for k, _ in model.named_parameters())
     randomize_(model, seed=4)

@@ -23,14 +23,14 @@ from dit_compiler.compiler.emit.env import header, render
 from dit_compiler.compiler.graph.ir import Graph, Node, Tensor
 from dit_compiler.compiler.graph.ops import OPS
 from dit_compiler.compiler.naming import TRACE, flavor_of
-from dit_compiler.compiler.posembed import SOURCE as SINCOS_SOURCE
+from dit_compiler.compiler.posembed import SOURCE as SINCOS_SOURCE, pos_scale
 from dit_compiler.compiler.targets.torch.ops import TORCH_OPS, module_path
 
 #: Letters of the shape comments, by axis.
 LETTERS = {"batch": "N", "tokens": "T", "hidden": "D", "mlp": "M", "frequency": "F", "out_dim": "O",
            "patch_dim": "P", "in_channels": "C", "out_channels": "C_out", "height": "H", "width": "W"}
 #: The graph's constants and how torch computes them.
-CONSTS = {TRACE.pos_embed: "torch.from_numpy(sincos_pos_embed({hidden}, {grid})).float().unsqueeze(0)"}
+CONSTS = {TRACE.pos_embed: "torch.from_numpy(sincos_pos_embed({hidden}, {grid}{scale})).float().unsqueeze(0)"}
 WIDTH = 112
 
 
@@ -268,8 +268,10 @@ def module_entries(graph: Graph, nodes: list[Node], scope: Scope,
     return entries
 
 
-def _sizes(graph: Graph) -> dict[str, int]:
-    return {"hidden": graph.axes["hidden"].size, "grid": math.isqrt(graph.axes["tokens"].size)}
+def _sizes(graph: Graph) -> dict[str, int | str]:
+    scale = pos_scale(graph.spec.model)
+    return {"hidden": graph.axes["hidden"].size, "grid": math.isqrt(graph.axes["tokens"].size),
+            "scale": f", scale={scale}" if scale != 1 else ""}
 
 
 def _block_root(graph: Graph, i: int) -> str:
