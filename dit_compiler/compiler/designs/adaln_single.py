@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dit_compiler.compiler.designs.base import VECTOR, Lowering, MAX_PERIOD
 from dit_compiler.compiler.graph.ir import Axis, Graph, ParamSource
-from dit_compiler.compiler.graph.ops import Activation, Patch, Rows, Sinusoid
+from dit_compiler.compiler.graph.ops import Activation, Heads, Patch, Rows, Sinusoid
 from dit_compiler.compiler.naming import ADALN_CHUNKS, FINAL_CHUNKS, TRACE, flavor_of
 from dit_compiler.compiler.spec.model import Spec
 
@@ -148,23 +148,10 @@ class AdaLNSingle(Lowering):
 
     def caption_attention(self, x: str, context: str, mask: str | None, p: str, key_prefix: str, scope: str) -> str:
         """`attn2`: queries from the tokens, keys and values from the projected captions, padded ones masked."""
-        k = self.keys
         attn = self.act(p + TRACE.cross)
-        d = self.spec.model.hidden_size
-        ports = {}
-        for j, part in enumerate("qkv"):
-            key = k.cross_attn_in[j].format(b=key_prefix)
-            ports[f"w_{part}"] = self.param(f"{key}.weight", ("heads", "head_dim", "hidden"), f"{key}.weight",
-                                            layout="heads_in")
-        for j, part in enumerate("qkv"):
-            key = k.cross_attn_in[j].format(b=key_prefix)
-            ports[f"b_{part}"] = self.param(f"{key}.bias", ("heads", "head_dim"), f"{key}.bias", layout="heads_in")
-        out = k.cross_attn_out.format(b=key_prefix)
-        ports["w_o"] = self.param(f"{out}.weight", ("hidden", "heads", "head_dim"), f"{out}.weight", layout="heads_out")
-        ports["b_o"] = self.param(f"{out}.bias", ("hidden",), f"{out}.bias")
-        self.node("cross_attention", {"x": x, "context": context, "mask": mask} | ports, {"y": attn}, "cross-attention",
-                  f"{scope}.attn2")
-        del d
+        ports = {"x": x, "context": context} | ({"mask": mask} if mask else {})
+        ports |= self.attention_params(key_prefix, self.keys.cross_attn_in, self.keys.cross_attn_out)
+        self.node("cross_attention", ports, {"y": attn}, "cross-attention", f"{scope}.attn2", Heads())
         return attn
 
     # -- the final layer ----------------------------------------------------------------------

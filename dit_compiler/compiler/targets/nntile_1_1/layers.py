@@ -210,6 +210,7 @@ class AddRows(Layer):
     def backward_async(self) -> None:
         if self.beta(self.h) != 0.0:
             raise RuntimeError("AddRows writes h's gradient: h must have no other reader")
+        nt.clear_async(self.h.grad)   # copy_intersection writes tiles in part: they must hold data first
         for offset in self._pieces():
             nt.copy_intersection_async(self.y.grad, [0, 0], self.h.grad, offset)
         if self.x.grad is not None:
@@ -409,6 +410,10 @@ class GatedResidual(Layer):
 SPLIT = ("head_dim", "tokens", "batch", "heads")
 MERGED = ("heads", "head_dim", "tokens", "batch")
 SCORES = ("tokens", "tokens", "batch", "heads")
+#: Cross-attention's keys and values run over the context axis.
+CONTEXT_SPLIT = ("head_dim", "context", "batch", "heads")
+CONTEXT_MERGED = ("heads", "head_dim", "context", "batch")
+CONTEXT_SCORES = ("context", "tokens", "batch", "heads")
 
 
 @layer
@@ -418,7 +423,8 @@ class Attention(Layer):
     The projections come out head-major and a transpose rotates them into the per-head layout. Kept for
     backward: Q, K, V, the probabilities and the head-major output; every gradient is scratch shared
     by all blocks. The softmax and its backward run ditc's kernels where `native` is given (the
-    `attn_maxsumexp` scratch is then unused)."""
+    `attn_maxsumexp` scratch is then unused). `CrossAttention` changes where keys and values come from
+    (`kv`) and the tensors over their token axis."""
 
     x: Moments
     w_q: Moments
@@ -436,16 +442,36 @@ class Attention(Layer):
                "attn_sumprod": ("tokens", "batch", "heads"), "attn_sumprod_merged": ("heads", "tokens", "batch"),
                "attn_scores": SCORES, "attn_dq": SPLIT, "attn_dk": SPLIT, "attn_dv": SPLIT}
 
+    # -- what cross-attention changes ---------------------------------------------------------------
+    @property
+    def kv(self) -> Moments:
+        """Where keys and values come from."""
+        return self.x
+
+    def kv_scratch(self) -> tuple[Any, Any, Any, Any]:
+        """The head-major projection, the scores' gradient, dK and dV over the keys' token axis."""
+        return self.attn_merged, self.attn_scores, self.attn_dk, self.attn_dv
+
+    def add_mask(self) -> None:
+        """Self-attention masks nothing."""
+
+    # -- the computation ----------------------------------------------------------------------------
+    def project(self, w: Moments, b: Moments, source, merged, out) -> None:
+        """out [head_dim, n, batch, heads] = the per-head layout of W source + b (via head-major `merged`)."""
+        nt.gemm_async(1.0, nt.notrans, w.value, nt.notrans, source, 0.0, merged, 1, 0)
+        nt.gemm_async(1.0, nt.notrans, b.value, nt.notrans, self.ones_over(merged, 2), 1.0, merged, 0, 0)
+        nt.transpose_async(1.0, merged, out, 1)
+
     def forward_async(self) -> None:
-        x, merged = self.x.value, self.attn_merged
-        ones = self.ones_over(merged, 2)
-        for w, b, out in zip((self.w_q, self.w_k, self.w_v), (self.b_q, self.b_k, self.b_v), (self.q, self.k, self.v)):
-            nt.gemm_async(1.0, nt.notrans, w.value, nt.notrans, x, 0.0, merged, 1, 0)
-            nt.gemm_async(1.0, nt.notrans, b.value, nt.notrans, ones, 1.0, merged, 0, 0)
-            nt.transpose_async(1.0, merged, out, 1)
-        merged.invalidate_submit()
+        kv_merged = self.kv_scratch()[0]
+        self.project(self.w_q, self.b_q, self.x.value, self.attn_merged, self.q)
+        self.project(self.w_k, self.b_k, self.kv.value, kv_merged, self.k)
+        self.project(self.w_v, self.b_v, self.kv.value, kv_merged, self.v)
+        for scratch in {id(t): t for t in (self.attn_merged, kv_merged)}.values():
+            scratch.invalidate_submit()
         scale = 1.0 / math.sqrt(self.q.shape[0])
         nt.gemm_async(scale, nt.trans, self.k, nt.notrans, self.q, 0.0, self.probs, 1, 2)
+        self.add_mask()
         if self.native:  # one task per query tile, on all its key tiles: each column in one pass
             self.native.softmax_async(self.probs)
         else:
@@ -462,6 +488,7 @@ class Attention(Layer):
 
     def backward_async(self) -> None:
         dy, q, k, v, merged = self.y.grad, self.q, self.k, self.v, self.attn_merged
+        kv_merged, d_scores, d_k, d_v = self.kv_scratch()
         scale = 1.0 / math.sqrt(q.shape[0])
         nt.gemm_async(1.0, nt.notrans, dy, nt.notrans, self.ones_over(dy, 1), 0.0, self.b_o.grad, 2, 0)
         nt.gemm_async(1.0, nt.notrans, dy, nt.trans, self.out_merged, 0.0, self.w_o.grad, 2, 0)
@@ -473,7 +500,7 @@ class Attention(Layer):
         nt.sumprod_slice_async(1.0, merged, self.out_merged, 0.0, self.attn_sumprod_merged, 1)
         nt.transpose_async(1.0, self.attn_sumprod_merged, self.attn_sumprod, 1)
         self.attn_sumprod_merged.invalidate_submit()
-        d_q, d_k, d_v, d_scores = self.attn_dq, self.attn_dk, self.attn_dv, self.attn_scores
+        d_q = self.attn_dq
         nt.gemm_async(1.0, nt.trans, v, nt.notrans, d_out, 0.0, d_scores, 1, 2)
         nt.gemm_async(1.0, nt.notrans, d_out, nt.trans, self.probs, 0.0, d_v, 1, 2)
         d_out.invalidate_submit()
@@ -487,13 +514,137 @@ class Attention(Layer):
         nt.gemm_async(scale, nt.notrans, q, nt.trans, d_scores, 0.0, d_k, 1, 2)
         nt.gemm_async(scale, nt.notrans, k, nt.notrans, d_scores, 0.0, d_q, 1, 2)
         d_scores.invalidate_submit()
-        x_beta = self.beta(self.x)
-        ones = self.ones_over(merged, 2)
-        for w, b, d_part in zip((self.w_q, self.w_k, self.w_v), (self.b_q, self.b_k, self.b_v), (d_q, d_k, d_v)):
-            nt.transpose_async(1.0, d_part, merged, 3)
+        betas: dict[int, float] = {}   # each source's gradient: its first write may overwrite, later ones add
+        for w, b, d_part, source, head_major in ((self.w_q, self.b_q, d_q, self.x, merged),
+                                                 (self.w_k, self.b_k, d_k, self.kv, kv_merged),
+                                                 (self.w_v, self.b_v, d_v, self.kv, kv_merged)):
+            nt.transpose_async(1.0, d_part, head_major, 3)
             d_part.invalidate_submit()
-            nt.gemm_async(1.0, nt.notrans, merged, nt.notrans, ones, 0.0, b.grad, 2, 0)
-            nt.gemm_async(1.0, nt.notrans, merged, nt.trans, self.x.value, 0.0, w.grad, 2, 0)
-            nt.gemm_async(1.0, nt.trans, w.value, nt.notrans, merged, x_beta, self.x.grad, 2, 0)
-            x_beta = 1.0
-        merged.invalidate_submit()
+            nt.gemm_async(1.0, nt.notrans, head_major, nt.notrans, self.ones_over(head_major, 2), 0.0, b.grad, 2, 0)
+            nt.gemm_async(1.0, nt.notrans, head_major, nt.trans, source.value, 0.0, w.grad, 2, 0)
+            if source.grad is not None:
+                beta = betas.setdefault(id(source), self.beta(source))
+                nt.gemm_async(1.0, nt.trans, w.value, nt.notrans, head_major, beta, source.grad, 2, 0)
+                betas[id(source)] = 1.0
+        for scratch in {id(t): t for t in (merged, kv_merged)}.values():
+            scratch.invalidate_submit()
+
+
+@layer
+class CrossAttention(Attention):
+    """Multi-head attention of the tokens x (queries) to a context (keys and values) with its own token
+    axis, `context`, and tiles. An optional key mask [context, batch] (1 keep, 0 padded) adds
+    `mask_bias` (1 - mask) to the scores before the softmax, as diffusers' Attention adds its
+    `(1 - mask) * -10000.0` attention bias; a padded key then gets a probability of exactly 0 (exp
+    underflows) unless every key of a caption is padded."""
+
+    x: Moments
+    context: Moments
+    mask: Any
+    w_q: Moments
+    w_k: Moments
+    w_v: Moments
+    b_q: Moments
+    b_k: Moments
+    b_v: Moments
+    w_o: Moments
+    b_o: Moments
+    y: Moments
+    BACKWARD_READS = frozenset({"x", "context"})
+    KEEPS = {"q": SPLIT, "k": CONTEXT_SPLIT, "v": CONTEXT_SPLIT, "probs": CONTEXT_SCORES, "out_merged": MERGED}
+    SCRATCH = {"attn_merged": MERGED, "xattn_merged": CONTEXT_MERGED, "attn_split": SPLIT,
+               "attn_maxsumexp": (2, "tokens", "batch", "heads"), "attn_sumprod": ("tokens", "batch", "heads"),
+               "attn_sumprod_merged": ("heads", "tokens", "batch"), "xattn_scores": CONTEXT_SCORES,
+               "attn_dq": SPLIT, "xattn_dk": CONTEXT_SPLIT, "xattn_dv": CONTEXT_SPLIT,
+               "xattn_mask": ("context", "batch"), "xattn_bias": ("context", "tokens", "batch")}
+
+    def __init__(self, ports: Mapping[str, Any], *args: Any, **kwargs: Any):
+        super().__init__({"mask": None} | dict(ports), *args, **kwargs)
+
+    @property
+    def kv(self) -> Moments:
+        return self.context
+
+    def kv_scratch(self) -> tuple[Any, Any, Any, Any]:
+        return self.xattn_merged, self.xattn_scores, self.xattn_dk, self.xattn_dv
+
+    def add_mask(self) -> None:
+        if self.mask is None:
+            return
+        bias, mask = self.attrs.mask_bias, getattr(self.mask, "value", self.mask)
+        nt.copy_async(mask, self.xattn_mask)
+        nt.add_scalar_async(bias, -bias, self.xattn_mask)                  # bias (1 - mask)
+        nt.clear_async(self.xattn_bias)
+        nt.add_slice_async(1.0, self.xattn_mask, 1.0, self.xattn_bias, 1)  # over the queries
+        nt.add_slice_async(1.0, self.xattn_bias, 1.0, self.probs, 3)      # and the heads
+        self.xattn_mask.invalidate_submit()
+        self.xattn_bias.invalidate_submit()
+
+
+#: The one-token slot AppendTokens moves a vector through (NNTile 1.1.0 cannot view [f, batch] as
+#: [f, 1, batch]: a broadcast over the axis of size 1 copies it, a sum over it copies it back).
+SLOT = ("hidden", 1, "batch")
+
+
+@layer
+class AppendTokens(Layer):
+    """y = [x, a, b] along the token axis (axis 1), with NNTile's copy_intersection (any tiles of either
+    token axis); without x, y = [a, b]. x's gradient is written, not added: lowering gives x one reader.
+    copy_intersection reads a destination tile it fills in part (StarPU refuses to read one never
+    written), so each destination is cleared first."""
+
+    x: Moments
+    a: Moments
+    b: Moments
+    y: Moments
+    SCRATCH = {"token_slot": SLOT}
+
+    def __init__(self, ports: Mapping[str, Any], *args: Any, **kwargs: Any):
+        super().__init__({"x": None} | dict(ports), *args, **kwargs)
+
+    def first(self) -> int:
+        """The token at which a sits."""
+        return 0 if self.x is None else self.x.value.shape[1]
+
+    def forward_async(self) -> None:
+        origin = [0, 0, 0]
+        nt.clear_async(self.y.value)
+        if self.x is not None:
+            nt.copy_intersection_async(self.x.value, origin, self.y.value, origin)
+        for j, vector in enumerate((self.a, self.b)):
+            nt.clear_async(self.token_slot)
+            nt.add_slice_async(1.0, vector.value, 1.0, self.token_slot, 1)
+            nt.copy_intersection_async(self.token_slot, [0, self.first() + j, 0], self.y.value, origin)
+        self.token_slot.invalidate_submit()
+
+    def backward_async(self) -> None:
+        origin = [0, 0, 0]
+        if self.x is not None:
+            if self.beta(self.x) != 0.0:
+                raise RuntimeError("AppendTokens writes its x's gradient first: x must have no other reader")
+            nt.clear_async(self.x.grad)
+            nt.copy_intersection_async(self.y.grad, origin, self.x.grad, origin)
+        for j, vector in enumerate((self.a, self.b)):
+            nt.clear_async(self.token_slot)
+            nt.copy_intersection_async(self.y.grad, origin, self.token_slot, [0, self.first() + j, 0])
+            nt.sum_slice_async(1.0, self.token_slot, self.beta(vector), vector.grad, 1)
+        self.token_slot.invalidate_submit()
+
+
+@layer
+class TakeTokens(Layer):
+    """y = the first tokens of x (as many as y has), by copy_intersection; x's gradient is y's, then
+    zeros (written, not added: lowering gives x one reader)."""
+
+    x: Moments
+    y: Moments
+
+    def forward_async(self) -> None:
+        nt.clear_async(self.y.value)   # copy_intersection reads a tile it fills in part (see AppendTokens)
+        nt.copy_intersection_async(self.x.value, [0, 0, 0], self.y.value, [0, 0, 0])
+
+    def backward_async(self) -> None:
+        if self.beta(self.x) != 0.0:
+            raise RuntimeError("TakeTokens writes its x's gradient first: x must have no other reader")
+        nt.clear_async(self.x.grad)
+        nt.copy_intersection_async(self.y.grad, [0, 0, 0], self.x.grad, [0, 0, 0])

@@ -27,7 +27,7 @@ from dit_compiler.compiler.posembed import SOURCE as SINCOS_SOURCE, pos_scale
 from dit_compiler.compiler.targets.torch.ops import TORCH_OPS, module_path
 
 #: Letters of the shape comments, by axis.
-LETTERS = {"batch": "N", "tokens": "T", "hidden": "D", "mlp": "M", "frequency": "F", "out_dim": "O",
+LETTERS = {"batch": "N", "tokens": "T", "patches": "T_img", "context": "L", "hidden": "D", "mlp": "M", "frequency": "F", "out_dim": "O",
            "patch_dim": "P", "in_channels": "C", "out_channels": "C_out", "height": "H", "width": "W"}
 #: The graph's constants and how torch computes them.
 CONSTS = {TRACE.pos_embed: "torch.from_numpy(sincos_pos_embed({hidden}, {grid}{scale})).float().unsqueeze(0)"}
@@ -269,8 +269,9 @@ def module_entries(graph: Graph, nodes: list[Node], scope: Scope,
 
 
 def _sizes(graph: Graph) -> dict[str, int | str]:
+    patches = graph.axes.get("patches", graph.axes["tokens"])   # in_context's tokens hold 2 more
     scale = pos_scale(graph.spec.model)
-    return {"hidden": graph.axes["hidden"].size, "grid": math.isqrt(graph.axes["tokens"].size),
+    return {"hidden": graph.axes["hidden"].size, "grid": math.isqrt(patches.size),
             "scale": f", scale={scale}" if scale != 1 else ""}
 
 
