@@ -41,10 +41,13 @@ def caption(c: int, length: int, width: int) -> tuple[np.ndarray, np.ndarray]:
 def label_inputs(graph, y: np.ndarray) -> tuple[np.ndarray, ...]:
     """The graph's inputs after the latent and the timesteps, for labels y [N] (the null class included):
     the labels themselves, or the captions, their mask and size conditioning of the caption table."""
-    names = graph.inputs[2:]
+    return inputs_for(graph.inputs[2:], graph.spec.model, y)
+
+
+def inputs_for(names: list[str], m, y: np.ndarray) -> tuple[np.ndarray, ...]:
+    """`label_inputs` for a model (`ModelSpec`) whose graph inputs after the timesteps are `names`."""
     if list(names) == [TRACE.y]:
         return (y,)
-    m = graph.spec.model
     rows = {int(c): caption(int(c), m.caption.length, m.caption.width) for c in np.unique(y)}
     values = {TRACE.caption: np.stack([rows[int(c)][0] for c in y]),
               TRACE.caption_mask: np.stack([rows[int(c)][1] for c in y]),
