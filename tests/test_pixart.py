@@ -167,7 +167,7 @@ def _train_pixart(folder, backend: str):
 
     run = folder / "run"
     assert train(tiny_spec(folder, TINY_PIXART_DIGITS), run, TrainConfig(steps=20, lr=1e-3, backend=backend)) == 0
-    return [float(line.split(",")[1]) for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+    return [float(line.split(",")[1]) for line in (run / "metrics.csv").read_text().splitlines()[1:]], run
 
 
 def test_caption_table_drives_a_pixart_on_digits(tmp_path):
@@ -181,12 +181,31 @@ def test_caption_table_drives_a_pixart_on_digits(tmp_path):
     assert masks[0].tolist() == [1, 1, 1, 1, 0, 0, 0] and masks[2].tolist() == [1, 0, 0, 0, 0, 0, 0]
     assert not np.array_equal(caption(4, 7, 40)[0], captions[0])
     assert resolution.tolist() == [[64, 64]] * 3 and aspect.tolist() == [1.0] * 3
-    losses = _train_pixart(tmp_path, "torch")
+    losses, run = _train_pixart(tmp_path, "torch")
     assert len(losses) == 20 and all(np.isfinite(losses))
+    # the trained weights as diffusers' PixArt folder, whose spec `ditc import` gives back
+    assert main(["export", str(run), "--diffusers", str(tmp_path / "hf")]) == 0
+    assert main(["import", str(tmp_path / "hf"), "-o", str(tmp_path / "back.yaml")]) == 0
+    back = load_spec(tmp_path / "back.yaml").model
+    assert (back.conditioning, back.hidden_size, back.caption.width, back.size_conditioning) == \
+        ("adaln_single", 24, 12, True)
 
 
 @pytest.mark.skipif(NNTILE_PROBLEM is not None, reason=NNTILE_PROBLEM or "")
 def test_pixart_trains_on_nntile_as_on_torch(tmp_path):
     """20 digits steps of a PixArt (captions from the table, label dropout, size conditioning): every step's
     loss within 1e-4 of torch's."""
-    assert _train_pixart(tmp_path / "n", "nntile") == pytest.approx(_train_pixart(tmp_path / "t", "torch"), rel=1e-4)
+    assert _train_pixart(tmp_path / "n", "nntile")[0] == pytest.approx(_train_pixart(tmp_path / "t", "torch")[0],
+                                                                        rel=1e-4)
+
+
+@pytest.mark.skipif(NNTILE_PROBLEM is not None, reason=NNTILE_PROBLEM or "")
+def test_tiny_pixart_verifies_on_ragged_tiles(tmp_path, capsys):
+    """specs/tiny-pixart.yaml (every axis in ragged tiles, the context and caption axes included): NNTile
+    against torch forward and backward, row by row, and both against diffusers' PixArt."""
+    assert main(["verify", str(SPECS / "tiny-pixart.yaml"), "-o", str(tmp_path), "--json", str(tmp_path / "v.json")]) == 0
+    report = json.loads((tmp_path / "v.json").read_text())
+    rows = {r["component"]: r for r in report["rows"]}
+    assert {"adaLN-single", "caption projection", "cross-attention"} <= set(rows)
+    assert report["tiling"]["context"] == {"size": 7, "tile": 3, "tiles": 3}
+    assert rows["model"]["forward"] <= 1e-5 and report["oracle"]["nntile_forward"] <= 1e-5

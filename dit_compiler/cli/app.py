@@ -139,7 +139,8 @@ def add_commands(sub) -> None:
                    help=f"how long a rank waits for the others before failing (default {DIST_TIMEOUT_S})")
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("export", help="write trained weights as a diffusers DiTTransformer2DModel folder")
+    s = sub.add_parser("export", help="write trained weights as a diffusers model folder (DiTTransformer2DModel, "
+                                      "PixArtTransformer2DModel)")
     s.add_argument("target", metavar="RUN_OR_SPEC", help="a training run folder, or a spec with --ckpt")
     s.add_argument("--ckpt", type=path, help="checkpoint (.pt or .safetensors; default: the run's last)")
     s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
@@ -348,7 +349,8 @@ def cmd_export(args) -> int:
         spec, _, ckpt, _, _ = _checkpoint_of(args, tmp)
         weights, entry = load_weights(ckpt, args.ema)
         out = export_diffusers(graph_of(spec), weights, Path(args.diffusers), f"{ckpt} ({entry})")
-    print(f"exported {ckpt} ({entry}) as a diffusers DiTTransformer2DModel: {out}/")
+    class_name = json.loads((out / "config.json").read_text())["_class_name"]
+    print(f"exported {ckpt} ({entry}) as a diffusers {class_name}: {out}/")
     return 0
 
 

@@ -16,7 +16,7 @@
 """
 from __future__ import annotations
 
-from dit_compiler.compiler.designs.base import VECTOR, Lowering, MAX_PERIOD
+from dit_compiler.compiler.designs.base import MAX_PERIOD, VECTOR, Lowering
 from dit_compiler.compiler.graph.ir import Axis, Graph, ParamSource
 from dit_compiler.compiler.graph.ops import Activation, Heads, Patch, Rows, Sinusoid
 from dit_compiler.compiler.naming import ADALN_CHUNKS, FINAL_CHUNKS, TRACE, flavor_of
