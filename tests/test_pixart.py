@@ -59,7 +59,7 @@ def test_tiny_pixart_reference_equals_diffusers_pixart(tmp_path, model):
     assert 0 < inputs.context["caption_mask"].sum() < inputs.context["caption_mask"].numel()  # tokens masked
     report = check_against_diffusers(graph, model, inputs)
     assert isinstance(report, OracleReport), report
-    assert report.model_class == "PixArtTransformer2DModel"
+    assert report.oracle == "PixArtTransformer2DModel"
     assert report.forward <= 1e-6 and report.input_grad <= 1e-5 and report.param_grad <= 1e-5, report
 
 

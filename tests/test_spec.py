@@ -273,10 +273,10 @@ def test_schema_text_is_the_shipped_file():
 def test_block_language_values_not_lowered_yet_are_refused_naming_key_and_value(tmp_path):
     """Every design and option of the block language is spec language; one ditc does not compile yet is a
     validation error at its key, all of them at once, never a build failure."""
-    path = write(tmp_path, "b.yaml", "model:\n  conditioning: joint\n  attention: {qk_norm: rms_norm}\n"
+    path = write(tmp_path, "b.yaml", "model:\n  conditioning: joint\n  mlp: {activation: swiglu}\n"
                  "  caption: {width: 8, length: 3, pooled_width: 4}\n  pos_embed_max_size: 16\n")
     found = {(d.key_path, d.line): d for d in problems(path)}
-    assert set(found) == {("model.conditioning", 2), ("model.attention.qk_norm", 3),
+    assert set(found) == {("model.conditioning", 2), ("model.mlp.activation", 3),
                           ("model.caption.pooled_width", 4), ("model.pos_embed_max_size", 5)}
     refused = found[("model.conditioning", 2)]
     assert refused.value == "joint" and "not supported yet" in refused.message and "MMDiT" in refused.message

@@ -327,7 +327,7 @@ def initial_weights(build_dir: Path, graph, seed: int):
     if graph.spec.model.conditioning == "adaln_single":
         initialize_pixart_weights(module, graph.depth, seed)
     else:
-        initialize_dit_weights(module, graph.spec.model.flavor, graph.depth, seed)
+        initialize_dit_weights(module, graph.spec.model.flavor, graph.depth, seed, graph.spec.model.conditioning)
     return to_numpy(module.state_dict())
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from dit_compiler.compiler.graph.ir import Dim, Graph
 from dit_compiler.compiler.graph.ops import OPS
@@ -26,6 +26,9 @@ class LayerDeclaration(Protocol):
 
     KEEPS: Mapping[str, tuple[Dim, ...]]
     SCRATCH: Mapping[str, tuple[Dim, ...]]
+
+    def scratch_of(self, attrs: Any) -> Mapping[str, tuple[Dim, ...]]:
+        """The scratch of a node with these attributes (SCRATCH, and what an option adds)."""
 
 
 def kept_name(node: str, internal: str) -> str:
@@ -51,7 +54,7 @@ def attach_internals(graph: Graph, layers: Mapping[str, LayerDeclaration]) -> No
         internals = {}
         for name, dims in layer.KEEPS.items():
             internals[name] = graph.tensor(kept_name(node.name, name), dims, "kept", block=node.block)
-        for purpose, dims in layer.SCRATCH.items():
+        for purpose, dims in layer.scratch_of(node.attrs).items():
             tensor = scratch_name(purpose)
             if purpose not in scratch:
                 scratch[purpose] = dims

@@ -27,12 +27,7 @@ class Refusal:
 
 NOT_LOWERED: tuple[Refusal, ...] = (
     # DiT's Figure 5 designs and the block options (issue 24, block designs).
-    Refusal(("attention", "qk_norm"), "layer_norm", "QK norm"),
-    Refusal(("attention", "qk_norm"), "rms_norm", "QK norm"),
-    Refusal(("attention", "bias"), False, "the block options"),
-    Refusal(("mlp", "activation"), "gelu", "the block options"),
     Refusal(("mlp", "activation"), "swiglu", "the block options"),
-    Refusal(("mlp", "bias"), False, "the block options"),
     Refusal(("norm", "type"), "rms_norm", "the block options"),
     Refusal(("norm", "affine"), True, "the block options"),
 

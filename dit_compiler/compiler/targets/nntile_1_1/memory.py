@@ -144,7 +144,8 @@ class _Replay:
         self.nodes = graph.device_nodes
         self.plan = plan_of(graph)
         self.held = held_tensors(graph)
-        self.attention_kept = {n for node in self.nodes if node.op == "attention" for n in node.internals.values()}
+        self.attention_kept = {n for node in self.nodes if node.op in ("attention", "cross_attention")
+                               for n in node.internals.values()}
         self.live: dict[tuple[str, str], tuple[int, str]] = {}
         # bytes live per kind, kept as tensors come and go: summing `live` at every check made the replay
         # quadratic in depth (depth 500 took 113 s)

@@ -112,7 +112,7 @@ class Model:
         cls = LAYERS[op.layer]
         node = ports[op.outputs[0]]
         internals = {name: kept_name(node, name) for name in cls.KEEPS}
-        internals |= {purpose: scratch_name(purpose) for purpose in cls.SCRATCH}
+        internals |= {purpose: scratch_name(purpose) for purpose in cls.scratch_of(attrs)}
         layer = cls({p: self.tensor(n) for p, n in ports.items()},
                     {name: self.tensor(n) for name, n in internals.items()}, attrs, self.alloc, self.kernels.module)
         self.layers.append(layer)
