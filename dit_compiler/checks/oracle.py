@@ -153,6 +153,9 @@ def pixart_config(graph: Graph) -> dict | str:
     if ax["frequency"].size != DIFFUSERS_FREQUENCY or ax["mlp"].size != DIFFUSERS_MLP_RATIO * ax["hidden"].size:
         return (f"diffusers fixes the timestep sinusoid at {DIFFUSERS_FREQUENCY} and the MLP at "
                 f"{DIFFUSERS_MLP_RATIO} x hidden_size")
+    if (m.attention.qk_norm, m.attention.bias, m.mlp.activation, m.mlp.bias, m.norm.type, m.norm.affine) != \
+            ("none", True, "gelu_tanh", True, "layer_norm", False):
+        return "diffusers' PixArtTransformer2DModel has only the default block options (model.attention, mlp, norm)"
     block = {n.attrs.eps for n in graph.nodes if n.op == "layer_norm" and n.block == 0}
     final = [n.attrs.eps for n in graph.nodes if n.op == "layer_norm" and n.block is None]
     if len(block) != 1 or final != [DIFFUSERS_FIXED_EPS]:

@@ -110,6 +110,8 @@ class PixArtKeys:
     attn_out: str = "{b}.attn1.to_out.0"
     cross_attn_in: tuple[str, ...] = ("{b}.attn2.to_q", "{b}.attn2.to_k", "{b}.attn2.to_v")
     cross_attn_out: str = "{b}.attn2.to_out.0"
+    qk_norm: tuple[str, str] = ("{b}.attn1.norm_q", "{b}.attn1.norm_k")
+    cross_qk_norm: tuple[str, str] = ("{b}.attn2.norm_q", "{b}.attn2.norm_k")
     fc1: str = "{b}.ff.net.0.proj"
     fc2: str = "{b}.ff.net.2"
     final_table: str = "scale_shift_table"
@@ -197,8 +199,6 @@ class TraceNames:
     t_cond: str = "t_cond"           # timestep + size embeddings: the final layer's shift and scale read it
     t_mod: str = "t_mod."            # adaLN-single's shared projection, one chunk each
     table: str = "table_"            # a chunk + its row of the block's scale_shift_table
-    cross: str = "cross_attn"
-    res_cross: str = "res_cross"
 
 
 TRACE = TraceNames()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dit_compiler.compiler.designs.base import MAX_PERIOD, VECTOR, Lowering
 from dit_compiler.compiler.graph.ir import Axis, Graph, ParamSource
-from dit_compiler.compiler.graph.ops import Activation, Heads, Patch, Rows, Sinusoid
+from dit_compiler.compiler.graph.ops import Activation, Patch, Rows, Sinusoid
 from dit_compiler.compiler.naming import ADALN_CHUNKS, FINAL_CHUNKS, TRACE, flavor_of
 from dit_compiler.compiler.spec.model import Spec
 
@@ -148,10 +148,11 @@ class AdaLNSingle(Lowering):
 
     def caption_attention(self, x: str, context: str, mask: str | None, p: str, key_prefix: str, scope: str) -> str:
         """`attn2`: queries from the tokens, keys and values from the projected captions, padded ones masked."""
-        attn = self.act(p + TRACE.cross)
+        attn = self.act(p + TRACE.cross_attn)
         ports = {"x": x, "context": context} | ({"mask": mask} if mask else {})
         ports |= self.attention_params(key_prefix, self.keys.cross_attn_in, self.keys.cross_attn_out)
-        self.node("cross_attention", ports, {"y": attn}, "cross-attention", f"{scope}.attn2", Heads())
+        ports |= self.qk_norm_params(self.keys.cross_qk_norm, key_prefix)
+        self.node("cross_attention", ports, {"y": attn}, "cross-attention", f"{scope}.attn2", self.heads())
         return attn
 
     # -- the final layer ----------------------------------------------------------------------

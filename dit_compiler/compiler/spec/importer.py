@@ -97,7 +97,7 @@ def _common(c: _Config) -> dict:
     c.require("dropout", (0.0, 0), 0.0, "ditc has no dropout")
     c.require("activation_fn", ("gelu-approximate",), "gelu-approximate", "ditc's MLP here is GELU-tanh "
               "(gelu-approximate)")
-    c.require("attention_bias", (True,), True, "ditc's attention projections have biases")
+    c.require("attention_bias", (True,), True, "the importer writes attention projections with biases")
     c.require("norm_elementwise_affine", (False,), False, "the block LayerNorms have no affine parameters")
     c.require("upcast_attention", (False, True), False, "")   # fp32 throughout: upcasting changes nothing
     c.ignore("norm_num_groups")   # GroupNorm groups: used by none of these models' modules
