@@ -163,7 +163,7 @@ def test_twenty_training_steps_match_torch(tmp_path, design):
         model.load_state_dict(reference.state_dict())
         optimizer = model.adamw(1e-3, 0.0)
         try:
-            losses = [model.train_step(inputs.x.numpy(), inputs.t.numpy(), inputs.y.numpy(),
+            losses = [model.train_step((inputs.x.numpy(), inputs.t.numpy(), inputs.y.numpy()),
                                        inputs.grad_out.numpy(), optimizer) for _ in range(20)]
             trained = model.state_dict()
         finally:

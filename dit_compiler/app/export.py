@@ -1,4 +1,5 @@
-"""`ditc export RUN --diffusers DIR`: trained weights as a diffusers `DiTTransformer2DModel` folder.
+"""`ditc export RUN --diffusers DIR`: trained weights as a diffusers model folder (`DiTTransformer2DModel`;
+`PixArtTransformer2DModel` for conditioning adaln_single: `checks.oracle.build_diffusers` picks the class).
 
 Only flavor `diffusers` exports: its reference's state_dict is diffusers' own, key for key. A flavor
 `dit` model differs from anything diffusers can load (its timestep frequencies use shift 0, diffusers'
@@ -19,7 +20,7 @@ from dit_compiler.files import write_folder_atomic
 
 def export_diffusers(graph: Graph, weights: dict[str, np.ndarray], out: Path, source: str) -> Path:
     """Write `out/` with `save_pretrained`, whole or not at all (a failed export leaves no folder to refuse a
-    rerun); `DiTTransformer2DModel.from_pretrained(out)` gives the same outputs."""
+    rerun); the class's `from_pretrained(out)` gives the same outputs."""
     if graph.spec.model.flavor != "diffusers":
         raise UsageError(f"{source}: flavor {graph.spec.model.flavor!r} has no exact diffusers counterpart (DiT's "
                          "timestep frequencies use shift 0, diffusers' embedder fixes 1); export needs a spec with "

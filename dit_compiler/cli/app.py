@@ -22,6 +22,7 @@ from dit_compiler.app.vae import check_vae, load_vae
 from dit_compiler.cli.args import (MAX_SEED, check_folder_arg, integer, memory_size, number, path, runner_target,
                                    spec_and_dir, workers)
 from dit_compiler.compiler.build import compile_spec, graph_of, write_build
+from dit_compiler.compiler.captions import label_classes
 from dit_compiler.compiler.spec.model import SAMPLERS, Spec
 from dit_compiler.errors import UsageError, shown
 from dit_compiler.files import check_owned, mark_folder
@@ -163,7 +164,8 @@ def add_commands(sub) -> None:
                    help=f"how long a rank waits for the others before failing (default {DIST_TIMEOUT_S})")
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("export", help="write trained weights as a diffusers DiTTransformer2DModel folder")
+    s = sub.add_parser("export", help="write trained weights as a diffusers model folder (DiTTransformer2DModel, "
+                                      "PixArtTransformer2DModel)")
     s.add_argument("target", metavar="RUN_OR_SPEC", help="a training run folder, or a spec with --ckpt")
     s.add_argument("--ckpt", type=path, help="checkpoint (.pt or .safetensors; default: the run's last)")
     s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
@@ -351,7 +353,7 @@ def _rows(labels: int, scales: list[float]) -> int:
 def _labels(args, spec: Spec):
     from dit_compiler.app.sample import sample_labels
 
-    return sample_labels(spec.model.num_classes, args.classes, args.n)
+    return sample_labels(label_classes(spec.model), args.classes, args.n)
 
 
 def cmd_export(args) -> int:
@@ -363,7 +365,8 @@ def cmd_export(args) -> int:
         spec, _, ckpt, _, _ = _checkpoint_of(args, tmp)
         weights, entry = load_weights(ckpt, args.ema)
         out = export_diffusers(graph_of(spec), weights, Path(args.diffusers), f"{ckpt} ({entry})")
-    print(f"exported {ckpt} ({entry}) as a diffusers DiTTransformer2DModel: {out}/")
+    class_name = json.loads((out / "config.json").read_text())["_class_name"]
+    print(f"exported {ckpt} ({entry}) as a diffusers {class_name}: {out}/")
     return 0
 
 
@@ -471,7 +474,7 @@ def cmd_evaluate(args) -> int:
                 lambda default: _output_folder(Path(args.out) if args.out else default.with_name("evaluate"),
                                                "--out", EVALUATE_KINDS))
             mark_folder(out, EVALUATE_KINDS)   # before its cfg*/ samples folders
-            labels = sample_labels(graph.spec.model.num_classes, None, args.n)
+            labels = sample_labels(label_classes(graph.spec.model), None, args.n)
             try:
                 if vae is not None:
                     check_vae(vae, graph.axes["in_channels"].size)

@@ -68,12 +68,12 @@ KEYS: dict[str, StateKeys] = {"dit": DIT, "diffusers": DIFFUSERS}
 class Flavor:
     """What a flavor names besides its parameters' keys (`StateKeys`)."""
 
-    keys: StateKeys
+    keys: StateKeys | PixArtKeys
     pos_table: str          # the fixed positional table's attribute path in the torch module
     pos_table_saved: bool   # in state_dict (DiT: a frozen Parameter) or not (diffusers: a non-persistent buffer)
     model_class: str
     block_class: str
-    inputs: tuple[str, str, str]   # forward's arguments: latent, timesteps, labels
+    inputs: tuple[str, ...]        # forward's arguments: latent, timesteps, labels (or the graph's inputs in order)
     about: str                     # what the reference's docstring says of the flavor
 
 
@@ -89,6 +89,53 @@ FLAVORS: dict[str, Flavor] = {
                         "re-runs block 0's for the output head, this module reuses block 0's result (the same "
                         "values and gradients)."),
 }
+
+@dataclass(frozen=True)
+class PixArtKeys:
+    """diffusers' `PixArtTransformer2DModel` state_dict layout. The fields the DiT lowering's shared helpers
+    read (`patch`, `block`, `attn_in`, `attn_out`, `fc1`, `fc2`) have StateKeys' names."""
+
+    patch: str = "pos_embed.proj"
+    t_linear1: str = "adaln_single.emb.timestep_embedder.linear_1"
+    t_linear2: str = "adaln_single.emb.timestep_embedder.linear_2"
+    #: PixArt 1024's size embedders, `{}` the input (resolution, aspect_ratio).
+    size_linear1: str = "adaln_single.emb.{}_embedder.linear_1"
+    size_linear2: str = "adaln_single.emb.{}_embedder.linear_2"
+    adaln: str = "adaln_single.linear"
+    caption_linear1: str = "caption_projection.linear_1"
+    caption_linear2: str = "caption_projection.linear_2"
+    block: str = "transformer_blocks.{i}"
+    table: str = "{b}.scale_shift_table"
+    attn_in: tuple[str, ...] = ("{b}.attn1.to_q", "{b}.attn1.to_k", "{b}.attn1.to_v")
+    attn_out: str = "{b}.attn1.to_out.0"
+    cross_attn_in: tuple[str, ...] = ("{b}.attn2.to_q", "{b}.attn2.to_k", "{b}.attn2.to_v")
+    cross_attn_out: str = "{b}.attn2.to_out.0"
+    qk_norm: tuple[str, str] = ("{b}.attn1.norm_q", "{b}.attn1.norm_k")
+    cross_qk_norm: tuple[str, str] = ("{b}.attn2.norm_q", "{b}.attn2.norm_k")
+    fc1: str = "{b}.ff.net.0.proj"
+    fc2: str = "{b}.ff.net.2"
+    final_table: str = "scale_shift_table"
+    final_linear: str = "proj_out"
+
+
+PIXART = PixArtKeys()
+
+#: The flavors of the block designs whose names differ from DiT's, by (conditioning, flavor).
+DESIGN_FLAVORS: dict[tuple[str, str], Flavor] = {
+    ("adaln_single", "diffusers"): Flavor(
+        PIXART, "pos_embed.pos_embed", False, "PixArtTransformer2DModel", "BasicTransformerBlock",
+        ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask", "resolution", "aspect_ratio"),
+        "diffusers `PixArtTransformer2DModel` semantics (PixArt-alpha): its state_dict keys, so its checkpoints "
+        "load as is. adaLN-single: one timestep MLP and projection to six chunks shared by every block, each "
+        "block adding its own learned `scale_shift_table`; captions projected and attended to after "
+        "self-attention, padded tokens masked."),
+}
+
+
+def flavor_of(model) -> Flavor:
+    """The naming of a model (`ModelSpec`): its design's where that has its own, else its flavor's."""
+    return DESIGN_FLAVORS.get((model.conditioning, model.flavor), FLAVORS[model.flavor])
+
 
 #: The adaLN projection's row blocks, in DiT's `chunk(6)` order, and the final layer's `chunk(2)`;
 #: conditioning adaln's `chunk(4)` (no gates).
@@ -137,6 +184,21 @@ class TraceNames:
     final_out: str = "out"
     final_patches: str = "patches"     # in_context: the final output of the patch tokens
     image_out: str = "out"
+    # captions (PixArt-alpha), its size conditioning, adaLN-single's shared projection and tables
+    caption: str = "caption"
+    caption_mask: str = "caption_mask"
+    caption_hidden: str = "caption_hidden"
+    caption_act: str = "caption_act"
+    caption_emb: str = "caption_emb"
+    resolution: str = "resolution"
+    aspect_ratio: str = "aspect_ratio"
+    size_freq: str = "{}_freq"
+    size_hidden: str = "{}_hidden"
+    size_act: str = "{}_act"
+    size_emb: str = "{}_emb"
+    t_cond: str = "t_cond"           # timestep + size embeddings: the final layer's shift and scale read it
+    t_mod: str = "t_mod."            # adaLN-single's shared projection, one chunk each
+    table: str = "table_"            # a chunk + its row of the block's scale_shift_table
 
 
 TRACE = TraceNames()

@@ -81,6 +81,17 @@ def gemm(x_port: str, w_port: str, y_port: str, b_port: str | None = None) -> Ru
     return rule
 
 
+def rows_of(small_port: str, big_port: str) -> Rule:
+    """The small tensor [k, m*N] holds m pieces of k rows for each of the big one's N columns [D, N], which
+    fit from the node's offset (copy_intersection moves them, so the tiles may differ)."""
+    def rule(graph: Graph, node: Node) -> None:
+        small, big = _tensor(graph, node, small_port), _tensor(graph, node, big_port)
+        pieces, ragged = divmod(small.shape[1], big.shape[1]) if len(small.shape) == len(big.shape) == 2 else (0, 1)
+        if ragged or not 0 <= node.attrs.offset <= big.shape[0] - pieces * small.shape[0]:
+            raise _fail(node, f"{_show(small)} at row {node.attrs.offset} is not pieces of rows of {_show(big)}")
+    return rule
+
+
 def embedding(labels_port: str, table_port: str, y_port: str) -> Rule:
     """y[:, n] = table[:, labels[n]]: the class axis is one tile, the feature tile divides y's."""
     def rule(graph: Graph, node: Node) -> None:

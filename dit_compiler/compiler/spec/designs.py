@@ -31,11 +31,6 @@ NOT_LOWERED: tuple[Refusal, ...] = (
     Refusal(("norm", "type"), "rms_norm", "the block options"),
     Refusal(("norm", "affine"), True, "the block options"),
 
-    # PixArt-alpha (issue 24, PixArt).
-    Refusal(("conditioning",), "adaln_single", "PixArt-alpha"),
-    Refusal(("caption",), SET, "captions"),
-    Refusal(("size_conditioning",), True, "PixArt-alpha 1024"),
-    Refusal(("num_classes",), 0, "text-only families"),
 
     # SD3's MMDiT (issue 24, MMDiT).
     Refusal(("conditioning",), "joint", "SD3's MMDiT"),
@@ -104,4 +99,15 @@ def combination_problems(model: ModelSpec) -> list[tuple[tuple[str, ...], str, s
                                         or model.conditioning == "cross_attention" and model.caption is None):
         found.append((("flavor",), f"diffusers has no model with DiT's {model.conditioning} design to name "
                       "its weights after", "dit"))
+    if model.conditioning == "adaln_single":
+        if model.num_classes:
+            found.append((("num_classes",), "PixArt-alpha's adaLN-single conditions on captions, not class labels",
+                          "0, with a model.caption"))
+        if model.flavor != "diffusers":
+            found.append((("flavor",), "PixArt-alpha's weights are named as diffusers' PixArtTransformer2DModel "
+                          "names them", "diffusers"))
+        if model.size_conditioning and model.hidden_size % 3:
+            found.append((("size_conditioning",), f"the resolution and aspect-ratio embeddings are hidden_size / 3 "
+                          f"wide each, and hidden_size {model.hidden_size} is not a multiple of 3",
+                          "false, or a hidden_size divisible by 3"))
     return found

@@ -192,8 +192,11 @@ def _layer(own: Mapping, here: Path, chain: Chain,
             base.pop("name", None)
     preset = own.get("preset")
     if preset is not None and isinstance(preset.value, str) and preset.value in PRESETS:
-        filled = {key: Entry(value, preset.key, preset.at) for key, value in PRESETS[preset.value].items()}
-        base = merge(base, {"model": Entry(filled, preset.key, preset.at)})
+        def entries(values: dict) -> dict:   # nested sections (a caption) as entries too, so they merge by key
+            return {key: Entry(entries(value) if isinstance(value, dict) else value, preset.key, preset.at)
+                    for key, value in values.items()}
+
+        base = merge(base, {"model": Entry(entries(PRESETS[preset.value]), preset.key, preset.at)})
     return merge(base, own)
 
 

@@ -90,7 +90,8 @@ class Model:
     def build(self) -> None:
         raise NotImplementedError
 
-    def set_inputs(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> None:
+    def set_inputs(self, *inputs: np.ndarray) -> None:
+        """The graph's inputs in its order (latent, timesteps, then labels or captions ...)."""
         raise NotImplementedError
 
     def output(self) -> np.ndarray:
@@ -129,6 +130,8 @@ class Model:
             value = self.alloc.new(shape, tile, decl.dtype)
             if decl.role in ("param", "activation"):
                 value = Moments(value, self.alloc.new(shape, tile) if decl.grad and not self.inference else None)
+            elif decl.role == "input" and decl.dtype == "fp32":   # captions: read as values, no gradient
+                value = Moments(value)
             self.tensors[name] = value
         return self.tensors[name]
 
@@ -164,9 +167,10 @@ class Model:
         return tensor
 
     # -- running ----------------------------------------------------------------------------------
-    def forward(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Latent [N, C, H, W], timesteps [N], labels [N] -> output [N, C_out, H, W] (numpy)."""
-        self.set_inputs(x, t, y)
+    def forward(self, *inputs: np.ndarray) -> np.ndarray:
+        """Latent [N, C, H, W], timesteps [N], labels [N] (or the graph's other inputs, in its order: captions
+        [N, L, W] and their mask [N, L]) -> output [N, C_out, H, W] (numpy)."""
+        self.set_inputs(*inputs)
         for i in range(len(self.layers)):
             self.forward_layer(i)
         wait_for_all()
@@ -309,15 +313,15 @@ class Model:
         """An EMA of the parameters, starting from their current values (`to_torch(ema.shadow)` reads it)."""
         return EMA(self.parameters, self.alloc)
 
-    def train_step(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, target: np.ndarray, optimizer: AdamW) -> float:
-        """One optimiser step (`backward_update`) on the mean squared error against `target` [N, C_out, H, W];
-        returns the loss."""
-        diff = self.forward(x, t, y) - target
+    def train_step(self, inputs: tuple[np.ndarray, ...], target: np.ndarray, optimizer: AdamW) -> float:
+        """One optimiser step (`backward_update`) on the mean squared error against `target` [N, C_out, H, W]
+        for the graph's `inputs` (latent, timesteps, labels or captions ...); returns the loss."""
+        diff = self.forward(*inputs) - target
         self.backward_update(2.0 / target.size * diff, optimizer)
         return float(np.mean(diff ** 2))
 
-    def profile_layers(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, target: np.ndarray,
-                       optimizer: AdamW, repeats: int = 3) -> dict[str, float]:
+    def profile_layers(self, inputs: tuple[np.ndarray, ...], target: np.ndarray, optimizer: AdamW,
+                       repeats: int = 3) -> dict[str, float]:
         """Seconds per op kind of one `train_step`'s forward, backward and AdamW step. Each layer is submitted
         `repeats` times and waited on once, which amortises the cost of a wait but removes the overlap
         StarPU finds between layers: the sum exceeds a step."""
@@ -330,7 +334,7 @@ class Model:
             wait_for_all()
             seconds[label] += (time.perf_counter() - start) / repeats
 
-        self.set_inputs(x, t, y)
+        self.set_inputs(*inputs)
         for i, kind in enumerate(self.kinds):
             timed(f"{kind} forward", self.layers[i].forward_async)
             self.release(self.plan[i].release_values, "value")  # after the repeats, which read what it frees

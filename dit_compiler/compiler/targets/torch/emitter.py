@@ -22,15 +22,15 @@ from dit_compiler.compiler.emit.blocks import Blocks, block_template, split_bloc
 from dit_compiler.compiler.emit.env import header, render
 from dit_compiler.compiler.graph.ir import Graph, Node, Tensor
 from dit_compiler.compiler.graph.ops import OPS
-from dit_compiler.compiler.naming import FLAVORS, TRACE
-from dit_compiler.compiler.posembed import SOURCE as SINCOS_SOURCE
+from dit_compiler.compiler.naming import TRACE, flavor_of
+from dit_compiler.compiler.posembed import SOURCE as SINCOS_SOURCE, pos_scale
 from dit_compiler.compiler.targets.torch.ops import TORCH_OPS, module_path
 
 #: Letters of the shape comments, by axis.
 LETTERS = {"batch": "N", "tokens": "T", "patches": "T_img", "context": "L", "hidden": "D", "mlp": "M", "frequency": "F", "out_dim": "O",
            "patch_dim": "P", "in_channels": "C", "out_channels": "C_out", "height": "H", "width": "W"}
 #: The graph's constants and how torch computes them.
-CONSTS = {TRACE.pos_embed: "torch.from_numpy(sincos_pos_embed({hidden}, {grid})).float().unsqueeze(0)"}
+CONSTS = {TRACE.pos_embed: "torch.from_numpy(sincos_pos_embed({hidden}, {grid}{scale})).float().unsqueeze(0)"}
 WIDTH = 112
 
 
@@ -261,14 +261,18 @@ def module_entries(graph: Graph, nodes: list[Node], scope: Scope,
             continue
         if t.role == "const":
             entries.append((scope.path(t.source.key), _Const(CONSTS[t.name].format(**_sizes(graph)), t.source.saved)))
+        elif t.source.key in ctors:   # a bare parameter, the attribute of its scope's module
+            entries.append((scope.path(t.source.key), ctors[t.source.key]))
         else:
             entries.append((scope.path(module_path(t.source.key)), ctors[module_path(t.source.key)]))
     return entries
 
 
-def _sizes(graph: Graph) -> dict[str, int]:
+def _sizes(graph: Graph) -> dict[str, int | str]:
     patches = graph.axes.get("patches", graph.axes["tokens"])   # in_context's tokens hold 2 more
-    return {"hidden": graph.axes["hidden"].size, "grid": math.isqrt(patches.size)}
+    scale = pos_scale(graph.spec.model)
+    return {"hidden": graph.axes["hidden"].size, "grid": math.isqrt(patches.size),
+            "scale": f", scale={scale}" if scale != 1 else ""}
 
 
 def _block_root(graph: Graph, i: int) -> str:
@@ -318,7 +322,7 @@ def block_class(graph: Graph, blocks: Blocks, exports: list[str], i: int, name: 
 
 
 def torch_context(graph: Graph) -> dict:
-    flavor = FLAVORS[graph.spec.model.flavor]
+    flavor = flavor_of(graph.spec.model)
     blocks = split_blocks(graph, host=True)
     if blocks.chain_out is None:
         raise ValueError("the blocks do not chain (block i reads what block i - 1 made): no block loop")
@@ -376,7 +380,7 @@ def torch_context(graph: Graph) -> dict:
         "model_class": flavor.model_class,
         "blocks_attr": attr,
         "init": init_lines(_tree(entries)),
-        "forward_def": signature("forward", ["self", *(f"{a}: torch.Tensor" for a in flavor.inputs),
+        "forward_def": signature("forward", ["self", *(f"{a}: torch.Tensor" for a in inputs.values()),
                                              "trace: dict | None = None"], "torch.Tensor", 4),
         "forward": before + loop + after,
         "output": scope.value(graph.outputs[0]),
