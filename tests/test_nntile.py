@@ -189,9 +189,10 @@ def test_generated_model_refuses_another_runtime_version(tmp_path):
         load_module(path)
 
 
-@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_adamw_training_steps_match_torch(tmp_path, weight_decay):
-    """Three AdamW steps on the MSE loss: the NNTile model's optimiser and torch's end on the same weights."""
+@pytest.mark.parametrize("weight_decay, kernels", [(0.0, None), (0.1, None), (0.1, "nntile")])
+def test_adamw_training_steps_match_torch(tmp_path, weight_decay, kernels):
+    """Three AdamW steps on the MSE loss: the NNTile model's optimiser and torch's end on the same weights,
+    with the default kernel set (ditc's fused update where it builds) and with NNTile's kernels."""
     from dit_compiler.checks.common import make_inputs, randomize_
     from dit_compiler.compiler.build import load_module
 
@@ -203,7 +204,7 @@ def test_adamw_training_steps_match_torch(tmp_path, weight_decay):
     target = inputs.grad_out.numpy()
     nntile_module = load_module(folder / NNTILE_FILE)
     with nntile_module.nntile_runtime(2):
-        model = nntile_module.Model()
+        model = nntile_module.Model(kernels=kernels)
         model.load_state_dict(reference.state_dict())
         optimizer = model.adamw(1e-3, weight_decay)
         ema = model.ema()

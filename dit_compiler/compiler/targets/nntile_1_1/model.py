@@ -293,7 +293,7 @@ class Model:
     def adamw(self, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
               eps: float = 1e-8) -> AdamW:
         """AdamW over every parameter (torch's defaults): `.step()` after `backward`, `.unregister()` at the end."""
-        return AdamW(self.parameters, self.alloc, lr, weight_decay, betas, eps)
+        return AdamW(self.parameters, self.alloc, lr, weight_decay, betas, eps, self.kernels.module)
 
     def adamw_state(self, optimizer: AdamW) -> dict[str, Any]:
         """The optimiser's state by state_dict key: torch AdamW's `exp_avg` and `exp_avg_sq` as they are

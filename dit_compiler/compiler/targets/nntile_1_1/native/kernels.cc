@@ -16,6 +16,7 @@
 #include <nntile/tensor/tensor.hh>
 #include <pybind11/pybind11.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -163,6 +164,45 @@ void gelutanh_backward_tile(const float *x, const float *dy, float *dx, Index n,
     }
 }
 
+// AdamW on one tile (torch.optim.AdamW's update; the caller folds the bias corrections into the
+// constants): m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2, p = decay p - step m / (sqrt(v) + eps).
+// On the first step (`first`) the old moments are not read. One pass over the four arrays, against
+// five NNTile tasks a tile and their passes.
+struct AdamArgs
+{
+    Index n;
+    float b1, b2, decay, step, eps;
+    bool first;
+};
+
+template<bool FIRST>
+void adamw_loop(const AdamArgs &a, const float *g, float *m, float *v, float *p)
+{
+    const float b1 = a.b1, b2 = a.b2, c1 = 1.0f - a.b1, c2 = 1.0f - a.b2;
+#pragma omp simd
+    for(Index i = 0; i < a.n; ++i)
+    {
+        const float gi = g[i];
+        const float mi = (FIRST ? 0.0f : b1 * m[i]) + c1 * gi;
+        const float vi = (FIRST ? 0.0f : b2 * v[i]) + c2 * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = a.decay * p[i] - a.step * mi / (std::sqrt(vi) + a.eps);
+    }
+}
+
+void adamw_tile(const AdamArgs &a, const float *g, float *m, float *v, float *p)
+{
+    if(a.first)
+    {
+        adamw_loop<true>(a, g, m, v, p);
+    }
+    else
+    {
+        adamw_loop<false>(a, g, m, v, p);
+    }
+}
+
 // -- StarPU codelets --------------------------------------------------------------------------------
 // Arguments: [columns, k, beta] for softmax backward (columns of k elements) and GELU-tanh (n elements:
 // columns = n, k = 1); for softmax [columns, parts, k of each part] (`SoftmaxArgs`).
@@ -212,12 +252,18 @@ void cpu_gelutanh_backward(void *buffers[], void *cl_args) noexcept
     gelutanh_backward_tile(ptr(buffers[0]), ptr(buffers[1]), ptr(buffers[2]), a.columns, a.beta);
 }
 
+void cpu_adamw(void *buffers[], void *cl_args) noexcept
+{
+    adamw_tile(*reinterpret_cast<const AdamArgs *>(cl_args), ptr(buffers[0]), ptr(buffers[1]), ptr(buffers[2]),
+               ptr(buffers[3]));
+}
+
 uint32_t footprint(starpu_task *task)
 {
     return starpu_hash_crc32c_be_n(task->cl_arg, task->cl_arg_size, 0);
 }
 
-Codelet cl_softmax, cl_softmax_backward, cl_gelutanh, cl_gelutanh_backward;
+Codelet cl_softmax, cl_softmax_backward, cl_gelutanh, cl_gelutanh_backward, cl_adamw;
 
 void init_codelets()
 {
@@ -225,6 +271,7 @@ void init_codelets()
     cl_softmax_backward.init("ditc_softmax_backward_fp32", footprint, {cpu_softmax_backward}, {});
     cl_gelutanh.init("ditc_gelutanh_fp32", footprint, {cpu_gelutanh}, {});
     cl_gelutanh_backward.init("ditc_gelutanh_backward_fp32", footprint, {cpu_gelutanh_backward}, {});
+    cl_adamw.init("ditc_adamw_fp32", footprint, {cpu_adamw}, {});
 }
 
 starpu_data_handle_t handle(const Tensor &t, Index tile)
@@ -351,6 +398,21 @@ void gelutanh_backward_async(const Tensor &x, const Tensor &dy, float beta, cons
     }
 }
 
+void adamw_async(const Tensor &grad, const Tensor &m, const Tensor &v, const Tensor &p, float b1, float b2,
+                 bool first, float decay, float step, float eps)
+{
+    check_like(grad, m, "adamw moment 1");
+    check_like(grad, v, "adamw moment 2");
+    check_like(grad, p, "adamw parameter");
+    const auto moment = first ? STARPU_W : STARPU_RW;
+    for(Index i = 0; i < p.grid.nelems; ++i)
+    {
+        const AdamArgs a{p.get_tile_traits(i).nelems, b1, b2, decay, step, eps, first};
+        submit(cl_adamw, &a, sizeof(a), {{handle(grad, i), STARPU_R}, {handle(m, i), moment},
+                                         {handle(v, i), moment}, {handle(p, i), STARPU_RW}});
+    }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(ditc_nntile_kernels, m)
@@ -366,4 +428,8 @@ PYBIND11_MODULE(ditc_nntile_kernels, m)
     m.def("gelutanh_async", &gelutanh_async, py::arg("x"), py::arg("y"), "y = GELU-tanh(x).");
     m.def("gelutanh_backward_async", &gelutanh_backward_async, py::arg("x"), py::arg("dy"), py::arg("beta"),
           py::arg("dx"), "dx = beta dx + dy GELU-tanh'(x); dx is not read when beta is 0.");
+    m.def("adamw_async", &adamw_async, py::arg("grad"), py::arg("m"), py::arg("v"), py::arg("p"), py::arg("b1"),
+          py::arg("b2"), py::arg("first"), py::arg("decay"), py::arg("step"), py::arg("eps"),
+          "m = b1 m + (1 - b1) grad, v = b2 v + (1 - b2) grad^2, p = decay p - step m / (sqrt(v) + eps), one "
+          "task per tile; on the `first` step the old moments are not read (taken as 0).");
 }
