@@ -12,17 +12,18 @@ import torch.nn.functional as F
 
 from conftest import SPECS, needs_cc, needs_nntile
 from dit_compiler.compiler.build import compile_spec
-from dit_compiler.compiler.graph.ops import OPS, Activation, Norm
+from dit_compiler.compiler.graph.ops import OPS, Activation, Norm, TokenRange
 from dit_compiler.compiler.spec import load_spec
 from dit_compiler.compiler.targets.nntile_1_1.layers import LAYERS, Moments
 from dit_compiler.compiler.targets.nntile_1_1.plan import Step, memory_plan
+from dit_compiler.compiler.targets.torch.functions import joint_attention
 
 #: Axis -> (size, tile) for the layer tests: one tile per axis, and ragged tiles on every tiled axis.
 AXES = {
     "single-tile": {"hidden": (8, 8), "tokens": (5, 5), "batch": (3, 3), "mlp": (12, 12), "heads": (2, 2),
-                    "head_dim": (4, 4), "classes": (6, 6)},
+                    "head_dim": (4, 4), "classes": (6, 6), "context": (4, 4), "joint": (9, 9)},
     "multi-tile": {"hidden": (8, 3), "tokens": (5, 2), "batch": (3, 2), "mlp": (12, 5), "heads": (2, 1),
-                   "head_dim": (4, 4), "classes": (6, 6)},
+                   "head_dim": (4, 4), "classes": (6, 6), "context": (4, 3), "joint": (9, 4)},
 }
 TOKENS, VECTOR = ("hidden", "tokens", "batch"), ("hidden", "batch")
 
@@ -36,6 +37,29 @@ def _attention(p):
 
 
 ATTENTION_PARAMS = tuple(f"{w}_{z}" for w in "wb" for z in "qkvo")
+JOINT_PARAMS = ATTENTION_PARAMS + tuple(f"{w}_a{z}" for w in "wb" for z in "qkvo")
+CONTEXT = ("hidden", "context", "batch")
+
+
+def _joint_attention(p):
+    """functions.joint_attention (the torch reference's) on the feature-first ports."""
+    def proj(w, b):
+        return lambda t: F.linear(t, p[w].reshape(-1, p[w].shape[-1]) if p[w].ndim == 3 and w[-1] != "o"
+                                  else p[w].reshape(p[w].shape[0], -1), p[b].reshape(-1))
+    image = tuple(proj(f"w_{z}", f"b_{z}") for z in "qkvo")
+    context = tuple(proj(f"w_a{z}", f"b_a{z}") if f"w_a{z}" in p else None for z in "qkvo")
+    y = joint_attention(p["x"].permute(2, 1, 0), p["c"].permute(2, 1, 0), image, context, heads=p["w_q"].shape[0])
+    return y.permute(2, 1, 0)
+
+
+def _joint_ports(pre: bool) -> dict:
+    ports = {"x": TOKENS, "c": CONTEXT, **{f"w_{z}": ("heads", "head_dim", "hidden") for z in "qkv"},
+             **{f"b_{z}": ("heads", "head_dim") for z in "qkv"}, "w_o": ("hidden", "heads", "head_dim"),
+             "b_o": ("hidden",), **{f"w_a{z}": ("heads", "head_dim", "hidden") for z in "qkv"},
+             **{f"b_a{z}": ("heads", "head_dim") for z in "qkv"}}
+    if pre:
+        return ports | {"y": TOKENS}
+    return ports | {"w_ao": ("hidden", "heads", "head_dim"), "b_ao": ("hidden",), "y": ("hidden", "joint", "batch")}
 #: layer -> (port dims, attributes, torch of the ports in the same feature-first layout, ports without a
 #: gradient, parameter ports: their gradients are always overwritten)
 CASES = {
@@ -61,11 +85,19 @@ CASES = {
     "Attention": ({"x": TOKENS, **{f"w_{z}": ("heads", "head_dim", "hidden") for z in "qkv"},
                    **{f"b_{z}": ("heads", "head_dim") for z in "qkv"}, "w_o": ("hidden", "heads", "head_dim"),
                    "b_o": ("hidden",), "y": TOKENS}, None, _attention, (), ATTENTION_PARAMS),
+    "JointAttention": (_joint_ports(pre=False), None, _joint_attention, (), JOINT_PARAMS),
+    "JointAttentionPre": (_joint_ports(pre=True), None, _joint_attention, (),
+                          tuple(p for p in JOINT_PARAMS if p not in ("w_ao", "b_ao"))),
+    "TokenSlice-image": ({"x": ("hidden", "joint", "batch"), "y": TOKENS}, TokenRange(0),
+                         lambda p: p["x"][:, :5], (), ()),
+    "TokenSlice-context": ({"x": ("hidden", "joint", "batch"), "y": CONTEXT}, TokenRange(5),
+                           lambda p: p["x"][:, 5:], (), ()),
 }
 
 
 #: Every layer on NNTile's kernels, and the layers that run ditc's own kernels on those too.
-KERNEL_CASES = [(case, "nntile") for case in sorted(CASES)] + [("Act-gelutanh", "ditc"), ("Attention", "ditc")]
+KERNEL_CASES = [(case, "nntile") for case in sorted(CASES)] + [
+    ("Act-gelutanh", "ditc"), ("Attention", "ditc"), ("JointAttention", "ditc"), ("JointAttentionPre", "ditc")]
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,13 @@ class Patch:
 
 
 @dataclass(frozen=True)
+class TokenRange:
+    """Tokens start..start+length of the joint sequence (the length is the output's token axis)."""
+
+    start: int
+
+
+@dataclass(frozen=True)
 class Sinusoid:
     max_period: int
     shift: int        # divide by (half - shift): 0 as DiT, 1 as diffusers
@@ -64,6 +71,16 @@ def _attention_macs(graph: Graph, node: Node) -> int:
     """Four projections and the two score GEMMs, as the DiT paper's Table 4 counts them."""
     d, tokens, batch = graph.tensors[node.inputs["x"]].shape
     return batch * (4 * tokens * d * d + 2 * tokens * tokens * d)
+
+
+def _joint_attention_macs(graph: Graph, node: Node) -> int:
+    """MMDiT's joint attention: q, k, v projections of both streams, the two score GEMMs over the joint
+    sequence, and the output projections (the image's, and the context's unless it is the last block's)."""
+    d, tokens, batch = graph.tensors[node.inputs["x"]].shape
+    context = graph.tensors[node.inputs["c"]].shape[1]
+    joint = tokens + context
+    outputs = joint if "w_ao" in node.inputs else tokens
+    return batch * (3 * joint * d * d + 2 * joint * joint * d + outputs * d * d)
 
 
 @dataclass(frozen=True)
@@ -87,6 +104,13 @@ class OpKind:
 
 
 _ATTENTION_INPUTS = ("x", "w_q", "w_k", "w_v", "b_q", "b_k", "b_v", "w_o", "b_o")
+#: Joint attention's ports: the image stream's as attention's, then the context stream's (`add_*` in
+#: diffusers), its output projection last (`to_add_out`; the last block has none: context_pre_only).
+_JOINT_PRE_INPUTS = ("x", "c", "w_q", "w_k", "w_v", "b_q", "b_k", "b_v", "w_o", "b_o",
+                     "w_aq", "w_ak", "w_av", "b_aq", "b_ak", "b_av")
+_JOINT_INPUTS = _JOINT_PRE_INPUTS + ("w_ao", "b_ao")
+_JOINT_HEADS = tuple(rules.heads(w, "x") for w in ("w_q", "w_k", "w_v")) + tuple(
+    rules.heads(w, "c") for w in ("w_aq", "w_ak", "w_av"))
 
 OPS: dict[str, OpKind] = {kind.name: kind for kind in (
     OpKind("patchify", "host: image [N, C, H, W] -> patch vectors [patch_dim, tokens, batch], (c, p, q) order",
@@ -123,4 +147,15 @@ OPS: dict[str, OpKind] = {kind.name: kind for kind in (
            _ATTENTION_INPUTS, ("y",),
            rules.all_of(rules.same("x", "y"), *(rules.heads(w, "x") for w in ("w_q", "w_k", "w_v"))),
            "attention", "Attention", macs=_attention_macs),
+    OpKind("joint_attention", "MMDiT's joint attention: one attention over the image tokens followed by the "
+           "context tokens, each stream with its own q, k, v and output projections; y holds both streams' "
+           "outputs in that order (token_slice splits them)",
+           _JOINT_INPUTS, ("y",), rules.all_of(rules.streams("x", "c"), rules.joined("x", "c", "y"), *_JOINT_HEADS),
+           "joint_attention", "JointAttention", macs=_joint_attention_macs),
+    OpKind("joint_attention_pre", "joint attention of the last MMDiT block (context_pre_only): the context "
+           "tokens are keys and values only, y is the image stream's output",
+           _JOINT_PRE_INPUTS, ("y",), rules.all_of(rules.streams("x", "c"), rules.same("x", "y"), *_JOINT_HEADS),
+           "joint_attention", "JointAttentionPre", macs=_joint_attention_macs),
+    OpKind("token_slice", "y = x[:, start:start + length] over the token axis (a stream of the joint sequence)",
+           ("x",), ("y",), rules.token_range("x", "y"), "token_slice", "TokenSlice", attrs=TokenRange),
 )}

@@ -355,8 +355,74 @@ MERGED = ("heads", "head_dim", "tokens", "batch")
 SCORES = ("tokens", "tokens", "batch", "heads")
 
 
+class _Attend(Layer):
+    """The attention core shared by self- and joint attention: softmax(K^T Q / sqrt(d)) V, heads batched,
+    from per-head q, k, v to the head-major output, and its backward."""
+
+    def attend(self, q, k, v, probs, maxsumexp, split, out_merged) -> None:
+        """out_merged = V softmax(K^T Q / sqrt(d)), probabilities kept in `probs`. The softmax runs ditc's
+        kernels where `native` is given (`maxsumexp` is then unused)."""
+        nt.gemm_async(1.0 / math.sqrt(q.shape[0]), nt.trans, k, nt.notrans, q, 0.0, probs, 1, 2)
+        if self.native:  # one task per query tile, on all its key tiles: each column in one pass
+            self.native.softmax_async(probs)
+        else:
+            nt.clear_async(maxsumexp)
+            nt.maxsumexp_async(probs, maxsumexp, 0)
+            nt.softmax_inplace_async(maxsumexp, 1.0, probs, 0)
+        maxsumexp.invalidate_submit()
+        nt.gemm_async(1.0, nt.notrans, v, nt.notrans, probs, 0.0, split, 1, 2)
+        nt.transpose_async(1.0, split, out_merged, 3)
+        split.invalidate_submit()
+
+    def attend_backward(self, merged, q, k, v, probs, out_merged, d_out, sumprod_merged, sumprod, d_scores,
+                        d_q, d_k, d_v) -> None:
+        """d_q, d_k, d_v (per head) from `merged`, the gradient of the head-major output."""
+        scale = 1.0 / math.sqrt(q.shape[0])
+        nt.transpose_async(1.0, merged, d_out, 1)
+        # softmax backward needs sum_keys(P * dP) = O . dO per query (dP = V^T dO, O = V P): a sum over
+        # head_dim, not over the keys (1.8 ms against 6.9 ms on DiT-S/2's scores)
+        nt.sumprod_slice_async(1.0, merged, out_merged, 0.0, sumprod_merged, 1)
+        nt.transpose_async(1.0, sumprod_merged, sumprod, 1)
+        sumprod_merged.invalidate_submit()
+        nt.gemm_async(1.0, nt.trans, v, nt.notrans, d_out, 0.0, d_scores, 1, 2)
+        nt.gemm_async(1.0, nt.notrans, d_out, nt.trans, probs, 0.0, d_v, 1, 2)
+        d_out.invalidate_submit()
+        # softmax backward: dS = P * (dP - sum(P * dP))
+        if self.native:
+            self.native.softmax_backward_async(probs, sumprod, d_scores)
+        else:
+            nt.add_slice_async(-1.0, sumprod, 1.0, d_scores, 0)
+            nt.prod_async(probs, d_scores)
+        sumprod.invalidate_submit()
+        nt.gemm_async(scale, nt.notrans, q, nt.trans, d_scores, 0.0, d_k, 1, 2)
+        nt.gemm_async(scale, nt.notrans, k, nt.notrans, d_scores, 0.0, d_q, 1, 2)
+        d_scores.invalidate_submit()
+
+    def project_in(self, x, w: Moments, b: Moments, merged) -> None:
+        """merged [heads, head_dim, tokens, batch] = w x + b."""
+        nt.gemm_async(1.0, nt.notrans, w.value, nt.notrans, x, 0.0, merged, 1, 0)
+        nt.gemm_async(1.0, nt.notrans, b.value, nt.notrans, self.ones_over(merged, 2), 1.0, merged, 0, 0)
+
+    def project_in_backward(self, merged, x: Moments, w: Moments, b: Moments, x_beta: float) -> None:
+        """The gradients of `project_in` from its output's gradient `merged`."""
+        nt.gemm_async(1.0, nt.notrans, merged, nt.notrans, self.ones_over(merged, 2), 0.0, b.grad, 2, 0)
+        nt.gemm_async(1.0, nt.notrans, merged, nt.trans, x.value, 0.0, w.grad, 2, 0)
+        nt.gemm_async(1.0, nt.trans, w.value, nt.notrans, merged, x_beta, x.grad, 2, 0)
+
+    def project_out(self, merged, w: Moments, b: Moments, y) -> None:
+        """y [hidden, tokens, batch] = w merged + b, merged head-major."""
+        nt.gemm_async(1.0, nt.notrans, w.value, nt.notrans, merged, 0.0, y, 2, 0)
+        nt.gemm_async(1.0, nt.notrans, b.value, nt.notrans, self.ones_over(y, 1), 1.0, y, 0, 0)
+
+    def project_out_backward(self, dy, merged, w: Moments, b: Moments, d_merged) -> None:
+        """The weight and bias gradients of `project_out`, and d_merged = w^T dy."""
+        nt.gemm_async(1.0, nt.notrans, dy, nt.notrans, self.ones_over(dy, 1), 0.0, b.grad, 2, 0)
+        nt.gemm_async(1.0, nt.notrans, dy, nt.trans, merged, 0.0, w.grad, 2, 0)
+        nt.gemm_async(1.0, nt.trans, w.value, nt.notrans, dy, 0.0, d_merged, 1, 0)
+
+
 @layer
-class Attention(Layer):
+class Attention(_Attend):
     """Multi-head self-attention, y = W_o softmax(K^T Q / sqrt(d)) V + b_o, heads batched.
 
     The projections come out head-major and a transpose rotates them into the per-head layout. Kept for
@@ -381,63 +447,204 @@ class Attention(Layer):
                "attn_scores": SCORES, "attn_dq": SPLIT, "attn_dk": SPLIT, "attn_dv": SPLIT}
 
     def forward_async(self) -> None:
-        x, merged = self.x.value, self.attn_merged
-        ones = self.ones_over(merged, 2)
+        merged = self.attn_merged
         for w, b, out in zip((self.w_q, self.w_k, self.w_v), (self.b_q, self.b_k, self.b_v), (self.q, self.k, self.v)):
-            nt.gemm_async(1.0, nt.notrans, w.value, nt.notrans, x, 0.0, merged, 1, 0)
-            nt.gemm_async(1.0, nt.notrans, b.value, nt.notrans, ones, 1.0, merged, 0, 0)
+            self.project_in(self.x.value, w, b, merged)
             nt.transpose_async(1.0, merged, out, 1)
         merged.invalidate_submit()
-        scale = 1.0 / math.sqrt(self.q.shape[0])
-        nt.gemm_async(scale, nt.trans, self.k, nt.notrans, self.q, 0.0, self.probs, 1, 2)
-        if self.native:  # one task per query tile, on all its key tiles: each column in one pass
-            self.native.softmax_async(self.probs)
-        else:
-            nt.clear_async(self.attn_maxsumexp)
-            nt.maxsumexp_async(self.probs, self.attn_maxsumexp, 0)
-            nt.softmax_inplace_async(self.attn_maxsumexp, 1.0, self.probs, 0)
-        self.attn_maxsumexp.invalidate_submit()
-        nt.gemm_async(1.0, nt.notrans, self.v, nt.notrans, self.probs, 0.0, self.attn_split, 1, 2)
-        nt.transpose_async(1.0, self.attn_split, self.out_merged, 3)
-        self.attn_split.invalidate_submit()
-        nt.gemm_async(1.0, nt.notrans, self.w_o.value, nt.notrans, self.out_merged, 0.0, self.y.value, 2, 0)
-        nt.gemm_async(1.0, nt.notrans, self.b_o.value, nt.notrans, self.ones_over(self.y.value, 1), 1.0, self.y.value,
-                     0, 0)
+        self.attend(self.q, self.k, self.v, self.probs, self.attn_maxsumexp, self.attn_split, self.out_merged)
+        self.project_out(self.out_merged, self.w_o, self.b_o, self.y.value)
 
     def backward_async(self) -> None:
-        dy, q, k, v, merged = self.y.grad, self.q, self.k, self.v, self.attn_merged
-        scale = 1.0 / math.sqrt(q.shape[0])
-        nt.gemm_async(1.0, nt.notrans, dy, nt.notrans, self.ones_over(dy, 1), 0.0, self.b_o.grad, 2, 0)
-        nt.gemm_async(1.0, nt.notrans, dy, nt.trans, self.out_merged, 0.0, self.w_o.grad, 2, 0)
-        nt.gemm_async(1.0, nt.trans, self.w_o.value, nt.notrans, dy, 0.0, merged, 1, 0)
-        d_out = self.attn_split
-        nt.transpose_async(1.0, merged, d_out, 1)
-        # softmax backward needs sum_keys(P * dP) = O . dO per query (dP = V^T dO, O = V P): a sum over
-        # head_dim, not over the keys (1.8 ms against 6.9 ms on DiT-S/2's scores)
-        nt.sumprod_slice_async(1.0, merged, self.out_merged, 0.0, self.attn_sumprod_merged, 1)
-        nt.transpose_async(1.0, self.attn_sumprod_merged, self.attn_sumprod, 1)
-        self.attn_sumprod_merged.invalidate_submit()
-        d_q, d_k, d_v, d_scores = self.attn_dq, self.attn_dk, self.attn_dv, self.attn_scores
-        nt.gemm_async(1.0, nt.trans, v, nt.notrans, d_out, 0.0, d_scores, 1, 2)
-        nt.gemm_async(1.0, nt.notrans, d_out, nt.trans, self.probs, 0.0, d_v, 1, 2)
-        d_out.invalidate_submit()
-        # softmax backward: dS = P * (dP - sum(P * dP))
-        if self.native:
-            self.native.softmax_backward_async(self.probs, self.attn_sumprod, d_scores)
-        else:
-            nt.add_slice_async(-1.0, self.attn_sumprod, 1.0, d_scores, 0)
-            nt.prod_async(self.probs, d_scores)
-        self.attn_sumprod.invalidate_submit()
-        nt.gemm_async(scale, nt.notrans, q, nt.trans, d_scores, 0.0, d_k, 1, 2)
-        nt.gemm_async(scale, nt.notrans, k, nt.notrans, d_scores, 0.0, d_q, 1, 2)
-        d_scores.invalidate_submit()
+        merged = self.attn_merged
+        self.project_out_backward(self.y.grad, self.out_merged, self.w_o, self.b_o, merged)
+        d_q, d_k, d_v = self.attn_dq, self.attn_dk, self.attn_dv
+        self.attend_backward(merged, self.q, self.k, self.v, self.probs, self.out_merged, self.attn_split,
+                             self.attn_sumprod_merged, self.attn_sumprod, self.attn_scores, d_q, d_k, d_v)
         x_beta = self.beta(self.x)
-        ones = self.ones_over(merged, 2)
         for w, b, d_part in zip((self.w_q, self.w_k, self.w_v), (self.b_q, self.b_k, self.b_v), (d_q, d_k, d_v)):
             nt.transpose_async(1.0, d_part, merged, 3)
             d_part.invalidate_submit()
-            nt.gemm_async(1.0, nt.notrans, merged, nt.notrans, ones, 0.0, b.grad, 2, 0)
-            nt.gemm_async(1.0, nt.notrans, merged, nt.trans, self.x.value, 0.0, w.grad, 2, 0)
-            nt.gemm_async(1.0, nt.trans, w.value, nt.notrans, merged, x_beta, self.x.grad, 2, 0)
+            self.project_in_backward(merged, self.x, w, b, x_beta)
             x_beta = 1.0
         merged.invalidate_submit()
+
+
+#: Joint attention's layouts: those of attention over the joint sequence (image tokens, then context tokens).
+JOINT_SPLIT = ("head_dim", "joint", "batch", "heads")
+JOINT_MERGED = ("heads", "head_dim", "joint", "batch")
+JOINT_SCORES = ("joint", "joint", "batch", "heads")
+CONTEXT_MERGED = ("heads", "head_dim", "context", "batch")
+
+
+class _JointAttention(_Attend):
+    """MMDiT's joint attention (diffusers' JointAttnProcessor2_0): each stream's q, k, v projected
+    head-major, copied into one joint sequence (image tokens, then context tokens: `copy_intersection`,
+    so the two token axes keep their own tiles and the joint axis its own), one attention over it, the
+    joint output copied back apart and projected by each stream's output projection. The context's own
+    output projection is absent in the last block (`context_pre_only`): its queries are computed and
+    dropped, as diffusers does."""
+
+    BACKWARD_READS = frozenset({"x", "c"})
+    KEEPS = {"q": JOINT_SPLIT, "k": JOINT_SPLIT, "v": JOINT_SPLIT, "probs": JOINT_SCORES, "out_merged": JOINT_MERGED}
+    SCRATCH = {"attn_merged": MERGED, "context_merged": CONTEXT_MERGED, "joint_merged": JOINT_MERGED,
+               "joint_split": JOINT_SPLIT, "joint_maxsumexp": (2, "joint", "batch", "heads"),
+               "joint_sumprod": ("joint", "batch", "heads"), "joint_sumprod_merged": ("heads", "joint", "batch"),
+               "joint_scores": JOINT_SCORES, "joint_dq": JOINT_SPLIT, "joint_dk": JOINT_SPLIT, "joint_dv": JOINT_SPLIT}
+
+    def streams(self) -> tuple[tuple[Moments, Any, int, tuple[Moments, ...]], ...]:
+        """(input, its head-major scratch, its first token in the joint sequence, q/k/v weights and biases)."""
+        return ((self.x, self.attn_merged, 0, (self.w_q, self.w_k, self.w_v, self.b_q, self.b_k, self.b_v)),
+                (self.c, self.context_merged, self.x.value.shape[1],
+                 (self.w_aq, self.w_ak, self.w_av, self.b_aq, self.b_ak, self.b_av)))
+
+    @staticmethod
+    def to_joint(part, start: int, joint) -> None:
+        """Copy a stream's [.., tokens, batch] into the joint sequence at token `start` (axis 2)."""
+        nt.copy_intersection_async(part, [0, 0, start, 0], joint, [0, 0, 0, 0])
+
+    @staticmethod
+    def from_joint(joint, start: int, part) -> None:
+        nt.clear_async(part)  # copy_intersection reads the tiles it writes: give them a value
+        nt.copy_intersection_async(joint, [0, 0, 0, 0], part, [0, 0, start, 0])
+
+    def outputs(self) -> tuple[tuple[Any, Moments, Moments, int, Any], ...]:
+        """(head-major scratch, output weight, bias, first token in the joint sequence, the stream's own
+        output scratch, None where y is that stream's output) of each stream with an output projection."""
+        raise NotImplementedError
+
+    def forward_async(self) -> None:
+        joint = self.joint_merged
+        for z, out in enumerate((self.q, self.k, self.v)):
+            nt.clear_async(joint)
+            for x, merged, start, params in self.streams():
+                self.project_in(x.value, params[z], params[3 + z], merged)
+                self.to_joint(merged, start, joint)
+                merged.invalidate_submit()
+            nt.transpose_async(1.0, joint, out, 1)
+        joint.invalidate_submit()
+        self.attend(self.q, self.k, self.v, self.probs, self.joint_maxsumexp, self.joint_split, self.out_merged)
+        y = self.y.value
+        outputs = self.outputs()
+        if len(outputs) > 1:
+            nt.clear_async(y)
+        for merged, w, b, start, own in outputs:
+            self.from_joint(self.out_merged, start, merged)
+            if own is None:
+                self.project_out(merged, w, b, y)
+            else:   # projected into the stream's own scratch, then copied into its tokens of y
+                self.project_out(merged, w, b, own)
+                nt.copy_intersection_async(own, [0, start, 0], y, [0, 0, 0])
+                own.invalidate_submit()
+            merged.invalidate_submit()
+
+    def backward_async(self) -> None:
+        joint = self.joint_merged
+        # the gradient of the head-major joint output, stream by stream (the context's is zero without its
+        # output projection)
+        nt.clear_async(joint)
+        for merged, w, b, start, own in self.outputs():
+            self.from_joint(self.out_merged, start, merged)
+            dy = self.y.grad
+            if own is not None:
+                nt.clear_async(own)
+                nt.copy_intersection_async(self.y.grad, [0, 0, 0], own, [0, start, 0])
+                dy = own
+            self.project_out_backward(dy, merged, w, b, merged)
+            if own is not None:
+                own.invalidate_submit()
+            self.to_joint(merged, start, joint)
+        d_q, d_k, d_v = self.joint_dq, self.joint_dk, self.joint_dv
+        self.attend_backward(joint, self.q, self.k, self.v, self.probs, self.out_merged, self.joint_split,
+                             self.joint_sumprod_merged, self.joint_sumprod, self.joint_scores, d_q, d_k, d_v)
+        betas = [self.beta(x) for x, *_ in self.streams()]
+        for z, d_part in enumerate((d_q, d_k, d_v)):
+            nt.transpose_async(1.0, d_part, joint, 3)
+            d_part.invalidate_submit()
+            for s, (x, merged, start, params) in enumerate(self.streams()):
+                self.from_joint(joint, start, merged)
+                self.project_in_backward(merged, x, params[z], params[3 + z], betas[s])
+                betas[s] = 1.0
+        for tensor in (joint, self.attn_merged, self.context_merged):
+            tensor.invalidate_submit()
+
+
+@layer
+class JointAttention(_JointAttention):
+    """Joint attention of every MMDiT block but the last: y [hidden, joint, batch] holds the image
+    stream's output, then the context stream's."""
+
+    x: Moments
+    c: Moments
+    w_q: Moments
+    w_k: Moments
+    w_v: Moments
+    b_q: Moments
+    b_k: Moments
+    b_v: Moments
+    w_o: Moments
+    b_o: Moments
+    w_aq: Moments
+    w_ak: Moments
+    w_av: Moments
+    b_aq: Moments
+    b_ak: Moments
+    b_av: Moments
+    w_ao: Moments
+    b_ao: Moments
+    y: Moments
+    SCRATCH = _JointAttention.SCRATCH | {"tokens": TOKENS, "context_tokens": ("hidden", "context", "batch")}
+
+    def outputs(self) -> tuple[tuple[Any, Moments, Moments, int, Any], ...]:
+        return ((self.attn_merged, self.w_o, self.b_o, 0, self.tokens),
+                (self.context_merged, self.w_ao, self.b_ao, self.x.value.shape[1], self.context_tokens))
+
+
+@layer
+class JointAttentionPre(_JointAttention):
+    """Joint attention of the last MMDiT block (context_pre_only): y [hidden, tokens, batch] is the image
+    stream's output."""
+
+    x: Moments
+    c: Moments
+    w_q: Moments
+    w_k: Moments
+    w_v: Moments
+    b_q: Moments
+    b_k: Moments
+    b_v: Moments
+    w_o: Moments
+    b_o: Moments
+    w_aq: Moments
+    w_ak: Moments
+    w_av: Moments
+    b_aq: Moments
+    b_ak: Moments
+    b_av: Moments
+    y: Moments
+
+    def outputs(self) -> tuple[tuple[Any, Moments, Moments, int, Any], ...]:
+        return ((self.attn_merged, self.w_o, self.b_o, 0, None),)
+
+
+@layer
+class TokenSlice(Layer):
+    """y = x[:, start:start + length], a stream's tokens of the joint sequence (`copy_intersection`, so the
+    two token axes keep their own tiles). Backward adds dy into those tokens of x's gradient through the
+    `joint_tokens` scratch (NNTile has no accumulating copy into a sub-range)."""
+
+    x: Moments
+    y: Moments
+    SCRATCH = {"joint_tokens": ("hidden", "joint", "batch")}
+
+    def forward_async(self) -> None:
+        nt.clear_async(self.y.value)  # copy_intersection reads the tiles it writes: give them a value
+        nt.copy_intersection_async(self.x.value, [0, 0, 0], self.y.value, [0, self.attrs.start, 0])
+
+    def backward_async(self) -> None:
+        target = self.x.grad if self.beta(self.x) == 0.0 else self.joint_tokens
+        nt.clear_async(target)
+        nt.copy_intersection_async(self.y.grad, [0, self.attrs.start, 0], target, [0, 0, 0])
+        if target is self.joint_tokens:
+            nt.add_async(1.0, target, 1.0, self.x.grad)
+            target.invalidate_submit()

@@ -175,3 +175,29 @@ def _attention(node: Node, code: Code) -> str:
     else:
         qkv = ", ".join(f"{code.module(node.inputs[f'w_{z}'])}({x})" for z in "qkv")
     return f"{code.module(node.inputs['w_o'])}(attention({qkv}, heads={heads}))"
+
+
+_JOINT_WEIGHTS = ("w_q", "w_k", "w_v", "w_o", "w_aq", "w_ak", "w_av", "w_ao")
+
+
+def _joint_modules(node: Node, graph: Graph) -> dict[str, str]:
+    return _weights(*(p for p in _JOINT_WEIGHTS if p in node.inputs))(node, graph)
+
+
+@torch_op("joint_attention", uses=("attention", "joint_attention"), modules=_joint_modules)
+def _joint_attention(node: Node, code: Code) -> str:
+    """Both streams' projections as diffusers' JointAttnProcessor2_0 names them; the context's output
+    projection is None in the last block (context_pre_only)."""
+    heads = code.graph.tensors[node.inputs["w_q"]].shape[0]
+    image = ", ".join(code.module(node.inputs[p]) for p in ("w_q", "w_k", "w_v", "w_o"))
+    context = ", ".join(code.module(node.inputs[p]) if p in node.inputs else "None"
+                        for p in ("w_aq", "w_ak", "w_av", "w_ao"))
+    x, c = code.value(node.inputs["x"]), code.value(node.inputs["c"])
+    return f"joint_attention({x}, {c}, ({image}), ({context}), heads={heads})"
+
+
+@torch_op("token_slice")
+def _token_slice(node: Node, code: Code) -> str:
+    start = node.attrs.start
+    length = code.graph.tensors[node.outputs["y"]].shape[1]
+    return f"{code.value(node.inputs['x'])}[:, {start}:{start + length}]"
