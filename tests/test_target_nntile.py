@@ -88,6 +88,8 @@ CASES = {
     "JointAttention": (_joint_ports(pre=False), None, _joint_attention, (), JOINT_PARAMS),
     "JointAttentionPre": (_joint_ports(pre=True), None, _joint_attention, (),
                           tuple(p for p in JOINT_PARAMS if p not in ("w_ao", "b_ao"))),
+    "TokenJoin": ({"a": TOKENS, "b": CONTEXT, "y": ("hidden", "joint", "batch")}, None,
+                  lambda p: torch.cat([p["a"], p["b"]], dim=1), (), ()),
     "TokenSlice-image": ({"x": ("hidden", "joint", "batch"), "y": TOKENS}, TokenRange(0),
                          lambda p: p["x"][:, :5], (), ()),
     "TokenSlice-context": ({"x": ("hidden", "joint", "batch"), "y": CONTEXT}, TokenRange(5),

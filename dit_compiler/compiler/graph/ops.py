@@ -156,6 +156,9 @@ OPS: dict[str, OpKind] = {kind.name: kind for kind in (
            "tokens are keys and values only, y is the image stream's output",
            _JOINT_PRE_INPUTS, ("y",), rules.all_of(rules.streams("x", "c"), rules.same("x", "y"), *_JOINT_HEADS),
            "joint_attention", "JointAttentionPre", macs=_joint_attention_macs),
+    OpKind("token_join", "y = the tokens of a followed by those of b (MMDiT's two streams as one joint sequence)",
+           ("a", "b"), ("y",), rules.all_of(rules.streams("a", "b"), rules.joined("a", "b", "y")),
+           "token_join", "TokenJoin"),
     OpKind("token_slice", "y = x[:, start:start + length] over the token axis (a stream of the joint sequence)",
            ("x",), ("y",), rules.token_range("x", "y"), "token_slice", "TokenSlice", attrs=TokenRange),
 )}

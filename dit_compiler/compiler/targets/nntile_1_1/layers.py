@@ -470,6 +470,22 @@ class Attention(_Attend):
         merged.invalidate_submit()
 
 
+def _offset(ndim: int, axis: int, start: int) -> list[int]:
+    return [start if k == axis else 0 for k in range(ndim)]
+
+
+def put_tokens(part, start: int, whole, axis: int) -> None:
+    """whole's tokens start.. on `axis` = part (whole's other tokens keep their values). `copy_intersection`
+    copies between any tilings, so a stream's token axis and the joint one keep their own tiles."""
+    nt.copy_intersection_async(part, _offset(part.ndim, axis, start), whole, [0] * whole.ndim)
+
+
+def take_tokens(whole, start: int, part, axis: int) -> None:
+    """part = whole's tokens start.. on `axis`."""
+    nt.clear_async(part)  # copy_intersection reads the tiles it writes: give them a value
+    nt.copy_intersection_async(whole, [0] * whole.ndim, part, _offset(part.ndim, axis, start))
+
+
 #: Joint attention's layouts: those of attention over the joint sequence (image tokens, then context tokens).
 JOINT_SPLIT = ("head_dim", "joint", "batch", "heads")
 JOINT_MERGED = ("heads", "head_dim", "joint", "batch")
@@ -500,13 +516,12 @@ class _JointAttention(_Attend):
 
     @staticmethod
     def to_joint(part, start: int, joint) -> None:
-        """Copy a stream's [.., tokens, batch] into the joint sequence at token `start` (axis 2)."""
-        nt.copy_intersection_async(part, [0, 0, start, 0], joint, [0, 0, 0, 0])
+        """Copy a stream's head-major [heads, head_dim, tokens, batch] into the joint sequence at `start`."""
+        put_tokens(part, start, joint, 2)
 
     @staticmethod
     def from_joint(joint, start: int, part) -> None:
-        nt.clear_async(part)  # copy_intersection reads the tiles it writes: give them a value
-        nt.copy_intersection_async(joint, [0, 0, 0, 0], part, [0, 0, start, 0])
+        take_tokens(joint, start, part, 2)
 
     def outputs(self) -> tuple[tuple[Any, Moments, Moments, int, Any], ...]:
         """(head-major scratch, output weight, bias, first token in the joint sequence, the stream's own
@@ -534,7 +549,7 @@ class _JointAttention(_Attend):
                 self.project_out(merged, w, b, y)
             else:   # projected into the stream's own scratch, then copied into its tokens of y
                 self.project_out(merged, w, b, own)
-                nt.copy_intersection_async(own, [0, start, 0], y, [0, 0, 0])
+                put_tokens(own, start, y, 1)
                 own.invalidate_submit()
             merged.invalidate_submit()
 
@@ -547,8 +562,7 @@ class _JointAttention(_Attend):
             self.from_joint(self.out_merged, start, merged)
             dy = self.y.grad
             if own is not None:
-                nt.clear_async(own)
-                nt.copy_intersection_async(self.y.grad, [0, 0, 0], own, [0, start, 0])
+                take_tokens(self.y.grad, start, own, 1)
                 dy = own
             self.project_out_backward(dy, merged, w, b, merged)
             if own is not None:
@@ -627,24 +641,66 @@ class JointAttentionPre(_JointAttention):
         return ((self.attn_merged, self.w_o, self.b_o, 0, None),)
 
 
+class _Tokens(Layer):
+    """Token ranges of the joint sequence [hidden, joint, batch] and a stream's tokens."""
+
+    @staticmethod
+    def put(part, start: int, whole) -> None:
+        put_tokens(part, start, whole, 1)
+
+    @staticmethod
+    def take(whole, start: int, part) -> None:
+        take_tokens(whole, start, part, 1)
+
+    def add_range(self, d_part, start: int, x: Moments, scratch) -> None:
+        """x.grad[:, start:start + length] (+)= d_part, x.grad's other tokens zero where this layer writes it
+        first. Accumulating goes through `scratch` (NNTile has no accumulating copy into a sub-range)."""
+        target = x.grad if self.beta(x) == 0.0 else scratch
+        nt.clear_async(target)
+        self.put(d_part, start, target)
+        if target is scratch:
+            nt.add_async(1.0, scratch, 1.0, x.grad)
+            scratch.invalidate_submit()
+
+    def take_range(self, whole, start: int, x: Moments, scratch) -> None:
+        """x.grad (+)= whole[:, start:start + length]."""
+        if self.beta(x) == 0.0:
+            self.take(whole, start, x.grad)
+            return
+        self.take(whole, start, scratch)
+        nt.add_async(1.0, scratch, 1.0, x.grad)
+        scratch.invalidate_submit()
+
+
 @layer
-class TokenSlice(Layer):
-    """y = x[:, start:start + length], a stream's tokens of the joint sequence (`copy_intersection`, so the
-    two token axes keep their own tiles). Backward adds dy into those tokens of x's gradient through the
-    `joint_tokens` scratch (NNTile has no accumulating copy into a sub-range)."""
+class TokenSlice(_Tokens):
+    """y = x[:, start:start + length], a stream's tokens of the joint sequence."""
 
     x: Moments
     y: Moments
     SCRATCH = {"joint_tokens": ("hidden", "joint", "batch")}
 
     def forward_async(self) -> None:
-        nt.clear_async(self.y.value)  # copy_intersection reads the tiles it writes: give them a value
-        nt.copy_intersection_async(self.x.value, [0, 0, 0], self.y.value, [0, self.attrs.start, 0])
+        self.take(self.x.value, self.attrs.start, self.y.value)
 
     def backward_async(self) -> None:
-        target = self.x.grad if self.beta(self.x) == 0.0 else self.joint_tokens
-        nt.clear_async(target)
-        nt.copy_intersection_async(self.y.grad, [0, self.attrs.start, 0], target, [0, 0, 0])
-        if target is self.joint_tokens:
-            nt.add_async(1.0, target, 1.0, self.x.grad)
-            target.invalidate_submit()
+        self.add_range(self.y.grad, self.attrs.start, self.x, self.joint_tokens)
+
+
+@layer
+class TokenJoin(_Tokens):
+    """y = a's tokens followed by b's: the joint sequence of MMDiT's two streams."""
+
+    a: Moments
+    b: Moments
+    y: Moments
+    SCRATCH = {"tokens": TOKENS, "context_tokens": ("hidden", "context", "batch")}
+
+    def forward_async(self) -> None:
+        nt.clear_async(self.y.value)
+        self.put(self.a.value, 0, self.y.value)
+        self.put(self.b.value, self.a.value.shape[1], self.y.value)
+
+    def backward_async(self) -> None:
+        self.take_range(self.y.grad, 0, self.a, self.tokens)
+        self.take_range(self.y.grad, self.a.value.shape[1], self.b, self.context_tokens)

@@ -201,3 +201,8 @@ def _token_slice(node: Node, code: Code) -> str:
     start = node.attrs.start
     length = code.graph.tensors[node.outputs["y"]].shape[1]
     return f"{code.value(node.inputs['x'])}[:, {start}:{start + length}]"
+
+
+@torch_op("token_join")
+def _token_join(node: Node, code: Code) -> str:
+    return f"torch.cat([{code.value(node.inputs['a'])}, {code.value(node.inputs['b'])}], dim=1)"
