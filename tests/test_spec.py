@@ -11,7 +11,7 @@ from jsonschema import Draft202012Validator
 
 from dit_compiler.errors import Diagnostic
 from dit_compiler.compiler.spec import SpecError, load_spec, load_spec_data, schema, schema_text
-from dit_compiler.compiler.spec.model import PRESETS, TILE_AXES, ModelSpec, TilingSpec
+from dit_compiler.compiler.spec.model import PRESETS, TILE_AXES, CaptionSpec, ModelSpec, TilingSpec
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 
@@ -253,14 +253,59 @@ def test_schema_is_valid_and_in_step_with_the_model():
     Draft202012Validator.check_schema(schema())
     properties = schema()["properties"]
     assert properties["preset"]["enum"] == list(PRESETS)
-    assert {f.name: f.default for f in fields(ModelSpec)} == {
-        key: value["default"] for key, value in properties["model"]["properties"].items()}
+    model = properties["model"]["properties"]
+    assert asdict(ModelSpec()) == {key: value["default"] if "properties" not in value else {
+        inner: v["default"] for inner, v in value["properties"].items()} for key, value in model.items()}
+    assert asdict(CaptionSpec()) == {key: value["default"] for key, value in
+                                     model["caption"]["anyOf"][0]["properties"].items()}
     assert list(properties["tiling"]["properties"]) == list(TILE_AXES) == list(asdict(TilingSpec()))
-    every = list(properties.values()) + list(properties["model"]["properties"].values()) \
-        + list(properties["tiling"]["properties"].values())
+    every = list(properties.values()) + list(model.values()) + list(properties["tiling"]["properties"].values()) \
+        + [v for section in ("attention", "mlp", "norm") for v in model[section]["properties"].values()] \
+        + list(model["caption"]["anyOf"][0]["properties"].values())
     assert all(p.get("title") and p.get("description") for p in every)
 
 
 def test_schema_text_is_the_shipped_file():
     shipped = (Path(__file__).resolve().parent.parent / "dit_compiler/compiler/spec/schema.json").read_text()
     assert schema_text() == shipped == json.dumps(schema(), indent=2) + "\n"
+
+
+def test_block_language_values_not_lowered_yet_are_refused_naming_key_and_value(tmp_path):
+    """Every design and option of the block language is spec language; one ditc does not compile yet is a
+    validation error at its key, all of them at once, never a build failure."""
+    path = write(tmp_path, "b.yaml", "model:\n  conditioning: joint\n  attention: {qk_norm: rms_norm}\n"
+                 "  caption: {width: 8, length: 3, pooled_width: 4}\n  pos_embed_max_size: 16\n")
+    found = {(d.key_path, d.line): d for d in problems(path)}
+    assert set(found) == {("model.conditioning", 2), ("model.attention.qk_norm", 3), ("model.caption", 4),
+                          ("model.caption.pooled_width", 4), ("model.pos_embed_max_size", 5)}
+    refused = found[("model.conditioning", 2)]
+    assert refused.value == "joint" and "not supported yet" in refused.message and "MMDiT" in refused.message
+    assert "'adaln_zero'" in refused.allowed and "'joint'" not in refused.allowed
+    assert found[("model.caption", 4)].allowed == "null (the default)"
+
+
+def test_block_language_keys_get_positions_and_did_you_mean(tmp_path):
+    diagnostics = problems(write(tmp_path, "c.yaml", "model:\n  conditioning: cross_atention\n"
+                                 "  attention:\n    qk_nrom: layer_norm\n  norm: {type: rms}\ntiling:\n  contxt: 2\n"))
+    assert [(d.key_path, d.line, d.message) for d in diagnostics] == [
+        ("model.conditioning", 2, "not one of the allowed values"),
+        ("model.attention.qk_nrom", 4, "unknown key; did you mean 'qk_norm'?"),
+        ("model.norm.type", 5, "not one of the allowed values"),
+        ("tiling.contxt", 7, "unknown key; did you mean 'context'?")]
+
+
+def test_combinations_no_model_family_has_are_refused(tmp_path):
+    diagnostics = problems(write(tmp_path, "d.yaml", "model:\n  flavor: diffusers\n  caption: {width: 8}\n"
+                                 "tiling:\n  caption: 4\n"))
+    messages = {d.key_path: d.message for d in diagnostics}
+    assert "no way to read a caption" in messages["model.caption"]   # adaln_zero reads no caption
+    only_context = only(write(tmp_path, "e.yaml", "tiling:\n  context: 2\n"))
+    assert (only_context.key_path, only_context.value) == ("tiling.context", 2)
+    assert "the model has no context axis" in only_context.allowed
+
+
+def test_block_sections_resolve_to_their_dataclasses_and_round_trip(tmp_path):
+    spec = load_spec(write(tmp_path, "f.yaml", "model:\n  attention: {bias: true}\n"))
+    assert spec.model.attention.qk_norm == "none" and spec.model.mlp.activation == "gelu_tanh"
+    assert spec.model.conditioning == "adaln_zero" and spec.model.caption is None
+    assert load_spec_data(spec.to_dict(), source=spec.source) == spec

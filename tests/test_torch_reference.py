@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from dit_compiler.compiler.targets.torch.emitter import emit_torch
-from dit_compiler.compiler.lower import Lowering, lower
+from dit_compiler.compiler.designs.adaln_zero import AdaLNZero
+from dit_compiler.compiler.lower import lower
 from dit_compiler.checks.common import make_inputs, randomize_, rel_error
 from dit_compiler.compiler.build import load_module
 from dit_compiler.checks.oracle import OracleReport, check_against_diffusers, oracle_config, to_diffusers_state_dict
@@ -260,7 +261,7 @@ def test_rms_norm_is_torchs(eps):
         assert rel_error(rms_norm(x, norm.weight, eps), norm(x)) <= 1e-12
 
 
-class RMSNormAfterBlocks(Lowering):
+class RMSNormAfterBlocks(AdaLNZero):
     """DiT with an RMSNorm (its own weight) after every block's output."""
 
     def block(self, i: int, key_prefix: str, x: str, c_silu: str) -> str:

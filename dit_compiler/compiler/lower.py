@@ -1,259 +1,27 @@
-"""Lowering: resolved spec -> operation graph. The only module that knows DiT's structure.
-
-Both flavors lower to the same op kinds; they differ in where parameters come from (state_dict keys,
-`dit_compiler.compiler.naming`), in the timestep frequency shift, in the MLP-branch LayerNorm eps, and in
-diffusers' per-block timestep and label embedders (the output head reuses block 0's conditioning, as
-diffusers does).
-"""
+"""Lowering: resolved spec -> operation graph. The only place that knows the models' structure: the
+design of `model.conditioning` (a module of `dit_compiler.compiler.designs` each) builds the graph."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from dit_compiler.compiler.graph.ir import Axis, Graph, Node, ParamSource
-from dit_compiler.compiler.graph.ops import Activation, LabelDrop, Norm, Patch, Sinusoid
+from dit_compiler.compiler.designs.adaln_zero import AdaLNZero
+from dit_compiler.compiler.designs.base import Lowering
+from dit_compiler.compiler.graph.ir import Graph
 from dit_compiler.compiler.graph.passes import mark_gradients
-from dit_compiler.compiler.naming import ADALN_CHUNKS, FINAL_CHUNKS, FLAVORS, TRACE
 from dit_compiler.compiler.spec.model import Spec
-from dit_compiler.compiler.tiling import axis_sizes, out_channels, resolve_tiles
 
-TOKENS = ("hidden", "tokens", "batch")
-VECTOR = ("hidden", "batch")
+#: The lowering of each `model.conditioning` value (validation refuses the others, spec.designs).
+DESIGNS: dict[str, type[Lowering]] = {
+    "adaln_zero": AdaLNZero,
+}
 
 #: `ditc verify`'s rows made of several components (a node's `component` names its own row): the
 #: adaLN-Zero machinery of every block.
 GROUPS = {"adaLN-Zero": ("adaLN modulation", "layer norm", "modulate", "gated residual")}
-MAX_PERIOD = 10000
 
 
-def build_axes(spec: Spec) -> dict[str, Axis]:
-    m = spec.model
-    sizes = axis_sizes(m, spec.batch)
-    tiles = resolve_tiles(m, spec.batch, spec.tiling)
-    axes = {name: Axis(name, sizes[name], tiles[name]) for name in sizes}
-    # Axes that are never tiled: the head dimension, the class table and the host-side image axes.
-    whole = {
-        "head_dim": m.hidden_size // m.num_heads,
-        # DiT adds the null row only when labels can drop; diffusers always has it.
-        "classes": m.num_classes + int(m.flavor == "diffusers" or m.class_dropout_prob > 0),
-        "in_channels": m.in_channels,
-        "out_channels": out_channels(m),
-        "height": m.input_size,
-        "width": m.input_size,
-    }
-    axes.update({name: Axis(name, size, size) for name, size in whole.items()})
-    return axes
-
-
-@dataclass(frozen=True)
-class _Choices:
-    """What the flavors decide besides names, as node attributes take them."""
-
-    frequency_shift: int         # 0 as DiT, 1 as diffusers' Timesteps(downscale_freq_shift=1)
-    attn_norm_eps: float
-    mlp_norm_eps: float
-    final_norm_eps: float
-
-    @classmethod
-    def of(cls, spec: Spec) -> _Choices:
-        m = spec.model
-        diffusers = m.flavor == "diffusers"
-        return cls(frequency_shift=1 if diffusers else 0, attn_norm_eps=1e-6 if diffusers else m.norm_eps,
-                   mlp_norm_eps=m.norm_eps, final_norm_eps=1e-6 if diffusers else m.norm_eps)
-
-
-class Lowering:
-    """DiT's structure as graph nodes. Its helpers (`linear`, `norm`, `node`) are the hook for more
-    structure: a subclass may add ops around DiT's (the RMSNorm tests do, until the block language)."""
-
-    def __init__(self, spec: Spec):
-        self.spec = spec
-        self.flavor = FLAVORS[spec.model.flavor]
-        self.keys = self.flavor.keys
-        self.choices = _Choices.of(spec)
-        self.g = Graph(spec=spec, axes=build_axes(spec))
-        self.block_index: int | None = None   # the block being lowered
-
-    # -- helpers ------------------------------------------------------------------------------
-    def act(self, name: str, dims: tuple[str, ...] = TOKENS) -> str:
-        return self.g.tensor(name, dims, "activation", block=self.block_index)
-
-    def param(self, name: str, dims: tuple[str, ...], key: str, rows: tuple[int, int] | None = None,
-              layout: str = "same", torch_rows: int | None = None) -> str:
-        """A parameter: `rows` of the torch tensor `key` (which has `torch_rows` rows), in `layout`."""
-        shape = tuple(self.g.axes[d].size for d in dims)
-        m = self.spec.model
-        if layout == "transpose":
-            torch_shape = shape[::-1]
-        elif layout == "heads_in":       # [H, hd, ...] from [H*hd, ...]
-            torch_shape = (shape[0] * shape[1],) + shape[2:]
-        elif layout == "heads_out":      # [D, H, hd] from [D, H*hd]
-            torch_shape = (shape[0], shape[1] * shape[2])
-        elif layout == "conv":           # [d, C*p*p] from the conv weight [d, C, p, p]
-            torch_shape = (shape[0], m.in_channels, m.patch_size, m.patch_size)
-        else:
-            torch_shape = shape
-        if rows is not None:
-            torch_shape = (torch_rows,) + torch_shape[1:]
-        source = ParamSource(key, torch_shape, rows, layout)
-        return self.g.tensor(name, dims, "param", source=source, block=self.block_index)
-
-    def node(self, op: str, inputs: dict[str, str], outputs: dict[str, str], component: str, scope: str,
-             attrs=None) -> None:
-        name = next(iter(outputs.values()))
-        self.g.add(Node(name, op, inputs, outputs, component, scope, self.block_index, attrs))
-
-    def norm(self, op: str, x: str, out: str, eps: float, component: str, scope: str,
-             weight_key: str | None = None) -> str:
-        """A normalisation over the hidden axis: `layer_norm` (no parameters) or `rms_norm` (its weight
-        at state_dict key `weight_key`.weight)."""
-        y = self.act(out, self.g.tensors[x].dims)
-        inputs = {"x": x}
-        if weight_key is not None:
-            inputs["weight"] = self.param(f"{weight_key}.weight", self.g.tensors[x].dims[:1], f"{weight_key}.weight")
-        self.node(op, inputs, {"y": y}, component, scope, Norm(eps))
-        return y
-
-    def linear(self, x: str, out: str, out_axis: str, key: str, component: str, scope: str,
-               rows: tuple[int, int] | None = None, suffix: str = "", layout: str = "same",
-               torch_rows: int | None = None) -> str:
-        """A torch Linear (or a row block of one, of a Linear with `torch_rows` outputs) as a graph linear node."""
-        in_axis = self.g.tensors[x].dims[0]
-        w = self.param(f"{key}.weight{suffix}", (out_axis, in_axis), f"{key}.weight", rows, layout, torch_rows)
-        b = self.param(f"{key}.bias{suffix}", (out_axis,), f"{key}.bias", rows, torch_rows=torch_rows)
-        y = self.act(out, (out_axis,) + self.g.tensors[x].dims[1:])
-        self.node("linear", {"x": x, "w": w, "b": b}, {"y": y}, component, scope)
-        return y
-
-    # -- the model ----------------------------------------------------------------------------
-    def lower(self) -> Graph:
-        g, m, n = self.g, self.spec.model, TRACE
-        x = g.tensor(n.x, ("batch", "in_channels", "height", "width"), "input")
-        t = g.tensor(n.t, ("batch",), "input")
-        y = g.tensor(n.y, ("batch",), "input", dtype="int64")
-        g.inputs = [x, t, y]
-
-        tokens = self.embed_patches(x)
-        t_freq = self.act(n.t_freq, ("frequency", "batch"))
-        self.node("timestep_sinusoid", {"t": t}, {"y": t_freq}, "embeddings", "t_embedder",
-                  Sinusoid(MAX_PERIOD, self.choices.frequency_shift))
-        shared_c = None if self.keys.per_block_conditioning else self.conditioning("", t_freq, y, "")
-        first_c = None
-        for i in range(m.depth):
-            self.block_index = i
-            prefix = self.keys.block.format(i=i)
-            c_silu = shared_c or self.conditioning(n.block.format(i=i), t_freq, y, prefix)
-            first_c = first_c or c_silu
-            tokens = self.block(i, prefix, tokens, c_silu)
-        self.block_index = None
-        self.final_layer(tokens, first_c)
-        return g
-
-    def embed_patches(self, x: str) -> str:
-        g, n, key = self.g, TRACE, self.keys.patch
-        patches = self.act(n.x_patches, ("patch_dim", "tokens", "batch"))
-        patch = Patch(self.spec.model.patch_size)
-        self.node("patchify", {"x": x}, {"y": patches}, "embeddings", "x_embedder", patch)
-        proj = self.linear(patches, n.x_proj, "hidden", key, "embeddings", "x_embedder", layout="conv")
-        hidden, tokens = g.axes["hidden"].size, g.axes["tokens"].size
-        pos = g.tensor(n.pos_embed, ("hidden", "tokens"), "const",
-                       source=ParamSource(self.flavor.pos_table, (1, tokens, hidden), layout="table",
-                                          saved=self.flavor.pos_table_saved))
-        tokens = self.act(n.x_tokens)
-        self.node("add_const_slice", {"x": proj, "table": pos}, {"y": tokens}, "embeddings", "pos_embed")
-        return tokens
-
-    def conditioning(self, prefix: str, t_freq: str, y: str, block: str) -> str:
-        """Timestep + label embedding and its SiLU: the `SiLU(c)` every adaLN linear reads."""
-        k, n = self.keys, TRACE
-        h = self.linear(t_freq, prefix + n.t_hidden, "hidden", k.t_linear1.format(b=block), "embeddings", "t_embedder")
-        h_act = self.act(prefix + n.t_act, VECTOR)
-        self.node("act", {"x": h}, {"y": h_act}, "embeddings", "t_embedder", Activation("silu"))
-        t_emb = self.linear(h_act, prefix + n.t_emb, "hidden", k.t_linear2.format(b=block), "embeddings", "t_embedder")
-        table_key = k.y_table.format(b=block)
-        table = self.param(f"{table_key}.weight", ("hidden", "classes"), f"{table_key}.weight", layout="transpose")
-        y_emb = self.act(prefix + n.y_emb, VECTOR)
-        m = self.spec.model
-        self.node("embedding", {"labels": y, "table": table}, {"y": y_emb}, "embeddings", "y_embedder",
-                  LabelDrop(m.num_classes, m.class_dropout_prob))
-        c = self.act(prefix + n.c, VECTOR)
-        self.node("add", {"a": t_emb, "b": y_emb}, {"y": c}, "embeddings", "conditioning")
-        c_silu = self.act(prefix + n.c_silu, VECTOR)
-        self.node("act", {"x": c}, {"y": c_silu}, "adaLN modulation", "conditioning", Activation("silu"))
-        return c_silu
-
-    def adaln(self, c_silu: str, key: str, prefix: str, chunks: tuple[str, ...], component: str) -> dict[str, str]:
-        """adaLN projection as one linear node per chunk (NNTile has no split): rows k*d..(k+1)*d."""
-        d = self.spec.model.hidden_size
-        return {
-            name: self.linear(c_silu, prefix + name, "hidden", key, component, prefix.rstrip("."),
-                              rows=(k * d, (k + 1) * d), suffix=f".{name}", torch_rows=len(chunks) * d)
-            for k, name in enumerate(chunks)
-        }
-
-    def block(self, i: int, key_prefix: str, x: str, c_silu: str) -> str:
-        k, n, choices = self.keys, TRACE, self.choices
-        p = n.block.format(i=i)
-        scope = p.rstrip(".")
-        mod = self.adaln(c_silu, k.adaln.format(b=key_prefix), p, ADALN_CHUNKS, "adaLN modulation")
-        # attention branch
-        norm1 = self.norm("layer_norm", x, p + n.norm1, choices.attn_norm_eps, "layer norm", scope)
-        h = self.act(p + n.mod_msa)
-        self.node("modulate", {"x": norm1, "shift": mod["shift_msa"], "scale": mod["scale_msa"]}, {"y": h},
-                  "modulate", scope)
-        attn = self.act(p + n.attn)
-        self.node("attention", {"x": h} | self.attention_params(key_prefix), {"y": attn}, "attention", f"{scope}.attn")
-        x_attn = self.act(p + n.res_msa)
-        self.node("gated_residual", {"x": x, "h": attn, "gate": mod["gate_msa"]}, {"y": x_attn}, "gated residual",
-                  scope)
-        # MLP branch
-        norm2 = self.norm("layer_norm", x_attn, p + n.norm2, choices.mlp_norm_eps, "layer norm", scope)
-        h = self.act(p + n.mod_mlp)
-        self.node("modulate", {"x": norm2, "shift": mod["shift_mlp"], "scale": mod["scale_mlp"]}, {"y": h},
-                  "modulate", scope)
-        fc1 = self.linear(h, p + n.fc1, "mlp", k.fc1.format(b=key_prefix), "pointwise MLP", f"{scope}.mlp")
-        gelu = self.act(p + n.gelu, ("mlp", "tokens", "batch"))
-        self.node("act", {"x": fc1}, {"y": gelu}, "pointwise MLP", f"{scope}.mlp", Activation("gelutanh"))
-        mlp = self.linear(gelu, p + n.mlp, "hidden", k.fc2.format(b=key_prefix), "pointwise MLP", f"{scope}.mlp")
-        out = self.act(p + n.out)
-        self.node("gated_residual", {"x": x_attn, "h": mlp, "gate": mod["gate_mlp"]}, {"y": out}, "gated residual",
-                  scope)
-        return out
-
-    def attention_params(self, key_prefix: str) -> dict[str, str]:
-        """q, k, v weights [heads, head_dim, hidden] and biases [heads, head_dim], output weight and bias."""
-        d = self.spec.model.hidden_size
-        fused = len(self.keys.attn_in) == 1
-        parts = [(part, self.keys.attn_in[0 if fused else j].format(b=key_prefix),
-                  (j * d, (j + 1) * d) if fused else None, f".{part}" if fused else "")
-                 for j, part in enumerate("qkv")]
-        torch_rows = 3 * d if fused else None
-        ports = {f"w_{part}": self.param(f"{key}.weight{suffix}", ("heads", "head_dim", "hidden"), f"{key}.weight",
-                                         rows, "heads_in", torch_rows) for part, key, rows, suffix in parts}
-        ports |= {f"b_{part}": self.param(f"{key}.bias{suffix}", ("heads", "head_dim"), f"{key}.bias", rows,
-                                          "heads_in", torch_rows) for part, key, rows, suffix in parts}
-        out = self.keys.attn_out.format(b=key_prefix)
-        ports["w_o"] = self.param(f"{out}.weight", ("hidden", "heads", "head_dim"), f"{out}.weight", layout="heads_out")
-        ports["b_o"] = self.param(f"{out}.bias", ("hidden",), f"{out}.bias")
-        return ports
-
-    def final_layer(self, x: str, c_silu: str) -> None:
-        g, k, n = self.g, self.keys, TRACE
-        f = n.final
-        mod = self.adaln(c_silu, k.final_adaln, f, FINAL_CHUNKS, "final layer")
-        norm = self.norm("layer_norm", x, f + n.final_norm, self.choices.final_norm_eps, "final layer", "final_layer")
-        h = self.act(f + n.final_mod)
-        self.node("modulate", {"x": norm, "shift": mod["shift"], "scale": mod["scale"]}, {"y": h}, "final layer",
-                  "final_layer")
-        patches = self.linear(h, f + n.final_out, "out_dim", k.final_linear, "final layer", "final_layer")
-        out = g.tensor(n.image_out, ("batch", "out_channels", "height", "width"), "activation")
-        self.node("unpatchify", {"x": patches}, {"y": out}, "final layer", "final_layer",
-                  Patch(self.spec.model.patch_size))
-        g.outputs = [out]
-
-
-def lower(spec: Spec, lowering: type[Lowering] = Lowering) -> Graph:
-    """Build the operation graph of `spec` (target-independent; see `dit_compiler.compiler.build.graph_of`)."""
-    graph = lowering(spec).lower()
+def lower(spec: Spec, lowering: type[Lowering] | None = None) -> Graph:
+    """Build the operation graph of `spec` (target-independent; see `dit_compiler.compiler.build.graph_of`)
+    with its design's lowering, or `lowering`."""
+    graph = (lowering or DESIGNS[spec.model.conditioning])(spec).lower()
     mark_gradients(graph)
     graph.lint()
     return graph

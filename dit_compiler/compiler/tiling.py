@@ -44,8 +44,10 @@ def out_channels(model: ModelSpec) -> int:
 
 
 def axis_sizes(model: ModelSpec, batch: int) -> dict[str, int]:
-    """The size of every tiled axis for a model compiled at `batch`."""
+    """The size of every tiled axis the model has, compiled at `batch` (`context` and `caption` only
+    where it reads a context or a caption)."""
     grid = model.input_size // model.patch_size
+    optional = {"context": model.context_tokens, "caption": model.caption.width if model.caption else 0}
     return {
         "batch": batch,
         "tokens": grid * grid,
@@ -55,7 +57,7 @@ def axis_sizes(model: ModelSpec, batch: int) -> dict[str, int]:
         "patch_dim": model.in_channels * model.patch_size ** 2,
         "out_dim": out_channels(model) * model.patch_size ** 2,
         "frequency": model.frequency_embedding_size,
-    }
+    } | {axis: size for axis, size in optional.items() if size}
 
 
 def auto_tile(axis: str, size: int, split: bool = False) -> int:
@@ -83,7 +85,7 @@ def resolve_tiles(model: ModelSpec, batch: int, tiling: TilingSpec) -> dict[str,
     """Integer tile size of every axis; `auto` replaced by the rule above."""
     sizes = axis_sizes(model, batch)
     tiles = {}
-    for axis in TILE_AXES:
+    for axis in sizes:
         value = getattr(tiling, axis)
         tiles[axis] = auto_tile(axis, sizes[axis]) if value == "auto" else int(value)
     if tiling.batch == "auto":
@@ -108,7 +110,10 @@ def tile_problems(model: ModelSpec, batch: int, tiling: TilingSpec) -> list[tupl
         value = getattr(tiling, axis)
         if value == "auto":
             continue
-        if not 1 <= value <= sizes[axis]:
+        if axis not in sizes:
+            problems.append((axis, value, f"auto: the model has no {axis} axis (it has one with a model.caption"
+                                          + ", or conditioning cross_attention" * (axis == "context") + ")"))
+        elif not 1 <= value <= sizes[axis]:
             problems.append((axis, value, f"an integer from 1 to the axis size {sizes[axis]}, or auto"))
         elif axis == "heads" and sizes[axis] % value:
             divisors = [d for d in range(1, sizes[axis] + 1) if sizes[axis] % d == 0]

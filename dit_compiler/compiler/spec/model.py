@@ -22,9 +22,53 @@ TILE_AXES: tuple[str, ...] = (
     "patch_dim",  # one input patch, in_channels * patch_size^2
     "out_dim",    # one output patch, out_channels * patch_size^2
     "frequency",  # sinusoidal timestep features, frequency_embedding_size
+    "context",    # context tokens: the caption's, or conditioning cross_attention's 2 tokens [t_emb, y_emb]
+    "caption",    # one caption token embedding, model.caption.width
 )
 
 PRECISIONS: tuple[str, ...] = ("fp32",)  # tf32 and bf16 are planned; the schema lists only what works
+
+
+Conditioning = Literal["adaln_zero", "adaln", "in_context", "cross_attention", "adaln_single", "joint"]
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Options of every attention in a block (`model.attention`)."""
+
+    qk_norm: Literal["none", "layer_norm", "rms_norm"] = "none"   # per head over head_dim, learned weight
+    bias: bool = True                                           # q, k, v and output projection biases
+
+
+@dataclass(frozen=True)
+class MlpSpec:
+    """The pointwise MLP (`model.mlp`); swiglu's hidden size is still hidden_size * mlp_ratio."""
+
+    activation: Literal["gelu_tanh", "gelu", "swiglu"] = "gelu_tanh"
+    bias: bool = True
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """The norms before each branch and the final layer (`model.norm`)."""
+
+    type: Literal["layer_norm", "rms_norm"] = "layer_norm"
+    affine: bool = False          # a learned weight (and bias for layer_norm)
+
+
+@dataclass(frozen=True)
+class CaptionSpec:
+    """Text conditioning (`model.caption`): `length` caption tokens of `width` features."""
+
+    width: int = 4096             # T5-XXL
+    length: int = 120             # PixArt-alpha 120, SD3 333
+    pooled_width: int = 0         # a pooled text vector added to the timestep embedding (SD3: 2048); 0: none
+    mask: bool = True             # a mask of the padded caption tokens is an input
+
+
+#: The nested sections of `model:` and their dataclasses (a caption may also be null).
+MODEL_SECTIONS: dict[str, type] = {"attention": AttentionSpec, "mlp": MlpSpec, "norm": NormSpec,
+                                   "caption": CaptionSpec}
 
 
 @dataclass(frozen=True)
@@ -44,6 +88,21 @@ class ModelSpec:
     frequency_embedding_size: int = 256
     norm_eps: float = 1e-6
     flavor: Flavor = "dit"
+    conditioning: Conditioning = "adaln_zero"
+    attention: AttentionSpec = field(default_factory=AttentionSpec)
+    mlp: MlpSpec = field(default_factory=MlpSpec)
+    norm: NormSpec = field(default_factory=NormSpec)
+    caption: CaptionSpec | None = None
+    size_conditioning: bool = False
+    pos_embed_max_size: int | None = None
+
+    @property
+    def context_tokens(self) -> int:
+        """Tokens of the context axis: the caption's, 2 ([t_emb, y_emb]) for conditioning cross_attention
+        without a caption, 0 where the model has no context."""
+        if self.caption is not None:
+            return self.caption.length
+        return 2 if self.conditioning == "cross_attention" else 0
 
     @property
     def mlp_size(self) -> int:
@@ -64,6 +123,8 @@ class TilingSpec:
     patch_dim: TileSize = "auto"
     out_dim: TileSize = "auto"
     frequency: TileSize = "auto"
+    context: TileSize = "auto"
+    caption: TileSize = "auto"
 
 
 @dataclass(frozen=True)

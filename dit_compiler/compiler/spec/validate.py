@@ -15,8 +15,10 @@ from jsonschema import Draft202012Validator, ValidationError, validators
 
 from dit_compiler.errors import MAX_SHOWN, Diagnostic, shown
 from dit_compiler.compiler.spec.loader import Document, KeyPath, Origin, dotted, shown_value
-from dit_compiler.compiler.spec.model import (DEFAULT_SAMPLE_STEPS, DIFFUSERS_NORM_EPS, SAMPLERS, SIZE_FORM, SIZE_RANGE, TILE_AXES,
-                                     DiffusionSpec, ModelSpec, SampleSpec, Spec, TilingSpec, TrainSpec, memory_bytes)
+from dit_compiler.compiler.spec.designs import SET, combination_problems, refused, refusals
+from dit_compiler.compiler.spec.model import (DEFAULT_SAMPLE_STEPS, DIFFUSERS_NORM_EPS, MODEL_SECTIONS, SAMPLERS, SIZE_FORM,
+                                              SIZE_RANGE, TILE_AXES, CaptionSpec, DiffusionSpec, ModelSpec, SampleSpec, Spec,
+                                              TilingSpec, TrainSpec, memory_bytes)
 from dit_compiler.compiler.tiling import tile_problems
 
 _PROBLEMS = {
@@ -83,7 +85,7 @@ def check(doc: Document, default_name: str | None = None) -> list[Diagnostic]:
     invalid = {tuple(error.path)[:2] for error in errors if error.validator != "additionalProperties"}
     if not any(path[:1] == ("model",) for path in invalid):
         model = build_model(data.get("model", {}))
-        model_problems = _model_problems(model, doc)
+        model_problems = _model_problems(model, doc) + _design_problems(model, doc)
         diagnostics += model_problems
         if not model_problems and ("batch",) not in invalid:
             diagnostics += _tile_problems(model, data, doc, invalid)
@@ -94,16 +96,19 @@ def check(doc: Document, default_name: str | None = None) -> list[Diagnostic]:
 
 
 def sweep_keys() -> dict[str, dict]:
-    """Dotted key -> schema of every spec value a sweep may set: `batch`, `precision`, `model.*`, `tiling.*`
-    (not `name`, which a sweep gives each point, nor `preset` or `extends`, which the resolved base spec
-    has already applied)."""
-    keys = {}
-    for key, value in _subschema(())["properties"].items():
-        if "properties" in value:
-            keys.update({f"{key}.{inner}": schema for inner, schema in value["properties"].items()})
-        elif key not in ("name", "preset", "extends"):
-            keys[key] = value
-    return keys
+    """Dotted key -> schema of every spec value a sweep may set: `batch`, `precision`, `model.*` (the
+    block sections' keys too: `model.attention.qk_norm`), `tiling.*` (not `name`, which a sweep gives
+    each point, nor `preset` or `extends`, which the resolved base spec has already applied)."""
+    def leaves(prefix: str, properties: dict) -> dict[str, dict]:
+        keys = {}
+        for key, value in properties.items():
+            if "properties" in value:
+                keys.update(leaves(f"{prefix}{key}.", value["properties"]))
+            else:
+                keys[prefix + key] = value
+        return keys
+    return {key: value for key, value in leaves("", _subschema(())["properties"]).items()
+            if key not in ("name", "preset", "extends")}
 
 
 def section_problems(section: str, values: dict) -> list[str]:
@@ -132,6 +137,9 @@ def build_model(values: dict) -> ModelSpec:
     values = _coerce(("model",), values)
     if "norm_eps" not in values and values.get("flavor") == "diffusers":
         values["norm_eps"] = DIFFUSERS_NORM_EPS
+    for section, cls in MODEL_SECTIONS.items():
+        if isinstance(values.get(section), dict):
+            values[section] = cls(**_coerce(("model", section), values[section]))
     return ModelSpec(**values)
 
 
@@ -149,9 +157,11 @@ def _coerce(path: KeyPath, values: dict) -> dict:
 
 
 def _subschema(path: KeyPath) -> dict:
+    """The schema of the mapping at `path`; a nullable mapping's (`model.caption`) is its object form."""
     schema = _validator().schema
     for key in path:
         schema = schema["properties"][key]
+        schema = next((option for option in schema.get("anyOf", ()) if "properties" in option), schema)
     return schema
 
 
@@ -251,6 +261,34 @@ def _model_problems(model: ModelSpec, doc: Document) -> list[Diagnostic]:
         diagnostics.append(_at_key(doc, "mlp_ratio", message, model.mlp_ratio,
                                    f"a ratio that makes hidden_size={model.hidden_size} * mlp_ratio a whole number"))
     return diagnostics
+
+
+def _design_problems(model: ModelSpec, doc: Document) -> list[Diagnostic]:
+    """Block-language values ditc does not compile yet, and combinations no model family has
+    (`dit_compiler.compiler.spec.designs`), each at its key."""
+    found = [diagnostic(doc.origin(("model",) + path), ("model",) + path, message,
+                        None if isinstance(value, CaptionSpec) else value, _lowered(path))
+             for path, value, message in refusals(model)]
+    found += [diagnostic(doc.origin(("model",) + path), ("model",) + path, message, _shown_value(model, path), allowed)
+              for path, message, allowed in combination_problems(model)]
+    return found
+
+
+def _lowered(path: tuple[str, ...]) -> str:
+    """What this version lowers at `model.<path>`, in words."""
+    schema, not_lowered = _subschema(("model",) + path[:-1])["properties"][path[-1]], refused(path)
+    if SET in not_lowered:
+        return f"{json.dumps(schema.get('default', 0))} (the default)"
+    values = schema["enum"] if "enum" in schema else [True, False] if schema.get("type") == "boolean" else []
+    lowered = [v for v in values if not any(v == r and type(v) is type(r) for r in not_lowered)]
+    if not lowered:    # an integer (num_classes 0)
+        return describe(schema) + " but " + ", ".join(map(repr, not_lowered))
+    return ("only " if len(lowered) == 1 else "one of ") + ", ".join(map(repr, lowered))
+
+
+def _shown_value(model: ModelSpec, path: tuple[str, ...]) -> Any:
+    value = getattr(model, path[0])
+    return None if isinstance(value, (dict, CaptionSpec)) else value
 
 
 def _divisibility(model: ModelSpec, doc: Document, whole: str, part: str) -> list[Diagnostic]:
