@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dit_compiler.compiler.designs.adaln_zero import AdaLNZero
 from dit_compiler.compiler.designs.base import Lowering
+from dit_compiler.compiler.designs.joint import Joint
 from dit_compiler.compiler.graph.ir import Graph
 from dit_compiler.compiler.graph.passes import mark_gradients
 from dit_compiler.compiler.spec.model import Spec
@@ -11,6 +12,7 @@ from dit_compiler.compiler.spec.model import Spec
 #: The lowering of each `model.conditioning` value (validation refuses the others, spec.designs).
 DESIGNS: dict[str, type[Lowering]] = {
     "adaln_zero": AdaLNZero,
+    "joint": Joint,
 }
 
 #: `ditc verify`'s rows made of several components (a node's `component` names its own row): the

@@ -15,6 +15,10 @@ Templates: `{i}` is a block index, `{b}` a block's key prefix (`StateKeys.block`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dit_compiler.compiler.spec.model import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -57,15 +61,46 @@ KEYS: dict[str, StateKeys] = {"dit": DIT, "diffusers": DIFFUSERS}
 
 
 @dataclass(frozen=True)
+class JointKeys:
+    """diffusers' `SD3Transformer2DModel` state_dict layout (MMDiT, conditioning `joint`): the image
+    stream's weights as `StateKeys` names them, the context stream's (`*_context`, `add_*`) beside them."""
+
+    patch: str = "pos_embed.proj"
+    t_linear1: str = "time_text_embed.timestep_embedder.linear_1"
+    t_linear2: str = "time_text_embed.timestep_embedder.linear_2"
+    pooled_linear1: str = "time_text_embed.text_embedder.linear_1"
+    pooled_linear2: str = "time_text_embed.text_embedder.linear_2"
+    context: str = "context_embedder"
+    block: str = "transformer_blocks.{i}"
+    adaln: str = "{b}.norm1.linear"
+    context_adaln: str = "{b}.norm1_context.linear"
+    attn_in: tuple[str, ...] = ("{b}.attn.to_q", "{b}.attn.to_k", "{b}.attn.to_v")
+    attn_out: str = "{b}.attn.to_out.0"
+    context_in: tuple[str, ...] = ("{b}.attn.add_q_proj", "{b}.attn.add_k_proj", "{b}.attn.add_v_proj")
+    context_out: str = "{b}.attn.to_add_out"
+    fc1: str = "{b}.ff.net.0.proj"
+    fc2: str = "{b}.ff.net.2"
+    context_fc1: str = "{b}.ff_context.net.0.proj"
+    context_fc2: str = "{b}.ff_context.net.2"
+    final_adaln: str = "norm_out.linear"
+    final_linear: str = "proj_out"
+
+    per_block_conditioning = False
+
+
+SD3 = JointKeys()
+
+
+@dataclass(frozen=True)
 class Flavor:
     """What a flavor names besides its parameters' keys (`StateKeys`)."""
 
-    keys: StateKeys
+    keys: StateKeys | JointKeys
     pos_table: str          # the fixed positional table's attribute path in the torch module
     pos_table_saved: bool   # in state_dict (DiT: a frozen Parameter) or not (diffusers: a non-persistent buffer)
     model_class: str
     block_class: str
-    inputs: tuple[str, str, str]   # forward's arguments: latent, timesteps, labels
+    inputs: tuple[str, ...]        # forward's arguments: latent, timesteps, labels (SD3: its own order)
     about: str                     # what the reference's docstring says of the flavor
 
 
@@ -82,9 +117,25 @@ FLAVORS: dict[str, Flavor] = {
                         "values and gradients)."),
 }
 
+#: The naming of conditioning `joint` (flavor diffusers): SD3Transformer2DModel's.
+SD3_FLAVOR = Flavor(SD3, "pos_embed.pos_embed", True, "SD3Transformer2DModel", "JointTransformerBlock",
+                    ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"),
+                    "diffusers `SD3Transformer2DModel` semantics (Stable Diffusion 3's MMDiT): its state_dict "
+                    "keys, so its checkpoints load as is. The blocks pass the image and context streams on as "
+                    "one joint token sequence (image tokens first), split and joined in each block; SiLU of "
+                    "the conditioning is computed once for every adaLN projection.")
+
+
+def flavor_of(model: ModelSpec) -> Flavor:
+    """The naming of a model: its flavor's, SD3Transformer2DModel's for conditioning `joint`."""
+    return SD3_FLAVOR if model.conditioning == "joint" else FLAVORS[model.flavor]
+
 #: The adaLN projection's row blocks, in DiT's `chunk(6)` order, and the final layer's `chunk(2)`.
 ADALN_CHUNKS = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")
 FINAL_CHUNKS = ("shift", "scale")
+#: diffusers' AdaLayerNormContinuous (SD3's norm_out, the last block's norm1_context): `chunk(2)` as
+#: scale, then shift.
+CONTINUOUS_CHUNKS = ("scale", "shift")
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,23 @@ class LayerDeclaration(Protocol):
     SCRATCH: Mapping[str, tuple[Dim, ...]]
 
 
+#: Token axes besides the image's: MMDiT's context (caption) tokens and the joint sequence of both.
+OTHER_TOKEN_AXES = ("context", "joint")
+
+
+def token_axis(graph: Graph, node) -> str:
+    """The token axis a node runs on: its first input's second axis where that is a token tensor
+    [features, token axis, batch] of another token axis than the image's, else `tokens`."""
+    dims = graph.tensors[next(iter(node.inputs.values()))].dims
+    return dims[1] if len(dims) == 3 and dims[1] in OTHER_TOKEN_AXES and dims[2] == "batch" else "tokens"
+
+
+def on_axis(dims: tuple[Dim, ...], axis: str) -> tuple[Dim, ...]:
+    """A layer's declared dims with the image token axis (`tokens`) replaced by the node's: layers
+    declare their own tensors over `tokens`, meaning the token axis of the stream they run on."""
+    return tuple(axis if d == "tokens" else d for d in dims)
+
+
 def kept_name(node: str, internal: str) -> str:
     return f"{node}.{internal}"
 
@@ -49,15 +66,18 @@ def attach_internals(graph: Graph, layers: Mapping[str, LayerDeclaration]) -> No
             continue
         layer = layers[kind.layer]
         internals = {}
+        axis = token_axis(graph, node)
         for name, dims in layer.KEEPS.items():
+            dims = on_axis(dims, axis)
             internals[name] = graph.tensor(kept_name(node.name, name), dims, "kept", block=node.block)
         for purpose, dims in layer.SCRATCH.items():
-            tensor = scratch_name(purpose)
-            if purpose not in scratch:
-                scratch[purpose] = dims
+            dims = on_axis(dims, axis)
+            tensor = scratch_name(purpose if dims == layer.SCRATCH[purpose] else f"{purpose}@{axis}")
+            if tensor not in scratch:
+                scratch[tensor] = dims
                 graph.tensor(tensor, dims, "scratch")
-            elif scratch[purpose] != dims:
-                raise ValueError(f"{layer.__name__}: scratch {purpose!r} as {dims}, elsewhere as {scratch[purpose]}")
+            elif scratch[tensor] != dims:
+                raise ValueError(f"{layer.__name__}: scratch {purpose!r} as {dims}, elsewhere as {scratch[tensor]}")
             internals[purpose] = tensor
         nodes.append(replace(node, internals=internals))
     graph.nodes = nodes

@@ -41,11 +41,12 @@ def same(*ports: str) -> Rule:
     return rule
 
 
-def slice_of(small_port: str, big_port: str, axis_dim: str) -> Rule:
-    """The small tensor is the big one with its `axis_dim` axis removed, tiles included."""
+def slice_of(small_port: str, big_port: str, axis_dim: str | int) -> Rule:
+    """The small tensor is the big one with its `axis_dim` axis (a name, or a position: a token tensor's
+    axis 1 is its token axis, the image's or the context's) removed, tiles included."""
     def rule(graph: Graph, node: Node) -> None:
         small, big = _tensor(graph, node, small_port), _tensor(graph, node, big_port)
-        axis = big.dims.index(axis_dim)
+        axis = axis_dim if isinstance(axis_dim, int) else big.dims.index(axis_dim)
         shape, tile = big.shape[:axis] + big.shape[axis + 1:], big.tile[:axis] + big.tile[axis + 1:]
         if (small.shape, small.tile) != (shape, tile):
             raise _fail(node, f"{_show(small)} is not a slice of {_show(big)} along its {axis_dim} axis")

@@ -154,6 +154,12 @@ def merge(base: Mapping, over: Mapping) -> Mapping:
     return merged
 
 
+def _entries(values: Mapping, at: Entry) -> dict:
+    """A preset's values as entries at its `preset:` line (sections such as `caption` too)."""
+    return {key: Entry(_entries(value, at) if isinstance(value, dict) else value, at.key, at.at)
+            for key, value in values.items()}
+
+
 #: The files an `extends` chain has read so far: (resolved path, path as written, bytes).
 Chain = tuple[tuple[Path, str, int], ...]
 
@@ -192,7 +198,7 @@ def _layer(own: Mapping, here: Path, chain: Chain,
             base.pop("name", None)
     preset = own.get("preset")
     if preset is not None and isinstance(preset.value, str) and preset.value in PRESETS:
-        filled = {key: Entry(value, preset.key, preset.at) for key, value in PRESETS[preset.value].items()}
+        filled = _entries(PRESETS[preset.value], preset)
         base = merge(base, {"model": Entry(filled, preset.key, preset.at)})
     return merge(base, own)
 

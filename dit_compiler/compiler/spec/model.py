@@ -96,6 +96,12 @@ class ModelSpec:
     size_conditioning: bool = False
     pos_embed_max_size: int | None = None
 
+    def __post_init__(self) -> None:
+        """Sections given as mappings (a preset's `caption`) become their dataclasses."""
+        for name, cls in MODEL_SECTIONS.items():
+            if isinstance(value := getattr(self, name), dict):
+                object.__setattr__(self, name, cls(**value))
+
     @property
     def context_tokens(self) -> int:
         """Tokens of the context axis: the caption's, 2 ([t_emb, y_emb]) for conditioning cross_attention
@@ -255,4 +261,12 @@ PRESETS: dict[str, dict] = {
         "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16),
     }.items()
     for patch in (2, 4, 8)
+} | {
+    # diffusers' SD3Transformer2DModel config of stabilityai/stable-diffusion-3-medium-diffusers: 24 heads of
+    # 64 (hidden 1536 = caption_projection_dim), T5-XXL captions (joint_attention_dim 4096) of 77 + 256
+    # tokens (CLIP's and T5's), CLIP's pooled vectors (pooled_projection_dim 2048), a cropped 192^2 table.
+    "SD3-medium": {"input_size": 128, "in_channels": 16, "patch_size": 2, "hidden_size": 1536, "depth": 24,
+                   "num_heads": 24, "mlp_ratio": 4.0, "num_classes": 0, "learn_sigma": False,
+                   "norm_eps": 1e-6, "flavor": "diffusers", "conditioning": "joint", "pos_embed_max_size": 192,
+                   "caption": {"width": 4096, "length": 333, "pooled_width": 2048, "mask": False}},
 }

@@ -22,15 +22,16 @@ from dit_compiler.compiler.emit.blocks import Blocks, block_template, split_bloc
 from dit_compiler.compiler.emit.env import header, render
 from dit_compiler.compiler.graph.ir import Graph, Node, Tensor
 from dit_compiler.compiler.graph.ops import OPS
-from dit_compiler.compiler.naming import FLAVORS, TRACE
+from dit_compiler.compiler.naming import TRACE, flavor_of
 from dit_compiler.compiler.posembed import SOURCE as SINCOS_SOURCE
 from dit_compiler.compiler.targets.torch.ops import TORCH_OPS, module_path
 
 #: Letters of the shape comments, by axis.
 LETTERS = {"batch": "N", "tokens": "T", "hidden": "D", "mlp": "M", "frequency": "F", "out_dim": "O",
-           "patch_dim": "P", "in_channels": "C", "out_channels": "C_out", "height": "H", "width": "W"}
-#: The graph's constants and how torch computes them.
-CONSTS = {TRACE.pos_embed: "torch.from_numpy(sincos_pos_embed({hidden}, {grid})).float().unsqueeze(0)"}
+           "patch_dim": "P", "in_channels": "C", "out_channels": "C_out", "height": "H", "width": "W",
+           "context": "L", "joint": "J", "caption": "E", "pooled": "E_pool"}
+#: The graph's constants and how torch computes them (`{table}`: the table's arguments, `const_args`).
+CONSTS = {TRACE.pos_embed: "torch.from_numpy(sincos_pos_embed({table})).float().unsqueeze(0)"}
 WIDTH = 112
 
 
@@ -186,6 +187,7 @@ def _tree(entries: list[tuple[str, object]]) -> dict:
 class _Const:
     value: str
     saved: bool
+    buffer: bool = False    # a saved constant as a persistent buffer, not a frozen Parameter
 
 
 def _expr(node, indent: int) -> str:
@@ -214,12 +216,12 @@ def _consts(node: dict, path: str = "") -> list[str]:
     for name, child in node.items():
         owner = "self" + access(path)
         if isinstance(child, _Const):
-            if child.saved and not path:
+            if child.saved and not child.buffer and not path:
                 lines.append(f"self.{name} = nn.Parameter({child.value}, requires_grad=False)")
-            elif child.saved:
+            elif child.saved and not child.buffer:
                 lines.append(f'{owner}.register_parameter("{name}", nn.Parameter({child.value}, requires_grad=False))')
             else:
-                lines.append(f'{owner}.register_buffer("{name}", {child.value}, persistent=False)')
+                lines.append(f'{owner}.register_buffer("{name}", {child.value}, persistent={child.saved})')
         elif isinstance(child, dict):
             lines += _consts(child, f"{path}.{name}" if path else name)
     return lines
@@ -260,14 +262,20 @@ def module_entries(graph: Graph, nodes: list[Node], scope: Scope,
         if t.name not in read or t.source is None:
             continue
         if t.role == "const":
-            entries.append((scope.path(t.source.key), _Const(CONSTS[t.name].format(**_sizes(graph)), t.source.saved)))
+            entries.append((scope.path(t.source.key), _Const(CONSTS[t.name].format(table=const_args(graph, t)),
+                                                             t.source.saved, t.source.layout == "crop")))
         else:
             entries.append((scope.path(module_path(t.source.key)), ctors[module_path(t.source.key)]))
     return entries
 
 
-def _sizes(graph: Graph) -> dict[str, int]:
-    return {"hidden": graph.axes["hidden"].size, "grid": math.isqrt(graph.axes["tokens"].size)}
+def const_args(graph: Graph, t: Tensor) -> str:
+    """The arguments of `sincos_pos_embed` for the positional table `t`: the whole table diffusers saves
+    (its max_size x max_size one where the model adds a crop)."""
+    args = f"{graph.axes['hidden'].size}, {math.isqrt(graph.axes['tokens'].size)}"
+    if t.source.layout == "crop":
+        args += f", max_size={math.isqrt(t.source.torch_shape[1])}"
+    return args
 
 
 def _block_root(graph: Graph, i: int) -> str:
@@ -317,7 +325,7 @@ def block_class(graph: Graph, blocks: Blocks, exports: list[str], i: int, name: 
 
 
 def torch_context(graph: Graph) -> dict:
-    flavor = FLAVORS[graph.spec.model.flavor]
+    flavor = flavor_of(graph.spec.model)
     blocks = split_blocks(graph, host=True)
     if blocks.chain_out is None:
         raise ValueError("the blocks do not chain (block i reads what block i - 1 made): no block loop")

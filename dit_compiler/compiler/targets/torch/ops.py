@@ -7,6 +7,7 @@ layout's module at the parameter's state_dict key).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -108,7 +109,12 @@ def _linear(node: Node, code: Code) -> str:
 
 @torch_op("add_const_slice")
 def _add_const_slice(node: Node, code: Code) -> str:
-    return f"{code.value(node.inputs['x'])} + {code.const(node.inputs['table'])}"
+    """The table as saved, or (`crop` layout: SD3's pos_embed_max_size) its centred crop."""
+    table, x = code.const(node.inputs["table"]), code.value(node.inputs["x"])
+    if _source(code.graph, node, "table").layout == "crop":
+        grid = math.isqrt(code.graph.tensors[node.inputs["table"]].shape[1])
+        return f"{x} + crop_pos_embed({table}, {grid})"
+    return f"{x} + {table}"
 
 
 def _embedding_module(node: Node, graph: Graph) -> dict[str, str]:
