@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from dit_compiler.compiler.graph.ir import Graph
+from dit_compiler.compiler.naming import TRACE
 
 
 def rel_error(actual, expected) -> float:
@@ -52,17 +53,40 @@ class Inputs:
     t: torch.Tensor          # timesteps [N], float
     y: torch.Tensor          # labels [N], int64, the null class included
     grad_out: torch.Tensor   # output gradient [N, C_out, H, W]
+    #: The other graph inputs by graph name, batch first: captions [N, L, W], their mask [N, L] (1 keep,
+    #: 0 drop), PixArt's resolution [N, 2] and aspect ratio [N].
+    context: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def args(self, graph: Graph) -> tuple[torch.Tensor, ...]:
+        """The graph's inputs in its order: the torch reference's (and the NNTile model's) forward arguments."""
+        values = {TRACE.x: self.x, TRACE.t: self.t, TRACE.y: self.y} | self.context
+        return tuple(values[name] for name in graph.inputs)
 
 
 def make_inputs(graph: Graph, seed: int) -> Inputs:
-    """Seeded random inputs at the graph's batch and image shape."""
+    """Seeded random inputs at the graph's batch and image shape: a caption mask keeps the first token
+    and each other one with probability 1/2 (an item with every token dropped is not a caption)."""
     g = torch.Generator().manual_seed(seed + 1)
     x_shape = graph.tensors[graph.inputs[0]].shape
     out_shape = graph.tensors[graph.outputs[0]].shape
     n = x_shape[0]
-    return Inputs(
+    classes = graph.axes["classes"].size if "classes" in graph.axes else 1
+    inputs = Inputs(
         x=torch.randn(x_shape, generator=g),
         t=torch.randint(0, 1000, (n,), generator=g).float(),
-        y=torch.randint(0, graph.axes["classes"].size, (n,), generator=g),
+        y=torch.randint(0, classes, (n,), generator=g),
         grad_out=torch.randn(out_shape, generator=g),
     )
+    for name in graph.inputs[3 if TRACE.y in graph.inputs else 2:]:
+        shape = graph.tensors[name].shape[::-1]   # batch first
+        if name == TRACE.caption_mask:
+            value = (torch.rand(shape, generator=g) < 0.5).float()
+            value[:, 0] = 1.0
+        elif name == TRACE.resolution:
+            value = torch.randint(256, 2048, shape, generator=g).float()
+        elif name == TRACE.aspect_ratio:
+            value = 0.5 + 1.5 * torch.rand(shape, generator=g)
+        else:
+            value = torch.randn(shape, generator=g)
+        inputs.context[name] = value
+    return inputs

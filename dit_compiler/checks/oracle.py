@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from dit_compiler.checks.common import Inputs, group_error, rel_error
 from dit_compiler.compiler.graph.ir import Graph
-from dit_compiler.compiler.naming import DIFFUSERS, DIT, StateKeys
+from dit_compiler.compiler.naming import DIFFUSERS, DIT, TRACE, StateKeys
+from dit_compiler.compiler.spec.importer import IMPORTERS, WEIGHTS_FILE, read_config
 from dit_compiler.compiler.targets.torch import import_diffusers
+from dit_compiler.errors import UsageError
+from dit_compiler.userfiles import regular_size
 
 #: What diffusers cannot change: the sinusoid size of `CombinedTimestepLabelEmbeddings`, its period,
 #: the FeedForward multiplier, and the eps of the attention-branch and output LayerNorms.
@@ -43,6 +47,11 @@ class OracleReport:
     param_grad: float          # all reference parameters taken as one vector
     worst_param: str           # reference key of the worst parameter gradient (among the non-negligible)
     worst_param_error: float
+    model_class: str = "DiTTransformer2DModel"
+    source: str = "built from the spec's config, the reference's weights mapped onto it"
+    #: The NNTile model against diffusers (forward, input gradient), where `ditc verify` ran both.
+    nntile_forward: float | None = None
+    nntile_input_grad: float | None = None
 
 
 # -- the config -------------------------------------------------------------------------------------
@@ -120,17 +129,48 @@ def oracle_config(graph: Graph) -> dict | str:
     }
 
 
+def pixart_config(graph: Graph) -> dict | str:
+    """`PixArtTransformer2DModel` kwargs for a graph of conditioning adaln_single (flavor diffusers), or why
+    diffusers cannot express it."""
+    ax, m = graph.axes, graph.spec.model
+    if m.flavor != "diffusers":
+        return f"flavor {m.flavor}: PixArt's diffusers class names its weights as flavor diffusers does"
+    if ax["frequency"].size != DIFFUSERS_FREQUENCY or ax["mlp"].size != DIFFUSERS_MLP_RATIO * ax["hidden"].size:
+        return (f"diffusers fixes the timestep sinusoid at {DIFFUSERS_FREQUENCY} and the MLP at "
+                f"{DIFFUSERS_MLP_RATIO} x hidden_size")
+    block = {n.attrs.eps for n in graph.nodes if n.op == "layer_norm" and n.block == 0}
+    final = [n.attrs.eps for n in graph.nodes if n.op == "layer_norm" and n.block is None]
+    if len(block) != 1 or final != [DIFFUSERS_FIXED_EPS]:
+        return f"diffusers' PixArt has one block LayerNorm eps and a final one of {DIFFUSERS_FIXED_EPS:g}"
+    return {
+        "num_attention_heads": ax["heads"].size, "attention_head_dim": ax["head_dim"].size,
+        "in_channels": ax["in_channels"].size, "out_channels": ax["out_channels"].size, "num_layers": graph.depth,
+        "sample_size": ax["height"].size, "patch_size": graph.first("patchify").attrs.patch_size,
+        "cross_attention_dim": ax["hidden"].size, "caption_channels": ax["caption"].size,
+        "norm_eps": block.pop(), "use_additional_conditions": bool(m.size_conditioning),
+    }
+
+
+#: The diffusers class of each design that has one, and its config from the graph.
+_ORACLES = {"adaln_zero": ("DiTTransformer2DModel", oracle_config),
+            "adaln_single": ("PixArtTransformer2DModel", pixart_config)}
+
+
 def build_diffusers(graph: Graph):
-    """A randomly initialised `DiTTransformer2DModel` with the graph's semantics (eval mode, float32),
-    or the reason it cannot have them."""
-    config = oracle_config(graph)
+    """A randomly initialised diffusers model (`DiTTransformer2DModel`, `PixArtTransformer2DModel`) with
+    the graph's semantics (eval mode, float32), or the reason it cannot have them."""
+    design = graph.spec.model.conditioning
+    if design not in _ORACLES:
+        return f"diffusers has no model of conditioning {design}"
+    class_name, configure = _ORACLES[design]
+    config = configure(graph)
     if isinstance(config, str):
         return config
     try:
-        DiTTransformer2DModel = import_diffusers().DiTTransformer2DModel
+        model_class = getattr(import_diffusers(), class_name)
     except Exception as error:  # not installed, or an incompatible build
         return f"diffusers is not importable ({type(error).__name__}: {error})"
-    model = DiTTransformer2DModel(**config).float().eval()
+    model = model_class(**config).float().eval()
     if graph.spec.model.flavor == "dit":
         for block in model.transformer_blocks:
             block.norm1.emb.time_proj.downscale_freq_shift = 0
@@ -227,10 +267,46 @@ def _forward_backward(model, forward, inputs: Inputs) -> tuple[np.ndarray, np.nd
     return out.detach().numpy(), grads[0].numpy(), params
 
 
-def check_against_diffusers(graph: Graph, reference: torch.nn.Module, inputs: Inputs) -> OracleReport | str:
+def load_pretrained(folder: Path) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The diffusers model of a model folder (`from_pretrained`, local files only) and the weights of its
+    `diffusion_pytorch_model.safetensors` (read with a size check first: a regular file), or a UsageError."""
+    config, path = read_config(folder)
+    class_name = config.get("_class_name")
+    if class_name not in IMPORTERS:
+        raise UsageError(f"--weights {folder}: a {class_name} folder; ditc verifies {', '.join(IMPORTERS)}")
+    weights = path.parent / WEIGHTS_FILE
+    regular_size(weights, None, "diffusers weights")
+    import safetensors.torch
+
+    try:
+        model = getattr(import_diffusers(), class_name).from_pretrained(
+            str(path.parent), local_files_only=True, low_cpu_mem_usage=False)
+        state = safetensors.torch.load_file(str(weights))
+    except Exception as error:   # diffusers raises OSError, ValueError, JSON and safetensors errors...
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UsageError(f"--weights {folder}: not a readable diffusers {class_name} folder ({first})") from None
+    return model.float().eval(), state
+
+
+def oracle_kwargs(oracle: torch.nn.Module, inputs: Inputs) -> dict:
+    """The keyword arguments of the diffusers model's forward besides the latent."""
+    if type(oracle).__name__ != "PixArtTransformer2DModel":
+        return {"timestep": inputs.t, "class_labels": inputs.y, "return_dict": False}
+    c = inputs.context
+    size = {"resolution": c[TRACE.resolution], "aspect_ratio": c[TRACE.aspect_ratio][:, None]} \
+        if TRACE.resolution in c else None
+    return {"encoder_hidden_states": c[TRACE.caption], "timestep": inputs.t,
+            "encoder_attention_mask": c.get(TRACE.caption_mask), "added_cond_kwargs": size, "return_dict": False}
+
+
+def check_against_diffusers(graph: Graph, reference: torch.nn.Module, inputs: Inputs,
+                            pretrained: torch.nn.Module | None = None,
+                            expected: dict[str, np.ndarray] | None = None) -> OracleReport | str:
     """Run the reference (with its current weights) and diffusers on the same mapped weights and inputs,
-    forward and backward with `inputs.grad_out`; the errors, or why diffusers cannot be compared."""
-    oracle = build_diffusers(graph)
+    forward and backward with `inputs.grad_out`; the errors, or why diffusers cannot be compared.
+    `pretrained`: a diffusers model loaded from a folder, run with its own weights (the reference holds
+    the same ones); `expected` receives diffusers' output and input gradient ("out", "dx")."""
+    oracle = build_diffusers(graph) if pretrained is None else pretrained
     if isinstance(oracle, str):
         return oracle
     ref_params = {k: p for k, p in reference.named_parameters() if p.requires_grad}
@@ -238,19 +314,22 @@ def check_against_diffusers(graph: Graph, reference: torch.nn.Module, inputs: In
     missing = sorted(set(_reference_keys(graph)) - set(state))
     if missing:
         return f"the reference lacks graph parameters {missing[:3]}"
-    oracle.load_state_dict(to_diffusers_state_dict(graph, state), strict=True)
+    if pretrained is None:
+        oracle.load_state_dict(to_diffusers_state_dict(graph, state), strict=True)
 
     was_training = reference.training
     reference.eval()
     try:
         with torch.enable_grad():
             ref_out, ref_dx, ref_grads = _forward_backward(
-                reference, lambda x: reference(x, inputs.t, inputs.y), inputs)
-            hf_out, hf_dx, hf_grads = _forward_backward(
-                oracle, lambda x: oracle(x, timestep=inputs.t, class_labels=inputs.y, return_dict=False)[0], inputs)
+                reference, lambda x: reference(x, *inputs.args(graph)[1:]), inputs)
+            hf_out, hf_dx, hf_grads = _forward_backward(oracle, lambda x: oracle(x, **oracle_kwargs(oracle, inputs))[0],
+                                                        inputs)
     finally:
         reference.train(was_training)
 
+    if expected is not None:
+        expected.update(out=hf_out, dx=hf_dx)
     mapped = to_reference_grads(graph, hf_grads)
     keys = sorted(ref_params)
     unmapped = [k for k in keys if k not in mapped]
@@ -267,4 +346,7 @@ def check_against_diffusers(graph: Graph, reference: torch.nn.Module, inputs: In
         param_grad=group_error([pairs[k] for k in keys]),
         worst_param=worst,
         worst_param_error=per_param.get(worst, math.nan),
+        model_class=type(oracle).__name__,
+        source="built from the spec's config, the reference's weights mapped onto it" if pretrained is None
+        else "loaded from the model folder with its own weights",
     )

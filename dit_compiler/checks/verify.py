@@ -28,6 +28,7 @@ from dit_compiler.compiler.build import load_module
 from dit_compiler.compiler.graph.ir import Graph, Node
 from dit_compiler.compiler.graph.ops import OPS
 from dit_compiler.compiler.lower import GROUPS
+from dit_compiler.errors import UsageError
 
 FORWARD_TOL = 1e-5
 GRAD_TOL = 1e-4
@@ -135,12 +136,17 @@ def missing(exp: Expected, side: str, run: _Run) -> list[str]:
                if k not in run.param_grads])
 
 
-def run_torch(module, graph: Graph, inputs: Inputs, seed: int):
+def run_torch(module, graph: Graph, inputs: Inputs, seed: int, weights: dict | None = None):
+    """The reference with random weights (seeded), or with `weights` loaded strictly (every key of its
+    state_dict, no other); a key mismatch is a UsageError naming the keys."""
     model = module.Model().eval()
-    randomize_(model, seed)
+    if weights is None:
+        randomize_(model, seed)
+    else:
+        load_strict(model, weights)
     x = inputs.x.clone().requires_grad_(True)
     trace: dict = {}
-    out = model(x, inputs.t, inputs.y, trace)
+    out = model(x, *inputs.args(graph)[1:], trace=trace)
     out.backward(inputs.grad_out)
     values = {k: v.detach().numpy() for k, v in trace.items()}
     grads = {k: v.grad.numpy() for k, v in trace.items() if v.grad is not None}
@@ -151,6 +157,22 @@ def run_torch(module, graph: Graph, inputs: Inputs, seed: int):
     return model, _Run(values, grads, params)
 
 
+def load_strict(model, weights: dict) -> None:
+    """`model.load_state_dict(weights, strict=True)`, its key mismatch said in one line."""
+    missing_keys = sorted(set(model.state_dict()) - set(weights))
+    unexpected = sorted(set(weights) - set(model.state_dict()))
+    if missing_keys or unexpected:
+        parts = [f"{len(missing_keys)} keys of the reference missing, such as {missing_keys[0]}"] if missing_keys else []
+        parts += [f"{len(unexpected)} keys the reference lacks, such as {unexpected[0]}"] if unexpected else []
+        raise UsageError(f"--weights: the weights do not fit this spec's torch reference ({'; '.join(parts)}); "
+                         "`ditc import DIR -o SPEC.yaml` writes the spec of the folder's model")
+    shapes = [k for k, v in model.state_dict().items() if tuple(v.shape) != tuple(weights[k].shape)]
+    if shapes:
+        raise UsageError(f"--weights: {shapes[0]} is {list(weights[shapes[0]].shape)}, this spec's torch reference "
+                         f"has {list(model.state_dict()[shapes[0]].shape)}")
+    model.load_state_dict(weights, strict=True)
+
+
 def run_nntile(module, graph: Graph, state_dict, inputs: Inputs, names: tuple[str, ...] | None,
                kernels: str | None = None) -> _Run:
     """One forward and backward; `names`: the activations to read (kept for it), None: the memory plan on;
@@ -158,7 +180,7 @@ def run_nntile(module, graph: Graph, state_dict, inputs: Inputs, names: tuple[st
     model = module.Model(keep_intermediates=names is not None, kernels=kernels)
     try:
         model.load_state_dict(state_dict)
-        out = model.forward(inputs.x.numpy(), inputs.t.numpy(), inputs.y.numpy())
+        out = model.forward(*(value.numpy() for value in inputs.args(graph)))
         dx = model.backward(inputs.grad_out.numpy())
         values = {n: model.value(n) for n in names or ()}
         grads = {n: model.grad(n) for n in names or () if graph.tensors[n].grad}
@@ -210,23 +232,27 @@ def nntile_status(graph: Graph | None = None) -> str:
 
 
 def verify(graph: Graph, build_dir: Path, *, seed: int = 0, ncpus: int = 2, oracle: bool = True,
-           progress=print) -> Report:
-    """Run the generated files in `build_dir` and compare them; `progress` gets one line per step."""
+           progress=print, pretrained: Path | None = None) -> Report:
+    """Run the generated files in `build_dir` and compare them; `progress` gets one line per step.
+    `pretrained`: a diffusers model folder whose weights both sides run with (not random ones), compared
+    with the diffusers model loaded from it."""
+    from dit_compiler.checks.oracle import check_against_diffusers, load_pretrained
+
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     inputs = make_inputs(graph, seed)
-    progress("torch reference: forward and backward")
+    hf_model, weights = load_pretrained(pretrained) if pretrained is not None else (None, None)
+    progress("torch reference: forward and backward" + (f", with the weights of {pretrained}" if weights else ""))
     torch_module = load_module(build_dir / "torch_reference.py")
-    model, ref = run_torch(torch_module, graph, inputs, seed)
+    model, ref = run_torch(torch_module, graph, inputs, seed, weights)
     seconds["torch"] = time.perf_counter() - clock
 
     oracle_result: dict | str | None = None
+    hf_values: dict[str, np.ndarray] = {}
     if oracle:
-        from dit_compiler.checks.oracle import check_against_diffusers
-
-        progress("torch reference against diffusers' DiTTransformer2DModel")
+        progress("torch reference against diffusers" + (f" (loaded from {pretrained})" if pretrained else ""))
         clock = time.perf_counter()
-        result = check_against_diffusers(graph, model, inputs)
+        result = check_against_diffusers(graph, model, inputs, hf_model, hf_values)
         oracle_result = result if isinstance(result, str) else asdict(result)
         seconds["diffusers"] = time.perf_counter() - clock
 
@@ -259,11 +285,17 @@ def verify(graph: Graph, build_dir: Path, *, seed: int = 0, ncpus: int = 2, orac
                      for name, run in alternatives.items()]
             problems += [f"row {r.component} compares no value" for r in rows if r.forward is None]
             problems += [b for b in [forward_breach(graph, nnt, ref)] if b]
+        if isinstance(oracle_result, dict) and hf_values:
+            oracle_result["nntile_forward"] = rel_error(nnt.values[graph.outputs[0]], hf_values["out"])
+            oracle_result["nntile_input_grad"] = rel_error(nnt.grads[graph.inputs[0]], hf_values["dx"])
     breach = problems[0] if problems else first_breach(rows, len(graph.components()))
     if breach is None and isinstance(oracle_result, dict):
         worst = max(oracle_result["forward"], oracle_result["input_grad"], oracle_result["param_grad"])
         if not worst <= 1e-5:
             breach = f"torch reference vs diffusers: error {worst:.3g} > 1e-05"
+        elif oracle_result.get("nntile_forward") is not None:
+            breach = (_over("NNTile vs diffusers", "forward", oracle_result["nntile_forward"], FORWARD_TOL)
+                      or _over("NNTile vs diffusers", "input gradient", oracle_result["nntile_input_grad"], GRAD_TOL))
     return Report(graph.spec.name, tiling_of(graph), status, rows, oracle_result, seconds, breach, kernels)
 
 
@@ -294,8 +326,12 @@ def format_report(report: Report, header: bool = True) -> str:
         lines.append(f"NNTile model not run: {report.nntile}")
     if isinstance(report.oracle, dict):
         o = report.oracle
-        lines.append(f"torch reference vs diffusers DiTTransformer2DModel: forward {o['forward']:.2e}, "
-                     f"input grad {o['input_grad']:.2e}, param grad {o['param_grad']:.2e}")
+        lines.append(f"diffusers {o['model_class']} ({o['source']}):")
+        lines.append(f"  torch reference vs diffusers: forward {o['forward']:.2e}, input grad {o['input_grad']:.2e}, "
+                     f"param grad {o['param_grad']:.2e}")
+        if o.get("nntile_forward") is not None:
+            lines.append(f"  NNTile vs diffusers: forward {o['nntile_forward']:.2e}, input grad "
+                         f"{o['nntile_input_grad']:.2e}")
     elif report.oracle:
         lines.append(f"torch reference vs diffusers: skipped ({report.oracle})")
     lines.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items()))

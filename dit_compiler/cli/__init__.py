@@ -26,7 +26,7 @@ from dit_compiler.errors import SpecError, Terminated, UsageError, printed
 NEGATIVE = re.compile(r"-\.?[0-9]")
 
 
-COMMANDS = ("validate", "schema", "build", "inspect", "verify", "bench", "sweep", "train", "sample", "evaluate",
+COMMANDS = ("validate", "schema", "build", "inspect", "import", "verify", "bench", "sweep", "train", "sample", "evaluate",
             "export")
 
 

@@ -16,10 +16,12 @@ from dit_compiler.cli.compile import build_one, memory_limit
 from dit_compiler.compiler.build import (GRAPH_FILE, MANIFEST_FILE, NNTILE_FILE, SPEC_FILE, TORCH_FILE, Build,
                                          compile_spec, manifest_files, stale_files)
 from dit_compiler.compiler.graph.ir import Graph
+from dit_compiler.compiler.spec.importer import WEIGHTS_FILE, config_path, read_config
 from dit_compiler.compiler.spec.sweep import MAX_POINTS
 from dit_compiler.errors import UsageError
 from dit_compiler.files import file_sha256, write_text_atomic
 from dit_compiler.limits import check_memory, cores
+from dit_compiler.userfiles import regular_size
 
 #: The most warm-up runs, measured runs or rounds a benchmark takes.
 MAX_RUNS = 1000
@@ -34,6 +36,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=integer(0, MAX_SEED), default=0, help=f"0 to {MAX_SEED} (default 0)")
     s.add_argument("--require-nntile", action="store_true", help="fail (exit 2) when NNTile is not importable")
     s.add_argument("--no-oracle", action="store_true", help="skip the check against diffusers")
+    s.add_argument("--weights", metavar="DIR", type=path,
+                   help="a diffusers model folder (as `ditc import` reads): both sides run with its weights, "
+                        "compared with the diffusers model loaded from it (default: random weights)")
     s.set_defaults(func=cmd_verify)
 
     s = runner(sub, "bench", "time NNTile against torch: forward and an AdamW training step",
@@ -138,6 +143,11 @@ def cmd_verify(args) -> int:
     def require_nntile(graph) -> None:
         if args.require_nntile and (status := nntile_status(graph)) != "ran":
             raise UsageError(f"--require-nntile: {status}")
+        if args.weights is not None:
+            if args.no_oracle:
+                raise UsageError("--weights compares with the diffusers model of the folder; drop --no-oracle")
+            regular_size(config_path(args.weights).parent / WEIGHTS_FILE, None, "diffusers weights")
+            read_config(args.weights)
 
     graph, build_dir = runner_build(args, require_nntile)
     status = nntile_status(graph)
@@ -145,7 +155,8 @@ def cmd_verify(args) -> int:
     steps = iter(range(1, total + 1))
     print(format_header(graph.spec.name, tiling_of(graph)), flush=True)
     report = verify(graph, build_dir, seed=args.seed, ncpus=args.ncpus, oracle=not args.no_oracle,
-                    progress=lambda line: print(f"[{next(steps)}/{total}] {line}", flush=True))
+                    progress=lambda line: print(f"[{next(steps)}/{total}] {line}", flush=True),
+                    pretrained=None if args.weights is None else Path(args.weights))
     print(format_report(report, header=False))
     if args.json:
         write_text_atomic(Path(args.json), report.to_json())

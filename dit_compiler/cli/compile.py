@@ -5,12 +5,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from dit_compiler.cli.args import DEFAULT_OUT, check_folder_arg, memory_size, path, spec_and_dir
+import yaml
+
+from dit_compiler.cli.args import DEFAULT_OUT, check_file_arg, check_folder_arg, memory_size, path, spec_and_dir
 from dit_compiler.compiler.build import Build, check_target, compile_spec, graph_of, stale_files, write_build
 from dit_compiler.compiler.inspect import dot, inspect_json, inspect_table
-from dit_compiler.compiler.spec import load_spec, schema_text
+from dit_compiler.compiler.spec import load_spec, load_spec_data, schema_text
+from dit_compiler.compiler.spec.importer import import_model
 from dit_compiler.compiler.spec.model import Spec, memory_bytes
 from dit_compiler.errors import SpecError, UsageError, printed
+from dit_compiler.files import write_text_atomic
 from dit_compiler.userfiles import writing
 
 
@@ -36,6 +40,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--memory-limit", type=memory_size, metavar="SIZE",
                    help="compare a training step's predicted peak with SIZE (default: the spec's memory_limit)")
     s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("import", help="write the spec of a diffusers model folder (DiT, PixArt-alpha)")
+    s.add_argument("source", metavar="DIR", help="a diffusers model folder, or its config.json")
+    s.add_argument("-o", "--out", required=True, type=path, metavar="SPEC", help="the spec file to write (YAML)")
+    s.set_defaults(func=cmd_import)
 
 
 def cmd_validate(args) -> int:
@@ -102,3 +111,22 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+
+
+def cmd_import(args) -> int:
+    """The spec is validated and lowered before it is written: a config ditc reads but cannot build is
+    refused (exit 2) with nothing written."""
+    check_file_arg(args.out, "-o")
+    data, class_name = import_model(args.source)
+    try:
+        spec = load_spec_data(data, args.out)
+    except SpecError as error:
+        raise UsageError(f"{args.source}: the spec of this {class_name} does not validate: "
+                         f"{printed(error.diagnostics)[0]}; nothing written") from None
+    graph = graph_of(spec)
+    header = (f"# Imported by `ditc import` from {args.source} ({class_name}); `ditc verify {args.out} --weights "
+              f"{args.source}` checks it against the folder's weights.\n")
+    write_text_atomic(args.out, header + yaml.safe_dump(data, sort_keys=False))
+    params = sum(t.numel for t in graph.params)
+    print(f"wrote {args.out}: {spec.name}, {class_name}, {params / 1e6:.2f} M parameters")
+    return 0

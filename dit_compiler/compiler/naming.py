@@ -15,10 +15,6 @@ Templates: `{i}` is a block index, `{b}` a block's key prefix (`StateKeys.block`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from dit_compiler.compiler.spec.model import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -95,12 +91,12 @@ SD3 = JointKeys()
 class Flavor:
     """What a flavor names besides its parameters' keys (`StateKeys`)."""
 
-    keys: StateKeys | JointKeys
+    keys: StateKeys | PixArtKeys | JointKeys
     pos_table: str          # the fixed positional table's attribute path in the torch module
     pos_table_saved: bool   # in state_dict (DiT: a frozen Parameter) or not (diffusers: a non-persistent buffer)
     model_class: str
     block_class: str
-    inputs: tuple[str, ...]        # forward's arguments: latent, timesteps, labels (SD3: its own order)
+    inputs: tuple[str, ...]        # forward's arguments: latent, timesteps, labels (or the graph's inputs in order)
     about: str                     # what the reference's docstring says of the flavor
 
 
@@ -117,18 +113,57 @@ FLAVORS: dict[str, Flavor] = {
                         "values and gradients)."),
 }
 
-#: The naming of conditioning `joint` (flavor diffusers): SD3Transformer2DModel's.
-SD3_FLAVOR = Flavor(SD3, "pos_embed.pos_embed", True, "SD3Transformer2DModel", "JointTransformerBlock",
-                    ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"),
-                    "diffusers `SD3Transformer2DModel` semantics (Stable Diffusion 3's MMDiT): its state_dict "
-                    "keys, so its checkpoints load as is. The blocks pass the image and context streams on as "
-                    "one joint token sequence (image tokens first), split and joined in each block; SiLU of "
-                    "the conditioning is computed once for every adaLN projection.")
+@dataclass(frozen=True)
+class PixArtKeys:
+    """diffusers' `PixArtTransformer2DModel` state_dict layout. The fields the DiT lowering's shared helpers
+    read (`patch`, `block`, `attn_in`, `attn_out`, `fc1`, `fc2`) have StateKeys' names."""
+
+    patch: str = "pos_embed.proj"
+    t_linear1: str = "adaln_single.emb.timestep_embedder.linear_1"
+    t_linear2: str = "adaln_single.emb.timestep_embedder.linear_2"
+    #: PixArt 1024's size embedders, `{}` the input (resolution, aspect_ratio).
+    size_linear1: str = "adaln_single.emb.{}_embedder.linear_1"
+    size_linear2: str = "adaln_single.emb.{}_embedder.linear_2"
+    adaln: str = "adaln_single.linear"
+    caption_linear1: str = "caption_projection.linear_1"
+    caption_linear2: str = "caption_projection.linear_2"
+    block: str = "transformer_blocks.{i}"
+    table: str = "{b}.scale_shift_table"
+    attn_in: tuple[str, ...] = ("{b}.attn1.to_q", "{b}.attn1.to_k", "{b}.attn1.to_v")
+    attn_out: str = "{b}.attn1.to_out.0"
+    cross_in: tuple[str, ...] = ("{b}.attn2.to_q", "{b}.attn2.to_k", "{b}.attn2.to_v")
+    cross_out: str = "{b}.attn2.to_out.0"
+    fc1: str = "{b}.ff.net.0.proj"
+    fc2: str = "{b}.ff.net.2"
+    final_table: str = "scale_shift_table"
+    final_linear: str = "proj_out"
 
 
-def flavor_of(model: ModelSpec) -> Flavor:
-    """The naming of a model: its flavor's, SD3Transformer2DModel's for conditioning `joint`."""
-    return SD3_FLAVOR if model.conditioning == "joint" else FLAVORS[model.flavor]
+PIXART = PixArtKeys()
+
+#: The flavors of the block designs whose names differ from DiT's, by (conditioning, flavor).
+DESIGN_FLAVORS: dict[tuple[str, str], Flavor] = {
+    ("adaln_single", "diffusers"): Flavor(
+        PIXART, "pos_embed.pos_embed", False, "PixArtTransformer2DModel", "BasicTransformerBlock",
+        ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask", "resolution", "aspect_ratio"),
+        "diffusers `PixArtTransformer2DModel` semantics (PixArt-alpha): its state_dict keys, so its checkpoints "
+        "load as is. adaLN-single: one timestep MLP and projection to six chunks shared by every block, each "
+        "block adding its own learned `scale_shift_table`; captions projected and attended to after "
+        "self-attention, padded tokens masked."),
+    ("joint", "diffusers"): Flavor(
+        SD3, "pos_embed.pos_embed", True, "SD3Transformer2DModel", "JointTransformerBlock",
+        ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections"),
+        "diffusers `SD3Transformer2DModel` semantics (Stable Diffusion 3's MMDiT): its state_dict keys, so its "
+        "checkpoints load as is. The blocks pass the image and context streams on as one joint token sequence "
+        "(image tokens first), split and joined in each block; SiLU of the conditioning is computed once for "
+        "every adaLN projection."),
+}
+
+
+def flavor_of(model) -> Flavor:
+    """The naming of a model (`ModelSpec`): its design's where that has its own, else its flavor's."""
+    return DESIGN_FLAVORS.get((getattr(model, "conditioning", "adaln_zero"), model.flavor), FLAVORS[model.flavor])
+
 
 #: The adaLN projection's row blocks, in DiT's `chunk(6)` order, and the final layer's `chunk(2)`.
 ADALN_CHUNKS = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")
@@ -172,6 +207,24 @@ class TraceNames:
     final_mod: str = "mod"
     final_out: str = "out"
     image_out: str = "out"
+    # captions (PixArt-alpha), its size conditioning, adaLN-single's shared projection and tables
+    caption: str = "caption"
+    caption_mask: str = "caption_mask"
+    caption_hidden: str = "caption_hidden"
+    caption_act: str = "caption_act"
+    caption_emb: str = "caption_emb"
+    pooled: str = "pooled"           # SD3's pooled text vector
+    resolution: str = "resolution"
+    aspect_ratio: str = "aspect_ratio"
+    size_freq: str = "{}_freq"
+    size_hidden: str = "{}_hidden"
+    size_act: str = "{}_act"
+    size_emb: str = "{}_emb"
+    t_cond: str = "t_cond"           # timestep + size embeddings: the final layer's shift and scale read it
+    t_mod: str = "t_mod."            # adaLN-single's shared projection, one chunk each
+    table: str = "table_"            # a chunk + its row of the block's scale_shift_table
+    cross: str = "cross_attn"
+    res_cross: str = "res_cross"
 
 
 TRACE = TraceNames()

@@ -42,6 +42,13 @@ class LabelDrop:
 
 
 @dataclass(frozen=True)
+class Rows:
+    """Where a piece lands along the first axis."""
+
+    offset: int
+
+
+@dataclass(frozen=True)
 class Patch:
     patch_size: int
 
@@ -125,6 +132,12 @@ OPS: dict[str, OpKind] = {kind.name: kind for kind in (
     OpKind("add_const_slice", "y = x + table, the constant table broadcast over the batch",
            ("x", "table"), ("y",), rules.all_of(rules.same("x", "y"), rules.slice_of("table", "x", "batch")),
            "add_const_slice", "AddConstSlice"),
+    OpKind("add_fiber", "y = x + b, b a [hidden] parameter broadcast over the other axes (a row of PixArt's "
+           "scale_shift_table)", ("x", "b"), ("y",), rules.all_of(rules.same("x", "y"), rules.fiber_of("b", "x", "hidden")),
+           "add_fiber", "AddFiber"),
+    OpKind("add_rows", "y = x, with h added to rows offset..offset+len(h) of its first axis (a concatenation "
+           "of pieces added to x: PixArt's size embeddings)", ("x", "h"), ("y",),
+           rules.all_of(rules.same("x", "y"), rules.rows_of("h", "x")), "add_rows", "AddRows", attrs=Rows),
     OpKind("embedding", "y[:, n] = table[:, labels[n]]",
            ("labels", "table"), ("y",), rules.embedding("labels", "table", "y"), "embedding", "Embedding", attrs=LabelDrop),
     OpKind("act", "element-wise activation (silu or gelutanh)",

@@ -79,6 +79,17 @@ def gemm(x_port: str, w_port: str, y_port: str, b_port: str | None = None) -> Ru
     return rule
 
 
+def rows_of(small_port: str, big_port: str) -> Rule:
+    """The small tensor is a block of the big one's first-axis rows (at the node's offset): the other axes
+    the same, with their tiles; the rows fit."""
+    def rule(graph: Graph, node: Node) -> None:
+        small, big = _tensor(graph, node, small_port), _tensor(graph, node, big_port)
+        if (small.shape[1:], small.tile[1:]) != (big.shape[1:], big.tile[1:]) \
+                or not 0 <= node.attrs.offset <= big.shape[0] - small.shape[0]:
+            raise _fail(node, f"{_show(small)} at row {node.attrs.offset} is not a block of rows of {_show(big)}")
+    return rule
+
+
 def embedding(labels_port: str, table_port: str, y_port: str) -> Rule:
     """y[:, n] = table[:, labels[n]]: the class axis is one tile, the feature tile divides y's."""
     def rule(graph: Graph, node: Node) -> None:

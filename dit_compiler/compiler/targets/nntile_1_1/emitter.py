@@ -23,6 +23,17 @@ _FORWARD_HOST = {
 _CONSTS = {TRACE.pos_embed: "sincos_pos_embed(GEOMETRY.hidden, GEOMETRY.grid).T"}
 
 
+#: The torch-layout shape of each graph input, for the generated docstrings.
+_INPUT_SHAPES = {TRACE.x: "[N, C, H, W]", TRACE.t: "[N]", TRACE.y: "[N]", TRACE.caption: "[N, L, W]",
+                 TRACE.caption_mask: "[N, L]", TRACE.resolution: "[N, 2]", TRACE.aspect_ratio: "[N]"}
+
+
+def _host_input(graph: Graph, name: str) -> str:
+    """A host op's input as set_inputs holds it: a value pair per item [N, 2] is read all first values,
+    then all second ones (the torch reference's order, see its `timestep_sinusoid`)."""
+    return f"np.asarray({name}).T.reshape(-1)" if len(graph.tensors[name].shape) == 2 else name
+
+
 #: Generated lines longer than this continue on the next line, aligned after the opening parenthesis.
 WIDTH = 112
 
@@ -111,10 +122,13 @@ def model_context(graph: Graph) -> dict:
         "depth": graph.depth,
         "output": literal(output),
         "folded": folded,
+        "input_args": ", ".join(f"{name}: np.ndarray" for name in graph.inputs),
+        "input_doc": ", ".join(f"{name} {_INPUT_SHAPES.get(name, '')}".rstrip() for name in graph.inputs),
         "forward_host": [_FORWARD_HOST[n.op].format(**{p: literal(v) for p, v in n.outputs.items()},
-                                                    **{p: v for p, v in n.inputs.items()})
+                                                    **{p: _host_input(graph, v) for p, v in n.inputs.items()})
                          for n in graph.nodes if n.op in _FORWARD_HOST]
-                        + [f"self.set_labels({literal(t.name)}, {t.name})" for t in tensors if t.role == "input"],
+                        + [f"self.set_labels({literal(t.name)}, {t.name})" if t.dtype == "int64"
+                           else f"self.set_value({literal(t.name)}, {t.name})" for t in tensors if t.role == "input"],
         "patches": literal(patches),
         "consts": [f"self.set_const({literal(t.name)}, {_CONSTS[t.name]})" for t in tensors if t.role == "const"],
     }

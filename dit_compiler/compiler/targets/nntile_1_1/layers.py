@@ -161,6 +161,62 @@ class AddConstSlice(Layer):
 
 
 @layer
+class AddFiber(Layer):
+    """y = x + b, b a [hidden] fiber over axis 0 broadcast over the others: a rank-1 GEMM `b ones^T` (as
+    Linear's bias), its gradient `dY ones`."""
+
+    x: Moments
+    b: Moments
+    y: Moments
+
+    def forward_async(self) -> None:
+        nt.copy_async(self.x.value, self.y.value)
+        nt.gemm_async(1.0, nt.notrans, self.b.value, nt.notrans, self.ones_over(self.y.value, 1), 1.0, self.y.value,
+                      0, 0)
+
+    def backward_async(self) -> None:
+        dy = self.y.grad
+        nt.gemm_async(1.0, nt.notrans, dy, nt.notrans, self.ones_over(dy, 1), 0.0, self.b.grad, dy.ndim - 1, 0)
+        if self.x.grad is not None:
+            nt.add_async(1.0, dy, self.beta(self.x), self.x.grad)
+
+
+@layer
+class AddRows(Layer):
+    """y = x with h added to rows offset.. of axis 0: h [k, m*N] holds m pieces of each of the N columns
+    (piece j of column n at column j*N + n), laid side by side from row offset. Each piece is copied into
+    a cleared [hidden, batch] scratch with NNTile's copy_intersection (any tiling on either side), which
+    is then added; backward copies the rows of dy back into h's gradient, which this layer writes first
+    (h, a linear's output, has this one reader)."""
+
+    x: Moments
+    h: Moments
+    y: Moments
+    SCRATCH = {"rows": ("hidden", "batch")}
+
+    def _pieces(self):
+        k, columns = self.h.value.shape
+        n = self.x.value.shape[1]
+        return [[self.attrs.offset + j * k, -j * n] for j in range(columns // n)]
+
+    def forward_async(self) -> None:
+        nt.clear_async(self.rows)
+        for offset in self._pieces():
+            nt.copy_intersection_async(self.h.value, offset, self.rows, [0, 0])
+        nt.add_async(1.0, self.x.value, 0.0, self.y.value)
+        nt.add_async(1.0, self.rows, 1.0, self.y.value)
+        self.rows.invalidate_submit()
+
+    def backward_async(self) -> None:
+        if self.beta(self.h) != 0.0:
+            raise RuntimeError("AddRows writes h's gradient: h must have no other reader")
+        for offset in self._pieces():
+            nt.copy_intersection_async(self.y.grad, [0, 0], self.h.grad, offset)
+        if self.x.grad is not None:
+            nt.add_async(1.0, self.y.grad, self.beta(self.x), self.x.grad)
+
+
+@layer
 class Embedding(Layer):
     """y[:, n] = table[:, labels[n]]."""
 

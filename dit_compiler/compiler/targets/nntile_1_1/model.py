@@ -90,7 +90,8 @@ class Model:
     def build(self) -> None:
         raise NotImplementedError
 
-    def set_inputs(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> None:
+    def set_inputs(self, *inputs: np.ndarray) -> None:
+        """The graph's inputs in its order (latent, timesteps, then labels or captions ...)."""
         raise NotImplementedError
 
     def output(self) -> np.ndarray:
@@ -129,6 +130,8 @@ class Model:
             value = self.alloc.new(shape, tile, decl.dtype)
             if decl.role in ("param", "activation"):
                 value = Moments(value, self.alloc.new(shape, tile) if decl.grad and not self.inference else None)
+            elif decl.role == "input" and decl.dtype == "fp32":   # captions: read as values, no gradient
+                value = Moments(value)
             self.tensors[name] = value
         return self.tensors[name]
 
@@ -164,9 +167,10 @@ class Model:
         return tensor
 
     # -- running ----------------------------------------------------------------------------------
-    def forward(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Latent [N, C, H, W], timesteps [N], labels [N] -> output [N, C_out, H, W] (numpy)."""
-        self.set_inputs(x, t, y)
+    def forward(self, *inputs: np.ndarray) -> np.ndarray:
+        """Latent [N, C, H, W], timesteps [N], labels [N] (or the graph's other inputs, in its order: captions
+        [N, L, W] and their mask [N, L]) -> output [N, C_out, H, W] (numpy)."""
+        self.set_inputs(*inputs)
         for i in range(len(self.layers)):
             self.forward_layer(i)
         wait_for_all()

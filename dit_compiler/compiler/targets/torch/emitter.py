@@ -264,6 +264,8 @@ def module_entries(graph: Graph, nodes: list[Node], scope: Scope,
         if t.role == "const":
             entries.append((scope.path(t.source.key), _Const(CONSTS[t.name].format(table=const_args(graph, t)),
                                                              t.source.saved, t.source.layout == "crop")))
+        elif t.source.key in ctors:   # a bare parameter, the attribute of its scope's module
+            entries.append((scope.path(t.source.key), ctors[t.source.key]))
         else:
             entries.append((scope.path(module_path(t.source.key)), ctors[module_path(t.source.key)]))
     return entries
@@ -383,7 +385,7 @@ def torch_context(graph: Graph) -> dict:
         "model_class": flavor.model_class,
         "blocks_attr": attr,
         "init": init_lines(_tree(entries)),
-        "forward_def": signature("forward", ["self", *(f"{a}: torch.Tensor" for a in flavor.inputs),
+        "forward_def": signature("forward", ["self", *(f"{a}: torch.Tensor" for a in inputs.values()),
                                              "trace: dict | None = None"], "torch.Tensor", 4),
         "forward": before + loop + after,
         "output": scope.value(graph.outputs[0]),

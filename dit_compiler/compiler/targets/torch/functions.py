@@ -72,6 +72,15 @@ def gated_residual(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor) -> torc
     return x + gate.unsqueeze(1) * h
 
 
+def add_rows(x: torch.Tensor, h: torch.Tensor, offset: int, width: int) -> torch.Tensor:
+    """x [N, width] + h placed at features offset.. and zero elsewhere: a concatenation of pieces added
+    to x, each feature added to once (so the sum is exact). h is [N, k], or [m*N, k]: m pieces of each
+    item, piece j of item n at row j*N + n, side by side."""
+    n = x.shape[0]
+    h = h.reshape(-1, n, h.shape[-1]).transpose(0, 1).reshape(n, -1)
+    return x + F.pad(h, (offset, width - offset - h.shape[1]))
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """softmax(q k^T / sqrt(head_dim)) v per head; q, k, v and the result are [N, T, D]."""
     n, tokens, hidden = q.shape

@@ -86,9 +86,13 @@ def _patchify(node: Node, code: Code) -> str:
 
 @torch_op("timestep_sinusoid", uses=("timestep_embedding",))
 def _timestep_sinusoid(node: Node, code: Code) -> str:
+    """Of timesteps [N]; of a value pair per item [N, 2] (PixArt's resolution), all first values, then all
+    second ones (the order the graph's [frequency, 2 N] features hold them in)."""
     dim = code.graph.tensors[node.outputs["y"]].shape[0]
     a = node.attrs
-    return f"timestep_embedding({code.value(node.inputs['t'])}, {dim}, max_period={a.max_period}, shift={a.shift})"
+    t = code.value(node.inputs["t"])
+    t = f"{t}.T.reshape(-1)" if len(code.graph.tensors[node.inputs["t"]].shape) == 2 else t
+    return f"timestep_embedding({t}, {dim}, max_period={a.max_period}, shift={a.shift})"
 
 
 @torch_op("unpatchify", uses=("unpatchify",))
@@ -115,6 +119,25 @@ def _add_const_slice(node: Node, code: Code) -> str:
         grid = math.isqrt(code.graph.tensors[node.inputs["table"]].shape[1])
         return f"{x} + crop_pos_embed({table}, {grid})"
     return f"{x} + {table}"
+
+
+def _table_module(node: Node, graph: Graph) -> dict[str, str]:
+    """A bare parameter (no module around it: PixArt's `scale_shift_table`), by its own key."""
+    source = _source(graph, node, "b")
+    return {source.key: f"nn.Parameter(torch.zeros({', '.join(map(str, source.torch_shape))}))"}
+
+
+@torch_op("add_fiber", modules=_table_module)
+def _add_fiber(node: Node, code: Code) -> str:
+    """x + one row of the table (the row the parameter's `rows` name)."""
+    rows = _source(code.graph, node, "b").rows
+    return f"{code.value(node.inputs['x'])} + {code.const(node.inputs['b'])}[{rows[0]}]"
+
+
+@torch_op("add_rows", uses=("add_rows",))
+def _add_rows(node: Node, code: Code) -> str:
+    width = code.graph.tensors[node.outputs["y"]].shape[0]
+    return f"add_rows({code.value(node.inputs['x'])}, {code.value(node.inputs['h'])}, {node.attrs.offset}, {width})"
 
 
 def _embedding_module(node: Node, graph: Graph) -> dict[str, str]:
