@@ -151,9 +151,31 @@ def pixart_config(graph: Graph) -> dict | str:
     }
 
 
+def sd3_config(graph: Graph) -> dict | str:
+    """`SD3Transformer2DModel` kwargs for a graph of conditioning joint, or why diffusers cannot express it
+    (validation admits only SD3's block: its sizes are what remains)."""
+    ax = graph.axes
+    if ax["frequency"].size != DIFFUSERS_FREQUENCY or ax["mlp"].size != DIFFUSERS_MLP_RATIO * ax["hidden"].size:
+        return (f"diffusers fixes the timestep sinusoid at {DIFFUSERS_FREQUENCY} and the MLP at "
+                f"{DIFFUSERS_MLP_RATIO} x hidden_size")
+    if ax["out_channels"].size != ax["in_channels"].size:
+        return "learn_sigma: ditc's joint model then outputs twice in_channels, which SD3's config can say " \
+               "(out_channels) but ditc does not import"
+    table = graph.tensors[TRACE.pos_embed].source
+    return {
+        "sample_size": ax["height"].size, "patch_size": graph.first("patchify").attrs.patch_size,
+        "in_channels": ax["in_channels"].size, "num_layers": graph.depth,
+        "attention_head_dim": ax["head_dim"].size, "num_attention_heads": ax["heads"].size,
+        "joint_attention_dim": ax["caption"].size, "caption_projection_dim": ax["hidden"].size,
+        "pooled_projection_dim": ax["pooled"].size, "out_channels": ax["out_channels"].size,
+        "pos_embed_max_size": math.isqrt(table.torch_shape[1]) if table.layout == "crop" else None,
+    }
+
+
 #: The diffusers class of each design that has one, and its config from the graph.
 _ORACLES = {"adaln_zero": ("DiTTransformer2DModel", oracle_config),
-            "adaln_single": ("PixArtTransformer2DModel", pixart_config)}
+            "adaln_single": ("PixArtTransformer2DModel", pixart_config),
+            "joint": ("SD3Transformer2DModel", sd3_config)}
 
 
 def build_diffusers(graph: Graph):
@@ -229,8 +251,12 @@ def _reference_keys(graph: Graph) -> list[str]:
 
 
 def to_diffusers_state_dict(graph: Graph, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The reference's state_dict (or any tensors keyed alike) in diffusers' key space."""
+    """The reference's state_dict (or any tensors keyed alike) in diffusers' key space; with flavor
+    diffusers, the saved constant tables too (SD3's positional table, a persistent buffer)."""
     out: dict[str, torch.Tensor] = {}
+    if graph.spec.model.flavor == "diffusers":
+        out.update((t.source.key, state[t.source.key]) for t in graph.tensors.values()
+                   if t.role == "const" and t.source.saved and t.source.key in state)
     for m in weight_map(graph):
         value = state[m.key]
         if m.how == "split":
@@ -290,9 +316,12 @@ def load_pretrained(folder: Path) -> tuple[torch.nn.Module, dict[str, torch.Tens
 
 def oracle_kwargs(oracle: torch.nn.Module, inputs: Inputs) -> dict:
     """The keyword arguments of the diffusers model's forward besides the latent."""
+    c = inputs.context
+    if type(oracle).__name__ == "SD3Transformer2DModel":
+        return {"encoder_hidden_states": c[TRACE.caption], "pooled_projections": c[TRACE.pooled], "timestep": inputs.t,
+                "return_dict": False}
     if type(oracle).__name__ != "PixArtTransformer2DModel":
         return {"timestep": inputs.t, "class_labels": inputs.y, "return_dict": False}
-    c = inputs.context
     size = {"resolution": c[TRACE.resolution], "aspect_ratio": c[TRACE.aspect_ratio][:, None]} \
         if TRACE.resolution in c else None
     return {"encoder_hidden_states": c[TRACE.caption], "timestep": inputs.t,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from dit_compiler.compiler.designs.base import MAX_PERIOD, TOKENS, VECTOR, Lowering
 from dit_compiler.compiler.graph.ir import Axis, Graph, ParamSource
 from dit_compiler.compiler.graph.ops import OPS, Activation, Patch, Sinusoid, TokenRange
-from dit_compiler.compiler.naming import ADALN_CHUNKS, CONTINUOUS_CHUNKS, SD3_FLAVOR, TRACE
+from dit_compiler.compiler.naming import ADALN_CHUNKS, CONTINUOUS_CHUNKS, TRACE, flavor_of
 from dit_compiler.compiler.spec.model import Spec
 
 CONTEXT = ("hidden", "context", "batch")
@@ -32,8 +32,6 @@ EPS = 1e-6
 class JointNames:
     """Graph names of MMDiT's intermediates beside DiT's (`TRACE`); the context stream's start with `c_`."""
 
-    caption: str = "caption"
-    pooled: str = "pooled"
     pooled_hidden: str = "pooled_hidden"
     pooled_act: str = "pooled_act"
     pooled_emb: str = "pooled_emb"
@@ -59,8 +57,8 @@ def joint_axis(axes: dict[str, Axis]) -> Axis:
 class Joint(Lowering):
     def __init__(self, spec: Spec):
         super().__init__(spec)
-        self.flavor = SD3_FLAVOR
-        self.keys = SD3_FLAVOR.keys
+        self.flavor = flavor_of(spec.model)   # SD3Transformer2DModel's names
+        self.keys = self.flavor.keys
         m = spec.model
         self.g.axes["joint"] = joint_axis(self.g.axes)
         self.g.axes["pooled"] = Axis("pooled", m.caption.pooled_width, m.caption.pooled_width)
@@ -68,10 +66,10 @@ class Joint(Lowering):
     def lower(self) -> Graph:
         g, m, n, k = self.g, self.spec.model, TRACE, self.keys
         x = g.tensor(n.x, ("batch", "in_channels", "height", "width"), "input")
-        caption = g.tensor(NAMES.caption, ("caption", "context", "batch"), "input")
-        pooled = g.tensor(NAMES.pooled, ("pooled", "batch"), "input")
         t = g.tensor(n.t, ("batch",), "input")
-        g.inputs = [x, caption, pooled, t]
+        caption = g.tensor(n.caption, ("caption", "context", "batch"), "input")
+        pooled = g.tensor(n.pooled, ("pooled", "batch"), "input")
+        g.inputs = [x, t, caption, pooled]
 
         tokens = self.embed_patches(x)
         c_silu = self.conditioning_of(t, pooled)

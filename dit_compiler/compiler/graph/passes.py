@@ -32,10 +32,10 @@ class LayerDeclaration(Protocol):
 OTHER_TOKEN_AXES = ("context", "joint")
 
 
-def token_axis(graph: Graph, node) -> str:
-    """The token axis a node runs on: its first input's second axis where that is a token tensor
-    [features, token axis, batch] of another token axis than the image's, else `tokens`."""
-    dims = graph.tensors[next(iter(node.inputs.values()))].dims
+def token_axis(first_input: tuple[Dim, ...]) -> str:
+    """The token axis a node runs on, from its first input's dims: that tensor's second axis where it is a
+    token tensor [features, token axis, batch] of another token axis than the image's, else `tokens`."""
+    dims = first_input
     return dims[1] if len(dims) == 3 and dims[1] in OTHER_TOKEN_AXES and dims[2] == "batch" else "tokens"
 
 
@@ -43,6 +43,18 @@ def on_axis(dims: tuple[Dim, ...], axis: str) -> tuple[Dim, ...]:
     """A layer's declared dims with the image token axis (`tokens`) replaced by the node's: layers
     declare their own tensors over `tokens`, meaning the token axis of the stream they run on."""
     return tuple(axis if d == "tokens" else d for d in dims)
+
+
+def layer_internals(layer: LayerDeclaration, node: str,
+                    first_input: tuple[Dim, ...]) -> dict[str, tuple[str, tuple[Dim, ...], str]]:
+    """The tensors a node's layer declares, by its name for each: (graph tensor name, dims, kept or
+    scratch). Scratch on another token axis than the image's is its own tensor (`purpose@axis`)."""
+    axis = token_axis(first_input)
+    found = {name: (kept_name(node, name), on_axis(dims, axis), "kept") for name, dims in layer.KEEPS.items()}
+    for purpose, declared in layer.SCRATCH.items():
+        dims = on_axis(declared, axis)
+        found[purpose] = (scratch_name(purpose if dims == declared else f"{purpose}@{axis}"), dims, "scratch")
+    return found
 
 
 def kept_name(node: str, internal: str) -> str:
@@ -66,18 +78,15 @@ def attach_internals(graph: Graph, layers: Mapping[str, LayerDeclaration]) -> No
             continue
         layer = layers[kind.layer]
         internals = {}
-        axis = token_axis(graph, node)
-        for name, dims in layer.KEEPS.items():
-            dims = on_axis(dims, axis)
-            internals[name] = graph.tensor(kept_name(node.name, name), dims, "kept", block=node.block)
-        for purpose, dims in layer.SCRATCH.items():
-            dims = on_axis(dims, axis)
-            tensor = scratch_name(purpose if dims == layer.SCRATCH[purpose] else f"{purpose}@{axis}")
-            if tensor not in scratch:
+        first = graph.tensors[next(iter(node.inputs.values()))].dims
+        for name, (tensor, dims, role) in layer_internals(layer, node.name, first).items():
+            if role == "kept":
+                graph.tensor(tensor, dims, "kept", block=node.block)
+            elif tensor not in scratch:
                 scratch[tensor] = dims
                 graph.tensor(tensor, dims, "scratch")
             elif scratch[tensor] != dims:
-                raise ValueError(f"{layer.__name__}: scratch {purpose!r} as {dims}, elsewhere as {scratch[tensor]}")
-            internals[purpose] = tensor
+                raise ValueError(f"{layer.__name__}: scratch {name!r} as {dims}, elsewhere as {scratch[tensor]}")
+            internals[name] = tensor
         nodes.append(replace(node, internals=internals))
     graph.nodes = nodes
