@@ -1,0 +1,115 @@
+"""SD3's MMDiT (conditioning `joint`): the preset's parameter count against diffusers' SD3Transformer2DModel,
+the torch reference against that class with the same random weights, the NNTile model against both on
+a ragged multi-tile spec (skipped without NNTile), and what validation refuses."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import SPECS, needs_nntile
+from dit_compiler.checks.common import make_inputs, randomize_
+from dit_compiler.checks.oracle import OracleReport, check_against_diffusers, sd3_config
+from dit_compiler.checks.verify import FORWARD_TOL, GRAD_TOL, verify
+from dit_compiler.compiler.build import compile_spec, load_module, write_build
+from dit_compiler.compiler.graph.cost import totals
+from dit_compiler.compiler.lower import lower
+from dit_compiler.compiler.spec import load_spec
+from dit_compiler.compiler.spec.model import PRESETS, ModelSpec, Spec
+from dit_compiler.compiler.targets.torch.emitter import emit_torch
+from dit_compiler.errors import SpecError
+
+diffusers = pytest.importorskip("diffusers")
+
+TINY = SPECS / "tiny-mmdit.yaml"
+#: diffusers' SD3Transformer2DModel config of stabilityai/stable-diffusion-3-medium-diffusers.
+SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                  num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
+
+
+def reference(tmp_path, spec: Spec, seed: int = 0):
+    graph = lower(spec)
+    path = tmp_path / "torch_reference.py"
+    path.write_text(emit_torch(graph))
+    model = load_module(path).Model().eval()
+    randomize_(model, seed)
+    return graph, model
+
+
+def test_sd3_medium_has_diffusers_parameters_exactly():
+    """The preset against diffusers' class with the same config, counted on the meta device (no memory)."""
+    graph = lower(Spec(name="sd3", source="sd3.yaml", model=ModelSpec(**PRESETS["SD3-medium"])))
+    assert sd3_config(graph) == SD3_MEDIUM
+    with torch.device("meta"):
+        theirs = diffusers.SD3Transformer2DModel(**SD3_MEDIUM)
+    assert totals(graph).params == sum(p.numel() for p in theirs.parameters()) == 2_028_328_000
+    assert {t.source.key for t in graph.params} == set(dict(theirs.named_parameters()))
+
+
+def test_the_last_block_is_context_pre_only():
+    graph = lower(load_spec(TINY))
+    keys = {t.source.key for t in graph.params}
+    assert "transformer_blocks.1.attn.to_add_out.weight" in keys and "transformer_blocks.1.ff_context.net.2.bias" in keys
+    assert not any(k.startswith(("transformer_blocks.2.attn.to_add_out", "transformer_blocks.2.ff_context"))
+                   for k in keys)
+    assert "transformer_blocks.2.attn.add_q_proj.weight" in keys   # diffusers keeps it, its output unused
+    assert [n.op for n in graph.nodes if n.op.startswith("joint")] == ["joint_attention"] * 2 + ["joint_attention_pre"]
+
+
+def test_reference_equals_diffusers_sd3(tmp_path):
+    """Every weight random; the state_dict loads into SD3Transformer2DModel strictly; random latents,
+    timesteps, captions and pooled vectors."""
+    graph, model = reference(tmp_path, load_spec(TINY))
+    theirs = diffusers.SD3Transformer2DModel(**sd3_config(graph))
+    theirs.load_state_dict(model.state_dict(), strict=True)
+    report = check_against_diffusers(graph, model, make_inputs(graph, seed=5))
+    assert isinstance(report, OracleReport), report
+    assert report.model_class == "SD3Transformer2DModel"
+    assert max(report.forward, report.input_grad, report.param_grad, report.worst_param_error) <= 1e-6, report
+
+
+def test_oracle_catches_a_wrong_weight(tmp_path):
+    """The comparison can fail: diffusers' copy differs in one context-stream weight by 1%."""
+    graph, model = reference(tmp_path, load_spec(TINY))
+    theirs = diffusers.SD3Transformer2DModel(**sd3_config(graph)).eval()
+    theirs.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        theirs.transformer_blocks[0].attn.add_k_proj.weight.mul_(1.01)
+    report = check_against_diffusers(graph, model, make_inputs(graph, seed=5), pretrained=theirs)
+    assert report.forward > 1e-4
+
+
+@needs_nntile
+@pytest.mark.nntile
+def test_nntile_matches_torch_and_diffusers(tmp_path):
+    """The ragged multi-tile tiny MMDiT (every tiled axis, the context and joint axes included, has a
+    ragged edge tile): forward and backward against the reference, and against diffusers."""
+    built = compile_spec(load_spec(TINY))
+    graph = built.graph
+    assert all(graph.axes[a].size % graph.axes[a].tile for a in ("tokens", "context", "joint", "caption", "hidden"))
+    report = verify(graph, write_build(built, tmp_path), progress=lambda _: None)
+    assert report.nntile == "ran" and report.passed, report.breach
+    rows = {row.component: row for row in report.rows}
+    row = rows["joint attention"]
+    assert row.forward <= FORWARD_TOL and row.input_grad <= GRAD_TOL and row.param_grad <= GRAD_TOL
+    assert report.oracle["nntile_forward"] <= 1e-5 and report.oracle["forward"] <= 1e-6
+
+
+def _problems(tmp_path, text: str) -> dict[str, str]:
+    path = tmp_path / "j.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    return {d.key_path: d.allowed for d in caught.value.diagnostics}
+
+
+def test_joint_refuses_what_sd3_has_not_naming_each_key(tmp_path):
+    found = _problems(tmp_path, "model:\n  conditioning: joint\n  num_classes: 10\n  pos_embed_max_size: 2\n"
+                      "  caption: {width: 8, length: 3, pooled_width: 0}\n")
+    assert set(found) == {"model.num_classes", "model.flavor", "model.caption.pooled_width", "model.caption.mask",
+                          "model.pos_embed_max_size"}
+    assert found["model.flavor"] == "diffusers" and found["model.caption.mask"] == "false"
+    found = _problems(tmp_path, "model:\n  conditioning: joint\n  flavor: diffusers\n  num_classes: 0\n")
+    assert set(found) == {"model.conditioning", "model.num_classes"}   # no caption: nothing to condition on
+    found = _problems(tmp_path, "model:\n  pos_embed_max_size: 64\n")
+    assert set(found) == {"model.pos_embed_max_size"}
