@@ -273,12 +273,12 @@ def test_schema_text_is_the_shipped_file():
 def test_block_language_values_not_lowered_yet_are_refused_naming_key_and_value(tmp_path):
     """Every design and option of the block language is spec language; one ditc does not compile yet is a
     validation error at its key, all of them at once, never a build failure."""
-    path = write(tmp_path, "b.yaml", "model:\n  conditioning: in_context\n  attention: {qk_norm: rms_norm}\n")
+    path = write(tmp_path, "b.yaml", "model:\n  attention: {qk_norm: layer_norm}\n  mlp: {activation: swiglu}\n")
     found = {(d.key_path, d.line): d for d in problems(path)}
-    assert set(found) == {("model.conditioning", 2), ("model.attention.qk_norm", 3)}
-    refused = found[("model.conditioning", 2)]
-    assert refused.value == "in_context" and "not supported yet" in refused.message and "in-context" in refused.message
-    assert "'adaln_zero'" in refused.allowed and "'in_context'" not in refused.allowed
+    assert set(found) == {("model.attention.qk_norm", 2), ("model.mlp.activation", 3)}
+    refused = found[("model.attention.qk_norm", 2)]
+    assert refused.value == "layer_norm" and "not supported yet" in refused.message and "QK norm" in refused.message
+    assert "'none'" in refused.allowed and "'layer_norm'" not in refused.allowed
 
 
 def test_block_language_keys_get_positions_and_did_you_mean(tmp_path):

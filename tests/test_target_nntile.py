@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from conftest import SPECS, needs_cc, needs_nntile
 from dit_compiler.compiler.build import compile_spec
-from dit_compiler.compiler.graph.ops import OPS, Activation, Norm, TokenRange
+from dit_compiler.compiler.graph.ops import OPS, Activation, Heads, Norm, TokenRange
 from dit_compiler.compiler.spec import load_spec
 from dit_compiler.compiler.targets.nntile_1_1.layers import LAYERS, Moments
 from dit_compiler.compiler.targets.nntile_1_1.plan import Step, memory_plan
@@ -21,22 +21,30 @@ from dit_compiler.compiler.targets.torch.functions import joint_attention
 #: Axis -> (size, tile) for the layer tests: one tile per axis, and ragged tiles on every tiled axis.
 AXES = {
     "single-tile": {"hidden": (8, 8), "tokens": (5, 5), "batch": (3, 3), "mlp": (12, 12), "heads": (2, 2),
-                    "head_dim": (4, 4), "classes": (6, 6), "context": (4, 4), "joint": (9, 9)},
+                    "head_dim": (4, 4), "classes": (6, 6), "context": (7, 7), "patches": (3, 3), "joint": (12, 12)},
     "multi-tile": {"hidden": (8, 3), "tokens": (5, 2), "batch": (3, 2), "mlp": (12, 5), "heads": (2, 1),
-                   "head_dim": (4, 4), "classes": (6, 6), "context": (4, 3), "joint": (9, 4)},
+                   "head_dim": (4, 4), "classes": (6, 6), "context": (7, 3), "patches": (3, 2), "joint": (12, 5)},
 }
 TOKENS, VECTOR = ("hidden", "tokens", "batch"), ("hidden", "batch")
 
 
-def _attention(p):
-    """Feature-first attention: q, k, v [heads, head_dim, tokens, batch]; scores over keys (axis 0)."""
-    q, k, v = (torch.einsum("hdi,itb->hdtb", p[f"w_{z}"], p["x"]) + p[f"b_{z}"][..., None, None] for z in "qkv")
+def _attention(p, kv="x"):
+    """Feature-first attention: q, k, v [heads, head_dim, tokens, batch]; scores over keys (axis 0); keys
+    and values from `kv`, a key mask [keys, batch] adding -10000 (1 - mask) as diffusers' Attention."""
+    q, k, v = (torch.einsum("hdi,itb->hdtb", p[f"w_{z}"], p[source]) + p[f"b_{z}"][..., None, None]
+               for z, source in zip("qkv", ("x", kv, kv)))
     scores = torch.einsum("hdkb,hdqb->kqbh", k, q) / math.sqrt(q.shape[1])
+    if "mask" in p:
+        scores = scores - 10000.0 * (1 - p["mask"])[:, None, :, None]
     out = torch.einsum("hdkb,kqbh->hdqb", v, scores.softmax(dim=0))
     return torch.einsum("ohd,hdqb->oqb", p["w_o"], out) + p["b_o"][:, None, None]
 
 
 ATTENTION_PARAMS = tuple(f"{w}_{z}" for w in "wb" for z in "qkvo")
+CROSS_ATTENTION = {"x": TOKENS, "context": ("hidden", "context", "batch"),
+                   **{f"w_{z}": ("heads", "head_dim", "hidden") for z in "qkv"},
+                   **{f"b_{z}": ("heads", "head_dim") for z in "qkv"}, "w_o": ("hidden", "heads", "head_dim"),
+                   "b_o": ("hidden",), "y": TOKENS}
 JOINT_PARAMS = ATTENTION_PARAMS + tuple(f"{w}_a{z}" for w in "wb" for z in "qkvo")
 CONTEXT = ("hidden", "context", "batch")
 
@@ -85,6 +93,14 @@ CASES = {
     "Attention": ({"x": TOKENS, **{f"w_{z}": ("heads", "head_dim", "hidden") for z in "qkv"},
                    **{f"b_{z}": ("heads", "head_dim") for z in "qkv"}, "w_o": ("hidden", "heads", "head_dim"),
                    "b_o": ("hidden",), "y": TOKENS}, None, _attention, (), ATTENTION_PARAMS),
+    "CrossAttention": (CROSS_ATTENTION, Heads(), lambda p: _attention(p, "context"), (), ATTENTION_PARAMS),
+    "CrossAttention-masked": (CROSS_ATTENTION | {"mask": ("context", "batch")}, Heads(),
+                              lambda p: _attention(p, "context"), ("mask",), ATTENTION_PARAMS),
+    "AppendTokens": ({"x": ("hidden", "patches", "batch"), "a": VECTOR, "b": VECTOR, "y": TOKENS}, None,
+                     lambda p: torch.cat([p["x"], p["a"][:, None], p["b"][:, None]], dim=1), (), ()),
+    "AppendTokens-pair": ({"a": VECTOR, "b": VECTOR, "y": ("hidden", 2, "batch")}, None,
+                          lambda p: torch.stack([p["a"], p["b"]], dim=1), (), ()),
+    "TakeTokens": ({"x": TOKENS, "y": ("hidden", "patches", "batch")}, None, lambda p: p["x"][:, :3], (), ()),
     "JointAttention": (_joint_ports(pre=False), None, _joint_attention, (), JOINT_PARAMS),
     "JointAttentionPre": (_joint_ports(pre=True), None, _joint_attention, (),
                           tuple(p for p in JOINT_PARAMS if p not in ("w_ao", "b_ao"))),
@@ -95,11 +111,14 @@ CASES = {
     "TokenSlice-context": ({"x": ("hidden", "joint", "batch"), "y": CONTEXT}, TokenRange(5),
                            lambda p: p["x"][:, 5:], (), ()),
 }
+#: Layers that write their x's gradient first always (lowering gives that x one reader).
+WRITES_FIRST = {"AppendTokens": "x", "TakeTokens": "x"}
 
 
 #: Every layer on NNTile's kernels, and the layers that run ditc's own kernels on those too.
 KERNEL_CASES = [(case, "nntile") for case in sorted(CASES)] + [
-    ("Act-gelutanh", "ditc"), ("Attention", "ditc"), ("JointAttention", "ditc"), ("JointAttentionPre", "ditc")]
+    ("Act-gelutanh", "ditc"), ("Attention", "ditc"), ("CrossAttention-masked", "ditc"), ("JointAttention", "ditc"),
+    ("JointAttentionPre", "ditc")]
 
 
 @pytest.fixture(scope="module")
@@ -162,15 +181,20 @@ def test_layer_matches_torch(runtime, case, kernels, tiling, overwrite):
             ports[port] = new(port_dims, "int64")
             ports[port].from_array(arrays[port])
             continue
-        arrays[port] = rng.standard_normal(shape).astype(np.float32)
+        if port == "mask":   # keys kept (1) and padded (0), at least one kept per image
+            arrays[port] = (rng.random(shape) < 0.6).astype(np.float32)
+            arrays[port][0] = 1.0
+        else:
+            arrays[port] = rng.standard_normal(shape).astype(np.float32)
         value = new(port_dims)
         if port in kind.inputs:
             value.from_array(np.asfortranarray(arrays[port]))
         ports[port] = value if port in no_grad else Moments(value, new(port_dims))
     internals = {name: new(d) for name, d in (cls.KEEPS | cls.SCRATCH).items()}
     layer = cls(ports, internals, attrs, alloc, native_or_skip() if kernels == "ditc" else None)
-    inputs = [p for p in kind.inputs if p not in no_grad]
-    layer.overwrites = tuple(ports[p] for p in inputs if p not in params) if overwrite else ()
+    inputs = [p for p in kind.inputs if p in dims and p not in no_grad]
+    first = {WRITES_FIRST[cls.__name__]} & set(dims) if cls.__name__ in WRITES_FIRST else set()
+    layer.overwrites = tuple(ports[p] for p in inputs if p not in params and (overwrite or p in first))
     before = {p: rng.standard_normal(arrays[p].shape).astype(np.float32) for p in inputs}
     for p in inputs:
         ports[p].grad.from_array(np.asfortranarray(before[p]))
@@ -193,7 +217,7 @@ def test_layer_matches_torch(runtime, case, kernels, tiling, overwrite):
     assert _rel(read(ports["y"].value), y.detach().numpy()) < 1e-5
     scale = max(np.linalg.norm(torch_in[p].grad.numpy()) for p in inputs)
     for p in inputs:
-        expected = torch_in[p].grad.numpy() + (0 if overwrite or p in params else before[p])
+        expected = torch_in[p].grad.numpy() + (0 if overwrite or p in params or p in first else before[p])
         assert _rel(read(ports[p].grad), expected, 0.1 * scale) < 1e-5, p
     for tensor in tensors:
         tensor.unregister()

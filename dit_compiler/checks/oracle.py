@@ -90,6 +90,9 @@ def oracle_config(graph: Graph) -> dict | str:
     hidden, heads = ax["hidden"].size, ax["heads"].size
     if flavor not in ("dit", "diffusers"):
         return f"flavor {flavor!r} has no diffusers counterpart"
+    if graph.spec.model.conditioning != "adaln_zero":
+        return (f"conditioning {graph.spec.model.conditioning}: DiTTransformer2DModel is adaLN-Zero's (the design's "
+                "blocks are checked against diffusers' BasicTransformerBlock where it has one: tests/test_designs.py)")
     a = _GraphFacts.of(graph)
     if isinstance(a, str):
         return a
@@ -216,10 +219,11 @@ class _Map:
 
 def weight_map(graph: Graph) -> list[_Map]:
     """How every reference parameter (pos_embed aside) maps onto diffusers' state_dict keys: for flavor
-    `dit`, DiT's key layout against diffusers' (`dit_compiler.compiler.naming`), field by field."""
+    `dit`, DiT's key layout against diffusers' (`dit_compiler.compiler.naming`), field by field (the
+    fields of modules the graph does not have, another design's, left out)."""
     if graph.spec.model.flavor == "diffusers":
         return [_Map(k, (k,)) for k in _reference_keys(graph)]
-    depth = graph.depth
+    depth, reference = graph.depth, set(_reference_keys(graph))
     maps: list[_Map] = []
     for f in fields(StateKeys):
         if f.name == "block":
@@ -228,6 +232,8 @@ def weight_map(graph: Graph) -> list[_Map]:
         per_block = "{b}" in src[0]
         for i in range(depth) if per_block else (None,):
             sources = [k.format(b=DIT.block.format(i=i)) for k in src]
+            if f"{sources[0]}.weight" not in reference:
+                continue
             if per_block or "{b}" not in dst[0]:
                 targets, how = [k.format(b=DIFFUSERS.block.format(i=i)) for k in dst], "copy"
                 how = "split" if len(targets) > len(sources) else how

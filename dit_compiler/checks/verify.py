@@ -27,7 +27,7 @@ from dit_compiler.compiler import targets
 from dit_compiler.compiler.build import load_module
 from dit_compiler.compiler.graph.ir import Graph, Node
 from dit_compiler.compiler.graph.ops import OPS
-from dit_compiler.compiler.lower import GROUPS
+from dit_compiler.compiler.lower import groups as design_groups
 from dit_compiler.errors import UsageError
 
 FORWARD_TOL = 1e-5
@@ -196,7 +196,7 @@ def compare(graph: Graph, nnt: _Run, ref: _Run) -> list[Row]:
     whole model."""
     blocks = [n for n in graph.nodes if n.block is not None]
     groups: dict[str, list[Node]] = {c: [n for n in graph.nodes if n.component == c] for c in graph.components()}
-    groups |= {name: [n for n in blocks if n.component in members] for name, members in GROUPS.items()}
+    groups |= {name: [n for n in blocks if n.component in members] for name, members in design_groups(graph.spec).items()}
     groups["DiT block"] = blocks
     rows = [_row(graph, name, nodes, nnt, ref) for name, nodes in groups.items()]
     return rows + [model_row(graph, MODEL_ROW, nnt, ref)]

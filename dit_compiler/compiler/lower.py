@@ -2,8 +2,11 @@
 design of `model.conditioning` (a module of `dit_compiler.compiler.designs` each) builds the graph."""
 from __future__ import annotations
 
+from dit_compiler.compiler.designs.adaln import AdaLN
 from dit_compiler.compiler.designs.adaln_zero import AdaLNZero
 from dit_compiler.compiler.designs.base import Lowering
+from dit_compiler.compiler.designs.cross_attention import CrossAttention
+from dit_compiler.compiler.designs.in_context import InContext
 from dit_compiler.compiler.designs.joint import Joint
 from dit_compiler.compiler.graph.ir import Graph
 from dit_compiler.compiler.graph.passes import mark_gradients
@@ -12,12 +15,19 @@ from dit_compiler.compiler.spec.model import Spec
 #: The lowering of each `model.conditioning` value (validation refuses the others, spec.designs).
 DESIGNS: dict[str, type[Lowering]] = {
     "adaln_zero": AdaLNZero,
+    "adaln": AdaLN,
+    "in_context": InContext,
+    "cross_attention": CrossAttention,
     "joint": Joint,
+
+    # "adaln_single": PixArt-alpha's
 }
 
-#: `ditc verify`'s rows made of several components (a node's `component` names its own row): the
-#: adaLN-Zero machinery of every block.
-GROUPS = {"adaLN-Zero": ("adaLN modulation", "layer norm", "modulate", "gated residual")}
+
+def groups(spec: Spec) -> dict[str, tuple[str, ...]]:
+    """`ditc verify`'s rows made of several components of the blocks (a node's `component` names its own
+    row), as the spec's design groups them (adaln_zero: its adaLN-Zero machinery)."""
+    return DESIGNS[spec.model.conditioning].GROUPS
 
 
 def lower(spec: Spec, lowering: type[Lowering] | None = None) -> Graph:

@@ -33,6 +33,8 @@ class StateKeys:
     fc2: str
     final_adaln: str
     final_linear: str
+    cross_attn_in: tuple[str, str, str]   # conditioning cross_attention's q, k and v projections
+    cross_attn_out: str
 
     @property
     def per_block_conditioning(self) -> bool:
@@ -45,6 +47,7 @@ DIT = StateKeys(
     y_table="y_embedder.embedding_table", block="blocks.{i}", adaln="{b}.adaLN_modulation.1",
     attn_in=("{b}.attn.qkv",), attn_out="{b}.attn.proj", fc1="{b}.mlp.fc1", fc2="{b}.mlp.fc2",
     final_adaln="final_layer.adaLN_modulation.1", final_linear="final_layer.linear",
+    cross_attn_in=("{b}.cross_attn.q", "{b}.cross_attn.k", "{b}.cross_attn.v"), cross_attn_out="{b}.cross_attn.proj",
 )
 DIFFUSERS = StateKeys(
     patch="pos_embed.proj", t_linear1="{b}.norm1.emb.timestep_embedder.linear_1",
@@ -52,6 +55,7 @@ DIFFUSERS = StateKeys(
     block="transformer_blocks.{i}", adaln="{b}.norm1.linear",
     attn_in=("{b}.attn1.to_q", "{b}.attn1.to_k", "{b}.attn1.to_v"), attn_out="{b}.attn1.to_out.0",
     fc1="{b}.ff.net.0.proj", fc2="{b}.ff.net.2", final_adaln="proj_out_1", final_linear="proj_out_2",
+    cross_attn_in=("{b}.attn2.to_q", "{b}.attn2.to_k", "{b}.attn2.to_v"), cross_attn_out="{b}.attn2.to_out.0",
 )
 KEYS: dict[str, StateKeys] = {"dit": DIT, "diffusers": DIFFUSERS}
 
@@ -165,8 +169,10 @@ def flavor_of(model) -> Flavor:
     return DESIGN_FLAVORS.get((getattr(model, "conditioning", "adaln_zero"), model.flavor), FLAVORS[model.flavor])
 
 
-#: The adaLN projection's row blocks, in DiT's `chunk(6)` order, and the final layer's `chunk(2)`.
+#: The adaLN projection's row blocks, in DiT's `chunk(6)` order, and the final layer's `chunk(2)`;
+#: conditioning adaln's `chunk(4)` (no gates).
 ADALN_CHUNKS = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")
+ADALN_NO_GATE_CHUNKS = ("shift_msa", "scale_msa", "shift_mlp", "scale_mlp")
 FINAL_CHUNKS = ("shift", "scale")
 #: diffusers' AdaLayerNormContinuous (SD3's norm_out, the last block's norm1_context): `chunk(2)` as
 #: scale, then shift.
@@ -202,10 +208,16 @@ class TraceNames:
     gelu: str = "gelu"
     mlp: str = "mlp"
     out: str = "out"
+    x_sequence: str = "x_sequence"     # in_context: the patches and the 2 conditioning tokens
+    context: str = "context"           # cross_attention: [t_emb, y_emb] as 2 tokens
+    norm_cross: str = "norm_cross"
+    cross_attn: str = "cross_attn"
+    res_cross: str = "res_cross"
     final: str = "final."
     final_norm: str = "norm"
     final_mod: str = "mod"
     final_out: str = "out"
+    final_patches: str = "patches"     # in_context: the final output of the patch tokens
     image_out: str = "out"
     # captions (PixArt-alpha), its size conditioning, adaLN-single's shared projection and tables
     caption: str = "caption"

@@ -50,7 +50,7 @@ def axis_sizes(model: ModelSpec, batch: int) -> dict[str, int]:
     optional = {"context": model.context_tokens, "caption": model.caption.width if model.caption else 0}
     return {
         "batch": batch,
-        "tokens": grid * grid,
+        "tokens": grid * grid + 2 * (model.conditioning == "in_context"),   # in_context: + t and y tokens
         "hidden": model.hidden_size,
         "mlp": model.mlp_size,
         "heads": model.num_heads,

@@ -10,6 +10,7 @@ diffusers does).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from dit_compiler.compiler.graph.ir import Axis, Graph, Node, ParamSource
 from dit_compiler.compiler.graph.ops import Activation, LabelDrop, Norm, Patch, Sinusoid
@@ -28,6 +29,8 @@ def build_axes(spec: Spec) -> dict[str, Axis]:
     sizes = axis_sizes(m, spec.batch)
     tiles = resolve_tiles(m, spec.batch, spec.tiling)
     axes = {name: Axis(name, sizes[name], tiles[name]) for name in sizes}
+    if m.conditioning == "in_context":   # the image's own tokens, before the 2 conditioning tokens join them
+        axes["patches"] = Axis("patches", (m.input_size // m.patch_size) ** 2, tiles["tokens"])
     # Axes that are never tiled: the head dimension, the class table and the host-side image axes.
     whole = {
         "head_dim": m.hidden_size // m.num_heads,
@@ -61,7 +64,13 @@ class _Choices:
 
 class Lowering:
     """DiT's structure as graph nodes, less the block: a design's subclass writes `block` (and may
-    change any other step). Its helpers (`linear`, `norm`, `node`) are the hooks for more structure."""
+    change any other step: `sequence` before the blocks, `final_patches` after the final linear). Its
+    helpers (`linear`, `norm`, `node`) are the hooks for more structure."""
+
+    #: `ditc verify`'s rows made of several components of the blocks (a node's `component` names its own row).
+    GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: The token axis of the patch embedding and of the final layer's output.
+    patch_axis: ClassVar[str] = "tokens"
 
     def __init__(self, spec: Spec):
         self.spec = spec
@@ -70,6 +79,7 @@ class Lowering:
         self.choices = _Choices.of(spec)
         self.g = Graph(spec=spec, axes=build_axes(spec))
         self.block_index: int | None = None   # the block being lowered
+        self.t_emb = self.y_emb = ""          # the last conditioning's timestep and label embeddings
 
     # -- helpers ------------------------------------------------------------------------------
     def act(self, name: str, dims: tuple[str, ...] = TOKENS) -> str:
@@ -135,6 +145,7 @@ class Lowering:
         self.node("timestep_sinusoid", {"t": t}, {"y": t_freq}, "embeddings", "t_embedder",
                   Sinusoid(MAX_PERIOD, self.choices.frequency_shift))
         shared_c = None if self.keys.per_block_conditioning else self.conditioning("", t_freq, y, "")
+        tokens = self.sequence(tokens)
         first_c = None
         for i in range(m.depth):
             self.block_index = i
@@ -146,17 +157,25 @@ class Lowering:
         self.final_layer(tokens, first_c)
         return g
 
+    def sequence(self, tokens: str) -> str:
+        """The token stream the blocks read, from the embedded patches (DiT: the patches themselves)."""
+        return tokens
+
+    def final_patches(self, out: str) -> str:
+        """The final linear's output per patch, from its output per token (DiT: the same)."""
+        return out
+
     def embed_patches(self, x: str) -> str:
-        g, n, key = self.g, TRACE, self.keys.patch
-        patches = self.act(n.x_patches, ("patch_dim", "tokens", "batch"))
+        g, n, key, axis = self.g, TRACE, self.keys.patch, self.patch_axis
+        patches = self.act(n.x_patches, ("patch_dim", axis, "batch"))
         patch = Patch(self.spec.model.patch_size)
         self.node("patchify", {"x": x}, {"y": patches}, "embeddings", "x_embedder", patch)
         proj = self.linear(patches, n.x_proj, "hidden", key, "embeddings", "x_embedder", layout="conv")
-        hidden, tokens = g.axes["hidden"].size, g.axes["tokens"].size
-        pos = g.tensor(n.pos_embed, ("hidden", "tokens"), "const",
+        hidden, tokens = g.axes["hidden"].size, g.axes[axis].size
+        pos = g.tensor(n.pos_embed, ("hidden", axis), "const",
                        source=ParamSource(self.flavor.pos_table, (1, tokens, hidden), layout="table",
                                           saved=self.flavor.pos_table_saved))
-        tokens = self.act(n.x_tokens)
+        tokens = self.act(n.x_tokens, ("hidden", axis, "batch"))
         self.node("add_const_slice", {"x": proj, "table": pos}, {"y": tokens}, "embeddings", "pos_embed")
         return tokens
 
@@ -173,6 +192,7 @@ class Lowering:
         m = self.spec.model
         self.node("embedding", {"labels": y, "table": table}, {"y": y_emb}, "embeddings", "y_embedder",
                   LabelDrop(m.num_classes, m.class_dropout_prob))
+        self.t_emb, self.y_emb = t_emb, y_emb
         c = self.act(prefix + n.c, VECTOR)
         self.node("add", {"a": t_emb, "b": y_emb}, {"y": c}, "embeddings", "conditioning")
         c_silu = self.act(prefix + n.c_silu, VECTOR)
@@ -192,6 +212,12 @@ class Lowering:
         """Block i of the design: reads the token stream `x` and the conditioning, returns the stream."""
         raise NotImplementedError
 
+    def add(self, a: str, b: str, out: str, component: str, scope: str) -> str:
+        """y = a + b (a residual)."""
+        y = self.act(out, self.g.tensors[a].dims)
+        self.node("add", {"a": a, "b": b}, {"y": y}, component, scope)
+        return y
+
     def self_attention(self, h: str, p: str, key_prefix: str, scope: str) -> str:
         """Multi-head self-attention of the tokens `h` (block prefix `p`)."""
         attn = self.act(p + TRACE.attn)
@@ -206,11 +232,14 @@ class Lowering:
         self.node("act", {"x": fc1}, {"y": gelu}, "pointwise MLP", f"{scope}.mlp", Activation("gelutanh"))
         return self.linear(gelu, p + n.mlp, "hidden", k.fc2.format(b=key_prefix), "pointwise MLP", f"{scope}.mlp")
 
-    def attention_params(self, key_prefix: str) -> dict[str, str]:
-        """q, k, v weights [heads, head_dim, hidden] and biases [heads, head_dim], output weight and bias."""
+    def attention_params(self, key_prefix: str, attn_in: tuple[str, ...] | None = None,
+                         attn_out: str | None = None) -> dict[str, str]:
+        """q, k, v weights [heads, head_dim, hidden] and biases [heads, head_dim], output weight and bias, at
+        the keys `attn_in` (one fused qkv projection, or q, k and v) and `attn_out` (default: self-attention's)."""
         d = self.spec.model.hidden_size
-        fused = len(self.keys.attn_in) == 1
-        parts = [(part, self.keys.attn_in[0 if fused else j].format(b=key_prefix),
+        attn_in = attn_in or self.keys.attn_in
+        fused = len(attn_in) == 1
+        parts = [(part, attn_in[0 if fused else j].format(b=key_prefix),
                   (j * d, (j + 1) * d) if fused else None, f".{part}" if fused else "")
                  for j, part in enumerate("qkv")]
         torch_rows = 3 * d if fused else None
@@ -218,7 +247,7 @@ class Lowering:
                                          rows, "heads_in", torch_rows) for part, key, rows, suffix in parts}
         ports |= {f"b_{part}": self.param(f"{key}.bias{suffix}", ("heads", "head_dim"), f"{key}.bias", rows,
                                           "heads_in", torch_rows) for part, key, rows, suffix in parts}
-        out = self.keys.attn_out.format(b=key_prefix)
+        out = (attn_out or self.keys.attn_out).format(b=key_prefix)
         ports["w_o"] = self.param(f"{out}.weight", ("hidden", "heads", "head_dim"), f"{out}.weight", layout="heads_out")
         ports["b_o"] = self.param(f"{out}.bias", ("hidden",), f"{out}.bias")
         return ports
@@ -231,7 +260,8 @@ class Lowering:
         h = self.act(f + n.final_mod)
         self.node("modulate", {"x": norm, "shift": mod["shift"], "scale": mod["scale"]}, {"y": h}, "final layer",
                   "final_layer")
-        patches = self.linear(h, f + n.final_out, "out_dim", k.final_linear, "final layer", "final_layer")
+        patches = self.final_patches(self.linear(h, f + n.final_out, "out_dim", k.final_linear, "final layer",
+                                                 "final_layer"))
         out = g.tensor(n.image_out, ("batch", "out_channels", "height", "width"), "activation")
         self.node("unpatchify", {"x": patches}, {"y": out}, "final layer", "final_layer",
                   Patch(self.spec.model.patch_size))

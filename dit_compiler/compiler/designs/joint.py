@@ -55,6 +55,8 @@ def joint_axis(axes: dict[str, Axis]) -> Axis:
 
 
 class Joint(Lowering):
+    GROUPS = {"adaLN-Zero": ("adaLN modulation", "layer norm", "modulate", "gated residual")}
+
     def __init__(self, spec: Spec):
         super().__init__(spec)
         self.flavor = flavor_of(spec.model)   # SD3Transformer2DModel's names

@@ -162,7 +162,7 @@ class Graph:
                 raise ValueError(f"{node.name}: unknown op kind {node.op!r}; known: {', '.join(OPS)}")
             if not callable(kind.rule):
                 raise ValueError(f"{node.name}: op kind {node.op!r} has no tiling rule")
-            if tuple(node.inputs) != kind.inputs or tuple(node.outputs) != kind.outputs:
+            if tuple(node.inputs) != kind.ports_of(node) or tuple(node.outputs) != kind.outputs:
                 raise ValueError(f"{node.name} ({node.op}): ports {tuple(node.inputs)} -> {tuple(node.outputs)}, "
                                  f"the kind declares {kind.inputs} -> {kind.outputs}")
             if not isinstance(node.attrs, kind.attrs):

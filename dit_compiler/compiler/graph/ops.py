@@ -66,6 +66,13 @@ class Sinusoid:
     shift: int        # divide by (half - shift): 0 as DiT, 1 as diffusers
 
 
+@dataclass(frozen=True)
+class Heads:
+    """Attention's multi-head split (cross-attention: its key padding mask's bias, diffusers' -10000)."""
+
+    mask_bias: float = -10000.0
+
+
 def _no_macs(graph: Graph, node: Node) -> int:
     return 0
 
@@ -90,6 +97,14 @@ def _joint_attention_macs(graph: Graph, node: Node) -> int:
     return batch * (3 * joint * d * d + 2 * joint * joint * d + outputs * d * d)
 
 
+def _cross_attention_macs(graph: Graph, node: Node) -> int:
+    """The query and output projections over the tokens, key and value projections over the context,
+    and the two score GEMMs (tokens x context)."""
+    d, tokens, batch = graph.tensors[node.inputs["x"]].shape
+    c, context, _ = graph.tensors[node.inputs["context"]].shape
+    return batch * (2 * tokens * d * d + 2 * context * c * d + 2 * tokens * context * d)
+
+
 @dataclass(frozen=True)
 class OpKind:
     name: str
@@ -104,6 +119,12 @@ class OpKind:
     #: The torch reference records this op's outputs under their graph names (`tap`); host ops whose
     #: output has no torch counterpart say False and are checked through the tensors around them.
     traced: bool = True
+    #: Inputs a node may leave out (a mask where nothing is padded): the layer then sees None.
+    optional: tuple[str, ...] = ()
+
+    def ports_of(self, node: Node) -> tuple[str, ...]:
+        """The kind's inputs as a node binds them: all, less the optional ones it leaves out."""
+        return tuple(p for p in self.inputs if p in node.inputs or p not in self.optional)
 
     @property
     def host(self) -> bool:
@@ -118,6 +139,7 @@ _JOINT_PRE_INPUTS = ("x", "c", "w_q", "w_k", "w_v", "b_q", "b_k", "b_v", "w_o", 
 _JOINT_INPUTS = _JOINT_PRE_INPUTS + ("w_ao", "b_ao")
 _JOINT_HEADS = tuple(rules.heads(w, "x") for w in ("w_q", "w_k", "w_v")) + tuple(
     rules.heads(w, "c") for w in ("w_aq", "w_ak", "w_av"))
+_CROSS_ATTENTION_INPUTS = ("x", "context", "mask", "w_q", "w_k", "w_v", "b_q", "b_k", "b_v", "w_o", "b_o")
 
 OPS: dict[str, OpKind] = {kind.name: kind for kind in (
     OpKind("patchify", "host: image [N, C, H, W] -> patch vectors [patch_dim, tokens, batch], (c, p, q) order",
@@ -174,4 +196,17 @@ OPS: dict[str, OpKind] = {kind.name: kind for kind in (
            "token_join", "TokenJoin"),
     OpKind("token_slice", "y = x[:, start:start + length] over the token axis (a stream of the joint sequence)",
            ("x",), ("y",), rules.token_range("x", "y"), "token_slice", "TokenSlice", attrs=TokenRange),
+    OpKind("cross_attention", "multi-head attention of the tokens x [hidden, tokens, batch] (queries) to a context "
+           "[width, context, batch] (keys and values) with q, k, v and output projections; mask [context, batch] "
+           "(1 keep, 0 padded; optional) adds mask_bias to a padded key's scores, as diffusers' Attention",
+           _CROSS_ATTENTION_INPUTS, ("y",),
+           rules.all_of(rules.same("x", "y"), rules.heads("w_q", "x"), rules.heads("w_k", "context"),
+                        rules.heads("w_v", "context"), rules.mask_of("mask", "context")),
+           "cross_attention", "CrossAttention", attrs=Heads, macs=_cross_attention_macs, optional=("mask",)),
+    OpKind("append_tokens", "y = [x, a, b] along the token axis: the vectors a and b [hidden, batch] become two "
+           "more tokens after x's (without x: y = [a, b])",
+           ("x", "a", "b"), ("y",), rules.token_concat("x", ("a", "b"), "y"), "append_tokens", "AppendTokens",
+           optional=("x",)),
+    OpKind("take_tokens", "y = the first tokens of x (as many as y has): x [f, tokens, batch] -> y [f, n, batch]",
+           ("x",), ("y",), rules.token_prefix("x", "y"), "take_tokens", "TakeTokens"),
 )}

@@ -148,6 +148,48 @@ def token_range(x_port: str, y_port: str) -> Rule:
     return rule
 
 
+def mask_of(mask_port: str, context_port: str) -> Rule:
+    """A key mask [context, batch]: the context's token and batch axes, tiles included (absent: no rule)."""
+    def rule(graph: Graph, node: Node) -> None:
+        if mask_port not in node.inputs:
+            return
+        mask, context = _tensor(graph, node, mask_port), _tensor(graph, node, context_port)
+        if (mask.shape, mask.tile) != (context.shape[1:], context.tile[1:]):
+            raise _fail(node, f"mask {_show(mask)} is not the token and batch axes of {_show(context)}")
+    return rule
+
+
+def token_concat(x_port: str, vector_ports: tuple[str, ...], y_port: str) -> Rule:
+    """y [f, tokens, batch] is x [f, n, batch] (optional) then one token per vector [f, batch]: the
+    feature and batch axes match, tiles included; the token axes may tile differently."""
+    def rule(graph: Graph, node: Node) -> None:
+        y = _tensor(graph, node, y_port)
+        edges = (y.shape[0], y.shape[2]), (y.tile[0], y.tile[2])
+        n = 0
+        if x_port in node.inputs:
+            x = _tensor(graph, node, x_port)
+            n = x.shape[1]
+            if ((x.shape[0], x.shape[2]), (x.tile[0], x.tile[2])) != edges:
+                raise _fail(node, f"{_show(x)} and {_show(y)} differ outside the token axis")
+        for port in vector_ports:
+            v = _tensor(graph, node, port)
+            if (v.shape, v.tile) != edges:
+                raise _fail(node, f"{_show(v)} is not a token of {_show(y)}")
+        if y.shape[1] != n + len(vector_ports):
+            raise _fail(node, f"{_show(y)} does not hold {n} + {len(vector_ports)} tokens")
+    return rule
+
+
+def token_prefix(x_port: str, y_port: str) -> Rule:
+    """y [f, n, batch] is the first n tokens of x [f, tokens, batch]: other axes match, tiles included."""
+    def rule(graph: Graph, node: Node) -> None:
+        x, y = _tensor(graph, node, x_port), _tensor(graph, node, y_port)
+        if (x.shape[0], x.shape[2], x.tile[0], x.tile[2]) != (y.shape[0], y.shape[2], y.tile[0], y.tile[2]) \
+                or y.shape[1] > x.shape[1]:
+            raise _fail(node, f"{_show(y)} is not a token prefix of {_show(x)}")
+    return rule
+
+
 def host(graph: Graph, node: Node) -> None:
     """Host ops run in numpy on whole arrays: no tiling rule applies."""
 

@@ -27,9 +27,6 @@ class Refusal:
 
 NOT_LOWERED: tuple[Refusal, ...] = (
     # DiT's Figure 5 designs and the block options (issue 24, block designs).
-    Refusal(("conditioning",), "adaln", "DiT's adaLN design"),
-    Refusal(("conditioning",), "in_context", "DiT's in-context design"),
-    Refusal(("conditioning",), "cross_attention", "DiT's cross-attention design"),
     Refusal(("attention", "qk_norm"), "layer_norm", "QK norm"),
     Refusal(("attention", "qk_norm"), "rms_norm", "QK norm"),
     Refusal(("attention", "bias"), False, "the block options"),

@@ -409,16 +409,23 @@ class GatedResidual(Layer):
 SPLIT = ("head_dim", "tokens", "batch", "heads")
 MERGED = ("heads", "head_dim", "tokens", "batch")
 SCORES = ("tokens", "tokens", "batch", "heads")
+#: Cross-attention's keys and values run over the context axis.
+CONTEXT_SPLIT = ("head_dim", "context", "batch", "heads")
+CONTEXT_MERGED = ("heads", "head_dim", "context", "batch")
+CONTEXT_SCORES = ("context", "tokens", "batch", "heads")
 
 
 class _Attend(Layer):
-    """The attention core shared by self- and joint attention: softmax(K^T Q / sqrt(d)) V, heads batched,
+    """The attention core shared by self-, cross- and joint attention: softmax(K^T Q / sqrt(d)) V, heads batched,
     from per-head q, k, v to the head-major output, and its backward."""
 
-    def attend(self, q, k, v, probs, maxsumexp, split, out_merged) -> None:
-        """out_merged = V softmax(K^T Q / sqrt(d)), probabilities kept in `probs`. The softmax runs ditc's
-        kernels where `native` is given (`maxsumexp` is then unused)."""
+    def scores(self, q, k, probs) -> None:
+        """probs = K^T Q / sqrt(d), the scores before the softmax."""
         nt.gemm_async(1.0 / math.sqrt(q.shape[0]), nt.trans, k, nt.notrans, q, 0.0, probs, 1, 2)
+
+    def softmax_values(self, probs, maxsumexp, v, split, out_merged) -> None:
+        """probs = softmax(probs) over the keys, out_merged = V probs (head-major). The softmax runs ditc's
+        kernels where `native` is given (`maxsumexp` is then unused)."""
         if self.native:  # one task per query tile, on all its key tiles: each column in one pass
             self.native.softmax_async(probs)
         else:
@@ -484,7 +491,8 @@ class Attention(_Attend):
     The projections come out head-major and a transpose rotates them into the per-head layout. Kept for
     backward: Q, K, V, the probabilities and the head-major output; every gradient is scratch shared
     by all blocks. The softmax and its backward run ditc's kernels where `native` is given (the
-    `attn_maxsumexp` scratch is then unused)."""
+    `attn_maxsumexp` scratch is then unused). `CrossAttention` changes where keys and values come from
+    (`kv`) and the tensors over their token axis."""
 
     x: Moments
     w_q: Moments
@@ -502,28 +510,58 @@ class Attention(_Attend):
                "attn_sumprod": ("tokens", "batch", "heads"), "attn_sumprod_merged": ("heads", "tokens", "batch"),
                "attn_scores": SCORES, "attn_dq": SPLIT, "attn_dk": SPLIT, "attn_dv": SPLIT}
 
+    # -- what cross-attention changes ---------------------------------------------------------------
+    @property
+    def kv(self) -> Moments:
+        """Where keys and values come from."""
+        return self.x
+
+    def kv_scratch(self) -> tuple[Any, Any, Any, Any]:
+        """The head-major projection, the scores' gradient, dK and dV over the keys' token axis."""
+        return self.attn_merged, self.attn_scores, self.attn_dk, self.attn_dv
+
+    def add_mask(self) -> None:
+        """Self-attention masks nothing."""
+
+    # -- the computation ----------------------------------------------------------------------------
+    def project(self, w: Moments, b: Moments, source, merged, out) -> None:
+        """out [head_dim, n, batch, heads] = the per-head layout of W source + b (via head-major `merged`)."""
+        self.project_in(source, w, b, merged)
+        nt.transpose_async(1.0, merged, out, 1)
+
     def forward_async(self) -> None:
-        merged = self.attn_merged
-        for w, b, out in zip((self.w_q, self.w_k, self.w_v), (self.b_q, self.b_k, self.b_v), (self.q, self.k, self.v)):
-            self.project_in(self.x.value, w, b, merged)
-            nt.transpose_async(1.0, merged, out, 1)
-        merged.invalidate_submit()
-        self.attend(self.q, self.k, self.v, self.probs, self.attn_maxsumexp, self.attn_split, self.out_merged)
+        kv_merged = self.kv_scratch()[0]
+        self.project(self.w_q, self.b_q, self.x.value, self.attn_merged, self.q)
+        self.project(self.w_k, self.b_k, self.kv.value, kv_merged, self.k)
+        self.project(self.w_v, self.b_v, self.kv.value, kv_merged, self.v)
+        for scratch in {id(t): t for t in (self.attn_merged, kv_merged)}.values():
+            scratch.invalidate_submit()
+        self.scores(self.q, self.k, self.probs)
+        self.add_mask()
+        self.softmax_values(self.probs, self.attn_maxsumexp, self.v, self.attn_split, self.out_merged)
         self.project_out(self.out_merged, self.w_o, self.b_o, self.y.value)
 
     def backward_async(self) -> None:
         merged = self.attn_merged
+        kv_merged, d_scores, d_k, d_v = self.kv_scratch()
+        d_q = self.attn_dq
         self.project_out_backward(self.y.grad, self.out_merged, self.w_o, self.b_o, merged)
-        d_q, d_k, d_v = self.attn_dq, self.attn_dk, self.attn_dv
         self.attend_backward(merged, self.q, self.k, self.v, self.probs, self.out_merged, self.attn_split,
-                             self.attn_sumprod_merged, self.attn_sumprod, self.attn_scores, d_q, d_k, d_v)
-        x_beta = self.beta(self.x)
-        for w, b, d_part in zip((self.w_q, self.w_k, self.w_v), (self.b_q, self.b_k, self.b_v), (d_q, d_k, d_v)):
-            nt.transpose_async(1.0, d_part, merged, 3)
+                             self.attn_sumprod_merged, self.attn_sumprod, d_scores, d_q, d_k, d_v)
+        betas: dict[int, float] = {}   # each source's gradient: its first write may overwrite, later ones add
+        for w, b, d_part, source, head_major in ((self.w_q, self.b_q, d_q, self.x, merged),
+                                                 (self.w_k, self.b_k, d_k, self.kv, kv_merged),
+                                                 (self.w_v, self.b_v, d_v, self.kv, kv_merged)):
+            nt.transpose_async(1.0, d_part, head_major, 3)
             d_part.invalidate_submit()
-            self.project_in_backward(merged, self.x, w, b, x_beta)
-            x_beta = 1.0
-        merged.invalidate_submit()
+            nt.gemm_async(1.0, nt.notrans, head_major, nt.notrans, self.ones_over(head_major, 2), 0.0, b.grad, 2, 0)
+            nt.gemm_async(1.0, nt.notrans, head_major, nt.trans, source.value, 0.0, w.grad, 2, 0)
+            if source.grad is not None:
+                beta = betas.setdefault(id(source), self.beta(source))
+                nt.gemm_async(1.0, nt.trans, w.value, nt.notrans, head_major, beta, source.grad, 2, 0)
+                betas[id(source)] = 1.0
+        for scratch in {id(t): t for t in (merged, kv_merged)}.values():
+            scratch.invalidate_submit()
 
 
 def _offset(ndim: int, axis: int, start: int) -> list[int]:
@@ -546,7 +584,6 @@ def take_tokens(whole, start: int, part, axis: int) -> None:
 JOINT_SPLIT = ("head_dim", "joint", "batch", "heads")
 JOINT_MERGED = ("heads", "head_dim", "joint", "batch")
 JOINT_SCORES = ("joint", "joint", "batch", "heads")
-CONTEXT_MERGED = ("heads", "head_dim", "context", "batch")
 
 
 class _JointAttention(_Attend):
@@ -594,7 +631,8 @@ class _JointAttention(_Attend):
                 merged.invalidate_submit()
             nt.transpose_async(1.0, joint, out, 1)
         joint.invalidate_submit()
-        self.attend(self.q, self.k, self.v, self.probs, self.joint_maxsumexp, self.joint_split, self.out_merged)
+        self.scores(self.q, self.k, self.probs)
+        self.softmax_values(self.probs, self.joint_maxsumexp, self.v, self.joint_split, self.out_merged)
         y = self.y.value
         outputs = self.outputs()
         if len(outputs) > 1:
@@ -760,3 +798,123 @@ class TokenJoin(_Tokens):
     def backward_async(self) -> None:
         self.take_range(self.y.grad, 0, self.a, self.tokens)
         self.take_range(self.y.grad, self.a.value.shape[1], self.b, self.context_tokens)
+
+
+@layer
+class CrossAttention(Attention):
+    """Multi-head attention of the tokens x (queries) to a context (keys and values) with its own token
+    axis, `context`, and tiles. An optional key mask [context, batch] (1 keep, 0 padded) adds
+    `mask_bias` (1 - mask) to the scores before the softmax, as diffusers' Attention adds its
+    `(1 - mask) * -10000.0` attention bias; a padded key then gets a probability of exactly 0 (exp
+    underflows) unless every key of a caption is padded."""
+
+    x: Moments
+    context: Moments
+    mask: Any
+    w_q: Moments
+    w_k: Moments
+    w_v: Moments
+    b_q: Moments
+    b_k: Moments
+    b_v: Moments
+    w_o: Moments
+    b_o: Moments
+    y: Moments
+    BACKWARD_READS = frozenset({"x", "context"})
+    KEEPS = {"q": SPLIT, "k": CONTEXT_SPLIT, "v": CONTEXT_SPLIT, "probs": CONTEXT_SCORES, "out_merged": MERGED}
+    SCRATCH = {"attn_merged": MERGED, "xattn_merged": CONTEXT_MERGED, "attn_split": SPLIT,
+               "attn_maxsumexp": (2, "tokens", "batch", "heads"), "attn_sumprod": ("tokens", "batch", "heads"),
+               "attn_sumprod_merged": ("heads", "tokens", "batch"), "xattn_scores": CONTEXT_SCORES,
+               "attn_dq": SPLIT, "xattn_dk": CONTEXT_SPLIT, "xattn_dv": CONTEXT_SPLIT,
+               "xattn_mask": ("context", "batch"), "xattn_bias": ("context", "tokens", "batch")}
+
+    def __init__(self, ports: Mapping[str, Any], *args: Any, **kwargs: Any):
+        super().__init__({"mask": None} | dict(ports), *args, **kwargs)
+
+    @property
+    def kv(self) -> Moments:
+        return self.context
+
+    def kv_scratch(self) -> tuple[Any, Any, Any, Any]:
+        return self.xattn_merged, self.xattn_scores, self.xattn_dk, self.xattn_dv
+
+    def add_mask(self) -> None:
+        if self.mask is None:
+            return
+        bias, mask = self.attrs.mask_bias, getattr(self.mask, "value", self.mask)
+        nt.copy_async(mask, self.xattn_mask)
+        nt.add_scalar_async(bias, -bias, self.xattn_mask)                  # bias (1 - mask)
+        nt.clear_async(self.xattn_bias)
+        nt.add_slice_async(1.0, self.xattn_mask, 1.0, self.xattn_bias, 1)  # over the queries
+        nt.add_slice_async(1.0, self.xattn_bias, 1.0, self.probs, 3)      # and the heads
+        self.xattn_mask.invalidate_submit()
+        self.xattn_bias.invalidate_submit()
+
+
+#: The one-token slot AppendTokens moves a vector through (NNTile 1.1.0 cannot view [f, batch] as
+#: [f, 1, batch]: a broadcast over the axis of size 1 copies it, a sum over it copies it back).
+SLOT = ("hidden", 1, "batch")
+
+
+@layer
+class AppendTokens(Layer):
+    """y = [x, a, b] along the token axis (axis 1), with NNTile's copy_intersection (any tiles of either
+    token axis); without x, y = [a, b]. x's gradient is written, not added: lowering gives x one reader.
+    copy_intersection reads a destination tile it fills in part (StarPU refuses to read one never
+    written), so each destination is cleared first."""
+
+    x: Moments
+    a: Moments
+    b: Moments
+    y: Moments
+    SCRATCH = {"token_slot": SLOT}
+
+    def __init__(self, ports: Mapping[str, Any], *args: Any, **kwargs: Any):
+        super().__init__({"x": None} | dict(ports), *args, **kwargs)
+
+    def first(self) -> int:
+        """The token at which a sits."""
+        return 0 if self.x is None else self.x.value.shape[1]
+
+    def forward_async(self) -> None:
+        origin = [0, 0, 0]
+        nt.clear_async(self.y.value)
+        if self.x is not None:
+            nt.copy_intersection_async(self.x.value, origin, self.y.value, origin)
+        for j, vector in enumerate((self.a, self.b)):
+            nt.clear_async(self.token_slot)
+            nt.add_slice_async(1.0, vector.value, 1.0, self.token_slot, 1)
+            nt.copy_intersection_async(self.token_slot, [0, self.first() + j, 0], self.y.value, origin)
+        self.token_slot.invalidate_submit()
+
+    def backward_async(self) -> None:
+        origin = [0, 0, 0]
+        if self.x is not None:
+            if self.beta(self.x) != 0.0:
+                raise RuntimeError("AppendTokens writes its x's gradient first: x must have no other reader")
+            nt.clear_async(self.x.grad)
+            nt.copy_intersection_async(self.y.grad, origin, self.x.grad, origin)
+        for j, vector in enumerate((self.a, self.b)):
+            nt.clear_async(self.token_slot)
+            nt.copy_intersection_async(self.y.grad, origin, self.token_slot, [0, self.first() + j, 0])
+            nt.sum_slice_async(1.0, self.token_slot, self.beta(vector), vector.grad, 1)
+        self.token_slot.invalidate_submit()
+
+
+@layer
+class TakeTokens(Layer):
+    """y = the first tokens of x (as many as y has), by copy_intersection; x's gradient is y's, then
+    zeros (written, not added: lowering gives x one reader)."""
+
+    x: Moments
+    y: Moments
+
+    def forward_async(self) -> None:
+        nt.clear_async(self.y.value)   # copy_intersection reads a tile it fills in part (see AppendTokens)
+        nt.copy_intersection_async(self.x.value, [0, 0, 0], self.y.value, [0, 0, 0])
+
+    def backward_async(self) -> None:
+        if self.beta(self.x) != 0.0:
+            raise RuntimeError("TakeTokens writes its x's gradient first: x must have no other reader")
+        nt.clear_async(self.x.grad)
+        nt.copy_intersection_async(self.y.grad, [0, 0, 0], self.x.grad, [0, 0, 0])

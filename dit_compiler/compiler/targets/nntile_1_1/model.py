@@ -107,7 +107,7 @@ class Model:
     def op(self, kind: str, **bindings: Any) -> None:
         """Add the layer of op kind `kind`: its ports bound to tensor names, the rest its attributes."""
         op = OPS[kind]
-        ports = {p: bindings.pop(p) for p in op.inputs + op.outputs}
+        ports = {p: bindings.pop(p) for p in op.inputs + op.outputs if p in bindings or p not in op.optional}
         attrs = op.attrs(**bindings) if bindings else None
         cls = LAYERS[op.layer]
         node = ports[op.outputs[0]]
@@ -117,7 +117,7 @@ class Model:
                     {name: self.tensor(n) for name, n in internals.items()}, attrs, self.alloc, self.kernels.module)
         self.layers.append(layer)
         self.kinds.append(kind)
-        self.steps.append(Step({p: ports[p] for p in op.inputs}, {p: ports[p] for p in op.outputs},
+        self.steps.append(Step({p: ports[p] for p in op.inputs if p in ports}, {p: ports[p] for p in op.outputs},
                                frozenset() if self.inference else cls.BACKWARD_READS))
         self.layer_params.append(tuple(self.tensor(n) for n in ports.values() if self.decls[n].role == "param"))
 

@@ -27,9 +27,9 @@ from dit_compiler.compiler.posembed import SOURCE as SINCOS_SOURCE
 from dit_compiler.compiler.targets.torch.ops import TORCH_OPS, module_path
 
 #: Letters of the shape comments, by axis.
-LETTERS = {"batch": "N", "tokens": "T", "hidden": "D", "mlp": "M", "frequency": "F", "out_dim": "O",
-           "patch_dim": "P", "in_channels": "C", "out_channels": "C_out", "height": "H", "width": "W",
-           "context": "L", "joint": "J", "caption": "E", "pooled": "E_pool"}
+LETTERS = {"batch": "N", "tokens": "T", "patches": "T_img", "context": "L", "hidden": "D", "mlp": "M",
+           "frequency": "F", "out_dim": "O", "patch_dim": "P", "in_channels": "C", "out_channels": "C_out",
+           "height": "H", "width": "W", "joint": "J", "caption": "E", "pooled": "E_pool"}
 #: The graph's constants and how torch computes them (`{table}`: the table's arguments, `const_args`).
 CONSTS = {TRACE.pos_embed: "torch.from_numpy(sincos_pos_embed({table})).float().unsqueeze(0)"}
 WIDTH = 112
@@ -274,7 +274,8 @@ def module_entries(graph: Graph, nodes: list[Node], scope: Scope,
 def const_args(graph: Graph, t: Tensor) -> str:
     """The arguments of `sincos_pos_embed` for the positional table `t`: the whole table diffusers saves
     (its max_size x max_size one where the model adds a crop)."""
-    args = f"{graph.axes['hidden'].size}, {math.isqrt(graph.axes['tokens'].size)}"
+    patches = graph.axes.get("patches", graph.axes["tokens"])   # in_context's tokens hold 2 more
+    args = f"{graph.axes['hidden'].size}, {math.isqrt(patches.size)}"
     if t.source.layout == "crop":
         args += f", max_size={math.isqrt(t.source.torch_shape[1])}"
     return args

@@ -81,11 +81,15 @@ def add_rows(x: torch.Tensor, h: torch.Tensor, offset: int, width: int) -> torch
     return x + F.pad(h, (offset, width - offset - h.shape[1]))
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """softmax(q k^T / sqrt(head_dim)) v per head; q, k, v and the result are [N, T, D]."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None,
+              mask_bias: float = -10000.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) v per head; q and the result are [N, T, D], k and v [N, L, D] (L = T
+    in self-attention). A key mask [N, L] (1 keep, 0 padded) adds mask_bias (1 - mask) to the scores, as
+    diffusers' Attention does with its encoder attention mask."""
     n, tokens, hidden = q.shape
-    q, k, v = (z.reshape(n, tokens, heads, hidden // heads).transpose(1, 2) for z in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v)                          # [N, H, T, hd]
+    q, k, v = (z.reshape(n, z.shape[1], heads, hidden // heads).transpose(1, 2) for z in (q, k, v))
+    bias = None if mask is None else (mask_bias * (1 - mask))[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)           # [N, H, T, hd]
     return out.transpose(1, 2).reshape(n, tokens, hidden)
 
 

@@ -206,6 +206,28 @@ def _attention(node: Node, code: Code) -> str:
     return f"{code.module(node.inputs['w_o'])}(attention({qkv}, heads={heads}))"
 
 
+@torch_op("cross_attention", uses=("attention",), modules=_weights("w_q", "w_k", "w_v", "w_o"))
+def _cross_attention(node: Node, code: Code) -> str:
+    """Queries from the tokens, keys and values from the context, each its own projection."""
+    x, context = code.value(node.inputs["x"]), code.value(node.inputs["context"])
+    heads = code.graph.tensors[node.inputs["w_q"]].shape[0]
+    q, k, v = (f"{code.module(node.inputs[f'w_{z}'])}({source})" for z, source in zip("qkv", (x, context, context)))
+    mask = f", mask={code.value(node.inputs['mask'])}, mask_bias={node.attrs.mask_bias!r}" if "mask" in node.inputs else ""
+    return f"{code.module(node.inputs['w_o'])}(attention({q}, {k}, {v}, heads={heads}{mask}))"
+
+
+@torch_op("append_tokens")
+def _append_tokens(node: Node, code: Code) -> str:
+    parts = ([code.value(node.inputs["x"])] if "x" in node.inputs else []) \
+        + [f"{code.value(node.inputs[p])}[:, None]" for p in ("a", "b")]
+    return f"torch.cat([{', '.join(parts)}], dim=1)"
+
+
+@torch_op("take_tokens")
+def _take_tokens(node: Node, code: Code) -> str:
+    return f"{code.value(node.inputs['x'])}[:, :{code.graph.tensors[node.outputs['y']].shape[1]}]"
+
+
 _JOINT_WEIGHTS = ("w_q", "w_k", "w_v", "w_o", "w_aq", "w_ak", "w_av", "w_ao")
 
 
