@@ -3,10 +3,12 @@ the torch reference against that class with the same random weights, the NNTile 
 a ragged multi-tile spec (skipped without NNTile), and what validation refuses."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from conftest import SPECS, needs_nntile
+from conftest import NNTILE_PROBLEM, SPECS, needs_nntile
 from dit_compiler.checks.common import make_inputs, randomize_
 from dit_compiler.checks.oracle import OracleReport, check_against_diffusers, sd3_config
 from dit_compiler.checks.verify import FORWARD_TOL, GRAD_TOL, verify
@@ -16,6 +18,7 @@ from dit_compiler.compiler.lower import lower
 from dit_compiler.compiler.spec import load_spec
 from dit_compiler.compiler.spec.model import PRESETS, ModelSpec, Spec
 from dit_compiler.compiler.targets.torch.emitter import emit_torch
+from dit_compiler.cli import main
 from dit_compiler.errors import SpecError
 
 diffusers = pytest.importorskip("diffusers")
@@ -113,3 +116,49 @@ def test_joint_refuses_what_sd3_has_not_naming_each_key(tmp_path):
     assert set(found) == {"model.conditioning", "model.num_classes"}   # no caption: nothing to condition on
     found = _problems(tmp_path, "model:\n  pos_embed_max_size: 64\n")
     assert set(found) == {"model.pos_embed_max_size"}
+
+
+#: A tiny SD3Transformer2DModel config: odd sizes, a cropped table.
+TINY_SD3 = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=3,
+                joint_attention_dim=20, caption_projection_dim=24, pooled_projection_dim=12, out_channels=4,
+                pos_embed_max_size=6)
+
+
+def test_import_then_verify_with_the_folders_weights(tmp_path, capsys):
+    """`ditc import` of a saved SD3Transformer2DModel folder (every weight random), then `ditc verify
+    --weights`: the reference loads its safetensors strictly and matches diffusers loaded from it."""
+    model = diffusers.SD3Transformer2DModel(**TINY_SD3)
+    randomize_(model, seed=7)
+    folder = tmp_path / "tiny-sd3-hf"
+    model.save_pretrained(folder)
+    spec_file = tmp_path / "imported.yaml"
+    assert main(["import", str(folder), "-o", str(spec_file)]) == 0
+    m = load_spec(spec_file).model
+    assert (m.conditioning, m.hidden_size, m.depth, m.pos_embed_max_size) == ("joint", 24, 2, 6)
+    assert (m.caption.width, m.caption.length, m.caption.pooled_width, m.caption.mask) == (20, 333, 12, False)
+    capsys.readouterr()
+    code = main(["verify", str(spec_file), "-o", str(tmp_path / "gen"), "--weights", str(folder), "--json",
+                 str(tmp_path / "v.json")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    oracle = json.loads((tmp_path / "v.json").read_text())["oracle"]
+    assert oracle["model_class"] == "SD3Transformer2DModel" and oracle["forward"] <= 1e-6
+    if NNTILE_PROBLEM is None:
+        assert oracle["nntile_forward"] <= 1e-5
+    else:
+        assert "NNTile model not run" in out
+
+
+@pytest.mark.parametrize("key, value, why", [
+    ("dual_attention_layers", [0], "dual attention"),
+    ("qk_norm", "rms_norm", "QK norm"),
+    ("caption_projection_dim", 32, "= 24 wide"),
+    ("pos_embed_max_size", 3, "at least sample_size / patch_size = 4"),
+])
+def test_import_refuses_sd3_configs_naming_the_key(tmp_path, capsys, key, value, why):
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel", **TINY_SD3, key: value}))
+    out = tmp_path / "s.yaml"
+    assert main(["import", str(tmp_path), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{key} = {json.dumps(value)}" in err and why in err and "Traceback" not in err
+    assert not out.exists()

@@ -161,9 +161,6 @@ def sd3_config(graph: Graph) -> dict | str:
     if ax["frequency"].size != DIFFUSERS_FREQUENCY or ax["mlp"].size != DIFFUSERS_MLP_RATIO * ax["hidden"].size:
         return (f"diffusers fixes the timestep sinusoid at {DIFFUSERS_FREQUENCY} and the MLP at "
                 f"{DIFFUSERS_MLP_RATIO} x hidden_size")
-    if ax["out_channels"].size != ax["in_channels"].size:
-        return "learn_sigma: ditc's joint model then outputs twice in_channels, which SD3's config can say " \
-               "(out_channels) but ditc does not import"
     table = graph.tensors[TRACE.pos_embed].source
     return {
         "sample_size": ax["height"].size, "patch_size": graph.first("patchify").attrs.patch_size,
