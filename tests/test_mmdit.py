@@ -24,10 +24,12 @@ from dit_compiler.errors import SpecError
 diffusers = pytest.importorskip("diffusers")
 
 TINY = SPECS / "tiny-mmdit.yaml"
+#: The tiny MMDiT, and with SD3.5's QK norm.
+TINY_SPECS = ("tiny-mmdit.yaml", "tiny-mmdit-qk.yaml")
 #: diffusers' SD3Transformer2DModel config of stabilityai/stable-diffusion-3-medium-diffusers.
 SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
+                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm=None)
 
 
 def reference(tmp_path, spec: Spec, seed: int = 0):
@@ -59,10 +61,12 @@ def test_the_last_block_is_context_pre_only():
     assert [n.op for n in graph.nodes if n.op.startswith("joint")] == ["joint_attention"] * 2 + ["joint_attention_pre"]
 
 
-def test_reference_equals_diffusers_sd3(tmp_path):
-    """Every weight random; the state_dict loads into SD3Transformer2DModel strictly; random latents,
-    timesteps, captions and pooled vectors."""
-    graph, model = reference(tmp_path, load_spec(TINY))
+@pytest.mark.parametrize("spec", TINY_SPECS)
+def test_reference_equals_diffusers_sd3(tmp_path, spec):
+    """Every weight random (QK norm's too); the state_dict loads into SD3Transformer2DModel strictly;
+    random latents, timesteps, captions and pooled vectors."""
+    graph, model = reference(tmp_path, load_spec(SPECS / spec))
+    assert sd3_config(graph)["qk_norm"] == ("rms_norm" if "qk" in spec else None)
     theirs = diffusers.SD3Transformer2DModel(**sd3_config(graph))
     theirs.load_state_dict(model.state_dict(), strict=True)
     report = check_against_diffusers(graph, model, make_inputs(graph, seed=5))
@@ -84,10 +88,12 @@ def test_oracle_catches_a_wrong_weight(tmp_path):
 
 @needs_nntile
 @pytest.mark.nntile
-def test_nntile_matches_torch_and_diffusers(tmp_path):
+@pytest.mark.parametrize("spec", TINY_SPECS)
+def test_nntile_matches_torch_and_diffusers(tmp_path, spec):
     """The ragged multi-tile tiny MMDiT (every tiled axis, the context and joint axes included, has a
-    ragged edge tile): forward and backward against the reference, and against diffusers."""
-    built = compile_spec(load_spec(TINY))
+    ragged edge tile), with and without QK norm: forward and backward against the reference, and against
+    diffusers."""
+    built = compile_spec(load_spec(SPECS / spec))
     graph = built.graph
     assert all(graph.axes[a].size % graph.axes[a].tile for a in ("tokens", "context", "joint", "caption", "hidden"))
     report = verify(graph, write_build(built, tmp_path), progress=lambda _: None)
@@ -116,6 +122,8 @@ def test_joint_refuses_what_sd3_has_not_naming_each_key(tmp_path):
     assert set(found) == {"model.conditioning", "model.num_classes"}   # no caption: nothing to condition on
     found = _problems(tmp_path, "model:\n  pos_embed_max_size: 64\n")
     assert set(found) == {"model.pos_embed_max_size"}
+    found = _problems(tmp_path, "model:\n  attention: {qk_norm: rms_norm}\n")   # DiT's block: not yet
+    assert found == {"model.attention.qk_norm": "none, or conditioning joint"}
 
 
 #: A tiny SD3Transformer2DModel config: odd sizes, a cropped table.
@@ -151,7 +159,7 @@ def test_import_then_verify_with_the_folders_weights(tmp_path, capsys):
 
 @pytest.mark.parametrize("key, value, why", [
     ("dual_attention_layers", [0], "dual attention"),
-    ("qk_norm", "rms_norm", "QK norm"),
+    ("qk_norm", "layer_norm", "QK norm, rms_norm"),
     ("caption_projection_dim", 32, "= 24 wide"),
     ("pos_embed_max_size", 3, "at least sample_size / patch_size = 4"),
 ])
@@ -162,3 +170,11 @@ def test_import_refuses_sd3_configs_naming_the_key(tmp_path, capsys, key, value,
     err = capsys.readouterr().err
     assert f"{key} = {json.dumps(value)}" in err and why in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_import_reads_sd35s_qk_norm(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel", **TINY_SD3,
+                                                      "qk_norm": "rms_norm"}))
+    assert main(["import", str(tmp_path), "-o", str(tmp_path / "s.yaml")]) == 0
+    graph = lower(load_spec(tmp_path / "s.yaml"))
+    assert sd3_config(graph) == TINY_SD3 | {"qk_norm": "rms_norm"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -56,18 +57,25 @@ def _joint_attention(p):
                                   else p[w].reshape(p[w].shape[0], -1), p[b].reshape(-1))
     image = tuple(proj(f"w_{z}", f"b_{z}") for z in "qkvo")
     context = tuple(proj(f"w_a{z}", f"b_a{z}") if f"w_a{z}" in p else None for z in "qkvo")
-    y = joint_attention(p["x"].permute(2, 1, 0), p["c"].permute(2, 1, 0), image, context, heads=p["w_q"].shape[0])
+    # QK norm: what joint_attention reads of an nn.RMSNorm, the port itself its weight (its gradient the port's)
+    norms = [SimpleNamespace(weight=p[port], eps=1e-6) for port in QK] if "n_q" in p else None
+    y = joint_attention(p["x"].permute(2, 1, 0), p["c"].permute(2, 1, 0), image, context, heads=p["w_q"].shape[0],
+                        norms=norms)
     return y.permute(2, 1, 0)
 
 
-def _joint_ports(pre: bool) -> dict:
+QK = ("n_q", "n_k", "n_aq", "n_ak")
+
+
+def _joint_ports(pre: bool, qk_norm: bool = False) -> dict:
     ports = {"x": TOKENS, "c": CONTEXT, **{f"w_{z}": ("heads", "head_dim", "hidden") for z in "qkv"},
              **{f"b_{z}": ("heads", "head_dim") for z in "qkv"}, "w_o": ("hidden", "heads", "head_dim"),
              "b_o": ("hidden",), **{f"w_a{z}": ("heads", "head_dim", "hidden") for z in "qkv"},
              **{f"b_a{z}": ("heads", "head_dim") for z in "qkv"}}
+    qk = dict.fromkeys(QK, ("head_dim",)) if qk_norm else {}
     if pre:
-        return ports | {"y": TOKENS}
-    return ports | {"w_ao": ("hidden", "heads", "head_dim"), "b_ao": ("hidden",), "y": ("hidden", "joint", "batch")}
+        return ports | qk | {"y": TOKENS}
+    return ports | {"w_ao": ("hidden", "heads", "head_dim"), "b_ao": ("hidden",)} | qk | {"y": ("hidden", "joint", "batch")}
 #: layer -> (port dims, attributes, torch of the ports in the same feature-first layout, ports without a
 #: gradient, parameter ports: their gradients are always overwritten)
 CASES = {
@@ -104,6 +112,9 @@ CASES = {
     "JointAttention": (_joint_ports(pre=False), None, _joint_attention, (), JOINT_PARAMS),
     "JointAttentionPre": (_joint_ports(pre=True), None, _joint_attention, (),
                           tuple(p for p in JOINT_PARAMS if p not in ("w_ao", "b_ao"))),
+    "JointAttention-qk": (_joint_ports(pre=False, qk_norm=True), Norm(1e-6), _joint_attention, (), JOINT_PARAMS + QK),
+    "JointAttentionPre-qk": (_joint_ports(pre=True, qk_norm=True), Norm(1e-6), _joint_attention, (),
+                             tuple(p for p in JOINT_PARAMS if p not in ("w_ao", "b_ao")) + QK),
     "TokenJoin": ({"a": TOKENS, "b": CONTEXT, "y": ("hidden", "joint", "batch")}, None,
                   lambda p: torch.cat([p["a"], p["b"]], dim=1), (), ()),
     "TokenSlice-image": ({"x": ("hidden", "joint", "batch"), "y": TOKENS}, TokenRange(0),
@@ -118,7 +129,7 @@ WRITES_FIRST = {"AppendTokens": "x", "TakeTokens": "x"}
 #: Every layer on NNTile's kernels, and the layers that run ditc's own kernels on those too.
 KERNEL_CASES = [(case, "nntile") for case in sorted(CASES)] + [
     ("Act-gelutanh", "ditc"), ("Attention", "ditc"), ("CrossAttention-masked", "ditc"), ("JointAttention", "ditc"),
-    ("JointAttentionPre", "ditc")]
+    ("JointAttentionPre", "ditc"), ("JointAttention-qk", "ditc")]
 
 
 @pytest.fixture(scope="module")

@@ -169,6 +169,7 @@ def sd3_config(graph: Graph) -> dict | str:
         "joint_attention_dim": ax["caption"].size, "caption_projection_dim": ax["hidden"].size,
         "pooled_projection_dim": ax["pooled"].size, "out_channels": ax["out_channels"].size,
         "pos_embed_max_size": math.isqrt(table.torch_shape[1]) if table.layout == "crop" else None,
+        "qk_norm": "rms_norm" if "n_q" in graph.first("joint_attention_pre").inputs else None,
     }
 
 

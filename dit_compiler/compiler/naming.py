@@ -84,6 +84,9 @@ class JointKeys:
     context_fc2: str = "{b}.ff_context.net.2"
     final_adaln: str = "norm_out.linear"
     final_linear: str = "proj_out"
+    #: QK norm (SD3.5): image q, k, context q, k.
+    qk_norm: tuple[str, ...] = ("{b}.attn.norm_q", "{b}.attn.norm_k", "{b}.attn.norm_added_q",
+                                "{b}.attn.norm_added_k")
 
     per_block_conditioning = False
 

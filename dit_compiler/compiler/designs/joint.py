@@ -18,13 +18,14 @@ from dataclasses import dataclass
 
 from dit_compiler.compiler.designs.base import MAX_PERIOD, TOKENS, VECTOR, Lowering
 from dit_compiler.compiler.graph.ir import Axis, Graph, ParamSource
-from dit_compiler.compiler.graph.ops import OPS, Activation, Patch, Sinusoid, TokenRange
+from dit_compiler.compiler.graph.ops import OPS, Activation, Norm, Patch, Sinusoid, TokenRange
 from dit_compiler.compiler.naming import ADALN_CHUNKS, CONTINUOUS_CHUNKS, TRACE, flavor_of
 from dit_compiler.compiler.spec.model import Spec
 
 CONTEXT = ("hidden", "context", "batch")
 JOINT = ("hidden", "joint", "batch")
-#: LayerNorm eps everywhere in SD3Transformer2DModel (AdaLayerNormZero, norm2, AdaLayerNormContinuous).
+#: LayerNorm eps everywhere in SD3Transformer2DModel (AdaLayerNormZero, norm2, AdaLayerNormContinuous), and
+#: its QK norm's (RMSNorm) eps.
 EPS = 1e-6
 
 
@@ -188,15 +189,19 @@ class Joint(Lowering):
                             c_mod["scale_msa" if not pre else "scale"], f"{scope}.norm1_context")
         ports = {"x": h, "c": hc} | self.projections(k.attn_in, k.attn_out, key_prefix, "") \
             | self.projections(k.context_in, None if pre else k.context_out, key_prefix, "a")
+        if m.attention.qk_norm == "rms_norm":   # SD3.5: RMSNorm of each head's q and k, per stream
+            for port, key in zip(("n_q", "n_k", "n_aq", "n_ak"), k.qk_norm):
+                key = key.format(b=key_prefix)
+                ports[port] = self.param(f"{key}.weight", ("head_dim",), f"{key}.weight")
         attn_scope = f"{scope}.attn"
         kind = "joint_attention_pre" if pre else "joint_attention"
-        ports = {port: ports[port] for port in OPS[kind].inputs}
+        ports = {port: ports[port] for port in OPS[kind].inputs if port in ports}
         if pre:
             attn = self.act(p + n.attn)
-            self.node("joint_attention_pre", ports, {"y": attn}, "joint attention", attn_scope)
+            self.node("joint_attention_pre", ports, {"y": attn}, "joint attention", attn_scope, Norm(EPS))
         else:
             joint = self.act(p + NAMES.joint_attn, JOINT)
-            self.node("joint_attention", ports, {"y": joint}, "joint attention", attn_scope)
+            self.node("joint_attention", ports, {"y": joint}, "joint attention", attn_scope, Norm(EPS))
             attn = self.slice(joint, 0, p + n.attn, TOKENS, "joint attention", attn_scope)
             c_attn = self.slice(joint, tokens, cp + n.attn, CONTEXT, "joint attention", attn_scope)
         # the chain each block passes on is `out`: the joint sequence, the image stream's from the last block

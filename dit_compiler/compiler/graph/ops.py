@@ -134,11 +134,14 @@ class OpKind:
 _ATTENTION_INPUTS = ("x", "w_q", "w_k", "w_v", "b_q", "b_k", "b_v", "w_o", "b_o")
 #: Joint attention's ports: the image stream's as attention's, then the context stream's (`add_*` in
 #: diffusers), its output projection last (`to_add_out`; the last block has none: context_pre_only).
-_JOINT_PRE_INPUTS = ("x", "c", "w_q", "w_k", "w_v", "b_q", "b_k", "b_v", "w_o", "b_o",
-                     "w_aq", "w_ak", "w_av", "b_aq", "b_ak", "b_av")
-_JOINT_INPUTS = _JOINT_PRE_INPUTS + ("w_ao", "b_ao")
+#: Optional: QK norm's weights [head_dim] (SD3.5's RMSNorm per head: norm_q, norm_k, norm_added_q, _k).
+_JOINT_QK = ("n_q", "n_k", "n_aq", "n_ak")
+_JOINT_STREAMS = ("x", "c", "w_q", "w_k", "w_v", "b_q", "b_k", "b_v", "w_o", "b_o",
+                  "w_aq", "w_ak", "w_av", "b_aq", "b_ak", "b_av")
+_JOINT_PRE_INPUTS = _JOINT_STREAMS + _JOINT_QK
+_JOINT_INPUTS = _JOINT_STREAMS + ("w_ao", "b_ao") + _JOINT_QK
 _JOINT_HEADS = tuple(rules.heads(w, "x") for w in ("w_q", "w_k", "w_v")) + tuple(
-    rules.heads(w, "c") for w in ("w_aq", "w_ak", "w_av"))
+    rules.heads(w, "c") for w in ("w_aq", "w_ak", "w_av")) + (rules.head_weights(_JOINT_QK, "w_q"),)
 _CROSS_ATTENTION_INPUTS = ("x", "context", "mask", "w_q", "w_k", "w_v", "b_q", "b_k", "b_v", "w_o", "b_o")
 
 OPS: dict[str, OpKind] = {kind.name: kind for kind in (
@@ -184,13 +187,14 @@ OPS: dict[str, OpKind] = {kind.name: kind for kind in (
            "attention", "Attention", macs=_attention_macs),
     OpKind("joint_attention", "MMDiT's joint attention: one attention over the image tokens followed by the "
            "context tokens, each stream with its own q, k, v and output projections; y holds both streams' "
-           "outputs in that order (token_slice splits them)",
+           "outputs in that order (token_slice splits them). Optional QK norm: RMSNorm of every head's q and k "
+           "over head_dim with each stream's weights (n_*), eps the attribute's",
            _JOINT_INPUTS, ("y",), rules.all_of(rules.streams("x", "c"), rules.joined("x", "c", "y"), *_JOINT_HEADS),
-           "joint_attention", "JointAttention", macs=_joint_attention_macs),
+           "joint_attention", "JointAttention", attrs=Norm, macs=_joint_attention_macs, optional=_JOINT_QK),
     OpKind("joint_attention_pre", "joint attention of the last MMDiT block (context_pre_only): the context "
            "tokens are keys and values only, y is the image stream's output",
            _JOINT_PRE_INPUTS, ("y",), rules.all_of(rules.streams("x", "c"), rules.same("x", "y"), *_JOINT_HEADS),
-           "joint_attention", "JointAttentionPre", macs=_joint_attention_macs),
+           "joint_attention", "JointAttentionPre", attrs=Norm, macs=_joint_attention_macs, optional=_JOINT_QK),
     OpKind("token_join", "y = the tokens of a followed by those of b (MMDiT's two streams as one joint sequence)",
            ("a", "b"), ("y",), rules.all_of(rules.streams("a", "b"), rules.joined("a", "b", "y")),
            "token_join", "TokenJoin"),

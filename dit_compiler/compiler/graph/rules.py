@@ -120,6 +120,18 @@ def _same_axes(a: Tensor, b: Tensor, axes: tuple[int, ...]) -> bool:
     return all((a.shape[k], a.tile[k]) == (b.shape[k], b.tile[k]) for k in axes)
 
 
+def head_weights(ports: tuple[str, ...], weight_port: str) -> Rule:
+    """Per-head weights [head_dim] (QK norm's) of those of `ports` the node binds: the head dimension,
+    whole, of the projection weight at `weight_port`."""
+    def rule(graph: Graph, node: Node) -> None:
+        head_dim = _tensor(graph, node, weight_port).shape[1]
+        for port in (p for p in ports if p in node.inputs):
+            t = _tensor(graph, node, port)
+            if (t.shape, t.tile) != ((head_dim,), (head_dim,)):
+                raise _fail(node, f"{_show(t)} is not a whole head dimension of {head_dim}")
+    return rule
+
+
 def streams(x_port: str, c_port: str) -> Rule:
     """Two token streams [hidden, tokens, batch] attended jointly: the same hidden and batch axes, tiles
     included; their token axes are their own."""

@@ -28,7 +28,6 @@ class Refusal:
 NOT_LOWERED: tuple[Refusal, ...] = (
     # DiT's Figure 5 designs and the block options (issue 24, block designs).
     Refusal(("attention", "qk_norm"), "layer_norm", "QK norm"),
-    Refusal(("attention", "qk_norm"), "rms_norm", "QK norm"),
     Refusal(("attention", "bias"), False, "the block options"),
     Refusal(("mlp", "activation"), "gelu", "the block options"),
     Refusal(("mlp", "activation"), "swiglu", "the block options"),
@@ -81,7 +80,7 @@ def refusals(model: ModelSpec) -> list[tuple[tuple[str, ...], Any, str]]:
 
 
 #: The block options conditioning joint lowers: SD3's (diffusers' JointTransformerBlock has no others).
-JOINT_OPTIONS: dict[tuple[str, ...], Any] = {("attention", "qk_norm"): "none", ("attention", "bias"): True,
+JOINT_OPTIONS: dict[tuple[str, ...], Any] = {("attention", "bias"): True,
                                               ("mlp", "activation"): "gelu_tanh", ("mlp", "bias"): True,
                                               ("norm", "type"): "layer_norm", ("norm", "affine"): False}
 
@@ -97,8 +96,13 @@ def joint_problems(model: ModelSpec) -> list[tuple[tuple[str, ...], str, str]]:
         found.append((("pos_embed_max_size",), f"smaller than the {grid} patches per side the table is cropped to",
                       f"at least input_size / patch_size = {grid}, or null"))
     if model.conditioning != "joint":
+        if model.attention.qk_norm == "rms_norm":
+            found.append((("attention", "qk_norm"), "not supported yet: ditc lowers QK norm rms_norm for "
+                          "conditioning joint only (SD3.5's)", "none, or conditioning joint"))
         return found
     joint = "conditioning joint (SD3's MMDiT)"
+    if model.attention.qk_norm == "layer_norm":
+        found.append((("attention", "qk_norm"), f"{joint} lowers SD3.5's QK norm only", "none or rms_norm"))
     if model.caption is None:
         found.append((("conditioning",), f"{joint} attends to caption tokens jointly with the image's",
                       "a model.caption"))
@@ -149,7 +153,7 @@ def combination_problems(model: ModelSpec) -> list[tuple[tuple[str, ...], str, s
 
 
 #: The block options conditioning joint lowers: SD3's (diffusers' JointTransformerBlock has no others).
-JOINT_OPTIONS: dict[tuple[str, ...], Any] = {("attention", "qk_norm"): "none", ("attention", "bias"): True,
+JOINT_OPTIONS: dict[tuple[str, ...], Any] = {("attention", "bias"): True,
                                               ("mlp", "activation"): "gelu_tanh", ("mlp", "bias"): True,
                                               ("norm", "type"): "layer_norm", ("norm", "affine"): False}
 
@@ -165,8 +169,13 @@ def joint_problems(model: ModelSpec) -> list[tuple[tuple[str, ...], str, str]]:
         found.append((("pos_embed_max_size",), f"smaller than the {grid} patches per side the table is cropped to",
                       f"at least input_size / patch_size = {grid}, or null"))
     if model.conditioning != "joint":
+        if model.attention.qk_norm == "rms_norm":
+            found.append((("attention", "qk_norm"), "not supported yet: ditc lowers QK norm rms_norm for "
+                          "conditioning joint only (SD3.5's)", "none, or conditioning joint"))
         return found
     joint = "conditioning joint (SD3's MMDiT)"
+    if model.attention.qk_norm == "layer_norm":
+        found.append((("attention", "qk_norm"), f"{joint} lowers SD3.5's QK norm only", "none or rms_norm"))
     if model.caption is None:
         found.append((("conditioning",), f"{joint} attends to caption tokens jointly with the image's",
                       "a model.caption"))

@@ -149,8 +149,8 @@ def _pixart(c: _Config) -> dict:
 
 
 def _sd3(c: _Config) -> dict:
-    """`SD3Transformer2DModel` (diffusers 0.32): MMDiT, conditioning joint (Stable Diffusion 3 and 3.5 without
-    their dual attention or QK norm)."""
+    """`SD3Transformer2DModel` (diffusers 0.32): MMDiT, conditioning joint (Stable Diffusion 3, and 3.5's QK
+    norm; not 3.5's dual attention)."""
     sizes = {key: c.integer(key, default) for key, default in (
         ("sample_size", 128), ("patch_size", 2), ("in_channels", 16), ("num_layers", 18),
         ("attention_head_dim", 64), ("num_attention_heads", 18), ("joint_attention_dim", 4096),
@@ -173,13 +173,14 @@ def _sd3(c: _Config) -> dict:
     if c.get("dual_attention_layers", ()) not in ((), []):
         c.refuse("dual_attention_layers", c.data["dual_attention_layers"], "SD3.5's dual attention (a second "
                  "self-attention of the image stream) is not lowered by ditc's joint design")
-    c.require("qk_norm", (None,), None, "ditc's joint design has no QK norm yet")
+    qk_norm = c.require("qk_norm", (None, "rms_norm"), None, "ditc's joint design lowers SD3.5's QK norm, rms_norm")
     return {"input_size": sample, "in_channels": channels, "patch_size": patch, "hidden_size": hidden,
             "depth": sizes["num_layers"], "num_heads": sizes["num_attention_heads"], "mlp_ratio": 4.0,
             "learn_sigma": out == 2 * channels, "norm_eps": 1e-6, "flavor": "diffusers", "conditioning": "joint",
             "num_classes": 0, "class_dropout_prob": 0.0, "pos_embed_max_size": table,
             "caption": {"width": sizes["joint_attention_dim"], "length": SD3_CAPTION_LENGTH,
-                        "pooled_width": sizes["pooled_projection_dim"], "mask": False}}
+                        "pooled_width": sizes["pooled_projection_dim"], "mask": False},
+            "attention": {"qk_norm": qk_norm or "none"}}
 
 
 #: The importer of each diffusers class, by `_class_name`.

@@ -80,13 +80,43 @@ class Layer:
         raise NotImplementedError
 
     # -- shared steps -----------------------------------------------------------------------------
-    def inverse_rms(self, src, dst) -> None:
-        """dst [tokens, batch] = 1 / sqrt(mean(src^2) + eps) over axis 0 (uses the `tokens` scratch)."""
-        nt.copy_async(src, self.tokens)
-        nt.prod_async(src, self.tokens)
-        self.mean_of(1.0, self.tokens, dst)
+    def inverse_rms(self, src, dst, tmp=None) -> None:
+        """dst [tokens, batch] = 1 / sqrt(mean(src^2) + eps) over axis 0 (uses `tmp`, src-shaped scratch: by
+        default the `tokens` one)."""
+        tmp = self.tokens if tmp is None else tmp
+        nt.copy_async(src, tmp)
+        nt.prod_async(src, tmp)
+        self.mean_of(1.0, tmp, dst)
         nt.add_scalar_async(self.attrs.eps, 1.0, dst)
         nt.pow_async(1.0, -0.5, dst)
+
+    def rms_forward(self, x, weight, y, r, tmp) -> None:
+        """RMSNorm over axis 0 (any other axes): y = x * r * weight, r = 1 / sqrt(mean(x^2) + eps) kept in
+        `r`, weight a fiber of axis 0; `tmp` x-shaped scratch. NNTile 1.1.0 has no RMSNorm: the mean
+        square is a GEMM with ones (as LayerNormNoAffine's means), the weight a fiber product."""
+        self.inverse_rms(x, r, tmp)
+        nt.prod_fiber3_async(weight, 1.0, x, y, 0)
+        nt.prod_slice_async(r, 1.0, y, 0)
+        tmp.invalidate_submit()
+
+    def rms_backward(self, x, dy, r, weight: Moments, dx, beta: float, tmp, stat) -> None:
+        """The gradients of `rms_forward`: with dy' = weight * dy, dx (+)= r dy' - r^3 x mean(dy' x) (beta 0:
+        written), and weight.grad = the sum over the other axes of dy * x * r (written). `tmp` is x-shaped
+        scratch, `stat` r-shaped; dx may be dy's tensor where beta is 0 (written after dy's last read)."""
+        nt.copy_async(x, tmp)
+        nt.prod_slice_async(r, 1.0, tmp, 0)                                   # x * r
+        nt.sumprod_fiber_async(1.0, dy, tmp, 0.0, weight.grad, 0)             # dweight
+        nt.prod_fiber3_async(weight.value, 1.0, dy, tmp, 0)                   # dy' = weight * dy
+        nt.sumprod_slice_async(-1.0 / x.shape[0], tmp, x, 0.0, stat, 0)       # -mean(dy' x)
+        for _ in range(3):
+            nt.prod_async(r, stat)                                            # -r^3 mean(dy' x)
+        nt.prod_slice_async(r, 1.0, tmp, 0)
+        nt.add_async(1.0, tmp, beta, dx)                                      # (+)= r dy'
+        nt.copy_async(x, tmp)
+        nt.prod_slice_async(stat, 1.0, tmp, 0)
+        nt.add_async(1.0, tmp, 1.0, dx)                                       # += -r^3 x mean(dy' x)
+        tmp.invalidate_submit()
+        stat.invalidate_submit()
 
     def mean_of(self, alpha: float, src, dst) -> None:
         """dst [tokens, batch] = alpha * the mean of src over axis 0 (hidden), a GEMM with ones."""
@@ -318,10 +348,8 @@ class LayerNormNoAffine(Layer):
 
 @layer
 class RMSNorm(Layer):
-    """y = x * r * weight, r = 1 / sqrt(mean(x^2) + eps) over axis 0 (hidden), weight a [hidden] fiber.
-    NNTile 1.1.0 has no RMSNorm: the mean square is a GEMM with ones (as LayerNormNoAffine's means), the
-    weight a fiber product. Backward, with dy' = weight * dy: dx = r dy' - r^3 x mean(dy' x), and
-    dweight = the sum over tokens and batch of dy * x * r."""
+    """y = x * r * weight, r = 1 / sqrt(mean(x^2) + eps) over axis 0 (hidden), weight a [hidden] fiber
+    (`rms_forward`, `rms_backward`)."""
 
     x: Moments
     weight: Moments
@@ -331,28 +359,11 @@ class RMSNorm(Layer):
     SCRATCH = {"stat": STATS, "tokens": TOKENS}
 
     def forward_async(self) -> None:
-        x, y = self.x.value, self.y.value
-        self.inverse_rms(x, self.inv_rms)
-        nt.prod_fiber3_async(self.weight.value, 1.0, x, y, 0)
-        nt.prod_slice_async(self.inv_rms, 1.0, y, 0)
-        self.tokens.invalidate_submit()
+        self.rms_forward(self.x.value, self.weight.value, self.y.value, self.inv_rms, self.tokens)
 
     def backward_async(self) -> None:
-        x, dy, tmp, stat, r = self.x.value, self.y.grad, self.tokens, self.stat, self.inv_rms
-        nt.copy_async(x, tmp)
-        nt.prod_slice_async(r, 1.0, tmp, 0)                                   # x * r
-        nt.sumprod_fiber_async(1.0, dy, tmp, 0.0, self.weight.grad, 0)        # dweight
-        nt.prod_fiber3_async(self.weight.value, 1.0, dy, tmp, 0)              # dy' = weight * dy
-        nt.sumprod_slice_async(-1.0 / x.shape[0], tmp, x, 0.0, stat, 0)       # -mean(dy' x)
-        for _ in range(3):
-            nt.prod_async(r, stat)                                            # -r^3 mean(dy' x)
-        nt.prod_slice_async(r, 1.0, tmp, 0)
-        nt.add_async(1.0, tmp, self.beta(self.x), self.x.grad)                # (+)= r dy'
-        nt.copy_async(x, tmp)
-        nt.prod_slice_async(stat, 1.0, tmp, 0)
-        nt.add_async(1.0, tmp, 1.0, self.x.grad)                              # += -r^3 x mean(dy' x)
-        tmp.invalidate_submit()
-        stat.invalidate_submit()
+        self.rms_backward(self.x.value, self.y.grad, self.inv_rms, self.weight, self.x.grad, self.beta(self.x),
+                          self.tokens, self.stat)
 
 
 @layer
@@ -592,14 +603,45 @@ class _JointAttention(_Attend):
     so the two token axes keep their own tiles and the joint axis its own), one attention over it, the
     joint output copied back apart and projected by each stream's output projection. The context's own
     output projection is absent in the last block (`context_pre_only`): its queries are computed and
-    dropped, as diffusers does."""
+    dropped, as diffusers does.
+
+    QK norm (optional weights `n_q`, `n_k`, `n_aq`, `n_ak`: SD3.5's RMSNorm of each head over head_dim):
+    q and k are normalised per stream in the per-head layout, before they join; backward recomputes the
+    projection and the RMS (scratch only: nothing more is kept from forward)."""
 
     BACKWARD_READS = frozenset({"x", "c"})
     KEEPS = {"q": JOINT_SPLIT, "k": JOINT_SPLIT, "v": JOINT_SPLIT, "probs": JOINT_SCORES, "out_merged": JOINT_MERGED}
     SCRATCH = {"attn_merged": MERGED, "context_merged": CONTEXT_MERGED, "joint_merged": JOINT_MERGED,
                "joint_split": JOINT_SPLIT, "joint_maxsumexp": (2, "joint", "batch", "heads"),
                "joint_sumprod": ("joint", "batch", "heads"), "joint_sumprod_merged": ("heads", "joint", "batch"),
-               "joint_scores": JOINT_SCORES, "joint_dq": JOINT_SPLIT, "joint_dk": JOINT_SPLIT, "joint_dv": JOINT_SPLIT}
+               "joint_scores": JOINT_SCORES, "joint_dq": JOINT_SPLIT, "joint_dk": JOINT_SPLIT, "joint_dv": JOINT_SPLIT,
+               # QK norm, per stream: the raw projection, the normalised one (backward: its gradient), scratch
+               # of their shape, the inverse RMS and a statistic (unused, so never allocated, without QK norm)
+               **{f"qk_{part}{suffix}": (("head_dim", axis, "batch", "heads") if part in ("raw", "norm", "tmp")
+                                         else (axis, "batch", "heads"))
+                  for part in ("raw", "norm", "tmp", "rms", "stat")
+                  for suffix, axis in (("", "tokens"), ("_context", "context"))}}
+    QK = ("n_q", "n_k", "n_aq", "n_ak")
+
+    def __init__(self, ports: Mapping[str, Any], *args: Any, **kwargs: Any):
+        super().__init__(dict.fromkeys(self.QK) | dict(ports), *args, **kwargs)
+
+    def qk_norms(self, z: int) -> tuple[Moments, Moments] | None:
+        """The QK norm weights of projection z (0 q, 1 k) of each stream, or None (v, or no QK norm)."""
+        if z == 2 or self.n_q is None:
+            return None
+        return (self.n_q, self.n_aq) if z == 0 else (self.n_k, self.n_ak)
+
+    def qk_scratch(self) -> tuple[tuple[Any, ...], ...]:
+        """Each stream's QK norm scratch: raw, normalised, tmp, inverse RMS, statistic."""
+        return tuple(tuple(getattr(self, f"qk_{part}{suffix}") for part in ("raw", "norm", "tmp", "rms", "stat"))
+                     for suffix in ("", "_context"))
+
+    def project_split(self, x: Moments, params: tuple[Moments, ...], z: int, merged, raw) -> None:
+        """raw [head_dim, n, batch, heads] = projection z of x, per head (through head-major `merged`)."""
+        self.project_in(x.value, params[z], params[3 + z], merged)
+        nt.transpose_async(1.0, merged, raw, 1)
+        merged.invalidate_submit()
 
     def streams(self) -> tuple[tuple[Moments, Any, int, tuple[Moments, ...]], ...]:
         """(input, its head-major scratch, its first token in the joint sequence, q/k/v weights and biases)."""
@@ -624,6 +666,17 @@ class _JointAttention(_Attend):
     def forward_async(self) -> None:
         joint = self.joint_merged
         for z, out in enumerate((self.q, self.k, self.v)):
+            norms = self.qk_norms(z)
+            if norms is not None:   # each stream normalised per head, then joined in the per-head layout
+                nt.clear_async(out)
+                for (x, merged, start, params), n, (raw, normed, tmp, r, _) in zip(self.streams(), norms,
+                                                                                  self.qk_scratch()):
+                    self.project_split(x, params, z, merged, raw)
+                    self.rms_forward(raw, n.value, normed, r, tmp)
+                    put_tokens(normed, start, out, 1)
+                    for scratch in (raw, normed, r):
+                        scratch.invalidate_submit()
+                continue
             nt.clear_async(joint)
             for x, merged, start, params in self.streams():
                 self.project_in(x.value, params[z], params[3 + z], merged)
@@ -667,12 +720,24 @@ class _JointAttention(_Attend):
                              self.joint_sumprod_merged, self.joint_sumprod, self.joint_scores, d_q, d_k, d_v)
         betas = [self.beta(x) for x, *_ in self.streams()]
         for z, d_part in enumerate((d_q, d_k, d_v)):
-            nt.transpose_async(1.0, d_part, joint, 3)
-            d_part.invalidate_submit()
+            norms = self.qk_norms(z)
+            if norms is None:
+                nt.transpose_async(1.0, d_part, joint, 3)
             for s, (x, merged, start, params) in enumerate(self.streams()):
-                self.from_joint(joint, start, merged)
+                if norms is None:
+                    self.from_joint(joint, start, merged)
+                else:   # the norm's backward on the recomputed projection, then to head-major
+                    raw, normed, tmp, r, stat = self.qk_scratch()[s]
+                    take_tokens(d_part, start, normed, 1)
+                    self.project_split(x, params, z, merged, raw)
+                    self.inverse_rms(raw, r, tmp)
+                    self.rms_backward(raw, normed, r, norms[s], normed, 0.0, tmp, stat)
+                    nt.transpose_async(1.0, normed, merged, 3)
+                    for scratch in (raw, normed, r):
+                        scratch.invalidate_submit()
                 self.project_in_backward(merged, x, params[z], params[3 + z], betas[s])
                 betas[s] = 1.0
+            d_part.invalidate_submit()
         for tensor in (joint, self.attn_merged, self.context_merged):
             tensor.invalidate_submit()
 
@@ -700,6 +765,10 @@ class JointAttention(_JointAttention):
     b_av: Moments
     w_ao: Moments
     b_ao: Moments
+    n_q: Moments
+    n_k: Moments
+    n_aq: Moments
+    n_ak: Moments
     y: Moments
     SCRATCH = _JointAttention.SCRATCH | {"tokens": TOKENS, "context_tokens": ("hidden", "context", "batch")}
 
@@ -729,6 +798,10 @@ class JointAttentionPre(_JointAttention):
     b_aq: Moments
     b_ak: Moments
     b_av: Moments
+    n_q: Moments
+    n_k: Moments
+    n_aq: Moments
+    n_ak: Moments
     y: Moments
 
     def outputs(self) -> tuple[tuple[Any, Moments, Moments, int, Any], ...]:

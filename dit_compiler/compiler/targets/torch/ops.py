@@ -229,22 +229,30 @@ def _take_tokens(node: Node, code: Code) -> str:
 
 
 _JOINT_WEIGHTS = ("w_q", "w_k", "w_v", "w_o", "w_aq", "w_ak", "w_av", "w_ao")
+_QK_NORMS = ("n_q", "n_k", "n_aq", "n_ak")
 
 
 def _joint_modules(node: Node, graph: Graph) -> dict[str, str]:
-    return _weights(*(p for p in _JOINT_WEIGHTS if p in node.inputs))(node, graph)
+    modules = _weights(*(p for p in _JOINT_WEIGHTS if p in node.inputs))(node, graph)
+    for port in (p for p in _QK_NORMS if p in node.inputs):
+        source = _source(graph, node, port)
+        modules[module_path(source.key)] = f"nn.RMSNorm({source.torch_shape[0]}, eps={node.attrs.eps!r})"
+    return modules
 
 
-@torch_op("joint_attention", uses=("attention", "joint_attention"), modules=_joint_modules)
+@torch_op("joint_attention", uses=("attention", "rms_norm", "joint_attention"), modules=_joint_modules)
 def _joint_attention(node: Node, code: Code) -> str:
     """Both streams' projections as diffusers' JointAttnProcessor2_0 names them; the context's output
-    projection is None in the last block (context_pre_only)."""
+    projection is None in the last block (context_pre_only); QK norm's RMSNorms where the node has them."""
     heads = code.graph.tensors[node.inputs["w_q"]].shape[0]
     image = ", ".join(code.module(node.inputs[p]) for p in ("w_q", "w_k", "w_v", "w_o"))
     context = ", ".join(code.module(node.inputs[p]) if p in node.inputs else "None"
                         for p in ("w_aq", "w_ak", "w_av", "w_ao"))
     x, c = code.value(node.inputs["x"]), code.value(node.inputs["c"])
-    return f"joint_attention({x}, {c}, ({image}), ({context}), heads={heads})"
+    norms = ""
+    if "n_q" in node.inputs:
+        norms = ", norms=(" + ", ".join(code.module(node.inputs[p]) for p in _QK_NORMS) + ")"
+    return f"joint_attention({x}, {c}, ({image}), ({context}), heads={heads}{norms})"
 
 
 @torch_op("token_slice")
