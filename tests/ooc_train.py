@@ -34,7 +34,7 @@ def main(build_dir: str, settings: str, data_file: str, out_file: str) -> None:
         optimizer = model.adamw(float(data["lr"]), float(data["weight_decay"]))
         try:
             start = disk_bytes()
-            losses = [model.train_step(data["x"], data["t"], data["y"], data["target"], optimizer)
+            losses = [model.train_step((data["x"], data["t"], data["y"]), data["target"], optimizer)
                       for _ in range(int(data["steps"]))]
             read, written = (b - a for a, b in zip(start, disk_bytes()))
             weights = model.state_dict()

@@ -191,7 +191,8 @@ def test_verify_without_nntile_says_so_and_checks_what_it_can(tmp_path, monkeypa
     progress = [i for i, line in enumerate(lines) if re.match(r"\[\d/2\] ", line)]
     assert lines[header + 1].startswith("tiling: ") and header + 1 < progress[0] and len(progress) == 2
     assert out.count("ditc verify: tiny") == 1
-    assert "torch reference vs diffusers DiTTransformer2DModel: forward" in out
+    assert "diffusers DiTTransformer2DModel (built from the spec's config" in out
+    assert "torch reference vs diffusers: forward" in out
     assert main(["verify", str(SPECS / "tiny.yaml"), "-o", str(tmp_path), "--require-nntile"]) == 2
     assert "--require-nntile" in capsys.readouterr().err
 

@@ -8,17 +8,13 @@ import pytest
 
 from dit_compiler.compiler.graph.cost import totals
 from dit_compiler.compiler.lower import lower
-from dit_compiler.compiler.spec.model import PRESETS, ModelSpec, Spec, TilingSpec
+from dit_compiler.compiler.spec.model import PAPER, PRESETS, ModelSpec, Spec, TilingSpec
+from dit_compiler.compiler.spec.validate import build_model
 from dit_compiler.compiler.tiling import AUTO_RULE, axis_sizes, resolve_tiles
 
 # DiT paper, Table 4: forward GFlops at batch 1 and trainable parameters (millions, pos-embed excluded).
-PAPER_GFLOPS = {
-    "DiT-S/8": 0.36, "DiT-S/4": 1.41, "DiT-S/2": 6.06,
-    "DiT-B/8": 1.42, "DiT-B/4": 5.56, "DiT-B/2": 23.01,
-    "DiT-L/8": 5.01, "DiT-L/4": 19.70, "DiT-L/2": 80.71,
-    "DiT-XL/8": 7.39, "DiT-XL/4": 29.05, "DiT-XL/2": 118.64,
-}
-PAPER_PARAMS_M = {"DiT-S/2": 32.87, "DiT-B/2": 130.32, "DiT-L/2": 457.84, "DiT-XL/2": 674.83}
+PAPER_GFLOPS = {name: f.gmacs for name, f in PAPER.items() if name.startswith("DiT")}
+PAPER_PARAMS_M = {name: f.params_m for name, f in PAPER.items() if name.startswith("DiT") and f.params_m}
 
 
 def preset_spec(name: str, batch: int = 1, **model) -> Spec:
@@ -73,7 +69,7 @@ def test_graph_marks_host_ops_and_is_json():
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 @pytest.mark.parametrize("batch", [1, 8])
 def test_auto_tiling_is_legal_and_bounded(preset, batch):
-    model = ModelSpec(**PRESETS[preset])
+    model = build_model(PRESETS[preset])
     sizes = axis_sizes(model, batch)
     tiles = resolve_tiles(model, batch, TilingSpec())
     assert model.num_heads % tiles["heads"] == 0

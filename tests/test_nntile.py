@@ -210,7 +210,7 @@ def test_adamw_training_steps_match_torch(tmp_path, weight_decay):
         try:
             losses = []
             for _ in range(3):
-                losses.append(model.train_step(inputs.x.numpy(), inputs.t.numpy(), inputs.y.numpy(), target,
+                losses.append(model.train_step((inputs.x.numpy(), inputs.t.numpy(), inputs.y.numpy()), target,
                                                optimizer))
                 ema.update(0.9)
             trained, moments, averaged = model.state_dict(), model.adamw_state(optimizer), model.to_torch(ema.shadow)

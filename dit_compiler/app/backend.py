@@ -21,6 +21,7 @@ import torch
 from dit_compiler.app.weights import StateDict, to_numpy, to_torch
 from dit_compiler.compiler import targets
 from dit_compiler.compiler.build import TORCH_FILE, load_module
+from dit_compiler.compiler.captions import label_inputs
 from dit_compiler.compiler.graph.ir import Graph
 from dit_compiler.compiler.targets.base import OptimConfig
 from dit_compiler.errors import UsageError
@@ -35,7 +36,7 @@ class Backend(Protocol):
 
     def forward(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
         """x [N,C,H,W] float32, t [N] float32 (integer-valued), y [N] int64 -> [N,C_out,H,W] float32,
-        keeping what `backward` needs."""
+        keeping what `backward` needs. A caption model reads label y's caption (`compiler.captions`)."""
 
     def predict(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
         """`forward` for sampling: no `backward` follows, so nothing is kept for it."""
@@ -79,6 +80,7 @@ class TorchBackend:
     def __init__(self, build_dir: Path, graph: Graph, optim: OptimConfig, inference: bool = False,
                  world: World | None = None):
         self.batch = graph.axes["batch"].size
+        self.graph = graph
         self.optim = optim
         self.device = torch.device(world.device if world is not None else "cpu")
         self.model = load_module(Path(build_dir) / TORCH_FILE).Model().eval().to(self.device)
@@ -106,12 +108,12 @@ class TorchBackend:
         return [torch.from_numpy(a).to(self.device) for a in arrays]
 
     def forward(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
-        self._out = self.runs(*self._inputs(x, t, y))
+        self._out = self.runs(*self._inputs(x, t, *label_inputs(self.graph, y)))
         return self._out.detach().cpu().numpy().copy()
 
     @torch.no_grad()
     def predict(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return self.model(*self._inputs(x, t, y)).cpu().numpy()
+        return self.model(*self._inputs(x, t, *label_inputs(self.graph, y))).cpu().numpy()
 
     def backward(self, grad_out: np.ndarray, accumulate: bool = False) -> None:
         if self._out is None:

@@ -20,6 +20,7 @@ from typing import Literal
 
 import numpy as np
 
+from dit_compiler.compiler.captions import label_classes
 from dit_compiler.errors import UsageError
 from dit_compiler.userfiles import load_npz, regular_size
 
@@ -53,7 +54,7 @@ class ImageShape:
     @classmethod
     def of_graph(cls, graph) -> "ImageShape":
         """Read from the operation graph (never re-derived from the spec)."""
-        return cls(graph.axes["in_channels"].size, graph.axes["height"].size, graph.spec.model.num_classes)
+        return cls(graph.axes["in_channels"].size, graph.axes["height"].size, label_classes(graph.spec.model))
 
 
 #: The built-in digits: grey 8x8 images of 10 classes.

@@ -26,6 +26,7 @@ from dit_compiler.app.diffusion import guided
 from dit_compiler.app.diffusion.objective import objective_of
 from dit_compiler.app.diffusion.sampling import CfgChannels, ModelFn
 from dit_compiler.app.progress import Progress, counted
+from dit_compiler.compiler.captions import label_classes
 from dit_compiler.compiler.graph.ir import Graph
 from dit_compiler.compiler.targets.torch import import_diffusers
 from dit_compiler.errors import UsageError
@@ -92,8 +93,8 @@ def sample_labels(num_classes: int, classes: list[int] | None, n: int | None) ->
 def generate(backend: Backend, graph: Graph, labels: np.ndarray, config: SampleConfig,
              stream: TextIO | None = None) -> np.ndarray:
     """Samples [N, C, H, W] (float32) for `labels` with the backend's current weights."""
-    num_classes = graph.spec.model.num_classes
-    if config.cfg != 1.0 and graph.axes["classes"].size == num_classes:
+    num_classes = label_classes(graph.spec.model)
+    if config.cfg != 1.0 and graph.spec.model.caption is None and graph.axes["classes"].size == num_classes:
         raise UsageError(f"--cfg {config.cfg}: the model has no null class (class_dropout_prob 0), so it cannot "
                          "be guided; use --cfg 1")
     channels, size = graph.axes["in_channels"].size, graph.axes["height"].size

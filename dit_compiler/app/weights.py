@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dit_compiler.compiler.naming import KEYS
+from dit_compiler.compiler.naming import KEYS, PIXART
 from dit_compiler.compiler.build import TORCH_FILE, load_module
 from dit_compiler.errors import UsageError
 from dit_compiler.files import write_atomic
@@ -60,6 +60,40 @@ def initialize_dit_weights(module: nn.Module, flavor: str, depth: int, seed: int
     for linear in every(keys.adaln) + [modules[keys.final_adaln], modules[keys.final_linear]]:
         nn.init.zeros_(linear.weight)
         nn.init.zeros_(linear.bias)
+
+
+@torch.no_grad()
+def initialize_pixart_weights(module: nn.Module, depth: int, seed: int) -> None:
+    """PixArt-alpha's `initialize_weights` (PixArt-alpha/PixArt-alpha, `PixArt.initialize_weights`) on a
+    reference of diffusers' PixArtTransformer2DModel key layout.
+
+    Every Linear xavier-uniform with zero bias; the patch projection xavier-uniform as a Linear over the
+    patch vector; the timestep, size and caption MLPs' weights and the shared adaLN-single projection
+    N(0, 0.02); every cross-attention output projection and the output Linear zero; the scale_shift_tables
+    N(0, 1) / sqrt(hidden) (as their constructors draw them). Draws in the module's registration order.
+    """
+    keys = PIXART
+    generator = torch.Generator().manual_seed(seed)
+    modules = dict(module.named_modules())
+    for m in modules.values():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight, generator=generator)
+            nn.init.zeros_(m.bias)
+    patch = modules[keys.patch]
+    nn.init.xavier_uniform_(patch.weight.view(patch.weight.shape[0], -1), generator=generator)
+    nn.init.zeros_(patch.bias)
+    normal = [keys.t_linear1, keys.t_linear2, keys.adaln, keys.caption_linear1, keys.caption_linear2]
+    normal += [k.format(name) for name in ("resolution", "aspect_ratio") for k in (keys.size_linear1, keys.size_linear2)]
+    for name in normal:
+        if name in modules:
+            nn.init.normal_(modules[name].weight, std=0.02, generator=generator)
+    zero = [keys.cross_attn_out.format(b=keys.block.format(i=i)) for i in range(depth)] + [keys.final_linear]
+    for name in zero:
+        nn.init.zeros_(modules[name].weight)
+        nn.init.zeros_(modules[name].bias)
+    for name, param in module.named_parameters():
+        if name.endswith("scale_shift_table"):
+            param.copy_(torch.randn(param.shape, generator=generator) / param.shape[1] ** 0.5)
 
 
 def to_numpy(state: dict) -> StateDict:

@@ -41,8 +41,10 @@ import numpy as np
 
 from dit_compiler.compiler import targets
 from dit_compiler.compiler.build import GRAPH_FILE, load_module
+from dit_compiler.compiler.captions import inputs_for, label_classes
 from dit_compiler.compiler.graph.cost import largest_tile_gemm
 from dit_compiler.compiler.graph.ir import Graph
+from dit_compiler.compiler.spec.validate import build_model
 
 MIB = 2 ** 20
 
@@ -373,7 +375,9 @@ def _side(side: str, build_dir: Path, ncpus: int, out_of_core: dict | None = Non
     rng = np.random.default_rng(0)
     x = rng.standard_normal(x_shape, dtype=np.float32)
     t = rng.integers(0, 1000, n).astype(np.float32)
-    y = rng.integers(0, table_rows, n)
+    model_spec = build_model(graph_data["spec"]["model"])
+    y = rng.integers(0, label_classes(model_spec) if model_spec.caption else table_rows, n)
+    inputs = (x, t, *inputs_for(graph_data["inputs"][2:], model_spec, y))   # labels, or captions ...
     target = rng.standard_normal(out_shape, dtype=np.float32)
     torch.set_num_threads(ncpus)
 
@@ -384,15 +388,15 @@ def _side(side: str, build_dir: Path, ncpus: int, out_of_core: dict | None = Non
         if checkpoint:
             _checkpoint_blocks(model.get_submodule(reference.BLOCKS))
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
-        xt, tt, yt, target_t = map(torch.from_numpy, (x, t, y, target))
+        inputs_t, target_t = [torch.from_numpy(a) for a in inputs], torch.from_numpy(target)
 
         def forward():
             with torch.no_grad():
-                model(xt, tt, yt)
+                model(*inputs_t)
 
         def step():
             optimizer.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.mse_loss(model(xt, tt, yt), target_t)
+            loss = torch.nn.functional.mse_loss(model(*inputs_t), target_t)
             loss.backward()
             optimizer.step()
 
@@ -431,8 +435,8 @@ def _side(side: str, build_dir: Path, ncpus: int, out_of_core: dict | None = Non
             return _gflops(runtime.gemm(m, n, k), m, n, k)
 
         try:
-            yield _Side(lambda: model.forward(x, t, y), lambda: model.train_step(x, t, y, target, optimizer),
-                        lambda: model.profile_layers(x, t, y, target, optimizer), ncpus, gemm, blas,
+            yield _Side(lambda: model.forward(*inputs), lambda: model.train_step(inputs, target, optimizer),
+                        lambda: model.profile_layers(inputs, target, optimizer), ncpus, gemm, blas,
                         runtime.scheduler(), model.kernels.note, advice or "", core or "", runtime.pause,
                         runtime.resume, runtime.WORKERS)
         finally:

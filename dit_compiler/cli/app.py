@@ -23,6 +23,7 @@ from dit_compiler.app.launch import launch
 from dit_compiler.cli.args import (MAX_SEED, check_folder_arg, integer, memory_size, number, path, runner_target,
                                    spec_and_dir, workers)
 from dit_compiler.compiler.build import compile_spec, graph_of, write_build
+from dit_compiler.compiler.captions import label_classes
 from dit_compiler.compiler.spec.model import SAMPLERS, Spec
 from dit_compiler.errors import UsageError, shown
 from dit_compiler.files import cache_root, check_owned, mark_folder
@@ -335,7 +336,7 @@ def _rows(labels: int, scales: list[float]) -> int:
 def _labels(args, spec: Spec):
     from dit_compiler.app.sample import sample_labels
 
-    return sample_labels(spec.model.num_classes, args.classes, args.n)
+    return sample_labels(label_classes(spec.model), args.classes, args.n)
 
 
 def cmd_export(args) -> int:
@@ -471,7 +472,7 @@ def cmd_evaluate(args) -> int:
                 lambda default: _output_folder(Path(args.out) if args.out else default.with_name("evaluate"),
                                                "--out", EVALUATE_KINDS))
             mark_folder(out, EVALUATE_KINDS)   # before its cfg*/ samples folders
-            labels = sample_labels(graph.spec.model.num_classes, None, args.n)
+            labels = sample_labels(label_classes(graph.spec.model), None, args.n)
             try:
                 if vae is not None:
                     check_vae(vae, graph.axes["in_channels"].size)

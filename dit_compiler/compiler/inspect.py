@@ -7,6 +7,8 @@ from dataclasses import asdict
 from dit_compiler.compiler import targets
 from dit_compiler.compiler.graph.cost import gflops, node_cost, totals
 from dit_compiler.compiler.graph.ir import Graph
+from dit_compiler.compiler.spec.model import PAPER, PRESETS
+from dit_compiler.compiler.spec.validate import build_model
 
 #: The rows of a training step's predicted peak (the target's `StepMemory`), in print order: label, note.
 STEP_ROWS = {
@@ -48,6 +50,7 @@ def inspect_table(graph: Graph, ops: bool = True, memory_limit: int | None = Non
     tot = totals(graph)
     lines += ["", "totals:",
               f"  forward            {gflops(tot.forward_macs):.2f} GMAC ('GFlops' as in the DiT paper)",
+              *_paper(graph, tot.forward_macs, tot.params),
               f"  parameters         {tot.params / 1e6:.2f} M trainable, {_mib(tot.param_bytes)}",
               f"  activations        {_mib(tot.activation_bytes)} (graph activations "
               f"{_mib(tot.activation_bytes - tot.kept_bytes)}, the layers' kept tensors {_mib(tot.kept_bytes)})",
@@ -56,6 +59,23 @@ def inspect_table(graph: Graph, ops: bool = True, memory_limit: int | None = Non
               f"  optimizer state    {_mib(tot.optimizer_bytes)} (AdamW, two moments)",
               f"  NNTile tasks       {tot.tasks} forward (output tiles of every op)"]
     return "\n".join(lines + _step_memory(graph, memory_limit)) + "\n"
+
+
+def preset_of(graph: Graph) -> str | None:
+    """The preset whose model the graph's is (any batch, tiling and run settings), if any."""
+    return next((name for name, values in PRESETS.items() if build_model(values) == graph.spec.model), None)
+
+
+def _paper(graph: Graph, macs: int, params: int) -> list[str]:
+    """The paper's figures beside ditc's, where the model is a preset's (GMACs per image, at batch 1)."""
+    name = preset_of(graph)
+    if name is None or name not in PAPER:
+        return []
+    f, batch = PAPER[name], graph.axes["batch"].size
+    gmacs = f"{f.gmacs:.2f} GMAC per image" if f.gmacs is not None else "no GMACs"
+    counted = f"{f.params_m:.2f} M parameters" if f.params_m is not None else "no parameter count"
+    return [f"  paper              {name}: {gmacs}, {counted} (ditc: {gflops(macs) / batch:.2f} GMAC per image, "
+            f"{params / 1e6:.2f} M); {f.source}"]
 
 
 def _step_memory(graph: Graph, memory_limit: int | None) -> list[str]:
@@ -80,6 +100,8 @@ def inspect_json(graph: Graph, memory_limit: int | None = None) -> str:
         "tensors": [{"name": t.name, "role": t.role, "shape": t.shape, "tile": t.tile, "tiles": t.ntiles}
                     for t in graph.tensors.values()],
         "totals": asdict(totals(graph)),
+        "preset": preset_of(graph),
+        "paper": asdict(PAPER[preset_of(graph)]) if preset_of(graph) in PAPER else None,
     }
     target = targets.get(graph.spec.target)
     peak = target.predict(graph)

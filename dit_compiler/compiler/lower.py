@@ -3,6 +3,7 @@ design of `model.conditioning` (a module of `dit_compiler.compiler.designs` each
 from __future__ import annotations
 
 from dit_compiler.compiler.designs.adaln import AdaLN
+from dit_compiler.compiler.designs.adaln_single import AdaLNSingle
 from dit_compiler.compiler.designs.adaln_zero import AdaLNZero
 from dit_compiler.compiler.designs.base import Lowering
 from dit_compiler.compiler.designs.cross_attention import CrossAttention
@@ -18,9 +19,8 @@ DESIGNS: dict[str, type[Lowering]] = {
     "adaln": AdaLN,
     "in_context": InContext,
     "cross_attention": CrossAttention,
+    "adaln_single": AdaLNSingle,
     "joint": Joint,
-
-    # "adaln_single": PixArt-alpha's
 }
 
 

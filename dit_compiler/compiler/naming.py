@@ -138,8 +138,8 @@ class PixArtKeys:
     table: str = "{b}.scale_shift_table"
     attn_in: tuple[str, ...] = ("{b}.attn1.to_q", "{b}.attn1.to_k", "{b}.attn1.to_v")
     attn_out: str = "{b}.attn1.to_out.0"
-    cross_in: tuple[str, ...] = ("{b}.attn2.to_q", "{b}.attn2.to_k", "{b}.attn2.to_v")
-    cross_out: str = "{b}.attn2.to_out.0"
+    cross_attn_in: tuple[str, ...] = ("{b}.attn2.to_q", "{b}.attn2.to_k", "{b}.attn2.to_v")
+    cross_attn_out: str = "{b}.attn2.to_out.0"
     fc1: str = "{b}.ff.net.0.proj"
     fc2: str = "{b}.ff.net.2"
     final_table: str = "scale_shift_table"
@@ -169,7 +169,7 @@ DESIGN_FLAVORS: dict[tuple[str, str], Flavor] = {
 
 def flavor_of(model) -> Flavor:
     """The naming of a model (`ModelSpec`): its design's where that has its own, else its flavor's."""
-    return DESIGN_FLAVORS.get((getattr(model, "conditioning", "adaln_zero"), model.flavor), FLAVORS[model.flavor])
+    return DESIGN_FLAVORS.get((model.conditioning, model.flavor), FLAVORS[model.flavor])
 
 
 #: The adaLN projection's row blocks, in DiT's `chunk(6)` order, and the final layer's `chunk(2)`;

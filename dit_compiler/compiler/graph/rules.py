@@ -80,13 +80,13 @@ def gemm(x_port: str, w_port: str, y_port: str, b_port: str | None = None) -> Ru
 
 
 def rows_of(small_port: str, big_port: str) -> Rule:
-    """The small tensor is a block of the big one's first-axis rows (at the node's offset): the other axes
-    the same, with their tiles; the rows fit."""
+    """The small tensor [k, m*N] holds m pieces of k rows for each of the big one's N columns [D, N], which
+    fit from the node's offset (copy_intersection moves them, so the tiles may differ)."""
     def rule(graph: Graph, node: Node) -> None:
         small, big = _tensor(graph, node, small_port), _tensor(graph, node, big_port)
-        if (small.shape[1:], small.tile[1:]) != (big.shape[1:], big.tile[1:]) \
-                or not 0 <= node.attrs.offset <= big.shape[0] - small.shape[0]:
-            raise _fail(node, f"{_show(small)} at row {node.attrs.offset} is not a block of rows of {_show(big)}")
+        pieces, ragged = divmod(small.shape[1], big.shape[1]) if len(small.shape) == len(big.shape) == 2 else (0, 1)
+        if ragged or not 0 <= node.attrs.offset <= big.shape[0] - pieces * small.shape[0]:
+            raise _fail(node, f"{_show(small)} at row {node.attrs.offset} is not pieces of rows of {_show(big)}")
     return rule
 
 

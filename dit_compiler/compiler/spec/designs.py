@@ -34,10 +34,6 @@ NOT_LOWERED: tuple[Refusal, ...] = (
     Refusal(("mlp", "bias"), False, "the block options"),
     Refusal(("norm", "type"), "rms_norm", "the block options"),
     Refusal(("norm", "affine"), True, "the block options"),
-
-    # PixArt-alpha (issue 24, PixArt).
-    Refusal(("conditioning",), "adaln_single", "PixArt-alpha"),
-    Refusal(("size_conditioning",), True, "PixArt-alpha 1024"),
 )
 
 
@@ -76,55 +72,7 @@ def refusals(model: ModelSpec) -> list[tuple[tuple[str, ...], Any, str]]:
         if hit:
             found.append((refusal.path, value, f"not supported yet: ditc does not lower {refusal.owner} (valid "
                                                "spec language, not compiled by this version)"))
-    return found + joint_problems(model)
-
-
-#: The block options conditioning joint lowers: SD3's (diffusers' JointTransformerBlock has no others).
-JOINT_OPTIONS: dict[tuple[str, ...], Any] = {("attention", "bias"): True,
-                                              ("mlp", "activation"): "gelu_tanh", ("mlp", "bias"): True,
-                                              ("norm", "type"): "layer_norm", ("norm", "affine"): False}
-
-
-def joint_problems(model: ModelSpec) -> list[tuple[tuple[str, ...], str, str]]:
-    """What conditioning joint (SD3's MMDiT) cannot be, and SD3's positional table elsewhere."""
-    grid = model.input_size // model.patch_size
-    found = []
-    if model.pos_embed_max_size is not None and model.conditioning != "joint":
-        found.append((("pos_embed_max_size",), f"SD3's cropped positional table; conditioning here is "
-                      f"{model.conditioning}", "null, or conditioning joint"))
-    elif model.pos_embed_max_size is not None and model.pos_embed_max_size < grid:
-        found.append((("pos_embed_max_size",), f"smaller than the {grid} patches per side the table is cropped to",
-                      f"at least input_size / patch_size = {grid}, or null"))
-    if model.conditioning != "joint":
-        if model.attention.qk_norm == "rms_norm":
-            found.append((("attention", "qk_norm"), "not supported yet: ditc lowers QK norm rms_norm for "
-                          "conditioning joint only (SD3.5's)", "none, or conditioning joint"))
-        return found
-    joint = "conditioning joint (SD3's MMDiT)"
-    if model.attention.qk_norm == "layer_norm":
-        found.append((("attention", "qk_norm"), f"{joint} lowers SD3.5's QK norm only", "none or rms_norm"))
-    if model.caption is None:
-        found.append((("conditioning",), f"{joint} attends to caption tokens jointly with the image's",
-                      "a model.caption"))
-    else:
-        if model.caption.pooled_width == 0:
-            found.append((("caption", "pooled_width"), f"{joint} adds a pooled text vector to the timestep "
-                          "embedding", "a width of at least 1 (SD3: 2048)"))
-        if model.caption.mask:
-            found.append((("caption", "mask"), f"{joint} attends to every caption token, as diffusers' "
-                          "SD3Transformer2DModel (no mask input)", "false"))
-    if model.num_classes != 0:
-        found.append((("num_classes",), f"{joint} reads no class labels", "0"))
-    if model.flavor != "diffusers":
-        found.append((("flavor",), f"{joint} is named after diffusers' SD3Transformer2DModel", "diffusers"))
-    for path, allowed in JOINT_OPTIONS.items():
-        if _value(model, path) != allowed:
-            found.append((path, f"{joint} lowers SD3's block only", json_value(allowed)))
     return found
-
-
-def json_value(value: Any) -> str:
-    return "true" if value is True else "false" if value is False else str(value)
 
 
 #: The conditioning designs a caption can drive.
@@ -149,6 +97,17 @@ def combination_problems(model: ModelSpec) -> list[tuple[tuple[str, ...], str, s
                                         or model.conditioning == "cross_attention" and model.caption is None):
         found.append((("flavor",), f"diffusers has no model with DiT's {model.conditioning} design to name "
                       "its weights after", "dit"))
+    if model.conditioning == "adaln_single":
+        if model.num_classes:
+            found.append((("num_classes",), "PixArt-alpha's adaLN-single conditions on captions, not class labels",
+                          "0, with a model.caption"))
+        if model.flavor != "diffusers":
+            found.append((("flavor",), "PixArt-alpha's weights are named as diffusers' PixArtTransformer2DModel "
+                          "names them", "diffusers"))
+        if model.size_conditioning and model.hidden_size % 3:
+            found.append((("size_conditioning",), f"the resolution and aspect-ratio embeddings are hidden_size / 3 "
+                          f"wide each, and hidden_size {model.hidden_size} is not a multiple of 3",
+                          "false, or a hidden_size divisible by 3"))
     return found + joint_problems(model)
 
 

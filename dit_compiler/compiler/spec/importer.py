@@ -143,7 +143,7 @@ def _pixart(c: _Config) -> dict:
     if scale is not None and scale != default_scale:
         c.refuse("interpolation_scale", scale, f"ditc's PixArt positional table uses diffusers' default for "
                  f"sample_size {model['input_size']}, {default_scale}")
-    return model | {"num_classes": 0, "class_dropout_prob": 0.0, "conditioning": "adaln_single",
+    return model | {"num_classes": 0, "conditioning": "adaln_single",
                     "caption": {"width": width, "length": PIXART_CAPTION_LENGTH, "mask": True},
                     "size_conditioning": size}
 

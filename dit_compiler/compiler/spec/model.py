@@ -261,7 +261,21 @@ PRESETS: dict[str, dict] = {
         "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16),
     }.items()
     for patch in (2, 4, 8)
-} | {
+}
+
+
+def _pixart(input_size: int, size_conditioning: bool) -> dict:
+    """PixArt-alpha XL/2 (arXiv:2310.00426; diffusers' PixArtTransformer2DModel defaults): DiT-XL/2's sizes,
+    T5-XXL captions of 120 tokens, no class labels; the 1024 model also embeds resolution and aspect ratio."""
+    return _preset(28, 1152, 16, 2) | {
+        "input_size": input_size, "in_channels": 4, "mlp_ratio": 4.0, "learn_sigma": True, "num_classes": 0,
+        "conditioning": "adaln_single", "flavor": "diffusers", "norm_eps": 1e-6,
+        "caption": {"width": 4096, "length": 120, "mask": True}, "size_conditioning": size_conditioning,
+    }
+
+
+PRESETS |= {"PixArt-alpha-XL/2-256": _pixart(32, False), "PixArt-alpha-XL/2-1024": _pixart(128, True)}
+PRESETS |= {
     # diffusers' SD3Transformer2DModel config of stabilityai/stable-diffusion-3-medium-diffusers: 24 heads of
     # 64 (hidden 1536 = caption_projection_dim), T5-XXL captions (joint_attention_dim 4096) of 77 + 256
     # tokens (CLIP's and T5's), CLIP's pooled vectors (pooled_projection_dim 2048), a cropped 192^2 table.
@@ -269,4 +283,31 @@ PRESETS: dict[str, dict] = {
                    "num_heads": 24, "mlp_ratio": 4.0, "num_classes": 0, "learn_sigma": False,
                    "norm_eps": 1e-6, "flavor": "diffusers", "conditioning": "joint", "pos_embed_max_size": 192,
                    "caption": {"width": 4096, "length": 333, "pooled_width": 2048, "mask": False}},
+}
+
+
+@dataclass(frozen=True)
+class PaperFigure:
+    """What a preset's paper prints: forward GMACs per image at batch 1 ("GFlops" in the DiT paper) and
+    trainable parameters in millions; None where it prints none."""
+
+    gmacs: float | None
+    params_m: float | None
+    source: str
+
+
+_DIT_TABLE4 = "DiT paper (arXiv:2212.09748), Table 4"
+_DIT_GFLOPS = {"S": (0.36, 1.41, 6.06), "B": (1.42, 5.56, 23.01), "L": (5.01, 19.70, 80.71), "XL": (7.39, 29.05, 118.64)}
+_DIT_PARAMS_M = {"S": 32.87, "B": 130.32, "L": 457.84, "XL": 674.83}   # /2 models, pos-embed excluded
+
+#: The papers' figures of the presets (`ditc inspect` prints them beside its own).
+PAPER: dict[str, PaperFigure] = {
+    f"DiT-{size}/{patch}": PaperFigure(gmacs, _DIT_PARAMS_M[size] if patch == 2 else None, _DIT_TABLE4)
+    for size, figures in _DIT_GFLOPS.items() for patch, gmacs in zip((8, 4, 2), figures)
+} | {
+    name: PaperFigure(None, 600.0, "PixArt-alpha paper (arXiv:2310.00426): 0.6B parameters, no GFLOPs published")
+    for name in ("PixArt-alpha-XL/2-256", "PixArt-alpha-XL/2-1024")
+} | {
+    "SD3-medium": PaperFigure(None, 2000.0, "SD3 paper (arXiv:2403.03206): the 2B model (depth 24), no "
+                              "per-model GFLOPs published (its scaling plots are in training FLOPs)"),
 }

@@ -133,9 +133,10 @@ def build_spec(data: dict, default_name: str, source: str) -> Spec:
 
 
 def build_model(values: dict) -> ModelSpec:
-    """The ModelSpec of valid model keys; flavor diffusers changes the default norm_eps."""
+    """The ModelSpec of valid model keys; flavor diffusers changes the default norm_eps to its class's
+    (DiTTransformer2DModel 1e-5; PixArtTransformer2DModel, conditioning adaln_single, 1e-6 as DiT)."""
     values = _coerce(("model",), values)
-    if "norm_eps" not in values and values.get("flavor") == "diffusers":
+    if "norm_eps" not in values and values.get("flavor") == "diffusers" and values.get("conditioning") != "adaln_single":
         values["norm_eps"] = DIFFUSERS_NORM_EPS
     for section, cls in MODEL_SECTIONS.items():
         if isinstance(values.get(section), dict):

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from dit_compiler.compiler.build import NNTILE_FILE, TORCH_FILE, load_module
+from dit_compiler.compiler.captions import label_inputs
 from dit_compiler.compiler.graph.ir import Graph
 from dit_compiler.compiler.targets.base import DataParallel, OptimConfig, clip_scale
 from dit_compiler.compiler.targets.nntile_1_1.ooc import OutOfCoreError, out_of_core
@@ -55,6 +56,7 @@ class NNTileBackend:
 
             raise UsageError(f"--backend nntile: {reason}")
         self.batch = graph.axes["batch"].size
+        self.graph = graph
         self.optim = optim
         with torch.device("meta"):
             reference = load_module(Path(build_dir) / TORCH_FILE).Model()
@@ -91,10 +93,10 @@ class NNTileBackend:
 
     # -- running --------------------------------------------------------------------------------------
     def forward(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return self.model.forward(x, t, y)
+        return self.model.forward(x, t, *label_inputs(self.graph, y))
 
     def predict(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return self.model.forward(x, t, y)
+        return self.model.forward(x, t, *label_inputs(self.graph, y))
 
     def backward(self, grad_out: np.ndarray, accumulate: bool = False) -> None:
         """On one process backward waits for `step`, which runs it with AdamW layer by layer; in a

@@ -11,6 +11,7 @@ from dit_compiler.compiler.emit.env import header, render
 from dit_compiler.compiler.graph.ir import Graph, Node, Tensor
 from dit_compiler.compiler.graph.ops import OPS
 from dit_compiler.compiler.naming import TRACE
+from dit_compiler.compiler.posembed import pos_scale
 from dit_compiler.compiler.targets.nntile_1_1.layers import LAYERS
 from dit_compiler.compiler.targets.nntile_1_1.memory import held_tensors
 from dit_compiler.compiler.targets.nntile_1_1.runtime import NNTILE_VERSION, RUNTIME_VERSION
@@ -21,16 +22,16 @@ _FORWARD_HOST = {
     "timestep_sinusoid": "self.set_value({y}, timestep_features({t}, GEOMETRY))",
 }
 #: The graph's constants and how the host computes them (in the graph's layout).
-_CONSTS = {TRACE.pos_embed: "sincos_pos_embed(GEOMETRY.hidden, GEOMETRY.grid).T"}
+_CONSTS = {TRACE.pos_embed: "sincos_pos_embed(GEOMETRY.hidden, GEOMETRY.grid{scale}).T"}
 #: The same with a `crop` layout (SD3's pos_embed_max_size): the centred crop of the larger table.
 _CROPPED = {TRACE.pos_embed: "crop_pos_embed(sincos_pos_embed(GEOMETRY.hidden, GEOMETRY.grid, max_size={size}), "
                              "GEOMETRY.grid).T"}
 
 
-def _const(t: Tensor) -> str:
+def _const(t: Tensor, scale: str) -> str:
     if t.source.layout == "crop":
         return _CROPPED[t.name].format(size=math.isqrt(t.source.torch_shape[1]))
-    return _CONSTS[t.name]
+    return _CONSTS[t.name].format(scale=scale)
 
 
 #: The torch-layout shape of each graph input, for the generated docstrings.
@@ -117,6 +118,7 @@ def model_context(graph: Graph) -> dict:
     patches, output = host["patchify"].outputs["y"], host["unpatchify"].inputs["x"]
     ax = graph.axes
     patch, sinusoid = graph.first("patchify").attrs, graph.first("timestep_sinusoid").attrs
+    scale = f", {pos_scale(graph.spec.model)}" if pos_scale(graph.spec.model) != 1 else ""
     context = {
         "header": header(graph, f"NNTile {NNTILE_VERSION} model"),
         "flavor": graph.spec.model.flavor,
@@ -141,7 +143,7 @@ def model_context(graph: Graph) -> dict:
                         + [f"self.set_labels({literal(t.name)}, {t.name})" if t.dtype == "int64"
                            else f"self.set_value({literal(t.name)}, {t.name})" for t in tensors if t.role == "input"],
         "patches": literal(patches),
-        "consts": [f"self.set_const({literal(t.name)}, {_const(t)})" for t in tensors if t.role == "const"],
+        "consts": [f"self.set_const({literal(t.name)}, {_const(t, scale)})" for t in tensors if t.role == "const"],
     }
     if folded:
         after = after_renderer(graph, blocks)

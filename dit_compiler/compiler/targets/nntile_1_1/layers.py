@@ -240,6 +240,7 @@ class AddRows(Layer):
     def backward_async(self) -> None:
         if self.beta(self.h) != 0.0:
             raise RuntimeError("AddRows writes h's gradient: h must have no other reader")
+        nt.clear_async(self.h.grad)   # copy_intersection writes tiles in part: they must hold data first
         for offset in self._pieces():
             nt.copy_intersection_async(self.y.grad, [0, 0], self.h.grad, offset)
         if self.x.grad is not None:

@@ -313,15 +313,15 @@ class Model:
         """An EMA of the parameters, starting from their current values (`to_torch(ema.shadow)` reads it)."""
         return EMA(self.parameters, self.alloc)
 
-    def train_step(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, target: np.ndarray, optimizer: AdamW) -> float:
-        """One optimiser step (`backward_update`) on the mean squared error against `target` [N, C_out, H, W];
-        returns the loss."""
-        diff = self.forward(x, t, y) - target
+    def train_step(self, inputs: tuple[np.ndarray, ...], target: np.ndarray, optimizer: AdamW) -> float:
+        """One optimiser step (`backward_update`) on the mean squared error against `target` [N, C_out, H, W]
+        for the graph's `inputs` (latent, timesteps, labels or captions ...); returns the loss."""
+        diff = self.forward(*inputs) - target
         self.backward_update(2.0 / target.size * diff, optimizer)
         return float(np.mean(diff ** 2))
 
-    def profile_layers(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, target: np.ndarray,
-                       optimizer: AdamW, repeats: int = 3) -> dict[str, float]:
+    def profile_layers(self, inputs: tuple[np.ndarray, ...], target: np.ndarray, optimizer: AdamW,
+                       repeats: int = 3) -> dict[str, float]:
         """Seconds per op kind of one `train_step`'s forward, backward and AdamW step. Each layer is submitted
         `repeats` times and waited on once, which amortises the cost of a wait but removes the overlap
         StarPU finds between layers: the sum exceeds a step."""
@@ -334,7 +334,7 @@ class Model:
             wait_for_all()
             seconds[label] += (time.perf_counter() - start) / repeats
 
-        self.set_inputs(x, t, y)
+        self.set_inputs(*inputs)
         for i, kind in enumerate(self.kinds):
             timed(f"{kind} forward", self.layers[i].forward_async)
             self.release(self.plan[i].release_values, "value")  # after the repeats, which read what it frees

@@ -23,7 +23,7 @@ from dit_compiler.compiler.emit.env import header, render
 from dit_compiler.compiler.graph.ir import Graph, Node, Tensor
 from dit_compiler.compiler.graph.ops import OPS
 from dit_compiler.compiler.naming import TRACE, flavor_of
-from dit_compiler.compiler.posembed import SOURCE as SINCOS_SOURCE
+from dit_compiler.compiler.posembed import SOURCE as SINCOS_SOURCE, pos_scale
 from dit_compiler.compiler.targets.torch.ops import TORCH_OPS, module_path
 
 #: Letters of the shape comments, by axis.
@@ -273,9 +273,11 @@ def module_entries(graph: Graph, nodes: list[Node], scope: Scope,
 
 def const_args(graph: Graph, t: Tensor) -> str:
     """The arguments of `sincos_pos_embed` for the positional table `t`: the whole table diffusers saves
-    (its max_size x max_size one where the model adds a crop)."""
+    (its max_size x max_size one where the model adds a crop), positions scaled as the design's."""
     patches = graph.axes.get("patches", graph.axes["tokens"])   # in_context's tokens hold 2 more
     args = f"{graph.axes['hidden'].size}, {math.isqrt(patches.size)}"
+    if (scale := pos_scale(graph.spec.model)) != 1:
+        args += f", scale={scale}"
     if t.source.layout == "crop":
         args += f", max_size={math.isqrt(t.source.torch_shape[1])}"
     return args
