@@ -16,7 +16,8 @@ from dit_compiler.compiler.build import compile_spec, load_module, write_build
 from dit_compiler.compiler.graph.cost import totals
 from dit_compiler.compiler.lower import lower
 from dit_compiler.compiler.spec import load_spec
-from dit_compiler.compiler.spec.model import PRESETS, ModelSpec, Spec
+from dit_compiler.compiler.spec.model import PRESETS, Spec
+from dit_compiler.compiler.spec.validate import build_model
 from dit_compiler.compiler.targets.torch.emitter import emit_torch
 from dit_compiler.cli import main
 from dit_compiler.errors import SpecError
@@ -43,7 +44,7 @@ def reference(tmp_path, spec: Spec, seed: int = 0):
 
 def test_sd3_medium_has_diffusers_parameters_exactly():
     """The preset against diffusers' class with the same config, counted on the meta device (no memory)."""
-    graph = lower(Spec(name="sd3", source="sd3.yaml", model=ModelSpec(**PRESETS["SD3-medium"])))
+    graph = lower(Spec(name="sd3", source="sd3.yaml", model=build_model(PRESETS["SD3-medium"])))
     assert sd3_config(graph) == SD3_MEDIUM
     with torch.device("meta"):
         theirs = diffusers.SD3Transformer2DModel(**SD3_MEDIUM)

@@ -96,12 +96,6 @@ class ModelSpec:
     size_conditioning: bool = False
     pos_embed_max_size: int | None = None
 
-    def __post_init__(self) -> None:
-        """Sections given as mappings (a preset's `caption`) become their dataclasses."""
-        for name, cls in MODEL_SECTIONS.items():
-            if isinstance(value := getattr(self, name), dict):
-                object.__setattr__(self, name, cls(**value))
-
     @property
     def context_tokens(self) -> int:
         """Tokens of the context axis: the caption's, 2 ([t_emb, y_emb]) for conditioning cross_attention
