@@ -220,3 +220,13 @@ def test_mmdit_trains_on_nntile_as_on_torch(tmp_path):
     """20 digits steps (captions and pooled vectors from the table, label dropout): every step's loss within
     1e-4 of torch's."""
     assert _train_mmdit(tmp_path / "n", "nntile") == pytest.approx(_train_mmdit(tmp_path / "t", "torch"), rel=1e-4)
+
+
+def test_inspect_prints_sd3_mediums_figures_beside_the_papers(tmp_path, capsys):
+    spec = tmp_path / "sd3.yaml"
+    spec.write_text("preset: SD3-medium\n")
+    assert main(["inspect", str(spec), "--summary"]) == 0
+    out = capsys.readouterr().out
+    assert "forward            4452.17 GMAC" in out and "parameters         2028.33 M" in out
+    line = next(x for x in out.splitlines() if x.startswith("  paper"))
+    assert "SD3 paper (arXiv:2403.03206)" in line and "no GMACs" in line and "(ditc: 4452.17 GMAC per image" in line
