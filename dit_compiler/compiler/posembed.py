@@ -7,7 +7,8 @@ import inspect
 import numpy as np
 
 
-def sincos_pos_embed(embed_dim: int, grid_size: int, scale: float = 1.0, max_size: int | None = None) -> np.ndarray:
+def sincos_pos_embed(embed_dim: int, grid_size: int, scale: float = 1.0,
+                     max_size: int | None = None) -> np.ndarray:
     """Fixed 2-D sin-cos positional table [tokens, embed_dim] (MAE's `get_2d_sincos_pos_embed`); positions
     divided by `scale` (diffusers' `interpolation_scale`). With `max_size` (SD3's pos_embed_max_size),
     diffusers' PatchEmbed table: max_size x max_size positions scaled by grid_size / max_size, of which a

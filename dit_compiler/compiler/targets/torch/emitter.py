@@ -155,21 +155,26 @@ def body(graph: Graph, scope: Scope, nodes: list[Node]) -> list[str]:
 
 def fit(line: str, comment: str, indent: int = 8) -> str:
     """`line` + `comment`, or where that is longer than WIDTH, broken after the outermost parenthesis
-    that holds a comma: its arguments go on a continuation line."""
+    that holds a comma: its arguments go on a continuation line, or one a line where they are still
+    longer than WIDTH."""
     if indent + len(line) + len(comment) <= WIDTH:
         return line + comment
-    opened, commas = [], []     # open brackets; (depth, the bracket around it) of each comma
+    opened, commas = [], []     # open brackets; (depth, the bracket around it, its place) of each comma
     for k, ch in enumerate(line):
         if ch in "([":
             opened.append(k)
         elif ch in ")]":
             opened.pop()
         elif ch == "," and opened:
-            commas.append((len(opened), opened[-1]))
+            commas.append((len(opened), opened[-1], k))
     if not commas:
         return line + comment
-    at = min(commas)[1]
-    return line[:at + 1] + "\n    " + line[at + 1:] + comment
+    depth, at, _ = min(commas)
+    if indent + 4 + len(line) - at - 1 + len(comment) <= WIDTH:
+        return line[:at + 1] + "\n    " + line[at + 1:] + comment
+    cuts = [at] + [k for d, b, k in commas if (d, b) == (depth, at)]
+    pieces = [line[a + 1:b + 1].strip() for a, b in zip(cuts, cuts[1:])] + [line[cuts[-1] + 1:].strip()]
+    return line[:at + 1] + "".join("\n    " + piece for piece in pieces) + comment
 
 
 def _tree(entries: list[tuple[str, object]]) -> dict:
