@@ -124,8 +124,11 @@ def test_joint_refuses_what_sd3_has_not_naming_each_key(tmp_path):
     assert set(found) == {"model.conditioning", "model.num_classes"}   # no caption: nothing to condition on
     found = _problems(tmp_path, "model:\n  pos_embed_max_size: 64\n")
     assert set(found) == {"model.pos_embed_max_size"}
-    found = _problems(tmp_path, "model:\n  attention: {qk_norm: rms_norm}\n")   # DiT's block: not yet
-    assert found == {"model.attention.qk_norm": "none, or conditioning joint"}
+    found = _problems(tmp_path, "model:\n  conditioning: joint\n  flavor: diffusers\n  num_classes: 0\n"
+                      "  caption: {width: 8, length: 3, pooled_width: 4, mask: false}\n"
+                      "  attention: {qk_norm: layer_norm, bias: false}\n  mlp: {activation: gelu}\n")
+    assert found == {"model.attention.qk_norm": "none or rms_norm", "model.attention.bias": "true",
+                     "model.mlp.activation": "gelu_tanh"}
 
 
 #: A tiny SD3Transformer2DModel config: odd sizes, a cropped table.

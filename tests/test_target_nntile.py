@@ -29,11 +29,23 @@ AXES = {
 TOKENS, VECTOR = ("hidden", "tokens", "batch"), ("hidden", "batch")
 
 
-def _attention(p, kv="x"):
+def _head_norm(z, p, side: str, kind: str):
+    """QK norm of z [heads, head_dim, tokens, batch] over head_dim, eps 1e-6."""
+    last = z.permute(0, 2, 3, 1)
+    weight, bias = p[f"{side}_norm_w"], p.get(f"{side}_norm_b")
+    normed = F.layer_norm(last, last.shape[-1:], weight, bias, eps=1e-6) if kind == "layer_norm" \
+        else F.rms_norm(last, last.shape[-1:], weight, eps=1e-6)
+    return normed.permute(0, 3, 1, 2)
+
+
+def _attention(p, kv="x", qk_norm=None):
     """Feature-first attention: q, k, v [heads, head_dim, tokens, batch]; scores over keys (axis 0); keys
-    and values from `kv`, a key mask [keys, batch] adding -10000 (1 - mask) as diffusers' Attention."""
+    and values from `kv`, a key mask [keys, batch] adding -10000 (1 - mask) as diffusers' Attention,
+    queries and keys normalised per head where `qk_norm` says."""
     q, k, v = (torch.einsum("hdi,itb->hdtb", p[f"w_{z}"], p[source]) + p[f"b_{z}"][..., None, None]
                for z, source in zip("qkv", ("x", kv, kv)))
+    if qk_norm:
+        q, k = _head_norm(q, p, "q", qk_norm), _head_norm(k, p, "k", qk_norm)
     scores = torch.einsum("hdkb,hdqb->kqbh", k, q) / math.sqrt(q.shape[1])
     if "mask" in p:
         scores = scores - 10000.0 * (1 - p["mask"])[:, None, :, None]
@@ -42,6 +54,18 @@ def _attention(p, kv="x"):
 
 
 ATTENTION_PARAMS = tuple(f"{w}_{z}" for w in "wb" for z in "qkvo")
+ATTENTION = {"x": TOKENS, **{f"w_{z}": ("heads", "head_dim", "hidden") for z in "qkv"},
+             **{f"b_{z}": ("heads", "head_dim") for z in "qkv"}, "w_o": ("hidden", "heads", "head_dim"),
+             "b_o": ("hidden",), "y": TOKENS}
+#: QK norm's ports: weights, and biases for layer_norm; y stays last.
+QK = {"rms_norm": ("q_norm_w", "k_norm_w"), "layer_norm": ("q_norm_w", "q_norm_b", "k_norm_w", "k_norm_b")}
+
+
+def with_qk_norm(dims: dict, kind: str) -> dict:
+    out = {p: d for p, d in dims.items() if p != "y"} | {p: ("head_dim",) for p in QK[kind]}
+    return out | {"y": dims["y"]}
+
+
 CROSS_ATTENTION = {"x": TOKENS, "context": ("hidden", "context", "batch"),
                    **{f"w_{z}": ("heads", "head_dim", "hidden") for z in "qkv"},
                    **{f"b_{z}": ("heads", "head_dim") for z in "qkv"}, "w_o": ("hidden", "heads", "head_dim"),
@@ -58,13 +82,13 @@ def _joint_attention(p):
     image = tuple(proj(f"w_{z}", f"b_{z}") for z in "qkvo")
     context = tuple(proj(f"w_a{z}", f"b_a{z}") if f"w_a{z}" in p else None for z in "qkvo")
     # QK norm: what joint_attention reads of an nn.RMSNorm, the port itself its weight (its gradient the port's)
-    norms = [SimpleNamespace(weight=p[port], eps=1e-6) for port in QK] if "n_q" in p else None
+    norms = [SimpleNamespace(weight=p[port], eps=1e-6) for port in JOINT_QK] if "n_q" in p else None
     y = joint_attention(p["x"].permute(2, 1, 0), p["c"].permute(2, 1, 0), image, context, heads=p["w_q"].shape[0],
                         norms=norms)
     return y.permute(2, 1, 0)
 
 
-QK = ("n_q", "n_k", "n_aq", "n_ak")
+JOINT_QK = ("n_q", "n_k", "n_aq", "n_ak")
 
 
 def _joint_ports(pre: bool, qk_norm: bool = False) -> dict:
@@ -72,7 +96,7 @@ def _joint_ports(pre: bool, qk_norm: bool = False) -> dict:
              **{f"b_{z}": ("heads", "head_dim") for z in "qkv"}, "w_o": ("hidden", "heads", "head_dim"),
              "b_o": ("hidden",), **{f"w_a{z}": ("heads", "head_dim", "hidden") for z in "qkv"},
              **{f"b_a{z}": ("heads", "head_dim") for z in "qkv"}}
-    qk = dict.fromkeys(QK, ("head_dim",)) if qk_norm else {}
+    qk = dict.fromkeys(JOINT_QK, ("head_dim",)) if qk_norm else {}
     if pre:
         return ports | qk | {"y": TOKENS}
     return ports | {"w_ao": ("hidden", "heads", "head_dim"), "b_ao": ("hidden",)} | qk | {"y": ("hidden", "joint", "batch")}
@@ -81,6 +105,8 @@ def _joint_ports(pre: bool, qk_norm: bool = False) -> dict:
 CASES = {
     "Linear": ({"x": TOKENS, "w": ("mlp", "hidden"), "b": ("mlp",), "y": ("mlp", "tokens", "batch")}, None,
                lambda p: torch.einsum("oi,itb->otb", p["w"], p["x"]) + p["b"][:, None, None], (), ("w", "b")),
+    "Linear-nobias": ({"x": TOKENS, "w": ("mlp", "hidden"), "y": ("mlp", "tokens", "batch")}, None,
+                      lambda p: torch.einsum("oi,itb->otb", p["w"], p["x"]), (), ("w",)),
     "AddConstSlice": ({"x": TOKENS, "table": ("hidden", "tokens"), "y": TOKENS}, None,
                       lambda p: p["x"] + p["table"][..., None], ("table",), ()),
     "Embedding": ({"labels": ("batch",), "table": ("hidden", "classes"), "y": VECTOR}, None,
@@ -88,6 +114,8 @@ CASES = {
     "Act-silu": ({"x": TOKENS, "y": TOKENS}, Activation("silu"), lambda p: F.silu(p["x"]), (), ()),
     "Act-gelutanh": ({"x": ("mlp", "tokens", "batch"), "y": ("mlp", "tokens", "batch")}, Activation("gelutanh"),
                      lambda p: F.gelu(p["x"], approximate="tanh"), (), ()),
+    "Act-gelu": ({"x": ("mlp", "tokens", "batch"), "y": ("mlp", "tokens", "batch")}, Activation("gelu"),
+                 lambda p: F.gelu(p["x"]), (), ()),
     "Add": ({"a": VECTOR, "b": VECTOR, "y": VECTOR}, None, lambda p: p["a"] + p["b"], (), ()),
     "LayerNormNoAffine": ({"x": TOKENS, "y": TOKENS}, Norm(1e-6),
                           lambda p: F.layer_norm(p["x"].permute(1, 2, 0), (8,), eps=1e-6).permute(2, 0, 1), (), ()),
@@ -98,9 +126,19 @@ CASES = {
                  lambda p: p["x"] * (1 + p["scale"][:, None]) + p["shift"][:, None], (), ()),
     "GatedResidual": ({"x": TOKENS, "h": TOKENS, "gate": VECTOR, "y": TOKENS}, None,
                       lambda p: p["x"] + p["gate"][:, None] * p["h"], (), ()),
-    "Attention": ({"x": TOKENS, **{f"w_{z}": ("heads", "head_dim", "hidden") for z in "qkv"},
-                   **{f"b_{z}": ("heads", "head_dim") for z in "qkv"}, "w_o": ("hidden", "heads", "head_dim"),
-                   "b_o": ("hidden",), "y": TOKENS}, None, _attention, (), ATTENTION_PARAMS),
+    "Attention": (ATTENTION, Heads(), _attention, (), ATTENTION_PARAMS),
+    "Attention-nobias": ({p: d for p, d in ATTENTION.items() if not p.startswith("b_")}, Heads(),
+                         lambda p: _attention(p | {f"b_{z}": torch.zeros_like(p[f"w_{z}"][:, :, 0]) for z in "qkv"}
+                                              | {"b_o": torch.zeros_like(p["w_o"][:, 0, 0])}), (),
+                         tuple(p for p in ATTENTION_PARAMS if p.startswith("w_"))),
+    "Attention-qk_rms_norm": (with_qk_norm(ATTENTION, "rms_norm"), Heads("rms_norm"),
+                              lambda p: _attention(p, qk_norm="rms_norm"), (), ATTENTION_PARAMS + QK["rms_norm"]),
+    "Attention-qk_layer_norm": (with_qk_norm(ATTENTION, "layer_norm"), Heads("layer_norm"),
+                                lambda p: _attention(p, qk_norm="layer_norm"), (),
+                                ATTENTION_PARAMS + QK["layer_norm"]),
+    "CrossAttention-qk_layer_norm": (with_qk_norm(CROSS_ATTENTION | {"mask": ("context", "batch")}, "layer_norm"),
+                                     Heads("layer_norm"), lambda p: _attention(p, "context", "layer_norm"),
+                                     ("mask",), ATTENTION_PARAMS + QK["layer_norm"]),
     "CrossAttention": (CROSS_ATTENTION, Heads(), lambda p: _attention(p, "context"), (), ATTENTION_PARAMS),
     "CrossAttention-masked": (CROSS_ATTENTION | {"mask": ("context", "batch")}, Heads(),
                               lambda p: _attention(p, "context"), ("mask",), ATTENTION_PARAMS),
@@ -112,9 +150,9 @@ CASES = {
     "JointAttention": (_joint_ports(pre=False), None, _joint_attention, (), JOINT_PARAMS),
     "JointAttentionPre": (_joint_ports(pre=True), None, _joint_attention, (),
                           tuple(p for p in JOINT_PARAMS if p not in ("w_ao", "b_ao"))),
-    "JointAttention-qk": (_joint_ports(pre=False, qk_norm=True), Norm(1e-6), _joint_attention, (), JOINT_PARAMS + QK),
+    "JointAttention-qk": (_joint_ports(pre=False, qk_norm=True), Norm(1e-6), _joint_attention, (), JOINT_PARAMS + JOINT_QK),
     "JointAttentionPre-qk": (_joint_ports(pre=True, qk_norm=True), Norm(1e-6), _joint_attention, (),
-                             tuple(p for p in JOINT_PARAMS if p not in ("w_ao", "b_ao")) + QK),
+                             tuple(p for p in JOINT_PARAMS if p not in ("w_ao", "b_ao")) + JOINT_QK),
     "TokenJoin": ({"a": TOKENS, "b": CONTEXT, "y": ("hidden", "joint", "batch")}, None,
                   lambda p: torch.cat([p["a"], p["b"]], dim=1), (), ()),
     "TokenSlice-image": ({"x": ("hidden", "joint", "batch"), "y": TOKENS}, TokenRange(0),
@@ -128,8 +166,8 @@ WRITES_FIRST = {"AppendTokens": "x", "TakeTokens": "x"}
 
 #: Every layer on NNTile's kernels, and the layers that run ditc's own kernels on those too.
 KERNEL_CASES = [(case, "nntile") for case in sorted(CASES)] + [
-    ("Act-gelutanh", "ditc"), ("Attention", "ditc"), ("CrossAttention-masked", "ditc"), ("JointAttention", "ditc"),
-    ("JointAttentionPre", "ditc"), ("JointAttention-qk", "ditc")]
+    ("Act-gelutanh", "ditc"), ("Attention", "ditc"), ("CrossAttention-masked", "ditc"), ("Attention-qk_rms_norm", "ditc"),
+    ("JointAttention", "ditc"), ("JointAttentionPre", "ditc"), ("JointAttention-qk", "ditc")]
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +239,7 @@ def test_layer_matches_torch(runtime, case, kernels, tiling, overwrite):
         if port in kind.inputs:
             value.from_array(np.asfortranarray(arrays[port]))
         ports[port] = value if port in no_grad else Moments(value, new(port_dims))
-    internals = {name: new(d) for name, d in (cls.KEEPS | cls.SCRATCH).items()}
+    internals = {name: new(d) for name, d in (cls.KEEPS | cls.scratch_of(attrs)).items()}
     layer = cls(ports, internals, attrs, alloc, native_or_skip() if kernels == "ditc" else None)
     inputs = [p for p in kind.inputs if p in dims and p not in no_grad]
     first = {WRITES_FIRST[cls.__name__]} & set(dims) if cls.__name__ in WRITES_FIRST else set()

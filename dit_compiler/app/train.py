@@ -329,7 +329,7 @@ def initial_weights(build_dir: Path, graph, seed: int):
     elif graph.spec.model.conditioning == "joint":
         initialize_sd3_weights(module, graph.depth, seed)
     else:
-        initialize_dit_weights(module, graph.spec.model.flavor, graph.depth, seed)
+        initialize_dit_weights(module, graph.spec.model.flavor, graph.depth, seed, graph.spec.model.conditioning)
     return to_numpy(module.state_dict())
 
 

@@ -30,13 +30,16 @@ StateDict = dict[str, np.ndarray]
 
 
 @torch.no_grad()
-def initialize_dit_weights(module: nn.Module, flavor: str, depth: int, seed: int) -> None:
+def initialize_dit_weights(module: nn.Module, flavor: str, depth: int, seed: int,
+                           conditioning: str = "adaln_zero") -> None:
     """DiT's `initialize_weights` on a reference module of either flavor's key layout.
 
     Every Linear xavier-uniform with zero bias; the patch projection xavier-uniform as a Linear over
     the patch vector, zero bias; label tables N(0, 0.02); the timestep MLP's weights N(0, 0.02); every
     adaLN projection and the output Linear zero. (The fixed positional table is built by the module.)
-    Draws come from a generator seeded with `seed`, in the module's registration order.
+    Draws come from a generator seeded with `seed`, in the module's registration order. The other
+    designs keep DiT's final layer and its zero initialisation; their blocks' linears stay xavier-uniform
+    (adaln's modulation too: only adaLN-Zero starts each block as the identity).
     """
     keys = KEYS[flavor]
     generator = torch.Generator().manual_seed(seed)
@@ -57,7 +60,8 @@ def initialize_dit_weights(module: nn.Module, flavor: str, depth: int, seed: int
         nn.init.normal_(table.weight, std=0.02, generator=generator)
     for linear in every(keys.t_linear1) + every(keys.t_linear2):
         nn.init.normal_(linear.weight, std=0.02, generator=generator)
-    for linear in every(keys.adaln) + [modules[keys.final_adaln], modules[keys.final_linear]]:
+    zero_blocks = every(keys.adaln) if conditioning == "adaln_zero" else []
+    for linear in zero_blocks + [modules[keys.final_adaln], modules[keys.final_linear]]:
         nn.init.zeros_(linear.weight)
         nn.init.zeros_(linear.bias)
 

@@ -7,10 +7,15 @@ maps a DiT checkpoint: DiT's one timestep and label embedder is copied into ever
 qkv is split into q, k and v. Gradients map back the other way: a copied embedder's gradient is the
 sum over the blocks, the qkv gradient the concatenation of q, k and v.
 
+Designs other than DiT's (`model.conditioning`): adaln is DiTTransformer2DModel with its gates fixed at 1
+(gate rows of weight 0 and bias 1); in_context's and cross_attention's block 0 is compared with diffusers'
+BasicTransformerBlock (norm_type layer_norm, no affine norms) on the stream the reference's block 0 reads.
+
 Nothing here downloads: the diffusers model is built from its config with `from_config`-style kwargs.
 """
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -42,6 +47,7 @@ WORST_PARAM_FLOOR = 1e-3
 class OracleReport:
     """Norm-wise relative errors of the torch reference against diffusers (diffusers is the expected side)."""
 
+    oracle: str                # what was compared: the diffusers class (and the part of the model)
     forward: float
     input_grad: float
     param_grad: float          # all reference parameters taken as one vector
@@ -84,15 +90,22 @@ _DIT_OPS = frozenset({"patchify", "timestep_sinusoid", "unpatchify", "linear", "
                       "act", "add", "layer_norm", "modulate", "gated_residual", "attention"})
 
 
+#: The designs DiTTransformer2DModel computes: adaLN-Zero, and adaLN as adaLN-Zero whose gates are 1 (their
+#: rows of the modulation: weight 0, bias 1).
+_MODEL_DESIGNS = ("adaln_zero", "adaln")
+
+
 def oracle_config(graph: Graph) -> dict | str:
     """`DiTTransformer2DModel` kwargs for `graph`, or a sentence saying why diffusers cannot express it."""
     ax, flavor = graph.axes, graph.spec.model.flavor
     hidden, heads = ax["hidden"].size, ax["heads"].size
     if flavor not in ("dit", "diffusers"):
         return f"flavor {flavor!r} has no diffusers counterpart"
-    if graph.spec.model.conditioning != "adaln_zero":
-        return (f"conditioning {graph.spec.model.conditioning}: DiTTransformer2DModel is adaLN-Zero's (the design's "
-                "blocks are checked against diffusers' BasicTransformerBlock where it has one: tests/test_designs.py)")
+    if graph.spec.model.conditioning not in _MODEL_DESIGNS:
+        return f"conditioning {graph.spec.model.conditioning}: DiTTransformer2DModel is adaLN-Zero's"
+    m = graph.spec.model
+    if (m.attention.qk_norm, m.attention.bias, m.mlp.activation, m.mlp.bias) != ("none", True, "gelu_tanh", True):
+        return "diffusers' DiT has no QK norm, and always projection and MLP biases and a GELU-tanh MLP"
     a = _GraphFacts.of(graph)
     if isinstance(a, str):
         return a
@@ -207,7 +220,9 @@ class _Map:
     """One reference tensor and the diffusers tensors it becomes.
 
     `copy`: one target, same tensor; `shared`: the same tensor in every target (gradient: the sum);
-    `split`: row blocks of equal size, one per target (gradient: the concatenation).
+    `split`: row blocks of equal size, one per target (gradient: the concatenation);
+    `gated`: conditioning adaln's 4 chunks (shift, scale of each branch) as adaLN-Zero's 6 with gate rows
+    of weight 0 and bias 1 (gradient: the 4 chunks' rows).
     """
 
     key: str
@@ -237,9 +252,27 @@ def weight_map(graph: Graph) -> list[_Map]:
                 how = "split" if len(targets) > len(sources) else how
             else:  # one DiT module copied into every diffusers block
                 targets, how = [k.format(b=DIFFUSERS.block.format(i=j)) for j in range(depth) for k in dst], "shared"
+            if f.name == "adaln" and graph.spec.model.conditioning == "adaln":
+                how = "gated"
             for p in ("weight",) if f.name in _TABLES else ("weight", "bias"):
                 maps.append(_Map(f"{sources[0]}.{p}", tuple(f"{t}.{p}" for t in targets), how))
     return maps
+
+
+#: Where adaLN-Zero's gates sit among its 6 chunks (DiT's order: shift, scale, gate per branch).
+_GATES = (2, 5)
+
+
+def _with_gates(value: torch.Tensor, gate: float) -> torch.Tensor:
+    """adaln's 4 row chunks as adaLN-Zero's 6: gate rows filled with `gate`."""
+    chunks = list(value.chunk(4, dim=0))
+    for at in _GATES:
+        chunks.insert(at, torch.full_like(chunks[0], gate))
+    return torch.cat(chunks, dim=0)
+
+
+def _without_gates(value: torch.Tensor) -> torch.Tensor:
+    return torch.cat([c for j, c in enumerate(value.chunk(6, dim=0)) if j not in _GATES], dim=0)
 
 
 #: StateKeys fields that are embedding tables (a weight, no bias).
@@ -265,6 +298,8 @@ def to_diffusers_state_dict(graph: Graph, state: dict[str, torch.Tensor]) -> dic
         value = state[m.key]
         if m.how == "split":
             out.update(zip(m.targets, value.chunk(len(m.targets), dim=0)))
+        elif m.how == "gated":
+            out.update((target, _with_gates(value, 1.0 if m.key.endswith(".bias") else 0.0)) for target in m.targets)
         else:
             out.update((target, value) for target in m.targets)
     return {k: v.detach().clone() for k, v in out.items()}
@@ -277,6 +312,8 @@ def to_reference_grads(graph: Graph, grads: dict[str, torch.Tensor]) -> dict[str
         parts = [grads[t] for t in m.targets]
         if m.how == "split":
             out[m.key] = torch.cat(parts, dim=0)
+        elif m.how == "gated":
+            out[m.key] = _without_gates(parts[0])
         elif m.how == "shared":
             out[m.key] = torch.stack(parts).sum(dim=0)
         else:
@@ -336,9 +373,14 @@ def check_against_diffusers(graph: Graph, reference: torch.nn.Module, inputs: In
                             pretrained: torch.nn.Module | None = None,
                             expected: dict[str, np.ndarray] | None = None) -> OracleReport | str:
     """Run the reference (with its current weights) and diffusers on the same mapped weights and inputs,
-    forward and backward with `inputs.grad_out`; the errors, or why diffusers cannot be compared.
-    `pretrained`: a diffusers model loaded from a folder, run with its own weights (the reference holds
-    the same ones); `expected` receives diffusers' output and input gradient ("out", "dx")."""
+    forward and backward with `inputs.grad_out`; the errors, or why diffusers cannot be compared. The
+    whole model against its diffusers class (DiTTransformer2DModel for adaln_zero and adaln,
+    PixArtTransformer2DModel, SD3Transformer2DModel), or block 0 against diffusers' BasicTransformerBlock
+    (in_context, cross_attention: diffusers has no model of these designs). `pretrained`: a diffusers model
+    loaded from a folder, run with its own weights (the reference holds the same ones); `expected` receives
+    diffusers' output and input gradient ("out", "dx")."""
+    if graph.spec.model.conditioning in _BLOCK_DESIGNS and pretrained is None:
+        return check_block_against_diffusers(graph, reference, inputs)
     oracle = build_diffusers(graph) if pretrained is None else pretrained
     if isinstance(oracle, str):
         return oracle
@@ -369,17 +411,101 @@ def check_against_diffusers(graph: Graph, reference: torch.nn.Module, inputs: In
     if unmapped:
         return f"no diffusers counterpart for reference parameters {unmapped[:3]}"
     pairs = {k: (ref_grads[k].numpy(), mapped[k].numpy()) for k in keys}
+    return _report(type(oracle).__name__, ref_out, hf_out, ref_dx, hf_dx, pairs,
+                   "built from the spec's config, the reference's weights mapped onto it" if pretrained is None
+                   else "loaded from the model folder with its own weights")
+
+
+def _report(oracle: str, ref_out, hf_out, ref_dx, hf_dx, pairs: dict[str, tuple[np.ndarray, np.ndarray]],
+            source: str = "built from the spec's config, the reference's weights mapped onto it") -> OracleReport:
+    """The errors; the worst parameter among those whose gradient is not negligible."""
+    keys = sorted(pairs)
     norms = {k: float(np.linalg.norm(expected)) for k, (_, expected) in pairs.items()}
     floor = WORST_PARAM_FLOOR * max(norms.values(), default=0.0)
     per_param = {k: rel_error(*pairs[k]) for k in keys if norms[k] >= floor and norms[k] > 0}
     worst = max(per_param, key=per_param.get) if per_param else ""
     return OracleReport(
+        oracle=oracle,
         forward=rel_error(ref_out, hf_out),
         input_grad=rel_error(ref_dx, hf_dx),
         param_grad=group_error([pairs[k] for k in keys]),
         worst_param=worst,
         worst_param_error=per_param.get(worst, math.nan),
-        model_class=type(oracle).__name__,
-        source="built from the spec's config, the reference's weights mapped onto it" if pretrained is None
-        else "loaded from the model folder with its own weights",
+        model_class=oracle.split(" ")[0],
+        source=source,
     )
+
+
+# -- a block against diffusers' BasicTransformerBlock ---------------------------------------------------
+
+#: The designs whose block is diffusers' BasicTransformerBlock with norm_type layer_norm and no affine
+#: norms: the tensors block 0 reads (the token stream, the context).
+_BLOCK_DESIGNS = {"in_context": (TRACE.x_sequence, None), "cross_attention": (TRACE.x_tokens, TRACE.context)}
+#: Block 0's modules (DiT's keys less `blocks.0.`) -> BasicTransformerBlock's; `qkv` is split in three.
+_BLOCK_KEYS = {"attn.qkv": ("attn1.to_q", "attn1.to_k", "attn1.to_v"), "attn.proj": ("attn1.to_out.0",),
+               "cross_attn.q": ("attn2.to_q",), "cross_attn.k": ("attn2.to_k",), "cross_attn.v": ("attn2.to_v",),
+               "cross_attn.proj": ("attn2.to_out.0",), "mlp.fc1": ("ff.net.0.proj",), "mlp.fc2": ("ff.net.2",)}
+
+
+def build_block(graph: Graph):
+    """diffusers' BasicTransformerBlock with block 0's configuration (eval mode, float32), or why not."""
+    m, ax = graph.spec.model, graph.axes
+    if m.flavor != "dit":
+        return f"flavor {m.flavor}: the block oracle maps DiT's keys"
+    if m.attention.qk_norm != "none":
+        return "QK norm: diffusers' BasicTransformerBlock has none"
+    eps = {n.attrs.eps for n in graph.nodes if n.op == "layer_norm" and n.block == 0}
+    if len(eps) != 1:
+        return f"block 0's LayerNorms have several eps {sorted(eps)}: BasicTransformerBlock has one norm_eps"
+    try:
+        import_diffusers()
+        block_class = importlib.import_module("diffusers.models.attention").BasicTransformerBlock
+    except Exception as error:  # not installed, or an incompatible build
+        return f"diffusers is not importable ({type(error).__name__}: {error})"
+    return block_class(ax["hidden"].size, ax["heads"].size, ax["head_dim"].size,
+                       cross_attention_dim=ax["hidden"].size if m.conditioning == "cross_attention" else None,
+                       activation_fn={"gelu_tanh": "gelu-approximate", "gelu": "gelu"}[m.mlp.activation],
+                       attention_bias=m.attention.bias, attention_out_bias=m.attention.bias, ff_bias=m.mlp.bias,
+                       norm_elementwise_affine=False, norm_type="layer_norm", norm_eps=eps.pop(),
+                       ff_inner_dim=ax["mlp"].size).float().eval()
+
+
+def check_block_against_diffusers(graph: Graph, reference: torch.nn.Module, inputs: Inputs) -> OracleReport | str:
+    """Block 0 of the reference against BasicTransformerBlock with its weights, on the stream (and context)
+    block 0 reads when the reference runs `inputs`, forward and backward with a seeded output gradient."""
+    oracle = build_block(graph)
+    if isinstance(oracle, str):
+        return oracle
+    block, prefix = reference.blocks[0], "blocks.0."
+    state = {k[len(prefix):]: v for k, v in reference.state_dict().items() if k.startswith(prefix)}
+    mapped = {}
+    for ours, theirs in _BLOCK_KEYS.items():
+        for p in ("weight", "bias"):
+            if f"{ours}.{p}" in state:
+                mapped.update(zip((f"{t}.{p}" for t in theirs), state[f"{ours}.{p}"].chunk(len(theirs), dim=0)))
+    oracle.load_state_dict({k: v.detach().clone() for k, v in mapped.items()}, strict=True)
+    stream, context = _BLOCK_DESIGNS[graph.spec.model.conditioning]
+    trace: dict = {}
+    was_training = reference.training
+    reference.eval()
+    try:
+        with torch.no_grad():
+            reference(inputs.x, inputs.t, inputs.y, trace)
+        x = trace[stream].detach()
+        ctx = trace[context].detach() if context else None
+        grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(x.numel()))
+        block_inputs = Inputs(x=x, t=inputs.t, y=inputs.y, grad_out=grad)
+        with torch.enable_grad():
+            ref_out, ref_dx, ref_grads = _forward_backward(block, lambda h: block(h, *(ctx,) * bool(context)),
+                                                           block_inputs)
+            hf_out, hf_dx, hf_grads = _forward_backward(
+                oracle, lambda h: oracle(h, encoder_hidden_states=ctx), block_inputs)
+    finally:
+        reference.train(was_training)
+    pairs = {}
+    for ours, theirs in _BLOCK_KEYS.items():
+        for p in ("weight", "bias"):
+            if f"{ours}.{p}" in state:
+                expected = torch.cat([hf_grads[f"{t}.{p}"] for t in theirs], dim=0)
+                pairs[prefix + f"{ours}.{p}"] = (ref_grads[f"{ours}.{p}"].numpy(), expected.numpy())
+    return _report("BasicTransformerBlock (block 0)", ref_out, hf_out, ref_dx, hf_dx, pairs)

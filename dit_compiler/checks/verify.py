@@ -326,7 +326,7 @@ def format_report(report: Report, header: bool = True) -> str:
         lines.append(f"NNTile model not run: {report.nntile}")
     if isinstance(report.oracle, dict):
         o = report.oracle
-        lines.append(f"diffusers {o['model_class']} ({o['source']}):")
+        lines.append(f"diffusers {o['oracle']} ({o['source']}):")
         lines.append(f"  torch reference vs diffusers: forward {o['forward']:.2e}, input grad {o['input_grad']:.2e}, "
                      f"param grad {o['param_grad']:.2e}")
         if o.get("nntile_forward") is not None:

@@ -35,6 +35,8 @@ class StateKeys:
     final_linear: str
     cross_attn_in: tuple[str, str, str]   # conditioning cross_attention's q, k and v projections
     cross_attn_out: str
+    qk_norm: tuple[str, str]              # model.attention.qk_norm's query and key norms
+    cross_qk_norm: tuple[str, str]
 
     @property
     def per_block_conditioning(self) -> bool:
@@ -48,6 +50,7 @@ DIT = StateKeys(
     attn_in=("{b}.attn.qkv",), attn_out="{b}.attn.proj", fc1="{b}.mlp.fc1", fc2="{b}.mlp.fc2",
     final_adaln="final_layer.adaLN_modulation.1", final_linear="final_layer.linear",
     cross_attn_in=("{b}.cross_attn.q", "{b}.cross_attn.k", "{b}.cross_attn.v"), cross_attn_out="{b}.cross_attn.proj",
+    qk_norm=("{b}.attn.q_norm", "{b}.attn.k_norm"), cross_qk_norm=("{b}.cross_attn.q_norm", "{b}.cross_attn.k_norm"),
 )
 DIFFUSERS = StateKeys(
     patch="pos_embed.proj", t_linear1="{b}.norm1.emb.timestep_embedder.linear_1",
@@ -56,6 +59,7 @@ DIFFUSERS = StateKeys(
     attn_in=("{b}.attn1.to_q", "{b}.attn1.to_k", "{b}.attn1.to_v"), attn_out="{b}.attn1.to_out.0",
     fc1="{b}.ff.net.0.proj", fc2="{b}.ff.net.2", final_adaln="proj_out_1", final_linear="proj_out_2",
     cross_attn_in=("{b}.attn2.to_q", "{b}.attn2.to_k", "{b}.attn2.to_v"), cross_attn_out="{b}.attn2.to_out.0",
+    qk_norm=("{b}.attn1.norm_q", "{b}.attn1.norm_k"), cross_qk_norm=("{b}.attn2.norm_q", "{b}.attn2.norm_k"),
 )
 KEYS: dict[str, StateKeys] = {"dit": DIT, "diffusers": DIFFUSERS}
 
@@ -144,6 +148,8 @@ class PixArtKeys:
     fc2: str = "{b}.ff.net.2"
     final_table: str = "scale_shift_table"
     final_linear: str = "proj_out"
+    qk_norm: tuple[str, str] = ("{b}.attn1.norm_q", "{b}.attn1.norm_k")
+    cross_qk_norm: tuple[str, str] = ("{b}.attn2.norm_q", "{b}.attn2.norm_k")
 
 
 PIXART = PixArtKeys()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from dit_compiler.compiler.graph.ir import Axis, Graph, Node, ParamSource
-from dit_compiler.compiler.graph.ops import Activation, LabelDrop, Norm, Patch, Sinusoid
+from dit_compiler.compiler.graph.ops import Activation, Heads, LabelDrop, Norm, Patch, Sinusoid
 from dit_compiler.compiler.naming import FINAL_CHUNKS, FLAVORS, TRACE
 from dit_compiler.compiler.spec.model import Spec
 from dit_compiler.compiler.tiling import axis_sizes, out_channels, resolve_tiles
@@ -123,13 +123,15 @@ class Lowering:
 
     def linear(self, x: str, out: str, out_axis: str, key: str, component: str, scope: str,
                rows: tuple[int, int] | None = None, suffix: str = "", layout: str = "same",
-               torch_rows: int | None = None) -> str:
+               torch_rows: int | None = None, bias: bool = True) -> str:
         """A torch Linear (or a row block of one, of a Linear with `torch_rows` outputs) as a graph linear node."""
         in_axis = self.g.tensors[x].dims[0]
-        w = self.param(f"{key}.weight{suffix}", (out_axis, in_axis), f"{key}.weight", rows, layout, torch_rows)
-        b = self.param(f"{key}.bias{suffix}", (out_axis,), f"{key}.bias", rows, torch_rows=torch_rows)
+        ports = {"x": x, "w": self.param(f"{key}.weight{suffix}", (out_axis, in_axis), f"{key}.weight", rows, layout,
+                                         torch_rows)}
+        if bias:
+            ports["b"] = self.param(f"{key}.bias{suffix}", (out_axis,), f"{key}.bias", rows, torch_rows=torch_rows)
         y = self.act(out, (out_axis,) + self.g.tensors[x].dims[1:])
-        self.node("linear", {"x": x, "w": w, "b": b}, {"y": y}, component, scope)
+        self.node("linear", ports, {"y": y}, component, scope)
         return y
 
     # -- the model ----------------------------------------------------------------------------
@@ -221,20 +223,44 @@ class Lowering:
     def self_attention(self, h: str, p: str, key_prefix: str, scope: str) -> str:
         """Multi-head self-attention of the tokens `h` (block prefix `p`)."""
         attn = self.act(p + TRACE.attn)
-        self.node("attention", {"x": h} | self.attention_params(key_prefix), {"y": attn}, "attention", f"{scope}.attn")
+        ports = self.attention_params(key_prefix) | self.qk_norm_params(self.keys.qk_norm, key_prefix)
+        self.node("attention", {"x": h} | ports, {"y": attn}, "attention", f"{scope}.attn", self.heads())
         return attn
 
+    def heads(self) -> Heads:
+        """Attention's options: model.attention.qk_norm, with eps model.norm_eps."""
+        m = self.spec.model
+        return Heads(qk_norm=m.attention.qk_norm, qk_eps=m.norm_eps)
+
+    def qk_norm_params(self, keys: tuple[str, str], key_prefix: str) -> dict[str, str]:
+        """QK norm's weights [head_dim] (and biases for layer_norm) at `keys` (the query's and the key's
+        norm modules), or none without QK norm."""
+        kind = self.spec.model.attention.qk_norm
+        if kind == "none":
+            return {}
+        ports = {}
+        for side, key in zip("qk", keys):
+            module = key.format(b=key_prefix)
+            ports[f"{side}_norm_w"] = self.param(f"{module}.weight", ("head_dim",), f"{module}.weight")
+            if kind == "layer_norm":
+                ports[f"{side}_norm_b"] = self.param(f"{module}.bias", ("head_dim",), f"{module}.bias")
+        return {port: ports[port] for port in ("q_norm_w", "q_norm_b", "k_norm_w", "k_norm_b") if port in ports}
+
     def mlp(self, h: str, p: str, key_prefix: str, scope: str) -> str:
-        """The pointwise MLP: fc1, the activation, fc2."""
-        k, n = self.keys, TRACE
-        fc1 = self.linear(h, p + n.fc1, "mlp", k.fc1.format(b=key_prefix), "pointwise MLP", f"{scope}.mlp")
+        """The pointwise MLP: fc1, the activation (model.mlp.activation), fc2; biases as model.mlp.bias."""
+        k, n, options = self.keys, TRACE, self.spec.model.mlp
+        fc1 = self.linear(h, p + n.fc1, "mlp", k.fc1.format(b=key_prefix), "pointwise MLP", f"{scope}.mlp",
+                          bias=options.bias)
         gelu = self.act(p + n.gelu, ("mlp", "tokens", "batch"))
-        self.node("act", {"x": fc1}, {"y": gelu}, "pointwise MLP", f"{scope}.mlp", Activation("gelutanh"))
-        return self.linear(gelu, p + n.mlp, "hidden", k.fc2.format(b=key_prefix), "pointwise MLP", f"{scope}.mlp")
+        fn = {"gelu_tanh": "gelutanh", "gelu": "gelu"}[options.activation]
+        self.node("act", {"x": fc1}, {"y": gelu}, "pointwise MLP", f"{scope}.mlp", Activation(fn))
+        return self.linear(gelu, p + n.mlp, "hidden", k.fc2.format(b=key_prefix), "pointwise MLP", f"{scope}.mlp",
+                           bias=options.bias)
 
     def attention_params(self, key_prefix: str, attn_in: tuple[str, ...] | None = None,
                          attn_out: str | None = None) -> dict[str, str]:
-        """q, k, v weights [heads, head_dim, hidden] and biases [heads, head_dim], output weight and bias, at
+        """q, k, v weights [heads, head_dim, hidden] and biases [heads, head_dim] (model.attention.bias), output
+        weight and bias, at
         the keys `attn_in` (one fused qkv projection, or q, k and v) and `attn_out` (default: self-attention's)."""
         d = self.spec.model.hidden_size
         attn_in = attn_in or self.keys.attn_in
@@ -245,11 +271,13 @@ class Lowering:
         torch_rows = 3 * d if fused else None
         ports = {f"w_{part}": self.param(f"{key}.weight{suffix}", ("heads", "head_dim", "hidden"), f"{key}.weight",
                                          rows, "heads_in", torch_rows) for part, key, rows, suffix in parts}
+        bias = self.spec.model.attention.bias
         ports |= {f"b_{part}": self.param(f"{key}.bias{suffix}", ("heads", "head_dim"), f"{key}.bias", rows,
-                                          "heads_in", torch_rows) for part, key, rows, suffix in parts}
+                                          "heads_in", torch_rows) for part, key, rows, suffix in parts if bias}
         out = (attn_out or self.keys.attn_out).format(b=key_prefix)
         ports["w_o"] = self.param(f"{out}.weight", ("hidden", "heads", "head_dim"), f"{out}.weight", layout="heads_out")
-        ports["b_o"] = self.param(f"{out}.bias", ("hidden",), f"{out}.bias")
+        if bias:
+            ports["b_o"] = self.param(f"{out}.bias", ("hidden",), f"{out}.bias")
         return ports
 
     def final_layer(self, x: str, c_silu: str) -> None:

@@ -7,7 +7,6 @@ layer_norm and cross_attention_dim = hidden_size, without affine norms). The fin
 from __future__ import annotations
 
 from dit_compiler.compiler.designs.base import Lowering
-from dit_compiler.compiler.graph.ops import Heads
 from dit_compiler.compiler.naming import TRACE
 
 
@@ -28,8 +27,9 @@ class CrossAttention(Lowering):
         norm_cross = self.norm("layer_norm", x_attn, p + n.norm_cross, choices.attn_norm_eps, "layer norm", scope)
         cross = self.act(p + n.cross_attn)
         self.node("cross_attention", {"x": norm_cross, "context": self.context}
-                  | self.attention_params(key_prefix, self.keys.cross_attn_in, self.keys.cross_attn_out),
-                  {"y": cross}, "cross-attention", f"{scope}.cross_attn", Heads())
+                  | self.attention_params(key_prefix, self.keys.cross_attn_in, self.keys.cross_attn_out)
+                  | self.qk_norm_params(self.keys.cross_qk_norm, key_prefix),
+                  {"y": cross}, "cross-attention", f"{scope}.cross_attn", self.heads())
         x_cross = self.add(x_attn, cross, p + n.res_cross, "residual", scope)
         norm2 = self.norm("layer_norm", x_cross, p + n.norm2, choices.mlp_norm_eps, "layer norm", scope)
         return self.add(x_cross, self.mlp(norm2, p, key_prefix, scope), p + n.out, "residual", scope)

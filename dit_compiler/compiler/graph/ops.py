@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 # -- typed attributes -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Activation:
-    fn: Literal["silu", "gelutanh"]
+    fn: Literal["silu", "gelutanh", "gelu"]
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,12 @@ class Sinusoid:
 
 @dataclass(frozen=True)
 class Heads:
-    """Attention's multi-head split (cross-attention: its key padding mask's bias, diffusers' -10000)."""
+    """Attention's options: `qk_norm` normalises queries and keys per head over head_dim before the scores
+    (diffusers' Attention(qk_norm=...): LayerNorm with weight and bias, or RMSNorm with weight; eps
+    `qk_eps`); cross-attention adds `mask_bias` (diffusers' -10000) to a padded key's scores."""
 
+    qk_norm: Literal["none", "layer_norm", "rms_norm"] = "none"
+    qk_eps: float = 1e-6
     mask_bias: float = -10000.0
 
 
@@ -131,7 +135,13 @@ class OpKind:
         return self.layer is None
 
 
-_ATTENTION_INPUTS = ("x", "w_q", "w_k", "w_v", "b_q", "b_k", "b_v", "w_o", "b_o")
+#: QK norm's weights and biases [head_dim] (optional ports: present with qk_norm, biases with layer_norm).
+_QK_NORM = ("q_norm_w", "q_norm_b", "k_norm_w", "k_norm_b")
+#: The projections' biases: optional (model.attention.bias).
+_BIASES = ("b_q", "b_k", "b_v", "b_o")
+_ATTENTION_INPUTS = ("x", "w_q", "w_k", "w_v", "b_q", "b_k", "b_v", "w_o", "b_o") + _QK_NORM
+_CROSS_ATTENTION_INPUTS = ("x", "context", "mask", "w_q", "w_k", "w_v", "b_q", "b_k", "b_v", "w_o", "b_o") + _QK_NORM
+_QK_NORM_RULES = tuple(rules.fiber_of(port, f"w_{port[0]}", "head_dim", optional=True) for port in _QK_NORM)
 #: Joint attention's ports: the image stream's as attention's, then the context stream's (`add_*` in
 #: diffusers), its output projection last (`to_add_out`; the last block has none: context_pre_only).
 #: Optional: QK norm's weights [head_dim] (SD3.5's RMSNorm per head: norm_q, norm_k, norm_added_q, _k).
@@ -141,8 +151,8 @@ _JOINT_STREAMS = ("x", "c", "w_q", "w_k", "w_v", "b_q", "b_k", "b_v", "w_o", "b_
 _JOINT_PRE_INPUTS = _JOINT_STREAMS + _JOINT_QK
 _JOINT_INPUTS = _JOINT_STREAMS + ("w_ao", "b_ao") + _JOINT_QK
 _JOINT_HEADS = tuple(rules.heads(w, "x") for w in ("w_q", "w_k", "w_v")) + tuple(
-    rules.heads(w, "c") for w in ("w_aq", "w_ak", "w_av")) + (rules.head_weights(_JOINT_QK, "w_q"),)
-_CROSS_ATTENTION_INPUTS = ("x", "context", "mask", "w_q", "w_k", "w_v", "b_q", "b_k", "b_v", "w_o", "b_o")
+    rules.heads(w, "c") for w in ("w_aq", "w_ak", "w_av")) + tuple(
+    rules.fiber_of(port, weight, "head_dim", optional=True) for port, weight in zip(_JOINT_QK, ("w_q", "w_k", "w_aq", "w_ak")))
 
 OPS: dict[str, OpKind] = {kind.name: kind for kind in (
     OpKind("patchify", "host: image [N, C, H, W] -> patch vectors [patch_dim, tokens, batch], (c, p, q) order",
@@ -152,8 +162,9 @@ OPS: dict[str, OpKind] = {kind.name: kind for kind in (
            ("t",), ("y",), rules.host, "timestep_sinusoid", attrs=Sinusoid),
     OpKind("unpatchify", "host: patch outputs [out_dim, tokens, batch] -> image [N, C_out, H, W]",
            ("x",), ("y",), rules.host, "unpatchify", attrs=Patch),
-    OpKind("linear", "y = W x + b over the first axis; W keeps torch's [out, in] shape",
-           ("x", "w", "b"), ("y",), rules.gemm("x", "w", "y", "b"), "linear", "Linear", macs=_linear_macs),
+    OpKind("linear", "y = W x + b over the first axis (b optional); W keeps torch's [out, in] shape",
+           ("x", "w", "b"), ("y",), rules.gemm("x", "w", "y", "b"), "linear", "Linear", macs=_linear_macs,
+           optional=("b",)),
     OpKind("add_const_slice", "y = x + table, the constant table broadcast over the batch",
            ("x", "table"), ("y",), rules.all_of(rules.same("x", "y"), rules.slice_of("table", "x", "batch")),
            "add_const_slice", "AddConstSlice"),
@@ -165,7 +176,7 @@ OPS: dict[str, OpKind] = {kind.name: kind for kind in (
            rules.all_of(rules.same("x", "y"), rules.rows_of("h", "x")), "add_rows", "AddRows", attrs=Rows),
     OpKind("embedding", "y[:, n] = table[:, labels[n]]",
            ("labels", "table"), ("y",), rules.embedding("labels", "table", "y"), "embedding", "Embedding", attrs=LabelDrop),
-    OpKind("act", "element-wise activation (silu or gelutanh)",
+    OpKind("act", "element-wise activation (silu, gelutanh or gelu)",
            ("x",), ("y",), rules.same("x", "y"), "act", "Act", attrs=Activation),
     OpKind("add", "y = a + b", ("a", "b"), ("y",), rules.same("a", "b", "y"), "add", "Add"),
     OpKind("layer_norm", "normalise over the hidden axis, no affine parameters",
@@ -181,10 +192,11 @@ OPS: dict[str, OpKind] = {kind.name: kind for kind in (
     OpKind("gated_residual", "y = x + gate * h, gate broadcast over tokens",
            ("x", "h", "gate"), ("y",), rules.all_of(rules.same("x", "h", "y"), rules.slice_of("gate", "x", 1)),
            "gated_residual", "GatedResidual"),
-    OpKind("attention", "multi-head self-attention with q, k, v and output projections",
+    OpKind("attention", "multi-head self-attention with q, k, v and output projections; optional QK norm "
+           "(its weights and biases over head_dim)",
            _ATTENTION_INPUTS, ("y",),
-           rules.all_of(rules.same("x", "y"), *(rules.heads(w, "x") for w in ("w_q", "w_k", "w_v"))),
-           "attention", "Attention", macs=_attention_macs),
+           rules.all_of(rules.same("x", "y"), *(rules.heads(w, "x") for w in ("w_q", "w_k", "w_v")), *_QK_NORM_RULES),
+           "attention", "Attention", attrs=Heads, macs=_attention_macs, optional=_BIASES + _QK_NORM),
     OpKind("joint_attention", "MMDiT's joint attention: one attention over the image tokens followed by the "
            "context tokens, each stream with its own q, k, v and output projections; y holds both streams' "
            "outputs in that order (token_slice splits them). Optional QK norm: RMSNorm of every head's q and k "
@@ -205,8 +217,9 @@ OPS: dict[str, OpKind] = {kind.name: kind for kind in (
            "(1 keep, 0 padded; optional) adds mask_bias to a padded key's scores, as diffusers' Attention",
            _CROSS_ATTENTION_INPUTS, ("y",),
            rules.all_of(rules.same("x", "y"), rules.heads("w_q", "x"), rules.heads("w_k", "context"),
-                        rules.heads("w_v", "context"), rules.mask_of("mask", "context")),
-           "cross_attention", "CrossAttention", attrs=Heads, macs=_cross_attention_macs, optional=("mask",)),
+                        rules.heads("w_v", "context"), rules.mask_of("mask", "context"), *_QK_NORM_RULES),
+           "cross_attention", "CrossAttention", attrs=Heads, macs=_cross_attention_macs,
+           optional=("mask",) + _BIASES + _QK_NORM),
     OpKind("append_tokens", "y = [x, a, b] along the token axis: the vectors a and b [hidden, batch] become two "
            "more tokens after x's (without x: y = [a, b])",
            ("x", "a", "b"), ("y",), rules.token_concat("x", ("a", "b"), "y"), "append_tokens", "AppendTokens",

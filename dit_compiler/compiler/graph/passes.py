@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from dit_compiler.compiler.graph.ir import Dim, Graph
 from dit_compiler.compiler.graph.ops import OPS
@@ -27,6 +27,9 @@ class LayerDeclaration(Protocol):
     KEEPS: Mapping[str, tuple[Dim, ...]]
     SCRATCH: Mapping[str, tuple[Dim, ...]]
 
+    def scratch_of(self, attrs: Any) -> Mapping[str, tuple[Dim, ...]]:
+        """The scratch of a node with these attributes (SCRATCH, and what an option adds)."""
+
 
 #: Token axes besides the image's: MMDiT's context (caption) tokens and the joint sequence of both.
 OTHER_TOKEN_AXES = ("context", "joint")
@@ -45,13 +48,13 @@ def on_axis(dims: tuple[Dim, ...], axis: str) -> tuple[Dim, ...]:
     return tuple(axis if d == "tokens" else d for d in dims)
 
 
-def layer_internals(layer: LayerDeclaration, node: str,
-                    first_input: tuple[Dim, ...]) -> dict[str, tuple[str, tuple[Dim, ...], str]]:
+def layer_internals(layer: LayerDeclaration, node: str, first_input: tuple[Dim, ...],
+                    attrs: Any) -> dict[str, tuple[str, tuple[Dim, ...], str]]:
     """The tensors a node's layer declares, by its name for each: (graph tensor name, dims, kept or
     scratch). Scratch on another token axis than the image's is its own tensor (`purpose@axis`)."""
     axis = token_axis(first_input)
     found = {name: (kept_name(node, name), on_axis(dims, axis), "kept") for name, dims in layer.KEEPS.items()}
-    for purpose, declared in layer.SCRATCH.items():
+    for purpose, declared in layer.scratch_of(attrs).items():
         dims = on_axis(declared, axis)
         found[purpose] = (scratch_name(purpose if dims == declared else f"{purpose}@{axis}"), dims, "scratch")
     return found
@@ -79,7 +82,7 @@ def attach_internals(graph: Graph, layers: Mapping[str, LayerDeclaration]) -> No
         layer = layers[kind.layer]
         internals = {}
         first = graph.tensors[next(iter(node.inputs.values()))].dims
-        for name, (tensor, dims, role) in layer_internals(layer, node.name, first).items():
+        for name, (tensor, dims, role) in layer_internals(layer, node.name, first, node.attrs).items():
             if role == "kept":
                 graph.tensor(tensor, dims, "kept", block=node.block)
             elif tensor not in scratch:

@@ -53,9 +53,12 @@ def slice_of(small_port: str, big_port: str, axis_dim: str | int) -> Rule:
     return rule
 
 
-def fiber_of(small_port: str, big_port: str, axis_dim: str) -> Rule:
-    """The small tensor is the big one's `axis_dim` axis alone, tiles included (a per-feature weight)."""
+def fiber_of(small_port: str, big_port: str, axis_dim: str, optional: bool = False) -> Rule:
+    """The small tensor is the big one's `axis_dim` axis alone, tiles included (a per-feature weight);
+    `optional`: no rule where the node leaves the small port out."""
     def rule(graph: Graph, node: Node) -> None:
+        if optional and small_port not in node.inputs:
+            return
         small, big = _tensor(graph, node, small_port), _tensor(graph, node, big_port)
         axis = big.dims.index(axis_dim)
         if (small.shape, small.tile) != ((big.shape[axis],), (big.tile[axis],)):
@@ -72,7 +75,7 @@ def gemm(x_port: str, w_port: str, y_port: str, b_port: str | None = None) -> Ru
             raise _fail(node, f"contracted axis {_show(w)} vs {_show(x)}")
         if y.shape != (w.shape[0],) + x.shape[1:] or y.tile != (w.tile[0],) + x.tile[1:]:
             raise _fail(node, f"output {_show(y)} does not match {_show(w)} and {_show(x)}")
-        if b_port is not None:
+        if b_port is not None and b_port in node.inputs:
             b = _tensor(graph, node, b_port)
             if (b.shape, b.tile) != (y.shape[:1], y.tile[:1]):
                 raise _fail(node, f"bias {_show(b)} vs output {_show(y)}")
@@ -118,18 +121,6 @@ def heads(weight_port: str, x_port: str) -> Rule:
 
 def _same_axes(a: Tensor, b: Tensor, axes: tuple[int, ...]) -> bool:
     return all((a.shape[k], a.tile[k]) == (b.shape[k], b.tile[k]) for k in axes)
-
-
-def head_weights(ports: tuple[str, ...], weight_port: str) -> Rule:
-    """Per-head weights [head_dim] (QK norm's) of those of `ports` the node binds: the head dimension,
-    whole, of the projection weight at `weight_port`."""
-    def rule(graph: Graph, node: Node) -> None:
-        head_dim = _tensor(graph, node, weight_port).shape[1]
-        for port in (p for p in ports if p in node.inputs):
-            t = _tensor(graph, node, port)
-            if (t.shape, t.tile) != ((head_dim,), (head_dim,)):
-                raise _fail(node, f"{_show(t)} is not a whole head dimension of {head_dim}")
-    return rule
 
 
 def streams(x_port: str, c_port: str) -> Rule:

@@ -27,11 +27,7 @@ class Refusal:
 
 NOT_LOWERED: tuple[Refusal, ...] = (
     # DiT's Figure 5 designs and the block options (issue 24, block designs).
-    Refusal(("attention", "qk_norm"), "layer_norm", "QK norm"),
-    Refusal(("attention", "bias"), False, "the block options"),
-    Refusal(("mlp", "activation"), "gelu", "the block options"),
     Refusal(("mlp", "activation"), "swiglu", "the block options"),
-    Refusal(("mlp", "bias"), False, "the block options"),
     Refusal(("norm", "type"), "rms_norm", "the block options"),
     Refusal(("norm", "affine"), True, "the block options"),
 )
@@ -128,9 +124,6 @@ def joint_problems(model: ModelSpec) -> list[tuple[tuple[str, ...], str, str]]:
         found.append((("pos_embed_max_size",), f"smaller than the {grid} patches per side the table is cropped to",
                       f"at least input_size / patch_size = {grid}, or null"))
     if model.conditioning != "joint":
-        if model.attention.qk_norm == "rms_norm":
-            found.append((("attention", "qk_norm"), "not supported yet: ditc lowers QK norm rms_norm for "
-                          "conditioning joint only (SD3.5's)", "none, or conditioning joint"))
         return found
     joint = "conditioning joint (SD3's MMDiT)"
     if model.attention.qk_norm == "layer_norm":

@@ -69,6 +69,11 @@ class Layer:
         self.overwrites: tuple[Moments, ...] = ()
         self.kept = tuple(internals[name] for name in self.KEEPS)
 
+    @classmethod
+    def scratch_of(cls, attrs: Any) -> Mapping[str, tuple]:
+        """The scratch of a layer with these attributes: SCRATCH (a subclass adds an option's)."""
+        return cls.SCRATCH
+
     def beta(self, x: Moments) -> float:
         """0.0 where this layer writes x's gradient first (overwrite), else 1.0 (accumulate)."""
         return 0.0 if any(x is t for t in self.overwrites) else 1.0
@@ -163,14 +168,20 @@ class Linear(Layer):
     y: Moments
     BACKWARD_READS = frozenset({"x", "w"})
 
+    def __init__(self, ports: Mapping[str, Any], *args: Any, **kwargs: Any):
+        super().__init__({"b": None} | dict(ports), *args, **kwargs)   # no bias: model.mlp.bias false
+
     def forward_async(self) -> None:
         nt.gemm_async(1.0, nt.notrans, self.w.value, nt.notrans, self.x.value, 0.0, self.y.value, 1, 0)
-        nt.gemm_async(1.0, nt.notrans, self.b.value, nt.notrans, self.ones_over(self.y.value, 1), 1.0, self.y.value, 0, 0)
+        if self.b is not None:
+            nt.gemm_async(1.0, nt.notrans, self.b.value, nt.notrans, self.ones_over(self.y.value, 1), 1.0,
+                         self.y.value, 0, 0)
 
     def backward_async(self) -> None:
         dy, batch_axes = self.y.grad, self.x.value.ndim - 1
         nt.gemm_async(1.0, nt.notrans, dy, nt.trans, self.x.value, 0.0, self.w.grad, batch_axes, 0)
-        nt.gemm_async(1.0, nt.notrans, dy, nt.notrans, self.ones_over(dy, 1), 0.0, self.b.grad, batch_axes, 0)
+        if self.b is not None:
+            nt.gemm_async(1.0, nt.notrans, dy, nt.notrans, self.ones_over(dy, 1), 0.0, self.b.grad, batch_axes, 0)
         if self.x.grad is not None:
             nt.gemm_async(1.0, nt.trans, self.w.value, nt.notrans, dy, self.beta(self.x), self.x.grad, 1, 0)
 
@@ -279,6 +290,9 @@ class Act(Layer):
         elif self.attrs.fn == "gelutanh":  # in place: one exp per element against two (11 vs 17 ms on DiT-S/2's MLP)
             nt.copy_async(self.x.value, self.y.value)
             nt.gelutanh_inplace_async(self.y.value)
+        elif self.attrs.fn == "gelu":
+            nt.copy_async(self.x.value, self.y.value)
+            nt.gelu_async(self.y.value)
         else:
             nt.silu_forward_async(self.x.value, self.y.value)
 
@@ -288,7 +302,8 @@ class Act(Layer):
             return
         if self.beta(self.x) == 0.0:  # NNTile's kernels accumulate: zero first, once dy is ready
             nt.scal_async(0.0, self.y.grad, self.x.grad)
-        backward = nt.gelutanh_backward_async if self.attrs.fn == "gelutanh" else nt.silu_backward_async
+        backward = {"gelutanh": nt.gelutanh_backward_async, "gelu": nt.gelu_backward_async,
+                    "silu": nt.silu_backward_async}[self.attrs.fn]
         backward(self.x.value, self.y.grad, self.x.grad)
 
 
@@ -425,6 +440,11 @@ SCORES = ("tokens", "tokens", "batch", "heads")
 CONTEXT_SPLIT = ("head_dim", "context", "batch", "heads")
 CONTEXT_MERGED = ("heads", "head_dim", "context", "batch")
 CONTEXT_SCORES = ("context", "tokens", "batch", "heads")
+#: QK norm's statistics: one per head and token.
+HEAD_STATS = ("tokens", "batch", "heads")
+CONTEXT_HEAD_STATS = ("context", "batch", "heads")
+QK_NORM_PORTS = ("q_norm_w", "q_norm_b", "k_norm_w", "k_norm_b")
+BIAS_PORTS = ("b_q", "b_k", "b_v", "b_o")
 
 
 class _Attend(Layer):
@@ -473,10 +493,11 @@ class _Attend(Layer):
         nt.gemm_async(scale, nt.notrans, k, nt.notrans, d_scores, 0.0, d_q, 1, 2)
         d_scores.invalidate_submit()
 
-    def project_in(self, x, w: Moments, b: Moments, merged) -> None:
-        """merged [heads, head_dim, tokens, batch] = w x + b."""
+    def project_in(self, x, w: Moments, b: Moments | None, merged) -> None:
+        """merged [heads, head_dim, tokens, batch] = w x (+ b, where there is a bias)."""
         nt.gemm_async(1.0, nt.notrans, w.value, nt.notrans, x, 0.0, merged, 1, 0)
-        nt.gemm_async(1.0, nt.notrans, b.value, nt.notrans, self.ones_over(merged, 2), 1.0, merged, 0, 0)
+        if b is not None:
+            nt.gemm_async(1.0, nt.notrans, b.value, nt.notrans, self.ones_over(merged, 2), 1.0, merged, 0, 0)
 
     def project_in_backward(self, merged, x: Moments, w: Moments, b: Moments, x_beta: float) -> None:
         """The gradients of `project_in` from its output's gradient `merged`."""
@@ -484,14 +505,16 @@ class _Attend(Layer):
         nt.gemm_async(1.0, nt.notrans, merged, nt.trans, x.value, 0.0, w.grad, 2, 0)
         nt.gemm_async(1.0, nt.trans, w.value, nt.notrans, merged, x_beta, x.grad, 2, 0)
 
-    def project_out(self, merged, w: Moments, b: Moments, y) -> None:
-        """y [hidden, tokens, batch] = w merged + b, merged head-major."""
+    def project_out(self, merged, w: Moments, b: Moments | None, y) -> None:
+        """y [hidden, tokens, batch] = w merged (+ b), merged head-major."""
         nt.gemm_async(1.0, nt.notrans, w.value, nt.notrans, merged, 0.0, y, 2, 0)
-        nt.gemm_async(1.0, nt.notrans, b.value, nt.notrans, self.ones_over(y, 1), 1.0, y, 0, 0)
+        if b is not None:
+            nt.gemm_async(1.0, nt.notrans, b.value, nt.notrans, self.ones_over(y, 1), 1.0, y, 0, 0)
 
-    def project_out_backward(self, dy, merged, w: Moments, b: Moments, d_merged) -> None:
+    def project_out_backward(self, dy, merged, w: Moments, b: Moments | None, d_merged) -> None:
         """The weight and bias gradients of `project_out`, and d_merged = w^T dy."""
-        nt.gemm_async(1.0, nt.notrans, dy, nt.notrans, self.ones_over(dy, 1), 0.0, b.grad, 2, 0)
+        if b is not None:
+            nt.gemm_async(1.0, nt.notrans, dy, nt.notrans, self.ones_over(dy, 1), 0.0, b.grad, 2, 0)
         nt.gemm_async(1.0, nt.notrans, dy, nt.trans, merged, 0.0, w.grad, 2, 0)
         nt.gemm_async(1.0, nt.trans, w.value, nt.notrans, dy, 0.0, d_merged, 1, 0)
 
@@ -504,7 +527,11 @@ class Attention(_Attend):
     backward: Q, K, V, the probabilities and the head-major output; every gradient is scratch shared
     by all blocks. The softmax and its backward run ditc's kernels where `native` is given (the
     `attn_maxsumexp` scratch is then unused). `CrossAttention` changes where keys and values come from
-    (`kv`) and the tensors over their token axis."""
+    (`kv`) and the tensors over their token axis.
+
+    QK norm (`attrs.qk_norm`): Q and K are kept as projected; forward normalises them over head_dim into
+    scratch (what the scores read), backward normalises them again (cheaper than keeping two more
+    tensors per block) and takes the gradients back through the norm."""
 
     x: Moments
     w_q: Moments
@@ -515,12 +542,28 @@ class Attention(_Attend):
     b_v: Moments
     w_o: Moments
     b_o: Moments
+    q_norm_w: Moments
+    q_norm_b: Moments
+    k_norm_w: Moments
+    k_norm_b: Moments
     y: Moments
     BACKWARD_READS = frozenset({"x"})
     KEEPS = {"q": SPLIT, "k": SPLIT, "v": SPLIT, "probs": SCORES, "out_merged": MERGED}
     SCRATCH = {"attn_merged": MERGED, "attn_split": SPLIT, "attn_maxsumexp": (2, "tokens", "batch", "heads"),
                "attn_sumprod": ("tokens", "batch", "heads"), "attn_sumprod_merged": ("heads", "tokens", "batch"),
                "attn_scores": SCORES, "attn_dq": SPLIT, "attn_dk": SPLIT, "attn_dv": SPLIT}
+    #: QK norm's, per side: normalised and weighted (what the scores read), normalised, two statistics.
+    QK_SCRATCH = {"attn_qn": SPLIT, "attn_qhat": SPLIT, "attn_qstat": HEAD_STATS, "attn_qmean": HEAD_STATS,
+                  "attn_kn": SPLIT, "attn_khat": SPLIT, "attn_kstat": HEAD_STATS, "attn_kmean": HEAD_STATS}
+    #: Ports a node may leave out: the biases (model.attention.bias false), QK norm's.
+    OPTIONAL: tuple[str, ...] = BIAS_PORTS + QK_NORM_PORTS
+
+    def __init__(self, ports: Mapping[str, Any], *args: Any, **kwargs: Any):
+        super().__init__(dict.fromkeys(self.OPTIONAL) | dict(ports), *args, **kwargs)
+
+    @classmethod
+    def scratch_of(cls, attrs: Any) -> Mapping[str, tuple]:
+        return cls.SCRATCH | (cls.QK_SCRATCH if attrs.qk_norm != "none" else {})
 
     # -- what cross-attention changes ---------------------------------------------------------------
     @property
@@ -535,6 +578,68 @@ class Attention(_Attend):
     def add_mask(self) -> None:
         """Self-attention masks nothing."""
 
+    def k_norm_scratch(self) -> tuple[Any, Any, Any, Any]:
+        """QK norm's scratch of the keys (normalised and weighted, normalised, two statistics)."""
+        return self.attn_kn, self.attn_khat, self.attn_kstat, self.attn_kmean
+
+    # -- QK norm ------------------------------------------------------------------------------------
+    def qk_sides(self) -> list[tuple]:
+        """Per side (queries, keys): the projection, its norm's scratch, weight and bias."""
+        return [(self.q, (self.attn_qn, self.attn_qhat, self.attn_qstat, self.attn_qmean), self.q_norm_w,
+                 self.q_norm_b), (self.k, self.k_norm_scratch(), self.k_norm_w, self.k_norm_b)]
+
+    def normalize(self, raw, scratch: tuple, w: Moments, b: Moments | None) -> None:
+        """hat = raw normalised over head_dim (axis 0): (raw - mean) r for layer_norm, raw r for rms_norm,
+        r = 1 / sqrt(mean of the square + eps) kept in `stat`; out = hat * w (+ b)."""
+        out, hat, stat, mean = scratch
+        centred = raw
+        if self.attrs.qk_norm == "layer_norm":
+            self.mean_of(1.0, raw, mean)
+            nt.add_slice3_async(-1.0, mean, 1.0, raw, hat, 0)
+            centred = hat
+        nt.copy_async(centred, out)
+        nt.prod_async(centred, out)                         # out holds the squares for a moment
+        self.mean_of(1.0, out, stat)
+        nt.add_scalar_async(self.attrs.qk_eps, 1.0, stat)
+        nt.pow_async(1.0, -0.5, stat)
+        if centred is raw:
+            nt.copy_async(raw, hat)
+        nt.prod_slice_async(stat, 1.0, hat, 0)
+        nt.prod_fiber3_async(w.value, 1.0, hat, out, 0)
+        if b is not None:
+            nt.add_fiber_async(1.0, b.value, 1.0, out, 0, 0)
+
+    def normalize_backward(self, grad, scratch: tuple, w: Moments, b: Moments | None) -> None:
+        """`grad` (of out) becomes the gradient of raw, in place: with g = w grad,
+        r (g - mean(g) - hat mean(g hat)) for layer_norm, r (g - hat mean(g hat)) for rms_norm; writes
+        the weight's and the bias's gradients. Uses `hat` and `mean` as scratch."""
+        _, hat, stat, mean = scratch
+        nt.sumprod_fiber_async(1.0, grad, hat, 0.0, w.grad, 0)
+        if b is not None:
+            nt.sum_fiber_async(1.0, grad, 0.0, b.grad, 0, 0)
+        nt.prod_fiber_async(w.value, 1.0, grad, 0)
+        nt.sumprod_slice_async(-1.0 / grad.shape[0], grad, hat, 0.0, mean, 0)
+        nt.prod_slice_async(mean, 1.0, hat, 0)                # hat = -hat mean(g hat)
+        if self.attrs.qk_norm == "layer_norm":
+            self.mean_of(-1.0, grad, mean)
+            nt.add_slice_async(1.0, mean, 1.0, grad, 0)
+        nt.add_async(1.0, hat, 1.0, grad)
+        nt.prod_slice_async(stat, 1.0, grad, 0)
+
+    def scores_reads(self) -> tuple[Any, Any]:
+        """The queries and keys the scores read: normalised ones with QK norm (normalising them first)."""
+        if self.attrs.qk_norm == "none":
+            return self.q, self.k
+        for raw, scratch, w, b in self.qk_sides():
+            self.normalize(raw, scratch, w, b)
+        return self.attn_qn, self.k_norm_scratch()[0]
+
+    def release_qk_scratch(self) -> None:
+        if self.attrs.qk_norm != "none":
+            for _, scratch, _, _ in self.qk_sides():
+                for tensor in scratch:
+                    tensor.invalidate_submit()
+
     # -- the computation ----------------------------------------------------------------------------
     def project(self, w: Moments, b: Moments, source, merged, out) -> None:
         """out [head_dim, n, batch, heads] = the per-head layout of W source + b (via head-major `merged`)."""
@@ -548,25 +653,34 @@ class Attention(_Attend):
         self.project(self.w_v, self.b_v, self.kv.value, kv_merged, self.v)
         for scratch in {id(t): t for t in (self.attn_merged, kv_merged)}.values():
             scratch.invalidate_submit()
-        self.scores(self.q, self.k, self.probs)
+        q, k = self.scores_reads()
+        self.scores(q, k, self.probs)
+        self.release_qk_scratch()
         self.add_mask()
         self.softmax_values(self.probs, self.attn_maxsumexp, self.v, self.attn_split, self.out_merged)
         self.project_out(self.out_merged, self.w_o, self.b_o, self.y.value)
 
     def backward_async(self) -> None:
         merged = self.attn_merged
+        q, k = self.scores_reads()
         kv_merged, d_scores, d_k, d_v = self.kv_scratch()
         d_q = self.attn_dq
         self.project_out_backward(self.y.grad, self.out_merged, self.w_o, self.b_o, merged)
-        self.attend_backward(merged, self.q, self.k, self.v, self.probs, self.out_merged, self.attn_split,
+        self.attend_backward(merged, q, k, self.v, self.probs, self.out_merged, self.attn_split,
                              self.attn_sumprod_merged, self.attn_sumprod, d_scores, d_q, d_k, d_v)
+        if self.attrs.qk_norm != "none":
+            for d_part, (_, scratch, w, b) in zip((d_q, d_k), self.qk_sides()):
+                self.normalize_backward(d_part, scratch, w, b)
+            self.release_qk_scratch()
         betas: dict[int, float] = {}   # each source's gradient: its first write may overwrite, later ones add
         for w, b, d_part, source, head_major in ((self.w_q, self.b_q, d_q, self.x, merged),
                                                  (self.w_k, self.b_k, d_k, self.kv, kv_merged),
                                                  (self.w_v, self.b_v, d_v, self.kv, kv_merged)):
             nt.transpose_async(1.0, d_part, head_major, 3)
             d_part.invalidate_submit()
-            nt.gemm_async(1.0, nt.notrans, head_major, nt.notrans, self.ones_over(head_major, 2), 0.0, b.grad, 2, 0)
+            if b is not None:
+                nt.gemm_async(1.0, nt.notrans, head_major, nt.notrans, self.ones_over(head_major, 2), 0.0, b.grad, 2,
+                              0)
             nt.gemm_async(1.0, nt.notrans, head_major, nt.trans, source.value, 0.0, w.grad, 2, 0)
             if source.grad is not None:
                 beta = betas.setdefault(id(source), self.beta(source))
@@ -893,6 +1007,10 @@ class CrossAttention(Attention):
     b_v: Moments
     w_o: Moments
     b_o: Moments
+    q_norm_w: Moments
+    q_norm_b: Moments
+    k_norm_w: Moments
+    k_norm_b: Moments
     y: Moments
     BACKWARD_READS = frozenset({"x", "context"})
     KEEPS = {"q": SPLIT, "k": CONTEXT_SPLIT, "v": CONTEXT_SPLIT, "probs": CONTEXT_SCORES, "out_merged": MERGED}
@@ -901,9 +1019,13 @@ class CrossAttention(Attention):
                "attn_sumprod_merged": ("heads", "tokens", "batch"), "xattn_scores": CONTEXT_SCORES,
                "attn_dq": SPLIT, "xattn_dk": CONTEXT_SPLIT, "xattn_dv": CONTEXT_SPLIT,
                "xattn_mask": ("context", "batch"), "xattn_bias": ("context", "tokens", "batch")}
+    QK_SCRATCH = {"attn_qn": SPLIT, "attn_qhat": SPLIT, "attn_qstat": HEAD_STATS, "attn_qmean": HEAD_STATS,
+                  "xattn_kn": CONTEXT_SPLIT, "xattn_khat": CONTEXT_SPLIT, "xattn_kstat": CONTEXT_HEAD_STATS,
+                  "xattn_kmean": CONTEXT_HEAD_STATS}
+    OPTIONAL = ("mask",) + BIAS_PORTS + QK_NORM_PORTS
 
-    def __init__(self, ports: Mapping[str, Any], *args: Any, **kwargs: Any):
-        super().__init__({"mask": None} | dict(ports), *args, **kwargs)
+    def k_norm_scratch(self) -> tuple[Any, Any, Any, Any]:
+        return self.xattn_kn, self.xattn_khat, self.xattn_kstat, self.xattn_kmean
 
     @property
     def kv(self) -> Moments:

@@ -29,7 +29,7 @@ from dit_compiler.compiler.targets.nntile_1_1.plan import PlanRow, Step, memory_
 
 MIB = 2 ** 20
 #: The torch code of the op kinds whose kept tensors are attention's (q, k, v, probabilities, output).
-ATTENTION_CODE = frozenset({"attention", "joint_attention"})
+ATTENTION_CODE = frozenset({"attention", "cross_attention", "joint_attention"})
 #: What a process running a model holds before the model allocates anything: Python, numpy, torch (NNTile
 #: imports transformers, which imports torch), NNTile, StarPU's workers and ditc. `ditc bench`'s NNTile
 #: worker peaked at 290-291 MiB on specs/tiny.yaml (2.7 MiB of tensors), 2 workers, NNTile 1.1.0, torch 2.13.

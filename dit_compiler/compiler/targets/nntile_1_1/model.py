@@ -112,7 +112,7 @@ class Model:
         cls = LAYERS[op.layer]
         node = ports[op.outputs[0]]
         first = self.decls[ports[op.inputs[0]]].dims
-        internals = {name: tensor for name, (tensor, _, _) in layer_internals(cls, node, first).items()}
+        internals = {name: tensor for name, (tensor, _, _) in layer_internals(cls, node, first, attrs).items()}
         layer = cls({p: self.tensor(n) for p, n in ports.items()},
                     {name: self.tensor(n) for name, n in internals.items()}, attrs, self.alloc, self.kernels.module)
         self.layers.append(layer)

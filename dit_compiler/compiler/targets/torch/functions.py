@@ -82,12 +82,16 @@ def add_rows(x: torch.Tensor, h: torch.Tensor, offset: int, width: int) -> torch
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None,
-              mask_bias: float = -10000.0) -> torch.Tensor:
+              mask_bias: float = -10000.0, q_norm: nn.Module | None = None,
+              k_norm: nn.Module | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(head_dim)) v per head; q and the result are [N, T, D], k and v [N, L, D] (L = T
     in self-attention). A key mask [N, L] (1 keep, 0 padded) adds mask_bias (1 - mask) to the scores, as
-    diffusers' Attention does with its encoder attention mask."""
+    diffusers' Attention does with its encoder attention mask; q_norm and k_norm (QK norm) normalise each
+    head's queries and keys over head_dim, as diffusers' Attention(qk_norm=...) does."""
     n, tokens, hidden = q.shape
     q, k, v = (z.reshape(n, z.shape[1], heads, hidden // heads).transpose(1, 2) for z in (q, k, v))
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
     bias = None if mask is None else (mask_bias * (1 - mask))[:, None, None, :]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)           # [N, H, T, hd]
     return out.transpose(1, 2).reshape(n, tokens, hidden)

@@ -54,13 +54,14 @@ def _source(graph: Graph, node: Node, port: str) -> ParamSource:
     return graph.tensors[node.inputs[port]].source
 
 
-def _linear_module(source: ParamSource) -> str:
-    """The module of a linear weight: `nn.Linear`, or the `nn.Conv2d` a `conv` layout weight comes from."""
+def _linear_module(source: ParamSource, bias: bool = True) -> str:
+    """The module of a linear weight: `nn.Linear` (without a bias where the node has none), or the
+    `nn.Conv2d` a `conv` layout weight comes from."""
     if source.layout == "conv":
         out, channels, p, _ = source.torch_shape
         return f"nn.Conv2d({channels}, {out}, kernel_size={p}, stride={p})"
     out, inputs = source.torch_shape
-    return f"nn.Linear({inputs}, {out})"
+    return f"nn.Linear({inputs}, {out})" if bias else f"nn.Linear({inputs}, {out}, bias=False)"
 
 
 def module_path(key: str) -> str:
@@ -69,9 +70,11 @@ def module_path(key: str) -> str:
 
 
 def _weights(*ports: str) -> Callable[[Node, Graph], dict[str, str]]:
-    """Linear modules for the weights at `ports` (their biases live in the same modules)."""
+    """Linear modules for the weights at `ports`; their biases (port `b...` for `w...`) live in the same
+    modules, where the node has them."""
     def modules(node: Node, graph: Graph) -> dict[str, str]:
-        return {module_path(_source(graph, node, p).key): _linear_module(_source(graph, node, p)) for p in ports}
+        return {module_path(_source(graph, node, p).key): _linear_module(_source(graph, node, p), "b" + p[1:] in node.inputs)
+                for p in ports}
     return modules
 
 
@@ -155,7 +158,7 @@ def _embedding(node: Node, code: Code) -> str:
 @torch_op("act")
 def _act(node: Node, code: Code) -> str:
     x = code.value(node.inputs["x"])
-    return {"silu": f"F.silu({x})", "gelutanh": f'F.gelu({x}, approximate="tanh")'}[node.attrs.fn]
+    return {"silu": f"F.silu({x})", "gelutanh": f'F.gelu({x}, approximate="tanh")', "gelu": f"F.gelu({x})"}[node.attrs.fn]
 
 
 @torch_op("add")
@@ -192,7 +195,28 @@ def _gated_residual(node: Node, code: Code) -> str:
     return f"gated_residual({x}, {h}, {gate})"
 
 
-@torch_op("attention", uses=("attention",), modules=_weights("w_q", "w_k", "w_v", "w_o"))
+def _attention_modules(*ports: str) -> Callable[[Node, Graph], dict[str, str]]:
+    """The projections' Linear modules, and QK norm's `nn.LayerNorm` or `nn.RMSNorm` (over head_dim)."""
+    linears = _weights(*ports)
+
+    def modules(node: Node, graph: Graph) -> dict[str, str]:
+        found = linears(node, graph)
+        norm = {"layer_norm": "nn.LayerNorm", "rms_norm": "nn.RMSNorm"}.get(node.attrs.qk_norm)
+        for side in "qk" if norm else ():
+            source = _source(graph, node, f"{side}_norm_w")
+            found[module_path(source.key)] = f"{norm}({source.torch_shape[0]}, eps={node.attrs.qk_eps!r})"
+        return found
+    return modules
+
+
+def _qk_norm(node: Node, code: Code) -> str:
+    """attention()'s QK norm arguments, if the node has QK norm."""
+    if node.attrs.qk_norm == "none":
+        return ""
+    return "".join(f", {side}_norm={code.module(node.inputs[f'{side}_norm_w'])}" for side in "qk")
+
+
+@torch_op("attention", uses=("attention",), modules=_attention_modules("w_q", "w_k", "w_v", "w_o"))
 def _attention(node: Node, code: Code) -> str:
     """One fused qkv projection split in three where q, k and v are row blocks of one weight (DiT),
     three projections otherwise (diffusers)."""
@@ -203,17 +227,17 @@ def _attention(node: Node, code: Code) -> str:
         qkv = f"*{code.module(node.inputs['w_q'])}({x}).chunk(3, dim=-1)"
     else:
         qkv = ", ".join(f"{code.module(node.inputs[f'w_{z}'])}({x})" for z in "qkv")
-    return f"{code.module(node.inputs['w_o'])}(attention({qkv}, heads={heads}))"
+    return f"{code.module(node.inputs['w_o'])}(attention({qkv}, heads={heads}{_qk_norm(node, code)}))"
 
 
-@torch_op("cross_attention", uses=("attention",), modules=_weights("w_q", "w_k", "w_v", "w_o"))
+@torch_op("cross_attention", uses=("attention",), modules=_attention_modules("w_q", "w_k", "w_v", "w_o"))
 def _cross_attention(node: Node, code: Code) -> str:
     """Queries from the tokens, keys and values from the context, each its own projection."""
     x, context = code.value(node.inputs["x"]), code.value(node.inputs["context"])
     heads = code.graph.tensors[node.inputs["w_q"]].shape[0]
     q, k, v = (f"{code.module(node.inputs[f'w_{z}'])}({source})" for z, source in zip("qkv", (x, context, context)))
     mask = f", mask={code.value(node.inputs['mask'])}, mask_bias={node.attrs.mask_bias!r}" if "mask" in node.inputs else ""
-    return f"{code.module(node.inputs['w_o'])}(attention({q}, {k}, {v}, heads={heads}{mask}))"
+    return f"{code.module(node.inputs['w_o'])}(attention({q}, {k}, {v}, heads={heads}{mask}{_qk_norm(node, code)}))"
 
 
 @torch_op("append_tokens")
