@@ -187,14 +187,14 @@ def sd3_config(graph: Graph) -> dict | str:
 
 
 #: The diffusers class of each design that has one, and its config from the graph.
-_ORACLES = {"adaln_zero": ("DiTTransformer2DModel", oracle_config),
+_ORACLES = {"adaln_zero": ("DiTTransformer2DModel", oracle_config), "adaln": ("DiTTransformer2DModel", oracle_config),
             "adaln_single": ("PixArtTransformer2DModel", pixart_config),
             "joint": ("SD3Transformer2DModel", sd3_config)}
 
 
 def build_diffusers(graph: Graph):
-    """A randomly initialised diffusers model (`DiTTransformer2DModel`, `PixArtTransformer2DModel`) with
-    the graph's semantics (eval mode, float32), or the reason it cannot have them."""
+    """A randomly initialised diffusers model (`DiTTransformer2DModel`, `PixArtTransformer2DModel`,
+    `SD3Transformer2DModel`) with the graph's semantics (eval mode, float32), or the reason it cannot have them."""
     design = graph.spec.model.conditioning
     if design not in _ORACLES:
         return f"diffusers has no model of conditioning {design}"

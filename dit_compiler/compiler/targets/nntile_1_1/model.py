@@ -111,7 +111,7 @@ class Model:
         attrs = op.attrs(**bindings) if bindings else None
         cls = LAYERS[op.layer]
         node = ports[op.outputs[0]]
-        first = self.decls[ports[op.inputs[0]]].dims
+        first = self.decls[next(ports[p] for p in op.inputs if p in ports)].dims   # the first bound input
         internals = {name: tensor for name, (tensor, _, _) in layer_internals(cls, node, first, attrs).items()}
         layer = cls({p: self.tensor(n) for p, n in ports.items()},
                     {name: self.tensor(n) for name, n in internals.items()}, attrs, self.alloc, self.kernels.module)
