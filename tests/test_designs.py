@@ -163,8 +163,8 @@ def test_twenty_training_steps_match_torch(tmp_path, design):
         model.load_state_dict(reference.state_dict())
         optimizer = model.adamw(1e-3, 0.0)
         try:
-            losses = [model.train_step((inputs.x.numpy(), inputs.t.numpy(), inputs.y.numpy()),
-                                       inputs.grad_out.numpy(), optimizer) for _ in range(20)]
+            losses = [model.train_step(tuple(v.numpy() for v in inputs.args(built.graph)), inputs.grad_out.numpy(),
+                                       optimizer) for _ in range(20)]
             trained = model.state_dict()
         finally:
             optimizer.unregister()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,17 +13,18 @@ import torch.nn.functional as F
 
 from conftest import SPECS, needs_cc, needs_nntile
 from dit_compiler.compiler.build import compile_spec
-from dit_compiler.compiler.graph.ops import OPS, Activation, Heads, Norm
+from dit_compiler.compiler.graph.ops import OPS, Activation, Heads, Norm, TokenRange
 from dit_compiler.compiler.spec import load_spec
 from dit_compiler.compiler.targets.nntile_1_1.layers import LAYERS, Moments
 from dit_compiler.compiler.targets.nntile_1_1.plan import Step, memory_plan
+from dit_compiler.compiler.targets.torch.functions import joint_attention
 
 #: Axis -> (size, tile) for the layer tests: one tile per axis, and ragged tiles on every tiled axis.
 AXES = {
     "single-tile": {"hidden": (8, 8), "tokens": (5, 5), "batch": (3, 3), "mlp": (12, 12), "heads": (2, 2),
-                    "head_dim": (4, 4), "classes": (6, 6), "context": (7, 7), "patches": (3, 3)},
+                    "head_dim": (4, 4), "classes": (6, 6), "context": (7, 7), "patches": (3, 3), "joint": (12, 12)},
     "multi-tile": {"hidden": (8, 3), "tokens": (5, 2), "batch": (3, 2), "mlp": (12, 5), "heads": (2, 1),
-                   "head_dim": (4, 4), "classes": (6, 6), "context": (7, 3), "patches": (3, 2)},
+                   "head_dim": (4, 4), "classes": (6, 6), "context": (7, 3), "patches": (3, 2), "joint": (12, 5)},
 }
 TOKENS, VECTOR = ("hidden", "tokens", "batch"), ("hidden", "batch")
 
@@ -68,6 +70,36 @@ CROSS_ATTENTION = {"x": TOKENS, "context": ("hidden", "context", "batch"),
                    **{f"w_{z}": ("heads", "head_dim", "hidden") for z in "qkv"},
                    **{f"b_{z}": ("heads", "head_dim") for z in "qkv"}, "w_o": ("hidden", "heads", "head_dim"),
                    "b_o": ("hidden",), "y": TOKENS}
+JOINT_PARAMS = ATTENTION_PARAMS + tuple(f"{w}_a{z}" for w in "wb" for z in "qkvo")
+CONTEXT = ("hidden", "context", "batch")
+
+
+def _joint_attention(p):
+    """functions.joint_attention (the torch reference's) on the feature-first ports."""
+    def proj(w, b):
+        return lambda t: F.linear(t, p[w].reshape(-1, p[w].shape[-1]) if p[w].ndim == 3 and w[-1] != "o"
+                                  else p[w].reshape(p[w].shape[0], -1), p[b].reshape(-1))
+    image = tuple(proj(f"w_{z}", f"b_{z}") for z in "qkvo")
+    context = tuple(proj(f"w_a{z}", f"b_a{z}") if f"w_a{z}" in p else None for z in "qkvo")
+    # QK norm: what joint_attention reads of an nn.RMSNorm, the port itself its weight (its gradient the port's)
+    norms = [SimpleNamespace(weight=p[port], eps=1e-6) for port in JOINT_QK] if "n_q" in p else None
+    y = joint_attention(p["x"].permute(2, 1, 0), p["c"].permute(2, 1, 0), image, context, heads=p["w_q"].shape[0],
+                        norms=norms)
+    return y.permute(2, 1, 0)
+
+
+JOINT_QK = ("n_q", "n_k", "n_aq", "n_ak")
+
+
+def _joint_ports(pre: bool, qk_norm: bool = False) -> dict:
+    ports = {"x": TOKENS, "c": CONTEXT, **{f"w_{z}": ("heads", "head_dim", "hidden") for z in "qkv"},
+             **{f"b_{z}": ("heads", "head_dim") for z in "qkv"}, "w_o": ("hidden", "heads", "head_dim"),
+             "b_o": ("hidden",), **{f"w_a{z}": ("heads", "head_dim", "hidden") for z in "qkv"},
+             **{f"b_a{z}": ("heads", "head_dim") for z in "qkv"}}
+    qk = dict.fromkeys(JOINT_QK, ("head_dim",)) if qk_norm else {}
+    if pre:
+        return ports | qk | {"y": TOKENS}
+    return ports | {"w_ao": ("hidden", "heads", "head_dim"), "b_ao": ("hidden",)} | qk | {"y": ("hidden", "joint", "batch")}
 #: layer -> (port dims, attributes, torch of the ports in the same feature-first layout, ports without a
 #: gradient, parameter ports: their gradients are always overwritten)
 CASES = {
@@ -115,15 +147,27 @@ CASES = {
     "AppendTokens-pair": ({"a": VECTOR, "b": VECTOR, "y": ("hidden", 2, "batch")}, None,
                           lambda p: torch.stack([p["a"], p["b"]], dim=1), (), ()),
     "TakeTokens": ({"x": TOKENS, "y": ("hidden", "patches", "batch")}, None, lambda p: p["x"][:, :3], (), ()),
+    "JointAttention": (_joint_ports(pre=False), None, _joint_attention, (), JOINT_PARAMS),
+    "JointAttentionPre": (_joint_ports(pre=True), None, _joint_attention, (),
+                          tuple(p for p in JOINT_PARAMS if p not in ("w_ao", "b_ao"))),
+    "JointAttention-qk": (_joint_ports(pre=False, qk_norm=True), Norm(1e-6), _joint_attention, (), JOINT_PARAMS + JOINT_QK),
+    "JointAttentionPre-qk": (_joint_ports(pre=True, qk_norm=True), Norm(1e-6), _joint_attention, (),
+                             tuple(p for p in JOINT_PARAMS if p not in ("w_ao", "b_ao")) + JOINT_QK),
+    "TokenJoin": ({"a": TOKENS, "b": CONTEXT, "y": ("hidden", "joint", "batch")}, None,
+                  lambda p: torch.cat([p["a"], p["b"]], dim=1), (), ()),
+    "TokenSlice-image": ({"x": ("hidden", "joint", "batch"), "y": TOKENS}, TokenRange(0),
+                         lambda p: p["x"][:, :5], (), ()),
+    "TokenSlice-context": ({"x": ("hidden", "joint", "batch"), "y": CONTEXT}, TokenRange(5),
+                           lambda p: p["x"][:, 5:], (), ()),
 }
 #: Layers that write their x's gradient first always (lowering gives that x one reader).
 WRITES_FIRST = {"AppendTokens": "x", "TakeTokens": "x"}
 
 
 #: Every layer on NNTile's kernels, and the layers that run ditc's own kernels on those too.
-KERNEL_CASES = [(case, "nntile") for case in sorted(CASES)] + [("Act-gelutanh", "ditc"), ("Attention", "ditc"),
-                                                                ("CrossAttention-masked", "ditc"),
-                                                                ("Attention-qk_rms_norm", "ditc")]
+KERNEL_CASES = [(case, "nntile") for case in sorted(CASES)] + [
+    ("Act-gelutanh", "ditc"), ("Attention", "ditc"), ("CrossAttention-masked", "ditc"), ("Attention-qk_rms_norm", "ditc"),
+    ("JointAttention", "ditc"), ("JointAttentionPre", "ditc"), ("JointAttention-qk", "ditc")]
 
 
 @pytest.fixture(scope="module")

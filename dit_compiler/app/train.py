@@ -55,7 +55,7 @@ from dit_compiler.app.distributed import World, digest
 from dit_compiler.app.progress import Progress, counted
 from dit_compiler.app.schedules import lr_at, micro_batches
 from dit_compiler.app.weights import check_weights, init_weights, initialize_dit_weights, initialize_pixart_weights, \
-    load_checkpoint, load_weights, save_checkpoint, save_safetensors, to_numpy
+    initialize_sd3_weights, load_checkpoint, load_weights, save_checkpoint, save_safetensors, to_numpy
 from dit_compiler.compiler.build import SPEC_FILE, TORCH_FILE, compile_spec, graph_of, load_module, write_build
 from dit_compiler.compiler.spec import load_spec
 from dit_compiler.compiler.spec.model import Spec, TrainSpec
@@ -342,11 +342,13 @@ def _prepare_run(spec, build, run_dir: Path, config: TrainConfig) -> Callable[[]
 
 
 def initial_weights(build_dir: Path, graph, seed: int):
-    """The family's initialisation of the reference module (DiT's; PixArt-alpha's for adaln_single), as a
-    state_dict every backend loads."""
+    """The family's initialisation of the reference module (DiT's; PixArt-alpha's for adaln_single; DiT's on
+    SD3's layout for joint), as a state_dict every backend loads."""
     module = load_module(build_dir / TORCH_FILE).Model()
     if graph.spec.model.conditioning == "adaln_single":
         initialize_pixart_weights(module, graph.depth, seed)
+    elif graph.spec.model.conditioning == "joint":
+        initialize_sd3_weights(module, graph.depth, seed)
     else:
         initialize_dit_weights(module, graph.spec.model.flavor, graph.depth, seed, graph.spec.model.conditioning)
     return to_numpy(module.state_dict())

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dit_compiler.compiler.naming import KEYS, PIXART
+from dit_compiler.compiler.naming import KEYS, PIXART, SD3
 from dit_compiler.compiler.build import TORCH_FILE, load_module
 from dit_compiler.errors import UsageError
 from dit_compiler.files import write_atomic
@@ -98,6 +98,31 @@ def initialize_pixart_weights(module: nn.Module, depth: int, seed: int) -> None:
     for name, param in module.named_parameters():
         if name.endswith("scale_shift_table"):
             param.copy_(torch.randn(param.shape, generator=generator) / param.shape[1] ** 0.5)
+
+
+@torch.no_grad()
+def initialize_sd3_weights(module: nn.Module, depth: int, seed: int) -> None:
+    """DiT's `initialize_weights` carried over to SD3Transformer2DModel's key layout (diffusers ships no
+    initialisation of its own): every Linear xavier-uniform with zero bias, the patch projection as a Linear;
+    the timestep and pooled-text MLPs N(0, 0.02); both streams' adaLN projections, norm_out's and the output
+    Linear zero, so a fresh model outputs zero. Draws in the module's registration order."""
+    keys = SD3
+    generator = torch.Generator().manual_seed(seed)
+    modules = dict(module.named_modules())
+    for m in modules.values():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight, generator=generator)
+            nn.init.zeros_(m.bias)
+    patch = modules[keys.patch]
+    nn.init.xavier_uniform_(patch.weight.view(patch.weight.shape[0], -1), generator=generator)
+    nn.init.zeros_(patch.bias)
+    for name in (keys.t_linear1, keys.t_linear2, keys.pooled_linear1, keys.pooled_linear2):
+        nn.init.normal_(modules[name].weight, std=0.02, generator=generator)
+    blocks = [keys.block.format(i=i) for i in range(depth)]
+    zero = [k.format(b=b) for b in blocks for k in (keys.adaln, keys.context_adaln)]
+    for name in zero + [keys.final_adaln, keys.final_linear]:
+        nn.init.zeros_(modules[name].weight)
+        nn.init.zeros_(modules[name].bias)
 
 
 def to_numpy(state: dict) -> StateDict:

@@ -169,14 +169,34 @@ def pixart_config(graph: Graph) -> dict | str:
     }
 
 
+def sd3_config(graph: Graph) -> dict | str:
+    """`SD3Transformer2DModel` kwargs for a graph of conditioning joint, or why diffusers cannot express it
+    (validation admits only SD3's block: its sizes are what remains)."""
+    ax = graph.axes
+    if ax["frequency"].size != DIFFUSERS_FREQUENCY or ax["mlp"].size != DIFFUSERS_MLP_RATIO * ax["hidden"].size:
+        return (f"diffusers fixes the timestep sinusoid at {DIFFUSERS_FREQUENCY} and the MLP at "
+                f"{DIFFUSERS_MLP_RATIO} x hidden_size")
+    table = graph.tensors[TRACE.pos_embed].source
+    return {
+        "sample_size": ax["height"].size, "patch_size": graph.first("patchify").attrs.patch_size,
+        "in_channels": ax["in_channels"].size, "num_layers": graph.depth,
+        "attention_head_dim": ax["head_dim"].size, "num_attention_heads": ax["heads"].size,
+        "joint_attention_dim": ax["caption"].size, "caption_projection_dim": ax["hidden"].size,
+        "pooled_projection_dim": ax["pooled"].size, "out_channels": ax["out_channels"].size,
+        "pos_embed_max_size": math.isqrt(table.torch_shape[1]) if table.layout == "crop" else None,
+        "qk_norm": "rms_norm" if "n_q" in graph.first("joint_attention_pre").inputs else None,
+    }
+
+
 #: The diffusers class of each design that has one, and its config from the graph.
 _ORACLES = {"adaln_zero": ("DiTTransformer2DModel", oracle_config), "adaln": ("DiTTransformer2DModel", oracle_config),
-            "adaln_single": ("PixArtTransformer2DModel", pixart_config)}
+            "adaln_single": ("PixArtTransformer2DModel", pixart_config),
+            "joint": ("SD3Transformer2DModel", sd3_config)}
 
 
 def build_diffusers(graph: Graph):
-    """A randomly initialised diffusers model (`DiTTransformer2DModel`, `PixArtTransformer2DModel`) with
-    the graph's semantics (eval mode, float32), or the reason it cannot have them."""
+    """A randomly initialised diffusers model (`DiTTransformer2DModel`, `PixArtTransformer2DModel`,
+    `SD3Transformer2DModel`) with the graph's semantics (eval mode, float32), or the reason it cannot have them."""
     design = graph.spec.model.conditioning
     if design not in _ORACLES:
         return f"diffusers has no model of conditioning {design}"
@@ -270,8 +290,12 @@ def _reference_keys(graph: Graph) -> list[str]:
 
 
 def to_diffusers_state_dict(graph: Graph, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The reference's state_dict (or any tensors keyed alike) in diffusers' key space."""
+    """The reference's state_dict (or any tensors keyed alike) in diffusers' key space; with flavor
+    diffusers, the saved constant tables too (SD3's positional table, a persistent buffer)."""
     out: dict[str, torch.Tensor] = {}
+    if graph.spec.model.flavor == "diffusers":
+        out.update((t.source.key, state[t.source.key]) for t in graph.tensors.values()
+                   if t.role == "const" and t.source.saved and t.source.key in state)
     for m in weight_map(graph):
         value = state[m.key]
         if m.how == "split":
@@ -335,9 +359,12 @@ def load_pretrained(folder: Path) -> tuple[torch.nn.Module, dict[str, torch.Tens
 
 def oracle_kwargs(oracle: torch.nn.Module, inputs: Inputs) -> dict:
     """The keyword arguments of the diffusers model's forward besides the latent."""
+    c = inputs.context
+    if type(oracle).__name__ == "SD3Transformer2DModel":
+        return {"encoder_hidden_states": c[TRACE.caption], "pooled_projections": c[TRACE.pooled], "timestep": inputs.t,
+                "return_dict": False}
     if type(oracle).__name__ != "PixArtTransformer2DModel":
         return {"timestep": inputs.t, "class_labels": inputs.y, "return_dict": False}
-    c = inputs.context
     size = {"resolution": c[TRACE.resolution], "aspect_ratio": c[TRACE.aspect_ratio][:, None]} \
         if TRACE.resolution in c else None
     return {"encoder_hidden_states": c[TRACE.caption], "timestep": inputs.t,
@@ -349,11 +376,12 @@ def check_against_diffusers(graph: Graph, reference: torch.nn.Module, inputs: In
                             expected: dict[str, np.ndarray] | None = None) -> OracleReport | str:
     """Run the reference (with its current weights) and diffusers on the same mapped weights and inputs,
     forward and backward with `inputs.grad_out`; the errors, or why diffusers cannot be compared. The
-    whole model against DiTTransformer2DModel (adaln_zero, adaln) or PixArtTransformer2DModel (adaln_single),
-    or block 0 against diffusers' BasicTransformerBlock (in_context, cross_attention: diffusers has no model
-    of these designs). `pretrained`: a diffusers model loaded from a folder, run with its own weights (the
-    reference holds the same ones); `expected` receives diffusers' output and input gradient ("out", "dx")."""
-    if graph.spec.model.conditioning in _BLOCK_DESIGNS:
+    whole model against its diffusers class (DiTTransformer2DModel for adaln_zero and adaln,
+    PixArtTransformer2DModel, SD3Transformer2DModel), or block 0 against diffusers' BasicTransformerBlock
+    (in_context, cross_attention: diffusers has no model of these designs). `pretrained`: a diffusers model
+    loaded from a folder, run with its own weights (the reference holds the same ones); `expected` receives
+    diffusers' output and input gradient ("out", "dx")."""
+    if graph.spec.model.conditioning in _BLOCK_DESIGNS and pretrained is None:
         return check_block_against_diffusers(graph, reference, inputs)
     oracle = build_diffusers(graph) if pretrained is None else pretrained
     if isinstance(oracle, str):
@@ -389,7 +417,8 @@ def check_against_diffusers(graph: Graph, reference: torch.nn.Module, inputs: In
     return report if pretrained is None else replace(report, source="loaded from the model folder with its own weights")
 
 
-def _report(oracle: str, ref_out, hf_out, ref_dx, hf_dx, pairs: dict[str, tuple[np.ndarray, np.ndarray]]) -> OracleReport:
+def _report(oracle: str, ref_out, hf_out, ref_dx, hf_dx, pairs: dict[str, tuple[np.ndarray, np.ndarray]],
+            source: str = "built from the spec's config, the reference's weights mapped onto it") -> OracleReport:
     """The errors; the worst parameter among those whose gradient is not negligible."""
     keys = sorted(pairs)
     norms = {k: float(np.linalg.norm(expected)) for k, (_, expected) in pairs.items()}

@@ -5,8 +5,9 @@ The caption table: label c (0 <= c < CAPTION_CLASSES) stands for the caption of 
 `caption.width` features drawn from a standard normal with numpy's `default_rng([CAPTION_SEED, c])`, its
 first 1 + (c mod length) tokens kept by the mask and the rest padded; label CAPTION_CLASSES, the null class
 that label dropout and classifier-free guidance use, is the empty caption: zeros, its first token kept
-(T5's encoding of "" is one end-of-text token). PixArt 1024's size conditioning gets the image size in
-pixels (8 x the latent's side, the VAE's factor) and aspect ratio 1. The table is fixed, computed on the
+(T5's encoding of "" is one end-of-text token). SD3's pooled text vector of label c is `pooled_width` features
+from `default_rng([CAPTION_SEED, c, 1])`, the null label's zeros. PixArt 1024's size conditioning gets the
+image size in pixels (8 x the latent's side, the VAE's factor) and aspect ratio 1. The table is fixed, computed on the
 host when needed, and the same for every backend and run.
 """
 from __future__ import annotations
@@ -38,9 +39,17 @@ def caption(c: int, length: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     return np.random.default_rng([CAPTION_SEED, c]).standard_normal((length, width), dtype=np.float32), mask
 
 
+def pooled(c: int, width: int) -> np.ndarray:
+    """Label c's pooled text vector [width] (SD3's; see the module docstring)."""
+    if c == CAPTION_CLASSES:
+        return np.zeros(width, dtype=np.float32)
+    return np.random.default_rng([CAPTION_SEED, c, 1]).standard_normal(width, dtype=np.float32)
+
+
 def label_inputs(graph, y: np.ndarray) -> tuple[np.ndarray, ...]:
     """The graph's inputs after the latent and the timesteps, for labels y [N] (the null class included):
-    the labels themselves, or the captions, their mask and size conditioning of the caption table."""
+    the labels themselves, or the captions, their mask, pooled vectors and size conditioning of the caption
+    table."""
     return inputs_for(graph.inputs[2:], graph.spec.model, y)
 
 
@@ -53,4 +62,6 @@ def inputs_for(names: list[str], m, y: np.ndarray) -> tuple[np.ndarray, ...]:
               TRACE.caption_mask: np.stack([rows[int(c)][1] for c in y]),
               TRACE.resolution: np.full((len(y), 2), VAE_FACTOR * m.input_size, dtype=np.float32),
               TRACE.aspect_ratio: np.ones(len(y), dtype=np.float32)}
+    if TRACE.pooled in names:
+        values[TRACE.pooled] = np.stack([pooled(int(c), m.caption.pooled_width) for c in y])
     return tuple(values[name] for name in names)

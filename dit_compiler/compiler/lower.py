@@ -8,6 +8,7 @@ from dit_compiler.compiler.designs.adaln_zero import AdaLNZero
 from dit_compiler.compiler.designs.base import Lowering
 from dit_compiler.compiler.designs.cross_attention import CrossAttention
 from dit_compiler.compiler.designs.in_context import InContext
+from dit_compiler.compiler.designs.joint import Joint
 from dit_compiler.compiler.graph.ir import Graph
 from dit_compiler.compiler.graph.passes import mark_gradients
 from dit_compiler.compiler.spec.model import Spec
@@ -19,8 +20,7 @@ DESIGNS: dict[str, type[Lowering]] = {
     "in_context": InContext,
     "cross_attention": CrossAttention,
     "adaln_single": AdaLNSingle,
-
-    # "joint": SD3's MMDiT
+    "joint": Joint,
 }
 
 

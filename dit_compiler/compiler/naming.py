@@ -65,10 +65,44 @@ KEYS: dict[str, StateKeys] = {"dit": DIT, "diffusers": DIFFUSERS}
 
 
 @dataclass(frozen=True)
+class JointKeys:
+    """diffusers' `SD3Transformer2DModel` state_dict layout (MMDiT, conditioning `joint`): the image
+    stream's weights as `StateKeys` names them, the context stream's (`*_context`, `add_*`) beside them."""
+
+    patch: str = "pos_embed.proj"
+    t_linear1: str = "time_text_embed.timestep_embedder.linear_1"
+    t_linear2: str = "time_text_embed.timestep_embedder.linear_2"
+    pooled_linear1: str = "time_text_embed.text_embedder.linear_1"
+    pooled_linear2: str = "time_text_embed.text_embedder.linear_2"
+    context: str = "context_embedder"
+    block: str = "transformer_blocks.{i}"
+    adaln: str = "{b}.norm1.linear"
+    context_adaln: str = "{b}.norm1_context.linear"
+    attn_in: tuple[str, ...] = ("{b}.attn.to_q", "{b}.attn.to_k", "{b}.attn.to_v")
+    attn_out: str = "{b}.attn.to_out.0"
+    context_in: tuple[str, ...] = ("{b}.attn.add_q_proj", "{b}.attn.add_k_proj", "{b}.attn.add_v_proj")
+    context_out: str = "{b}.attn.to_add_out"
+    fc1: str = "{b}.ff.net.0.proj"
+    fc2: str = "{b}.ff.net.2"
+    context_fc1: str = "{b}.ff_context.net.0.proj"
+    context_fc2: str = "{b}.ff_context.net.2"
+    final_adaln: str = "norm_out.linear"
+    final_linear: str = "proj_out"
+    #: QK norm (SD3.5): image q, k, context q, k.
+    qk_norm: tuple[str, ...] = ("{b}.attn.norm_q", "{b}.attn.norm_k", "{b}.attn.norm_added_q",
+                                "{b}.attn.norm_added_k")
+
+    per_block_conditioning = False
+
+
+SD3 = JointKeys()
+
+
+@dataclass(frozen=True)
 class Flavor:
     """What a flavor names besides its parameters' keys (`StateKeys`)."""
 
-    keys: StateKeys | PixArtKeys
+    keys: StateKeys | PixArtKeys | JointKeys
     pos_table: str          # the fixed positional table's attribute path in the torch module
     pos_table_saved: bool   # in state_dict (DiT: a frozen Parameter) or not (diffusers: a non-persistent buffer)
     model_class: str
@@ -116,6 +150,8 @@ class PixArtKeys:
     fc2: str = "{b}.ff.net.2"
     final_table: str = "scale_shift_table"
     final_linear: str = "proj_out"
+    qk_norm: tuple[str, str] = ("{b}.attn1.norm_q", "{b}.attn1.norm_k")
+    cross_qk_norm: tuple[str, str] = ("{b}.attn2.norm_q", "{b}.attn2.norm_k")
 
 
 PIXART = PixArtKeys()
@@ -129,6 +165,13 @@ DESIGN_FLAVORS: dict[tuple[str, str], Flavor] = {
         "load as is. adaLN-single: one timestep MLP and projection to six chunks shared by every block, each "
         "block adding its own learned `scale_shift_table`; captions projected and attended to after "
         "self-attention, padded tokens masked."),
+    ("joint", "diffusers"): Flavor(
+        SD3, "pos_embed.pos_embed", True, "SD3Transformer2DModel", "JointTransformerBlock",
+        ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections"),
+        "diffusers `SD3Transformer2DModel` semantics (Stable Diffusion 3's MMDiT): its state_dict keys, so its "
+        "checkpoints load as is. The blocks pass the image and context streams on as one joint token sequence "
+        "(image tokens first), split and joined in each block; SiLU of the conditioning is computed once for "
+        "every adaLN projection."),
 }
 
 
@@ -142,6 +185,9 @@ def flavor_of(model) -> Flavor:
 ADALN_CHUNKS = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")
 ADALN_NO_GATE_CHUNKS = ("shift_msa", "scale_msa", "shift_mlp", "scale_mlp")
 FINAL_CHUNKS = ("shift", "scale")
+#: diffusers' AdaLayerNormContinuous (SD3's norm_out, the last block's norm1_context): `chunk(2)` as
+#: scale, then shift.
+CONTINUOUS_CHUNKS = ("scale", "shift")
 
 
 @dataclass(frozen=True)
@@ -190,6 +236,7 @@ class TraceNames:
     caption_hidden: str = "caption_hidden"
     caption_act: str = "caption_act"
     caption_emb: str = "caption_emb"
+    pooled: str = "pooled"           # SD3's pooled text vector
     resolution: str = "resolution"
     aspect_ratio: str = "aspect_ratio"
     size_freq: str = "{}_freq"

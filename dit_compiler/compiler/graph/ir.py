@@ -42,7 +42,8 @@ class ParamSource:
     `rows` slices the torch tensor's first axis (adaLN chunks, fused qkv). `layout` says how the rows
     become the graph tensor: `same` (shape unchanged), `transpose` (2-D transpose), `heads_in`
     ([H*hd, ...] -> [H, hd, ...]), `heads_out` ([D, H*hd] -> [D, H, hd]), `conv` ([d, C, p, p] -> [d, C*p*p]),
-    `table` ([1, T, D] -> [D, T], a constant table). `saved`: whether state_dict holds it (a constant
+    `table` ([1, T, D] -> [D, T], a constant table), `crop` (a constant table's centred crop, as SD3's
+    positional table of pos_embed_max_size^2 rows; a persistent buffer where saved). `saved`: whether state_dict holds it (a constant
     may be a non-persistent buffer).
     """
 

@@ -54,6 +54,13 @@ class Patch:
 
 
 @dataclass(frozen=True)
+class TokenRange:
+    """Tokens start..start+length of the joint sequence (the length is the output's token axis)."""
+
+    start: int
+
+
+@dataclass(frozen=True)
 class Sinusoid:
     max_period: int
     shift: int        # divide by (half - shift): 0 as DiT, 1 as diffusers
@@ -82,6 +89,16 @@ def _attention_macs(graph: Graph, node: Node) -> int:
     """Four projections and the two score GEMMs, as the DiT paper's Table 4 counts them."""
     d, tokens, batch = graph.tensors[node.inputs["x"]].shape
     return batch * (4 * tokens * d * d + 2 * tokens * tokens * d)
+
+
+def _joint_attention_macs(graph: Graph, node: Node) -> int:
+    """MMDiT's joint attention: q, k, v projections of both streams, the two score GEMMs over the joint
+    sequence, and the output projections (the image's, and the context's unless it is the last block's)."""
+    d, tokens, batch = graph.tensors[node.inputs["x"]].shape
+    context = graph.tensors[node.inputs["c"]].shape[1]
+    joint = tokens + context
+    outputs = joint if "w_ao" in node.inputs else tokens
+    return batch * (3 * joint * d * d + 2 * joint * joint * d + outputs * d * d)
 
 
 def _cross_attention_macs(graph: Graph, node: Node) -> int:
@@ -125,6 +142,17 @@ _BIASES = ("b_q", "b_k", "b_v", "b_o")
 _ATTENTION_INPUTS = ("x", "w_q", "w_k", "w_v", "b_q", "b_k", "b_v", "w_o", "b_o") + _QK_NORM
 _CROSS_ATTENTION_INPUTS = ("x", "context", "mask", "w_q", "w_k", "w_v", "b_q", "b_k", "b_v", "w_o", "b_o") + _QK_NORM
 _QK_NORM_RULES = tuple(rules.fiber_of(port, f"w_{port[0]}", "head_dim", optional=True) for port in _QK_NORM)
+#: Joint attention's ports: the image stream's as attention's, then the context stream's (`add_*` in
+#: diffusers), its output projection last (`to_add_out`; the last block has none: context_pre_only).
+#: Optional: QK norm's weights [head_dim] (SD3.5's RMSNorm per head: norm_q, norm_k, norm_added_q, _k).
+_JOINT_QK = ("n_q", "n_k", "n_aq", "n_ak")
+_JOINT_STREAMS = ("x", "c", "w_q", "w_k", "w_v", "b_q", "b_k", "b_v", "w_o", "b_o",
+                  "w_aq", "w_ak", "w_av", "b_aq", "b_ak", "b_av")
+_JOINT_PRE_INPUTS = _JOINT_STREAMS + _JOINT_QK
+_JOINT_INPUTS = _JOINT_STREAMS + ("w_ao", "b_ao") + _JOINT_QK
+_JOINT_HEADS = tuple(rules.heads(w, "x") for w in ("w_q", "w_k", "w_v")) + tuple(
+    rules.heads(w, "c") for w in ("w_aq", "w_ak", "w_av")) + tuple(
+    rules.fiber_of(port, weight, "head_dim", optional=True) for port, weight in zip(_JOINT_QK, ("w_q", "w_k", "w_aq", "w_ak")))
 
 OPS: dict[str, OpKind] = {kind.name: kind for kind in (
     OpKind("patchify", "host: image [N, C, H, W] -> patch vectors [patch_dim, tokens, batch], (c, p, q) order",
@@ -159,16 +187,31 @@ OPS: dict[str, OpKind] = {kind.name: kind for kind in (
            "rms_norm", "RMSNorm", attrs=Norm),
     OpKind("modulate", "y = x * (1 + scale) + shift, shift and scale broadcast over tokens",
            ("x", "shift", "scale"), ("y",),
-           rules.all_of(rules.same("x", "y"), rules.slice_of("shift", "x", "tokens"),
-                        rules.slice_of("scale", "x", "tokens")), "modulate", "Modulate"),
+           rules.all_of(rules.same("x", "y"), rules.slice_of("shift", "x", 1),
+                        rules.slice_of("scale", "x", 1)), "modulate", "Modulate"),
     OpKind("gated_residual", "y = x + gate * h, gate broadcast over tokens",
-           ("x", "h", "gate"), ("y",), rules.all_of(rules.same("x", "h", "y"), rules.slice_of("gate", "x", "tokens")),
+           ("x", "h", "gate"), ("y",), rules.all_of(rules.same("x", "h", "y"), rules.slice_of("gate", "x", 1)),
            "gated_residual", "GatedResidual"),
     OpKind("attention", "multi-head self-attention with q, k, v and output projections; optional QK norm "
            "(its weights and biases over head_dim)",
            _ATTENTION_INPUTS, ("y",),
            rules.all_of(rules.same("x", "y"), *(rules.heads(w, "x") for w in ("w_q", "w_k", "w_v")), *_QK_NORM_RULES),
            "attention", "Attention", attrs=Heads, macs=_attention_macs, optional=_BIASES + _QK_NORM),
+    OpKind("joint_attention", "MMDiT's joint attention: one attention over the image tokens followed by the "
+           "context tokens, each stream with its own q, k, v and output projections; y holds both streams' "
+           "outputs in that order (token_slice splits them). Optional QK norm: RMSNorm of every head's q and k "
+           "over head_dim with each stream's weights (n_*), eps the attribute's",
+           _JOINT_INPUTS, ("y",), rules.all_of(rules.streams("x", "c"), rules.joined("x", "c", "y"), *_JOINT_HEADS),
+           "joint_attention", "JointAttention", attrs=Norm, macs=_joint_attention_macs, optional=_JOINT_QK),
+    OpKind("joint_attention_pre", "joint attention of the last MMDiT block (context_pre_only): the context "
+           "tokens are keys and values only, y is the image stream's output",
+           _JOINT_PRE_INPUTS, ("y",), rules.all_of(rules.streams("x", "c"), rules.same("x", "y"), *_JOINT_HEADS),
+           "joint_attention", "JointAttentionPre", attrs=Norm, macs=_joint_attention_macs, optional=_JOINT_QK),
+    OpKind("token_join", "y = the tokens of a followed by those of b (MMDiT's two streams as one joint sequence)",
+           ("a", "b"), ("y",), rules.all_of(rules.streams("a", "b"), rules.joined("a", "b", "y")),
+           "token_join", "TokenJoin"),
+    OpKind("token_slice", "y = x[:, start:start + length] over the token axis (a stream of the joint sequence)",
+           ("x",), ("y",), rules.token_range("x", "y"), "token_slice", "TokenSlice", attrs=TokenRange),
     OpKind("cross_attention", "multi-head attention of the tokens x [hidden, tokens, batch] (queries) to a context "
            "[width, context, batch] (keys and values) with q, k, v and output projections; mask [context, batch] "
            "(1 keep, 0 padded; optional) adds mask_bias to a padded key's scores, as diffusers' Attention",

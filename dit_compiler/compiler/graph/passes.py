@@ -31,6 +31,35 @@ class LayerDeclaration(Protocol):
         """The scratch of a node with these attributes (SCRATCH, and what an option adds)."""
 
 
+#: Token axes besides the image's: MMDiT's context (caption) tokens and the joint sequence of both.
+OTHER_TOKEN_AXES = ("context", "joint")
+
+
+def token_axis(first_input: tuple[Dim, ...]) -> str:
+    """The token axis a node runs on, from its first input's dims: that tensor's second axis where it is a
+    token tensor [features, token axis, batch] of another token axis than the image's, else `tokens`."""
+    dims = first_input
+    return dims[1] if len(dims) == 3 and dims[1] in OTHER_TOKEN_AXES and dims[2] == "batch" else "tokens"
+
+
+def on_axis(dims: tuple[Dim, ...], axis: str) -> tuple[Dim, ...]:
+    """A layer's declared dims with the image token axis (`tokens`) replaced by the node's: layers
+    declare their own tensors over `tokens`, meaning the token axis of the stream they run on."""
+    return tuple(axis if d == "tokens" else d for d in dims)
+
+
+def layer_internals(layer: LayerDeclaration, node: str, first_input: tuple[Dim, ...],
+                    attrs: Any) -> dict[str, tuple[str, tuple[Dim, ...], str]]:
+    """The tensors a node's layer declares, by its name for each: (graph tensor name, dims, kept or
+    scratch). Scratch on another token axis than the image's is its own tensor (`purpose@axis`)."""
+    axis = token_axis(first_input)
+    found = {name: (kept_name(node, name), on_axis(dims, axis), "kept") for name, dims in layer.KEEPS.items()}
+    for purpose, declared in layer.scratch_of(attrs).items():
+        dims = on_axis(declared, axis)
+        found[purpose] = (scratch_name(purpose if dims == declared else f"{purpose}@{axis}"), dims, "scratch")
+    return found
+
+
 def kept_name(node: str, internal: str) -> str:
     return f"{node}.{internal}"
 
@@ -52,15 +81,15 @@ def attach_internals(graph: Graph, layers: Mapping[str, LayerDeclaration]) -> No
             continue
         layer = layers[kind.layer]
         internals = {}
-        for name, dims in layer.KEEPS.items():
-            internals[name] = graph.tensor(kept_name(node.name, name), dims, "kept", block=node.block)
-        for purpose, dims in layer.scratch_of(node.attrs).items():
-            tensor = scratch_name(purpose)
-            if purpose not in scratch:
-                scratch[purpose] = dims
+        first = graph.tensors[next(iter(node.inputs.values()))].dims
+        for name, (tensor, dims, role) in layer_internals(layer, node.name, first, node.attrs).items():
+            if role == "kept":
+                graph.tensor(tensor, dims, "kept", block=node.block)
+            elif tensor not in scratch:
+                scratch[tensor] = dims
                 graph.tensor(tensor, dims, "scratch")
-            elif scratch[purpose] != dims:
-                raise ValueError(f"{layer.__name__}: scratch {purpose!r} as {dims}, elsewhere as {scratch[purpose]}")
-            internals[purpose] = tensor
+            elif scratch[tensor] != dims:
+                raise ValueError(f"{layer.__name__}: scratch {name!r} as {dims}, elsewhere as {scratch[tensor]}")
+            internals[name] = tensor
         nodes.append(replace(node, internals=internals))
     graph.nodes = nodes

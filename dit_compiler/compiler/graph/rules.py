@@ -41,11 +41,12 @@ def same(*ports: str) -> Rule:
     return rule
 
 
-def slice_of(small_port: str, big_port: str, axis_dim: str) -> Rule:
-    """The small tensor is the big one with its `axis_dim` axis removed, tiles included."""
+def slice_of(small_port: str, big_port: str, axis_dim: str | int) -> Rule:
+    """The small tensor is the big one with its `axis_dim` axis (a name, or a position: a token tensor's
+    axis 1 is its token axis, the image's or the context's) removed, tiles included."""
     def rule(graph: Graph, node: Node) -> None:
         small, big = _tensor(graph, node, small_port), _tensor(graph, node, big_port)
-        axis = big.dims.index(axis_dim)
+        axis = axis_dim if isinstance(axis_dim, int) else big.dims.index(axis_dim)
         shape, tile = big.shape[:axis] + big.shape[axis + 1:], big.tile[:axis] + big.tile[axis + 1:]
         if (small.shape, small.tile) != (shape, tile):
             raise _fail(node, f"{_show(small)} is not a slice of {_show(big)} along its {axis_dim} axis")
@@ -115,6 +116,38 @@ def heads(weight_port: str, x_port: str) -> Rule:
             raise _fail(node, f"head tile {w.tile[0]} does not divide {n_heads} heads")
         if w.tile[2] != x.tile[0]:
             raise _fail(node, f"hidden tiles of {w.name} and {x.name} differ")
+    return rule
+
+
+def _same_axes(a: Tensor, b: Tensor, axes: tuple[int, ...]) -> bool:
+    return all((a.shape[k], a.tile[k]) == (b.shape[k], b.tile[k]) for k in axes)
+
+
+def streams(x_port: str, c_port: str) -> Rule:
+    """Two token streams [hidden, tokens, batch] attended jointly: the same hidden and batch axes, tiles
+    included; their token axes are their own."""
+    def rule(graph: Graph, node: Node) -> None:
+        x, c = _tensor(graph, node, x_port), _tensor(graph, node, c_port)
+        if not _same_axes(x, c, (0, 2)):
+            raise _fail(node, f"streams {_show(x)} and {_show(c)} differ on the hidden or batch axis")
+    return rule
+
+
+def joined(x_port: str, c_port: str, y_port: str) -> Rule:
+    """y is the two streams' tokens joined: x's hidden and batch axes, x's tokens then c's."""
+    def rule(graph: Graph, node: Node) -> None:
+        x, c, y = (_tensor(graph, node, p) for p in (x_port, c_port, y_port))
+        if not _same_axes(x, y, (0, 2)) or y.shape[1] != x.shape[1] + c.shape[1]:
+            raise _fail(node, f"{_show(y)} is not {_show(x)} joined with {_show(c)} along the tokens")
+    return rule
+
+
+def token_range(x_port: str, y_port: str) -> Rule:
+    """y is a token range of x starting at the node's `start`: the same hidden and batch axes, tiles included."""
+    def rule(graph: Graph, node: Node) -> None:
+        x, y = _tensor(graph, node, x_port), _tensor(graph, node, y_port)
+        if not _same_axes(x, y, (0, 2)) or not 0 <= node.attrs.start <= x.shape[1] - y.shape[1]:
+            raise _fail(node, f"{_show(y)} is not tokens {node.attrs.start}.. of {_show(x)}")
     return rule
 
 

@@ -30,12 +30,6 @@ NOT_LOWERED: tuple[Refusal, ...] = (
     Refusal(("mlp", "activation"), "swiglu", "the block options"),
     Refusal(("norm", "type"), "rms_norm", "the block options"),
     Refusal(("norm", "affine"), True, "the block options"),
-
-
-    # SD3's MMDiT (issue 24, MMDiT).
-    Refusal(("conditioning",), "joint", "SD3's MMDiT"),
-    Refusal(("caption", "pooled_width"), SET, "SD3's pooled text vector"),
-    Refusal(("pos_embed_max_size",), SET, "SD3's positional table"),
 )
 
 
@@ -110,4 +104,49 @@ def combination_problems(model: ModelSpec) -> list[tuple[tuple[str, ...], str, s
             found.append((("size_conditioning",), f"the resolution and aspect-ratio embeddings are hidden_size / 3 "
                           f"wide each, and hidden_size {model.hidden_size} is not a multiple of 3",
                           "false, or a hidden_size divisible by 3"))
+    return found + joint_problems(model)
+
+
+#: The block options conditioning joint lowers: SD3's (diffusers' JointTransformerBlock has no others).
+JOINT_OPTIONS: dict[tuple[str, ...], Any] = {("attention", "bias"): True,
+                                              ("mlp", "activation"): "gelu_tanh", ("mlp", "bias"): True,
+                                              ("norm", "type"): "layer_norm", ("norm", "affine"): False}
+
+
+def joint_problems(model: ModelSpec) -> list[tuple[tuple[str, ...], str, str]]:
+    """What conditioning joint (SD3's MMDiT) cannot be, and SD3's positional table elsewhere."""
+    grid = model.input_size // model.patch_size
+    found = []
+    if model.pos_embed_max_size is not None and model.conditioning != "joint":
+        found.append((("pos_embed_max_size",), f"SD3's cropped positional table; conditioning here is "
+                      f"{model.conditioning}", "null, or conditioning joint"))
+    elif model.pos_embed_max_size is not None and model.pos_embed_max_size < grid:
+        found.append((("pos_embed_max_size",), f"smaller than the {grid} patches per side the table is cropped to",
+                      f"at least input_size / patch_size = {grid}, or null"))
+    if model.conditioning != "joint":
+        return found
+    joint = "conditioning joint (SD3's MMDiT)"
+    if model.attention.qk_norm == "layer_norm":
+        found.append((("attention", "qk_norm"), f"{joint} lowers SD3.5's QK norm only", "none or rms_norm"))
+    if model.caption is None:
+        found.append((("conditioning",), f"{joint} attends to caption tokens jointly with the image's",
+                      "a model.caption"))
+    else:
+        if model.caption.pooled_width == 0:
+            found.append((("caption", "pooled_width"), f"{joint} adds a pooled text vector to the timestep "
+                          "embedding", "a width of at least 1 (SD3: 2048)"))
+        if model.caption.mask:
+            found.append((("caption", "mask"), f"{joint} attends to every caption token, as diffusers' "
+                          "SD3Transformer2DModel (no mask input)", "false"))
+    if model.num_classes != 0:
+        found.append((("num_classes",), f"{joint} reads no class labels", "0"))
+    if model.flavor != "diffusers":
+        found.append((("flavor",), f"{joint} is named after diffusers' SD3Transformer2DModel", "diffusers"))
+    for path, allowed in JOINT_OPTIONS.items():
+        if _value(model, path) != allowed:
+            found.append((path, f"{joint} lowers SD3's block only", json_value(allowed)))
     return found
+
+
+def json_value(value: Any) -> str:
+    return "true" if value is True else "false" if value is False else str(value)

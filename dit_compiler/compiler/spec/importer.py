@@ -26,6 +26,8 @@ WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 MAX_CONFIG = 1 << 20
 #: PixArt-alpha's caption tokens: T5's `max_length` in its pipeline (120), not in the model's config.
 PIXART_CAPTION_LENGTH = 120
+#: SD3's caption tokens: CLIP's 77 and T5's 256 (StableDiffusion3Pipeline's max_sequence_length), joined.
+SD3_CAPTION_LENGTH = 77 + 256
 
 
 class Refusal(UsageError):
@@ -146,10 +148,46 @@ def _pixart(c: _Config) -> dict:
                     "size_conditioning": size}
 
 
+def _sd3(c: _Config) -> dict:
+    """`SD3Transformer2DModel` (diffusers 0.32): MMDiT, conditioning joint (Stable Diffusion 3, and 3.5's QK
+    norm; not 3.5's dual attention)."""
+    sizes = {key: c.integer(key, default) for key, default in (
+        ("sample_size", 128), ("patch_size", 2), ("in_channels", 16), ("num_layers", 18),
+        ("attention_head_dim", 64), ("num_attention_heads", 18), ("joint_attention_dim", 4096),
+        ("caption_projection_dim", 1152), ("pooled_projection_dim", 2048))}
+    hidden = sizes["num_attention_heads"] * sizes["attention_head_dim"]
+    if sizes["caption_projection_dim"] != hidden:
+        c.refuse("caption_projection_dim", sizes["caption_projection_dim"], f"the context stream attends jointly "
+                 f"with the image's, so it is num_attention_heads x attention_head_dim = {hidden} wide")
+    sample, patch, channels = sizes["sample_size"], sizes["patch_size"], sizes["in_channels"]
+    if sample % patch:
+        c.refuse("sample_size", sample, f"not a multiple of patch_size {patch}")
+    out = c.get("out_channels", 16)
+    out = channels if out is None else out
+    if out not in (channels, 2 * channels) or isinstance(out, bool):
+        c.refuse("out_channels", out, f"ditc's output is in_channels ({channels}) or twice that (learned variance)")
+    table = c.get("pos_embed_max_size", 96)
+    if table is not None and (not isinstance(table, int) or isinstance(table, bool) or table < sample // patch):
+        c.refuse("pos_embed_max_size", table, f"null or an integer of at least sample_size / patch_size = "
+                 f"{sample // patch}")
+    if c.get("dual_attention_layers", ()) not in ((), []):
+        c.refuse("dual_attention_layers", c.data["dual_attention_layers"], "SD3.5's dual attention (a second "
+                 "self-attention of the image stream) is not lowered by ditc's joint design")
+    qk_norm = c.require("qk_norm", (None, "rms_norm"), None, "ditc's joint design lowers SD3.5's QK norm, rms_norm")
+    return {"input_size": sample, "in_channels": channels, "patch_size": patch, "hidden_size": hidden,
+            "depth": sizes["num_layers"], "num_heads": sizes["num_attention_heads"], "mlp_ratio": 4.0,
+            "learn_sigma": out == 2 * channels, "norm_eps": 1e-6, "flavor": "diffusers", "conditioning": "joint",
+            "num_classes": 0, "class_dropout_prob": 0.0, "pos_embed_max_size": table,
+            "caption": {"width": sizes["joint_attention_dim"], "length": SD3_CAPTION_LENGTH,
+                        "pooled_width": sizes["pooled_projection_dim"], "mask": False},
+            "attention": {"qk_norm": qk_norm or "none"}}
+
+
 #: The importer of each diffusers class, by `_class_name`.
 IMPORTERS: dict[str, Callable[[_Config], dict]] = {
     "DiTTransformer2DModel": _dit,
     "PixArtTransformer2DModel": _pixart,
+    "SD3Transformer2DModel": _sd3,
 }
 
 

@@ -154,6 +154,12 @@ def merge(base: Mapping, over: Mapping) -> Mapping:
     return merged
 
 
+def _entries(values: Mapping, at: Entry) -> dict:
+    """A preset's values as entries at its `preset:` line (sections such as `caption` too)."""
+    return {key: Entry(_entries(value, at) if isinstance(value, dict) else value, at.key, at.at)
+            for key, value in values.items()}
+
+
 #: The files an `extends` chain has read so far: (resolved path, path as written, bytes).
 Chain = tuple[tuple[Path, str, int], ...]
 
@@ -192,11 +198,8 @@ def _layer(own: Mapping, here: Path, chain: Chain,
             base.pop("name", None)
     preset = own.get("preset")
     if preset is not None and isinstance(preset.value, str) and preset.value in PRESETS:
-        def entries(values: dict) -> dict:   # nested sections (a caption) as entries too, so they merge by key
-            return {key: Entry(entries(value) if isinstance(value, dict) else value, preset.key, preset.at)
-                    for key, value in values.items()}
-
-        base = merge(base, {"model": Entry(entries(PRESETS[preset.value]), preset.key, preset.at)})
+        filled = _entries(PRESETS[preset.value], preset)
+        base = merge(base, {"model": Entry(filled, preset.key, preset.at)})
     return merge(base, own)
 
 

@@ -269,6 +269,15 @@ def _pixart(input_size: int, size_conditioning: bool) -> dict:
 
 
 PRESETS |= {"PixArt-alpha-XL/2-256": _pixart(32, False), "PixArt-alpha-XL/2-1024": _pixart(128, True)}
+PRESETS |= {
+    # diffusers' SD3Transformer2DModel config of stabilityai/stable-diffusion-3-medium-diffusers: 24 heads of
+    # 64 (hidden 1536 = caption_projection_dim), T5-XXL captions (joint_attention_dim 4096) of 77 + 256
+    # tokens (CLIP's and T5's), CLIP's pooled vectors (pooled_projection_dim 2048), a cropped 192^2 table.
+    "SD3-medium": {"input_size": 128, "in_channels": 16, "patch_size": 2, "hidden_size": 1536, "depth": 24,
+                   "num_heads": 24, "mlp_ratio": 4.0, "num_classes": 0, "learn_sigma": False,
+                   "norm_eps": 1e-6, "flavor": "diffusers", "conditioning": "joint", "pos_embed_max_size": 192,
+                   "caption": {"width": 4096, "length": 333, "pooled_width": 2048, "mask": False}},
+}
 
 
 @dataclass(frozen=True)
@@ -292,4 +301,7 @@ PAPER: dict[str, PaperFigure] = {
 } | {
     name: PaperFigure(None, 600.0, "PixArt-alpha paper (arXiv:2310.00426): 0.6B parameters, no GFLOPs published")
     for name in ("PixArt-alpha-XL/2-256", "PixArt-alpha-XL/2-1024")
+} | {
+    "SD3-medium": PaperFigure(None, 2000.0, "SD3 paper (arXiv:2403.03206): the 2B model (depth 24), no "
+                              "per-model GFLOPs published (its scaling plots are in training FLOPs)"),
 }

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dit_compiler import __version__
 from dit_compiler.compiler.graph.ir import Graph
 from dit_compiler.compiler.graph.passes import attach_internals
-from dit_compiler.compiler.posembed import sincos_pos_embed
+from dit_compiler.compiler.posembed import crop_pos_embed, sincos_pos_embed
 from dit_compiler.compiler.targets.nntile_1_1 import blas, native
 from dit_compiler.compiler.targets.nntile_1_1.blas import apply_requested_core as apply_blas_core
 from dit_compiler.compiler.targets.nntile_1_1.emitter import check_layers, emit_model
@@ -42,7 +42,8 @@ BACKEND = "dit_compiler.compiler.targets.nntile_1_1.backend:NNTileBackend"
 
 __all__ = ["Decl", "Geometry", "KERNEL_SETS", "LimitCheck", "Model", "NAME", "NNTILE_VERSION", "OutOfCore",
            "OutOfCoreError", "RUNTIME_VERSION", "StepMemory", "WORKERS", "WORKERS_HELP", "add_arguments",
-           "apply_blas_core", "blas_report", "check_environment", "check_limit", "choose_kernels", "default_workers",
+           "apply_blas_core", "blas_report", "check_environment", "check_limit", "choose_kernels", "crop_pos_embed",
+           "default_workers",
            "emit", "faster_blas", "gemm", "installed", "kernel_sets", "nntile_runtime", "out_of_core", "param",
            "patchify", "patchify_grad", "pause", "predict", "prepare", "problem", "require", "requested_workers",
            "resume", "scheduler", "settings", "sincos_pos_embed", "timestep_features", "unmovable_bytes", "unpatchify",

@@ -3,6 +3,7 @@ target's runtime (`dit_compiler.compiler.targets.nntile_1_1`), blocks folded int
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 
 from dit_compiler.compiler.emit.blocks import Blocks, Render, after_renderer, block_renderer, folds, literal, split_blocks
@@ -22,11 +23,21 @@ _FORWARD_HOST = {
 }
 #: The graph's constants and how the host computes them (in the graph's layout).
 _CONSTS = {TRACE.pos_embed: "sincos_pos_embed(GEOMETRY.hidden, GEOMETRY.grid{scale}).T"}
+#: The same with a `crop` layout (SD3's pos_embed_max_size): the centred crop of the larger table.
+_CROPPED = {TRACE.pos_embed: "crop_pos_embed(sincos_pos_embed(GEOMETRY.hidden, GEOMETRY.grid, max_size={size}), "
+                             "GEOMETRY.grid).T"}
+
+
+def _const(t: Tensor, scale: str) -> str:
+    if t.source.layout == "crop":
+        return _CROPPED[t.name].format(size=math.isqrt(t.source.torch_shape[1]))
+    return _CONSTS[t.name].format(scale=scale)
 
 
 #: The torch-layout shape of each graph input, for the generated docstrings.
 _INPUT_SHAPES = {TRACE.x: "[N, C, H, W]", TRACE.t: "[N]", TRACE.y: "[N]", TRACE.caption: "[N, L, W]",
-                 TRACE.caption_mask: "[N, L]", TRACE.resolution: "[N, 2]", TRACE.aspect_ratio: "[N]"}
+                 TRACE.caption_mask: "[N, L]", TRACE.resolution: "[N, 2]", TRACE.aspect_ratio: "[N]",
+                 TRACE.pooled: "[N, E_pool]"}
 
 
 def _host_input(graph: Graph, name: str) -> str:
@@ -132,8 +143,7 @@ def model_context(graph: Graph) -> dict:
                         + [f"self.set_labels({literal(t.name)}, {t.name})" if t.dtype == "int64"
                            else f"self.set_value({literal(t.name)}, {t.name})" for t in tensors if t.role == "input"],
         "patches": literal(patches),
-        "consts": [f"self.set_const({literal(t.name)}, {_CONSTS[t.name].format(scale=scale)})"
-                   for t in tensors if t.role == "const"],
+        "consts": [f"self.set_const({literal(t.name)}, {_const(t, scale)})" for t in tensors if t.role == "const"],
     }
     if folded:
         after = after_renderer(graph, blocks)

@@ -85,13 +85,43 @@ class Layer:
         raise NotImplementedError
 
     # -- shared steps -----------------------------------------------------------------------------
-    def inverse_rms(self, src, dst) -> None:
-        """dst [tokens, batch] = 1 / sqrt(mean(src^2) + eps) over axis 0 (uses the `tokens` scratch)."""
-        nt.copy_async(src, self.tokens)
-        nt.prod_async(src, self.tokens)
-        self.mean_of(1.0, self.tokens, dst)
+    def inverse_rms(self, src, dst, tmp=None) -> None:
+        """dst [tokens, batch] = 1 / sqrt(mean(src^2) + eps) over axis 0 (uses `tmp`, src-shaped scratch: by
+        default the `tokens` one)."""
+        tmp = self.tokens if tmp is None else tmp
+        nt.copy_async(src, tmp)
+        nt.prod_async(src, tmp)
+        self.mean_of(1.0, tmp, dst)
         nt.add_scalar_async(self.attrs.eps, 1.0, dst)
         nt.pow_async(1.0, -0.5, dst)
+
+    def rms_forward(self, x, weight, y, r, tmp) -> None:
+        """RMSNorm over axis 0 (any other axes): y = x * r * weight, r = 1 / sqrt(mean(x^2) + eps) kept in
+        `r`, weight a fiber of axis 0; `tmp` x-shaped scratch. NNTile 1.1.0 has no RMSNorm: the mean
+        square is a GEMM with ones (as LayerNormNoAffine's means), the weight a fiber product."""
+        self.inverse_rms(x, r, tmp)
+        nt.prod_fiber3_async(weight, 1.0, x, y, 0)
+        nt.prod_slice_async(r, 1.0, y, 0)
+        tmp.invalidate_submit()
+
+    def rms_backward(self, x, dy, r, weight: Moments, dx, beta: float, tmp, stat) -> None:
+        """The gradients of `rms_forward`: with dy' = weight * dy, dx (+)= r dy' - r^3 x mean(dy' x) (beta 0:
+        written), and weight.grad = the sum over the other axes of dy * x * r (written). `tmp` is x-shaped
+        scratch, `stat` r-shaped; dx may be dy's tensor where beta is 0 (written after dy's last read)."""
+        nt.copy_async(x, tmp)
+        nt.prod_slice_async(r, 1.0, tmp, 0)                                   # x * r
+        nt.sumprod_fiber_async(1.0, dy, tmp, 0.0, weight.grad, 0)             # dweight
+        nt.prod_fiber3_async(weight.value, 1.0, dy, tmp, 0)                   # dy' = weight * dy
+        nt.sumprod_slice_async(-1.0 / x.shape[0], tmp, x, 0.0, stat, 0)       # -mean(dy' x)
+        for _ in range(3):
+            nt.prod_async(r, stat)                                            # -r^3 mean(dy' x)
+        nt.prod_slice_async(r, 1.0, tmp, 0)
+        nt.add_async(1.0, tmp, beta, dx)                                      # (+)= r dy'
+        nt.copy_async(x, tmp)
+        nt.prod_slice_async(stat, 1.0, tmp, 0)
+        nt.add_async(1.0, tmp, 1.0, dx)                                       # += -r^3 x mean(dy' x)
+        tmp.invalidate_submit()
+        stat.invalidate_submit()
 
     def mean_of(self, alpha: float, src, dst) -> None:
         """dst [tokens, batch] = alpha * the mean of src over axis 0 (hidden), a GEMM with ones."""
@@ -334,10 +364,8 @@ class LayerNormNoAffine(Layer):
 
 @layer
 class RMSNorm(Layer):
-    """y = x * r * weight, r = 1 / sqrt(mean(x^2) + eps) over axis 0 (hidden), weight a [hidden] fiber.
-    NNTile 1.1.0 has no RMSNorm: the mean square is a GEMM with ones (as LayerNormNoAffine's means), the
-    weight a fiber product. Backward, with dy' = weight * dy: dx = r dy' - r^3 x mean(dy' x), and
-    dweight = the sum over tokens and batch of dy * x * r."""
+    """y = x * r * weight, r = 1 / sqrt(mean(x^2) + eps) over axis 0 (hidden), weight a [hidden] fiber
+    (`rms_forward`, `rms_backward`)."""
 
     x: Moments
     weight: Moments
@@ -347,28 +375,11 @@ class RMSNorm(Layer):
     SCRATCH = {"stat": STATS, "tokens": TOKENS}
 
     def forward_async(self) -> None:
-        x, y = self.x.value, self.y.value
-        self.inverse_rms(x, self.inv_rms)
-        nt.prod_fiber3_async(self.weight.value, 1.0, x, y, 0)
-        nt.prod_slice_async(self.inv_rms, 1.0, y, 0)
-        self.tokens.invalidate_submit()
+        self.rms_forward(self.x.value, self.weight.value, self.y.value, self.inv_rms, self.tokens)
 
     def backward_async(self) -> None:
-        x, dy, tmp, stat, r = self.x.value, self.y.grad, self.tokens, self.stat, self.inv_rms
-        nt.copy_async(x, tmp)
-        nt.prod_slice_async(r, 1.0, tmp, 0)                                   # x * r
-        nt.sumprod_fiber_async(1.0, dy, tmp, 0.0, self.weight.grad, 0)        # dweight
-        nt.prod_fiber3_async(self.weight.value, 1.0, dy, tmp, 0)              # dy' = weight * dy
-        nt.sumprod_slice_async(-1.0 / x.shape[0], tmp, x, 0.0, stat, 0)       # -mean(dy' x)
-        for _ in range(3):
-            nt.prod_async(r, stat)                                            # -r^3 mean(dy' x)
-        nt.prod_slice_async(r, 1.0, tmp, 0)
-        nt.add_async(1.0, tmp, self.beta(self.x), self.x.grad)                # (+)= r dy'
-        nt.copy_async(x, tmp)
-        nt.prod_slice_async(stat, 1.0, tmp, 0)
-        nt.add_async(1.0, tmp, 1.0, self.x.grad)                              # += -r^3 x mean(dy' x)
-        tmp.invalidate_submit()
-        stat.invalidate_submit()
+        self.rms_backward(self.x.value, self.y.grad, self.inv_rms, self.weight, self.x.grad, self.beta(self.x),
+                          self.tokens, self.stat)
 
 
 @layer
@@ -436,8 +447,80 @@ QK_NORM_PORTS = ("q_norm_w", "q_norm_b", "k_norm_w", "k_norm_b")
 BIAS_PORTS = ("b_q", "b_k", "b_v", "b_o")
 
 
+class _Attend(Layer):
+    """The attention core shared by self-, cross- and joint attention: softmax(K^T Q / sqrt(d)) V, heads batched,
+    from per-head q, k, v to the head-major output, and its backward."""
+
+    def scores(self, q, k, probs) -> None:
+        """probs = K^T Q / sqrt(d), the scores before the softmax."""
+        nt.gemm_async(1.0 / math.sqrt(q.shape[0]), nt.trans, k, nt.notrans, q, 0.0, probs, 1, 2)
+
+    def softmax_values(self, probs, maxsumexp, v, split, out_merged) -> None:
+        """probs = softmax(probs) over the keys, out_merged = V probs (head-major). The softmax runs ditc's
+        kernels where `native` is given (`maxsumexp` is then unused)."""
+        if self.native:  # one task per query tile, on all its key tiles: each column in one pass
+            self.native.softmax_async(probs)
+        else:
+            nt.clear_async(maxsumexp)
+            nt.maxsumexp_async(probs, maxsumexp, 0)
+            nt.softmax_inplace_async(maxsumexp, 1.0, probs, 0)
+        maxsumexp.invalidate_submit()
+        nt.gemm_async(1.0, nt.notrans, v, nt.notrans, probs, 0.0, split, 1, 2)
+        nt.transpose_async(1.0, split, out_merged, 3)
+        split.invalidate_submit()
+
+    def attend_backward(self, merged, q, k, v, probs, out_merged, d_out, sumprod_merged, sumprod, d_scores,
+                        d_q, d_k, d_v) -> None:
+        """d_q, d_k, d_v (per head) from `merged`, the gradient of the head-major output."""
+        scale = 1.0 / math.sqrt(q.shape[0])
+        nt.transpose_async(1.0, merged, d_out, 1)
+        # softmax backward needs sum_keys(P * dP) = O . dO per query (dP = V^T dO, O = V P): a sum over
+        # head_dim, not over the keys (1.8 ms against 6.9 ms on DiT-S/2's scores)
+        nt.sumprod_slice_async(1.0, merged, out_merged, 0.0, sumprod_merged, 1)
+        nt.transpose_async(1.0, sumprod_merged, sumprod, 1)
+        sumprod_merged.invalidate_submit()
+        nt.gemm_async(1.0, nt.trans, v, nt.notrans, d_out, 0.0, d_scores, 1, 2)
+        nt.gemm_async(1.0, nt.notrans, d_out, nt.trans, probs, 0.0, d_v, 1, 2)
+        d_out.invalidate_submit()
+        # softmax backward: dS = P * (dP - sum(P * dP))
+        if self.native:
+            self.native.softmax_backward_async(probs, sumprod, d_scores)
+        else:
+            nt.add_slice_async(-1.0, sumprod, 1.0, d_scores, 0)
+            nt.prod_async(probs, d_scores)
+        sumprod.invalidate_submit()
+        nt.gemm_async(scale, nt.notrans, q, nt.trans, d_scores, 0.0, d_k, 1, 2)
+        nt.gemm_async(scale, nt.notrans, k, nt.notrans, d_scores, 0.0, d_q, 1, 2)
+        d_scores.invalidate_submit()
+
+    def project_in(self, x, w: Moments, b: Moments | None, merged) -> None:
+        """merged [heads, head_dim, tokens, batch] = w x (+ b, where there is a bias)."""
+        nt.gemm_async(1.0, nt.notrans, w.value, nt.notrans, x, 0.0, merged, 1, 0)
+        if b is not None:
+            nt.gemm_async(1.0, nt.notrans, b.value, nt.notrans, self.ones_over(merged, 2), 1.0, merged, 0, 0)
+
+    def project_in_backward(self, merged, x: Moments, w: Moments, b: Moments, x_beta: float) -> None:
+        """The gradients of `project_in` from its output's gradient `merged`."""
+        nt.gemm_async(1.0, nt.notrans, merged, nt.notrans, self.ones_over(merged, 2), 0.0, b.grad, 2, 0)
+        nt.gemm_async(1.0, nt.notrans, merged, nt.trans, x.value, 0.0, w.grad, 2, 0)
+        nt.gemm_async(1.0, nt.trans, w.value, nt.notrans, merged, x_beta, x.grad, 2, 0)
+
+    def project_out(self, merged, w: Moments, b: Moments | None, y) -> None:
+        """y [hidden, tokens, batch] = w merged (+ b), merged head-major."""
+        nt.gemm_async(1.0, nt.notrans, w.value, nt.notrans, merged, 0.0, y, 2, 0)
+        if b is not None:
+            nt.gemm_async(1.0, nt.notrans, b.value, nt.notrans, self.ones_over(y, 1), 1.0, y, 0, 0)
+
+    def project_out_backward(self, dy, merged, w: Moments, b: Moments | None, d_merged) -> None:
+        """The weight and bias gradients of `project_out`, and d_merged = w^T dy."""
+        if b is not None:
+            nt.gemm_async(1.0, nt.notrans, dy, nt.notrans, self.ones_over(dy, 1), 0.0, b.grad, 2, 0)
+        nt.gemm_async(1.0, nt.notrans, dy, nt.trans, merged, 0.0, w.grad, 2, 0)
+        nt.gemm_async(1.0, nt.trans, w.value, nt.notrans, dy, 0.0, d_merged, 1, 0)
+
+
 @layer
-class Attention(Layer):
+class Attention(_Attend):
     """Multi-head self-attention, y = W_o softmax(K^T Q / sqrt(d)) V + b_o, heads batched.
 
     The projections come out head-major and a transpose rotates them into the per-head layout. Kept for
@@ -560,9 +643,7 @@ class Attention(Layer):
     # -- the computation ----------------------------------------------------------------------------
     def project(self, w: Moments, b: Moments, source, merged, out) -> None:
         """out [head_dim, n, batch, heads] = the per-head layout of W source + b (via head-major `merged`)."""
-        nt.gemm_async(1.0, nt.notrans, w.value, nt.notrans, source, 0.0, merged, 1, 0)
-        if b is not None:
-            nt.gemm_async(1.0, nt.notrans, b.value, nt.notrans, self.ones_over(merged, 2), 1.0, merged, 0, 0)
+        self.project_in(source, w, b, merged)
         nt.transpose_async(1.0, merged, out, 1)
 
     def forward_async(self) -> None:
@@ -572,56 +653,21 @@ class Attention(Layer):
         self.project(self.w_v, self.b_v, self.kv.value, kv_merged, self.v)
         for scratch in {id(t): t for t in (self.attn_merged, kv_merged)}.values():
             scratch.invalidate_submit()
-        scale = 1.0 / math.sqrt(self.q.shape[0])
         q, k = self.scores_reads()
-        nt.gemm_async(scale, nt.trans, k, nt.notrans, q, 0.0, self.probs, 1, 2)
+        self.scores(q, k, self.probs)
         self.release_qk_scratch()
         self.add_mask()
-        if self.native:  # one task per query tile, on all its key tiles: each column in one pass
-            self.native.softmax_async(self.probs)
-        else:
-            nt.clear_async(self.attn_maxsumexp)
-            nt.maxsumexp_async(self.probs, self.attn_maxsumexp, 0)
-            nt.softmax_inplace_async(self.attn_maxsumexp, 1.0, self.probs, 0)
-        self.attn_maxsumexp.invalidate_submit()
-        nt.gemm_async(1.0, nt.notrans, self.v, nt.notrans, self.probs, 0.0, self.attn_split, 1, 2)
-        nt.transpose_async(1.0, self.attn_split, self.out_merged, 3)
-        self.attn_split.invalidate_submit()
-        nt.gemm_async(1.0, nt.notrans, self.w_o.value, nt.notrans, self.out_merged, 0.0, self.y.value, 2, 0)
-        if self.b_o is not None:
-            nt.gemm_async(1.0, nt.notrans, self.b_o.value, nt.notrans, self.ones_over(self.y.value, 1), 1.0,
-                         self.y.value, 0, 0)
+        self.softmax_values(self.probs, self.attn_maxsumexp, self.v, self.attn_split, self.out_merged)
+        self.project_out(self.out_merged, self.w_o, self.b_o, self.y.value)
 
     def backward_async(self) -> None:
-        dy, v, merged = self.y.grad, self.v, self.attn_merged
+        merged = self.attn_merged
         q, k = self.scores_reads()
         kv_merged, d_scores, d_k, d_v = self.kv_scratch()
-        scale = 1.0 / math.sqrt(q.shape[0])
-        if self.b_o is not None:
-            nt.gemm_async(1.0, nt.notrans, dy, nt.notrans, self.ones_over(dy, 1), 0.0, self.b_o.grad, 2, 0)
-        nt.gemm_async(1.0, nt.notrans, dy, nt.trans, self.out_merged, 0.0, self.w_o.grad, 2, 0)
-        nt.gemm_async(1.0, nt.trans, self.w_o.value, nt.notrans, dy, 0.0, merged, 1, 0)
-        d_out = self.attn_split
-        nt.transpose_async(1.0, merged, d_out, 1)
-        # softmax backward needs sum_keys(P * dP) = O . dO per query (dP = V^T dO, O = V P): a sum over
-        # head_dim, not over the keys (1.8 ms against 6.9 ms on DiT-S/2's scores)
-        nt.sumprod_slice_async(1.0, merged, self.out_merged, 0.0, self.attn_sumprod_merged, 1)
-        nt.transpose_async(1.0, self.attn_sumprod_merged, self.attn_sumprod, 1)
-        self.attn_sumprod_merged.invalidate_submit()
         d_q = self.attn_dq
-        nt.gemm_async(1.0, nt.trans, v, nt.notrans, d_out, 0.0, d_scores, 1, 2)
-        nt.gemm_async(1.0, nt.notrans, d_out, nt.trans, self.probs, 0.0, d_v, 1, 2)
-        d_out.invalidate_submit()
-        # softmax backward: dS = P * (dP - sum(P * dP))
-        if self.native:
-            self.native.softmax_backward_async(self.probs, self.attn_sumprod, d_scores)
-        else:
-            nt.add_slice_async(-1.0, self.attn_sumprod, 1.0, d_scores, 0)
-            nt.prod_async(self.probs, d_scores)
-        self.attn_sumprod.invalidate_submit()
-        nt.gemm_async(scale, nt.notrans, q, nt.trans, d_scores, 0.0, d_k, 1, 2)
-        nt.gemm_async(scale, nt.notrans, k, nt.notrans, d_scores, 0.0, d_q, 1, 2)
-        d_scores.invalidate_submit()
+        self.project_out_backward(self.y.grad, self.out_merged, self.w_o, self.b_o, merged)
+        self.attend_backward(merged, q, k, self.v, self.probs, self.out_merged, self.attn_split,
+                             self.attn_sumprod_merged, self.attn_sumprod, d_scores, d_q, d_k, d_v)
         if self.attrs.qk_norm != "none":
             for d_part, (_, scratch, w, b) in zip((d_q, d_k), self.qk_sides()):
                 self.normalize_backward(d_part, scratch, w, b)
@@ -642,6 +688,304 @@ class Attention(Layer):
                 betas[id(source)] = 1.0
         for scratch in {id(t): t for t in (merged, kv_merged)}.values():
             scratch.invalidate_submit()
+
+
+def _offset(ndim: int, axis: int, start: int) -> list[int]:
+    return [start if k == axis else 0 for k in range(ndim)]
+
+
+def put_tokens(part, start: int, whole, axis: int) -> None:
+    """whole's tokens start.. on `axis` = part (whole's other tokens keep their values). `copy_intersection`
+    copies between any tilings, so a stream's token axis and the joint one keep their own tiles."""
+    nt.copy_intersection_async(part, _offset(part.ndim, axis, start), whole, [0] * whole.ndim)
+
+
+def take_tokens(whole, start: int, part, axis: int) -> None:
+    """part = whole's tokens start.. on `axis`."""
+    nt.clear_async(part)  # copy_intersection reads the tiles it writes: give them a value
+    nt.copy_intersection_async(whole, [0] * whole.ndim, part, _offset(part.ndim, axis, start))
+
+
+#: Joint attention's layouts: those of attention over the joint sequence (image tokens, then context tokens).
+JOINT_SPLIT = ("head_dim", "joint", "batch", "heads")
+JOINT_MERGED = ("heads", "head_dim", "joint", "batch")
+JOINT_SCORES = ("joint", "joint", "batch", "heads")
+
+
+class _JointAttention(_Attend):
+    """MMDiT's joint attention (diffusers' JointAttnProcessor2_0): each stream's q, k, v projected
+    head-major, copied into one joint sequence (image tokens, then context tokens: `copy_intersection`,
+    so the two token axes keep their own tiles and the joint axis its own), one attention over it, the
+    joint output copied back apart and projected by each stream's output projection. The context's own
+    output projection is absent in the last block (`context_pre_only`): its queries are computed and
+    dropped, as diffusers does.
+
+    QK norm (optional weights `n_q`, `n_k`, `n_aq`, `n_ak`: SD3.5's RMSNorm of each head over head_dim):
+    q and k are normalised per stream in the per-head layout, before they join; backward recomputes the
+    projection and the RMS (scratch only: nothing more is kept from forward)."""
+
+    BACKWARD_READS = frozenset({"x", "c"})
+    KEEPS = {"q": JOINT_SPLIT, "k": JOINT_SPLIT, "v": JOINT_SPLIT, "probs": JOINT_SCORES, "out_merged": JOINT_MERGED}
+    SCRATCH = {"attn_merged": MERGED, "context_merged": CONTEXT_MERGED, "joint_merged": JOINT_MERGED,
+               "joint_split": JOINT_SPLIT, "joint_maxsumexp": (2, "joint", "batch", "heads"),
+               "joint_sumprod": ("joint", "batch", "heads"), "joint_sumprod_merged": ("heads", "joint", "batch"),
+               "joint_scores": JOINT_SCORES, "joint_dq": JOINT_SPLIT, "joint_dk": JOINT_SPLIT, "joint_dv": JOINT_SPLIT,
+               # QK norm, per stream: the raw projection, the normalised one (backward: its gradient), scratch
+               # of their shape, the inverse RMS and a statistic (unused, so never allocated, without QK norm)
+               **{f"qk_{part}{suffix}": (("head_dim", axis, "batch", "heads") if part in ("raw", "norm", "tmp")
+                                         else (axis, "batch", "heads"))
+                  for part in ("raw", "norm", "tmp", "rms", "stat")
+                  for suffix, axis in (("", "tokens"), ("_context", "context"))}}
+    QK = ("n_q", "n_k", "n_aq", "n_ak")
+
+    def __init__(self, ports: Mapping[str, Any], *args: Any, **kwargs: Any):
+        super().__init__(dict.fromkeys(self.QK) | dict(ports), *args, **kwargs)
+
+    def qk_norms(self, z: int) -> tuple[Moments, Moments] | None:
+        """The QK norm weights of projection z (0 q, 1 k) of each stream, or None (v, or no QK norm)."""
+        if z == 2 or self.n_q is None:
+            return None
+        return (self.n_q, self.n_aq) if z == 0 else (self.n_k, self.n_ak)
+
+    def qk_scratch(self) -> tuple[tuple[Any, ...], ...]:
+        """Each stream's QK norm scratch: raw, normalised, tmp, inverse RMS, statistic."""
+        return tuple(tuple(getattr(self, f"qk_{part}{suffix}") for part in ("raw", "norm", "tmp", "rms", "stat"))
+                     for suffix in ("", "_context"))
+
+    def project_split(self, x: Moments, params: tuple[Moments, ...], z: int, merged, raw) -> None:
+        """raw [head_dim, n, batch, heads] = projection z of x, per head (through head-major `merged`)."""
+        self.project_in(x.value, params[z], params[3 + z], merged)
+        nt.transpose_async(1.0, merged, raw, 1)
+        merged.invalidate_submit()
+
+    def streams(self) -> tuple[tuple[Moments, Any, int, tuple[Moments, ...]], ...]:
+        """(input, its head-major scratch, its first token in the joint sequence, q/k/v weights and biases)."""
+        return ((self.x, self.attn_merged, 0, (self.w_q, self.w_k, self.w_v, self.b_q, self.b_k, self.b_v)),
+                (self.c, self.context_merged, self.x.value.shape[1],
+                 (self.w_aq, self.w_ak, self.w_av, self.b_aq, self.b_ak, self.b_av)))
+
+    @staticmethod
+    def to_joint(part, start: int, joint) -> None:
+        """Copy a stream's head-major [heads, head_dim, tokens, batch] into the joint sequence at `start`."""
+        put_tokens(part, start, joint, 2)
+
+    @staticmethod
+    def from_joint(joint, start: int, part) -> None:
+        take_tokens(joint, start, part, 2)
+
+    def outputs(self) -> tuple[tuple[Any, Moments, Moments, int, Any], ...]:
+        """(head-major scratch, output weight, bias, first token in the joint sequence, the stream's own
+        output scratch, None where y is that stream's output) of each stream with an output projection."""
+        raise NotImplementedError
+
+    def forward_async(self) -> None:
+        joint = self.joint_merged
+        for z, out in enumerate((self.q, self.k, self.v)):
+            norms = self.qk_norms(z)
+            if norms is not None:   # each stream normalised per head, then joined in the per-head layout
+                nt.clear_async(out)
+                for (x, merged, start, params), n, (raw, normed, tmp, r, _) in zip(self.streams(), norms,
+                                                                                  self.qk_scratch()):
+                    self.project_split(x, params, z, merged, raw)
+                    self.rms_forward(raw, n.value, normed, r, tmp)
+                    put_tokens(normed, start, out, 1)
+                    for scratch in (raw, normed, r):
+                        scratch.invalidate_submit()
+                continue
+            nt.clear_async(joint)
+            for x, merged, start, params in self.streams():
+                self.project_in(x.value, params[z], params[3 + z], merged)
+                self.to_joint(merged, start, joint)
+                merged.invalidate_submit()
+            nt.transpose_async(1.0, joint, out, 1)
+        joint.invalidate_submit()
+        self.scores(self.q, self.k, self.probs)
+        self.softmax_values(self.probs, self.joint_maxsumexp, self.v, self.joint_split, self.out_merged)
+        y = self.y.value
+        outputs = self.outputs()
+        if len(outputs) > 1:
+            nt.clear_async(y)
+        for merged, w, b, start, own in outputs:
+            self.from_joint(self.out_merged, start, merged)
+            if own is None:
+                self.project_out(merged, w, b, y)
+            else:   # projected into the stream's own scratch, then copied into its tokens of y
+                self.project_out(merged, w, b, own)
+                put_tokens(own, start, y, 1)
+                own.invalidate_submit()
+            merged.invalidate_submit()
+
+    def backward_async(self) -> None:
+        joint = self.joint_merged
+        # the gradient of the head-major joint output, stream by stream (the context's is zero without its
+        # output projection)
+        nt.clear_async(joint)
+        for merged, w, b, start, own in self.outputs():
+            self.from_joint(self.out_merged, start, merged)
+            dy = self.y.grad
+            if own is not None:
+                take_tokens(self.y.grad, start, own, 1)
+                dy = own
+            self.project_out_backward(dy, merged, w, b, merged)
+            if own is not None:
+                own.invalidate_submit()
+            self.to_joint(merged, start, joint)
+        d_q, d_k, d_v = self.joint_dq, self.joint_dk, self.joint_dv
+        self.attend_backward(joint, self.q, self.k, self.v, self.probs, self.out_merged, self.joint_split,
+                             self.joint_sumprod_merged, self.joint_sumprod, self.joint_scores, d_q, d_k, d_v)
+        betas = [self.beta(x) for x, *_ in self.streams()]
+        for z, d_part in enumerate((d_q, d_k, d_v)):
+            norms = self.qk_norms(z)
+            if norms is None:
+                nt.transpose_async(1.0, d_part, joint, 3)
+            for s, (x, merged, start, params) in enumerate(self.streams()):
+                if norms is None:
+                    self.from_joint(joint, start, merged)
+                else:   # the norm's backward on the recomputed projection, then to head-major
+                    raw, normed, tmp, r, stat = self.qk_scratch()[s]
+                    take_tokens(d_part, start, normed, 1)
+                    self.project_split(x, params, z, merged, raw)
+                    self.inverse_rms(raw, r, tmp)
+                    self.rms_backward(raw, normed, r, norms[s], normed, 0.0, tmp, stat)
+                    nt.transpose_async(1.0, normed, merged, 3)
+                    for scratch in (raw, normed, r):
+                        scratch.invalidate_submit()
+                self.project_in_backward(merged, x, params[z], params[3 + z], betas[s])
+                betas[s] = 1.0
+            d_part.invalidate_submit()
+        for tensor in (joint, self.attn_merged, self.context_merged):
+            tensor.invalidate_submit()
+
+
+@layer
+class JointAttention(_JointAttention):
+    """Joint attention of every MMDiT block but the last: y [hidden, joint, batch] holds the image
+    stream's output, then the context stream's."""
+
+    x: Moments
+    c: Moments
+    w_q: Moments
+    w_k: Moments
+    w_v: Moments
+    b_q: Moments
+    b_k: Moments
+    b_v: Moments
+    w_o: Moments
+    b_o: Moments
+    w_aq: Moments
+    w_ak: Moments
+    w_av: Moments
+    b_aq: Moments
+    b_ak: Moments
+    b_av: Moments
+    w_ao: Moments
+    b_ao: Moments
+    n_q: Moments
+    n_k: Moments
+    n_aq: Moments
+    n_ak: Moments
+    y: Moments
+    SCRATCH = _JointAttention.SCRATCH | {"tokens": TOKENS, "context_tokens": ("hidden", "context", "batch")}
+
+    def outputs(self) -> tuple[tuple[Any, Moments, Moments, int, Any], ...]:
+        return ((self.attn_merged, self.w_o, self.b_o, 0, self.tokens),
+                (self.context_merged, self.w_ao, self.b_ao, self.x.value.shape[1], self.context_tokens))
+
+
+@layer
+class JointAttentionPre(_JointAttention):
+    """Joint attention of the last MMDiT block (context_pre_only): y [hidden, tokens, batch] is the image
+    stream's output."""
+
+    x: Moments
+    c: Moments
+    w_q: Moments
+    w_k: Moments
+    w_v: Moments
+    b_q: Moments
+    b_k: Moments
+    b_v: Moments
+    w_o: Moments
+    b_o: Moments
+    w_aq: Moments
+    w_ak: Moments
+    w_av: Moments
+    b_aq: Moments
+    b_ak: Moments
+    b_av: Moments
+    n_q: Moments
+    n_k: Moments
+    n_aq: Moments
+    n_ak: Moments
+    y: Moments
+
+    def outputs(self) -> tuple[tuple[Any, Moments, Moments, int, Any], ...]:
+        return ((self.attn_merged, self.w_o, self.b_o, 0, None),)
+
+
+class _Tokens(Layer):
+    """Token ranges of the joint sequence [hidden, joint, batch] and a stream's tokens."""
+
+    @staticmethod
+    def put(part, start: int, whole) -> None:
+        put_tokens(part, start, whole, 1)
+
+    @staticmethod
+    def take(whole, start: int, part) -> None:
+        take_tokens(whole, start, part, 1)
+
+    def add_range(self, d_part, start: int, x: Moments, scratch) -> None:
+        """x.grad[:, start:start + length] (+)= d_part, x.grad's other tokens zero where this layer writes it
+        first. Accumulating goes through `scratch` (NNTile has no accumulating copy into a sub-range)."""
+        target = x.grad if self.beta(x) == 0.0 else scratch
+        nt.clear_async(target)
+        self.put(d_part, start, target)
+        if target is scratch:
+            nt.add_async(1.0, scratch, 1.0, x.grad)
+            scratch.invalidate_submit()
+
+    def take_range(self, whole, start: int, x: Moments, scratch) -> None:
+        """x.grad (+)= whole[:, start:start + length]."""
+        if self.beta(x) == 0.0:
+            self.take(whole, start, x.grad)
+            return
+        self.take(whole, start, scratch)
+        nt.add_async(1.0, scratch, 1.0, x.grad)
+        scratch.invalidate_submit()
+
+
+@layer
+class TokenSlice(_Tokens):
+    """y = x[:, start:start + length], a stream's tokens of the joint sequence."""
+
+    x: Moments
+    y: Moments
+    SCRATCH = {"joint_tokens": ("hidden", "joint", "batch")}
+
+    def forward_async(self) -> None:
+        self.take(self.x.value, self.attrs.start, self.y.value)
+
+    def backward_async(self) -> None:
+        self.add_range(self.y.grad, self.attrs.start, self.x, self.joint_tokens)
+
+
+@layer
+class TokenJoin(_Tokens):
+    """y = a's tokens followed by b's: the joint sequence of MMDiT's two streams."""
+
+    a: Moments
+    b: Moments
+    y: Moments
+    SCRATCH = {"tokens": TOKENS, "context_tokens": ("hidden", "context", "batch")}
+
+    def forward_async(self) -> None:
+        nt.clear_async(self.y.value)
+        self.put(self.a.value, 0, self.y.value)
+        self.put(self.b.value, self.a.value.shape[1], self.y.value)
+
+    def backward_async(self) -> None:
+        self.take_range(self.y.grad, 0, self.a, self.tokens)
+        self.take_range(self.y.grad, self.a.value.shape[1], self.b, self.context_tokens)
 
 
 @layer

@@ -28,6 +28,8 @@ from dit_compiler.compiler.targets.nntile_1_1.layers import LAYERS
 from dit_compiler.compiler.targets.nntile_1_1.plan import PlanRow, Step, memory_plan
 
 MIB = 2 ** 20
+#: The torch code of the op kinds whose kept tensors are attention's (q, k, v, probabilities, output).
+ATTENTION_CODE = frozenset({"attention", "cross_attention", "joint_attention"})
 #: What a process running a model holds before the model allocates anything: Python, numpy, torch (NNTile
 #: imports transformers, which imports torch), NNTile, StarPU's workers and ditc. `ditc bench`'s NNTile
 #: worker peaked at 290-291 MiB on specs/tiny.yaml (2.7 MiB of tensors), 2 workers, NNTile 1.1.0, torch 2.13.
@@ -144,7 +146,7 @@ class _Replay:
         self.nodes = graph.device_nodes
         self.plan = plan_of(graph)
         self.held = held_tensors(graph)
-        self.attention_kept = {n for node in self.nodes if node.op in ("attention", "cross_attention")
+        self.attention_kept = {n for node in self.nodes if OPS[node.op].torch in ATTENTION_CODE
                                for n in node.internals.values()}
         self.live: dict[tuple[str, str], tuple[int, str]] = {}
         # bytes live per kind, kept as tensors come and go: summing `live` at every check made the replay

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from dit_compiler.compiler.graph.ops import OPS
-from dit_compiler.compiler.graph.passes import kept_name, scratch_name
+from dit_compiler.compiler.graph.passes import layer_internals
 from dit_compiler.compiler.targets.nntile_1_1.alloc import Allocator
 from dit_compiler.compiler.targets.nntile_1_1.host import Geometry, from_graph_layout, to_graph_layout
 from dit_compiler.compiler.targets.nntile_1_1.layers import LAYERS, Layer, Moments
@@ -111,8 +111,8 @@ class Model:
         attrs = op.attrs(**bindings) if bindings else None
         cls = LAYERS[op.layer]
         node = ports[op.outputs[0]]
-        internals = {name: kept_name(node, name) for name in cls.KEEPS}
-        internals |= {purpose: scratch_name(purpose) for purpose in cls.scratch_of(attrs)}
+        first = self.decls[next(ports[p] for p in op.inputs if p in ports)].dims   # the first bound input
+        internals = {name: tensor for name, (tensor, _, _) in layer_internals(cls, node, first, attrs).items()}
         layer = cls({p: self.tensor(n) for p, n in ports.items()},
                     {name: self.tensor(n) for name, n in internals.items()}, attrs, self.alloc, self.kernels.module)
         self.layers.append(layer)

@@ -27,10 +27,11 @@ from dit_compiler.compiler.posembed import SOURCE as SINCOS_SOURCE, pos_scale
 from dit_compiler.compiler.targets.torch.ops import TORCH_OPS, module_path
 
 #: Letters of the shape comments, by axis.
-LETTERS = {"batch": "N", "tokens": "T", "patches": "T_img", "context": "L", "hidden": "D", "mlp": "M", "frequency": "F", "out_dim": "O",
-           "patch_dim": "P", "in_channels": "C", "out_channels": "C_out", "height": "H", "width": "W"}
-#: The graph's constants and how torch computes them.
-CONSTS = {TRACE.pos_embed: "torch.from_numpy(sincos_pos_embed({hidden}, {grid}{scale})).float().unsqueeze(0)"}
+LETTERS = {"batch": "N", "tokens": "T", "patches": "T_img", "context": "L", "hidden": "D", "mlp": "M",
+           "frequency": "F", "out_dim": "O", "patch_dim": "P", "in_channels": "C", "out_channels": "C_out",
+           "height": "H", "width": "W", "joint": "J", "caption": "E", "pooled": "E_pool"}
+#: The graph's constants and how torch computes them (`{table}`: the table's arguments, `const_args`).
+CONSTS = {TRACE.pos_embed: "torch.from_numpy(sincos_pos_embed({table})).float().unsqueeze(0)"}
 WIDTH = 112
 
 
@@ -154,21 +155,26 @@ def body(graph: Graph, scope: Scope, nodes: list[Node]) -> list[str]:
 
 def fit(line: str, comment: str, indent: int = 8) -> str:
     """`line` + `comment`, or where that is longer than WIDTH, broken after the outermost parenthesis
-    that holds a comma: its arguments go on a continuation line."""
+    that holds a comma: its arguments go on a continuation line, or one a line where they are still
+    longer than WIDTH."""
     if indent + len(line) + len(comment) <= WIDTH:
         return line + comment
-    opened, commas = [], []     # open brackets; (depth, the bracket around it) of each comma
+    opened, commas = [], []     # open brackets; (depth, the bracket around it, its place) of each comma
     for k, ch in enumerate(line):
         if ch in "([":
             opened.append(k)
         elif ch in ")]":
             opened.pop()
         elif ch == "," and opened:
-            commas.append((len(opened), opened[-1]))
+            commas.append((len(opened), opened[-1], k))
     if not commas:
         return line + comment
-    at = min(commas)[1]
-    return line[:at + 1] + "\n    " + line[at + 1:] + comment
+    depth, at, _ = min(commas)
+    if indent + 4 + len(line) - at - 1 + len(comment) <= WIDTH:
+        return line[:at + 1] + "\n    " + line[at + 1:] + comment
+    cuts = [at] + [k for d, b, k in commas if (d, b) == (depth, at)]
+    pieces = [line[a + 1:b + 1].strip() for a, b in zip(cuts, cuts[1:])] + [line[cuts[-1] + 1:].strip()]
+    return line[:at + 1] + "".join("\n    " + piece for piece in pieces) + comment
 
 
 def _tree(entries: list[tuple[str, object]]) -> dict:
@@ -186,6 +192,7 @@ def _tree(entries: list[tuple[str, object]]) -> dict:
 class _Const:
     value: str
     saved: bool
+    buffer: bool = False    # a saved constant as a persistent buffer, not a frozen Parameter
 
 
 def _expr(node, indent: int) -> str:
@@ -214,12 +221,12 @@ def _consts(node: dict, path: str = "") -> list[str]:
     for name, child in node.items():
         owner = "self" + access(path)
         if isinstance(child, _Const):
-            if child.saved and not path:
+            if child.saved and not child.buffer and not path:
                 lines.append(f"self.{name} = nn.Parameter({child.value}, requires_grad=False)")
-            elif child.saved:
+            elif child.saved and not child.buffer:
                 lines.append(f'{owner}.register_parameter("{name}", nn.Parameter({child.value}, requires_grad=False))')
             else:
-                lines.append(f'{owner}.register_buffer("{name}", {child.value}, persistent=False)')
+                lines.append(f'{owner}.register_buffer("{name}", {child.value}, persistent={child.saved})')
         elif isinstance(child, dict):
             lines += _consts(child, f"{path}.{name}" if path else name)
     return lines
@@ -260,7 +267,8 @@ def module_entries(graph: Graph, nodes: list[Node], scope: Scope,
         if t.name not in read or t.source is None:
             continue
         if t.role == "const":
-            entries.append((scope.path(t.source.key), _Const(CONSTS[t.name].format(**_sizes(graph)), t.source.saved)))
+            entries.append((scope.path(t.source.key), _Const(CONSTS[t.name].format(table=const_args(graph, t)),
+                                                             t.source.saved, t.source.layout == "crop")))
         elif t.source.key in ctors:   # a bare parameter, the attribute of its scope's module
             entries.append((scope.path(t.source.key), ctors[t.source.key]))
         else:
@@ -268,11 +276,16 @@ def module_entries(graph: Graph, nodes: list[Node], scope: Scope,
     return entries
 
 
-def _sizes(graph: Graph) -> dict[str, int | str]:
+def const_args(graph: Graph, t: Tensor) -> str:
+    """The arguments of `sincos_pos_embed` for the positional table `t`: the whole table diffusers saves
+    (its max_size x max_size one where the model adds a crop), positions scaled as the design's."""
     patches = graph.axes.get("patches", graph.axes["tokens"])   # in_context's tokens hold 2 more
-    scale = pos_scale(graph.spec.model)
-    return {"hidden": graph.axes["hidden"].size, "grid": math.isqrt(patches.size),
-            "scale": f", scale={scale}" if scale != 1 else ""}
+    args = f"{graph.axes['hidden'].size}, {math.isqrt(patches.size)}"
+    if (scale := pos_scale(graph.spec.model)) != 1:
+        args += f", scale={scale}"
+    if t.source.layout == "crop":
+        args += f", max_size={math.isqrt(t.source.torch_shape[1])}"
+    return args
 
 
 def _block_root(graph: Graph, i: int) -> str:

@@ -97,6 +97,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mas
     return out.transpose(1, 2).reshape(n, tokens, hidden)
 
 
+def joint_attention(x: torch.Tensor, c: torch.Tensor, image: tuple[nn.Module, ...],
+                    context: tuple[nn.Module | None, ...], heads: int,
+                    norms: tuple[nn.RMSNorm, ...] | None = None) -> torch.Tensor:
+    """MMDiT's joint attention (diffusers' JointAttnProcessor2_0): one attention over the image tokens x
+    [N, T, D] followed by the context tokens c [N, L, D], each stream projected by its own q, k, v and
+    output Linears (`image`, `context`: q, k, v, out). The result is [N, T + L, D], both streams' outputs,
+    or [N, T, D] where the context has no output projection (the last block: context_pre_only). `norms`:
+    QK norm (SD3.5), the RMSNorms of each head's q and k over head_dim: image q, k, context q, k."""
+    parts = [[own(x), added(c)] for own, added in zip(image[:3], context[:3])]
+    if norms is not None:
+        for z, stream in ((0, 0), (1, 0), (0, 1), (1, 1)):
+            norm = norms[2 * stream + z]
+            parts[z][stream] = rms_norm(parts[z][stream].unflatten(-1, (heads, -1)), norm.weight,
+                                        norm.eps).flatten(-2)
+    q, k, v = (torch.cat(pair, dim=1) for pair in parts)
+    out = attention(q, k, v, heads=heads)
+    tokens = x.shape[1]
+    y = image[3](out[:, :tokens])
+    return y if context[3] is None else torch.cat([y, context[3](out[:, tokens:])], dim=1)
+
+
 def unpatchify(x: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
     """[N, T, p*p*C] -> [N, C, H, W]."""
     grid = math.isqrt(x.shape[1])

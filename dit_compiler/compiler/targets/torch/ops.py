@@ -7,6 +7,7 @@ layout's module at the parameter's state_dict key).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -115,7 +116,12 @@ def _linear(node: Node, code: Code) -> str:
 
 @torch_op("add_const_slice")
 def _add_const_slice(node: Node, code: Code) -> str:
-    return f"{code.value(node.inputs['x'])} + {code.const(node.inputs['table'])}"
+    """The table as saved, or (`crop` layout: SD3's pos_embed_max_size) its centred crop."""
+    table, x = code.const(node.inputs["table"]), code.value(node.inputs["x"])
+    if _source(code.graph, node, "table").layout == "crop":
+        grid = math.isqrt(code.graph.tensors[node.inputs["table"]].shape[1])
+        return f"{x} + crop_pos_embed({table}, {grid})"
+    return f"{x} + {table}"
 
 
 def _table_module(node: Node, graph: Graph) -> dict[str, str]:
@@ -244,3 +250,42 @@ def _append_tokens(node: Node, code: Code) -> str:
 @torch_op("take_tokens")
 def _take_tokens(node: Node, code: Code) -> str:
     return f"{code.value(node.inputs['x'])}[:, :{code.graph.tensors[node.outputs['y']].shape[1]}]"
+
+
+_JOINT_WEIGHTS = ("w_q", "w_k", "w_v", "w_o", "w_aq", "w_ak", "w_av", "w_ao")
+_QK_NORMS = ("n_q", "n_k", "n_aq", "n_ak")
+
+
+def _joint_modules(node: Node, graph: Graph) -> dict[str, str]:
+    modules = _weights(*(p for p in _JOINT_WEIGHTS if p in node.inputs))(node, graph)
+    for port in (p for p in _QK_NORMS if p in node.inputs):
+        source = _source(graph, node, port)
+        modules[module_path(source.key)] = f"nn.RMSNorm({source.torch_shape[0]}, eps={node.attrs.eps!r})"
+    return modules
+
+
+@torch_op("joint_attention", uses=("attention", "rms_norm", "joint_attention"), modules=_joint_modules)
+def _joint_attention(node: Node, code: Code) -> str:
+    """Both streams' projections as diffusers' JointAttnProcessor2_0 names them; the context's output
+    projection is None in the last block (context_pre_only); QK norm's RMSNorms where the node has them."""
+    heads = code.graph.tensors[node.inputs["w_q"]].shape[0]
+    image = ", ".join(code.module(node.inputs[p]) for p in ("w_q", "w_k", "w_v", "w_o"))
+    context = ", ".join(code.module(node.inputs[p]) if p in node.inputs else "None"
+                        for p in ("w_aq", "w_ak", "w_av", "w_ao"))
+    x, c = code.value(node.inputs["x"]), code.value(node.inputs["c"])
+    norms = ""
+    if "n_q" in node.inputs:
+        norms = ", norms=(" + ", ".join(code.module(node.inputs[p]) for p in _QK_NORMS) + ")"
+    return f"joint_attention({x}, {c}, ({image}), ({context}), heads={heads}{norms})"
+
+
+@torch_op("token_slice")
+def _token_slice(node: Node, code: Code) -> str:
+    start = node.attrs.start
+    length = code.graph.tensors[node.outputs["y"]].shape[1]
+    return f"{code.value(node.inputs['x'])}[:, {start}:{start + length}]"
+
+
+@torch_op("token_join")
+def _token_join(node: Node, code: Code) -> str:
+    return f"torch.cat([{code.value(node.inputs['a'])}, {code.value(node.inputs['b'])}], dim=1)"
