@@ -71,3 +71,24 @@ def test_init_and_resume_are_refused_together(tmp_path, source, capsys):
     spec = tiny_spec(tmp_path)
     assert _train(spec, tmp_path / "run", "--init", source, "--resume") == 2
     assert "drop one" in capsys.readouterr().err
+
+
+def test_a_run_starts_from_a_diffusers_model_folder(tmp_path, capsys):
+    """A DiTTransformer2DModel folder (here `ditc export`'s, which diffusers' from_pretrained reads) starts a run of
+    the spec of flavor diffusers; a folder without diffusers' weight file is refused, writing nothing."""
+    text = TINY_DIGITS.replace("num_classes: 10}", "num_classes: 10, flavor: diffusers}")
+    spec = tiny_spec(tmp_path / "spec", text)
+    source = tmp_path / "source"
+    assert main(["train", str(spec.source), "--out", str(source), "--steps", "2", "--backend", "torch"]) == 0
+    folder = tmp_path / "diffusers"
+    assert main(["export", str(source), "--diffusers", str(folder)]) == 0
+    ema = load_checkpoint(checkpoints(source)[-1])["ema"]
+    assert _train(spec, tmp_path / "run", "--init", folder) == 0
+    assert f"starting from {folder}" in capsys.readouterr().err
+    after = load_checkpoint(checkpoints(tmp_path / "run")[-1])
+    assert _error(after["ema"], ema) < 1e-6
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _train(spec, tmp_path / "run2", "--init", empty) == 2
+    assert "without diffusion_pytorch_model.safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "run2").exists()

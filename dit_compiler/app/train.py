@@ -55,7 +55,7 @@ from dit_compiler.app.distributed import World, digest
 from dit_compiler.app.progress import Progress, counted
 from dit_compiler.app.schedules import lr_at, micro_batches
 from dit_compiler.app.weights import check_weights, init_weights, initialize_dit_weights, initialize_pixart_weights, \
-    initialize_sd3_weights, load_checkpoint, load_weights, save_checkpoint, save_safetensors, to_numpy
+    initialize_sd3_weights, load_checkpoint, read_init, save_checkpoint, save_safetensors, to_numpy
 from dit_compiler.compiler.build import SPEC_FILE, TORCH_FILE, compile_spec, graph_of, load_module, write_build
 from dit_compiler.compiler.spec import load_spec
 from dit_compiler.compiler.spec.model import Spec, TrainSpec
@@ -496,7 +496,7 @@ def _train(spec, run_dir: Path, config: TrainConfig, resume: bool, stream: TextI
             change = f" (it took {before} images a step, now {global_batch})" if before != global_batch else ""
             print(f"resuming {run_dir} at step {step} from {path}{change}", file=stream)
     elif config.init:   # checked by `check_run`; the optimizer fresh, the EMA a copy of the weights
-        weights, entry = load_weights(Path(config.init), ema=True)
+        weights, entry = read_init(Path(config.init))
         load_into(backend, weights, f"--init {config.init} ({entry})")
         if lead:
             print(f"starting from {config.init} ({entry})", file=stream)

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dit_compiler.compiler.naming import KEYS, PIXART, SD3
 from dit_compiler.compiler.build import TORCH_FILE, load_module
+from dit_compiler.compiler.naming import KEYS, PIXART, SD3
+from dit_compiler.compiler.spec.importer import WEIGHTS_FILE
 from dit_compiler.errors import UsageError
 from dit_compiler.files import write_atomic
 from dit_compiler.userfiles import regular_size
@@ -231,14 +232,26 @@ def check_weights_fit(build_dir: Path, weights: dict, source: str) -> None:
                              f"{list(weights[key].shape)}, the model's {list(param.shape)})")
 
 
-def init_weights(path: Path, build) -> tuple[StateDict, str]:
-    """The weights `ditc train --init PATH` starts from: a facebookresearch/DiT checkpoint (a released bare
-    state_dict, or `train.py`'s {"model", "ema", "opt", "args"}: its EMA), a ditc checkpoint (its EMA) or
-    an EMA `.safetensors`, read safely and checked against the model of `build` (a `dit_compiler.compiler.build.Build`)
-    before anything is written; returns them and the entry read."""
+def read_init(path: Path) -> tuple[StateDict, str]:
+    """The weights `ditc train --init PATH` names: a facebookresearch/DiT checkpoint (a released bare state_dict,
+    or `train.py`'s {"model", "ema", "opt", "args"}: its EMA), a ditc checkpoint (its EMA), an EMA
+    `.safetensors`, or a diffusers model folder (its `diffusion_pytorch_model.safetensors`: the weights of a
+    spec of flavor diffusers, as `ditc import` writes it); returns them and the entry read."""
+    if path.is_dir():
+        if not (path / WEIGHTS_FILE).is_file():
+            raise UsageError(f"--init {path}: a folder without {WEIGHTS_FILE} (a diffusers model folder has it; "
+                             "sharded weights are not read)")
+        weights, _ = load_weights(path / WEIGHTS_FILE, ema=True)
+        return weights, f"diffusers folder, {WEIGHTS_FILE}"
     if not path.is_file():
-        raise UsageError(f"--init {path}: " + ("a folder, not a checkpoint file" if path.is_dir() else "no such file"))
-    weights, entry = load_weights(path, ema=True)
+        raise UsageError(f"--init {path}: no such file")
+    return load_weights(path, ema=True)
+
+
+def init_weights(path: Path, build) -> tuple[StateDict, str]:
+    """`read_init`'s weights, checked against the model of `build` (a `dit_compiler.compiler.build.Build`) before
+    anything is written."""
+    weights, entry = read_init(path)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / TORCH_FILE).write_text(build.files[TORCH_FILE])
         check_weights_fit(Path(tmp), weights, f"--init {path} ({entry})")

@@ -148,8 +148,8 @@ def add_commands(sub) -> None:
                         "to --steps, and --resume goes on (as `ditc sweep --train` trains between evaluations)")
     s.add_argument("--init", type=path, metavar="WEIGHTS",
                    help="start a new run from these weights (the EMA too; the optimizer fresh): a facebookresearch/DiT "
-                        "checkpoint (a released state_dict or train.py's; its EMA), a ditc checkpoint (its EMA) or "
-                        "an EMA .safetensors")
+                        "checkpoint (a released state_dict or train.py's; its EMA), a ditc checkpoint (its EMA), "
+                        "an EMA .safetensors or a diffusers model folder")
     s.add_argument("--seed", type=integer(0, MAX_SEED),
                    help="seeds the initial weights, data order, timesteps, noise, dropout (0 to 2**32-1)")
     s.add_argument("--memory-limit", type=memory_size, metavar="SIZE",
