@@ -14,7 +14,6 @@ from dit_compiler.app.train import TrainConfig, train
 from dit_compiler.cli import main
 from dit_compiler.compiler.spec import load_spec
 from dit_compiler.compiler.spec.sweep import load_sweep
-from dit_compiler.compiler.spec.validate import sweep_keys
 
 TINY = """\
 name: tinydig
@@ -182,10 +181,9 @@ def test_the_shipped_sweeps_read():
     assert plan(load_spec(SPECS / "sweeps" / "digits-small.yaml").train.steps, None) == [120, 240, 360, 480]
 
 
-@pytest.mark.skipif("model.conditioning" not in sweep_keys(),
-                    reason="model.conditioning is the block language's key (issue 24), not in this spec language yet")
-def test_the_conditioning_sweep_reads():
-    assert len(load_sweep(SPECS / "sweeps" / "digits-conditioning.yaml").points) == 4
+def test_the_conditioning_sweep_holds_the_four_figure_5_designs():
+    points = load_sweep(SPECS / "sweeps" / "digits-conditioning.yaml").points
+    assert sorted(p.overrides["model.conditioning"] for p in points) == ["adaln", "adaln_zero", "cross_attention", "in_context"]
 
 
 @needs_nntile

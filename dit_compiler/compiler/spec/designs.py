@@ -2,7 +2,7 @@
 
 The schema lists every design and option the spec language can say (issue 24); a value listed in
 `NOT_LOWERED` is valid language that ditc does not compile yet, refused at validation (naming the key and
-the value) so that it never becomes a build failure. A helper lowering a design deletes its lines here.
+the value) so that it never becomes a build failure; lowering a value removes its line here.
 `combination_problems` holds the rules that stay: pairs of values no model family has.
 """
 from __future__ import annotations
