@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import needs_nntile
+from dit_compiler.app.weights import initialize_dit_weights
 from dit_compiler.checks import oracle as oracle_module
 from dit_compiler.checks.common import group_error, make_inputs, randomize_, rel_error
 from dit_compiler.checks.oracle import check_against_diffusers
@@ -182,3 +183,14 @@ def test_twenty_training_steps_match_torch(tmp_path, design):
     state = reference.state_dict()
     assert group_error([(initial[k], state[k].numpy()) for k in trained]) > 1e-2
     assert group_error([(v, state[k].numpy()) for k, v in trained.items()]) < 1e-3
+
+
+@pytest.mark.parametrize("design", ["adaln_zero", "cross_attention"])
+def test_dits_initialisation_takes_a_model_without_projection_and_mlp_biases(tmp_path, design):
+    """`ditc train` starts every design with DiT's initialisation, the block options' bias-less linears
+    included: xavier-uniform weights, the zero-initialised output layer still zero."""
+    graph, model = reference_of(tmp_path, design, **OPTIONS)
+    assert any(isinstance(m, torch.nn.Linear) and m.bias is None for m in model.modules())
+    initialize_dit_weights(model, "dit", graph.depth, seed=0, conditioning=design)
+    state = model.state_dict()
+    assert not state["final_layer.linear.weight"].any() and state["blocks.0.mlp.fc1.weight"].std() > 0

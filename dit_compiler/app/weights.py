@@ -30,6 +30,29 @@ from dit_compiler.userfiles import regular_size
 StateDict = dict[str, np.ndarray]
 
 
+def _xavier_linears(modules: dict[str, nn.Module], patch: str, generator: torch.Generator) -> None:
+    """What DiT's, PixArt's and (by ditc) SD3's initialisations share, drawn first and in the module's
+    registration order: every Linear xavier-uniform with zero bias (where it has one: `model.attention.bias`
+    and `model.mlp.bias` may drop them), then the patch projection xavier-uniform as a Linear over the patch
+    vector, zero bias."""
+    for m in modules.values():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight, generator=generator)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    weight = modules[patch].weight
+    nn.init.xavier_uniform_(weight.view(weight.shape[0], -1), generator=generator)
+    nn.init.zeros_(modules[patch].bias)
+
+
+def _zero(linears: list[nn.Module]) -> None:
+    """Zero weights and biases: the projections a fresh model starts as the identity (or zero output) with."""
+    for linear in linears:
+        nn.init.zeros_(linear.weight)
+        if linear.bias is not None:
+            nn.init.zeros_(linear.bias)
+
+
 @torch.no_grad()
 def initialize_dit_weights(module: nn.Module, flavor: str, depth: int, seed: int,
                            conditioning: str = "adaln_zero") -> None:
@@ -50,21 +73,13 @@ def initialize_dit_weights(module: nn.Module, flavor: str, depth: int, seed: int
     def every(pattern: str) -> list[nn.Module]:
         return [modules[name] for name in dict.fromkeys(pattern.format(b=b) for b in blocks)]
 
-    for m in modules.values():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight, generator=generator)
-            nn.init.zeros_(m.bias)
-    patch = modules[keys.patch]
-    nn.init.xavier_uniform_(patch.weight.view(patch.weight.shape[0], -1), generator=generator)
-    nn.init.zeros_(patch.bias)
+    _xavier_linears(modules, keys.patch, generator)
     for table in every(keys.y_table):
         nn.init.normal_(table.weight, std=0.02, generator=generator)
     for linear in every(keys.t_linear1) + every(keys.t_linear2):
         nn.init.normal_(linear.weight, std=0.02, generator=generator)
     zero_blocks = every(keys.adaln) if conditioning == "adaln_zero" else []
-    for linear in zero_blocks + [modules[keys.final_adaln], modules[keys.final_linear]]:
-        nn.init.zeros_(linear.weight)
-        nn.init.zeros_(linear.bias)
+    _zero(zero_blocks + [modules[keys.final_adaln], modules[keys.final_linear]])
 
 
 @torch.no_grad()
@@ -80,22 +95,14 @@ def initialize_pixart_weights(module: nn.Module, depth: int, seed: int) -> None:
     keys = PIXART
     generator = torch.Generator().manual_seed(seed)
     modules = dict(module.named_modules())
-    for m in modules.values():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight, generator=generator)
-            nn.init.zeros_(m.bias)
-    patch = modules[keys.patch]
-    nn.init.xavier_uniform_(patch.weight.view(patch.weight.shape[0], -1), generator=generator)
-    nn.init.zeros_(patch.bias)
+    _xavier_linears(modules, keys.patch, generator)
     normal = [keys.t_linear1, keys.t_linear2, keys.adaln, keys.caption_linear1, keys.caption_linear2]
     normal += [k.format(name) for name in ("resolution", "aspect_ratio") for k in (keys.size_linear1, keys.size_linear2)]
     for name in normal:
         if name in modules:
             nn.init.normal_(modules[name].weight, std=0.02, generator=generator)
     zero = [keys.cross_attn_out.format(b=keys.block.format(i=i)) for i in range(depth)] + [keys.final_linear]
-    for name in zero:
-        nn.init.zeros_(modules[name].weight)
-        nn.init.zeros_(modules[name].bias)
+    _zero([modules[name] for name in zero])
     for name, param in module.named_parameters():
         if name.endswith("scale_shift_table"):
             param.copy_(torch.randn(param.shape, generator=generator) / param.shape[1] ** 0.5)
@@ -110,20 +117,12 @@ def initialize_sd3_weights(module: nn.Module, depth: int, seed: int) -> None:
     keys = SD3
     generator = torch.Generator().manual_seed(seed)
     modules = dict(module.named_modules())
-    for m in modules.values():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight, generator=generator)
-            nn.init.zeros_(m.bias)
-    patch = modules[keys.patch]
-    nn.init.xavier_uniform_(patch.weight.view(patch.weight.shape[0], -1), generator=generator)
-    nn.init.zeros_(patch.bias)
+    _xavier_linears(modules, keys.patch, generator)
     for name in (keys.t_linear1, keys.t_linear2, keys.pooled_linear1, keys.pooled_linear2):
         nn.init.normal_(modules[name].weight, std=0.02, generator=generator)
     blocks = [keys.block.format(i=i) for i in range(depth)]
     zero = [k.format(b=b) for b in blocks for k in (keys.adaln, keys.context_adaln)]
-    for name in zero + [keys.final_adaln, keys.final_linear]:
-        nn.init.zeros_(modules[name].weight)
-        nn.init.zeros_(modules[name].bias)
+    _zero([modules[name] for name in zero + [keys.final_adaln, keys.final_linear]])
 
 
 def to_numpy(state: dict) -> StateDict:
