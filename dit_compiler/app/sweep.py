@@ -36,14 +36,13 @@ from dit_compiler.app.evaluate import make_scorer
 from dit_compiler.app.sample import open_sampler, run_sample, sample_config, sample_labels
 from dit_compiler.app.train import METRICS_FILE, checkpoints, read_metrics, resolve_config, run_build_dir, train
 from dit_compiler.app.weights import load_checkpoint, load_weights
-from dit_compiler.checks.sweep import SWEEP
+from dit_compiler.checks.sweep import SWEEP, read_points
 from dit_compiler.compiler.build import compile_spec, write_build
 from dit_compiler.compiler.graph.cost import totals
 from dit_compiler.compiler.spec import load_spec, load_spec_data
 from dit_compiler.compiler.spec.sweep import MAX_POINTS, Point, Sweep, data_digest, load_sweep, point_data
 from dit_compiler.errors import SpecError, Terminated, UsageError
-from dit_compiler.files import check_owned, write_atomic, write_text_atomic
-from dit_compiler.userfiles import MAX_RESULTS, read_json
+from dit_compiler.files import write_atomic, write_text_atomic
 
 RESULTS_KIND = "ditc sweep --train results"
 RUNS = "runs"
@@ -137,21 +136,13 @@ def write_results(runs: list[PointRun], sweep: Sweep, out: Path) -> None:
 
 
 def read_results(out: Path, sweep: Sweep) -> dict[tuple[str, int], PointRun]:
-    """The runs of `out/results.json` by (point, seed); refuses (UsageError) a folder ditc did not mark as a
-    sweep's and a results file this trained sweep did not write (a `ditc sweep` without --train's included)."""
-    path = out / "results.json"
-    check_owned(out, (SWEEP,), f"{out}/")
-    if not os.path.lexists(path):
-        return {}
-    try:
-        data = read_json(path, MAX_RESULTS, "results file")
-        if not isinstance(data, dict) or data.get("kind") != RESULTS_KIND or not isinstance(data.get("points"), list):
-            raise ValueError("not the results of `ditc sweep --train`")
-        if data.get("sweep") != sweep.name:
-            raise ValueError(f"the results of sweep {data.get('sweep')!r}")
-        names = {f.name for f in fields(PointRun)}
+    """The runs of `out/results.json` by (point, seed) (see `checks.sweep.read_points`: a `ditc sweep` without
+    --train's results are refused too)."""
+    names = {f.name for f in fields(PointRun)}
+
+    def parse(points: list) -> dict[tuple[str, int], PointRun]:
         runs = []
-        for r in data["points"]:
+        for r in points:
             if not isinstance(r, dict) or set(r) != names:
                 raise ValueError("its points are not the ones this ditc writes")
             run = PointRun(**r)
@@ -161,10 +152,7 @@ def read_results(out: Path, sweep: Sweep) -> dict[tuple[str, int], PointRun]:
                 raise ValueError(f"point {run.name!r} is not one this ditc writes")
             runs.append(run)
         return {(r.name, r.seed): r for r in runs}
-    except (ValueError, TypeError, UsageError) as error:   # UsageError: not a readable regular file of JSON
-        error = str(error).removeprefix(f"{path}: ")
-        raise UsageError(f"{path}: not a results file `ditc sweep --train` wrote for {sweep.name!r} ({error}); "
-                         "ditc does not write into it: move it away, or choose another -o") from None
+    return read_points(out, sweep, RESULTS_KIND, "`ditc sweep --train`", parse) or {}
 
 
 class TrainedSweep:

@@ -14,9 +14,10 @@ import json
 import os
 import sys
 import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from dit_compiler import __version__
 from dit_compiler.checks.bench import (REPEATS, WARMUP, BenchReport, SideProcess, SideResult, interleave, pooled,
@@ -31,6 +32,7 @@ from dit_compiler.limits import check_memory
 from dit_compiler.userfiles import MAX_RESULTS, read_json
 
 RESULTS_KIND = "ditc sweep results"
+T = TypeVar("T")
 #: The kind of folder a sweep's results are (its marker, `files.OUTPUT_MARKER`, says so).
 SWEEP = "sweep"
 #: Statuses a resumed sweep keeps; any other point runs again.
@@ -160,29 +162,38 @@ def write_results(results: list[PointResult], sweep: Sweep, out: Path) -> None:
     write_text_atomic(out / "results.json", json.dumps(data, indent=1) + "\n", SWEEP)
 
 
-def read_results(out: Path, sweep: Sweep) -> dict[str, PointResult]:
-    """The points of `out/results.json`, by name; refuses (UsageError) a folder ditc did not mark as a
-    sweep's (`files.check_owned`) and a results file this sweep did not write."""
+def read_points(out: Path, sweep: Sweep, kind: str, command: str, parse: Callable[[list], T]) -> T | None:
+    """`out/results.json`'s points as `parse` makes them (it raises ValueError or TypeError on points this ditc
+    does not write), None where the file is absent; refuses (UsageError) a folder ditc did not mark as a sweep's
+    (`files.check_owned`) and a results file `command` did not write for `sweep`."""
     path = out / "results.json"
-    advice = "ditc does not write into it: move it away, or choose another -o"
     check_owned(out, (SWEEP,), f"{out}/")
     if not os.path.lexists(path):
-        return {}
+        return None
     try:
         data = read_json(path, MAX_RESULTS, "results file")
-        if not isinstance(data, dict) or data.get("kind") != RESULTS_KIND or not isinstance(data.get("points"), list):
-            raise ValueError("not the results of a ditc sweep")
+        if not isinstance(data, dict) or data.get("kind") != kind or not isinstance(data.get("points"), list):
+            raise ValueError(f"not the results of {command}")
         if data.get("sweep") != sweep.name:
             raise ValueError(f"the results of sweep {data.get('sweep')!r}")
-        kinds = {name: typing.get_origin(kind) or kind for name, kind in typing.get_type_hints(PointResult).items()}
-        if not all(isinstance(r, dict) and set(r) == set(kinds) and all(
-                isinstance(r[k], kind) and (kind is bool or not isinstance(r[k], bool)) for k, kind in kinds.items())
-                   for r in data["points"]):
-            raise ValueError("its points are not the ones this ditc writes")
-        return {r["name"]: PointResult(**r) for r in data["points"]}
+        return parse(data["points"])
     except (ValueError, TypeError, UsageError) as error:   # UsageError: not a readable regular file of JSON
         error = str(error).removeprefix(f"{path}: ")
-        raise UsageError(f"{path}: not a results file ditc sweep wrote for {sweep.name!r} ({error}); {advice}") from None
+        raise UsageError(f"{path}: not a results file {command} wrote for {sweep.name!r} ({error}); ditc does not "
+                         "write into it: move it away, or choose another -o") from None
+
+
+def read_results(out: Path, sweep: Sweep) -> dict[str, PointResult]:
+    """The points of `out/results.json`, by name (see `read_points`)."""
+    kinds = {name: typing.get_origin(kind) or kind for name, kind in typing.get_type_hints(PointResult).items()}
+
+    def parse(points: list) -> dict[str, PointResult]:
+        if not all(isinstance(r, dict) and set(r) == set(kinds) and all(
+                isinstance(r[k], kind) and (kind is bool or not isinstance(r[k], bool)) for k, kind in kinds.items())
+                   for r in points):
+            raise ValueError("its points are not the ones this ditc writes")
+        return {r["name"]: PointResult(**r) for r in points}
+    return read_points(out, sweep, RESULTS_KIND, "ditc sweep", parse) or {}
 
 
 def _zipped_with(sweep: Sweep, key: str) -> list[str]:
